@@ -1,0 +1,68 @@
+//! One error type for the whole library: every failure a user can cause is a value, never a panic.
+
+/// Everything that can go wrong in kiln. Messages name the thing involved (the loss, the layer,
+/// the output, the file, the shapes) and say what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// A value given to a constructor or builder is out of its valid range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The functional graph cannot be built as described (unknown tensor, shape mismatch, …).
+    #[error("model graph: {0}")]
+    Graph(String),
+
+    /// `compile` was given losses, weights or metrics that do not fit the model.
+    #[error("compile: {0}")]
+    Compile(String),
+
+    /// A compile-time loss broke the per-sample contract.
+    #[error(
+        "loss `{loss}` for output `{output}` must return one value per sample (shape [{batch}] or \
+         [{batch}, …]) but returned shape {got:?} for y_true {y_true:?} and y_pred {y_pred:?}: \
+         reduce over the feature axes only, never over the batch"
+    )]
+    LossContract {
+        /// The loss's name.
+        loss: String,
+        /// The output it was compiled for.
+        output: String,
+        /// The batch size of the call.
+        batch: usize,
+        /// The shape the loss returned.
+        got: Vec<usize>,
+        /// The shape of `y_true`.
+        y_true: Vec<usize>,
+        /// The shape of `y_pred`.
+        y_pred: Vec<usize>,
+    },
+
+    /// Training data do not fit the model (counts, shapes, sample weights).
+    #[error("data: {0}")]
+    Data(String),
+
+    /// A model was used before `compile`, or a training run was stopped by a callback.
+    #[error("{0}")]
+    State(String),
+
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+}
+
+/// The result type of every fallible kiln function.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Shorthand for building an [`Error::InvalidArgument`].
+pub(crate) fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}

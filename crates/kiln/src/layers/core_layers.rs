@@ -1,0 +1,155 @@
+//! Layers without weights: Activation, Dropout, Flatten.
+
+use super::{CallContext, Layer};
+use crate::activations::Activation;
+use crate::error::{invalid, Error, Result};
+use candle_core::Tensor;
+use rand::Rng;
+
+/// Applies an activation function as a layer of its own.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([3]);
+/// let y = ActivationLayer::new(Activation::Softmax).apply(&x)?;
+/// assert_eq!(y.shape(), &[3]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct ActivationLayer {
+    activation: Activation,
+    name: Option<String>,
+}
+
+impl ActivationLayer {
+    /// A layer applying `activation`.
+    pub fn new(activation: Activation) -> Self {
+        Self { activation, name: None }
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+fn one_input<'a>(layer: &str, shapes: &'a [Vec<usize>]) -> Result<&'a Vec<usize>> {
+    match shapes {
+        [s] => Ok(s),
+        _ => Err(Error::Graph(format!("{layer} takes one input, got {}", shapes.len()))),
+    }
+}
+
+impl Layer for ActivationLayer {
+    fn kind(&self) -> &'static str {
+        "activation"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        Ok(one_input("Activation", input_shapes)?.clone())
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        self.activation.apply(&inputs[0])
+    }
+}
+
+/// Zeroes a fraction `rate` of its inputs during training and scales the rest by
+/// `1 / (1 - rate)`; the identity at inference.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([16]);
+/// let y = Dropout::new(0.5).apply(&x)?;
+/// assert!(Dropout::new(1.0).apply(&x).is_err());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Dropout {
+    rate: f64,
+    name: Option<String>,
+}
+
+impl Dropout {
+    /// Drops a fraction `rate` in `[0, 1)` of the values.
+    pub fn new(rate: f64) -> Self {
+        Self { rate, name: None }
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for Dropout {
+    fn kind(&self) -> &'static str {
+        "dropout"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        if !(0.0..1.0).contains(&self.rate) {
+            return Err(invalid(format!("Dropout: rate must be in [0, 1), got {}", self.rate)));
+        }
+        Ok(one_input("Dropout", input_shapes)?.clone())
+    }
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        if !ctx.training || self.rate == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.rate;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if ctx.rng.random::<f64>() < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+/// Flattens every axis but the batch axis.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([8, 8]);
+/// assert_eq!(Flatten::new().apply(&x)?.shape(), &[64]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Default)]
+pub struct Flatten {
+    name: Option<String>,
+}
+
+impl Flatten {
+    /// A flattening layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for Flatten {
+    fn kind(&self) -> &'static str {
+        "flatten"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        Ok(vec![one_input("Flatten", input_shapes)?.iter().product()])
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        let batch = x.dims()[0];
+        Ok(x.reshape((batch, x.elem_count() / batch.max(1)))?)
+    }
+    fn compute_mask(&self, _inputs: &[Tensor], _masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}

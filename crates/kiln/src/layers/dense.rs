@@ -1,0 +1,178 @@
+//! The densely connected layer.
+
+use super::{BuildContext, CallContext, Layer, Weight};
+use crate::activations::Activation;
+use crate::error::{invalid, Error, Result};
+use crate::initializers::Initializer;
+use crate::regularizers::{IntoRegularizer, SharedRegularizer};
+use candle_core::{Tensor, Var};
+
+/// `activation(x · kernel + bias)` over the last axis.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([8]);
+/// let h = Dense::new(4)
+///     .activation(Activation::Relu)
+///     .kernel_regularizer(L2::new(1e-4))
+///     .name("hidden")
+///     .apply(&x)?;
+/// assert_eq!(h.shape(), &[4]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Dense {
+    units: usize,
+    activation: Activation,
+    use_bias: bool,
+    kernel_initializer: Initializer,
+    bias_initializer: Initializer,
+    kernel_regularizer: Option<SharedRegularizer>,
+    bias_regularizer: Option<SharedRegularizer>,
+    activity_regularizer: Option<SharedRegularizer>,
+    name: Option<String>,
+    kernel: Option<Weight>,
+    bias: Option<Weight>,
+}
+
+impl Dense {
+    /// A layer with `units` outputs, no activation, Glorot-uniform kernel and zero bias.
+    pub fn new(units: usize) -> Self {
+        Self {
+            units,
+            activation: Activation::Linear,
+            use_bias: true,
+            kernel_initializer: Initializer::GlorotUniform,
+            bias_initializer: Initializer::Zeros,
+            kernel_regularizer: None,
+            bias_regularizer: None,
+            activity_regularizer: None,
+            name: None,
+            kernel: None,
+            bias: None,
+        }
+    }
+    /// The activation applied to the output.
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+    /// Whether the layer adds a bias (default true).
+    pub fn use_bias(mut self, use_bias: bool) -> Self {
+        self.use_bias = use_bias;
+        self
+    }
+    /// How the kernel is initialized.
+    pub fn kernel_initializer(mut self, init: Initializer) -> Self {
+        self.kernel_initializer = init;
+        self
+    }
+    /// How the bias is initialized.
+    pub fn bias_initializer(mut self, init: Initializer) -> Self {
+        self.bias_initializer = init;
+        self
+    }
+    /// A penalty on the kernel, added to the total loss.
+    pub fn kernel_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.kernel_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A penalty on the bias, added to the total loss.
+    pub fn bias_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.bias_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A penalty on the layer's output, added to the total loss.
+    pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.activity_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// The layer's name; outputs are compiled and reported by it.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+/// The Dense computation, kept in one function so a fused kernel can replace it without
+/// touching the layer: `activation(x · kernel + bias)` over the last axis of `x`.
+pub fn dense_forward(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, activation: Activation) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (in_features, out_features) = kernel.dims2()?;
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let flat = if dims.len() == 2 { x.clone() } else { x.reshape((lead, in_features))? };
+    let mut y = flat.matmul(kernel)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let y = activation.apply(&y)?;
+    if dims.len() == 2 {
+        Ok(y)
+    } else {
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = out_features;
+        Ok(y.reshape(out)?)
+    }
+}
+
+impl Layer for Dense {
+    fn kind(&self) -> &'static str {
+        "dense"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let [shape] = input_shapes else {
+            return Err(Error::Graph(format!("Dense takes one input, got {}", input_shapes.len())));
+        };
+        if shape.is_empty() {
+            return Err(Error::Graph("Dense needs inputs with at least one feature axis".into()));
+        }
+        if self.units == 0 {
+            return Err(invalid("Dense: units must be at least 1"));
+        }
+        let mut out = shape.clone();
+        *out.last_mut().expect("checked non-empty") = self.units;
+        Ok(out)
+    }
+    fn build(&mut self, name: &str, input_shapes: &[Vec<usize>], ctx: &mut BuildContext) -> Result<()> {
+        let in_features = *input_shapes[0].last().expect("checked by output_shape");
+        let kernel = self.kernel_initializer.init(&[in_features, self.units], ctx.dtype, ctx.device, ctx.rng)?;
+        self.kernel = Some(Weight {
+            name: format!("{name}/kernel"),
+            var: Var::from_tensor(&kernel)?,
+            trainable: true,
+            regularizer: self.kernel_regularizer.clone(),
+        });
+        if self.use_bias {
+            let bias = self.bias_initializer.init(&[self.units], ctx.dtype, ctx.device, ctx.rng)?;
+            self.bias = Some(Weight {
+                name: format!("{name}/bias"),
+                var: Var::from_tensor(&bias)?,
+                trainable: true,
+                regularizer: self.bias_regularizer.clone(),
+            });
+        }
+        Ok(())
+    }
+    fn weights(&self) -> Vec<Weight> {
+        self.kernel.iter().chain(self.bias.iter()).cloned().collect()
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let kernel = self.kernel.as_ref().ok_or_else(|| Error::State("Dense used before it was built".into()))?;
+        let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
+        let x = &inputs[0];
+        let in_features = kernel.var.dims()[0];
+        if x.dims().last() != Some(&in_features) {
+            return Err(Error::Data(format!(
+                "layer `{}` expects inputs with {in_features} features on the last axis, got shape {:?}",
+                kernel.name.trim_end_matches("/kernel"),
+                x.dims()
+            )));
+        }
+        dense_forward(x, kernel.var.as_tensor(), bias, self.activation)
+    }
+    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        self.activity_regularizer.as_ref()
+    }
+}

@@ -1,0 +1,118 @@
+//! Layers: the [`Layer`] trait, the weights layers own, and the layers themselves.
+//!
+//! A layer is configured with a builder, then applied to symbolic tensors to make a graph
+//! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
+
+mod core_layers;
+mod dense;
+
+pub use core_layers::{ActivationLayer, Dropout, Flatten};
+pub use dense::{dense_forward, Dense};
+
+use crate::error::Result;
+use crate::graph::{SharedLayer, SymbolicTensor};
+use crate::regularizers::SharedRegularizer;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+
+/// A weight owned by a layer: a trainable (or frozen) variable, its name and its regularizer.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    /// `<layer>/<weight>`, such as `dense/kernel`.
+    pub name: String,
+    /// The variable; cloning shares its storage.
+    pub var: Var,
+    /// Whether the optimizer updates it.
+    pub trainable: bool,
+    /// A penalty added to the total loss at every step.
+    pub regularizer: Option<SharedRegularizer>,
+}
+
+/// What a layer needs to create its weights.
+pub struct BuildContext<'a> {
+    /// The device weights live on.
+    pub device: &'a Device,
+    /// The dtype of the weights.
+    pub dtype: DType,
+    /// The seeded generator initializers draw from.
+    pub rng: &'a mut StdRng,
+}
+
+/// What a layer sees while it runs.
+pub struct CallContext<'a> {
+    /// Training mode (dropout active) or inference.
+    pub training: bool,
+    /// The seeded generator for stochastic layers.
+    pub rng: &'a mut StdRng,
+    pub(crate) added: Vec<(String, Tensor)>,
+}
+
+impl<'a> CallContext<'a> {
+    pub(crate) fn new(training: bool, rng: &'a mut StdRng) -> Self {
+        Self { training, rng, added: Vec::new() }
+    }
+
+    /// Adds a loss term while the layer runs (Keras' `self.add_loss` inside `call`). Terms of the
+    /// same name are summed and reported together.
+    pub fn add_loss(&mut self, name: impl Into<String>, value: Tensor) {
+        self.added.push((name.into(), value));
+    }
+}
+
+/// A building block of a model.
+///
+/// Implement it to write your own layer; the provided methods cover layers without weights
+/// or masks.
+pub trait Layer: Send {
+    /// The kind, used for automatic names (`dense`, `dense_1`, …).
+    fn kind(&self) -> &'static str;
+    /// The name the user gave, if any.
+    fn given_name(&self) -> Option<&str>;
+    /// The output shape (without the batch axis) for these input shapes, or a clear error.
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>>;
+    /// Creates the weights, named `<name>/<weight>`. Called once, when the model is built.
+    fn build(&mut self, _name: &str, _input_shapes: &[Vec<usize>], _ctx: &mut BuildContext) -> Result<()> {
+        Ok(())
+    }
+    /// The layer's weights (clones share storage).
+    fn weights(&self) -> Vec<Weight> {
+        Vec::new()
+    }
+    /// Runs the layer on a batch.
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor>;
+    /// The mask of the output, given the inputs' masks. By default a layer keeps its first
+    /// input's mask when it keeps its shape, as Keras' layers that support masking do.
+    fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        Ok(masks.first().cloned().flatten())
+    }
+    /// A penalty on the layer's output, added to the total loss.
+    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        None
+    }
+}
+
+/// Applying a layer to symbolic tensors: the functional API.
+pub trait LayerExt: Layer + Sized + 'static {
+    /// Applies the layer to one tensor, returning the symbolic output.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(3).apply(&x)?;
+    /// assert_eq!(y.shape(), &[3]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    fn apply(self, input: &SymbolicTensor) -> Result<SymbolicTensor> {
+        self.shared().apply(input)
+    }
+    /// Applies the layer to several tensors.
+    fn apply_many(self, inputs: &[&SymbolicTensor]) -> Result<SymbolicTensor> {
+        self.shared().apply_many(inputs)
+    }
+    /// Makes the layer shareable: apply the result several times to reuse the same weights.
+    fn shared(self) -> SharedLayer {
+        SharedLayer::new(Box::new(self))
+    }
+}
+
+impl<L: Layer + Sized + 'static> LayerExt for L {}

@@ -1,0 +1,72 @@
+//! kiln: Keras-style neural-network training on candle, with a loss system that is first class.
+//!
+//! Two kinds of loss, exactly as Keras users know them:
+//! - **compile-time losses** ([`losses`]), from `y_true` and `y_pred`, one value per sample,
+//!   given per output to [`Compile`];
+//! - **added losses** ([`Model::add_loss`], [`regularizers`], layer-added terms), from the
+//!   network itself.
+//!
+//! The step's total is Σ loss_weight · reduced compile-time loss + Σ added terms, and every term
+//! is reported on its own.
+//!
+//! ```
+//! use candle_core::Device;
+//! use kiln::prelude::*;
+//!
+//! let data = kiln::data::digits(&Device::Cpu)?;
+//! let x = Input::new([64]);
+//! let h = Dense::new(32).activation(Activation::Relu).kernel_regularizer(L2::new(1e-4)).apply(&x)?;
+//! let y = Dense::new(10).name("digit").apply(&h)?;
+//! let mut model = Model::new(&[x], &[y])?;
+//! model.compile(
+//!     Compile::new(Adam::new(1e-2))
+//!         .loss(SparseCategoricalCrossentropy::new().from_logits(true))
+//!         .metric(Accuracy::sparse()),
+//! )?;
+//! let history = model.fit(&data, Fit::new().epochs(1).batch_size(64).quiet())?;
+//! let logs = history.last().unwrap();
+//! assert!(logs.get("l2").unwrap() > 0.0); // the regularizer, reported on its own
+//! # Ok::<(), kiln::Error>(())
+//! ```
+
+pub mod activations;
+pub mod data;
+pub mod error;
+pub mod graph;
+pub mod initializers;
+pub mod io;
+pub mod layers;
+pub mod losses;
+pub mod metrics;
+pub mod model;
+pub mod optimizers;
+pub mod reduction;
+pub mod regularizers;
+
+pub use activations::Activation;
+pub use data::Dataset;
+pub use error::{Error, Result};
+pub use graph::{Input, SharedLayer, SymbolicTensor};
+pub use initializers::Initializer;
+pub use model::{AddedLoss, Compile, Fit, History, Logs, Model, Sequential, Tensors};
+pub use reduction::Reduction;
+
+/// Everything a training script usually needs, in one import.
+pub mod prelude {
+    pub use crate::activations::Activation;
+    pub use crate::data::Dataset;
+    pub use crate::graph::{Input, SharedLayer, SymbolicTensor};
+    pub use crate::initializers::Initializer;
+    pub use crate::layers::{ActivationLayer, Dense, Dropout, Flatten, Layer, LayerExt};
+    pub use crate::losses::{
+        loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,
+        CategoricalFocalCrossentropy, Huber, Loss, MeanAbsoluteError, MeanSquaredError,
+        SparseCategoricalCrossentropy,
+    };
+    pub use crate::metrics::Accuracy;
+    pub use crate::model::{AddedLoss, Compile, Fit, History, Logs, Model, Sequential, Tensors};
+    pub use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
+    pub use crate::reduction::Reduction;
+    pub use crate::regularizers::{Orthogonal, Regularizer, L1, L1L2, L2};
+    pub use crate::{Error, Result};
+}

@@ -1,0 +1,270 @@
+//! Compile-time losses: computed from `y_true` and `y_pred` alone, one value per sample.
+//!
+//! A [`Loss`] returns per-sample values; [`Loss::reduced`] then applies sample weights, masks and
+//! the loss's [`Reduction`] through [`crate::reduction`]. Users write their own as closures with
+//! [`loss_fn`], capturing any hyperparameters.
+
+mod probabilistic;
+mod regression;
+
+pub use probabilistic::{
+    BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,
+    CategoricalFocalCrossentropy, SparseCategoricalCrossentropy,
+};
+pub use regression::{
+    Huber, LogCosh, MeanAbsoluteError, MeanAbsolutePercentageError, MeanSquaredError,
+    MeanSquaredLogarithmicError,
+};
+
+use crate::error::{invalid, Result};
+use crate::reduction::{reduce_weighted, Reduction};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// A loss computed from labels and predictions.
+///
+/// The contract: [`Loss::per_sample`] returns one value per sample, shape `[batch]` (or
+/// `[batch, steps]` for sequence outputs). kiln checks it on the first batch of `fit`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::losses::{Loss, MeanSquaredError};
+/// let y_true = Tensor::new(&[[0f32, 1.], [1., 1.]], &Device::Cpu)?;
+/// let y_pred = Tensor::new(&[[1f32, 1.], [1., 0.]], &Device::Cpu)?;
+/// let mse = MeanSquaredError::new();
+/// assert_eq!(mse.per_sample(&y_true, &y_pred)?.to_vec1::<f32>()?, vec![0.5, 0.5]);
+/// assert_eq!(mse.reduced(&y_true, &y_pred, None, None)?.to_scalar::<f32>()?, 0.5);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub trait Loss: Send + Sync {
+    /// The name used in logs and error messages (`mean_squared_error`, `my_focal`, …).
+    fn name(&self) -> &str;
+
+    /// One loss value per sample: shape `[batch]` or `[batch, steps, …]`.
+    fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor>;
+
+    /// A mask the loss makes itself (Keras' `ignore_class`), with the per-sample values' shape.
+    fn own_mask(&self, _y_true: &Tensor, _y_pred: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// How the weighted per-sample values are reduced.
+    fn reduction(&self) -> Reduction {
+        Reduction::SumOverBatchSize
+    }
+
+    /// Checks the hyperparameters; `compile` calls it so bad values fail before training.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The per-sample values, weighted by `sample_weight`, masked by `mask` (and by the loss's
+    /// own mask) and reduced with [`Loss::reduction`], exactly as Keras' `Loss.__call__`.
+    fn reduced(
+        &self,
+        y_true: &Tensor,
+        y_pred: &Tensor,
+        sample_weight: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let values = self.per_sample(y_true, y_pred)?;
+        reduce_per_sample(self, &values, y_true, y_pred, sample_weight, mask)
+    }
+}
+
+/// Reduces per-sample values already computed by `loss`, merging the input mask with the loss's
+/// own mask (Keras' `in_mask & out_mask`).
+pub(crate) fn reduce_per_sample<L: Loss + ?Sized>(
+    loss: &L,
+    values: &Tensor,
+    y_true: &Tensor,
+    y_pred: &Tensor,
+    sample_weight: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let own = loss.own_mask(y_true, y_pred)?;
+    let mask = match (mask, own) {
+        (Some(a), Some(b)) => Some(a.to_dtype(candle_core::DType::F32)?.mul(&b.to_dtype(candle_core::DType::F32)?)?),
+        (Some(a), None) => Some(a.clone()),
+        (None, b) => b,
+    };
+    reduce_weighted(values, sample_weight, mask.as_ref(), loss.reduction())
+}
+
+/// A user-written loss: a closure `(y_true, y_pred) -> per-sample values` with a name.
+///
+/// Build one with [`loss_fn`].
+pub struct LossFn<F> {
+    name: String,
+    reduction: Reduction,
+    f: F,
+}
+
+/// Wraps a closure as a [`Loss`]. The closure captures its hyperparameters and must return one
+/// value per sample.
+///
+/// ```
+/// use candle_core::{Device, Tensor, D};
+/// use kiln::losses::{loss_fn, Loss};
+/// let (scale, offset) = (2.0, 0.5);
+/// let shifted_mse = loss_fn("shifted_mse", move |y_true: &Tensor, y_pred: &Tensor| {
+///     Ok(((y_pred - y_true)?.affine(1.0, offset)?.sqr()?.mean(D::Minus1)? * scale)?)
+/// });
+/// let y = Tensor::new(&[[0f32], [1.]], &Device::Cpu)?;
+/// let v = shifted_mse.per_sample(&y, &y)?;
+/// assert_eq!(v.to_vec1::<f32>()?, vec![0.5, 0.5]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn loss_fn<F>(name: impl Into<String>, f: F) -> LossFn<F>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    LossFn {
+        name: name.into(),
+        reduction: Reduction::default(),
+        f,
+    }
+}
+
+impl<F> LossFn<F> {
+    /// Sets how the per-sample values are reduced (default `sum_over_batch_size`).
+    pub fn with_reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction = reduction;
+        self
+    }
+}
+
+impl<F> Loss for LossFn<F>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
+        (self.f)(y_true, y_pred)
+    }
+    fn reduction(&self) -> Reduction {
+        self.reduction
+    }
+}
+
+/// A loss as `compile` accepts it: a loss value, or a Keras name resolved when compiling.
+#[derive(Clone)]
+pub enum LossSpec {
+    /// A built-in or user loss.
+    Loss(Arc<dyn Loss>),
+    /// A Keras name or alias (`"mse"`, `"categorical_crossentropy"`, …).
+    Named(String),
+}
+
+impl std::fmt::Debug for LossSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LossSpec::Loss(l) => write!(f, "Loss({})", l.name()),
+            LossSpec::Named(n) => write!(f, "Named({n})"),
+        }
+    }
+}
+
+impl LossSpec {
+    /// Resolves a name to its loss, or returns the loss itself.
+    pub fn resolve(&self) -> Result<Arc<dyn Loss>> {
+        match self {
+            LossSpec::Loss(l) => Ok(l.clone()),
+            LossSpec::Named(n) => by_name(n),
+        }
+    }
+}
+
+impl<L: Loss + 'static> From<L> for LossSpec {
+    fn from(loss: L) -> Self {
+        LossSpec::Loss(Arc::new(loss))
+    }
+}
+
+impl From<&str> for LossSpec {
+    fn from(name: &str) -> Self {
+        LossSpec::Named(name.to_string())
+    }
+}
+
+impl From<Arc<dyn Loss>> for LossSpec {
+    fn from(loss: Arc<dyn Loss>) -> Self {
+        LossSpec::Loss(loss)
+    }
+}
+
+/// Looks a built-in loss up by its Keras name or alias, with Keras' default parameters.
+///
+/// ```
+/// let loss = kiln::losses::by_name("mse")?;
+/// assert_eq!(loss.name(), "mean_squared_error");
+/// assert!(kiln::losses::by_name("nope").is_err());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
+    let key = name.to_ascii_lowercase().replace('_', "");
+    Ok(match key.as_str() {
+        "mse" | "meansquarederror" => Arc::new(MeanSquaredError::new()),
+        "mae" | "meanabsoluteerror" => Arc::new(MeanAbsoluteError::new()),
+        "mape" | "meanabsolutepercentageerror" => Arc::new(MeanAbsolutePercentageError::new()),
+        "msle" | "meansquaredlogarithmicerror" => Arc::new(MeanSquaredLogarithmicError::new()),
+        "huber" => Arc::new(Huber::new()),
+        "logcosh" => Arc::new(LogCosh::new()),
+        "bce" | "binarycrossentropy" => Arc::new(BinaryCrossentropy::new()),
+        "cce" | "categoricalcrossentropy" => Arc::new(CategoricalCrossentropy::new()),
+        "scce" | "sparsecategoricalcrossentropy" => Arc::new(SparseCategoricalCrossentropy::new()),
+        "binaryfocalcrossentropy" => Arc::new(BinaryFocalCrossentropy::new()),
+        "categoricalfocalcrossentropy" => Arc::new(CategoricalFocalCrossentropy::new()),
+        _ => {
+            return Err(invalid(format!(
+                "unknown loss `{name}`: use a built-in name such as mse, mae, binary_crossentropy, \
+                 categorical_crossentropy, sparse_categorical_crossentropy, or pass a loss value"
+            )))
+        }
+    })
+}
+
+/// Implements the builder methods every built-in loss shares: `name` and `reduction`.
+macro_rules! loss_common {
+    ($ty:ty) => {
+        impl $ty {
+            /// Overrides the name used in logs.
+            pub fn with_name(mut self, name: impl Into<String>) -> Self {
+                self.name = name.into();
+                self
+            }
+            /// Sets the reduction (default `sum_over_batch_size`).
+            pub fn with_reduction(mut self, reduction: $crate::reduction::Reduction) -> Self {
+                self.reduction = reduction;
+                self
+            }
+        }
+    };
+}
+pub(crate) use loss_common;
+
+/// Brings `y_true` to `y_pred`'s dtype and, where their ranks differ by one trailing unit axis,
+/// to the same rank (Keras' `LossFunctionWrapper`).
+pub(crate) fn align(y_true: &Tensor, y_pred: &Tensor) -> Result<(Tensor, Tensor)> {
+    let y_true = y_true.to_dtype(y_pred.dtype())?;
+    crate::reduction::squeeze_or_expand_to_same_rank(&y_true, y_pred)
+}
+
+/// Resolves a possibly negative axis against a rank.
+pub(crate) fn resolve_axis(axis: isize, rank: usize, loss: &str) -> Result<usize> {
+    let a = if axis < 0 { rank as isize + axis } else { axis };
+    if a < 0 || a as usize >= rank {
+        return Err(invalid(format!(
+            "loss `{loss}`: axis {axis} is out of range for a tensor of rank {rank}"
+        )));
+    }
+    Ok(a as usize)
+}
+
+/// `log(1 + exp(x))` without overflow: `max(x, 0) + log(1 + exp(-|x|))`.
+pub(crate) fn softplus(x: &Tensor) -> Result<Tensor> {
+    let tail = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    Ok(x.relu()?.add(&tail)?)
+}

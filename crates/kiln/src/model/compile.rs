@@ -1,0 +1,285 @@
+//! `compile`: the optimizer, the compile-time losses per output, their weights, the metrics,
+//! and the names of every term that will be reported.
+
+use super::Model;
+use crate::error::{Error, Result};
+use crate::losses::{Loss, LossSpec};
+use crate::metrics::{Metric, MetricSpec};
+use crate::optimizers::Optimizer;
+use std::sync::Arc;
+
+/// A per-output setting given once for all outputs, as a list in output order, or by name.
+enum PerOutput<T> {
+    Unset,
+    All(T),
+    List(Vec<T>),
+    Named(Vec<(String, T)>),
+}
+
+/// What `Model::compile` takes: an optimizer, losses, loss weights and metrics.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([4]);
+/// let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
+/// let digit = Dense::new(10).name("digit").apply(&h)?;
+/// let parity = Dense::new(1).name("parity").apply(&h)?;
+/// let mut model = Model::new(&[x], &[digit, parity])?;
+/// model.compile(
+///     Compile::new(Adam::new(1e-3))
+///         .loss_for("digit", SparseCategoricalCrossentropy::new().from_logits(true))
+///         .loss_for("parity", BinaryCrossentropy::new().from_logits(true))
+///         .loss_weight_for("parity", 0.5)
+///         .metric_for("digit", Accuracy::sparse()),
+/// )?;
+/// assert!(model.compile(Compile::new(Adam::new(1e-3)).loss_for("nope", "mse")).is_err());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Compile {
+    optimizer: Box<dyn Optimizer>,
+    losses: PerOutput<LossSpec>,
+    loss_weights: PerOutput<f64>,
+    metrics: Vec<(Option<String>, MetricSpec)>,
+}
+
+impl Compile {
+    /// Starts a compile configuration with this optimizer.
+    pub fn new(optimizer: impl Optimizer + 'static) -> Self {
+        Self {
+            optimizer: Box::new(optimizer),
+            losses: PerOutput::Unset,
+            loss_weights: PerOutput::Unset,
+            metrics: Vec::new(),
+        }
+    }
+    /// One loss for every output (a Keras single loss).
+    pub fn loss(mut self, loss: impl Into<LossSpec>) -> Self {
+        self.losses = PerOutput::All(loss.into());
+        self
+    }
+    /// The loss of the output named `output` (a Keras dict entry). Outputs given no loss are
+    /// not trained by a compile-time loss.
+    pub fn loss_for(mut self, output: impl Into<String>, loss: impl Into<LossSpec>) -> Self {
+        let entry = (output.into(), loss.into());
+        match &mut self.losses {
+            PerOutput::Named(v) => v.push(entry),
+            _ => self.losses = PerOutput::Named(vec![entry]),
+        }
+        self
+    }
+    /// One loss per output, in output order (a Keras list).
+    pub fn losses(mut self, losses: Vec<LossSpec>) -> Self {
+        self.losses = PerOutput::List(losses);
+        self
+    }
+    /// One weight for every output's loss.
+    pub fn loss_weight(mut self, weight: f64) -> Self {
+        self.loss_weights = PerOutput::All(weight);
+        self
+    }
+    /// The weight of the named output's loss (default 1).
+    pub fn loss_weight_for(mut self, output: impl Into<String>, weight: f64) -> Self {
+        let entry = (output.into(), weight);
+        match &mut self.loss_weights {
+            PerOutput::Named(v) => v.push(entry),
+            _ => self.loss_weights = PerOutput::Named(vec![entry]),
+        }
+        self
+    }
+    /// One weight per output, in output order.
+    pub fn loss_weights(mut self, weights: Vec<f64>) -> Self {
+        self.loss_weights = PerOutput::List(weights);
+        self
+    }
+    /// A metric reported for every output.
+    pub fn metric(mut self, metric: impl Into<MetricSpec>) -> Self {
+        self.metrics.push((None, metric.into()));
+        self
+    }
+    /// A metric reported for the named output.
+    pub fn metric_for(mut self, output: impl Into<String>, metric: impl Into<MetricSpec>) -> Self {
+        self.metrics.push((Some(output.into()), metric.into()));
+        self
+    }
+}
+
+/// A resolved compile-time loss of one output.
+pub(crate) struct OutputLoss {
+    pub(crate) output: usize,
+    pub(crate) loss: Arc<dyn Loss>,
+    pub(crate) weight: f64,
+    /// `<output>_loss`, reported when the model has more than one compile-time loss.
+    pub(crate) log_name: Option<String>,
+}
+
+/// A resolved metric of one output.
+pub(crate) struct OutputMetric {
+    pub(crate) output: usize,
+    pub(crate) metric: Arc<dyn Metric>,
+    pub(crate) log_name: String,
+}
+
+/// The state `compile` leaves on the model.
+pub(crate) struct Compiled {
+    pub(crate) optimizer: Box<dyn Optimizer>,
+    pub(crate) losses: Vec<OutputLoss>,
+    pub(crate) metrics: Vec<OutputMetric>,
+    pub(crate) iterations: u64,
+}
+
+fn output_index(names: &[String], name: &str, what: &str) -> Result<usize> {
+    names.iter().position(|n| n == name).ok_or_else(|| {
+        Error::Compile(format!("{what} names output `{name}`, but the model's outputs are {names:?}"))
+    })
+}
+
+fn per_output<T: Clone>(setting: PerOutput<T>, names: &[String], what: &str) -> Result<Vec<Option<T>>> {
+    let n = names.len();
+    Ok(match setting {
+        PerOutput::Unset => vec![None; n],
+        PerOutput::All(v) => vec![Some(v); n],
+        PerOutput::List(list) => {
+            if list.len() != n {
+                return Err(Error::Compile(format!(
+                    "got {} {what} for {n} outputs {names:?}: give one per output, in order, or one \
+                     for all",
+                    list.len()
+                )));
+            }
+            list.into_iter().map(Some).collect()
+        }
+        PerOutput::Named(entries) => {
+            let mut out = vec![None; n];
+            for (name, v) in entries {
+                let i = output_index(names, &name, what)?;
+                if out[i].is_some() {
+                    return Err(Error::Compile(format!("{what} for output `{name}` is given twice")));
+                }
+                out[i] = Some(v);
+            }
+            out
+        }
+    })
+}
+
+impl Model {
+    /// Configures the model for training: optimizer, compile-time losses, loss weights, metrics.
+    ///
+    /// Fails when a name or count does not fit the outputs, a loss is misconfigured, two terms
+    /// would be reported under one name, or the model has nothing to optimize.
+    pub fn compile(&mut self, config: Compile) -> Result<()> {
+        crate::optimizers::validate(config.optimizer.as_ref())?;
+        let names = self.output_names.clone();
+        let losses = per_output(config.losses, &names, "losses")?;
+        let weights = per_output(config.loss_weights, &names, "loss weights")?;
+        let n_losses = losses.iter().filter(|l| l.is_some()).count();
+        let mut resolved = Vec::new();
+        for (i, (loss, weight)) in losses.into_iter().zip(weights).enumerate() {
+            match loss {
+                Some(spec) => {
+                    let loss = spec.resolve()?;
+                    loss.validate()?;
+                    let weight = weight.unwrap_or(1.0);
+                    if !weight.is_finite() {
+                        return Err(Error::Compile(format!("loss weight of output `{}` is {weight}", names[i])));
+                    }
+                    resolved.push(OutputLoss {
+                        output: i,
+                        loss,
+                        weight,
+                        log_name: (n_losses > 1).then(|| format!("{}_loss", names[i])),
+                    });
+                }
+                None if weight.is_some() && n_losses > 0 => {
+                    return Err(Error::Compile(format!(
+                        "a loss weight is given for output `{}`, which has no loss",
+                        names[i]
+                    )));
+                }
+                None => {}
+            }
+        }
+        let has_regularizer = self.weights().iter().any(|w| w.trainable && w.regularizer.is_some())
+            || self.layers.iter().any(|(_, l)| l.lock().activity_regularizer().is_some());
+        if resolved.is_empty() && self.added.is_empty() && !has_regularizer {
+            return Err(Error::Compile(
+                "the model has no loss to optimize: give compile() a loss or call add_loss()".into(),
+            ));
+        }
+        let mut metrics = Vec::new();
+        for (target, spec) in config.metrics {
+            let metric = spec.resolve()?;
+            let outputs: Vec<usize> = match &target {
+                Some(name) => vec![output_index(&names, name, "a metric")?],
+                None => (0..names.len()).collect(),
+            };
+            for output in outputs {
+                let log_name = if names.len() > 1 {
+                    format!("{}_{}", names[output], metric.name())
+                } else {
+                    metric.name().to_string()
+                };
+                metrics.push(OutputMetric { output, metric: metric.clone(), log_name });
+            }
+        }
+        // Every reported name must be unique, or the breakdown would be ambiguous.
+        let mut reported: Vec<String> = vec!["loss".into()];
+        reported.extend(resolved.iter().filter_map(|l| l.log_name.clone()));
+        reported.extend(self.regularizer_term_names());
+        reported.extend(self.added.iter().map(|(n, _)| n.clone()));
+        reported.extend(metrics.iter().map(|m| m.log_name.clone()));
+        let mut seen = std::collections::HashSet::new();
+        for name in &reported {
+            if !seen.insert(name) {
+                return Err(Error::Compile(format!(
+                    "two terms or metrics would both be reported as `{name}`: rename the added \
+                     loss or the metric"
+                )));
+            }
+        }
+        self.compiled = Some(Compiled { optimizer: config.optimizer, losses: resolved, metrics, iterations: 0 });
+        Ok(())
+    }
+
+    /// Names of the terms regularizers add: `<name>` for weights, `activity_<name>` for outputs.
+    fn regularizer_term_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let mut push = |n: String| {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        };
+        for w in self.weights() {
+            if let (true, Some(r)) = (w.trainable, &w.regularizer) {
+                push(r.name().to_string());
+            }
+        }
+        for (_, l) in &self.layers {
+            if let Some(r) = l.lock().activity_regularizer() {
+                push(format!("activity_{}", r.name()));
+            }
+        }
+        names
+    }
+
+    /// Whether `compile` has been called.
+    pub fn is_compiled(&self) -> bool {
+        self.compiled.is_some()
+    }
+
+    /// The optimizer's learning rate, once compiled.
+    pub fn learning_rate(&self) -> Option<f64> {
+        self.compiled.as_ref().map(|c| c.optimizer.learning_rate())
+    }
+
+    /// Changes the optimizer's learning rate (for schedules and callbacks).
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        let c = self.compiled.as_mut().ok_or_else(not_compiled)?;
+        c.optimizer.set_learning_rate(lr);
+        Ok(())
+    }
+}
+
+pub(crate) fn not_compiled() -> Error {
+    Error::State("the model is not compiled: call model.compile(...) before fit or evaluate".into())
+}

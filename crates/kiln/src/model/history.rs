@@ -1,0 +1,111 @@
+//! Logs and history: every term and metric by name, per epoch.
+
+use serde::ser::SerializeMap;
+use std::collections::BTreeMap;
+
+/// Named values in a fixed order: `loss`, per-output losses, added terms, metrics, then their
+/// `val_` twins.
+///
+/// ```
+/// let mut logs = kiln::Logs::default();
+/// logs.set("loss", 0.5);
+/// assert_eq!(logs.get("loss"), Some(0.5));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Logs(Vec<(String, f64)>);
+
+impl Logs {
+    /// The value named `key`.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+    /// Sets (or replaces) a value, keeping the order of first insertion.
+    pub fn set(&mut self, key: impl Into<String>, value: f64) {
+        let key = key.into();
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((key, value)),
+        }
+    }
+    /// The names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
+    /// Name and value pairs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+    /// `name: value` pairs joined for a progress line.
+    pub fn summary(&self) -> String {
+        self.0.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect::<Vec<_>>().join(" - ")
+    }
+}
+
+impl serde::Serialize for Logs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// What `fit` returns: the logs of every epoch.
+///
+/// ```
+/// let mut h = kiln::History::default();
+/// let mut logs = kiln::Logs::default();
+/// logs.set("loss", 1.0);
+/// h.epochs.push(logs);
+/// assert_eq!(h.get("loss"), Some(vec![1.0]));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct History {
+    /// One [`Logs`] per epoch.
+    pub epochs: Vec<Logs>,
+}
+
+impl History {
+    /// The series of one value over the epochs, as Keras' `history.history[key]`.
+    pub fn get(&self, key: &str) -> Option<Vec<f64>> {
+        self.epochs.iter().map(|l| l.get(key)).collect()
+    }
+    /// The last epoch's logs.
+    pub fn last(&self) -> Option<&Logs> {
+        self.epochs.last()
+    }
+    /// Every series by name.
+    pub fn series(&self) -> BTreeMap<String, Vec<f64>> {
+        let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for logs in &self.epochs {
+            for (k, v) in logs.iter() {
+                out.entry(k.to_string()).or_default().push(v);
+            }
+        }
+        out
+    }
+}
+
+/// Running means over an epoch, weighted by sample count (Keras' `Mean` metric).
+#[derive(Default)]
+pub(crate) struct Accumulator(Vec<(String, f64, f64)>);
+
+impl Accumulator {
+    pub(crate) fn add(&mut self, key: &str, total: f64, count: f64) {
+        match self.0.iter_mut().find(|(k, _, _)| k == key) {
+            Some(slot) => {
+                slot.1 += total;
+                slot.2 += count;
+            }
+            None => self.0.push((key.to_string(), total, count)),
+        }
+    }
+    pub(crate) fn logs(&self, prefix: &str) -> Logs {
+        let mut logs = Logs::default();
+        for (k, total, count) in &self.0 {
+            logs.set(format!("{prefix}{k}"), if *count == 0.0 { 0.0 } else { total / count });
+        }
+        logs
+    }
+}

@@ -1,0 +1,452 @@
+//! Models: the functional graph made runnable, `Sequential`, compile, fit, evaluate, predict.
+
+mod added;
+mod compile;
+mod history;
+mod sequential;
+mod train;
+
+pub use added::{AddedLoss, Tensors};
+pub use compile::Compile;
+pub use history::{History, Logs};
+pub use sequential::Sequential;
+pub use train::Fit;
+
+use crate::error::{Error, Result};
+use crate::graph::{NodeOp, SharedLayer, SymbolicTensor};
+use crate::layers::{BuildContext, CallContext, Weight};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// One layer application in execution order.
+struct Step {
+    node: SymbolicTensor,
+    layer: SharedLayer,
+    layer_name: String,
+    inputs: Vec<usize>,
+}
+
+/// A model: a graph of layers from inputs to named outputs, plus its added losses and, once
+/// compiled, its optimizer and compile-time losses.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([4]);
+/// let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
+/// let y = Dense::new(2).name("out").apply(&h)?;
+/// let model = Model::new(&[x], &[y])?;
+/// assert_eq!(model.output_names(), &["out".to_string()]);
+/// assert_eq!(model.weights().len(), 4);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Model {
+    inputs: Vec<SymbolicTensor>,
+    outputs: Vec<SymbolicTensor>,
+    output_names: Vec<String>,
+    input_names: Vec<String>,
+    steps: Vec<Step>,
+    layers: Vec<(String, SharedLayer)>,
+    device: Device,
+    dtype: DType,
+    added: Vec<(String, Arc<dyn AddedLoss>)>,
+    compiled: Option<compile::Compiled>,
+}
+
+/// Options for building a [`Model`]: seed, device, dtype.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([2]);
+/// let y = Dense::new(1).apply(&x)?;
+/// let a = Model::builder(&[x.clone()], &[y.clone()]).seed(7).build()?;
+/// let w = a.weights()[0].var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+/// let b = Model::builder(&[x], &[y]).seed(7).build()?;
+/// assert_eq!(w, b.weights()[0].var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct ModelBuilder {
+    inputs: Vec<SymbolicTensor>,
+    outputs: Vec<SymbolicTensor>,
+    seed: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl ModelBuilder {
+    /// The seed weights are drawn from (default 0): the same seed gives the same model.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// The device the weights live on (default CPU).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+    /// The dtype of the weights (default f32).
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+    /// Builds the model, creating every layer's weights.
+    pub fn build(self) -> Result<Model> {
+        Model::assemble(self)
+    }
+}
+
+impl Model {
+    /// A model from inputs to outputs, built on the CPU in f32 with seed 0.
+    pub fn new(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> Result<Model> {
+        Self::builder(inputs, outputs).build()
+    }
+
+    /// A builder for a model with a chosen seed, device or dtype.
+    pub fn builder(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> ModelBuilder {
+        ModelBuilder {
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+            seed: 0,
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+
+    fn assemble(b: ModelBuilder) -> Result<Model> {
+        if b.inputs.is_empty() || b.outputs.is_empty() {
+            return Err(Error::Graph("a model needs at least one input and one output".into()));
+        }
+        let input_ids: HashSet<usize> = b.inputs.iter().map(|t| t.id()).collect();
+        if input_ids.len() != b.inputs.len() {
+            return Err(Error::Graph("the same input is listed twice".into()));
+        }
+        // Depth-first, parents before children: an execution order.
+        let mut order: Vec<SymbolicTensor> = Vec::new();
+        let mut seen = HashSet::new();
+        fn visit(
+            t: &SymbolicTensor,
+            inputs: &HashSet<usize>,
+            seen: &mut HashSet<usize>,
+            order: &mut Vec<SymbolicTensor>,
+        ) -> Result<()> {
+            if !seen.insert(t.id()) {
+                return Ok(());
+            }
+            if let NodeOp::Input { name } = &t.0.op {
+                if !inputs.contains(&t.id()) {
+                    return Err(Error::Graph(format!(
+                        "an output depends on input {} ({:?}) that was not passed to Model::new",
+                        name.as_deref().unwrap_or("(unnamed)"),
+                        t.shape()
+                    )));
+                }
+                return Ok(());
+            }
+            for p in t.parents() {
+                visit(p, inputs, seen, order)?;
+            }
+            order.push(t.clone());
+            Ok(())
+        }
+        for out in &b.outputs {
+            visit(out, &input_ids, &mut seen, &mut order)?;
+        }
+
+        // Name layers: the given name, or `<kind>`, `<kind>_1`, … in execution order.
+        let mut names: HashMap<usize, String> = HashMap::new();
+        let mut layers: Vec<(String, SharedLayer)> = Vec::new();
+        let mut taken: HashSet<String> = HashSet::new();
+        // Given names are reserved up front so an automatic name never takes one.
+        let given: HashSet<String> = order
+            .iter()
+            .filter_map(|t| match &t.0.op {
+                NodeOp::Layer { layer, .. } => layer.lock().given_name().map(str::to_string),
+                NodeOp::Input { .. } => None,
+            })
+            .collect();
+        let mut next_suffix: HashMap<&'static str, usize> = HashMap::new();
+        for t in &order {
+            let NodeOp::Layer { layer, .. } = &t.0.op else { continue };
+            if names.contains_key(&layer.id) {
+                continue;
+            }
+            let guard = layer.lock();
+            let name = match guard.given_name() {
+                Some(n) => {
+                    if !taken.insert(n.to_string()) {
+                        return Err(Error::Graph(format!(
+                            "two layers are named `{n}`: layer names must be unique in a model"
+                        )));
+                    }
+                    n.to_string()
+                }
+                None => loop {
+                    let k = next_suffix.entry(guard.kind()).or_insert(0);
+                    let candidate = if *k == 0 { guard.kind().to_string() } else { format!("{}_{k}", guard.kind()) };
+                    *k += 1;
+                    if !taken.contains(&candidate) && !given.contains(&candidate) {
+                        taken.insert(candidate.clone());
+                        break candidate;
+                    }
+                },
+            };
+            drop(guard);
+            names.insert(layer.id, name.clone());
+            layers.push((name, layer.clone()));
+        }
+
+        // Build every layer once, from the shapes of its first application.
+        let mut rng = StdRng::seed_from_u64(b.seed);
+        let mut built = HashSet::new();
+        let mut steps = Vec::new();
+        for t in &order {
+            let NodeOp::Layer { layer, inputs } = &t.0.op else { continue };
+            let name = names[&layer.id].clone();
+            if built.insert(layer.id) {
+                let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.shape().to_vec()).collect();
+                let mut ctx = BuildContext { device: &b.device, dtype: b.dtype, rng: &mut rng };
+                layer.lock().build(&name, &shapes, &mut ctx)?;
+            }
+            steps.push(Step {
+                node: t.clone(),
+                layer: layer.clone(),
+                layer_name: name,
+                inputs: inputs.iter().map(|i| i.id()).collect(),
+            });
+        }
+
+        let input_names: Vec<String> = b
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match &t.0.op {
+                NodeOp::Input { name: Some(n) } => n.clone(),
+                _ if i == 0 => "input".to_string(),
+                _ => format!("input_{i}"),
+            })
+            .collect();
+        let mut output_names = Vec::new();
+        for out in &b.outputs {
+            let name = match &out.0.op {
+                NodeOp::Layer { layer, .. } => names[&layer.id].clone(),
+                NodeOp::Input { .. } => {
+                    let i = b.inputs.iter().position(|t| t.id() == out.id()).expect("checked above");
+                    input_names[i].clone()
+                }
+            };
+            if output_names.contains(&name) {
+                return Err(Error::Graph(format!(
+                    "two outputs come from layer `{name}`: give each output its own named layer"
+                )));
+            }
+            output_names.push(name);
+        }
+
+        Ok(Model {
+            inputs: b.inputs,
+            outputs: b.outputs,
+            output_names,
+            input_names,
+            steps,
+            layers,
+            device: b.device,
+            dtype: b.dtype,
+            added: Vec::new(),
+            compiled: None,
+        })
+    }
+
+    /// The outputs' names, in order: the names of the layers that make them.
+    pub fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    /// The inputs' names, in order.
+    pub fn input_names(&self) -> &[String] {
+        &self.input_names
+    }
+
+    /// The layers' names, in execution order.
+    pub fn layer_names(&self) -> Vec<&str> {
+        self.layers.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the model's weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every weight, in layer order.
+    pub fn weights(&self) -> Vec<Weight> {
+        self.layers.iter().flat_map(|(_, l)| l.lock().weights()).collect()
+    }
+
+    /// The weight named `<layer>/<weight>`, such as `dense/kernel`.
+    pub fn weight(&self, name: &str) -> Result<Weight> {
+        self.weights().into_iter().find(|w| w.name == name).ok_or_else(|| {
+            let known: Vec<String> = self.weights().into_iter().map(|w| w.name).collect();
+            Error::Graph(format!("the model has no weight `{name}`; its weights are {known:?}"))
+        })
+    }
+
+    /// Adds a named loss term computed from the model's own tensors at every step: any
+    /// intermediate tensor, the weights, the inputs and targets. It is summed into the total as
+    /// it is (no loss weight) and reported under its name.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([4]);
+    /// let hidden = Dense::new(8).activation(Activation::Relu).apply(&x)?;
+    /// let y = Dense::new(1).apply(&hidden)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// let h = hidden.clone();
+    /// model.add_loss("sparsity", move |t: &Tensors| Ok((t.get(&h)?.abs()?.mean_all()? * 1e-3)?))?;
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn add_loss(&mut self, name: impl Into<String>, loss: impl AddedLoss + 'static) -> Result<()> {
+        let name = name.into();
+        if name.is_empty() || name == "loss" || name.starts_with("val_") {
+            return Err(Error::Compile(format!(
+                "add_loss: `{name}` cannot name a term: use a non-empty name other than `loss` that \
+                 does not start with `val_`"
+            )));
+        }
+        if self.added.iter().any(|(n, _)| *n == name) {
+            return Err(Error::Compile(format!("add_loss: a term named `{name}` was already added")));
+        }
+        self.added.push((name, Arc::new(loss)));
+        Ok(())
+    }
+
+    /// Runs the graph on a batch.
+    pub(crate) fn run(&self, inputs: &[Tensor], training: bool, rng: &mut StdRng) -> Result<ForwardPass> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::Data(format!(
+                "the model takes {} inputs ({:?}) but got {}",
+                self.inputs.len(),
+                self.input_names,
+                inputs.len()
+            )));
+        }
+        let mut pass = ForwardPass::default();
+        for ((sym, x), name) in self.inputs.iter().zip(inputs).zip(&self.input_names) {
+            if x.rank() == 0 || &x.dims()[1..] != sym.shape() {
+                return Err(Error::Data(format!(
+                    "input `{name}` expects samples of shape {:?} (batch first), got a tensor of shape {:?}",
+                    sym.shape(),
+                    x.dims()
+                )));
+            }
+            pass.values.insert(sym.id(), x.to_dtype(self.dtype)?);
+        }
+        for step in &self.steps {
+            let xs: Vec<Tensor> = step.inputs.iter().map(|id| pass.values[id].clone()).collect();
+            let masks: Vec<Option<Tensor>> = step.inputs.iter().map(|id| pass.masks.get(id).cloned()).collect();
+            let layer = step.layer.lock();
+            let mut ctx = CallContext::new(training, rng);
+            let y = layer.call(&xs, &mut ctx).map_err(|e| match e {
+                Error::Candle(c) => Error::Graph(format!("layer `{}` failed: {c}", step.layer_name)),
+                other => other,
+            })?;
+            let added = std::mem::take(&mut ctx.added);
+            if let Some(mask) = layer.compute_mask(&xs, &masks)? {
+                pass.masks.insert(step.node.id(), mask);
+            }
+            if let Some(reg) = layer.activity_regularizer() {
+                // Keras 3 divides the activity penalty by the batch size.
+                let batch = y.dims().first().copied().unwrap_or(1).max(1);
+                let value = (reg.penalty(&y)? / batch as f64)?;
+                pass.layer_losses.push((format!("activity_{}", reg.name()), value));
+            }
+            pass.layer_losses.extend(added);
+            pass.values.insert(step.node.id(), y);
+        }
+        Ok(pass)
+    }
+
+    /// The output tensors of a forward pass, in output order.
+    pub(crate) fn outputs_of<'p>(&self, pass: &'p ForwardPass) -> Vec<&'p Tensor> {
+        self.outputs.iter().map(|o| &pass.values[&o.id()]).collect()
+    }
+
+    /// The masks that reach each output, if any.
+    pub(crate) fn output_masks<'p>(&self, pass: &'p ForwardPass) -> Vec<Option<&'p Tensor>> {
+        self.outputs.iter().map(|o| pass.masks.get(&o.id())).collect()
+    }
+
+    /// Runs the model on inputs in inference mode, in batches, and returns one tensor per output.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(2).apply(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// let out = model.predict(&[Tensor::ones((5, 3), candle_core::DType::F32, &Device::Cpu)?], 2)?;
+    /// assert_eq!(out[0].dims(), &[5, 2]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn predict(&self, inputs: &[Tensor], batch_size: usize) -> Result<Vec<Tensor>> {
+        let data = crate::Dataset::inputs_only(inputs.to_vec())?;
+        let batch_size = batch_size.max(1);
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut chunks: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs.len()];
+        let mut start = 0;
+        while start < data.len() {
+            let len = batch_size.min(data.len() - start);
+            let batch = data.slice(start, len)?;
+            let pass = self.run(batch.inputs(), false, &mut rng)?;
+            for (i, y) in self.outputs_of(&pass).into_iter().enumerate() {
+                chunks[i].push(y.detach());
+            }
+            start += len;
+        }
+        chunks.into_iter().map(|c| Ok(Tensor::cat(&c, 0)?)).collect()
+    }
+
+    /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
+    pub fn save_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tensors: HashMap<String, Tensor> =
+            self.weights().into_iter().map(|w| (w.name, w.var.as_tensor().detach())).collect();
+        crate::io::write_atomically(path, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))
+    }
+
+    /// Loads weights saved by [`Model::save_weights`]; every weight must be present with its shape.
+    pub fn load_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
+        let loaded = candle_core::safetensors::load(path, &self.device)
+            .map_err(|e| Error::Data(format!("{}: cannot read weights: {e}", path.display())))?;
+        for w in self.weights() {
+            let t = loaded.get(&w.name).ok_or_else(|| {
+                Error::Data(format!("{}: no weight `{}` in the file", path.display(), w.name))
+            })?;
+            if t.dims() != w.var.dims() {
+                return Err(Error::Data(format!(
+                    "{}: weight `{}` has shape {:?} in the file but {:?} in the model",
+                    path.display(),
+                    w.name,
+                    t.dims(),
+                    w.var.dims()
+                )));
+            }
+            w.var.set(&t.to_dtype(self.dtype)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The values of one forward pass: every tensor by node id, masks, and layer-added losses.
+#[derive(Default)]
+pub(crate) struct ForwardPass {
+    pub(crate) values: HashMap<usize, Tensor>,
+    pub(crate) masks: HashMap<usize, Tensor>,
+    pub(crate) layer_losses: Vec<(String, Tensor)>,
+}

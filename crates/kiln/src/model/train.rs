@@ -1,0 +1,350 @@
+//! Training and evaluation: the total-loss rule, one step, epochs, progress and logs.
+
+use super::compile::{not_compiled, Compiled};
+use super::history::Accumulator;
+use super::{ForwardPass, History, Logs, Model, Tensors};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::losses::reduce_per_sample;
+use candle_core::{Tensor, Var};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// How `fit` trains: epochs, batch size, shuffling, validation, class weights, verbosity.
+///
+/// ```
+/// let fit = kiln::Fit::new().epochs(10).batch_size(64).validation_split(0.1).seed(7).quiet();
+/// ```
+#[derive(Clone)]
+pub struct Fit {
+    epochs: usize,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    validation_split: f64,
+    validation_data: Option<Dataset>,
+    class_weight: Option<Vec<(usize, f64)>>,
+    verbose: bool,
+}
+
+impl Default for Fit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fit {
+    /// One epoch, batches of 32, shuffled with seed 0, no validation, progress shown.
+    pub fn new() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            validation_split: 0.0,
+            validation_data: None,
+            class_weight: None,
+            verbose: true,
+        }
+    }
+    /// The number of passes over the data.
+    pub fn epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    /// Samples per step.
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+    /// Whether to shuffle the training samples every epoch.
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+    /// The seed for shuffling and dropout: the same seed and data give the same history.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// Holds out the last `fraction` of the samples (before shuffling) for validation.
+    pub fn validation_split(mut self, fraction: f64) -> Self {
+        self.validation_split = fraction;
+        self
+    }
+    /// Validates on this data after every epoch (overrides `validation_split`).
+    pub fn validation_data(mut self, data: Dataset) -> Self {
+        self.validation_data = Some(data);
+        self
+    }
+    /// Weights each sample by the weight of its class (single-output models).
+    pub fn class_weight(mut self, weights: Vec<(usize, f64)>) -> Self {
+        self.class_weight = Some(weights);
+        self
+    }
+    /// Shows (or hides) the progress bar and the per-epoch line.
+    pub fn verbose(mut self, verbose: bool) -> Self {
+        self.verbose = verbose;
+        self
+    }
+    /// Hides all progress output.
+    pub fn quiet(self) -> Self {
+        self.verbose(false)
+    }
+}
+
+/// The terms of one step: the total to differentiate and each reported term.
+struct StepTerms {
+    total: Tensor,
+    reported: Vec<(String, Tensor)>,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+impl Model {
+    /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
+    /// outputs, plus every added term (regularizers, layer-added losses, `add_loss` closures).
+    fn step_terms(&self, compiled: &Compiled, batch: &Dataset, pass: &ForwardPass, training: bool) -> Result<StepTerms> {
+        let outputs = self.outputs_of(pass);
+        let masks = self.output_masks(pass);
+        let batch_size = batch.len();
+        let mut total: Option<Tensor> = None;
+        let mut add = |t: Tensor| -> Result<()> {
+            total = Some(match total.take() {
+                Some(acc) => (acc + t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        let mut reported = Vec::new();
+        for ol in &compiled.losses {
+            let name = &self.output_names[ol.output];
+            let y_true = batch.targets.get(ol.output).ok_or_else(|| {
+                Error::Data(format!("output `{name}` has a loss but the data has no target for it"))
+            })?;
+            let y_pred = outputs[ol.output];
+            let context = |e: Error| match e {
+                Error::Candle(c) => Error::Data(format!(
+                    "loss `{}` for output `{name}` failed on y_true {:?} and y_pred {:?}: {c}",
+                    ol.loss.name(),
+                    y_true.dims(),
+                    y_pred.dims()
+                )),
+                other => other,
+            };
+            let values = ol.loss.per_sample(y_true, y_pred).map_err(context)?;
+            if values.rank() == 0 || values.dims()[0] != batch_size {
+                return Err(Error::LossContract {
+                    loss: ol.loss.name().to_string(),
+                    output: name.clone(),
+                    batch: batch_size,
+                    got: values.dims().to_vec(),
+                    y_true: y_true.dims().to_vec(),
+                    y_pred: y_pred.dims().to_vec(),
+                });
+            }
+            let reduced = reduce_per_sample(ol.loss.as_ref(), &values, y_true, y_pred, batch.sample_weight(), masks[ol.output])
+                .map_err(context)?;
+            add((&reduced * ol.weight)?)?;
+            if let Some(log_name) = &ol.log_name {
+                reported.push((log_name.clone(), reduced));
+            }
+        }
+        let mut added: Vec<(String, Tensor)> = Vec::new();
+        let mut accumulate = |name: String, value: Tensor| -> Result<()> {
+            let value = value.sum_all()?;
+            match added.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = (&slot.1 + value)?,
+                None => added.push((name, value)),
+            }
+            Ok(())
+        };
+        for w in self.weights() {
+            if let (true, Some(reg)) = (w.trainable, &w.regularizer) {
+                let value = reg.penalty(w.var.as_tensor()).map_err(|e| {
+                    Error::InvalidArgument(format!("regularizer of weight `{}`: {e}", w.name))
+                })?;
+                accumulate(reg.name().to_string(), value)?;
+            }
+        }
+        for (name, value) in &pass.layer_losses {
+            accumulate(name.clone(), value.clone())?;
+        }
+        let tensors = Tensors { model: self, pass, inputs: &batch.inputs, targets: &batch.targets, training };
+        for (name, loss) in &self.added {
+            let value = loss.compute(&tensors).map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
+            accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
+        }
+        for (name, value) in added {
+            add(value.clone())?;
+            reported.push((name, value));
+        }
+        let total = match total {
+            Some(t) => t,
+            None => Tensor::zeros((), self.dtype, &self.device)?,
+        };
+        Ok(StepTerms { total, reported })
+    }
+
+    /// Adds a batch's terms and metrics to the running epoch means.
+    fn record(&self, compiled: &Compiled, acc: &mut Accumulator, terms: &StepTerms, batch: &Dataset, pass: &ForwardPass) -> Result<()> {
+        let n = batch.len() as f64;
+        acc.add("loss", scalar(&terms.total)? * n, n);
+        for (name, value) in &terms.reported {
+            acc.add(name, scalar(value)? * n, n);
+        }
+        let outputs = self.outputs_of(pass);
+        for m in &compiled.metrics {
+            let (Some(y_true), y_pred) = (batch.targets.get(m.output), outputs[m.output]) else {
+                continue;
+            };
+            let values = m.metric.per_sample(y_true, &y_pred.detach())?;
+            let sum = scalar(&values.to_dtype(candle_core::DType::F64)?.sum_all()?)?;
+            acc.add(&m.log_name, sum, values.elem_count() as f64);
+        }
+        Ok(())
+    }
+
+    /// One training step on a batch: forward, total loss, backward, optimizer update.
+    fn train_step(&mut self, batch: &Dataset, rng: &mut StdRng, acc: &mut Accumulator) -> Result<()> {
+        let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
+        let result = (|| -> Result<()> {
+            let pass = self.run(&batch.inputs, true, rng)?;
+            let terms = self.step_terms(&compiled, batch, &pass, true)?;
+            let grads = terms.total.backward()?;
+            let mut params: Vec<Var> = Vec::new();
+            let mut gradients: Vec<Tensor> = Vec::new();
+            for w in self.weights().into_iter().filter(|w| w.trainable) {
+                if let Some(g) = grads.get(w.var.as_tensor()) {
+                    gradients.push(g.clone());
+                    params.push(w.var);
+                }
+            }
+            compiled.iterations += 1;
+            crate::optimizers::apply_step(compiled.optimizer.as_mut(), &params, gradients, compiled.iterations)?;
+            self.record(&compiled, acc, &terms, batch, &pass)
+        })();
+        self.compiled = Some(compiled);
+        result
+    }
+
+    /// Trains the model and returns the per-epoch logs: `loss`, `<output>_loss` (several
+    /// outputs), each added term by name, the metrics, and their `val_` twins.
+    pub fn fit(&mut self, data: &Dataset, config: Fit) -> Result<History> {
+        if self.compiled.is_none() {
+            return Err(not_compiled());
+        }
+        if config.batch_size == 0 {
+            return Err(Error::Data("batch_size must be at least 1".into()));
+        }
+        let data = data.to_device(&self.device)?;
+        let (mut train, split_val) = if config.validation_split > 0.0 && config.validation_data.is_none() {
+            let (a, b) = data.split_tail(config.validation_split)?;
+            (a, Some(b))
+        } else {
+            (data, None)
+        };
+        let validation = config.validation_data.clone().or(split_val);
+        if train.is_empty() {
+            return Err(Error::Data("fit got no training samples".into()));
+        }
+        if let Some(cw) = &config.class_weight {
+            if self.outputs.len() != 1 {
+                return Err(Error::Data(
+                    "class_weight works for single-output models: use sample weights per output instead".into(),
+                ));
+            }
+            let weights = crate::reduction::class_weights_to_sample_weights(&train.targets[0], cw)?;
+            let weights = match &train.sample_weight {
+                Some(sw) => crate::reduction::mul_weights(sw, &weights)?,
+                None => weights,
+            };
+            train = train.with_sample_weight(weights)?;
+        }
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let n = train.len();
+        let steps = n.div_ceil(config.batch_size);
+        let mut history = History::default();
+        for epoch in 0..config.epochs {
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            if config.shuffle {
+                order.shuffle(&mut rng);
+            }
+            let bar = progress_bar(config.verbose, steps, epoch, config.epochs);
+            let mut acc = Accumulator::default();
+            for chunk in order.chunks(config.batch_size) {
+                let batch = train.select(chunk)?;
+                self.train_step(&batch, &mut rng, &mut acc)?;
+                bar.set_message(acc.logs("").summary());
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            let mut logs = acc.logs("");
+            if let Some(val) = &validation {
+                for (k, v) in self.evaluate_logs(val, config.batch_size, "val_")?.iter() {
+                    logs.set(k, v);
+                }
+            }
+            if config.verbose {
+                eprintln!("Epoch {}/{} - {}", epoch + 1, config.epochs, logs.summary());
+            }
+            history.epochs.push(logs);
+        }
+        Ok(history)
+    }
+
+    /// The loss breakdown and metrics on `data`, in inference mode (same names as `fit`).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    /// let xs = Tensor::new(&[[1f32], [2.]], &Device::Cpu)?;
+    /// let ys = Tensor::new(&[[0f32], [0.]], &Device::Cpu)?;
+    /// let logs = model.evaluate(&Dataset::new(xs, ys)?, 32)?;
+    /// assert_eq!(logs.get("loss"), Some(2.5)); // (1 + 4) / 2
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Logs> {
+        self.evaluate_logs(data, batch_size, "")
+    }
+
+    fn evaluate_logs(&self, data: &Dataset, batch_size: usize, prefix: &str) -> Result<Logs> {
+        let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
+        if batch_size == 0 {
+            return Err(Error::Data("batch_size must be at least 1".into()));
+        }
+        let data = data.to_device(&self.device)?;
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut acc = Accumulator::default();
+        let mut start = 0;
+        while start < data.len() {
+            let len = batch_size.min(data.len() - start);
+            let batch = data.slice(start, len)?;
+            let pass = self.run(&batch.inputs, false, &mut rng)?;
+            let terms = self.step_terms(compiled, &batch, &pass, false)?;
+            self.record(compiled, &mut acc, &terms, &batch, &pass)?;
+            start += len;
+        }
+        Ok(acc.logs(prefix))
+    }
+}
+
+fn progress_bar(verbose: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    if !verbose {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("Epoch {prefix} [{bar:25}] {pos}/{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    bar
+}

@@ -1,0 +1,154 @@
+//! Adam and AdamW.
+
+use super::{optimizer_common, Clipping, Optimizer, Slots};
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+
+/// Adam, as Keras: `α = lr·√(1-β₂ᵗ)/(1-β₁ᵗ)`, `w -= α·m / (√v + ε)`.
+///
+/// ```
+/// use kiln::optimizers::Adam;
+/// let opt = Adam::new(1e-3).beta_1(0.9).beta_2(0.999).epsilon(1e-7).global_clipnorm(1.0);
+/// ```
+pub struct Adam {
+    lr: f64,
+    beta_1: f64,
+    beta_2: f64,
+    epsilon: f64,
+    weight_decay: Option<f64>,
+    clipping: Clipping,
+    m: Slots,
+    v: Slots,
+}
+
+impl Adam {
+    /// Adam with learning rate `lr` and Keras' defaults (β₁ 0.9, β₂ 0.999, ε 1e-7).
+    pub fn new(lr: f64) -> Self {
+        Self {
+            lr,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-7,
+            weight_decay: None,
+            clipping: Clipping::default(),
+            m: Slots::default(),
+            v: Slots::default(),
+        }
+    }
+    /// Decay rate of the first moment.
+    pub fn beta_1(mut self, b: f64) -> Self {
+        self.beta_1 = b;
+        self
+    }
+    /// Decay rate of the second moment.
+    pub fn beta_2(mut self, b: f64) -> Self {
+        self.beta_2 = b;
+        self
+    }
+    /// The constant added to `√v`.
+    pub fn epsilon(mut self, e: f64) -> Self {
+        self.epsilon = e;
+        self
+    }
+    /// Decoupled weight decay.
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.weight_decay = Some(wd);
+        self
+    }
+}
+optimizer_common!(Adam);
+
+impl Optimizer for Adam {
+    fn name(&self) -> &str {
+        "adam"
+    }
+    fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn clipping(&self) -> Clipping {
+        self.clipping
+    }
+    fn weight_decay(&self) -> Option<f64> {
+        self.weight_decay
+    }
+    fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()> {
+        let t = t as i32;
+        let alpha = self.lr * (1.0 - self.beta_2.powi(t)).sqrt() / (1.0 - self.beta_1.powi(t));
+        for (p, g) in params.iter().zip(grads) {
+            let m = self.m.get(p)?.affine(self.beta_1, 0.0)?.add(&g.affine(1.0 - self.beta_1, 0.0)?)?;
+            let v = self.v.get(p)?.affine(self.beta_2, 0.0)?.add(&g.sqr()?.affine(1.0 - self.beta_2, 0.0)?)?;
+            let step = m.div(&v.sqrt()?.affine(1.0, self.epsilon)?)?.affine(alpha, 0.0)?;
+            p.set(&p.as_tensor().sub(&step)?)?;
+            self.m.set(p, m);
+            self.v.set(p, v);
+        }
+        Ok(())
+    }
+}
+
+/// Adam with decoupled weight decay (Keras' default decay 0.004).
+///
+/// ```
+/// use kiln::optimizers::AdamW;
+/// let opt = AdamW::new(1e-3).weight_decay(0.01);
+/// ```
+pub struct AdamW(Adam);
+
+impl AdamW {
+    /// AdamW with learning rate `lr` and weight decay 0.004.
+    pub fn new(lr: f64) -> Self {
+        Self(Adam::new(lr).weight_decay(0.004))
+    }
+    /// The decoupled weight decay.
+    pub fn weight_decay(self, wd: f64) -> Self {
+        Self(self.0.weight_decay(wd))
+    }
+    /// Decay rate of the first moment.
+    pub fn beta_1(self, b: f64) -> Self {
+        Self(self.0.beta_1(b))
+    }
+    /// Decay rate of the second moment.
+    pub fn beta_2(self, b: f64) -> Self {
+        Self(self.0.beta_2(b))
+    }
+    /// The constant added to `√v`.
+    pub fn epsilon(self, e: f64) -> Self {
+        Self(self.0.epsilon(e))
+    }
+    /// Clip each gradient to at most this L2 norm.
+    pub fn clipnorm(self, c: f64) -> Self {
+        Self(self.0.clipnorm(c))
+    }
+    /// Clip all gradients together to at most this joint L2 norm.
+    pub fn global_clipnorm(self, c: f64) -> Self {
+        Self(self.0.global_clipnorm(c))
+    }
+    /// Clip every gradient entry to `[-v, v]`.
+    pub fn clipvalue(self, v: f64) -> Self {
+        Self(self.0.clipvalue(v))
+    }
+}
+
+impl Optimizer for AdamW {
+    fn name(&self) -> &str {
+        "adamw"
+    }
+    fn learning_rate(&self) -> f64 {
+        self.0.lr
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.0.lr = lr;
+    }
+    fn clipping(&self) -> Clipping {
+        self.0.clipping
+    }
+    fn weight_decay(&self) -> Option<f64> {
+        self.0.weight_decay
+    }
+    fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()> {
+        self.0.update(params, grads, t)
+    }
+}

@@ -1,0 +1,159 @@
+//! Optimizers with Keras 3's update rules and defaults, and gradient clipping.
+
+mod adam;
+mod rmsprop;
+mod sgd;
+
+pub use adam::{Adam, AdamW};
+pub use rmsprop::RmsProp;
+pub use sgd::Sgd;
+
+use crate::error::{invalid, Result};
+use candle_core::{Tensor, Var};
+
+/// Updates weights from their gradients.
+///
+/// `step` receives the trainable variables and their gradients in a fixed order (the same
+/// every call), so an optimizer can keep its state by position.
+pub trait Optimizer: Send {
+    /// The optimizer's name (`adam`, `sgd`, …).
+    fn name(&self) -> &str;
+    /// The current learning rate.
+    fn learning_rate(&self) -> f64;
+    /// Changes the learning rate (schedules and callbacks use this).
+    fn set_learning_rate(&mut self, lr: f64);
+    /// The gradient clipping applied before each update.
+    fn clipping(&self) -> Clipping;
+    /// Decoupled weight decay (`var -= var · wd · lr` before the update), if any.
+    fn weight_decay(&self) -> Option<f64> {
+        None
+    }
+    /// Applies one update with already clipped gradients; `t` is the 1-based step number.
+    fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()>;
+}
+
+/// Gradient clipping, at most one kind at a time, as in Keras.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Clipping {
+    /// Rescale each gradient so its L2 norm is at most this.
+    pub clipnorm: Option<f64>,
+    /// Rescale all gradients together so their joint L2 norm is at most this.
+    pub global_clipnorm: Option<f64>,
+    /// Clip every gradient entry to `[-v, v]`.
+    pub clipvalue: Option<f64>,
+}
+
+impl Clipping {
+    pub(crate) fn validate(&self, optimizer: &str) -> Result<()> {
+        let set = [self.clipnorm, self.global_clipnorm, self.clipvalue];
+        if set.iter().filter(|c| c.is_some()).count() > 1 {
+            return Err(invalid(format!(
+                "{optimizer}: only one of clipnorm, clipvalue and global_clipnorm can be set"
+            )));
+        }
+        if let Some(v) = set.iter().flatten().find(|v| !(v.is_finite() && **v > 0.0)) {
+            return Err(invalid(format!("{optimizer}: clipping thresholds must be > 0, got {v}")));
+        }
+        Ok(())
+    }
+
+    /// Applies the clipping to a set of gradients.
+    pub fn apply(&self, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let norm = |g: &Tensor| -> Result<f64> {
+            Ok(g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+        };
+        if let Some(c) = self.clipnorm {
+            return grads
+                .into_iter()
+                .map(|g| {
+                    let n = norm(&g)?;
+                    if n > c {
+                        Ok((g * (c / n))?)
+                    } else {
+                        Ok(g)
+                    }
+                })
+                .collect();
+        }
+        if let Some(c) = self.global_clipnorm {
+            let total = grads.iter().map(|g| norm(g).map(|n| n * n)).sum::<Result<f64>>()?.sqrt();
+            let scale = c * (1.0 / total).min(1.0 / c);
+            return grads.into_iter().map(|g| Ok((g * scale)?)).collect();
+        }
+        if let Some(v) = self.clipvalue {
+            return grads.into_iter().map(|g| Ok(g.clamp(-v, v)?)).collect();
+        }
+        Ok(grads)
+    }
+}
+
+/// Clipping and learning-rate fields every optimizer shares, with their builder methods.
+macro_rules! optimizer_common {
+    ($ty:ty) => {
+        impl $ty {
+            /// Clip each gradient to at most this L2 norm.
+            pub fn clipnorm(mut self, c: f64) -> Self {
+                self.clipping.clipnorm = Some(c);
+                self
+            }
+            /// Clip all gradients together to at most this joint L2 norm.
+            pub fn global_clipnorm(mut self, c: f64) -> Self {
+                self.clipping.global_clipnorm = Some(c);
+                self
+            }
+            /// Clip every gradient entry to `[-v, v]`.
+            pub fn clipvalue(mut self, v: f64) -> Self {
+                self.clipping.clipvalue = Some(v);
+                self
+            }
+        }
+    };
+}
+pub(crate) use optimizer_common;
+
+fn check_lr(name: &str, lr: f64) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(invalid(format!("{name}: learning rate must be finite and >= 0, got {lr}")));
+    }
+    Ok(())
+}
+
+/// Runs one optimizer step: clip, decay, update. Validates the settings first.
+pub(crate) fn apply_step(opt: &mut dyn Optimizer, params: &[Var], grads: Vec<Tensor>, t: u64) -> Result<()> {
+    validate(opt)?;
+    let grads = opt.clipping().apply(grads)?;
+    if let Some(wd) = opt.weight_decay() {
+        let lr = opt.learning_rate();
+        for p in params {
+            p.set(&p.as_tensor().affine(1.0 - wd * lr, 0.0)?)?;
+        }
+    }
+    opt.update(params, &grads, t)
+}
+
+/// Checks an optimizer's settings (compile calls this).
+pub(crate) fn validate(opt: &dyn Optimizer) -> Result<()> {
+    check_lr(opt.name(), opt.learning_rate())?;
+    opt.clipping().validate(opt.name())
+}
+
+/// Per-variable optimizer state, keyed by the variable's identity, created as zeros on first use.
+#[derive(Default)]
+pub(crate) struct Slots(std::collections::HashMap<candle_core::TensorId, Tensor>);
+
+impl Slots {
+    /// The state of `param`, zeros if it has none yet.
+    pub(crate) fn get(&mut self, param: &Var) -> Result<Tensor> {
+        let id = param.as_tensor().id();
+        if let Some(t) = self.0.get(&id) {
+            return Ok(t.clone());
+        }
+        let zeros = param.as_tensor().zeros_like()?;
+        self.0.insert(id, zeros.clone());
+        Ok(zeros)
+    }
+    /// Stores the new state of `param`.
+    pub(crate) fn set(&mut self, param: &Var, value: Tensor) {
+        self.0.insert(param.as_tensor().id(), value);
+    }
+}

@@ -1,0 +1,101 @@
+//! RMSprop.
+
+use super::{optimizer_common, Clipping, Optimizer, Slots};
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+
+/// RMSprop, as Keras: `v = ρ·v + (1-ρ)·g²`, `w -= lr·g / √(v + ε)`, with optional momentum and
+/// centering.
+///
+/// ```
+/// use kiln::optimizers::RmsProp;
+/// let opt = RmsProp::new(1e-3).rho(0.9).momentum(0.5).centered(true);
+/// ```
+pub struct RmsProp {
+    lr: f64,
+    rho: f64,
+    momentum: f64,
+    epsilon: f64,
+    centered: bool,
+    clipping: Clipping,
+    velocity: Slots,
+    average_gradient: Slots,
+    momentum_buffer: Slots,
+}
+
+impl RmsProp {
+    /// RMSprop with learning rate `lr` and Keras' defaults (ρ 0.9, no momentum, ε 1e-7).
+    pub fn new(lr: f64) -> Self {
+        Self {
+            lr,
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-7,
+            centered: false,
+            clipping: Clipping::default(),
+            velocity: Slots::default(),
+            average_gradient: Slots::default(),
+            momentum_buffer: Slots::default(),
+        }
+    }
+    /// Decay rate of the squared-gradient average.
+    pub fn rho(mut self, rho: f64) -> Self {
+        self.rho = rho;
+        self
+    }
+    /// Momentum on the increments.
+    pub fn momentum(mut self, momentum: f64) -> Self {
+        self.momentum = momentum;
+        self
+    }
+    /// The constant added under the square root.
+    pub fn epsilon(mut self, e: f64) -> Self {
+        self.epsilon = e;
+        self
+    }
+    /// Normalize by the centered second moment (the variance estimate).
+    pub fn centered(mut self, centered: bool) -> Self {
+        self.centered = centered;
+        self
+    }
+}
+optimizer_common!(RmsProp);
+
+impl Optimizer for RmsProp {
+    fn name(&self) -> &str {
+        "rmsprop"
+    }
+    fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn clipping(&self) -> Clipping {
+        self.clipping
+    }
+    fn update(&mut self, params: &[Var], grads: &[Tensor], _t: u64) -> Result<()> {
+        for (p, g) in params.iter().zip(grads) {
+            let v = self.velocity.get(p)?.affine(self.rho, 0.0)?.add(&g.sqr()?.affine(1.0 - self.rho, 0.0)?)?;
+            let denominator = if self.centered {
+                let a = self.average_gradient.get(p)?.affine(self.rho, 0.0)?.add(&g.affine(1.0 - self.rho, 0.0)?)?;
+                let d = v.sub(&a.sqr()?)?.affine(1.0, self.epsilon)?;
+                self.average_gradient.set(p, a);
+                d
+            } else {
+                v.affine(1.0, self.epsilon)?
+            };
+            let increment = g.div(&denominator.sqrt()?)?.affine(self.lr, 0.0)?;
+            let delta = if self.momentum > 0.0 {
+                let m = self.momentum_buffer.get(p)?.affine(self.momentum, 0.0)?.add(&increment)?;
+                self.momentum_buffer.set(p, m.clone());
+                m
+            } else {
+                increment
+            };
+            p.set(&p.as_tensor().sub(&delta)?)?;
+            self.velocity.set(p, v);
+        }
+        Ok(())
+    }
+}

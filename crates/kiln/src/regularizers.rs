@@ -1,0 +1,203 @@
+//! Weight and activity regularizers with Keras 3's formulas. Each is an added loss: a layer that
+//! owns a regularized weight (or output) contributes its value to the step's total.
+
+use crate::error::{invalid, Result};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// A penalty on a tensor (a weight, or a layer's output), added to the total loss.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::regularizers::{Regularizer, L2};
+/// let w = Tensor::new(&[1f32, -2.], &Device::Cpu)?;
+/// assert_eq!(L2::new(0.5).penalty(&w)?.to_scalar::<f32>()?, 2.5);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub trait Regularizer: Send + Sync + std::fmt::Debug {
+    /// The term's name in logs (`l1`, `l2`, `l1_l2`, `orthogonal`).
+    fn name(&self) -> &str;
+    /// The penalty, a scalar tensor.
+    fn penalty(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+fn check_factor(name: &str, what: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(invalid(format!("{name}: {what} must be finite and >= 0, got {v}")));
+    }
+    Ok(())
+}
+
+/// `l1 · Σ|x|`.
+#[derive(Debug, Clone)]
+pub struct L1 {
+    l1: f64,
+}
+
+impl L1 {
+    /// An L1 penalty with factor `l1` (Keras' default is 0.01).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::regularizers::{Regularizer, L1};
+    /// let w = Tensor::new(&[1f32, -2.], &Device::Cpu)?;
+    /// assert_eq!(L1::new(0.5).penalty(&w)?.to_scalar::<f32>()?, 1.5);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn new(l1: f64) -> Self {
+        Self { l1 }
+    }
+}
+
+impl Regularizer for L1 {
+    fn name(&self) -> &str {
+        "l1"
+    }
+    fn penalty(&self, x: &Tensor) -> Result<Tensor> {
+        check_factor("L1", "l1", self.l1)?;
+        Ok((x.abs()?.sum_all()? * self.l1)?)
+    }
+}
+
+/// `l2 · Σx²`.
+#[derive(Debug, Clone)]
+pub struct L2 {
+    l2: f64,
+}
+
+impl L2 {
+    /// An L2 penalty with factor `l2` (Keras' default is 0.01).
+    ///
+    /// ```
+    /// let reg = kiln::regularizers::L2::new(1e-4);
+    /// ```
+    pub fn new(l2: f64) -> Self {
+        Self { l2 }
+    }
+}
+
+impl Regularizer for L2 {
+    fn name(&self) -> &str {
+        "l2"
+    }
+    fn penalty(&self, x: &Tensor) -> Result<Tensor> {
+        check_factor("L2", "l2", self.l2)?;
+        Ok((x.sqr()?.sum_all()? * self.l2)?)
+    }
+}
+
+/// `l1 · Σ|x| + l2 · Σx²`.
+#[derive(Debug, Clone)]
+pub struct L1L2 {
+    l1: f64,
+    l2: f64,
+}
+
+impl L1L2 {
+    /// Both penalties (Keras' defaults are 0 and 0).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::regularizers::{Regularizer, L1L2};
+    /// let w = Tensor::new(&[1f32, -2.], &Device::Cpu)?;
+    /// assert_eq!(L1L2::new(1.0, 1.0).penalty(&w)?.to_scalar::<f32>()?, 8.0);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn new(l1: f64, l2: f64) -> Self {
+        Self { l1, l2 }
+    }
+}
+
+impl Regularizer for L1L2 {
+    fn name(&self) -> &str {
+        "l1_l2"
+    }
+    fn penalty(&self, x: &Tensor) -> Result<Tensor> {
+        check_factor("L1L2", "l1", self.l1)?;
+        check_factor("L1L2", "l2", self.l2)?;
+        let l1 = (x.abs()?.sum_all()? * self.l1)?;
+        let l2 = (x.sqr()?.sum_all()? * self.l2)?;
+        Ok((l1 + l2)?)
+    }
+}
+
+/// Which vectors of a 2-D weight [`Orthogonal`] keeps apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrthogonalMode {
+    /// The rows (Keras' default).
+    Rows,
+    /// The columns.
+    Columns,
+}
+
+/// Keras' `OrthogonalRegularizer`: the mean absolute cosine similarity between distinct rows (or
+/// columns) of a 2-D weight, times `factor`.
+#[derive(Debug, Clone)]
+pub struct Orthogonal {
+    factor: f64,
+    mode: OrthogonalMode,
+}
+
+impl Orthogonal {
+    /// An orthogonality penalty on rows with the given factor (Keras' default is 0.01).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::regularizers::{Orthogonal, Regularizer};
+    /// let orthonormal = Tensor::new(&[[1f32, 0.], [0., 1.]], &Device::Cpu)?;
+    /// assert_eq!(Orthogonal::new(1.0).penalty(&orthonormal)?.to_scalar::<f32>()?, 0.0);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn new(factor: f64) -> Self {
+        Self { factor, mode: OrthogonalMode::Rows }
+    }
+    /// Penalize the columns instead of the rows.
+    pub fn mode(mut self, mode: OrthogonalMode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+impl Regularizer for Orthogonal {
+    fn name(&self) -> &str {
+        "orthogonal"
+    }
+    fn penalty(&self, x: &Tensor) -> Result<Tensor> {
+        check_factor("OrthogonalRegularizer", "factor", self.factor)?;
+        if x.rank() != 2 {
+            return Err(invalid(format!(
+                "OrthogonalRegularizer needs a 2-D weight, got shape {:?}",
+                x.dims()
+            )));
+        }
+        let (axis, x) = match self.mode {
+            OrthogonalMode::Rows => (1, x.clone()),
+            OrthogonalMode::Columns => (1, x.t()?),
+        };
+        // l2-normalize each vector: x / sqrt(max(Σx², 1e-12))
+        let norm = x.sqr()?.sum_keepdim(axis)?.maximum(1e-12)?.sqrt()?;
+        let unit = x.broadcast_div(&norm)?;
+        let product = unit.matmul(&unit.t()?)?;
+        let size = product.dims()[0];
+        let off_diagonal = Tensor::eye(size, product.dtype(), product.device())?.affine(-1.0, 1.0)?;
+        let pairs = size as f64 * (size as f64 - 1.0) / 2.0;
+        let total = product.mul(&off_diagonal)?.abs()?.sum_all()?;
+        Ok((total * (self.factor * 0.5 / pairs))?)
+    }
+}
+
+/// A shareable regularizer, as layers hold them.
+pub type SharedRegularizer = Arc<dyn Regularizer>;
+
+/// Anything a layer builder accepts as a regularizer.
+pub trait IntoRegularizer {
+    /// Wraps the value for sharing.
+    fn into_regularizer(self) -> SharedRegularizer;
+}
+
+impl<R: Regularizer + 'static> IntoRegularizer for R {
+    fn into_regularizer(self) -> SharedRegularizer {
+        Arc::new(self)
+    }
+}
+
