@@ -28,18 +28,61 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Check kiln against reference values computed by another library.
+    Conformance {
+        #[command(subcommand)]
+        against: Against,
+    },
+}
+
+#[derive(Subcommand)]
+enum Against {
+    /// Reference cases written by real Keras 3 (shared/keras-reference/gen_keras_cases.py):
+    /// prints one line per failing case and ends with `N passed, M failed`.
+    Keras {
+        /// The JSON files to check.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { epochs, seed, quiet } => default_run::train(epochs, seed, !quiet).map(|r| r.print()),
+        Command::Train {
+            epochs,
+            seed,
+            quiet,
+        } => default_run::train(epochs, seed, !quiet)
+            .map(|r| r.print())
+            .map(|()| true),
+        Command::Conformance {
+            against: Against::Keras { files },
+        } => conformance(&files),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the Keras reference files; true when every case passed.
+fn conformance(files: &[std::path::PathBuf]) -> kiln::Result<bool> {
+    let mut report = kiln::conformance::Report::default();
+    for file in files {
+        let mut r = kiln::conformance::run_file(file)?;
+        for line in &mut r.failures {
+            *line = format!("{}: {line}", file.display());
+        }
+        report.merge(r);
+    }
+    for line in &report.failures {
+        println!("{line}");
+    }
+    println!("{} passed, {} failed", report.passed, report.failed());
+    Ok(report.failed() == 0)
 }

@@ -36,7 +36,10 @@ pub struct SharedLayer {
 
 impl SharedLayer {
     pub(crate) fn new(layer: Box<dyn Layer>) -> Self {
-        Self { id: next_id(), layer: Arc::new(Mutex::new(layer)) }
+        Self {
+            id: next_id(),
+            layer: Arc::new(Mutex::new(layer)),
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Box<dyn Layer>> {
@@ -73,8 +76,13 @@ impl SharedLayer {
 }
 
 pub(crate) enum NodeOp {
-    Input { name: Option<String> },
-    Layer { layer: SharedLayer, inputs: Vec<SymbolicTensor> },
+    Input {
+        name: Option<String>,
+    },
+    Layer {
+        layer: SharedLayer,
+        inputs: Vec<SymbolicTensor>,
+    },
 }
 
 pub(crate) struct Node {
@@ -116,7 +124,11 @@ impl fmt::Debug for SymbolicTensor {
                 l.given_name().unwrap_or(l.kind()).to_string()
             }
         };
-        write!(f, "SymbolicTensor(#{} {what} {:?})", self.0.id, self.0.shape)
+        write!(
+            f,
+            "SymbolicTensor(#{} {what} {:?})",
+            self.0.id, self.0.shape
+        )
     }
 }
 
@@ -146,6 +158,10 @@ impl Input {
     }
 
     fn build(shape: Vec<usize>, name: Option<String>) -> SymbolicTensor {
-        SymbolicTensor(Arc::new(Node { id: next_id(), shape, op: NodeOp::Input { name } }))
+        SymbolicTensor(Arc::new(Node {
+            id: next_id(),
+            shape,
+            op: NodeOp::Input { name },
+        }))
     }
 }

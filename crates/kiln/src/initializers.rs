@@ -48,7 +48,10 @@ fn fans(shape: &[usize]) -> (f64, f64) {
         1 => (shape[0] as f64, shape[0] as f64),
         n => {
             let receptive: usize = shape[..n - 2].iter().product();
-            ((shape[n - 2] * receptive) as f64, (shape[n - 1] * receptive) as f64)
+            (
+                (shape[n - 2] * receptive) as f64,
+                (shape[n - 1] * receptive) as f64,
+            )
         }
     }
 }
@@ -68,7 +71,13 @@ fn truncated_normal(n: usize, std: f64, rng: &mut StdRng) -> Vec<f64> {
 
 impl Initializer {
     /// Draws a tensor of `shape`.
-    pub fn init(self, shape: &[usize], dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Tensor> {
+    pub fn init(
+        self,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        rng: &mut StdRng,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let (fan_in, fan_out) = fans(shape);
         let uniform = |limit: f64, rng: &mut StdRng| -> Vec<f64> {
@@ -81,10 +90,11 @@ impl Initializer {
             Initializer::GlorotUniform => uniform((6.0 / (fan_in + fan_out)).sqrt(), rng),
             Initializer::HeUniform => uniform((6.0 / fan_in).sqrt(), rng),
             Initializer::RandomUniform { limit } => uniform(limit, rng),
-            Initializer::GlorotNormal => truncated_normal(n, (2.0 / (fan_in + fan_out)).sqrt(), rng),
+            Initializer::GlorotNormal => {
+                truncated_normal(n, (2.0 / (fan_in + fan_out)).sqrt(), rng)
+            }
             Initializer::HeNormal => truncated_normal(n, (2.0 / fan_in).sqrt(), rng),
         };
         Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
     }
 }
-

@@ -30,6 +30,7 @@
 //! ```
 
 pub mod activations;
+pub mod conformance;
 pub mod data;
 pub mod error;
 pub mod graph;

@@ -100,9 +100,17 @@ pub fn squeeze_or_expand_to_same_rank(a: &Tensor, b: &Tensor) -> Result<(Tensor,
 /// left (a per-sample weight of shape `[batch]` applies to every step of a `[batch, steps]` loss),
 /// which is what a sample weight means and where Keras would raise a shape error.
 pub(crate) fn mul_weights(values: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let (high, low) = if weights.rank() <= values.rank() { (values, weights) } else { (weights, values) };
+    let (high, low) = if weights.rank() <= values.rank() {
+        (values, weights)
+    } else {
+        (weights, values)
+    };
     let (h, l) = (high.dims(), low.dims());
-    let trailing_fits = l.iter().rev().zip(h.iter().rev()).all(|(a, b)| a == b || *a == 1 || *b == 1);
+    let trailing_fits = l
+        .iter()
+        .rev()
+        .zip(h.iter().rev())
+        .all(|(a, b)| a == b || *a == 1 || *b == 1);
     if trailing_fits {
         return Ok(high.broadcast_mul(low)?);
     }
@@ -143,7 +151,11 @@ fn apply_mask(
 }
 
 /// Reduces already weighted values.
-fn reduce_values(values: &Tensor, weights: Option<&Tensor>, reduction: Reduction) -> Result<Tensor> {
+fn reduce_values(
+    values: &Tensor,
+    weights: Option<&Tensor>,
+    reduction: Reduction,
+) -> Result<Tensor> {
     if reduction == Reduction::None || values.rank() == 0 || values.dims() == [0] {
         return Ok(values.clone());
     }
@@ -203,9 +215,15 @@ pub fn reduce_weighted(
 /// assert_eq!(w.to_vec1::<f32>()?, vec![1.0, 5.0, 2.0]);
 /// # Ok::<(), kiln::Error>(())
 /// ```
-pub fn class_weights_to_sample_weights(y_true: &Tensor, class_weight: &[(usize, f64)]) -> Result<Tensor> {
+pub fn class_weights_to_sample_weights(
+    y_true: &Tensor,
+    class_weight: &[(usize, f64)],
+) -> Result<Tensor> {
     let classes: Vec<u32> = if y_true.rank() >= 2 && y_true.dims()[y_true.rank() - 1] > 1 {
-        y_true.argmax(y_true.rank() - 1)?.flatten_all()?.to_vec1::<u32>()?
+        y_true
+            .argmax(y_true.rank() - 1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?
     } else {
         y_true
             .flatten_all()?

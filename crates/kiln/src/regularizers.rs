@@ -23,7 +23,9 @@ pub trait Regularizer: Send + Sync + std::fmt::Debug {
 
 fn check_factor(name: &str, what: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && v >= 0.0) {
-        return Err(invalid(format!("{name}: {what} must be finite and >= 0, got {v}")));
+        return Err(invalid(format!(
+            "{name}: {what} must be finite and >= 0, got {v}"
+        )));
     }
     Ok(())
 }
@@ -149,7 +151,10 @@ impl Orthogonal {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn new(factor: f64) -> Self {
-        Self { factor, mode: OrthogonalMode::Rows }
+        Self {
+            factor,
+            mode: OrthogonalMode::Rows,
+        }
     }
     /// Penalize the columns instead of the rows.
     pub fn mode(mut self, mode: OrthogonalMode) -> Self {
@@ -179,7 +184,8 @@ impl Regularizer for Orthogonal {
         let unit = x.broadcast_div(&norm)?;
         let product = unit.matmul(&unit.t()?)?;
         let size = product.dims()[0];
-        let off_diagonal = Tensor::eye(size, product.dtype(), product.device())?.affine(-1.0, 1.0)?;
+        let off_diagonal =
+            Tensor::eye(size, product.dtype(), product.device())?.affine(-1.0, 1.0)?;
         let pairs = size as f64 * (size as f64 - 1.0) / 2.0;
         let total = product.mul(&off_diagonal)?.abs()?.sum_all()?;
         Ok((total * (self.factor * 0.5 / pairs))?)
@@ -200,4 +206,3 @@ impl<R: Regularizer + 'static> IntoRegularizer for R {
         Arc::new(self)
     }
 }
-

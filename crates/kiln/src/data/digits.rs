@@ -33,5 +33,8 @@ pub fn digits(device: &Device) -> Result<Dataset> {
         pixels.extend(row[..64].iter().map(|&p| p as f32 / 16.0));
         labels.push(row[64] as f32);
     }
-    Dataset::new(Tensor::from_vec(pixels, (n, 64), device)?, Tensor::from_vec(labels, n, device)?)
+    Dataset::new(
+        Tensor::from_vec(pixels, (n, 64), device)?,
+        Tensor::from_vec(labels, n, device)?,
+    )
 }

@@ -15,15 +15,24 @@ pub use digits::{digits, DIGITS_CLASSES};
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub fn one_hot(labels: &Tensor, classes: usize) -> Result<Tensor> {
-    let flat = labels.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let flat = labels
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
     let mut out = vec![0f32; flat.len() * classes];
     for (i, &l) in flat.iter().enumerate() {
         if l < 0.0 || l as usize >= classes || l.fract() != 0.0 {
-            return Err(Error::Data(format!("label {l} at row {i} is not a class index in [0, {classes})")));
+            return Err(Error::Data(format!(
+                "label {l} at row {i} is not a class index in [0, {classes})"
+            )));
         }
         out[i * classes + l as usize] = 1.0;
     }
-    Ok(Tensor::from_vec(out, (flat.len(), classes), labels.device())?)
+    Ok(Tensor::from_vec(
+        out,
+        (flat.len(), classes),
+        labels.device(),
+    )?)
 }
 
 use crate::error::{Error, Result};
@@ -56,7 +65,11 @@ impl Dataset {
 
     /// Several inputs and targets (in the model's input and output order).
     pub fn multi(inputs: Vec<Tensor>, targets: Vec<Tensor>) -> Result<Self> {
-        let data = Self { inputs, targets, sample_weight: None };
+        let data = Self {
+            inputs,
+            targets,
+            sample_weight: None,
+        };
         data.check_rows()?;
         Ok(data)
     }
@@ -80,8 +93,17 @@ impl Dataset {
             .iter()
             .enumerate()
             .map(|(i, t)| (format!("input {i}"), t))
-            .chain(self.targets.iter().enumerate().map(|(i, t)| (format!("target {i}"), t)))
-            .chain(self.sample_weight.iter().map(|t| ("sample_weight".to_string(), t)));
+            .chain(
+                self.targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("target {i}"), t)),
+            )
+            .chain(
+                self.sample_weight
+                    .iter()
+                    .map(|t| ("sample_weight".to_string(), t)),
+            );
         for (what, t) in named {
             if t.rank() == 0 || t.dims()[0] != n {
                 return Err(Error::Data(format!(
@@ -92,7 +114,9 @@ impl Dataset {
             }
         }
         if self.inputs.is_empty() {
-            return Err(Error::Data("a dataset needs at least one input tensor".into()));
+            return Err(Error::Data(
+                "a dataset needs at least one input tensor".into(),
+            ));
         }
         Ok(())
     }
@@ -148,7 +172,9 @@ impl Dataset {
     /// any shuffling).
     pub fn split_tail(&self, fraction: f64) -> Result<(Dataset, Dataset)> {
         if !(0.0..1.0).contains(&fraction) {
-            return Err(Error::Data(format!("validation split must be in [0, 1), got {fraction}")));
+            return Err(Error::Data(format!(
+                "validation split must be in [0, 1), got {fraction}"
+            )));
         }
         let n = self.len();
         let tail = (n as f64 * fraction).floor() as usize;

@@ -23,7 +23,10 @@ pub struct ActivationLayer {
 impl ActivationLayer {
     /// A layer applying `activation`.
     pub fn new(activation: Activation) -> Self {
-        Self { activation, name: None }
+        Self {
+            activation,
+            name: None,
+        }
     }
     /// The layer's name.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -35,7 +38,10 @@ impl ActivationLayer {
 fn one_input<'a>(layer: &str, shapes: &'a [Vec<usize>]) -> Result<&'a Vec<usize>> {
     match shapes {
         [s] => Ok(s),
-        _ => Err(Error::Graph(format!("{layer} takes one input, got {}", shapes.len()))),
+        _ => Err(Error::Graph(format!(
+            "{layer} takes one input, got {}",
+            shapes.len()
+        ))),
     }
 }
 
@@ -90,7 +96,10 @@ impl Layer for Dropout {
     }
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
         if !(0.0..1.0).contains(&self.rate) {
-            return Err(invalid(format!("Dropout: rate must be in [0, 1), got {}", self.rate)));
+            return Err(invalid(format!(
+                "Dropout: rate must be in [0, 1), got {}",
+                self.rate
+            )));
         }
         Ok(one_input("Dropout", input_shapes)?.clone())
     }
@@ -102,7 +111,13 @@ impl Layer for Dropout {
         let keep = 1.0 - self.rate;
         let scale = (1.0 / keep) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if ctx.rng.random::<f64>() < keep { scale } else { 0.0 })
+            .map(|_| {
+                if ctx.rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(x.mul(&mask)?)
@@ -149,7 +164,11 @@ impl Layer for Flatten {
         let batch = x.dims()[0];
         Ok(x.reshape((batch, x.elem_count() / batch.max(1)))?)
     }
-    fn compute_mask(&self, _inputs: &[Tensor], _masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

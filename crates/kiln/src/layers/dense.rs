@@ -95,11 +95,20 @@ impl Dense {
 
 /// The Dense computation, kept in one function so a fused kernel can replace it without
 /// touching the layer: `activation(x · kernel + bias)` over the last axis of `x`.
-pub fn dense_forward(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, activation: Activation) -> Result<Tensor> {
+pub fn dense_forward(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Activation,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (in_features, out_features) = kernel.dims2()?;
     let lead: usize = dims[..dims.len() - 1].iter().product();
-    let flat = if dims.len() == 2 { x.clone() } else { x.reshape((lead, in_features))? };
+    let flat = if dims.len() == 2 {
+        x.clone()
+    } else {
+        x.reshape((lead, in_features))?
+    };
     let mut y = flat.matmul(kernel)?;
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;
@@ -123,10 +132,15 @@ impl Layer for Dense {
     }
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
         let [shape] = input_shapes else {
-            return Err(Error::Graph(format!("Dense takes one input, got {}", input_shapes.len())));
+            return Err(Error::Graph(format!(
+                "Dense takes one input, got {}",
+                input_shapes.len()
+            )));
         };
         if shape.is_empty() {
-            return Err(Error::Graph("Dense needs inputs with at least one feature axis".into()));
+            return Err(Error::Graph(
+                "Dense needs inputs with at least one feature axis".into(),
+            ));
         }
         if self.units == 0 {
             return Err(invalid("Dense: units must be at least 1"));
@@ -135,9 +149,19 @@ impl Layer for Dense {
         *out.last_mut().expect("checked non-empty") = self.units;
         Ok(out)
     }
-    fn build(&mut self, name: &str, input_shapes: &[Vec<usize>], ctx: &mut BuildContext) -> Result<()> {
+    fn build(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
         let in_features = *input_shapes[0].last().expect("checked by output_shape");
-        let kernel = self.kernel_initializer.init(&[in_features, self.units], ctx.dtype, ctx.device, ctx.rng)?;
+        let kernel = self.kernel_initializer.init(
+            &[in_features, self.units],
+            ctx.dtype,
+            ctx.device,
+            ctx.rng,
+        )?;
         self.kernel = Some(Weight {
             name: format!("{name}/kernel"),
             var: Var::from_tensor(&kernel)?,
@@ -145,7 +169,9 @@ impl Layer for Dense {
             regularizer: self.kernel_regularizer.clone(),
         });
         if self.use_bias {
-            let bias = self.bias_initializer.init(&[self.units], ctx.dtype, ctx.device, ctx.rng)?;
+            let bias = self
+                .bias_initializer
+                .init(&[self.units], ctx.dtype, ctx.device, ctx.rng)?;
             self.bias = Some(Weight {
                 name: format!("{name}/bias"),
                 var: Var::from_tensor(&bias)?,
@@ -156,10 +182,17 @@ impl Layer for Dense {
         Ok(())
     }
     fn weights(&self) -> Vec<Weight> {
-        self.kernel.iter().chain(self.bias.iter()).cloned().collect()
+        self.kernel
+            .iter()
+            .chain(self.bias.iter())
+            .cloned()
+            .collect()
     }
     fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
-        let kernel = self.kernel.as_ref().ok_or_else(|| Error::State("Dense used before it was built".into()))?;
+        let kernel = self
+            .kernel
+            .as_ref()
+            .ok_or_else(|| Error::State("Dense used before it was built".into()))?;
         let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
         let x = &inputs[0];
         let in_features = kernel.var.dims()[0];

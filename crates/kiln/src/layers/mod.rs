@@ -49,7 +49,11 @@ pub struct CallContext<'a> {
 
 impl<'a> CallContext<'a> {
     pub(crate) fn new(training: bool, rng: &'a mut StdRng) -> Self {
-        Self { training, rng, added: Vec::new() }
+        Self {
+            training,
+            rng,
+            added: Vec::new(),
+        }
     }
 
     /// Adds a loss term while the layer runs (Keras' `self.add_loss` inside `call`). Terms of the
@@ -71,7 +75,12 @@ pub trait Layer: Send {
     /// The output shape (without the batch axis) for these input shapes, or a clear error.
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>>;
     /// Creates the weights, named `<name>/<weight>`. Called once, when the model is built.
-    fn build(&mut self, _name: &str, _input_shapes: &[Vec<usize>], _ctx: &mut BuildContext) -> Result<()> {
+    fn build(
+        &mut self,
+        _name: &str,
+        _input_shapes: &[Vec<usize>],
+        _ctx: &mut BuildContext,
+    ) -> Result<()> {
         Ok(())
     }
     /// The layer's weights (clones share storage).

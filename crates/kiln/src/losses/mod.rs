@@ -84,7 +84,10 @@ pub(crate) fn reduce_per_sample<L: Loss + ?Sized>(
 ) -> Result<Tensor> {
     let own = loss.own_mask(y_true, y_pred)?;
     let mask = match (mask, own) {
-        (Some(a), Some(b)) => Some(a.to_dtype(candle_core::DType::F32)?.mul(&b.to_dtype(candle_core::DType::F32)?)?),
+        (Some(a), Some(b)) => Some(
+            a.to_dtype(candle_core::DType::F32)?
+                .mul(&b.to_dtype(candle_core::DType::F32)?)?,
+        ),
         (Some(a), None) => Some(a.clone()),
         (None, b) => b,
     };

@@ -17,13 +17,19 @@ fn check_smoothing(loss: &str, label_smoothing: f64) -> Result<()> {
 
 fn check_gamma(loss: &str, gamma: f64) -> Result<()> {
     if !(gamma.is_finite() && gamma >= 0.0) {
-        return Err(invalid(format!("{loss}: gamma must be finite and >= 0, got {gamma}")));
+        return Err(invalid(format!(
+            "{loss}: gamma must be finite and >= 0, got {gamma}"
+        )));
     }
     Ok(())
 }
 
 /// Elementwise binary crossentropy, as `keras.ops.binary_crossentropy`.
-fn binary_crossentropy_elements(target: &Tensor, output: &Tensor, from_logits: bool) -> Result<Tensor> {
+fn binary_crossentropy_elements(
+    target: &Tensor,
+    output: &Tensor,
+    from_logits: bool,
+) -> Result<Tensor> {
     if from_logits {
         // -t·log σ(x) - (1-t)·log σ(-x) = t·softplus(-x) + (1-t)·softplus(x)
         let pos = softplus(&output.neg()?)?;
@@ -229,14 +235,20 @@ impl Loss for BinaryFocalCrossentropy {
         let (t, p) = align(y_true, y_pred)?;
         let axis = resolve_axis(self.axis, p.rank(), &self.name)?;
         let t = smooth(&t, self.label_smoothing, 2)?;
-        let p = if self.from_logits { candle_nn::ops::sigmoid(&p)? } else { p };
+        let p = if self.from_logits {
+            candle_nn::ops::sigmoid(&p)?
+        } else {
+            p
+        };
         let bce = binary_crossentropy_elements(&t, &p, false)?;
         let one_minus_t = t.affine(-1.0, 1.0)?;
         let p_t = (t.mul(&p)? + one_minus_t.mul(&p.affine(-1.0, 1.0)?)?)?;
         let focal = p_t.affine(-1.0, 1.0)?.relu()?.powf(self.gamma)?;
         let mut value = focal.mul(&bce)?;
         if self.apply_class_balancing {
-            let weight = t.affine(self.alpha, 0.0)?.add(&one_minus_t.affine(1.0 - self.alpha, 0.0)?)?;
+            let weight = t
+                .affine(self.alpha, 0.0)?
+                .add(&one_minus_t.affine(1.0 - self.alpha, 0.0)?)?;
             value = weight.mul(&value)?;
         }
         Ok(value.mean(axis)?)
@@ -419,7 +431,11 @@ impl Loss for CategoricalFocalCrossentropy {
         let axis = resolve_axis(self.axis, p.rank(), &self.name)?;
         let classes = t.dims()[t.rank() - 1];
         let t = smooth(&t, self.label_smoothing, classes)?;
-        let p = if self.from_logits { candle_nn::ops::softmax(&p, axis)? } else { p };
+        let p = if self.from_logits {
+            candle_nn::ops::softmax(&p, axis)?
+        } else {
+            p
+        };
         let output = normalized_probabilities(&p, axis)?;
         let cce = t.mul(&output.log()?)?.neg()?;
         let modulating = output.affine(-1.0, 1.0)?.powf(self.gamma)?;

@@ -147,7 +147,11 @@ pub struct Huber {
 impl Huber {
     /// Huber loss with `delta = 1.0`.
     pub fn new() -> Self {
-        Self { name: "huber_loss".into(), reduction: Reduction::default(), delta: 1.0 }
+        Self {
+            name: "huber_loss".into(),
+            reduction: Reduction::default(),
+            delta: 1.0,
+        }
     }
     /// Sets the point where the loss turns from quadratic to linear.
     pub fn delta(mut self, delta: f64) -> Self {
@@ -172,7 +176,10 @@ impl Loss for Huber {
     }
     fn validate(&self) -> Result<()> {
         if !(self.delta.is_finite() && self.delta >= 0.0) {
-            return Err(invalid(format!("Huber: delta must be finite and >= 0, got {}", self.delta)));
+            return Err(invalid(format!(
+                "Huber: delta must be finite and >= 0, got {}",
+                self.delta
+            )));
         }
         Ok(())
     }

@@ -42,7 +42,10 @@ impl Accuracy {
     /// Chooses the form from the shapes on each call, as Keras' `"accuracy"` string does:
     /// binary for one output unit, sparse for integer labels, categorical for one-hot labels.
     pub fn auto() -> Self {
-        Self { kind: AccuracyKind::Auto, name: "accuracy".into() }
+        Self {
+            kind: AccuracyKind::Auto,
+            name: "accuracy".into(),
+        }
     }
     /// Predictions above 0.5 count as class 1.
     pub fn binary() -> Self {
@@ -50,15 +53,24 @@ impl Accuracy {
     }
     /// Predictions above `threshold` count as class 1.
     pub fn binary_threshold(threshold: f64) -> Self {
-        Self { kind: AccuracyKind::Binary(threshold), name: "binary_accuracy".into() }
+        Self {
+            kind: AccuracyKind::Binary(threshold),
+            name: "binary_accuracy".into(),
+        }
     }
     /// Arg-max of one-hot labels against arg-max of predictions.
     pub fn categorical() -> Self {
-        Self { kind: AccuracyKind::Categorical, name: "categorical_accuracy".into() }
+        Self {
+            kind: AccuracyKind::Categorical,
+            name: "categorical_accuracy".into(),
+        }
     }
     /// Integer labels against arg-max of predictions.
     pub fn sparse() -> Self {
-        Self { kind: AccuracyKind::Sparse, name: "sparse_categorical_accuracy".into() }
+        Self {
+            kind: AccuracyKind::Sparse,
+            name: "sparse_categorical_accuracy".into(),
+        }
     }
     /// Overrides the name in logs.
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
@@ -95,7 +107,9 @@ impl Metric for Accuracy {
                 let p = p.gt(threshold)?.to_dtype(DType::F32)?;
                 matches(&t, &p)?
             }
-            AccuracyKind::Categorical => matches(&y_true.argmax(D::Minus1)?, &y_pred.argmax(D::Minus1)?)?,
+            AccuracyKind::Categorical => {
+                matches(&y_true.argmax(D::Minus1)?, &y_pred.argmax(D::Minus1)?)?
+            }
             AccuracyKind::Sparse | AccuracyKind::Auto => {
                 let mut t = y_true.to_dtype(DType::F32)?;
                 if t.rank() == y_pred.rank() && t.dims().last() == Some(&1) {

@@ -19,15 +19,25 @@ impl<'a> Tensors<'a> {
     /// The value of a symbolic tensor of the model (an input, an intermediate or an output).
     pub fn get(&self, t: &SymbolicTensor) -> Result<&'a Tensor> {
         self.pass.values.get(&t.id()).ok_or_else(|| {
-            Error::Graph(format!("{t:?} is not part of this model's graph, so add_loss cannot read it"))
+            Error::Graph(format!(
+                "{t:?} is not part of this model's graph, so add_loss cannot read it"
+            ))
         })
     }
 
     /// The output named `name`.
     pub fn output(&self, name: &str) -> Result<&'a Tensor> {
-        let i = self.model.output_names.iter().position(|n| n == name).ok_or_else(|| {
-            Error::Graph(format!("no output named `{name}`; outputs are {:?}", self.model.output_names))
-        })?;
+        let i = self
+            .model
+            .output_names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| {
+                Error::Graph(format!(
+                    "no output named `{name}`; outputs are {:?}",
+                    self.model.output_names
+                ))
+            })?;
         self.get(&self.model.outputs[i])
     }
 

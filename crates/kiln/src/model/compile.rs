@@ -129,11 +129,17 @@ pub(crate) struct Compiled {
 
 fn output_index(names: &[String], name: &str, what: &str) -> Result<usize> {
     names.iter().position(|n| n == name).ok_or_else(|| {
-        Error::Compile(format!("{what} names output `{name}`, but the model's outputs are {names:?}"))
+        Error::Compile(format!(
+            "{what} names output `{name}`, but the model's outputs are {names:?}"
+        ))
     })
 }
 
-fn per_output<T: Clone>(setting: PerOutput<T>, names: &[String], what: &str) -> Result<Vec<Option<T>>> {
+fn per_output<T: Clone>(
+    setting: PerOutput<T>,
+    names: &[String],
+    what: &str,
+) -> Result<Vec<Option<T>>> {
     let n = names.len();
     Ok(match setting {
         PerOutput::Unset => vec![None; n],
@@ -153,7 +159,9 @@ fn per_output<T: Clone>(setting: PerOutput<T>, names: &[String], what: &str) -> 
             for (name, v) in entries {
                 let i = output_index(names, &name, what)?;
                 if out[i].is_some() {
-                    return Err(Error::Compile(format!("{what} for output `{name}` is given twice")));
+                    return Err(Error::Compile(format!(
+                        "{what} for output `{name}` is given twice"
+                    )));
                 }
                 out[i] = Some(v);
             }
@@ -181,7 +189,10 @@ impl Model {
                     loss.validate()?;
                     let weight = weight.unwrap_or(1.0);
                     if !weight.is_finite() {
-                        return Err(Error::Compile(format!("loss weight of output `{}` is {weight}", names[i])));
+                        return Err(Error::Compile(format!(
+                            "loss weight of output `{}` is {weight}",
+                            names[i]
+                        )));
                     }
                     resolved.push(OutputLoss {
                         output: i,
@@ -199,11 +210,18 @@ impl Model {
                 None => {}
             }
         }
-        let has_regularizer = self.weights().iter().any(|w| w.trainable && w.regularizer.is_some())
-            || self.layers.iter().any(|(_, l)| l.lock().activity_regularizer().is_some());
+        let has_regularizer = self
+            .weights()
+            .iter()
+            .any(|w| w.trainable && w.regularizer.is_some())
+            || self
+                .layers
+                .iter()
+                .any(|(_, l)| l.lock().activity_regularizer().is_some());
         if resolved.is_empty() && self.added.is_empty() && !has_regularizer {
             return Err(Error::Compile(
-                "the model has no loss to optimize: give compile() a loss or call add_loss()".into(),
+                "the model has no loss to optimize: give compile() a loss or call add_loss()"
+                    .into(),
             ));
         }
         let mut metrics = Vec::new();
@@ -219,7 +237,11 @@ impl Model {
                 } else {
                     metric.name().to_string()
                 };
-                metrics.push(OutputMetric { output, metric: metric.clone(), log_name });
+                metrics.push(OutputMetric {
+                    output,
+                    metric: metric.clone(),
+                    log_name,
+                });
             }
         }
         // Every reported name must be unique, or the breakdown would be ambiguous.
@@ -237,7 +259,12 @@ impl Model {
                 )));
             }
         }
-        self.compiled = Some(Compiled { optimizer: config.optimizer, losses: resolved, metrics, iterations: 0 });
+        self.compiled = Some(Compiled {
+            optimizer: config.optimizer,
+            losses: resolved,
+            metrics,
+            iterations: 0,
+        });
         Ok(())
     }
 

@@ -37,7 +37,11 @@ impl Logs {
     }
     /// `name: value` pairs joined for a progress line.
     pub fn summary(&self) -> String {
-        self.0.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect::<Vec<_>>().join(" - ")
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}: {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(" - ")
     }
 }
 
@@ -104,7 +108,10 @@ impl Accumulator {
     pub(crate) fn logs(&self, prefix: &str) -> Logs {
         let mut logs = Logs::default();
         for (k, total, count) in &self.0 {
-            logs.set(format!("{prefix}{k}"), if *count == 0.0 { 0.0 } else { total / count });
+            logs.set(
+                format!("{prefix}{k}"),
+                if *count == 0.0 { 0.0 } else { total / count },
+            );
         }
         logs
     }

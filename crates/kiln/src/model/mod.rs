@@ -116,7 +116,9 @@ impl Model {
 
     fn assemble(b: ModelBuilder) -> Result<Model> {
         if b.inputs.is_empty() || b.outputs.is_empty() {
-            return Err(Error::Graph("a model needs at least one input and one output".into()));
+            return Err(Error::Graph(
+                "a model needs at least one input and one output".into(),
+            ));
         }
         let input_ids: HashSet<usize> = b.inputs.iter().map(|t| t.id()).collect();
         if input_ids.len() != b.inputs.len() {
@@ -168,7 +170,9 @@ impl Model {
             .collect();
         let mut next_suffix: HashMap<&'static str, usize> = HashMap::new();
         for t in &order {
-            let NodeOp::Layer { layer, .. } = &t.0.op else { continue };
+            let NodeOp::Layer { layer, .. } = &t.0.op else {
+                continue;
+            };
             if names.contains_key(&layer.id) {
                 continue;
             }
@@ -184,7 +188,11 @@ impl Model {
                 }
                 None => loop {
                     let k = next_suffix.entry(guard.kind()).or_insert(0);
-                    let candidate = if *k == 0 { guard.kind().to_string() } else { format!("{}_{k}", guard.kind()) };
+                    let candidate = if *k == 0 {
+                        guard.kind().to_string()
+                    } else {
+                        format!("{}_{k}", guard.kind())
+                    };
                     *k += 1;
                     if !taken.contains(&candidate) && !given.contains(&candidate) {
                         taken.insert(candidate.clone());
@@ -202,11 +210,17 @@ impl Model {
         let mut built = HashSet::new();
         let mut steps = Vec::new();
         for t in &order {
-            let NodeOp::Layer { layer, inputs } = &t.0.op else { continue };
+            let NodeOp::Layer { layer, inputs } = &t.0.op else {
+                continue;
+            };
             let name = names[&layer.id].clone();
             if built.insert(layer.id) {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.shape().to_vec()).collect();
-                let mut ctx = BuildContext { device: &b.device, dtype: b.dtype, rng: &mut rng };
+                let mut ctx = BuildContext {
+                    device: &b.device,
+                    dtype: b.dtype,
+                    rng: &mut rng,
+                };
                 layer.lock().build(&name, &shapes, &mut ctx)?;
             }
             steps.push(Step {
@@ -232,7 +246,11 @@ impl Model {
             let name = match &out.0.op {
                 NodeOp::Layer { layer, .. } => names[&layer.id].clone(),
                 NodeOp::Input { .. } => {
-                    let i = b.inputs.iter().position(|t| t.id() == out.id()).expect("checked above");
+                    let i = b
+                        .inputs
+                        .iter()
+                        .position(|t| t.id() == out.id())
+                        .expect("checked above");
                     input_names[i].clone()
                 }
             };
@@ -285,15 +303,23 @@ impl Model {
 
     /// Every weight, in layer order.
     pub fn weights(&self) -> Vec<Weight> {
-        self.layers.iter().flat_map(|(_, l)| l.lock().weights()).collect()
+        self.layers
+            .iter()
+            .flat_map(|(_, l)| l.lock().weights())
+            .collect()
     }
 
     /// The weight named `<layer>/<weight>`, such as `dense/kernel`.
     pub fn weight(&self, name: &str) -> Result<Weight> {
-        self.weights().into_iter().find(|w| w.name == name).ok_or_else(|| {
-            let known: Vec<String> = self.weights().into_iter().map(|w| w.name).collect();
-            Error::Graph(format!("the model has no weight `{name}`; its weights are {known:?}"))
-        })
+        self.weights()
+            .into_iter()
+            .find(|w| w.name == name)
+            .ok_or_else(|| {
+                let known: Vec<String> = self.weights().into_iter().map(|w| w.name).collect();
+                Error::Graph(format!(
+                    "the model has no weight `{name}`; its weights are {known:?}"
+                ))
+            })
     }
 
     /// Adds a named loss term computed from the model's own tensors at every step: any
@@ -310,7 +336,11 @@ impl Model {
     /// model.add_loss("sparsity", move |t: &Tensors| Ok((t.get(&h)?.abs()?.mean_all()? * 1e-3)?))?;
     /// # Ok::<(), kiln::Error>(())
     /// ```
-    pub fn add_loss(&mut self, name: impl Into<String>, loss: impl AddedLoss + 'static) -> Result<()> {
+    pub fn add_loss(
+        &mut self,
+        name: impl Into<String>,
+        loss: impl AddedLoss + 'static,
+    ) -> Result<()> {
         let name = name.into();
         if name.is_empty() || name == "loss" || name.starts_with("val_") {
             return Err(Error::Compile(format!(
@@ -319,14 +349,21 @@ impl Model {
             )));
         }
         if self.added.iter().any(|(n, _)| *n == name) {
-            return Err(Error::Compile(format!("add_loss: a term named `{name}` was already added")));
+            return Err(Error::Compile(format!(
+                "add_loss: a term named `{name}` was already added"
+            )));
         }
         self.added.push((name, Arc::new(loss)));
         Ok(())
     }
 
     /// Runs the graph on a batch.
-    pub(crate) fn run(&self, inputs: &[Tensor], training: bool, rng: &mut StdRng) -> Result<ForwardPass> {
+    pub(crate) fn run(
+        &self,
+        inputs: &[Tensor],
+        training: bool,
+        rng: &mut StdRng,
+    ) -> Result<ForwardPass> {
         if inputs.len() != self.inputs.len() {
             return Err(Error::Data(format!(
                 "the model takes {} inputs ({:?}) but got {}",
@@ -347,12 +384,22 @@ impl Model {
             pass.values.insert(sym.id(), x.to_dtype(self.dtype)?);
         }
         for step in &self.steps {
-            let xs: Vec<Tensor> = step.inputs.iter().map(|id| pass.values[id].clone()).collect();
-            let masks: Vec<Option<Tensor>> = step.inputs.iter().map(|id| pass.masks.get(id).cloned()).collect();
+            let xs: Vec<Tensor> = step
+                .inputs
+                .iter()
+                .map(|id| pass.values[id].clone())
+                .collect();
+            let masks: Vec<Option<Tensor>> = step
+                .inputs
+                .iter()
+                .map(|id| pass.masks.get(id).cloned())
+                .collect();
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
             let y = layer.call(&xs, &mut ctx).map_err(|e| match e {
-                Error::Candle(c) => Error::Graph(format!("layer `{}` failed: {c}", step.layer_name)),
+                Error::Candle(c) => {
+                    Error::Graph(format!("layer `{}` failed: {c}", step.layer_name))
+                }
                 other => other,
             })?;
             let added = std::mem::take(&mut ctx.added);
@@ -363,7 +410,8 @@ impl Model {
                 // Keras 3 divides the activity penalty by the batch size.
                 let batch = y.dims().first().copied().unwrap_or(1).max(1);
                 let value = (reg.penalty(&y)? / batch as f64)?;
-                pass.layer_losses.push((format!("activity_{}", reg.name()), value));
+                pass.layer_losses
+                    .push((format!("activity_{}", reg.name()), value));
             }
             pass.layer_losses.extend(added);
             pass.values.insert(step.node.id(), y);
@@ -378,7 +426,10 @@ impl Model {
 
     /// The masks that reach each output, if any.
     pub(crate) fn output_masks<'p>(&self, pass: &'p ForwardPass) -> Vec<Option<&'p Tensor>> {
-        self.outputs.iter().map(|o| pass.masks.get(&o.id())).collect()
+        self.outputs
+            .iter()
+            .map(|o| pass.masks.get(&o.id()))
+            .collect()
     }
 
     /// Runs the model on inputs in inference mode, in batches, and returns one tensor per output.
@@ -408,15 +459,23 @@ impl Model {
             }
             start += len;
         }
-        chunks.into_iter().map(|c| Ok(Tensor::cat(&c, 0)?)).collect()
+        chunks
+            .into_iter()
+            .map(|c| Ok(Tensor::cat(&c, 0)?))
+            .collect()
     }
 
     /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
     pub fn save_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
-        let tensors: HashMap<String, Tensor> =
-            self.weights().into_iter().map(|w| (w.name, w.var.as_tensor().detach())).collect();
-        crate::io::write_atomically(path, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))
+        let tensors: HashMap<String, Tensor> = self
+            .weights()
+            .into_iter()
+            .map(|w| (w.name, w.var.as_tensor().detach()))
+            .collect();
+        crate::io::write_atomically(path, |tmp| {
+            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        })
     }
 
     /// Loads weights saved by [`Model::save_weights`]; every weight must be present with its shape.
@@ -426,7 +485,11 @@ impl Model {
             .map_err(|e| Error::Data(format!("{}: cannot read weights: {e}", path.display())))?;
         for w in self.weights() {
             let t = loaded.get(&w.name).ok_or_else(|| {
-                Error::Data(format!("{}: no weight `{}` in the file", path.display(), w.name))
+                Error::Data(format!(
+                    "{}: no weight `{}` in the file",
+                    path.display(),
+                    w.name
+                ))
             })?;
             if t.dims() != w.var.dims() {
                 return Err(Error::Data(format!(

@@ -27,7 +27,11 @@ impl Sequential {
     /// A stack whose samples have `input_shape` (batch axis left out).
     pub fn new(input_shape: impl Into<Vec<usize>>) -> Self {
         let input = Input::new(input_shape);
-        Self { last: Ok(input.clone()), input, seed: 0 }
+        Self {
+            last: Ok(input.clone()),
+            input,
+            seed: 0,
+        }
     }
     /// Appends a layer.
     #[allow(clippy::should_implement_trait)]
@@ -43,6 +47,8 @@ impl Sequential {
     /// Builds the model.
     pub fn build(self) -> Result<Model> {
         let out = self.last?;
-        Model::builder(&[self.input], &[out]).seed(self.seed).build()
+        Model::builder(&[self.input], &[out])
+            .seed(self.seed)
+            .build()
     }
 }

@@ -108,7 +108,13 @@ fn scalar(t: &Tensor) -> Result<f64> {
 impl Model {
     /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
     /// outputs, plus every added term (regularizers, layer-added losses, `add_loss` closures).
-    fn step_terms(&self, compiled: &Compiled, batch: &Dataset, pass: &ForwardPass, training: bool) -> Result<StepTerms> {
+    fn step_terms(
+        &self,
+        compiled: &Compiled,
+        batch: &Dataset,
+        pass: &ForwardPass,
+        training: bool,
+    ) -> Result<StepTerms> {
         let outputs = self.outputs_of(pass);
         let masks = self.output_masks(pass);
         let batch_size = batch.len();
@@ -124,7 +130,9 @@ impl Model {
         for ol in &compiled.losses {
             let name = &self.output_names[ol.output];
             let y_true = batch.targets.get(ol.output).ok_or_else(|| {
-                Error::Data(format!("output `{name}` has a loss but the data has no target for it"))
+                Error::Data(format!(
+                    "output `{name}` has a loss but the data has no target for it"
+                ))
             })?;
             let y_pred = outputs[ol.output];
             let context = |e: Error| match e {
@@ -147,8 +155,15 @@ impl Model {
                     y_pred: y_pred.dims().to_vec(),
                 });
             }
-            let reduced = reduce_per_sample(ol.loss.as_ref(), &values, y_true, y_pred, batch.sample_weight(), masks[ol.output])
-                .map_err(context)?;
+            let reduced = reduce_per_sample(
+                ol.loss.as_ref(),
+                &values,
+                y_true,
+                y_pred,
+                batch.sample_weight(),
+                masks[ol.output],
+            )
+            .map_err(context)?;
             add((&reduced * ol.weight)?)?;
             if let Some(log_name) = &ol.log_name {
                 reported.push((log_name.clone(), reduced));
@@ -174,9 +189,17 @@ impl Model {
         for (name, value) in &pass.layer_losses {
             accumulate(name.clone(), value.clone())?;
         }
-        let tensors = Tensors { model: self, pass, inputs: &batch.inputs, targets: &batch.targets, training };
+        let tensors = Tensors {
+            model: self,
+            pass,
+            inputs: &batch.inputs,
+            targets: &batch.targets,
+            training,
+        };
         for (name, loss) in &self.added {
-            let value = loss.compute(&tensors).map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
+            let value = loss
+                .compute(&tensors)
+                .map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
         for (name, value) in added {
@@ -191,7 +214,14 @@ impl Model {
     }
 
     /// Adds a batch's terms and metrics to the running epoch means.
-    fn record(&self, compiled: &Compiled, acc: &mut Accumulator, terms: &StepTerms, batch: &Dataset, pass: &ForwardPass) -> Result<()> {
+    fn record(
+        &self,
+        compiled: &Compiled,
+        acc: &mut Accumulator,
+        terms: &StepTerms,
+        batch: &Dataset,
+        pass: &ForwardPass,
+    ) -> Result<()> {
         let n = batch.len() as f64;
         acc.add("loss", scalar(&terms.total)? * n, n);
         for (name, value) in &terms.reported {
@@ -210,7 +240,12 @@ impl Model {
     }
 
     /// One training step on a batch: forward, total loss, backward, optimizer update.
-    fn train_step(&mut self, batch: &Dataset, rng: &mut StdRng, acc: &mut Accumulator) -> Result<()> {
+    fn train_step(
+        &mut self,
+        batch: &Dataset,
+        rng: &mut StdRng,
+        acc: &mut Accumulator,
+    ) -> Result<()> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<()> {
             let pass = self.run(&batch.inputs, true, rng)?;
@@ -225,7 +260,12 @@ impl Model {
                 }
             }
             compiled.iterations += 1;
-            crate::optimizers::apply_step(compiled.optimizer.as_mut(), &params, gradients, compiled.iterations)?;
+            crate::optimizers::apply_step(
+                compiled.optimizer.as_mut(),
+                &params,
+                gradients,
+                compiled.iterations,
+            )?;
             self.record(&compiled, acc, &terms, batch, &pass)
         })();
         self.compiled = Some(compiled);
@@ -242,12 +282,13 @@ impl Model {
             return Err(Error::Data("batch_size must be at least 1".into()));
         }
         let data = data.to_device(&self.device)?;
-        let (mut train, split_val) = if config.validation_split > 0.0 && config.validation_data.is_none() {
-            let (a, b) = data.split_tail(config.validation_split)?;
-            (a, Some(b))
-        } else {
-            (data, None)
-        };
+        let (mut train, split_val) =
+            if config.validation_split > 0.0 && config.validation_data.is_none() {
+                let (a, b) = data.split_tail(config.validation_split)?;
+                (a, Some(b))
+            } else {
+                (data, None)
+            };
         let validation = config.validation_data.clone().or(split_val);
         if train.is_empty() {
             return Err(Error::Data("fit got no training samples".into()));

@@ -78,9 +78,19 @@ impl Optimizer for Adam {
         let t = t as i32;
         let alpha = self.lr * (1.0 - self.beta_2.powi(t)).sqrt() / (1.0 - self.beta_1.powi(t));
         for (p, g) in params.iter().zip(grads) {
-            let m = self.m.get(p)?.affine(self.beta_1, 0.0)?.add(&g.affine(1.0 - self.beta_1, 0.0)?)?;
-            let v = self.v.get(p)?.affine(self.beta_2, 0.0)?.add(&g.sqr()?.affine(1.0 - self.beta_2, 0.0)?)?;
-            let step = m.div(&v.sqrt()?.affine(1.0, self.epsilon)?)?.affine(alpha, 0.0)?;
+            let m = self
+                .m
+                .get(p)?
+                .affine(self.beta_1, 0.0)?
+                .add(&g.affine(1.0 - self.beta_1, 0.0)?)?;
+            let v = self
+                .v
+                .get(p)?
+                .affine(self.beta_2, 0.0)?
+                .add(&g.sqr()?.affine(1.0 - self.beta_2, 0.0)?)?;
+            let step = m
+                .div(&v.sqrt()?.affine(1.0, self.epsilon)?)?
+                .affine(alpha, 0.0)?;
             p.set(&p.as_tensor().sub(&step)?)?;
             self.m.set(p, m);
             self.v.set(p, v);

@@ -52,7 +52,9 @@ impl Clipping {
             )));
         }
         if let Some(v) = set.iter().flatten().find(|v| !(v.is_finite() && **v > 0.0)) {
-            return Err(invalid(format!("{optimizer}: clipping thresholds must be > 0, got {v}")));
+            return Err(invalid(format!(
+                "{optimizer}: clipping thresholds must be > 0, got {v}"
+            )));
         }
         Ok(())
     }
@@ -60,7 +62,11 @@ impl Clipping {
     /// Applies the clipping to a set of gradients.
     pub fn apply(&self, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let norm = |g: &Tensor| -> Result<f64> {
-            Ok(g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+            Ok(g.to_dtype(candle_core::DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                .sqrt())
         };
         if let Some(c) = self.clipnorm {
             return grads
@@ -76,7 +82,11 @@ impl Clipping {
                 .collect();
         }
         if let Some(c) = self.global_clipnorm {
-            let total = grads.iter().map(|g| norm(g).map(|n| n * n)).sum::<Result<f64>>()?.sqrt();
+            let total = grads
+                .iter()
+                .map(|g| norm(g).map(|n| n * n))
+                .sum::<Result<f64>>()?
+                .sqrt();
             let scale = c * (1.0 / total).min(1.0 / c);
             return grads.into_iter().map(|g| Ok((g * scale)?)).collect();
         }
@@ -113,13 +123,20 @@ pub(crate) use optimizer_common;
 
 fn check_lr(name: &str, lr: f64) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
-        return Err(invalid(format!("{name}: learning rate must be finite and >= 0, got {lr}")));
+        return Err(invalid(format!(
+            "{name}: learning rate must be finite and >= 0, got {lr}"
+        )));
     }
     Ok(())
 }
 
 /// Runs one optimizer step: clip, decay, update. Validates the settings first.
-pub(crate) fn apply_step(opt: &mut dyn Optimizer, params: &[Var], grads: Vec<Tensor>, t: u64) -> Result<()> {
+pub(crate) fn apply_step(
+    opt: &mut dyn Optimizer,
+    params: &[Var],
+    grads: Vec<Tensor>,
+    t: u64,
+) -> Result<()> {
     validate(opt)?;
     let grads = opt.clipping().apply(grads)?;
     if let Some(wd) = opt.weight_decay() {

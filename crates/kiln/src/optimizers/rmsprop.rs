@@ -76,9 +76,17 @@ impl Optimizer for RmsProp {
     }
     fn update(&mut self, params: &[Var], grads: &[Tensor], _t: u64) -> Result<()> {
         for (p, g) in params.iter().zip(grads) {
-            let v = self.velocity.get(p)?.affine(self.rho, 0.0)?.add(&g.sqr()?.affine(1.0 - self.rho, 0.0)?)?;
+            let v = self
+                .velocity
+                .get(p)?
+                .affine(self.rho, 0.0)?
+                .add(&g.sqr()?.affine(1.0 - self.rho, 0.0)?)?;
             let denominator = if self.centered {
-                let a = self.average_gradient.get(p)?.affine(self.rho, 0.0)?.add(&g.affine(1.0 - self.rho, 0.0)?)?;
+                let a = self
+                    .average_gradient
+                    .get(p)?
+                    .affine(self.rho, 0.0)?
+                    .add(&g.affine(1.0 - self.rho, 0.0)?)?;
                 let d = v.sub(&a.sqr()?)?.affine(1.0, self.epsilon)?;
                 self.average_gradient.set(p, a);
                 d
@@ -87,7 +95,11 @@ impl Optimizer for RmsProp {
             };
             let increment = g.div(&denominator.sqrt()?)?.affine(self.lr, 0.0)?;
             let delta = if self.momentum > 0.0 {
-                let m = self.momentum_buffer.get(p)?.affine(self.momentum, 0.0)?.add(&increment)?;
+                let m = self
+                    .momentum_buffer
+                    .get(p)?
+                    .affine(self.momentum, 0.0)?
+                    .add(&increment)?;
                 self.momentum_buffer.set(p, m.clone());
                 m
             } else {

@@ -21,7 +21,13 @@ pub struct Sgd {
 impl Sgd {
     /// Plain SGD with learning rate `lr` (Keras' default is 0.01).
     pub fn new(lr: f64) -> Self {
-        Self { lr, momentum: 0.0, nesterov: false, clipping: Clipping::default(), velocity: Slots::default() }
+        Self {
+            lr,
+            momentum: 0.0,
+            nesterov: false,
+            clipping: Clipping::default(),
+            velocity: Slots::default(),
+        }
     }
     /// The momentum, in `[0, 1]`.
     pub fn momentum(mut self, momentum: f64) -> Self {
@@ -65,7 +71,11 @@ impl Optimizer for Sgd {
         for (p, g) in params.iter().zip(grads) {
             let step = (g * self.lr)?;
             let m = ((self.velocity.get(p)? * self.momentum)? - &step)?;
-            let delta = if self.nesterov { ((&m * self.momentum)? - step)? } else { m.clone() };
+            let delta = if self.nesterov {
+                ((&m * self.momentum)? - step)?
+            } else {
+                m.clone()
+            };
             p.set(&(p.as_tensor() + delta)?)?;
             self.velocity.set(p, m);
         }
