@@ -214,7 +214,8 @@ impl Model {
                 continue;
             };
             let name = names[&layer.id].clone();
-            if built.insert(layer.id) {
+            // A layer that already has weights belongs to another model too: share them.
+            if built.insert(layer.id) && layer.lock().weights().is_empty() {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.shape().to_vec()).collect();
                 let mut ctx = BuildContext {
                     device: &b.device,

@@ -1,0 +1,6 @@
+//! Integration tests, one binary (one link) for all of them.
+
+mod examples;
+mod gradients;
+mod keras_reference;
+mod training;
