@@ -23,7 +23,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
         .name("hidden")
         .apply(&x)?;
     let y = Dense::new(10).name("digit").apply(&hidden)?;
-    let mut model = Model::new(&[x.clone()], &[y])?;
+    let mut model = Model::new(std::slice::from_ref(&x), &[y])?;
 
     let factor = 1e-2;
     let h = hidden.clone();

@@ -266,12 +266,12 @@ fn the_training_step_follows_the_gradient_of_the_total_loss() {
         .apply(&x)
         .unwrap();
     let y = Dense::new(2).name("out").apply(&h).unwrap();
-    let mut model = Model::builder(&[x], &[y.clone()])
+    let mut model = Model::builder(&[x], std::slice::from_ref(&y))
         .dtype(DType::F64)
         .seed(3)
         .build()
         .unwrap();
-    let yy = y.clone();
+    let yy = y;
     model
         .add_loss("mean_abs", move |t: &Tensors| {
             Ok((t.get(&yy)?.abs()?.mean_all()? * 0.3)?)

@@ -21,25 +21,8 @@ pub enum Error {
     Compile(String),
 
     /// A compile-time loss broke the per-sample contract.
-    #[error(
-        "loss `{loss}` for output `{output}` must return one value per sample (shape [{batch}] or \
-         [{batch}, …]) but returned shape {got:?} for y_true {y_true:?} and y_pred {y_pred:?}: \
-         reduce over the feature axes only, never over the batch"
-    )]
-    LossContract {
-        /// The loss's name.
-        loss: String,
-        /// The output it was compiled for.
-        output: String,
-        /// The batch size of the call.
-        batch: usize,
-        /// The shape the loss returned.
-        got: Vec<usize>,
-        /// The shape of `y_true`.
-        y_true: Vec<usize>,
-        /// The shape of `y_pred`.
-        y_pred: Vec<usize>,
-    },
+    #[error("{0}")]
+    LossContract(Box<ContractViolation>),
 
     /// Training data do not fit the model (counts, shapes, sample weights).
     #[error("data: {0}")]
@@ -65,4 +48,26 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Shorthand for building an [`Error::InvalidArgument`].
 pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+/// The details of a loss that did not return one value per sample.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "loss `{loss}` for output `{output}` must return one value per sample (shape [{batch}] or \
+     [{batch}, …]) but returned shape {got:?} for y_true {y_true:?} and y_pred {y_pred:?}: \
+     reduce over the feature axes only, never over the batch"
+)]
+pub struct ContractViolation {
+    /// The loss's name.
+    pub loss: String,
+    /// The output it was compiled for.
+    pub output: String,
+    /// The batch size of the call.
+    pub batch: usize,
+    /// The shape the loss returned.
+    pub got: Vec<usize>,
+    /// The shape of `y_true`.
+    pub y_true: Vec<usize>,
+    /// The shape of `y_pred`.
+    pub y_pred: Vec<usize>,
 }

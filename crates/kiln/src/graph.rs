@@ -26,6 +26,7 @@ fn next_id() -> usize {
 /// let yb = shared.apply(&b)?;
 /// let model = Model::new(&[a, b], &[ya, yb])?;
 /// assert_eq!(model.weights().len(), 2); // one kernel, one bias
+/// assert_eq!(model.output_names(), &["dense".to_string(), "dense_1".to_string()]);
 /// # Ok::<(), kiln::Error>(())
 /// ```
 #[derive(Clone)]

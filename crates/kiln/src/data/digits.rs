@@ -23,7 +23,7 @@ pub const DIGITS_CLASSES: usize = 10;
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub fn digits(device: &Device) -> Result<Dataset> {
-    if RAW.len() % ROW != 0 {
+    if !RAW.len().is_multiple_of(ROW) {
         return Err(Error::Data("the embedded digits data is corrupt".into()));
     }
     let n = RAW.len() / ROW;

@@ -255,12 +255,14 @@ impl Model {
                     input_names[i].clone()
                 }
             };
-            if output_names.contains(&name) {
-                return Err(Error::Graph(format!(
-                    "two outputs come from layer `{name}`: give each output its own named layer"
-                )));
+            // A shared layer making two outputs: the later ones get a numbered name.
+            let mut unique = name.clone();
+            let mut k = 1;
+            while output_names.contains(&unique) || (unique != name && taken.contains(&unique)) {
+                unique = format!("{name}_{k}");
+                k += 1;
             }
-            output_names.push(name);
+            output_names.push(unique);
         }
 
         Ok(Model {

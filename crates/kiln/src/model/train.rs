@@ -146,14 +146,16 @@ impl Model {
             };
             let values = ol.loss.per_sample(y_true, y_pred).map_err(context)?;
             if values.rank() == 0 || values.dims()[0] != batch_size {
-                return Err(Error::LossContract {
-                    loss: ol.loss.name().to_string(),
-                    output: name.clone(),
-                    batch: batch_size,
-                    got: values.dims().to_vec(),
-                    y_true: y_true.dims().to_vec(),
-                    y_pred: y_pred.dims().to_vec(),
-                });
+                return Err(Error::LossContract(Box::new(
+                    crate::error::ContractViolation {
+                        loss: ol.loss.name().to_string(),
+                        output: name.clone(),
+                        batch: batch_size,
+                        got: values.dims().to_vec(),
+                        y_true: y_true.dims().to_vec(),
+                        y_pred: y_pred.dims().to_vec(),
+                    },
+                )));
             }
             let reduced = reduce_per_sample(
                 ol.loss.as_ref(),
