@@ -1,5 +1,6 @@
 //! Integration tests, one binary (one link) for all of them.
 
+mod adversarial;
 mod examples;
 mod gradients;
 mod keras_reference;

@@ -30,6 +30,7 @@
 //! ```
 
 pub mod activations;
+pub mod adversarial;
 pub mod conformance;
 pub mod data;
 pub mod error;
@@ -55,6 +56,7 @@ pub use reduction::Reduction;
 /// Everything a training script usually needs, in one import.
 pub mod prelude {
     pub use crate::activations::Activation;
+    pub use crate::adversarial::{Adversarial, PerturbationNorm};
     pub use crate::data::Dataset;
     pub use crate::graph::{Input, SharedLayer, SymbolicTensor};
     pub use crate::initializers::Initializer;

@@ -68,6 +68,12 @@ impl<'a> Tensors<'a> {
 pub trait AddedLoss: Send + Sync {
     /// The term's value for this step.
     fn compute(&self, tensors: &Tensors) -> Result<Tensor>;
+
+    /// The adversarial regularizer, when this term is one: it needs the input gradient, so the
+    /// training loop computes it instead of [`AddedLoss::compute`].
+    fn adversarial(&self) -> Option<&crate::adversarial::Adversarial> {
+        None
+    }
 }
 
 impl<F> AddedLoss for F

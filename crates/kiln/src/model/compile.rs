@@ -224,6 +224,24 @@ impl Model {
                     .into(),
             ));
         }
+        let adversarial: Vec<_> = self
+            .added
+            .iter()
+            .filter_map(|(_, l)| l.adversarial())
+            .collect();
+        if adversarial.len() > 1 {
+            return Err(Error::Compile(
+                "only one adversarial term can be added to a model".into(),
+            ));
+        }
+        if let Some(adv) = adversarial.first() {
+            adv.validate(self.inputs.len())?;
+            if resolved.is_empty() {
+                return Err(Error::Compile(
+                    "adversarial regularization needs a compile-time loss to attack: give compile() a loss".into(),
+                ));
+            }
+        }
         let mut metrics = Vec::new();
         for (target, spec) in config.metrics {
             let metric = spec.resolve()?;

@@ -3,6 +3,7 @@
 use super::compile::{not_compiled, Compiled};
 use super::history::Accumulator;
 use super::{ForwardPass, History, Logs, Model, Tensors};
+use crate::adversarial::Adversarial;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::losses::reduce_per_sample;
@@ -106,26 +107,18 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 impl Model {
-    /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
-    /// outputs, plus every added term (regularizers, layer-added losses, `add_loss` closures).
-    fn step_terms(
+    /// Σ loss_weight · reduced compile-time loss over the outputs, and each output's reduced
+    /// value under its log name (the "labeled loss" adversarial attacks differentiate).
+    fn compiled_loss(
         &self,
         compiled: &Compiled,
         batch: &Dataset,
         pass: &ForwardPass,
-        training: bool,
-    ) -> Result<StepTerms> {
+    ) -> Result<(Option<Tensor>, Vec<(String, Tensor)>)> {
         let outputs = self.outputs_of(pass);
         let masks = self.output_masks(pass);
         let batch_size = batch.len();
         let mut total: Option<Tensor> = None;
-        let mut add = |t: Tensor| -> Result<()> {
-            total = Some(match total.take() {
-                Some(acc) => (acc + t)?,
-                None => t,
-            });
-            Ok(())
-        };
         let mut reported = Vec::new();
         for ol in &compiled.losses {
             let name = &self.output_names[ol.output];
@@ -166,11 +159,36 @@ impl Model {
                 masks[ol.output],
             )
             .map_err(context)?;
-            add((&reduced * ol.weight)?)?;
+            let weighted = (&reduced * ol.weight)?;
+            total = Some(match total.take() {
+                Some(acc) => (acc + weighted)?,
+                None => weighted,
+            });
             if let Some(log_name) = &ol.log_name {
                 reported.push((log_name.clone(), reduced));
             }
         }
+        Ok((total, reported))
+    }
+
+    /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
+    /// outputs, plus every added term (regularizers, layer-added losses, `add_loss` closures).
+    /// The adversarial term is left to the training step, which needs the input gradient.
+    fn step_terms(
+        &self,
+        compiled: &Compiled,
+        batch: &Dataset,
+        pass: &ForwardPass,
+        training: bool,
+    ) -> Result<StepTerms> {
+        let (mut total, mut reported) = self.compiled_loss(compiled, batch, pass)?;
+        let mut add = |t: Tensor| -> Result<()> {
+            total = Some(match total.take() {
+                Some(acc) => (acc + t)?,
+                None => t,
+            });
+            Ok(())
+        };
         let mut added: Vec<(String, Tensor)> = Vec::new();
         let mut accumulate = |name: String, value: Tensor| -> Result<()> {
             let value = value.sum_all()?;
@@ -198,7 +216,7 @@ impl Model {
             targets: &batch.targets,
             training,
         };
-        for (name, loss) in &self.added {
+        for (name, loss) in self.added.iter().filter(|(_, l)| l.adversarial().is_none()) {
             let value = loss
                 .compute(&tensors)
                 .map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
@@ -241,7 +259,75 @@ impl Model {
         Ok(())
     }
 
-    /// One training step on a batch: forward, total loss, backward, optimizer update.
+    /// The adversarial added term, if the model has one.
+    fn adversarial_term(&self) -> Option<(String, Adversarial)> {
+        self.added
+            .iter()
+            .find_map(|(n, l)| l.adversarial().map(|a| (n.clone(), a.clone())))
+    }
+
+    /// The gradient of the compiled ("labeled") loss with respect to each input, at `inputs`.
+    fn labeled_input_gradient(
+        &self,
+        compiled: &Compiled,
+        batch: &Dataset,
+        inputs: &[Tensor],
+        training: bool,
+        rng: &mut StdRng,
+    ) -> Result<Vec<Tensor>> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?.detach()).map_err(Error::from))
+            .collect::<Result<_>>()?;
+        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let pass = self.run(&xs, training, rng)?;
+        let (labeled, _) = self.compiled_loss(compiled, batch, &pass)?;
+        let labeled = labeled.ok_or_else(no_labeled_loss)?;
+        let grads = labeled.backward()?;
+        vars.iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+
+    /// The perturbed inputs of an attack. `first` is the input gradient at the clean batch when
+    /// the caller already has it (the clean backward pass of a training step).
+    fn attack(
+        &self,
+        compiled: &Compiled,
+        adversarial: &Adversarial,
+        batch: &Dataset,
+        first: Option<Vec<Tensor>>,
+        training: bool,
+        rng: &mut StdRng,
+    ) -> Result<Vec<Tensor>> {
+        let clean: Vec<Tensor> = batch
+            .inputs
+            .iter()
+            .map(|x| Ok(x.to_dtype(self.dtype)?.detach()))
+            .collect::<Result<_>>()?;
+        let mut current = adversarial.start(&clean, rng)?;
+        let mut first = if adversarial.random_start_enabled() {
+            None
+        } else {
+            first
+        };
+        for _ in 0..adversarial.steps() {
+            let grads = match first.take() {
+                Some(g) => g,
+                None => self.labeled_input_gradient(compiled, batch, &current, training, rng)?,
+            };
+            let direction = adversarial.direction(&grads)?;
+            current = adversarial.step(&clean, &current, &direction)?;
+        }
+        Ok(current)
+    }
+
+    /// One training step on a batch: forward, total loss, backward, optimizer update. With an
+    /// adversarial term: the clean backward pass also gives the input gradient, then one more
+    /// forward and backward pass on the perturbed batch.
     fn train_step(
         &mut self,
         batch: &Dataset,
@@ -250,17 +336,64 @@ impl Model {
     ) -> Result<()> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<()> {
-            let pass = self.run(&batch.inputs, true, rng)?;
-            let terms = self.step_terms(&compiled, batch, &pass, true)?;
+            let adversarial = self.adversarial_term();
+            let input_vars: Vec<Var> = match adversarial {
+                Some(_) => batch
+                    .inputs
+                    .iter()
+                    .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?).map_err(Error::from))
+                    .collect::<Result<_>>()?,
+                None => Vec::new(),
+            };
+            let inputs: Vec<Tensor> = match adversarial {
+                Some(_) => input_vars.iter().map(|v| v.as_tensor().clone()).collect(),
+                None => batch.inputs.clone(),
+            };
+            let pass = self.run(&inputs, true, rng)?;
+            let mut terms = self.step_terms(&compiled, batch, &pass, true)?;
             let grads = terms.total.backward()?;
-            let mut params: Vec<Var> = Vec::new();
-            let mut gradients: Vec<Tensor> = Vec::new();
-            for w in self.weights().into_iter().filter(|w| w.trainable) {
-                if let Some(g) = grads.get(w.var.as_tensor()) {
-                    gradients.push(g.clone());
-                    params.push(w.var);
+            let trainable: Vec<Var> = self
+                .weights()
+                .into_iter()
+                .filter(|w| w.trainable)
+                .map(|w| w.var)
+                .collect();
+            let mut gradients: Vec<Option<Tensor>> = trainable
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
+
+            if let Some((name, adversarial)) = adversarial {
+                let input_grads: Vec<Tensor> = input_vars
+                    .iter()
+                    .map(|v| match grads.get(v.as_tensor()) {
+                        Some(g) => Ok(g.clone()),
+                        None => Ok(v.as_tensor().zeros_like()?),
+                    })
+                    .collect::<Result<_>>()?;
+                let x_adv =
+                    self.attack(&compiled, &adversarial, batch, Some(input_grads), true, rng)?;
+                let adv_pass = self.run(&x_adv, true, rng)?;
+                let (labeled, _) = self.compiled_loss(&compiled, batch, &adv_pass)?;
+                let term = (labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
+                let adv_grads = term.backward()?;
+                for (var, slot) in trainable.iter().zip(gradients.iter_mut()) {
+                    if let Some(g) = adv_grads.get(var.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(clean) => (clean + g)?,
+                            None => g.clone(),
+                        });
+                    }
                 }
+                terms.total = (terms.total.detach() + term.detach())?;
+                terms.reported.push((name, term.detach()));
             }
+
+            let (params, gradients): (Vec<Var>, Vec<Tensor>) = trainable
+                .into_iter()
+                .zip(gradients)
+                .filter_map(|(v, g)| g.map(|g| (v, g)))
+                .unzip();
             compiled.iterations += 1;
             crate::optimizers::apply_step(
                 compiled.optimizer.as_mut(),
@@ -328,7 +461,10 @@ impl Model {
             bar.finish_and_clear();
             let mut logs = acc.logs("");
             if let Some(val) = &validation {
-                for (k, v) in self.evaluate_logs(val, config.batch_size, "val_")?.iter() {
+                for (k, v) in self
+                    .evaluate_logs(val, config.batch_size, "val_", None)?
+                    .iter()
+                {
                     logs.set(k, v);
                 }
             }
@@ -356,10 +492,44 @@ impl Model {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Logs> {
-        self.evaluate_logs(data, batch_size, "")
+        self.evaluate_logs(data, batch_size, "", None)
     }
 
-    fn evaluate_logs(&self, data: &Dataset, batch_size: usize, prefix: &str) -> Result<Logs> {
+    /// The loss breakdown and metrics on inputs perturbed by an attack (FGSM or PGD against the
+    /// compiled losses), to measure robustness. The adversarial training term, if any, is not
+    /// part of these logs' `loss`.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use kiln::prelude::*;
+    /// let data = kiln::data::digits(&Device::Cpu)?.slice(0, 200)?;
+    /// let x = Input::new([64]);
+    /// let y = Dense::new(10).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Adam::new(1e-2)).loss(SparseCategoricalCrossentropy::new().from_logits(true)))?;
+    /// model.fit(&data, Fit::new().epochs(5).quiet())?;
+    /// let clean = model.evaluate(&data, 100)?.get("loss").unwrap();
+    /// let attacked = model.evaluate_under_attack(&data, 100, &Adversarial::fgsm(0.1))?.get("loss").unwrap();
+    /// assert!(attacked > clean);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn evaluate_under_attack(
+        &self,
+        data: &Dataset,
+        batch_size: usize,
+        attack: &Adversarial,
+    ) -> Result<Logs> {
+        attack.validate(self.inputs.len())?;
+        self.evaluate_logs(data, batch_size, "", Some(attack))
+    }
+
+    fn evaluate_logs(
+        &self,
+        data: &Dataset,
+        batch_size: usize,
+        prefix: &str,
+        attack: Option<&Adversarial>,
+    ) -> Result<Logs> {
         let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
         if batch_size == 0 {
             return Err(Error::Data("batch_size must be at least 1".into()));
@@ -370,7 +540,10 @@ impl Model {
         let mut start = 0;
         while start < data.len() {
             let len = batch_size.min(data.len() - start);
-            let batch = data.slice(start, len)?;
+            let mut batch = data.slice(start, len)?;
+            if let Some(attack) = attack {
+                batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut rng)?;
+            }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
             let terms = self.step_terms(compiled, &batch, &pass, false)?;
             self.record(compiled, &mut acc, &terms, &batch, &pass)?;
@@ -390,4 +563,11 @@ fn progress_bar(verbose: bool, steps: usize, epoch: usize, epochs: usize) -> Pro
     }
     bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
     bar
+}
+
+fn no_labeled_loss() -> Error {
+    Error::Compile(
+        "adversarial regularization needs a compile-time loss to attack: give compile() a loss"
+            .into(),
+    )
 }

@@ -1,0 +1,306 @@
+//! Adversarial regularization (Goodfellow et al. 2015; the semantics of TensorFlow's Neural
+//! Structured Learning wrapper) as an added loss.
+//!
+//! Each training step perturbs the inputs along the normalized input gradient of the loss,
+//! `x_adv = clip(x + ε · normalize(∇ₓ L))`, holds the perturbation constant, and adds
+//! `multiplier · L(x_adv, y)` with the same compiled losses, loss weights and sample weights.
+//! FGSM costs two forward and two backward passes: the clean backward pass gives both the input
+//! gradient and the clean terms' parameter gradients. PGD repeats the perturbation step `k`
+//! times, projecting back into the ε-ball.
+
+use crate::error::{invalid, Result};
+use crate::model::{AddedLoss, Tensors};
+use candle_core::{DType, Tensor};
+use rand::Rng;
+
+/// How the input gradient is turned into a perturbation direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PerturbationNorm {
+    /// `sign(g)`: the infinity-norm steepest direction (FGSM).
+    Infinity,
+    /// `g / ‖g‖₂`, the norm taken per sample over every non-batch axis of every input jointly.
+    L2,
+}
+
+/// An adversarial-regularization term for [`crate::Model::add_loss`].
+///
+/// ```
+/// use kiln::adversarial::{Adversarial, PerturbationNorm};
+/// let fgsm = Adversarial::fgsm(0.05).multiplier(0.5).clip(0.0, 1.0);
+/// let pgd = Adversarial::pgd(0.1, 5, 0.03).norm(PerturbationNorm::Infinity).random_start(true);
+/// assert_eq!(fgsm.steps(), 1);
+/// assert_eq!(pgd.steps(), 5);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Adversarial {
+    epsilon: f64,
+    step_size: f64,
+    steps: usize,
+    norm: PerturbationNorm,
+    multiplier: f64,
+    clip: Option<(f64, f64)>,
+    feature_masks: Option<Vec<Tensor>>,
+    random_start: bool,
+    seed: u64,
+}
+
+impl Default for Adversarial {
+    /// The Neural Structured Learning defaults: one step of size 0.001 along the L2-normalized
+    /// gradient, multiplier 0.2.
+    fn default() -> Self {
+        Self {
+            epsilon: 0.001,
+            step_size: 0.001,
+            steps: 1,
+            norm: PerturbationNorm::L2,
+            multiplier: 0.2,
+            clip: None,
+            feature_masks: None,
+            random_start: false,
+            seed: 0,
+        }
+    }
+}
+
+impl Adversarial {
+    /// The fast gradient sign method: one step of size `epsilon` along `sign(∇ₓ L)`.
+    pub fn fgsm(epsilon: f64) -> Self {
+        Self {
+            epsilon,
+            step_size: epsilon,
+            norm: PerturbationNorm::Infinity,
+            ..Self::default()
+        }
+    }
+
+    /// Projected gradient descent: `steps` steps of `step_size` along the normalized gradient
+    /// (L2 by default, as in NSL), each projected back into the `epsilon`-ball around `x`.
+    pub fn pgd(epsilon: f64, steps: usize, step_size: f64) -> Self {
+        Self {
+            epsilon,
+            step_size,
+            steps,
+            ..Self::default()
+        }
+    }
+
+    /// The weight of the term in the total loss (default 0.2).
+    pub fn multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// The perturbation direction (FGSM: infinity norm; otherwise L2).
+    pub fn norm(mut self, norm: PerturbationNorm) -> Self {
+        self.norm = norm;
+        self
+    }
+
+    /// Clips the perturbed inputs to `[min, max]` (for pixels, say `[0, 1]`).
+    pub fn clip(mut self, min: f64, max: f64) -> Self {
+        self.clip = Some((min, max));
+        self
+    }
+
+    /// One mask per input, broadcast over the batch: only features where the mask is non-zero
+    /// are perturbed (the gradient is multiplied by it before normalization).
+    pub fn feature_masks(mut self, masks: Vec<Tensor>) -> Self {
+        self.feature_masks = Some(masks);
+        self
+    }
+
+    /// PGD starts from a uniformly random point of the ε-ball (infinity norm) instead of `x`.
+    pub fn random_start(mut self, on: bool) -> Self {
+        self.random_start = on;
+        self
+    }
+
+    /// Seed of the random start.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The number of perturbation steps (1 for FGSM).
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Whether PGD starts from a random point.
+    pub fn random_start_enabled(&self) -> bool {
+        self.random_start
+    }
+
+    /// The term's multiplier.
+    pub fn weight(&self) -> f64 {
+        self.multiplier
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self, n_inputs: usize) -> Result<()> {
+        let finite_pos = |v: f64| v.is_finite() && v >= 0.0;
+        if !finite_pos(self.epsilon) || !finite_pos(self.step_size) || !finite_pos(self.multiplier)
+        {
+            return Err(invalid(format!(
+                "adversarial: epsilon ({}), step size ({}) and multiplier ({}) must be finite and >= 0",
+                self.epsilon, self.step_size, self.multiplier
+            )));
+        }
+        if self.steps == 0 {
+            return Err(invalid("adversarial: PGD needs at least one step"));
+        }
+        if let Some((lo, hi)) = self.clip {
+            if lo > hi {
+                return Err(invalid(format!(
+                    "adversarial: clip range [{lo}, {hi}] is empty"
+                )));
+            }
+        }
+        if let Some(m) = &self.feature_masks {
+            if m.len() != n_inputs {
+                return Err(invalid(format!(
+                    "adversarial: {} feature masks for a model with {n_inputs} inputs",
+                    m.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The perturbation direction for these input gradients: non-finite entries zeroed, feature
+    /// masks applied, then sign or joint per-sample L2 normalization.
+    pub fn direction(&self, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut cleaned = Vec::with_capacity(grads.len());
+        for (i, g) in grads.iter().enumerate() {
+            let finite = g.abs()?.lt(f64::INFINITY)?;
+            let mut g = finite.where_cond(g, &g.zeros_like()?)?;
+            if let Some(masks) = &self.feature_masks {
+                let mask = masks[i].to_dtype(g.dtype())?.to_device(g.device())?;
+                g = g.broadcast_mul(&mask)?;
+            }
+            cleaned.push(g.detach());
+        }
+        match self.norm {
+            PerturbationNorm::Infinity => cleaned.iter().map(|g| Ok(g.sign()?)).collect(),
+            PerturbationNorm::L2 => {
+                let squared = per_sample_squared_norm(&cleaned)?;
+                let inv = squared.maximum(1e-12)?.sqrt()?.recip()?;
+                cleaned
+                    .iter()
+                    .map(|g| Ok(g.broadcast_mul(&batch_shaped(&inv, g.rank())?)?))
+                    .collect()
+            }
+        }
+    }
+
+    /// One step from `current` along `direction`, projected into the ε-ball around `clean` and
+    /// clipped.
+    pub fn step(
+        &self,
+        clean: &[Tensor],
+        current: &[Tensor],
+        direction: &[Tensor],
+    ) -> Result<Vec<Tensor>> {
+        let moved: Vec<Tensor> = current
+            .iter()
+            .zip(direction)
+            .map(|(x, d)| Ok((x + (d * self.step_size)?)?))
+            .collect::<Result<_>>()?;
+        self.project(clean, &moved)
+    }
+
+    /// Projects `candidate` into the ε-ball around `clean` (the norm's ball), then clips.
+    pub fn project(&self, clean: &[Tensor], candidate: &[Tensor]) -> Result<Vec<Tensor>> {
+        let deltas: Vec<Tensor> = clean
+            .iter()
+            .zip(candidate)
+            .map(|(x, c)| Ok((c - x)?))
+            .collect::<Result<_>>()?;
+        let deltas: Vec<Tensor> = match self.norm {
+            PerturbationNorm::Infinity => deltas
+                .iter()
+                .map(|d| Ok(d.clamp(-self.epsilon, self.epsilon)?))
+                .collect::<Result<_>>()?,
+            PerturbationNorm::L2 => {
+                let norm = per_sample_squared_norm(&deltas)?.sqrt()?;
+                // scale = min(1, ε / ‖δ‖)
+                let scale = norm
+                    .maximum(1e-12)?
+                    .recip()?
+                    .affine(self.epsilon, 0.0)?
+                    .minimum(1.0)?;
+                deltas
+                    .iter()
+                    .map(|d| Ok(d.broadcast_mul(&batch_shaped(&scale, d.rank())?)?))
+                    .collect::<Result<_>>()?
+            }
+        };
+        clean
+            .iter()
+            .zip(deltas)
+            .map(|(x, d)| {
+                let x_adv = (x + d)?;
+                let x_adv = match self.clip {
+                    Some((lo, hi)) => x_adv.clamp(lo, hi)?,
+                    None => x_adv,
+                };
+                Ok(x_adv.detach())
+            })
+            .collect()
+    }
+
+    /// The starting point of the attack: `x`, or a random point of the ε-ball (PGD).
+    pub fn start(&self, clean: &[Tensor], rng: &mut impl Rng) -> Result<Vec<Tensor>> {
+        if !self.random_start {
+            return Ok(clean.to_vec());
+        }
+        let noisy: Vec<Tensor> = clean
+            .iter()
+            .map(|x| {
+                let noise: Vec<f64> = (0..x.elem_count())
+                    .map(|_| rng.random_range(-1.0..=1.0) * self.epsilon)
+                    .collect();
+                let noise = Tensor::from_vec(noise, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                Ok((x + noise)?)
+            })
+            .collect::<Result<_>>()?;
+        self.project(clean, &noisy)
+    }
+}
+
+/// Σ over every non-batch axis of every tensor of g², shape `[batch]`.
+fn per_sample_squared_norm(tensors: &[Tensor]) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for t in tensors {
+        let batch = t.dims()[0];
+        let s = t
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .reshape((batch, t.elem_count() / batch.max(1)))?
+            .sum(1)?;
+        total = Some(match total {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
+    }
+    let total = total.ok_or_else(|| invalid("adversarial: the model has no inputs"))?;
+    Ok(total.to_dtype(tensors[0].dtype())?)
+}
+
+/// Reshapes a `[batch]` tensor to `[batch, 1, …]` with `rank` axes, for broadcasting.
+fn batch_shaped(t: &Tensor, rank: usize) -> Result<Tensor> {
+    let mut shape = vec![t.dims()[0]];
+    shape.resize(rank, 1);
+    Ok(t.reshape(shape)?)
+}
+
+impl AddedLoss for Adversarial {
+    fn compute(&self, _tensors: &Tensors) -> Result<Tensor> {
+        Err(invalid(
+            "the adversarial term is computed by the training loop, not as a closure",
+        ))
+    }
+    fn adversarial(&self) -> Option<&Adversarial> {
+        Some(self)
+    }
+}
