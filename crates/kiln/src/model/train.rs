@@ -96,6 +96,12 @@ impl Fit {
     }
 }
 
+/// The compiled part of a step's loss: Σ loss_weight · reduced loss, and each output's value.
+struct LabeledLoss {
+    total: Option<Tensor>,
+    per_output: Vec<(String, Tensor)>,
+}
+
 /// The terms of one step: the total to differentiate and each reported term.
 struct StepTerms {
     total: Tensor,
@@ -114,7 +120,7 @@ impl Model {
         compiled: &Compiled,
         batch: &Dataset,
         pass: &ForwardPass,
-    ) -> Result<(Option<Tensor>, Vec<(String, Tensor)>)> {
+    ) -> Result<LabeledLoss> {
         let outputs = self.outputs_of(pass);
         let masks = self.output_masks(pass);
         let batch_size = batch.len();
@@ -168,7 +174,10 @@ impl Model {
                 reported.push((log_name.clone(), reduced));
             }
         }
-        Ok((total, reported))
+        Ok(LabeledLoss {
+            total,
+            per_output: reported,
+        })
     }
 
     /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
@@ -181,7 +190,10 @@ impl Model {
         pass: &ForwardPass,
         training: bool,
     ) -> Result<StepTerms> {
-        let (mut total, mut reported) = self.compiled_loss(compiled, batch, pass)?;
+        let LabeledLoss {
+            mut total,
+            per_output: mut reported,
+        } = self.compiled_loss(compiled, batch, pass)?;
         let mut add = |t: Tensor| -> Result<()> {
             total = Some(match total.take() {
                 Some(acc) => (acc + t)?,
@@ -281,8 +293,10 @@ impl Model {
             .collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let pass = self.run(&xs, training, rng)?;
-        let (labeled, _) = self.compiled_loss(compiled, batch, &pass)?;
-        let labeled = labeled.ok_or_else(no_labeled_loss)?;
+        let labeled = self
+            .compiled_loss(compiled, batch, &pass)?
+            .total
+            .ok_or_else(no_labeled_loss)?;
         let grads = labeled.backward()?;
         vars.iter()
             .map(|v| match grads.get(v.as_tensor()) {
@@ -374,7 +388,7 @@ impl Model {
                 let x_adv =
                     self.attack(&compiled, &adversarial, batch, Some(input_grads), true, rng)?;
                 let adv_pass = self.run(&x_adv, true, rng)?;
-                let (labeled, _) = self.compiled_loss(&compiled, batch, &adv_pass)?;
+                let labeled = self.compiled_loss(&compiled, batch, &adv_pass)?.total;
                 let term = (labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
                 let adv_grads = term.backward()?;
                 for (var, slot) in trainable.iter().zip(gradients.iter_mut()) {
