@@ -219,6 +219,26 @@ fn axis(config: &Value) -> Result<isize> {
     }
 }
 
+fn axes(config: &Value) -> Result<Option<Vec<isize>>> {
+    match config.get("axis") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(Some(vec![n
+            .as_i64()
+            .ok_or_else(|| invalid("axis must be an integer"))?
+            as isize])),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_i64()
+                    .map(|a| a as isize)
+                    .ok_or_else(|| invalid("axis entries must be integers"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        Some(other) => Err(invalid(format!("bad axis {other}"))),
+    }
+}
+
 /// Builds a built-in loss from its Keras class name and `get_config()`-style parameters.
 pub fn loss_from_keras(name: &str, config: &Value, reduction: Reduction) -> Result<Arc<dyn Loss>> {
     use losses::*;
@@ -325,6 +345,70 @@ pub fn loss_from_keras(name: &str, config: &Value, reduction: Reduction) -> Resu
                     .ignore_class(c.get("ignore_class").and_then(Value::as_i64))
                     .with_reduction(reduction),
             )
+        }
+        "Hinge" => {
+            known(&[])?;
+            Arc::new(Hinge::new().with_reduction(reduction))
+        }
+        "SquaredHinge" => {
+            known(&[])?;
+            Arc::new(SquaredHinge::new().with_reduction(reduction))
+        }
+        "CategoricalHinge" => {
+            known(&[])?;
+            Arc::new(CategoricalHinge::new().with_reduction(reduction))
+        }
+        "KLDivergence" => {
+            known(&[])?;
+            Arc::new(KLDivergence::new().with_reduction(reduction))
+        }
+        "Poisson" => {
+            known(&[])?;
+            Arc::new(Poisson::new().with_reduction(reduction))
+        }
+        "CosineSimilarity" => {
+            known(&["axis"])?;
+            Arc::new(
+                CosineSimilarity::new()
+                    .axis(axis(c)?)
+                    .with_reduction(reduction),
+            )
+        }
+        "Dice" => {
+            known(&["axis"])?;
+            Arc::new(Dice::new().axis(axes(c)?).with_reduction(reduction))
+        }
+        "Tversky" => {
+            known(&["alpha", "beta", "axis"])?;
+            Arc::new(
+                Tversky::new()
+                    .alpha(f(c, "alpha", 0.5))
+                    .beta(f(c, "beta", 0.5))
+                    .axis(axes(c)?)
+                    .with_reduction(reduction),
+            )
+        }
+        "Circle" => {
+            known(&["gamma", "margin", "remove_diagonal"])?;
+            Arc::new(
+                Circle::new()
+                    .gamma(f(c, "gamma", 80.0))
+                    .margin(f(c, "margin", 0.4))
+                    .remove_diagonal(b(c, "remove_diagonal", true))
+                    .with_reduction(reduction),
+            )
+        }
+        "CategoricalGeneralizedCrossEntropy" => {
+            known(&["q"])?;
+            Arc::new(
+                CategoricalGeneralizedCrossEntropy::new()
+                    .q(f(c, "q", 0.5))
+                    .with_reduction(reduction),
+            )
+        }
+        "CTC" => {
+            known(&[])?;
+            Arc::new(CTC::new().with_reduction(reduction))
         }
         other => return Err(invalid(format!("kiln has no loss `{other}`"))),
     })

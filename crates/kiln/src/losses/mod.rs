@@ -15,6 +15,16 @@ pub use regression::{
     Huber, LogCosh, MeanAbsoluteError, MeanAbsolutePercentageError, MeanSquaredError,
     MeanSquaredLogarithmicError,
 };
+mod ctc;
+mod divergence;
+mod hinge;
+mod metric_learning;
+mod segmentation;
+pub use ctc::CTC;
+pub use divergence::{CosineSimilarity, KLDivergence, Poisson};
+pub use hinge::{CategoricalHinge, Hinge, SquaredHinge};
+pub use metric_learning::{CategoricalGeneralizedCrossEntropy, Circle};
+pub use segmentation::{Dice, Tversky};
 
 use crate::error::{invalid, Result};
 use crate::reduction::{reduce_weighted, Reduction};
@@ -51,6 +61,12 @@ pub trait Loss: Send + Sync {
     /// How the weighted per-sample values are reduced.
     fn reduction(&self) -> Reduction {
         Reduction::SumOverBatchSize
+    }
+
+    /// Whether the loss returns one value for the whole batch instead of one per sample, as
+    /// Keras' Dice and Tversky do with `axis=None`; the per-sample contract then allows a scalar.
+    fn whole_batch(&self) -> bool {
+        false
     }
 
     /// Checks the hyperparameters; `compile` calls it so bad values fail before training.
@@ -220,6 +236,17 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
         "scce" | "sparsecategoricalcrossentropy" => Arc::new(SparseCategoricalCrossentropy::new()),
         "binaryfocalcrossentropy" => Arc::new(BinaryFocalCrossentropy::new()),
         "categoricalfocalcrossentropy" => Arc::new(CategoricalFocalCrossentropy::new()),
+        "hinge" => Arc::new(Hinge::new()),
+        "squaredhinge" => Arc::new(SquaredHinge::new()),
+        "categoricalhinge" => Arc::new(CategoricalHinge::new()),
+        "kld" | "kldivergence" | "kullbackleiblerdivergence" => Arc::new(KLDivergence::new()),
+        "poisson" => Arc::new(Poisson::new()),
+        "cosinesimilarity" => Arc::new(CosineSimilarity::new()),
+        "dice" => Arc::new(Dice::new()),
+        "tversky" => Arc::new(Tversky::new()),
+        "circle" => Arc::new(Circle::new()),
+        "ctc" => Arc::new(CTC::new()),
+        "categoricalgeneralizedcrossentropy" => Arc::new(CategoricalGeneralizedCrossEntropy::new()),
         _ => {
             return Err(invalid(format!(
                 "unknown loss `{name}`: use a built-in name such as mse, mae, binary_crossentropy, \

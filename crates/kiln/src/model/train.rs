@@ -144,7 +144,8 @@ impl Model {
                 other => other,
             };
             let values = ol.loss.per_sample(y_true, y_pred).map_err(context)?;
-            if values.rank() == 0 || values.dims()[0] != batch_size {
+            let whole_batch = ol.loss.whole_batch() && values.rank() == 0;
+            if !whole_batch && (values.rank() == 0 || values.dims()[0] != batch_size) {
                 return Err(Error::LossContract(Box::new(
                     crate::error::ContractViolation {
                         loss: ol.loss.name().to_string(),
