@@ -332,3 +332,63 @@ fn the_training_step_follows_the_gradient_of_the_total_loss() {
         }
     }
 }
+
+#[test]
+fn the_rest_of_the_catalogue_matches_finite_differences() {
+    let signs = random((5, 4), 0.0, 1.0, 10)
+        .ge(0.5)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let scores = random((5, 4), -2.0, 2.0, 11);
+    let probs = kiln::Activation::Softmax
+        .apply(&random((5, 4), -2.0, 2.0, 12))
+        .unwrap();
+    let target_probs = kiln::Activation::Softmax
+        .apply(&random((5, 4), -2.0, 2.0, 13))
+        .unwrap();
+    let counts = random((5, 4), 0.0, 5.0, 14).round().unwrap();
+    let rates = random((5, 4), 0.2, 4.0, 15);
+    let sigmoid = kiln::Activation::Sigmoid.apply(&scores).unwrap();
+    let labels = Tensor::new(&[0f64, 2., 1., 3., 3.], &Device::Cpu).unwrap();
+    let one_hot = one_hot_f64(&[0, 2, 1, 3, 3], 4);
+    let cases: Vec<(Box<dyn Loss>, &Tensor, &Tensor)> = vec![
+        (Box::new(Hinge::new()), &signs, &scores),
+        (Box::new(SquaredHinge::new()), &signs, &scores),
+        (Box::new(CategoricalHinge::new()), &one_hot, &scores),
+        (Box::new(KLDivergence::new()), &target_probs, &probs),
+        (Box::new(Poisson::new()), &counts, &rates),
+        (Box::new(CosineSimilarity::new()), &target_probs, &scores),
+        (Box::new(Dice::new().axis(vec![-1])), &signs, &sigmoid),
+        (
+            Box::new(Tversky::new().alpha(0.3).beta(0.7).axis(vec![-1])),
+            &signs,
+            &sigmoid,
+        ),
+        (
+            Box::new(CategoricalGeneralizedCrossEntropy::new().q(0.4)),
+            &labels,
+            &probs,
+        ),
+        (Box::new(Circle::new().gamma(4.0)), &labels, &scores),
+    ];
+    for (loss, t, p) in &cases {
+        check_against_finite_differences(loss.as_ref(), t, p);
+    }
+    // Dice with Keras' default axis=None is one value for the whole batch.
+    let dice = Dice::new();
+    assert!(dice.whole_batch());
+    let var = Var::from_tensor(&sigmoid).unwrap();
+    let v = dice.reduced(&signs, var.as_tensor(), None, None).unwrap();
+    assert!(all_finite(
+        v.backward().unwrap().get(var.as_tensor()).unwrap()
+    ));
+}
+
+#[test]
+fn ctc_matches_finite_differences() {
+    // Two sequences of 6 steps over 4 classes (0 = blank); labels packed left, 0-padded.
+    let logits = random((2, 24), -2.0, 2.0, 16).reshape((2, 6, 4)).unwrap();
+    let labels = Tensor::new(&[[1f64, 2., 2.], [3., 1., 0.]], &Device::Cpu).unwrap();
+    check_against_finite_differences(&CTC::new(), &labels, &logits);
+}

@@ -427,3 +427,41 @@ fn optimizers_follow_the_keras_update_rules() {
         0.9,
     );
 }
+
+/// A layer that adds a loss while it runs (Keras' `self.add_loss` in `call`).
+struct Penalized;
+
+impl Layer for Penalized {
+    fn kind(&self) -> &'static str {
+        "penalized"
+    }
+    fn given_name(&self) -> Option<&str> {
+        None
+    }
+    fn output_shape(&self, shapes: &[Vec<usize>]) -> kiln::Result<Vec<usize>> {
+        Ok(shapes[0].clone())
+    }
+    fn call(&self, inputs: &[Tensor], ctx: &mut kiln::layers::CallContext) -> kiln::Result<Tensor> {
+        ctx.add_loss("energy", (inputs[0].sqr()?.mean_all()? * 0.5)?);
+        Ok(inputs[0].clone())
+    }
+}
+
+#[test]
+fn a_layer_can_add_a_loss_while_it_runs() {
+    let x = Input::new([2]);
+    let y = Penalized.apply(&x).unwrap();
+    let y = Dense::new(1)
+        .use_bias(false)
+        .kernel_initializer(Initializer::Ones)
+        .apply(&y)
+        .unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    m.compile(Compile::new(Sgd::new(0.0)).loss("mse")).unwrap();
+    let xs = Tensor::new(&[[1f32, 2.], [3., 0.]], &Device::Cpu).unwrap();
+    let ys = Tensor::new(&[[0f32], [0.]], &Device::Cpu).unwrap();
+    let logs = m.evaluate(&Dataset::new(xs, ys).unwrap(), 2).unwrap();
+    // energy = 0.5 · mean(1, 4, 9, 0) = 1.75; mse = (9 + 9) / 2 = 9
+    assert_eq!(logs.get("energy"), Some(1.75));
+    assert_eq!(logs.get("loss"), Some(10.75));
+}
