@@ -1,6 +1,7 @@
 //! Integration tests, one binary (one link) for all of them.
 
 mod adversarial;
+mod callbacks;
 mod cli;
 mod examples;
 mod gradients;

@@ -31,6 +31,7 @@
 
 pub mod activations;
 pub mod adversarial;
+pub mod callbacks;
 pub mod conformance;
 pub mod data;
 pub mod error;

@@ -10,7 +10,8 @@ pub use added::{AddedLoss, Tensors};
 pub use compile::Compile;
 pub use history::{History, Logs};
 pub use sequential::Sequential;
-pub use train::Fit;
+pub use train::{Fit, SharedCallback};
+pub(crate) use compile::not_compiled;
 
 use crate::error::{Error, Result};
 use crate::graph::{NodeOp, SharedLayer, SymbolicTensor};
@@ -52,7 +53,7 @@ pub struct Model {
     device: Device,
     dtype: DType,
     added: Vec<(String, Arc<dyn AddedLoss>)>,
-    compiled: Option<compile::Compiled>,
+    pub(crate) compiled: Option<compile::Compiled>,
 }
 
 /// Options for building a [`Model`]: seed, device, dtype.

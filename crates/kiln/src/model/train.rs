@@ -4,6 +4,7 @@ use super::compile::{not_compiled, Compiled};
 use super::history::Accumulator;
 use super::{ForwardPass, History, Logs, Model, Tensors};
 use crate::adversarial::Adversarial;
+use crate::callbacks::{Callback, Control};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::losses::reduce_per_sample;
@@ -12,6 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::sync::{Arc, Mutex};
 
 /// How `fit` trains: epochs, batch size, shuffling, validation, class weights, verbosity.
 ///
@@ -28,7 +30,13 @@ pub struct Fit {
     validation_data: Option<Dataset>,
     class_weight: Option<Vec<(usize, f64)>>,
     verbose: bool,
+    initial_epoch: usize,
+    callbacks: Vec<SharedCallback>,
 }
+
+/// A callback as `Fit` holds it: shared, so a `Fit` can be cloned and the caller can keep a
+/// handle to read the callback's state afterwards.
+pub type SharedCallback = Arc<Mutex<dyn Callback>>;
 
 impl Default for Fit {
     fn default() -> Self {
@@ -48,7 +56,26 @@ impl Fit {
             validation_data: None,
             class_weight: None,
             verbose: true,
+            initial_epoch: 0,
+            callbacks: Vec::new(),
         }
+    }
+    /// Adds a callback (early stopping, checkpoints, schedules, …).
+    pub fn callback(mut self, callback: impl Callback + 'static) -> Self {
+        self.callbacks.push(Arc::new(Mutex::new(callback)));
+        self
+    }
+    /// Adds a callback the caller keeps a handle to.
+    pub fn shared_callback(mut self, callback: SharedCallback) -> Self {
+        self.callbacks.push(callback);
+        self
+    }
+    /// The epoch to start from (for resumed runs): epochs before it are skipped, and every
+    /// epoch's shuffling and dropout depend only on the seed and the epoch number, so a resumed
+    /// run continues exactly as an uninterrupted one.
+    pub fn initial_epoch(mut self, epoch: usize) -> Self {
+        self.initial_epoch = epoch;
+        self
     }
     /// The number of passes over the data.
     pub fn epochs(mut self, epochs: usize) -> Self {
@@ -348,9 +375,9 @@ impl Model {
         batch: &Dataset,
         rng: &mut StdRng,
         acc: &mut Accumulator,
-    ) -> Result<()> {
+    ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
-        let result = (|| -> Result<()> {
+        let result = (|| -> Result<f64> {
             let adversarial = self.adversarial_term();
             let input_vars: Vec<Var> = match adversarial {
                 Some(_) => batch
@@ -416,7 +443,8 @@ impl Model {
                 gradients,
                 compiled.iterations,
             )?;
-            self.record(&compiled, acc, &terms, batch, &pass)
+            self.record(&compiled, acc, &terms, batch, &pass)?;
+            scalar(&terms.total)
         })();
         self.compiled = Some(compiled);
         result
@@ -456,26 +484,45 @@ impl Model {
             };
             train = train.with_sample_weight(weights)?;
         }
-        let mut rng = StdRng::seed_from_u64(config.seed);
         let n = train.len();
         let steps = n.div_ceil(config.batch_size);
         let mut history = History::default();
-        for epoch in 0..config.epochs {
+        for cb in &config.callbacks {
+            lock(cb).on_train_begin(self)?;
+        }
+        let mut stop = false;
+        for epoch in config.initial_epoch..config.epochs {
+            // Each epoch's randomness depends on (seed, epoch) alone: resumable.
+            let mut rng = StdRng::seed_from_u64(
+                config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            for cb in &config.callbacks {
+                lock(cb).on_epoch_begin(epoch, self)?;
+            }
             let mut order: Vec<u32> = (0..n as u32).collect();
             if config.shuffle {
                 order.shuffle(&mut rng);
             }
             let bar = progress_bar(config.verbose, steps, epoch, config.epochs);
             let mut acc = Accumulator::default();
-            for chunk in order.chunks(config.batch_size) {
+            for (b, chunk) in order.chunks(config.batch_size).enumerate() {
                 let batch = train.select(chunk)?;
-                self.train_step(&batch, &mut rng, &mut acc)?;
-                bar.set_message(acc.logs("").summary());
+                let batch_loss = self.train_step(&batch, &mut rng, &mut acc)?;
+                let running = acc.logs("");
+                bar.set_message(running.summary());
                 bar.inc(1);
+                for cb in &config.callbacks {
+                    if lock(cb).on_batch_end(b, batch_loss, &running)? == Control::Stop {
+                        stop = true;
+                    }
+                }
+                if stop {
+                    break;
+                }
             }
             bar.finish_and_clear();
             let mut logs = acc.logs("");
-            if let Some(val) = &validation {
+            if let (Some(val), false) = (&validation, stop) {
                 for (k, v) in self
                     .evaluate_logs(val, config.batch_size, "val_", None)?
                     .iter()
@@ -483,10 +530,23 @@ impl Model {
                     logs.set(k, v);
                 }
             }
+            if !stop {
+                for cb in &config.callbacks {
+                    if lock(cb).on_epoch_end(epoch, &mut logs, self)? == Control::Stop {
+                        stop = true;
+                    }
+                }
+            }
             if config.verbose {
                 eprintln!("Epoch {}/{} - {}", epoch + 1, config.epochs, logs.summary());
             }
             history.epochs.push(logs);
+            if stop {
+                break;
+            }
+        }
+        for cb in &config.callbacks {
+            lock(cb).on_train_end(self)?;
         }
         Ok(history)
     }
@@ -585,4 +645,8 @@ fn no_labeled_loss() -> Error {
         "adversarial regularization needs a compile-time loss to attack: give compile() a loss"
             .into(),
     )
+}
+
+fn lock(callback: &SharedCallback) -> std::sync::MutexGuard<'_, dyn Callback + 'static> {
+    callback.lock().unwrap_or_else(|e| e.into_inner())
 }

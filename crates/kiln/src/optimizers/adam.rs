@@ -2,7 +2,7 @@
 
 use super::{optimizer_common, Clipping, Optimizer, Slots};
 use crate::error::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 
 /// Adam, as Keras: `α = lr·√(1-β₂ᵗ)/(1-β₁ᵗ)`, `w -= α·m / (√v + ε)`.
 ///
@@ -73,6 +73,25 @@ impl Optimizer for Adam {
     }
     fn weight_decay(&self) -> Option<f64> {
         self.weight_decay
+    }
+    fn state(&self) -> Vec<(String, TensorId, Tensor)> {
+        let mut out = Vec::new();
+        self.m.export("m", &mut out);
+        self.v.export("v", &mut out);
+        out
+    }
+    fn set_state(&mut self, slot: &str, param: &Var, value: Tensor) -> Result<()> {
+        match slot {
+            "m" => self.m.set(param, value),
+            "v" => self.v.set(param, value),
+            other => {
+                return Err(crate::error::invalid(format!(
+                    "{}: no optimizer state named `{other}`",
+                    self.name()
+                )))
+            }
+        }
+        Ok(())
     }
     fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()> {
         let t = t as i32;
@@ -160,5 +179,11 @@ impl Optimizer for AdamW {
     }
     fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()> {
         self.0.update(params, grads, t)
+    }
+    fn state(&self) -> Vec<(String, TensorId, Tensor)> {
+        self.0.state()
+    }
+    fn set_state(&mut self, slot: &str, param: &Var, value: Tensor) -> Result<()> {
+        self.0.set_state(slot, param, value)
     }
 }

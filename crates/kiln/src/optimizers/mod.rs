@@ -9,7 +9,7 @@ pub use rmsprop::RmsProp;
 pub use sgd::Sgd;
 
 use crate::error::{invalid, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 
 /// Updates weights from their gradients.
 ///
@@ -30,6 +30,19 @@ pub trait Optimizer: Send {
     }
     /// Applies one update with already clipped gradients; `t` is the 1-based step number.
     fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()>;
+
+    /// The per-variable state, as `(slot name, variable id, value)`, for checkpoints.
+    fn state(&self) -> Vec<(String, TensorId, Tensor)> {
+        Vec::new()
+    }
+
+    /// Restores one slot of one variable from a checkpoint.
+    fn set_state(&mut self, slot: &str, _param: &Var, _value: Tensor) -> Result<()> {
+        Err(invalid(format!(
+            "{}: no optimizer state named `{slot}`",
+            self.name()
+        )))
+    }
 }
 
 /// Gradient clipping, at most one kind at a time, as in Keras.
@@ -156,7 +169,7 @@ pub(crate) fn validate(opt: &dyn Optimizer) -> Result<()> {
 
 /// Per-variable optimizer state, keyed by the variable's identity, created as zeros on first use.
 #[derive(Default)]
-pub(crate) struct Slots(std::collections::HashMap<candle_core::TensorId, Tensor>);
+pub(crate) struct Slots(std::collections::HashMap<TensorId, Tensor>);
 
 impl Slots {
     /// The state of `param`, zeros if it has none yet.
@@ -172,5 +185,13 @@ impl Slots {
     /// Stores the new state of `param`.
     pub(crate) fn set(&mut self, param: &Var, value: Tensor) {
         self.0.insert(param.as_tensor().id(), value);
+    }
+    /// Every stored state under the slot name `slot`.
+    pub(crate) fn export(&self, slot: &str, out: &mut Vec<(String, TensorId, Tensor)>) {
+        out.extend(
+            self.0
+                .iter()
+                .map(|(id, t)| (slot.to_string(), *id, t.clone())),
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{optimizer_common, Clipping, Optimizer, Slots};
 use crate::error::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 
 /// RMSprop, as Keras: `v = ρ·v + (1-ρ)·g²`, `w -= lr·g / √(v + ε)`, with optional momentum and
 /// centering.
@@ -73,6 +73,27 @@ impl Optimizer for RmsProp {
     }
     fn clipping(&self) -> Clipping {
         self.clipping
+    }
+    fn state(&self) -> Vec<(String, TensorId, Tensor)> {
+        let mut out = Vec::new();
+        self.velocity.export("velocity", &mut out);
+        self.average_gradient.export("average_gradient", &mut out);
+        self.momentum_buffer.export("momentum", &mut out);
+        out
+    }
+    fn set_state(&mut self, slot: &str, param: &Var, value: Tensor) -> Result<()> {
+        match slot {
+            "velocity" => self.velocity.set(param, value),
+            "average_gradient" => self.average_gradient.set(param, value),
+            "momentum" => self.momentum_buffer.set(param, value),
+            other => {
+                return Err(crate::error::invalid(format!(
+                    "{}: no optimizer state named `{other}`",
+                    self.name()
+                )))
+            }
+        }
+        Ok(())
     }
     fn update(&mut self, params: &[Var], grads: &[Tensor], _t: u64) -> Result<()> {
         for (p, g) in params.iter().zip(grads) {

@@ -2,7 +2,7 @@
 
 use super::{optimizer_common, Clipping, Optimizer, Slots};
 use crate::error::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 
 /// SGD, as Keras: `m = μ·m - lr·g; w += m` (or `w += μ·m - lr·g` with Nesterov).
 ///
@@ -54,6 +54,23 @@ impl Optimizer for Sgd {
     }
     fn clipping(&self) -> Clipping {
         self.clipping
+    }
+    fn state(&self) -> Vec<(String, TensorId, Tensor)> {
+        let mut out = Vec::new();
+        self.velocity.export("velocity", &mut out);
+        out
+    }
+    fn set_state(&mut self, slot: &str, param: &Var, value: Tensor) -> Result<()> {
+        match slot {
+            "velocity" => self.velocity.set(param, value),
+            other => {
+                return Err(crate::error::invalid(format!(
+                    "{}: no optimizer state named `{other}`",
+                    self.name()
+                )))
+            }
+        }
+        Ok(())
     }
     fn update(&mut self, params: &[Var], grads: &[Tensor], _t: u64) -> Result<()> {
         if !(0.0..=1.0).contains(&self.momentum) {

@@ -1,0 +1,237 @@
+//! Callbacks: resume exactness, early stopping, learning-rate control, NaN guard, CSV log.
+
+use candle_core::{Device, Tensor};
+use kiln::callbacks::*;
+use kiln::prelude::*;
+use std::sync::{Arc, Mutex};
+
+fn model(seed: u64) -> Model {
+    let x = Input::new([64]);
+    let h = Dense::new(16)
+        .activation(Activation::Relu)
+        .apply(&x)
+        .unwrap();
+    let h = Dropout::new(0.1).apply(&h).unwrap();
+    let y = Dense::new(10).apply(&h).unwrap();
+    let mut m = Model::builder(&[x], &[y]).seed(seed).build().unwrap();
+    m.compile(
+        Compile::new(Adam::new(1e-2)).loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+    )
+    .unwrap();
+    m
+}
+
+fn data() -> Dataset {
+    kiln::data::digits(&Device::Cpu)
+        .unwrap()
+        .slice(0, 400)
+        .unwrap()
+}
+
+fn weights(m: &Model) -> Vec<Vec<f32>> {
+    m.weights()
+        .iter()
+        .map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_resumed_run_ends_with_the_same_weights() {
+    let dir = temp_dir("resume");
+    let fit = || {
+        Fit::new()
+            .epochs(6)
+            .batch_size(32)
+            .seed(9)
+            .validation_split(0.1)
+            .quiet()
+    };
+    let mut straight = model(1);
+    straight.fit(&data(), fit()).unwrap();
+
+    let mut first = model(1);
+    first
+        .fit(
+            &data(),
+            fit().epochs(3).callback(ModelCheckpoint::new(&dir)),
+        )
+        .unwrap();
+    let mut resumed = model(2); // other initial weights: the checkpoint must replace them all
+    let ckpt = resumed.load_checkpoint(&dir, "last").unwrap();
+    assert_eq!(ckpt.epochs_done, 3);
+    assert_eq!(ckpt.history.len(), 3);
+    resumed
+        .fit(&data(), fit().initial_epoch(ckpt.epochs_done))
+        .unwrap();
+    assert_eq!(weights(&straight), weights(&resumed));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn early_stopping_stops_and_restores_the_best_weights() {
+    // SGD with a huge learning rate diverges after the first epoch: val_loss only gets worse.
+    let x = Input::new([64]);
+    let y = Dense::new(10).apply(&x).unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    m.compile(
+        Compile::new(Sgd::new(5.0)).loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+    )
+    .unwrap();
+    let best: Arc<Mutex<Vec<Vec<f32>>>> = Arc::new(Mutex::new(Vec::new()));
+    struct Recorder(Arc<Mutex<Vec<Vec<f32>>>>, f64);
+    impl Callback for Recorder {
+        fn on_epoch_end(
+            &mut self,
+            _e: usize,
+            logs: &mut Logs,
+            model: &mut Model,
+        ) -> kiln::Result<Control> {
+            let v = logs.get("val_loss").unwrap();
+            if v < self.1 {
+                self.1 = v;
+                *self.0.lock().unwrap() = model
+                    .weights()
+                    .iter()
+                    .map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                    .collect();
+            }
+            Ok(Control::Continue)
+        }
+    }
+    let stopper = Arc::new(Mutex::new(
+        EarlyStopping::new("val_loss")
+            .patience(1)
+            .restore_best_weights(true),
+    ));
+    let h = m
+        .fit(
+            &data(),
+            Fit::new()
+                .epochs(30)
+                .validation_split(0.25)
+                .quiet()
+                .callback(Recorder(best.clone(), f64::INFINITY))
+                .shared_callback(stopper.clone()),
+        )
+        .unwrap();
+    let stopped = stopper
+        .lock()
+        .unwrap()
+        .stopped_epoch
+        .expect("stopped early");
+    assert_eq!(h.epochs.len(), stopped + 1);
+    assert!(h.epochs.len() < 30);
+    assert_eq!(weights(&m), *best.lock().unwrap());
+}
+
+#[test]
+fn schedules_and_plateaus_set_the_learning_rate() {
+    let mut m = model(3);
+    let h = m
+        .fit(
+            &data(),
+            Fit::new()
+                .epochs(4)
+                .quiet()
+                .callback(LearningRateScheduler::new(Schedule::Step {
+                    initial: 0.1,
+                    factor: 0.5,
+                    every: 2,
+                })),
+        )
+        .unwrap();
+    assert_eq!(h.get("lr").unwrap(), vec![0.1, 0.1, 0.05, 0.05]);
+
+    // A monitored value that never improves: the rate drops every `patience` epochs.
+    struct Flat;
+    impl Callback for Flat {
+        fn on_epoch_end(
+            &mut self,
+            _e: usize,
+            logs: &mut Logs,
+            _m: &mut Model,
+        ) -> kiln::Result<Control> {
+            logs.set("flat", 1.0);
+            Ok(Control::Continue)
+        }
+    }
+    let mut m = model(3);
+    m.set_learning_rate(0.01).unwrap();
+    let h = m
+        .fit(
+            &data(),
+            Fit::new()
+                .epochs(5)
+                .quiet()
+                .callback(Flat)
+                .callback(ReduceLROnPlateau::new("flat").factor(0.5).patience(2)),
+        )
+        .unwrap();
+    assert_eq!(h.get("lr").unwrap(), vec![0.01, 0.01, 0.005, 0.005, 0.0025]);
+    let cos = Schedule::Cosine {
+        initial: 1.0,
+        decay_epochs: 4,
+        alpha: 0.1,
+    };
+    assert_eq!(cos.learning_rate(0), 1.0);
+    assert!((cos.learning_rate(4) - 0.1).abs() < 1e-12);
+    let exp = Schedule::Exponential {
+        initial: 1.0,
+        rate: 0.5,
+        decay_epochs: 2.0,
+    };
+    assert!((exp.learning_rate(3) - 0.5f64.powf(1.5)).abs() < 1e-12);
+}
+
+#[test]
+fn terminate_on_nan_stops_at_the_first_bad_batch() {
+    let x = Input::new([1]);
+    let y = Dense::new(1).apply(&x).unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    m.compile(Compile::new(Sgd::new(1e30)).loss("mse")).unwrap();
+    let xs = Tensor::new(&[[1e10f32]; 64], &Device::Cpu).unwrap();
+    let ys = Tensor::new(&[[1f32]; 64], &Device::Cpu).unwrap();
+    let guard = Arc::new(Mutex::new(TerminateOnNaN::default()));
+    let h = m
+        .fit(
+            &Dataset::new(xs, ys).unwrap(),
+            Fit::new()
+                .epochs(5)
+                .batch_size(4)
+                .quiet()
+                .shared_callback(guard.clone()),
+        )
+        .unwrap();
+    assert_eq!(h.epochs.len(), 1);
+    assert!(guard.lock().unwrap().stopped_at_batch.is_some());
+}
+
+#[test]
+fn csv_logger_writes_every_epoch() {
+    let dir = temp_dir("csv");
+    let path = dir.join("log.csv");
+    let mut m = model(4);
+    let h = m
+        .fit(
+            &data(),
+            Fit::new()
+                .epochs(3)
+                .validation_split(0.2)
+                .quiet()
+                .callback(CsvLogger::new(&path)),
+        )
+        .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "epoch,loss,val_loss");
+    assert_eq!(lines.len(), 4);
+    let last_loss: f64 = lines[3].split(',').nth(1).unwrap().parse().unwrap();
+    assert_eq!(last_loss, h.epochs[2].get("loss").unwrap());
+    std::fs::remove_dir_all(&dir).ok();
+}
