@@ -61,7 +61,12 @@ pub mod prelude {
     pub use crate::data::Dataset;
     pub use crate::graph::{Input, SharedLayer, SymbolicTensor};
     pub use crate::initializers::Initializer;
-    pub use crate::layers::{ActivationLayer, Dense, Dropout, Flatten, Layer, LayerExt};
+    pub use crate::layers::{
+        ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
+        Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+        GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
+        LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Reshape,
+    };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,
         CategoricalFocalCrossentropy, Huber, Loss, MeanAbsoluteError, MeanSquaredError,

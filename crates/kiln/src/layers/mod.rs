@@ -3,11 +3,30 @@
 //! A layer is configured with a builder, then applied to symbolic tensors to make a graph
 //! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
 
+mod conv;
 mod core_layers;
 mod dense;
+mod embedding;
+mod merge;
+mod normalization;
+mod pooling;
+mod recurrent;
+mod reshape;
+mod util;
 
+pub use conv::{Conv1D, Conv2D, Size2};
 pub use core_layers::{ActivationLayer, Dropout, Flatten};
 pub use dense::{dense_forward, Dense};
+pub use embedding::{Embedding, Masking};
+pub use merge::{Add, Concatenate, Multiply};
+pub use normalization::{BatchNormalization, LayerNormalization};
+pub use pooling::{
+    AveragePooling1D, AveragePooling2D, GlobalAveragePooling1D, GlobalAveragePooling2D,
+    GlobalMaxPooling1D, GlobalMaxPooling2D, MaxPooling1D, MaxPooling2D,
+};
+pub use recurrent::{Gru, Lstm};
+pub use reshape::Reshape;
+pub use util::Padding;
 
 use crate::error::Result;
 use crate::graph::{SharedLayer, SymbolicTensor};
@@ -89,6 +108,17 @@ pub trait Layer: Send {
     }
     /// Runs the layer on a batch.
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor>;
+    /// Runs the layer on a batch whose inputs carry masks (`None` where an input has none), as
+    /// Keras passes `mask=` to `call`. Layers that read masks (recurrent layers, global average
+    /// pooling, batch normalization, Multiply) override it; by default the masks are ignored.
+    fn call_with_masks(
+        &self,
+        inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+        ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        self.call(inputs, ctx)
+    }
     /// The mask of the output, given the inputs' masks. By default a layer keeps its first
     /// input's mask when it keeps its shape, as Keras' layers that support masking do.
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {

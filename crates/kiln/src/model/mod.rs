@@ -7,11 +7,11 @@ mod sequential;
 mod train;
 
 pub use added::{AddedLoss, Tensors};
+pub(crate) use compile::not_compiled;
 pub use compile::Compile;
 pub use history::{History, Logs};
 pub use sequential::Sequential;
 pub use train::{Fit, SharedCallback};
-pub(crate) use compile::not_compiled;
 
 use crate::error::{Error, Result};
 use crate::graph::{NodeOp, SharedLayer, SymbolicTensor};
@@ -400,7 +400,7 @@ impl Model {
                 .collect();
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
-            let y = layer.call(&xs, &mut ctx).map_err(|e| match e {
+            let y = layer.call_with_masks(&xs, &masks, &mut ctx).map_err(|e| match e {
                 Error::Candle(c) => {
                     Error::Graph(format!("layer `{}` failed: {c}", step.layer_name))
                 }

@@ -1,0 +1,421 @@
+//! Convolutions over steps (Conv1D) and images (Conv2D), channels last as in Keras.
+//!
+//! Keras' kernel layout is kept (`[k, in, out]` and `[kh, kw, in, out]`) so weights move between
+//! the two as they are; candle's convolutions are channels-first, so the layer transposes around
+//! them. `same` padding follows TensorFlow: the output has `ceil(n / stride)` positions and the
+//! odd padding element goes to the end.
+
+use super::util::{
+    built, check_positive, input_of_rank, make_weight, pad_axis, strided, window_axis, Padding,
+};
+use super::{BuildContext, CallContext, Layer, Weight};
+use crate::activations::Activation;
+use crate::error::{invalid, Error, Result};
+use crate::initializers::Initializer;
+use crate::regularizers::{IntoRegularizer, SharedRegularizer};
+use candle_core::Tensor;
+
+/// The configuration and weights shared by Conv1D and Conv2D; spatial sizes are given per axis.
+struct Conv {
+    filters: usize,
+    kernel_size: Vec<usize>,
+    strides: Vec<usize>,
+    dilation: Vec<usize>,
+    padding: Padding,
+    activation: Activation,
+    use_bias: bool,
+    kernel_initializer: Initializer,
+    bias_initializer: Initializer,
+    kernel_regularizer: Option<SharedRegularizer>,
+    bias_regularizer: Option<SharedRegularizer>,
+    activity_regularizer: Option<SharedRegularizer>,
+    name: Option<String>,
+    kernel: Option<Weight>,
+    bias: Option<Weight>,
+}
+
+impl Conv {
+    fn new(filters: usize, kernel_size: Vec<usize>) -> Self {
+        let rank = kernel_size.len();
+        Self {
+            filters,
+            kernel_size,
+            strides: vec![1; rank],
+            dilation: vec![1; rank],
+            padding: Padding::Valid,
+            activation: Activation::Linear,
+            use_bias: true,
+            kernel_initializer: Initializer::GlorotUniform,
+            bias_initializer: Initializer::Zeros,
+            kernel_regularizer: None,
+            bias_regularizer: None,
+            activity_regularizer: None,
+            name: None,
+            kernel: None,
+            bias: None,
+        }
+    }
+
+    fn layer(&self) -> &'static str {
+        if self.kernel_size.len() == 1 {
+            "Conv1D"
+        } else {
+            "Conv2D"
+        }
+    }
+
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let layer = self.layer();
+        let rank = self.kernel_size.len();
+        let layout = if rank == 1 {
+            "[steps, channels]"
+        } else {
+            "[height, width, channels]"
+        };
+        let shape = input_of_rank(layer, input_shapes, rank + 1, layout)?;
+        if self.filters == 0 {
+            return Err(invalid(format!("{layer}: filters must be at least 1")));
+        }
+        check_positive(layer, "kernel_size", &self.kernel_size)?;
+        check_positive(layer, "strides", &self.strides)?;
+        check_positive(layer, "dilation_rate", &self.dilation)?;
+        if self.strides.iter().any(|&s| s > 1) && self.dilation.iter().any(|&d| d > 1) {
+            return Err(invalid(format!(
+                "{layer}: strides > 1 cannot be combined with dilation_rate > 1 (as in Keras)"
+            )));
+        }
+        if self.padding == Padding::Causal && rank != 1 {
+            return Err(invalid("causal padding is only for Conv1D"));
+        }
+        if rank == 2 && self.dilation[0] != self.dilation[1] {
+            return Err(invalid(format!(
+                "Conv2D: dilation rates differing per axis ({:?}) are not supported",
+                self.dilation
+            )));
+        }
+        let mut out = Vec::with_capacity(rank + 1);
+        for (i, &n) in shape[..rank].iter().enumerate() {
+            let axis = window_axis(
+                n,
+                self.kernel_size[i],
+                self.strides[i],
+                self.dilation[i],
+                self.padding,
+            )
+            .ok_or_else(|| {
+                Error::Graph(format!(
+                    "{layer}: a kernel of {:?} with dilation {:?} does not fit an input of \
+                     {shape:?} with `valid` padding",
+                    self.kernel_size, self.dilation
+                ))
+            })?;
+            out.push(axis.out);
+        }
+        out.push(self.filters);
+        Ok(out)
+    }
+
+    fn build(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
+        let channels = *input_shapes[0].last().expect("checked by output_shape");
+        let mut shape = self.kernel_size.clone();
+        shape.extend([channels, self.filters]);
+        self.kernel = Some(make_weight(
+            name,
+            "kernel",
+            &shape,
+            self.kernel_initializer,
+            true,
+            self.kernel_regularizer.clone(),
+            ctx,
+        )?);
+        if self.use_bias {
+            self.bias = Some(make_weight(
+                name,
+                "bias",
+                &[self.filters],
+                self.bias_initializer,
+                true,
+                self.bias_regularizer.clone(),
+                ctx,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn weights(&self) -> Vec<Weight> {
+        self.kernel
+            .iter()
+            .chain(self.bias.iter())
+            .cloned()
+            .collect()
+    }
+
+    fn call(&self, x: &Tensor) -> Result<Tensor> {
+        let layer = self.layer();
+        let kernel = built(&self.kernel, layer)?;
+        let channels = kernel.var.dims()[kernel.var.rank() - 2];
+        let rank = self.kernel_size.len();
+        if x.rank() != rank + 2 || x.dims()[rank + 1] != channels {
+            return Err(Error::Data(format!(
+                "layer `{}` expects inputs of rank {} with {channels} channels last, got shape {:?}",
+                kernel.name.trim_end_matches("/kernel"),
+                rank + 2,
+                x.dims()
+            )));
+        }
+        // A 1-D convolution is a 2-D one over a height of 1.
+        let (x, k, ks, st, dl) = if rank == 1 {
+            let (s, d) = (self.strides[0], self.dilation[0]);
+            (
+                x.unsqueeze(1)?,
+                kernel.var.as_tensor().unsqueeze(0)?,
+                [1, self.kernel_size[0]],
+                [s, s],
+                [d, d],
+            )
+        } else {
+            (
+                x.clone(),
+                kernel.var.as_tensor().clone(),
+                [self.kernel_size[0], self.kernel_size[1]],
+                [self.strides[0], self.strides[1]],
+                [self.dilation[0], self.dilation[1]],
+            )
+        };
+        let paddings = [
+            if rank == 1 {
+                Padding::Valid
+            } else {
+                self.padding
+            },
+            self.padding,
+        ];
+        let mut x = x;
+        let mut outs = [0usize; 2];
+        for a in 0..2 {
+            let n = x.dims()[1 + a];
+            let axis = window_axis(n, ks[a], st[a], dl[a], paddings[a]).ok_or_else(|| {
+                Error::Data(format!(
+                    "{layer}: input {:?} is too short for the kernel",
+                    x.dims()
+                ))
+            })?;
+            x = pad_axis(&x, 1 + a, axis.before, axis.after, 0.0)?;
+            // Drop the trailing positions no window reaches, so strided backward passes line up.
+            let used = (axis.out - 1) * st[a] + (ks[a] - 1) * dl[a] + 1;
+            x = x.narrow(1 + a, 0, used)?;
+            outs[a] = axis.out;
+        }
+        let x = x.permute((0, 3, 1, 2))?.contiguous()?;
+        let k = k.permute((3, 2, 0, 1))?.contiguous()?;
+        let y = if st[0] == st[1] {
+            x.conv2d(&k, 0, st[0], dl[0], 1)?
+        } else {
+            let full = x.conv2d(&k, 0, 1, dl[0], 1)?;
+            let rows = strided(&full, 2, 0, st[0], outs[0])?;
+            strided(&rows, 3, 0, st[1], outs[1])?
+        };
+        let mut y = y.permute((0, 2, 3, 1))?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b.var.as_tensor())?;
+        }
+        let y = self.activation.apply(&y)?;
+        Ok(if rank == 1 { y.squeeze(1)? } else { y })
+    }
+}
+
+macro_rules! conv_builders {
+    ($ty:ident) => {
+        impl $ty {
+            /// How the borders are treated (default `Valid`).
+            pub fn padding(mut self, padding: Padding) -> Self {
+                self.conv.padding = padding;
+                self
+            }
+            /// The activation applied to the output.
+            pub fn activation(mut self, activation: Activation) -> Self {
+                self.conv.activation = activation;
+                self
+            }
+            /// Whether the layer adds a bias (default true).
+            pub fn use_bias(mut self, use_bias: bool) -> Self {
+                self.conv.use_bias = use_bias;
+                self
+            }
+            /// How the kernel is initialized (default Glorot uniform).
+            pub fn kernel_initializer(mut self, init: Initializer) -> Self {
+                self.conv.kernel_initializer = init;
+                self
+            }
+            /// How the bias is initialized (default zeros).
+            pub fn bias_initializer(mut self, init: Initializer) -> Self {
+                self.conv.bias_initializer = init;
+                self
+            }
+            /// A penalty on the kernel, added to the total loss.
+            pub fn kernel_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.conv.kernel_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A penalty on the bias, added to the total loss.
+            pub fn bias_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.conv.bias_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A penalty on the layer's output, added to the total loss.
+            pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.conv.activity_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// The layer's name.
+            pub fn name(mut self, name: impl Into<String>) -> Self {
+                self.conv.name = Some(name.into());
+                self
+            }
+        }
+
+        impl Layer for $ty {
+            fn kind(&self) -> &'static str {
+                if self.conv.kernel_size.len() == 1 {
+                    "conv1d"
+                } else {
+                    "conv2d"
+                }
+            }
+            fn given_name(&self) -> Option<&str> {
+                self.conv.name.as_deref()
+            }
+            fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+                self.conv.output_shape(input_shapes)
+            }
+            fn build(
+                &mut self,
+                name: &str,
+                input_shapes: &[Vec<usize>],
+                ctx: &mut BuildContext,
+            ) -> Result<()> {
+                self.conv.build(name, input_shapes, ctx)
+            }
+            fn weights(&self) -> Vec<Weight> {
+                self.conv.weights()
+            }
+            fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+                self.conv.call(&inputs[0])
+            }
+            fn compute_mask(
+                &self,
+                _inputs: &[Tensor],
+                _masks: &[Option<Tensor>],
+            ) -> Result<Option<Tensor>> {
+                // Keras' convolutions do not support masking: the mask stops here.
+                Ok(None)
+            }
+            fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+                self.conv.activity_regularizer.as_ref()
+            }
+        }
+    };
+}
+
+/// A 1-D convolution over `[steps, channels]` samples with kernel `[kernel_size, channels,
+/// filters]`: strides, dilation, and `valid`, `same` or `causal` padding.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([10, 3]);
+/// let y = Conv1D::new(4, 3).strides(2).padding(Padding::Same).name("conv").apply(&x)?;
+/// assert_eq!(y.shape(), &[5, 4]);
+/// let model = Model::new(&[x], &[y])?;
+/// assert_eq!(model.weight("conv/kernel")?.var.dims(), &[3, 3, 4]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Conv1D {
+    conv: Conv,
+}
+
+impl Conv1D {
+    /// `filters` output channels, a window of `kernel_size` steps, stride 1, `valid` padding.
+    pub fn new(filters: usize, kernel_size: usize) -> Self {
+        Self {
+            conv: Conv::new(filters, vec![kernel_size]),
+        }
+    }
+    /// The step between windows (default 1).
+    pub fn strides(mut self, strides: usize) -> Self {
+        self.conv.strides = vec![strides];
+        self
+    }
+    /// The gap between the kernel's taps (default 1).
+    pub fn dilation_rate(mut self, dilation: usize) -> Self {
+        self.conv.dilation = vec![dilation];
+        self
+    }
+}
+conv_builders!(Conv1D);
+
+/// A 2-D convolution over `[height, width, channels]` samples with kernel `[kh, kw, channels,
+/// filters]`: strides per axis, dilation, `valid` or `same` padding.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([8, 8, 1]);
+/// let y = Conv2D::new(6, (3, 3)).strides((2, 1)).padding(Padding::Same).apply(&x)?;
+/// assert_eq!(y.shape(), &[4, 8, 6]);
+/// let z = Conv2D::new(2, (3, 3)).dilation_rate(2).apply(&x)?;
+/// assert_eq!(z.shape(), &[4, 4, 2]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Conv2D {
+    conv: Conv,
+}
+
+/// A size given once for both axes or as `(height, width)`.
+///
+/// ```
+/// use kiln::layers::Size2;
+/// assert_eq!(3usize.pair(), (3, 3));
+/// assert_eq!((2usize, 5usize).pair(), (2, 5));
+/// ```
+pub trait Size2 {
+    /// `(height, width)`.
+    fn pair(self) -> (usize, usize);
+}
+
+impl Size2 for usize {
+    fn pair(self) -> (usize, usize) {
+        (self, self)
+    }
+}
+
+impl Size2 for (usize, usize) {
+    fn pair(self) -> (usize, usize) {
+        self
+    }
+}
+
+impl Conv2D {
+    /// `filters` output channels, a `kernel_size` window, stride 1, `valid` padding.
+    pub fn new(filters: usize, kernel_size: impl Size2) -> Self {
+        let (h, w) = kernel_size.pair();
+        Self {
+            conv: Conv::new(filters, vec![h, w]),
+        }
+    }
+    /// The step between windows, per axis or for both (default 1).
+    pub fn strides(mut self, strides: impl Size2) -> Self {
+        let (h, w) = strides.pair();
+        self.conv.strides = vec![h, w];
+        self
+    }
+    /// The gap between the kernel's taps, the same on both axes (default 1).
+    pub fn dilation_rate(mut self, dilation: usize) -> Self {
+        self.conv.dilation = vec![dilation, dilation];
+        self
+    }
+}
+conv_builders!(Conv2D);

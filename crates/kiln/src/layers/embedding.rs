@@ -1,0 +1,213 @@
+//! Layers that make masks: Embedding (with `mask_zero`) and Masking.
+
+use super::util::{built, make_weight, one_input};
+use super::{BuildContext, CallContext, Layer, Weight};
+use crate::error::{invalid, Error, Result};
+use crate::initializers::Initializer;
+use crate::regularizers::{IntoRegularizer, SharedRegularizer};
+use candle_core::{DType, Tensor};
+
+/// Maps integer ids in `[0, input_dim)` to learned vectors of size `output_dim`: samples of shape
+/// `[steps]` become `[steps, output_dim]`.
+///
+/// With `mask_zero(true)`, id 0 is padding: the layer makes the mask `ids != 0` (shape
+/// `[batch, steps]`), which flows to the layers that keep the time axis and on to the loss, as
+/// in Keras. The weight is `<name>/embeddings`, drawn uniformly from ±0.05 like Keras.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let ids = Input::new([4]);
+/// let vectors = Embedding::new(10, 3).mask_zero(true).name("emb").apply(&ids)?;
+/// assert_eq!(vectors.shape(), &[4, 3]);
+/// let model = Model::new(&[ids], &[vectors])?;
+/// let x = Tensor::new(&[[3f32, 1., 0., 0.]], &Device::Cpu)?;
+/// let y = model.predict(&[x], 1)?;
+/// let table = model.weight("emb/embeddings")?.var.as_tensor().to_vec2::<f32>()?;
+/// assert_eq!(y[0].to_vec3::<f32>()?[0][0], table[3]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Embedding {
+    input_dim: usize,
+    output_dim: usize,
+    mask_zero: bool,
+    initializer: Initializer,
+    regularizer: Option<SharedRegularizer>,
+    activity_regularizer: Option<SharedRegularizer>,
+    name: Option<String>,
+    embeddings: Option<Weight>,
+}
+
+impl Embedding {
+    /// A table of `input_dim` vectors of size `output_dim`.
+    pub fn new(input_dim: usize, output_dim: usize) -> Self {
+        Self {
+            input_dim,
+            output_dim,
+            mask_zero: false,
+            initializer: Initializer::RandomUniform { limit: 0.05 },
+            regularizer: None,
+            activity_regularizer: None,
+            name: None,
+            embeddings: None,
+        }
+    }
+    /// Whether id 0 is padding that masks its step (default false).
+    pub fn mask_zero(mut self, mask_zero: bool) -> Self {
+        self.mask_zero = mask_zero;
+        self
+    }
+    /// How the table is initialized.
+    pub fn embeddings_initializer(mut self, init: Initializer) -> Self {
+        self.initializer = init;
+        self
+    }
+    /// A penalty on the table, added to the total loss.
+    pub fn embeddings_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A penalty on the layer's output, added to the total loss.
+    pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.activity_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for Embedding {
+    fn kind(&self) -> &'static str {
+        "embedding"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let shape = one_input("Embedding", input_shapes)?;
+        if self.input_dim == 0 || self.output_dim == 0 {
+            return Err(invalid(format!(
+                "Embedding: input_dim and output_dim must be at least 1, got {} and {}",
+                self.input_dim, self.output_dim
+            )));
+        }
+        let mut out = shape.clone();
+        out.push(self.output_dim);
+        Ok(out)
+    }
+    fn build(&mut self, name: &str, _: &[Vec<usize>], ctx: &mut BuildContext) -> Result<()> {
+        self.embeddings = Some(make_weight(
+            name,
+            "embeddings",
+            &[self.input_dim, self.output_dim],
+            self.initializer,
+            true,
+            self.regularizer.clone(),
+            ctx,
+        )?);
+        Ok(())
+    }
+    fn weights(&self) -> Vec<Weight> {
+        self.embeddings.iter().cloned().collect()
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let table = built(&self.embeddings, "Embedding")?;
+        let x = &inputs[0];
+        let ids: Vec<f64> = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+        let mut index = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            if !(id >= 0.0 && id < self.input_dim as f64 && id.fract() == 0.0) {
+                return Err(Error::Data(format!(
+                    "layer `{}`: id {id} is not an integer in [0, {})",
+                    table.name.trim_end_matches("/embeddings"),
+                    self.input_dim
+                )));
+            }
+            index.push(id as u32);
+        }
+        let index = Tensor::from_vec(index, ids.len(), x.device())?;
+        let rows = table.var.as_tensor().index_select(&index, 0)?;
+        let mut shape = x.dims().to_vec();
+        shape.push(self.output_dim);
+        Ok(rows.reshape(shape)?)
+    }
+    fn compute_mask(&self, inputs: &[Tensor], _masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        if !self.mask_zero {
+            return Ok(None);
+        }
+        Ok(Some(inputs[0].ne(0.0)?))
+    }
+    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        self.activity_regularizer.as_ref()
+    }
+}
+
+/// Marks the steps whose features all equal `mask_value` as padding: those steps are zeroed and
+/// masked (mask `any(x != mask_value)` over the last axis), as Keras' `Masking`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let x = Input::new([3, 2]);
+/// let y = Masking::new(-1.0).apply(&x)?;
+/// let model = Model::new(&[x], &[y])?;
+/// let batch = Tensor::new(&[[[1f32, -1.], [-1., -1.], [2., 3.]]], &Device::Cpu)?;
+/// let out = model.predict(&[batch], 1)?[0].to_vec3::<f32>()?;
+/// assert_eq!(out[0], vec![vec![1., -1.], vec![0., 0.], vec![2., 3.]]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Masking {
+    mask_value: f64,
+    name: Option<String>,
+}
+
+impl Masking {
+    /// Steps whose features all equal `mask_value` are masked (Keras' default value is 0).
+    pub fn new(mask_value: f64) -> Self {
+        Self {
+            mask_value,
+            name: None,
+        }
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// `any(x != mask_value)` over the last axis, keeping it (0/1, u8).
+    fn keep(&self, x: &Tensor) -> Result<Tensor> {
+        let differs = x.ne(self.mask_value)?.to_dtype(DType::F32)?;
+        Ok(differs.max_keepdim(x.rank() - 1)?.ne(0.0)?)
+    }
+}
+
+impl Layer for Masking {
+    fn kind(&self) -> &'static str {
+        "masking"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let shape = one_input("Masking", input_shapes)?;
+        if shape.is_empty() {
+            return Err(Error::Graph(
+                "Masking needs samples with a feature axis".into(),
+            ));
+        }
+        Ok(shape.clone())
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        let keep = self.keep(x)?.broadcast_as(x.shape())?.contiguous()?;
+        Ok(keep.where_cond(x, &x.zeros_like()?)?)
+    }
+    fn compute_mask(&self, inputs: &[Tensor], _masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        let x = &inputs[0];
+        Ok(Some(self.keep(x)?.squeeze(x.rank() - 1)?))
+    }
+}

@@ -1,0 +1,443 @@
+//! Normalization over the batch (BatchNormalization) and over the features (LayerNormalization).
+
+use super::util::{built, make_weight, mask_as, one_input};
+use super::{BuildContext, CallContext, Layer, Weight};
+use crate::error::{invalid, Error, Result};
+use crate::initializers::Initializer;
+use crate::regularizers::{IntoRegularizer, SharedRegularizer};
+use candle_core::Tensor;
+
+/// Normalizes each feature (the last axis) with the batch's statistics while training and with
+/// moving averages of them at inference, then scales by `gamma` and shifts by `beta`, as Keras'
+/// `BatchNormalization(axis=-1)`.
+///
+/// Weights: `<name>/gamma`, `<name>/beta` (trained), `<name>/moving_mean` and
+/// `<name>/moving_variance` (not trainable: the optimizer never touches them; each training call
+/// updates them as `moving = moving · momentum + batch · (1 - momentum)`, with the biased batch
+/// variance). With a mask (shape of the input without its last axis), the statistics are taken
+/// over the unmasked positions, as Keras does.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let x = Input::new([2]);
+/// let y = BatchNormalization::new().momentum(0.5).name("bn").apply(&x)?;
+/// let mut model = Model::new(&[x], &[y.clone()])?;
+/// model.compile(Compile::new(Sgd::new(0.0)).loss("mse"))?;
+/// let xs = Tensor::new(&[[1f32, 10.], [3., 30.]], &Device::Cpu)?;
+/// model.fit(&Dataset::new(xs.clone(), xs.zeros_like()?)?, Fit::new().batch_size(2).quiet())?;
+/// // One training step: moving_mean = 0·0.5 + batch mean·0.5.
+/// let mean = model.weight("bn/moving_mean")?.var.as_tensor().to_vec1::<f32>()?;
+/// assert_eq!(mean, vec![1.0, 10.0]);
+/// assert!(!model.weight("bn/moving_variance")?.trainable);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct BatchNormalization {
+    momentum: f64,
+    epsilon: f64,
+    center: bool,
+    scale: bool,
+    gamma_regularizer: Option<SharedRegularizer>,
+    beta_regularizer: Option<SharedRegularizer>,
+    name: Option<String>,
+    gamma: Option<Weight>,
+    beta: Option<Weight>,
+    moving_mean: Option<Weight>,
+    moving_variance: Option<Weight>,
+}
+
+impl Default for BatchNormalization {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BatchNormalization {
+    /// Momentum 0.99, epsilon 1e-3, with `gamma` and `beta` (Keras' defaults).
+    pub fn new() -> Self {
+        Self {
+            momentum: 0.99,
+            epsilon: 1e-3,
+            center: true,
+            scale: true,
+            gamma_regularizer: None,
+            beta_regularizer: None,
+            name: None,
+            gamma: None,
+            beta: None,
+            moving_mean: None,
+            moving_variance: None,
+        }
+    }
+    /// How much of the moving statistics each training step keeps (default 0.99).
+    pub fn momentum(mut self, momentum: f64) -> Self {
+        self.momentum = momentum;
+        self
+    }
+    /// Added to the variance before the square root (default 1e-3).
+    pub fn epsilon(mut self, epsilon: f64) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+    /// Whether to add the learned offset `beta` (default true).
+    pub fn center(mut self, center: bool) -> Self {
+        self.center = center;
+        self
+    }
+    /// Whether to multiply by the learned scale `gamma` (default true).
+    pub fn scale(mut self, scale: bool) -> Self {
+        self.scale = scale;
+        self
+    }
+    /// A penalty on `gamma`, added to the total loss.
+    pub fn gamma_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.gamma_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A penalty on `beta`, added to the total loss.
+    pub fn beta_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.beta_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The batch mean and (biased) variance of each feature, over the unmasked positions when
+    /// there is a mask; both of shape `[features]`.
+    fn moments(x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let features = x.dims()[x.rank() - 1];
+        let flat = x.reshape(((), features))?;
+        match mask {
+            None => {
+                let mean = flat.mean_keepdim(0)?;
+                let var = flat.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+                Ok((mean.squeeze(0)?, var))
+            }
+            Some(mask) => {
+                let m = mask_as(mask, x.dtype())?.reshape(((), 1))?;
+                if m.dims()[0] != flat.dims()[0] {
+                    return Err(Error::Data(format!(
+                        "BatchNormalization: a mask of shape {:?} does not fit inputs of shape {:?}",
+                        mask.dims(),
+                        x.dims()
+                    )));
+                }
+                // Keras adds its epsilon (1e-7) to the count of unmasked positions.
+                let count = (m.sum_keepdim(0)? + crate::reduction::EPSILON)?;
+                let mean = flat
+                    .broadcast_mul(&m)?
+                    .sum_keepdim(0)?
+                    .broadcast_div(&count)?;
+                let centered = flat.broadcast_sub(&mean)?.broadcast_mul(&m)?;
+                let var = centered.sqr()?.sum_keepdim(0)?.broadcast_div(&count)?;
+                Ok((mean.squeeze(0)?, var.squeeze(0)?))
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, training: bool) -> Result<Tensor> {
+        let moving_mean = built(&self.moving_mean, "BatchNormalization")?;
+        let moving_variance = built(&self.moving_variance, "BatchNormalization")?;
+        let features = moving_mean.var.dims()[0];
+        if x.rank() < 2 || x.dims()[x.rank() - 1] != features {
+            return Err(Error::Data(format!(
+                "layer `{}` expects {features} features on the last axis, got shape {:?}",
+                moving_mean.name.trim_end_matches("/moving_mean"),
+                x.dims()
+            )));
+        }
+        let (mean, var) = if training {
+            let (mean, var) = Self::moments(x, mask)?;
+            let keep = self.momentum;
+            let update = |w: &Weight, batch: &Tensor| -> Result<()> {
+                let moved = ((w.var.as_tensor() * keep)? + (batch.detach() * (1.0 - keep))?)?;
+                w.var.set(&moved)?;
+                Ok(())
+            };
+            update(moving_mean, &mean)?;
+            update(moving_variance, &var)?;
+            (mean, var)
+        } else {
+            (
+                moving_mean.var.as_tensor().clone(),
+                moving_variance.var.as_tensor().clone(),
+            )
+        };
+        let inv = (var + self.epsilon)?.sqrt()?.recip()?;
+        let factor = match &self.gamma {
+            Some(g) => (inv * g.var.as_tensor())?,
+            None => inv,
+        };
+        let mut y = x.broadcast_sub(&mean)?.broadcast_mul(&factor)?;
+        if let Some(b) = &self.beta {
+            y = y.broadcast_add(b.var.as_tensor())?;
+        }
+        Ok(y)
+    }
+}
+
+impl Layer for BatchNormalization {
+    fn kind(&self) -> &'static str {
+        "batch_normalization"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let shape = one_input("BatchNormalization", input_shapes)?;
+        if shape.is_empty() {
+            return Err(Error::Graph(
+                "BatchNormalization needs samples with a feature axis".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) || self.epsilon.is_nan() || self.epsilon <= 0.0 {
+            return Err(invalid(format!(
+                "BatchNormalization: momentum must be in [0, 1] and epsilon > 0, got {} and {}",
+                self.momentum, self.epsilon
+            )));
+        }
+        Ok(shape.clone())
+    }
+    fn build(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
+        let f = [*input_shapes[0].last().expect("checked by output_shape")];
+        if self.scale {
+            self.gamma = Some(make_weight(
+                name,
+                "gamma",
+                &f,
+                Initializer::Ones,
+                true,
+                self.gamma_regularizer.clone(),
+                ctx,
+            )?);
+        }
+        if self.center {
+            self.beta = Some(make_weight(
+                name,
+                "beta",
+                &f,
+                Initializer::Zeros,
+                true,
+                self.beta_regularizer.clone(),
+                ctx,
+            )?);
+        }
+        self.moving_mean = Some(make_weight(
+            name,
+            "moving_mean",
+            &f,
+            Initializer::Zeros,
+            false,
+            None,
+            ctx,
+        )?);
+        self.moving_variance = Some(make_weight(
+            name,
+            "moving_variance",
+            &f,
+            Initializer::Ones,
+            false,
+            None,
+            ctx,
+        )?);
+        Ok(())
+    }
+    fn weights(&self) -> Vec<Weight> {
+        [
+            &self.gamma,
+            &self.beta,
+            &self.moving_mean,
+            &self.moving_variance,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
+        self.forward(&inputs[0], None, ctx.training)
+    }
+    fn call_with_masks(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        self.forward(
+            &inputs[0],
+            masks.first().and_then(Option::as_ref),
+            ctx.training,
+        )
+    }
+}
+
+/// Normalizes each sample over its last axis, `(x - mean) / sqrt(variance + epsilon)`, then
+/// scales by `gamma` and shifts by `beta`, as Keras' `LayerNormalization(axis=-1)` (epsilon 1e-3).
+/// It keeps the shape, so a mask passes through.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let x = Input::new([4]);
+/// let y = LayerNormalization::new().epsilon(1e-12).apply(&x)?;
+/// let model = Model::builder(&[x], &[y]).dtype(candle_core::DType::F64).build()?;
+/// let out = model.predict(&[Tensor::new(&[[1f64, 2., 3., 4.]], &Device::Cpu)?], 1)?;
+/// let v = out[0].to_vec2::<f64>()?[0].clone();
+/// let expected = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];
+/// assert!(v.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-9));
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct LayerNormalization {
+    epsilon: f64,
+    center: bool,
+    scale: bool,
+    gamma_regularizer: Option<SharedRegularizer>,
+    beta_regularizer: Option<SharedRegularizer>,
+    name: Option<String>,
+    gamma: Option<Weight>,
+    beta: Option<Weight>,
+}
+
+impl Default for LayerNormalization {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LayerNormalization {
+    /// Epsilon 1e-3, with `gamma` and `beta` (Keras' defaults).
+    pub fn new() -> Self {
+        Self {
+            epsilon: 1e-3,
+            center: true,
+            scale: true,
+            gamma_regularizer: None,
+            beta_regularizer: None,
+            name: None,
+            gamma: None,
+            beta: None,
+        }
+    }
+    /// Added to the variance before the square root (default 1e-3).
+    pub fn epsilon(mut self, epsilon: f64) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+    /// Whether to add the learned offset `beta` (default true).
+    pub fn center(mut self, center: bool) -> Self {
+        self.center = center;
+        self
+    }
+    /// Whether to multiply by the learned scale `gamma` (default true).
+    pub fn scale(mut self, scale: bool) -> Self {
+        self.scale = scale;
+        self
+    }
+    /// A penalty on `gamma`, added to the total loss.
+    pub fn gamma_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.gamma_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A penalty on `beta`, added to the total loss.
+    pub fn beta_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+        self.beta_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for LayerNormalization {
+    fn kind(&self) -> &'static str {
+        "layer_normalization"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let shape = one_input("LayerNormalization", input_shapes)?;
+        if shape.is_empty() {
+            return Err(Error::Graph(
+                "LayerNormalization needs samples with a feature axis".into(),
+            ));
+        }
+        if self.epsilon.is_nan() || self.epsilon <= 0.0 {
+            return Err(invalid(format!(
+                "LayerNormalization: epsilon must be > 0, got {}",
+                self.epsilon
+            )));
+        }
+        Ok(shape.clone())
+    }
+    fn build(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
+        let f = [*input_shapes[0].last().expect("checked by output_shape")];
+        if self.scale {
+            self.gamma = Some(make_weight(
+                name,
+                "gamma",
+                &f,
+                Initializer::Ones,
+                true,
+                self.gamma_regularizer.clone(),
+                ctx,
+            )?);
+        }
+        if self.center {
+            self.beta = Some(make_weight(
+                name,
+                "beta",
+                &f,
+                Initializer::Zeros,
+                true,
+                self.beta_regularizer.clone(),
+                ctx,
+            )?);
+        }
+        Ok(())
+    }
+    fn weights(&self) -> Vec<Weight> {
+        self.gamma.iter().chain(self.beta.iter()).cloned().collect()
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        let last = x.rank() - 1;
+        if let Some(g) = &self.gamma {
+            if x.dims()[last] != g.var.dims()[0] {
+                return Err(Error::Data(format!(
+                    "layer `{}` expects {} features on the last axis, got shape {:?}",
+                    g.name.trim_end_matches("/gamma"),
+                    g.var.dims()[0],
+                    x.dims()
+                )));
+            }
+        }
+        let mean = x.mean_keepdim(last)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(last)?;
+        let inv = (var + self.epsilon)?.sqrt()?.recip()?;
+        let mut y = centered.broadcast_mul(&inv)?;
+        if let Some(g) = &self.gamma {
+            y = y.broadcast_mul(g.var.as_tensor())?;
+        }
+        if let Some(b) = &self.beta {
+            y = y.broadcast_add(b.var.as_tensor())?;
+        }
+        Ok(y)
+    }
+}

@@ -1,0 +1,526 @@
+//! Pooling, channels last: max and average over windows (1-D and 2-D), and global pooling.
+//!
+//! Windows follow Keras: the stride defaults to the pool size, `same` padding pads as TensorFlow
+//! does (extra element at the end), max pooling never picks a padded position, and average
+//! pooling with `same` padding averages over the real positions of each window only.
+
+use super::util::{
+    check_positive, input_of_rank, mask_as, pad_axis, strided, window_axis, Padding,
+};
+use super::{CallContext, Layer};
+use crate::error::{invalid, Error, Result};
+use candle_core::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduce {
+    Max,
+    Average,
+}
+
+/// A window pooling layer's configuration; sizes per spatial axis.
+struct Pool {
+    reduce: Reduce,
+    pool: Vec<usize>,
+    strides: Option<Vec<usize>>,
+    padding: Padding,
+    name: Option<String>,
+}
+
+impl Pool {
+    fn new(reduce: Reduce, pool: Vec<usize>) -> Self {
+        Self {
+            reduce,
+            pool,
+            strides: None,
+            padding: Padding::Valid,
+            name: None,
+        }
+    }
+
+    fn layer(&self) -> String {
+        format!(
+            "{}Pooling{}D",
+            match self.reduce {
+                Reduce::Max => "Max",
+                Reduce::Average => "Average",
+            },
+            self.pool.len()
+        )
+    }
+
+    fn strides(&self) -> Vec<usize> {
+        self.strides.clone().unwrap_or_else(|| self.pool.clone())
+    }
+
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let layer = self.layer();
+        let rank = self.pool.len();
+        let layout = if rank == 1 {
+            "[steps, channels]"
+        } else {
+            "[height, width, channels]"
+        };
+        let shape = input_of_rank(&layer, input_shapes, rank + 1, layout)?;
+        check_positive(&layer, "pool_size", &self.pool)?;
+        check_positive(&layer, "strides", &self.strides())?;
+        if self.padding == Padding::Causal {
+            return Err(invalid(format!("{layer}: padding must be valid or same")));
+        }
+        let strides = self.strides();
+        let mut out = Vec::with_capacity(rank + 1);
+        for i in 0..rank {
+            let axis = window_axis(shape[i], self.pool[i], strides[i], 1, self.padding)
+                .ok_or_else(|| {
+                    Error::Graph(format!(
+                        "{layer}: a pool of {:?} does not fit an input of {shape:?} with `valid` \
+                         padding",
+                        self.pool
+                    ))
+                })?;
+            out.push(axis.out);
+        }
+        out.push(shape[rank]);
+        Ok(out)
+    }
+
+    fn call(&self, x: &Tensor) -> Result<Tensor> {
+        let rank = self.pool.len();
+        if x.rank() != rank + 2 {
+            return Err(Error::Data(format!(
+                "{} expects inputs of rank {}, got shape {:?}",
+                self.layer(),
+                rank + 2,
+                x.dims()
+            )));
+        }
+        let s = self.strides();
+        // A 1-D pool is a 2-D one over a height of 1.
+        let (x, pool, strides) = if rank == 1 {
+            (x.unsqueeze(1)?, [1, self.pool[0]], [1, s[0]])
+        } else {
+            (x.clone(), [self.pool[0], self.pool[1]], [s[0], s[1]])
+        };
+        let paddings = [
+            if rank == 1 {
+                Padding::Valid
+            } else {
+                self.padding
+            },
+            self.padding,
+        ];
+        let neutral = match self.reduce {
+            Reduce::Max => f64::NEG_INFINITY,
+            Reduce::Average => 0.0,
+        };
+        let mut x = x;
+        let mut axes = Vec::with_capacity(2);
+        for a in 0..2 {
+            let n = x.dims()[1 + a];
+            let axis = window_axis(n, pool[a], strides[a], 1, paddings[a]).ok_or_else(|| {
+                Error::Data(format!(
+                    "{}: input {:?} is too short",
+                    self.layer(),
+                    x.dims()
+                ))
+            })?;
+            x = pad_axis(&x, 1 + a, axis.before, axis.after, neutral)?;
+            let used = (axis.out - 1) * strides[a] + pool[a];
+            x = x.narrow(1 + a, 0, used)?;
+            axes.push((n, axis));
+        }
+        let (oh, ow) = (axes[0].1.out, axes[1].1.out);
+        let y = if pool == strides {
+            // Non-overlapping windows: split each axis into (windows, pool) and reduce the pool
+            // axes. (candle's max_pool2d backward scales the gradient by 1/pool area, so it is
+            // not used.)
+            let (b, c) = (x.dims()[0], x.dims()[3]);
+            let blocks = x.contiguous()?.reshape((b, oh, pool[0], ow, pool[1], c))?;
+            match self.reduce {
+                Reduce::Max => blocks.max(4)?.max(2)?,
+                Reduce::Average => blocks.mean(4)?.mean(2)?,
+            }
+        } else {
+            // Overlapping windows: one strided view per window offset, reduced together.
+            let mut views = Vec::with_capacity(pool[0] * pool[1]);
+            for i in 0..pool[0] {
+                let rows = strided(&x, 1, i, strides[0], oh)?;
+                for j in 0..pool[1] {
+                    views.push(strided(&rows, 2, j, strides[1], ow)?);
+                }
+            }
+            let stacked = Tensor::stack(&views, 4)?;
+            match self.reduce {
+                Reduce::Max => stacked.max(4)?,
+                Reduce::Average => (stacked.sum(4)? / (pool[0] * pool[1]) as f64)?,
+            }
+        };
+        let y = if self.reduce == Reduce::Average && self.padding == Padding::Same {
+            // Rescale each window from the full window size to its count of real positions.
+            let count = |a: usize| -> Vec<f64> {
+                let (n, axis) = axes[a];
+                (0..axis.out)
+                    .map(|o| {
+                        (0..pool[a])
+                            .filter(|k| {
+                                let p = (o * strides[a] + k) as i64 - axis.before as i64;
+                                p >= 0 && p < n as i64
+                            })
+                            .count() as f64
+                    })
+                    .collect()
+            };
+            let (ch, cw) = (count(0), count(1));
+            let full = (pool[0] * pool[1]) as f64;
+            let scale: Vec<f64> = ch
+                .iter()
+                .flat_map(|h| cw.iter().map(move |w| full / (h * w)))
+                .collect();
+            let scale = Tensor::from_vec(scale, (1, oh, ow, 1), y.device())?.to_dtype(y.dtype())?;
+            y.broadcast_mul(&scale)?
+        } else {
+            y
+        };
+        Ok(if rank == 1 { y.squeeze(1)? } else { y })
+    }
+}
+
+macro_rules! pool_layer {
+    ($ty:ident, $kind:literal, $reduce:expr, $size:ty, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $ty {
+            pool: Pool,
+        }
+
+        impl $ty {
+            /// A pool of `pool_size` positions per window, stride equal to the pool size, `valid`
+            /// padding.
+            pub fn new(pool_size: $size) -> Self {
+                Self {
+                    pool: Pool::new($reduce, to_vec(pool_size)),
+                }
+            }
+            /// The step between windows (default: the pool size).
+            pub fn strides(mut self, strides: $size) -> Self {
+                self.pool.strides = Some(to_vec(strides));
+                self
+            }
+            /// How the borders are treated (default `Valid`).
+            pub fn padding(mut self, padding: Padding) -> Self {
+                self.pool.padding = padding;
+                self
+            }
+            /// The layer's name.
+            pub fn name(mut self, name: impl Into<String>) -> Self {
+                self.pool.name = Some(name.into());
+                self
+            }
+        }
+
+        impl Layer for $ty {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            fn given_name(&self) -> Option<&str> {
+                self.pool.name.as_deref()
+            }
+            fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+                self.pool.output_shape(input_shapes)
+            }
+            fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+                self.pool.call(&inputs[0])
+            }
+            fn compute_mask(
+                &self,
+                _inputs: &[Tensor],
+                _masks: &[Option<Tensor>],
+            ) -> Result<Option<Tensor>> {
+                Ok(None)
+            }
+        }
+    };
+}
+
+/// A pool size for one axis or two.
+trait PoolSize {
+    fn into_vec(self) -> Vec<usize>;
+}
+
+impl PoolSize for usize {
+    fn into_vec(self) -> Vec<usize> {
+        vec![self]
+    }
+}
+
+impl PoolSize for (usize, usize) {
+    fn into_vec(self) -> Vec<usize> {
+        vec![self.0, self.1]
+    }
+}
+
+fn to_vec(size: impl PoolSize) -> Vec<usize> {
+    size.into_vec()
+}
+
+pool_layer!(
+    MaxPooling1D,
+    "max_pooling1d",
+    Reduce::Max,
+    usize,
+    "The maximum over windows of steps of `[steps, channels]` samples.\n\n\
+     ```\n\
+     use candle_core::{Device, Tensor};\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([5, 1]);\n\
+     let y = MaxPooling1D::new(2).strides(1).apply(&x)?;\n\
+     let model = Model::new(&[x], &[y])?;\n\
+     let batch = Tensor::new(&[[[1f32], [3.], [2.], [0.], [4.]]], &Device::Cpu)?;\n\
+     let out = model.predict(&[batch], 1)?[0].flatten_all()?.to_vec1::<f32>()?;\n\
+     assert_eq!(out, vec![3., 3., 2., 4.]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+pool_layer!(
+    AveragePooling1D,
+    "average_pooling1d",
+    Reduce::Average,
+    usize,
+    "The mean over windows of steps of `[steps, channels]` samples; with `same` padding, over the \
+     real steps of each window.\n\n\
+     ```\n\
+     use candle_core::{Device, Tensor};\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([5, 1]);\n\
+     let y = AveragePooling1D::new(2).padding(Padding::Same).apply(&x)?;\n\
+     let model = Model::new(&[x], &[y])?;\n\
+     let batch = Tensor::new(&[[[1f32], [3.], [2.], [0.], [4.]]], &Device::Cpu)?;\n\
+     let out = model.predict(&[batch], 1)?[0].flatten_all()?.to_vec1::<f32>()?;\n\
+     assert_eq!(out, vec![2., 1., 4.]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+pool_layer!(
+    MaxPooling2D,
+    "max_pooling2d",
+    Reduce::Max,
+    (usize, usize),
+    "The maximum over `(height, width)` windows of `[height, width, channels]` samples.\n\n\
+     ```\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([7, 8, 3]);\n\
+     assert_eq!(MaxPooling2D::new((2, 2)).apply(&x)?.shape(), &[3, 4, 3]);\n\
+     assert_eq!(MaxPooling2D::new((3, 3)).strides((2, 2)).padding(Padding::Same).apply(&x)?.shape(), &[4, 4, 3]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+pool_layer!(
+    AveragePooling2D,
+    "average_pooling2d",
+    Reduce::Average,
+    (usize, usize),
+    "The mean over `(height, width)` windows of `[height, width, channels]` samples; with `same` \
+     padding, over the real positions of each window.\n\n\
+     ```\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([6, 6, 2]);\n\
+     assert_eq!(AveragePooling2D::new((2, 3)).apply(&x)?.shape(), &[3, 2, 2]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+
+/// A global pooling layer's configuration.
+struct Global {
+    reduce: Reduce,
+    rank: usize,
+    keepdims: bool,
+    name: Option<String>,
+}
+
+impl Global {
+    fn layer(&self) -> String {
+        format!(
+            "Global{}Pooling{}D",
+            match self.reduce {
+                Reduce::Max => "Max",
+                Reduce::Average => "Average",
+            },
+            self.rank
+        )
+    }
+
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let layout = if self.rank == 1 {
+            "[steps, channels]"
+        } else {
+            "[height, width, channels]"
+        };
+        let shape = input_of_rank(&self.layer(), input_shapes, self.rank + 1, layout)?;
+        Ok(if self.keepdims {
+            let mut out = vec![1; self.rank];
+            out.push(shape[self.rank]);
+            out
+        } else {
+            vec![shape[self.rank]]
+        })
+    }
+
+    fn call(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if x.rank() != self.rank + 2 {
+            return Err(Error::Data(format!(
+                "{} expects inputs of rank {}, got shape {:?}",
+                self.layer(),
+                self.rank + 2,
+                x.dims()
+            )));
+        }
+        let axes: Vec<usize> = (1..=self.rank).collect();
+        let y = match (self.reduce, mask) {
+            (Reduce::Average, Some(mask)) if self.rank == 1 => {
+                // Keras: the mean over the unmasked steps only.
+                let m = mask_as(mask, x.dtype())?.unsqueeze(2)?;
+                let kept = x.broadcast_mul(&m)?.sum_keepdim(1)?;
+                kept.broadcast_div(&m.sum_keepdim(1)?)?
+            }
+            (Reduce::Average, _) => x.mean_keepdim(axes.clone())?,
+            (Reduce::Max, _) => {
+                let mut y = x.clone();
+                for &a in &axes {
+                    y = y.max_keepdim(a)?;
+                }
+                y
+            }
+        };
+        Ok(if self.keepdims { y } else { y.flatten_from(1)? })
+    }
+}
+
+macro_rules! global_layer {
+    ($ty:ident, $kind:literal, $reduce:expr, $rank:literal, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $ty {
+            global: Global,
+        }
+
+        impl Default for $ty {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl $ty {
+            /// Pools every position of each channel into one value.
+            pub fn new() -> Self {
+                Self {
+                    global: Global {
+                        reduce: $reduce,
+                        rank: $rank,
+                        keepdims: false,
+                        name: None,
+                    },
+                }
+            }
+            /// Keeps the pooled axes with size 1 (default false).
+            pub fn keepdims(mut self, keepdims: bool) -> Self {
+                self.global.keepdims = keepdims;
+                self
+            }
+            /// The layer's name.
+            pub fn name(mut self, name: impl Into<String>) -> Self {
+                self.global.name = Some(name.into());
+                self
+            }
+        }
+
+        impl Layer for $ty {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            fn given_name(&self) -> Option<&str> {
+                self.global.name.as_deref()
+            }
+            fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+                self.global.output_shape(input_shapes)
+            }
+            fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+                self.global.call(&inputs[0], None)
+            }
+            fn call_with_masks(
+                &self,
+                inputs: &[Tensor],
+                masks: &[Option<Tensor>],
+                _ctx: &mut CallContext,
+            ) -> Result<Tensor> {
+                self.global
+                    .call(&inputs[0], masks.first().and_then(Option::as_ref))
+            }
+            fn compute_mask(
+                &self,
+                _inputs: &[Tensor],
+                _masks: &[Option<Tensor>],
+            ) -> Result<Option<Tensor>> {
+                // The time axis is gone, and the mask with it.
+                Ok(None)
+            }
+        }
+    };
+}
+
+global_layer!(
+    GlobalAveragePooling1D,
+    "global_average_pooling1d",
+    Reduce::Average,
+    1,
+    "The mean over steps of `[steps, channels]` samples; with a mask (from `Embedding(mask_zero)` \
+     or `Masking`), over the unmasked steps only, as Keras.\n\n\
+     ```\n\
+     use candle_core::{Device, Tensor};\n\
+     use kiln::prelude::*;\n\
+     let ids = Input::new([3]);\n\
+     let e = Embedding::new(5, 2).mask_zero(true).name(\"emb\").apply(&ids)?;\n\
+     let y = GlobalAveragePooling1D::new().apply(&e)?;\n\
+     let model = Model::new(&[ids], &[y])?;\n\
+     let out = model.predict(&[Tensor::new(&[[2f32, 0., 0.]], &Device::Cpu)?], 1)?;\n\
+     let table = model.weight(\"emb/embeddings\")?.var.as_tensor().to_vec2::<f32>()?;\n\
+     assert_eq!(out[0].to_vec2::<f32>()?[0], table[2]); // the padding steps are left out\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+global_layer!(
+    GlobalAveragePooling2D,
+    "global_average_pooling2d",
+    Reduce::Average,
+    2,
+    "The mean over height and width of `[height, width, channels]` samples.\n\n\
+     ```\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([4, 4, 3]);\n\
+     assert_eq!(GlobalAveragePooling2D::new().apply(&x)?.shape(), &[3]);\n\
+     assert_eq!(GlobalAveragePooling2D::new().keepdims(true).apply(&x)?.shape(), &[1, 1, 3]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+global_layer!(
+    GlobalMaxPooling1D,
+    "global_max_pooling1d",
+    Reduce::Max,
+    1,
+    "The maximum over steps of `[steps, channels]` samples (masks are not used, as in Keras).\n\n\
+     ```\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([6, 2]);\n\
+     assert_eq!(GlobalMaxPooling1D::new().apply(&x)?.shape(), &[2]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);
+global_layer!(
+    GlobalMaxPooling2D,
+    "global_max_pooling2d",
+    Reduce::Max,
+    2,
+    "The maximum over height and width of `[height, width, channels]` samples.\n\n\
+     ```\n\
+     use kiln::prelude::*;\n\
+     let x = Input::new([4, 5, 3]);\n\
+     assert_eq!(GlobalMaxPooling2D::new().apply(&x)?.shape(), &[3]);\n\
+     # Ok::<(), kiln::Error>(())\n\
+     ```"
+);

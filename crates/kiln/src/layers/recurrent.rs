@@ -1,0 +1,533 @@
+//! Recurrent layers: LSTM and GRU, with Keras 3's gate order, defaults and masking.
+//!
+//! Both read sequences `[batch, steps, features]`. Where a step is masked (the mask from
+//! `Embedding(mask_zero)` or `Masking`), the state carries over unchanged and the step's output is
+//! the previous output, exactly as Keras 3 does (`zero_output_for_mask=False`). With
+//! `return_sequences(true)` the output keeps the time axis and the mask flows on; otherwise the
+//! output is the last state and the mask stops here.
+
+use super::dense::dense_forward;
+use super::util::{built, input_of_rank, make_weight};
+use super::{BuildContext, CallContext, Layer, Weight};
+use crate::activations::Activation;
+use crate::error::{invalid, Error, Result};
+use crate::initializers::Initializer;
+use crate::regularizers::{IntoRegularizer, SharedRegularizer};
+use candle_core::{Tensor, Var};
+
+/// What LSTM and GRU share: sizes, activations, initializers, regularizers, weights.
+struct Recurrent {
+    units: usize,
+    activation: Activation,
+    recurrent_activation: Activation,
+    use_bias: bool,
+    kernel_initializer: Initializer,
+    recurrent_initializer: Initializer,
+    bias_initializer: Initializer,
+    kernel_regularizer: Option<SharedRegularizer>,
+    recurrent_regularizer: Option<SharedRegularizer>,
+    bias_regularizer: Option<SharedRegularizer>,
+    activity_regularizer: Option<SharedRegularizer>,
+    return_sequences: bool,
+    name: Option<String>,
+    kernel: Option<Weight>,
+    recurrent_kernel: Option<Weight>,
+    bias: Option<Weight>,
+}
+
+impl Recurrent {
+    fn new(units: usize) -> Self {
+        Self {
+            units,
+            activation: Activation::Tanh,
+            recurrent_activation: Activation::Sigmoid,
+            use_bias: true,
+            kernel_initializer: Initializer::GlorotUniform,
+            recurrent_initializer: Initializer::Orthogonal { gain: 1.0 },
+            bias_initializer: Initializer::Zeros,
+            kernel_regularizer: None,
+            recurrent_regularizer: None,
+            bias_regularizer: None,
+            activity_regularizer: None,
+            return_sequences: false,
+            name: None,
+            kernel: None,
+            recurrent_kernel: None,
+            bias: None,
+        }
+    }
+
+    fn output_shape(&self, layer: &str, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let shape = input_of_rank(layer, input_shapes, 2, "[steps, features]")?;
+        if self.units == 0 {
+            return Err(invalid(format!("{layer}: units must be at least 1")));
+        }
+        Ok(if self.return_sequences {
+            vec![shape[0], self.units]
+        } else {
+            vec![self.units]
+        })
+    }
+
+    /// Creates kernel `[features, gates·units]`, recurrent kernel `[units, gates·units]`; the bias
+    /// is left to the layer.
+    fn build_kernels(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        gates: usize,
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
+        let features = input_shapes[0][1];
+        let width = gates * self.units;
+        self.kernel = Some(make_weight(
+            name,
+            "kernel",
+            &[features, width],
+            self.kernel_initializer,
+            true,
+            self.kernel_regularizer.clone(),
+            ctx,
+        )?);
+        self.recurrent_kernel = Some(make_weight(
+            name,
+            "recurrent_kernel",
+            &[self.units, width],
+            self.recurrent_initializer,
+            true,
+            self.recurrent_regularizer.clone(),
+            ctx,
+        )?);
+        Ok(())
+    }
+
+    fn bias_weight(&self, name: &str, value: Tensor) -> Result<Weight> {
+        Ok(Weight {
+            name: format!("{name}/bias"),
+            var: Var::from_tensor(&value)?,
+            trainable: true,
+            regularizer: self.bias_regularizer.clone(),
+        })
+    }
+
+    fn weights(&self) -> Vec<Weight> {
+        self.kernel
+            .iter()
+            .chain(self.recurrent_kernel.iter())
+            .chain(self.bias.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Checks the input and the mask, and returns `(batch, steps, per-step 0/1 masks)`.
+    fn prepare(
+        &self,
+        layer: &str,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(usize, usize, Option<Vec<Tensor>>)> {
+        let kernel = built(&self.kernel, layer)?;
+        let (batch, steps, features) = x.dims3()?;
+        if features != kernel.var.dims()[0] {
+            return Err(Error::Data(format!(
+                "layer `{}` expects {} features per step, got shape {:?}",
+                kernel.name.trim_end_matches("/kernel"),
+                kernel.var.dims()[0],
+                x.dims()
+            )));
+        }
+        let masks = match mask {
+            None => None,
+            Some(m) => {
+                if m.dims() != [batch, steps] {
+                    return Err(Error::Data(format!(
+                        "layer `{}`: the mask has shape {:?} but the input has {batch} sequences \
+                         of {steps} steps",
+                        kernel.name.trim_end_matches("/kernel"),
+                        m.dims()
+                    )));
+                }
+                let m = m.ne(0.0)?;
+                let per_step = (0..steps)
+                    .map(|t| {
+                        Ok(m.narrow(1, t, 1)?
+                            .broadcast_as((batch, self.units))?
+                            .contiguous()?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(per_step)
+            }
+        };
+        Ok((batch, steps, masks))
+    }
+
+    /// Runs `step` over the sequence, carrying the states where a step is masked, and returns
+    /// the sequence of outputs or the last one.
+    fn scan(
+        &self,
+        x_proj: &Tensor,
+        masks: Option<&[Tensor]>,
+        mut states: Vec<Tensor>,
+        step: impl Fn(&Tensor, &[Tensor]) -> Result<Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let steps = x_proj.dims()[1];
+        let mut outputs = Vec::with_capacity(if self.return_sequences { steps } else { 0 });
+        for t in 0..steps {
+            let x_t = x_proj.narrow(1, t, 1)?.squeeze(1)?;
+            let mut next = step(&x_t, &states)?;
+            if let Some(masks) = masks {
+                for (new, old) in next.iter_mut().zip(&states) {
+                    *new = masks[t].where_cond(new, old)?;
+                }
+            }
+            states = next;
+            if self.return_sequences {
+                outputs.push(states[0].clone());
+            }
+        }
+        if self.return_sequences {
+            Ok(Tensor::stack(&outputs, 1)?)
+        } else {
+            Ok(states.swap_remove(0))
+        }
+    }
+}
+
+macro_rules! recurrent_builders {
+    ($ty:ident) => {
+        impl $ty {
+            /// The activation of the candidate state and of the output (default tanh).
+            pub fn activation(mut self, activation: Activation) -> Self {
+                self.rnn.activation = activation;
+                self
+            }
+            /// The activation of the gates (default sigmoid).
+            pub fn recurrent_activation(mut self, activation: Activation) -> Self {
+                self.rnn.recurrent_activation = activation;
+                self
+            }
+            /// Whether the gates have biases (default true).
+            pub fn use_bias(mut self, use_bias: bool) -> Self {
+                self.rnn.use_bias = use_bias;
+                self
+            }
+            /// Whether the output is the whole sequence of states (and keeps the mask) or only
+            /// the last one (default false).
+            pub fn return_sequences(mut self, return_sequences: bool) -> Self {
+                self.rnn.return_sequences = return_sequences;
+                self
+            }
+            /// How the input kernel is initialized (default Glorot uniform).
+            pub fn kernel_initializer(mut self, init: Initializer) -> Self {
+                self.rnn.kernel_initializer = init;
+                self
+            }
+            /// How the recurrent kernel is initialized (default orthogonal).
+            pub fn recurrent_initializer(mut self, init: Initializer) -> Self {
+                self.rnn.recurrent_initializer = init;
+                self
+            }
+            /// How the bias is initialized (default zeros).
+            pub fn bias_initializer(mut self, init: Initializer) -> Self {
+                self.rnn.bias_initializer = init;
+                self
+            }
+            /// A penalty on the input kernel, added to the total loss.
+            pub fn kernel_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.rnn.kernel_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A penalty on the recurrent kernel, added to the total loss.
+            pub fn recurrent_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.rnn.recurrent_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A penalty on the bias, added to the total loss.
+            pub fn bias_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.rnn.bias_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A penalty on the layer's output, added to the total loss.
+            pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
+                self.rnn.activity_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// The layer's name.
+            pub fn name(mut self, name: impl Into<String>) -> Self {
+                self.rnn.name = Some(name.into());
+                self
+            }
+        }
+    };
+}
+
+/// Long short-term memory (Hochreiter & Schmidhuber 1997) with Keras 3's layout: kernel
+/// `[features, 4·units]`, recurrent kernel `[units, 4·units]` and bias `[4·units]`, gates in the
+/// order input, forget, candidate, output; tanh and sigmoid; the forget bias starts at 1
+/// (`unit_forget_bias`), the recurrent kernel orthogonal.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let ids = Input::new([5]);
+/// let e = Embedding::new(20, 4).mask_zero(true).apply(&ids)?;
+/// let seq = Lstm::new(3).return_sequences(true).name("lstm").apply(&e)?;
+/// assert_eq!(seq.shape(), &[5, 3]);
+/// let model = Model::new(&[ids], &[seq])?;
+/// assert_eq!(model.weight("lstm/bias")?.var.as_tensor().to_vec1::<f32>()?,
+///            vec![0., 0., 0., 1., 1., 1., 0., 0., 0., 0., 0., 0.]);
+/// // Padding (id 0) carries the state: the masked steps repeat the last real output.
+/// let out = model.predict(&[Tensor::new(&[[4f32, 7., 0., 0., 0.]], &Device::Cpu)?], 1)?;
+/// let steps = out[0].to_vec3::<f32>()?;
+/// assert_eq!(steps[0][4], steps[0][1]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Lstm {
+    rnn: Recurrent,
+    unit_forget_bias: bool,
+}
+
+impl Lstm {
+    /// An LSTM with `units` units, returning the last state.
+    pub fn new(units: usize) -> Self {
+        Self {
+            rnn: Recurrent::new(units),
+            unit_forget_bias: true,
+        }
+    }
+    /// Whether the forget gate's bias starts at 1 (default true, as Keras).
+    pub fn unit_forget_bias(mut self, unit_forget_bias: bool) -> Self {
+        self.unit_forget_bias = unit_forget_bias;
+        self
+    }
+}
+recurrent_builders!(Lstm);
+
+impl Layer for Lstm {
+    fn kind(&self) -> &'static str {
+        "lstm"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.rnn.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        self.rnn.output_shape("LSTM", input_shapes)
+    }
+    fn build(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
+        self.rnn.build_kernels(name, input_shapes, 4, ctx)?;
+        if self.rnn.use_bias {
+            let u = self.rnn.units;
+            let init = self.rnn.bias_initializer;
+            let value = if self.unit_forget_bias {
+                let input = init.init(&[u], ctx.dtype, ctx.device, ctx.rng)?;
+                let forget = Tensor::ones(u, ctx.dtype, ctx.device)?;
+                let rest = init.init(&[2 * u], ctx.dtype, ctx.device, ctx.rng)?;
+                Tensor::cat(&[input, forget, rest], 0)?
+            } else {
+                init.init(&[4 * u], ctx.dtype, ctx.device, ctx.rng)?
+            };
+            self.rnn.bias = Some(self.rnn.bias_weight(name, value)?);
+        }
+        Ok(())
+    }
+    fn weights(&self) -> Vec<Weight> {
+        self.rnn.weights()
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        // Masks arrive through `call_with_masks`; called directly, every step counts.
+        self.call_masked(&inputs[0], None)
+    }
+    fn call_with_masks(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        _ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
+    }
+    fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        Ok(if self.rnn.return_sequences {
+            masks.first().cloned().flatten()
+        } else {
+            None
+        })
+    }
+    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        self.rnn.activity_regularizer.as_ref()
+    }
+}
+
+impl Lstm {
+    fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let rnn = &self.rnn;
+        let (batch, _, masks) = rnn.prepare("LSTM", x, mask)?;
+        let kernel = built(&rnn.kernel, "LSTM")?.var.as_tensor();
+        let recurrent = built(&rnn.recurrent_kernel, "LSTM")?.var.as_tensor();
+        let bias = rnn.bias.as_ref().map(|b| b.var.as_tensor());
+        let u = rnn.units;
+        let x_proj = dense_forward(x, kernel, bias, Activation::Linear)?;
+        let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
+        let (act, gate) = (rnn.activation, rnn.recurrent_activation);
+        rnn.scan(
+            &x_proj,
+            masks.as_deref(),
+            vec![zeros.clone(), zeros],
+            |x_t, states| {
+                let (h, c) = (&states[0], &states[1]);
+                let z = (x_t + h.matmul(recurrent)?)?;
+                let i = gate.apply(&z.narrow(1, 0, u)?)?;
+                let f = gate.apply(&z.narrow(1, u, u)?)?;
+                let g = act.apply(&z.narrow(1, 2 * u, u)?)?;
+                let o = gate.apply(&z.narrow(1, 3 * u, u)?)?;
+                let c = ((f * c)? + (i * g)?)?;
+                let h = (o * act.apply(&c)?)?;
+                Ok(vec![h, c])
+            },
+        )
+    }
+}
+
+/// Gated recurrent unit (Cho et al. 2014) with Keras 3's layout: kernel `[features, 3·units]`,
+/// recurrent kernel `[units, 3·units]`, gates in the order update, reset, candidate. By default
+/// the reset gate applies after the recurrent matrix product (`reset_after`, Keras' default), with
+/// separate input and recurrent biases (bias `[2, 3·units]`); otherwise the bias is `[3·units]`.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([6, 2]);
+/// let last = Gru::new(4).name("gru").apply(&x)?;
+/// assert_eq!(last.shape(), &[4]);
+/// let model = Model::new(&[x], &[last])?;
+/// assert_eq!(model.weight("gru/bias")?.var.dims(), &[2, 12]);
+/// assert_eq!(model.weight("gru/recurrent_kernel")?.var.dims(), &[4, 12]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Gru {
+    rnn: Recurrent,
+    reset_after: bool,
+}
+
+impl Gru {
+    /// A GRU with `units` units, returning the last state.
+    pub fn new(units: usize) -> Self {
+        Self {
+            rnn: Recurrent::new(units),
+            reset_after: true,
+        }
+    }
+    /// Whether the reset gate applies after the recurrent matrix product (default true).
+    pub fn reset_after(mut self, reset_after: bool) -> Self {
+        self.reset_after = reset_after;
+        self
+    }
+}
+recurrent_builders!(Gru);
+
+impl Layer for Gru {
+    fn kind(&self) -> &'static str {
+        "gru"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.rnn.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        self.rnn.output_shape("GRU", input_shapes)
+    }
+    fn build(
+        &mut self,
+        name: &str,
+        input_shapes: &[Vec<usize>],
+        ctx: &mut BuildContext,
+    ) -> Result<()> {
+        self.rnn.build_kernels(name, input_shapes, 3, ctx)?;
+        if self.rnn.use_bias {
+            let width = 3 * self.rnn.units;
+            let shape: &[usize] = if self.reset_after {
+                &[2, width]
+            } else {
+                &[width]
+            };
+            let value = self
+                .rnn
+                .bias_initializer
+                .init(shape, ctx.dtype, ctx.device, ctx.rng)?;
+            self.rnn.bias = Some(self.rnn.bias_weight(name, value)?);
+        }
+        Ok(())
+    }
+    fn weights(&self) -> Vec<Weight> {
+        self.rnn.weights()
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        self.call_masked(&inputs[0], None)
+    }
+    fn call_with_masks(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        _ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
+    }
+    fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        Ok(if self.rnn.return_sequences {
+            masks.first().cloned().flatten()
+        } else {
+            None
+        })
+    }
+    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        self.rnn.activity_regularizer.as_ref()
+    }
+}
+
+impl Gru {
+    fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let rnn = &self.rnn;
+        let (batch, _, masks) = rnn.prepare("GRU", x, mask)?;
+        let kernel = built(&rnn.kernel, "GRU")?.var.as_tensor();
+        let recurrent = built(&rnn.recurrent_kernel, "GRU")?.var.as_tensor();
+        let u = rnn.units;
+        let (input_bias, recurrent_bias) = match (&rnn.bias, self.reset_after) {
+            (None, _) => (None, None),
+            (Some(b), true) => {
+                let b = b.var.as_tensor();
+                (Some(b.get(0)?), Some(b.get(1)?))
+            }
+            (Some(b), false) => (Some(b.var.as_tensor().clone()), None),
+        };
+        let x_proj = dense_forward(x, kernel, input_bias.as_ref(), Activation::Linear)?;
+        let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
+        let (act, gate) = (rnn.activation, rnn.recurrent_activation);
+        let reset_after = self.reset_after;
+        rnn.scan(&x_proj, masks.as_deref(), vec![zeros], |x_t, states| {
+            let h = &states[0];
+            let (z, hh) = if reset_after {
+                let mut inner = h.matmul(recurrent)?;
+                if let Some(b) = &recurrent_bias {
+                    inner = inner.broadcast_add(b)?;
+                }
+                let z = gate.apply(&(x_t.narrow(1, 0, u)? + inner.narrow(1, 0, u)?)?)?;
+                let r = gate.apply(&(x_t.narrow(1, u, u)? + inner.narrow(1, u, u)?)?)?;
+                let hh =
+                    act.apply(&(x_t.narrow(1, 2 * u, u)? + (r * inner.narrow(1, 2 * u, u)?)?)?)?;
+                (z, hh)
+            } else {
+                let inner = h.matmul(&recurrent.narrow(1, 0, 2 * u)?)?;
+                let z = gate.apply(&(x_t.narrow(1, 0, u)? + inner.narrow(1, 0, u)?)?)?;
+                let r = gate.apply(&(x_t.narrow(1, u, u)? + inner.narrow(1, u, u)?)?)?;
+                let candidate = (r * h)?.matmul(&recurrent.narrow(1, 2 * u, u)?)?;
+                let hh = act.apply(&(x_t.narrow(1, 2 * u, u)? + candidate)?)?;
+                (z, hh)
+            };
+            // h = z · h_prev + (1 - z) · candidate
+            let h = ((&z * h)? + (z.affine(-1.0, 1.0)? * hh)?)?;
+            Ok(vec![h])
+        })
+    }
+}

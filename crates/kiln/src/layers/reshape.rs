@@ -1,0 +1,98 @@
+//! Reshape: a new shape for each sample.
+
+use super::util::one_input;
+use super::{CallContext, Layer};
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+
+/// Gives each sample a new shape with the same number of values; one axis may be `-1`, inferred
+/// from the others. As in Keras, the batch axis is left out and the mask stops here.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([64]);
+/// assert_eq!(Reshape::new([8, 8, 1]).apply(&x)?.shape(), &[8, 8, 1]);
+/// assert_eq!(Reshape::new([-1, 16]).apply(&x)?.shape(), &[4, 16]);
+/// assert!(Reshape::new([7, -1]).apply(&x).is_err());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Reshape {
+    target: Vec<isize>,
+    name: Option<String>,
+}
+
+impl Reshape {
+    /// Samples take `target_shape` (batch axis left out; at most one `-1`).
+    pub fn new(target_shape: impl Into<Vec<isize>>) -> Self {
+        Self {
+            target: target_shape.into(),
+            name: None,
+        }
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    fn resolve(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let total: usize = input.iter().product();
+        let unknown = self.target.iter().filter(|&&d| d == -1).count();
+        let bad = || {
+            Error::Graph(format!(
+                "Reshape: samples of shape {input:?} ({total} values) cannot take the shape {:?}",
+                self.target
+            ))
+        };
+        if unknown > 1 || self.target.iter().any(|&d| d == 0 || d < -1) {
+            return Err(bad());
+        }
+        let known: usize = self
+            .target
+            .iter()
+            .filter(|&&d| d > 0)
+            .map(|&d| d as usize)
+            .product();
+        let fill = if unknown == 1 {
+            if known == 0 || !total.is_multiple_of(known) {
+                return Err(bad());
+            }
+            total / known
+        } else {
+            if known != total {
+                return Err(bad());
+            }
+            0
+        };
+        Ok(self
+            .target
+            .iter()
+            .map(|&d| if d == -1 { fill } else { d as usize })
+            .collect())
+    }
+}
+
+impl Layer for Reshape {
+    fn kind(&self) -> &'static str {
+        "reshape"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        self.resolve(one_input("Reshape", input_shapes)?)
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        let mut shape = vec![x.dims()[0]];
+        shape.extend(self.resolve(&x.dims()[1..])?);
+        Ok(x.reshape(shape)?)
+    }
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
