@@ -6,4 +6,5 @@ mod cli;
 mod examples;
 mod gradients;
 mod keras_reference;
+mod run_files;
 mod training;

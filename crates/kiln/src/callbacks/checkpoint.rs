@@ -164,7 +164,6 @@ pub struct ModelCheckpoint {
     mode: Mode,
     best: Option<f64>,
     history: History,
-    first_epoch: usize,
 }
 
 impl ModelCheckpoint {
@@ -191,7 +190,6 @@ impl ModelCheckpoint {
     }
     /// Continues a history restored from a checkpoint (for resumed runs).
     pub fn resuming(mut self, history: History) -> Self {
-        self.first_epoch = history.epochs.len();
         self.history = history;
         self
     }
@@ -217,7 +215,6 @@ impl Callback for ModelCheckpoint {
                 model.save_checkpoint(&self.dir, "best", done, &self.history)?;
             }
         }
-        let _ = self.first_epoch;
         Ok(Control::Continue)
     }
 }

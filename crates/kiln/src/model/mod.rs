@@ -7,11 +7,11 @@ mod sequential;
 mod train;
 
 pub use added::{AddedLoss, Tensors};
+pub(crate) use compile::not_compiled;
 pub use compile::Compile;
 pub use history::{History, Logs};
 pub use sequential::Sequential;
 pub use train::{Fit, SharedCallback};
-pub(crate) use compile::not_compiled;
 
 use crate::error::{Error, Result};
 use crate::graph::{NodeOp, SharedLayer, SymbolicTensor};
@@ -293,6 +293,20 @@ impl Model {
     /// The layers' names, in execution order.
     pub fn layer_names(&self) -> Vec<&str> {
         self.layers.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The symbolic output of the layer named `name` (its first application), for added losses.
+    pub fn layer_output(&self, name: &str) -> Result<SymbolicTensor> {
+        self.steps
+            .iter()
+            .find(|s| s.layer_name == name)
+            .map(|s| s.node.clone())
+            .ok_or_else(|| {
+                Error::Graph(format!(
+                    "the model has no layer `{name}`; its layers are {:?}",
+                    self.layer_names()
+                ))
+            })
     }
 
     /// The device the model runs on.

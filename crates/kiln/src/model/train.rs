@@ -620,7 +620,19 @@ impl Model {
                 batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut rng)?;
             }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
-            let terms = self.step_terms(compiled, &batch, &pass, false)?;
+            let mut terms = self.step_terms(compiled, &batch, &pass, false)?;
+            // The adversarial term has its validation twin too, on perturbed inputs of the batch.
+            if let (Some((name, adversarial)), None) = (self.adversarial_term(), attack) {
+                let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
+                let adv_pass = self.run(&x_adv, false, &mut rng)?;
+                let labeled = self
+                    .compiled_loss(compiled, &batch, &adv_pass)?
+                    .total
+                    .ok_or_else(no_labeled_loss)?;
+                let term = (labeled * adversarial.weight())?.detach();
+                terms.total = (terms.total.detach() + &term)?;
+                terms.reported.push((name, term));
+            }
             self.record(compiled, &mut acc, &terms, &batch, &pass)?;
             start += len;
         }
