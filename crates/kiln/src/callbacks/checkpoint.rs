@@ -175,7 +175,6 @@ impl ModelCheckpoint {
             mode: Mode::Auto,
             best: None,
             history: History::default(),
-            first_epoch: 0,
         }
     }
     /// Also keeps `best.*`, the checkpoint of the best epoch by `monitor`.
