@@ -450,6 +450,29 @@ impl Model {
         result
     }
 
+    /// One training step on one batch, as Keras' `train_on_batch`: returns the batch's loss
+    /// breakdown and metrics.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    /// let batch = Dataset::new(Tensor::new(&[[1f32]], &Device::Cpu)?, Tensor::new(&[[0f32]], &Device::Cpu)?)?;
+    /// assert_eq!(model.train_on_batch(&batch)?.get("loss"), Some(1.0));
+    /// assert_eq!(model.train_on_batch(&batch)?.get("loss"), Some(0.64000004)); // w = 0.8 after one step
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn train_on_batch(&mut self, batch: &Dataset) -> Result<Logs> {
+        let batch = batch.to_device(&self.device)?;
+        let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
+        let mut acc = Accumulator::default();
+        self.train_step(&batch, &mut rng, &mut acc)?;
+        Ok(acc.logs(""))
+    }
+
     /// Trains the model and returns the per-epoch logs: `loss`, `<output>_loss` (several
     /// outputs), each added term by name, the metrics, and their `val_` twins.
     pub fn fit(&mut self, data: &Dataset, config: Fit) -> Result<History> {

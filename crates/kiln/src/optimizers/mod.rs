@@ -151,6 +151,8 @@ pub(crate) fn apply_step(
     t: u64,
 ) -> Result<()> {
     validate(opt)?;
+    // Gradients (and so the optimizer state made from them) must not keep the step's graph alive.
+    let grads: Vec<Tensor> = grads.into_iter().map(|g| g.detach()).collect();
     let grads = opt.clipping().apply(grads)?;
     if let Some(wd) = opt.weight_decay() {
         let lr = opt.learning_rate();
@@ -184,7 +186,7 @@ impl Slots {
     }
     /// Stores the new state of `param`.
     pub(crate) fn set(&mut self, param: &Var, value: Tensor) {
-        self.0.insert(param.as_tensor().id(), value);
+        self.0.insert(param.as_tensor().id(), value.detach());
     }
     /// Every stored state under the slot name `slot`.
     pub(crate) fn export(&self, slot: &str, out: &mut Vec<(String, TensorId, Tensor)>) {
