@@ -197,3 +197,35 @@ impl Slots {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Gradients come out of backward still attached to the graph; the optimizer state built
+    /// from them must not be, or every step's graph stays in memory.
+    #[test]
+    fn optimizer_state_holds_no_graph() {
+        let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+        let g = (g * w.as_tensor()).unwrap(); // a gradient that tracks the graph
+        assert!(g.track_op());
+        let mut opts: Vec<Box<dyn Optimizer>> = vec![
+            Box::new(Adam::new(0.1)),
+            Box::new(Sgd::new(0.1).momentum(0.9)),
+            Box::new(RmsProp::new(0.1).momentum(0.5).centered(true)),
+        ];
+        for opt in &mut opts {
+            apply_step(opt.as_mut(), std::slice::from_ref(&w), vec![g.clone()], 1).unwrap();
+            let state = opt.state();
+            assert!(!state.is_empty());
+            assert!(
+                state.iter().all(|(_, _, t)| !t.track_op()),
+                "{} keeps the graph",
+                opt.name()
+            );
+        }
+    }
+}
