@@ -7,4 +7,5 @@ mod examples;
 mod gradients;
 mod keras_reference;
 mod layers;
+mod run_files;
 mod training;

@@ -45,6 +45,7 @@ pub mod model;
 pub mod optimizers;
 pub mod reduction;
 pub mod regularizers;
+pub mod run;
 
 pub use activations::Activation;
 pub use data::Dataset;

@@ -206,3 +206,9 @@ impl<R: Regularizer + 'static> IntoRegularizer for R {
         Arc::new(self)
     }
 }
+
+impl IntoRegularizer for SharedRegularizer {
+    fn into_regularizer(self) -> SharedRegularizer {
+        self
+    }
+}

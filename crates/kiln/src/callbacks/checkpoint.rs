@@ -164,7 +164,6 @@ pub struct ModelCheckpoint {
     mode: Mode,
     best: Option<f64>,
     history: History,
-    first_epoch: usize,
 }
 
 impl ModelCheckpoint {
@@ -176,7 +175,6 @@ impl ModelCheckpoint {
             mode: Mode::Auto,
             best: None,
             history: History::default(),
-            first_epoch: 0,
         }
     }
     /// Also keeps `best.*`, the checkpoint of the best epoch by `monitor`.
@@ -191,7 +189,6 @@ impl ModelCheckpoint {
     }
     /// Continues a history restored from a checkpoint (for resumed runs).
     pub fn resuming(mut self, history: History) -> Self {
-        self.first_epoch = history.epochs.len();
         self.history = history;
         self
     }
@@ -217,7 +214,6 @@ impl Callback for ModelCheckpoint {
                 model.save_checkpoint(&self.dir, "best", done, &self.history)?;
             }
         }
-        let _ = self.first_epoch;
         Ok(Control::Continue)
     }
 }

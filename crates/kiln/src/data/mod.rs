@@ -2,8 +2,12 @@
 //! digits data set.
 
 mod digits;
+mod files;
+mod generated;
 
 pub use digits::{digits, DIGITS_CLASSES};
+pub use files::{load_csv, load_csv_features, load_idx, load_npy, load_npz, write_predictions};
+pub use generated::{blobs, regression, spirals};
 
 /// One-hot encodes integer labels of shape `[n]` (or `[n, 1]`) into `[n, classes]`.
 ///

@@ -223,6 +223,9 @@ impl From<Arc<dyn Loss>> for LossSpec {
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
+    if let Some(custom) = registry().get(name) {
+        return Ok(custom.clone());
+    }
     let key = name.to_ascii_lowercase().replace('_', "");
     Ok(match key.as_str() {
         "mse" | "meansquarederror" => Arc::new(MeanSquaredError::new()),
@@ -254,6 +257,78 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
             )))
         }
     })
+}
+
+fn registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, Arc<dyn Loss>>> {
+    static REGISTRY: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<dyn Loss>>>,
+    > = std::sync::LazyLock::new(Default::default);
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Registers a custom loss under a name, so run files and saved models can use it by that name.
+/// A saved model whose custom loss is not registered fails to load with an error naming it.
+///
+/// ```
+/// use candle_core::{Tensor, D};
+/// kiln::losses::register("my_l1", kiln::losses::loss_fn("my_l1", |t: &Tensor, p: &Tensor| {
+///     Ok((p - t)?.abs()?.mean(D::Minus1)?)
+/// }));
+/// assert_eq!(kiln::losses::by_name("my_l1")?.name(), "my_l1");
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn register(name: impl Into<String>, loss: impl Loss + 'static) {
+    registry().insert(name.into(), Arc::new(loss));
+}
+
+/// The Keras class name of a built-in loss, from its class name, snake-case name or alias.
+///
+/// ```
+/// assert_eq!(kiln::losses::keras_class_name("mse"), Some("MeanSquaredError"));
+/// assert_eq!(kiln::losses::keras_class_name("binary_focal_crossentropy"), Some("BinaryFocalCrossentropy"));
+/// ```
+pub fn keras_class_name(name: &str) -> Option<&'static str> {
+    const CLASSES: [&str; 22] = [
+        "MeanSquaredError",
+        "MeanAbsoluteError",
+        "MeanAbsolutePercentageError",
+        "MeanSquaredLogarithmicError",
+        "CosineSimilarity",
+        "Huber",
+        "LogCosh",
+        "Hinge",
+        "SquaredHinge",
+        "CategoricalHinge",
+        "KLDivergence",
+        "Poisson",
+        "BinaryCrossentropy",
+        "BinaryFocalCrossentropy",
+        "CategoricalCrossentropy",
+        "CategoricalFocalCrossentropy",
+        "SparseCategoricalCrossentropy",
+        "CTC",
+        "Dice",
+        "Tversky",
+        "Circle",
+        "CategoricalGeneralizedCrossEntropy",
+    ];
+    let key = name.to_ascii_lowercase().replace('_', "");
+    let key = match key.as_str() {
+        "mse" => "meansquarederror",
+        "mae" => "meanabsoluteerror",
+        "mape" => "meanabsolutepercentageerror",
+        "msle" => "meansquaredlogarithmicerror",
+        "bce" => "binarycrossentropy",
+        "cce" => "categoricalcrossentropy",
+        "scce" => "sparsecategoricalcrossentropy",
+        "kld" | "kullbackleiblerdivergence" => "kldivergence",
+        "huberloss" => "huber",
+        k => k,
+    };
+    CLASSES
+        .iter()
+        .copied()
+        .find(|c| c.to_ascii_lowercase() == key)
 }
 
 /// Implements the builder methods every built-in loss shares: `name` and `reduction`.

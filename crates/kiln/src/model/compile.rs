@@ -52,6 +52,15 @@ impl Compile {
             metrics: Vec::new(),
         }
     }
+    /// Starts a compile configuration with an already boxed optimizer.
+    pub fn from_boxed(optimizer: Box<dyn Optimizer>) -> Self {
+        Self {
+            optimizer,
+            losses: PerOutput::Unset,
+            loss_weights: PerOutput::Unset,
+            metrics: Vec::new(),
+        }
+    }
     /// One loss for every output (a Keras single loss).
     pub fn loss(mut self, loss: impl Into<LossSpec>) -> Self {
         self.losses = PerOutput::All(loss.into());

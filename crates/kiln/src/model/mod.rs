@@ -295,6 +295,20 @@ impl Model {
         self.layers.iter().map(|(n, _)| n.as_str()).collect()
     }
 
+    /// The symbolic output of the layer named `name` (its first application), for added losses.
+    pub fn layer_output(&self, name: &str) -> Result<SymbolicTensor> {
+        self.steps
+            .iter()
+            .find(|s| s.layer_name == name)
+            .map(|s| s.node.clone())
+            .ok_or_else(|| {
+                Error::Graph(format!(
+                    "the model has no layer `{name}`; its layers are {:?}",
+                    self.layer_names()
+                ))
+            })
+    }
+
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device

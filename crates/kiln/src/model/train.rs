@@ -450,6 +450,29 @@ impl Model {
         result
     }
 
+    /// One training step on one batch, as Keras' `train_on_batch`: returns the batch's loss
+    /// breakdown and metrics.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    /// let batch = Dataset::new(Tensor::new(&[[1f32]], &Device::Cpu)?, Tensor::new(&[[0f32]], &Device::Cpu)?)?;
+    /// assert_eq!(model.train_on_batch(&batch)?.get("loss"), Some(1.0));
+    /// assert_eq!(model.train_on_batch(&batch)?.get("loss"), Some(0.64000004)); // w = 0.8 after one step
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn train_on_batch(&mut self, batch: &Dataset) -> Result<Logs> {
+        let batch = batch.to_device(&self.device)?;
+        let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
+        let mut acc = Accumulator::default();
+        self.train_step(&batch, &mut rng, &mut acc)?;
+        Ok(acc.logs(""))
+    }
+
     /// Trains the model and returns the per-epoch logs: `loss`, `<output>_loss` (several
     /// outputs), each added term by name, the metrics, and their `val_` twins.
     pub fn fit(&mut self, data: &Dataset, config: Fit) -> Result<History> {
@@ -620,7 +643,19 @@ impl Model {
                 batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut rng)?;
             }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
-            let terms = self.step_terms(compiled, &batch, &pass, false)?;
+            let mut terms = self.step_terms(compiled, &batch, &pass, false)?;
+            // The adversarial term has its validation twin too, on perturbed inputs of the batch.
+            if let (Some((name, adversarial)), None) = (self.adversarial_term(), attack) {
+                let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
+                let adv_pass = self.run(&x_adv, false, &mut rng)?;
+                let labeled = self
+                    .compiled_loss(compiled, &batch, &adv_pass)?
+                    .total
+                    .ok_or_else(no_labeled_loss)?;
+                let term = (labeled * adversarial.weight())?.detach();
+                terms.total = (terms.total.detach() + &term)?;
+                terms.reported.push((name, term));
+            }
             self.record(compiled, &mut acc, &terms, &batch, &pass)?;
             start += len;
         }

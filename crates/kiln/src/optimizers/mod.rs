@@ -151,6 +151,8 @@ pub(crate) fn apply_step(
     t: u64,
 ) -> Result<()> {
     validate(opt)?;
+    // Gradients (and so the optimizer state made from them) must not keep the step's graph alive.
+    let grads: Vec<Tensor> = grads.into_iter().map(|g| g.detach()).collect();
     let grads = opt.clipping().apply(grads)?;
     if let Some(wd) = opt.weight_decay() {
         let lr = opt.learning_rate();
@@ -184,7 +186,7 @@ impl Slots {
     }
     /// Stores the new state of `param`.
     pub(crate) fn set(&mut self, param: &Var, value: Tensor) {
-        self.0.insert(param.as_tensor().id(), value);
+        self.0.insert(param.as_tensor().id(), value.detach());
     }
     /// Every stored state under the slot name `slot`.
     pub(crate) fn export(&self, slot: &str, out: &mut Vec<(String, TensorId, Tensor)>) {
@@ -193,5 +195,37 @@ impl Slots {
                 .iter()
                 .map(|(id, t)| (slot.to_string(), *id, t.clone())),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Gradients come out of backward still attached to the graph; the optimizer state built
+    /// from them must not be, or every step's graph stays in memory.
+    #[test]
+    fn optimizer_state_holds_no_graph() {
+        let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+        let g = (g * w.as_tensor()).unwrap(); // a gradient that tracks the graph
+        assert!(g.track_op());
+        let mut opts: Vec<Box<dyn Optimizer>> = vec![
+            Box::new(Adam::new(0.1)),
+            Box::new(Sgd::new(0.1).momentum(0.9)),
+            Box::new(RmsProp::new(0.1).momentum(0.5).centered(true)),
+        ];
+        for opt in &mut opts {
+            apply_step(opt.as_mut(), std::slice::from_ref(&w), vec![g.clone()], 1).unwrap();
+            let state = opt.state();
+            assert!(!state.is_empty());
+            assert!(
+                state.iter().all(|(_, _, t)| !t.track_op()),
+                "{} keeps the graph",
+                opt.name()
+            );
+        }
     }
 }

@@ -1,0 +1,128 @@
+//! Generated data sets with a seed: Gaussian blobs (optionally imbalanced), interleaved
+//! spirals, and a noisy linear regression.
+
+use super::Dataset;
+use crate::error::{invalid, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+/// `classes` Gaussian blobs in `features` dimensions; class `c` gets a share of the samples
+/// proportional to `imbalance^c` (1 = balanced). Labels are integers.
+///
+/// ```
+/// let d = kiln::data::blobs(300, 3, 2, 0.5, 7, &candle_core::Device::Cpu)?;
+/// assert_eq!(d.inputs()[0].dims(), &[300, 2]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn blobs(
+    samples: usize,
+    classes: usize,
+    features: usize,
+    imbalance: f64,
+    seed: u64,
+    device: &Device,
+) -> Result<Dataset> {
+    if classes == 0 || features == 0 || samples < classes || !(imbalance > 0.0 && imbalance <= 1.0)
+    {
+        return Err(invalid(
+            "blobs: need samples >= classes >= 1, features >= 1 and imbalance in (0, 1]",
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let centers: Vec<Vec<f64>> = (0..classes)
+        .map(|_| (0..features).map(|_| rng.random_range(-5.0..5.0)).collect())
+        .collect();
+    let shares: Vec<f64> = (0..classes).map(|c| imbalance.powi(c as i32)).collect();
+    let total: f64 = shares.iter().sum();
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let mut u = rng.random::<f64>() * total;
+        let mut class = classes - 1;
+        for (c, s) in shares.iter().enumerate() {
+            if u < *s {
+                class = c;
+                break;
+            }
+            u -= s;
+        }
+        for center in &centers[class] {
+            let z: f64 = rng.sample(StandardNormal);
+            xs.push((center + z) as f32);
+        }
+        ys.push(class as f32);
+    }
+    Dataset::new(
+        Tensor::from_vec(xs, (samples, features), device)?,
+        Tensor::from_vec(ys, samples, device)?,
+    )
+}
+
+/// `classes` interleaved 2-D spirals with Gaussian noise of standard deviation `noise`.
+///
+/// ```
+/// let d = kiln::data::spirals(200, 2, 0.1, 1, &candle_core::Device::Cpu)?;
+/// assert_eq!(d.len(), 200);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn spirals(
+    samples: usize,
+    classes: usize,
+    noise: f64,
+    seed: u64,
+    device: &Device,
+) -> Result<Dataset> {
+    if classes == 0 || samples < classes {
+        return Err(invalid("spirals: need samples >= classes >= 1"));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let class = i % classes;
+        let r = rng.random::<f64>();
+        let angle = r * 4.0 + class as f64 * 2.0 * std::f64::consts::PI / classes as f64;
+        let (nx, ny): (f64, f64) = (rng.sample(StandardNormal), rng.sample(StandardNormal));
+        xs.push((r * angle.cos() + noise * nx) as f32);
+        xs.push((r * angle.sin() + noise * ny) as f32);
+        ys.push(class as f32);
+    }
+    Dataset::new(
+        Tensor::from_vec(xs, (samples, 2), device)?,
+        Tensor::from_vec(ys, samples, device)?,
+    )
+}
+
+/// `y = x·w + b + noise` with random `w`, `b`; targets of shape `[samples, 1]`.
+///
+/// ```
+/// let d = kiln::data::regression(100, 4, 0.1, 3, &candle_core::Device::Cpu)?;
+/// assert_eq!(d.targets()[0].dims(), &[100, 1]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub fn regression(
+    samples: usize,
+    features: usize,
+    noise: f64,
+    seed: u64,
+    device: &Device,
+) -> Result<Dataset> {
+    if samples == 0 || features == 0 {
+        return Err(invalid(
+            "regression: need at least one sample and one feature",
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let w: Vec<f64> = (0..features).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let b: f64 = rng.random_range(-1.0..1.0);
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let x: Vec<f64> = (0..features).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let z: f64 = rng.sample(StandardNormal);
+        ys.push((x.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>() + b + noise * z) as f32);
+        xs.extend(x.iter().map(|&v| v as f32));
+    }
+    Dataset::new(
+        Tensor::from_vec(xs, (samples, features), device)?,
+        Tensor::from_vec(ys, (samples, 1), device)?,
+    )
+}

@@ -1,0 +1,479 @@
+//! Turning the `[model]`, `[compile]`, `[[added]]` and `[fit]` sections into a model, its
+//! compile configuration, its added terms and its fit options.
+
+use super::fields::{to_json, Fields};
+use crate::activations::Activation;
+use crate::adversarial::{Adversarial, PerturbationNorm};
+use crate::callbacks::{self, Schedule};
+use crate::error::Result;
+use crate::graph::{Input, SymbolicTensor};
+use crate::layers::{ActivationLayer, Dense, Dropout, Flatten, LayerExt};
+use crate::losses::LossSpec;
+use crate::metrics::MetricSpec;
+use crate::model::{Compile, Fit, Model, Tensors};
+use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
+use crate::reduction::Reduction;
+use crate::regularizers::{self, OrthogonalMode, SharedRegularizer};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn regularizer(f: &Fields) -> Result<SharedRegularizer> {
+    let l1 = f.f64("l1")?;
+    let l2 = f.f64("l2")?;
+    let orthogonal = f.f64("orthogonal")?;
+    let mode = f.str("mode")?;
+    f.finish()?;
+    Ok(match (l1, l2, orthogonal) {
+        (Some(a), Some(b), None) => Arc::new(regularizers::L1L2::new(a, b)),
+        (Some(a), None, None) => Arc::new(regularizers::L1::new(a)),
+        (None, Some(b), None) => Arc::new(regularizers::L2::new(b)),
+        (None, None, Some(factor)) => {
+            let mode = match mode.unwrap_or("rows") {
+                "rows" => OrthogonalMode::Rows,
+                "columns" => OrthogonalMode::Columns,
+                m => {
+                    return Err(f.error(format!(
+                        "unknown orthogonal mode `{m}`: use rows or columns"
+                    )))
+                }
+            };
+            Arc::new(regularizers::Orthogonal::new(factor).mode(mode))
+        }
+        _ => {
+            return Err(f.error("give `l1`, `l2`, both, or `orthogonal` (with an optional `mode`)"))
+        }
+    })
+}
+
+fn activation(f: &Fields) -> Result<Activation> {
+    match f.get("activation") {
+        None => Ok(Activation::Linear),
+        Some(v) => {
+            let name = v
+                .get_ref()
+                .as_str()
+                .ok_or_else(|| f.value_error("activation", v, "expected a string"))?;
+            name.parse().map_err(|e| f.value_error("activation", v, e))
+        }
+    }
+}
+
+/// Builds the model of the `[model]` section; input shapes default to the data's.
+pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result<Model> {
+    let mut tensors: HashMap<String, SymbolicTensor> = HashMap::new();
+    let mut inputs = Vec::new();
+    let input_tables = f.tables("inputs")?;
+    if input_tables.is_empty() {
+        let x = Input::named("input", data_input_shape.to_vec());
+        tensors.insert("input".into(), x.clone());
+        inputs.push(("input".to_string(), x));
+    }
+    for t in &input_tables {
+        let name = t.required_str("name")?.to_string();
+        let shape = t
+            .usizes("shape")?
+            .unwrap_or_else(|| data_input_shape.to_vec());
+        t.finish()?;
+        let x = Input::named(name.clone(), shape);
+        tensors.insert(name.clone(), x.clone());
+        inputs.push((name, x));
+    }
+    let mut last = inputs
+        .last()
+        .map(|(_, x)| x.clone())
+        .ok_or_else(|| f.error("no inputs"))?;
+    let layers = f.tables("layers")?;
+    if layers.is_empty() {
+        return Err(f.error("`layers` is empty: describe at least one layer"));
+    }
+    for (i, l) in layers.iter().enumerate() {
+        let kind = l.required_str("type")?;
+        let name = l
+            .str("name")?
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{kind}_{i}"));
+        let sources = l.strings("input")?.unwrap_or_default();
+        let layer_inputs: Vec<SymbolicTensor> = if sources.is_empty() {
+            vec![last.clone()]
+        } else {
+            sources
+                .iter()
+                .map(|s| {
+                    tensors.get(s).cloned().ok_or_else(|| {
+                        l.error(format!("input `{s}` is not an input or an earlier layer"))
+                    })
+                })
+                .collect::<Result<_>>()?
+        };
+        let refs: Vec<&SymbolicTensor> = layer_inputs.iter().collect();
+        let applied = match kind {
+            "dense" => {
+                let units = l
+                    .usize("units")?
+                    .ok_or_else(|| l.error("dense needs `units`"))?;
+                let mut d = Dense::new(units)
+                    .activation(activation(l)?)
+                    .use_bias(l.bool_or("use_bias", true)?)
+                    .name(name.clone());
+                if let Some(r) = l.table("kernel_regularizer")? {
+                    d = d.kernel_regularizer(regularizer(&r)?);
+                }
+                if let Some(r) = l.table("bias_regularizer")? {
+                    d = d.bias_regularizer(regularizer(&r)?);
+                }
+                if let Some(r) = l.table("activity_regularizer")? {
+                    d = d.activity_regularizer(regularizer(&r)?);
+                }
+                d.apply_many(&refs)
+            }
+            "dropout" => Dropout::new(l.f64_or("rate", 0.5)?)
+                .name(name.clone())
+                .apply_many(&refs),
+            "activation" => ActivationLayer::new(activation(l)?)
+                .name(name.clone())
+                .apply_many(&refs),
+            "flatten" => Flatten::new().name(name.clone()).apply_many(&refs),
+            other => {
+                return Err(l.error(format!(
+                    "unknown layer type `{other}`: use dense, dropout, activation or flatten"
+                )))
+            }
+        }
+        .map_err(|e| l.error(e))?;
+        l.finish()?;
+        tensors.insert(name, applied.clone());
+        last = applied;
+    }
+    let output_names = f.strings("outputs")?;
+    let outputs: Vec<SymbolicTensor> = match &output_names {
+        None => vec![last],
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                tensors
+                    .get(n)
+                    .cloned()
+                    .ok_or_else(|| f.error(format!("output `{n}` is not a layer name")))
+            })
+            .collect::<Result<_>>()?,
+    };
+    f.finish()?;
+    let inputs: Vec<SymbolicTensor> = inputs.into_iter().map(|(_, x)| x).collect();
+    let model = Model::builder(&inputs, &outputs)
+        .seed(seed)
+        .build()
+        .map_err(|e| f.error(e))?;
+    Ok(model)
+}
+
+fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
+    let kind = f.str("type")?.unwrap_or("rmsprop");
+    let lr = f.f64("learning_rate")?;
+    macro_rules! clipped {
+        ($opt:expr) => {{
+            let mut o = $opt;
+            if let Some(c) = f.f64("clipnorm")? {
+                o = o.clipnorm(c);
+            }
+            if let Some(c) = f.f64("global_clipnorm")? {
+                o = o.global_clipnorm(c);
+            }
+            if let Some(c) = f.f64("clipvalue")? {
+                o = o.clipvalue(c);
+            }
+            Box::new(o) as Box<dyn Optimizer>
+        }};
+    }
+    let opt = match kind {
+        "sgd" => clipped!(Sgd::new(lr.unwrap_or(0.01))
+            .momentum(f.f64_or("momentum", 0.0)?)
+            .nesterov(f.bool_or("nesterov", false)?)),
+        "adam" => {
+            let mut a = Adam::new(lr.unwrap_or(1e-3))
+                .beta_1(f.f64_or("beta_1", 0.9)?)
+                .beta_2(f.f64_or("beta_2", 0.999)?)
+                .epsilon(f.f64_or("epsilon", 1e-7)?);
+            if let Some(wd) = f.f64("weight_decay")? {
+                a = a.weight_decay(wd);
+            }
+            clipped!(a)
+        }
+        "adamw" => clipped!(AdamW::new(lr.unwrap_or(1e-3))
+            .weight_decay(f.f64_or("weight_decay", 0.004)?)
+            .beta_1(f.f64_or("beta_1", 0.9)?)
+            .beta_2(f.f64_or("beta_2", 0.999)?)
+            .epsilon(f.f64_or("epsilon", 1e-7)?)),
+        "rmsprop" => clipped!(RmsProp::new(lr.unwrap_or(1e-3))
+            .rho(f.f64_or("rho", 0.9)?)
+            .momentum(f.f64_or("momentum", 0.0)?)
+            .epsilon(f.f64_or("epsilon", 1e-7)?)
+            .centered(f.bool_or("centered", false)?)),
+        other => {
+            return Err(f.error(format!(
+                "unknown optimizer `{other}`: use sgd, adam, adamw or rmsprop"
+            )))
+        }
+    };
+    f.finish()?;
+    Ok(opt)
+}
+
+/// A loss from a string (`"mse"`) or a table (`{ type = "huber", delta = 0.5 }`).
+fn loss(f: &Fields, key: &str) -> Result<LossSpec> {
+    let v = f.get(key).expect("caller checked the key");
+    if let Some(name) = v.get_ref().as_str() {
+        crate::losses::by_name(name).map_err(|e| f.value_error(key, v, e))?;
+        return Ok(LossSpec::Named(name.to_string()));
+    }
+    let table = v
+        .get_ref()
+        .as_table()
+        .ok_or_else(|| f.value_error(key, v, "expected a loss name or a table"))?;
+    let mut config = serde_json::Map::new();
+    let mut kind = None;
+    let mut reduction = Reduction::default();
+    for (k, val) in table.iter() {
+        match k.get_ref().as_ref() {
+            "type" => kind = val.get_ref().as_str().map(str::to_string),
+            "reduction" => {
+                let r = val.get_ref().as_str().unwrap_or("");
+                reduction = r.parse().map_err(|e| f.value_error(key, val, e))?;
+            }
+            other => {
+                config.insert(other.to_string(), to_json(val.get_ref()));
+            }
+        }
+    }
+    let kind = kind.ok_or_else(|| f.value_error(key, v, "a loss table needs `type`"))?;
+    let class = crate::losses::keras_class_name(&kind)
+        .ok_or_else(|| f.value_error(key, v, format!("unknown loss `{kind}`")))?;
+    let built =
+        crate::conformance::loss_from_keras(class, &serde_json::Value::Object(config), reduction)
+            .map_err(|e| f.value_error(key, v, e))?;
+    built.validate().map_err(|e| f.value_error(key, v, e))?;
+    Ok(LossSpec::Loss(built))
+}
+
+/// The `[compile]` section.
+pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
+    let opt = match f.get("optimizer") {
+        None => optimizer(&Fields::new(
+            f.doc,
+            &Default::default(),
+            f.span.clone(),
+            "[compile] optimizer",
+        ))?,
+        Some(v) if v.get_ref().is_str() => {
+            let name = v.get_ref().as_str().unwrap_or_default();
+            let mut t = toml::de::DeTable::default();
+            t.insert(
+                toml::Spanned::new(v.span(), "type".into()),
+                toml::Spanned::new(v.span(), toml::de::DeValue::String(name.to_string().into())),
+            );
+            let fields = Fields::new(f.doc, &t, v.span(), "[compile] optimizer");
+            optimizer(&fields)?
+        }
+        Some(_) => optimizer(&f.table("optimizer")?.expect("present"))?,
+    };
+    let mut c = Compile::from_boxed(opt);
+    if f.has("loss") {
+        c = c.loss(loss(f, "loss")?);
+    }
+    if let Some(per_output) = f.table("losses")? {
+        for (name, _) in per_output.entries() {
+            if !output_names.contains(&name) {
+                return Err(per_output.error(format!(
+                    "`{name}` is not an output; outputs are {output_names:?}"
+                )));
+            }
+            c = c.loss_for(name.clone(), loss(&per_output, &name)?);
+        }
+    }
+    match f.get("loss_weights") {
+        None => {}
+        Some(v) => {
+            if let Some(w) = super::fields::number(v.get_ref()) {
+                c = c.loss_weight(w);
+            } else if let Some(t) = f.table("loss_weights")? {
+                for (name, val) in t.entries() {
+                    let w = super::fields::number(val.get_ref())
+                        .ok_or_else(|| t.value_error(&name, val, "expected a number"))?;
+                    c = c.loss_weight_for(name, w);
+                }
+            } else {
+                return Err(f.value_error(
+                    "loss_weights",
+                    v,
+                    "expected a number or a table of output = weight",
+                ));
+            }
+        }
+    }
+    match f.get("metrics") {
+        None => {}
+        Some(v) if v.get_ref().is_table() => {
+            let t = f.table("metrics")?.expect("present");
+            for (name, _) in t.entries() {
+                for m in t.strings(&name)?.unwrap_or_default() {
+                    MetricSpec::Named(m.clone())
+                        .resolve()
+                        .map_err(|e| t.error(e))?;
+                    c = c.metric_for(name.clone(), m.as_str());
+                }
+            }
+        }
+        Some(_) => {
+            for m in f.strings("metrics")?.unwrap_or_default() {
+                MetricSpec::Named(m.clone())
+                    .resolve()
+                    .map_err(|e| f.error(e))?;
+                c = c.metric(m.as_str());
+            }
+        }
+    }
+    f.finish()?;
+    Ok(c)
+}
+
+/// One `[[added]]` term.
+pub(crate) fn added(f: &Fields, model: &mut Model) -> Result<()> {
+    let kind = f.required_str("kind")?;
+    let default_name = if matches!(kind, "fgsm" | "pgd") {
+        "adversarial"
+    } else {
+        kind
+    };
+    let name = f.str("name")?.unwrap_or(default_name).to_string();
+    match kind {
+        "fgsm" | "pgd" => {
+            let eps = f
+                .f64("epsilon")?
+                .ok_or_else(|| f.error("adversarial terms need `epsilon`"))?;
+            let mut a = if kind == "fgsm" {
+                Adversarial::fgsm(eps)
+            } else {
+                Adversarial::pgd(
+                    eps,
+                    f.usize_or("steps", 10)?,
+                    f.f64_or("step_size", eps / 4.0)?,
+                )
+                .random_start(f.bool_or("random_start", false)?)
+            };
+            if let Some(norm) = f.str("norm")? {
+                a = a.norm(match norm {
+                    "infinity" | "sign" => PerturbationNorm::Infinity,
+                    "l2" => PerturbationNorm::L2,
+                    other => {
+                        return Err(f.error(format!("unknown norm `{other}`: use infinity or l2")))
+                    }
+                });
+            }
+            if let Some(m) = f.f64("multiplier")? {
+                a = a.multiplier(m);
+            }
+            if let Some(v) = f.get("clip") {
+                let arr = v
+                    .get_ref()
+                    .as_array()
+                    .filter(|a| a.len() == 2)
+                    .ok_or_else(|| f.value_error("clip", v, "expected [min, max]"))?;
+                let lo = super::fields::number(arr[0].get_ref())
+                    .ok_or_else(|| f.value_error("clip", v, "expected numbers"))?;
+                let hi = super::fields::number(arr[1].get_ref())
+                    .ok_or_else(|| f.value_error("clip", v, "expected numbers"))?;
+                a = a.clip(lo, hi);
+            }
+            f.finish()?;
+            model.add_loss(name, a).map_err(|e| f.error(e))
+        }
+        "mean_abs" | "mean_square" => {
+            let of = f.required_str("of")?.to_string();
+            let factor = f.f64_or("factor", 1e-3)?;
+            f.finish()?;
+            let exists = model.layer_names().iter().any(|l| *l == of);
+            if !exists {
+                return Err(f.error(format!("`of = \"{of}\"` is not a layer of the model")));
+            }
+            let square = kind == "mean_square";
+            let handle = model.layer_output(&of).map_err(|e| f.error(e))?;
+            model
+                .add_loss(name, move |t: &Tensors| {
+                    let h = t.get(&handle)?;
+                    let v = if square {
+                        h.sqr()?.mean_all()?
+                    } else {
+                        h.abs()?.mean_all()?
+                    };
+                    Ok((v * factor)?)
+                })
+                .map_err(|e| f.error(e))
+        }
+        other => Err(f.error(format!(
+            "unknown added term `{other}`: use fgsm, pgd, mean_abs or mean_square"
+        ))),
+    }
+}
+
+/// The `[fit]` section (callbacks included, checkpoints excepted: the caller adds them).
+pub(crate) fn fit(f: &Fields) -> Result<(Fit, Option<String>)> {
+    let mut fit = Fit::new()
+        .epochs(f.usize_or("epochs", 10)?)
+        .batch_size(f.usize_or("batch_size", 32)?)
+        .shuffle(f.bool_or("shuffle", true)?)
+        .validation_split(f.f64_or("validation_split", 0.0)?);
+    if let Some(t) = f.table("class_weight")? {
+        let mut weights = Vec::new();
+        for (k, v) in t.entries() {
+            let class: usize = k
+                .parse()
+                .map_err(|_| t.value_error(&k, v, "class keys must be integers (\"0\" = 2.0)"))?;
+            let w = super::fields::number(v.get_ref())
+                .ok_or_else(|| t.value_error(&k, v, "expected a number"))?;
+            weights.push((class, w));
+        }
+        fit = fit.class_weight(weights);
+    }
+    let mut best_monitor = None;
+    for cb in f.tables("callbacks")? {
+        let kind = cb.required_str("type")?;
+        fit = match kind {
+            "early_stopping" => fit.callback(
+                callbacks::EarlyStopping::new(cb.str("monitor")?.unwrap_or("val_loss"))
+                    .patience(cb.usize_or("patience", 0)?)
+                    .min_delta(cb.f64_or("min_delta", 0.0)?)
+                    .restore_best_weights(cb.bool_or("restore_best_weights", false)?),
+            ),
+            "reduce_lr_on_plateau" => fit.callback(
+                callbacks::ReduceLROnPlateau::new(cb.str("monitor")?.unwrap_or("val_loss"))
+                    .factor(cb.f64_or("factor", 0.1)?)
+                    .patience(cb.usize_or("patience", 10)?)
+                    .min_delta(cb.f64_or("min_delta", 1e-4)?)
+                    .cooldown(cb.usize_or("cooldown", 0)?)
+                    .min_lr(cb.f64_or("min_lr", 0.0)?),
+            ),
+            "lr_schedule" => {
+                let initial = cb.f64("initial")?.ok_or_else(|| cb.error("a schedule needs `initial`"))?;
+                let schedule = match cb.str("schedule")?.unwrap_or("step") {
+                    "step" => Schedule::Step { initial, factor: cb.f64_or("factor", 0.5)?, every: cb.usize_or("every", 10)? },
+                    "exponential" => Schedule::Exponential { initial, rate: cb.f64_or("rate", 0.9)?, decay_epochs: cb.f64_or("decay_epochs", 1.0)? },
+                    "cosine" => Schedule::Cosine { initial, decay_epochs: cb.usize_or("decay_epochs", 10)?, alpha: cb.f64_or("alpha", 0.0)? },
+                    other => return Err(cb.error(format!("unknown schedule `{other}`: use step, exponential or cosine"))),
+                };
+                fit.callback(callbacks::LearningRateScheduler::new(schedule))
+            }
+            "terminate_on_nan" => fit.callback(callbacks::TerminateOnNaN::default()),
+            "model_checkpoint" => {
+                best_monitor = Some(cb.str("monitor")?.unwrap_or("val_loss").to_string());
+                fit
+            }
+            other => {
+                return Err(cb.error(format!(
+                    "unknown callback `{other}`: use early_stopping, reduce_lr_on_plateau, lr_schedule, terminate_on_nan or model_checkpoint"
+                )))
+            }
+        };
+        cb.finish()?;
+    }
+    f.finish()?;
+    Ok((fit, best_monitor))
+}

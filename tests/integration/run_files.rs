@@ -1,0 +1,300 @@
+//! Run files through the `kiln` command: train, resume, evaluate, predict, and broken input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kiln(args: &[&str], dir: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small CSV classification set: two features, label = x0 + x1 > 0.
+fn write_csv(path: &Path) {
+    let mut text = String::from("a,b,label\n");
+    for i in 0..200 {
+        let a = ((i * 37) % 101) as f64 / 50.0 - 1.0;
+        let b = ((i * 53) % 97) as f64 / 48.0 - 1.0;
+        text.push_str(&format!("{a},{b},{}\n", if a + b > 0.0 { 1 } else { 0 }));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+const RUN: &str = r#"
+seed = 3
+[data]
+source = "csv"
+path = "points.csv"
+label_columns = ["label"]
+test_split = 0.25
+
+[model]
+layers = [
+  { type = "dense", name = "hidden", units = 8, activation = "tanh", kernel_regularizer = { l2 = 1e-3 } },
+  { type = "dropout", rate = 0.1 },
+  { type = "dense", name = "out", units = 1 },
+]
+
+[compile]
+optimizer = { type = "adam", learning_rate = 0.02 }
+loss = { type = "binary_crossentropy", from_logits = true }
+metrics = ["accuracy"]
+
+[[added]]
+kind = "fgsm"
+epsilon = 0.05
+multiplier = 0.5
+
+[fit]
+epochs = 6
+batch_size = 16
+validation_split = 0.2
+callbacks = [{ type = "lr_schedule", schedule = "cosine", initial = 0.02, decay_epochs = 6 }]
+"#;
+
+#[test]
+fn train_writes_the_run_folder_and_resume_matches_an_unbroken_run() {
+    let dir = temp("train");
+    write_csv(&dir.join("points.csv"));
+    std::fs::write(dir.join("run.toml"), RUN).unwrap();
+    let (ok, out, err) = kiln(&["train", "run.toml", "--quiet", "--out", "full"], &dir);
+    assert!(ok, "{err}");
+    for needle in ["adversarial", "l2", "accuracy", "held-out:"] {
+        assert!(out.contains(needle), "`{needle}` missing:\n{out}");
+    }
+    for file in [
+        "history.json",
+        "history.csv",
+        "model.safetensors",
+        "model.json",
+        "loss.png",
+        "loss.svg",
+        "checkpoints/last.json",
+    ] {
+        assert!(dir.join("full").join(file).exists(), "{file} missing");
+    }
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("full/history.json")).unwrap())
+            .unwrap();
+    for key in [
+        "loss",
+        "adversarial",
+        "l2",
+        "accuracy",
+        "val_loss",
+        "val_adversarial",
+        "lr",
+    ] {
+        assert_eq!(
+            history[key].as_array().map(Vec::len),
+            Some(6),
+            "{key}: {history}"
+        );
+    }
+    let svg = std::fs::read_to_string(dir.join("full/loss.svg")).unwrap();
+    assert!(
+        svg.contains("adversarial") && svg.contains("val_loss"),
+        "the SVG legend names the terms"
+    );
+    let png = std::fs::read(dir.join("full/loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+
+    // Stop after 3 epochs, then resume to 6: the same weights as the unbroken run.
+    let (ok, _, err) = kiln(
+        &[
+            "train", "run.toml", "--quiet", "--out", "part", "--epochs", "3",
+        ],
+        &dir,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = kiln(&["train", "run.toml", "--quiet", "--resume", "part"], &dir);
+    assert!(ok, "{err}");
+    let full = std::fs::read(dir.join("full/model.safetensors")).unwrap();
+    let resumed = std::fs::read(dir.join("part/model.safetensors")).unwrap();
+    assert!(
+        full == resumed,
+        "a resumed run must end with the weights of an unbroken run"
+    );
+    let resumed_history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("part/history.json")).unwrap())
+            .unwrap();
+    assert_eq!(resumed_history["loss"], history["loss"]);
+
+    // Evaluate with the saved model.json alone, with and without an attack, as JSON.
+    let (ok, out, err) = kiln(
+        &[
+            "evaluate",
+            "full/model.json",
+            "--weights",
+            "full/model.safetensors",
+            "--data",
+            "points.csv",
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(ok, "{err}");
+    let logs: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(logs["accuracy"].as_f64().unwrap() > 0.85, "{logs}");
+    let (ok, out, err) = kiln(
+        &[
+            "evaluate",
+            "run.toml",
+            "--weights",
+            "full/model.safetensors",
+            "--attack",
+            "fgsm:0.3",
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(ok, "{err}");
+    let attacked: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        attacked["loss"].as_f64().unwrap() > logs["loss"].as_f64().unwrap() * 0.9,
+        "{attacked}"
+    );
+
+    // Predict to CSV.
+    std::fs::write(dir.join("x.csv"), "a,b\n0.5,0.5\n-0.5,-0.5\n").unwrap();
+    let (ok, _, err) = kiln(
+        &[
+            "predict",
+            "run.toml",
+            "--weights",
+            "full/model.safetensors",
+            "--input",
+            "x.csv",
+            "--output",
+            "p.csv",
+        ],
+        &dir,
+    );
+    assert!(ok, "{err}");
+    let p = std::fs::read_to_string(dir.join("p.csv")).unwrap();
+    let lines: Vec<&str> = p.lines().collect();
+    assert_eq!(lines[0], "out_0");
+    let (pos, neg): (f64, f64) = (lines[1].parse().unwrap(), lines[2].parse().unwrap());
+    assert!(pos > 0.0 && neg < 0.0, "logits {pos} {neg}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn broken_run_files_and_data_are_errors_that_say_where() {
+    let dir = temp("broken");
+    write_csv(&dir.join("points.csv"));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            RUN.replace("units = 8,", "units = 8, unit = 3,"),
+            "line 11: layers[0]: unknown key `unit`",
+        ),
+        (
+            RUN.replace("epochs = 6", "epochs = \"six\""),
+            "line 27: run file `fit` `epochs`: expected a non-negative integer",
+        ),
+        (
+            RUN.replace("rate = 0.1", "rate = 1.5"),
+            "line 12: layers[1]",
+        ),
+        (
+            RUN.replace("[fit]", "[fitt]"),
+            "line 26: run file `fitt`: unknown section",
+        ),
+        (
+            RUN.replace("type = \"adam\"", "type = \"adamm\""),
+            "unknown optimizer `adamm`",
+        ),
+        (
+            RUN.replace(
+                "\"binary_crossentropy\", from_logits",
+                "\"binary_crossentropy\", from_logit",
+            ),
+            "BinaryCrossentropy has no parameter `from_logit`",
+        ),
+        (
+            RUN.replace("label_columns = [\"label\"]", "label_columns = [\"y\"]"),
+            "no column named `y`",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let name = format!("bad{i}.toml");
+        std::fs::write(dir.join(&name), text).unwrap();
+        let (ok, _, err) = kiln(&["train", &name, "--quiet", "--out", "o"], &dir);
+        assert!(!ok, "case {i} should fail");
+        assert!(
+            err.contains(expected) && err.contains(&name) || err.contains(expected),
+            "case {i}: expected `{expected}` in: {err}"
+        );
+    }
+    std::fs::write(dir.join("ragged.csv"), "a,b,label\n1,2,0\n3,4\n").unwrap();
+    std::fs::write(
+        dir.join("ragged.toml"),
+        RUN.replace("points.csv", "ragged.csv"),
+    )
+    .unwrap();
+    let (ok, _, err) = kiln(&["train", "ragged.toml", "--quiet"], &dir);
+    assert!(
+        !ok && err.contains("ragged.csv") && err.contains("row 3"),
+        "{err}"
+    );
+    std::fs::write(dir.join("text.csv"), "a,b,label\n1,x,0\n").unwrap();
+    std::fs::write(dir.join("text.toml"), RUN.replace("points.csv", "text.csv")).unwrap();
+    let (ok, _, err) = kiln(&["train", "text.toml", "--quiet"], &dir);
+    assert!(
+        !ok && err.contains("row 2, column `b`: `x` is not a number"),
+        "{err}"
+    );
+    // A truncated IDX file.
+    let mut idx = vec![0u8, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28];
+    idx.extend(vec![0u8; 100]);
+    std::fs::write(dir.join("images.idx"), &idx).unwrap();
+    std::fs::write(
+        dir.join("labels.idx"),
+        [0u8, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
+    )
+    .unwrap();
+    let idx_run = RUN.replace(
+        "source = \"csv\"\npath = \"points.csv\"\nlabel_columns = [\"label\"]",
+        "source = \"idx\"\nimages = \"images.idx\"\nlabels = \"labels.idx\"",
+    );
+    std::fs::write(dir.join("idx.toml"), idx_run).unwrap();
+    let (ok, _, err) = kiln(&["train", "idx.toml", "--quiet"], &dir);
+    assert!(
+        !ok && err.contains("images.idx") && err.contains("truncated"),
+        "{err}"
+    );
+    let (ok, _, err) = kiln(&["train", "--resume", "nowhere", "--quiet"], &dir);
+    assert!(!ok && err.contains("cannot resume from nowhere"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn losses_lists_every_loss_with_its_defaults() {
+    let (ok, out, _) = kiln(&["losses"], Path::new("."));
+    assert!(ok);
+    for needle in [
+        "categorical_focal_crossentropy",
+        "alpha = 0.25, gamma = 2.0",
+        "ctc",
+        "circle",
+        "huber",
+        "delta = 1.0",
+    ] {
+        assert!(out.contains(needle), "`{needle}` missing");
+    }
+    assert_eq!(out.lines().filter(|l| !l.is_empty()).count(), 22 + 3);
+}
