@@ -988,6 +988,13 @@ fn sequence_labeller_tags_held_out_sequences_and_ignores_padding() {
         "held-out token accuracy {}",
         s.token_accuracy
     );
+    // The masked metric counts real tokens only, exactly as the hand count does.
+    assert!(
+        (s.metric_accuracy - s.token_accuracy).abs() < 1e-9,
+        "{} vs {}",
+        s.metric_accuracy,
+        s.token_accuracy
+    );
     assert!(
         (s.loss_padded - s.loss_unpadded).abs() <= 1e-5 * s.loss_unpadded,
         "{} vs {}",

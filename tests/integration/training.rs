@@ -465,3 +465,32 @@ fn a_layer_can_add_a_loss_while_it_runs() {
     assert_eq!(logs.get("energy"), Some(1.75));
     assert_eq!(logs.get("loss"), Some(10.75));
 }
+
+#[test]
+fn metrics_leave_masked_steps_out() {
+    // Ids 0 are padding (mask_zero); the tagger predicts class argmax(embedding) per step.
+    let x = Input::new([4]);
+    let e = kiln::layers::Embedding::new(3, 2)
+        .mask_zero(true)
+        .name("emb")
+        .apply(&x)
+        .unwrap();
+    let mut m = Model::new(&[x], &[e]).unwrap();
+    // id 1 → class 0, id 2 → class 1 (id 0's row predicts class 1: wrong for label 0 below).
+    m.weight("emb/embeddings")
+        .unwrap()
+        .var
+        .set(&Tensor::new(&[[0f32, 1.], [1., 0.], [0., 1.]], &Device::Cpu).unwrap())
+        .unwrap();
+    m.compile(
+        Compile::new(Sgd::new(0.0))
+            .loss(scce())
+            .metric(Accuracy::sparse().with_name("acc")),
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[1f32, 2., 0., 0.], [2., 2., 1., 0.]], &Device::Cpu).unwrap();
+    // Real steps: predictions [0, 1] and [1, 1, 0]; labels make 4 of the 5 right. Padding labels are 0 (wrong).
+    let labels = Tensor::new(&[[0f32, 1., 0., 0.], [1., 0., 0., 0.]], &Device::Cpu).unwrap();
+    let logs = m.evaluate(&Dataset::new(ids, labels).unwrap(), 2).unwrap();
+    assert_eq!(logs.get("acc"), Some(4.0 / 5.0));
+}

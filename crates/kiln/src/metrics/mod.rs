@@ -9,7 +9,8 @@ use std::sync::Arc;
 pub trait Metric: Send + Sync {
     /// The name in logs (`accuracy`, `mae`, …).
     fn name(&self) -> &str;
-    /// One value per sample; the epoch value is their mean over all samples.
+    /// One value per sample (or per sample and step, for sequence outputs); the epoch value is
+    /// their mean over all samples, leaving out the entries a mask marks as padding.
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor>;
 }
 
@@ -119,17 +120,8 @@ impl Metric for Accuracy {
                 matches(&t, &p)?
             }
         };
-        per_sample_mean(values)
+        Ok(values)
     }
-}
-
-/// Averages a metric's values over every axis but the batch axis.
-fn per_sample_mean(values: Tensor) -> Result<Tensor> {
-    let mut v = values;
-    while v.rank() > 1 {
-        v = v.mean(D::Minus1)?;
-    }
-    Ok(v)
 }
 
 /// Mean absolute error as a metric.
@@ -151,7 +143,7 @@ impl Metric for MeanAbsoluteError {
     }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         use crate::losses::Loss;
-        per_sample_mean(crate::losses::MeanAbsoluteError::new().per_sample(y_true, y_pred)?)
+        crate::losses::MeanAbsoluteError::new().per_sample(y_true, y_pred)
     }
 }
 
@@ -174,7 +166,7 @@ impl Metric for MeanSquaredError {
     }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         use crate::losses::Loss;
-        per_sample_mean(crate::losses::MeanSquaredError::new().per_sample(y_true, y_pred)?)
+        crate::losses::MeanSquaredError::new().per_sample(y_true, y_pred)
     }
 }
 

@@ -414,12 +414,14 @@ impl Model {
                 .collect();
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
-            let y = layer.call_with_masks(&xs, &masks, &mut ctx).map_err(|e| match e {
-                Error::Candle(c) => {
-                    Error::Graph(format!("layer `{}` failed: {c}", step.layer_name))
-                }
-                other => other,
-            })?;
+            let y = layer
+                .call_with_masks(&xs, &masks, &mut ctx)
+                .map_err(|e| match e {
+                    Error::Candle(c) => {
+                        Error::Graph(format!("layer `{}` failed: {c}", step.layer_name))
+                    }
+                    other => other,
+                })?;
             let added = std::mem::take(&mut ctx.added);
             if let Some(mask) = layer.compute_mask(&xs, &masks)? {
                 pass.masks.insert(step.node.id(), mask);

@@ -7,7 +7,12 @@ use crate::adversarial::{Adversarial, PerturbationNorm};
 use crate::callbacks::{self, Schedule};
 use crate::error::Result;
 use crate::graph::{Input, SymbolicTensor};
-use crate::layers::{ActivationLayer, Dense, Dropout, Flatten, LayerExt};
+use crate::layers::{
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
+    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
+    LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Reshape,
+};
 use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::{Compile, Fit, Model, Tensors};
@@ -43,6 +48,71 @@ fn regularizer(f: &Fields) -> Result<SharedRegularizer> {
             return Err(f.error("give `l1`, `l2`, both, or `orthogonal` (with an optional `mode`)"))
         }
     })
+}
+
+/// The layer types a run file can name.
+pub(crate) const LAYER_TYPES: [&str; 24] = [
+    "dense",
+    "dropout",
+    "activation",
+    "flatten",
+    "conv1d",
+    "conv2d",
+    "max_pooling1d",
+    "average_pooling1d",
+    "max_pooling2d",
+    "average_pooling2d",
+    "global_average_pooling1d",
+    "global_average_pooling2d",
+    "global_max_pooling1d",
+    "global_max_pooling2d",
+    "batch_normalization",
+    "layer_normalization",
+    "embedding",
+    "masking",
+    "lstm",
+    "gru",
+    "reshape",
+    "concatenate",
+    "add",
+    "multiply",
+];
+
+/// An integer, or a list of two, as `(height, width)`.
+fn size_pair(f: &Fields, key: &str) -> Result<Option<(usize, usize)>> {
+    let Some(v) = f.get(key) else { return Ok(None) };
+    let bad = || f.value_error(key, v, "expected a positive integer or a list of two");
+    if let Some(n) = super::fields::integer(v.get_ref()) {
+        return if n > 0 {
+            Ok(Some((n as usize, n as usize)))
+        } else {
+            Err(bad())
+        };
+    }
+    let items = v
+        .get_ref()
+        .as_array()
+        .filter(|a| a.len() == 2)
+        .ok_or_else(bad)?;
+    let a = super::fields::integer(items[0].get_ref())
+        .filter(|n| *n > 0)
+        .ok_or_else(bad)?;
+    let b = super::fields::integer(items[1].get_ref())
+        .filter(|n| *n > 0)
+        .ok_or_else(bad)?;
+    Ok(Some((a as usize, b as usize)))
+}
+
+fn padding(f: &Fields) -> Result<Padding> {
+    match f.get("padding") {
+        None => Ok(Padding::Valid),
+        Some(v) => v
+            .get_ref()
+            .as_str()
+            .unwrap_or("")
+            .parse()
+            .map_err(|e| f.value_error("padding", v, e)),
+    }
 }
 
 fn activation(f: &Fields) -> Result<Activation> {
@@ -126,6 +196,172 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
                 }
                 d.apply_many(&refs)
             }
+            "conv1d" | "conv2d" => {
+                let filters = l
+                    .usize("filters")?
+                    .ok_or_else(|| l.error(format!("{kind} needs `filters`")))?;
+                let kernel = size_pair(l, "kernel_size")?
+                    .ok_or_else(|| l.error(format!("{kind} needs `kernel_size`")))?;
+                let padding = padding(l)?;
+                let dilation = l.usize_or("dilation_rate", 1)?;
+                let strides = size_pair(l, "strides")?.unwrap_or((1, 1));
+                macro_rules! common {
+                    ($c:expr) => {{
+                        let mut c = $c
+                            .padding(padding)
+                            .activation(activation(l)?)
+                            .use_bias(l.bool_or("use_bias", true)?)
+                            .name(name.clone());
+                        if let Some(r) = l.table("kernel_regularizer")? {
+                            c = c.kernel_regularizer(regularizer(&r)?);
+                        }
+                        if let Some(r) = l.table("bias_regularizer")? {
+                            c = c.bias_regularizer(regularizer(&r)?);
+                        }
+                        if let Some(r) = l.table("activity_regularizer")? {
+                            c = c.activity_regularizer(regularizer(&r)?);
+                        }
+                        c.apply_many(&refs)
+                    }};
+                }
+                if kind == "conv1d" {
+                    common!(Conv1D::new(filters, kernel.0)
+                        .strides(strides.0)
+                        .dilation_rate(dilation))
+                } else {
+                    common!(Conv2D::new(filters, kernel)
+                        .strides(strides)
+                        .dilation_rate(dilation))
+                }
+            }
+            "max_pooling1d" | "average_pooling1d" => {
+                let size = l.usize_or("pool_size", 2)?;
+                let strides = l.usize_or("strides", size)?;
+                let pad = padding(l)?;
+                if kind == "max_pooling1d" {
+                    MaxPooling1D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .name(name.clone())
+                        .apply_many(&refs)
+                } else {
+                    AveragePooling1D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .name(name.clone())
+                        .apply_many(&refs)
+                }
+            }
+            "max_pooling2d" | "average_pooling2d" => {
+                let size = size_pair(l, "pool_size")?.unwrap_or((2, 2));
+                let strides = size_pair(l, "strides")?.unwrap_or(size);
+                let pad = padding(l)?;
+                if kind == "max_pooling2d" {
+                    MaxPooling2D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .name(name.clone())
+                        .apply_many(&refs)
+                } else {
+                    AveragePooling2D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .name(name.clone())
+                        .apply_many(&refs)
+                }
+            }
+            "global_average_pooling1d" => GlobalAveragePooling1D::new()
+                .name(name.clone())
+                .apply_many(&refs),
+            "global_average_pooling2d" => GlobalAveragePooling2D::new()
+                .name(name.clone())
+                .apply_many(&refs),
+            "global_max_pooling1d" => GlobalMaxPooling1D::new()
+                .name(name.clone())
+                .apply_many(&refs),
+            "global_max_pooling2d" => GlobalMaxPooling2D::new()
+                .name(name.clone())
+                .apply_many(&refs),
+            "batch_normalization" => BatchNormalization::new()
+                .momentum(l.f64_or("momentum", 0.99)?)
+                .epsilon(l.f64_or("epsilon", 1e-3)?)
+                .center(l.bool_or("center", true)?)
+                .scale(l.bool_or("scale", true)?)
+                .name(name.clone())
+                .apply_many(&refs),
+            "layer_normalization" => LayerNormalization::new()
+                .epsilon(l.f64_or("epsilon", 1e-3)?)
+                .center(l.bool_or("center", true)?)
+                .scale(l.bool_or("scale", true)?)
+                .name(name.clone())
+                .apply_many(&refs),
+            "embedding" => {
+                let input_dim = l
+                    .usize("input_dim")?
+                    .ok_or_else(|| l.error("embedding needs `input_dim`"))?;
+                let output_dim = l
+                    .usize("output_dim")?
+                    .ok_or_else(|| l.error("embedding needs `output_dim`"))?;
+                Embedding::new(input_dim, output_dim)
+                    .mask_zero(l.bool_or("mask_zero", false)?)
+                    .name(name.clone())
+                    .apply_many(&refs)
+            }
+            "masking" => Masking::new(l.f64_or("mask_value", 0.0)?)
+                .name(name.clone())
+                .apply_many(&refs),
+            "lstm" => {
+                let units = l
+                    .usize("units")?
+                    .ok_or_else(|| l.error("lstm needs `units`"))?;
+                Lstm::new(units)
+                    .return_sequences(l.bool_or("return_sequences", false)?)
+                    .name(name.clone())
+                    .apply_many(&refs)
+            }
+            "gru" => {
+                let units = l
+                    .usize("units")?
+                    .ok_or_else(|| l.error("gru needs `units`"))?;
+                Gru::new(units)
+                    .return_sequences(l.bool_or("return_sequences", false)?)
+                    .reset_after(l.bool_or("reset_after", true)?)
+                    .name(name.clone())
+                    .apply_many(&refs)
+            }
+            "reshape" => {
+                let v = l
+                    .get("target_shape")
+                    .ok_or_else(|| l.error("reshape needs `target_shape`"))?;
+                let items = v.get_ref().as_array().ok_or_else(|| {
+                    l.value_error("target_shape", v, "expected a list of integers")
+                })?;
+                let shape = items
+                    .iter()
+                    .map(|i| {
+                        super::fields::integer(i.get_ref())
+                            .map(|n| n as isize)
+                            .ok_or_else(|| l.value_error("target_shape", i, "expected an integer"))
+                    })
+                    .collect::<Result<Vec<isize>>>()?;
+                Reshape::new(shape).name(name.clone()).apply_many(&refs)
+            }
+            "concatenate" => {
+                let axis = l
+                    .get("axis")
+                    .map(|v| {
+                        super::fields::integer(v.get_ref())
+                            .ok_or_else(|| l.value_error("axis", v, "expected an integer"))
+                    })
+                    .transpose()?;
+                let c = Concatenate::new().name(name.clone());
+                match axis {
+                    Some(a) => c.axis(a as isize).apply_many(&refs),
+                    None => c.apply_many(&refs),
+                }
+            }
+            "add" => Add::new().name(name.clone()).apply_many(&refs),
+            "multiply" => Multiply::new().name(name.clone()).apply_many(&refs),
             "dropout" => Dropout::new(l.f64_or("rate", 0.5)?)
                 .name(name.clone())
                 .apply_many(&refs),
@@ -135,7 +371,7 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
             "flatten" => Flatten::new().name(name.clone()).apply_many(&refs),
             other => {
                 return Err(l.error(format!(
-                    "unknown layer type `{other}`: use dense, dropout, activation or flatten"
+                    "unknown layer type `{other}`: use one of {LAYER_TYPES:?}"
                 )))
             }
         }
