@@ -95,7 +95,13 @@ enum Against {
     },
 }
 
+/// A caching allocator: tensors of the same sizes are made every step, and the system allocator
+/// returns them to the kernel and faults them back in (measured in bench/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    kiln::runtime::configure_cpu_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train {

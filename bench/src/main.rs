@@ -7,6 +7,9 @@ use kiln::prelude::*;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Workloads to run: W1, W2, W3 (batch × width grid), W4 (W1, run under load by run.sh).
@@ -115,6 +118,7 @@ fn measure(
 }
 
 fn main() -> kiln::Result<()> {
+    kiln::runtime::configure_cpu_threads();
     let args = Args::parse();
     for w in &args.workloads {
         match w.as_str() {

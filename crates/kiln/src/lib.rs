@@ -46,6 +46,7 @@ pub mod optimizers;
 pub mod reduction;
 pub mod regularizers;
 pub mod run;
+pub mod runtime;
 
 pub use activations::Activation;
 pub use data::Dataset;

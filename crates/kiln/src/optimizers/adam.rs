@@ -97,14 +97,37 @@ impl Optimizer for Adam {
         let t = t as i32;
         let alpha = self.lr * (1.0 - self.beta_2.powi(t)).sqrt() / (1.0 - self.beta_1.powi(t));
         for (p, g) in params.iter().zip(grads) {
-            let m = self
-                .m
-                .get(p)?
+            let (m, v) = (self.m.get(p)?, self.v.get(p)?);
+            if super::fused::supported(&[p.as_tensor(), g, &m, &v]) {
+                // One pass per state tensor, in place, no allocation.
+                m.inplace_op2(
+                    g,
+                    &super::fused::MovingAverage {
+                        decay: self.beta_1,
+                        square: false,
+                    },
+                )?;
+                v.inplace_op2(
+                    g,
+                    &super::fused::MovingAverage {
+                        decay: self.beta_2,
+                        square: true,
+                    },
+                )?;
+                p.as_tensor().inplace_op3(
+                    &m,
+                    &v,
+                    &super::fused::AdamStep {
+                        alpha,
+                        epsilon: self.epsilon,
+                    },
+                )?;
+                continue;
+            }
+            let m = m
                 .affine(self.beta_1, 0.0)?
                 .add(&g.affine(1.0 - self.beta_1, 0.0)?)?;
-            let v = self
-                .v
-                .get(p)?
+            let v = v
                 .affine(self.beta_2, 0.0)?
                 .add(&g.sqr()?.affine(1.0 - self.beta_2, 0.0)?)?;
             let step = m

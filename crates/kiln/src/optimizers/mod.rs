@@ -1,6 +1,7 @@
 //! Optimizers with Keras 3's update rules and defaults, and gradient clipping.
 
 mod adam;
+mod fused;
 mod rmsprop;
 mod sgd;
 

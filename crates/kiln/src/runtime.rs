@@ -1,0 +1,20 @@
+//! Process-wide settings for the CPU engine, chosen from measurements (bench/README.md).
+
+/// Runs candle's elementwise kernels on the calling thread (`CANDLE_NUM_THREADS=1`) unless the
+/// user set that variable. On the 2-core machines measured, this costs nothing on a quiet machine
+/// and keeps training fast when another process holds a core (W1 went from 32 to 87 steps/s),
+/// because candle's elementwise worker pool spins instead of yielding. The matrix products keep
+/// their threads.
+///
+/// Call it first thing in `main`, before any tensor exists and before other threads start:
+/// candle reads the variable once, when its pool is first used.
+///
+/// ```
+/// kiln::runtime::configure_cpu_threads();
+/// ```
+pub fn configure_cpu_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Called at start-up, before any other thread exists.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
