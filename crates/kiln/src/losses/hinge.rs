@@ -4,7 +4,7 @@
 //! is 0 or 1 the labels become -1/+1 (`2y - 1`); any other label set (for example already -1/+1)
 //! is used as it is.
 
-use super::{align, loss_common, Loss};
+use super::{align, loss_common, parameterless_loss, Loss};
 use crate::error::Result;
 use crate::reduction::Reduction;
 use candle_core::{Tensor, D};
@@ -28,44 +28,7 @@ fn margins(y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
     Ok(t.broadcast_mul(y_pred)?.affine(-1.0, 1.0)?.relu()?)
 }
 
-/// Defines a hinge-family loss with no hyperparameters besides name and reduction.
-macro_rules! hinge_loss {
-    ($(#[$doc:meta])* $ty:ident, $keras:literal, |$t:ident, $p:ident| $body:expr) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone)]
-        pub struct $ty {
-            name: String,
-            reduction: Reduction,
-        }
-        impl $ty {
-            /// The loss with Keras' defaults.
-            pub fn new() -> Self {
-                Self { name: $keras.to_string(), reduction: Reduction::default() }
-            }
-        }
-        impl Default for $ty {
-            fn default() -> Self {
-                Self::new()
-            }
-        }
-        loss_common!($ty);
-        impl Loss for $ty {
-            fn name(&self) -> &str {
-                &self.name
-            }
-            fn reduction(&self) -> Reduction {
-                self.reduction
-            }
-            fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
-                let ($t, $p) = align(y_true, y_pred)?;
-                let value: Tensor = $body;
-                Ok(value)
-            }
-        }
-    };
-}
-
-hinge_loss!(
+parameterless_loss!(
     /// Hinge loss: `mean(max(1 - y_true · y_pred, 0), axis=-1)`, with labels -1/+1 (labels that
     /// are all 0/1 are converted, as Keras does).
     ///
@@ -81,7 +44,7 @@ hinge_loss!(
     Hinge, "hinge", |t, p| margins(&t, &p)?.mean(D::Minus1)?
 );
 
-hinge_loss!(
+parameterless_loss!(
     /// Squared hinge loss: `mean(max(1 - y_true · y_pred, 0)², axis=-1)`, with labels -1/+1
     /// (labels that are all 0/1 are converted, as Keras does).
     ///
@@ -97,7 +60,7 @@ hinge_loss!(
     SquaredHinge, "squared_hinge", |t, p| margins(&t, &p)?.sqr()?.mean(D::Minus1)?
 );
 
-hinge_loss!(
+parameterless_loss!(
     /// Categorical hinge loss over the last axis: `max(neg - pos + 1, 0)` with
     /// `pos = Σ y_true · y_pred` and `neg = max((1 - y_true) · y_pred)`, for one-hot labels.
     ///

@@ -350,6 +350,45 @@ macro_rules! loss_common {
 }
 pub(crate) use loss_common;
 
+/// Defines a loss with no hyperparameters besides name and reduction, from its per-sample
+/// formula over the aligned `y_true` and `y_pred`.
+macro_rules! parameterless_loss {
+    ($(#[$doc:meta])* $ty:ident, $keras:literal, |$t:ident, $p:ident| $body:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $ty {
+            name: String,
+            reduction: Reduction,
+        }
+        impl $ty {
+            /// The loss with Keras' defaults.
+            pub fn new() -> Self {
+                Self { name: $keras.to_string(), reduction: Reduction::default() }
+            }
+        }
+        impl Default for $ty {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+        loss_common!($ty);
+        impl Loss for $ty {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn reduction(&self) -> Reduction {
+                self.reduction
+            }
+            fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
+                let ($t, $p) = align(y_true, y_pred)?;
+                let value: Tensor = $body;
+                Ok(value)
+            }
+        }
+    };
+}
+pub(crate) use parameterless_loss;
+
 /// Brings `y_true` to `y_pred`'s dtype and, where their ranks differ by one trailing unit axis,
 /// to the same rank (Keras' `LossFunctionWrapper`).
 pub(crate) fn align(y_true: &Tensor, y_pred: &Tensor) -> Result<(Tensor, Tensor)> {

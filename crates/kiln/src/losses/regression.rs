@@ -1,6 +1,6 @@
 //! Regression losses: mean squared, absolute, percentage and logarithmic errors, Huber, log-cosh.
 
-use super::{align, loss_common, softplus, Loss};
+use super::{align, loss_common, parameterless_loss, softplus, Loss};
 use crate::error::{invalid, Result};
 use crate::reduction::{Reduction, EPSILON};
 use candle_core::{Tensor, D};
@@ -8,37 +8,10 @@ use candle_core::{Tensor, D};
 /// Defines a parameterless regression loss from its per-element formula (mean over the last axis).
 macro_rules! elementwise_loss {
     ($(#[$doc:meta])* $ty:ident, $keras:literal, |$t:ident, $p:ident| $body:expr) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone)]
-        pub struct $ty {
-            name: String,
-            reduction: Reduction,
-        }
-        impl $ty {
-            /// The loss with Keras' defaults.
-            pub fn new() -> Self {
-                Self { name: $keras.to_string(), reduction: Reduction::default() }
-            }
-        }
-        impl Default for $ty {
-            fn default() -> Self {
-                Self::new()
-            }
-        }
-        loss_common!($ty);
-        impl Loss for $ty {
-            fn name(&self) -> &str {
-                &self.name
-            }
-            fn reduction(&self) -> Reduction {
-                self.reduction
-            }
-            fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
-                let ($t, $p) = align(y_true, y_pred)?;
-                let per_element: Tensor = $body;
-                Ok(per_element.mean(D::Minus1)?)
-            }
-        }
+        parameterless_loss!($(#[$doc])* $ty, $keras, |$t, $p| {
+            let per_element: Tensor = $body;
+            per_element.mean(D::Minus1)?
+        });
     };
 }
 
