@@ -282,3 +282,53 @@ fn fgsm_training_keeps_accuracy_under_attack() {
         s.robust_attacked
     );
 }
+
+#[test]
+fn fgsm_term_covers_every_output_with_its_loss_weight() {
+    // Two linear heads on one input; the adversarial term is multiplier · Σ weight_i · L_i(x_adv).
+    let x = Input::new([3]);
+    let a = Dense::new(1).use_bias(false).name("a").apply(&x).unwrap();
+    let b = Dense::new(1).use_bias(false).name("b").apply(&x).unwrap();
+    let mut m = Model::builder(&[x], &[a, b])
+        .dtype(DType::F64)
+        .build()
+        .unwrap();
+    m.weight("a/kernel")
+        .unwrap()
+        .var
+        .set(&t(&W, (3, 1)))
+        .unwrap();
+    let wb = [-0.5, 0.3, 0.9];
+    m.weight("b/kernel")
+        .unwrap()
+        .var
+        .set(&t(&wb, (3, 1)))
+        .unwrap();
+    m.add_loss("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
+        .unwrap();
+    m.compile(
+        Compile::new(Sgd::new(0.0))
+            .loss("mse")
+            .loss_weight_for("b", 2.0),
+    )
+    .unwrap();
+    let yb = [0.1, 0.2, -0.3, 0.4];
+    let data = Dataset::multi(vec![t(&X, (4, 3))], vec![t(&Y, (4, 1)), t(&yb, (4, 1))]).unwrap();
+    let h = m
+        .fit(&data, Fit::new().batch_size(4).shuffle(false).quiet())
+        .unwrap();
+    // ∂/∂x of mean(r_a²) + 2·mean(r_b²) = (2/4)·(r_a·W + 2·r_b·wb): take its sign per feature.
+    let mut adv = 0.0;
+    for i in 0..4 {
+        let x = row(i);
+        let ra = x.iter().zip(W).map(|(p, q)| p * q).sum::<f64>() - Y[i];
+        let rb = x.iter().zip(wb).map(|(p, q)| p * q).sum::<f64>() - yb[i];
+        let xa: Vec<f64> = (0..3)
+            .map(|j| x[j] + 0.1 * (ra * W[j] + 2.0 * rb * wb[j]).signum())
+            .collect();
+        let ra2 = xa.iter().zip(W).map(|(p, q)| p * q).sum::<f64>() - Y[i];
+        let rb2 = xa.iter().zip(wb).map(|(p, q)| p * q).sum::<f64>() - yb[i];
+        adv += (ra2 * ra2 + 2.0 * rb2 * rb2) / 4.0;
+    }
+    close(h.last().unwrap().get("adversarial").unwrap(), 0.5 * adv);
+}
