@@ -332,3 +332,72 @@ fn fgsm_term_covers_every_output_with_its_loss_weight() {
     }
     close(h.last().unwrap().get("adversarial").unwrap(), 0.5 * adv);
 }
+
+#[test]
+fn the_attack_follows_the_labeled_loss_only() {
+    // An added term that depends on the input through the output would flip the direction of
+    // some features if it were part of the attacked loss; as in Neural Structured Learning, the
+    // attack differentiates the compiled losses only. Its own gradient still reaches the weights.
+    let (eps, mult) = (0.1, 0.5);
+    let x = Input::new([3]);
+    let y = Dense::new(1).name("y").apply(&x).unwrap();
+    let mut m = Model::builder(&[x], std::slice::from_ref(&y))
+        .dtype(DType::F64)
+        .build()
+        .unwrap();
+    m.weight("y/kernel")
+        .unwrap()
+        .var
+        .set(&t(&W, (3, 1)))
+        .unwrap();
+    m.weight("y/bias")
+        .unwrap()
+        .var
+        .set(&Tensor::new(&[B], &Device::Cpu).unwrap())
+        .unwrap();
+    let handle = y.clone();
+    m.add_loss("pull", move |ts: &Tensors| {
+        Ok((ts.get(&handle)?.mean_all()? * -10.0)?)
+    })
+    .unwrap();
+    m.add_loss("adversarial", Adversarial::fgsm(eps).multiplier(mult))
+        .unwrap();
+    m.compile(Compile::new(Sgd::new(1.0)).loss("mse")).unwrap();
+    let data = Dataset::new(t(&X, (4, 3)), t(&Y, (4, 1)))
+        .unwrap()
+        .with_sample_weight(Tensor::new(&SW, &Device::Cpu).unwrap())
+        .unwrap();
+    let h = m
+        .fit(&data, Fit::new().batch_size(4).shuffle(false).quiet())
+        .unwrap();
+    let (_, gw_clean, gb_clean) = mse_and_grads(&(0..4).map(row).collect::<Vec<_>>());
+    let (l_adv, gw_adv, gb_adv) = mse_and_grads(&fgsm_inputs(eps));
+    close(h.last().unwrap().get("adversarial").unwrap(), mult * l_adv);
+    // d(pull)/dW = -10 · mean(x), d(pull)/db = -10.
+    let mean_x: Vec<f64> = (0..3)
+        .map(|j| (0..4).map(|i| row(i)[j]).sum::<f64>() / 4.0)
+        .collect();
+    let w: Vec<f64> = m
+        .weight("y/kernel")
+        .unwrap()
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for j in 0..3 {
+        close(
+            w[j],
+            W[j] - gw_clean[j] - mult * gw_adv[j] + 10.0 * mean_x[j],
+        );
+    }
+    let b: Vec<f64> = m
+        .weight("y/bias")
+        .unwrap()
+        .var
+        .as_tensor()
+        .to_vec1()
+        .unwrap();
+    close(b[0], B - gb_clean - mult * gb_adv + 10.0);
+}

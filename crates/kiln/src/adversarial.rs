@@ -4,8 +4,9 @@
 //! Each training step perturbs the inputs along the normalized input gradient of the loss,
 //! `x_adv = clip(x + ε · normalize(∇ₓ L))`, holds the perturbation constant, and adds
 //! `multiplier · L(x_adv, y)` with the same compiled losses, loss weights and sample weights.
-//! FGSM costs two forward and two backward passes: the clean backward pass gives both the input
-//! gradient and the clean terms' parameter gradients. PGD repeats the perturbation step `k`
+//! FGSM costs two forward and two backward passes: the clean backward pass of the compiled
+//! losses gives both the input gradient and their parameter gradients, and the second backward
+//! pass covers the adversarial term together with the other added terms. PGD repeats the perturbation step `k`
 //! times, projecting back into the ε-ball.
 
 use crate::error::{invalid, Result};

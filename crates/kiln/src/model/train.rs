@@ -133,6 +133,10 @@ struct LabeledLoss {
 struct StepTerms {
     total: Tensor,
     reported: Vec<(String, Tensor)>,
+    /// Σ loss_weight · reduced compile-time loss (what an adversarial attack differentiates).
+    labeled: Option<Tensor>,
+    /// Σ added terms, if any.
+    added: Option<Tensor>,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -219,11 +223,12 @@ impl Model {
         training: bool,
     ) -> Result<StepTerms> {
         let LabeledLoss {
-            mut total,
+            total: labeled,
             per_output: mut reported,
         } = self.compiled_loss(compiled, batch, pass)?;
+        let mut added_total: Option<Tensor> = None;
         let mut add = |t: Tensor| -> Result<()> {
-            total = Some(match total.take() {
+            added_total = Some(match added_total.take() {
                 Some(acc) => (acc + t)?,
                 None => t,
             });
@@ -266,11 +271,17 @@ impl Model {
             add(value.clone())?;
             reported.push((name, value));
         }
-        let total = match total {
-            Some(t) => t,
-            None => Tensor::zeros((), self.dtype, &self.device)?,
+        let total = match (&labeled, &added_total) {
+            (Some(l), Some(a)) => (l + a)?,
+            (Some(t), None) | (None, Some(t)) => t.clone(),
+            (None, None) => Tensor::zeros((), self.dtype, &self.device)?,
         };
-        Ok(StepTerms { total, reported })
+        Ok(StepTerms {
+            total,
+            reported,
+            labeled,
+            added: added_total,
+        })
     }
 
     /// Adds a batch's terms and metrics to the running epoch means.
@@ -410,61 +421,106 @@ impl Model {
             };
             let pass = self.run(&inputs, true, rng)?;
             let mut terms = self.step_terms(&compiled, batch, &pass, true)?;
-            let grads = terms.total.backward()?;
             let trainable: Vec<Var> = self
                 .weights()
                 .into_iter()
                 .filter(|w| w.trainable)
                 .map(|w| w.var)
                 .collect();
+            let Some((name, adversarial)) = adversarial else {
+                let grads = terms.total.backward()?;
+                let gradients: Vec<Option<Tensor>> = trainable
+                    .iter()
+                    .map(|v| grads.get(v.as_tensor()).cloned())
+                    .collect();
+                return self.finish_step(
+                    &mut compiled,
+                    acc,
+                    &terms,
+                    batch,
+                    &pass,
+                    trainable,
+                    gradients,
+                );
+            };
+            // First backward: the compiled ("labeled") loss on the clean batch gives the input
+            // gradient that defines the attack (as Neural Structured Learning) and those terms'
+            // parameter gradients.
+            let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
+            let grads = labeled.backward()?;
             let mut gradients: Vec<Option<Tensor>> = trainable
                 .iter()
                 .map(|v| grads.get(v.as_tensor()).cloned())
                 .collect();
-
-            if let Some((name, adversarial)) = adversarial {
-                let input_grads: Vec<Tensor> = input_vars
-                    .iter()
-                    .map(|v| match grads.get(v.as_tensor()) {
-                        Some(g) => Ok(g.clone()),
-                        None => Ok(v.as_tensor().zeros_like()?),
-                    })
-                    .collect::<Result<_>>()?;
-                let x_adv =
-                    self.attack(&compiled, &adversarial, batch, Some(input_grads), true, rng)?;
-                let adv_pass = self.run(&x_adv, true, rng)?;
-                let labeled = self.compiled_loss(&compiled, batch, &adv_pass)?.total;
-                let term = (labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
-                let adv_grads = term.backward()?;
-                for (var, slot) in trainable.iter().zip(gradients.iter_mut()) {
-                    if let Some(g) = adv_grads.get(var.as_tensor()) {
-                        *slot = Some(match slot.take() {
-                            Some(clean) => (clean + g)?,
-                            None => g.clone(),
-                        });
-                    }
+            let input_grads: Vec<Tensor> = input_vars
+                .iter()
+                .map(|v| match grads.get(v.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => Ok(v.as_tensor().zeros_like()?),
+                })
+                .collect::<Result<_>>()?;
+            let x_adv =
+                self.attack(&compiled, &adversarial, batch, Some(input_grads), true, rng)?;
+            let adv_pass = self.run(&x_adv, true, rng)?;
+            let adv_labeled = self.compiled_loss(&compiled, batch, &adv_pass)?.total;
+            let term = (adv_labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
+            // Second backward: the adversarial term together with the clean batch's added terms
+            // (regularizers, layer and closure terms), whose graph is still alive.
+            let second = match &terms.added {
+                Some(added) => (&term + added)?,
+                None => term.clone(),
+            };
+            let second_grads = second.backward()?;
+            for (var, slot) in trainable.iter().zip(gradients.iter_mut()) {
+                if let Some(g) = second_grads.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(first) => (first + g)?,
+                        None => g.clone(),
+                    });
                 }
-                terms.total = (terms.total.detach() + term.detach())?;
-                terms.reported.push((name, term.detach()));
             }
-
-            let (params, gradients): (Vec<Var>, Vec<Tensor>) = trainable
-                .into_iter()
-                .zip(gradients)
-                .filter_map(|(v, g)| g.map(|g| (v, g)))
-                .unzip();
-            compiled.iterations += 1;
-            crate::optimizers::apply_step(
-                compiled.optimizer.as_mut(),
-                &params,
+            terms.total = (terms.total.detach() + term.detach())?;
+            terms.reported.push((name, term.detach()));
+            self.finish_step(
+                &mut compiled,
+                acc,
+                &terms,
+                batch,
+                &pass,
+                trainable,
                 gradients,
-                compiled.iterations,
-            )?;
-            self.record(&compiled, acc, &terms, batch, &pass)?;
-            scalar(&terms.total)
+            )
         })();
         self.compiled = Some(compiled);
         result
+    }
+
+    /// Applies the gradients with the optimizer and records the step's logs; returns the total.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &self,
+        compiled: &mut Compiled,
+        acc: &mut Accumulator,
+        terms: &StepTerms,
+        batch: &Dataset,
+        pass: &ForwardPass,
+        trainable: Vec<Var>,
+        gradients: Vec<Option<Tensor>>,
+    ) -> Result<f64> {
+        let (params, gradients): (Vec<Var>, Vec<Tensor>) = trainable
+            .into_iter()
+            .zip(gradients)
+            .filter_map(|(v, g)| g.map(|g| (v, g)))
+            .unzip();
+        compiled.iterations += 1;
+        crate::optimizers::apply_step(
+            compiled.optimizer.as_mut(),
+            &params,
+            gradients,
+            compiled.iterations,
+        )?;
+        self.record(compiled, acc, terms, batch, pass)?;
+        scalar(&terms.total)
     }
 
     /// One training step on one batch, as Keras' `train_on_batch`: returns the batch's loss
