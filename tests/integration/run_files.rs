@@ -298,3 +298,44 @@ fn losses_lists_every_loss_with_its_defaults() {
     }
     assert_eq!(out.lines().filter(|l| !l.is_empty()).count(), 22 + 3);
 }
+
+#[test]
+fn a_custom_loss_is_used_by_name_once_registered() {
+    let text = RUN
+        .replace(
+            "loss = { type = \"binary_crossentropy\", from_logits = true }",
+            "loss = \"kiln_test_abs_loss\"",
+        )
+        .replace(
+            "path = \"points.csv\"\nlabel_columns = [\"label\"]",
+            "path = \"unused.csv\"\nlabel_columns = [\"label\"]",
+        );
+    let text = text.replace("[data]\nsource = \"csv\"\npath = \"unused.csv\"\nlabel_columns = [\"label\"]\ntest_split = 0.25\n", "");
+    let text = text.replace(
+        "[model]\n",
+        "[model]\ninputs = [{ name = \"x\", shape = [2] }]\n",
+    );
+    let run = kiln::run::RunFile::from_text("custom.toml", &text, PathBuf::new()).unwrap();
+    let err = run
+        .prepare(None, &candle_core::Device::Cpu)
+        .err()
+        .expect("unregistered loss must fail")
+        .to_string();
+    assert!(
+        err.contains("custom.toml line")
+            && err.contains("unknown loss `kiln_test_abs_loss`")
+            && err.contains("register"),
+        "{err}"
+    );
+    kiln::losses::register(
+        "kiln_test_abs_loss",
+        kiln::losses::loss_fn(
+            "kiln_test_abs_loss",
+            |t: &candle_core::Tensor, p: &candle_core::Tensor| {
+                Ok((p - t)?.abs()?.mean(candle_core::D::Minus1)?)
+            },
+        ),
+    );
+    let prepared = run.prepare(None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(prepared.model.output_names(), &["out".to_string()]);
+}

@@ -32,6 +32,7 @@
 pub mod activations;
 pub mod adversarial;
 pub mod callbacks;
+pub mod cli;
 pub mod conformance;
 pub mod data;
 pub mod error;

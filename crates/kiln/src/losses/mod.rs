@@ -253,7 +253,9 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
         _ => {
             return Err(invalid(format!(
                 "unknown loss `{name}`: use a built-in name such as mse, mae, binary_crossentropy, \
-                 categorical_crossentropy, sparse_categorical_crossentropy, or pass a loss value"
+                 categorical_crossentropy, sparse_categorical_crossentropy (`kiln losses` lists \
+                 them all), pass a loss value, or register a custom loss under this name with \
+                 kiln::losses::register before loading"
             )))
         }
     })

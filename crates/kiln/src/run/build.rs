@@ -134,6 +134,11 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
     let mut inputs = Vec::new();
     let input_tables = f.tables("inputs")?;
     if input_tables.is_empty() {
+        if data_input_shape.is_empty() {
+            return Err(f.error(
+                "no `inputs` and no [data] to take their shape from: add inputs = [{ name = \"x\", shape = [...] }]",
+            ));
+        }
         let x = Input::named("input", data_input_shape.to_vec());
         tensors.insert("input".into(), x.clone());
         inputs.push(("input".to_string(), x));

@@ -1,0 +1,323 @@
+//! The `kiln` command line: train, evaluate and predict from run files, list the losses, and
+//! check conformance with Keras. It lives in the library so that a program of your own can
+//! register custom losses and then offer the very same command:
+//!
+//! ```no_run
+//! use candle_core::{Tensor, D};
+//! fn main() -> std::process::ExitCode {
+//!     crate::losses::register("my_l1", crate::losses::loss_fn("my_l1", |t: &Tensor, p: &Tensor| {
+//!         Ok((p - t)?.abs()?.mean(D::Minus1)?)
+//!     }));
+//!     crate::cli::main() // run files and saved models can now say loss = "my_l1"
+//! }
+//! ```
+
+mod catalogue;
+
+use crate::run::{RunFile, TrainOptions};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Keras-style neural-network training with first-class losses.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train from a run file (TOML). Without one, trains the built-in default: a digits
+    /// classifier with focal loss and an L2 weight penalty. Prints every loss term.
+    Train {
+        /// The run file; the built-in default when left out.
+        run: Option<PathBuf>,
+        /// Overrides the run file's number of epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// The run folder for history, weights, model.json, plots and checkpoints
+        /// (default: runs/<run file name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overrides the run file's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Continue the run in this folder from its last checkpoint.
+        #[arg(long, conflicts_with = "out")]
+        resume: Option<PathBuf>,
+        /// Hide the progress bar and per-epoch lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Evaluate saved weights: the loss broken down by term, and the metrics.
+    Evaluate {
+        /// The run file or a run folder's model.json.
+        run: PathBuf,
+        /// The weights (model.safetensors).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Data to evaluate on instead of the run file's: a .csv (label column `label`, or
+        /// --labels) or an .npz with arrays x and y.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Label columns of a CSV given with --data, comma-separated.
+        #[arg(long, default_value = "label")]
+        labels: String,
+        /// Evaluate under attack: fgsm:EPS or pgd:EPS[:STEPS[:STEP_SIZE]].
+        #[arg(long)]
+        attack: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the model's predictions for some inputs to CSV or NPY.
+    Predict {
+        /// The run file or a run folder's model.json.
+        run: PathBuf,
+        /// The weights (model.safetensors).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Inputs: a .csv with a header (every column a feature) or an .npy array.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write: .csv or .npy.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// List the built-in losses with their parameters and defaults.
+    Losses,
+    /// Check kiln against reference values computed by another library.
+    Conformance {
+        #[command(subcommand)]
+        against: Against,
+    },
+}
+
+#[derive(Subcommand)]
+enum Against {
+    /// Reference cases written by real Keras 3 (shared/keras-reference/gen_keras_cases.py):
+    /// prints one line per failing case and ends with `N passed, M failed`.
+    Keras {
+        /// The JSON files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Parses the process's arguments and runs the command; the exit code says whether it worked.
+pub fn main() -> ExitCode {
+    crate::runtime::configure_cpu_threads();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train {
+            run,
+            epochs,
+            out,
+            seed,
+            resume,
+            quiet,
+        } => train(run, epochs, out, seed, resume, quiet).map(|()| true),
+        Command::Evaluate {
+            run,
+            weights,
+            data,
+            labels,
+            attack,
+            json,
+        } => evaluate(
+            &run,
+            &weights,
+            data.as_deref(),
+            &labels,
+            attack.as_deref(),
+            json,
+        )
+        .map(|()| true),
+        Command::Predict {
+            run,
+            weights,
+            input,
+            output,
+        } => predict(&run, &weights, &input, &output).map(|()| true),
+        Command::Losses => {
+            catalogue::print();
+            Ok(true)
+        }
+        Command::Conformance {
+            against: Against::Keras { files },
+        } => conformance(&files),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn train(
+    run: Option<PathBuf>,
+    epochs: Option<usize>,
+    out: Option<PathBuf>,
+    seed: Option<u64>,
+    resume: Option<PathBuf>,
+    quiet: bool,
+) -> crate::Result<()> {
+    let (file, stem) = match &run {
+        Some(p) => (
+            RunFile::from_path(p)?,
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into()),
+        ),
+        None => (RunFile::default_run(), "default".to_string()),
+    };
+    let out = resume
+        .clone()
+        .or(out)
+        .unwrap_or_else(|| Path::new("runs").join(&stem));
+    let options = TrainOptions {
+        epochs,
+        seed,
+        out: out.clone(),
+        resume: resume.is_some(),
+        verbose: !quiet,
+    };
+    let report = file.train(&options)?;
+    match &run {
+        None => {
+            println!(
+                "kiln default run: UCI digits (8x8), a held-out fifth for the final evaluation"
+            );
+            println!("model: 64 -> Dense 64 relu (L2 1e-4 on the kernel) -> Dense 10 logits");
+            println!("loss: categorical focal crossentropy (gamma 2, from logits) + l2 added term");
+        }
+        Some(p) => println!("kiln run {}", p.display()),
+    }
+    if let Some(last) = report.history.last() {
+        println!("final epoch ({}):", report.history.epochs.len());
+        for (k, v) in last.iter() {
+            println!("  {k:<24} {v:.6}");
+        }
+    }
+    if let Some(test) = &report.test {
+        println!("held-out:");
+        for (k, v) in test.iter() {
+            println!("  {k:<24} {v:.6}");
+        }
+    }
+    println!("run folder: {}", out.display());
+    Ok(())
+}
+
+/// A model with saved weights, and the data it should be evaluated on.
+fn load(
+    run: &Path,
+    weights: &Path,
+    data: Option<&Path>,
+    labels: &str,
+) -> crate::Result<(crate::Model, Option<crate::Dataset>)> {
+    let file = RunFile::from_path(run)?;
+    let prepared = file.prepare(None, &candle_core::Device::Cpu)?;
+    prepared.model.load_weights(weights)?;
+    let dataset = match data {
+        Some(path) => Some(read_dataset(path, labels)?),
+        None => prepared.test.or(prepared.train),
+    };
+    Ok((prepared.model, dataset))
+}
+
+fn read_dataset(path: &Path, labels: &str) -> crate::Result<crate::Dataset> {
+    let device = candle_core::Device::Cpu;
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("csv") => {
+            let labels: Vec<String> = labels.split(',').map(|s| s.trim().to_string()).collect();
+            crate::data::load_csv(path, &labels, &device)
+        }
+        Some("npz") => {
+            let arrays = crate::data::load_npz(path, &["x", "y"], &device)?;
+            crate::Dataset::new(arrays[0].clone(), arrays[1].clone())
+        }
+        _ => Err(crate::Error::Data(format!(
+            "{}: use a .csv or an .npz file (arrays x and y)",
+            path.display()
+        ))),
+    }
+}
+
+fn evaluate(
+    run: &Path,
+    weights: &Path,
+    data: Option<&Path>,
+    labels: &str,
+    attack: Option<&str>,
+    json: bool,
+) -> crate::Result<()> {
+    let (model, dataset) = load(run, weights, data, labels)?;
+    let dataset = dataset.ok_or_else(|| {
+        crate::Error::Data("no data to evaluate on: give --data or a run file with [data]".into())
+    })?;
+    let logs = match attack {
+        Some(spec) => {
+            model.evaluate_under_attack(&dataset, 256, &crate::run::parse_attack(spec)?)?
+        }
+        None => model.evaluate(&dataset, 256)?,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&logs).map_err(|e| crate::Error::Data(e.to_string()))?
+        );
+    } else {
+        for (k, v) in logs.iter() {
+            println!("{k:<24} {v:.6}");
+        }
+    }
+    Ok(())
+}
+
+fn predict(run: &Path, weights: &Path, input: &Path, output: &Path) -> crate::Result<()> {
+    let file = RunFile::from_path(run)?;
+    let model = file.prepare(None, &candle_core::Device::Cpu)?.model;
+    model.load_weights(weights)?;
+    let device = candle_core::Device::Cpu;
+    let x = match input.extension().and_then(|e| e.to_str()) {
+        Some("npy") => crate::data::load_npy(input, &device)?,
+        Some("csv") => crate::data::load_csv_features(input, &device)?,
+        _ => {
+            return Err(crate::Error::Data(format!(
+                "{}: inputs must be .csv or .npy",
+                input.display()
+            )))
+        }
+    };
+    let outputs = model.predict(&[x], 256)?;
+    crate::data::write_predictions(output, model.output_names(), &outputs)?;
+    eprintln!(
+        "wrote {} predictions to {}",
+        outputs[0].dims()[0],
+        output.display()
+    );
+    Ok(())
+}
+
+/// Runs the Keras reference files; true when every case passed.
+fn conformance(files: &[PathBuf]) -> crate::Result<bool> {
+    let mut report = crate::conformance::Report::default();
+    for file in files {
+        let mut r = crate::conformance::run_file(file)?;
+        for line in &mut r.failures {
+            *line = format!("{}: {line}", file.display());
+        }
+        report.merge(r);
+    }
+    for line in &report.failures {
+        println!("{line}");
+    }
+    println!("{} passed, {} failed", report.passed, report.failed());
+    Ok(report.failed() == 0)
+}
