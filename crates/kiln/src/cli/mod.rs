@@ -5,10 +5,10 @@
 //! ```no_run
 //! use candle_core::{Tensor, D};
 //! fn main() -> std::process::ExitCode {
-//!     crate::losses::register("my_l1", crate::losses::loss_fn("my_l1", |t: &Tensor, p: &Tensor| {
+//!     kiln::losses::register("my_l1", kiln::losses::loss_fn("my_l1", |t: &Tensor, p: &Tensor| {
 //!         Ok((p - t)?.abs()?.mean(D::Minus1)?)
 //!     }));
-//!     crate::cli::main() // run files and saved models can now say loss = "my_l1"
+//!     kiln::cli::main() // run files and saved models can now say loss = "my_l1"
 //! }
 //! ```
 
