@@ -101,6 +101,10 @@ pub fn dense_forward(
     bias: Option<&Tensor>,
     activation: Activation,
 ) -> Result<Tensor> {
+    if let Some(op) = super::dense_kernel::FusedDense::for_call(x, kernel, bias, activation) {
+        let bias = bias.expect("the fused op needs a bias");
+        return Ok(x.apply_op3(kernel, bias, op)?);
+    }
     let dims = x.dims().to_vec();
     let (in_features, out_features) = kernel.dims2()?;
     let lead: usize = dims[..dims.len() - 1].iter().product();

@@ -6,6 +6,7 @@
 mod conv;
 mod core_layers;
 mod dense;
+mod dense_kernel;
 mod embedding;
 mod merge;
 mod normalization;
