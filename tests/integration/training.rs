@@ -494,3 +494,17 @@ fn metrics_leave_masked_steps_out() {
     let logs = m.evaluate(&Dataset::new(ids, labels).unwrap(), 2).unwrap();
     assert_eq!(logs.get("acc"), Some(4.0 / 5.0));
 }
+
+#[test]
+fn a_bad_initializer_is_an_error_not_a_panic() {
+    let x = Input::new([3]);
+    let y = Dense::new(2)
+        .kernel_initializer(Initializer::RandomUniform { limit: f64::NAN })
+        .apply(&x)
+        .unwrap();
+    let msg = Model::new(&[x], &[y])
+        .err()
+        .expect("NaN limit must fail")
+        .to_string();
+    assert!(msg.contains("limit"), "{msg}");
+}

@@ -141,16 +141,20 @@ impl Initializer {
     ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let (fan_in, fan_out) = fans(shape);
-        let uniform = |limit: f64, rng: &mut StdRng| -> Vec<f64> {
-            let dist = Uniform::new_inclusive(-limit, limit).expect("finite limit");
-            (0..n).map(|_| dist.sample(rng)).collect()
+        let uniform = |limit: f64, rng: &mut StdRng| -> Result<Vec<f64>> {
+            let dist = Uniform::new_inclusive(-limit, limit).map_err(|_| {
+                crate::error::invalid(format!(
+                    "uniform initializer: the limit must be finite and >= 0, got {limit}"
+                ))
+            })?;
+            Ok((0..n).map(|_| dist.sample(rng)).collect())
         };
         let values: Vec<f64> = match self {
             Initializer::Zeros => vec![0.0; n],
             Initializer::Ones => vec![1.0; n],
-            Initializer::GlorotUniform => uniform((6.0 / (fan_in + fan_out)).sqrt(), rng),
-            Initializer::HeUniform => uniform((6.0 / fan_in).sqrt(), rng),
-            Initializer::RandomUniform { limit } => uniform(limit, rng),
+            Initializer::GlorotUniform => uniform((6.0 / (fan_in + fan_out)).sqrt(), rng)?,
+            Initializer::HeUniform => uniform((6.0 / fan_in).sqrt(), rng)?,
+            Initializer::RandomUniform { limit } => uniform(limit, rng)?,
             Initializer::GlorotNormal => {
                 truncated_normal(n, (2.0 / (fan_in + fan_out)).sqrt(), rng)
             }

@@ -574,7 +574,10 @@ impl Model {
                     "class_weight works for single-output models: use sample weights per output instead".into(),
                 ));
             }
-            let weights = crate::reduction::class_weights_to_sample_weights(&train.targets[0], cw)?;
+            let targets = train.targets.first().ok_or_else(|| {
+                Error::Data("class_weight needs targets: the data has none".into())
+            })?;
+            let weights = crate::reduction::class_weights_to_sample_weights(targets, cw)?;
             let weights = match &train.sample_weight {
                 Some(sw) => crate::reduction::mul_weights(sw, &weights)?,
                 None => weights,
