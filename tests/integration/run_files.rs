@@ -339,3 +339,48 @@ fn a_custom_loss_is_used_by_name_once_registered() {
     let prepared = run.prepare(None, &candle_core::Device::Cpu).unwrap();
     assert_eq!(prepared.model.output_names(), &["out".to_string()]);
 }
+
+#[test]
+fn resume_restores_the_callbacks_counters() {
+    // A plateau that never sees an improvement after the first epoch halves the rate every
+    // second epoch: 0.02 until epoch 2, 0.01 until epoch 4, then 0.005. Resuming at epoch 3
+    // with fresh counters would halve at epoch 5 instead of 4; the checkpoint keeps them.
+    let dir = temp("resume-callbacks");
+    write_csv(&dir.join("points.csv"));
+    let run = RUN.replace(
+        "callbacks = [{ type = \"lr_schedule\", schedule = \"cosine\", initial = 0.02, decay_epochs = 6 }]",
+        "callbacks = [\n  { type = \"reduce_lr_on_plateau\", monitor = \"val_loss\", factor = 0.5, patience = 2, min_delta = 10.0 },\n  { type = \"early_stopping\", monitor = \"val_loss\", patience = 100 },\n]",
+    );
+    assert_ne!(run, RUN);
+    std::fs::write(dir.join("run.toml"), run).unwrap();
+    let (ok, _, err) = kiln(&["train", "run.toml", "--quiet", "--out", "full"], &dir);
+    assert!(ok, "{err}");
+    let (ok, _, err) = kiln(
+        &[
+            "train", "run.toml", "--quiet", "--out", "part", "--epochs", "3",
+        ],
+        &dir,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = kiln(&["train", "run.toml", "--quiet", "--resume", "part"], &dir);
+    assert!(ok, "{err}");
+    let read = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(p)).unwrap()).unwrap()
+    };
+    let lrs: Vec<f64> = read("full/history.json")["lr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(lrs, vec![0.02, 0.02, 0.01, 0.01, 0.005, 0.005]);
+    assert_eq!(
+        read("part/history.json")["lr"],
+        read("full/history.json")["lr"]
+    );
+    assert!(
+        std::fs::read(dir.join("full/model.safetensors")).unwrap()
+            == std::fs::read(dir.join("part/model.safetensors")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -19,6 +19,9 @@ pub struct Checkpoint {
     pub learning_rate: f64,
     /// The logs of the epochs completed.
     pub history: Vec<HashMap<String, f64>>,
+    /// Each callback's state (in `Fit`'s callback order) when it was saved.
+    #[serde(default)]
+    pub callback_states: Vec<Option<serde_json::Value>>,
 }
 
 impl Model {
@@ -63,6 +66,7 @@ impl Model {
                 .iter()
                 .map(|l| l.iter().map(|(k, v)| (k.to_string(), v)).collect())
                 .collect(),
+            callback_states: self.callback_states.clone(),
         };
         let json_path = dir.join(format!("{stem}.json"));
         let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Data(e.to_string()))?;
@@ -195,6 +199,13 @@ impl ModelCheckpoint {
 }
 
 impl Callback for ModelCheckpoint {
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "best": self.best }))
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.best = super::state_field(state, "best", "ModelCheckpoint")?;
+        Ok(())
+    }
     fn on_epoch_end(
         &mut self,
         epoch: usize,

@@ -48,6 +48,30 @@ pub trait Callback: Send {
     fn on_train_end(&mut self, _model: &mut Model) -> Result<()> {
         Ok(())
     }
+    /// What a checkpoint must keep of this callback (counters, best values) so that a resumed
+    /// run continues exactly as an unbroken one.
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Restores what [`Callback::state`] returned; called after `on_train_begin` on resume.
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads a field of a saved callback state.
+pub(crate) fn state_field<T: serde::de::DeserializeOwned>(
+    state: &serde_json::Value,
+    key: &str,
+    who: &str,
+) -> Result<T> {
+    serde_json::from_value(state.get(key).cloned().unwrap_or(serde_json::Value::Null)).map_err(
+        |e| {
+            Error::Data(format!(
+                "{who}: checkpointed state `{key}` cannot be read: {e}"
+            ))
+        },
+    )
 }
 
 /// Whether a smaller or a larger monitored value is better.
@@ -163,6 +187,14 @@ pub(crate) fn restore(model: &Model, values: &[candle_core::Tensor]) -> Result<(
 }
 
 impl Callback for EarlyStopping {
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "best": self.best, "wait": self.wait }))
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.best = state_field(state, "best", "EarlyStopping")?;
+        self.wait = state_field(state, "wait", "EarlyStopping")?;
+        Ok(())
+    }
     fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {
         self.best = None;
         self.wait = 0;

@@ -167,6 +167,17 @@ impl ReduceLROnPlateau {
 }
 
 impl Callback for ReduceLROnPlateau {
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(
+            serde_json::json!({ "best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left }),
+        )
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.best = super::state_field(state, "best", "ReduceLROnPlateau")?;
+        self.wait = super::state_field(state, "wait", "ReduceLROnPlateau")?;
+        self.cooldown_left = super::state_field(state, "cooldown_left", "ReduceLROnPlateau")?;
+        Ok(())
+    }
     fn on_epoch_end(
         &mut self,
         _epoch: usize,

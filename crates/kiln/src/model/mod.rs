@@ -54,6 +54,8 @@ pub struct Model {
     dtype: DType,
     added: Vec<(String, Arc<dyn AddedLoss>)>,
     pub(crate) compiled: Option<compile::Compiled>,
+    /// The callbacks' states at the current epoch end, for checkpoints.
+    pub(crate) callback_states: Vec<Option<serde_json::Value>>,
 }
 
 /// Options for building a [`Model`]: seed, device, dtype.
@@ -277,6 +279,7 @@ impl Model {
             dtype: b.dtype,
             added: Vec::new(),
             compiled: None,
+            callback_states: Vec::new(),
         })
     }
 

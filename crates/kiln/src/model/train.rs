@@ -32,6 +32,7 @@ pub struct Fit {
     verbose: bool,
     initial_epoch: usize,
     callbacks: Vec<SharedCallback>,
+    callback_states: Vec<Option<serde_json::Value>>,
 }
 
 /// A callback as `Fit` holds it: shared, so a `Fit` can be cloned and the caller can keep a
@@ -58,7 +59,14 @@ impl Fit {
             verbose: true,
             initial_epoch: 0,
             callbacks: Vec::new(),
+            callback_states: Vec::new(),
         }
+    }
+    /// The callbacks' states saved in a checkpoint (`Checkpoint::callback_states`), restored
+    /// when training begins, so that a resumed run's callbacks continue where they stopped.
+    pub fn callback_states(mut self, states: Vec<Option<serde_json::Value>>) -> Self {
+        self.callback_states = states;
+        self
     }
     /// Adds a callback (early stopping, checkpoints, schedules, …).
     pub fn callback(mut self, callback: impl Callback + 'static) -> Self {
@@ -590,6 +598,11 @@ impl Model {
         for cb in &config.callbacks {
             lock(cb).on_train_begin(self)?;
         }
+        for (cb, state) in config.callbacks.iter().zip(&config.callback_states) {
+            if let Some(state) = state {
+                lock(cb).load_state(state)?;
+            }
+        }
         let mut stop = false;
         for epoch in config.initial_epoch..config.epochs {
             // Each epoch's randomness depends on (seed, epoch) alone: resumable.
@@ -632,6 +645,9 @@ impl Model {
             }
             if !stop {
                 for cb in &config.callbacks {
+                    // Callbacks that run later (checkpoints) see the states of those before.
+                    self.callback_states =
+                        config.callbacks.iter().map(|c| lock(c).state()).collect();
                     if lock(cb).on_epoch_end(epoch, &mut logs, self)? == Control::Stop {
                         stop = true;
                     }

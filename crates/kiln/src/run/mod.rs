@@ -254,7 +254,9 @@ impl RunFile {
                 .load_checkpoint(&checkpoints, "last")
                 .map_err(|e| Error::State(format!("cannot resume from {}: {e}", out.display())))?;
             previous = ckpt.history();
-            fit = fit.initial_epoch(ckpt.epochs_done);
+            fit = fit
+                .initial_epoch(ckpt.epochs_done)
+                .callback_states(ckpt.callback_states.clone());
         }
         let mut checkpoint = ModelCheckpoint::new(&checkpoints).resuming(previous.clone());
         if let Some(m) = best_monitor {
