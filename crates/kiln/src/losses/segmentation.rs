@@ -4,8 +4,10 @@
 //!
 //! * `None` (the default, as in Keras) sums over **every** axis, the batch axis included, so the
 //!   loss is one scalar for the whole batch (shape `[]`), exactly as Keras returns it. Keras'
-//!   reductions (and [`crate::reduction::reduce_weighted`]) accept such a scalar; `fit`'s
-//!   one-value-per-sample check does not, so for training pick the non-batch axes explicitly.
+//!   reductions (and [`crate::reduction::reduce_weighted`]) accept such a scalar, and so does
+//!   `fit`: the loss declares [`Loss::whole_batch`], which the one-value-per-sample check
+//!   honours. Sample weights then cannot weigh samples separately; pick the non-batch axes to
+//!   get one value per sample.
 //! * `Some(axes)` sums over those axes (negative values count from the end), like a Keras int or
 //!   tuple: `vec![-1]` gives one value per row of a `[batch, classes]` tensor, `vec![1, 2, 3]` one
 //!   value per image of a `[batch, h, w, c]` tensor. An empty list sums nothing.
@@ -38,7 +40,7 @@ fn sum_over(x: &Tensor, axes: &Option<Vec<isize>>, loss: &str) -> Result<Tensor>
 }
 
 /// Dice loss: `1 - 2·Σ(y_true·y_pred) / (Σy_true + Σy_pred + ε)`, the sums over `axis`
-/// (see the [module documentation](self) for what `None` means).
+/// (`None`, the default, sums over every axis, batch included, as Keras does).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -107,7 +109,8 @@ impl Loss for Dice {
 
 /// Tversky loss (Salehi et al. 2017): `1 - I / (I + alpha·A + beta·B + ε)` with, exactly as in
 /// Keras 3.15.1, `I = Σ y_true·y_pred`, `A = Σ y_true·(1 - y_pred)` and
-/// `B = Σ (1 - y_true)·y_pred`, the sums over `axis` (see the [module documentation](self)).
+/// `B = Σ (1 - y_true)·y_pred`, the sums over `axis` (`None`, the default, sums over every axis,
+/// batch included, as Keras does).
 ///
 /// So in 3.15.1 `alpha` weighs the positives the prediction misses and `beta` the predicted
 /// positives that are not in the labels (later Keras versions swap the two roles). With
