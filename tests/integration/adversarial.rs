@@ -18,11 +18,12 @@ const SW: [f64; 4] = [1.0, 0.5, 2.0, 1.5];
 const W: [f64; 3] = [0.7, -0.4, 0.2];
 const B: f64 = 0.1;
 
-/// A linear model y = x·W + B with MSE, in f64.
-fn linear(adversarial: Option<Adversarial>) -> (Model, Dataset) {
+/// A linear model y = x·W + B with MSE, in f64; `add_terms` adds its added losses (it gets
+/// the output's handle).
+fn linear(add_terms: impl FnOnce(&mut Model, &SymbolicTensor)) -> (Model, Dataset) {
     let x = Input::new([3]);
     let y = Dense::new(1).name("y").apply(&x).unwrap();
-    let mut m = Model::builder(&[x], &[y])
+    let mut m = Model::builder(&[x], std::slice::from_ref(&y))
         .dtype(DType::F64)
         .build()
         .unwrap();
@@ -36,9 +37,7 @@ fn linear(adversarial: Option<Adversarial>) -> (Model, Dataset) {
         .var
         .set(&Tensor::new(&[B], &Device::Cpu).unwrap())
         .unwrap();
-    if let Some(a) = adversarial {
-        m.add_loss("adversarial", a).unwrap();
-    }
+    add_terms(&mut m, &y);
     m.compile(Compile::new(Sgd::new(1.0)).loss("mse")).unwrap();
     let data = Dataset::new(t(&X, (4, 3)), t(&Y, (4, 1)))
         .unwrap()
@@ -88,7 +87,10 @@ fn fgsm_inputs(eps: f64) -> Vec<[f64; 3]> {
 #[test]
 fn fgsm_term_and_step_match_the_closed_form() {
     let (eps, mult) = (0.1, 0.5);
-    let (mut m, data) = linear(Some(Adversarial::fgsm(eps).multiplier(mult)));
+    let (mut m, data) = linear(|m, _| {
+        m.add_loss("adversarial", Adversarial::fgsm(eps).multiplier(mult))
+            .unwrap()
+    });
     let h = m
         .fit(&data, Fit::new().batch_size(4).shuffle(false).quiet())
         .unwrap();
@@ -123,7 +125,7 @@ fn fgsm_term_and_step_match_the_closed_form() {
 
 #[test]
 fn evaluate_under_attack_uses_the_perturbed_inputs() {
-    let (m, data) = linear(None);
+    let (m, data) = linear(|_, _| {});
     let logs = m
         .evaluate_under_attack(&data, 4, &Adversarial::fgsm(0.1))
         .unwrap();
@@ -137,7 +139,7 @@ fn evaluate_under_attack_uses_the_perturbed_inputs() {
 fn pgd_is_projected_into_the_epsilon_ball() {
     // Three sign steps of 0.05 would move 0.15; the infinity ball of radius 0.08 stops them.
     let attack = Adversarial::pgd(0.08, 3, 0.05).norm(PerturbationNorm::Infinity);
-    let (m, data) = linear(None);
+    let (m, data) = linear(|_, _| {});
     let logs = m.evaluate_under_attack(&data, 4, &attack).unwrap();
     close(
         logs.get("loss").unwrap(),
@@ -157,7 +159,7 @@ fn l2_direction_is_the_normalized_gradient_and_clip_applies() {
         })
         .collect();
     let attack = Adversarial::pgd(eps, 1, eps).clip(-1.0, 1.0);
-    let (m, data) = linear(None);
+    let (m, data) = linear(|_, _| {});
     let logs = m.evaluate_under_attack(&data, 4, &attack).unwrap();
     close(logs.get("loss").unwrap(), mse_and_grads(&expected).0);
 }
@@ -339,34 +341,15 @@ fn the_attack_follows_the_labeled_loss_only() {
     // some features if it were part of the attacked loss; as in Neural Structured Learning, the
     // attack differentiates the compiled losses only. Its own gradient still reaches the weights.
     let (eps, mult) = (0.1, 0.5);
-    let x = Input::new([3]);
-    let y = Dense::new(1).name("y").apply(&x).unwrap();
-    let mut m = Model::builder(&[x], std::slice::from_ref(&y))
-        .dtype(DType::F64)
-        .build()
+    let (mut m, data) = linear(|m, y| {
+        let handle = y.clone();
+        m.add_loss("pull", move |ts: &Tensors| {
+            Ok((ts.get(&handle)?.mean_all()? * -10.0)?)
+        })
         .unwrap();
-    m.weight("y/kernel")
-        .unwrap()
-        .var
-        .set(&t(&W, (3, 1)))
-        .unwrap();
-    m.weight("y/bias")
-        .unwrap()
-        .var
-        .set(&Tensor::new(&[B], &Device::Cpu).unwrap())
-        .unwrap();
-    let handle = y.clone();
-    m.add_loss("pull", move |ts: &Tensors| {
-        Ok((ts.get(&handle)?.mean_all()? * -10.0)?)
-    })
-    .unwrap();
-    m.add_loss("adversarial", Adversarial::fgsm(eps).multiplier(mult))
-        .unwrap();
-    m.compile(Compile::new(Sgd::new(1.0)).loss("mse")).unwrap();
-    let data = Dataset::new(t(&X, (4, 3)), t(&Y, (4, 1)))
-        .unwrap()
-        .with_sample_weight(Tensor::new(&SW, &Device::Cpu).unwrap())
-        .unwrap();
+        m.add_loss("adversarial", Adversarial::fgsm(eps).multiplier(mult))
+            .unwrap();
+    });
     let h = m
         .fit(&data, Fit::new().batch_size(4).shuffle(false).quiet())
         .unwrap();
