@@ -45,12 +45,7 @@ pub struct Compile {
 impl Compile {
     /// Starts a compile configuration with this optimizer.
     pub fn new(optimizer: impl Optimizer + 'static) -> Self {
-        Self {
-            optimizer: Box::new(optimizer),
-            losses: PerOutput::Unset,
-            loss_weights: PerOutput::Unset,
-            metrics: Vec::new(),
-        }
+        Self::from_boxed(Box::new(optimizer))
     }
     /// Starts a compile configuration with an already boxed optimizer.
     pub fn from_boxed(optimizer: Box<dyn Optimizer>) -> Self {

@@ -50,6 +50,24 @@ fn regularizer(f: &Fields) -> Result<SharedRegularizer> {
     })
 }
 
+/// Attaches the `kernel_regularizer`, `bias_regularizer` and `activity_regularizer` tables of a
+/// layer entry to a layer builder that has those three methods (Dense, Conv1D, Conv2D).
+macro_rules! with_regularizers {
+    ($builder:expr, $fields:expr) => {{
+        let mut b = $builder;
+        if let Some(r) = $fields.table("kernel_regularizer")? {
+            b = b.kernel_regularizer(regularizer(&r)?);
+        }
+        if let Some(r) = $fields.table("bias_regularizer")? {
+            b = b.bias_regularizer(regularizer(&r)?);
+        }
+        if let Some(r) = $fields.table("activity_regularizer")? {
+            b = b.activity_regularizer(regularizer(&r)?);
+        }
+        b
+    }};
+}
+
 /// The layer types a run file can name.
 pub(crate) const LAYER_TYPES: [&str; 24] = [
     "dense",
@@ -186,20 +204,11 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
                 let units = l
                     .usize("units")?
                     .ok_or_else(|| l.error("dense needs `units`"))?;
-                let mut d = Dense::new(units)
+                let d = Dense::new(units)
                     .activation(activation(l)?)
                     .use_bias(l.bool_or("use_bias", true)?)
                     .name(name.clone());
-                if let Some(r) = l.table("kernel_regularizer")? {
-                    d = d.kernel_regularizer(regularizer(&r)?);
-                }
-                if let Some(r) = l.table("bias_regularizer")? {
-                    d = d.bias_regularizer(regularizer(&r)?);
-                }
-                if let Some(r) = l.table("activity_regularizer")? {
-                    d = d.activity_regularizer(regularizer(&r)?);
-                }
-                d.apply_many(&refs)
+                with_regularizers!(d, l).apply_many(&refs)
             }
             "conv1d" | "conv2d" => {
                 let filters = l
@@ -212,21 +221,12 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
                 let strides = size_pair(l, "strides")?.unwrap_or((1, 1));
                 macro_rules! common {
                     ($c:expr) => {{
-                        let mut c = $c
+                        let c = $c
                             .padding(padding)
                             .activation(activation(l)?)
                             .use_bias(l.bool_or("use_bias", true)?)
                             .name(name.clone());
-                        if let Some(r) = l.table("kernel_regularizer")? {
-                            c = c.kernel_regularizer(regularizer(&r)?);
-                        }
-                        if let Some(r) = l.table("bias_regularizer")? {
-                            c = c.bias_regularizer(regularizer(&r)?);
-                        }
-                        if let Some(r) = l.table("activity_regularizer")? {
-                            c = c.activity_regularizer(regularizer(&r)?);
-                        }
-                        c.apply_many(&refs)
+                        with_regularizers!(c, l).apply_many(&refs)
                     }};
                 }
                 if kind == "conv1d" {
