@@ -36,6 +36,7 @@ pub mod cli;
 pub mod conformance;
 pub mod data;
 pub mod error;
+mod gradients;
 pub mod graph;
 pub mod initializers;
 pub mod io;

@@ -18,3 +18,17 @@ pub fn configure_cpu_threads() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// Threads for kiln's own matrix products (the fused Dense kernels): `RAYON_NUM_THREADS` when
+/// set, else the cores this process may use. Read once: candle's own helper re-reads
+/// `/proc/cpuinfo` on every product.
+pub(crate) fn matmul_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}

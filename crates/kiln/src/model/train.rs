@@ -361,7 +361,7 @@ impl Model {
             .compiled_loss(compiled, batch, &pass)?
             .total
             .ok_or_else(no_labeled_loss)?;
-        let grads = labeled.backward()?;
+        let grads = crate::gradients::backward_for_inputs(&labeled)?;
         vars.iter()
             .map(|v| match grads.get(v.as_tensor()) {
                 Some(g) => Ok(g.clone()),
@@ -436,11 +436,11 @@ impl Model {
                 .map(|w| w.var)
                 .collect();
             let Some((name, adversarial)) = adversarial else {
-                let grads = terms.total.backward()?;
+                let grads = crate::gradients::backward(&terms.total)?;
                 let gradients: Vec<Option<Tensor>> = trainable
                     .iter()
-                    .map(|v| grads.get(v.as_tensor()).cloned())
-                    .collect();
+                    .map(|v| grads.get(v.as_tensor()))
+                    .collect::<Result<_>>()?;
                 return self.finish_step(
                     &mut compiled,
                     acc,
@@ -455,15 +455,15 @@ impl Model {
             // gradient that defines the attack (as Neural Structured Learning) and those terms'
             // parameter gradients.
             let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
-            let grads = labeled.backward()?;
+            let grads = crate::gradients::backward(&labeled)?;
             let mut gradients: Vec<Option<Tensor>> = trainable
                 .iter()
-                .map(|v| grads.get(v.as_tensor()).cloned())
-                .collect();
+                .map(|v| grads.get(v.as_tensor()))
+                .collect::<Result<_>>()?;
             let input_grads: Vec<Tensor> = input_vars
                 .iter()
-                .map(|v| match grads.get(v.as_tensor()) {
-                    Some(g) => Ok(g.clone()),
+                .map(|v| match grads.get(v.as_tensor())? {
+                    Some(g) => Ok(g),
                     None => Ok(v.as_tensor().zeros_like()?),
                 })
                 .collect::<Result<_>>()?;
@@ -478,12 +478,12 @@ impl Model {
                 Some(added) => (&term + added)?,
                 None => term.clone(),
             };
-            let second_grads = second.backward()?;
+            let second_grads = crate::gradients::backward(&second)?;
             for (var, slot) in trainable.iter().zip(gradients.iter_mut()) {
-                if let Some(g) = second_grads.get(var.as_tensor()) {
+                if let Some(g) = second_grads.get(var.as_tensor())? {
                     *slot = Some(match slot.take() {
                         Some(first) => (first + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }
