@@ -8,7 +8,7 @@
 
 use crate::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, TensorId};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, TensorId};
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -25,20 +25,12 @@ thread_local! {
     static COLLECTING: RefCell<Option<Collecting>> = const { RefCell::new(None) };
 }
 
-/// The gradients of one backward pass: candle's store plus the ones handed over directly.
+/// The gradients of one or more backward passes: candle's stores plus the ones handed over
+/// directly, summed per tensor when read.
+#[derive(Default)]
 pub(crate) struct Gradients {
-    store: GradStore,
-    direct: HashMap<TensorId, Tensor>,
-}
-
-impl Gradients {
-    /// The gradient of the loss with respect to `t`, if the loss depends on it.
-    pub(crate) fn get(&self, t: &Tensor) -> Result<Option<Tensor>> {
-        Ok(match (self.store.get(t), self.direct.get(&t.id())) {
-            (Some(a), Some(b)) => Some((a + b)?),
-            (a, b) => a.or(b).cloned(),
-        })
-    }
+    stores: Vec<GradStore>,
+    direct: Option<HashMap<TensorId, Tensor>>,
 }
 
 /// Clears this thread's collection however the backward pass ends.
@@ -50,27 +42,45 @@ impl Drop for Reset {
     }
 }
 
-fn run(loss: &Tensor, mode: Collecting) -> Result<(GradStore, Option<Collecting>)> {
-    COLLECTING.with(|c| *c.borrow_mut() = Some(mode));
-    let _reset = Reset;
-    let store = loss.backward()?;
-    Ok((store, COLLECTING.with(|c| c.borrow_mut().take())))
-}
+impl Gradients {
+    /// Runs `loss.backward()`, fused kernels handing their parameter gradients over directly,
+    /// and adds the result to these gradients.
+    pub(crate) fn backward(&mut self, loss: &Tensor) -> Result<()> {
+        let direct = self.direct.take().unwrap_or_default();
+        COLLECTING.with(|c| *c.borrow_mut() = Some(Collecting::Parameters(direct)));
+        let reset = Reset;
+        let store = loss.backward();
+        let collected = COLLECTING.with(|c| c.borrow_mut().take());
+        drop(reset);
+        if let Some(Collecting::Parameters(direct)) = collected {
+            self.direct = Some(direct);
+        }
+        self.stores.push(store?);
+        Ok(())
+    }
 
-/// `loss.backward()`, with fused kernels handing their parameter gradients over directly.
-pub(crate) fn backward(loss: &Tensor) -> Result<Gradients> {
-    let (store, collected) = run(loss, Collecting::Parameters(HashMap::new()))?;
-    let direct = match collected {
-        Some(Collecting::Parameters(direct)) => direct,
-        _ => HashMap::new(),
-    };
-    Ok(Gradients { store, direct })
+    /// The gradient of the losses with respect to `t`, if they depend on it; taken out, so
+    /// that the sum can be formed in place.
+    pub(crate) fn take(&mut self, t: &Tensor) -> Result<Option<Tensor>> {
+        let mut total = self.direct.as_mut().and_then(|d| d.remove(&t.id()));
+        for store in &mut self.stores {
+            if let Some(g) = store.remove(t) {
+                total = Some(match total {
+                    Some(sum) => add_into(sum, &g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(total)
+    }
 }
 
 /// `loss.backward()` for the gradients of non-parameter tensors (the inputs of an attack):
 /// fused kernels skip their parameters' gradients, which nobody reads.
 pub(crate) fn backward_for_inputs(loss: &Tensor) -> Result<GradStore> {
-    Ok(run(loss, Collecting::InputsOnly)?.0)
+    COLLECTING.with(|c| *c.borrow_mut() = Some(Collecting::InputsOnly));
+    let _reset = Reset;
+    Ok(loss.backward()?)
 }
 
 /// Whether a fused kernel's backward pass must compute the gradient of `param`.
@@ -83,7 +93,7 @@ pub(crate) fn wanted(param: &Tensor) -> bool {
 }
 
 /// Called by a fused kernel's backward pass with a parameter's gradient: keeps it when a
-/// [`backward`] is collecting and `param` is a variable, and gives it back (for candle's store)
+/// [`Gradients::backward`] is collecting and `param` is a variable, and gives it back (for candle's store)
 /// otherwise.
 pub(crate) fn hand_over(param: &Tensor, grad: Tensor) -> candle_core::Result<Option<Tensor>> {
     if !param.is_variable() {
@@ -96,7 +106,7 @@ pub(crate) fn hand_over(param: &Tensor, grad: Tensor) -> candle_core::Result<Opt
         };
         match direct.entry(param.id()) {
             Entry::Occupied(mut e) => {
-                let sum = (e.get() + &grad)?;
+                let sum = add_into(e.get().clone(), &grad)?;
                 e.insert(sum);
             }
             Entry::Vacant(e) => {
@@ -105,4 +115,59 @@ pub(crate) fn hand_over(param: &Tensor, grad: Tensor) -> candle_core::Result<Opt
         }
         Ok(None)
     })
+}
+
+/// `sum + g`, written into `sum`'s memory when it is a contiguous CPU tensor of `g`'s dtype and
+/// shape. Callers own `sum`: it is a gradient handed over or taken out of a store, read by no one
+/// else.
+fn add_into(sum: Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let in_place = sum.device().is_cpu()
+        && sum.is_contiguous()
+        && g.is_contiguous()
+        && sum.dtype() == g.dtype()
+        && sum.shape() == g.shape()
+        && matches!(sum.dtype(), DType::F32 | DType::F64);
+    if !in_place {
+        return sum + g;
+    }
+    sum.inplace_op2(g, &AddInto)?;
+    Ok(sum)
+}
+
+/// `a += b`, elementwise.
+struct AddInto;
+
+impl InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "kiln-add-into"
+    }
+    fn cpu_fwd(
+        &self,
+        a: &mut CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<()> {
+        fn add<T: Copy + std::ops::AddAssign>(
+            a: &mut [T],
+            la: &Layout,
+            b: &[T],
+            lb: &Layout,
+        ) -> candle_core::Result<()> {
+            match (la.contiguous_offsets(), lb.contiguous_offsets()) {
+                (Some((sa, ea)), Some((sb, eb))) => {
+                    for (x, &y) in a[sa..ea].iter_mut().zip(&b[sb..eb]) {
+                        *x += y;
+                    }
+                    Ok(())
+                }
+                _ => candle_core::bail!("kiln-add-into: tensors must be contiguous"),
+            }
+        }
+        match (a, b) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => add(a, la, b, lb),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => add(a, la, b, lb),
+            _ => candle_core::bail!("kiln-add-into: f32 or f64 tensors of one dtype only"),
+        }
+    }
 }

@@ -34,6 +34,7 @@ pub mod adversarial;
 pub mod callbacks;
 pub mod cli;
 pub mod conformance;
+mod cpu;
 pub mod data;
 pub mod error;
 mod gradients;

@@ -4,7 +4,7 @@
 //! directly instead of differentiating three separate graph nodes.
 
 use crate::activations::Activation;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 /// `activation(x · w + b)` for 2-D `x`, with `activation` linear or ReLU.
 pub(crate) struct FusedDense {
@@ -185,19 +185,6 @@ fn forward<T: Element>(
     out
 }
 
-/// The CPU slice of a contiguous tensor of element type `T`.
-fn with_slice<T: Element, R>(
-    t: &Tensor,
-    what: &str,
-    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(contiguous(cpu.as_slice::<T>()?, layout, what)?),
-        _ => candle_core::bail!("kiln-dense: {what} must be on the CPU"),
-    }
-}
-
 /// The gradients of the fused op, each computed only when wanted.
 struct DenseGrads<T> {
     dx: Option<Vec<T>>,
@@ -263,10 +250,10 @@ impl FusedDense {
             crate::gradients::wanted(w),
             crate::gradients::wanted(b),
         );
-        let grads = with_slice::<T, _>(x, "x", |xs| {
-            with_slice::<T, _>(w, "kernel", |ws| {
-                with_slice::<T, _>(res, "output", |out| {
-                    with_slice::<T, _>(grad, "output gradient", |g| {
+        let grads = crate::cpu::with_slice::<T, _>(x, "kiln-dense: x", |xs| {
+            crate::cpu::with_slice::<T, _>(w, "kiln-dense: kernel", |ws| {
+                crate::cpu::with_slice::<T, _>(res, "kiln-dense: output", |out| {
+                    crate::cpu::with_slice::<T, _>(grad, "kiln-dense: output gradient", |g| {
                         Ok(backward(xs, ws, out, g, (m, k, n), self.relu, want))
                     })
                 })
@@ -401,7 +388,8 @@ mod tests {
         let penalty = (w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.1).unwrap();
         let loss = (y.sqr().unwrap().sum_all().unwrap() + penalty).unwrap();
         let ordinary = loss.backward().unwrap();
-        let handed = crate::gradients::backward(&loss).unwrap();
+        let mut handed = crate::gradients::Gradients::default();
+        handed.backward(&loss).unwrap();
         for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
             let a: Vec<f64> = ordinary
                 .get(t)
@@ -411,7 +399,7 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let h: Vec<f64> = handed
-                .get(t)
+                .take(t)
                 .unwrap()
                 .unwrap()
                 .flatten_all()

@@ -7,6 +7,7 @@ use crate::adversarial::Adversarial;
 use crate::callbacks::{Callback, Control};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::gradients::Gradients;
 use crate::losses::reduce_per_sample;
 use candle_core::{Tensor, Var};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -436,10 +437,11 @@ impl Model {
                 .map(|w| w.var)
                 .collect();
             let Some((name, adversarial)) = adversarial else {
-                let grads = crate::gradients::backward(&terms.total)?;
+                let mut grads = Gradients::default();
+                grads.backward(&terms.total)?;
                 let gradients: Vec<Option<Tensor>> = trainable
                     .iter()
-                    .map(|v| grads.get(v.as_tensor()))
+                    .map(|v| grads.take(v.as_tensor()))
                     .collect::<Result<_>>()?;
                 return self.finish_step(
                     &mut compiled,
@@ -455,14 +457,11 @@ impl Model {
             // gradient that defines the attack (as Neural Structured Learning) and those terms'
             // parameter gradients.
             let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
-            let grads = crate::gradients::backward(&labeled)?;
-            let mut gradients: Vec<Option<Tensor>> = trainable
-                .iter()
-                .map(|v| grads.get(v.as_tensor()))
-                .collect::<Result<_>>()?;
+            let mut grads = Gradients::default();
+            grads.backward(&labeled)?;
             let input_grads: Vec<Tensor> = input_vars
                 .iter()
-                .map(|v| match grads.get(v.as_tensor())? {
+                .map(|v| match grads.take(v.as_tensor())? {
                     Some(g) => Ok(g),
                     None => Ok(v.as_tensor().zeros_like()?),
                 })
@@ -478,15 +477,11 @@ impl Model {
                 Some(added) => (&term + added)?,
                 None => term.clone(),
             };
-            let second_grads = crate::gradients::backward(&second)?;
-            for (var, slot) in trainable.iter().zip(gradients.iter_mut()) {
-                if let Some(g) = second_grads.get(var.as_tensor())? {
-                    *slot = Some(match slot.take() {
-                        Some(first) => (first + g)?,
-                        None => g,
-                    });
-                }
-            }
+            grads.backward(&second)?;
+            let gradients: Vec<Option<Tensor>> = trainable
+                .iter()
+                .map(|v| grads.take(v.as_tensor()))
+                .collect::<Result<_>>()?;
             terms.total = (terms.total.detach() + term.detach())?;
             terms.reported.push((name, term.detach()));
             self.finish_step(

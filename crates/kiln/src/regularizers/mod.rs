@@ -5,6 +5,9 @@ use crate::error::{invalid, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
 
+mod norm_kernel;
+use norm_kernel::norm_penalty;
+
 /// A penalty on a tensor (a weight, or a layer's output), added to the total loss.
 ///
 /// ```
@@ -57,7 +60,7 @@ impl Regularizer for L1 {
     }
     fn penalty(&self, x: &Tensor) -> Result<Tensor> {
         check_factor("L1", "l1", self.l1)?;
-        Ok((x.abs()?.sum_all()? * self.l1)?)
+        norm_penalty(x, self.l1, 0.0)
     }
 }
 
@@ -84,7 +87,7 @@ impl Regularizer for L2 {
     }
     fn penalty(&self, x: &Tensor) -> Result<Tensor> {
         check_factor("L2", "l2", self.l2)?;
-        Ok((x.sqr()?.sum_all()? * self.l2)?)
+        norm_penalty(x, 0.0, self.l2)
     }
 }
 
@@ -117,9 +120,7 @@ impl Regularizer for L1L2 {
     fn penalty(&self, x: &Tensor) -> Result<Tensor> {
         check_factor("L1L2", "l1", self.l1)?;
         check_factor("L1L2", "l2", self.l2)?;
-        let l1 = (x.abs()?.sum_all()? * self.l1)?;
-        let l2 = (x.sqr()?.sum_all()? * self.l2)?;
-        Ok((l1 + l2)?)
+        norm_penalty(x, self.l1, self.l2)
     }
 }
 
