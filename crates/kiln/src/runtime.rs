@@ -32,3 +32,22 @@ pub(crate) fn matmul_threads() -> usize {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     })
 }
+
+/// Runs `f` on a thread of kiln's matrix-product pool, so that the products inside it split
+/// their work with the calling worker taking a share, rather than waking the pool and sleeping
+/// until it is done (two thread switches per product). Falls back to the calling thread when
+/// the pool cannot be built.
+pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(matmul_threads())
+            .thread_name(|i| format!("kiln-matmul-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(pool) if matmul_threads() > 1 => pool.install(f),
+        _ => f(),
+    }
+}

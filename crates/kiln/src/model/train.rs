@@ -413,6 +413,16 @@ impl Model {
         rng: &mut StdRng,
         acc: &mut Accumulator,
     ) -> Result<f64> {
+        crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc))
+    }
+
+    /// [`Self::train_step`] on the calling thread.
+    fn train_step_here(
+        &mut self,
+        batch: &Dataset,
+        rng: &mut StdRng,
+        acc: &mut Accumulator,
+    ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<f64> {
             let adversarial = self.adversarial_term();
