@@ -1,5 +1,6 @@
-//! Direct access to the memory of CPU tensors, for fused kernels' backward passes (which get
-//! tensors, not storages).
+//! What kiln's fused CPU kernels share: direct access to a tensor's memory (backward passes get
+//! tensors, not storages), splitting a pass across the matrix-product threads, and compiling a
+//! loop for AVX-512 where the CPU has it.
 
 use candle_core::{Storage, Tensor, WithDType};
 
@@ -19,3 +20,87 @@ pub(crate) fn with_slice<T: WithDType, R>(
         .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
     f(&cpu.as_slice::<T>()?[start..end])
 }
+
+/// The float types the kernels run on.
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::SubAssign
+    + PartialOrd
+    + Default
+    + Into<f64>
+    + 'static
+{
+    fn sqrt(self) -> Self;
+    fn from_f64(v: f64) -> Self;
+}
+impl Real for f32 {
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Real for f64 {
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// Below this many elements a pass stays on the calling thread.
+pub(crate) const PARALLEL_MIN_LEN: usize = 1 << 15;
+
+/// Runs `f` on matching pieces of `target` and `sources`, one piece per matrix-product thread.
+pub(crate) fn in_parallel<T: Real, const N: usize>(
+    target: &mut [T],
+    sources: &[&[T]; N],
+    f: impl Fn(&mut [T], [&[T]; N]) + Sync,
+) {
+    let threads = crate::runtime::matmul_threads();
+    if threads < 2 || target.len() < PARALLEL_MIN_LEN {
+        return f(target, *sources);
+    }
+    let piece = target.len().div_ceil(threads).next_multiple_of(64);
+    rayon::scope(|scope| {
+        for (i, chunk) in target.chunks_mut(piece).enumerate() {
+            let range = i * piece..i * piece + chunk.len();
+            let parts = sources.map(|s| &s[range.clone()]);
+            let f = &f;
+            scope.spawn(move |_| f(chunk, parts));
+        }
+    });
+}
+
+/// Defines `$name` as its `body`, compiled twice: for the baseline CPU and with AVX-512, the
+/// latter chosen at run time where the CPU has it.
+macro_rules! vectorized_kernel {
+    ($(#[$doc:meta])* fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        fn $name<T: Real>($($arg: $ty),*) {
+            #[inline(always)]
+            fn body<T: Real>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn wide<T: Real>($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, checked just above.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorized_kernel as vectorized;

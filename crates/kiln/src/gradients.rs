@@ -117,6 +117,32 @@ pub(crate) fn hand_over(param: &Tensor, grad: Tensor) -> candle_core::Result<Opt
     })
 }
 
+/// Adds a contribution to the gradient already handed over for `param` in the step being
+/// collected, in place: `op` gets that gradient mutably and `source` to read. Returns false, and
+/// does nothing, when there is none (the caller then hands over a fresh gradient).
+pub(crate) fn add_to_handed_over(
+    param: &Tensor,
+    source: &Tensor,
+    op: &impl InplaceOp2,
+) -> candle_core::Result<bool> {
+    if !param.is_variable() {
+        return Ok(false);
+    }
+    let target = COLLECTING.with(|c| match &*c.borrow() {
+        Some(Collecting::Parameters(direct)) => direct.get(&param.id()).cloned(),
+        _ => None,
+    });
+    match target {
+        Some(t)
+            if t.is_contiguous() && t.dtype() == source.dtype() && t.shape() == source.shape() =>
+        {
+            t.inplace_op2(source, op)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// `sum + g`, written into `sum`'s memory when it is a contiguous CPU tensor of `g`'s dtype and
 /// shape. Callers own `sum`: it is a gradient handed over or taken out of a store, read by no one
 /// else.

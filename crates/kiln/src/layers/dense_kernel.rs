@@ -385,7 +385,10 @@ mod tests {
             input.apply_op3(w.as_tensor(), b.as_tensor(), op).unwrap()
         };
         let y = layer(&layer(x.as_tensor()));
-        let penalty = (w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.1).unwrap();
+        use crate::regularizers::Regularizer;
+        let penalty = crate::regularizers::L1L2::new(0.05, 0.1)
+            .penalty(w.as_tensor())
+            .unwrap();
         let loss = (y.sqr().unwrap().sum_all().unwrap() + penalty).unwrap();
         let ordinary = loss.backward().unwrap();
         let mut handed = crate::gradients::Gradients::default();

@@ -4,6 +4,7 @@
 //! split across the matrix-product threads, and each piece runs as AVX-512 code where the CPU
 //! has it (IEEE arithmetic gives the same bits at any vector width).
 
+use crate::cpu::{in_parallel, vectorized, Real};
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 /// Whether the fused kernels apply: every tensor on the CPU, contiguous, of one float dtype.
@@ -30,77 +31,6 @@ fn slice_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused optimizer: non-contiguous target".into()))?;
     Ok(&mut v[start..end])
-}
-
-/// The float types the kernels run on.
-trait Real:
-    Copy
-    + Send
-    + Sync
-    + std::ops::Add<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::SubAssign
-{
-    fn sqrt(self) -> Self;
-}
-impl Real for f32 {
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-}
-impl Real for f64 {
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-}
-
-/// Below this many elements a pass stays on the calling thread.
-const PARALLEL_MIN_LEN: usize = 1 << 15;
-
-/// Runs `f` on matching pieces of `target` and `sources`, one piece per matrix-product thread.
-fn in_parallel<T: Real, const N: usize>(
-    target: &mut [T],
-    sources: &[&[T]; N],
-    f: impl Fn(&mut [T], [&[T]; N]) + Sync,
-) {
-    let threads = crate::runtime::matmul_threads();
-    if threads < 2 || target.len() < PARALLEL_MIN_LEN {
-        return f(target, *sources);
-    }
-    let piece = target.len().div_ceil(threads).next_multiple_of(64);
-    rayon::scope(|scope| {
-        for (i, chunk) in target.chunks_mut(piece).enumerate() {
-            let range = i * piece..i * piece + chunk.len();
-            let parts = sources.map(|s| &s[range.clone()]);
-            let f = &f;
-            scope.spawn(move |_| f(chunk, parts));
-        }
-    });
-}
-
-/// Defines `$name` as its `body`, compiled twice: for the baseline CPU and with AVX-512, the
-/// latter chosen at run time where the CPU has it.
-macro_rules! vectorized {
-    ($(#[$doc:meta])* fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$doc])*
-        fn $name<T: Real>($($arg: $ty),*) {
-            #[inline(always)]
-            fn body<T: Real>($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn wide<T: Real>($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F, checked just above.
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
 }
 
 vectorized! {
@@ -214,7 +144,7 @@ mod tests {
             [1.0, -2.0, 0.5, 3.0, -0.25],
         ]
         .map(|v| Tensor::new(&v, &device).unwrap());
-        let n = 3 * PARALLEL_MIN_LEN + 17;
+        let n = 3 * crate::cpu::PARALLEL_MIN_LEN + 17;
         let large = [0.0, 0.0, 1.0, 0.0].map(|mean| {
             Tensor::randn(mean, 1f32, n, &device)
                 .unwrap()
