@@ -37,11 +37,15 @@ pub(crate) trait Real:
     + 'static
 {
     fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
     fn from_f64(v: f64) -> Self;
 }
 impl Real for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    fn abs(self) -> Self {
+        f32::abs(self)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -50,6 +54,9 @@ impl Real for f32 {
 impl Real for f64 {
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn abs(self) -> Self {
+        f64::abs(self)
     }
     fn from_f64(v: f64) -> Self {
         v
