@@ -99,11 +99,94 @@ unsafe fn product<T: Element>(
     rhs: Operand<T>,
 ) {
     let threads = crate::runtime::matmul_threads();
-    let parallelism = if threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
+    let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
+    if parallel && lhs.row_stride != 1 && n >= 2 * COLUMN_BLOCK {
+        // SAFETY: as for this function; the pieces write disjoint columns of `dst`.
+        unsafe { product_by_columns((m, n, k), dst, accumulate, lhs, rhs, threads) };
+        return;
+    }
+    let parallelism = if parallel {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
+    // SAFETY: the caller guarantees the extents; strides fit in isize for any allocation.
+    unsafe { gemm_call((m, n, k), (dst, n), accumulate, lhs, rhs, parallelism) };
+}
+
+/// Output columns per piece are a multiple of this (the matrix kernels' register width).
+const COLUMN_BLOCK: usize = 16;
+
+/// `product`, split by output columns into one single-threaded product per thread. Measured on
+/// 2 cores against `gemm`'s own threading: 128×512·512×784 with the right operand read
+/// transposed (dX) went from 146 to 232 GFLOP/s, 128×784·784×512 (forward) from 218–262 to
+/// 279–286; products whose left operand is read transposed (dW) lose, and keep `gemm`'s
+/// split.
+///
+/// # Safety
+/// As for [`product`].
+unsafe fn product_by_columns<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    threads: usize,
+) {
+    /// A pointer that may cross to the pool's threads: each piece touches its own columns.
+    #[derive(Clone, Copy)]
+    struct Shared<P>(P);
+    // SAFETY: the pieces read shared operands and write disjoint columns of `dst`.
+    unsafe impl<P> Send for Shared<P> {}
+    // SAFETY: as above; the wrapped value is only copied out.
+    unsafe impl<P> Sync for Shared<P> {}
+    let width = n.div_ceil(threads).next_multiple_of(COLUMN_BLOCK);
+    let (dst, lhs, rhs) = (Shared(dst), Shared(lhs), Shared(rhs));
+    rayon::scope(|scope| {
+        for first in (0..n).step_by(width) {
+            let cols = width.min(n - first);
+            scope.spawn(move |_| {
+                // Bind the wrappers whole, so that the closure captures them and not their fields.
+                let (dst, lhs, rhs) = (dst, lhs, rhs);
+                let (lhs, rhs) = (lhs.0, rhs.0);
+                // SAFETY: column `first` of dst and of rhs lie inside their matrices.
+                let (dst, rhs) = unsafe {
+                    (
+                        dst.0.add(first),
+                        Operand {
+                            ptr: rhs.ptr.add(first * rhs.col_stride),
+                            ..rhs
+                        },
+                    )
+                };
+                // SAFETY: an m×cols block of dst (row stride n) and a k×cols block of rhs.
+                unsafe {
+                    gemm_call(
+                        (m, cols, k),
+                        (dst, n),
+                        accumulate,
+                        lhs,
+                        rhs,
+                        gemm::Parallelism::None,
+                    )
+                };
+            });
+        }
+    });
+}
+
+/// One `gemm` call: `dst (m×n, row stride dst.1) (+)= lhs · rhs`.
+///
+/// # Safety
+/// As for [`product`], with `dst` rows `dst.1` elements apart.
+unsafe fn gemm_call<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_row_stride): (*mut T, usize),
+    accumulate: bool,
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    parallelism: gemm::Parallelism,
+) {
     // SAFETY: the caller guarantees the extents; strides fit in isize for any allocation.
     unsafe {
         gemm::gemm(
@@ -112,7 +195,7 @@ unsafe fn product<T: Element>(
             k,
             dst,
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.ptr,
             lhs.col_stride as isize,
@@ -441,10 +524,18 @@ mod tests {
     #[test]
     fn fused_dense_matches_the_unfused_graph() {
         let d = Device::Cpu;
-        for relu in [true, false] {
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 3), &d).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 4), &d).unwrap()).unwrap();
-            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, 4, &d).unwrap()).unwrap();
+        // A small case (one thread), and one large enough to be split across threads, by
+        // columns into uneven pieces (200 = 112 + 88) or by gemm itself.
+        let cases = [
+            (5, 3, 4, true),
+            (5, 3, 4, false),
+            (64, 300, 200, true),
+            (64, 300, 200, false),
+        ];
+        for (m, k, n, relu) in cases {
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (m, k), &d).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (k, n), &d).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, n, &d).unwrap()).unwrap();
             let act = if relu {
                 Activation::Relu
             } else {
@@ -467,15 +558,19 @@ mod tests {
                 .unwrap();
             let (fv, pv): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
                 (fused.to_vec2().unwrap(), plain.to_vec2().unwrap());
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
             for (a, b) in fv.iter().flatten().zip(pv.iter().flatten()) {
-                assert!((a - b).abs() < 1e-12, "value {a} vs {b}");
+                assert!(close(*a, *b), "value {a} vs {b}");
             }
             let (gf, gp) = (
                 grads_of(&fused, &[&x, &w, &b]),
                 grads_of(&plain, &[&x, &w, &b]),
             );
-            for (a, b) in gf.iter().flatten().zip(gp.iter().flatten()) {
-                assert!((a - b).abs() < 1e-12, "gradient {a} vs {b}");
+            for (g, p) in gf.iter().zip(&gp) {
+                assert_eq!(g.len(), p.len());
+                for (a, b) in g.iter().zip(p) {
+                    assert!(close(*a, *b), "gradient {a} vs {b}");
+                }
             }
         }
     }
