@@ -4,6 +4,7 @@
 //! directly instead of differentiating three separate graph nodes.
 
 use crate::activations::Activation;
+use crate::cpu::{vectorized, Real};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 /// `activation(x · w + b)` for 2-D `x`, with `activation` linear or ReLU.
@@ -45,7 +46,7 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
 }
 
 /// The element types the kernel runs on.
-trait Element: WithDType + PartialOrd + Default + std::ops::AddAssign + 'static {
+trait Element: WithDType + Real + std::ops::AddAssign {
     const ONE: Self;
 }
 impl Element for f32 {
@@ -100,6 +101,10 @@ unsafe fn product<T: Element>(
 ) {
     let threads = crate::runtime::matmul_threads();
     let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
+    // SAFETY: as for this function.
+    if !parallel && unsafe { skinny_product((m, n, k), dst, accumulate, lhs, rhs) } {
+        return;
+    }
     if parallel && lhs.row_stride != 1 && n >= 2 * COLUMN_BLOCK {
         // SAFETY: as for this function; the pieces write disjoint columns of `dst`.
         unsafe { product_by_columns((m, n, k), dst, accumulate, lhs, rhs, threads) };
@@ -112,6 +117,132 @@ unsafe fn product<T: Element>(
     };
     // SAFETY: the caller guarantees the extents; strides fit in isize for any allocation.
     unsafe { gemm_call((m, n, k), (dst, n), accumulate, lhs, rhs, parallelism) };
+}
+
+/// Products with an output or inner dimension at most this wide (a 10-class output layer)
+/// skip `gemm`: its packing costs more than their arithmetic (128×512·512×10 ran at 21
+/// GFLOP/s there).
+const SKINNY: usize = 16;
+
+impl<T> Operand<T> {
+    /// The element at row `i`, column `j`.
+    ///
+    /// # Safety
+    /// `(i, j)` must lie inside the matrix.
+    unsafe fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        // SAFETY: the caller keeps (i, j) inside the matrix.
+        unsafe { *self.ptr.add(i * self.row_stride + j * self.col_stride) }
+    }
+}
+
+vectorized! {
+    /// `*out = Σ a·b`, in lanes the compiler can vectorize.
+    fn dot<T>(a: &[T], b: &[T], out: &mut T) {
+        const LANES: usize = 16;
+        let mut lanes = [T::default(); LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for ((s, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+                *s = *s + x * y;
+            }
+        }
+        for ((s, &x), &y) in lanes.iter_mut().zip(ra).zip(rb) {
+            *s = *s + x * y;
+        }
+        *out = lanes.iter().fold(T::default(), |acc, &v| acc + v);
+    }
+}
+
+vectorized! {
+    /// `y += a·x`.
+    fn axpy<T>(y: &mut [T], a: T, x: &[T]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = *y + a * x;
+        }
+    }
+}
+
+/// `product` for skinny shapes, on the calling thread; false (nothing written) when the shape
+/// or the operands' layout is not one it handles.
+///
+/// # Safety
+/// As for [`product`].
+unsafe fn skinny_product<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+) -> bool {
+    // SAFETY: dst holds m×n elements (initialized when accumulating); every write below
+    // stays inside it and every read of an operand inside its extent.
+    let write = |i: usize, j: usize, v: T| unsafe {
+        let d = dst.add(i * n + j);
+        *d = if accumulate { *d + v } else { v };
+    };
+    if n <= SKINNY && k > SKINNY {
+        // The right operand's columns, contiguous: n·k elements, few.
+        let bt: Vec<T> = (0..n)
+            .flat_map(|j| (0..k).map(move |p| (j, p)))
+            .map(|(j, p)| unsafe { rhs.at(p, j) })
+            .collect();
+        if lhs.col_stride == 1 {
+            // Rows of lhs are contiguous: one dot product per output.
+            for i in 0..m {
+                // SAFETY: row i of lhs holds k contiguous elements.
+                let row = unsafe { std::slice::from_raw_parts(lhs.ptr.add(i * lhs.row_stride), k) };
+                for (j, col) in bt.chunks_exact(k).enumerate() {
+                    let mut v = T::default();
+                    dot(row, col, &mut v);
+                    write(i, j, v);
+                }
+            }
+            return true;
+        }
+        if lhs.row_stride == 1 {
+            // Columns of lhs are contiguous: build the output's transpose by columns.
+            let mut ct = vec![T::default(); n * m];
+            for p in 0..k {
+                // SAFETY: column p of lhs holds m contiguous elements.
+                let col = unsafe { std::slice::from_raw_parts(lhs.ptr.add(p * lhs.col_stride), m) };
+                for (j, out) in ct.chunks_exact_mut(m).enumerate() {
+                    axpy(out, bt[j * k + p], col);
+                }
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    write(i, j, ct[j * m + i]);
+                }
+            }
+            return true;
+        }
+        return false;
+    }
+    if k <= SKINNY && n > SKINNY {
+        // The right operand's rows, contiguous: k·n elements, few.
+        let b: Vec<T> = (0..k)
+            .flat_map(|p| (0..n).map(move |j| (p, j)))
+            .map(|(p, j)| unsafe { rhs.at(p, j) })
+            .collect();
+        for i in 0..m {
+            if !accumulate {
+                // SAFETY: row i of dst holds n elements; all-zero bits are 0.0.
+                unsafe { std::ptr::write_bytes(dst.add(i * n), 0, n) };
+            }
+            // SAFETY: row i of dst holds n contiguous, now initialized elements.
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * n), n) };
+            for (p, row) in b.chunks_exact(n).enumerate() {
+                // SAFETY: (i, p) lies inside lhs.
+                axpy(out, unsafe { lhs.at(i, p) }, row);
+            }
+        }
+        return true;
+    }
+    false
 }
 
 /// Output columns per piece are a multiple of this (the matrix kernels' register width).
