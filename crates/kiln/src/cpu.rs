@@ -72,17 +72,36 @@ pub(crate) fn in_parallel<T: Real, const N: usize>(
     sources: &[&[T]; N],
     f: impl Fn(&mut [T], [&[T]; N]) + Sync,
 ) {
+    in_parallel_many([target], sources, |[t], s| f(t, s));
+}
+
+/// Runs `f` on matching pieces of several `targets` (written) and `sources` (read), all of one
+/// length, one piece per matrix-product thread.
+pub(crate) fn in_parallel_many<T: Real, const M: usize, const N: usize>(
+    targets: [&mut [T]; M],
+    sources: &[&[T]; N],
+    f: impl Fn([&mut [T]; M], [&[T]; N]) + Sync,
+) {
+    let len = targets.first().map_or(0, |t| t.len());
     let threads = crate::runtime::matmul_threads();
-    if threads < 2 || target.len() < PARALLEL_MIN_LEN {
-        return f(target, *sources);
+    if threads < 2 || len < PARALLEL_MIN_LEN {
+        return f(targets, *sources);
     }
-    let piece = target.len().div_ceil(threads).next_multiple_of(64);
+    let piece = len.div_ceil(threads).next_multiple_of(64);
     rayon::scope(|scope| {
-        for (i, chunk) in target.chunks_mut(piece).enumerate() {
-            let range = i * piece..i * piece + chunk.len();
-            let parts = sources.map(|s| &s[range.clone()]);
+        let mut rest = targets;
+        let mut start = 0;
+        while start < len {
+            let take = piece.min(len - start);
+            let heads: [&mut [T]; M] = std::array::from_fn(|i| {
+                let (head, tail) = std::mem::take(&mut rest[i]).split_at_mut(take);
+                rest[i] = tail;
+                head
+            });
+            let parts = sources.map(|s| &s[start..start + take]);
             let f = &f;
-            scope.spawn(move |_| f(chunk, parts));
+            scope.spawn(move |_| f(heads, parts));
+            start += take;
         }
     });
 }

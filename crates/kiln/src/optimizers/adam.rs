@@ -1,8 +1,10 @@
 //! Adam and AdamW.
 
+use super::fused::{AdamUpdate, Moments};
 use super::{optimizer_common, Clipping, Optimizer, Slots};
 use crate::error::Result;
 use candle_core::{Tensor, TensorId, Var};
+use std::collections::HashMap;
 
 /// Adam, as Keras: `α = lr·√(1-β₂ᵗ)/(1-β₁ᵗ)`, `w -= α·m / (√v + ε)`.
 ///
@@ -19,6 +21,8 @@ pub struct Adam {
     clipping: Clipping,
     m: Slots,
     v: Slots,
+    /// The moments of parameters updated by the fused CPU kernel, with each parameter.
+    fused: HashMap<TensorId, (Tensor, Moments)>,
 }
 
 impl Adam {
@@ -33,6 +37,7 @@ impl Adam {
             clipping: Clipping::default(),
             m: Slots::default(),
             v: Slots::default(),
+            fused: HashMap::new(),
         }
     }
     /// Decay rate of the first moment.
@@ -58,6 +63,33 @@ impl Adam {
 }
 optimizer_common!(Adam);
 
+impl Adam {
+    /// The moments of `p` for the fused kernel, when it applies (a contiguous f32/f64 CPU
+    /// parameter and gradient): zeros at first, or the tensor slots' values (restored from a
+    /// checkpoint), moved over once.
+    fn fused_moments(&mut self, p: &Var, g: &Tensor) -> Result<Option<&mut Moments>> {
+        if !super::fused::supported(&[p.as_tensor(), g]) {
+            return Ok(None);
+        }
+        let id = p.as_tensor().id();
+        if !self.fused.contains_key(&id) {
+            let moments = match (self.m.remove(p), self.v.remove(p)) {
+                (None, None) => Moments::zeros(p.dtype(), p.elem_count()),
+                (m, v) => {
+                    let zeros = || p.as_tensor().zeros_like();
+                    let (m, v) = (m.map_or_else(zeros, Ok)?, v.map_or_else(zeros, Ok)?);
+                    Some(Moments::from_tensors(&m, &v, p.dtype())?)
+                }
+            };
+            let Some(moments) = moments else {
+                return Ok(None);
+            };
+            self.fused.insert(id, (p.as_tensor().clone(), moments));
+        }
+        Ok(self.fused.get_mut(&id).map(|(_, m)| m))
+    }
+}
+
 impl Optimizer for Adam {
     fn name(&self) -> &str {
         "adam"
@@ -78,9 +110,23 @@ impl Optimizer for Adam {
         let mut out = Vec::new();
         self.m.export("m", &mut out);
         self.v.export("v", &mut out);
+        for (id, (param, moments)) in &self.fused {
+            // Copies of memory kiln owns: only a device error could fail them.
+            if let Ok((m, v)) = moments.to_tensors(param) {
+                out.push(("m".to_string(), *id, m));
+                out.push(("v".to_string(), *id, v));
+            }
+        }
         out
     }
     fn set_state(&mut self, slot: &str, param: &Var, value: Tensor) -> Result<()> {
+        // A parameter's fused moments go back to the tensor slots, which the next update
+        // takes them from again.
+        if let Some((p, moments)) = self.fused.remove(&param.as_tensor().id()) {
+            let (m, v) = moments.to_tensors(&p)?;
+            self.m.set(param, m);
+            self.v.set(param, v);
+        }
         match slot {
             "m" => self.m.set(param, value),
             "v" => self.v.set(param, value),
@@ -96,34 +142,22 @@ impl Optimizer for Adam {
     fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()> {
         let t = t as i32;
         let alpha = self.lr * (1.0 - self.beta_2.powi(t)).sqrt() / (1.0 - self.beta_1.powi(t));
+        let (beta_1, beta_2, epsilon) = (self.beta_1, self.beta_2, self.epsilon);
         for (p, g) in params.iter().zip(grads) {
-            let (m, v) = (self.m.get(p)?, self.v.get(p)?);
-            if super::fused::supported(&[p.as_tensor(), g, &m, &v]) {
-                // One pass per state tensor, in place, no allocation.
-                m.inplace_op2(
+            if let Some(moments) = self.fused_moments(p, g)? {
+                p.as_tensor().inplace_op2(
                     g,
-                    &super::fused::MovingAverage {
-                        decay: self.beta_1,
-                        square: false,
-                    },
-                )?;
-                v.inplace_op2(
-                    g,
-                    &super::fused::MovingAverage {
-                        decay: self.beta_2,
-                        square: true,
-                    },
-                )?;
-                p.as_tensor().inplace_op3(
-                    &m,
-                    &v,
-                    &super::fused::AdamStep {
+                    &AdamUpdate {
+                        moments: std::sync::Mutex::new(moments),
+                        beta_1,
+                        beta_2,
                         alpha,
-                        epsilon: self.epsilon,
+                        epsilon,
                     },
                 )?;
                 continue;
             }
+            let (m, v) = (self.m.get(p)?, self.v.get(p)?);
             let m = m
                 .affine(self.beta_1, 0.0)?
                 .add(&g.affine(1.0 - self.beta_1, 0.0)?)?;

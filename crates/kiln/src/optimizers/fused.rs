@@ -4,7 +4,7 @@
 //! split across the matrix-product threads, and each piece runs as AVX-512 code where the CPU
 //! has it (IEEE arithmetic gives the same bits at any vector width).
 
-use crate::cpu::{in_parallel, vectorized, Real};
+use crate::cpu::{in_parallel_many, vectorized, Real};
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 /// Whether the fused kernels apply: every tensor on the CPU, contiguous, of one float dtype.
@@ -34,93 +34,130 @@ fn slice_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [
 }
 
 vectorized! {
-    /// `s = decay·s + rest·g` (or `g²`).
-    fn moving_average<T>(s: &mut [T], g: &[T], decay: T, rest: T, square: bool) {
-        if square {
-            for (s, &g) in s.iter_mut().zip(g) {
-                *s = *s * decay + g * g * rest;
-            }
-        } else {
-            for (s, &g) in s.iter_mut().zip(g) {
-                *s = *s * decay + g * rest;
-            }
+    /// One Adam step for every element: `m = β₁·m + (1-β₁)·g`, `v = β₂·v + (1-β₂)·g²`,
+    /// `p -= m / (√v + ε) · α`, in the operation order of the tensor path.
+    fn adam_update<T>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &[T; 6]) {
+        let [b1, r1, b2, r2, alpha, eps] = *c;
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            *m = *m * b1 + g * r1;
+            *v = *v * b2 + g * g * r2;
+            *p -= *m / (v.sqrt() + eps) * alpha;
         }
     }
 }
 
-vectorized! {
-    /// `p -= m / (√v + ε) · α`.
-    fn adam_step<T>(p: &mut [T], m: &[T], v: &[T], alpha: T, eps: T) {
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            *p -= m / (v.sqrt() + eps) * alpha;
+/// Adam's two moments of one parameter, kept by the optimizer in plain memory so that one pass
+/// can update them together with the parameter (three passes and 10 reads or writes per
+/// element became one pass and 7).
+pub(crate) enum Moments {
+    F32 { m: Vec<f32>, v: Vec<f32> },
+    F64 { m: Vec<f64>, v: Vec<f64> },
+}
+
+impl Moments {
+    /// Zero moments for a parameter of `dtype` with `len` elements (f32 or f64 only).
+    pub(crate) fn zeros(dtype: DType, len: usize) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Self::F32 {
+                m: vec![0.0; len],
+                v: vec![0.0; len],
+            }),
+            DType::F64 => Some(Self::F64 {
+                m: vec![0.0; len],
+                v: vec![0.0; len],
+            }),
+            _ => None,
+        }
+    }
+
+    /// Moments restored from tensors (a checkpoint), converted to `dtype`.
+    pub(crate) fn from_tensors(m: &Tensor, v: &Tensor, dtype: DType) -> candle_core::Result<Self> {
+        let flat = |t: &Tensor| t.to_dtype(dtype)?.flatten_all();
+        let (m, v) = (flat(m)?, flat(v)?);
+        match dtype {
+            DType::F32 => Ok(Self::F32 {
+                m: m.to_vec1()?,
+                v: v.to_vec1()?,
+            }),
+            DType::F64 => Ok(Self::F64 {
+                m: m.to_vec1()?,
+                v: v.to_vec1()?,
+            }),
+            other => candle_core::bail!("fused Adam: unsupported dtype {other:?}"),
+        }
+    }
+
+    /// Copies of the moments as tensors shaped like `param` (to save them).
+    pub(crate) fn to_tensors(&self, param: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (shape, device) = (param.shape(), param.device());
+        Ok(match self {
+            Self::F32 { m, v } => (
+                Tensor::from_slice(m, shape, device)?,
+                Tensor::from_slice(v, shape, device)?,
+            ),
+            Self::F64 { m, v } => (
+                Tensor::from_slice(m, shape, device)?,
+                Tensor::from_slice(v, shape, device)?,
+            ),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F32 { m, .. } => m.len(),
+            Self::F64 { m, .. } => m.len(),
         }
     }
 }
 
-/// `s = decay·s + (1 - decay)·g` (or `g²`): a moment estimate, updated in place.
-pub(crate) struct MovingAverage {
-    pub(crate) decay: f64,
-    pub(crate) square: bool,
-}
-
-impl candle_core::InplaceOp2 for MovingAverage {
-    fn name(&self) -> &'static str {
-        "kiln-moving-average"
-    }
-    fn cpu_fwd(
-        &self,
-        s: &mut CpuStorage,
-        ls: &Layout,
-        g: &CpuStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<()> {
-        macro_rules! run {
-            ($s:expr, $g:expr, $t:ty) => {{
-                let (decay, rest) = (self.decay as $t, (1.0 - self.decay) as $t);
-                let square = self.square;
-                let (s, g) = (slice_mut($s, ls)?, slice($g, lg)?);
-                in_parallel(s, &[g], |s, [g]| moving_average(s, g, decay, rest, square));
-            }};
-        }
-        match (s, g) {
-            (CpuStorage::F32(s), CpuStorage::F32(g)) => run!(s, g, f32),
-            (CpuStorage::F64(s), CpuStorage::F64(g)) => run!(s, g, f64),
-            _ => candle_core::bail!("kiln-moving-average: f32 or f64 tensors of one dtype only"),
-        }
-        Ok(())
-    }
-}
-
-/// `p -= alpha · m / (√v + ε)`: Adam's parameter update, in place.
-pub(crate) struct AdamStep {
+/// One Adam step of a parameter (the tensor it is applied to) from its gradient, updating
+/// its [`Moments`] in the same pass, on all matrix-product threads.
+pub(crate) struct AdamUpdate<'a> {
+    pub(crate) moments: std::sync::Mutex<&'a mut Moments>,
+    pub(crate) beta_1: f64,
+    pub(crate) beta_2: f64,
     pub(crate) alpha: f64,
     pub(crate) epsilon: f64,
 }
 
-impl candle_core::InplaceOp3 for AdamStep {
+impl candle_core::InplaceOp2 for AdamUpdate<'_> {
     fn name(&self) -> &'static str {
-        "kiln-adam-step"
+        "kiln-adam-update"
     }
     fn cpu_fwd(
         &self,
         p: &mut CpuStorage,
         lp: &Layout,
-        m: &CpuStorage,
-        lm: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
     ) -> candle_core::Result<()> {
+        let mut moments = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("kiln-adam-update: moments poisoned".into()))?;
+        if moments.len() != lp.shape().elem_count() {
+            candle_core::bail!("kiln-adam-update: moments do not match the parameter's size");
+        }
         macro_rules! run {
-            ($p:expr, $m:expr, $v:expr, $t:ty) => {{
-                let (alpha, eps) = (self.alpha as $t, self.epsilon as $t);
-                let (p, m, v) = (slice_mut($p, lp)?, slice($m, lm)?, slice($v, lv)?);
-                in_parallel(p, &[m, v], |p, [m, v]| adam_step(p, m, v, alpha, eps));
+            ($p:expr, $g:expr, $m:expr, $v:expr, $t:ty) => {{
+                let c: [$t; 6] = [
+                    self.beta_1 as $t,
+                    (1.0 - self.beta_1) as $t,
+                    self.beta_2 as $t,
+                    (1.0 - self.beta_2) as $t,
+                    self.alpha as $t,
+                    self.epsilon as $t,
+                ];
+                let (p, g) = (slice_mut($p, lp)?, slice($g, lg)?);
+                in_parallel_many([p, &mut $m[..], &mut $v[..]], &[g], |[p, m, v], [g]| {
+                    adam_update(p, m, v, g, &c)
+                });
             }};
         }
-        match (p, m, v) {
-            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => run!(p, m, v, f32),
-            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => run!(p, m, v, f64),
-            _ => candle_core::bail!("kiln-adam-step: f32 or f64 tensors of one dtype only"),
+        match (p, g, &mut **moments) {
+            (CpuStorage::F32(p), CpuStorage::F32(g), Moments::F32 { m, v }) => run!(p, g, m, v, f32),
+            (CpuStorage::F64(p), CpuStorage::F64(g), Moments::F64 { m, v }) => run!(p, g, m, v, f64),
+            _ => candle_core::bail!("kiln-adam-update: parameter, gradient and moments must share one dtype (f32 or f64)"),
         }
         Ok(())
     }
@@ -170,38 +207,31 @@ mod tests {
                 .unwrap();
             let expected = p0.sub(&step).unwrap().to_vec1::<f32>().unwrap();
 
-            let (m, v, p) = (
-                m0.copy().unwrap(),
-                v0.copy().unwrap(),
-                Var::from_tensor(&p0).unwrap(),
-            );
-            assert!(supported(&[p.as_tensor(), &g, &m, &v]));
-            m.inplace_op2(
-                &g,
-                &MovingAverage {
-                    decay: b1,
-                    square: false,
-                },
-            )
-            .unwrap();
-            v.inplace_op2(
-                &g,
-                &MovingAverage {
-                    decay: b2,
-                    square: true,
-                },
-            )
-            .unwrap();
+            let mut moments = Moments::from_tensors(&m0, &v0, DType::F32).unwrap();
+            let p = Var::from_tensor(&p0).unwrap();
+            assert!(supported(&[p.as_tensor(), &g]));
             p.as_tensor()
-                .inplace_op3(
-                    &m,
-                    &v,
-                    &AdamStep {
+                .inplace_op2(
+                    &g,
+                    &AdamUpdate {
+                        moments: std::sync::Mutex::new(&mut moments),
+                        beta_1: b1,
+                        beta_2: b2,
                         alpha,
                         epsilon: eps,
                     },
                 )
                 .unwrap();
+            let (got_m, got_v) = moments.to_tensors(p.as_tensor()).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&got_m), bits(&m));
+            assert_eq!(bits(&got_v), bits(&v));
             let got = p.as_tensor().to_vec1::<f32>().unwrap();
             assert!(got
                 .iter()

@@ -185,6 +185,10 @@ impl Slots {
         self.0.insert(id, zeros.clone());
         Ok(zeros)
     }
+    /// Takes the state of `param` out, if it has one.
+    pub(crate) fn remove(&mut self, param: &Var) -> Option<Tensor> {
+        self.0.remove(&param.as_tensor().id())
+    }
     /// Stores the new state of `param`.
     pub(crate) fn set(&mut self, param: &Var, value: Tensor) {
         self.0.insert(param.as_tensor().id(), value.detach());
