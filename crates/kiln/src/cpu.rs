@@ -2,7 +2,7 @@
 //! tensors, not storages), splitting a pass across the matrix-product threads, and compiling a
 //! loop for AVX-512 where the CPU has it.
 
-use candle_core::{Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, Storage, Tensor, WithDType};
 
 /// Calls `f` with the elements of `t`, a contiguous CPU tensor of element type `T`; `what`
 /// names the tensor in errors.
@@ -39,6 +39,8 @@ pub(crate) trait Real:
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
     fn from_f64(v: f64) -> Self;
+    /// The elements of a CPU storage of this type.
+    fn elements_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
 }
 impl Real for f32 {
     fn sqrt(self) -> Self {
@@ -50,6 +52,12 @@ impl Real for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    fn elements_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 impl Real for f64 {
     fn sqrt(self) -> Self {
@@ -60,6 +68,12 @@ impl Real for f64 {
     }
     fn from_f64(v: f64) -> Self {
         v
+    }
+    fn elements_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
     }
 }
 

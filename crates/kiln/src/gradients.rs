@@ -6,9 +6,10 @@
 //! two sources for each variable. Outside [`backward`] (a user calling `Tensor::backward`
 //! directly) nothing changes: the kernels return their gradients to candle as usual.
 
+use crate::cpu::{in_parallel, vectorized, Real};
 use crate::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, TensorId};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor, TensorId};
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -117,13 +118,12 @@ pub(crate) fn hand_over(param: &Tensor, grad: Tensor) -> candle_core::Result<Opt
     })
 }
 
-/// Adds a contribution to the gradient already handed over for `param` in the step being
-/// collected, in place: `op` gets that gradient mutably and `source` to read. Returns false, and
-/// does nothing, when there is none (the caller then hands over a fresh gradient).
-pub(crate) fn add_to_handed_over(
+/// Lets a fused kernel add its contribution straight into the gradient already handed over for
+/// `param` in the step being collected (a matrix product accumulating onto it, say): `add` gets
+/// that gradient's elements. Returns false, without calling `add`, when there is none.
+pub(crate) fn add_into_handed_over<T: Real>(
     param: &Tensor,
-    source: &Tensor,
-    op: &impl InplaceOp2,
+    add: impl FnOnce(&mut [T]),
 ) -> candle_core::Result<bool> {
     if !param.is_variable() {
         return Ok(false);
@@ -132,14 +132,35 @@ pub(crate) fn add_to_handed_over(
         Some(Collecting::Parameters(direct)) => direct.get(&param.id()).cloned(),
         _ => None,
     });
-    match target {
-        Some(t)
-            if t.is_contiguous() && t.dtype() == source.dtype() && t.shape() == source.shape() =>
-        {
-            t.inplace_op2(source, op)?;
-            Ok(true)
+    let Some(target) = target else {
+        return Ok(false);
+    };
+    if !target.is_contiguous() || target.shape() != param.shape() {
+        return Ok(false);
+    }
+    let op = WithElements(RefCell::new(Some(add)), std::marker::PhantomData);
+    target.inplace_op1(&op)?;
+    let ran = op.0.borrow().is_none();
+    Ok(ran)
+}
+
+/// Runs a closure on a tensor's elements, in place (when they are of type `T`).
+struct WithElements<T, F>(RefCell<Option<F>>, std::marker::PhantomData<T>);
+
+impl<T: Real, F: FnOnce(&mut [T])> InplaceOp1 for WithElements<T, F> {
+    fn name(&self) -> &'static str {
+        "kiln-with-elements"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("kiln-with-elements: not contiguous".into()))?;
+        if let Some(elements) = T::elements_mut(s) {
+            if let Some(f) = self.0.borrow_mut().take() {
+                f(&mut elements[start..end]);
+            }
         }
-        _ => Ok(false),
+        Ok(())
     }
 }
 
@@ -160,7 +181,16 @@ fn add_into(sum: Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     Ok(sum)
 }
 
-/// `a += b`, elementwise.
+vectorized! {
+    /// `a += b`.
+    fn add_assign<T>(a: &mut [T], b: &[T]) {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a = *a + b;
+        }
+    }
+}
+
+/// `a += b`, elementwise, on all matrix-product threads.
 struct AddInto;
 
 impl InplaceOp2 for AddInto {
@@ -174,17 +204,10 @@ impl InplaceOp2 for AddInto {
         b: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<()> {
-        fn add<T: Copy + std::ops::AddAssign>(
-            a: &mut [T],
-            la: &Layout,
-            b: &[T],
-            lb: &Layout,
-        ) -> candle_core::Result<()> {
+        fn add<T: Real>(a: &mut [T], la: &Layout, b: &[T], lb: &Layout) -> candle_core::Result<()> {
             match (la.contiguous_offsets(), lb.contiguous_offsets()) {
                 (Some((sa, ea)), Some((sb, eb))) => {
-                    for (x, &y) in a[sa..ea].iter_mut().zip(&b[sb..eb]) {
-                        *x += y;
-                    }
+                    in_parallel(&mut a[sa..ea], &[&b[sb..eb]], |a, [b]| add_assign(a, b));
                     Ok(())
                 }
                 _ => candle_core::bail!("kiln-add-into: tensors must be contiguous"),

@@ -399,56 +399,32 @@ fn forward<T: Element>(
     out
 }
 
-/// The gradients of the fused op, each computed only when wanted.
-struct DenseGrads<T> {
-    dx: Option<Vec<T>>,
-    dw: Option<Vec<T>>,
-    db: Option<Vec<T>>,
-}
-
-/// dZ = dY masked by ReLU' (0 where the output is 0, as Keras), then dX = dZ·wᵀ, dW = xᵀ·dZ and
-/// db = Σ_batch dZ, the products reading the transposes in place.
-#[allow(clippy::too_many_arguments)]
-fn backward<T: Element>(
-    x: &[T],
-    w: &[T],
-    out: &[T],
-    grad: &[T],
-    (m, k, n): (usize, usize, usize),
-    relu: bool,
-    want: (bool, bool, bool),
-) -> DenseGrads<T> {
-    let masked: Vec<T>;
-    let dz: &[T] = if relu {
-        let zero = T::default();
-        masked = grad
-            .iter()
-            .zip(out)
-            .map(|(&g, &y)| if y > zero { g } else { zero })
-            .collect();
-        &masked
-    } else {
-        grad
-    };
-    let dx = want
-        .0
-        .then(|| product_new((m, k, n), Operand::rows(dz, n), Operand::transposed(w, n)));
-    let dw = want
-        .1
-        .then(|| product_new((k, n, m), Operand::transposed(x, k), Operand::rows(dz, n)));
-    let db = want.2.then(|| {
-        let mut db = vec![T::default(); n];
-        for row in dz.chunks_exact(n) {
-            for (s, &v) in db.iter_mut().zip(row) {
-                *s += v;
-            }
-        }
-        db
-    });
-    DenseGrads { dx, dw, db }
+/// A parameter's gradient, written by `compute(dst, accumulate)` (dst holds `len` elements,
+/// initialized when `accumulate`): added straight into the gradient already handed over for
+/// the parameter when there is one (then `None`), else computed into fresh memory and handed
+/// over, or returned for candle's store.
+fn parameter_gradient<T: Element>(
+    param: &Tensor,
+    compute: impl Fn(*mut T, bool),
+) -> candle_core::Result<Option<Tensor>> {
+    if crate::gradients::add_into_handed_over::<T>(param, |g| compute(g.as_mut_ptr(), true))? {
+        return Ok(None);
+    }
+    let len = param.elem_count();
+    let mut fresh: Vec<T> = Vec::with_capacity(len);
+    compute(fresh.as_mut_ptr(), false);
+    // SAFETY: `compute` wrote all `len` elements (it must, when not accumulating).
+    unsafe { fresh.set_len(len) };
+    crate::gradients::hand_over(
+        param,
+        Tensor::from_vec(fresh, param.shape(), param.device())?,
+    )
 }
 
 impl FusedDense {
+    /// dZ = dY masked by ReLU' (0 where the output is 0, as Keras), then dX = dZ·wᵀ,
+    /// dW = xᵀ·dZ and db = Σ_batch dZ, each only when wanted; the products read the transposes
+    /// in place, and dW and db accumulate onto gradients already handed over in the same step.
     fn backward_typed<T: Element>(
         &self,
         x: &Tensor,
@@ -457,36 +433,74 @@ impl FusedDense {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::cpu::with_slice;
         let (m, k) = x.dims2()?;
         let n = w.dim(1)?;
-        let want = (
-            x.track_op(),
-            crate::gradients::wanted(w),
-            crate::gradients::wanted(b),
-        );
-        let grads = crate::cpu::with_slice::<T, _>(x, "kiln-dense: x", |xs| {
-            crate::cpu::with_slice::<T, _>(w, "kiln-dense: kernel", |ws| {
-                crate::cpu::with_slice::<T, _>(res, "kiln-dense: output", |out| {
-                    crate::cpu::with_slice::<T, _>(grad, "kiln-dense: output gradient", |g| {
-                        Ok(backward(xs, ws, out, g, (m, k, n), self.relu, want))
+        let relu = self.relu;
+        with_slice::<T, _>(x, "kiln-dense: x", |xs| {
+            with_slice::<T, _>(w, "kiln-dense: kernel", |ws| {
+                with_slice::<T, _>(res, "kiln-dense: output", |out| {
+                    with_slice::<T, _>(grad, "kiln-dense: output gradient", |g| {
+                        let masked: Vec<T>;
+                        let dz: &[T] = if relu {
+                            let zero = T::default();
+                            masked = g
+                                .iter()
+                                .zip(out)
+                                .map(|(&g, &y)| if y > zero { g } else { zero })
+                                .collect();
+                            &masked
+                        } else {
+                            g
+                        };
+                        let dx = match x.track_op() {
+                            true => Some(Tensor::from_vec(
+                                product_new(
+                                    (m, k, n),
+                                    Operand::rows(dz, n),
+                                    Operand::transposed(ws, n),
+                                ),
+                                (m, k),
+                                x.device(),
+                            )?),
+                            false => None,
+                        };
+                        let dw = match crate::gradients::wanted(w) {
+                            // SAFETY: dst holds k×n elements; xᵀ is k×m and dZ m×n.
+                            true => parameter_gradient::<T>(w, |dst, accumulate| unsafe {
+                                product(
+                                    (k, n, m),
+                                    dst,
+                                    accumulate,
+                                    Operand::transposed(xs, k),
+                                    Operand::rows(dz, n),
+                                )
+                            })?,
+                            false => None,
+                        };
+                        let db = match crate::gradients::wanted(b) {
+                            true => parameter_gradient::<T>(b, |dst, accumulate| {
+                                let mut sums = vec![T::default(); n];
+                                for row in dz.chunks_exact(n) {
+                                    for (s, &v) in sums.iter_mut().zip(row) {
+                                        *s += v;
+                                    }
+                                }
+                                for (j, s) in sums.into_iter().enumerate() {
+                                    // SAFETY: dst holds n elements.
+                                    unsafe {
+                                        let d = dst.add(j);
+                                        *d = if accumulate { *d + s } else { s };
+                                    }
+                                }
+                            })?,
+                            false => None,
+                        };
+                        Ok((dx, dw, db))
                     })
                 })
             })
-        })?;
-        let device = x.device();
-        let dx = grads
-            .dx
-            .map(|v| Tensor::from_vec(v, (m, k), device))
-            .transpose()?;
-        let dw = match grads.dw {
-            Some(v) => crate::gradients::hand_over(w, Tensor::from_vec(v, (k, n), device)?)?,
-            None => None,
-        };
-        let db = match grads.db {
-            Some(v) => crate::gradients::hand_over(b, Tensor::from_vec(v, n, device)?)?,
-            None => None,
-        };
-        Ok((dx, dw, db))
+        })
     }
 }
 

@@ -6,7 +6,7 @@
 //! `sign(0) = 0`, as in Keras (TensorFlow's and JAX's `abs` have a zero gradient at zero).
 
 use crate::cpu::{in_parallel, vectorized, with_slice, Real};
-use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// The penalty of `x`, fused where it can be (a contiguous f32/f64 CPU tensor), else as tensor
 /// operations.
@@ -115,29 +115,21 @@ impl AddGradient {
         let (l1, l2x2) = (T::from_f64(self.l1), T::from_f64(2.0 * self.l2));
         in_parallel(target, &[x], |t, [x]| add_gradient(t, x, l1, l2x2));
     }
-}
 
-impl InplaceOp2 for AddGradient {
-    fn name(&self) -> &'static str {
-        "kiln-norm-penalty-gradient"
-    }
-    fn cpu_fwd(
+    /// The gradient for `x`: added to the one already handed over for it when there is one
+    /// (then `None`), else a fresh tensor, handed over or returned.
+    fn apply<T: Real + candle_core::WithDType>(
         &self,
-        t: &mut CpuStorage,
-        lt: &Layout,
-        x: &CpuStorage,
-        lx: &Layout,
-    ) -> candle_core::Result<()> {
-        let (Some((ts, te)), Some((xs, xe))) = (lt.contiguous_offsets(), lx.contiguous_offsets())
-        else {
-            candle_core::bail!("kiln-norm-penalty: tensors must be contiguous");
-        };
-        match (t, x) {
-            (CpuStorage::F32(t), CpuStorage::F32(x)) => self.run(&mut t[ts..te], &x[xs..xe]),
-            (CpuStorage::F64(t), CpuStorage::F64(x)) => self.run(&mut t[ts..te], &x[xs..xe]),
-            _ => candle_core::bail!("kiln-norm-penalty: f32 or f64 tensors of one dtype only"),
-        }
-        Ok(())
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        with_slice::<T, _>(x, "kiln-norm-penalty: x", |xs| {
+            if crate::gradients::add_into_handed_over::<T>(x, |t| self.run(t, xs))? {
+                return Ok(None);
+            }
+            let mut g = vec![T::default(); xs.len()];
+            self.run(&mut g, xs);
+            crate::gradients::hand_over(x, Tensor::from_vec(g, x.shape(), x.device())?)
+        })
     }
 }
 
@@ -172,25 +164,11 @@ impl CustomOp1 for NormPenalty {
             l1: self.l1 * scale,
             l2: self.l2 * scale,
         };
-        if crate::gradients::add_to_handed_over(x, x, &op)? {
-            return Ok(None);
-        }
-        fn fresh<T: Real + candle_core::WithDType>(
-            op: &AddGradient,
-            x: &Tensor,
-        ) -> candle_core::Result<Tensor> {
-            with_slice::<T, _>(x, "kiln-norm-penalty: x", |xs| {
-                let mut g = vec![T::default(); xs.len()];
-                op.run(&mut g, xs);
-                Tensor::from_vec(g, x.shape(), x.device())
-            })
-        }
-        let grad = match x.dtype() {
-            DType::F32 => fresh::<f32>(&op, x)?,
-            DType::F64 => fresh::<f64>(&op, x)?,
+        match x.dtype() {
+            DType::F32 => op.apply::<f32>(x),
+            DType::F64 => op.apply::<f64>(x),
             other => candle_core::bail!("kiln-norm-penalty: unsupported dtype {other:?}"),
-        };
-        crate::gradients::hand_over(x, grad)
+        }
     }
 }
 
