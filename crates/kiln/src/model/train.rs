@@ -398,8 +398,7 @@ impl Model {
                 Some(g) => g,
                 None => self.labeled_input_gradient(compiled, batch, &current, training, rng)?,
             };
-            let direction = adversarial.direction(&grads)?;
-            current = adversarial.step(&clean, &current, &direction)?;
+            current = adversarial.step_along(&clean, &current, &grads)?;
         }
         Ok(current)
     }
