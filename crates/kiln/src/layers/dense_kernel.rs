@@ -389,14 +389,29 @@ fn forward<T: Element>(
         );
     }
     if relu {
-        let zero = T::default();
-        for v in &mut out {
-            if *v < zero {
-                *v = zero;
-            }
-        }
+        relu_in_place(&mut out);
     }
     out
+}
+
+vectorized! {
+    /// `v = 0` where `v < 0` (NaN stays NaN, as Keras' ReLU).
+    fn relu_in_place<T>(out: &mut [T]) {
+        let zero = T::default();
+        for v in out.iter_mut() {
+            *v = if *v < zero { zero } else { *v };
+        }
+    }
+}
+
+vectorized! {
+    /// `dz = g` where the ReLU output is positive, else 0.
+    fn relu_mask<T>(dz: &mut [T], g: &[T], out: &[T]) {
+        let zero = T::default();
+        for ((d, &g), &y) in dz.iter_mut().zip(g).zip(out) {
+            *d = if y > zero { g } else { zero };
+        }
+    }
 }
 
 /// A parameter's gradient, written by `compute(dst, accumulate)` (dst holds `len` elements,
@@ -443,12 +458,9 @@ impl FusedDense {
                     with_slice::<T, _>(grad, "kiln-dense: output gradient", |g| {
                         let masked: Vec<T>;
                         let dz: &[T] = if relu {
-                            let zero = T::default();
-                            masked = g
-                                .iter()
-                                .zip(out)
-                                .map(|(&g, &y)| if y > zero { g } else { zero })
-                                .collect();
+                            let mut dz = vec![T::default(); g.len()];
+                            relu_mask(&mut dz, g, out);
+                            masked = dz;
                             &masked
                         } else {
                             g
