@@ -1,10 +1,12 @@
 //! Parameter gradients that fused kernels hand over directly during a backward pass.
 //!
 //! candle's backward pass stores every gradient as `zeros + g` in a freshly zeroed buffer, one
-//! per contribution. A fused kernel (the Dense layer) computes its parameters' gradients whole,
-//! so while [`backward`] runs it hands them over here instead; the training step then adds the
-//! two sources for each variable. Outside [`backward`] (a user calling `Tensor::backward`
-//! directly) nothing changes: the kernels return their gradients to candle as usual.
+//! per contribution. A fused kernel (the Dense layer, the L1/L2 penalty) computes its
+//! parameters' gradients whole, so while [`Gradients::backward`] runs it hands them over here
+//! instead, or adds straight onto one already handed over in the same step (a second backward
+//! pass, a shared layer); the training step then adds the two sources for each variable.
+//! Outside [`Gradients::backward`] (a user calling `Tensor::backward` directly) nothing
+//! changes: the kernels return their gradients to candle as usual.
 
 use crate::cpu::{in_parallel, vectorized, Real};
 use crate::Result;

@@ -3,8 +3,8 @@
 /// Runs candle's elementwise kernels on the calling thread (`CANDLE_NUM_THREADS=1`) unless the
 /// user set that variable. On the 2-core machines measured, this costs nothing on a quiet machine
 /// and keeps training fast when another process holds a core (W1 went from 32 to 87 steps/s),
-/// because candle's elementwise worker pool spins instead of yielding. The matrix products keep
-/// their threads.
+/// because candle's elementwise worker pool spins instead of yielding. kiln's own kernels (the
+/// matrix products, the optimizer and penalty passes) use every core through their own pool.
 ///
 /// Call it first thing in `main`, before any tensor exists and before other threads start:
 /// candle reads the variable once, when its pool is first used.

@@ -1,7 +1,10 @@
 //! The Dense layer as one fused CPU kernel with its own backward: the bias is written into the
-//! output first and the matrix product accumulates onto it (one `gemm` call, no broadcast
-//! pass), ReLU is applied in the same buffer, and the backward pass produces dX, dW and db
-//! directly instead of differentiating three separate graph nodes.
+//! output first and the matrix product accumulates onto it (no broadcast pass), ReLU is applied
+//! in the same buffer, and the backward pass produces dX, dW and db directly instead of
+//! differentiating three separate graph nodes. The products read transposes in place, run on
+//! all cores (split by output columns or by `gemm` itself, whichever measured faster for the
+//! layout), skip `gemm` for skinny shapes, skip dX when the input needs no gradient, and hand
+//! dW and db to the training step ([`crate::gradients`]), accumulating onto earlier ones.
 
 use crate::activations::Activation;
 use crate::cpu::{vectorized, Real};
