@@ -468,16 +468,21 @@ impl FusedDense {
                         } else {
                             g
                         };
+                        // An input that is a variable (the inputs of an adversarial step)
+                        // gets its gradient handed over too, sparing candle's zero-filled copy.
                         let dx = match x.track_op() {
-                            true => Some(Tensor::from_vec(
-                                product_new(
-                                    (m, k, n),
-                                    Operand::rows(dz, n),
-                                    Operand::transposed(ws, n),
-                                ),
-                                (m, k),
-                                x.device(),
-                            )?),
+                            true => crate::gradients::hand_over(
+                                x,
+                                Tensor::from_vec(
+                                    product_new(
+                                        (m, k, n),
+                                        Operand::rows(dz, n),
+                                        Operand::transposed(ws, n),
+                                    ),
+                                    (m, k),
+                                    x.device(),
+                                )?,
+                            )?,
                             false => None,
                         };
                         let dw = match crate::gradients::wanted(w) {

@@ -93,14 +93,26 @@ vectorized! {
     }
 }
 
+/// `l1·Σ|x| + l2·Σx²`. Large tensors are summed as two halves (split at a block boundary) on
+/// two threads when there are two, so the result is the same with one thread or several.
 fn value<T: Real>(x: &[T], l1: f64, l2: f64) -> T {
-    let (mut abs, mut squares) = (0.0, 0.0);
-    if l1 != 0.0 {
-        sum_abs(x, &mut abs);
-    }
-    if l2 != 0.0 {
-        sum_squares(x, &mut squares);
-    }
+    let sums = |x: &[T]| {
+        let (mut abs, mut squares) = (0.0, 0.0);
+        if l1 != 0.0 {
+            sum_abs(x, &mut abs);
+        }
+        if l2 != 0.0 {
+            sum_squares(x, &mut squares);
+        }
+        (abs, squares)
+    };
+    let (abs, squares) = if x.len() >= crate::cpu::PARALLEL_MIN_LEN {
+        let (left, right) = x.split_at((x.len() / 2).next_multiple_of(BLOCK).min(x.len()));
+        let (a, b) = rayon::join(|| sums(left), || sums(right));
+        (a.0 + b.0, a.1 + b.1)
+    } else {
+        sums(x)
+    };
     T::from_f64(l1 * abs + l2 * squares)
 }
 
