@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every benchmark engine on the same workloads, one at a time, prints a table and writes
-# bench/results.json. Not part of CI. Usage: bench/run.sh [STEPS]   (default 100 timed steps)
+# bench/results.json. Not part of CI. Usage: bench/run.sh [STEPS]   (default 300 timed steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS="${1:-100}"
+STEPS="${1:-300}"
 VENV=bench/.venv
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
