@@ -2,7 +2,31 @@
 //! tensors, not storages), splitting a pass across the matrix-product threads, and compiling a
 //! loop for AVX-512 where the CPU has it.
 
-use candle_core::{CpuStorage, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
+
+/// The elements of a storage that `l` lays out contiguously; `what` names it in errors.
+pub(crate) fn contiguous<'a, T>(
+    v: &'a [T],
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+    Ok(&v[start..end])
+}
+
+/// [`contiguous`], writable.
+pub(crate) fn contiguous_mut<'a, T>(
+    v: &'a mut [T],
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+    Ok(&mut v[start..end])
+}
 
 /// Calls `f` with the elements of `t`, a contiguous CPU tensor of element type `T`; `what`
 /// names the tensor in errors.
@@ -15,10 +39,7 @@ pub(crate) fn with_slice<T: WithDType, R>(
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("{what} must be on the CPU");
     };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
-    f(&cpu.as_slice::<T>()?[start..end])
+    f(contiguous(cpu.as_slice::<T>()?, layout, what)?)
 }
 
 /// The float types the kernels run on.

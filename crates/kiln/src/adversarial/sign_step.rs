@@ -3,7 +3,7 @@
 //! arithmetic in the same order as the tensor operations it replaces (ten allocating passes
 //! over the batch), so the perturbed inputs are bit-identical.
 
-use crate::cpu::{in_parallel, vectorized, Real};
+use crate::cpu::{contiguous, in_parallel, vectorized, Real};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// One sign step from `current` along the gradient `g`, projected around `clean` and clipped.
@@ -79,18 +79,20 @@ impl CustomOp3 for SignStep {
         g: &CpuStorage,
         lg: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn part<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-            let (s, e) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("kiln-sign-step: not contiguous".into()))?;
-            Ok(&v[s..e])
-        }
         let out = match (x, c, g) {
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.run(part(x, lx)?, part(c, lc)?, part(g, lg)?))
+                CpuStorage::F32(self.run(
+                    contiguous(x, lx, "kiln-sign-step: x")?,
+                    contiguous(c, lc, "kiln-sign-step: current")?,
+                    contiguous(g, lg, "kiln-sign-step: gradient")?,
+                ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.run(part(x, lx)?, part(c, lc)?, part(g, lg)?))
+                CpuStorage::F64(self.run(
+                    contiguous(x, lx, "kiln-sign-step: x")?,
+                    contiguous(c, lc, "kiln-sign-step: current")?,
+                    contiguous(g, lg, "kiln-sign-step: gradient")?,
+                ))
             }
             _ => candle_core::bail!("kiln-sign-step: f32 or f64 tensors of one dtype only"),
         };

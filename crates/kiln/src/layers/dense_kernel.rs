@@ -7,7 +7,7 @@
 //! dW and db to the training step ([`crate::gradients`]), accumulating onto earlier ones.
 
 use crate::activations::Activation;
-use crate::cpu::{vectorized, Real};
+use crate::cpu::{contiguous, vectorized, Real};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 /// `activation(x · w + b)` for 2-D `x`, with `activation` linear or ReLU.
@@ -39,13 +39,6 @@ impl FusedDense {
             && same(bias);
         ok.then_some(Self { relu })
     }
-}
-
-fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("kiln-dense: {what} must be contiguous")))?;
-    Ok(&v[start..end])
 }
 
 /// The element types the kernel runs on.
@@ -551,9 +544,9 @@ impl CustomOp3 for FusedDense {
         let out = match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 CpuStorage::F32(forward(
-                    contiguous(x, lx, "x")?,
-                    contiguous(w, lw, "kernel")?,
-                    contiguous(b, lb, "bias")?,
+                    contiguous(x, lx, "kiln-dense: x")?,
+                    contiguous(w, lw, "kiln-dense: kernel")?,
+                    contiguous(b, lb, "kiln-dense: bias")?,
                     m,
                     k,
                     n,
@@ -562,9 +555,9 @@ impl CustomOp3 for FusedDense {
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 CpuStorage::F64(forward(
-                    contiguous(x, lx, "x")?,
-                    contiguous(w, lw, "kernel")?,
-                    contiguous(b, lb, "bias")?,
+                    contiguous(x, lx, "kiln-dense: x")?,
+                    contiguous(w, lw, "kiln-dense: kernel")?,
+                    contiguous(b, lb, "kiln-dense: bias")?,
                     m,
                     k,
                     n,

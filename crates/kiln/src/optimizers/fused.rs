@@ -4,7 +4,7 @@
 //! split across the matrix-product threads, and each piece runs as AVX-512 code where the CPU
 //! has it (IEEE arithmetic gives the same bits at any vector width).
 
-use crate::cpu::{in_parallel_many, vectorized, Real};
+use crate::cpu::{contiguous, contiguous_mut, in_parallel_many, vectorized, Real};
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 /// Whether the fused kernels apply: every tensor on the CPU, contiguous, of one float dtype.
@@ -17,20 +17,6 @@ pub(crate) fn supported(tensors: &[&Tensor]) -> bool {
                 && t.dtype() == dtype
                 && t.dims() == tensors[0].dims()
         })
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused optimizer: non-contiguous source".into()))?;
-    Ok(&v[start..end])
-}
-
-fn slice_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused optimizer: non-contiguous target".into()))?;
-    Ok(&mut v[start..end])
 }
 
 vectorized! {
@@ -148,7 +134,10 @@ impl candle_core::InplaceOp2 for AdamUpdate<'_> {
                     self.alpha as $t,
                     self.epsilon as $t,
                 ];
-                let (p, g) = (slice_mut($p, lp)?, slice($g, lg)?);
+                let (p, g) = (
+                    contiguous_mut($p, lp, "kiln-adam-update: parameter")?,
+                    contiguous($g, lg, "kiln-adam-update: gradient")?,
+                );
                 in_parallel_many([p, &mut $m[..], &mut $v[..]], &[g], |[p, m, v], [g]| {
                     adam_update(p, m, v, g, &c)
                 });
