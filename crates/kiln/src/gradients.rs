@@ -36,12 +36,30 @@ pub(crate) struct Gradients {
     direct: Option<HashMap<TensorId, Tensor>>,
 }
 
-/// Clears this thread's collection however the backward pass ends.
-struct Reset;
+/// The collection a backward pass found on its thread, put back however the pass ends. A pool
+/// thread waiting inside one training step's backward pass can pick up another step's work
+/// (rayon's work stealing; two models trained at once), so collections nest, and the inner one
+/// must leave the outer one as it was.
+struct Restore(Option<Option<Collecting>>);
 
-impl Drop for Reset {
+impl Restore {
+    /// Starts collecting in `mode` on this thread.
+    fn begin(mode: Collecting) -> Self {
+        Self(Some(COLLECTING.with(|c| c.borrow_mut().replace(mode))))
+    }
+
+    /// Ends collecting: returns this pass's collection and puts the previous one back.
+    fn end(mut self) -> Option<Collecting> {
+        let previous = self.0.take().flatten();
+        COLLECTING.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous))
+    }
+}
+
+impl Drop for Restore {
     fn drop(&mut self) {
-        COLLECTING.with(|c| c.borrow_mut().take());
+        if let Some(previous) = self.0.take() {
+            COLLECTING.with(|c| *c.borrow_mut() = previous);
+        }
     }
 }
 
@@ -50,12 +68,9 @@ impl Gradients {
     /// and adds the result to these gradients.
     pub(crate) fn backward(&mut self, loss: &Tensor) -> Result<()> {
         let direct = self.direct.take().unwrap_or_default();
-        COLLECTING.with(|c| *c.borrow_mut() = Some(Collecting::Parameters(direct)));
-        let reset = Reset;
+        let collecting = Restore::begin(Collecting::Parameters(direct));
         let store = loss.backward();
-        let collected = COLLECTING.with(|c| c.borrow_mut().take());
-        drop(reset);
-        if let Some(Collecting::Parameters(direct)) = collected {
+        if let Some(Collecting::Parameters(direct)) = collecting.end() {
             self.direct = Some(direct);
         }
         self.stores.push(store?);
@@ -81,9 +96,10 @@ impl Gradients {
 /// `loss.backward()` for the gradients of non-parameter tensors (the inputs of an attack):
 /// fused kernels skip their parameters' gradients, which nobody reads.
 pub(crate) fn backward_for_inputs(loss: &Tensor) -> Result<GradStore> {
-    COLLECTING.with(|c| *c.borrow_mut() = Some(Collecting::InputsOnly));
-    let _reset = Reset;
-    Ok(loss.backward()?)
+    let collecting = Restore::begin(Collecting::InputsOnly);
+    let store = loss.backward();
+    collecting.end();
+    Ok(store?)
 }
 
 /// Whether a fused kernel's backward pass must compute the gradient of `param`.
@@ -220,5 +236,64 @@ impl InplaceOp2 for AddInto {
             (CpuStorage::F64(a), CpuStorage::F64(b)) => add(a, la, b, lb),
             _ => candle_core::bail!("kiln-add-into: f32 or f64 tensors of one dtype only"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gradients;
+    use crate::regularizers::{Regularizer, L2};
+    use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
+
+    /// An identity op whose backward pass runs a whole other collection first, as a pool thread
+    /// does when it picks up another training step while waiting inside this one.
+    struct NestedStep(Var);
+
+    impl CustomOp1 for NestedStep {
+        fn name(&self) -> &'static str {
+            "nested-step"
+        }
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            Ok((s.clone(), l.shape().clone()))
+        }
+        fn bwd(
+            &self,
+            _x: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<Option<Tensor>> {
+            let mut inner = Gradients::default();
+            let penalty = L2::new(0.5).penalty(self.0.as_tensor()).unwrap();
+            inner.backward(&penalty).unwrap();
+            let g: Vec<f64> = inner
+                .take(self.0.as_tensor())
+                .unwrap()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(g, vec![1.0, -2.0]);
+            Ok(Some(grad.clone()))
+        }
+    }
+
+    /// A collection nested inside another leaves the outer one's handed-over gradients intact.
+    #[test]
+    fn nested_collections_keep_the_outer_gradients() {
+        let d = Device::Cpu;
+        let w = Var::new(&[1f64, 2.0], &d).unwrap();
+        let other = Var::new(&[1f64, -2.0], &d).unwrap();
+        let first = L2::new(1.0).penalty(w.as_tensor()).unwrap();
+        let second = L2::new(3.0).penalty(w.as_tensor()).unwrap();
+        let loss = (first.apply_op1(NestedStep(other)).unwrap() + second).unwrap();
+        let mut outer = Gradients::default();
+        outer.backward(&loss).unwrap();
+        let g: Vec<f64> = outer
+            .take(w.as_tensor())
+            .unwrap()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // d/dw (Σw² + 3Σw²) = 8w
+        assert_eq!(g, vec![8.0, 16.0]);
     }
 }
