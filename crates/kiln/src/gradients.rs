@@ -13,7 +13,6 @@ use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor, TensorId};
 use std::cell::RefCell;
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 /// What the backward pass running on this thread wants from fused kernels.
@@ -118,22 +117,25 @@ pub(crate) fn hand_over(param: &Tensor, grad: Tensor) -> candle_core::Result<Opt
     if !param.is_variable() {
         return Ok(Some(grad));
     }
+    // The collection is borrowed only for the lookups: the sum below may split across the pool,
+    // and a pool thread waiting there can run another step's backward pass on this thread.
+    let earlier = COLLECTING.with(|c| match &mut *c.borrow_mut() {
+        Some(Collecting::Parameters(direct)) => Some(direct.remove(&param.id())),
+        _ => None,
+    });
+    let Some(earlier) = earlier else {
+        return Ok(Some(grad));
+    };
+    let sum = match earlier {
+        Some(earlier) => add_into(earlier, &grad)?,
+        None => grad,
+    };
     COLLECTING.with(|c| {
-        let mut c = c.borrow_mut();
-        let Some(Collecting::Parameters(direct)) = c.as_mut() else {
-            return Ok(Some(grad));
-        };
-        match direct.entry(param.id()) {
-            Entry::Occupied(mut e) => {
-                let sum = add_into(e.get().clone(), &grad)?;
-                e.insert(sum);
-            }
-            Entry::Vacant(e) => {
-                e.insert(grad);
-            }
+        if let Some(Collecting::Parameters(direct)) = &mut *c.borrow_mut() {
+            direct.insert(param.id(), sum);
         }
-        Ok(None)
-    })
+    });
+    Ok(None)
 }
 
 /// Lets a fused kernel add its contribution straight into the gradient already handed over for
@@ -295,5 +297,69 @@ mod tests {
             .unwrap();
         // d/dw (Σw² + 3Σw²) = 8w
         assert_eq!(g, vec![8.0, 16.0]);
+    }
+
+    /// Two models trained at once share kiln's pool: a thread waiting inside one step's
+    /// backward pass (here while adding two handed-over gradients of an input used twice, split
+    /// across the pool) can run the other model's step. That must neither panic nor disturb
+    /// either step's gradients.
+    #[test]
+    fn concurrent_steps_on_the_pool_do_not_interfere() {
+        use crate::activations::Activation;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let d = Device::Cpu;
+        let stop = Arc::new(AtomicBool::new(false));
+        let others: Vec<_> = (0..3)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let v = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        crate::runtime::on_matmul_pool(|| {
+                            let mut g = Gradients::default();
+                            g.backward(&L2::new(0.5).penalty(v.as_tensor()).unwrap())
+                                .unwrap();
+                            let got: Vec<f32> =
+                                g.take(v.as_tensor()).unwrap().unwrap().to_vec1().unwrap();
+                            assert_eq!(got, vec![1.0, 2.0]);
+                        });
+                    }
+                })
+            })
+            .collect();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (256, 256), &d).unwrap()).unwrap();
+        let w1 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (256, 16), &d).unwrap()).unwrap();
+        let w2 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (256, 16), &d).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::zeros(16, candle_core::DType::F32, &d).unwrap()).unwrap();
+        let dense = |w: &Var| {
+            crate::layers::dense_forward(
+                x.as_tensor(),
+                w.as_tensor(),
+                Some(b.as_tensor()),
+                Activation::Linear,
+            )
+            .unwrap()
+            .sum_all()
+            .unwrap()
+        };
+        let loss = (dense(&w1) + dense(&w2)).unwrap();
+        // d/dx of Σ(x·w1) + Σ(x·w2): every row is the row sums of w1 + w2.
+        let expected = (w1.as_tensor() + w2.as_tensor()).unwrap().sum(1).unwrap();
+        let expected: Vec<f32> = expected.to_vec1().unwrap();
+        for _ in 0..300 {
+            crate::runtime::on_matmul_pool(|| {
+                let mut g = Gradients::default();
+                g.backward(&loss).unwrap();
+                let dx: Vec<Vec<f32>> = g.take(x.as_tensor()).unwrap().unwrap().to_vec2().unwrap();
+                for (a, e) in dx[17].iter().zip(&expected) {
+                    assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{a} vs {e}");
+                }
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in others {
+            t.join().unwrap();
+        }
     }
 }

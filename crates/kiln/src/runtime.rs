@@ -42,7 +42,10 @@ pub(crate) fn matmul_threads() -> usize {
 /// fits, gradients and Adam's moments drift into the subnormal range, where every x86
 /// arithmetic instruction takes a slow path (W2 fell from 180 to 9.5 steps/s by step 3000
 /// before this). The pool's threads run that way; on the calling thread the setting is
-/// restored afterwards.
+/// restored afterwards. Rust's documentation counts changing this mode as undefined behaviour
+/// for code compiled under the default floating-point assumptions; the practical difference is
+/// that a subnormal value folded at compile time can differ from the same value computed at run
+/// time. Set `KILN_KEEP_SUBNORMALS=1` to train with IEEE subnormals instead.
 pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     let pool = POOL.get_or_init(|| {
@@ -50,20 +53,25 @@ pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             .num_threads(matmul_threads())
             .thread_name(|i| format!("kiln-matmul-{i}"))
             .start_handler(|_| {
-                subnormals::flush_to_zero();
+                if flush_subnormals() {
+                    subnormals::flush_to_zero();
+                }
             })
             .build()
             .ok()
     });
     match pool {
         Some(pool) if matmul_threads() > 1 => pool.install(f),
-        _ => {
-            let saved = subnormals::flush_to_zero();
-            let result = f();
-            subnormals::restore(saved);
-            result
-        }
+        _ if flush_subnormals() => subnormals::flushed_while(f),
+        _ => f(),
     }
+}
+
+/// Whether training flushes subnormals to zero: yes unless `KILN_KEEP_SUBNORMALS` is set to
+/// something other than `0`. Read once.
+fn flush_subnormals() -> bool {
+    static FLUSH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLUSH.get_or_init(|| std::env::var("KILN_KEEP_SUBNORMALS").map_or(true, |v| v == "0"))
 }
 
 #[cfg(test)]
@@ -110,7 +118,9 @@ mod subnormals {
             std::arch::asm!(
                 "ldmxcsr [{}]",
                 in(reg) &csr as *const u32,
-                options(nostack, preserves_flags, readonly)
+                // Not `preserves_flags`: MXCSR's exception flags count as flags, and this
+                // writes them.
+                options(nostack, readonly)
             )
         };
     }
@@ -127,6 +137,21 @@ mod subnormals {
         }
         #[cfg(not(target_arch = "x86_64"))]
         Saved(0)
+    }
+
+    /// Runs `f` with subnormals flushed on this thread, then restores the thread's setting
+    /// however `f` ends, panics included.
+    pub(super) fn flushed_while<R>(f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<Saved>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(saved) = self.0.take() {
+                    restore(saved);
+                }
+            }
+        }
+        let _restore = Restore(Some(flush_to_zero()));
+        f()
     }
 
     /// Puts back a control word saved by [`flush_to_zero`].
@@ -149,6 +174,17 @@ mod subnormals {
             let kept = std::hint::black_box(tiny) * std::hint::black_box(1e-10f32);
             assert_eq!(flushed, 0.0);
             assert!(kept > 0.0 && kept < f32::MIN_POSITIVE);
+        }
+
+        /// A panic inside the flushed region (a user's loss failing) leaves the caller's
+        /// thread as it was.
+        #[test]
+        fn a_panic_restores_the_setting() {
+            let result =
+                std::panic::catch_unwind(|| super::flushed_while(|| panic!("loss failed")));
+            assert!(result.is_err());
+            let kept = std::hint::black_box(1e-30f32) * std::hint::black_box(1e-10f32);
+            assert!(kept > 0.0);
         }
     }
 }

@@ -96,6 +96,16 @@ unsafe fn product<T: Element>(
     rhs: Operand<T>,
 ) {
     let threads = crate::runtime::matmul_threads();
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            // SAFETY: dst holds m×n elements; all-zero bits are 0.0.
+            unsafe { std::ptr::write_bytes(dst, 0, m * n) };
+        }
+        return;
+    }
     let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
     // SAFETY: as for this function.
     if !parallel && unsafe { skinny_product((m, n, k), dst, accumulate, lhs, rhs) } {
@@ -494,7 +504,7 @@ impl FusedDense {
                         let db = match crate::gradients::wanted(b) {
                             true => parameter_gradient::<T>(b, |dst, accumulate| {
                                 let mut sums = vec![T::default(); n];
-                                for row in dz.chunks_exact(n) {
+                                for row in dz.chunks_exact(n.max(1)) {
                                     for (s, &v) in sums.iter_mut().zip(row) {
                                         *s += v;
                                     }
@@ -730,6 +740,36 @@ mod tests {
                     assert!(close(*a, *b), "gradient {a} vs {b}");
                 }
             }
+        }
+    }
+
+    /// Degenerate shapes (no input features, no rows) give empty or zero gradients, not panics.
+    #[test]
+    fn empty_shapes_have_empty_gradients() {
+        let d = Device::Cpu;
+        for (m, k, n) in [(32, 0, 4), (0, 8, 4), (32, 0, 40), (0, 40, 40)] {
+            let x = Var::from_tensor(&Tensor::zeros((m, k), candle_core::DType::F32, &d).unwrap())
+                .unwrap();
+            let w = Var::from_tensor(&Tensor::ones((k, n), candle_core::DType::F32, &d).unwrap())
+                .unwrap();
+            let b =
+                Var::from_tensor(&Tensor::ones(n, candle_core::DType::F32, &d).unwrap()).unwrap();
+            let op = FusedDense::for_call(
+                x.as_tensor(),
+                w.as_tensor(),
+                Some(b.as_tensor()),
+                Activation::Linear,
+            )
+            .expect("fused path applies");
+            let y = x
+                .as_tensor()
+                .apply_op3(w.as_tensor(), b.as_tensor(), op)
+                .unwrap();
+            assert_eq!(y.dims(), &[m, n]);
+            let g = y.sum_all().unwrap().backward().unwrap();
+            assert_eq!(g.get(w.as_tensor()).unwrap().dims(), &[k, n]);
+            let db: Vec<f32> = g.get(b.as_tensor()).unwrap().to_vec1().unwrap();
+            assert_eq!(db, vec![m as f32; n]);
         }
     }
 }
