@@ -8,7 +8,7 @@
 //! Outside [`Gradients::backward`] (a user calling `Tensor::backward` directly) nothing
 //! changes: the kernels return their gradients to candle as usual.
 
-use crate::cpu::{in_parallel, vectorized, Real};
+use crate::cpu::{contiguous, contiguous_mut, in_parallel, vectorized, Real};
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor, TensorId};
@@ -172,12 +172,10 @@ impl<T: Real, F: FnOnce(&mut [T])> InplaceOp1 for WithElements<T, F> {
         "kiln-with-elements"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("kiln-with-elements: not contiguous".into()))?;
         if let Some(elements) = T::elements_mut(s) {
+            let elements = contiguous_mut(elements, l, "kiln-with-elements: the gradient")?;
             if let Some(f) = self.0.borrow_mut().take() {
-                f(&mut elements[start..end]);
+                f(elements);
             }
         }
         Ok(())
@@ -225,13 +223,10 @@ impl InplaceOp2 for AddInto {
         lb: &Layout,
     ) -> candle_core::Result<()> {
         fn add<T: Real>(a: &mut [T], la: &Layout, b: &[T], lb: &Layout) -> candle_core::Result<()> {
-            match (la.contiguous_offsets(), lb.contiguous_offsets()) {
-                (Some((sa, ea)), Some((sb, eb))) => {
-                    in_parallel(&mut a[sa..ea], &[&b[sb..eb]], |a, [b]| add_assign(a, b));
-                    Ok(())
-                }
-                _ => candle_core::bail!("kiln-add-into: tensors must be contiguous"),
-            }
+            let a = contiguous_mut(a, la, "kiln-add-into: the sum")?;
+            let b = contiguous(b, lb, "kiln-add-into: the addend")?;
+            in_parallel(a, &[b], |a, [b]| add_assign(a, b));
+            Ok(())
         }
         match (a, b) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => add(a, la, b, lb),

@@ -234,19 +234,16 @@ impl Adversarial {
             let direction = self.direction(grads)?;
             return self.step(clean, current, &direction);
         }
-        let op = |x: &Tensor, c: &Tensor, g: &Tensor| -> Result<Tensor> {
-            let step = sign_step::SignStep {
-                step_size: self.step_size,
-                epsilon: self.epsilon,
-                clip: self.clip,
-            };
-            Ok(x.apply_op3_no_bwd(c, g, &step)?)
+        let step = sign_step::SignStep {
+            step_size: self.step_size,
+            epsilon: self.epsilon,
+            clip: self.clip,
         };
         clean
             .iter()
             .zip(current)
             .zip(grads)
-            .map(|((x, c), g)| op(x, c, &g.detach()))
+            .map(|((x, c), g)| Ok(x.apply_op3_no_bwd(c, &g.detach(), &step)?))
             .collect()
     }
 

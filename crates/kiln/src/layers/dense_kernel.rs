@@ -77,6 +77,17 @@ impl<T> Operand<T> {
             col_stride: cols,
         }
     }
+    /// The element at row `i`, column `j`.
+    ///
+    /// # Safety
+    /// `(i, j)` must lie inside the matrix.
+    unsafe fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        // SAFETY: the caller keeps (i, j) inside the matrix.
+        unsafe { *self.ptr.add(i * self.row_stride + j * self.col_stride) }
+    }
 }
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
@@ -129,20 +140,6 @@ unsafe fn product<T: Element>(
 /// skip `gemm`: its packing costs more than their arithmetic (128×512·512×10 ran at 21
 /// GFLOP/s there).
 const SKINNY: usize = 16;
-
-impl<T> Operand<T> {
-    /// The element at row `i`, column `j`.
-    ///
-    /// # Safety
-    /// `(i, j)` must lie inside the matrix.
-    unsafe fn at(&self, i: usize, j: usize) -> T
-    where
-        T: Copy,
-    {
-        // SAFETY: the caller keeps (i, j) inside the matrix.
-        unsafe { *self.ptr.add(i * self.row_stride + j * self.col_stride) }
-    }
-}
 
 vectorized! {
     /// `*out = Σ a·b`, in lanes the compiler can vectorize.
@@ -357,12 +354,8 @@ fn product_new<T: Element>(
     rhs: Operand<T>,
 ) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(m * n);
-    if k == 0 {
-        out.resize(m * n, T::default());
-        return out;
-    }
     // SAFETY: `out` has room for m×n elements; with `accumulate` off the product writes every
-    // one of them before `set_len` exposes them, and reads none.
+    // one of them (zeros when k = 0) before `set_len` exposes them, and reads none.
     unsafe {
         product((m, n, k), out.as_mut_ptr(), false, lhs, rhs);
         out.set_len(m * n);

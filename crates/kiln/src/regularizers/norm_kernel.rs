@@ -5,7 +5,7 @@
 //!
 //! `sign(0) = 0`, as in Keras (TensorFlow's and JAX's `abs` have a zero gradient at zero).
 
-use crate::cpu::{in_parallel, vectorized, with_slice, Real};
+use crate::cpu::{contiguous, in_parallel, vectorized, with_slice, Real};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// The penalty of `x`, fused where it can be (a contiguous f32/f64 CPU tensor), else as tensor
@@ -151,12 +151,14 @@ impl CustomOp1 for NormPenalty {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("kiln-norm-penalty: x must be contiguous".into())
-        })?;
+        let what = "kiln-norm-penalty: x";
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(vec![value(&x[start..end], self.l1, self.l2)]),
-            CpuStorage::F64(x) => CpuStorage::F64(vec![value(&x[start..end], self.l1, self.l2)]),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(vec![value(contiguous(x, l, what)?, self.l1, self.l2)])
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(vec![value(contiguous(x, l, what)?, self.l1, self.l2)])
+            }
             _ => candle_core::bail!("kiln-norm-penalty: f32 or f64 only"),
         };
         Ok((out, Shape::from(())))
