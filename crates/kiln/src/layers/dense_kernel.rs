@@ -3,8 +3,8 @@
 //! in the same buffer, and the backward pass produces dX, dW and db directly instead of
 //! differentiating three separate graph nodes. The products read transposes in place, run on
 //! all cores (split by output columns or by `gemm` itself, whichever measured faster for the
-//! layout), skip `gemm` for skinny shapes, skip dX when the input needs no gradient, and hand
-//! dW and db to the training step ([`crate::gradients`]), accumulating onto earlier ones.
+//! layout; dX and dW side by side, one per core), skip dX when the input needs no gradient, and
+//! hand dW and db to the training step ([`crate::gradients`]), accumulating onto earlier ones.
 
 use crate::activations::Activation;
 use crate::cpu::{contiguous, vectorized, Real};
@@ -77,24 +77,14 @@ impl<T> Operand<T> {
             col_stride: cols,
         }
     }
-    /// The element at row `i`, column `j`.
-    ///
-    /// # Safety
-    /// `(i, j)` must lie inside the matrix.
-    unsafe fn at(&self, i: usize, j: usize) -> T
-    where
-        T: Copy,
-    {
-        // SAFETY: the caller keeps (i, j) inside the matrix.
-        unsafe { *self.ptr.add(i * self.row_stride + j * self.col_stride) }
-    }
 }
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the pool costs
 /// more than it saves (a 128×512·512×10 product ran at 65 GFLOP/s on one thread, 34 on two).
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
-/// `dst (m×n, row-major) = lhs · rhs`, or `dst += lhs · rhs` with `accumulate`.
+/// `dst (m×n, row-major) = lhs · rhs`, or `dst += lhs · rhs` with `accumulate`, on up to
+/// `threads` threads.
 ///
 /// # Safety
 /// `lhs` must address `m×k` readable elements and `rhs` `k×n` with their strides, and `dst`
@@ -105,8 +95,8 @@ unsafe fn product<T: Element>(
     accumulate: bool,
     lhs: Operand<T>,
     rhs: Operand<T>,
+    threads: usize,
 ) {
-    let threads = crate::runtime::matmul_threads();
     if m == 0 || n == 0 {
         return;
     }
@@ -118,10 +108,6 @@ unsafe fn product<T: Element>(
         return;
     }
     let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
-    // SAFETY: as for this function.
-    if !parallel && unsafe { skinny_product((m, n, k), dst, accumulate, lhs, rhs) } {
-        return;
-    }
     if parallel && lhs.row_stride != 1 && n >= 2 * COLUMN_BLOCK {
         // SAFETY: as for this function; the pieces write disjoint columns of `dst`.
         unsafe { product_by_columns((m, n, k), dst, accumulate, lhs, rhs, threads) };
@@ -133,120 +119,12 @@ unsafe fn product<T: Element>(
         gemm::Parallelism::None
     };
     // SAFETY: the caller guarantees the extents; strides fit in isize for any allocation.
-    unsafe { gemm_call((m, n, k), (dst, n), accumulate, lhs, rhs, parallelism) };
+    unsafe { gemm_call((m, n, k), (dst, n, 1), accumulate, lhs, rhs, parallelism) };
 }
 
-/// Products with an output or inner dimension at most this wide (a 10-class output layer)
-/// skip `gemm`: its packing costs more than their arithmetic (128×512·512×10 ran at 21
-/// GFLOP/s there).
+/// Products with a dimension at most this small (a 10-class output layer) keep `gemm`'s
+/// row-major output even with a transposed right operand: there is too little to pack.
 const SKINNY: usize = 16;
-
-vectorized! {
-    /// `*out = Σ a·b`, in lanes the compiler can vectorize.
-    fn dot<T>(a: &[T], b: &[T], out: &mut T) {
-        const LANES: usize = 16;
-        let mut lanes = [T::default(); LANES];
-        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for ((s, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
-                *s = *s + x * y;
-            }
-        }
-        for ((s, &x), &y) in lanes.iter_mut().zip(ra).zip(rb) {
-            *s = *s + x * y;
-        }
-        *out = lanes.iter().fold(T::default(), |acc, &v| acc + v);
-    }
-}
-
-vectorized! {
-    /// `y += a·x`.
-    fn axpy<T>(y: &mut [T], a: T, x: &[T]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = *y + a * x;
-        }
-    }
-}
-
-/// `product` for skinny shapes, on the calling thread; false (nothing written) when the shape
-/// or the operands' layout is not one it handles.
-///
-/// # Safety
-/// As for [`product`].
-unsafe fn skinny_product<T: Element>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    accumulate: bool,
-    lhs: Operand<T>,
-    rhs: Operand<T>,
-) -> bool {
-    // SAFETY: dst holds m×n elements (initialized when accumulating); every write below
-    // stays inside it and every read of an operand inside its extent.
-    let write = |i: usize, j: usize, v: T| unsafe {
-        let d = dst.add(i * n + j);
-        *d = if accumulate { *d + v } else { v };
-    };
-    if n <= SKINNY && k > SKINNY {
-        // The right operand's columns, contiguous: n·k elements, few.
-        let bt: Vec<T> = (0..n)
-            .flat_map(|j| (0..k).map(move |p| (j, p)))
-            .map(|(j, p)| unsafe { rhs.at(p, j) })
-            .collect();
-        if lhs.col_stride == 1 {
-            // Rows of lhs are contiguous: one dot product per output.
-            for i in 0..m {
-                // SAFETY: row i of lhs holds k contiguous elements.
-                let row = unsafe { std::slice::from_raw_parts(lhs.ptr.add(i * lhs.row_stride), k) };
-                for (j, col) in bt.chunks_exact(k).enumerate() {
-                    let mut v = T::default();
-                    dot(row, col, &mut v);
-                    write(i, j, v);
-                }
-            }
-            return true;
-        }
-        if lhs.row_stride == 1 {
-            // Columns of lhs are contiguous: build the output's transpose by columns.
-            let mut ct = vec![T::default(); n * m];
-            for p in 0..k {
-                // SAFETY: column p of lhs holds m contiguous elements.
-                let col = unsafe { std::slice::from_raw_parts(lhs.ptr.add(p * lhs.col_stride), m) };
-                for (j, out) in ct.chunks_exact_mut(m).enumerate() {
-                    axpy(out, bt[j * k + p], col);
-                }
-            }
-            for i in 0..m {
-                for j in 0..n {
-                    write(i, j, ct[j * m + i]);
-                }
-            }
-            return true;
-        }
-        return false;
-    }
-    if k <= SKINNY && n > SKINNY {
-        // The right operand's rows, contiguous: k·n elements, few.
-        let b: Vec<T> = (0..k)
-            .flat_map(|p| (0..n).map(move |j| (p, j)))
-            .map(|(p, j)| unsafe { rhs.at(p, j) })
-            .collect();
-        for i in 0..m {
-            if !accumulate {
-                // SAFETY: row i of dst holds n elements; all-zero bits are 0.0.
-                unsafe { std::ptr::write_bytes(dst.add(i * n), 0, n) };
-            }
-            // SAFETY: row i of dst holds n contiguous, now initialized elements.
-            let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * n), n) };
-            for (p, row) in b.chunks_exact(n).enumerate() {
-                // SAFETY: (i, p) lies inside lhs.
-                axpy(out, unsafe { lhs.at(i, p) }, row);
-            }
-        }
-        return true;
-    }
-    false
-}
 
 /// Output columns per piece are a multiple of this (the matrix kernels' register width).
 const COLUMN_BLOCK: usize = 16;
@@ -297,7 +175,7 @@ unsafe fn product_by_columns<T: Element>(
                 unsafe {
                     gemm_call(
                         (m, cols, k),
-                        (dst, n),
+                        (dst, n, 1),
                         accumulate,
                         lhs,
                         rhs,
@@ -309,13 +187,13 @@ unsafe fn product_by_columns<T: Element>(
     });
 }
 
-/// One `gemm` call: `dst (m×n, row stride dst.1) (+)= lhs · rhs`.
+/// One `gemm` call: `dst (m×n, row stride dst.1, column stride dst.2) (+)= lhs · rhs`.
 ///
 /// # Safety
-/// As for [`product`], with `dst` rows `dst.1` elements apart.
+/// As for [`product`], with `dst`'s elements at those strides.
 unsafe fn gemm_call<T: Element>(
     (m, n, k): (usize, usize, usize),
-    (dst, dst_row_stride): (*mut T, usize),
+    (dst, dst_row_stride, dst_col_stride): (*mut T, usize, usize),
     accumulate: bool,
     lhs: Operand<T>,
     rhs: Operand<T>,
@@ -328,7 +206,7 @@ unsafe fn gemm_call<T: Element>(
             n,
             k,
             dst,
-            1,
+            dst_col_stride as isize,
             dst_row_stride as isize,
             accumulate,
             lhs.ptr,
@@ -347,17 +225,45 @@ unsafe fn gemm_call<T: Element>(
     }
 }
 
-/// A fresh `m×n` matrix holding `lhs · rhs`, written by the product without a zero-fill.
+/// A fresh `m×n` matrix holding `lhs · rhs` (on up to `threads` threads), written by the
+/// product without a zero-fill.
 fn product_new<T: Element>(
     (m, n, k): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
+    threads: usize,
 ) -> Vec<T> {
+    if rhs.row_stride == 1 && m.min(n).min(k) > SKINNY {
+        // A right operand read transposed (the kernel, for dX): `gemm` packs it with strided
+        // reads when it writes the output by rows, but reads it in place when it writes the
+        // output by columns, and the output is the smaller matrix to transpose afterwards
+        // (128×512·512×784 on 2 cores: 130 GFLOP/s by rows, 277 by columns).
+        let parallelism = match threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
+            true => gemm::Parallelism::Rayon(threads),
+            false => gemm::Parallelism::None,
+        };
+        let mut by_columns: Vec<T> = Vec::with_capacity(m * n);
+        // SAFETY: `by_columns` has room for m×n elements, written column by column (column
+        // stride m) by the product, which reads none of them; lhs and rhs are as the caller
+        // guarantees.
+        unsafe {
+            gemm_call(
+                (m, n, k),
+                (by_columns.as_mut_ptr(), 1, m),
+                false,
+                lhs,
+                rhs,
+                parallelism,
+            );
+            by_columns.set_len(m * n);
+        }
+        return crate::cpu::transpose(&by_columns, n, m, threads);
+    }
     let mut out: Vec<T> = Vec::with_capacity(m * n);
     // SAFETY: `out` has room for m×n elements; with `accumulate` off the product writes every
     // one of them (zeros when k = 0) before `set_len` exposes them, and reads none.
     unsafe {
-        product((m, n, k), out.as_mut_ptr(), false, lhs, rhs);
+        product((m, n, k), out.as_mut_ptr(), false, lhs, rhs, threads);
         out.set_len(m * n);
     }
     out
@@ -385,6 +291,7 @@ fn forward<T: Element>(
             true,
             Operand::rows(x, k),
             Operand::rows(w, n),
+            crate::runtime::matmul_threads(),
         );
     }
     if relu {
@@ -435,6 +342,23 @@ fn parameter_gradient<T: Element>(
     )
 }
 
+/// `dst (+)= Σ_rows v` for a row-major `v` with `n` columns: the bias gradient.
+fn column_sums<T: Element>(v: &[T], n: usize, dst: *mut T, accumulate: bool) {
+    let mut sums = vec![T::default(); n];
+    for row in v.chunks_exact(n.max(1)) {
+        for (s, &x) in sums.iter_mut().zip(row) {
+            *s += x;
+        }
+    }
+    for (j, s) in sums.into_iter().enumerate() {
+        // SAFETY: the caller's dst holds n elements.
+        unsafe {
+            let d = dst.add(j);
+            *d = if accumulate { *d + s } else { s };
+        }
+    }
+}
+
 impl FusedDense {
     /// dZ = dY masked by ReLU' (0 where the output is 0, as Keras), then dX = dZ·wᵀ,
     /// dW = xᵀ·dZ and db = Σ_batch dZ, each only when wanted; the products read the transposes
@@ -464,53 +388,63 @@ impl FusedDense {
                         } else {
                             g
                         };
+                        let want_dx = x.track_op();
+                        let want_dw = crate::gradients::wanted(w);
+                        let want_db = crate::gradients::wanted(b);
+                        let dx_product = |threads: usize| {
+                            want_dx.then(|| {
+                                product_new(
+                                    (m, k, n),
+                                    Operand::rows(dz, n),
+                                    Operand::transposed(ws, n),
+                                    threads,
+                                )
+                            })
+                        };
+                        // dW and db accumulate onto gradients handed over on this thread, so
+                        // they run here (rayon's `join` runs its first closure on the caller).
+                        let parameters = |threads: usize| -> candle_core::Result<_> {
+                            let dw = match want_dw {
+                                // SAFETY: dst holds k×n elements; xᵀ is k×m and dZ m×n.
+                                true => parameter_gradient::<T>(w, |dst, accumulate| unsafe {
+                                    product(
+                                        (k, n, m),
+                                        dst,
+                                        accumulate,
+                                        Operand::transposed(xs, k),
+                                        Operand::rows(dz, n),
+                                        threads,
+                                    )
+                                })?,
+                                false => None,
+                            };
+                            let db = match want_db {
+                                true => parameter_gradient::<T>(b, |dst, accumulate| {
+                                    column_sums(dz, n, dst, accumulate)
+                                })?,
+                                false => None,
+                            };
+                            Ok((dw, db))
+                        };
+                        // dX and dW side by side, one single-threaded product on each core: two
+                        // products of these sizes scale better apart than each split in two (a
+                        // 512-wide layer: 405 µs against 530 in isolation; W2 +6%).
+                        let threads = crate::runtime::matmul_threads();
+                        let apart = want_dx && want_dw && m * n * k >= PARALLEL_MIN_MACS;
+                        let ((dw, db), dx) = if apart && threads > 1 {
+                            let (parameters, dx) = rayon::join(|| parameters(1), || dx_product(1));
+                            (parameters?, dx)
+                        } else {
+                            (parameters(threads)?, dx_product(threads))
+                        };
                         // An input that is a variable (the inputs of an adversarial step)
                         // gets its gradient handed over too, sparing candle's zero-filled copy.
-                        let dx = match x.track_op() {
-                            true => crate::gradients::hand_over(
+                        let dx = match dx {
+                            Some(dx) => crate::gradients::hand_over(
                                 x,
-                                Tensor::from_vec(
-                                    product_new(
-                                        (m, k, n),
-                                        Operand::rows(dz, n),
-                                        Operand::transposed(ws, n),
-                                    ),
-                                    (m, k),
-                                    x.device(),
-                                )?,
+                                Tensor::from_vec(dx, (m, k), x.device())?,
                             )?,
-                            false => None,
-                        };
-                        let dw = match crate::gradients::wanted(w) {
-                            // SAFETY: dst holds k×n elements; xᵀ is k×m and dZ m×n.
-                            true => parameter_gradient::<T>(w, |dst, accumulate| unsafe {
-                                product(
-                                    (k, n, m),
-                                    dst,
-                                    accumulate,
-                                    Operand::transposed(xs, k),
-                                    Operand::rows(dz, n),
-                                )
-                            })?,
-                            false => None,
-                        };
-                        let db = match crate::gradients::wanted(b) {
-                            true => parameter_gradient::<T>(b, |dst, accumulate| {
-                                let mut sums = vec![T::default(); n];
-                                for row in dz.chunks_exact(n.max(1)) {
-                                    for (s, &v) in sums.iter_mut().zip(row) {
-                                        *s += v;
-                                    }
-                                }
-                                for (j, s) in sums.into_iter().enumerate() {
-                                    // SAFETY: dst holds n elements.
-                                    unsafe {
-                                        let d = dst.add(j);
-                                        *d = if accumulate { *d + s } else { s };
-                                    }
-                                }
-                            })?,
-                            false => None,
+                            None => None,
                         };
                         Ok((dx, dw, db))
                     })
@@ -606,6 +540,8 @@ mod tests {
                     .unwrap()
                     .flatten_all()
                     .unwrap()
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap()
                     .to_vec1()
                     .unwrap()
             })
@@ -687,16 +623,24 @@ mod tests {
         let d = Device::Cpu;
         // A small case (one thread), and one large enough to be split across threads, by
         // columns into uneven pieces (200 = 112 + 88) or by gemm itself.
+        // In f32 as well: its transposes take the AVX-512 path, and 37, 45 and 29 leave
+        // remainders after every 16-lane block.
+        use candle_core::DType::{F32, F64};
         let cases = [
-            (5, 3, 4, true),
-            (5, 3, 4, false),
-            (64, 300, 200, true),
-            (64, 300, 200, false),
+            (5, 3, 4, true, F64),
+            (5, 3, 4, false, F64),
+            (64, 300, 200, true, F64),
+            (64, 300, 200, false, F64),
+            (64, 300, 200, true, F32),
+            (37, 45, 29, false, F32),
+            (37, 45, 29, true, F64),
         ];
-        for (m, k, n, relu) in cases {
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (m, k), &d).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (k, n), &d).unwrap()).unwrap();
-            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, n, &d).unwrap()).unwrap();
+        for (m, k, n, relu, dtype) in cases {
+            let random = |shape: &[usize]| {
+                let t = Tensor::randn(0f64, 1.0, shape, &d).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (x, w, b) = (random(&[m, k]), random(&[k, n]), random(&[n]));
             let act = if relu {
                 Activation::Relu
             } else {
@@ -717,9 +661,11 @@ mod tests {
                         .unwrap(),
                 )
                 .unwrap();
-            let (fv, pv): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
-                (fused.to_vec2().unwrap(), plain.to_vec2().unwrap());
-            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
+            let values =
+                |t: &Tensor| -> Vec<Vec<f64>> { t.to_dtype(F64).unwrap().to_vec2().unwrap() };
+            let (fv, pv) = (values(&fused), values(&plain));
+            let tolerance = if dtype == F64 { 1e-12 } else { 1e-4 };
+            let close = |a: f64, b: f64| (a - b).abs() <= tolerance * (1.0 + b.abs());
             for (a, b) in fv.iter().flatten().zip(pv.iter().flatten()) {
                 assert!(close(*a, *b), "value {a} vs {b}");
             }
