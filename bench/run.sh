@@ -8,7 +8,7 @@ VENV=bench/.venv
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -c "import torch, keras, jax" 2>/dev/null || \
+KERAS_BACKEND=jax "$VENV/bin/python" -c "import torch, keras, jax" 2>/dev/null || \
   "$VENV/bin/pip" install -q torch "keras==3.15.1" "jax[cpu]==0.10.2" numpy
 
 cargo build --release -p kiln-bench
