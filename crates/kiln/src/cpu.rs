@@ -3,6 +3,7 @@
 //! loop for AVX-512 where the CPU has it.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
+use std::mem::MaybeUninit;
 
 /// The elements of a storage that `l` lays out contiguously; `what` names it in errors.
 pub(crate) fn contiguous<'a, T>(
@@ -179,7 +180,7 @@ pub(crate) fn transpose<T: Real>(src: &[T], rows: usize, cols: usize, threads: u
         "transpose: {rows}×{cols} from {} elements",
         src.len()
     );
-    let mut out: Vec<T> = vec![T::default(); rows * cols];
+    let mut out: Vec<T> = Vec::with_capacity(rows * cols);
     if rows == 0 || cols == 0 {
         return out;
     }
@@ -188,23 +189,37 @@ pub(crate) fn transpose<T: Real>(src: &[T], rows: usize, cols: usize, threads: u
     } else {
         cols
     };
-    out.par_chunks_mut(piece * rows)
+    out.spare_capacity_mut()[..rows * cols]
+        .par_chunks_mut(piece * rows)
         .enumerate()
         .for_each(|(i, part)| transpose_columns(src, rows, cols, i * piece, part));
+    // SAFETY: the pieces cover the rows·cols elements whole, and `transpose_columns` writes
+    // every element of its piece.
+    unsafe { out.set_len(rows * cols) };
     out
 }
 
-/// Rows `first..` of the transpose of `src` (`rows × cols`), into `out` (whole rows).
-fn transpose_columns<T: Real>(src: &[T], rows: usize, cols: usize, first: usize, out: &mut [T]) {
+/// Rows `first..` of the transpose of `src` (`rows × cols`), into `out` (whole rows): writes
+/// every element of `out`.
+fn transpose_columns<T: Real>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    first: usize,
+    out: &mut [MaybeUninit<T>],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && std::is_x86_feature_detected!("avx512f")
     {
-        // SAFETY: T is f32 (checked above), so both slices reinterpret as f32 unchanged; the CPU
-        // has AVX-512F.
+        // SAFETY: T is f32 (checked above), so both slices reinterpret as f32 (possibly
+        // uninitialized in `out`) unchanged; the CPU has AVX-512F.
         unsafe {
             let src = std::slice::from_raw_parts(src.as_ptr().cast::<f32>(), src.len());
-            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
+            let out = std::slice::from_raw_parts_mut(
+                out.as_mut_ptr().cast::<MaybeUninit<f32>>(),
+                out.len(),
+            );
             return transpose_columns_avx512(src, rows, cols, first, out);
         }
     }
@@ -215,7 +230,7 @@ fn transpose_columns<T: Real>(src: &[T], rows: usize, cols: usize, first: usize,
         for i0 in (0..rows).step_by(TILE) {
             for j in j0..(j0 + TILE).min(count) {
                 for i in i0..(i0 + TILE).min(rows) {
-                    out[j * rows + i] = src[i * cols + first + j];
+                    out[j * rows + i].write(src[i * cols + first + j]);
                 }
             }
         }
@@ -225,7 +240,13 @@ fn transpose_columns<T: Real>(src: &[T], rows: usize, cols: usize, first: usize,
 /// [`transpose_columns`] for f32 with AVX-512: each 16 source rows of a column are one gather.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose_columns_avx512(src: &[f32], rows: usize, cols: usize, first: usize, out: &mut [f32]) {
+fn transpose_columns_avx512(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    first: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
     use std::arch::x86_64::{
         _mm512_i32gather_ps, _mm512_mullo_epi32, _mm512_set1_epi32, _mm512_setr_epi32,
         _mm512_storeu_ps,
@@ -241,22 +262,29 @@ fn transpose_columns_avx512(src: &[f32], rows: usize, cols: usize, first: usize,
     let gather_fits = cols
         .checked_mul(LANES)
         .is_some_and(|v| v <= i32::MAX as usize);
-    for i0 in (0..whole).step_by(LANES).filter(|_| gather_fits) {
+    for i0 in (0..whole)
+        .step_by(LANES)
+        .filter(|_| gather_fits && count > 0)
+    {
+        // The last gather and store of this block lie inside `src` and `out`.
+        assert!(
+            (i0 + LANES - 1) * cols + first + count - 1 < src.len()
+                && (count - 1) * rows + i0 + LANES <= out.len()
+        );
         for j in 0..count {
-            let at = i0 * cols + first + j;
-            assert!(at + (LANES - 1) * cols < src.len() && j * rows + i0 + LANES <= out.len());
-            // SAFETY: the 16 gathered elements `at + r·cols` (r < 16) lie inside `src` and the
-            // 16 stored ones inside `out`, both asserted just above.
+            // SAFETY: the 16 gathered elements `(i0 + r)·cols + first + j` (r < 16) lie inside
+            // `src` and the 16 stored ones inside `out`, both bounded by the assertion above.
             unsafe {
-                let column = _mm512_i32gather_ps::<4>(offsets, src.as_ptr().add(at));
-                _mm512_storeu_ps(out.as_mut_ptr().add(j * rows + i0), column);
+                let column =
+                    _mm512_i32gather_ps::<4>(offsets, src.as_ptr().add(i0 * cols + first + j));
+                _mm512_storeu_ps(out.as_mut_ptr().add(j * rows + i0).cast::<f32>(), column);
             }
         }
     }
     let done = if gather_fits { whole } else { 0 };
     for j in 0..count {
         for i in done..rows {
-            out[j * rows + i] = src[i * cols + first + j];
+            out[j * rows + i].write(src[i * cols + first + j]);
         }
     }
 }

@@ -92,6 +92,14 @@ impl Gradients {
     }
 }
 
+impl Gradients {
+    /// Whether candle's own stores hold a gradient for `t` (one not handed over).
+    #[cfg(test)]
+    pub(crate) fn in_candle_store(&self, t: &Tensor) -> bool {
+        self.stores.iter().any(|s| s.get(t).is_some())
+    }
+}
+
 /// `loss.backward()` for the gradients of non-parameter tensors (the inputs of an attack):
 /// fused kernels skip their parameters' gradients, which nobody reads.
 pub(crate) fn backward_for_inputs(loss: &Tensor) -> Result<GradStore> {
