@@ -189,10 +189,16 @@ pub(crate) fn transpose<T: Real>(src: &[T], rows: usize, cols: usize, threads: u
     } else {
         cols
     };
-    out.spare_capacity_mut()[..rows * cols]
-        .par_chunks_mut(piece * rows)
-        .enumerate()
-        .for_each(|(i, part)| transpose_columns(src, rows, cols, i * piece, part));
+    let whole = &mut out.spare_capacity_mut()[..rows * cols];
+    if piece == cols {
+        // One piece stays on this thread (rayon would hand it to a pool from outside one).
+        transpose_columns(src, rows, cols, 0, whole);
+    } else {
+        whole
+            .par_chunks_mut(piece * rows)
+            .enumerate()
+            .for_each(|(i, part)| transpose_columns(src, rows, cols, i * piece, part));
+    }
     // SAFETY: the pieces cover the rows·cols elements whole, and `transpose_columns` writes
     // every element of its piece.
     unsafe { out.set_len(rows * cols) };

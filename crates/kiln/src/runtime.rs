@@ -19,10 +19,27 @@ pub fn configure_cpu_threads() {
     }
 }
 
+mod choice;
+pub(crate) use choice::ThreadChoice;
+
+thread_local! {
+    /// Set while [`on_one_thread`] runs: kiln's kernels then stay on this thread.
+    static ONE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Threads for kiln's own matrix products (the fused Dense kernels): `RAYON_NUM_THREADS` when
-/// set, else the cores this process may use. Read once: candle's own helper re-reads
-/// `/proc/cpuinfo` on every product.
+/// set, else the cores this process may use (1 inside [`on_one_thread`]). Read once: candle's
+/// own helper re-reads `/proc/cpuinfo` on every product.
 pub(crate) fn matmul_threads() -> usize {
+    if ONE_THREAD.with(|one| one.get()) {
+        return 1;
+    }
+    configured_threads()
+}
+
+/// The threads kiln's pool has: `RAYON_NUM_THREADS` when set, else the cores this process may
+/// use.
+fn configured_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| {
         std::env::var("RAYON_NUM_THREADS")
@@ -50,7 +67,7 @@ pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     let pool = POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(matmul_threads())
+            .num_threads(configured_threads())
             .thread_name(|i| format!("kiln-matmul-{i}"))
             .start_handler(|_| {
                 if flush_subnormals() {
@@ -64,6 +81,42 @@ pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         Some(pool) if matmul_threads() > 1 => pool.install(f),
         _ if flush_subnormals() => subnormals::flushed_while(f),
         _ => f(),
+    }
+}
+
+/// Where a step that stays on one thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Alone {
+    /// On one of kiln's pool threads, whose memory and caches are warm from earlier steps: for
+    /// an occasional step (on the calling thread the first one ran 10× slower, every
+    /// allocation faulting in fresh pages).
+    OnPool,
+    /// On the calling thread, which stays running from step to step: for a run of steps while
+    /// another process holds a core (a pool thread, woken for each step, landed on the busy core
+    /// often enough to make W4 swing between 245 and 359 steps/s; the calling thread held
+    /// 293–306).
+    Here,
+}
+
+/// Runs `f` on one thread alone (`where_`): every kiln kernel inside it stays on that thread,
+/// with subnormals flushed as on the pool. Results are the same as split across the pool, bit
+/// for bit: the kernels split work by output, never a sum by thread count.
+pub(crate) fn on_one_thread<R: Send>(where_: Alone, f: impl FnOnce() -> R + Send) -> R {
+    let alone = || {
+        /// Puts the thread's previous setting back however `f` ends.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ONE_THREAD.with(|one| one.set(self.0));
+            }
+        }
+        let _restore = Restore(ONE_THREAD.with(|one| one.replace(true)));
+        f()
+    };
+    match where_ {
+        Alone::OnPool => on_matmul_pool(alone),
+        Alone::Here if flush_subnormals() => subnormals::flushed_while(alone),
+        Alone::Here => alone(),
     }
 }
 

@@ -56,6 +56,8 @@ pub struct Model {
     pub(crate) compiled: Option<compile::Compiled>,
     /// The callbacks' states at the current epoch end, for checkpoints.
     pub(crate) callback_states: Vec<Option<serde_json::Value>>,
+    /// Whether training steps run split across kiln's pool or on one thread.
+    pub(crate) thread_choice: crate::runtime::ThreadChoice,
 }
 
 /// Options for building a [`Model`]: seed, device, dtype.
@@ -280,6 +282,7 @@ impl Model {
             added: Vec::new(),
             compiled: None,
             callback_states: Vec::new(),
+            thread_choice: Default::default(),
         })
     }
 

@@ -412,7 +412,13 @@ impl Model {
         rng: &mut StdRng,
         acc: &mut Accumulator,
     ) -> Result<f64> {
-        crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc))
+        let mut choice = std::mem::take(&mut self.thread_choice);
+        let result = match self.device.is_cpu() {
+            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc)),
+            false => crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc)),
+        };
+        self.thread_choice = choice;
+        result
     }
 
     /// [`Self::train_step`] on the calling thread.
@@ -781,4 +787,60 @@ fn no_labeled_loss() -> Error {
 
 fn lock(callback: &SharedCallback) -> std::sync::MutexGuard<'_, dyn Callback + 'static> {
     callback.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use candle_core::{Device, Tensor};
+
+    /// Training gives the same weights, bit for bit, split across kiln's pool and on one
+    /// thread, so the thread choice never changes what is learned. The model is W2 in small:
+    /// focal loss, L2 on the kernels and FGSM, with products of at least 2²¹ multiply-adds and
+    /// passes of at least 2¹⁵ elements, so that every kernel splits on the pool.
+    #[test]
+    fn the_pool_and_one_thread_train_the_same() {
+        let weights = |pooled: bool, steps: usize| -> crate::Result<Vec<Vec<f32>>> {
+            let x = Input::new([256]);
+            let h = Dense::new(256)
+                .activation(Activation::Relu)
+                .kernel_regularizer(L2::new(0.01))
+                .apply(&x)?;
+            let y = Dense::new(10).kernel_regularizer(L2::new(0.01)).apply(&h)?;
+            let mut model = Model::new(&[x], &[y])?;
+            model.add_loss("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
+            model.compile(
+                Compile::new(Adam::new(1e-2))
+                    .loss(CategoricalFocalCrossentropy::new().from_logits(true)),
+            )?;
+            model.thread_choice = crate::runtime::ThreadChoice::fixed(pooled);
+            let d = Device::Cpu;
+            let inputs: Vec<f32> = (0..64 * 256u32)
+                .map(|i| (i * 37 % 101) as f32 / 101.0)
+                .collect();
+            let inputs = Tensor::from_vec(inputs, (64, 256), &d)?;
+            let labels: Vec<f32> = (0..64 * 10)
+                .map(|i| f32::from(u8::from(i % 10 == (i / 10) % 7)))
+                .collect();
+            let data = Dataset::new(inputs, Tensor::from_vec(labels, (64, 10), &d)?)?;
+            for _ in 0..steps {
+                model.train_on_batch(&data)?;
+            }
+            model
+                .weights()
+                .iter()
+                .map(|w| Ok(w.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+                .collect()
+        };
+        let (pooled, alone) = (weights(true, 3).unwrap(), weights(false, 3).unwrap());
+        let differ = pooled
+            .iter()
+            .flatten()
+            .zip(alone.iter().flatten())
+            .filter(|(p, a)| p.to_bits() != a.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{differ} weights differ");
+        // Training moved them: the comparison is not between two untouched models.
+        assert_ne!(pooled, weights(true, 0).unwrap());
+    }
 }

@@ -108,7 +108,10 @@ fn value<T: Real>(x: &[T], l1: f64, l2: f64) -> T {
     };
     let (abs, squares) = if x.len() >= crate::cpu::PARALLEL_MIN_LEN {
         let (left, right) = x.split_at((x.len() / 2).next_multiple_of(BLOCK).min(x.len()));
-        let (a, b) = rayon::join(|| sums(left), || sums(right));
+        let (a, b) = match crate::runtime::matmul_threads() > 1 {
+            true => rayon::join(|| sums(left), || sums(right)),
+            false => (sums(left), sums(right)),
+        };
         (a.0 + b.0, a.1 + b.1)
     } else {
         sums(x)
