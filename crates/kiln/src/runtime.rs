@@ -4,7 +4,8 @@
 /// user set that variable. On the 2-core machines measured, this costs nothing on a quiet machine
 /// and keeps training fast when another process holds a core (W1 went from 32 to 87 steps/s),
 /// because candle's elementwise worker pool spins instead of yielding. kiln's own kernels (the
-/// matrix products, the optimizer and penalty passes) use every core through their own pool.
+/// matrix products, the optimizer and penalty passes) use every core through their own pool,
+/// or one, where a training step measured faster so (another process holding a core).
 ///
 /// Call it first thing in `main`, before any tensor exists and before other threads start:
 /// candle reads the variable once, when its pool is first used.
@@ -27,19 +28,11 @@ thread_local! {
     static ONE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Threads for kiln's own matrix products (the fused Dense kernels): `RAYON_NUM_THREADS` when
-/// set, else the cores this process may use (1 inside [`on_one_thread`]). Read once: candle's
-/// own helper re-reads `/proc/cpuinfo` on every product.
+/// Threads kiln's kernels split their work for: `RAYON_NUM_THREADS` when set, else the cores
+/// this process may use. Read once: candle's own helper re-reads `/proc/cpuinfo` on every
+/// product. The split depends on this alone, so results do not depend on whether the pieces
+/// then run in parallel or, inside [`on_one_thread`], one after another.
 pub(crate) fn matmul_threads() -> usize {
-    if ONE_THREAD.with(|one| one.get()) {
-        return 1;
-    }
-    configured_threads()
-}
-
-/// The threads kiln's pool has: `RAYON_NUM_THREADS` when set, else the cores this process may
-/// use.
-fn configured_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| {
         std::env::var("RAYON_NUM_THREADS")
@@ -48,6 +41,12 @@ fn configured_threads() -> usize {
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     })
+}
+
+/// Whether kiln's kernels must run their pieces one after another on this thread (inside
+/// [`on_one_thread`]).
+pub(crate) fn alone() -> bool {
+    ONE_THREAD.with(|one| one.get())
 }
 
 /// Runs `f` on a thread of kiln's matrix-product pool, so that the products inside it split
@@ -67,7 +66,7 @@ pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     let pool = POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(configured_threads())
+            .num_threads(matmul_threads())
             .thread_name(|i| format!("kiln-matmul-{i}"))
             .start_handler(|_| {
                 if flush_subnormals() {
@@ -84,25 +83,13 @@ pub(crate) fn on_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Where a step that stays on one thread runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Alone {
-    /// On one of kiln's pool threads, whose memory and caches are warm from earlier steps: for
-    /// an occasional step (on the calling thread the first one ran 10× slower, every
-    /// allocation faulting in fresh pages).
-    OnPool,
-    /// On the calling thread, which stays running from step to step: for a run of steps while
-    /// another process holds a core (a pool thread, woken for each step, landed on the busy core
-    /// often enough to make W4 swing between 245 and 359 steps/s; the calling thread held
-    /// 293–306).
-    Here,
-}
-
-/// Runs `f` on one thread alone (`where_`): every kiln kernel inside it stays on that thread,
-/// with subnormals flushed as on the pool. Results are the same as split across the pool, bit
-/// for bit: the kernels split work by output, never a sum by thread count.
-pub(crate) fn on_one_thread<R: Send>(where_: Alone, f: impl FnOnce() -> R + Send) -> R {
-    let alone = || {
+/// Runs `f` on one thread of kiln's pool, alone: kiln's kernels inside it run their pieces one
+/// after another, split exactly as on the whole pool, so the results are the same bit for bit.
+/// (A pool thread rather than the caller's: its memory and caches are warm from earlier steps,
+/// where on the caller the first such step ran 10× slower, and candle's own parallel ops stay
+/// on kiln's pool, with subnormals flushed, instead of reaching rayon's global pool.)
+pub(crate) fn on_one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    on_matmul_pool(|| {
         /// Puts the thread's previous setting back however `f` ends.
         struct Restore(bool);
         impl Drop for Restore {
@@ -112,12 +99,7 @@ pub(crate) fn on_one_thread<R: Send>(where_: Alone, f: impl FnOnce() -> R + Send
         }
         let _restore = Restore(ONE_THREAD.with(|one| one.replace(true)));
         f()
-    };
-    match where_ {
-        Alone::OnPool => on_matmul_pool(alone),
-        Alone::Here if flush_subnormals() => subnormals::flushed_while(alone),
-        Alone::Here => alone(),
-    }
+    })
 }
 
 /// Whether training flushes subnormals to zero: yes unless `KILN_KEEP_SUBNORMALS` is set to

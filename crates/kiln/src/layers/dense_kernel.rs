@@ -114,13 +114,27 @@ unsafe fn product<T: Element>(
         unsafe { product_by_columns((m, n, k), dst, accumulate, lhs, rhs, threads) };
         return;
     }
-    let parallelism = if parallel {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the caller guarantees the extents; strides fit in isize for any allocation.
-    unsafe { gemm_call((m, n, k), (dst, n, 1), accumulate, lhs, rhs, parallelism) };
+    unsafe {
+        gemm_call(
+            (m, n, k),
+            (dst, n, 1),
+            accumulate,
+            lhs,
+            rhs,
+            gemm_threads(parallel, threads),
+        )
+    };
+}
+
+/// `gemm`'s threading for a product: its own split on `threads` threads when `parallel`, unless
+/// kiln's kernels must stay on this thread. `gemm` splits the output only, never the sum, so the
+/// result is the same either way.
+fn gemm_threads(parallel: bool, threads: usize) -> gemm::Parallelism {
+    match parallel && !crate::runtime::alone() {
+        true => gemm::Parallelism::Rayon(threads),
+        false => gemm::Parallelism::None,
+    }
 }
 
 /// Products with a dimension at most this small (a 10-class output layer) keep `gemm`'s
@@ -154,37 +168,43 @@ unsafe fn product_by_columns<T: Element>(
     unsafe impl<P> Sync for Shared<P> {}
     let width = n.div_ceil(threads).next_multiple_of(COLUMN_BLOCK);
     let (dst, lhs, rhs) = (Shared(dst), Shared(lhs), Shared(rhs));
-    rayon::scope(|scope| {
-        for first in (0..n).step_by(width) {
-            let cols = width.min(n - first);
-            scope.spawn(move |_| {
-                // Bind the wrappers whole, so that the closure captures them and not their fields.
-                let (dst, lhs, rhs) = (dst, lhs, rhs);
-                let (lhs, rhs) = (lhs.0, rhs.0);
-                // SAFETY: column `first` of dst and of rhs lie inside their matrices.
-                let (dst, rhs) = unsafe {
-                    (
-                        dst.0.add(first),
-                        Operand {
-                            ptr: rhs.ptr.add(first * rhs.col_stride),
-                            ..rhs
-                        },
-                    )
-                };
-                // SAFETY: an m×cols block of dst (row stride n) and a k×cols block of rhs.
-                unsafe {
-                    gemm_call(
-                        (m, cols, k),
-                        (dst, n, 1),
-                        accumulate,
-                        lhs,
-                        rhs,
-                        gemm::Parallelism::None,
-                    )
-                };
-            });
-        }
-    });
+    let piece = move |first: usize| {
+        // Bind the wrappers whole, so that the closure captures them and not their fields.
+        let (dst, lhs, rhs) = (dst, lhs, rhs);
+        let (lhs, rhs) = (lhs.0, rhs.0);
+        let cols = width.min(n - first);
+        // SAFETY: column `first` of dst and of rhs lie inside their matrices.
+        let (dst, rhs) = unsafe {
+            (
+                dst.0.add(first),
+                Operand {
+                    ptr: rhs.ptr.add(first * rhs.col_stride),
+                    ..rhs
+                },
+            )
+        };
+        // SAFETY: an m×cols block of dst (row stride n) and a k×cols block of rhs.
+        unsafe {
+            gemm_call(
+                (m, cols, k),
+                (dst, n, 1),
+                accumulate,
+                lhs,
+                rhs,
+                gemm::Parallelism::None,
+            )
+        };
+    };
+    // The same pieces either way: `gemm` sums in an order that depends on a call's shape.
+    if crate::runtime::alone() {
+        (0..n).step_by(width).for_each(piece);
+    } else {
+        rayon::scope(|scope| {
+            for first in (0..n).step_by(width) {
+                scope.spawn(move |_| piece(first));
+            }
+        });
+    }
 }
 
 /// One `gemm` call: `dst (m×n, row stride dst.1, column stride dst.2) (+)= lhs · rhs`.
@@ -238,10 +258,7 @@ fn product_new<T: Element>(
         // reads when it writes the output by rows, but reads it in place when it writes the
         // output by columns, and the output is the smaller matrix to transpose afterwards
         // (128×512·512×784 on 2 cores: 130 GFLOP/s by rows, 277 by columns).
-        let parallelism = match threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
-            true => gemm::Parallelism::Rayon(threads),
-            false => gemm::Parallelism::None,
-        };
+        let parallelism = gemm_threads(threads > 1 && m * n * k >= PARALLEL_MIN_MACS, threads);
         let mut by_columns: Vec<T> = Vec::with_capacity(m * n);
         // SAFETY: `by_columns` has room for m×n elements, written column by column (column
         // stride m) by the product, which reads none of them; lhs and rhs are as the caller
@@ -430,19 +447,26 @@ impl FusedDense {
                         // dX and dW side by side, each on half the threads (one core each on
                         // two): two products of these sizes scale better apart than each split
                         // across all cores (a 512-wide layer on 2 cores: 405 µs against 530 in
-                        // isolation; W2 +6%). Only on a pool thread, where `join` keeps the
-                        // parameters' closure on this thread and its hand-over.
+                        // isolation; W2 +6%). At once only on a pool thread, where `join` keeps
+                        // the parameters' closure on this thread and its hand-over.
                         let threads = crate::runtime::matmul_threads();
-                        let apart = want_dx
-                            && want_dw
-                            && threads > 1
-                            && m * n * k >= PARALLEL_MIN_MACS
-                            && rayon::current_thread_index().is_some();
+                        let apart =
+                            want_dx && want_dw && threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
                         let ((dw, db), dx) = if apart {
                             let half = threads / 2;
-                            let (parameters, dx) =
-                                rayon::join(|| parameters(half), || dx_product(threads - half));
-                            (parameters?, dx)
+                            // Split the same way whether or not the halves run at once.
+                            let together =
+                                rayon::current_thread_index().is_some() && !crate::runtime::alone();
+                            match together {
+                                true => {
+                                    let (parameters, dx) = rayon::join(
+                                        || parameters(half),
+                                        || dx_product(threads - half),
+                                    );
+                                    (parameters?, dx)
+                                }
+                                false => (parameters(half)?, dx_product(threads - half)),
+                            }
                         } else {
                             (parameters(threads)?, dx_product(threads))
                         };

@@ -795,14 +795,21 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Training gives the same weights, bit for bit, split across kiln's pool and on one
-    /// thread, so the thread choice never changes what is learned. The model is W2 in small:
+    /// thread, so the thread choice never changes what is learned. The models are W2 in small:
     /// focal loss, L2 on the kernels and FGSM, with products of at least 2²¹ multiply-adds and
-    /// passes of at least 2¹⁵ elements, so that every kernel splits on the pool.
+    /// passes of at least 2¹⁵ elements, so that the Dense products split by columns, dX and dW
+    /// run side by side and the elementwise passes split. The second has 784 inputs: `gemm`
+    /// sums in chunks that depend on a call's shape, so a product split into 64-column pieces
+    /// must be split the same way on one thread. (On a 1-core machine both ways are the same
+    /// code and the test shows nothing.)
     #[test]
     fn the_pool_and_one_thread_train_the_same() {
-        let weights = |pooled: bool, steps: usize| -> crate::Result<Vec<Vec<f32>>> {
-            let x = Input::new([256]);
-            let h = Dense::new(256)
+        let weights = |(inputs, width): (usize, usize),
+                       pooled: bool,
+                       steps: usize|
+         -> crate::Result<Vec<Vec<f32>>> {
+            let x = Input::new([inputs]);
+            let h = Dense::new(width)
                 .activation(Activation::Relu)
                 .kernel_regularizer(L2::new(0.01))
                 .apply(&x)?;
@@ -815,14 +822,14 @@ mod tests {
             )?;
             model.thread_choice = crate::runtime::ThreadChoice::fixed(pooled);
             let d = Device::Cpu;
-            let inputs: Vec<f32> = (0..64 * 256u32)
+            let features: Vec<f32> = (0..(64 * inputs) as u32)
                 .map(|i| (i * 37 % 101) as f32 / 101.0)
                 .collect();
-            let inputs = Tensor::from_vec(inputs, (64, 256), &d)?;
+            let features = Tensor::from_vec(features, (64, inputs), &d)?;
             let labels: Vec<f32> = (0..64 * 10)
                 .map(|i| f32::from(u8::from(i % 10 == (i / 10) % 7)))
                 .collect();
-            let data = Dataset::new(inputs, Tensor::from_vec(labels, (64, 10), &d)?)?;
+            let data = Dataset::new(features, Tensor::from_vec(labels, (64, 10), &d)?)?;
             for _ in 0..steps {
                 model.train_on_batch(&data)?;
             }
@@ -832,15 +839,20 @@ mod tests {
                 .map(|w| Ok(w.var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
                 .collect()
         };
-        let (pooled, alone) = (weights(true, 3).unwrap(), weights(false, 3).unwrap());
-        let differ = pooled
-            .iter()
-            .flatten()
-            .zip(alone.iter().flatten())
-            .filter(|(p, a)| p.to_bits() != a.to_bits())
-            .count();
-        assert_eq!(differ, 0, "{differ} weights differ");
-        // Training moved them: the comparison is not between two untouched models.
-        assert_ne!(pooled, weights(true, 0).unwrap());
+        for shape in [(256, 256), (784, 128)] {
+            let (pooled, alone) = (
+                weights(shape, true, 3).unwrap(),
+                weights(shape, false, 3).unwrap(),
+            );
+            let differ = pooled
+                .iter()
+                .flatten()
+                .zip(alone.iter().flatten())
+                .filter(|(p, a)| p.to_bits() != a.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{shape:?}: {differ} weights differ");
+            // Training moved them: the comparison is not between two untouched models.
+            assert_ne!(pooled, weights(shape, true, 0).unwrap());
+        }
     }
 }

@@ -3,11 +3,12 @@
 //!
 //! A split step waits at every parallel region for its slowest thread. When another process
 //! keeps a core busy, the thread that shares that core now and then loses it for a whole time
-//! slice, and the step stalls: on the 2-core machine measured, W1 then ran at 194–321 steps/s
-//! from one run to the next, while one thread alone kept 331–335, its speed on a quiet machine.
-//! So kiln times its steps, now and then tries two the other way, and switches when that is
-//! clearly faster. Both ways give the same results, bit for bit, so the choice never changes
-//! what is learned.
+//! slice, and the step stalls: on the 2-core machine measured, W1 with one core busy (W4) ran
+//! at 194–334 steps/s from one run to the next, while one thread alone kept 331–335, its speed
+//! on a quiet machine. So kiln times its steps, now and then tries two the other way, and
+//! switches when that is clearly faster. Both ways split the work into the same pieces (see
+//! [`crate::runtime::matmul_threads`]), so they give the same results, bit for bit, and the
+//! choice never changes what is learned.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -41,16 +42,20 @@ pub(crate) struct ThreadChoice {
     until_trial: u64,
     /// The wait between tries: doubled each time a try loses.
     interval: u64,
+    /// The batch size steps are timed at (the largest seen): a smaller last batch of an epoch
+    /// costs nearly a whole step, and its time per sample would mislead.
+    usual: usize,
 }
 
 impl Default for ThreadChoice {
     fn default() -> Self {
         Self {
             pooled: true,
-            recent: VecDeque::with_capacity(RECENT),
-            trial: Vec::with_capacity(PROBE_STEPS),
+            recent: VecDeque::new(),
+            trial: Vec::new(),
             until_trial: FIRST_INTERVAL,
             interval: FIRST_INTERVAL,
+            usual: 0,
         }
     }
 }
@@ -59,18 +64,34 @@ impl ThreadChoice {
     /// Runs one training step of `samples` samples, the way chosen so far or, now and then,
     /// the other way, and records how long it took.
     pub(crate) fn run<R: Send>(&mut self, samples: usize, step: impl FnOnce() -> R + Send) -> R {
-        if super::configured_threads() < 2 {
+        if super::matmul_threads() < 2 {
             return super::on_matmul_pool(step);
         }
-        let pooled = self.next_pooled();
+        let (pooled, timed) = self.plan(samples);
         let start = Instant::now();
-        let result = match (pooled, self.trying()) {
-            (true, _) => super::on_matmul_pool(step),
-            (false, true) => super::on_one_thread(super::Alone::OnPool, step),
-            (false, false) => super::on_one_thread(super::Alone::Here, step),
+        let result = match pooled {
+            true => super::on_matmul_pool(step),
+            false => super::on_one_thread(step),
         };
-        self.record(start.elapsed().as_secs_f64() / samples.max(1) as f64);
+        if timed {
+            self.record(start.elapsed().as_secs_f64() / samples.max(1) as f64);
+        }
         result
+    }
+
+    /// How a step of `samples` samples runs: on the pool or not, and whether it is timed (then
+    /// [`Self::record`] must follow). Only steps of the usual batch size are timed.
+    fn plan(&mut self, samples: usize) -> (bool, bool) {
+        if samples > self.usual {
+            // A new batch size: earlier times per sample do not compare.
+            self.usual = samples;
+            self.recent.clear();
+            self.trial.clear();
+        }
+        match samples < self.usual {
+            true => (self.pooled, false),
+            false => (self.next_pooled(), true),
+        }
     }
 
     /// Whether the next step runs on the pool.
@@ -134,7 +155,8 @@ mod tests {
     fn feed(choice: &mut ThreadChoice, steps: usize, pooled: f64, alone: f64) -> usize {
         let mut on_pool = 0;
         for _ in 0..steps {
-            let p = choice.next_pooled();
+            let (p, timed) = choice.plan(100);
+            assert!(timed);
             on_pool += usize::from(p);
             choice.record(if p { pooled } else { alone });
         }
@@ -161,7 +183,7 @@ mod tests {
             3.0,
         );
         assert!(!choice.pooled);
-        // Within 5% of each other: no switch back.
+        // Within 10% of each other: no switch back.
         feed(&mut choice, 500, 2.9, 3.0);
         assert!(!choice.pooled);
         // The core is free again: back to the pool within one interval.
@@ -174,12 +196,31 @@ mod tests {
         assert!(choice.pooled);
     }
 
+    /// The small last batch of each epoch (here every 10th step, 2 samples for a step's fixed
+    /// cost of 100 samples) is not timed, so it cannot make the other way look faster.
+    #[test]
+    fn small_last_batches_are_not_timed() {
+        let mut choice = ThreadChoice::default();
+        for step in 0..2000 {
+            let samples = if step % 10 == 9 { 2 } else { 100 };
+            let (pooled, timed) = choice.plan(samples);
+            assert_eq!(timed, samples == 100);
+            if timed {
+                // Per sample: 2.1 on the pool, 3.0 alone; a 2-sample batch would read 50×.
+                choice.record(if pooled { 2.1 } else { 3.0 });
+            }
+        }
+        assert!(choice.pooled);
+        assert_eq!(choice.interval, LONGEST_INTERVAL);
+    }
+
     /// One lucky step in a try does not flip the choice: the slower step of the try counts.
     #[test]
     fn one_fast_step_does_not_switch() {
         let mut choice = ThreadChoice::default();
         feed(&mut choice, FIRST_INTERVAL as usize, 2.0, 0.0);
         assert!(choice.trying());
+        assert!(!choice.plan(100).0);
         choice.record(1.0);
         choice.record(2.5);
         assert!(choice.pooled);
