@@ -471,6 +471,12 @@ impl Model {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn predict(&self, inputs: &[Tensor], batch_size: usize) -> Result<Vec<Tensor>> {
+        // On kiln's pool, as training: its kernels' parallel pieces stay there.
+        crate::runtime::on_matmul_pool(|| self.predict_here(inputs, batch_size))
+    }
+
+    /// [`Self::predict`] on the calling thread.
+    fn predict_here(&self, inputs: &[Tensor], batch_size: usize) -> Result<Vec<Tensor>> {
         let data = crate::Dataset::inputs_only(inputs.to_vec())?;
         let batch_size = batch_size.max(1);
         let mut rng = StdRng::seed_from_u64(0);

@@ -731,6 +731,18 @@ impl Model {
         prefix: &str,
         attack: Option<&Adversarial>,
     ) -> Result<Logs> {
+        // On kiln's pool, as training: its kernels' parallel pieces stay there.
+        crate::runtime::on_matmul_pool(|| self.evaluate_logs_here(data, batch_size, prefix, attack))
+    }
+
+    /// [`Self::evaluate_logs`] on the calling thread.
+    fn evaluate_logs_here(
+        &self,
+        data: &Dataset,
+        batch_size: usize,
+        prefix: &str,
+        attack: Option<&Adversarial>,
+    ) -> Result<Logs> {
         let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
         if batch_size == 0 {
             return Err(Error::Data("batch_size must be at least 1".into()));
@@ -793,6 +805,32 @@ fn lock(callback: &SharedCallback) -> std::sync::MutexGuard<'_, dyn Callback + '
 mod tests {
     use crate::prelude::*;
     use candle_core::{Device, Tensor};
+
+    /// Prediction and evaluation run where training does, on kiln's pool, with the same float
+    /// settings: a subnormal input (1e-39) counts as zero there, as in a training step.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn predict_and_evaluate_run_like_training() {
+        let x = Input::new([1]);
+        let y = Dense::new(1)
+            .kernel_initializer(Initializer::Ones)
+            .apply(&x)
+            .unwrap();
+        let mut model = Model::new(&[x], &[y]).unwrap();
+        model
+            .compile(Compile::new(Sgd::new(0.0)).loss("mae"))
+            .unwrap();
+        let inputs = Tensor::new(&[[1e-39f32]], &Device::Cpu).unwrap();
+        let out: Vec<Vec<f32>> = model.predict(&[inputs.clone()], 1).unwrap()[0]
+            .to_vec2()
+            .unwrap();
+        assert_eq!(out, vec![vec![0.0]]);
+        let target = Tensor::new(&[[0f32]], &Device::Cpu).unwrap();
+        let logs = model
+            .evaluate(&Dataset::new(inputs, target).unwrap(), 1)
+            .unwrap();
+        assert_eq!(logs.get("loss"), Some(0.0));
+    }
 
     /// Training gives the same weights, bit for bit, split across kiln's pool and on one
     /// thread, so the thread choice never changes what is learned. The models are W2 in small:

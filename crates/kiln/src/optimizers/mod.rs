@@ -15,8 +15,9 @@ use candle_core::{Tensor, TensorId, Var};
 /// Updates weights from their gradients.
 ///
 /// `step` receives the trainable variables and their gradients in a fixed order (the same
-/// every call), so an optimizer can keep its state by position.
-pub trait Optimizer: Send {
+/// every call), so an optimizer can keep its state by position. `Send + Sync`: a model, its
+/// optimizer included, runs its steps, evaluations and predictions on kiln's worker threads.
+pub trait Optimizer: Send + Sync {
     /// The optimizer's name (`adam`, `sgd`, …).
     fn name(&self) -> &str;
     /// The current learning rate.
