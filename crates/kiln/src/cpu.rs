@@ -120,7 +120,7 @@ pub(crate) fn in_parallel_many<T: Real, const M: usize, const N: usize>(
 ) {
     let len = targets.first().map_or(0, |t| t.len());
     let threads = crate::runtime::matmul_threads();
-    if threads < 2 || len < PARALLEL_MIN_LEN || crate::runtime::alone() {
+    if len < PARALLEL_MIN_LEN || !crate::runtime::parallel_now() {
         return f(targets, *sources);
     }
     let piece = len.div_ceil(threads).next_multiple_of(64);
@@ -184,7 +184,7 @@ pub(crate) fn transpose<T: Real>(src: &[T], rows: usize, cols: usize, threads: u
     if rows == 0 || cols == 0 {
         return out;
     }
-    let piece = if threads > 1 && src.len() >= PARALLEL_MIN_LEN && !crate::runtime::alone() {
+    let piece = if threads > 1 && src.len() >= PARALLEL_MIN_LEN && crate::runtime::parallel_now() {
         cols.div_ceil(threads)
     } else {
         cols

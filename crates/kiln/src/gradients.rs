@@ -76,6 +76,11 @@ impl Gradients {
         Ok(())
     }
 
+    /// [`Self::take`] for each variable, in order.
+    pub(crate) fn take_each(&mut self, vars: &[candle_core::Var]) -> Result<Vec<Option<Tensor>>> {
+        vars.iter().map(|v| self.take(v.as_tensor())).collect()
+    }
+
     /// The gradient of the losses with respect to `t`, if they depend on it; taken out, so
     /// that the sum can be formed in place.
     pub(crate) fn take(&mut self, t: &Tensor) -> Result<Option<Tensor>> {

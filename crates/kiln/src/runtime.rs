@@ -43,10 +43,10 @@ pub(crate) fn matmul_threads() -> usize {
     })
 }
 
-/// Whether kiln's kernels must run their pieces one after another on this thread (inside
-/// [`on_one_thread`]).
-pub(crate) fn alone() -> bool {
-    ONE_THREAD.with(|one| one.get())
+/// Whether kiln's kernels may run their pieces on several threads now: there are several, and
+/// this is not inside [`on_one_thread`], where the same pieces run one after another.
+pub(crate) fn parallel_now() -> bool {
+    matmul_threads() > 1 && !ONE_THREAD.with(|one| one.get())
 }
 
 /// Runs `f` on a thread of kiln's matrix-product pool, so that the products inside it split

@@ -131,7 +131,7 @@ unsafe fn product<T: Element>(
 /// kiln's kernels must stay on this thread. `gemm` splits the output only, never the sum, so the
 /// result is the same either way.
 fn gemm_threads(parallel: bool, threads: usize) -> gemm::Parallelism {
-    match parallel && !crate::runtime::alone() {
+    match parallel && crate::runtime::parallel_now() {
         true => gemm::Parallelism::Rayon(threads),
         false => gemm::Parallelism::None,
     }
@@ -196,7 +196,7 @@ unsafe fn product_by_columns<T: Element>(
         };
     };
     // The same pieces either way: `gemm` sums in an order that depends on a call's shape.
-    if crate::runtime::alone() {
+    if !crate::runtime::parallel_now() {
         (0..n).step_by(width).for_each(piece);
     } else {
         rayon::scope(|scope| {
@@ -455,8 +455,8 @@ impl FusedDense {
                         let ((dw, db), dx) = if apart {
                             let half = threads / 2;
                             // Split the same way whether or not the halves run at once.
-                            let together =
-                                rayon::current_thread_index().is_some() && !crate::runtime::alone();
+                            let together = rayon::current_thread_index().is_some()
+                                && crate::runtime::parallel_now();
                             match together {
                                 true => {
                                     let (parameters, dx) = rayon::join(

@@ -454,10 +454,7 @@ impl Model {
             let Some((name, adversarial)) = adversarial else {
                 let mut grads = Gradients::default();
                 grads.backward(&terms.total)?;
-                let gradients: Vec<Option<Tensor>> = trainable
-                    .iter()
-                    .map(|v| grads.take(v.as_tensor()))
-                    .collect::<Result<_>>()?;
+                let gradients = grads.take_each(&trainable)?;
                 return self.finish_step(
                     &mut compiled,
                     acc,
@@ -493,10 +490,7 @@ impl Model {
                 None => term.clone(),
             };
             grads.backward(&second)?;
-            let gradients: Vec<Option<Tensor>> = trainable
-                .iter()
-                .map(|v| grads.take(v.as_tensor()))
-                .collect::<Result<_>>()?;
+            let gradients = grads.take_each(&trainable)?;
             terms.total = (terms.total.detach() + term.detach())?;
             terms.reported.push((name, term.detach()));
             self.finish_step(

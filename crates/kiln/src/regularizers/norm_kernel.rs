@@ -108,7 +108,7 @@ fn value<T: Real>(x: &[T], l1: f64, l2: f64) -> T {
     };
     let (abs, squares) = if x.len() >= crate::cpu::PARALLEL_MIN_LEN {
         let (left, right) = x.split_at((x.len() / 2).next_multiple_of(BLOCK).min(x.len()));
-        let (a, b) = match crate::runtime::matmul_threads() > 1 && !crate::runtime::alone() {
+        let (a, b) = match crate::runtime::parallel_now() {
             true => rayon::join(|| sums(left), || sums(right)),
             false => (sums(left), sums(right)),
         };
