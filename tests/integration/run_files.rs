@@ -83,7 +83,7 @@ fn train_writes_the_run_folder_and_resume_matches_an_unbroken_run() {
         "model.json",
         "loss.png",
         "loss.svg",
-        "checkpoints/last.json",
+        "checkpoints/last.safetensors",
     ] {
         assert!(dir.join("full").join(file).exists(), "{file} missing");
     }

@@ -8,7 +8,9 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// What a checkpoint records besides tensors.
+/// What a checkpoint records besides tensors. It travels inside the checkpoint's one
+/// safetensors file (in its header's metadata), so weights, optimizer state, progress and
+/// callback state are committed together by a single rename: a checkpoint is never torn.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     /// Epochs completed; a resumed run starts at this epoch.
@@ -17,16 +19,50 @@ pub struct Checkpoint {
     pub iterations: u64,
     /// The learning rate when it was saved.
     pub learning_rate: f64,
-    /// The logs of the epochs completed.
-    pub history: Vec<HashMap<String, f64>>,
+    /// The logs of the epochs completed, each in its original order.
+    pub history: Vec<Vec<(String, f64)>>,
     /// Each callback's state (in `Fit`'s callback order) when it was saved.
     #[serde(default)]
     pub callback_states: Vec<Option<serde_json::Value>>,
+    /// Whether a callback (early stopping) had stopped training when this was saved: resuming
+    /// it trains no further epochs.
+    #[serde(default)]
+    pub stopped: bool,
+    /// What the run was (its configuration and data), when a run file trained it: resuming
+    /// with another run is refused.
+    #[serde(default)]
+    pub run: Option<serde_json::Value>,
+    /// Each callback's tensors (such as early stopping's best weights), in `Fit`'s callback
+    /// order; give them to [`crate::Fit::callback_tensor_states`] with the states.
+    #[serde(skip)]
+    pub callback_tensors: Vec<Vec<(String, Tensor)>>,
+}
+
+/// The metadata keys of a checkpoint file.
+const META_CHECKPOINT: &str = "kiln.checkpoint";
+const META_TENSORS: &str = "kiln.tensors";
+
+/// The CRC-32 of every tensor's bytes, in name order: what the manifest promises.
+fn manifest(tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<Vec<(String, u32)>> {
+    use safetensors::View;
+    tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), crc32fast::hash(&t.data()))))
+        .collect()
+}
+
+/// A checkpoint's file: `<dir>/<stem>.safetensors`.
+pub fn checkpoint_path(dir: &Path, stem: &str) -> PathBuf {
+    dir.join(format!("{stem}.safetensors"))
 }
 
 impl Model {
-    /// Saves weights, optimizer state and progress as `<dir>/<stem>.safetensors` and
-    /// `<dir>/<stem>.json` (each written to a temporary name, then renamed).
+    /// Saves weights, optimizer state, callback state and progress as one file,
+    /// `<dir>/<stem>.safetensors` (written to a temporary name, flushed and renamed, so that a
+    /// crash at any point leaves either the previous checkpoint or this one, whole).
+    ///
+    /// # Errors
+    /// When the model is not compiled or the file cannot be written (the message names it).
     pub fn save_checkpoint(
         &self,
         dir: &Path,
@@ -34,15 +70,38 @@ impl Model {
         epochs_done: usize,
         history: &History,
     ) -> Result<()> {
+        let meta = Checkpoint {
+            epochs_done,
+            iterations: self
+                .compiled
+                .as_ref()
+                .ok_or_else(crate::model::not_compiled)?
+                .iterations,
+            learning_rate: 0.0,
+            history: history
+                .epochs
+                .iter()
+                .map(|l| l.iter().map(|(k, v)| (k.to_string(), v)).collect())
+                .collect(),
+            callback_states: self.callback_states.clone(),
+            stopped: self.stop_requested,
+            run: self.run_identity.clone(),
+            callback_tensors: Vec::new(),
+        };
+        self.write_checkpoint(dir, stem, meta)
+    }
+
+    fn write_checkpoint(&self, dir: &Path, stem: &str, mut meta: Checkpoint) -> Result<()> {
         let compiled = self
             .compiled
             .as_ref()
             .ok_or_else(crate::model::not_compiled)?;
+        meta.learning_rate = compiled.optimizer.learning_rate();
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let mut tensors = std::collections::BTreeMap::new();
         let weights = self.weights();
         for w in &weights {
             tensors.insert(format!("weights/{}", w.name), w.var.as_tensor().detach());
@@ -53,102 +112,182 @@ impl Model {
             };
             tensors.insert(format!("optimizer/{slot}/{}", w.name), value.detach());
         }
-        let tensor_path = dir.join(format!("{stem}.safetensors"));
-        crate::io::write_atomically(&tensor_path, |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
-        })?;
-        let meta = Checkpoint {
-            epochs_done,
-            iterations: compiled.iterations,
-            learning_rate: compiled.optimizer.learning_rate(),
-            history: history
-                .epochs
-                .iter()
-                .map(|l| l.iter().map(|(k, v)| (k.to_string(), v)).collect())
-                .collect(),
-            callback_states: self.callback_states.clone(),
-        };
-        let json_path = dir.join(format!("{stem}.json"));
-        let text = serde_json::to_string_pretty(&meta).map_err(|e| Error::Data(e.to_string()))?;
-        crate::io::write_atomically(&json_path, |tmp| {
-            std::fs::write(tmp, text).map_err(|source| Error::Io {
-                path: tmp.to_path_buf(),
-                source,
-            })
-        })
+        for (i, named) in self.callback_tensors.iter().enumerate() {
+            for (name, t) in named {
+                tensors.insert(format!("callbacks/{i}/{name}"), t.detach());
+            }
+        }
+        let tensors: std::collections::BTreeMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let mut metadata = HashMap::new();
+        metadata.insert(META_CHECKPOINT.to_string(), json_text(&meta)?);
+        metadata.insert(META_TENSORS.to_string(), json_text(&manifest(&tensors)?)?);
+        let path = checkpoint_path(dir, stem);
+        let bytes = safetensors::serialize(&tensors, Some(metadata))
+            .map_err(|e| Error::Data(format!("{}: cannot encode the checkpoint: {e}", path.display())))?;
+        crate::io::write_bytes_atomically(&path, &bytes)
     }
 
-    /// Restores a checkpoint written by [`Model::save_checkpoint`] into this (compiled) model.
+    /// Restores a checkpoint written by [`Model::save_checkpoint`] into this (compiled) model,
+    /// after checking that the file is whole and belongs to this model: every tensor the
+    /// checkpoint lists is present with its recorded checksum, every weight is there with the
+    /// model's shape, and optimizer state exists only for the model's weights.
+    ///
+    /// # Errors
+    /// When the file is missing, unreadable, not a kiln checkpoint, damaged, or from another
+    /// model; the message names the file and the tensor.
     pub fn load_checkpoint(&mut self, dir: &Path, stem: &str) -> Result<Checkpoint> {
-        let json_path = dir.join(format!("{stem}.json"));
-        let text = std::fs::read_to_string(&json_path).map_err(|source| Error::Io {
-            path: json_path.clone(),
-            source,
-        })?;
-        let meta: Checkpoint = serde_json::from_str(&text).map_err(|e| {
-            Error::Data(format!(
-                "{}: not a kiln checkpoint: {e}",
-                json_path.display()
-            ))
-        })?;
-        let tensor_path = dir.join(format!("{stem}.safetensors"));
-        let tensors = candle_core::safetensors::load(&tensor_path, self.device()).map_err(|e| {
-            Error::Data(format!(
-                "{}: cannot read checkpoint: {e}",
-                tensor_path.display()
-            ))
-        })?;
+        let (meta, tensors) = read_checkpoint(dir, stem, self.device())?;
+        let path = checkpoint_path(dir, stem);
+        let bad = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
         let weights = self.weights();
         for w in &weights {
             let t = tensors.get(&format!("weights/{}", w.name)).ok_or_else(|| {
-                Error::Data(format!(
-                    "{}: no weight `{}`: the checkpoint is from another model",
-                    tensor_path.display(),
+                bad(format!(
+                    "no weight `{}`: the checkpoint is from another model",
                     w.name
                 ))
             })?;
             if t.dims() != w.var.dims() {
-                return Err(Error::Data(format!(
-                    "{}: weight `{}` has shape {:?}, the model's has {:?}",
-                    tensor_path.display(),
+                return Err(bad(format!(
+                    "weight `{}` has shape {:?}, the model's has {:?}: the checkpoint is from \
+                     another model",
                     w.name,
                     t.dims(),
                     w.var.dims()
                 )));
             }
-            w.var.set(&t.to_dtype(self.dtype())?)?;
+        }
+        let mut optimizer_state = Vec::new();
+        let mut callback_tensors: Vec<Vec<(String, Tensor)>> = Vec::new();
+        for (key, value) in &tensors {
+            if let Some(name) = key.strip_prefix("weights/") {
+                if !weights.iter().any(|w| w.name == name) {
+                    return Err(bad(format!(
+                        "weight `{name}` is not in this model: the checkpoint is from another model"
+                    )));
+                }
+            } else if let Some(rest) = key.strip_prefix("optimizer/") {
+                let (slot, name) = rest
+                    .split_once('/')
+                    .ok_or_else(|| bad(format!("tensor `{key}` is not a kiln optimizer slot")))?;
+                let w = weights.iter().find(|w| w.name == name).ok_or_else(|| {
+                    bad(format!(
+                        "optimizer state `{key}` is for a weight this model does not have"
+                    ))
+                })?;
+                if value.dims() != w.var.dims() {
+                    return Err(bad(format!(
+                        "optimizer state `{key}` has shape {:?}, its weight {:?}",
+                        value.dims(),
+                        w.var.dims()
+                    )));
+                }
+                optimizer_state.push((slot.to_string(), w.var.clone(), value.clone()));
+            } else if let Some(rest) = key.strip_prefix("callbacks/") {
+                let (index, name) = rest
+                    .split_once('/')
+                    .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n)))
+                    .ok_or_else(|| bad(format!("tensor `{key}` is not a kiln callback state")))?;
+                if callback_tensors.len() <= index {
+                    callback_tensors.resize(index + 1, Vec::new());
+                }
+                callback_tensors[index].push((name.to_string(), value.clone()));
+            } else {
+                return Err(bad(format!("tensor `{key}` is not part of a kiln checkpoint")));
+            }
+        }
+        let dtype = self.dtype();
+        for w in &weights {
+            let t = &tensors[&format!("weights/{}", w.name)];
+            w.var.set(&t.to_dtype(dtype)?)?;
         }
         let compiled = self
             .compiled
             .as_mut()
             .ok_or_else(crate::model::not_compiled)?;
-        for (key, value) in &tensors {
-            let Some(rest) = key.strip_prefix("optimizer/") else {
-                continue;
-            };
-            let Some((slot, name)) = rest.split_once('/') else {
-                continue;
-            };
-            if let Some(w) = weights.iter().find(|w| w.name == name) {
-                compiled.optimizer.set_state(slot, &w.var, value.clone())?;
-            }
+        for (slot, var, value) in optimizer_state {
+            compiled
+                .optimizer
+                .set_state(&slot, &var, value)
+                .map_err(|e| bad(e.to_string()))?;
         }
         compiled.iterations = meta.iterations;
         compiled.optimizer.set_learning_rate(meta.learning_rate);
+        let mut meta = meta;
+        meta.callback_tensors = callback_tensors;
         Ok(meta)
     }
 }
 
+/// Reads a checkpoint file and checks it against its own manifest.
+pub(crate) fn read_checkpoint(
+    dir: &Path,
+    stem: &str,
+    device: &candle_core::Device,
+) -> Result<(Checkpoint, HashMap<String, Tensor>)> {
+    use candle_core::safetensors::Load;
+    let path = checkpoint_path(dir, stem);
+    let bad = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
+    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let meta_text = metadata.get(META_CHECKPOINT).ok_or_else(|| {
+        bad("not a kiln checkpoint (its header has no `kiln.checkpoint` entry; checkpoints of \
+             kiln before 0.2 were two files and cannot be resumed safely)"
+            .into())
+    })?;
+    let meta: Checkpoint = serde_json::from_str(meta_text)
+        .map_err(|e| bad(format!("its `kiln.checkpoint` entry cannot be read: {e}")))?;
+    let listed: Vec<(String, u32)> = metadata
+        .get(META_TENSORS)
+        .ok_or_else(|| bad("its header has no `kiln.tensors` manifest".into()))
+        .and_then(|t| {
+            serde_json::from_str(t)
+                .map_err(|e| bad(format!("its `kiln.tensors` manifest cannot be read: {e}")))
+        })?;
+    let mut tensors = HashMap::new();
+    for (name, crc) in &listed {
+        let view = file.tensor(name).map_err(|_| {
+            bad(format!(
+                "tensor `{name}` is listed in the manifest but missing: the file was altered"
+            ))
+        })?;
+        if crc32fast::hash(view.data()) != *crc {
+            return Err(bad(format!(
+                "tensor `{name}` does not match its checksum: the file is damaged"
+            )));
+        }
+        tensors.insert(name.clone(), view.load(device)?);
+    }
+    if let Some(extra) = file.names().into_iter().find(|n| !tensors.contains_key(*n)) {
+        return Err(bad(format!(
+            "tensor `{extra}` is not in the manifest: the file was altered"
+        )));
+    }
+    Ok((meta, tensors))
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::Data(e.to_string()))
+}
+
 impl Checkpoint {
-    /// The saved history as [`History`] (keys in alphabetical order).
+    /// The saved history as [`History`], each epoch's values in their original order.
     pub fn history(&self) -> History {
         let mut h = History::default();
         for epoch in &self.history {
             let mut logs = Logs::default();
-            let mut keys: Vec<&String> = epoch.keys().collect();
-            keys.sort();
-            for k in keys {
-                logs.set(k.clone(), epoch[k]);
+            for (k, v) in epoch {
+                logs.set(k.clone(), *v);
             }
             h.epochs.push(logs);
         }
@@ -171,7 +310,7 @@ pub struct ModelCheckpoint {
 }
 
 impl ModelCheckpoint {
-    /// Writes `last.safetensors`/`last.json` into `dir` after every epoch.
+    /// Writes the checkpoint `last.safetensors` into `dir` after every epoch.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),

@@ -1,7 +1,7 @@
 //! Callbacks: code that runs at the edges of epochs and batches during `fit` — early stopping,
 //! checkpoints, learning-rate schedules and plateaus, NaN guards, CSV logs.
 
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod schedules;
 
 pub use checkpoint::{Checkpoint, ModelCheckpoint};
@@ -55,6 +55,15 @@ pub trait Callback: Send {
     }
     /// Restores what [`Callback::state`] returned; called after `on_train_begin` on resume.
     fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+    /// Tensors a checkpoint must keep of this callback (such as the best weights seen), by
+    /// name.
+    fn tensor_state(&self) -> Vec<(String, candle_core::Tensor)> {
+        Vec::new()
+    }
+    /// Restores what [`Callback::tensor_state`] returned; called after `load_state`.
+    fn load_tensor_state(&mut self, _tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
         Ok(())
     }
 }
@@ -193,6 +202,28 @@ impl Callback for EarlyStopping {
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
         self.best = state_field(state, "best", "EarlyStopping")?;
         self.wait = state_field(state, "wait", "EarlyStopping")?;
+        Ok(())
+    }
+    fn tensor_state(&self) -> Vec<(String, candle_core::Tensor)> {
+        self.best_weights
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, t)| (format!("best_weights/{i}"), t.clone()))
+            .collect()
+    }
+    fn load_tensor_state(&mut self, tensors: &[(String, candle_core::Tensor)]) -> Result<()> {
+        let mut best = Vec::new();
+        for i in 0..tensors.len() {
+            let name = format!("best_weights/{i}");
+            let t = tensors.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+                Error::State(format!(
+                    "EarlyStopping: the checkpoint's best weights lack `{name}`"
+                ))
+            })?;
+            best.push(t.1.clone());
+        }
+        self.best_weights = (!best.is_empty()).then_some(best);
         Ok(())
     }
     fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {

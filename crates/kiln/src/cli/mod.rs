@@ -51,20 +51,23 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Evaluate saved weights: the loss broken down by term, and the metrics.
+    /// Evaluate saved weights: the loss broken down by term, and the metrics. A run folder
+    /// (or its model.json) evaluates on the very rows training held out, prepared as training
+    /// prepared them.
     Evaluate {
-        /// The run file or a run folder's model.json.
+        /// A run folder, its model.json, or the run file.
         run: PathBuf,
-        /// The weights (model.safetensors).
+        /// The weights (default: model.safetensors of the run folder).
         #[arg(long)]
-        weights: PathBuf,
-        /// Data to evaluate on instead of the run file's: a .csv (label column `label`, or
-        /// --labels) or an .npz with arrays x and y.
+        weights: Option<PathBuf>,
+        /// Data to evaluate on instead of the run's held-out set: a .csv or an .npz with arrays
+        /// x and y, scaled and encoded as the run's training data were.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Label columns of a CSV given with --data, comma-separated.
-        #[arg(long, default_value = "label")]
-        labels: String,
+        /// Label columns of a CSV given with --data, comma-separated (default: the run's
+        /// `label_columns`, else `label`).
+        #[arg(long)]
+        labels: Option<String>,
         /// Evaluate under attack: fgsm:EPS or pgd:EPS[:STEPS[:STEP_SIZE]].
         #[arg(long)]
         attack: Option<String>,
@@ -72,13 +75,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write the model's predictions for some inputs to CSV or NPY.
+    /// Write the model's predictions for some inputs to CSV or NPY (scaled as the run's
+    /// training inputs were).
     Predict {
-        /// The run file or a run folder's model.json.
+        /// A run folder, its model.json, or the run file.
         run: PathBuf,
-        /// The weights (model.safetensors).
+        /// The weights (default: model.safetensors of the run folder).
         #[arg(long)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Inputs: a .csv with a header (every column a feature) or an .npy array.
         #[arg(long)]
         input: PathBuf,
@@ -128,9 +132,9 @@ pub fn main() -> ExitCode {
             json,
         } => evaluate(
             &run,
-            &weights,
+            weights.as_deref(),
             data.as_deref(),
-            &labels,
+            labels.as_deref(),
             attack.as_deref(),
             json,
         )
@@ -140,7 +144,7 @@ pub fn main() -> ExitCode {
             weights,
             input,
             output,
-        } => predict(&run, &weights, &input, &output).map(|()| true),
+        } => predict(&run, weights.as_deref(), &input, &output).map(|()| true),
         Command::Losses => {
             catalogue::print();
             Ok(true)
@@ -167,14 +171,18 @@ fn train(
     resume: Option<PathBuf>,
     quiet: bool,
 ) -> crate::Result<()> {
-    let (file, stem) = match &run {
-        Some(p) => (
+    let (file, stem) = match (&run, &resume) {
+        (Some(p), _) => (
             RunFile::from_path(p)?,
             p.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into()),
         ),
-        None => (RunFile::default_run(), "default".to_string()),
+        // `--resume DIR` alone continues the run file recorded in the folder.
+        (None, Some(dir)) if dir.join("model.json").exists() => {
+            (RunFile::from_run_folder(dir)?, "run".to_string())
+        }
+        (None, _) => (RunFile::default_run(), "default".to_string()),
     };
     let out = resume
         .clone()
@@ -188,14 +196,18 @@ fn train(
         verbose: !quiet,
     };
     let report = file.train(&options)?;
+    if let Some(note) = &report.resumed {
+        eprintln!("{note}");
+    }
     match &run {
-        None => {
+        None if resume.is_none() => {
             println!(
                 "kiln default run: UCI digits (8x8), a held-out fifth for the final evaluation"
             );
             println!("model: 64 -> Dense 64 relu (L2 1e-4 on the kernel) -> Dense 10 logits");
             println!("loss: categorical focal crossentropy (gamma 2, from logits) + l2 added term");
         }
+        None => println!("kiln run {}", out.display()),
         Some(p) => println!("kiln run {}", p.display()),
     }
     if let Some(last) = report.history.last() {
@@ -214,52 +226,57 @@ fn train(
     Ok(())
 }
 
-/// A model with saved weights, and the data it should be evaluated on.
-fn load(
-    run: &Path,
-    weights: &Path,
-    data: Option<&Path>,
-    labels: &str,
-) -> crate::Result<(crate::Model, Option<crate::Dataset>)> {
-    let file = RunFile::from_path(run)?;
-    let prepared = file.prepare(None, &candle_core::Device::Cpu)?;
-    prepared.model.load_weights(weights)?;
-    let dataset = match data {
-        Some(path) => Some(read_dataset(path, labels)?),
-        None => prepared.test.or(prepared.train),
+/// The run description and the weights named by `run` and `--weights`: a run folder (its
+/// model.json and model.safetensors), a model.json, or a run file (with the record of the run
+/// folder the weights sit in, when that folder was trained from this very run file).
+fn resolve(run: &Path, weights: Option<&Path>) -> crate::Result<(RunFile, PathBuf)> {
+    let (file, folder) = if run.is_dir() {
+        (RunFile::from_path(&run.join("model.json"))?, Some(run.to_path_buf()))
+    } else if run.extension().and_then(|e| e.to_str()) == Some("json") {
+        (RunFile::from_path(run)?, run.parent().map(Path::to_path_buf))
+    } else {
+        let file = RunFile::from_path(run)?;
+        let folder = weights.and_then(Path::parent).map(Path::to_path_buf);
+        let file = match folder.as_deref().map(RunFile::from_run_folder) {
+            Some(Ok(recorded)) if recorded.same_text(&file) => recorded.with_name_of(&file),
+            _ => file,
+        };
+        (file, None)
     };
-    Ok((prepared.model, dataset))
-}
-
-fn read_dataset(path: &Path, labels: &str) -> crate::Result<crate::Dataset> {
-    let device = candle_core::Device::Cpu;
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("csv") => {
-            let labels: Vec<String> = labels.split(',').map(|s| s.trim().to_string()).collect();
-            crate::data::load_csv(path, &labels, &device)
+    let weights = match (weights, folder) {
+        (Some(w), _) => w.to_path_buf(),
+        (None, Some(dir)) => dir.join("model.safetensors"),
+        (None, None) => {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{}: a run file needs --weights FILE (or give the run folder instead)",
+                run.display()
+            )))
         }
-        Some("npz") => {
-            let arrays = crate::data::load_npz(path, &["x", "y"], &device)?;
-            crate::Dataset::new(arrays[0].clone(), arrays[1].clone())
-        }
-        _ => Err(crate::Error::Data(format!(
-            "{}: use a .csv or an .npz file (arrays x and y)",
-            path.display()
-        ))),
-    }
+    };
+    Ok((file, weights))
 }
 
 fn evaluate(
     run: &Path,
-    weights: &Path,
+    weights: Option<&Path>,
     data: Option<&Path>,
-    labels: &str,
+    labels: Option<&str>,
     attack: Option<&str>,
     json: bool,
 ) -> crate::Result<()> {
-    let (model, dataset) = load(run, weights, data, labels)?;
+    let (file, weights) = resolve(run, weights)?;
+    let labels: Option<Vec<String>> =
+        labels.map(|l| l.split(',').map(|s| s.trim().to_string()).collect());
+    let (model, dataset, _) = file.prepare_for_evaluation(
+        data.map(|d| (d, labels.as_deref())),
+        &candle_core::Device::Cpu,
+    )?;
+    model.load_weights(&weights)?;
     let dataset = dataset.ok_or_else(|| {
-        crate::Error::Data("no data to evaluate on: give --data or a run file with [data]".into())
+        crate::Error::Data(
+            "no data to evaluate on: give --data FILE, or a run folder or run file with [data]"
+                .into(),
+        )
     })?;
     let logs = match attack {
         Some(spec) => {
@@ -280,11 +297,11 @@ fn evaluate(
     Ok(())
 }
 
-fn predict(run: &Path, weights: &Path, input: &Path, output: &Path) -> crate::Result<()> {
-    let file = RunFile::from_path(run)?;
-    let model = file.prepare(None, &candle_core::Device::Cpu)?.model;
-    model.load_weights(weights)?;
+fn predict(run: &Path, weights: Option<&Path>, input: &Path, output: &Path) -> crate::Result<()> {
+    let (file, weights) = resolve(run, weights)?;
     let device = candle_core::Device::Cpu;
+    let (model, preprocessing) = file.prepare_model_only(&device)?;
+    model.load_weights(&weights)?;
     let x = match input.extension().and_then(|e| e.to_str()) {
         Some("npy") => crate::data::load_npy(input, &device)?,
         Some("csv") => crate::data::load_csv_features(input, &device)?,
@@ -295,11 +312,12 @@ fn predict(run: &Path, weights: &Path, input: &Path, output: &Path) -> crate::Re
             )))
         }
     };
+    let x = preprocessing.inputs(&x)?;
     let outputs = model.predict(&[x], 256)?;
     crate::data::write_predictions(output, model.output_names(), &outputs)?;
     eprintln!(
         "wrote {} predictions to {}",
-        outputs[0].dims()[0],
+        outputs[0].dims().first().copied().unwrap_or(0),
         output.display()
     );
     Ok(())

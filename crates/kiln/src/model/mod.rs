@@ -56,6 +56,13 @@ pub struct Model {
     pub(crate) compiled: Option<compile::Compiled>,
     /// The callbacks' states at the current epoch end, for checkpoints.
     pub(crate) callback_states: Vec<Option<serde_json::Value>>,
+    /// The callbacks' tensors at the current epoch end (early stopping's best weights).
+    pub(crate) callback_tensors: Vec<Vec<(String, Tensor)>>,
+    /// Whether a callback has asked `fit` to stop (Keras' `stop_training`), so that a
+    /// checkpoint written at that epoch records the run as finished.
+    pub(crate) stop_requested: bool,
+    /// What run file and data trained this model, recorded in its checkpoints.
+    pub(crate) run_identity: Option<serde_json::Value>,
     /// Whether training steps run split across kiln's pool or on one thread.
     pub(crate) thread_choice: crate::runtime::ThreadChoice,
 }
@@ -282,6 +289,9 @@ impl Model {
             added: Vec::new(),
             compiled: None,
             callback_states: Vec::new(),
+            callback_tensors: Vec::new(),
+            stop_requested: false,
+            run_identity: None,
             thread_choice: Default::default(),
         })
     }

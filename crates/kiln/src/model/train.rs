@@ -34,6 +34,7 @@ pub struct Fit {
     initial_epoch: usize,
     callbacks: Vec<SharedCallback>,
     callback_states: Vec<Option<serde_json::Value>>,
+    callback_tensors: Vec<Vec<(String, Tensor)>>,
 }
 
 /// A callback as `Fit` holds it: shared, so a `Fit` can be cloned and the caller can keep a
@@ -61,12 +62,19 @@ impl Fit {
             initial_epoch: 0,
             callbacks: Vec::new(),
             callback_states: Vec::new(),
+            callback_tensors: Vec::new(),
         }
     }
     /// The callbacks' states saved in a checkpoint (`Checkpoint::callback_states`), restored
     /// when training begins, so that a resumed run's callbacks continue where they stopped.
     pub fn callback_states(mut self, states: Vec<Option<serde_json::Value>>) -> Self {
         self.callback_states = states;
+        self
+    }
+    /// The callbacks' tensors saved in a checkpoint (`Checkpoint::callback_tensors`, such as
+    /// early stopping's best weights), restored with [`Fit::callback_states`].
+    pub fn callback_tensor_states(mut self, tensors: Vec<Vec<(String, Tensor)>>) -> Self {
+        self.callback_tensors = tensors;
         self
     }
     /// Adds a callback (early stopping, checkpoints, schedules, …).
@@ -85,6 +93,10 @@ impl Fit {
     pub fn initial_epoch(mut self, epoch: usize) -> Self {
         self.initial_epoch = epoch;
         self
+    }
+    /// The number of epochs this will train to.
+    pub(crate) fn planned_epochs(&self) -> usize {
+        self.epochs
     }
     /// The number of passes over the data.
     pub fn epochs(mut self, epochs: usize) -> Self {
@@ -607,6 +619,12 @@ impl Model {
                 lock(cb).load_state(state)?;
             }
         }
+        for (cb, tensors) in config.callbacks.iter().zip(&config.callback_tensors) {
+            if !tensors.is_empty() {
+                lock(cb).load_tensor_state(tensors)?;
+            }
+        }
+        self.stop_requested = false;
         let mut stop = false;
         for epoch in config.initial_epoch..config.epochs {
             // Each epoch's randomness depends on (seed, epoch) alone: resumable.
@@ -652,8 +670,14 @@ impl Model {
                     // Callbacks that run later (checkpoints) see the states of those before.
                     self.callback_states =
                         config.callbacks.iter().map(|c| lock(c).state()).collect();
+                    self.callback_tensors = config
+                        .callbacks
+                        .iter()
+                        .map(|c| lock(c).tensor_state())
+                        .collect();
                     if lock(cb).on_epoch_end(epoch, &mut logs, self)? == Control::Stop {
                         stop = true;
+                        self.stop_requested = true;
                     }
                 }
             }

@@ -1,28 +1,158 @@
-//! The `[data]` section: where samples come from and how they are prepared.
+//! The `[data]` section: where samples come from, how they are prepared, and which are held
+//! out. The preparation and the held-out rows are recorded in the run folder, so that
+//! `evaluate` and `predict` treat data exactly as training did.
 
 use super::fields::Fields;
 use crate::data::{self, Dataset};
-use crate::error::Result;
-use candle_core::Device;
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
-/// Reads the `[data]` section: the data set, then the optional preparation (scaling, one-hot
-/// labels) and the held-out test split.
+/// What a run does to its data before the model sees it: the same on every path (training,
+/// `evaluate --data`, `predict --input`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Preprocessing {
+    /// Inputs are multiplied by this.
+    pub(crate) scale: Option<f64>,
+    /// Labels are one-hot encoded into this many classes.
+    pub(crate) one_hot: Option<usize>,
+    /// The label columns of CSV data.
+    pub(crate) label_columns: Option<Vec<String>>,
+}
+
+impl Preprocessing {
+    /// Reads the preparation keys of a `[data]` section (and nothing else).
+    pub(crate) fn from_section(f: &Fields) -> Result<Preprocessing> {
+        Ok(Preprocessing {
+            scale: f.f64("scale")?,
+            one_hot: f.usize("one_hot")?,
+            label_columns: f.strings("label_columns")?,
+        })
+    }
+
+    /// The inputs as the model saw them in training.
+    pub(crate) fn inputs(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.scale {
+            Some(scale) => x.affine(scale, 0.0)?,
+            None => x.clone(),
+        })
+    }
+
+    /// A data set as the model saw it in training.
+    pub(crate) fn dataset(&self, d: Dataset) -> Result<Dataset> {
+        let mut d = d;
+        if self.scale.is_some() {
+            let x = self.inputs(&d.inputs()[0])?;
+            d = rebuild(&d, x, d.targets()[0].clone())?;
+        }
+        if let Some(classes) = self.one_hot {
+            let y = data::one_hot(&d.targets()[0], classes)?;
+            d = rebuild(&d, d.inputs()[0].clone(), y)?;
+        }
+        Ok(d)
+    }
+}
+
+/// The data of a run: training samples, the held-out test samples, and which rows of the
+/// source those are.
+pub(crate) struct Loaded {
+    pub(crate) train: Dataset,
+    pub(crate) test: Option<Dataset>,
+    /// The source rows held out for the test split, in the order they were drawn.
+    pub(crate) test_rows: Option<Vec<u32>>,
+    pub(crate) preprocessing: Preprocessing,
+}
+
+/// Reads the `[data]` section: the data set, then the preparation (scaling, one-hot labels)
+/// and the held-out test split, drawn with `seed` unless `test_rows` names the rows (as a run
+/// folder records them).
 pub(crate) fn load(
     f: &Fields,
     base: &Path,
     seed: u64,
+    test_rows: Option<&[u32]>,
     device: &Device,
-) -> Result<(Dataset, Option<Dataset>)> {
+) -> Result<Loaded> {
+    let dataset = source(f, base, seed, device)?;
+    let preprocessing = Preprocessing::from_section(f)?;
+    let test_split = match f.f64("test_split")? {
+        Some(v) if !(0.0..1.0).contains(&v) => {
+            let raw = f.get("test_split").expect("read above");
+            return Err(f.value_error(
+                "test_split",
+                raw,
+                format!("must be a fraction in [0, 1), got {v}"),
+            ));
+        }
+        v => v.unwrap_or(0.0),
+    };
+    f.finish()?;
+    let dataset = preprocessing.dataset(dataset)?;
+    let n = dataset.len();
+    let rows: Option<Vec<u32>> = match test_rows {
+        Some(rows) => {
+            if let Some(bad) = rows.iter().find(|&&r| r as usize >= n) {
+                return Err(f.error(format!(
+                    "the run folder held out row {bad}, but the data now has {n} rows: the data \
+                     changed since training"
+                )));
+            }
+            Some(rows.to_vec())
+        }
+        None if test_split > 0.0 => {
+            use rand::{seq::SliceRandom, SeedableRng};
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            let held = (n as f64 * test_split).floor() as usize;
+            if held == 0 || held == n {
+                return Err(f.error(format!(
+                    "test_split {test_split} of {n} samples leaves an empty part: use more data \
+                     or another fraction"
+                )));
+            }
+            Some(order[n - held..].to_vec())
+        }
+        None => None,
+    };
+    let Some(rows) = rows else {
+        return Ok(Loaded {
+            train: dataset,
+            test: None,
+            test_rows: None,
+            preprocessing,
+        });
+    };
+    // Training rows in the order the shuffle left them, as before the rows were recorded.
+    let held: std::collections::HashSet<u32> = rows.iter().copied().collect();
+    let train_rows: Vec<u32> = {
+        use rand::{seq::SliceRandom, SeedableRng};
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        order.into_iter().filter(|r| !held.contains(r)).collect()
+    };
+    if train_rows.is_empty() {
+        return Err(f.error("every row is held out: no training data is left"));
+    }
+    Ok(Loaded {
+        train: dataset.select(&train_rows)?,
+        test: Some(dataset.select(&rows)?),
+        test_rows: Some(rows),
+        preprocessing,
+    })
+}
+
+fn source(f: &Fields, base: &Path, seed: u64, device: &Device) -> Result<Dataset> {
     let source = f.str("source")?.unwrap_or("digits");
     let path_of = |key: &str| -> Result<std::path::PathBuf> {
         let p = f.required_str(key)?;
         Ok(base.join(p))
     };
-    let mut dataset = match source {
+    Ok(match source {
         "digits" => data::digits(device)?,
         "csv" => {
-            let labels = f.strings("label_columns")?.ok_or_else(|| f.error("csv data needs `label_columns`"))?;
+            let labels = f
+                .strings("label_columns")?
+                .ok_or_else(|| f.error("csv data needs `label_columns`"))?;
             data::load_csv(&path_of("path")?, &labels, device)?
         }
         "npy" => {
@@ -39,7 +169,7 @@ pub(crate) fn load(
         "idx" => {
             let images = data::load_idx(&path_of("images")?, device)?;
             let labels = data::load_idx(&path_of("labels")?, device)?;
-            let n = images.dims()[0];
+            let n = images.dims().first().copied().unwrap_or(0);
             let flat = images.reshape((n, images.elem_count() / n.max(1)))?;
             Dataset::new(flat, labels)?
         }
@@ -67,29 +197,44 @@ pub(crate) fn load(
         )?,
         other => {
             return Err(f.error(format!(
-                "unknown source `{other}`: use digits, csv, npy, npz, idx, blobs, spirals or regression"
+                "unknown source `{other}`: use digits, csv, npy, npz, idx, blobs, spirals or \
+                 regression"
+            )))
+        }
+    })
+}
+
+/// Reads a data file given on the command line (`evaluate --data`) and prepares it as the run
+/// prepared its training data. CSV label columns are the run's unless `labels` names others.
+pub(crate) fn load_given(
+    path: &Path,
+    labels: Option<&[String]>,
+    preprocessing: &Preprocessing,
+    device: &Device,
+) -> Result<Dataset> {
+    let raw = match path.extension().and_then(|e| e.to_str()) {
+        Some("csv") => {
+            let labels = labels
+                .map(<[String]>::to_vec)
+                .or_else(|| preprocessing.label_columns.clone())
+                .unwrap_or_else(|| vec!["label".to_string()]);
+            data::load_csv(path, &labels, device)?
+        }
+        Some("npz") => {
+            let arrays = data::load_npz(path, &["x", "y"], device)?;
+            Dataset::new(arrays[0].clone(), arrays[1].clone())?
+        }
+        _ => {
+            return Err(Error::Data(format!(
+                "{}: use a .csv or an .npz file (arrays x and y)",
+                path.display()
             )))
         }
     };
-    if let Some(scale) = f.f64("scale")? {
-        let x = dataset.inputs()[0].affine(scale, 0.0)?;
-        dataset = rebuild(&dataset, x, dataset.targets()[0].clone())?;
-    }
-    if let Some(classes) = f.usize("one_hot")? {
-        let y = data::one_hot(&dataset.targets()[0], classes)?;
-        dataset = rebuild(&dataset, dataset.inputs()[0].clone(), y)?;
-    }
-    let test_split = f.f64_or("test_split", 0.0)?;
-    f.finish()?;
-    if test_split > 0.0 {
-        let (train, test) = dataset.shuffled_split(test_split, seed)?;
-        Ok((train, Some(test)))
-    } else {
-        Ok((dataset, None))
-    }
+    preprocessing.dataset(raw)
 }
 
-fn rebuild(d: &Dataset, x: candle_core::Tensor, y: candle_core::Tensor) -> Result<Dataset> {
+fn rebuild(d: &Dataset, x: Tensor, y: Tensor) -> Result<Dataset> {
     let out = Dataset::new(x, y)?;
     match d.sample_weight() {
         Some(w) => out.with_sample_weight(w.clone()),

@@ -110,6 +110,16 @@ impl<'a, 'i> Fields<'a, 'i> {
             .ok_or_else(|| self.value_error(key, v, "expected a non-negative integer"))
     }
 
+    pub(crate) fn u64_or(&self, key: &str, default: u64) -> Result<u64> {
+        let Some(v) = self.get(key) else {
+            return Ok(default);
+        };
+        integer(v.get_ref())
+            .filter(|i| *i >= 0)
+            .map(|i| i as u64)
+            .ok_or_else(|| self.value_error(key, v, "expected a non-negative integer"))
+    }
+
     pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.usize(key)?.unwrap_or(default))
     }

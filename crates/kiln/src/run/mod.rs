@@ -35,7 +35,7 @@ mod outputs;
 pub use outputs::{write_history, write_loss_plots};
 
 use crate::adversarial::Adversarial;
-use crate::callbacks::ModelCheckpoint;
+use crate::callbacks::{checkpoint, ModelCheckpoint};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::{History, Logs, Model};
@@ -51,6 +51,27 @@ pub const DEFAULT_RUN: &str = include_str!("default.toml");
 pub struct RunFile {
     doc: Doc,
     base: PathBuf,
+    /// What a run folder's `model.json` recorded about its data (seed, preparation, held-out
+    /// rows), when this was read from one.
+    recorded: Option<DataRecord>,
+}
+
+/// What a run folder records about its data in `model.json`: enough for `evaluate` and
+/// `predict` to see the data exactly as training did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct DataRecord {
+    /// The seed training used (the run file's, or `--seed`).
+    seed: u64,
+    /// The run file's `[data]` section, and the folder its relative paths start from.
+    section: Option<serde_json::Value>,
+    base: PathBuf,
+    /// The preparation applied to inputs and labels.
+    preprocessing: data::Preprocessing,
+    /// The source rows held out for the final evaluation.
+    test_rows: Option<Vec<u32>>,
+    /// The run file itself, so that `kiln train --resume DIR` needs nothing else.
+    run_name: String,
+    run_text: String,
 }
 
 /// Options of `kiln train` that override the run file.
@@ -76,6 +97,8 @@ pub struct TrainReport {
     pub test: Option<Logs>,
     /// The model, trained.
     pub model: Model,
+    /// What happened on `--resume`, for the person who asked (`None` for a fresh run).
+    pub resumed: Option<String>,
 }
 
 /// A model with its data, ready to fit or evaluate.
@@ -86,17 +109,49 @@ pub struct Prepared {
     pub train: Option<Dataset>,
     /// The held-out test split.
     pub test: Option<Dataset>,
+    /// The seed the run uses (the run file's, or the override).
+    pub seed: u64,
+    test_rows: Option<Vec<u32>>,
+    preprocessing: data::Preprocessing,
+}
+
+/// Where `prepare` takes the data from.
+enum DataChoice<'a> {
+    /// The run file's `[data]` section, with the held-out rows a run folder recorded, if any.
+    RunFile(Option<&'a [u32]>),
+    /// A data set given on the command line, already prepared.
+    Given(Dataset),
+    /// None: the input shape comes from the model section.
+    Nothing,
 }
 
 const TOP_KEYS: [&str; 6] = ["seed", "data", "model", "compile", "added", "fit"];
 
+/// The run folder's files that one run writes; a fresh run into a folder removes those of an
+/// earlier run first, so that no file of another experiment is left beside the new ones.
+const RUN_FILES: [&str; 6] = [
+    "model.json",
+    "model.safetensors",
+    "history.json",
+    "history.csv",
+    "loss.svg",
+    "loss.png",
+];
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl RunFile {
     /// Reads a run file (`.toml`) or a saved `model.json`.
+    ///
+    /// # Errors
+    /// When the file cannot be read, or is not valid TOML / a kiln `model.json`.
     pub fn from_path(path: &Path) -> Result<RunFile> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if path.extension().and_then(|e| e.to_str()) == Some("json") {
             return Self::from_model_json(&path.display().to_string(), &text, base);
@@ -104,7 +159,28 @@ impl RunFile {
         Self::from_text(&path.display().to_string(), &text, base)
     }
 
+    /// The run file a run folder was trained from (recorded in its `model.json`).
+    ///
+    /// # Errors
+    /// When the folder has no readable `model.json`, or it records no run file.
+    pub fn from_run_folder(dir: &Path) -> Result<RunFile> {
+        let path = dir.join("model.json");
+        let saved = Self::from_path(&path)?;
+        let record = saved.recorded.ok_or_else(|| {
+            Error::Data(format!(
+                "{}: records no run file (written by an older kiln): give the run file",
+                path.display()
+            ))
+        })?;
+        let mut run = Self::from_text(&record.run_name, &record.run_text, record.base.clone())?;
+        run.recorded = Some(record);
+        Ok(run)
+    }
+
     /// A run file from its text; relative data paths resolve against `base`.
+    ///
+    /// # Errors
+    /// When the text is not valid TOML or has an unknown section.
     pub fn from_text(name: &str, text: &str, base: PathBuf) -> Result<RunFile> {
         let run = RunFile {
             doc: Doc {
@@ -112,6 +188,7 @@ impl RunFile {
                 text: text.to_string(),
             },
             base,
+            recorded: None,
         };
         run.with_root(|root| {
             for (k, v) in root.entries() {
@@ -126,6 +203,17 @@ impl RunFile {
             Ok(())
         })?;
         Ok(run)
+    }
+
+    /// Whether two run files have the same text.
+    pub(crate) fn same_text(&self, other: &RunFile) -> bool {
+        self.doc.text == other.doc.text
+    }
+
+    /// This run, reported under `other`'s file name.
+    pub(crate) fn with_name_of(mut self, other: &RunFile) -> RunFile {
+        self.doc.name = other.doc.name.clone();
+        self
     }
 
     /// The built-in default run.
@@ -150,8 +238,17 @@ impl RunFile {
                 table.insert(key.to_string(), v);
             }
         }
+        let recorded = match value.get("data").filter(|v| !v.is_null()) {
+            Some(d) => Some(
+                serde_json::from_value::<DataRecord>(d.clone())
+                    .map_err(|e| Error::Data(format!("{name}: `data` cannot be read: {e}")))?,
+            ),
+            None => None,
+        };
         let text = toml::to_string(&table).map_err(|e| Error::Data(format!("{name}: {e}")))?;
-        Self::from_text(name, &text, base)
+        let mut run = Self::from_text(name, &text, base)?;
+        run.recorded = recorded;
+        Ok(run)
     }
 
     fn with_root<T>(&self, f: impl FnOnce(&Fields) -> Result<T>) -> Result<T> {
@@ -163,19 +260,54 @@ impl RunFile {
         f(&root)
     }
 
-    /// Builds the data, the model, its added terms and compile configuration.
+    /// The seed: the override, else what a run folder recorded, else the run file's.
+    fn seed(&self, root: &Fields, seed_override: Option<u64>) -> Result<u64> {
+        let own = root.u64_or("seed", 0)?;
+        Ok(seed_override
+            .or(self.recorded.as_ref().map(|r| r.seed))
+            .unwrap_or(own))
+    }
+
+    /// Builds the data, the model, its added terms and compile configuration. A run read from
+    /// a run folder (`model.json`, [`RunFile::from_run_folder`]) uses the seed, preparation
+    /// and held-out rows recorded there.
+    ///
+    /// # Errors
+    /// Any error of the run file (naming its file, line and key) or of its data files.
     pub fn prepare(&self, seed_override: Option<u64>, device: &Device) -> Result<Prepared> {
+        let rows = self.recorded.as_ref().and_then(|r| r.test_rows.as_deref());
+        self.prepare_with(seed_override, DataChoice::RunFile(rows), device)
+    }
+
+    fn prepare_with(
+        &self,
+        seed_override: Option<u64>,
+        data_choice: DataChoice,
+        device: &Device,
+    ) -> Result<Prepared> {
         self.with_root(|root| {
-            let seed = match seed_override {
-                Some(s) => s,
-                None => root.usize_or("seed", 0)? as u64,
-            };
-            let (train, test) = match root.table("data")? {
-                Some(d) => {
-                    let (train, test) = data::load(&d, &self.base, seed, device)?;
-                    (Some(train), test)
+            let seed = self.seed(root, seed_override)?;
+            let recorded_data = self.recorded.as_ref().and_then(|r| r.section.clone());
+            let (train, test, test_rows, preprocessing) = match data_choice {
+                DataChoice::RunFile(rows) => {
+                    let loaded = match (root.table("data")?, &recorded_data) {
+                        (Some(d), _) => Some(data::load(&d, &self.base, seed, rows, device)?),
+                        (None, Some(section)) => Some(self.load_recorded(section, rows, device)?),
+                        (None, None) => None,
+                    };
+                    match loaded {
+                        Some(l) => (Some(l.train), l.test, l.test_rows, l.preprocessing),
+                        None => (None, None, None, data::Preprocessing::default()),
+                    }
                 }
-                None => (None, None),
+                DataChoice::Given(d) => {
+                    let _ = root.get("data");
+                    (Some(d), None, None, self.preprocessing()?)
+                }
+                DataChoice::Nothing => {
+                    let _ = root.get("data");
+                    (None, None, None, self.preprocessing()?)
+                }
             };
             let model_section = root
                 .table("model")?
@@ -197,12 +329,90 @@ impl RunFile {
                 .map_err(|e| compile_section.error(e))?;
             let _ = root.table("fit")?;
             root.finish()?;
-            Ok(Prepared { model, train, test })
+            Ok(Prepared {
+                model,
+                train,
+                test,
+                seed,
+                test_rows,
+                preprocessing,
+            })
         })
+    }
+
+    /// The data of a run folder's `model.json`, loaded as training loaded it.
+    fn load_recorded(
+        &self,
+        section: &serde_json::Value,
+        rows: Option<&[u32]>,
+        device: &Device,
+    ) -> Result<data::Loaded> {
+        let record = self.recorded.as_ref().expect("called with a record");
+        let mut table = toml::Table::new();
+        let v: toml::Value = serde_json::from_value(section.clone()).map_err(|e| {
+            Error::Data(format!("{}: `data` cannot be read: {e}", self.doc.name))
+        })?;
+        table.insert("data".into(), v);
+        let text = toml::to_string(&table).map_err(|e| Error::Data(e.to_string()))?;
+        let doc = RunFile::from_text(&format!("{} (data)", self.doc.name), &text, record.base.clone())?;
+        doc.with_root(|root| {
+            let d = root.table("data")?.expect("inserted above");
+            data::load(&d, &record.base, record.seed, rows, device)
+        })
+    }
+
+    /// The preparation this run applies to its data: recorded by a run folder, or read from
+    /// the run file's `[data]` section.
+    fn preprocessing(&self) -> Result<data::Preprocessing> {
+        if let Some(r) = &self.recorded {
+            return Ok(r.preprocessing.clone());
+        }
+        self.with_root(|root| match root.table("data")? {
+            Some(d) => data::Preprocessing::from_section(&d),
+            None => Ok(data::Preprocessing::default()),
+        })
+    }
+
+    /// The model, built and compiled, for `evaluate` and `predict`, with the data to evaluate
+    /// on: `given` (a file, prepared as the run prepared its data) or the run's own held-out
+    /// set (the rows the run folder recorded).
+    pub(crate) fn prepare_for_evaluation(
+        &self,
+        given: Option<(&Path, Option<&[String]>)>,
+        device: &Device,
+    ) -> Result<(Model, Option<Dataset>, data::Preprocessing)> {
+        match given {
+            Some((path, labels)) => {
+                let prep = self.preprocessing()?;
+                let d = data::load_given(path, labels, &prep, device)?;
+                let p = self.prepare_with(None, DataChoice::Given(d.clone()), device)?;
+                Ok((p.model, Some(d), prep))
+            }
+            None => {
+                let p = self.prepare(None, device)?;
+                Ok((p.model, p.test.or(p.train), p.preprocessing))
+            }
+        }
+    }
+
+    /// The model alone (input shape from the model section or `model.json`), with the data
+    /// preparation the run applies, for `predict`.
+    pub(crate) fn prepare_model_only(&self, device: &Device) -> Result<(Model, data::Preprocessing)> {
+        let prep = self.preprocessing()?;
+        let p = match self.prepare_with(None, DataChoice::Nothing, device) {
+            Ok(p) => p,
+            // A run file whose model takes its input shape from the data needs the data.
+            Err(_) if self.recorded.is_none() => self.prepare(None, device)?,
+            Err(e) => return Err(e),
+        };
+        Ok((p.model, prep))
     }
 
     /// The `model.json` of this run: the model, compile and added sections (no data), enough to
     /// rebuild the model.
+    ///
+    /// # Errors
+    /// When the run file's text does not parse.
     pub fn model_json(&self, seed: u64) -> Result<serde_json::Value> {
         self.with_root(|root| {
             let mut out = serde_json::Map::new();
@@ -214,49 +424,153 @@ impl RunFile {
                     out.insert(key.into(), fields::to_json(v.get_ref()));
                 }
             }
-            // The input shape is fixed now, so the model can be rebuilt without the data.
             Ok(serde_json::Value::Object(out))
         })
     }
 
-    /// Trains as `kiln train` does, writing the run folder.
+    /// What identifies this run for `--resume`: every section but the number of epochs, the
+    /// seed, and a checksum of the data as loaded.
+    fn identity(&self, seed: u64, prepared: &Prepared) -> Result<serde_json::Value> {
+        let mut id = self.with_root(|root| {
+            let mut out = serde_json::Map::new();
+            for key in ["data", "model", "compile", "added", "fit"] {
+                if let Some(v) = root.get(key) {
+                    out.insert(key.into(), fields::to_json(v.get_ref()));
+                }
+            }
+            Ok(out)
+        })?;
+        if let Some(fit) = id.get_mut("fit").and_then(|f| f.as_object_mut()) {
+            fit.remove("epochs");
+        }
+        id.insert("seed".into(), seed.into());
+        let mut crc = crc32fast::Hasher::new();
+        let mut samples = 0;
+        for d in prepared.train.iter().chain(&prepared.test) {
+            samples += d.len();
+            for t in d.inputs().iter().chain(d.targets()).chain(d.sample_weight()) {
+                use safetensors::View;
+                crc.update(&t.contiguous()?.data());
+            }
+        }
+        id.insert(
+            "data_content".into(),
+            serde_json::json!({ "samples": samples, "crc32": crc.finalize() }),
+        );
+        Ok(serde_json::Value::Object(id))
+    }
+
+    /// Trains as `kiln train` does, writing the run folder. The folder is locked while this
+    /// runs; a fresh run first removes an earlier run's files; `--resume` continues from the
+    /// last checkpoint after checking that it belongs to this run (the same sections, seed and
+    /// data), and starts from the beginning when the run was stopped before its first
+    /// checkpoint.
+    ///
+    /// # Errors
+    /// When the folder is in use, the checkpoint is from another run or damaged, or anything
+    /// in the run fails; every message names the file or key.
     pub fn train(&self, options: &TrainOptions) -> Result<TrainReport> {
         let device = Device::Cpu;
+        let out = &options.out;
+        if options.resume && !out.is_dir() {
+            return Err(Error::State(format!(
+                "cannot resume from {}: no such run folder",
+                out.display()
+            )));
+        }
+        let _lock = crate::io::RunLock::acquire(out)?;
+        let checkpoints = out.join("checkpoints");
+        crate::io::remove_stale_temporaries(out)?;
+        crate::io::remove_stale_temporaries(&checkpoints)?;
+        let recorded_seed = match options.resume {
+            true => recorded_seed(out),
+            false => None,
+        };
+        let prepared = self.prepare(options.seed.or(recorded_seed), &device)?;
+        let seed = prepared.seed;
+        let identity = self.identity(seed, &prepared)?;
+        let record = DataRecord {
+            seed,
+            section: self.with_root(|r| Ok(r.get("data").map(|v| fields::to_json(v.get_ref()))))?,
+            base: absolute(&self.base),
+            preprocessing: prepared.preprocessing.clone(),
+            test_rows: prepared.test_rows.clone(),
+            run_name: self.doc.name.clone(),
+            run_text: self.doc.text.clone(),
+        };
         let Prepared {
             mut model,
             train,
             test,
-        } = self.prepare(options.seed, &device)?;
+            ..
+        } = prepared;
+        model.run_identity = Some(identity.clone());
         let train = train.ok_or_else(|| {
             Error::Data(format!("{}: train needs a [data] section", self.doc.name))
         })?;
-        let seed = match options.seed {
-            Some(s) => s,
-            None => self.with_root(|r| r.usize_or("seed", 0))? as u64,
-        };
         let (mut fit, best_monitor) = self.with_root(|root| match root.table("fit")? {
             Some(f) => build::fit(&f),
             None => Ok((crate::Fit::new(), None)),
         })?;
-        if let Some(e) = options.epochs {
-            fit = fit.epochs(e);
-        }
-        fit = fit.seed(seed).verbose(options.verbose);
-        let out = &options.out;
-        std::fs::create_dir_all(out).map_err(|source| Error::Io {
-            path: out.clone(),
-            source,
-        })?;
-        let checkpoints = out.join("checkpoints");
+        let planned_epochs = options.epochs.unwrap_or(fit.planned_epochs());
+        fit = fit.epochs(planned_epochs).seed(seed).verbose(options.verbose);
+        let last = checkpoint::checkpoint_path(&checkpoints, "last");
         let mut previous = History::default();
-        if options.resume {
+        let mut resumed = None;
+        let mut finished = false;
+        if options.resume && last.exists() {
+            let (meta, _) = checkpoint::read_checkpoint(&checkpoints, "last", &device)
+                .map_err(|e| Error::State(format!("cannot resume from {}: {e}", out.display())))?;
+            if let Some(diff) = first_difference(meta.run.as_ref(), &identity) {
+                return Err(Error::State(format!(
+                    "cannot resume from {}: its run differs from {} at {diff}: resume with the \
+                     run file that trained it (or leave the run file out), or train into another \
+                     --out",
+                    out.display(),
+                    self.doc.name
+                )));
+            }
             let ckpt = model
                 .load_checkpoint(&checkpoints, "last")
                 .map_err(|e| Error::State(format!("cannot resume from {}: {e}", out.display())))?;
             previous = ckpt.history();
+            finished = ckpt.stopped || ckpt.epochs_done >= planned_epochs;
+            resumed = Some(if finished {
+                format!(
+                    "the run in {} had already finished ({} epochs{}): nothing to train; its \
+                     final files are rewritten{}",
+                    out.display(),
+                    ckpt.epochs_done,
+                    if ckpt.stopped { ", stopped by a callback" } else { "" },
+                    if ckpt.stopped { "" } else { " (give --epochs N to train on)" }
+                )
+            } else {
+                format!(
+                    "resumed {} at epoch {} of {planned_epochs}",
+                    out.display(),
+                    ckpt.epochs_done
+                )
+            });
             fit = fit
                 .initial_epoch(ckpt.epochs_done)
-                .callback_states(ckpt.callback_states.clone());
+                .callback_states(ckpt.callback_states.clone())
+                .callback_tensor_states(ckpt.callback_tensors.clone());
+        } else {
+            if options.resume {
+                resumed = Some(format!(
+                    "{} has no checkpoint yet (the run stopped before its first epoch ended): \
+                     training from the start",
+                    out.display()
+                ));
+            }
+            // A fresh run: no file of an earlier experiment may stay beside this one's.
+            for name in RUN_FILES {
+                remove_if_present(&out.join(name))?;
+            }
+            for stem in ["last", "best"] {
+                remove_if_present(&checkpoint::checkpoint_path(&checkpoints, stem))?;
+                remove_if_present(&checkpoints.join(format!("{stem}.json")))?;
+            }
         }
         let mut checkpoint = ModelCheckpoint::new(&checkpoints).resuming(previous.clone());
         if let Some(m) = best_monitor {
@@ -264,17 +578,15 @@ impl RunFile {
         }
         fit = fit.callback(checkpoint);
         // Model description first: a run stopped part-way can still be evaluated.
-        let json = serde_json::to_string_pretty(&self.model_json_with_shape(seed, &train)?)
-            .map_err(|e| Error::Data(e.to_string()))?;
-        crate::io::write_atomically(&out.join("model.json"), |tmp| {
-            std::fs::write(tmp, &json).map_err(|source| Error::Io {
-                path: tmp.to_path_buf(),
-                source,
-            })
-        })?;
-        let new = model.fit(&train, fit)?;
+        let mut json = self.model_json_with_shape(seed, &train)?;
+        json["data"] = serde_json::to_value(&record).map_err(|e| Error::Data(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&json).map_err(|e| Error::Data(e.to_string()))?;
+        crate::io::write_bytes_atomically(&out.join("model.json"), json.as_bytes())?;
         let mut history = previous;
-        history.epochs.extend(new.epochs);
+        if !finished {
+            let new = model.fit(&train, fit)?;
+            history.epochs.extend(new.epochs);
+        }
         model.save_weights(out.join("model.safetensors"))?;
         write_history(out, &history)?;
         write_loss_plots(out, &history)?;
@@ -286,6 +598,7 @@ impl RunFile {
             history,
             test: test_logs,
             model,
+            resumed,
         })
     }
 
@@ -302,6 +615,57 @@ impl RunFile {
         }
         Ok(json)
     }
+}
+
+/// The seed a run folder's `model.json` recorded, if it has one.
+fn recorded_seed(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("model.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("seed")?.as_u64()
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Where two run identities first differ, as `key.path (the folder has A, this run has B)`;
+/// `None` when they agree. A checkpoint without an identity (a library user's) agrees.
+fn first_difference(saved: Option<&serde_json::Value>, now: &serde_json::Value) -> Option<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+        use serde_json::Value::{Array, Object};
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                keys.into_iter().find_map(|k| {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let null = serde_json::Value::Null;
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null))
+                })
+            }
+            (Array(x), Array(y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (a, b))| walk(&format!("{path}[{i}]"), a, b)),
+            _ if a == b => None,
+            _ => Some(format!(
+                "`{path}` (the run folder has {}, this run has {})",
+                if a.is_null() { "nothing".to_string() } else { a.to_string() },
+                if b.is_null() { "nothing".to_string() } else { b.to_string() }
+            )),
+        }
+    }
+    walk("", saved?, now)
 }
 
 /// Parses `fgsm:EPS` or `pgd:EPS[:STEPS[:STEP_SIZE]]` into an attack.
