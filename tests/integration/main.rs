@@ -3,6 +3,7 @@
 mod adversarial;
 mod callbacks;
 mod cli;
+mod crash_safety;
 mod examples;
 mod gradients;
 mod keras_reference;

@@ -125,8 +125,12 @@ impl Model {
         metadata.insert(META_CHECKPOINT.to_string(), json_text(&meta)?);
         metadata.insert(META_TENSORS.to_string(), json_text(&manifest(&tensors)?)?);
         let path = checkpoint_path(dir, stem);
-        let bytes = safetensors::serialize(&tensors, Some(metadata))
-            .map_err(|e| Error::Data(format!("{}: cannot encode the checkpoint: {e}", path.display())))?;
+        let bytes = safetensors::serialize(&tensors, Some(metadata)).map_err(|e| {
+            Error::Data(format!(
+                "{}: cannot encode the checkpoint: {e}",
+                path.display()
+            ))
+        })?;
         crate::io::write_bytes_atomically(&path, &bytes)
     }
 
@@ -196,7 +200,9 @@ impl Model {
                 }
                 callback_tensors[index].push((name.to_string(), value.clone()));
             } else {
-                return Err(bad(format!("tensor `{key}` is not part of a kiln checkpoint")));
+                return Err(bad(format!(
+                    "tensor `{key}` is not part of a kiln checkpoint"
+                )));
             }
         }
         let dtype = self.dtype();
@@ -241,9 +247,11 @@ pub(crate) fn read_checkpoint(
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let meta_text = metadata.get(META_CHECKPOINT).ok_or_else(|| {
-        bad("not a kiln checkpoint (its header has no `kiln.checkpoint` entry; checkpoints of \
+        bad(
+            "not a kiln checkpoint (its header has no `kiln.checkpoint` entry; checkpoints of \
              kiln before 0.2 were two files and cannot be resumed safely)"
-            .into())
+                .into(),
+        )
     })?;
     let meta: Checkpoint = serde_json::from_str(meta_text)
         .map_err(|e| bad(format!("its `kiln.checkpoint` entry cannot be read: {e}")))?;

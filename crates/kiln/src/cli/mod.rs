@@ -231,9 +231,15 @@ fn train(
 /// folder the weights sit in, when that folder was trained from this very run file).
 fn resolve(run: &Path, weights: Option<&Path>) -> crate::Result<(RunFile, PathBuf)> {
     let (file, folder) = if run.is_dir() {
-        (RunFile::from_path(&run.join("model.json"))?, Some(run.to_path_buf()))
+        (
+            RunFile::from_path(&run.join("model.json"))?,
+            Some(run.to_path_buf()),
+        )
     } else if run.extension().and_then(|e| e.to_str()) == Some("json") {
-        (RunFile::from_path(run)?, run.parent().map(Path::to_path_buf))
+        (
+            RunFile::from_path(run)?,
+            run.parent().map(Path::to_path_buf),
+        )
     } else {
         let file = RunFile::from_path(run)?;
         let folder = weights.and_then(Path::parent).map(Path::to_path_buf);

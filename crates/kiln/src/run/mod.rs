@@ -205,6 +205,12 @@ impl RunFile {
         Ok(run)
     }
 
+    /// Whether the run has data: a `[data]` section, or one its run folder recorded.
+    fn has_data(&self) -> Result<bool> {
+        let recorded = self.recorded.as_ref().is_some_and(|r| r.section.is_some());
+        Ok(recorded || self.with_root(|root| Ok(root.has("data")))?)
+    }
+
     /// Whether two run files have the same text.
     pub(crate) fn same_text(&self, other: &RunFile) -> bool {
         self.doc.text == other.doc.text
@@ -349,12 +355,15 @@ impl RunFile {
     ) -> Result<data::Loaded> {
         let record = self.recorded.as_ref().expect("called with a record");
         let mut table = toml::Table::new();
-        let v: toml::Value = serde_json::from_value(section.clone()).map_err(|e| {
-            Error::Data(format!("{}: `data` cannot be read: {e}", self.doc.name))
-        })?;
+        let v: toml::Value = serde_json::from_value(section.clone())
+            .map_err(|e| Error::Data(format!("{}: `data` cannot be read: {e}", self.doc.name)))?;
         table.insert("data".into(), v);
         let text = toml::to_string(&table).map_err(|e| Error::Data(e.to_string()))?;
-        let doc = RunFile::from_text(&format!("{} (data)", self.doc.name), &text, record.base.clone())?;
+        let doc = RunFile::from_text(
+            &format!("{} (data)", self.doc.name),
+            &text,
+            record.base.clone(),
+        )?;
         doc.with_root(|root| {
             let d = root.table("data")?.expect("inserted above");
             data::load(&d, &record.base, record.seed, rows, device)
@@ -397,12 +406,15 @@ impl RunFile {
 
     /// The model alone (input shape from the model section or `model.json`), with the data
     /// preparation the run applies, for `predict`.
-    pub(crate) fn prepare_model_only(&self, device: &Device) -> Result<(Model, data::Preprocessing)> {
+    pub(crate) fn prepare_model_only(
+        &self,
+        device: &Device,
+    ) -> Result<(Model, data::Preprocessing)> {
         let prep = self.preprocessing()?;
         let p = match self.prepare_with(None, DataChoice::Nothing, device) {
             Ok(p) => p,
             // A run file whose model takes its input shape from the data needs the data.
-            Err(_) if self.recorded.is_none() => self.prepare(None, device)?,
+            Err(_) if self.has_data()? => self.prepare(None, device)?,
             Err(e) => return Err(e),
         };
         Ok((p.model, prep))
@@ -448,7 +460,12 @@ impl RunFile {
         let mut samples = 0;
         for d in prepared.train.iter().chain(&prepared.test) {
             samples += d.len();
-            for t in d.inputs().iter().chain(d.targets()).chain(d.sample_weight()) {
+            for t in d
+                .inputs()
+                .iter()
+                .chain(d.targets())
+                .chain(d.sample_weight())
+            {
                 use safetensors::View;
                 crc.update(&t.contiguous()?.data());
             }
@@ -482,8 +499,10 @@ impl RunFile {
         let checkpoints = out.join("checkpoints");
         crate::io::remove_stale_temporaries(out)?;
         crate::io::remove_stale_temporaries(&checkpoints)?;
+        // `--seed` given when training is remembered: resuming the same run file without it
+        // continues with that seed.
         let recorded_seed = match options.resume {
-            true => recorded_seed(out),
+            true => recorded_seed(out, &self.doc.text),
             false => None,
         };
         let prepared = self.prepare(options.seed.or(recorded_seed), &device)?;
@@ -513,7 +532,10 @@ impl RunFile {
             None => Ok((crate::Fit::new(), None)),
         })?;
         let planned_epochs = options.epochs.unwrap_or(fit.planned_epochs());
-        fit = fit.epochs(planned_epochs).seed(seed).verbose(options.verbose);
+        fit = fit
+            .epochs(planned_epochs)
+            .seed(seed)
+            .verbose(options.verbose);
         let last = checkpoint::checkpoint_path(&checkpoints, "last");
         let mut previous = History::default();
         let mut resumed = None;
@@ -541,8 +563,16 @@ impl RunFile {
                      final files are rewritten{}",
                     out.display(),
                     ckpt.epochs_done,
-                    if ckpt.stopped { ", stopped by a callback" } else { "" },
-                    if ckpt.stopped { "" } else { " (give --epochs N to train on)" }
+                    if ckpt.stopped {
+                        ", stopped by a callback"
+                    } else {
+                        ""
+                    },
+                    if ckpt.stopped {
+                        ""
+                    } else {
+                        " (give --epochs N to train on)"
+                    }
                 )
             } else {
                 format!(
@@ -617,11 +647,12 @@ impl RunFile {
     }
 }
 
-/// The seed a run folder's `model.json` recorded, if it has one.
-fn recorded_seed(dir: &Path) -> Option<u64> {
+/// The seed a run folder's `model.json` recorded, if it was trained from this run text.
+fn recorded_seed(dir: &Path, run_text: &str) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join("model.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("seed")?.as_u64()
+    let record: DataRecord = serde_json::from_value(v.get("data")?.clone()).ok()?;
+    (record.run_text == run_text).then_some(record.seed)
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -646,8 +677,14 @@ fn first_difference(saved: Option<&serde_json::Value>, now: &serde_json::Value) 
                 let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
                 keys.sort();
                 keys.dedup();
+                // The data's checksum last: another seed or data section explains it better.
+                keys.sort_by_key(|k| path.is_empty() && k.as_str() == "data_content");
                 keys.into_iter().find_map(|k| {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     let null = serde_json::Value::Null;
                     walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null))
                 })
@@ -660,8 +697,16 @@ fn first_difference(saved: Option<&serde_json::Value>, now: &serde_json::Value) 
             _ if a == b => None,
             _ => Some(format!(
                 "`{path}` (the run folder has {}, this run has {})",
-                if a.is_null() { "nothing".to_string() } else { a.to_string() },
-                if b.is_null() { "nothing".to_string() } else { b.to_string() }
+                if a.is_null() {
+                    "nothing".to_string()
+                } else {
+                    a.to_string()
+                },
+                if b.is_null() {
+                    "nothing".to_string()
+                } else {
+                    b.to_string()
+                }
             )),
         }
     }
