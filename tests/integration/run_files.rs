@@ -384,3 +384,53 @@ fn resume_restores_the_callbacks_counters() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn model_json_errors_name_the_line_of_the_users_file() {
+    let dir = temp("model-json-lines");
+    write_csv(&dir.join("points.csv"));
+    std::fs::write(dir.join("run.toml"), RUN).unwrap();
+    let (ok, _, err) = kiln(
+        &[
+            "train", "run.toml", "--quiet", "--out", "r", "--epochs", "1",
+        ],
+        &dir,
+    );
+    assert!(ok, "{err}");
+    let good = std::fs::read_to_string(dir.join("r/model.json")).unwrap();
+    // Each mutation: what to replace, what with, and a word the error must contain.
+    let cases = [
+        (
+            "\"units\": 8",
+            "\"units\": 8, \"unit\": 3",
+            "unknown key `unit`",
+        ),
+        ("\"units\": 8", "\"units\": \"8\"", "units"),
+        ("\"tanh\"", "\"tanhh\"", "tanhh"),
+        ("\"adam\"", "\"adamm\"", "adamm"),
+        (
+            "\"binary_crossentropy\"",
+            "\"binary_crossentropyy\"",
+            "binary_crossentropyy",
+        ),
+        ("\"accuracy\"", "\"acuracy\"", "acuracy"),
+        ("\"rate\": 0.1", "\"rate\": null", "null"),
+    ];
+    for (from, to, needle) in cases {
+        assert!(good.contains(from), "model.json has no `{from}`:\n{good}");
+        let bad = good.replacen(from, to, 1);
+        // The line of the value, or of the table that holds it (for errors about the table).
+        let at = bad.find(to).unwrap();
+        let line = bad[..at].matches('\n').count() + 1;
+        let table = bad[..bad[..at].rfind('{').unwrap()].matches('\n').count() + 1;
+        std::fs::write(dir.join("r/model.json"), &bad).unwrap();
+        let (ok, _, err) = kiln(&["evaluate", "r", "--data", "points.csv"], &dir);
+        assert!(
+            !ok && (err.contains(&format!("model.json line {line}:"))
+                || err.contains(&format!("model.json line {table}:")))
+                && err.contains(needle),
+            "{to}: expected line {line} (or {table}): {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -27,11 +27,18 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     tmp_name.push(file_name);
     tmp_name.push(format!("{TMP_MARKER}{}", std::process::id()));
     let tmp: PathBuf = path.with_file_name(tmp_name);
-    let written = write(&tmp).and_then(|()| {
-        file_operation_done();
-        let file = std::fs::File::open(&tmp).map_err(|e| io_error(&tmp, e))?;
-        file.sync_all().map_err(|e| io_error(&tmp, e))
-    });
+    // Errors that do not say which file (a full disk seen through candle's safetensors
+    // writer, say) get the file's name.
+    let written = write(&tmp)
+        .map_err(|e| match e {
+            Error::Candle(c) => Error::Data(format!("{}: cannot write: {c}", path.display())),
+            other => other,
+        })
+        .and_then(|()| {
+            file_operation_done();
+            let file = std::fs::File::open(&tmp).map_err(|e| io_error(&tmp, e))?;
+            file.sync_all().map_err(|e| io_error(&tmp, e))
+        });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

@@ -520,29 +520,54 @@ impl Model {
         })
     }
 
-    /// Loads weights saved by [`Model::save_weights`]; every weight must be present with its shape.
+    /// Loads weights saved by [`Model::save_weights`]: every weight must be present with its
+    /// shape, and the file may hold no tensor the model lacks.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is not safetensors, or a weight is missing, has
+    /// another shape or cannot be decoded; the message names the file and the tensor.
     pub fn load_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        use candle_core::safetensors::Load;
         let path = path.as_ref();
-        let loaded = candle_core::safetensors::load(path, &self.device)
-            .map_err(|e| Error::Data(format!("{}: cannot read weights: {e}", path.display())))?;
-        for w in self.weights() {
-            let t = loaded.get(&w.name).ok_or_else(|| {
-                Error::Data(format!(
-                    "{}: no weight `{}` in the file",
-                    path.display(),
-                    w.name
-                ))
-            })?;
-            if t.dims() != w.var.dims() {
-                return Err(Error::Data(format!(
-                    "{}: weight `{}` has shape {:?} in the file but {:?} in the model",
-                    path.display(),
+        let bad = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a safetensors weights file: {e}")))?;
+        let weights = self.weights();
+        if let Some(extra) = file
+            .names()
+            .into_iter()
+            .find(|n| !weights.iter().any(|w| w.name == **n))
+        {
+            return Err(bad(format!(
+                "tensor `{extra}` is not a weight of this model: the file is from another model"
+            )));
+        }
+        let mut loaded = Vec::with_capacity(weights.len());
+        for w in &weights {
+            let view = file
+                .tensor(&w.name)
+                .map_err(|_| bad(format!("no weight `{}` in the file", w.name)))?;
+            if view.shape() != w.var.dims() {
+                return Err(bad(format!(
+                    "weight `{}` has shape {:?} in the file but {:?} in the model",
                     w.name,
-                    t.dims(),
+                    view.shape(),
                     w.var.dims()
                 )));
             }
-            w.var.set(&t.to_dtype(self.dtype)?)?;
+            let t = view
+                .load(&self.device)
+                .and_then(|t| t.to_dtype(self.dtype))
+                .map_err(|e| bad(format!("weight `{}` cannot be read: {e}", w.name)))?;
+            loaded.push(t);
+        }
+        // Only once every weight has been read: a bad file changes nothing.
+        for (w, t) in weights.iter().zip(&loaded) {
+            w.var.set(t)?;
         }
         Ok(())
     }

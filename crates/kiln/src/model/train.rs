@@ -196,6 +196,14 @@ impl Model {
                 other => other,
             };
             let values = ol.loss.per_sample(y_true, y_pred).map_err(context)?;
+            if !values.dtype().is_float() {
+                return Err(Error::Compile(format!(
+                    "loss `{}` for output `{name}` returned {:?} values: a loss must return                      floats (the dtype of y_pred, {:?}); an integer loss has no gradient",
+                    ol.loss.name(),
+                    values.dtype(),
+                    y_pred.dtype()
+                )));
+            }
             let whole_batch = ol.loss.whole_batch() && values.rank() == 0;
             if !whole_batch && (values.rank() == 0 || values.dims()[0] != batch_size) {
                 return Err(Error::LossContract(Box::new(

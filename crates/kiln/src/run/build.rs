@@ -555,19 +555,19 @@ pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
         Some(v) if v.get_ref().is_table() => {
             let t = f.table("metrics")?.expect("present");
             for (name, _) in t.entries() {
-                for m in t.strings(&name)?.unwrap_or_default() {
+                for (m, at) in t.strings_at(&name)?.unwrap_or_default() {
                     MetricSpec::Named(m.clone())
                         .resolve()
-                        .map_err(|e| t.error(e))?;
+                        .map_err(|e| t.error_at(&name, &at, e))?;
                     c = c.metric_for(name.clone(), m.as_str());
                 }
             }
         }
         Some(_) => {
-            for m in f.strings("metrics")?.unwrap_or_default() {
+            for (m, at) in f.strings_at("metrics")?.unwrap_or_default() {
                 MetricSpec::Named(m.clone())
                     .resolve()
-                    .map_err(|e| f.error(e))?;
+                    .map_err(|e| f.error_at("metrics", &at, e))?;
                 c = c.metric(m.as_str());
             }
         }

@@ -41,6 +41,9 @@ pub(crate) struct Fields<'a, 'i> {
 
 pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 
+/// A string and where it sits in the file.
+pub(crate) type Located = (String, Range<usize>);
+
 impl<'a, 'i> Fields<'a, 'i> {
     pub(crate) fn new(
         doc: &'a Doc,
@@ -189,6 +192,41 @@ impl<'a, 'i> Fields<'a, 'i> {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    /// Like [`Fields::strings`], with where each string sits, for errors about one of them.
+    pub(crate) fn strings_at(&self, key: &str) -> Result<Option<Vec<Located>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        if let Some(s) = v.get_ref().as_str() {
+            return Ok(Some(vec![(s.to_string(), v.span())]));
+        }
+        let items = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| self.value_error(key, v, "expected a string or a list of strings"))?;
+        items
+            .iter()
+            .map(|i| {
+                i.get_ref()
+                    .as_str()
+                    .map(|s| (s.to_string(), i.span()))
+                    .ok_or_else(|| self.value_error(key, i, "expected a string"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// An error about the value at `span` under `key`.
+    pub(crate) fn error_at(
+        &self,
+        key: &str,
+        span: &Range<usize>,
+        msg: impl std::fmt::Display,
+    ) -> Error {
+        self.doc
+            .error(span, format!("{} `{key}`: {msg}", self.what))
     }
 
     pub(crate) fn table(&self, key: &str) -> Result<Option<Fields<'a, 'i>>> {

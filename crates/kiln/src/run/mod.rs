@@ -30,6 +30,7 @@
 mod build;
 mod data;
 mod fields;
+mod json_lines;
 mod outputs;
 
 pub use outputs::{write_history, write_loss_plots};
@@ -236,14 +237,6 @@ impl RunFile {
                 "{name}: not a kiln model.json (no \"format\": \"kiln-model\")"
             )));
         }
-        let mut table = toml::Table::new();
-        for key in ["seed", "model", "compile", "added"] {
-            if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
-                let v: toml::Value = serde_json::from_value(v.clone())
-                    .map_err(|e| Error::Data(format!("{name}: `{key}` cannot be read: {e}")))?;
-                table.insert(key.to_string(), v);
-            }
-        }
         let recorded = match value.get("data").filter(|v| !v.is_null()) {
             Some(d) => Some(
                 serde_json::from_value::<DataRecord>(d.clone())
@@ -251,7 +244,8 @@ impl RunFile {
             ),
             None => None,
         };
-        let text = toml::to_string(&table).map_err(|e| Error::Data(format!("{name}: {e}")))?;
+        // Read with the run-file parser, every value on its own line of the JSON file.
+        let text = json_lines::json_to_toml(name, text, &["seed", "model", "compile", "added"])?;
         let mut run = Self::from_text(name, &text, base)?;
         run.recorded = recorded;
         Ok(run)
