@@ -16,6 +16,9 @@ use crate::model::{AddedLoss, Tensors};
 use candle_core::{DType, Tensor};
 use rand::Rng;
 
+/// The most steps a PGD attack may take.
+pub const MAX_PGD_STEPS: usize = 10_000;
+
 /// How the input gradient is turned into a perturbation direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PerturbationNorm {
@@ -151,6 +154,14 @@ impl Adversarial {
         }
         if self.steps == 0 {
             return Err(invalid("adversarial: PGD needs at least one step"));
+        }
+        // Each step is a forward and a backward pass per batch: far beyond the tens of steps
+        // PGD is used with, a count is a typo that would never finish.
+        if self.steps > MAX_PGD_STEPS {
+            return Err(invalid(format!(
+                "adversarial: PGD with {} steps would not finish: use at most {MAX_PGD_STEPS} (PGD is usually run with 7 to 100)",
+                self.steps
+            )));
         }
         if let Some((lo, hi)) = self.clip {
             if lo > hi {

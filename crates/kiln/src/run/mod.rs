@@ -152,7 +152,13 @@ impl RunFile {
     /// # Errors
     /// When the file cannot be read, or is not valid TOML / a kiln `model.json`.
     pub fn from_path(path: &Path) -> Result<RunFile> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            Error::Data(format!(
+                "{}: not a text file: give a run file (.toml), a run folder or its model.json",
+                path.display()
+            ))
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if path.extension().and_then(|e| e.to_str()) == Some("json") {
             return Self::from_model_json(&path.display().to_string(), &text, base);
