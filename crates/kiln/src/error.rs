@@ -2,11 +2,19 @@
 
 /// Everything that can go wrong in kiln. Messages name the thing involved (the loss, the layer,
 /// the output, the file, the shapes) and say what to do about it.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same message as `Display`, so that `fn main() -> kiln::Result<()>` shows
+/// the message (with its hint) rather than the variant's fields:
+///
+/// ```
+/// let e = kiln::Error::Data("points.csv: row 3 has 2 fields".into());
+/// assert_eq!(format!("{e:?}"), "data: points.csv: row 3 has 2 fields");
+/// ```
+#[derive(thiserror::Error)]
 pub enum Error {
     /// A tensor operation failed inside candle.
     #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 
     /// A value given to a constructor or builder is out of its valid range.
     #[error("invalid argument: {0}")]
@@ -40,6 +48,24 @@ pub enum Error {
         /// What the operating system said.
         source: std::io::Error,
     },
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    /// Keeps candle's message and drops the backtrace it records under `RUST_BACKTRACE=1`,
+    /// which would otherwise be printed inside kiln's one-line messages.
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Candle(e)
+    }
 }
 
 /// The result type of every fallible kiln function.
