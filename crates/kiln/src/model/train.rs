@@ -568,6 +568,22 @@ impl Model {
         if config.batch_size == 0 {
             return Err(Error::Data("batch_size must be at least 1".into()));
         }
+        if !(0.0..1.0).contains(&config.validation_split) {
+            return Err(Error::InvalidArgument(format!(
+                "Fit::validation_split must be a finite number in [0, 1), got {}",
+                config.validation_split
+            )));
+        }
+        if let Some((class, w)) = config
+            .class_weight
+            .iter()
+            .flatten()
+            .find(|(_, w)| !(w.is_finite() && *w >= 0.0))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "Fit::class_weight: the weight of class {class} must be a finite number >= 0, got {w}"
+            )));
+        }
         let data = data.to_device(&self.device)?;
         let (mut train, split_val) =
             if config.validation_split > 0.0 && config.validation_data.is_none() {

@@ -79,7 +79,11 @@ pub(crate) fn load(
         let y = data::one_hot(&dataset.targets()[0], classes)?;
         dataset = rebuild(&dataset, dataset.inputs()[0].clone(), y)?;
     }
-    let test_split = f.f64_or("test_split", 0.0)?;
+    let test_split = f.f64_in_or(
+        "test_split",
+        0.0,
+        crate::losses::config::Bounds::closed_open(0.0, 1.0),
+    )?;
     f.finish()?;
     if test_split > 0.0 {
         let (train, test) = dataset.shuffled_split(test_split, seed)?;
