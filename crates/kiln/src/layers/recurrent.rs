@@ -79,7 +79,12 @@ impl Recurrent {
         ctx: &mut BuildContext,
     ) -> Result<()> {
         let features = input_shapes[0][1];
-        let width = gates * self.units;
+        let width = gates.checked_mul(self.units).ok_or_else(|| {
+            invalid(format!(
+                "layer `{name}`: {gates} × {} units overflows the size of a weight",
+                self.units
+            ))
+        })?;
         self.kernel = Some(make_weight(
             name,
             "kernel",
