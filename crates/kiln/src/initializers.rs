@@ -261,7 +261,8 @@ pub fn check_weight_size(shape: &[usize], dtype: DType) -> Result<usize> {
         .ok_or_else(|| {
             crate::error::invalid(format!(
                 "{what} has more elements than can be counted (the product of its shape \
-                 overflows {} bits): use fewer units, filters or features",
+                 overflows {} bits), so more bytes than any machine has: use fewer units, \
+                 filters or features",
                 usize::BITS
             ))
         })?;

@@ -81,7 +81,8 @@ impl Recurrent {
         let features = input_shapes[0][1];
         let width = gates.checked_mul(self.units).ok_or_else(|| {
             invalid(format!(
-                "layer `{name}`: {gates} × {} units overflows the size of a weight",
+                "layer `{name}`: a kernel {gates} × {} units wide has more elements than can be \
+                 counted, so more bytes than any machine has: use fewer units",
                 self.units
             ))
         })?;

@@ -442,67 +442,100 @@ const SMOOTHING: Bounds = Bounds::closed(0.0, 1.0);
 /// The focusing parameter of the focal losses: `(1 - p)^gamma` needs `gamma >= 0`.
 const GAMMA: Bounds = Bounds::non_negative();
 
-/// The parameters each built-in loss takes, by Keras class name, with what each allows; `kiln
-/// losses` and the tests read this.
+/// What one loss parameter allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Allowed {
+    /// A number (an integer is fine) in the bounds.
+    Number(Bounds),
+    /// `true` or `false`.
+    Bool,
+    /// An integer axis.
+    Axis,
+    /// An integer axis, a list of them, or null.
+    Axes,
+    /// An integer or null.
+    IntOrNull,
+}
+
+impl fmt::Display for Allowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Allowed::Number(b) => write!(f, "{b}"),
+            Allowed::Bool => write!(f, "true or false"),
+            Allowed::Axis => write!(f, "an integer"),
+            Allowed::Axes => write!(f, "an integer, a list of integers or null"),
+            Allowed::IntOrNull => write!(f, "an integer or null"),
+        }
+    }
+}
+
+use Allowed::{Axes, Axis, Bool, IntOrNull, Number};
+
+/// The parameters each built-in loss takes, by Keras class name, with what each allows: the
+/// one table the parser, `kiln losses` and the tests read.
 ///
 /// ```
-/// let huber = kiln::losses::config::PARAMETERS.iter().find(|(l, _)| *l == "Huber").unwrap();
-/// assert_eq!(huber.1[0].0, "delta");
+/// use kiln::losses::config::{Allowed, Bounds, PARAMETERS};
+/// let huber = PARAMETERS.iter().find(|(l, _)| *l == "Huber").unwrap();
+/// assert_eq!(huber.1, &[("delta", Allowed::Number(Bounds::positive()))]);
 /// ```
 ///
 /// # Errors
 ///
 /// None: a constant.
-pub const PARAMETERS: &[(&str, &[(&str, &str)])] = &[
+pub const PARAMETERS: &[(&str, &[(&str, Allowed)])] = &[
     ("MeanSquaredError", &[]),
     ("MeanAbsoluteError", &[]),
     ("MeanAbsolutePercentageError", &[]),
     ("MeanSquaredLogarithmicError", &[]),
     ("LogCosh", &[]),
-    ("Huber", &[("delta", "a finite number > 0")]),
+    // delta = 0 makes the loss identically zero.
+    ("Huber", &[("delta", Number(Bounds::positive()))]),
     (
         "BinaryCrossentropy",
         &[
-            ("from_logits", "true or false"),
-            ("label_smoothing", "a finite number in [0, 1]"),
-            ("axis", "an integer"),
+            ("from_logits", Bool),
+            ("label_smoothing", Number(SMOOTHING)),
+            ("axis", Axis),
         ],
     ),
     (
         "BinaryFocalCrossentropy",
         &[
-            ("apply_class_balancing", "true or false"),
-            ("alpha", "a finite number in [0, 1]"),
-            ("gamma", "a finite number >= 0"),
-            ("from_logits", "true or false"),
-            ("label_smoothing", "a finite number in [0, 1]"),
-            ("axis", "an integer"),
+            ("apply_class_balancing", Bool),
+            // alpha weighs the positives and 1 - alpha the negatives.
+            ("alpha", Number(Bounds::closed(0.0, 1.0))),
+            ("gamma", Number(GAMMA)),
+            ("from_logits", Bool),
+            ("label_smoothing", Number(SMOOTHING)),
+            ("axis", Axis),
         ],
     ),
     (
         "CategoricalCrossentropy",
         &[
-            ("from_logits", "true or false"),
-            ("label_smoothing", "a finite number in [0, 1]"),
-            ("axis", "an integer"),
+            ("from_logits", Bool),
+            ("label_smoothing", Number(SMOOTHING)),
+            ("axis", Axis),
         ],
     ),
     (
         "CategoricalFocalCrossentropy",
         &[
-            ("alpha", "a finite number >= 0"),
-            ("gamma", "a finite number >= 0"),
-            ("from_logits", "true or false"),
-            ("label_smoothing", "a finite number in [0, 1]"),
-            ("axis", "an integer"),
+            // A scale of every class's term: negative would turn the loss upside down.
+            ("alpha", Number(Bounds::non_negative())),
+            ("gamma", Number(GAMMA)),
+            ("from_logits", Bool),
+            ("label_smoothing", Number(SMOOTHING)),
+            ("axis", Axis),
         ],
     ),
     (
         "SparseCategoricalCrossentropy",
         &[
-            ("from_logits", "true or false"),
-            ("ignore_class", "an integer or null"),
-            ("axis", "-1"),
+            ("from_logits", Bool),
+            ("ignore_class", IntOrNull),
+            ("axis", Axis),
         ],
     ),
     ("Hinge", &[]),
@@ -510,33 +543,45 @@ pub const PARAMETERS: &[(&str, &[(&str, &str)])] = &[
     ("CategoricalHinge", &[]),
     ("KLDivergence", &[]),
     ("Poisson", &[]),
-    ("CosineSimilarity", &[("axis", "an integer")]),
-    (
-        "Dice",
-        &[("axis", "an integer, a list of integers or null")],
-    ),
+    ("CosineSimilarity", &[("axis", Axis)]),
+    ("Dice", &[("axis", Axes)]),
     (
         "Tversky",
         &[
-            ("alpha", "a finite number >= 0"),
-            ("beta", "a finite number >= 0"),
-            ("axis", "an integer, a list of integers or null"),
+            ("alpha", Number(Bounds::non_negative())),
+            ("beta", Number(Bounds::non_negative())),
+            ("axis", Axes),
         ],
     ),
     (
         "Circle",
         &[
-            ("gamma", "a finite number > 0"),
-            ("margin", "a finite number"),
-            ("remove_diagonal", "true or false"),
+            // The scale of the similarities: 0 makes the loss a constant.
+            ("gamma", Number(Bounds::positive())),
+            ("margin", Number(Bounds::finite())),
+            ("remove_diagonal", Bool),
         ],
     ),
+    // Keras: "q: float in (0, 1)".
     (
         "CategoricalGeneralizedCrossEntropy",
-        &[("q", "a finite number in (0, 1)")],
+        &[("q", Number(Bounds::open(0.0, 1.0)))],
     ),
     ("CTC", &[]),
 ];
+
+/// The bounds of a numeric parameter of a loss, from [`PARAMETERS`].
+fn bounds_of(class: &str, key: &str) -> Bounds {
+    PARAMETERS
+        .iter()
+        .find(|(c, _)| *c == class)
+        .and_then(|(_, ps)| ps.iter().find(|(k, _)| *k == key))
+        .and_then(|(_, a)| match a {
+            Number(b) => Some(*b),
+            _ => None,
+        })
+        .expect("every numeric parameter is in PARAMETERS")
+}
 
 /// Builds a built-in loss from its name (Keras class name such as `Huber`, or the snake-case
 /// name or alias of a run file such as `huber` or `bce`) and its parameters, checking each
@@ -582,6 +627,7 @@ pub fn loss_from_config(
         .map(|(_, p)| p.iter().map(|(k, _)| *k).collect())
         .unwrap_or_default();
     r.only(&allowed)?;
+    let num = |key: &str| bounds_of(class, key);
     let loss: Arc<dyn Loss> = match class {
         "MeanSquaredError" => Arc::new(MeanSquaredError::new().with_reduction(reduction)),
         "MeanAbsoluteError" => Arc::new(MeanAbsoluteError::new().with_reduction(reduction)),
@@ -594,41 +640,39 @@ pub fn loss_from_config(
         "LogCosh" => Arc::new(LogCosh::new().with_reduction(reduction)),
         "Huber" => Arc::new(
             Huber::new()
-                .delta(r.float("delta", 1.0, Bounds::positive())?)
+                .delta(r.float("delta", 1.0, num("delta"))?)
                 .with_reduction(reduction),
         ),
         "BinaryCrossentropy" => Arc::new(
             BinaryCrossentropy::new()
                 .from_logits(r.bool("from_logits", false)?)
-                .label_smoothing(r.float("label_smoothing", 0.0, SMOOTHING)?)
+                .label_smoothing(r.float("label_smoothing", 0.0, num("label_smoothing"))?)
                 .axis(r.axis()?)
                 .with_reduction(reduction),
         ),
         "BinaryFocalCrossentropy" => Arc::new(
             BinaryFocalCrossentropy::new()
                 .apply_class_balancing(r.bool("apply_class_balancing", false)?)
-                // alpha weighs the positives and 1 - alpha the negatives.
-                .alpha(r.float("alpha", 0.25, Bounds::closed(0.0, 1.0))?)
-                .gamma(r.float("gamma", 2.0, GAMMA)?)
+                .alpha(r.float("alpha", 0.25, num("alpha"))?)
+                .gamma(r.float("gamma", 2.0, num("gamma"))?)
                 .from_logits(r.bool("from_logits", false)?)
-                .label_smoothing(r.float("label_smoothing", 0.0, SMOOTHING)?)
+                .label_smoothing(r.float("label_smoothing", 0.0, num("label_smoothing"))?)
                 .axis(r.axis()?)
                 .with_reduction(reduction),
         ),
         "CategoricalCrossentropy" => Arc::new(
             CategoricalCrossentropy::new()
                 .from_logits(r.bool("from_logits", false)?)
-                .label_smoothing(r.float("label_smoothing", 0.0, SMOOTHING)?)
+                .label_smoothing(r.float("label_smoothing", 0.0, num("label_smoothing"))?)
                 .axis(r.axis()?)
                 .with_reduction(reduction),
         ),
         "CategoricalFocalCrossentropy" => Arc::new(
             CategoricalFocalCrossentropy::new()
-                // A scale of every class's term: negative would turn the loss upside down.
-                .alpha(r.float("alpha", 0.25, Bounds::non_negative())?)
-                .gamma(r.float("gamma", 2.0, GAMMA)?)
+                .alpha(r.float("alpha", 0.25, num("alpha"))?)
+                .gamma(r.float("gamma", 2.0, num("gamma"))?)
                 .from_logits(r.bool("from_logits", false)?)
-                .label_smoothing(r.float("label_smoothing", 0.0, SMOOTHING)?)
+                .label_smoothing(r.float("label_smoothing", 0.0, num("label_smoothing"))?)
                 .axis(r.axis()?)
                 .with_reduction(reduction),
         ),
@@ -660,23 +704,21 @@ pub fn loss_from_config(
         "Dice" => Arc::new(Dice::new().axis(r.axes()?).with_reduction(reduction)),
         "Tversky" => Arc::new(
             Tversky::new()
-                .alpha(r.float("alpha", 0.5, Bounds::non_negative())?)
-                .beta(r.float("beta", 0.5, Bounds::non_negative())?)
+                .alpha(r.float("alpha", 0.5, num("alpha"))?)
+                .beta(r.float("beta", 0.5, num("beta"))?)
                 .axis(r.axes()?)
                 .with_reduction(reduction),
         ),
         "Circle" => Arc::new(
             Circle::new()
-                // The scale of the similarities: 0 makes the loss a constant.
-                .gamma(r.float("gamma", 80.0, Bounds::positive())?)
-                .margin(r.float("margin", 0.4, Bounds::finite())?)
+                .gamma(r.float("gamma", 80.0, num("gamma"))?)
+                .margin(r.float("margin", 0.4, num("margin"))?)
                 .remove_diagonal(r.bool("remove_diagonal", true)?)
                 .with_reduction(reduction),
         ),
         "CategoricalGeneralizedCrossEntropy" => Arc::new(
             CategoricalGeneralizedCrossEntropy::new()
-                // Keras: "q: float in (0, 1)".
-                .q(r.float("q", 0.5, Bounds::open(0.0, 1.0))?)
+                .q(r.float("q", 0.5, num("q"))?)
                 .with_reduction(reduction),
         ),
         "CTC" => Arc::new(CTC::new().with_reduction(reduction)),

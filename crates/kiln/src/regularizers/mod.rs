@@ -262,12 +262,14 @@ pub fn regularizer_from_config(
             let mode = match r.string("mode", "rows")?.as_str() {
                 "rows" => OrthogonalMode::Rows,
                 "columns" => OrthogonalMode::Columns,
-                m => return Err(params.error(
-                    Some("mode"),
-                    &format!(
+                m => {
+                    return Err(params.error(
+                        Some("mode"),
+                        &format!(
                         "got {m:?}; OrthogonalRegularizer's `mode` must be \"rows\" or \"columns\""
                     ),
-                )),
+                    ))
+                }
             };
             Arc::new(Orthogonal::new(r.float("factor", 0.01, factor)?).mode(mode))
         }

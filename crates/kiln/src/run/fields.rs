@@ -23,6 +23,11 @@ impl Doc {
     }
 
     pub(crate) fn error(&self, span: &Range<usize>, msg: impl std::fmt::Display) -> Error {
+        // A saved model.json is read through a TOML rendering of it, whose lines are not the
+        // file's: name the file and the key path only.
+        if self.name.ends_with(".json") {
+            return Error::InvalidArgument(format!("{}: {msg}", self.name));
+        }
         Error::InvalidArgument(format!(
             "{} line {}: {msg}",
             self.name,
