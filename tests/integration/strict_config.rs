@@ -635,7 +635,7 @@ fn other_cases() -> Vec<Case> {
         (Slot::Fit, "shuffle = {v}", "shuffle", Bool, false),
         (
             Slot::Fit,
-            "class_weight = { \"0\" = {v} }",
+            "class_weight = { \"0\" = {v}, \"1\" = 1.0, \"2\" = 1.0 }",
             "class_weight",
             NON_NEG,
             false,
@@ -940,5 +940,66 @@ proptest! {
                 prop_assert!(e.contains(&format!("`{key}`")) && e.contains("prop.toml line 13"), "{e}");
             }
         }
+    }
+}
+
+/// The library's own builders, misused: the values are refused where they are used.
+#[test]
+fn library_builders_refuse_bad_values_where_they_are_used() {
+    use kiln::prelude::*;
+    let model = || {
+        let x = Input::new([2]);
+        let y = Dense::new(2).apply(&x).unwrap();
+        Model::new(&[x], &[y]).unwrap()
+    };
+    let data = || {
+        let x = Tensor::new(&[[0f32, 1.], [1., 0.], [1., 1.], [0., 0.]], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[0f32, 1., 1., 0.], &Device::Cpu).unwrap();
+        Dataset::new(x, y).unwrap()
+    };
+    let scce = || SparseCategoricalCrossentropy::new().from_logits(true);
+    // Optimizer hyperparameters: refused by compile.
+    let bad: Vec<(Box<dyn Optimizer>, &str)> = vec![
+        (Box::new(Adam::new(1e-3).beta_1(1.5)), "beta_1"),
+        (Box::new(Adam::new(1e-3).beta_2(f64::NAN)), "beta_2"),
+        (Box::new(Adam::new(1e-3).epsilon(0.0)), "epsilon"),
+        (Box::new(Adam::new(1e-3).weight_decay(-1.0)), "weight_decay"),
+        (Box::new(AdamW::new(1e-3).beta_1(-0.1)), "beta_1"),
+        (Box::new(RmsProp::new(1e-3).rho(1.0)), "rho"),
+        (
+            Box::new(RmsProp::new(1e-3).momentum(f64::INFINITY)),
+            "momentum",
+        ),
+        (Box::new(Sgd::new(0.1).momentum(1.5)), "momentum"),
+        (Box::new(Adam::new(f64::NAN)), "learning rate"),
+    ];
+    for (opt, what) in bad {
+        let err = model()
+            .compile(Compile::from_boxed(opt).loss(scce()))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(what), "{err}");
+    }
+    // Fit fractions and class weights: refused by fit (they used to be ignored or train to NaN).
+    for (fit, what) in [
+        (Fit::new().validation_split(-0.5), "validation_split"),
+        (Fit::new().validation_split(f64::NAN), "validation_split"),
+        (
+            Fit::new().class_weight(vec![(0, -1.0), (1, 1.0)]),
+            "class_weight",
+        ),
+        (
+            Fit::new().class_weight(vec![(0, f64::NAN), (1, 1.0)]),
+            "class_weight",
+        ),
+    ] {
+        let mut m = model();
+        m.compile(Compile::new(Sgd::new(0.1)).loss(scce())).unwrap();
+        let err = m
+            .fit(&data(), fit.quiet())
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(what), "{err}");
     }
 }
