@@ -17,6 +17,18 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A parameter value as the user wrote it, whatever the format it came from.
+///
+/// ```
+/// use kiln::losses::config::ParamValue;
+/// let v = ParamValue::from_json(&serde_json::json!("0.5"));
+/// assert_eq!(v, ParamValue::String("0.5".into()));
+/// assert_eq!((v.to_string(), v.kind()), ("\"0.5\"".to_string(), "a string"));
+/// assert_eq!(ParamValue::Float(f64::NAN).to_string(), "nan");
+/// ```
+///
+/// # Errors
+///
+/// None: a plain value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamValue {
     /// `true` or `false`.
@@ -443,6 +455,16 @@ const SMOOTHING: Bounds = Bounds::closed(0.0, 1.0);
 const GAMMA: Bounds = Bounds::non_negative();
 
 /// What one loss parameter allows.
+///
+/// ```
+/// use kiln::losses::config::{Allowed, Bounds};
+/// assert_eq!(Allowed::Number(Bounds::closed(0.0, 1.0)).to_string(), "a finite number in [0, 1]");
+/// assert_eq!(Allowed::Bool.to_string(), "true or false");
+/// ```
+///
+/// # Errors
+///
+/// None: a description.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Allowed {
     /// A number (an integer is fine) in the bounds.

@@ -566,7 +566,9 @@ impl Model {
             return Err(not_compiled());
         }
         if config.batch_size == 0 {
-            return Err(Error::Data("batch_size must be at least 1".into()));
+            return Err(Error::Data(
+                "Fit::batch_size must be at least 1, got 0".into(),
+            ));
         }
         if !(0.0..1.0).contains(&config.validation_split) {
             return Err(Error::InvalidArgument(format!(
@@ -755,7 +757,9 @@ impl Model {
     ) -> Result<Logs> {
         let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
         if batch_size == 0 {
-            return Err(Error::Data("batch_size must be at least 1".into()));
+            return Err(Error::Data(
+                "the evaluation batch_size must be at least 1, got 0".into(),
+            ));
         }
         let data = data.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(0);

@@ -714,9 +714,9 @@ pub(crate) fn fit(f: &Fields) -> Result<(Fit, Option<String>)> {
             "lr_schedule" => {
                 let initial = cb.f64_in("initial", Bounds::positive())?.ok_or_else(|| cb.error("a schedule needs `initial`"))?;
                 let schedule = match cb.str("schedule")?.unwrap_or("step") {
-                    "step" => Schedule::Step { initial, factor: cb.f64_or("factor", 0.5)?, every: cb.usize_or("every", 10)? },
-                    "exponential" => Schedule::Exponential { initial, rate: cb.f64_or("rate", 0.9)?, decay_epochs: cb.f64_or("decay_epochs", 1.0)? },
-                    "cosine" => Schedule::Cosine { initial, decay_epochs: cb.usize_or("decay_epochs", 10)?, alpha: cb.f64_or("alpha", 0.0)? },
+                    "step" => Schedule::Step { initial, factor: cb.f64_in_or("factor", 0.5, Bounds::positive())?, every: cb.usize_min_or("every", 10, 1)? },
+                    "exponential" => Schedule::Exponential { initial, rate: cb.f64_in_or("rate", 0.9, Bounds::positive())?, decay_epochs: cb.f64_in_or("decay_epochs", 1.0, Bounds::positive())? },
+                    "cosine" => Schedule::Cosine { initial, decay_epochs: cb.usize_min_or("decay_epochs", 10, 1)?, alpha: cb.f64_in_or("alpha", 0.0, Bounds::closed(0.0, 1.0))? },
                     other => return Err(cb.error(format!("unknown schedule `{other}`: use step, exponential or cosine"))),
                 };
                 fit.callback(callbacks::LearningRateScheduler::new(schedule))
