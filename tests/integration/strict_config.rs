@@ -1004,8 +1004,7 @@ fn library_builders_refuse_bad_values_where_they_are_used() {
     for (opt, what) in bad {
         let err = model()
             .compile(Compile::from_boxed(opt).loss(scce()))
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(err.contains(what), "{err}");
     }
