@@ -11,9 +11,10 @@ use kiln::run::{RunFile, TrainOptions};
 use proptest::prelude::*;
 use std::path::PathBuf;
 
-/// The run file every case edits; `{DATA}` is line 5, `{LAYER}` line 8, `{OPT}` line 12,
-/// `{LOSS}` line 13 and `{FIT}` line 16.
-const TEMPLATE: &str = r#"seed = 0
+/// The run file every case edits; `{ADDED}` is line 1, `{DATA}` line 6, `{LAYER}` line 9,
+/// `{OPT}` line 13, `{LOSS}` line 14 and `{FIT}` line 17.
+const TEMPLATE: &str = r#"{ADDED}
+seed = 0
 [data]
 source = "blobs"
 samples = 40
@@ -32,6 +33,7 @@ loss = {LOSS}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Slot {
+    Added,
     Data,
     Layer,
     Opt,
@@ -42,11 +44,12 @@ enum Slot {
 impl Slot {
     fn line(self) -> usize {
         match self {
-            Slot::Data => 5,
-            Slot::Layer => 8,
-            Slot::Opt => 12,
-            Slot::Loss => 13,
-            Slot::Fit => 16,
+            Slot::Added => 1,
+            Slot::Data => 6,
+            Slot::Layer => 9,
+            Slot::Opt => 13,
+            Slot::Loss => 14,
+            Slot::Fit => 17,
         }
     }
 }
@@ -60,6 +63,7 @@ fn run_text(slot: Slot, text: &str) -> String {
         }
     };
     TEMPLATE
+        .replace("{ADDED}", &fill(Slot::Added, ""))
         .replace("{DATA}", &fill(Slot::Data, ""))
         .replace(
             "{LAYER}",
@@ -668,6 +672,42 @@ fn other_cases() -> Vec<Case> {
             NON_NEG,
             false,
         ),
+        // Added terms.
+        (
+            Slot::Added,
+            r#"added = [{ kind = "fgsm", epsilon = {v} }]"#,
+            "epsilon",
+            POS,
+            true,
+        ),
+        (
+            Slot::Added,
+            r#"added = [{ kind = "pgd", epsilon = 0.1, steps = {v} }]"#,
+            "steps",
+            Int(1),
+            true,
+        ),
+        (
+            Slot::Added,
+            r#"added = [{ kind = "pgd", epsilon = 0.1, step_size = {v} }]"#,
+            "step_size",
+            POS,
+            true,
+        ),
+        (
+            Slot::Added,
+            r#"added = [{ kind = "fgsm", epsilon = 0.1, multiplier = {v} }]"#,
+            "multiplier",
+            FINITE,
+            false,
+        ),
+        (
+            Slot::Added,
+            r#"added = [{ kind = "mean_abs", of = "hidden", factor = {v} }]"#,
+            "factor",
+            FINITE,
+            true,
+        ),
         (
             Slot::Data,
             "test_split = {v}",
@@ -965,7 +1005,7 @@ proptest! {
             Err(e) => {
                 let e = e.to_string();
                 prop_assert!(!value.allowed_by(expect), "{template} refused {}: {e}", value.toml());
-                prop_assert!(e.contains(&format!("`{key}`")) && e.contains("prop.toml line 13"), "{e}");
+                prop_assert!(e.contains(&format!("`{key}`")) && e.contains("prop.toml line 14"), "{e}");
             }
         }
     }
