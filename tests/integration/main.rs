@@ -9,4 +9,5 @@ mod gradients;
 mod keras_reference;
 mod layers;
 mod run_files;
+mod strict_config;
 mod training;

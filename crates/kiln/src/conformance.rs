@@ -8,9 +8,10 @@
 use crate::error::{invalid, Error, Result};
 use crate::graph::Input;
 use crate::layers::{BuildContext, CallContext, Layer, LayerExt, Weight};
+use crate::losses::config::JsonParams;
 use crate::losses::{self, Loss};
 use crate::reduction::Reduction;
-use crate::regularizers::{self, OrthogonalMode, SharedRegularizer};
+use crate::regularizers::{self, SharedRegularizer};
 use crate::{Compile, Dataset, Model};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
@@ -205,245 +206,54 @@ fn tensor_values(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?)
 }
 
-fn f(config: &Value, key: &str, default: f64) -> f64 {
-    config.get(key).and_then(Value::as_f64).unwrap_or(default)
-}
-
-fn b(config: &Value, key: &str, default: bool) -> bool {
-    config.get(key).and_then(Value::as_bool).unwrap_or(default)
-}
-
-fn axis(config: &Value) -> Result<isize> {
-    match config.get("axis") {
-        None => Ok(-1),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .map(|a| a as isize)
-            .ok_or_else(|| invalid("axis must be an integer")),
-        Some(other) => Err(invalid(format!(
-            "kiln does not support axis {other} for this loss"
-        ))),
-    }
-}
-
-fn axes(config: &Value) -> Result<Option<Vec<isize>>> {
-    match config.get("axis") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(Some(vec![n
-            .as_i64()
-            .ok_or_else(|| invalid("axis must be an integer"))?
-            as isize])),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_i64()
-                    .map(|a| a as isize)
-                    .ok_or_else(|| invalid("axis entries must be integers"))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
-        Some(other) => Err(invalid(format!("bad axis {other}"))),
-    }
-}
-
-/// Builds a built-in loss from its Keras class name and `get_config()`-style parameters.
+/// Builds a built-in loss from its Keras class name and `get_config()`-style parameters: a thin
+/// wrapper over the one strict parser, [`crate::losses::config::loss_from_config`].
+///
+/// ```
+/// use kiln::reduction::Reduction;
+/// let ok = serde_json::json!({ "delta": 0.5 });
+/// assert!(kiln::conformance::loss_from_keras("Huber", &ok, Reduction::default()).is_ok());
+/// let bad = serde_json::json!({ "delta": "0.5" });
+/// assert!(kiln::conformance::loss_from_keras("Huber", &bad, Reduction::default()).is_err());
+/// ```
+///
+/// # Errors
+///
+/// As [`crate::losses::config::loss_from_config`]: a parameter of the wrong type, NaN,
+/// infinite, out of range or unknown, or an unknown loss; the message names `config.<key>`.
 pub fn loss_from_keras(name: &str, config: &Value, reduction: Reduction) -> Result<Arc<dyn Loss>> {
-    use losses::*;
-    let c = config;
-    let known = |keys: &[&str]| -> Result<()> {
-        if let Some(obj) = c.as_object() {
-            if let Some(k) = obj.keys().find(|k| !keys.contains(&k.as_str())) {
-                return Err(invalid(format!("{name} has no parameter `{k}`")));
-            }
-        }
-        Ok(())
-    };
-    Ok(match name {
-        "MeanSquaredError" => {
-            known(&[])?;
-            Arc::new(MeanSquaredError::new().with_reduction(reduction))
-        }
-        "MeanAbsoluteError" => {
-            known(&[])?;
-            Arc::new(MeanAbsoluteError::new().with_reduction(reduction))
-        }
-        "MeanAbsolutePercentageError" => {
-            known(&[])?;
-            Arc::new(MeanAbsolutePercentageError::new().with_reduction(reduction))
-        }
-        "MeanSquaredLogarithmicError" => {
-            known(&[])?;
-            Arc::new(MeanSquaredLogarithmicError::new().with_reduction(reduction))
-        }
-        "LogCosh" => {
-            known(&[])?;
-            Arc::new(LogCosh::new().with_reduction(reduction))
-        }
-        "Huber" => {
-            known(&["delta"])?;
-            Arc::new(
-                Huber::new()
-                    .delta(f(c, "delta", 1.0))
-                    .with_reduction(reduction),
-            )
-        }
-        "BinaryCrossentropy" => {
-            known(&["from_logits", "label_smoothing", "axis"])?;
-            Arc::new(
-                BinaryCrossentropy::new()
-                    .from_logits(b(c, "from_logits", false))
-                    .label_smoothing(f(c, "label_smoothing", 0.0))
-                    .axis(axis(c)?)
-                    .with_reduction(reduction),
-            )
-        }
-        "BinaryFocalCrossentropy" => {
-            known(&[
-                "apply_class_balancing",
-                "alpha",
-                "gamma",
-                "from_logits",
-                "label_smoothing",
-                "axis",
-            ])?;
-            Arc::new(
-                BinaryFocalCrossentropy::new()
-                    .apply_class_balancing(b(c, "apply_class_balancing", false))
-                    .alpha(f(c, "alpha", 0.25))
-                    .gamma(f(c, "gamma", 2.0))
-                    .from_logits(b(c, "from_logits", false))
-                    .label_smoothing(f(c, "label_smoothing", 0.0))
-                    .axis(axis(c)?)
-                    .with_reduction(reduction),
-            )
-        }
-        "CategoricalCrossentropy" => {
-            known(&["from_logits", "label_smoothing", "axis"])?;
-            Arc::new(
-                CategoricalCrossentropy::new()
-                    .from_logits(b(c, "from_logits", false))
-                    .label_smoothing(f(c, "label_smoothing", 0.0))
-                    .axis(axis(c)?)
-                    .with_reduction(reduction),
-            )
-        }
-        "CategoricalFocalCrossentropy" => {
-            known(&["alpha", "gamma", "from_logits", "label_smoothing", "axis"])?;
-            Arc::new(
-                CategoricalFocalCrossentropy::new()
-                    .alpha(f(c, "alpha", 0.25))
-                    .gamma(f(c, "gamma", 2.0))
-                    .from_logits(b(c, "from_logits", false))
-                    .label_smoothing(f(c, "label_smoothing", 0.0))
-                    .axis(axis(c)?)
-                    .with_reduction(reduction),
-            )
-        }
-        "SparseCategoricalCrossentropy" => {
-            known(&["from_logits", "ignore_class", "axis"])?;
-            if axis(c)? != -1 {
-                return Err(invalid(
-                    "SparseCategoricalCrossentropy supports axis=-1 only",
-                ));
-            }
-            Arc::new(
-                SparseCategoricalCrossentropy::new()
-                    .from_logits(b(c, "from_logits", false))
-                    .ignore_class(c.get("ignore_class").and_then(Value::as_i64))
-                    .with_reduction(reduction),
-            )
-        }
-        "Hinge" => {
-            known(&[])?;
-            Arc::new(Hinge::new().with_reduction(reduction))
-        }
-        "SquaredHinge" => {
-            known(&[])?;
-            Arc::new(SquaredHinge::new().with_reduction(reduction))
-        }
-        "CategoricalHinge" => {
-            known(&[])?;
-            Arc::new(CategoricalHinge::new().with_reduction(reduction))
-        }
-        "KLDivergence" => {
-            known(&[])?;
-            Arc::new(KLDivergence::new().with_reduction(reduction))
-        }
-        "Poisson" => {
-            known(&[])?;
-            Arc::new(Poisson::new().with_reduction(reduction))
-        }
-        "CosineSimilarity" => {
-            known(&["axis"])?;
-            Arc::new(
-                CosineSimilarity::new()
-                    .axis(axis(c)?)
-                    .with_reduction(reduction),
-            )
-        }
-        "Dice" => {
-            known(&["axis"])?;
-            Arc::new(Dice::new().axis(axes(c)?).with_reduction(reduction))
-        }
-        "Tversky" => {
-            known(&["alpha", "beta", "axis"])?;
-            Arc::new(
-                Tversky::new()
-                    .alpha(f(c, "alpha", 0.5))
-                    .beta(f(c, "beta", 0.5))
-                    .axis(axes(c)?)
-                    .with_reduction(reduction),
-            )
-        }
-        "Circle" => {
-            known(&["gamma", "margin", "remove_diagonal"])?;
-            Arc::new(
-                Circle::new()
-                    .gamma(f(c, "gamma", 80.0))
-                    .margin(f(c, "margin", 0.4))
-                    .remove_diagonal(b(c, "remove_diagonal", true))
-                    .with_reduction(reduction),
-            )
-        }
-        "CategoricalGeneralizedCrossEntropy" => {
-            known(&["q"])?;
-            Arc::new(
-                CategoricalGeneralizedCrossEntropy::new()
-                    .q(f(c, "q", 0.5))
-                    .with_reduction(reduction),
-            )
-        }
-        "CTC" => {
-            known(&[])?;
-            Arc::new(CTC::new().with_reduction(reduction))
-        }
-        other => return Err(invalid(format!("kiln has no loss `{other}`"))),
-    })
+    let place = format!("{name} config");
+    json_object(config, &place)?;
+    losses::config::loss_from_config(name, &JsonParams::new(config, place), reduction)
 }
 
-/// Builds a regularizer from its Keras class name and parameters.
+/// Builds a regularizer from its Keras class name and parameters: a thin wrapper over
+/// [`crate::regularizers::regularizer_from_config`].
+///
+/// ```
+/// let ok = serde_json::json!({ "l1": 0.01 });
+/// assert!(kiln::conformance::regularizer_from_keras("L1", &ok).is_ok());
+/// let bad = serde_json::json!({ "l1": -0.01 });
+/// assert!(kiln::conformance::regularizer_from_keras("L1", &bad).is_err());
+/// ```
+///
+/// # Errors
+///
+/// As [`crate::regularizers::regularizer_from_config`].
 pub fn regularizer_from_keras(name: &str, config: &Value) -> Result<SharedRegularizer> {
-    Ok(match name {
-        "L1" => Arc::new(regularizers::L1::new(f(config, "l1", 0.01))),
-        "L2" => Arc::new(regularizers::L2::new(f(config, "l2", 0.01))),
-        "L1L2" => Arc::new(regularizers::L1L2::new(
-            f(config, "l1", 0.0),
-            f(config, "l2", 0.0),
-        )),
-        "OrthogonalRegularizer" => {
-            let mode = match config.get("mode").and_then(Value::as_str).unwrap_or("rows") {
-                "rows" => OrthogonalMode::Rows,
-                "columns" => OrthogonalMode::Columns,
-                m => {
-                    return Err(invalid(format!(
-                        "OrthogonalRegularizer: unknown mode `{m}`"
-                    )))
-                }
-            };
-            Arc::new(regularizers::Orthogonal::new(f(config, "factor", 0.01)).mode(mode))
-        }
-        other => return Err(invalid(format!("kiln has no regularizer `{other}`"))),
-    })
+    let place = format!("{name} config");
+    json_object(config, &place)?;
+    regularizers::regularizer_from_config(name, &JsonParams::new(config, place))
+}
+
+fn json_object(config: &Value, place: &str) -> Result<()> {
+    if config.is_object() || config.is_null() {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{place}: expected an object of parameters, got {config}"
+        )))
+    }
 }
 
 fn reduction_of(case: &Value) -> Result<Reduction> {
@@ -613,7 +423,14 @@ fn compile_case(case: &Value) -> CaseResult {
         .iter()
         .enumerate()
     {
-        let factor = f(term, "factor", 1.0);
+        let factor = match term.get("factor") {
+            None => 1.0,
+            Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                invalid(format!(
+                    "add_loss_mean_abs[{i}].factor: expected a number, got {v}"
+                ))
+            })?,
+        };
         let of = term["of_output"].as_str().unwrap_or("?").to_string();
         model.add_loss(format!("mean_abs_{i}"), move |t: &crate::Tensors| {
             Ok((t.output(&of)?.abs()?.mean_all()? * factor)?)

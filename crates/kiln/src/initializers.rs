@@ -139,7 +139,7 @@ impl Initializer {
         device: &Device,
         rng: &mut StdRng,
     ) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
+        let n = reserve(shape, dtype)?;
         let (fan_in, fan_out) = fans(shape);
         let uniform = |limit: f64, rng: &mut StdRng| -> Result<Vec<f64>> {
             let dist = Uniform::new_inclusive(-limit, limit).map_err(|_| {
@@ -162,5 +162,174 @@ impl Initializer {
             Initializer::Orthogonal { gain } => orthogonal(shape, gain, rng)?,
         };
         Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+    }
+}
+
+/// The memory weights may take: the machine's physical memory (`MemTotal` of `/proc/meminfo`
+/// on Linux), or 64 GiB where it cannot be read.
+///
+/// ```
+/// assert!(kiln::initializers::memory_limit() > 0);
+/// ```
+///
+/// # Errors
+///
+/// None: falls back to the constant.
+pub fn memory_limit() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                kib.checked_mul(1024)
+            })
+            .unwrap_or(64 << 30)
+    })
+}
+
+#[cfg(test)]
+thread_local! {
+    static LIMIT_OVERRIDE: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+fn effective_limit() -> u64 {
+    #[cfg(test)]
+    if let Some(l) = LIMIT_OVERRIDE.with(|l| l.get()) {
+        return l;
+    }
+    memory_limit()
+}
+
+/// What the weights created so far by the model being built take, and the layer being built.
+struct Budget {
+    layer: Option<String>,
+    used: u64,
+}
+
+thread_local! {
+    static BUDGET: std::cell::RefCell<Budget> = const {
+        std::cell::RefCell::new(Budget { layer: None, used: 0 })
+    };
+}
+
+/// Starts counting the weights of a model (the model builder calls this before building).
+pub(crate) fn begin_model() {
+    BUDGET.with(|b| {
+        let mut b = b.borrow_mut();
+        b.layer = None;
+        b.used = 0;
+    });
+}
+
+/// Names the layer whose weights are created next, for error messages.
+pub(crate) fn building_layer(name: Option<&str>) {
+    BUDGET.with(|b| b.borrow_mut().layer = name.map(str::to_string));
+}
+
+/// The number of elements of a weight of `shape`, checked before anything is allocated: the
+/// element count and byte size cannot overflow, and the weight (with the `f64` values it is
+/// drawn as, and the weights of the model built so far) must fit in [`memory_limit`].
+///
+/// ```
+/// use candle_core::DType;
+/// assert_eq!(kiln::initializers::check_weight_size(&[3, 4], DType::F32)?, 12);
+/// let err = kiln::initializers::check_weight_size(&[1 << 40, 1 << 30], DType::F32).unwrap_err();
+/// assert!(err.to_string().contains("bytes"), "{err}");
+/// # Ok::<(), kiln::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`crate::Error::InvalidArgument`] naming the layer (when a model is being built), the shape
+/// and the bytes, when the size overflows or exceeds the memory.
+pub fn check_weight_size(shape: &[usize], dtype: DType) -> Result<usize> {
+    // Earlier weights count only while a model is being built.
+    let (layer, used) = BUDGET.with(|b| {
+        let b = b.borrow();
+        (b.layer.clone(), if b.layer.is_some() { b.used } else { 0 })
+    });
+    let what = match &layer {
+        Some(l) => format!("layer `{l}`: a weight of shape {shape:?}"),
+        None => format!("a weight of shape {shape:?}"),
+    };
+    let limit = effective_limit();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            crate::error::invalid(format!(
+                "{what} has more elements than can be counted (the product of its shape \
+                 overflows {} bits), so more bytes than any machine has: use fewer units, \
+                 filters or features",
+                usize::BITS
+            ))
+        })?;
+    let bytes = (n as u128) * dtype.size_in_bytes() as u128;
+    // The values are drawn as f64 first, then converted.
+    let peak = bytes + (n as u128) * 8 + used as u128;
+    if peak > limit as u128 {
+        let so_far = if used > 0 {
+            format!(" on top of the {used} bytes of the model's earlier weights")
+        } else {
+            String::new()
+        };
+        return Err(crate::error::invalid(format!(
+            "{what} needs {bytes} bytes ({n} elements of {dtype:?}), {peak} bytes at peak while \
+             its values are drawn{so_far}: more than this machine's {limit} bytes of memory; use \
+             fewer units, filters or features"
+        )));
+    }
+    Ok(n)
+}
+
+/// Checks a weight's size (see [`check_weight_size`]) and counts it against the model's memory.
+fn reserve(shape: &[usize], dtype: DType) -> Result<usize> {
+    let n = check_weight_size(shape, dtype)?;
+    let bytes = (n as u64).saturating_mul(dtype.size_in_bytes() as u64);
+    BUDGET.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.layer.is_some() {
+            b.used = b.used.saturating_add(bytes);
+        }
+    });
+    Ok(n)
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::graph::Input;
+    use crate::layers::{Dense, LayerExt};
+
+    #[test]
+    fn the_weights_of_a_whole_model_count_against_the_memory() {
+        // 12 kB of "memory": a Dense 30→30 kernel takes 3600 B (10800 B at peak, with its f64
+        // draw), so one fits after a Dense 1→30, but a second one on top of the first does not.
+        LIMIT_OVERRIDE.with(|l| l.set(Some(12_000)));
+        let x = Input::new([1]);
+        let h = Dense::new(30).name("a").apply(&x).unwrap();
+        let one = crate::Model::new(&[x.clone()], &[Dense::new(30).name("b").apply(&h).unwrap()]);
+        assert!(one.is_ok(), "{:?}", one.err());
+        // Two layers that fit alone but not together: the second is refused before allocating.
+        let h = Dense::new(30).name("c").apply(&x).unwrap();
+        let h = Dense::new(30).name("d").apply(&h).unwrap();
+        let y = Dense::new(30).name("e").apply(&h).unwrap();
+        let err = crate::Model::new(&[x], &[y])
+            .err()
+            .expect("too big")
+            .to_string();
+        LIMIT_OVERRIDE.with(|l| l.set(None));
+        assert!(err.contains("layer `e`") && err.contains("bytes"), "{err}");
+        assert!(err.contains("earlier weights"), "{err}");
+    }
+
+    #[test]
+    fn overflowing_shapes_are_errors() {
+        let err = check_weight_size(&[usize::MAX, 2], DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overflows"), "{err}");
     }
 }

@@ -79,7 +79,13 @@ impl Recurrent {
         ctx: &mut BuildContext,
     ) -> Result<()> {
         let features = input_shapes[0][1];
-        let width = gates * self.units;
+        let width = gates.checked_mul(self.units).ok_or_else(|| {
+            invalid(format!(
+                "layer `{name}`: a kernel {gates} × {} units wide has more elements than can be \
+                 counted, so more bytes than any machine has: use fewer units",
+                self.units
+            ))
+        })?;
         self.kernel = Some(make_weight(
             name,
             "kernel",

@@ -4,6 +4,7 @@
 //! the loss's [`Reduction`] through [`crate::reduction`]. Users write their own as closures with
 //! [`loss_fn`], capturing any hyperparameters.
 
+pub mod config;
 mod probabilistic;
 mod regression;
 

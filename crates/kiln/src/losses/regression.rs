@@ -148,9 +148,9 @@ impl Loss for Huber {
         self.reduction
     }
     fn validate(&self) -> Result<()> {
-        if !(self.delta.is_finite() && self.delta >= 0.0) {
+        if !(self.delta.is_finite() && self.delta > 0.0) {
             return Err(invalid(format!(
-                "Huber: delta must be finite and >= 0, got {}",
+                "Huber: delta must be finite and > 0 (0 makes the loss zero), got {}",
                 self.delta
             )));
         }

@@ -220,6 +220,7 @@ impl Model {
         // Build every layer once, from the shapes of its first application.
         let mut rng = StdRng::seed_from_u64(b.seed);
         let mut built = HashSet::new();
+        crate::initializers::begin_model();
         let mut steps = Vec::new();
         for t in &order {
             let NodeOp::Layer { layer, inputs } = &t.0.op else {
@@ -234,7 +235,10 @@ impl Model {
                     dtype: b.dtype,
                     rng: &mut rng,
                 };
-                layer.lock().build(&name, &shapes, &mut ctx)?;
+                crate::initializers::building_layer(Some(&name));
+                let result = layer.lock().build(&name, &shapes, &mut ctx);
+                crate::initializers::building_layer(None);
+                result?;
             }
             steps.push(Step {
                 node: t.clone(),

@@ -586,7 +586,25 @@ impl Model {
             return Err(not_compiled());
         }
         if config.batch_size == 0 {
-            return Err(Error::Data("batch_size must be at least 1".into()));
+            return Err(Error::Data(
+                "Fit::batch_size must be at least 1, got 0".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&config.validation_split) {
+            return Err(Error::InvalidArgument(format!(
+                "Fit::validation_split must be a finite number in [0, 1), got {}",
+                config.validation_split
+            )));
+        }
+        if let Some((class, w)) = config
+            .class_weight
+            .iter()
+            .flatten()
+            .find(|(_, w)| !(w.is_finite() && *w >= 0.0))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "Fit::class_weight: the weight of class {class} must be a finite number >= 0, got {w}"
+            )));
         }
         let data = data.to_device(&self.device)?;
         let (mut train, split_val) =
@@ -771,7 +789,9 @@ impl Model {
     ) -> Result<Logs> {
         let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
         if batch_size == 0 {
-            return Err(Error::Data("batch_size must be at least 1".into()));
+            return Err(Error::Data(
+                "the evaluation batch_size must be at least 1, got 0".into(),
+            ));
         }
         let data = data.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(0);

@@ -3,6 +3,7 @@
 use super::fused::{AdamUpdate, Moments};
 use super::{optimizer_common, Clipping, Optimizer, Slots};
 use crate::error::Result;
+use crate::losses::config::Bounds;
 use candle_core::{Tensor, TensorId, Var};
 use std::collections::HashMap;
 
@@ -90,9 +91,22 @@ impl Adam {
     }
 }
 
+impl Adam {
+    fn check(&self, name: &str) -> Result<()> {
+        // β = 1 never updates the moment (and divides by 1 - βᵗ = 0).
+        let decay = Bounds::closed_open(0.0, 1.0);
+        super::check(name, "beta_1", self.beta_1, decay)?;
+        super::check(name, "beta_2", self.beta_2, decay)?;
+        super::check(name, "epsilon", self.epsilon, Bounds::positive())
+    }
+}
+
 impl Optimizer for Adam {
     fn name(&self) -> &str {
         "adam"
+    }
+    fn validate(&self) -> Result<()> {
+        self.check("adam")
     }
     fn learning_rate(&self) -> f64 {
         self.lr
@@ -221,6 +235,9 @@ impl AdamW {
 impl Optimizer for AdamW {
     fn name(&self) -> &str {
         "adamw"
+    }
+    fn validate(&self) -> Result<()> {
+        self.0.check("adamw")
     }
     fn learning_rate(&self) -> f64 {
         self.0.lr

@@ -10,6 +10,7 @@ pub use rmsprop::RmsProp;
 pub use sgd::Sgd;
 
 use crate::error::{invalid, Result};
+use crate::losses::config::Bounds;
 use candle_core::{Tensor, TensorId, Var};
 
 /// Updates weights from their gradients.
@@ -29,6 +30,22 @@ pub trait Optimizer: Send + Sync {
     /// Decoupled weight decay (`var -= var · wd · lr` before the update), if any.
     fn weight_decay(&self) -> Option<f64> {
         None
+    }
+    /// Checks the optimizer's own hyperparameters (decay rates, epsilon, momentum, weight decay)
+    /// before the first step; `compile` calls it. The default accepts everything.
+    ///
+    /// ```
+    /// use kiln::optimizers::{Adam, Optimizer};
+    /// assert!(Adam::new(1e-3).validate().is_ok());
+    /// assert!(Adam::new(1e-3).beta_1(1.5).validate().is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidArgument`] naming the optimizer, the hyperparameter, its value and
+    /// the allowed range.
+    fn validate(&self) -> Result<()> {
+        Ok(())
     }
     /// Applies one update with already clipped gradients; `t` is the 1-based step number.
     fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()>;
@@ -168,7 +185,22 @@ pub(crate) fn apply_step(
 /// Checks an optimizer's settings (compile calls this).
 pub(crate) fn validate(opt: &dyn Optimizer) -> Result<()> {
     check_lr(opt.name(), opt.learning_rate())?;
+    if let Some(wd) = opt.weight_decay() {
+        check(opt.name(), "weight_decay", wd, Bounds::non_negative())?;
+    }
+    opt.validate()?;
     opt.clipping().validate(opt.name())
+}
+
+/// Fails unless `value` of the hyperparameter `what` lies in `bounds`.
+pub(crate) fn check(optimizer: &str, what: &str, value: f64, bounds: Bounds) -> Result<()> {
+    if bounds.contains(value) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{optimizer}: {what} must be {bounds}, got {value}"
+        )))
+    }
 }
 
 /// Per-variable optimizer state, keyed by the variable's identity, created as zeros on first use.

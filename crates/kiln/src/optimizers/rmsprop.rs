@@ -65,6 +65,18 @@ impl Optimizer for RmsProp {
     fn name(&self) -> &str {
         "rmsprop"
     }
+    fn validate(&self) -> Result<()> {
+        use crate::losses::config::Bounds;
+        // ρ = 1 never updates the average (0), so every step divides by √ε.
+        super::check("rmsprop", "rho", self.rho, Bounds::closed_open(0.0, 1.0))?;
+        super::check(
+            "rmsprop",
+            "momentum",
+            self.momentum,
+            Bounds::closed_open(0.0, 1.0),
+        )?;
+        super::check("rmsprop", "epsilon", self.epsilon, Bounds::positive())
+    }
     fn learning_rate(&self) -> f64 {
         self.lr
     }

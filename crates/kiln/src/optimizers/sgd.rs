@@ -46,6 +46,11 @@ impl Optimizer for Sgd {
     fn name(&self) -> &str {
         "sgd"
     }
+    fn validate(&self) -> Result<()> {
+        // Keras: "`momentum` must be a float between [0, 1]".
+        let unit = crate::losses::config::Bounds::closed(0.0, 1.0);
+        super::check("sgd", "momentum", self.momentum, unit)
+    }
     fn learning_rate(&self) -> f64 {
         self.lr
     }

@@ -213,3 +213,73 @@ impl IntoRegularizer for SharedRegularizer {
         self
     }
 }
+
+/// Builds a regularizer from its Keras class name (`L1`, `L2`, `L1L2`,
+/// `OrthogonalRegularizer`) and parameters, strictly: each factor must be a finite number
+/// `>= 0` (an integer is fine), `mode` must be `"rows"` or `"columns"`, and unknown keys are
+/// errors. Absent keys take Keras' defaults.
+///
+/// ```
+/// use kiln::losses::config::JsonParams;
+/// use kiln::regularizers::regularizer_from_config;
+/// let ok = serde_json::json!({ "l2": 0.5 });
+/// assert_eq!(regularizer_from_config("L2", &JsonParams::new(&ok, "reg"))?.name(), "l2");
+/// let bad = serde_json::json!({ "l2": -1 });
+/// let msg = regularizer_from_config("L2", &JsonParams::new(&bad, "reg")).unwrap_err().to_string();
+/// assert!(msg.contains("reg.l2") && msg.contains(">= 0"), "{msg}");
+/// # Ok::<(), kiln::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`crate::Error::InvalidArgument`] naming the place of the value, the key, the value and what
+/// is allowed; or the unknown class.
+pub fn regularizer_from_config(
+    name: &str,
+    params: &dyn crate::losses::config::Params,
+) -> Result<SharedRegularizer> {
+    use crate::losses::config::{Bounds, Reader};
+    let r = Reader::new(params, name);
+    let factor = Bounds::non_negative();
+    Ok(match name {
+        "L1" => {
+            r.only(&["l1"])?;
+            Arc::new(L1::new(r.float("l1", 0.01, factor)?))
+        }
+        "L2" => {
+            r.only(&["l2"])?;
+            Arc::new(L2::new(r.float("l2", 0.01, factor)?))
+        }
+        "L1L2" => {
+            r.only(&["l1", "l2"])?;
+            Arc::new(L1L2::new(
+                r.float("l1", 0.0, factor)?,
+                r.float("l2", 0.0, factor)?,
+            ))
+        }
+        "OrthogonalRegularizer" => {
+            r.only(&["factor", "mode"])?;
+            let mode = match r.string("mode", "rows")?.as_str() {
+                "rows" => OrthogonalMode::Rows,
+                "columns" => OrthogonalMode::Columns,
+                m => {
+                    return Err(params.error(
+                        Some("mode"),
+                        &format!(
+                        "got {m:?}; OrthogonalRegularizer's `mode` must be \"rows\" or \"columns\""
+                    ),
+                    ))
+                }
+            };
+            Arc::new(Orthogonal::new(r.float("factor", 0.01, factor)?).mode(mode))
+        }
+        other => {
+            return Err(params.error(
+                None,
+                &format!(
+                    "kiln has no regularizer `{other}`: use L1, L2, L1L2 or OrthogonalRegularizer"
+                ),
+            ))
+        }
+    })
+}

@@ -1,7 +1,7 @@
 //! Turning the `[model]`, `[compile]`, `[[added]]` and `[fit]` sections into a model, its
 //! compile configuration, its added terms and its fit options.
 
-use super::fields::{to_json, Fields};
+use super::fields::{Fields, TableParams};
 use crate::activations::Activation;
 use crate::adversarial::{Adversarial, PerturbationNorm};
 use crate::callbacks::{self, Schedule};
@@ -13,6 +13,7 @@ use crate::layers::{
     GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Reshape,
 };
+use crate::losses::config::Bounds;
 use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::{Compile, Fit, Model, Tensors};
@@ -23,9 +24,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 fn regularizer(f: &Fields) -> Result<SharedRegularizer> {
-    let l1 = f.f64("l1")?;
-    let l2 = f.f64("l2")?;
-    let orthogonal = f.f64("orthogonal")?;
+    // The factors of Keras' regularizers: finite and >= 0 (a negative one rewards large weights).
+    let l1 = f.f64_in("l1", Bounds::non_negative())?;
+    let l2 = f.f64_in("l2", Bounds::non_negative())?;
+    let orthogonal = f.f64_in("orthogonal", Bounds::non_negative())?;
     let mode = f.str("mode")?;
     f.finish()?;
     Ok(match (l1, l2, orthogonal) {
@@ -181,10 +183,14 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
     }
     for (i, l) in layers.iter().enumerate() {
         let kind = l.required_str("type")?;
-        let name = l
-            .str("name")?
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{kind}_{i}"));
+        let name = match l.str("name")? {
+            Some(n) if n.trim().is_empty() => {
+                let v = l.get("name").expect("read above");
+                return Err(l.value_error("name", v, "a layer name must not be empty"));
+            }
+            Some(n) => n.to_string(),
+            None => format!("{kind}_{i}"),
+        };
         let sources = l.strings("input")?.unwrap_or_default();
         let layer_inputs: Vec<SymbolicTensor> = if sources.is_empty() {
             vec![last.clone()]
@@ -202,7 +208,7 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
         let applied = match kind {
             "dense" => {
                 let units = l
-                    .usize("units")?
+                    .usize_min("units", 1)?
                     .ok_or_else(|| l.error("dense needs `units`"))?;
                 let d = Dense::new(units)
                     .activation(activation(l)?)
@@ -212,12 +218,12 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
             }
             "conv1d" | "conv2d" => {
                 let filters = l
-                    .usize("filters")?
+                    .usize_min("filters", 1)?
                     .ok_or_else(|| l.error(format!("{kind} needs `filters`")))?;
                 let kernel = size_pair(l, "kernel_size")?
                     .ok_or_else(|| l.error(format!("{kind} needs `kernel_size`")))?;
                 let padding = padding(l)?;
-                let dilation = l.usize_or("dilation_rate", 1)?;
+                let dilation = l.usize_min_or("dilation_rate", 1, 1)?;
                 let strides = size_pair(l, "strides")?.unwrap_or((1, 1));
                 macro_rules! common {
                     ($c:expr) => {{
@@ -240,8 +246,8 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
                 }
             }
             "max_pooling1d" | "average_pooling1d" => {
-                let size = l.usize_or("pool_size", 2)?;
-                let strides = l.usize_or("strides", size)?;
+                let size = l.usize_min_or("pool_size", 2, 1)?;
+                let strides = l.usize_min_or("strides", size, 1)?;
                 let pad = padding(l)?;
                 if kind == "max_pooling1d" {
                     MaxPooling1D::new(size)
@@ -288,24 +294,24 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
                 .name(name.clone())
                 .apply_many(&refs),
             "batch_normalization" => BatchNormalization::new()
-                .momentum(l.f64_or("momentum", 0.99)?)
-                .epsilon(l.f64_or("epsilon", 1e-3)?)
+                .momentum(l.f64_in_or("momentum", 0.99, Bounds::closed(0.0, 1.0))?)
+                .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
                 .name(name.clone())
                 .apply_many(&refs),
             "layer_normalization" => LayerNormalization::new()
-                .epsilon(l.f64_or("epsilon", 1e-3)?)
+                .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
                 .name(name.clone())
                 .apply_many(&refs),
             "embedding" => {
                 let input_dim = l
-                    .usize("input_dim")?
+                    .usize_min("input_dim", 1)?
                     .ok_or_else(|| l.error("embedding needs `input_dim`"))?;
                 let output_dim = l
-                    .usize("output_dim")?
+                    .usize_min("output_dim", 1)?
                     .ok_or_else(|| l.error("embedding needs `output_dim`"))?;
                 Embedding::new(input_dim, output_dim)
                     .mask_zero(l.bool_or("mask_zero", false)?)
@@ -317,7 +323,7 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
                 .apply_many(&refs),
             "lstm" => {
                 let units = l
-                    .usize("units")?
+                    .usize_min("units", 1)?
                     .ok_or_else(|| l.error("lstm needs `units`"))?;
                 Lstm::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
@@ -326,7 +332,7 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
             }
             "gru" => {
                 let units = l
-                    .usize("units")?
+                    .usize_min("units", 1)?
                     .ok_or_else(|| l.error("gru needs `units`"))?;
                 Gru::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
@@ -367,7 +373,7 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
             }
             "add" => Add::new().name(name.clone()).apply_many(&refs),
             "multiply" => Multiply::new().name(name.clone()).apply_many(&refs),
-            "dropout" => Dropout::new(l.f64_or("rate", 0.5)?)
+            "dropout" => Dropout::new(l.f64_in_or("rate", 0.5, Bounds::closed_open(0.0, 1.0))?)
                 .name(name.clone())
                 .apply_many(&refs),
             "activation" => ActivationLayer::new(activation(l)?)
@@ -409,17 +415,19 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
 
 fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
     let kind = f.str("type")?.unwrap_or("rmsprop");
-    let lr = f.f64("learning_rate")?;
+    let lr = f.f64_in("learning_rate", Bounds::positive())?;
+    // Keras: the decay rates of the moment estimates lie in [0, 1).
+    let unit = Bounds::closed_open(0.0, 1.0);
     macro_rules! clipped {
         ($opt:expr) => {{
             let mut o = $opt;
-            if let Some(c) = f.f64("clipnorm")? {
+            if let Some(c) = f.f64_in("clipnorm", Bounds::positive())? {
                 o = o.clipnorm(c);
             }
-            if let Some(c) = f.f64("global_clipnorm")? {
+            if let Some(c) = f.f64_in("global_clipnorm", Bounds::positive())? {
                 o = o.global_clipnorm(c);
             }
-            if let Some(c) = f.f64("clipvalue")? {
+            if let Some(c) = f.f64_in("clipvalue", Bounds::positive())? {
                 o = o.clipvalue(c);
             }
             Box::new(o) as Box<dyn Optimizer>
@@ -427,27 +435,28 @@ fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
     }
     let opt = match kind {
         "sgd" => clipped!(Sgd::new(lr.unwrap_or(0.01))
-            .momentum(f.f64_or("momentum", 0.0)?)
+            // Keras: "`momentum` must be a float between [0, 1]".
+            .momentum(f.f64_in_or("momentum", 0.0, Bounds::closed(0.0, 1.0))?)
             .nesterov(f.bool_or("nesterov", false)?)),
         "adam" => {
             let mut a = Adam::new(lr.unwrap_or(1e-3))
-                .beta_1(f.f64_or("beta_1", 0.9)?)
-                .beta_2(f.f64_or("beta_2", 0.999)?)
-                .epsilon(f.f64_or("epsilon", 1e-7)?);
-            if let Some(wd) = f.f64("weight_decay")? {
+                .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
+                .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
+                .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?);
+            if let Some(wd) = f.f64_in("weight_decay", Bounds::non_negative())? {
                 a = a.weight_decay(wd);
             }
             clipped!(a)
         }
         "adamw" => clipped!(AdamW::new(lr.unwrap_or(1e-3))
-            .weight_decay(f.f64_or("weight_decay", 0.004)?)
-            .beta_1(f.f64_or("beta_1", 0.9)?)
-            .beta_2(f.f64_or("beta_2", 0.999)?)
-            .epsilon(f.f64_or("epsilon", 1e-7)?)),
+            .weight_decay(f.f64_in_or("weight_decay", 0.004, Bounds::non_negative())?)
+            .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
+            .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)),
         "rmsprop" => clipped!(RmsProp::new(lr.unwrap_or(1e-3))
-            .rho(f.f64_or("rho", 0.9)?)
-            .momentum(f.f64_or("momentum", 0.0)?)
-            .epsilon(f.f64_or("epsilon", 1e-7)?)
+            .rho(f.f64_in_or("rho", 0.9, unit)?)
+            .momentum(f.f64_in_or("momentum", 0.0, unit)?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)
             .centered(f.bool_or("centered", false)?)),
         other => {
             return Err(f.error(format!(
@@ -466,32 +475,36 @@ fn loss(f: &Fields, key: &str) -> Result<LossSpec> {
         crate::losses::by_name(name).map_err(|e| f.value_error(key, v, e))?;
         return Ok(LossSpec::Named(name.to_string()));
     }
-    let table = v
-        .get_ref()
-        .as_table()
-        .ok_or_else(|| f.value_error(key, v, "expected a loss name or a table"))?;
-    let mut config = serde_json::Map::new();
-    let mut kind = None;
-    let mut reduction = Reduction::default();
-    for (k, val) in table.iter() {
-        match k.get_ref().as_ref() {
-            "type" => kind = val.get_ref().as_str().map(str::to_string),
-            "reduction" => {
-                let r = val.get_ref().as_str().unwrap_or("");
-                reduction = r.parse().map_err(|e| f.value_error(key, val, e))?;
-            }
-            other => {
-                config.insert(other.to_string(), to_json(val.get_ref()));
-            }
-        }
+    if !v.get_ref().is_table() {
+        return Err(f.value_error(key, v, "expected a loss name or a table"));
     }
-    let kind = kind.ok_or_else(|| f.value_error(key, v, "a loss table needs `type`"))?;
-    let class = crate::losses::keras_class_name(&kind)
-        .ok_or_else(|| f.value_error(key, v, format!("unknown loss `{kind}`")))?;
-    let built =
-        crate::conformance::loss_from_keras(class, &serde_json::Value::Object(config), reduction)
-            .map_err(|e| f.value_error(key, v, e))?;
-    built.validate().map_err(|e| f.value_error(key, v, e))?;
+    let t = f.table(key)?.expect("a table, checked above");
+    let kind = t
+        .str("type")?
+        .ok_or_else(|| f.value_error(key, v, "a loss table needs `type`"))?;
+    let reduction = match t.get("reduction") {
+        None => Reduction::default(),
+        Some(r) => r
+            .get_ref()
+            .as_str()
+            .ok_or_else(|| t.value_error("reduction", r, "expected a string"))?
+            .parse()
+            .map_err(|e| t.value_error("reduction", r, e))?,
+    };
+    if crate::losses::keras_class_name(kind).is_none() {
+        let tv = t.get("type").expect("read above");
+        return Err(t.value_error(
+            "type",
+            tv,
+            format!("unknown loss `{kind}` (`kiln losses` lists them all)"),
+        ));
+    }
+    let params = TableParams {
+        fields: &t,
+        skip: &["type", "reduction"],
+    };
+    let built = crate::losses::config::loss_from_config(kind, &params, reduction)?;
+    t.finish()?;
     Ok(LossSpec::Loss(built))
 }
 
@@ -533,12 +546,12 @@ pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
     match f.get("loss_weights") {
         None => {}
         Some(v) => {
-            if let Some(w) = super::fields::number(v.get_ref()) {
+            if super::fields::number(v.get_ref()).is_some() {
+                let w = f.f64("loss_weights")?.expect("present");
                 c = c.loss_weight(w);
             } else if let Some(t) = f.table("loss_weights")? {
-                for (name, val) in t.entries() {
-                    let w = super::fields::number(val.get_ref())
-                        .ok_or_else(|| t.value_error(&name, val, "expected a number"))?;
+                for (name, _) in t.entries() {
+                    let w = t.f64(&name)?.expect("present");
                     c = c.loss_weight_for(name, w);
                 }
             } else {
@@ -588,15 +601,15 @@ pub(crate) fn added(f: &Fields, model: &mut Model) -> Result<()> {
     match kind {
         "fgsm" | "pgd" => {
             let eps = f
-                .f64("epsilon")?
+                .f64_in("epsilon", Bounds::positive())?
                 .ok_or_else(|| f.error("adversarial terms need `epsilon`"))?;
             let mut a = if kind == "fgsm" {
                 Adversarial::fgsm(eps)
             } else {
                 Adversarial::pgd(
                     eps,
-                    f.usize_or("steps", 10)?,
-                    f.f64_or("step_size", eps / 4.0)?,
+                    f.usize_min_or("steps", 10, 1)?,
+                    f.f64_in_or("step_size", eps / 4.0, Bounds::positive())?,
                 )
                 .random_start(f.bool_or("random_start", false)?)
             };
@@ -619,9 +632,14 @@ pub(crate) fn added(f: &Fields, model: &mut Model) -> Result<()> {
                     .filter(|a| a.len() == 2)
                     .ok_or_else(|| f.value_error("clip", v, "expected [min, max]"))?;
                 let lo = super::fields::number(arr[0].get_ref())
-                    .ok_or_else(|| f.value_error("clip", v, "expected numbers"))?;
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| f.value_error("clip", v, "expected finite numbers"))?;
                 let hi = super::fields::number(arr[1].get_ref())
-                    .ok_or_else(|| f.value_error("clip", v, "expected numbers"))?;
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| f.value_error("clip", v, "expected finite numbers"))?;
+                if lo > hi {
+                    return Err(f.value_error("clip", v, format!("min {lo} is above max {hi}")));
+                }
                 a = a.clip(lo, hi);
             }
             f.finish()?;
@@ -659,17 +677,17 @@ pub(crate) fn added(f: &Fields, model: &mut Model) -> Result<()> {
 pub(crate) fn fit(f: &Fields) -> Result<(Fit, Option<String>)> {
     let mut fit = Fit::new()
         .epochs(f.usize_or("epochs", 10)?)
-        .batch_size(f.usize_or("batch_size", 32)?)
+        .batch_size(f.usize_min_or("batch_size", 32, 1)?)
         .shuffle(f.bool_or("shuffle", true)?)
-        .validation_split(f.f64_or("validation_split", 0.0)?);
+        .validation_split(f.f64_in_or("validation_split", 0.0, Bounds::closed_open(0.0, 1.0))?);
     if let Some(t) = f.table("class_weight")? {
         let mut weights = Vec::new();
         for (k, v) in t.entries() {
             let class: usize = k
                 .parse()
                 .map_err(|_| t.value_error(&k, v, "class keys must be integers (\"0\" = 2.0)"))?;
-            let w = super::fields::number(v.get_ref())
-                .ok_or_else(|| t.value_error(&k, v, "expected a number"))?;
+            // A negative weight would reward mistakes on the class.
+            let w = t.f64_in(&k, Bounds::non_negative())?.expect("present");
             weights.push((class, w));
         }
         fit = fit.class_weight(weights);
@@ -686,18 +704,19 @@ pub(crate) fn fit(f: &Fields) -> Result<(Fit, Option<String>)> {
             ),
             "reduce_lr_on_plateau" => fit.callback(
                 callbacks::ReduceLROnPlateau::new(cb.str("monitor")?.unwrap_or("val_loss"))
-                    .factor(cb.f64_or("factor", 0.1)?)
+                    // Keras: "ReduceLROnPlateau does not support a factor >= 1.0".
+                    .factor(cb.f64_in_or("factor", 0.1, Bounds::open(0.0, 1.0))?)
                     .patience(cb.usize_or("patience", 10)?)
                     .min_delta(cb.f64_or("min_delta", 1e-4)?)
                     .cooldown(cb.usize_or("cooldown", 0)?)
-                    .min_lr(cb.f64_or("min_lr", 0.0)?),
+                    .min_lr(cb.f64_in_or("min_lr", 0.0, Bounds::non_negative())?),
             ),
             "lr_schedule" => {
-                let initial = cb.f64("initial")?.ok_or_else(|| cb.error("a schedule needs `initial`"))?;
+                let initial = cb.f64_in("initial", Bounds::positive())?.ok_or_else(|| cb.error("a schedule needs `initial`"))?;
                 let schedule = match cb.str("schedule")?.unwrap_or("step") {
-                    "step" => Schedule::Step { initial, factor: cb.f64_or("factor", 0.5)?, every: cb.usize_or("every", 10)? },
-                    "exponential" => Schedule::Exponential { initial, rate: cb.f64_or("rate", 0.9)?, decay_epochs: cb.f64_or("decay_epochs", 1.0)? },
-                    "cosine" => Schedule::Cosine { initial, decay_epochs: cb.usize_or("decay_epochs", 10)?, alpha: cb.f64_or("alpha", 0.0)? },
+                    "step" => Schedule::Step { initial, factor: cb.f64_in_or("factor", 0.5, Bounds::positive())?, every: cb.usize_min_or("every", 10, 1)? },
+                    "exponential" => Schedule::Exponential { initial, rate: cb.f64_in_or("rate", 0.9, Bounds::positive())?, decay_epochs: cb.f64_in_or("decay_epochs", 1.0, Bounds::positive())? },
+                    "cosine" => Schedule::Cosine { initial, decay_epochs: cb.usize_min_or("decay_epochs", 10, 1)?, alpha: cb.f64_in_or("alpha", 0.0, Bounds::closed(0.0, 1.0))? },
                     other => return Err(cb.error(format!("unknown schedule `{other}`: use step, exponential or cosine"))),
                 };
                 fit.callback(callbacks::LearningRateScheduler::new(schedule))

@@ -2,6 +2,7 @@
 //! the file, the line and the key.
 
 use crate::error::{Error, Result};
+use crate::losses::config::{Bounds, ParamValue, Params};
 use std::cell::RefCell;
 use std::ops::Range;
 use toml::de::{DeTable, DeValue};
@@ -22,6 +23,11 @@ impl Doc {
     }
 
     pub(crate) fn error(&self, span: &Range<usize>, msg: impl std::fmt::Display) -> Error {
+        // A saved model.json is read through a TOML rendering of it, whose lines are not the
+        // file's: name the file and the key path only.
+        if self.name.ends_with(".json") {
+            return Error::InvalidArgument(format!("{}: {msg}", self.name));
+        }
         Error::InvalidArgument(format!(
             "{} line {}: {msg}",
             self.name,
@@ -86,21 +92,70 @@ impl<'a, 'i> Fields<'a, 'i> {
         self.table.get(key).is_some()
     }
 
+    /// A finite number, if present (TOML's `nan` and `inf` are errors).
     pub(crate) fn f64(&self, key: &str) -> Result<Option<f64>> {
+        self.f64_in(key, Bounds::finite())
+    }
+
+    /// A number in `bounds`, if present; the error names the value and the interval.
+    pub(crate) fn f64_in(&self, key: &str, bounds: Bounds) -> Result<Option<f64>> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        number(v.get_ref()).map(Some).ok_or_else(|| {
+        let x = number(v.get_ref()).ok_or_else(|| {
             self.value_error(
                 key,
                 v,
-                format!("expected a number, got {}", v.get_ref().type_str()),
+                format!(
+                    "expected {bounds}, got {} ({})",
+                    param_value(v.get_ref()),
+                    v.get_ref().type_str()
+                ),
             )
-        })
+        })?;
+        if !bounds.contains(x) {
+            return Err(self.value_error(
+                key,
+                v,
+                format!("expected {bounds}, got {}", param_value(v.get_ref())),
+            ));
+        }
+        Ok(Some(x))
     }
 
+    /// A finite number, or `default` when absent.
     pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         Ok(self.f64(key)?.unwrap_or(default))
+    }
+
+    /// A number in `bounds`, or `default` when absent.
+    pub(crate) fn f64_in_or(&self, key: &str, default: f64, bounds: Bounds) -> Result<f64> {
+        Ok(self.f64_in(key, bounds)?.unwrap_or(default))
+    }
+
+    /// An integer `>= min`, if present.
+    pub(crate) fn usize_min(&self, key: &str, min: usize) -> Result<Option<usize>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        integer(v.get_ref())
+            .filter(|i| *i >= 0 && *i as u64 >= min as u64)
+            .map(|i| Some(i as usize))
+            .ok_or_else(|| {
+                self.value_error(
+                    key,
+                    v,
+                    format!(
+                        "expected an integer >= {min}, got {}",
+                        param_value(v.get_ref())
+                    ),
+                )
+            })
+    }
+
+    /// An integer `>= min`, or `default` when absent.
+    pub(crate) fn usize_min_or(&self, key: &str, default: usize, min: usize) -> Result<usize> {
+        Ok(self.usize_min(key, min)?.unwrap_or(default))
     }
 
     pub(crate) fn usize(&self, key: &str) -> Result<Option<usize>> {
@@ -110,7 +165,16 @@ impl<'a, 'i> Fields<'a, 'i> {
         integer(v.get_ref())
             .filter(|i| *i >= 0)
             .map(|i| Some(i as usize))
-            .ok_or_else(|| self.value_error(key, v, "expected a non-negative integer"))
+            .ok_or_else(|| {
+                self.value_error(
+                    key,
+                    v,
+                    format!(
+                        "expected a non-negative integer, got {}",
+                        param_value(v.get_ref())
+                    ),
+                )
+            })
     }
 
     pub(crate) fn u64_or(&self, key: &str, default: u64) -> Result<u64> {
@@ -331,5 +395,57 @@ pub(crate) fn to_json(v: &DeValue) -> serde_json::Value {
                 .map(|(k, v)| (k.get_ref().to_string(), to_json(v.get_ref())))
                 .collect(),
         ),
+    }
+}
+
+/// A TOML value as the parser-neutral [`ParamValue`] (for errors and the loss parser).
+pub(crate) fn param_value(v: &DeValue) -> ParamValue {
+    match v {
+        DeValue::String(s) => ParamValue::String(s.to_string()),
+        DeValue::Integer(i) => match integer(v) {
+            Some(n) => ParamValue::Integer(n),
+            None => ParamValue::Other(format!("{} (too large)", i.as_str())),
+        },
+        DeValue::Float(f) => match number(v) {
+            Some(x) => ParamValue::Float(x),
+            None => ParamValue::Other(f.as_str().to_string()),
+        },
+        DeValue::Boolean(b) => ParamValue::Bool(*b),
+        DeValue::Datetime(d) => ParamValue::Other(d.to_string()),
+        DeValue::Array(a) => ParamValue::List(a.iter().map(|i| param_value(i.get_ref())).collect()),
+        DeValue::Table(_) => ParamValue::Table,
+    }
+}
+
+/// A run-file table seen as loss (or regularizer) parameters, leaving out the keys the run file
+/// itself reads (`type`, `reduction`): errors name the file and the line of the value.
+pub(crate) struct TableParams<'f, 'a, 'i> {
+    pub(crate) fields: &'f Fields<'a, 'i>,
+    pub(crate) skip: &'f [&'f str],
+}
+
+impl Params for TableParams<'_, '_, '_> {
+    fn keys(&self) -> Vec<String> {
+        self.fields
+            .table
+            .keys()
+            .map(|k| k.get_ref().to_string())
+            .filter(|k| !self.skip.contains(&k.as_str()))
+            .collect()
+    }
+    fn value(&self, key: &str) -> Option<ParamValue> {
+        if self.skip.contains(&key) {
+            return None;
+        }
+        self.fields.get(key).map(|v| param_value(v.get_ref()))
+    }
+    fn error(&self, key: Option<&str>, msg: &str) -> Error {
+        match key {
+            Some(k) => match self.fields.table.get(k) {
+                Some(v) => self.fields.value_error(k, v, msg),
+                None => self.fields.error(format!("`{k}`: {msg}")),
+            },
+            None => self.fields.error(msg),
+        }
     }
 }
