@@ -3,6 +3,7 @@
 mod adversarial;
 mod callbacks;
 mod cli;
+mod data_files;
 mod examples;
 mod gradients;
 mod keras_reference;
