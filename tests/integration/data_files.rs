@@ -347,13 +347,13 @@ fn idx_files_plain_and_gzip() {
 }
 
 #[test]
-fn csv_errors_name_file_line_and_column() {
+fn csv_errors_name_file_row_and_column() {
     let d = dir("csv");
     let p = write(&d.join("t.csv"), b"a,b,y\n1,2,0\n3,nan,1\n");
     assert_eq!(
         text(data::load_csv(&p, &["y".into()], &CPU)),
         format!(
-            "data: {}: line 3, column `b` (column 2): `nan` is not a finite number: fix the data, \
+            "data: {}: row 3, column `b`: `nan` is not a finite number: fix the data, \
              or allow non-finite values (`allow_non_finite = true` in the run file's [data] table, \
              ReadOptions::allow_non_finite in code)",
             p.display()
@@ -374,11 +374,8 @@ fn csv_errors_name_file_line_and_column() {
             &d.join("cell.csv"),
             format!("a,y\n1,0\n\n{cell},1\n").as_bytes(),
         );
-        // The blank line counts: the bad cell is on line 4.
-        let want = format!(
-            "data: {}: line 4, column `a` (column 1): {what}",
-            p.display()
-        );
+        // Rows are lines in the file, and the blank line counts: the bad cell is on row 4.
+        let want = format!("data: {}: row 4, column `a`: {what}", p.display());
         let e = text(data::load_csv(&p, &["y".into()], &CPU));
         assert!(e.starts_with(&want), "{e}");
         let e = text(data::load_csv_features(&p, &CPU));
@@ -386,14 +383,14 @@ fn csv_errors_name_file_line_and_column() {
         assert!(data::load_csv_features_with(&p, &lenient, &CPU).is_ok());
     }
     let p = write(&d.join("quoted.csv"), b"a,y\n\"1\n\",0\n2,x\n");
-    assert!(text(data::load_csv_features(&p, &CPU))
-        .contains("line 4, column `y` (column 2): `x` is not a number"));
+    assert!(
+        text(data::load_csv_features(&p, &CPU)).contains("row 4, column `y`: `x` is not a number")
+    );
     let p = write(&d.join("ragged.csv"), b"a,y\n1,0\n2\n");
     assert!(text(data::load_csv(&p, &["y".into()], &CPU))
-        .contains("line 3 has 1 fields, the header has 2"));
+        .contains("row 3 has 1 fields, the header has 2"));
     let p = write(&d.join("empty-cell.csv"), b"a,y\n,0\n");
-    assert!(text(data::load_csv(&p, &["y".into()], &CPU))
-        .contains("line 2, column `a` (column 1): is empty"));
+    assert!(text(data::load_csv(&p, &["y".into()], &CPU)).contains("row 2, column `a`: is empty"));
     let p = write(&d.join("dup.csv"), b"a,y,y\n1,0,0\n");
     assert!(text(data::load_csv(&p, &["y".into()], &CPU)).contains("several columns named `y`"));
     let p = write(&d.join("twice.csv"), b"a,y\n1,0\n");

@@ -145,7 +145,7 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
     loop {
         let more = reader.read_record(&mut record).map_err(|e| {
             let line = line_at(e.position(), rows + 2);
-            data_err(path, format!("line {line}: {e}"))
+            data_err(path, format!("row {line}: {e}"))
         })?;
         if !more {
             break;
@@ -155,7 +155,7 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
             return Err(data_err(
                 path,
                 format!(
-                    "line {line} has {} fields, the header has {}: every row needs one value per \
+                    "row {line} has {} fields, the header has {}: every row needs one value per \
                      column",
                     record.len(),
                     header.len()
@@ -172,11 +172,7 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
                 };
                 data_err(
                     path,
-                    format!(
-                        "line {line}, column `{name}` (column {}): {what}: every cell must be a \
-                         number",
-                        c + 1
-                    ),
+                    format!("row {line}, column `{name}`: {what}: every cell must be a number"),
                 )
             })?;
             if !v.is_finite() && !options.allow_non_finite {
@@ -188,11 +184,7 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
                 };
                 return Err(data_err(
                     path,
-                    format!(
-                        "line {line}, column `{name}` (column {}): {what}: {}",
-                        c + 1,
-                        non_finite_hint()
-                    ),
+                    format!("row {line}, column `{name}`: {what}: {}", non_finite_hint()),
                 ));
             }
             values.push(v);
@@ -210,7 +202,8 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
 }
 
 /// Reads a CSV file with a header row; `label_columns` (by name) are the targets, every other
-/// column an input feature. Every value must be a finite number. The same as [`load_csv_with`]
+/// column an input feature. Every value must be a finite number. Errors number rows by their
+/// line in the file (the header is row 1; blank lines count). The same as [`load_csv_with`]
 /// with [`ReadOptions::default`].
 ///
 /// ```
@@ -225,7 +218,7 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] if the file cannot be opened; [`Error::Data`] naming the file, the line and the
+/// [`Error::Io`] if the file cannot be opened; [`Error::Data`] naming the file, the row and the
 /// column for a missing label column, a row of the wrong length, a cell that is not a finite
 /// number, or a file with no data rows.
 pub fn load_csv(path: &Path, label_columns: &[String], device: &Device) -> Result<Dataset> {
