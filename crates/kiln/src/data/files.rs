@@ -26,6 +26,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// The default of [`ReadOptions::max_bytes`]: 16 GiB.
+///
+/// ```
+/// assert_eq!(kiln::data::ReadOptions::default().max_bytes, kiln::data::DEFAULT_MAX_BYTES);
+/// ```
 pub const DEFAULT_MAX_BYTES: u64 = 16 << 30;
 
 /// The largest ratio of uncompressed to compressed size a deflated NPZ entry may claim (deflate
@@ -353,12 +357,12 @@ pub fn load_csv_features_with(
 /// [`ReadOptions::default`].
 ///
 /// ```
-/// // A hand-made NPY file: version 1, a header dict padded to 64 bytes, three little-endian f4.
+/// // A hand-made NPY file: magic, version 1.0, the header's length (118, so that the header
+/// // ends at byte 128), the dict padded with spaces and a newline, then three little-endian f4.
 /// let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }";
 /// let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-/// let pad = 64 - 10 - dict.len() - 1;
-/// bytes.extend((dict.len() as u16 + pad as u16 + 1).to_le_bytes());
-/// bytes.extend(dict.bytes().chain(std::iter::repeat(b' ').take(pad)).chain([b'\n']));
+/// bytes.extend(118u16.to_le_bytes());
+/// bytes.extend(format!("{dict:<117}\n").bytes());
 /// for v in [1f32, 2.5, -3.] {
 ///     bytes.extend(v.to_le_bytes());
 /// }
@@ -411,10 +415,32 @@ pub fn load_npy_with(path: &Path, options: &ReadOptions, device: &Device) -> Res
 /// Reads named arrays from an `.npz` archive (numpy's `savez` or `savez_compressed`) as f32, in
 /// the order of `names`. The same as [`load_npz_with`] with [`ReadOptions::default`].
 ///
-/// ```no_run
-/// let arrays = kiln::data::load_npz("data.npz".as_ref(), &["x", "y"], &candle_core::Device::Cpu)?;
-/// assert_eq!(arrays.len(), 2);
-/// # Ok::<(), kiln::Error>(())
+/// ```
+/// use std::io::Write;
+/// // An NPY file: a version-1 header padded to 128 bytes, then little-endian f4 values.
+/// let npy = |shape: &str, values: &[f32]| {
+///     let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+///     let mut b = b"\x93NUMPY\x01\x00".to_vec();
+///     b.extend(118u16.to_le_bytes());
+///     b.extend(format!("{dict:<117}\n").bytes());
+///     b.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+///     b
+/// };
+/// let path = std::env::temp_dir().join(format!("kiln-doc-npz-{}.npz", std::process::id()));
+/// let mut zip = zip::ZipWriter::new(std::fs::File::create(&path)?);
+/// zip.start_file("x.npy", zip::write::SimpleFileOptions::default())?;
+/// zip.write_all(&npy("(2,)", &[1., 2.]))?;
+/// zip.start_file("y.npy", zip::write::SimpleFileOptions::default())?;
+/// zip.write_all(&npy("(2,)", &[0., 1.]))?;
+/// zip.finish()?;
+/// let device = candle_core::Device::Cpu;
+/// let arrays = kiln::data::load_npz(&path, &["y", "x"], &device)?;
+/// assert_eq!(arrays[0].to_vec1::<f32>()?, vec![0., 1.]);
+/// assert_eq!(arrays[1].to_vec1::<f32>()?, vec![1., 2.]);
+/// let missing = kiln::data::load_npz(&path, &["z"], &device).unwrap_err().to_string();
+/// assert!(missing.ends_with("no array named `z`; the archive has [\"x\", \"y\"]"));
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///
 /// # Errors

@@ -331,7 +331,10 @@ fn parse_descr(descr: &str) -> Result<Dtype, String> {
         b'b' => Kind::Bool,
         _ => return Err(unsupported()),
     };
-    let size: usize = descr[2..].parse().map_err(|_| unsupported())?;
+    let size: usize = std::str::from_utf8(&b[2..])
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(unsupported)?;
     let valid = match kind {
         Kind::Float => matches!(size, 2 | 4 | 8),
         Kind::Int | Kind::Uint => matches!(size, 1 | 2 | 4 | 8),
