@@ -446,6 +446,43 @@ fn datasets_of_views_select_and_split() {
     );
 }
 
+#[test]
+fn write_predictions_refuses_what_it_cannot_write() {
+    let d = dir("pred");
+    let p = d.join("p.csv");
+    let two = Tensor::zeros((2, 1), DType::F32, &CPU).unwrap();
+    let three = Tensor::zeros(3, DType::F32, &CPU).unwrap();
+    let scalar = Tensor::new(1f32, &CPU).unwrap();
+    let names = |n: usize| (0..n).map(|i| format!("o{i}")).collect::<Vec<_>>();
+    let e = text(data::write_predictions(
+        &p,
+        &names(1),
+        std::slice::from_ref(&scalar),
+    ));
+    assert!(e.contains("an output is 0-d"), "{e}");
+    let e = text(data::write_predictions(
+        &p,
+        &names(2),
+        &[two.clone(), three],
+    ));
+    assert!(
+        e.contains("outputs have different row counts (2 and 3)"),
+        "{e}"
+    );
+    let e = text(data::write_predictions(
+        &p,
+        &names(1),
+        &[two.clone(), two.clone()],
+    ));
+    assert!(e.contains("1 output names for 2 outputs"), "{e}");
+    assert!(!p.exists());
+    data::write_predictions(&p, &names(2), &[two.clone(), two]).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&p).unwrap(),
+        "o0_0,o1_0\n0,0\n0,0\n"
+    );
+}
+
 /// Hostile inputs through the public functions that existed before this work; every one must be
 /// an error, and none may panic. Returns (cases, panicked, accepted).
 fn hostile_table() -> (usize, usize, Vec<String>) {

@@ -570,6 +570,10 @@ proptest! {
     fn dataset_constructors_never_panic(
         shapes in prop::collection::vec((dims(), dtype()), 0..4),
         weight in prop::option::of(dims()),
+        picks in prop::collection::vec(0u32..5, 0..6),
+        (start, len) in (0usize..5, 0usize..5),
+        f in fraction(),
+        seed in any::<u64>(),
     ) {
         let tensors: Vec<Tensor> = shapes.iter().map(|(d, t)| dataset_tensor(d, *t)).collect();
         let (inputs, targets) = tensors.split_at(tensors.len() / 2);
@@ -579,6 +583,25 @@ proptest! {
         prop_assert_eq!(multi.is_ok(), !inputs.is_empty() && all_ranked && same_rows);
         if let Some(first) = tensors.first() {
             let _ = Dataset::new(first.clone(), tensors.last().unwrap().clone());
+        }
+        if let Ok(data) = &multi {
+            // Every operation on any ranks, dtypes and zero-size axes: a value or an error.
+            let n = data.len();
+            let picked = data.select(&picks);
+            prop_assert_eq!(picked.is_ok(), picks.iter().all(|&p| (p as usize) < n));
+            if let Ok(p) = picked {
+                prop_assert_eq!(p.len(), picks.len());
+                for (a, b) in p.inputs().iter().zip(data.inputs()) {
+                    prop_assert_eq!(&a.dims()[1..], &b.dims()[1..]);
+                }
+            }
+            prop_assert_eq!(data.slice(start, len).is_ok(), start + len <= n);
+            if let Ok((a, b)) = data.split_tail(f) {
+                prop_assert_eq!(a.len() + b.len(), n);
+            }
+            if let Ok((a, b)) = data.shuffled_split(f, seed) {
+                prop_assert_eq!(a.len() + b.len(), n);
+            }
         }
         if let (Ok(data), Some(w)) = (multi, weight) {
             let n = data.len();
