@@ -525,6 +525,49 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
+    fn npy_random_arrays_round_trip(
+        shape in prop::collection::vec(0usize..4, 1..4),
+        fortran in any::<bool>(),
+        big_endian in any::<bool>(),
+        version in 1u8..4,
+        seed in any::<u32>(),
+    ) {
+        let count: usize = shape.iter().product();
+        // Row-major values, each unique: v[flat] = flat + seed fraction.
+        let want: Vec<f32> = (0..count).map(|i| i as f32 + (seed % 1000) as f32 / 1000.0).collect();
+        // Stored order: Fortran stores the first axis fastest.
+        let stored: Vec<f32> = if fortran {
+            let mut out = vec![0f32; count];
+            for (c_flat, &v) in want.iter().enumerate() {
+                let (mut rest, mut f_flat, mut stride) = (c_flat, 0, 1);
+                let mut index = vec![0; shape.len()];
+                for a in (0..shape.len()).rev() {
+                    index[a] = rest % shape[a];
+                    rest /= shape[a];
+                }
+                for a in 0..shape.len() {
+                    f_flat += index[a] * stride;
+                    stride *= shape[a];
+                }
+                out[f_flat] = v;
+            }
+            out
+        } else {
+            want.clone()
+        };
+        let data: Vec<u8> = stored
+            .iter()
+            .flat_map(|v| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() })
+            .collect();
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let tuple = if shape.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+        let descr = if big_endian { ">f4" } else { "<f4" };
+        let a = parse(&npy_file(version, descr, fortran, &tuple, &data)).unwrap();
+        prop_assert_eq!(a.shape, shape);
+        prop_assert_eq!(a.values, want);
+    }
+
+    #[test]
     fn npy_random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         let _ = parse(&bytes);
         let mut with_magic = b"\x93NUMPY\x01\x00".to_vec();
