@@ -483,6 +483,31 @@ fn write_predictions_refuses_what_it_cannot_write() {
     );
 }
 
+/// An archive of nothing but a ZIP64 end-of-central-directory record claiming `entries` entries
+/// in a directory of `size` bytes at `offset`, its locator and the classic record pointing to it.
+fn zip64_claiming(entries: u64, size: u64, offset: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(0x0606_4b50u32.to_le_bytes());
+    b.extend(44u64.to_le_bytes());
+    b.extend(45u16.to_le_bytes());
+    b.extend(45u16.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(entries.to_le_bytes());
+    b.extend(entries.to_le_bytes());
+    b.extend(size.to_le_bytes());
+    b.extend(offset.to_le_bytes());
+    b.extend(0x0706_4b50u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u32.to_le_bytes());
+    b.extend(0x0605_4b50u32.to_le_bytes());
+    b.extend([0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    b.extend([0xff; 8]);
+    b.extend([0, 0]);
+    b
+}
+
 /// Hostile inputs through the public functions that existed before this work; every one must be
 /// an error, and none may panic. Returns (cases, panicked, accepted).
 fn hostile_table() -> (usize, usize, Vec<String>) {
@@ -666,6 +691,18 @@ fn hostile_table() -> (usize, usize, Vec<String>) {
             ),
         ),
         npz_case("not-zip.npz", b"PK\x05\x06".to_vec()),
+        npz_case(
+            "zip64-claims.npz",
+            zip64_claiming(1 << 40, 1 << 50, 1 << 45),
+        ),
+        npz_case(
+            "zip64-claims-small-offset.npz",
+            zip64_claiming(1 << 40, 1 << 50, 0),
+        ),
+        npz_case(
+            "zip64-claims-fitting.npz",
+            zip64_claiming(1 << 20, 46 << 20, 100),
+        ),
         idx_case("rank0.idx", idx(0x08, &[], &[1])),
         idx_case("overflow.idx", idx(0x0E, &[u32::MAX; 4], &[])),
         idx_case(
@@ -703,7 +740,7 @@ fn hostile_table() -> (usize, usize, Vec<String>) {
 fn hostile_inputs_are_errors_and_never_panic() {
     let (n, panicked, accepted) = hostile_table();
     println!("hostile inputs: {n} cases, {panicked} panicked, not refused: {accepted:?}");
-    assert_eq!(n, 34);
+    assert_eq!(n, 37);
     assert!(
         accepted.is_empty(),
         "{panicked} of {n} panicked; not refused: {accepted:?}"
