@@ -4,6 +4,7 @@ mod adversarial;
 mod callbacks;
 mod cli;
 mod crash_safety;
+mod data_files;
 mod examples;
 mod gradients;
 mod keras_reference;

@@ -434,3 +434,34 @@ fn model_json_errors_name_the_line_of_the_users_file() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn non_finite_data_is_an_error_unless_the_run_file_allows_it() {
+    let dir = temp("non-finite");
+    write_csv(&dir.join("points.csv"));
+    let text = std::fs::read_to_string(dir.join("points.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[7] = "nan,0.5,1".to_string();
+    std::fs::write(dir.join("points.csv"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("run.toml"), RUN).unwrap();
+    let (ok, _, err) = kiln(&["train", "run.toml", "--quiet", "--epochs", "1"], &dir);
+    assert!(
+        !ok && err.contains("points.csv") && err.contains("row 8") && err.contains("`a`"),
+        "{err}"
+    );
+    let allowed = RUN.replace(
+        "test_split = 0.25",
+        "test_split = 0.25\nallow_non_finite = true",
+    );
+    std::fs::write(dir.join("allowed.toml"), allowed).unwrap();
+    let (ok, _, err) = kiln(&["train", "allowed.toml", "--quiet", "--epochs", "1"], &dir);
+    assert!(ok, "opted in: {err}");
+    let (ok, _, err) = kiln(
+        &[
+            "train", "run.toml", "--quiet", "--epochs", "1", "--out", "x",
+        ],
+        &dir,
+    );
+    assert!(!ok, "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

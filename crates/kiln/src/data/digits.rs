@@ -22,6 +22,11 @@ pub const DIGITS_CLASSES: usize = 10;
 /// assert_eq!(data.inputs()[0].dims(), &[1797, 64]);
 /// # Ok::<(), kiln::Error>(())
 /// ```
+///
+/// # Errors
+///
+/// [`Error::Data`] if the embedded data were damaged at build time; [`Error::Candle`] if the
+/// tensors cannot be made on `device`.
 pub fn digits(device: &Device) -> Result<Dataset> {
     if !RAW.len().is_multiple_of(ROW) {
         return Err(Error::Data("the embedded digits data is corrupt".into()));

@@ -13,8 +13,14 @@ use rand_distr::StandardNormal;
 /// ```
 /// let d = kiln::data::blobs(300, 3, 2, 0.5, 7, &candle_core::Device::Cpu)?;
 /// assert_eq!(d.inputs()[0].dims(), &[300, 2]);
+/// assert!(kiln::data::blobs(300, 3, 2, f64::NAN, 7, &candle_core::Device::Cpu).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
+///
+/// # Errors
+///
+/// [`crate::Error::InvalidArgument`] unless `samples >= classes >= 1`, `features >= 1`,
+/// `imbalance` is in `(0, 1]` and `samples × features` can be counted.
 pub fn blobs(
     samples: usize,
     classes: usize,
@@ -23,7 +29,11 @@ pub fn blobs(
     seed: u64,
     device: &Device,
 ) -> Result<Dataset> {
-    if classes == 0 || features == 0 || samples < classes || !(imbalance > 0.0 && imbalance <= 1.0)
+    if classes == 0
+        || features == 0
+        || samples < classes
+        || !(imbalance > 0.0 && imbalance <= 1.0)
+        || samples.checked_mul(features).is_none()
     {
         return Err(invalid(
             "blobs: need samples >= classes >= 1, features >= 1 and imbalance in (0, 1]",
@@ -63,8 +73,14 @@ pub fn blobs(
 /// ```
 /// let d = kiln::data::spirals(200, 2, 0.1, 1, &candle_core::Device::Cpu)?;
 /// assert_eq!(d.len(), 200);
+/// assert!(kiln::data::spirals(200, 2, f64::NAN, 1, &candle_core::Device::Cpu).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
+///
+/// # Errors
+///
+/// [`crate::Error::InvalidArgument`] unless `samples >= classes >= 1` and `noise` is finite and
+/// non-negative.
 pub fn spirals(
     samples: usize,
     classes: usize,
@@ -72,9 +88,10 @@ pub fn spirals(
     seed: u64,
     device: &Device,
 ) -> Result<Dataset> {
-    if classes == 0 || samples < classes {
+    if classes == 0 || samples < classes || samples.checked_mul(2).is_none() {
         return Err(invalid("spirals: need samples >= classes >= 1"));
     }
+    check_noise("spirals", noise)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for i in 0..samples {
@@ -97,8 +114,14 @@ pub fn spirals(
 /// ```
 /// let d = kiln::data::regression(100, 4, 0.1, 3, &candle_core::Device::Cpu)?;
 /// assert_eq!(d.targets()[0].dims(), &[100, 1]);
+/// assert!(kiln::data::regression(100, 4, -1.0, 3, &candle_core::Device::Cpu).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
+///
+/// # Errors
+///
+/// [`crate::Error::InvalidArgument`] unless there is at least one sample and one feature, the
+/// product can be counted, and `noise` is finite and non-negative.
 pub fn regression(
     samples: usize,
     features: usize,
@@ -106,11 +129,12 @@ pub fn regression(
     seed: u64,
     device: &Device,
 ) -> Result<Dataset> {
-    if samples == 0 || features == 0 {
+    if samples == 0 || features == 0 || samples.checked_mul(features).is_none() {
         return Err(invalid(
             "regression: need at least one sample and one feature",
         ));
     }
+    check_noise("regression", noise)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let w: Vec<f64> = (0..features).map(|_| rng.random_range(-2.0..2.0)).collect();
     let b: f64 = rng.random_range(-1.0..1.0);
@@ -125,4 +149,15 @@ pub fn regression(
         Tensor::from_vec(xs, (samples, features), device)?,
         Tensor::from_vec(ys, (samples, 1), device)?,
     )
+}
+
+/// Noise that is NaN, infinite or negative would make every sample NaN or meaningless.
+fn check_noise(what: &str, noise: f64) -> Result<()> {
+    if noise.is_finite() && noise >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what}: noise must be a finite standard deviation >= 0, got {noise}"
+        )))
+    }
 }

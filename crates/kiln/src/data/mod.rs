@@ -4,9 +4,16 @@
 mod digits;
 mod files;
 mod generated;
+mod npy;
+#[cfg(test)]
+mod tests;
 
 pub use digits::{digits, DIGITS_CLASSES};
-pub use files::{load_csv, load_csv_features, load_idx, load_npy, load_npz, write_predictions};
+pub use files::{
+    load_csv, load_csv_features, load_csv_features_with, load_csv_with, load_idx, load_idx_with,
+    load_npy, load_npy_with, load_npz, load_npz_with, write_predictions, ReadOptions,
+    DEFAULT_MAX_BYTES,
+};
 pub use generated::{blobs, regression, spirals};
 
 /// One-hot encodes integer labels of shape `[n]` (or `[n, 1]`) into `[n, classes]`.
@@ -18,12 +25,23 @@ pub use generated::{blobs, regression, spirals};
 /// assert_eq!(oh.to_vec2::<f32>()?, vec![vec![0., 0., 1.], vec![1., 0., 0.]]);
 /// # Ok::<(), kiln::Error>(())
 /// ```
+///
+/// # Errors
+///
+/// [`Error::Data`] if a label is not an integer in `[0, classes)` (NaN included) or the result
+/// would be too large to allocate; [`Error::Candle`] if the labels cannot be read as f32.
 pub fn one_hot(labels: &Tensor, classes: usize) -> Result<Tensor> {
     let flat = labels
         .flatten_all()?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1::<f32>()?;
-    let mut out = vec![0f32; flat.len() * classes];
+    let size = flat.len().checked_mul(classes).ok_or_else(|| {
+        Error::Data(format!(
+            "{} labels × {classes} classes is too large a one-hot tensor",
+            flat.len()
+        ))
+    })?;
+    let mut out = vec![0f32; size];
     for (i, &l) in flat.iter().enumerate() {
         if l < 0.0 || l as usize >= classes || l.fract() != 0.0 {
             return Err(Error::Data(format!(
@@ -61,13 +79,50 @@ pub struct Dataset {
     pub(crate) sample_weight: Option<Tensor>,
 }
 
+/// The rows of `t` (its first axis), or an error naming `what` for a 0-d tensor.
+fn rows_of(what: &str, t: &Tensor) -> Result<usize> {
+    t.dims().first().copied().ok_or_else(|| {
+        Error::Data(format!(
+            "{what} is 0-d (a scalar): a data set needs one row per sample (axis 0); give it at \
+             least one axis"
+        ))
+    })
+}
+
 impl Dataset {
     /// One input and one target.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+    /// let y = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
+    /// assert_eq!(kiln::Dataset::new(x.clone(), y)?.len(), 4);
+    /// let scalar = Tensor::new(1f32, &Device::Cpu)?;
+    /// assert!(kiln::Dataset::new(x, scalar).is_err()); // 0-d: no rows
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if either tensor is 0-d or their first axes (the samples) differ.
     pub fn new(x: Tensor, y: Tensor) -> Result<Self> {
         Self::multi(vec![x], vec![y])
     }
 
     /// Several inputs and targets (in the model's input and output order).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let a = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
+    /// let b = Tensor::zeros((3, 5, 5), DType::F32, &Device::Cpu)?;
+    /// let y = Tensor::zeros(3, DType::U32, &Device::Cpu)?;
+    /// assert_eq!(kiln::Dataset::multi(vec![a, b], vec![y])?.inputs().len(), 2);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if there is no input, a tensor is 0-d, or the tensors' first axes differ.
     pub fn multi(inputs: Vec<Tensor>, targets: Vec<Tensor>) -> Result<Self> {
         let data = Self {
             inputs,
@@ -79,11 +134,36 @@ impl Dataset {
     }
 
     /// Inputs only, for `predict`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
+    /// assert!(kiln::Dataset::inputs_only(vec![x])?.targets().is_empty());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Dataset::multi`].
     pub fn inputs_only(inputs: Vec<Tensor>) -> Result<Self> {
         Self::multi(inputs, Vec::new())
     }
 
     /// Attaches per-sample weights, shape `[n]` (or `[n, steps]` for sequence outputs).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
+    /// let y = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+    /// let w = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+    /// let data = kiln::Dataset::new(x, y)?.with_sample_weight(w)?;
+    /// assert!(data.sample_weight().is_some());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if the weights are 0-d or have another number of rows.
     pub fn with_sample_weight(mut self, weight: Tensor) -> Result<Self> {
         self.sample_weight = Some(weight);
         self.check_rows()?;
@@ -91,7 +171,11 @@ impl Dataset {
     }
 
     fn check_rows(&self) -> Result<()> {
-        let n = self.len();
+        let first = self
+            .inputs
+            .first()
+            .ok_or_else(|| Error::Data("a dataset needs at least one input tensor".into()))?;
+        let n = rows_of("input 0", first)?;
         let named = self
             .inputs
             .iter()
@@ -109,7 +193,7 @@ impl Dataset {
                     .map(|t| ("sample_weight".to_string(), t)),
             );
         for (what, t) in named {
-            if t.rank() == 0 || t.dims()[0] != n {
+            if rows_of(&what, t)? != n {
                 return Err(Error::Data(format!(
                     "{what} has shape {:?} but the first input has {n} samples: every tensor needs \
                      one row per sample",
@@ -117,71 +201,173 @@ impl Dataset {
                 )));
             }
         }
-        if self.inputs.is_empty() {
-            return Err(Error::Data(
-                "a dataset needs at least one input tensor".into(),
-            ));
-        }
         Ok(())
     }
 
-    /// The number of samples.
+    /// The number of samples (0 for a data set without inputs).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((0, 2), DType::F32, &Device::Cpu)?;
+    /// let data = kiln::Dataset::inputs_only(vec![x])?;
+    /// assert_eq!(data.len(), 0);
+    /// assert!(data.is_empty());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
-        self.inputs.first().map_or(0, |t| t.dims()[0])
+        self.inputs
+            .first()
+            .and_then(|t| t.dims().first().copied())
+            .unwrap_or(0)
     }
 
     /// Whether there are no samples.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?;
+    /// assert!(!kiln::Dataset::inputs_only(vec![x])?.is_empty());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The input tensors.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+    /// assert_eq!(kiln::Dataset::inputs_only(vec![x])?.inputs()[0].dims(), &[2, 3]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn inputs(&self) -> &[Tensor] {
         &self.inputs
     }
 
     /// The target tensors.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+    /// let y = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
+    /// assert_eq!(kiln::Dataset::new(x, y)?.targets()[0].dims(), &[2]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn targets(&self) -> &[Tensor] {
         &self.targets
     }
 
     /// The per-sample weights, if any.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+    /// assert!(kiln::Dataset::inputs_only(vec![x])?.sample_weight().is_none());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn sample_weight(&self) -> Option<&Tensor> {
         self.sample_weight.as_ref()
     }
 
-    /// The samples at `rows`, in that order.
-    pub fn select(&self, rows: &[u32]) -> Result<Dataset> {
-        let device = self.inputs[0].device();
-        let index = Tensor::from_slice(rows, rows.len(), device)?;
-        let pick = |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&index, 0)?) };
+    /// Applies `f` to every tensor.
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Dataset> {
         Ok(Dataset {
-            inputs: self.inputs.iter().map(pick).collect::<Result<_>>()?,
-            targets: self.targets.iter().map(pick).collect::<Result<_>>()?,
-            sample_weight: self.sample_weight.as_ref().map(pick).transpose()?,
+            inputs: self.inputs.iter().map(&f).collect::<Result<_>>()?,
+            targets: self.targets.iter().map(&f).collect::<Result<_>>()?,
+            sample_weight: self.sample_weight.as_ref().map(&f).transpose()?,
+        })
+    }
+
+    /// The samples at `rows`, in that order (a row may repeat). Works on tensors of any layout
+    /// (views such as `narrow` or `t()` are made contiguous first).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// let x = Tensor::new(&[[0f32, 1.], [2., 3.], [4., 5.]], &Device::Cpu)?;
+    /// let data = kiln::Dataset::inputs_only(vec![x.t()?])?; // a transposed view: 2 rows
+    /// let picked = data.select(&[1, 0, 1])?;
+    /// assert_eq!(picked.inputs()[0].to_vec2::<f32>()?, vec![vec![1., 3., 5.], vec![0., 2., 4.], vec![1., 3., 5.]]);
+    /// assert!(data.select(&[2]).is_err()); // out of range
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if a row is out of range; [`Error::Candle`] if a tensor operation fails.
+    pub fn select(&self, rows: &[u32]) -> Result<Dataset> {
+        let n = self.len();
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(Error::Data(format!(
+                "row {bad} is out of range: the data set has {n} samples"
+            )));
+        }
+        let Some(first) = self.inputs.first() else {
+            return Err(Error::Data(
+                "a dataset needs at least one input tensor".into(),
+            ));
+        };
+        let index = Tensor::from_slice(rows, rows.len(), first.device())?;
+        self.map(|t| {
+            if t.elem_count() == 0 {
+                // Nothing to copy; candle's index_select would slice an empty buffer at the
+                // view's offset.
+                let mut dims = t.dims().to_vec();
+                dims[0] = rows.len();
+                return Ok(Tensor::zeros(dims, t.dtype(), t.device())?);
+            }
+            let index = index.to_device(t.device())?;
+            Ok(t.contiguous()?.index_select(&index, 0)?)
         })
     }
 
     /// Samples `[start, start + len)`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)?;
+    /// let data = kiln::Dataset::inputs_only(vec![x])?;
+    /// assert_eq!(data.slice(1, 2)?.inputs()[0].to_vec1::<f32>()?, vec![2., 3.]);
+    /// assert!(data.slice(3, 2).is_err());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if the range reaches past the last sample.
     pub fn slice(&self, start: usize, len: usize) -> Result<Dataset> {
-        let pick = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, start, len)?) };
-        Ok(Dataset {
-            inputs: self.inputs.iter().map(pick).collect::<Result<_>>()?,
-            targets: self.targets.iter().map(pick).collect::<Result<_>>()?,
-            sample_weight: self.sample_weight.as_ref().map(pick).transpose()?,
-        })
+        let n = self.len();
+        if start.checked_add(len).is_none_or(|end| end > n) {
+            return Err(Error::Data(format!(
+                "samples {start}..{start}+{len} are out of range: the data set has {n} samples"
+            )));
+        }
+        self.map(|t| Ok(t.narrow(0, start, len)?))
     }
 
     /// Splits off the last `fraction` of the samples, as Keras' `validation_split` does (before
     /// any shuffling).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// let x = Tensor::new(&[1f32, 2., 3., 4., 5.], &Device::Cpu)?;
+    /// let data = kiln::Dataset::inputs_only(vec![x])?;
+    /// let (train, val) = data.split_tail(0.4)?;
+    /// assert_eq!(val.inputs()[0].to_vec1::<f32>()?, vec![4., 5.]);
+    /// assert_eq!(train.len(), 3);
+    /// assert!(data.split_tail(f64::NAN).is_err());
+    /// assert!(data.split_tail(1.0).is_err());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if `fraction` is not in `[0, 1)` (NaN included), or is positive but leaves
+    /// one of the parts empty.
     pub fn split_tail(&self, fraction: f64) -> Result<(Dataset, Dataset)> {
-        if !(0.0..1.0).contains(&fraction) {
-            return Err(Error::Data(format!(
-                "validation split must be in [0, 1), got {fraction}"
-            )));
-        }
+        check_fraction(fraction)?;
         let n = self.len();
-        let tail = (n as f64 * fraction).floor() as usize;
+        let tail = ((n as f64 * fraction).floor() as usize).min(n);
         let head = n - tail;
         if fraction > 0.0 && (tail == 0 || head == 0) {
             return Err(Error::Data(format!(
@@ -193,20 +379,59 @@ impl Dataset {
     }
 
     /// Shuffles the samples with `seed` and splits off the last `fraction` as a held-out set.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)?;
+    /// let data = kiln::Dataset::inputs_only(vec![x])?;
+    /// let (train, held_out) = data.shuffled_split(0.25, 7)?;
+    /// assert_eq!((train.len(), held_out.len()), (3, 1));
+    /// assert!(data.shuffled_split(-0.1, 7).is_err());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Dataset::split_tail`]; also [`Error::Data`] for more than `u32::MAX` samples.
     pub fn shuffled_split(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
         use rand::{seq::SliceRandom, SeedableRng};
-        let mut order: Vec<u32> = (0..self.len() as u32).collect();
+        check_fraction(fraction)?;
+        let n = u32::try_from(self.len()).map_err(|_| {
+            Error::Data(format!(
+                "{} samples are too many to shuffle (at most {})",
+                self.len(),
+                u32::MAX
+            ))
+        })?;
+        let mut order: Vec<u32> = (0..n).collect();
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         self.select(&order)?.split_tail(fraction)
     }
 
     /// Moves every tensor to `device`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// let x = Tensor::new(&[1f32, 2.], &Device::Cpu)?;
+    /// let data = kiln::Dataset::inputs_only(vec![x])?.to_device(&Device::Cpu)?;
+    /// assert_eq!(data.len(), 2);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Candle`] if a tensor cannot be copied to `device`.
     pub fn to_device(&self, device: &Device) -> Result<Dataset> {
-        let mv = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
-        Ok(Dataset {
-            inputs: self.inputs.iter().map(mv).collect::<Result<_>>()?,
-            targets: self.targets.iter().map(mv).collect::<Result<_>>()?,
-            sample_weight: self.sample_weight.as_ref().map(mv).transpose()?,
-        })
+        self.map(|t| Ok(t.to_device(device)?))
+    }
+}
+
+fn check_fraction(fraction: f64) -> Result<()> {
+    if (0.0..1.0).contains(&fraction) {
+        Ok(())
+    } else {
+        Err(Error::Data(format!(
+            "validation split must be in [0, 1), got {fraction}"
+        )))
     }
 }

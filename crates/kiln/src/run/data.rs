@@ -18,6 +18,9 @@ pub(crate) struct Preprocessing {
     pub(crate) one_hot: Option<usize>,
     /// The label columns of CSV data.
     pub(crate) label_columns: Option<Vec<String>>,
+    /// Whether NaN and infinite values in data files are accepted (`allow_non_finite`).
+    #[serde(default)]
+    pub(crate) allow_non_finite: bool,
 }
 
 impl Preprocessing {
@@ -27,7 +30,13 @@ impl Preprocessing {
             scale: f.f64("scale")?,
             one_hot: f.usize("one_hot")?,
             label_columns: f.strings("label_columns")?,
+            allow_non_finite: f.bool_or("allow_non_finite", false)?,
         })
+    }
+
+    /// How data files are read: strictly, unless the run opted in to non-finite values.
+    pub(crate) fn read_options(&self) -> data::ReadOptions {
+        data::ReadOptions::default().allow_non_finite(self.allow_non_finite)
     }
 
     /// The inputs as the model saw them in training.
@@ -41,6 +50,14 @@ impl Preprocessing {
     /// A data set as the model saw it in training.
     pub(crate) fn dataset(&self, d: Dataset) -> Result<Dataset> {
         let mut d = d;
+        if d.targets().len() != 1 || d.inputs().len() != 1 {
+            return Err(Error::Data(format!(
+                "the run's data preparation works on one input and one target; this data has \
+                 {} inputs and {} targets",
+                d.inputs().len(),
+                d.targets().len()
+            )));
+        }
         if self.scale.is_some() {
             let x = self.inputs(&d.inputs()[0])?;
             d = rebuild(&d, x, d.targets()[0].clone())?;
@@ -73,8 +90,8 @@ pub(crate) fn load(
     test_rows: Option<&[u32]>,
     device: &Device,
 ) -> Result<Loaded> {
-    let dataset = source(f, base, seed, device)?;
     let preprocessing = Preprocessing::from_section(f)?;
+    let dataset = source(f, base, seed, &preprocessing.read_options(), device)?;
     let test_split = match f.f64("test_split")? {
         Some(v) if !(0.0..1.0).contains(&v) => {
             let raw = f.get("test_split").expect("read above");
@@ -141,7 +158,13 @@ pub(crate) fn load(
     })
 }
 
-fn source(f: &Fields, base: &Path, seed: u64, device: &Device) -> Result<Dataset> {
+fn source(
+    f: &Fields,
+    base: &Path,
+    seed: u64,
+    options: &data::ReadOptions,
+    device: &Device,
+) -> Result<Dataset> {
     let source = f.str("source")?.unwrap_or("digits");
     let path_of = |key: &str| -> Result<std::path::PathBuf> {
         let p = f.required_str(key)?;
@@ -153,22 +176,22 @@ fn source(f: &Fields, base: &Path, seed: u64, device: &Device) -> Result<Dataset
             let labels = f
                 .strings("label_columns")?
                 .ok_or_else(|| f.error("csv data needs `label_columns`"))?;
-            data::load_csv(&path_of("path")?, &labels, device)?
+            data::load_csv_with(&path_of("path")?, &labels, options, device)?
         }
         "npy" => {
-            let x = data::load_npy(&path_of("x")?, device)?;
-            let y = data::load_npy(&path_of("y")?, device)?;
+            let x = data::load_npy_with(&path_of("x")?, options, device)?;
+            let y = data::load_npy_with(&path_of("y")?, options, device)?;
             Dataset::new(x, y)?
         }
         "npz" => {
             let x_key = f.str("x")?.unwrap_or("x");
             let y_key = f.str("y")?.unwrap_or("y");
-            let arrays = data::load_npz(&path_of("path")?, &[x_key, y_key], device)?;
+            let arrays = data::load_npz_with(&path_of("path")?, &[x_key, y_key], options, device)?;
             Dataset::new(arrays[0].clone(), arrays[1].clone())?
         }
         "idx" => {
-            let images = data::load_idx(&path_of("images")?, device)?;
-            let labels = data::load_idx(&path_of("labels")?, device)?;
+            let images = data::load_idx_with(&path_of("images")?, options, device)?;
+            let labels = data::load_idx_with(&path_of("labels")?, options, device)?;
             let n = images.dims().first().copied().unwrap_or(0);
             let flat = images.reshape((n, images.elem_count() / n.max(1)))?;
             Dataset::new(flat, labels)?
@@ -218,10 +241,11 @@ pub(crate) fn load_given(
                 .map(<[String]>::to_vec)
                 .or_else(|| preprocessing.label_columns.clone())
                 .unwrap_or_else(|| vec!["label".to_string()]);
-            data::load_csv(path, &labels, device)?
+            data::load_csv_with(path, &labels, &preprocessing.read_options(), device)?
         }
         Some("npz") => {
-            let arrays = data::load_npz(path, &["x", "y"], device)?;
+            let arrays =
+                data::load_npz_with(path, &["x", "y"], &preprocessing.read_options(), device)?;
             Dataset::new(arrays[0].clone(), arrays[1].clone())?
         }
         _ => {

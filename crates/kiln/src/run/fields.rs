@@ -23,11 +23,8 @@ impl Doc {
     }
 
     pub(crate) fn error(&self, span: &Range<usize>, msg: impl std::fmt::Display) -> Error {
-        // A saved model.json is read through a TOML rendering of it, whose lines are not the
-        // file's: name the file and the key path only.
-        if self.name.ends_with(".json") {
-            return Error::InvalidArgument(format!("{}: {msg}", self.name));
-        }
+        // A saved model.json is read through a TOML rendering that keeps every value on its
+        // line (run/json_lines.rs), so the line is the file's own.
         Error::InvalidArgument(format!(
             "{} line {}: {msg}",
             self.name,
