@@ -9,6 +9,7 @@ mod examples;
 mod gradients;
 mod keras_reference;
 mod layers;
+mod loaders_fuzz;
 mod run_files;
 mod strict_config;
 mod training;
