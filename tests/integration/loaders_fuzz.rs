@@ -65,7 +65,7 @@ fn mutate(bytes: &[u8], ms: &[Mutation], head: usize) -> Vec<u8> {
         }
         // Half of the mutations land in the first `head` bytes, where the structure is.
         let at = |i: usize| {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 (i / 2) % head.min(b.len())
             } else {
                 (i / 2) % b.len()
