@@ -19,6 +19,13 @@ struct Args {
     /// Timed steps per measurement (after 10 warm-up steps).
     #[arg(long, default_value_t = 100)]
     steps: usize,
+    /// Timed steps (predict: batches) of C1, C2, R1, R2 and P1-C1 (default: steps / 10, at
+    /// least 3; P1-C1 at least 1).
+    #[arg(long)]
+    model_steps: Option<usize>,
+    /// Warm-up steps of C1, C2, R1, R2 (at most 1 predict of P1-*).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
 }
 
 /// Fixed synthetic data: 784 features in [0, 1), 10 classes, one-hot labels.
@@ -191,12 +198,18 @@ fn param_count(model: &Model) -> usize {
 }
 
 /// Trains `model` on `data` (Adam 1e-3, cross-entropy from logits) and prints steps/s.
-fn measure_model(name: &str, mut model: Model, data: &Dataset, steps: usize) -> kiln::Result<()> {
+fn measure_model(
+    name: &str,
+    mut model: Model,
+    data: &Dataset,
+    steps: usize,
+    warmup: usize,
+) -> kiln::Result<()> {
     let params = param_count(&model);
     model.compile(
         Compile::new(Adam::new(1e-3)).loss(CategoricalCrossentropy::new().from_logits(true)),
     )?;
-    for _ in 0..3 {
+    for _ in 0..warmup {
         model.train_on_batch(data)?;
     }
     let start = Instant::now();
@@ -216,9 +229,17 @@ fn measure_model(name: &str, mut model: Model, data: &Dataset, steps: usize) -> 
 }
 
 /// Predicts `repeats` batches of 1024 samples and prints samples/s (as `steps_per_s`).
-fn measure_predict(name: &str, model: Model, x: Tensor, repeats: usize) -> kiln::Result<()> {
+fn measure_predict(
+    name: &str,
+    model: Model,
+    x: Tensor,
+    repeats: usize,
+    warmup: usize,
+) -> kiln::Result<()> {
     let n = x.dims()[0];
-    model.predict(std::slice::from_ref(&x), n)?;
+    for _ in 0..warmup {
+        model.predict(std::slice::from_ref(&x), n)?;
+    }
     let start = Instant::now();
     for _ in 0..repeats {
         model.predict(std::slice::from_ref(&x), n)?;
@@ -237,6 +258,8 @@ fn measure_predict(name: &str, model: Model, x: Tensor, repeats: usize) -> kiln:
 fn main() -> kiln::Result<()> {
     kiln::runtime::configure_cpu_threads();
     let args = Args::parse();
+    let model_steps = args.model_steps.unwrap_or((args.steps / 10).max(3));
+    let warmup = args.warmup;
     for w in &args.workloads {
         match w.as_str() {
             "W1" => measure("W1", 128, 512, false, args.steps)?,
@@ -255,22 +278,18 @@ fn main() -> kiln::Result<()> {
                     }
                 }
             }
-            "C1" => measure_model(
-                "C1",
-                cnn(false)?,
-                &images(128, 1)?,
-                (args.steps / 10).max(3),
-            )?,
-            "C2" => measure_model("C2", cnn(true)?, &images(128, 1)?, (args.steps / 10).max(3))?,
-            "R1" => measure_model("R1", rnn(false)?, &tokens(64, 1)?, (args.steps / 10).max(3))?,
-            "R2" => measure_model("R2", rnn(true)?, &tokens(64, 1)?, (args.steps / 10).max(3))?,
+            "C1" => measure_model("C1", cnn(false)?, &images(128, 1)?, model_steps, warmup)?,
+            "C2" => measure_model("C2", cnn(true)?, &images(128, 1)?, model_steps, warmup)?,
+            "R1" => measure_model("R1", rnn(false)?, &tokens(64, 1)?, model_steps, warmup)?,
+            "R2" => measure_model("R2", rnn(true)?, &tokens(64, 1)?, model_steps, warmup)?,
             "P1-C1" => {
                 let x = images(1024, 2)?.inputs()[0].clone();
-                measure_predict("P1-C1", cnn(false)?, x, (args.steps / 10).max(1))?
+                let repeats = args.model_steps.unwrap_or((args.steps / 10).max(1));
+                measure_predict("P1-C1", cnn(false)?, x, repeats, warmup.min(1))?
             }
             "P1-W1" => {
                 let x = batch(1024, 2)?.inputs()[0].clone();
-                measure_predict("P1-W1", mlp(512, None)?, x, args.steps)?
+                measure_predict("P1-W1", mlp(512, None)?, x, args.steps, warmup.min(1))?
             }
             other => eprintln!("unknown workload {other}"),
         }

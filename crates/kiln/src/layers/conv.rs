@@ -222,7 +222,7 @@ impl Conv {
         };
         let mut y = y.permute((0, 2, 3, 1))?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.var.as_tensor())?;
+            y = super::channels::bias_add(&y, b.var.as_tensor())?;
         }
         let y = self.activation.apply(&y)?;
         Ok(if rank == 1 { y.squeeze(1)? } else { y })

@@ -3,6 +3,7 @@
 //! A layer is configured with a builder, then applied to symbolic tensors to make a graph
 //! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
 
+mod channels;
 mod conv;
 mod core_layers;
 mod dense;
