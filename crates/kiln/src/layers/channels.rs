@@ -183,7 +183,7 @@ impl BatchNormTrain {
         let gamma_v: Vec<T> = gamma.to_vec1()?;
         with_slice::<T, _>(&x, "kiln-batch-norm: x", |xs| {
             with_slice::<T, _>(grad, "kiln-batch-norm: gradient", |gs| {
-                let rows = if c == 0 { 0 } else { xs.len() / c };
+                let rows = xs.len().checked_div(c).unwrap_or(0);
                 let dbeta = column_sums(gs, c);
                 // Σ dy·x̂ = inv · Σ dy·(x - mean), over pairs of rows of both.
                 let mut dgamma = vec![0f64; c];
