@@ -13,6 +13,7 @@ mod merge;
 mod normalization;
 mod pooling;
 mod recurrent;
+mod recurrent_kernel;
 mod reshape;
 mod util;
 
