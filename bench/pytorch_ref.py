@@ -63,6 +63,89 @@ def measure(name, batch, width, mission, steps):
                       "steps_per_s": steps / secs, "peak_rss_mb": rss, "final_loss": float(loss)}), flush=True)
 
 
+def cnn(batch_norm):
+    """C1 / C2 (channels first in torch; same shapes and parameter counts as kiln's)."""
+    layers = []
+    for cin, cout in ((1, 32), (32, 64)):
+        layers.append(torch.nn.Conv2d(cin, cout, 3))
+        if batch_norm:
+            layers.append(torch.nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01))
+        layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+    layers += [torch.nn.Flatten(), torch.nn.Linear(5 * 5 * 64, 128), torch.nn.ReLU(),
+               torch.nn.Linear(128, 10)]
+    return torch.nn.Sequential(*layers)
+
+
+class Rnn(torch.nn.Module):
+    """R1 / R2: Embedding(1000, 64) -> LSTM/GRU 128 (last output) -> Dense 2. torch's GRU has two
+    bias rows, as Keras' reset_after=True."""
+
+    def __init__(self, gru):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1000, 64)
+        self.rnn = (torch.nn.GRU if gru else torch.nn.LSTM)(64, 128, batch_first=True)
+        self.out = torch.nn.Linear(128, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x))
+        return self.out(h[:, -1])
+
+
+def params(model):
+    # BatchNorm's running mean and variance count, as in Keras' count_params.
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if "running" in n)
+
+
+def measure_model(name, model, x, y, steps):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    secs = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"engine": "pytorch", "workload": name, "batch": x.shape[0], "params": params(model),
+                      "steps_per_s": steps / secs, "peak_rss_mb": rss, "final_loss": float(loss)}), flush=True)
+
+
+def measure_predict(name, model, x, repeats):
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        secs = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"engine": "pytorch", "workload": name, "batch": x.shape[0], "params": params(model),
+                      "steps_per_s": repeats * x.shape[0] / secs, "peak_rss_mb": rss}), flush=True)
+
+
+def images(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 1, 28, 28, generator=g)
+    y = F.one_hot(torch.randint(0, 10, (batch,), generator=g), 10).float()
+    return x, y
+
+
+def tokens(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 1000, (batch, 50), generator=g)
+    y = F.one_hot(torch.randint(0, 2, (batch,), generator=g), 2).float()
+    return x, y
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default="W1,W2,W3")
@@ -77,6 +160,14 @@ def main():
             for b in (32, 128, 512):
                 for width in (128, 512, 2048):
                     measure(f"W3-b{b}-w{width}", b, width, False, max(10, min(400, a.steps * 128 // b)))
+        elif w in ("C1", "C2"):
+            measure_model(w, cnn(w == "C2"), *images(128), max(3, a.steps // 10))
+        elif w in ("R1", "R2"):
+            measure_model(w, Rnn(w == "R2"), *tokens(64), max(3, a.steps // 10))
+        elif w == "P1-C1":
+            measure_predict(w, cnn(False), images(1024, 2)[0], max(1, a.steps // 10))
+        elif w == "P1-W1":
+            measure_predict(w, mlp(512), data(1024, 2)[0], a.steps)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ run_all() { # $1 = workloads
   KERAS_BACKEND=jax "$VENV/bin/python" bench/keras_ref.py --workloads "$1" --steps "$STEPS" 2>/dev/null
 }
 run_all W1,W2,W3 > "$OUT/results.jsonl"
+# Convolutional and recurrent training (steps/s) and predict at batch 1024 (samples/s).
+run_all C1,C2,R1,R2,P1-C1,P1-W1 >> "$OUT/results.jsonl"
 # W4: the same W1 while another process keeps one core busy.
 ( while :; do :; done ) & BUSY=$!
 trap 'kill $BUSY 2>/dev/null || true' EXIT
@@ -45,10 +47,12 @@ rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl")) if l.sta
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 machine = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 json.dump({"machine": machine, "sgemm_gflops": sgemm,
-           "results": [{k: r[k] for k in ("engine", "workload", "steps_per_s", "peak_rss_mb")} for r in rows]},
+           "results": [{k: r[k] for k in ("engine", "workload", "steps_per_s", "peak_rss_mb", "params") if k in r}
+                       for r in rows]},
           open("bench/results.json", "w"), indent=1)
 by = {(r["engine"], r["workload"]): r for r in rows}
 print(f"machine: {cpu}, {os.cpu_count()} cores; sgemm {sgemm:.1f} GFLOP/s")
+print("C*, R*: training steps/s; P1-*: predict samples/s at batch 1024")
 print(f"{'workload':<16}{'kiln':>10}{'pytorch':>10}{'keras-jax':>11}{'kiln/pt':>9}{'kiln/keras':>11}{'kiln MB':>9}{'kiln %sgemm':>12}")
 for w in sorted({r["workload"] for r in rows}, key=lambda w: (len(w), w)):
     k, p, j = (by.get((e, w)) for e in ("kiln", "pytorch", "keras-jax"))

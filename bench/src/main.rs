@@ -12,12 +12,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 struct Args {
-    /// Workloads to run: W1, W2, W3 (batch × width grid), W4 (W1, run under load by run.sh).
+    /// Workloads to run: W1, W2, W3 (batch × width grid), W4 (W1, run under load by run.sh),
+    /// C1, C2 (convolutional), R1, R2 (recurrent), P1-C1, P1-W1 (predict, samples/s).
     #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3")]
     workloads: Vec<String>,
     /// Timed steps per measurement (after 10 warm-up steps).
     #[arg(long, default_value_t = 100)]
     steps: usize,
+    /// Timed steps (predict: batches) of C1, C2, R1, R2 and P1-C1 (default: steps / 10, at
+    /// least 3; P1-C1 at least 1).
+    #[arg(long)]
+    model_steps: Option<usize>,
+    /// Warm-up steps of C1, C2, R1, R2 (at most 1 predict of P1-*).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
 }
 
 /// Fixed synthetic data: 784 features in [0, 1), 10 classes, one-hot labels.
@@ -117,9 +125,141 @@ fn measure(
     Ok(())
 }
 
+/// Synthetic images `[batch, 28, 28, 1]` in [0, 1) with one-hot labels of 10 classes.
+fn images(batch: usize, seed: u64) -> kiln::Result<Dataset> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..batch * 784).map(|_| rng.random::<f32>()).collect();
+    let mut y = vec![0f32; batch * 10];
+    for i in 0..batch {
+        y[i * 10 + rng.random_range(0..10)] = 1.0;
+    }
+    Dataset::new(
+        Tensor::from_vec(x, (batch, 28, 28, 1), &Device::Cpu)?,
+        Tensor::from_vec(y, (batch, 10), &Device::Cpu)?,
+    )
+}
+
+/// Synthetic token sequences `[batch, 50]` of ids 1..1000 with one-hot labels of 2 classes.
+fn tokens(batch: usize, seed: u64) -> kiln::Result<Dataset> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..batch * 50)
+        .map(|_| rng.random_range(1..1000) as f32)
+        .collect();
+    let mut y = vec![0f32; batch * 2];
+    for i in 0..batch {
+        y[i * 2 + rng.random_range(0..2)] = 1.0;
+    }
+    Dataset::new(
+        Tensor::from_vec(x, (batch, 50), &Device::Cpu)?,
+        Tensor::from_vec(y, (batch, 2), &Device::Cpu)?,
+    )
+}
+
+/// C1 (and C2 with `batch_norm`): Conv2D 32 3×3 relu → MaxPool 2 → Conv2D 64 3×3 relu →
+/// MaxPool 2 → Flatten → Dense 128 relu → Dense 10. With BatchNormalization after each
+/// convolution, before its relu.
+fn cnn(batch_norm: bool) -> kiln::Result<Model> {
+    let x = Input::new([28, 28, 1]);
+    let mut h = x.clone();
+    for filters in [32, 64] {
+        h = if batch_norm {
+            let c = Conv2D::new(filters, (3, 3)).apply(&h)?;
+            let n = BatchNormalization::new().apply(&c)?;
+            ActivationLayer::new(Activation::Relu).apply(&n)?
+        } else {
+            Conv2D::new(filters, (3, 3))
+                .activation(Activation::Relu)
+                .apply(&h)?
+        };
+        h = MaxPooling2D::new((2, 2)).apply(&h)?;
+    }
+    let h = Flatten::new().apply(&h)?;
+    let h = Dense::new(128).activation(Activation::Relu).apply(&h)?;
+    let y = Dense::new(10).apply(&h)?;
+    Model::new(&[x], &[y])
+}
+
+/// R1 (LSTM) and R2 (GRU): Embedding(1000, 64) → LSTM/GRU 128 (last output) → Dense 2.
+fn rnn(gru: bool) -> kiln::Result<Model> {
+    let x = Input::new([50]);
+    let e = Embedding::new(1000, 64).apply(&x)?;
+    let h = if gru {
+        Gru::new(128).apply(&e)?
+    } else {
+        Lstm::new(128).apply(&e)?
+    };
+    let y = Dense::new(2).apply(&h)?;
+    Model::new(&[x], &[y])
+}
+
+/// The number of values in the model's weights (trainable or not), as Keras' `count_params`.
+fn param_count(model: &Model) -> usize {
+    model.weights().iter().map(|w| w.var.elem_count()).sum()
+}
+
+/// Trains `model` on `data` (Adam 1e-3, cross-entropy from logits) and prints steps/s.
+fn measure_model(
+    name: &str,
+    mut model: Model,
+    data: &Dataset,
+    steps: usize,
+    warmup: usize,
+) -> kiln::Result<()> {
+    let params = param_count(&model);
+    model.compile(
+        Compile::new(Adam::new(1e-3)).loss(CategoricalCrossentropy::new().from_logits(true)),
+    )?;
+    for _ in 0..warmup {
+        model.train_on_batch(data)?;
+    }
+    let start = Instant::now();
+    let mut last = 0.0;
+    for _ in 0..steps {
+        last = model.train_on_batch(data)?.get("loss").unwrap_or(f64::NAN);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "kiln", "workload": name, "batch": data.len(), "params": params,
+            "steps_per_s": steps as f64 / secs, "peak_rss_mb": peak_rss_mb(), "final_loss": last,
+        })
+    );
+    Ok(())
+}
+
+/// Predicts `repeats` batches of 1024 samples and prints samples/s (as `steps_per_s`).
+fn measure_predict(
+    name: &str,
+    model: Model,
+    x: Tensor,
+    repeats: usize,
+    warmup: usize,
+) -> kiln::Result<()> {
+    let n = x.dims()[0];
+    for _ in 0..warmup {
+        model.predict(std::slice::from_ref(&x), n)?;
+    }
+    let start = Instant::now();
+    for _ in 0..repeats {
+        model.predict(std::slice::from_ref(&x), n)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "kiln", "workload": name, "batch": n, "params": param_count(&model),
+            "steps_per_s": (repeats * n) as f64 / secs, "peak_rss_mb": peak_rss_mb(),
+        })
+    );
+    Ok(())
+}
+
 fn main() -> kiln::Result<()> {
     kiln::runtime::configure_cpu_threads();
     let args = Args::parse();
+    let model_steps = args.model_steps.unwrap_or((args.steps / 10).max(3));
+    let warmup = args.warmup;
     for w in &args.workloads {
         match w.as_str() {
             "W1" => measure("W1", 128, 512, false, args.steps)?,
@@ -137,6 +277,19 @@ fn main() -> kiln::Result<()> {
                         )?;
                     }
                 }
+            }
+            "C1" => measure_model("C1", cnn(false)?, &images(128, 1)?, model_steps, warmup)?,
+            "C2" => measure_model("C2", cnn(true)?, &images(128, 1)?, model_steps, warmup)?,
+            "R1" => measure_model("R1", rnn(false)?, &tokens(64, 1)?, model_steps, warmup)?,
+            "R2" => measure_model("R2", rnn(true)?, &tokens(64, 1)?, model_steps, warmup)?,
+            "P1-C1" => {
+                let x = images(1024, 2)?.inputs()[0].clone();
+                let repeats = args.model_steps.unwrap_or((args.steps / 10).max(1));
+                measure_predict("P1-C1", cnn(false)?, x, repeats, warmup.min(1))?
+            }
+            "P1-W1" => {
+                let x = batch(1024, 2)?.inputs()[0].clone();
+                measure_predict("P1-W1", mlp(512, None)?, x, args.steps, warmup.min(1))?
             }
             other => eprintln!("unknown workload {other}"),
         }

@@ -60,6 +60,8 @@ pub(crate) trait Real:
 {
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
     /// The elements of a CPU storage of this type.
     fn elements_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
@@ -70,6 +72,12 @@ impl Real for f32 {
     }
     fn abs(self) -> Self {
         f32::abs(self)
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn tanh(self) -> Self {
+        f32::tanh(self)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -87,6 +95,12 @@ impl Real for f64 {
     }
     fn abs(self) -> Self {
         f64::abs(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
     }
     fn from_f64(v: f64) -> Self {
         v

@@ -7,16 +7,27 @@
 /// matrix products, the optimizer and penalty passes) use every core through their own pool,
 /// or one, where a training step measured faster so (another process holding a core).
 ///
+/// It also sets `RAYON_NUM_THREADS` to the thread count kiln's kernels split their work for
+/// (the cores this process may use) unless the user set it: candle's matrix product (used by the
+/// convolutions and the recurrent layers) asks for its thread count on every product, and
+/// without the variable that means reading `/proc/cpuinfo` each time (17% of the instructions of
+/// a convolutional `predict`). rayon's own pools default to the same count, so only that
+/// re-reading changes.
+///
 /// Call it first thing in `main`, before any tensor exists and before other threads start:
 /// candle reads the variable once, when its pool is first used.
 ///
 /// ```
 /// kiln::runtime::configure_cpu_threads();
+/// assert!(std::env::var("RAYON_NUM_THREADS").is_ok());
 /// ```
 pub fn configure_cpu_threads() {
+    // Called at start-up, before any other thread exists.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Called at start-up, before any other thread exists.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", matmul_threads().to_string());
     }
 }
 

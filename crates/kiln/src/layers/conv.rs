@@ -211,6 +211,41 @@ impl Conv {
             x = x.narrow(1 + a, 0, used)?;
             outs[a] = axis.out;
         }
+        #[cfg(test)]
+        let fused = !tests::PLAIN.with(|p| p.get());
+        #[cfg(not(test))]
+        let fused = true;
+        let op = super::conv_kernel::Conv2dOp {
+            kernel: ks,
+            strides: st,
+            dilation: dl,
+        };
+        let direct = if fused {
+            super::conv_kernel::conv2d(&x, &k, op)?
+        } else {
+            None
+        };
+        let y = match direct {
+            Some(y) => y,
+            None => Self::candle_conv(&x, &k, st, dl, outs)?,
+        };
+        let mut y = y;
+        if let Some(b) = &self.bias {
+            y = super::channels::bias_add(&y, b.var.as_tensor())?;
+        }
+        let y = self.activation.apply(&y)?;
+        Ok(if rank == 1 { y.squeeze(1)? } else { y })
+    }
+
+    /// candle's channels-first convolution of the padded `x` `[b, h, w, c]` with the Keras
+    /// kernel, transposed around it; the output channels last (a view).
+    fn candle_conv(
+        x: &Tensor,
+        k: &Tensor,
+        st: [usize; 2],
+        dl: [usize; 2],
+        outs: [usize; 2],
+    ) -> Result<Tensor> {
         let x = x.permute((0, 3, 1, 2))?.contiguous()?;
         let k = k.permute((3, 2, 0, 1))?.contiguous()?;
         let y = if st[0] == st[1] {
@@ -220,12 +255,7 @@ impl Conv {
             let rows = strided(&full, 2, 0, st[0], outs[0])?;
             strided(&rows, 3, 0, st[1], outs[1])?
         };
-        let mut y = y.permute((0, 2, 3, 1))?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.var.as_tensor())?;
-        }
-        let y = self.activation.apply(&y)?;
-        Ok(if rank == 1 { y.squeeze(1)? } else { y })
+        Ok(y.permute((0, 2, 3, 1))?)
     }
 }
 
@@ -419,3 +449,148 @@ impl Conv2D {
     }
 }
 conv_builders!(Conv2D);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{BuildContext, CallContext};
+    use candle_core::{DType, Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    thread_local! {
+        /// Set to make the layers take candle's convolution.
+        pub(super) static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn random(shape: &[usize], seed: u64, dtype: DType) -> Var {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+        let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The layer through the direct kernel and through candle's convolution: outputs and the
+    /// gradients of Σ out·w for the input, kernel and bias agree.
+    fn compare(layer: &mut dyn Layer, input: &[usize], dtype: DType, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut ctx = BuildContext {
+            device: &Device::Cpu,
+            dtype,
+            rng: &mut rng,
+        };
+        layer
+            .build("conv", &[input[1..].to_vec()], &mut ctx)
+            .unwrap();
+        for (i, w) in layer.weights().iter().enumerate() {
+            w.var
+                .set(random(w.var.dims(), 90 + seed + i as u64, dtype).as_tensor())
+                .unwrap();
+        }
+        let x = random(input, seed, dtype);
+        let run = |plain: bool| {
+            PLAIN.with(|p| p.set(plain));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let mut ctx = CallContext::new(true, &mut rng);
+            let out = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
+            PLAIN.with(|p| p.set(false));
+            out
+        };
+        let (fused, plain) = (run(false), run(true));
+        assert_eq!(fused.dims(), plain.dims(), "{input:?}");
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-11 };
+        assert!(max_diff(&fused, &plain) < tol, "{input:?}");
+        let w = random(fused.dims(), 7 + seed, dtype);
+        let gf = (fused * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (plain * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut vars = vec![x.clone()];
+        vars.extend(layer.weights().into_iter().map(|w| w.var));
+        for v in &vars {
+            let (f, p) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+            let d = max_diff(f, p);
+            assert!(d < tol * 10.0, "{input:?} {:?}: {d}", v.dims());
+        }
+    }
+
+    /// The direct convolution equals candle's on odd shapes: batch 1, one channel, sizes not
+    /// multiples of 16, strides, dilation, `same` and `valid` padding, Conv1D too.
+    #[test]
+    fn direct_convolution_matches_candle() {
+        for dtype in [DType::F64, DType::F32] {
+            let cases: Vec<(Box<dyn Fn() -> Conv2D>, [usize; 4])> = vec![
+                (Box::new(|| Conv2D::new(1, (1, 1))), [1, 1, 1, 1]),
+                (Box::new(|| Conv2D::new(3, (3, 3))), [1, 7, 9, 1]),
+                (Box::new(|| Conv2D::new(17, (3, 2))), [2, 9, 7, 5]),
+                (
+                    Box::new(|| Conv2D::new(5, (3, 3)).padding(Padding::Same)),
+                    [3, 8, 11, 2],
+                ),
+                (
+                    Box::new(|| {
+                        Conv2D::new(4, (3, 3))
+                            .strides((2, 1))
+                            .padding(Padding::Same)
+                    }),
+                    [2, 9, 10, 3],
+                ),
+                (
+                    Box::new(|| Conv2D::new(6, (2, 3)).strides(2)),
+                    [2, 11, 13, 3],
+                ),
+                (
+                    Box::new(|| Conv2D::new(2, (3, 3)).dilation_rate(2)),
+                    [2, 9, 9, 3],
+                ),
+                (
+                    Box::new(|| {
+                        Conv2D::new(33, (5, 5))
+                            .padding(Padding::Same)
+                            .use_bias(false)
+                    }),
+                    [2, 6, 6, 19],
+                ),
+            ];
+            for (i, (make, input)) in cases.iter().enumerate() {
+                compare(&mut make(), input, dtype, i as u64);
+                let relu = make().activation(crate::Activation::Relu);
+                compare(&mut { relu }, input, dtype, 100 + i as u64);
+            }
+            let conv1d: Vec<(Conv1D, [usize; 3])> = vec![
+                (Conv1D::new(3, 3), [2, 10, 4]),
+                (
+                    Conv1D::new(2, 3).strides(2).padding(Padding::Same),
+                    [1, 9, 1],
+                ),
+                (
+                    Conv1D::new(4, 2).padding(Padding::Causal).dilation_rate(2),
+                    [3, 8, 2],
+                ),
+            ];
+            for (i, (mut layer, input)) in conv1d.into_iter().enumerate() {
+                compare(&mut layer, &input, dtype, 200 + i as u64);
+            }
+        }
+    }
+}

@@ -42,7 +42,7 @@ impl FusedDense {
 }
 
 /// The element types the kernel runs on.
-trait Element: WithDType + Real + std::ops::AddAssign {
+pub(crate) trait Element: WithDType + Real + std::ops::AddAssign {
     const ONE: Self;
 }
 impl Element for f32 {
@@ -54,7 +54,7 @@ impl Element for f64 {
 
 /// A matrix operand: its first element and its row and column strides, in elements.
 #[derive(Clone, Copy)]
-struct Operand<T> {
+pub(crate) struct Operand<T> {
     ptr: *const T,
     row_stride: usize,
     col_stride: usize,
@@ -62,7 +62,7 @@ struct Operand<T> {
 
 impl<T> Operand<T> {
     /// A row-major `rows × cols` matrix.
-    fn rows(v: &[T], cols: usize) -> Self {
+    pub(crate) fn rows(v: &[T], cols: usize) -> Self {
         Self {
             ptr: v.as_ptr(),
             row_stride: cols,
@@ -70,7 +70,7 @@ impl<T> Operand<T> {
         }
     }
     /// The transpose of a row-major matrix with `cols` columns, read in place.
-    fn transposed(v: &[T], cols: usize) -> Self {
+    pub(crate) fn transposed(v: &[T], cols: usize) -> Self {
         Self {
             ptr: v.as_ptr(),
             row_stride: 1,
@@ -90,7 +90,7 @@ const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// # Safety
 /// `lhs` must address `m×k` readable elements and `rhs` `k×n` with their strides, and `dst`
 /// must hold `m×n` elements (initialized when `accumulate`).
-unsafe fn product<T: Element>(
+pub(crate) unsafe fn product<T: Element>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     accumulate: bool,

@@ -3,7 +3,9 @@
 //! A layer is configured with a builder, then applied to symbolic tensors to make a graph
 //! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
 
+mod channels;
 mod conv;
+mod conv_kernel;
 mod core_layers;
 mod dense;
 mod dense_kernel;
@@ -12,6 +14,7 @@ mod merge;
 mod normalization;
 mod pooling;
 mod recurrent;
+mod recurrent_kernel;
 mod reshape;
 mod util;
 

@@ -138,6 +138,16 @@ impl BatchNormalization {
         }
     }
 
+    /// Moves a moving statistic toward the batch's by `1 - momentum`.
+    fn update_moving(&self, w: &Weight, batch: &Tensor) -> Result<()> {
+        let keep = self.momentum;
+        let moved = ((w.var.as_tensor() * keep)? + (batch.detach() * (1.0 - keep))?)?;
+        w.var.set(&moved)?;
+        Ok(())
+    }
+
+    /// Training without a mask takes the fused CPU pass where it applies
+    /// ([`super::channels::batch_norm_train`]), else this plain candle graph.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, training: bool) -> Result<Tensor> {
         let moving_mean = built(&self.moving_mean, "BatchNormalization")?;
         let moving_variance = built(&self.moving_variance, "BatchNormalization")?;
@@ -149,16 +159,35 @@ impl BatchNormalization {
                 x.dims()
             )));
         }
+        if training && mask.is_none() {
+            let ones;
+            let zeros;
+            let gamma = match &self.gamma {
+                Some(g) => g.var.as_tensor(),
+                None => {
+                    ones = Tensor::ones(features, x.dtype(), x.device())?;
+                    &ones
+                }
+            };
+            let beta = match &self.beta {
+                Some(b) => b.var.as_tensor(),
+                None => {
+                    zeros = Tensor::zeros(features, x.dtype(), x.device())?;
+                    &zeros
+                }
+            };
+            if let Some((y, mean, var)) =
+                super::channels::batch_norm_train(x, gamma, beta, self.epsilon)?
+            {
+                self.update_moving(moving_mean, &mean)?;
+                self.update_moving(moving_variance, &var)?;
+                return Ok(y);
+            }
+        }
         let (mean, var) = if training {
             let (mean, var) = Self::moments(x, mask)?;
-            let keep = self.momentum;
-            let update = |w: &Weight, batch: &Tensor| -> Result<()> {
-                let moved = ((w.var.as_tensor() * keep)? + (batch.detach() * (1.0 - keep))?)?;
-                w.var.set(&moved)?;
-                Ok(())
-            };
-            update(moving_mean, &mean)?;
-            update(moving_variance, &var)?;
+            self.update_moving(moving_mean, &mean)?;
+            self.update_moving(moving_variance, &var)?;
             (mean, var)
         } else {
             (

@@ -129,7 +129,18 @@ impl Pool {
             axes.push((n, axis));
         }
         let (oh, ow) = (axes[0].1.out, axes[1].1.out);
-        let y = if pool == strides {
+        #[cfg(test)]
+        let fused = !tests::PLAIN.with(|p| p.get());
+        #[cfg(not(test))]
+        let fused = true;
+        let direct = if fused && self.reduce == Reduce::Max {
+            super::conv_kernel::max_pool2d(&x, super::conv_kernel::MaxPool2dOp { pool, strides })?
+        } else {
+            None
+        };
+        let y = if let Some(y) = direct {
+            y
+        } else if pool == strides {
             // Non-overlapping windows: split each axis into (windows, pool) and reduce the pool
             // axes. (candle's max_pool2d backward scales the gradient by 1/pool area, so it is
             // not used.)
@@ -524,3 +535,89 @@ global_layer!(
      # Ok::<(), kiln::Error>(())\n\
      ```"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    thread_local! {
+        /// Set to make max pooling take the plain candle graph.
+        pub(super) static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Max pooling through the one-pass kernel and through the plain graph: outputs and input
+    /// gradients agree (random inputs, so no ties), for odd sizes, strides and both paddings.
+    #[test]
+    fn one_pass_max_pooling_matches_the_plain_graph() {
+        let layers: Vec<(Box<dyn Layer>, Vec<usize>)> = vec![
+            (Box::new(MaxPooling2D::new((2, 2))), vec![1, 2, 2, 1]),
+            (Box::new(MaxPooling2D::new((2, 2))), vec![3, 7, 9, 5]),
+            (
+                Box::new(MaxPooling2D::new((3, 2)).padding(Padding::Same)),
+                vec![2, 8, 5, 17],
+            ),
+            (
+                Box::new(MaxPooling2D::new((3, 3)).strides((1, 2))),
+                vec![2, 9, 10, 3],
+            ),
+            (
+                Box::new(
+                    MaxPooling2D::new((2, 3))
+                        .strides((2, 2))
+                        .padding(Padding::Same),
+                ),
+                vec![1, 7, 7, 2],
+            ),
+            (Box::new(MaxPooling1D::new(3).strides(2)), vec![2, 11, 4]),
+        ];
+        for dtype in [DType::F64, DType::F32] {
+            for (i, (layer, shape)) in layers.iter().enumerate() {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+                let n: usize = shape.iter().product();
+                let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>()).collect();
+                let x = Var::from_tensor(
+                    &Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
+                let run = |plain: bool| {
+                    PLAIN.with(|p| p.set(plain));
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+                    let mut ctx = CallContext::new(true, &mut rng);
+                    let out = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
+                    PLAIN.with(|p| p.set(false));
+                    out
+                };
+                let (fast, plain) = (run(false), run(true));
+                assert_eq!(fast.dims(), plain.dims());
+                let diff = |a: &Tensor, b: &Tensor| {
+                    (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                assert_eq!(diff(&fast, &plain), 0.0, "{shape:?}");
+                let w = Tensor::rand(0f32, 1f32, fast.dims(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let d = diff(gf.get(&x).unwrap(), gp.get(&x).unwrap());
+                assert!(d < 1e-6, "{shape:?}: {d}");
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! output is the last state and the mask stops here.
 
 use super::dense::dense_forward;
+use super::recurrent_kernel::{GruOp, LstmOp, Sequence};
 use super::util::{built, input_of_rank, make_weight};
 use super::{BuildContext, CallContext, Layer, Weight};
 use crate::activations::Activation;
@@ -165,6 +166,53 @@ impl Recurrent {
             }
         };
         Ok((batch, steps, masks))
+    }
+
+    /// The fused op's description of the run, when the fused CPU ops apply: Keras' default
+    /// activations, a CPU float input, at least one step.
+    fn fused(
+        &self,
+        x_proj: &Tensor,
+        params: &[&Tensor],
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Sequence>> {
+        let (batch, steps, _) = x_proj.dims3()?;
+        #[cfg(test)]
+        if tests::PLAIN.with(|p| p.get()) {
+            return Ok(None);
+        }
+        let defaults =
+            self.activation == Activation::Tanh && self.recurrent_activation == Activation::Sigmoid;
+        if !defaults || steps == 0 || !super::recurrent_kernel::applies(x_proj, params) {
+            return Ok(None);
+        }
+        let mask = match mask {
+            None => None,
+            Some(m) => {
+                let counts = m.ne(0.0)?.flatten_all()?.to_vec1::<u8>()?;
+                Some(std::sync::Arc::new(
+                    counts.into_iter().map(|c| c != 0).collect(),
+                ))
+            }
+        };
+        Ok(Some(Sequence {
+            batch,
+            steps,
+            units: self.units,
+            mask,
+        }))
+    }
+
+    /// The layer's output from a fused op's `[steps, batch, state]` output, whose first
+    /// `units` values per row are the states.
+    fn fused_output(&self, out: &Tensor) -> Result<Tensor> {
+        let steps = out.dims()[0];
+        let h = out.narrow(2, 0, self.units)?;
+        Ok(if self.return_sequences {
+            h.transpose(0, 1)?.contiguous()?
+        } else {
+            h.get(steps - 1)?.contiguous()?
+        })
     }
 
     /// Runs `step` over the sequence, carrying the states where a step is masked, and returns
@@ -377,6 +425,12 @@ impl Lstm {
         let bias = rnn.bias.as_ref().map(|b| b.var.as_tensor());
         let u = rnn.units;
         let x_proj = dense_forward(x, kernel, bias, Activation::Linear)?;
+        if let Some(seq) = rnn.fused(&x_proj, &[recurrent], mask)? {
+            let out = x_proj
+                .contiguous()?
+                .apply_op2(&recurrent.contiguous()?, LstmOp(seq))?;
+            return rnn.fused_output(&out);
+        }
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         rnn.scan(
@@ -508,6 +562,19 @@ impl Gru {
             (Some(b), false) => (Some(b.var.as_tensor().clone()), None),
         };
         let x_proj = dense_forward(x, kernel, input_bias.as_ref(), Activation::Linear)?;
+        if self.reset_after {
+            if let Some(seq) = rnn.fused(&x_proj, &[recurrent], mask)? {
+                let rb = match &recurrent_bias {
+                    Some(b) => b.contiguous()?,
+                    None => Tensor::zeros(3 * u, x.dtype(), x.device())?,
+                };
+                let out =
+                    x_proj
+                        .contiguous()?
+                        .apply_op3(&recurrent.contiguous()?, &rb, GruOp(seq))?;
+                return rnn.fused_output(&out);
+            }
+        }
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         let reset_after = self.reset_after;
@@ -535,5 +602,139 @@ impl Gru {
             let h = ((&z * h)? + (z.affine(-1.0, 1.0)? * hh)?)?;
             Ok(vec![h])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use rand::{Rng, SeedableRng};
+
+    thread_local! {
+        /// Set to make the layers take their plain candle graph.
+        pub(super) static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn random(shape: &[usize], seed: u64, dtype: DType) -> Var {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+        let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Runs `layer` on `x` (and `mask`) fused and plain: outputs and the gradients of
+    /// Σ out·w for the input and every weight agree.
+    fn compare(layer: &mut dyn Layer, x: &Var, mask: Option<&Tensor>, dtype: DType, seed: u64) {
+        let dims = x.dims().to_vec();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut ctx = BuildContext {
+            device: &Device::Cpu,
+            dtype,
+            rng: &mut rng,
+        };
+        layer.build("rnn", &[dims[1..].to_vec()], &mut ctx).unwrap();
+        // Random weights rather than the zero bias, to exercise every gate.
+        for (i, w) in layer.weights().iter().enumerate() {
+            let r = random(w.var.dims(), 50 + seed + i as u64, dtype);
+            w.var.set(&(r.as_tensor() * 0.5).unwrap()).unwrap();
+        }
+        let run = |plain: bool| {
+            PLAIN.with(|p| p.set(plain));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let mut ctx = CallContext::new(true, &mut rng);
+            let masks = [mask.cloned()];
+            let out = layer
+                .call_with_masks(&[x.as_tensor().clone()], &masks, &mut ctx)
+                .unwrap();
+            PLAIN.with(|p| p.set(false));
+            out
+        };
+        let (fused, plain) = (run(false), run(true));
+        assert_eq!(fused.dims(), plain.dims());
+        let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
+        assert!(
+            max_diff(&fused, &plain) < tol,
+            "{dims:?}: {}",
+            max_diff(&fused, &plain)
+        );
+        let w = random(fused.dims(), 7 + seed, dtype);
+        let gf = (fused * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (plain * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut vars = vec![x.clone()];
+        vars.extend(layer.weights().into_iter().map(|w| w.var));
+        for v in &vars {
+            let (f, p) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+            let d = max_diff(f, p);
+            assert!(d < tol * 10.0, "{dims:?} {:?}: {d}", v.dims());
+        }
+    }
+
+    const CASES: &[(usize, usize, usize, usize)] = &[
+        // (batch, steps, features, units)
+        (1, 1, 1, 1),
+        (1, 5, 3, 2),
+        (3, 7, 4, 5),
+        (4, 9, 6, 17),
+    ];
+
+    fn mask_for(batch: usize, steps: usize, dtype: DType) -> Tensor {
+        // Sequence b keeps its first steps - b steps (a later one padded too), the rest 0.
+        let v: Vec<f64> = (0..batch * steps)
+            .map(|i| {
+                let (b, t) = (i / steps, i % steps);
+                f64::from(t + b < steps && !(t == 1 && b % 2 == 1))
+            })
+            .collect();
+        Tensor::from_vec(v, (batch, steps), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// The fused LSTM and GRU equal their plain graphs, forward and backward, last output or
+    /// sequences, with and without masks, in f32 and f64.
+    #[test]
+    fn fused_recurrent_layers_match_the_plain_graph() {
+        for dtype in [DType::F64, DType::F32] {
+            for (i, &(b, t, f, u)) in CASES.iter().enumerate() {
+                for sequences in [false, true] {
+                    for masked in [false, true] {
+                        let x = random(&[b, t, f], i as u64, dtype);
+                        let mask = masked.then(|| mask_for(b, t, dtype));
+                        let seed = i as u64 * 4 + u64::from(sequences) * 2 + u64::from(masked);
+                        let mut lstm = Lstm::new(u).return_sequences(sequences);
+                        compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
+                        let mut gru = Gru::new(u).return_sequences(sequences);
+                        compare(&mut gru, &x, mask.as_ref(), dtype, seed);
+                        let mut gru = Gru::new(u).return_sequences(sequences).use_bias(false);
+                        compare(&mut gru, &x, mask.as_ref(), dtype, seed);
+                    }
+                }
+            }
+        }
     }
 }

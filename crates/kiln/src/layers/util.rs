@@ -186,7 +186,8 @@ pub(crate) fn strided(
     }
     let idx: Vec<u32> = (0..count).map(|o| (start + o * step) as u32).collect();
     let idx = Tensor::from_vec(idx, count, x.device())?;
-    Ok(x.index_select(&idx, dim)?)
+    // candle's index_select reads contiguous tensors only (a window narrowed off the end is not).
+    Ok(x.contiguous()?.index_select(&idx, dim)?)
 }
 
 /// Checks that every value in a list of sizes is at least 1.

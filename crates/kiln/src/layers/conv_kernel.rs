@@ -1,0 +1,349 @@
+//! Conv2D on the CPU, channels last, as one matrix product per batch.
+//!
+//! candle's conv2d is channels-first: the layer transposes around it, and candle builds one
+//! im2col tile and one small product per sample, with the input gradient through
+//! `conv_transpose2d`, a direct loop. Here the windows of the whole (already padded) batch are
+//! gathered into one `[batch·out_h·out_w, kh·kw·in]` matrix, whose product with Keras' kernel
+//! `[kh, kw, in, out]` (as it is laid out, a `[kh·kw·in, out]` matrix) is the output, channels
+//! last. The backward pass: dW = colsᵀ·dY, and dX scatters dY·Wᵀ back onto the windows.
+
+use super::dense_kernel::{product, Element, Operand};
+use crate::cpu::{contiguous, with_slice};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+/// A convolution's geometry over an input that is already padded: kernel size, strides and
+/// dilation per axis.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Conv2dOp {
+    pub(crate) kernel: [usize; 2],
+    pub(crate) strides: [usize; 2],
+    pub(crate) dilation: [usize; 2],
+}
+
+/// The sizes of one call: batch, input height, width, channels, output height, width, filters.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    oh: usize,
+    ow: usize,
+    f: usize,
+}
+
+impl Conv2dOp {
+    fn dims(&self, x: &[usize], k: &[usize]) -> candle_core::Result<Dims> {
+        let ([b, h, w, c], [kh, kw, kc, f]) = (x, k) else {
+            candle_core::bail!("kiln-conv2d: input {x:?} and kernel {k:?} must be rank 4");
+        };
+        let span = |a: usize| (self.kernel[a] - 1) * self.dilation[a] + 1;
+        if [*kh, *kw] != self.kernel || kc != c || *h < span(0) || *w < span(1) {
+            candle_core::bail!("kiln-conv2d: input {x:?} and kernel {k:?} do not fit");
+        }
+        Ok(Dims {
+            b: *b,
+            h: *h,
+            w: *w,
+            c: *c,
+            oh: (h - span(0)) / self.strides[0] + 1,
+            ow: (w - span(1)) / self.strides[1] + 1,
+            f: *f,
+        })
+    }
+
+    /// Calls `f(col_offset, x_offset)` for every window row (of `c` elements) of output
+    /// position `row` (batch-major, then out_h, out_w).
+    #[inline(always)]
+    fn windows(&self, d: &Dims, row: usize, mut f: impl FnMut(usize, usize)) {
+        let (b, rest) = (row / (d.oh * d.ow), row % (d.oh * d.ow));
+        let (i, j) = (rest / d.ow, rest % d.ow);
+        let mut col = 0;
+        for p in 0..self.kernel[0] {
+            let y = i * self.strides[0] + p * self.dilation[0];
+            for q in 0..self.kernel[1] {
+                let x = j * self.strides[1] + q * self.dilation[1];
+                f(col, ((b * d.h + y) * d.w + x) * d.c);
+                col += d.c;
+            }
+        }
+    }
+
+    /// The windows as a `[b·oh·ow, kh·kw·c]` matrix.
+    fn im2col<T: Element>(&self, x: &[T], d: &Dims) -> Vec<T> {
+        let k = self.kernel[0] * self.kernel[1] * d.c;
+        let rows = d.b * d.oh * d.ow;
+        let mut cols = vec![T::default(); rows * k];
+        for (row, out) in cols.chunks_exact_mut(k.max(1)).enumerate().take(rows) {
+            self.windows(d, row, |col, at| {
+                out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
+            });
+        }
+        cols
+    }
+
+    fn fwd<T: Element>(&self, x: &[T], kernel: &[T], d: &Dims) -> Vec<T> {
+        let k = self.kernel[0] * self.kernel[1] * d.c;
+        let m = d.b * d.oh * d.ow;
+        let cols = self.im2col(x, d);
+        let mut y: Vec<T> = Vec::with_capacity(m * d.f);
+        // SAFETY: y has room for m×f elements, all written by the product (accumulate off);
+        // cols is m×k and the kernel k×f, row-major.
+        unsafe {
+            product(
+                (m, d.f, k),
+                y.as_mut_ptr(),
+                false,
+                Operand::rows(&cols, k),
+                Operand::rows(kernel, d.f),
+                crate::runtime::matmul_threads(),
+            );
+            y.set_len(m * d.f);
+        }
+        y
+    }
+
+    fn bwd_typed<T: Element>(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let d = self.dims(x.dims(), kernel.dims())?;
+        let (x, kernel, grad) = (x.contiguous()?, kernel.contiguous()?, grad.contiguous()?);
+        let k = self.kernel[0] * self.kernel[1] * d.c;
+        let m = d.b * d.oh * d.ow;
+        let threads = crate::runtime::matmul_threads();
+        with_slice::<T, _>(&x, "kiln-conv2d: x", |xs| {
+            with_slice::<T, _>(&kernel, "kiln-conv2d: kernel", |ks| {
+                with_slice::<T, _>(&grad, "kiln-conv2d: gradient", |gs| {
+                    let cols = self.im2col(xs, &d);
+                    let mut dk = vec![T::default(); k * d.f];
+                    let mut dcols = vec![T::default(); m * k];
+                    // SAFETY: dk is k×f = colsᵀ (k×m, read transposed) · dY (m×f); dcols is
+                    // m×k = dY (m×f) · Wᵀ (f×k, the k×f kernel read transposed).
+                    unsafe {
+                        product(
+                            (k, d.f, m),
+                            dk.as_mut_ptr(),
+                            false,
+                            Operand::transposed(&cols, k),
+                            Operand::rows(gs, d.f),
+                            threads,
+                        );
+                        product(
+                            (m, k, d.f),
+                            dcols.as_mut_ptr(),
+                            false,
+                            Operand::rows(gs, d.f),
+                            Operand::transposed(ks, d.f),
+                            threads,
+                        );
+                    }
+                    drop(cols);
+                    let mut dx = vec![T::default(); xs.len()];
+                    for (row, dc) in dcols.chunks_exact(k.max(1)).enumerate().take(m) {
+                        self.windows(&d, row, |col, at| {
+                            for (t, &v) in dx[at..at + d.c].iter_mut().zip(&dc[col..col + d.c]) {
+                                *t += v;
+                            }
+                        });
+                    }
+                    Ok((
+                        Tensor::from_vec(dx, x.shape(), x.device())?,
+                        Tensor::from_vec(dk, kernel.shape(), x.device())?,
+                    ))
+                })
+            })
+        })
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(lx.shape().dims(), lk.shape().dims())?;
+        let out = match (x, k) {
+            (CpuStorage::F32(x), CpuStorage::F32(k)) => CpuStorage::F32(self.fwd(
+                contiguous(x, lx, "kiln-conv2d: x")?,
+                contiguous(k, lk, "kiln-conv2d: kernel")?,
+                &d,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(k)) => CpuStorage::F64(self.fwd(
+                contiguous(x, lx, "kiln-conv2d: x")?,
+                contiguous(k, lk, "kiln-conv2d: kernel")?,
+                &d,
+            )),
+            _ => candle_core::bail!("kiln-conv2d: x and kernel must both be f32 or both f64"),
+        };
+        Ok((out, Shape::from((d.b, d.oh, d.ow, d.f))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dk) = match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, k, grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>(x, k, grad_res)?,
+            other => candle_core::bail!("kiln-conv2d: unsupported dtype {other:?}"),
+        };
+        Ok((Some(dx), Some(dk)))
+    }
+}
+
+/// The convolution of the padded channels-last `x` `[b, h, w, c]` with the Keras kernel
+/// `[kh, kw, c, f]`, when the CPU op applies (CPU, f32 or f64); `None` otherwise.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    op: Conv2dOp,
+) -> candle_core::Result<Option<Tensor>> {
+    let ok = matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.device().is_cpu()
+        && kernel.device().is_cpu()
+        && kernel.dtype() == x.dtype()
+        && x.rank() == 4
+        && kernel.rank() == 4
+        && x.elem_count() > 0
+        && kernel.elem_count() > 0;
+    if !ok {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op2(&kernel.contiguous()?, op)?))
+}
+
+/// Max pooling over the padded channels-last `x` `[b, h, w, c]` in one pass; the backward pass
+/// finds each window's first largest element again and hands it the window's gradient (as
+/// TensorFlow does), where candle's `max` backward compares, converts, multiplies and adds
+/// over whole tensors (and gives a tie's gradient to every tied element).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaxPool2dOp {
+    pub(crate) pool: [usize; 2],
+    pub(crate) strides: [usize; 2],
+}
+
+impl MaxPool2dOp {
+    fn out_dims(&self, x: &[usize]) -> candle_core::Result<[usize; 4]> {
+        let [b, h, w, c] = x else {
+            candle_core::bail!("kiln-max-pool: input {x:?} must be rank 4");
+        };
+        if *h < self.pool[0] || *w < self.pool[1] {
+            candle_core::bail!("kiln-max-pool: input {x:?} is smaller than the pool");
+        }
+        Ok([
+            *b,
+            (h - self.pool[0]) / self.strides[0] + 1,
+            (w - self.pool[1]) / self.strides[1] + 1,
+            *c,
+        ])
+    }
+
+    /// Calls `f(out_index, x_index_of_the_first_max)` for every output element.
+    fn each_max<T: Element>(&self, x: &[T], dims: &[usize], mut f: impl FnMut(usize, usize)) {
+        let (h, w, c) = (dims[1], dims[2], dims[3]);
+        let [b, oh, ow, _] = self.out_dims(dims).expect("checked by the caller");
+        let mut best: Vec<usize> = vec![0; c];
+        let mut out = 0;
+        for n in 0..b {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let first = ((n * h + i * self.strides[0]) * w + j * self.strides[1]) * c;
+                    best.iter_mut()
+                        .enumerate()
+                        .for_each(|(ch, b)| *b = first + ch);
+                    for p in 0..self.pool[0] {
+                        for q in 0..self.pool[1] {
+                            let at = first + (p * w + q) * c;
+                            for (ch, b) in best.iter_mut().enumerate() {
+                                if x[at + ch] > x[*b] {
+                                    *b = at + ch;
+                                }
+                            }
+                        }
+                    }
+                    for &b in &best {
+                        f(out, b);
+                        out += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn fwd<T: Element>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
+        let n: usize = self.out_dims(dims).map_or(0, |d| d.iter().product());
+        let mut y = vec![T::default(); n];
+        self.each_max(x, dims, |o, i| y[o] = x[i]);
+        y
+    }
+
+    fn bwd_typed<T: Element>(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        with_slice::<T, _>(&x, "kiln-max-pool: x", |xs| {
+            with_slice::<T, _>(&grad, "kiln-max-pool: gradient", |gs| {
+                let mut dx = vec![T::default(); xs.len()];
+                self.each_max(xs, x.dims(), |o, i| dx[i] += gs[o]);
+                Tensor::from_vec(dx, x.shape(), x.device())
+            })
+        })
+    }
+}
+
+impl candle_core::CustomOp1 for MaxPool2dOp {
+    fn name(&self) -> &'static str {
+        "kiln-max-pool"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims();
+        let out = self.out_dims(dims)?;
+        let y = match x {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(self.fwd(contiguous(x, l, "kiln-max-pool")?, dims))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(self.fwd(contiguous(x, l, "kiln-max-pool")?, dims))
+            }
+            _ => candle_core::bail!("kiln-max-pool: x must be f32 or f64"),
+        };
+        Ok((y, Shape::from(out.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>(x, grad_res)?,
+            other => candle_core::bail!("kiln-max-pool: unsupported dtype {other:?}"),
+        }))
+    }
+}
+
+/// Max pooling of the padded `x` `[b, h, w, c]`, when the CPU op applies; `None` otherwise.
+pub(crate) fn max_pool2d(x: &Tensor, op: MaxPool2dOp) -> candle_core::Result<Option<Tensor>> {
+    let ok = matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.device().is_cpu()
+        && x.rank() == 4
+        && x.elem_count() > 0;
+    if !ok {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
