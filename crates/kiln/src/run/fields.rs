@@ -233,26 +233,9 @@ impl<'a, 'i> Fields<'a, 'i> {
     }
 
     pub(crate) fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        if let Some(s) = v.get_ref().as_str() {
-            return Ok(Some(vec![s.to_string()]));
-        }
-        let items = v
-            .get_ref()
-            .as_array()
-            .ok_or_else(|| self.value_error(key, v, "expected a string or a list of strings"))?;
-        items
-            .iter()
-            .map(|i| {
-                i.get_ref()
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| self.value_error(key, i, "expected a string"))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        Ok(self
+            .strings_at(key)?
+            .map(|items| items.into_iter().map(|(s, _)| s).collect()))
     }
 
     /// Like [`Fields::strings`], with where each string sits, for errors about one of them.
