@@ -415,3 +415,31 @@ fn evaluate_and_predict_prepare_data_as_training_did() {
     assert!(pos > 1.0 && neg < -1.0, "logits {pos} {neg}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[cfg(unix)]
+#[test]
+fn every_file_of_a_run_folder_has_the_same_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp("modes");
+    let (ok, _, err) = kiln(&["train", "--quiet", "--epochs", "1", "--out", "r"], &dir);
+    assert!(ok, "{err}");
+    let mode = |p: &str| {
+        std::fs::metadata(dir.join("r").join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let expected = mode("model.json");
+    for f in [
+        "model.safetensors",
+        "history.json",
+        "history.csv",
+        "loss.svg",
+        "loss.png",
+        "checkpoints/last.safetensors",
+    ] {
+        assert_eq!(mode(f), expected, "{f}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -519,9 +519,19 @@ impl Model {
             .into_iter()
             .map(|w| (w.name, w.var.as_tensor().detach()))
             .collect();
-        crate::io::write_atomically(path, |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
-        })
+        // Encoded in memory and written like every other file of a run folder (safetensors'
+        // own file writer creates its files readable by their owner alone).
+        let tensors: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(&tensors, None).map_err(|e| {
+            Error::Data(format!(
+                "{}: cannot encode the weights: {e}",
+                path.display()
+            ))
+        })?;
+        crate::io::write_bytes_atomically(path, &bytes)
     }
 
     /// Loads weights saved by [`Model::save_weights`]: every weight must be present with its
