@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The prefix and marker of kiln's temporary files: `.<name>.tmp<pid>`.
 const TMP_MARKER: &str = ".tmp";
 
-fn io_error(path: &Path, source: std::io::Error) -> Error {
+/// An I/O error about `path`.
+pub(crate) fn io_error(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.to_path_buf(),
         source,
@@ -53,6 +54,27 @@ pub(crate) fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically(path, |tmp| {
         std::fs::write(tmp, bytes).map_err(|e| io_error(tmp, e))
     })
+}
+
+/// Writes named tensors (and header metadata) as a safetensors file, atomically. Encoded in
+/// memory and written like every other file kiln writes (safetensors' own file writer creates
+/// files readable by their owner alone).
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let tensors: std::collections::BTreeMap<&String, candle_core::Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k, t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(&tensors, metadata).map_err(|e| {
+        Error::Data(format!(
+            "{}: cannot encode the tensors: {e}",
+            path.display()
+        ))
+    })?;
+    write_bytes_atomically(path, &bytes)
 }
 
 /// Removes the temporary files a killed kiln process left in `dir` (`.<name>.tmp<pid>`), when

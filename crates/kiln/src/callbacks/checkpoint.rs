@@ -70,14 +70,14 @@ impl Model {
         epochs_done: usize,
         history: &History,
     ) -> Result<()> {
+        let compiled = self
+            .compiled
+            .as_ref()
+            .ok_or_else(crate::model::not_compiled)?;
         let meta = Checkpoint {
             epochs_done,
-            iterations: self
-                .compiled
-                .as_ref()
-                .ok_or_else(crate::model::not_compiled)?
-                .iterations,
-            learning_rate: 0.0,
+            iterations: compiled.iterations,
+            learning_rate: compiled.optimizer.learning_rate(),
             history: history
                 .epochs
                 .iter()
@@ -88,50 +88,30 @@ impl Model {
             run: self.run_identity.clone(),
             callback_tensors: Vec::new(),
         };
-        self.write_checkpoint(dir, stem, meta)
-    }
-
-    fn write_checkpoint(&self, dir: &Path, stem: &str, mut meta: Checkpoint) -> Result<()> {
-        let compiled = self
-            .compiled
-            .as_ref()
-            .ok_or_else(crate::model::not_compiled)?;
-        meta.learning_rate = compiled.optimizer.learning_rate();
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|e| crate::io::io_error(dir, e))?;
         let mut tensors = std::collections::BTreeMap::new();
         let weights = self.weights();
         for w in &weights {
-            tensors.insert(format!("weights/{}", w.name), w.var.as_tensor().detach());
+            tensors.insert(
+                format!("weights/{}", w.name),
+                w.var.as_tensor().contiguous()?,
+            );
         }
         for (slot, id, value) in compiled.optimizer.state() {
             let Some(w) = weights.iter().find(|w| w.var.as_tensor().id() == id) else {
                 continue;
             };
-            tensors.insert(format!("optimizer/{slot}/{}", w.name), value.detach());
+            tensors.insert(format!("optimizer/{slot}/{}", w.name), value.contiguous()?);
         }
         for (i, named) in self.callback_tensors.iter().enumerate() {
             for (name, t) in named {
-                tensors.insert(format!("callbacks/{i}/{name}"), t.detach());
+                tensors.insert(format!("callbacks/{i}/{name}"), t.contiguous()?);
             }
         }
-        let tensors: std::collections::BTreeMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.contiguous()?)))
-            .collect::<Result<_>>()?;
         let mut metadata = HashMap::new();
         metadata.insert(META_CHECKPOINT.to_string(), json_text(&meta)?);
         metadata.insert(META_TENSORS.to_string(), json_text(&manifest(&tensors)?)?);
-        let path = checkpoint_path(dir, stem);
-        let bytes = safetensors::serialize(&tensors, Some(metadata)).map_err(|e| {
-            Error::Data(format!(
-                "{}: cannot encode the checkpoint: {e}",
-                path.display()
-            ))
-        })?;
-        crate::io::write_bytes_atomically(&path, &bytes)
+        crate::io::write_safetensors(&checkpoint_path(dir, stem), &tensors, Some(metadata))
     }
 
     /// Restores a checkpoint written by [`Model::save_checkpoint`] into this (compiled) model,
@@ -144,7 +124,16 @@ impl Model {
     /// model; the message names the file and the tensor.
     pub fn load_checkpoint(&mut self, dir: &Path, stem: &str) -> Result<Checkpoint> {
         let (meta, tensors) = read_checkpoint(dir, stem, self.device())?;
-        let path = checkpoint_path(dir, stem);
+        self.restore_checkpoint(&checkpoint_path(dir, stem), meta, tensors)
+    }
+
+    /// Restores what [`read_checkpoint`] read from `path` (see [`Model::load_checkpoint`]).
+    pub(crate) fn restore_checkpoint(
+        &mut self,
+        path: &Path,
+        mut meta: Checkpoint,
+        tensors: HashMap<String, Tensor>,
+    ) -> Result<Checkpoint> {
         let bad = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
         let weights = self.weights();
         for w in &weights {
@@ -222,7 +211,6 @@ impl Model {
         }
         compiled.iterations = meta.iterations;
         compiled.optimizer.set_learning_rate(meta.learning_rate);
-        let mut meta = meta;
         meta.callback_tensors = callback_tensors;
         Ok(meta)
     }

@@ -514,24 +514,12 @@ impl Model {
     /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
     pub fn save_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
-        let tensors: HashMap<String, Tensor> = self
+        let tensors = self
             .weights()
             .into_iter()
             .map(|w| (w.name, w.var.as_tensor().detach()))
             .collect();
-        // Encoded in memory and written like every other file of a run folder (safetensors'
-        // own file writer creates its files readable by their owner alone).
-        let tensors: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.contiguous()?)))
-            .collect::<Result<_>>()?;
-        let bytes = safetensors::serialize(&tensors, None).map_err(|e| {
-            Error::Data(format!(
-                "{}: cannot encode the weights: {e}",
-                path.display()
-            ))
-        })?;
-        crate::io::write_bytes_atomically(path, &bytes)
+        crate::io::write_safetensors(path, &tensors, None)
     }
 
     /// Loads weights saved by [`Model::save_weights`]: every weight must be present with its

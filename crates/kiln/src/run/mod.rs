@@ -139,20 +139,13 @@ const RUN_FILES: [&str; 6] = [
     "loss.png",
 ];
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl RunFile {
     /// Reads a run file (`.toml`) or a saved `model.json`.
     ///
     /// # Errors
     /// When the file cannot be read, or is not valid TOML / a kiln `model.json`.
     pub fn from_path(path: &Path) -> Result<RunFile> {
-        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| crate::io::io_error(path, e))?;
         let text = String::from_utf8(bytes).map_err(|_| {
             Error::Data(format!(
                 "{}: not a text file: give a run file (.toml), a run folder or its model.json",
@@ -541,8 +534,10 @@ impl RunFile {
         let mut resumed = None;
         let mut finished = false;
         if options.resume && last.exists() {
-            let (meta, _) = checkpoint::read_checkpoint(&checkpoints, "last", &device)
-                .map_err(|e| Error::State(format!("cannot resume from {}: {e}", out.display())))?;
+            let cannot =
+                |e: Error| Error::State(format!("cannot resume from {}: {e}", out.display()));
+            let (meta, tensors) =
+                checkpoint::read_checkpoint(&checkpoints, "last", &device).map_err(cannot)?;
             if let Some(diff) = first_difference(meta.run.as_ref(), &identity) {
                 return Err(Error::State(format!(
                     "cannot resume from {}: its run differs from {} at {diff}: resume with the \
@@ -553,8 +548,8 @@ impl RunFile {
                 )));
             }
             let ckpt = model
-                .load_checkpoint(&checkpoints, "last")
-                .map_err(|e| Error::State(format!("cannot resume from {}: {e}", out.display())))?;
+                .restore_checkpoint(&last, meta, tensors)
+                .map_err(cannot)?;
             previous = ckpt.history();
             finished = ckpt.stopped || ckpt.epochs_done >= planned_epochs;
             resumed = Some(if finished {
@@ -659,7 +654,7 @@ fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(path, e)),
+        Err(e) => Err(crate::io::io_error(path, e)),
     }
 }
 
