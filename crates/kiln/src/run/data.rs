@@ -92,21 +92,31 @@ pub(crate) fn load(
 ) -> Result<Loaded> {
     let preprocessing = Preprocessing::from_section(f)?;
     let dataset = source(f, base, seed, &preprocessing.read_options(), device)?;
-    let test_split = match f.f64("test_split")? {
-        Some(v) if !(0.0..1.0).contains(&v) => {
-            let raw = f.get("test_split").expect("read above");
-            return Err(f.value_error(
-                "test_split",
-                raw,
-                format!("must be a fraction in [0, 1), got {v}"),
-            ));
-        }
-        v => v.unwrap_or(0.0),
-    };
+    let test_split = f.f64_in_or(
+        "test_split",
+        0.0,
+        crate::losses::config::Bounds::closed_open(0.0, 1.0),
+    )?;
     f.finish()?;
     let dataset = preprocessing.dataset(dataset)?;
     let n = dataset.len();
-    let rows: Option<Vec<u32>> = match test_rows {
+    if test_rows.is_none() && test_split == 0.0 {
+        return Ok(Loaded {
+            train: dataset,
+            test: None,
+            test_rows: None,
+            preprocessing,
+        });
+    }
+    // The seed's shuffle of the rows: the held-out rows are its tail (unless a run folder
+    // recorded them), the training rows the rest in the shuffle's order.
+    let order: Vec<u32> = {
+        use rand::{seq::SliceRandom, SeedableRng};
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        order
+    };
+    let rows: Vec<u32> = match test_rows {
         Some(rows) => {
             if let Some(bad) = rows.iter().find(|&&r| r as usize >= n) {
                 return Err(f.error(format!(
@@ -114,12 +124,9 @@ pub(crate) fn load(
                      changed since training"
                 )));
             }
-            Some(rows.to_vec())
+            rows.to_vec()
         }
-        None if test_split > 0.0 => {
-            use rand::{seq::SliceRandom, SeedableRng};
-            let mut order: Vec<u32> = (0..n as u32).collect();
-            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        None => {
             let held = (n as f64 * test_split).floor() as usize;
             if held == 0 || held == n {
                 return Err(f.error(format!(
@@ -127,26 +134,11 @@ pub(crate) fn load(
                      or another fraction"
                 )));
             }
-            Some(order[n - held..].to_vec())
+            order[n - held..].to_vec()
         }
-        None => None,
     };
-    let Some(rows) = rows else {
-        return Ok(Loaded {
-            train: dataset,
-            test: None,
-            test_rows: None,
-            preprocessing,
-        });
-    };
-    // Training rows in the order the shuffle left them, as before the rows were recorded.
     let held: std::collections::HashSet<u32> = rows.iter().copied().collect();
-    let train_rows: Vec<u32> = {
-        use rand::{seq::SliceRandom, SeedableRng};
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        order.into_iter().filter(|r| !held.contains(r)).collect()
-    };
+    let train_rows: Vec<u32> = order.into_iter().filter(|r| !held.contains(r)).collect();
     if train_rows.is_empty() {
         return Err(f.error("every row is held out: no training data is left"));
     }

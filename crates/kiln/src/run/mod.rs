@@ -205,12 +205,6 @@ impl RunFile {
         Ok(run)
     }
 
-    /// Whether the run has data: a `[data]` section, or one its run folder recorded.
-    fn has_data(&self) -> Result<bool> {
-        let recorded = self.recorded.as_ref().is_some_and(|r| r.section.is_some());
-        Ok(recorded || self.with_root(|root| Ok(root.has("data")))?)
-    }
-
     /// Whether two run files have the same text.
     pub(crate) fn same_text(&self, other: &RunFile) -> bool {
         self.doc.text == other.doc.text
@@ -404,11 +398,13 @@ impl RunFile {
         device: &Device,
     ) -> Result<(Model, data::Preprocessing)> {
         let prep = self.preprocessing()?;
-        let p = match self.prepare_with(None, DataChoice::Nothing, device) {
-            Ok(p) => p,
-            // A run file whose model takes its input shape from the data needs the data.
-            Err(_) if self.has_data()? => self.prepare(None, device)?,
-            Err(e) => return Err(e),
+        // A model that takes its input shape from the data needs the data; one that names its
+        // inputs (every model.json does) is built without reading any.
+        let names_inputs =
+            self.with_root(|root| Ok(root.table("model")?.is_some_and(|m| m.has("inputs"))))?;
+        let p = match names_inputs {
+            true => self.prepare_with(None, DataChoice::Nothing, device)?,
+            false => self.prepare(None, device)?,
         };
         Ok((p.model, prep))
     }
