@@ -539,6 +539,7 @@ global_layer!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::util::fused_check::{max_diff, weighted_sum_grads};
     use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
 
@@ -594,28 +595,14 @@ mod tests {
                 };
                 let (fast, plain) = (run(false), run(true));
                 assert_eq!(fast.dims(), plain.dims());
-                let diff = |a: &Tensor, b: &Tensor| {
-                    (a - b)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                };
-                assert_eq!(diff(&fast, &plain), 0.0, "{shape:?}");
+                assert_eq!(max_diff(&fast, &plain), 0.0, "{shape:?}");
                 let w = Tensor::rand(0f32, 1f32, fast.dims(), &Device::Cpu)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                let d = diff(gf.get(&x).unwrap(), gp.get(&x).unwrap());
+                let gf = weighted_sum_grads(fast, &w);
+                let gp = weighted_sum_grads(plain, &w);
+                let d = max_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap());
                 assert!(d < 1e-6, "{shape:?}: {d}");
             }
         }

@@ -608,32 +608,13 @@ impl Gru {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::util::fused_check::{max_diff, random, weighted_sum_grads};
     use candle_core::{DType, Device};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     thread_local! {
         /// Set to make the layers take their plain candle graph.
         pub(super) static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-
-    fn random(shape: &[usize], seed: u64, dtype: DType) -> Var {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
-        let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-        Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// Runs `layer` on `x` (and `mask`) fused and plain: outputs and the gradients of
@@ -672,18 +653,8 @@ mod tests {
             max_diff(&fused, &plain)
         );
         let w = random(fused.dims(), 7 + seed, dtype);
-        let gf = (fused * w.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (plain * w.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = weighted_sum_grads(fused, w.as_tensor());
+        let gp = weighted_sum_grads(plain, w.as_tensor());
         let mut vars = vec![x.clone()];
         vars.extend(layer.weights().into_iter().map(|w| w.var));
         for v in &vars {

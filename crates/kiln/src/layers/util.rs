@@ -236,3 +236,38 @@ mod tests {
         );
     }
 }
+
+/// What the tests of the fused CPU kernels share: random inputs and weights, the largest
+/// difference between two tensors, and the gradients of Σ out·w.
+#[cfg(test)]
+pub(crate) mod fused_check {
+    use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+    use rand::{Rng, SeedableRng};
+
+    /// Values uniform in [-1, 1), drawn with `seed`.
+    pub(crate) fn random(shape: &[usize], seed: u64, dtype: DType) -> Var {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect();
+        let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+    }
+
+    /// The largest absolute difference of two tensors of one shape.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The gradients of Σ out·w: every element of `out` weighted differently.
+    pub(crate) fn weighted_sum_grads(out: Tensor, w: &Tensor) -> GradStore {
+        (out * w).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+}
