@@ -1,6 +1,7 @@
 //! The data layer on real files: exact values, exact error texts (file, array, line, column),
 //! missing files, damaged archives, and a table of hostile inputs none of which may panic.
 
+use super::mutations::{mutation, Mutation};
 use candle_core::{DType, Device, Tensor};
 use kiln::data::{self, ReadOptions};
 use kiln::{Dataset, Error};
@@ -745,23 +746,6 @@ fn hostile_inputs_are_errors_and_never_panic() {
         accepted.is_empty(),
         "{panicked} of {n} panicked; not refused: {accepted:?}"
     );
-}
-
-#[derive(Clone, Debug)]
-enum Mutation {
-    Flip(usize, u8),
-    Insert(usize, u8),
-    Delete(usize),
-    Truncate(usize),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        any::<usize>().prop_map(Mutation::Delete),
-        any::<usize>().prop_map(Mutation::Truncate),
-    ]
 }
 
 fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {

@@ -1,6 +1,7 @@
 //! A saved run's files from a stranger: mutated `model.json`, weights and checkpoints must give
 //! an error (or, where a mutation happens to leave a valid file, a result), never a panic.
 
+use super::mutations::{mutation, Mutation};
 use candle_core::{Device, Tensor};
 use kiln::prelude::*;
 use kiln::run::RunFile;
@@ -38,23 +39,6 @@ fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kiln-fuzz-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-#[derive(Debug, Clone)]
-enum Mutation {
-    Flip(usize, u8),
-    Insert(usize, u8),
-    Delete(usize),
-    Truncate(usize),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        (any::<usize>(), 1u8..=255).prop_map(|(i, b)| Mutation::Flip(i, b)),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        any::<usize>().prop_map(Mutation::Delete),
-        any::<usize>().prop_map(Mutation::Truncate),
-    ]
 }
 
 fn mutate(bytes: &[u8], ms: &[Mutation], head: usize) -> Vec<u8> {
