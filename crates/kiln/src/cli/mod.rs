@@ -273,7 +273,7 @@ fn evaluate(
     let (file, weights) = resolve(run, weights)?;
     let labels: Option<Vec<String>> =
         labels.map(|l| l.split(',').map(|s| s.trim().to_string()).collect());
-    let (model, dataset, _) = file.prepare_for_evaluation(
+    let (model, dataset) = file.prepare_for_evaluation(
         data.map(|d| (d, labels.as_deref())),
         &candle_core::Device::Cpu,
     )?;

@@ -376,17 +376,17 @@ impl RunFile {
         &self,
         given: Option<(&Path, Option<&[String]>)>,
         device: &Device,
-    ) -> Result<(Model, Option<Dataset>, data::Preprocessing)> {
+    ) -> Result<(Model, Option<Dataset>)> {
         match given {
             Some((path, labels)) => {
                 let prep = self.preprocessing()?;
                 let d = data::load_given(path, labels, &prep, device)?;
                 let p = self.prepare_with(None, DataChoice::Given(d.clone()), device)?;
-                Ok((p.model, Some(d), prep))
+                Ok((p.model, Some(d)))
             }
             None => {
                 let p = self.prepare(None, device)?;
-                Ok((p.model, p.test.or(p.train), p.preprocessing))
+                Ok((p.model, p.test.or(p.train)))
             }
         }
     }
