@@ -60,8 +60,10 @@ pub(crate) trait Real:
 {
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
-    fn exp(self) -> Self;
-    fn tanh(self) -> Self;
+    /// `tanh`, as a polynomial the compiler vectorizes for f32 (a few ulps; [`crate::cpu_math`]).
+    fn fast_tanh(self) -> Self;
+    /// The logistic sigmoid, vectorizable for f32 like [`Real::fast_tanh`].
+    fn logistic(self) -> Self;
     fn from_f64(v: f64) -> Self;
     /// The elements of a CPU storage of this type.
     fn elements_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
@@ -73,11 +75,13 @@ impl Real for f32 {
     fn abs(self) -> Self {
         f32::abs(self)
     }
-    fn exp(self) -> Self {
-        f32::exp(self)
+    #[inline(always)]
+    fn fast_tanh(self) -> Self {
+        crate::cpu_math::tanh_f32(self)
     }
-    fn tanh(self) -> Self {
-        f32::tanh(self)
+    #[inline(always)]
+    fn logistic(self) -> Self {
+        crate::cpu_math::sigmoid_f32(self)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -96,11 +100,11 @@ impl Real for f64 {
     fn abs(self) -> Self {
         f64::abs(self)
     }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn tanh(self) -> Self {
+    fn fast_tanh(self) -> Self {
         f64::tanh(self)
+    }
+    fn logistic(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
     }
     fn from_f64(v: f64) -> Self {
         v

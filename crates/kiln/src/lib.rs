@@ -35,6 +35,7 @@ pub mod callbacks;
 pub mod cli;
 pub mod conformance;
 mod cpu;
+mod cpu_math;
 pub mod data;
 pub mod error;
 mod gradients;

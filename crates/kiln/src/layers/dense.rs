@@ -101,23 +101,29 @@ pub fn dense_forward(
     bias: Option<&Tensor>,
     activation: Activation,
 ) -> Result<Tensor> {
-    if let Some(op) = super::dense_kernel::FusedDense::for_call(x, kernel, bias, activation) {
-        let bias = bias.expect("the fused op needs a bias");
-        return Ok(x.apply_op3(kernel, bias, op)?);
-    }
     let dims = x.dims().to_vec();
     let (in_features, out_features) = kernel.dims2()?;
     let lead: usize = dims[..dims.len() - 1].iter().product();
+    // Leading axes fold into the rows, so sequences (a recurrent layer's input projection, a
+    // Dense over time steps) take the fused kernel too, with its fast bias gradient.
     let flat = if dims.len() == 2 {
         x.clone()
     } else {
         x.reshape((lead, in_features))?
     };
-    let mut y = flat.matmul(kernel)?;
-    if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
-    }
-    let y = activation.apply(&y)?;
+    let y = match super::dense_kernel::FusedDense::for_call(&flat, kernel, bias, activation) {
+        Some(op) => {
+            let bias = bias.expect("the fused op needs a bias");
+            flat.apply_op3(kernel, bias, op)?
+        }
+        None => {
+            let mut y = flat.matmul(kernel)?;
+            if let Some(b) = bias {
+                y = y.broadcast_add(b)?;
+            }
+            activation.apply(&y)?
+        }
+    };
     if dims.len() == 2 {
         Ok(y)
     } else {

@@ -200,19 +200,8 @@ impl Recurrent {
             steps,
             units: self.units,
             mask,
+            return_sequences: self.return_sequences,
         }))
-    }
-
-    /// The layer's output from a fused op's `[steps, batch, state]` output, whose first
-    /// `units` values per row are the states.
-    fn fused_output(&self, out: &Tensor) -> Result<Tensor> {
-        let steps = out.dims()[0];
-        let h = out.narrow(2, 0, self.units)?;
-        Ok(if self.return_sequences {
-            h.transpose(0, 1)?.contiguous()?
-        } else {
-            h.get(steps - 1)?.contiguous()?
-        })
     }
 
     /// Runs `step` over the sequence, carrying the states where a step is masked, and returns
@@ -426,10 +415,9 @@ impl Lstm {
         let u = rnn.units;
         let x_proj = dense_forward(x, kernel, bias, Activation::Linear)?;
         if let Some(seq) = rnn.fused(&x_proj, &[recurrent], mask)? {
-            let out = x_proj
+            return Ok(x_proj
                 .contiguous()?
-                .apply_op2(&recurrent.contiguous()?, LstmOp(seq))?;
-            return rnn.fused_output(&out);
+                .apply_op2(&recurrent.contiguous()?, LstmOp::new(seq))?);
         }
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
@@ -568,11 +556,11 @@ impl Gru {
                     Some(b) => b.contiguous()?,
                     None => Tensor::zeros(3 * u, x.dtype(), x.device())?,
                 };
-                let out =
-                    x_proj
-                        .contiguous()?
-                        .apply_op3(&recurrent.contiguous()?, &rb, GruOp(seq))?;
-                return rnn.fused_output(&out);
+                return Ok(x_proj.contiguous()?.apply_op3(
+                    &recurrent.contiguous()?,
+                    &rb,
+                    GruOp::new(seq),
+                )?);
             }
         }
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
