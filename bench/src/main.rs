@@ -298,11 +298,13 @@ fn main() -> kiln::Result<()> {
     Ok(())
 }
 
-/// As the `kiln` command does (src/main.rs): mimalloc hands freed memory back to the kernel after 10 ms (its `purge_delay`). A training
-/// step frees and allocates the same large buffers every 20 to 200 ms, and each hand-back makes
-/// the kernel zero those pages again on the next touch: 38% of an LSTM training step's samples
-/// (bench/README.md). A one-second delay keeps them from step to step and still returns what a
-/// finished phase no longer uses. A `MIMALLOC_PURGE_DELAY` the user set is left alone.
+/// As the `kiln` command does (src/main.rs): mimalloc hands freed memory back to the kernel after 10 ms (its
+/// `purge_delay`). A training step frees and allocates the same large buffers every 20 to 200 ms,
+/// and each hand-back makes the kernel zero those pages again on the next touch: a third of a
+/// convolutional or LSTM training step (bench/README.md). With purging off, the buffers are
+/// reused from step to step; the peak resident memory stays the same (the step's working set is
+/// the peak), but memory freed after the peak stays with the process until it exits. A
+/// `MIMALLOC_PURGE_DELAY` the user set is left alone.
 fn keep_freed_memory_between_steps() {
     // `mi_option_purge_delay` in mimalloc's v2 and v3 headers; libmimalloc-sys has no name for it.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -310,7 +312,7 @@ fn keep_freed_memory_between_steps() {
     // (10 ms) confirms the index before the value is changed.
     unsafe {
         if libmimalloc_sys::mi_option_get(PURGE_DELAY) == 10 {
-            libmimalloc_sys::mi_option_set(PURGE_DELAY, 1000);
+            libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
         }
     }
 }

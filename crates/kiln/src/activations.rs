@@ -48,7 +48,10 @@ impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Linear => x.clone(),
-            Activation::Relu => x.relu()?,
+            Activation::Relu => match crate::layers::relu_kernel::relu(x)? {
+                Some(y) => y,
+                None => x.relu()?,
+            },
             Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
             Activation::Tanh => x.tanh()?,
             Activation::Softmax => candle_nn::ops::softmax(x, D::Minus1)?,

@@ -160,12 +160,35 @@ pub(crate) fn in_parallel_many<T: Real, const M: usize, const N: usize>(
     });
 }
 
+/// Calls `f(i, chunk)` for the `i`-th `size`-long chunk of `target`, the chunks split across
+/// the matrix-product threads when `target` is large enough (a batch's samples, whose outputs
+/// are disjoint), else in order on this thread.
+pub(crate) fn for_each_chunk<T: Send>(
+    target: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let size = size.max(1);
+    if target.len() < PARALLEL_MIN_LEN || target.len() <= size || !crate::runtime::parallel_now() {
+        target
+            .chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        target
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// Defines `$name` as its `body`, compiled twice: for the baseline CPU and with AVX-512, the
 /// latter chosen at run time where the CPU has it.
 macro_rules! vectorized_kernel {
-    ($(#[$doc:meta])* fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$doc])*
-        fn $name<T: Real>($($arg: $ty),*) {
+        $vis fn $name<T: Real>($($arg: $ty),*) {
             #[inline(always)]
             fn body<T: Real>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]

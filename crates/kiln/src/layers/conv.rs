@@ -506,7 +506,8 @@ mod tests {
     }
 
     /// The direct convolution equals candle's on odd shapes: batch 1, one channel, sizes not
-    /// multiples of 16, strides, dilation, `same` and `valid` padding, Conv1D too.
+    /// multiples of 16, strides, dilation, `same` and `valid` padding, Conv1D too, and a batch
+    /// large enough to split across threads.
     #[test]
     fn direct_convolution_matches_candle() {
         for dtype in [DType::F64, DType::F32] {
@@ -541,6 +542,11 @@ mod tests {
                             .use_bias(false)
                     }),
                     [2, 6, 6, 19],
+                ),
+                // Above the threading threshold (32,768 elements): samples on several threads.
+                (
+                    Box::new(|| Conv2D::new(8, (3, 3)).strides((2, 1))),
+                    [9, 30, 31, 16],
                 ),
             ];
             for (i, (make, input)) in cases.iter().enumerate() {

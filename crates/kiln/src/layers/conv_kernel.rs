@@ -8,7 +8,7 @@
 //! last. The backward pass: dW = colsᵀ·dY, and dX scatters dY·Wᵀ back onto the windows.
 
 use super::dense_kernel::{product, Element, Operand};
-use crate::cpu::{contiguous, with_slice};
+use crate::cpu::{contiguous, for_each_chunk, with_slice};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// A convolution's geometry over an input that is already padded: kernel size, strides and
@@ -69,17 +69,40 @@ impl Conv2dOp {
         }
     }
 
-    /// The windows as a `[b·oh·ow, kh·kw·c]` matrix.
+    /// The windows as a `[b·oh·ow, kh·kw·c]` matrix, the samples split across threads.
     fn im2col<T: Element>(&self, x: &[T], d: &Dims) -> Vec<T> {
         let k = self.kernel[0] * self.kernel[1] * d.c;
-        let rows = d.b * d.oh * d.ow;
-        let mut cols = vec![T::default(); rows * k];
-        for (row, out) in cols.chunks_exact_mut(k.max(1)).enumerate().take(rows) {
-            self.windows(d, row, |col, at| {
-                out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
-            });
-        }
+        let per_sample = d.oh * d.ow;
+        let mut cols = vec![T::default(); d.b * per_sample * k];
+        for_each_chunk(&mut cols, per_sample * k, |n, sample| {
+            for (i, out) in sample.chunks_exact_mut(k.max(1)).enumerate() {
+                self.windows(d, n * per_sample + i, |col, at| {
+                    out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
+                });
+            }
+        });
         cols
+    }
+
+    /// The input's gradient from the windows' `dcols` `[b·oh·ow, kh·kw·c]`: each window row
+    /// added back where it was read. A sample's windows stay inside the sample, so the samples
+    /// split across threads.
+    fn col2im<T: Element>(&self, dcols: &[T], d: &Dims) -> Vec<T> {
+        let k = self.kernel[0] * self.kernel[1] * d.c;
+        let (per_sample, sample_len) = (d.oh * d.ow, d.h * d.w * d.c);
+        let mut dx = vec![T::default(); d.b * sample_len];
+        for_each_chunk(&mut dx, sample_len, |n, dxs| {
+            let rows = &dcols[n * per_sample * k..][..per_sample * k];
+            for (i, dc) in rows.chunks_exact(k.max(1)).enumerate() {
+                self.windows(d, n * per_sample + i, |col, at| {
+                    let at = at - n * sample_len;
+                    for (t, &v) in dxs[at..at + d.c].iter_mut().zip(&dc[col..col + d.c]) {
+                        *t += v;
+                    }
+                });
+            }
+        });
+        dx
     }
 
     fn fwd<T: Element>(&self, x: &[T], kernel: &[T], d: &Dims) -> Vec<T> {
@@ -141,14 +164,7 @@ impl Conv2dOp {
                         );
                     }
                     drop(cols);
-                    let mut dx = vec![T::default(); xs.len()];
-                    for (row, dc) in dcols.chunks_exact(k.max(1)).enumerate().take(m) {
-                        self.windows(&d, row, |col, at| {
-                            for (t, &v) in dx[at..at + d.c].iter_mut().zip(&dc[col..col + d.c]) {
-                                *t += v;
-                            }
-                        });
-                    }
+                    let dx = self.col2im(&dcols, &d);
                     Ok((
                         Tensor::from_vec(dx, x.shape(), x.device())?,
                         Tensor::from_vec(dk, kernel.shape(), x.device())?,
@@ -283,19 +299,33 @@ impl MaxPool2dOp {
         }
     }
 
+    /// The sizes of one sample's input and output, and the dims of a one-sample batch.
+    fn per_sample(&self, dims: &[usize]) -> (usize, usize, [usize; 4]) {
+        let [_, oh, ow, c] = self.out_dims(dims).expect("checked by the caller");
+        let one = [1, dims[1], dims[2], dims[3]];
+        (dims[1] * dims[2] * dims[3], oh * ow * c, one)
+    }
+
     fn fwd<T: Element>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
-        let n: usize = self.out_dims(dims).map_or(0, |d| d.iter().product());
-        let mut y = vec![T::default(); n];
-        self.each_max(x, dims, |o, i| y[o] = x[i]);
+        let (x_len, y_len, one) = self.per_sample(dims);
+        let mut y = vec![T::default(); dims[0] * y_len];
+        for_each_chunk(&mut y, y_len, |n, ys| {
+            let xs = &x[n * x_len..][..x_len];
+            self.each_max(xs, &one, |o, i| ys[o] = xs[i]);
+        });
         y
     }
 
     fn bwd_typed<T: Element>(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let (x_len, y_len, one) = self.per_sample(x.dims());
         with_slice::<T, _>(&x, "kiln-max-pool: x", |xs| {
             with_slice::<T, _>(&grad, "kiln-max-pool: gradient", |gs| {
                 let mut dx = vec![T::default(); xs.len()];
-                self.each_max(xs, x.dims(), |o, i| dx[i] += gs[o]);
+                for_each_chunk(&mut dx, x_len, |n, dxs| {
+                    let (xn, gn) = (&xs[n * x_len..][..x_len], &gs[n * y_len..][..y_len]);
+                    self.each_max(xn, &one, |o, i| dxs[i] += gn[o]);
+                });
                 Tensor::from_vec(dx, x.shape(), x.device())
             })
         })

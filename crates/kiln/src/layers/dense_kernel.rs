@@ -319,7 +319,7 @@ fn forward<T: Element>(
 
 vectorized! {
     /// `v = 0` where `v < 0` (NaN stays NaN, as Keras' ReLU).
-    fn relu_in_place<T>(out: &mut [T]) {
+    pub(crate) fn relu_in_place<T>(out: &mut [T]) {
         let zero = T::default();
         for v in out.iter_mut() {
             *v = if *v < zero { zero } else { *v };
@@ -329,7 +329,7 @@ vectorized! {
 
 vectorized! {
     /// `dz = g` where the ReLU output is positive, else 0.
-    fn relu_mask<T>(dz: &mut [T], g: &[T], out: &[T]) {
+    pub(crate) fn relu_mask<T>(dz: &mut [T], g: &[T], out: &[T]) {
         let zero = T::default();
         for ((d, &g), &y) in dz.iter_mut().zip(g).zip(out) {
             *d = if y > zero { g } else { zero };

@@ -15,6 +15,7 @@ mod normalization;
 mod pooling;
 mod recurrent;
 mod recurrent_kernel;
+pub(crate) mod relu_kernel;
 mod reshape;
 mod util;
 

@@ -572,6 +572,11 @@ mod tests {
                 vec![1, 7, 7, 2],
             ),
             (Box::new(MaxPooling1D::new(3).strides(2)), vec![2, 11, 4]),
+            // Above the threading threshold: the samples split across threads.
+            (
+                Box::new(MaxPooling2D::new((2, 2)).strides((2, 1))),
+                vec![9, 20, 21, 24],
+            ),
         ];
         for dtype in [DType::F64, DType::F32] {
             for (i, (layer, shape)) in layers.iter().enumerate() {
