@@ -69,61 +69,120 @@ impl Conv2dOp {
         }
     }
 
-    /// The windows as a `[b·oh·ow, kh·kw·c]` matrix, the samples split across threads.
-    fn im2col<T: Element>(&self, x: &[T], d: &Dims) -> Vec<T> {
+    /// The windows of output rows `first..first + rows.len() / k` as rows of `k = kh·kw·c`.
+    fn im2col_rows<T: Element>(&self, x: &[T], d: &Dims, first: usize, rows: &mut [T]) {
         let k = self.kernel[0] * self.kernel[1] * d.c;
-        let per_sample = d.oh * d.ow;
-        let mut cols = vec![T::default(); d.b * per_sample * k];
-        for_each_chunk(&mut cols, per_sample * k, |n, sample| {
-            for (i, out) in sample.chunks_exact_mut(k.max(1)).enumerate() {
-                self.windows(d, n * per_sample + i, |col, at| {
-                    out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
-                });
-            }
-        });
-        cols
+        for (i, out) in rows.chunks_exact_mut(k.max(1)).enumerate() {
+            self.windows(d, first + i, |col, at| {
+                out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
+            });
+        }
     }
 
-    /// The input's gradient from the windows' `dcols` `[b·oh·ow, kh·kw·c]`: each window row
-    /// added back where it was read. A sample's windows stay inside the sample, so the samples
-    /// split across threads.
-    fn col2im<T: Element>(&self, dcols: &[T], d: &Dims) -> Vec<T> {
+    /// Output rows per tile: a window matrix of about [`TILE_ELEMENTS`], so that it is still
+    /// in cache when the product reads it, and at least one tile per thread.
+    fn tile_rows(&self, d: &Dims) -> usize {
         let k = self.kernel[0] * self.kernel[1] * d.c;
-        let (per_sample, sample_len) = (d.oh * d.ow, d.h * d.w * d.c);
-        let mut dx = vec![T::default(); d.b * sample_len];
-        for_each_chunk(&mut dx, sample_len, |n, dxs| {
-            let rows = &dcols[n * per_sample * k..][..per_sample * k];
-            for (i, dc) in rows.chunks_exact(k.max(1)).enumerate() {
-                self.windows(d, n * per_sample + i, |col, at| {
-                    let at = at - n * sample_len;
-                    for (t, &v) in dxs[at..at + d.c].iter_mut().zip(&dc[col..col + d.c]) {
-                        *t += v;
-                    }
-                });
-            }
-        });
-        dx
+        let rows = d.b * d.oh * d.ow;
+        let threads = crate::runtime::matmul_threads();
+        (TILE_ELEMENTS / k.max(1))
+            .min(rows.div_ceil(threads))
+            .max(1)
     }
 
+    /// `y = windows · kernel`, one tile of output rows at a time (tiles across threads): the
+    /// batch's whole window matrix (143 MB for C1's second layer at batch 1024) is never built.
     fn fwd<T: Element>(&self, x: &[T], kernel: &[T], d: &Dims) -> Vec<T> {
         let k = self.kernel[0] * self.kernel[1] * d.c;
         let m = d.b * d.oh * d.ow;
-        let cols = self.im2col(x, d);
-        let mut y: Vec<T> = Vec::with_capacity(m * d.f);
-        // SAFETY: y has room for m×f elements, all written by the product (accumulate off);
-        // cols is m×k and the kernel k×f, row-major.
-        unsafe {
-            product(
-                (m, d.f, k),
-                y.as_mut_ptr(),
-                false,
-                Operand::rows(&cols, k),
-                Operand::rows(kernel, d.f),
-                crate::runtime::matmul_threads(),
-            );
-            y.set_len(m * d.f);
-        }
+        let tile = self.tile_rows(d);
+        let mut y = vec![T::default(); m * d.f];
+        for_each_chunk(&mut y, tile * d.f, |t, ys| {
+            let n = ys.len() / d.f;
+            let mut cols = vec![T::default(); n * k];
+            self.im2col_rows(x, d, t * tile, &mut cols);
+            // SAFETY: ys holds n×f elements; cols is n×k and the kernel k×f, row-major.
+            unsafe {
+                product(
+                    (n, d.f, k),
+                    ys.as_mut_ptr(),
+                    false,
+                    Operand::rows(&cols, k),
+                    Operand::rows(kernel, d.f),
+                    1,
+                )
+            };
+        });
         y
+    }
+
+    /// The gradients, a tile of whole samples at a time (tiles across threads): the tile's
+    /// windows give its part of dW = colsᵀ·dY, and dX gets dY·Wᵀ added back onto the windows
+    /// (a sample's windows stay inside the sample, so tiles write disjoint parts of dX). The
+    /// parts of dW are summed in tile order, so the result does not depend on the threads.
+    fn bwd_slices<T: Element>(&self, xs: &[T], ks: &[T], gs: &[T], d: &Dims) -> (Vec<T>, Vec<T>) {
+        let k = self.kernel[0] * self.kernel[1] * d.c;
+        let (per_sample, sample_len) = (d.oh * d.ow, d.h * d.w * d.c);
+        let samples = (self.tile_rows(d) / per_sample.max(1)).max(1);
+        let mut dx = vec![T::default(); xs.len()];
+        let tiles = d.b.div_ceil(samples);
+        let mut parts: Vec<Vec<T>> = (0..tiles).map(|_| Vec::new()).collect();
+        let work = |t: usize, dxs: &mut [T], part: &mut Vec<T>| {
+            let n = dxs.len() / sample_len;
+            let (first, m) = (t * samples * per_sample, n * per_sample);
+            let mut cols = vec![T::default(); m * k];
+            self.im2col_rows(xs, d, first, &mut cols);
+            let g = &gs[first * d.f..][..m * d.f];
+            *part = vec![T::default(); k * d.f];
+            // SAFETY: part is k×f = colsᵀ (k×m, read transposed) · dY (m×f); cols is then
+            // overwritten with m×k = dY (m×f) · Wᵀ (f×k, the k×f kernel read transposed).
+            unsafe {
+                product(
+                    (k, d.f, m),
+                    part.as_mut_ptr(),
+                    false,
+                    Operand::transposed(&cols, k),
+                    Operand::rows(g, d.f),
+                    1,
+                );
+                product(
+                    (m, k, d.f),
+                    cols.as_mut_ptr(),
+                    false,
+                    Operand::rows(g, d.f),
+                    Operand::transposed(ks, d.f),
+                    1,
+                );
+            }
+            for (i, dc) in cols.chunks_exact(k.max(1)).enumerate() {
+                self.windows(d, first + i, |col, at| {
+                    let at = at - t * samples * sample_len;
+                    for (v, &g) in dxs[at..at + d.c].iter_mut().zip(&dc[col..col + d.c]) {
+                        *v += g;
+                    }
+                });
+            }
+        };
+        let chunk = samples * sample_len;
+        if tiles > 1 && crate::runtime::parallel_now() {
+            use rayon::prelude::*;
+            dx.par_chunks_mut(chunk)
+                .zip(parts.par_iter_mut())
+                .enumerate()
+                .for_each(|(t, (dxs, part))| work(t, dxs, part));
+        } else {
+            for (t, (dxs, part)) in dx.chunks_mut(chunk).zip(parts.iter_mut()).enumerate() {
+                work(t, dxs, part);
+            }
+        }
+        let mut parts = parts.into_iter();
+        let mut dk = parts.next().unwrap_or_else(|| vec![T::default(); k * d.f]);
+        for part in parts {
+            for (a, b) in dk.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+        (dx, dk)
     }
 
     fn bwd_typed<T: Element>(
@@ -134,37 +193,10 @@ impl Conv2dOp {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let d = self.dims(x.dims(), kernel.dims())?;
         let (x, kernel, grad) = (x.contiguous()?, kernel.contiguous()?, grad.contiguous()?);
-        let k = self.kernel[0] * self.kernel[1] * d.c;
-        let m = d.b * d.oh * d.ow;
-        let threads = crate::runtime::matmul_threads();
         with_slice::<T, _>(&x, "kiln-conv2d: x", |xs| {
             with_slice::<T, _>(&kernel, "kiln-conv2d: kernel", |ks| {
                 with_slice::<T, _>(&grad, "kiln-conv2d: gradient", |gs| {
-                    let cols = self.im2col(xs, &d);
-                    let mut dk = vec![T::default(); k * d.f];
-                    let mut dcols = vec![T::default(); m * k];
-                    // SAFETY: dk is k×f = colsᵀ (k×m, read transposed) · dY (m×f); dcols is
-                    // m×k = dY (m×f) · Wᵀ (f×k, the k×f kernel read transposed).
-                    unsafe {
-                        product(
-                            (k, d.f, m),
-                            dk.as_mut_ptr(),
-                            false,
-                            Operand::transposed(&cols, k),
-                            Operand::rows(gs, d.f),
-                            threads,
-                        );
-                        product(
-                            (m, k, d.f),
-                            dcols.as_mut_ptr(),
-                            false,
-                            Operand::rows(gs, d.f),
-                            Operand::transposed(ks, d.f),
-                            threads,
-                        );
-                    }
-                    drop(cols);
-                    let dx = self.col2im(&dcols, &d);
+                    let (dx, dk) = self.bwd_slices(xs, ks, gs, &d);
                     Ok((
                         Tensor::from_vec(dx, x.shape(), x.device())?,
                         Tensor::from_vec(dk, kernel.shape(), x.device())?,
@@ -174,6 +206,9 @@ impl Conv2dOp {
         })
     }
 }
+
+/// The window-matrix elements per tile of [`Conv2dOp`]: 512 KiB of f32, about a core's L2.
+const TILE_ELEMENTS: usize = 1 << 17;
 
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
