@@ -6,7 +6,7 @@
 //! with a divide and a modulo per element (28 ms for `[128, 26, 26, 32]` → `[32]`, where the
 //! row adds here take well under 1 ms). Other devices and dtypes take the plain candle path.
 
-use crate::cpu::{contiguous, with_slice, Real};
+use crate::cpu::{contiguous, for_each_chunk, with_slice, Real, PARALLEL_MIN_LEN};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 /// The element types the ops run on.
@@ -18,31 +18,64 @@ impl Element for f64 {}
 /// long sums near that of a pairwise sum.
 const BLOCK_ROWS: usize = 256;
 
-/// `Σ_rows f(row)` per column of a row-major matrix with `c` columns, `v` holding its rows,
-/// accumulated in f64.
-fn column_sums_by<T: Element>(v: &[T], c: usize, f: impl Fn(usize, T) -> f64) -> Vec<f64> {
+/// The sum over blocks of `BLOCK_ROWS` rows of per-column partial sums, `fill(block, sums)`
+/// writing block `block`'s into zeroed `sums` (`c` long). The blocks run across threads when
+/// the matrix has `len` elements or more than [`PARALLEL_MIN_LEN`], and join the total in
+/// order either way, so the result does not depend on the threads.
+fn sum_blocks(
+    len: usize,
+    c: usize,
+    blocks: usize,
+    fill: impl Fn(usize, &mut [f64]) + Sync,
+) -> Vec<f64> {
+    use rayon::prelude::*;
+    let part = |i: usize| {
+        let mut sums = vec![0f64; c];
+        fill(i, &mut sums);
+        sums
+    };
+    let parts: Vec<Vec<f64>> =
+        if blocks > 1 && len >= PARALLEL_MIN_LEN && crate::runtime::parallel_now() {
+            (0..blocks).into_par_iter().map(part).collect()
+        } else {
+            (0..blocks).map(part).collect()
+        };
     let mut total = vec![0f64; c];
-    if c == 0 {
-        return total;
-    }
-    let mut block = vec![0f64; c];
-    for rows in v.chunks(BLOCK_ROWS * c) {
-        block.iter_mut().for_each(|b| *b = 0.0);
-        for row in rows.chunks_exact(c) {
-            for (j, (b, &x)) in block.iter_mut().zip(row).enumerate() {
-                *b += f(j, x);
-            }
-        }
-        for (t, b) in total.iter_mut().zip(&block) {
+    for sums in parts {
+        for (t, b) in total.iter_mut().zip(sums) {
             *t += b;
         }
     }
     total
 }
 
+/// `Σ_rows f(row)` per column of a row-major matrix with `c` columns, `v` holding its rows,
+/// accumulated in f64.
+fn column_sums_by<T: Element>(v: &[T], c: usize, f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {
+    if c == 0 {
+        return Vec::new();
+    }
+    let block = BLOCK_ROWS * c;
+    sum_blocks(v.len(), c, v.len().div_ceil(block), |i, sums| {
+        for row in v[i * block..].chunks_exact(c).take(BLOCK_ROWS) {
+            for (j, (b, &x)) in sums.iter_mut().zip(row).enumerate() {
+                *b += f(j, x);
+            }
+        }
+    })
+}
+
 /// `Σ_rows v` per column, accumulated in f64.
 fn column_sums<T: Element>(v: &[T], c: usize) -> Vec<f64> {
     column_sums_by(v, c, |_, x| x.into())
+}
+
+/// `out` (a row-major matrix with `c` columns) written a block of rows at a time, blocks across
+/// threads: `f(first_row, rows)`.
+fn by_row_blocks<T: Element>(out: &mut [T], c: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    for_each_chunk(out, BLOCK_ROWS * c.max(1), |i, rows| {
+        f(i * BLOCK_ROWS, rows)
+    });
 }
 
 /// `x + b` for `x` `[.., C]` and `b` `[C]`; the backward sums the gradient's rows for `b`.
@@ -51,10 +84,14 @@ struct BiasAdd;
 impl BiasAdd {
     fn fwd<T: Element>(x: &[T], b: &[T]) -> Vec<T> {
         let c = b.len();
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(c) {
-            out.extend(row.iter().zip(b).map(|(&x, &b)| x + b));
-        }
+        let mut out = vec![T::default(); x.len()];
+        by_row_blocks(&mut out, c, |first, rows| {
+            for (o, xr) in rows.chunks_exact_mut(c).zip(x[first * c..].chunks_exact(c)) {
+                for ((o, &x), &b) in o.iter_mut().zip(xr).zip(b) {
+                    *o = x + b;
+                }
+            }
+        });
         out
     }
 
@@ -157,16 +194,17 @@ impl BatchNormTrain {
             .zip(gamma)
             .map(|(&i, &g)| <T as Real>::from_f64(i) * g)
             .collect();
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(mean.len().max(1)) {
-            out.extend(
-                row.iter()
-                    .zip(&mean)
-                    .zip(&factor)
-                    .zip(beta)
-                    .map(|(((&x, &m), &f), &b)| (x - m) * f + b),
-            );
-        }
+        let c = mean.len().max(1);
+        let mut out = vec![T::default(); x.len()];
+        by_row_blocks(&mut out, c, |first, rows| {
+            for (o, xr) in rows.chunks_exact_mut(c).zip(x[first * c..].chunks_exact(c)) {
+                for ((((o, &x), &m), &f), &b) in
+                    o.iter_mut().zip(xr).zip(&mean).zip(&factor).zip(beta)
+                {
+                    *o = (x - m) * f + b;
+                }
+            }
+        });
         out
     }
 
@@ -186,24 +224,18 @@ impl BatchNormTrain {
                 let rows = xs.len().checked_div(c).unwrap_or(0);
                 let dbeta = column_sums(gs, c);
                 // Σ dy·x̂ = inv · Σ dy·(x - mean), over pairs of rows of both.
-                let mut dgamma = vec![0f64; c];
-                let mut block = vec![0f64; c];
-                for (xr, gr) in xs
-                    .chunks(BLOCK_ROWS * c.max(1))
-                    .zip(gs.chunks(BLOCK_ROWS * c.max(1)))
-                {
-                    block.iter_mut().for_each(|b| *b = 0.0);
-                    for (xrow, grow) in xr.chunks_exact(c).zip(gr.chunks_exact(c)) {
+                let block = BLOCK_ROWS * c.max(1);
+                let mut dgamma = sum_blocks(xs.len(), c, xs.len().div_ceil(block), |i, sums| {
+                    let (xr, gr) = (&xs[i * block..], &gs[i * block..]);
+                    for (xrow, grow) in xr.chunks_exact(c).zip(gr.chunks_exact(c)).take(BLOCK_ROWS)
+                    {
                         for j in 0..c {
                             let xv: f64 = xrow[j].into();
                             let gv: f64 = grow[j].into();
-                            block[j] += gv * (xv - self.mean[j]);
+                            sums[j] += gv * (xv - self.mean[j]);
                         }
                     }
-                    for (d, b) in dgamma.iter_mut().zip(&block) {
-                        *d += b;
-                    }
-                }
+                });
                 for (d, &i) in dgamma.iter_mut().zip(&self.inv) {
                     *d *= i;
                 }
@@ -223,10 +255,19 @@ impl BatchNormTrain {
                     k[j] = <T as Real>::from_f64(-aj * dbeta[j] / n);
                     mean[j] = <T as Real>::from_f64(self.mean[j]);
                 }
-                let mut dx = Vec::with_capacity(xs.len());
-                for (xrow, grow) in xs.chunks_exact(c.max(1)).zip(gs.chunks_exact(c.max(1))) {
-                    dx.extend((0..c).map(|j| a[j] * grow[j] + bb[j] * (xrow[j] - mean[j]) + k[j]));
-                }
+                let mut dx = vec![T::default(); xs.len()];
+                by_row_blocks(&mut dx, c, |first, rows| {
+                    let (xr, gr) = (&xs[first * c..], &gs[first * c..]);
+                    for ((d, xrow), grow) in rows
+                        .chunks_exact_mut(c)
+                        .zip(xr.chunks_exact(c))
+                        .zip(gr.chunks_exact(c))
+                    {
+                        for j in 0..c {
+                            d[j] = a[j] * grow[j] + bb[j] * (xrow[j] - mean[j]) + k[j];
+                        }
+                    }
+                });
                 let to =
                     |v: Vec<f64>| -> Vec<T> { v.into_iter().map(<T as Real>::from_f64).collect() };
                 Ok((
@@ -386,6 +427,7 @@ mod tests {
         &[7, 17],
         &[2, 5, 3, 33],
         &[4, 26, 26, 32],
+        &[5, 50, 51, 3],
         &[300, 3],
     ];
 
