@@ -111,7 +111,8 @@ impl Metric for FBetaScore {
         if y_pred.rank() < 2 || y_true.dims() != y_pred.dims() {
             return Err(Error::Data(format!(
                 "{}: expects y_true and y_pred of the same shape [batch, classes] (one-hot or \
-                 multi-label y_true; one column for binary), got y_true {:?} and y_pred {:?}",
+                 multi-label y_true; one column for binary), got y_true {:?} and y_pred {:?}; one-hot \
+                 encode integer labels (a run file's `[data] one_hot = CLASSES`)",
                 self.name,
                 y_true.dims(),
                 y_pred.dims()

@@ -342,6 +342,10 @@ impl Model {
             acc.metric(&m.log_name, m.metric.as_ref())
                 .update(y_true, &y_pred.detach(), weight.as_ref())
                 .map_err(|e| {
+                    let e = match e {
+                        Error::Data(m) | Error::InvalidArgument(m) => m,
+                        other => other.to_string(),
+                    };
                     Error::Data(format!(
                         "metric `{}` for output `{}` failed on y_true {:?} and y_pred {:?}: {e}",
                         m.metric.name(),
