@@ -277,3 +277,130 @@ impl Metric for Renamed {
         renamed(self.inner.fresh(), self.name.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::config::{metric_by_name, metric_from_config, METRICS};
+    use super::*;
+    use crate::losses::config::JsonParams;
+    use candle_core::Device;
+    use proptest::prelude::*;
+
+    fn column(v: &[f32]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), (v.len(), 1), &Device::Cpu).unwrap()
+    }
+
+    /// Analytic AUCs: a perfect ranking scores 1, a reversed one 0, one constant score ½.
+    #[test]
+    fn auc_of_known_rankings() {
+        let labels = column(&[0., 0., 1., 1.]);
+        for (scores, want) in [
+            ([0.1f32, 0.2, 0.8, 0.9], 1.0),
+            ([0.9, 0.8, 0.2, 0.1], 0.0),
+            ([0.5, 0.5, 0.5, 0.5], 0.5),
+        ] {
+            let mut auc = Auc::new();
+            auc.update(&labels, &column(&scores), None).unwrap();
+            assert!((auc.result()[0] - want).abs() < 1e-12, "{scores:?}");
+        }
+        // PR of a perfect ranking is 1; with a constant score it is the positive rate.
+        let mut pr = Auc::new().curve(AucCurve::Pr);
+        pr.update(&labels, &column(&[0.1, 0.2, 0.8, 0.9]), None)
+            .unwrap();
+        assert!((pr.result()[0] - 1.0).abs() < 1e-12);
+    }
+
+    /// Every built-in name resolves, under its own name.
+    #[test]
+    fn every_name_resolves() {
+        for (name, _) in METRICS {
+            assert_eq!(metric_by_name(name).unwrap().name(), *name);
+        }
+    }
+
+    fn metrics_under_test() -> Vec<Box<dyn Metric>> {
+        vec![
+            Box::new(Auc::new()),
+            Box::new(Auc::new().curve(AucCurve::Pr)),
+            Box::new(Precision::new()),
+            Box::new(Recall::new().threshold(0.3).unwrap()),
+            Box::new(F1Score::new().threshold(0.5).unwrap()),
+            Box::new(R2Score::new()),
+            Box::new(RootMeanSquaredError::new()),
+            Box::new(MeanMetric::new(MeanAbsoluteError)),
+            Box::new(MeanMetric::new(Accuracy::binary())),
+        ]
+    }
+
+    proptest! {
+        /// Streaming: the result of any split into batches is the result of one batch of all.
+        #[test]
+        fn any_split_gives_the_one_batch_result(
+            rows in prop::collection::vec((0u8..2, 0f32..1.0, 0f32..2.0), 2..60),
+            cuts in prop::collection::vec(0usize..60, 0..5),
+            weighted in any::<bool>(),
+        ) {
+            let n = rows.len();
+            let t: Vec<f32> = rows.iter().map(|r| f32::from(r.0)).collect();
+            let p: Vec<f32> = rows.iter().map(|r| r.1).collect();
+            let w: Vec<f32> = rows.iter().map(|r| r.2).collect();
+            let (t, p) = (column(&t), column(&p));
+            let w = Tensor::new(w, &Device::Cpu).unwrap();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % n).collect();
+            cuts.extend([0, n]);
+            cuts.sort_unstable();
+            cuts.dedup();
+            for metric in metrics_under_test() {
+                let mut whole = metric.fresh();
+                let mut split = metric.fresh();
+                whole.update(&t, &p, weighted.then_some(&w)).unwrap();
+                for pair in cuts.windows(2) {
+                    let (a, len) = (pair[0], pair[1] - pair[0]);
+                    let wb = w.narrow(0, a, len).unwrap();
+                    split
+                        .update(&t.narrow(0, a, len).unwrap(), &p.narrow(0, a, len).unwrap(), weighted.then_some(&wb))
+                        .unwrap();
+                }
+                for (a, b) in whole.result().iter().zip(split.result()) {
+                    prop_assert!((a - b).abs() <= 1e-9 * (1.0 + a.abs()), "{}: {a} vs {b}", metric.name());
+                }
+                split.reset();
+                prop_assert_eq!(split.result(), metric.fresh().result());
+            }
+        }
+
+        /// The parser never panics on any value of any key: it builds the metric or names the
+        /// key in its error.
+        #[test]
+        fn the_parser_names_the_key_it_refuses(
+            which in 0usize..METRICS.len(),
+            key in prop::sample::select(vec![
+                "threshold", "thresholds", "k", "top_k", "class_id", "num_thresholds", "curve",
+                "summation_method", "multi_label", "num_labels", "label_weights", "from_logits",
+                "average", "beta", "class_aggregation", "num_regressors", "bogus",
+            ]),
+            value in prop_oneof![
+                Just(serde_json::json!(null)),
+                any::<bool>().prop_map(serde_json::Value::from),
+                (-5i64..300).prop_map(serde_json::Value::from),
+                (-2.0f64..3.0).prop_map(serde_json::Value::from),
+                prop::sample::select(vec!["PR", "ROC", "macro", "none", "x", "interpolation"])
+                    .prop_map(serde_json::Value::from),
+                prop::collection::vec(-1.0f64..2.0, 0..4).prop_map(|v| serde_json::json!(v)),
+            ],
+        ) {
+            let (name, allowed) = METRICS[which];
+            let params = serde_json::json!({ key: value });
+            match metric_from_config(name, &JsonParams::new(&params, "p")) {
+                Ok(m) => {
+                    prop_assert!(allowed.contains(&key), "{name} accepted {key}");
+                    prop_assert_eq!(m.name(), name);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains(&format!("p.{key}")), "{name}.{key} = {value}: {msg}");
+                }
+            }
+        }
+    }
+}
