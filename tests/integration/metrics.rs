@@ -118,9 +118,15 @@ fn every_case_matches_keras_and_scikit_learn() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(against_sklearn >= 60, "only {against_sklearn} against sklearn");
+    assert!(
+        against_sklearn >= 60,
+        "only {against_sklearn} against sklearn"
+    );
     // The uneven batches do show the difference between streaming and batch means.
-    assert!(split_matters >= 80, "only {split_matters} cases tell the two apart");
+    assert!(
+        split_matters >= 80,
+        "only {split_matters} cases tell the two apart"
+    );
 }
 
 /// The two-class and one-hot scores of a small trained classifier, for the training-path tests.
@@ -132,7 +138,10 @@ fn blobs(n: usize) -> Dataset {
         let class = i % 3;
         let jitter = ((i * 37) % 101) as f32 / 101.0 - 0.5;
         let jitter2 = ((i * 53) % 97) as f32 / 97.0 - 0.5;
-        xs.extend([class as f32 + 1.5 * jitter, (class as f32 - 1.0) * 0.5 + jitter2]);
+        xs.extend([
+            class as f32 + 1.5 * jitter,
+            (class as f32 - 1.0) * 0.5 + jitter2,
+        ]);
         ys.extend((0..3).map(|c| f32::from(u8::from(c == class))));
     }
     Dataset::new(
@@ -176,18 +185,13 @@ fn evaluate_streams_over_the_whole_data_set() {
         .fit(&data, Fit::new().epochs(3).batch_size(16).quiet())
         .unwrap();
     let whole = model.evaluate(&data, 1000).unwrap();
-    let pred = model.predict(&data.inputs()[..1].to_vec(), 1000).unwrap();
+    let pred = model.predict(data.inputs(), 1000).unwrap();
     let mut auc = kiln::metrics::Auc::new();
     auc.update(&data.targets()[0], &pred[0], None).unwrap();
     assert!((whole.get("auc").unwrap() - auc.result()[0]).abs() < 1e-12);
     for batch in [1, 7, 32] {
         let logs = model.evaluate(&data, batch).unwrap();
-        for key in [
-            "auc",
-            "f1_score",
-            "top_k_categorical_accuracy",
-            "precision",
-        ] {
+        for key in ["auc", "f1_score", "top_k_categorical_accuracy", "precision"] {
             let (a, b) = (logs.get(key).unwrap(), whole.get(key).unwrap());
             assert!((a - b).abs() < 1e-9, "{key} at batch {batch}: {a} vs {b}");
         }
@@ -218,18 +222,31 @@ fn weights_names_and_validation_follow_keras() {
         .unwrap();
     assert_eq!(
         model.metric_names(),
-        vec!["categorical_accuracy", "weighted_categorical_accuracy", "f1_score"]
+        vec![
+            "categorical_accuracy",
+            "weighted_categorical_accuracy",
+            "f1_score"
+        ]
     );
     let logs = model.evaluate(&weighted, 16).unwrap();
     // Class 0 is every third sample: weight 0 removes it from the weighted metric alone.
-    let pred = model.predict(&data.inputs()[..1].to_vec(), 100).unwrap()[0]
+    let pred = model.predict(data.inputs(), 100).unwrap()[0]
         .argmax(1)
         .unwrap()
         .to_vec1::<u32>()
         .unwrap();
-    let hits: Vec<bool> = pred.iter().enumerate().map(|(i, p)| *p as usize == i % 3).collect();
+    let hits: Vec<bool> = pred
+        .iter()
+        .enumerate()
+        .map(|(i, p)| *p as usize == i % 3)
+        .collect();
     let plain = hits.iter().filter(|h| **h).count() as f64 / n as f64;
-    let kept: Vec<bool> = hits.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, h)| *h).collect();
+    let kept: Vec<bool> = hits
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, h)| *h)
+        .collect();
     let weighted_acc = kept.iter().filter(|h| **h).count() as f64 / kept.len() as f64;
     assert!((logs.get("categorical_accuracy").unwrap() - plain).abs() < 1e-9);
     assert!((logs.get("weighted_categorical_accuracy").unwrap() - weighted_acc).abs() < 1e-9);
@@ -237,13 +254,14 @@ fn weights_names_and_validation_follow_keras() {
         assert!(logs.get(k).is_some(), "{k} missing from {logs:?}");
     }
     let history = model
-        .fit(
-            &data,
-            Fit::new().epochs(1).validation_split(0.25).quiet(),
-        )
+        .fit(&data, Fit::new().epochs(1).validation_split(0.25).quiet())
         .unwrap();
     let last = history.last().unwrap();
-    for k in ["f1_score_2", "val_f1_score_2", "val_weighted_categorical_accuracy"] {
+    for k in [
+        "f1_score_2",
+        "val_f1_score_2",
+        "val_weighted_categorical_accuracy",
+    ] {
         assert!(last.get(k).is_some(), "{k} missing from {last:?}");
     }
 
@@ -277,11 +295,7 @@ fn masks_leave_padding_out_of_streaming_metrics() {
     let d = Device::Cpu;
     // Tokens 1..=3, padded with 0; the label of a token is (token == 2).
     let tokens = Tensor::new(&[[1f32, 2., 0., 0.], [2., 3., 1., 0.]], &d).unwrap();
-    let labels = Tensor::new(
-        &[[[0f32], [1.], [1.], [1.]], [[1.], [0.], [0.], [1.]]],
-        &d,
-    )
-    .unwrap();
+    let labels = Tensor::new(&[[[0f32], [1.], [1.], [1.]], [[1.], [0.], [0.], [1.]]], &d).unwrap();
     let x = Input::new([4]);
     let e = Embedding::new(4, 2).mask_zero(true).apply(&x).unwrap();
     let y = Dense::new(1)
@@ -301,7 +315,9 @@ fn masks_leave_padding_out_of_streaming_metrics() {
     let logs = model.evaluate(&data, 2).unwrap();
     // The padded steps are all labelled 1: counted, recall at threshold 0 would still be 1,
     // but the AUC would change. Compare with the metric on the five real steps alone.
-    let pred = model.predict(&[tokens], 2).unwrap()[0].flatten_all().unwrap();
+    let pred = model.predict(&[tokens], 2).unwrap()[0]
+        .flatten_all()
+        .unwrap();
     let pred = pred.to_vec1::<f32>().unwrap();
     let real = [0usize, 1, 4, 5, 6];
     let p = Tensor::new(real.map(|i| pred[i]).as_slice(), &d).unwrap();
@@ -381,7 +397,10 @@ fn run_file_metrics_reach_history_json() {
         "val_macro_f1",
         "val_pr_auc",
     ] {
-        assert!(text.contains(&format!("\"{key}\"")), "{key} missing: {text}");
+        assert!(
+            text.contains(&format!("\"{key}\"")),
+            "{key} missing: {text}"
+        );
     }
     let series = |k: &str| -> Vec<f64> {
         history[k]

@@ -124,7 +124,9 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
         }
         "categorical_accuracy" => mean(Accuracy::categorical()),
         "sparse_categorical_accuracy" => mean(Accuracy::sparse()),
-        "mae" | "mean_absolute_error" => Box::new(MeanMetric::new(MeanAbsoluteError).with_name(name)),
+        "mae" | "mean_absolute_error" => {
+            Box::new(MeanMetric::new(MeanAbsoluteError).with_name(name))
+        }
         "mse" | "mean_squared_error" => Box::new(MeanMetric::new(MeanSquaredError).with_name(name)),
         "root_mean_squared_error" => Box::new(RootMeanSquaredError::new()),
         "r2_score" => {
@@ -135,14 +137,32 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
                     "uniform_average" => ClassAggregation::UniformAverage,
                     "variance_weighted_average" => ClassAggregation::VarianceWeightedAverage,
                     "none" => ClassAggregation::None,
-                    _ => return Err(one_of(params, &owner, "class_aggregation", &format!("\"{s}\""),
-                        "\"uniform_average\", \"variance_weighted_average\" or \"none\"")),
+                    _ => {
+                        return Err(one_of(
+                            params,
+                            &owner,
+                            "class_aggregation",
+                            &format!("\"{s}\""),
+                            "\"uniform_average\", \"variance_weighted_average\" or \"none\"",
+                        ))
+                    }
                 },
-                Some(v) => return Err(one_of(params, &owner, "class_aggregation", &v.to_string(),
-                    "\"uniform_average\", \"variance_weighted_average\" or \"none\"")),
+                Some(v) => {
+                    return Err(one_of(
+                        params,
+                        &owner,
+                        "class_aggregation",
+                        &v.to_string(),
+                        "\"uniform_average\", \"variance_weighted_average\" or \"none\"",
+                    ))
+                }
             };
             let p = count("num_regressors", 0)?.unwrap_or(0);
-            Box::new(R2Score::new().class_aggregation(aggregation).num_regressors(p))
+            Box::new(
+                R2Score::new()
+                    .class_aggregation(aggregation)
+                    .num_regressors(p),
+            )
         }
         "top_k_categorical_accuracy" => {
             mean(TopKCategoricalAccuracy::new(count("k", 1)?.unwrap_or(5)))
@@ -179,14 +199,29 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
             let curve = match r.string("curve", "ROC")?.as_str() {
                 "ROC" | "roc" => AucCurve::Roc,
                 "PR" | "pr" => AucCurve::Pr,
-                other => return Err(one_of(params, &owner, "curve", &format!("\"{other}\""), "\"ROC\" or \"PR\"")),
+                other => {
+                    return Err(one_of(
+                        params,
+                        &owner,
+                        "curve",
+                        &format!("\"{other}\""),
+                        "\"ROC\" or \"PR\"",
+                    ))
+                }
             };
             let summation = match r.string("summation_method", "interpolation")?.as_str() {
                 "interpolation" => SummationMethod::Interpolation,
                 "minoring" => SummationMethod::Minoring,
                 "majoring" => SummationMethod::Majoring,
-                other => return Err(one_of(params, &owner, "summation_method", &format!("\"{other}\""),
-                    "\"interpolation\", \"minoring\" or \"majoring\"")),
+                other => {
+                    return Err(one_of(
+                        params,
+                        &owner,
+                        "summation_method",
+                        &format!("\"{other}\""),
+                        "\"interpolation\", \"minoring\" or \"majoring\"",
+                    ))
+                }
             };
             let multi_label = r.bool("multi_label", false)?;
             let num_labels = count("num_labels", 1)?;
@@ -224,16 +259,37 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
                     "micro" => Average::Micro,
                     "macro" => Average::Macro,
                     "weighted" => Average::Weighted,
-                    _ => return Err(one_of(params, &owner, "average", &format!("\"{s}\""),
-                        "\"micro\", \"macro\", \"weighted\" or \"none\"")),
+                    _ => {
+                        return Err(one_of(
+                            params,
+                            &owner,
+                            "average",
+                            &format!("\"{s}\""),
+                            "\"micro\", \"macro\", \"weighted\" or \"none\"",
+                        ))
+                    }
                 },
-                Some(v) => return Err(one_of(params, &owner, "average", &v.to_string(),
-                    "\"micro\", \"macro\", \"weighted\" or \"none\"")),
+                Some(v) => {
+                    return Err(one_of(
+                        params,
+                        &owner,
+                        "average",
+                        &v.to_string(),
+                        "\"micro\", \"macro\", \"weighted\" or \"none\"",
+                    ))
+                }
             };
             let beta = r.float("beta", 1.0, Bounds::positive())?;
             let mut m = FBetaScore::new(beta)?.with_name(name).average(average);
             if params.value("threshold").is_some() {
-                m = m.threshold(r.float("threshold", 0.5, Bounds { hi_inclusive: true, ..Bounds::open(0.0, 1.0) })?)?;
+                m = m.threshold(r.float(
+                    "threshold",
+                    0.5,
+                    Bounds {
+                        hi_inclusive: true,
+                        ..Bounds::open(0.0, 1.0)
+                    },
+                )?)?;
             }
             if name == "f1_score" {
                 Box::new(F1Score::from_fbeta(m))

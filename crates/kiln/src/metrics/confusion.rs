@@ -431,11 +431,20 @@ impl Auc {
                 })
                 .sum();
         }
-        let recall: Vec<f64> = (0..n).map(|i| divide_no_nan(tp[i], tp[i] + fn_[i])).collect();
+        let recall: Vec<f64> = (0..n)
+            .map(|i| divide_no_nan(tp[i], tp[i] + fn_[i]))
+            .collect();
         let (x, y): (Vec<f64>, Vec<f64>) = match self.curve {
-            AucCurve::Roc => ((0..n).map(|i| divide_no_nan(fp[i], fp[i] + tn[i])).collect(), recall),
+            AucCurve::Roc => (
+                (0..n)
+                    .map(|i| divide_no_nan(fp[i], fp[i] + tn[i]))
+                    .collect(),
+                recall,
+            ),
             AucCurve::Pr => {
-                let precision = (0..n).map(|i| divide_no_nan(tp[i], tp[i] + fp[i])).collect();
+                let precision = (0..n)
+                    .map(|i| divide_no_nan(tp[i], tp[i] + fp[i]))
+                    .collect();
                 (recall, precision)
             }
         };

@@ -101,7 +101,11 @@ impl Metric for RootMeanSquaredError {
         let w = r.width as f64;
         for i in 0..r.y_true.len() / r.width {
             let span = i * r.width..(i + 1) * r.width;
-            let (t, p, ws) = (&r.y_true[span.clone()], &r.y_pred[span.clone()], &r.weight[span]);
+            let (t, p, ws) = (
+                &r.y_true[span.clone()],
+                &r.y_pred[span.clone()],
+                &r.weight[span],
+            );
             self.total += (0..r.width)
                 .map(|j| (p[j] - t[j]).powi(2) * ws[j])
                 .sum::<f64>()

@@ -104,7 +104,8 @@ impl Compile {
     }
     /// A metric reported for the named output.
     pub fn metric_for(mut self, output: impl Into<String>, metric: impl Into<MetricSpec>) -> Self {
-        self.metrics.push((Some(output.into()), metric.into(), false));
+        self.metrics
+            .push((Some(output.into()), metric.into(), false));
         self
     }
     /// A metric weighted by the sample weights (and class weights) of the data, for every output
@@ -130,7 +131,8 @@ impl Compile {
         output: impl Into<String>,
         metric: impl Into<MetricSpec>,
     ) -> Self {
-        self.metrics.push((Some(output.into()), metric.into(), true));
+        self.metrics
+            .push((Some(output.into()), metric.into(), true));
         self
     }
 }

@@ -1,7 +1,7 @@
 //! Logs and history: every term and metric by name, per epoch.
 
-use serde::ser::SerializeMap;
 use crate::metrics::Metric;
+use serde::ser::SerializeMap;
 use std::collections::BTreeMap;
 
 /// Named values in a fixed order: `loss`, per-output losses, added terms, metrics, then their

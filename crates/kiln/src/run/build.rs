@@ -521,7 +521,12 @@ fn metrics(
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    if v.get_ref().is_table() && !v.get_ref().as_table().is_some_and(|t| t.contains_key("name")) {
+    if v.get_ref().is_table()
+        && !v
+            .get_ref()
+            .as_table()
+            .is_some_and(|t| t.contains_key("name"))
+    {
         let t = f.table(key)?.expect("a table, checked above");
         for (output, item) in t.entries() {
             if !output_names.contains(&output) {
@@ -542,11 +547,7 @@ fn metrics(
 }
 
 /// One metric entry, or a list of them, under `key` of `f`.
-fn metric_items(
-    f: &Fields,
-    key: &str,
-    v: &super::fields::Value<'_>,
-) -> Result<Vec<MetricSpec>> {
+fn metric_items(f: &Fields, key: &str, v: &super::fields::Value<'_>) -> Result<Vec<MetricSpec>> {
     let one = |item: &super::fields::Value<'_>, what: String| -> Result<MetricSpec> {
         if let Some(name) = item.get_ref().as_str() {
             let m = crate::metrics::config::metric_by_name(name)
@@ -573,7 +574,10 @@ fn metric_items(
             skip: &["name", "as"],
         };
         let mut m = crate::metrics::config::metric_from_config(name, &params).map_err(|e| {
-            match crate::metrics::config::METRICS.iter().any(|(n, _)| *n == name) {
+            match crate::metrics::config::METRICS
+                .iter()
+                .any(|(n, _)| *n == name)
+            {
                 true => e,
                 false => t.value_error("name", t.get("name").expect("read above"), strip_kind(e)),
             }
