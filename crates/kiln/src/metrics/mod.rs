@@ -23,7 +23,8 @@
 //! let mut auc = Auc::new();
 //! // Two batches; the result is the AUC of all four samples, not the mean of two batch AUCs.
 //! auc.update(&Tensor::new(&[[0f32], [1.]], &d)?, &Tensor::new(&[[0.1f32], [0.4]], &d)?, None)?;
-//! auc.update(&Tensor::new(&[[0f32], [1.]], &d)?, &Tensor::new(&[[0.35f32], [0.8]], &d)?, None)?;
+//! auc.update(&Tensor::new(&[[0f32], [1.]], &d)?, &Tensor::new(&[[0.5f32], [0.8]], &d)?, None)?;
+//! // Each batch alone ranks perfectly (AUC 1); over the four samples, 0.4 < 0.5 costs a pair.
 //! assert!((auc.result()[0] - 0.75).abs() < 1e-6);
 //! # Ok::<(), kiln::Error>(())
 //! ```
