@@ -370,6 +370,27 @@ mod tests {
             }
         }
 
+        /// The constructors accept exactly the values Keras does, and say so otherwise.
+        #[test]
+        fn constructors_check_their_ranges(x in prop_oneof![
+            -2.0f64..3.0, Just(0.0), Just(1.0), Just(f64::NAN), Just(f64::INFINITY)
+        ]) {
+            prop_assert_eq!(FBetaScore::new(x).is_ok(), x.is_finite() && x > 0.0);
+            prop_assert_eq!(F1Score::new().threshold(x).is_ok(), x > 0.0 && x <= 1.0);
+            prop_assert_eq!(Precision::new().threshold(x).is_ok(), (0.0..=1.0).contains(&x));
+            prop_assert_eq!(
+                Recall::new().thresholds(vec![0.5, x]).is_ok(),
+                (0.0..=1.0).contains(&x)
+            );
+            prop_assert_eq!(
+                Auc::new().label_weights(vec![1.0, x]).is_ok(),
+                x.is_finite() && x >= 0.0
+            );
+            if let Err(e) = Auc::new().label_weights(vec![x]) {
+                prop_assert!(e.to_string().contains("label_weights"));
+            }
+        }
+
         /// The parser never panics on any value of any key: it builds the metric or names the
         /// key in its error.
         #[test]
