@@ -129,6 +129,42 @@ fn every_case_matches_keras_and_scikit_learn() {
     );
 }
 
+/// Keras' AUC (200 buckets) differs from scikit-learn's exact ROC AUC on scores that share
+/// buckets across the classes, and reaches it with enough thresholds that every score has its
+/// own bucket; the interpolated PR area stays apart from average precision (a step sum).
+#[test]
+fn bucketed_auc_reaches_the_exact_one_with_enough_thresholds() {
+    let f = fixture();
+    let data = &f["datasets"]["binary"];
+    let (t, p) = (matrix(&data["y_true"]), matrix(&data["y_pred"]));
+    let w: Vec<f32> = vector(&data["sample_weight"])
+        .iter()
+        .map(|x| *x as f32)
+        .collect();
+    let w = Tensor::new(w, &Device::Cpu).unwrap();
+    let exact = &f["binary_exact"];
+    let auc = |n: usize, curve: kiln::metrics::AucCurve, weight: Option<&Tensor>| {
+        let mut m = kiln::metrics::Auc::new()
+            .num_thresholds(n)
+            .unwrap()
+            .curve(curve);
+        m.update(&t, &p, weight).unwrap();
+        m.result()[0]
+    };
+    use kiln::metrics::AucCurve::{Pr, Roc};
+    let roc = exact["roc_auc"].as_f64().unwrap();
+    assert!((auc(200, Roc, None) - roc).abs() > 1e-3);
+    assert!(
+        (auc(1_000_001, Roc, None) - roc).abs() < 1e-6,
+        "{}",
+        auc(1_000_001, Roc, None)
+    );
+    let weighted = exact["roc_auc_weighted"].as_f64().unwrap();
+    assert!((auc(1_000_001, Roc, Some(&w)) - weighted).abs() < 1e-6);
+    let ap = exact["average_precision"].as_f64().unwrap();
+    assert!((auc(1_000_001, Pr, None) - ap).abs() > 1e-4);
+}
+
 /// The two-class and one-hot scores of a small trained classifier, for the training-path tests.
 fn blobs(n: usize) -> Dataset {
     let d = Device::Cpu;

@@ -238,7 +238,7 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
                 .multi_label(multi_label)
                 .from_logits(r.bool("from_logits", false)?);
             if let Some(n) = count("num_thresholds", 2)? {
-                m = m.num_thresholds(n)?;
+                m = m.num_thresholds(n).map_err(|e| at(e, "num_thresholds"))?;
             }
             if let Some(w) = numbers(params, &owner, "label_weights", Bounds::non_negative())? {
                 if let Some(n) = num_labels.filter(|n| *n != w.len()) {

@@ -320,6 +320,9 @@ impl Default for Auc {
 }
 
 impl Auc {
+    /// The most thresholds an `Auc` takes: enough to give every float32 score in [0, 1] a
+    /// bucket of width 1e-7, few enough that the counts of one label fit in 160 MB.
+    pub const MAX_THRESHOLDS: usize = 10_000_001;
     /// ROC, 200 thresholds, interpolation, named `auc`, as Keras' `AUC()`.
     pub fn new() -> Self {
         Self {
@@ -334,12 +337,15 @@ impl Auc {
             neg: Vec::new(),
         }
     }
-    /// The number of thresholds (at least 2; more is closer to the exact area).
+    /// The number of thresholds (at least 2, at most [`Auc::MAX_THRESHOLDS`]; more is closer
+    /// to the exact area).
     pub fn num_thresholds(mut self, n: usize) -> Result<Self> {
-        if n < 2 {
+        if !(2..=Self::MAX_THRESHOLDS).contains(&n) {
             return Err(invalid(format!(
-                "{}: num_thresholds must be an integer > 1, got {n}",
-                self.name
+                "{}: num_thresholds must be an integer in [2, {}] (the counts take 16 bytes per \
+                 threshold and label), got {n}",
+                self.name,
+                Self::MAX_THRESHOLDS
             )));
         }
         self.num_thresholds = n;
