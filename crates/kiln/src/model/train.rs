@@ -343,7 +343,7 @@ impl Model {
                 .update(y_true, &y_pred.detach(), weight.as_ref())
                 .map_err(|e| {
                     let e = match e {
-                        Error::Data(m) | Error::InvalidArgument(m) => m,
+                        Error::Data(msg) | Error::InvalidArgument(msg) => msg,
                         other => other.to_string(),
                     };
                     Error::Data(format!(
