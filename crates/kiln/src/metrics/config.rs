@@ -199,13 +199,14 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
             let curve = match r.string("curve", "ROC")?.as_str() {
                 "ROC" | "roc" => AucCurve::Roc,
                 "PR" | "pr" => AucCurve::Pr,
+                "PRGAIN" | "prgain" => AucCurve::PrGain,
                 other => {
                     return Err(one_of(
                         params,
                         &owner,
                         "curve",
                         &format!("\"{other}\""),
-                        "\"ROC\" or \"PR\"",
+                        "\"ROC\", \"PR\" or \"PRGAIN\"",
                     ))
                 }
             };

@@ -259,6 +259,8 @@ pub enum AucCurve {
     Roc,
     /// Precision against recall.
     Pr,
+    /// Precision gain against recall gain (Flach & Kull 2015), as Keras' `PRGAIN`.
+    PrGain,
 }
 
 /// How [`Auc`] sums the area between thresholds.
@@ -351,7 +353,7 @@ impl Auc {
         self.num_thresholds = n;
         Ok(self)
     }
-    /// The curve: ROC (default) or PR.
+    /// The curve: ROC (default), PR or PR gain.
     pub fn curve(mut self, curve: AucCurve) -> Self {
         self.curve = curve;
         self
@@ -452,6 +454,23 @@ impl Auc {
                     .map(|i| divide_no_nan(tp[i], tp[i] + fp[i]))
                     .collect();
                 (recall, precision)
+            }
+            AucCurve::PrGain => {
+                // As Keras: with no true positive the recall gain is 0 and the precision gain 1;
+                // a negative recall gain counts as 0.
+                let scale = |i: usize| divide_no_nan(tp[i] + fn_[i], tn[i] + fp[i]);
+                let gain = |i: usize, other: f64| match tp[i] == 0.0 {
+                    true => None,
+                    false => Some(1.0 - scale(i) * divide_no_nan(other, tp[i])),
+                };
+                (0..n)
+                    .map(|i| {
+                        (
+                            gain(i, fn_[i]).unwrap_or(0.0).max(0.0),
+                            gain(i, fp[i]).unwrap_or(1.0),
+                        )
+                    })
+                    .unzip()
             }
         };
         (0..n - 1)
