@@ -10,6 +10,7 @@ mod gradients;
 mod keras_reference;
 mod layers;
 mod loaders_fuzz;
+mod metrics;
 mod mutations;
 mod run_files;
 mod strict_config;

@@ -78,7 +78,10 @@ pub mod prelude {
         CategoricalFocalCrossentropy, Huber, Loss, MeanAbsoluteError, MeanSquaredError,
         SparseCategoricalCrossentropy,
     };
-    pub use crate::metrics::Accuracy;
+    pub use crate::metrics::{
+        Accuracy, Auc, F1Score, Precision, R2Score, Recall, RootMeanSquaredError,
+        TopKCategoricalAccuracy,
+    };
     pub use crate::model::{AddedLoss, Compile, Fit, History, Logs, Model, Sequential, Tensors};
     pub use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
     pub use crate::reduction::Reduction;

@@ -39,7 +39,8 @@ pub struct Compile {
     optimizer: Box<dyn Optimizer>,
     losses: PerOutput<LossSpec>,
     loss_weights: PerOutput<f64>,
-    metrics: Vec<(Option<String>, MetricSpec)>,
+    /// (output, metric, weighted by the sample weights).
+    metrics: Vec<(Option<String>, MetricSpec, bool)>,
 }
 
 impl Compile {
@@ -95,14 +96,43 @@ impl Compile {
         self.loss_weights = PerOutput::List(weights);
         self
     }
-    /// A metric reported for every output.
+    /// A metric reported for every output (Keras' `metrics`): not weighted by the sample or
+    /// class weights, as in Keras; a mask (padding) still leaves entries out.
     pub fn metric(mut self, metric: impl Into<MetricSpec>) -> Self {
-        self.metrics.push((None, metric.into()));
+        self.metrics.push((None, metric.into(), false));
         self
     }
     /// A metric reported for the named output.
     pub fn metric_for(mut self, output: impl Into<String>, metric: impl Into<MetricSpec>) -> Self {
-        self.metrics.push((Some(output.into()), metric.into()));
+        self.metrics
+            .push((Some(output.into()), metric.into(), false));
+        self
+    }
+    /// A metric weighted by the sample weights (and class weights) of the data, for every output
+    /// (Keras' `weighted_metrics`). Logged under the metric's name, or `weighted_<name>` when an
+    /// unweighted metric of the same output already has that name, as Keras does.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([2]);
+    /// let y = Dense::new(1).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse").metric("mae").weighted_metric("mae"))?;
+    /// assert_eq!(model.metric_names(), vec!["mae", "weighted_mae"]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn weighted_metric(mut self, metric: impl Into<MetricSpec>) -> Self {
+        self.metrics.push((None, metric.into(), true));
+        self
+    }
+    /// A weighted metric for the named output.
+    pub fn weighted_metric_for(
+        mut self,
+        output: impl Into<String>,
+        metric: impl Into<MetricSpec>,
+    ) -> Self {
+        self.metrics
+            .push((Some(output.into()), metric.into(), true));
         self
     }
 }
@@ -119,7 +149,12 @@ pub(crate) struct OutputLoss {
 /// A resolved metric of one output.
 pub(crate) struct OutputMetric {
     pub(crate) output: usize,
+    /// The configuration; each epoch (and each validation pass) folds batches into a
+    /// [`Metric::fresh`] copy of it.
     pub(crate) metric: Arc<dyn Metric>,
+    /// Whether the data's sample weights apply (Keras' `weighted_metrics`).
+    pub(crate) weighted: bool,
+    /// `[<output>_]<name>`.
     pub(crate) log_name: String,
 }
 
@@ -246,22 +281,27 @@ impl Model {
                 ));
             }
         }
-        let mut metrics = Vec::new();
-        for (target, spec) in config.metrics {
-            let metric = spec.resolve()?;
+        let mut metrics: Vec<OutputMetric> = Vec::new();
+        for (target, spec, weighted) in config.metrics {
+            let metric: Arc<dyn Metric> = Arc::from(spec.resolve()?);
             let outputs: Vec<usize> = match &target {
                 Some(name) => vec![output_index(&names, name, "a metric")?],
                 None => (0..names.len()).collect(),
             };
             for output in outputs {
-                let log_name = if names.len() > 1 {
-                    format!("{}_{}", names[output], metric.name())
-                } else {
-                    metric.name().to_string()
+                let prefixed = |name: &str| match names.len() {
+                    1 => name.to_string(),
+                    _ => format!("{}_{name}", names[output]),
                 };
+                let mut log_name = prefixed(metric.name());
+                let clashes = |n: &str| metrics.iter().any(|m| !m.weighted && m.log_name == n);
+                if weighted && clashes(&log_name) {
+                    log_name = prefixed(&format!("weighted_{}", metric.name()));
+                }
                 metrics.push(OutputMetric {
                     output,
                     metric: metric.clone(),
+                    weighted,
                     log_name,
                 });
             }
@@ -277,7 +317,7 @@ impl Model {
             if !seen.insert(name) {
                 return Err(Error::Compile(format!(
                     "two terms or metrics would both be reported as `{name}`: rename the added \
-                     loss or the metric"
+                     loss or the metric (a metric's `with_name`, or `as = \"…\"` in a run file)"
                 )));
             }
         }
@@ -309,6 +349,15 @@ impl Model {
             }
         }
         names
+    }
+
+    /// The log names of the compiled metrics, in order (before any `val_` prefix; a metric with
+    /// one value per class adds `_0`, `_1`, … to its name in the logs).
+    pub fn metric_names(&self) -> Vec<String> {
+        self.compiled
+            .iter()
+            .flat_map(|c| c.metrics.iter().map(|m| m.log_name.clone()))
+            .collect()
     }
 
     /// Whether `compile` has been called.

@@ -1,5 +1,6 @@
 //! Logs and history: every term and metric by name, per epoch.
 
+use crate::metrics::Metric;
 use serde::ser::SerializeMap;
 use std::collections::BTreeMap;
 
@@ -91,27 +92,52 @@ impl History {
     }
 }
 
-/// Running means over an epoch, weighted by sample count (Keras' `Mean` metric).
+/// What an epoch accumulates: running means of the loss terms, weighted by sample count
+/// (Keras' `Mean` metric), and the streaming state of every metric.
 #[derive(Default)]
-pub(crate) struct Accumulator(Vec<(String, f64, f64)>);
+pub(crate) struct Accumulator {
+    means: Vec<(String, f64, f64)>,
+    metrics: Vec<(String, Box<dyn Metric>)>,
+}
 
 impl Accumulator {
     pub(crate) fn add(&mut self, key: &str, total: f64, count: f64) {
-        match self.0.iter_mut().find(|(k, _, _)| k == key) {
+        match self.means.iter_mut().find(|(k, _, _)| k == key) {
             Some(slot) => {
                 slot.1 += total;
                 slot.2 += count;
             }
-            None => self.0.push((key.to_string(), total, count)),
+            None => self.means.push((key.to_string(), total, count)),
         }
+    }
+    /// The epoch state of the metric logged as `key`, made from `metric` on first use.
+    pub(crate) fn metric(&mut self, key: &str, metric: &dyn Metric) -> &mut dyn Metric {
+        let i = match self.metrics.iter().position(|(k, _)| k == key) {
+            Some(i) => i,
+            None => {
+                self.metrics.push((key.to_string(), metric.fresh()));
+                self.metrics.len() - 1
+            }
+        };
+        self.metrics[i].1.as_mut()
     }
     pub(crate) fn logs(&self, prefix: &str) -> Logs {
         let mut logs = Logs::default();
-        for (k, total, count) in &self.0 {
+        for (k, total, count) in &self.means {
             logs.set(
                 format!("{prefix}{k}"),
                 if *count == 0.0 { 0.0 } else { total / count },
             );
+        }
+        for (k, metric) in &self.metrics {
+            match metric.result().as_slice() {
+                [one] => logs.set(format!("{prefix}{k}"), *one),
+                many => {
+                    for (i, v) in many.iter().enumerate() {
+                        logs.set(format!("{prefix}{k}_{i}"), *v);
+                    }
+                }
+            }
         }
         logs
     }

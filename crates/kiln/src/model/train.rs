@@ -333,25 +333,27 @@ impl Model {
             let (Some(y_true), y_pred) = (batch.targets.get(m.output), outputs[m.output]) else {
                 continue;
             };
-            let values = m
-                .metric
-                .per_sample(y_true, &y_pred.detach())?
-                .to_dtype(candle_core::DType::F64)?;
-            // As Keras: masked entries (padding) count neither in the sum nor in the count.
-            match masks[m.output].filter(|mask| mask.elem_count() == values.elem_count()) {
-                Some(mask) => {
-                    let mask = mask
-                        .to_dtype(candle_core::DType::F64)?
-                        .reshape(values.shape())?;
-                    let sum = scalar(&values.mul(&mask)?.sum_all()?)?;
-                    acc.add(&m.log_name, sum, scalar(&mask.sum_all()?)?);
-                }
-                None => acc.add(
-                    &m.log_name,
-                    scalar(&values.sum_all()?)?,
-                    values.elem_count() as f64,
-                ),
-            }
+            // As Keras: sample (and class) weights reach the weighted metrics only; a mask
+            // (padding) leaves its entries out of every metric, as weight 0.
+            let weight = crate::metrics::metric_weights(
+                m.weighted.then(|| batch.sample_weight()).flatten(),
+                masks[m.output],
+            )?;
+            acc.metric(&m.log_name, m.metric.as_ref())
+                .update(y_true, &y_pred.detach(), weight.as_ref())
+                .map_err(|e| {
+                    let e = match e {
+                        Error::Data(msg) | Error::InvalidArgument(msg) => msg,
+                        other => other.to_string(),
+                    };
+                    Error::Data(format!(
+                        "metric `{}` for output `{}` failed on y_true {:?} and y_pred {:?}: {e}",
+                        m.metric.name(),
+                        self.output_names[m.output],
+                        y_true.dims(),
+                        y_pred.dims()
+                    ))
+                })?;
         }
         Ok(())
     }

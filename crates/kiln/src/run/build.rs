@@ -508,6 +508,104 @@ fn loss(f: &Fields, key: &str) -> Result<LossSpec> {
     Ok(LossSpec::Loss(built))
 }
 
+/// `[compile] metrics` (or `weighted_metrics`): a name, a table, or a list of them for every
+/// output, or a table of output = that. A table names the metric with `name`, takes Keras'
+/// parameters, and `as` renames it in the logs:
+/// `metrics = ["accuracy", { name = "auc", curve = "PR", as = "pr_auc" }]`.
+fn metrics(
+    f: &Fields,
+    key: &str,
+    output_names: &[String],
+) -> Result<Vec<(Option<String>, MetricSpec)>> {
+    let Some(v) = f.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    if v.get_ref().is_table()
+        && !v
+            .get_ref()
+            .as_table()
+            .is_some_and(|t| t.contains_key("name"))
+    {
+        let t = f.table(key)?.expect("a table, checked above");
+        for (output, item) in t.entries() {
+            if !output_names.contains(&output) {
+                return Err(t.value_error(
+                    &output,
+                    item,
+                    format!("`{output}` is not an output; outputs are {output_names:?}"),
+                ));
+            }
+            for m in metric_items(&t, &output, item)? {
+                out.push((Some(output.clone()), m));
+            }
+        }
+    } else {
+        out.extend(metric_items(f, key, v)?.into_iter().map(|m| (None, m)));
+    }
+    Ok(out)
+}
+
+/// One metric entry, or a list of them, under `key` of `f`.
+fn metric_items(f: &Fields, key: &str, v: &super::fields::Value<'_>) -> Result<Vec<MetricSpec>> {
+    let one = |item: &super::fields::Value<'_>, what: String| -> Result<MetricSpec> {
+        if let Some(name) = item.get_ref().as_str() {
+            let m = crate::metrics::config::metric_by_name(name)
+                .map_err(|e| f.error_at(key, &item.span(), strip_kind(e)))?;
+            return Ok(MetricSpec::from(m));
+        }
+        let Some(table) = item.get_ref().as_table() else {
+            return Err(f.value_error(
+                key,
+                item,
+                "expected a metric name or a table with `name` (and the metric's parameters)",
+            ));
+        };
+        let t = Fields::new(f.doc, table, item.span(), what);
+        let name = t
+            .str("name")?
+            .ok_or_else(|| t.error("a metric table needs `name` (a Keras metric name)"))?;
+        let rename = t.str("as")?;
+        if rename == Some("") {
+            return Err(t.value_error("as", t.get("as").expect("read above"), "must not be empty"));
+        }
+        let params = TableParams {
+            fields: &t,
+            skip: &["name", "as"],
+        };
+        let mut m = crate::metrics::config::metric_from_config(name, &params).map_err(|e| {
+            match crate::metrics::config::METRICS
+                .iter()
+                .any(|(n, _)| *n == name)
+            {
+                true => e,
+                false => t.value_error("name", t.get("name").expect("read above"), strip_kind(e)),
+            }
+        })?;
+        // Unknown keys were refused by the metric's own parser (`only`), naming the line.
+        if let Some(r) = rename {
+            m = crate::metrics::renamed(m, r);
+        }
+        Ok(MetricSpec::from(m))
+    };
+    match v.get_ref().as_array() {
+        Some(items) => items
+            .iter()
+            .enumerate()
+            .map(|(n, i)| one(i, format!("{} `{key}`[{n}]", f.what)))
+            .collect(),
+        None => Ok(vec![one(v, format!("{} `{key}`", f.what))?]),
+    }
+}
+
+/// An error's message without its kind prefix, to be placed at a line of the run file.
+fn strip_kind(e: crate::Error) -> String {
+    match e {
+        crate::Error::InvalidArgument(m) => m,
+        other => other.to_string(),
+    }
+}
+
 /// The `[compile]` section.
 pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
     let opt = match f.get("optimizer") {
@@ -563,26 +661,14 @@ pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
             }
         }
     }
-    match f.get("metrics") {
-        None => {}
-        Some(v) if v.get_ref().is_table() => {
-            let t = f.table("metrics")?.expect("present");
-            for (name, _) in t.entries() {
-                for (m, at) in t.strings_at(&name)?.unwrap_or_default() {
-                    MetricSpec::Named(m.clone())
-                        .resolve()
-                        .map_err(|e| t.error_at(&name, &at, e))?;
-                    c = c.metric_for(name.clone(), m.as_str());
-                }
-            }
-        }
-        Some(_) => {
-            for (m, at) in f.strings_at("metrics")?.unwrap_or_default() {
-                MetricSpec::Named(m.clone())
-                    .resolve()
-                    .map_err(|e| f.error_at("metrics", &at, e))?;
-                c = c.metric(m.as_str());
-            }
+    for key in ["metrics", "weighted_metrics"] {
+        for (output, metric) in metrics(f, key, output_names)? {
+            c = match (output, key == "weighted_metrics") {
+                (None, false) => c.metric(metric),
+                (None, true) => c.weighted_metric(metric),
+                (Some(o), false) => c.metric_for(o, metric),
+                (Some(o), true) => c.weighted_metric_for(o, metric),
+            };
         }
     }
     f.finish()?;

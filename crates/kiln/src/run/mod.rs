@@ -14,7 +14,7 @@
 //! [compile]
 //! optimizer = { type = "adam", learning_rate = 3e-3 }
 //! loss = { type = "sparse_categorical_crossentropy", from_logits = true }
-//! metrics = ["accuracy"]
+//! metrics = ["accuracy", { name = "sparse_top_k_categorical_accuracy", k = 3 }]
 //! [[added]]
 //! kind = "fgsm"
 //! epsilon = 0.05
@@ -610,7 +610,7 @@ impl RunFile {
         }
         model.save_weights(out.join("model.safetensors"))?;
         write_history(out, &history)?;
-        write_loss_plots(out, &history)?;
+        write_loss_plots(out, &history, &model.metric_names())?;
         let test_logs = match &test {
             Some(t) => Some(model.evaluate(t, 256)?),
             None => None,

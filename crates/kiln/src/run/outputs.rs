@@ -23,19 +23,24 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Data(format!("{}: cannot draw the plot: {e}", path.display()))
 }
 
-/// The loss terms worth plotting: every series that is a loss term (not a metric or `lr`).
-fn loss_series(history: &History) -> Vec<(String, Vec<f64>)> {
+/// The loss terms worth plotting: every series but the metrics (`metrics`: the model's metric
+/// log names, [`crate::Model::metric_names`]; a per-class metric adds `_0`, `_1`, …) and `lr`.
+fn loss_series(history: &History, metrics: &[String]) -> Vec<(String, Vec<f64>)> {
+    let is_metric = |base: &str| {
+        metrics.iter().any(|m| {
+            base == m
+                || base.strip_prefix(m.as_str()).is_some_and(|rest| {
+                    rest.strip_prefix('_')
+                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                })
+        })
+    };
     history
         .series()
         .into_iter()
         .filter(|(k, _)| {
             let base = k.strip_prefix("val_").unwrap_or(k);
-            !(base.contains("acc")
-                || base == "lr"
-                || base == "mae"
-                || base == "mse"
-                || base.ends_with("_mae")
-                || base.ends_with("_mse"))
+            !(base == "lr" || is_metric(base))
         })
         .collect()
 }
@@ -43,13 +48,14 @@ fn loss_series(history: &History) -> Vec<(String, Vec<f64>)> {
 fn draw<B: DrawingBackend>(
     root: DrawingArea<B, plotters::coord::Shift>,
     history: &History,
+    metrics: &[String],
     path: &Path,
     with_text: bool,
 ) -> Result<()>
 where
     B::ErrorType: 'static,
 {
-    let series = loss_series(history);
+    let series = loss_series(history, metrics);
     let epochs = history.epochs.len().max(2);
     let values: Vec<f64> = series
         .iter()
@@ -117,13 +123,15 @@ where
 
 /// Draws `loss.svg` and `loss.png`: one line per loss term (validation twins thinner), log
 /// scale, in the same colors in both files. The PNG carries no text, so no font is needed to
-/// draw it; the SVG has the title, axis names, tick labels and the legend.
-pub fn write_loss_plots(dir: &Path, history: &History) -> Result<()> {
+/// draw it; the SVG has the title, axis names, tick labels and the legend. `metrics` are the
+/// model's metric names ([`crate::Model::metric_names`]): their series are not loss terms.
+pub fn write_loss_plots(dir: &Path, history: &History, metrics: &[String]) -> Result<()> {
     let svg = dir.join("loss.svg");
     crate::io::write_atomically(&svg, |tmp| {
         draw(
             SVGBackend::new(tmp, (800, 500)).into_drawing_area(),
             history,
+            metrics,
             &svg,
             true,
         )
@@ -135,6 +143,7 @@ pub fn write_loss_plots(dir: &Path, history: &History) -> Result<()> {
         draw(
             BitMapBackend::new(&tmp_png, (800, 500)).into_drawing_area(),
             history,
+            metrics,
             &png,
             false,
         )?;
