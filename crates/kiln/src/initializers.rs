@@ -310,7 +310,10 @@ mod memory_tests {
         LIMIT_OVERRIDE.with(|l| l.set(Some(12_000)));
         let x = Input::new([1]);
         let h = Dense::new(30).name("a").apply(&x).unwrap();
-        let one = crate::Model::new(&[x.clone()], &[Dense::new(30).name("b").apply(&h).unwrap()]);
+        let one = crate::Model::new(
+            std::slice::from_ref(&x),
+            &[Dense::new(30).name("b").apply(&h).unwrap()],
+        );
         assert!(one.is_ok(), "{:?}", one.err());
         // Two layers that fit alone but not together: the second is refused before allocating.
         let h = Dense::new(30).name("c").apply(&x).unwrap();

@@ -505,13 +505,15 @@ mod tests {
         }
     }
 
+    type MakeConv = Box<dyn Fn() -> Conv2D>;
+
     /// The direct convolution equals candle's on odd shapes: batch 1, one channel, sizes not
     /// multiples of 16, strides, dilation, `same` and `valid` padding, Conv1D too, and a batch
     /// large enough to split across threads.
     #[test]
     fn direct_convolution_matches_candle() {
         for dtype in [DType::F64, DType::F32] {
-            let cases: Vec<(Box<dyn Fn() -> Conv2D>, [usize; 4])> = vec![
+            let cases: Vec<(MakeConv, [usize; 4])> = vec![
                 (Box::new(|| Conv2D::new(1, (1, 1))), [1, 1, 1, 1]),
                 (Box::new(|| Conv2D::new(3, (3, 3))), [1, 7, 9, 1]),
                 (Box::new(|| Conv2D::new(17, (3, 2))), [2, 9, 7, 5]),

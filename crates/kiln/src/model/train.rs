@@ -869,7 +869,7 @@ mod tests {
             .compile(Compile::new(Sgd::new(0.0)).loss("mae"))
             .unwrap();
         let inputs = Tensor::new(&[[1e-39f32]], &Device::Cpu).unwrap();
-        let out: Vec<Vec<f32>> = model.predict(&[inputs.clone()], 1).unwrap()[0]
+        let out: Vec<Vec<f32>> = model.predict(std::slice::from_ref(&inputs), 1).unwrap()[0]
             .to_vec2()
             .unwrap();
         assert_eq!(out, vec![vec![0.0]]);
