@@ -11,6 +11,7 @@ mod keras_reference;
 mod layers;
 mod loaders_fuzz;
 mod mutations;
+mod normalization;
 mod run_files;
 mod strict_config;
 mod training;
