@@ -106,6 +106,19 @@ pub(crate) fn load(
 ) -> Result<Loaded> {
     let mut preprocessing = Preprocessing::from_section(f)?;
     let options = preprocessing.read_options();
+    let kind = f.str("source")?.unwrap_or("digits");
+    for key in ["test_path", "validation_path"] {
+        if let (Some(v), false) = (f.get(key), matches!(kind, "csv" | "npz")) {
+            return Err(f.value_error(
+                key,
+                v,
+                format!(
+                    "`{key}` names one file per split, which works with source \"csv\" or \
+                     \"npz\", not \"{kind}\""
+                ),
+            ));
+        }
+    }
     let (dataset, columns) = source(f, base, seed, &options, device)?;
     let test_split = f.f64_in_or(
         "test_split",
@@ -281,10 +294,7 @@ fn split_file(
             return Err(f.value_error(
                 key,
                 v,
-                format!(
-                    "`{key}` names one file per split, which works with source \"csv\" or \
-                     \"npz\", not \"{other}\""
-                ),
+                format!("works with source \"csv\" or \"npz\", not \"{other}\""),
             ))
         }
     };

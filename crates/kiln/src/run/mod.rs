@@ -733,7 +733,13 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// `p` made absolute; the empty path (a run file named without a folder) is the current one.
 fn absolute(p: &Path) -> PathBuf {
+    let p = if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    };
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
