@@ -51,7 +51,7 @@ impl Activation {
             Activation::Relu => x.relu()?,
             Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
             Activation::Tanh => x.tanh()?,
-            Activation::Softmax => candle_nn::ops::softmax(x, D::Minus1)?,
+            Activation::Softmax => crate::softmax::softmax_last(x)?,
             Activation::LogSoftmax => candle_nn::ops::log_softmax(x, D::Minus1)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::Silu => x.silu()?,

@@ -61,6 +61,7 @@ pub(crate) trait Real:
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
     fn exp(self) -> Self;
+    fn ln(self) -> Self;
     fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
     /// The elements of a CPU storage of this type.
@@ -75,6 +76,9 @@ impl Real for f32 {
     }
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
     }
     fn tanh(self) -> Self {
         f32::tanh(self)
@@ -98,6 +102,9 @@ impl Real for f64 {
     }
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
     }
     fn tanh(self) -> Self {
         f64::tanh(self)

@@ -50,6 +50,7 @@ pub mod reduction;
 pub mod regularizers;
 pub mod run;
 pub mod runtime;
+mod softmax;
 
 pub use activations::Activation;
 pub use data::Dataset;

@@ -327,6 +327,12 @@ impl Loss for CategoricalCrossentropy {
         let axis = resolve_axis(self.axis, p.rank(), &self.name)?;
         let classes = t.dims()[t.rank() - 1];
         let t = smooth(&t, self.label_smoothing, classes)?;
+        if !self.from_logits {
+            // One fused pass on the CPU, the same values as the graph below.
+            if let Some(v) = super::crossentropy_kernel::fused(&t, &p, axis)? {
+                return Ok(v);
+            }
+        }
         let log_p = log_probabilities(&p, self.from_logits, axis)?;
         Ok(t.mul(&log_p)?.sum(axis)?.neg()?)
     }
