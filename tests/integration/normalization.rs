@@ -257,3 +257,67 @@ fn statistics_travel_with_the_saved_weights() -> kiln::Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn model_of(layer: Normalization, features: usize) -> kiln::Result<Model> {
+        let x = Input::new([features]);
+        let y = layer.apply(&x)?;
+        Model::builder(&[x], &[y]).dtype(DType::F64).build()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// On the data it was adapted on, the layer's output has mean 0 and variance 1 in every
+        /// feature that varies (0 in a constant one), and the inverse layer with the same
+        /// statistics gives the data back.
+        #[test]
+        fn adapted_outputs_are_standard_and_invert_back(
+            rows in 2usize..40,
+            features in 1usize..6,
+            seed in any::<u64>(),
+            scale in -3i32..4,
+        ) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut v: Vec<f64> = (0..rows * features)
+                .map(|_| rng.random::<f64>() * 10f64.powi(scale) - 3.0)
+                .collect();
+            // The last feature constant.
+            for r in 0..rows {
+                v[r * features + features - 1] = 2.5;
+            }
+            let xs = Tensor::from_vec(v.clone(), (rows, features), &Device::Cpu)?;
+            let forward = model_of(Normalization::new().adapt(&xs)?, features)?;
+            let out = forward.predict(&[xs.clone()], rows)?[0].to_vec2::<f64>()?;
+            for j in 0..features {
+                let col: Vec<f64> = out.iter().map(|r| r[j]).collect();
+                let mean = col.iter().sum::<f64>() / rows as f64;
+                let var = col.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / rows as f64;
+                prop_assert!(mean.abs() < 1e-9, "feature {j}: mean {mean}");
+                match j == features - 1 {
+                    true => prop_assert_eq!(var, 0.0),
+                    // Features whose spread is below 1e-7 are divided by Keras' epsilon instead.
+                    false if v.iter().skip(j).step_by(features).any(|&a| (a - v[j]).abs() > 1e-5) => {
+                        prop_assert!((var - 1.0).abs() < 1e-6, "feature {j}: variance {var}");
+                    }
+                    false => {}
+                }
+            }
+            let mean = forward.weight("normalization/mean")?.var.as_tensor().clone();
+            let variance = forward.weight("normalization/variance")?.var.as_tensor().clone();
+            let back = model_of(
+                Normalization::new().invert(true).mean_variance(&mean, &variance)?,
+                features,
+            )?;
+            let standardized = Tensor::new(out, &Device::Cpu)?;
+            let again = back.predict(&[standardized], rows)?[0].flatten_all()?.to_vec1::<f64>()?;
+            for (a, b) in again.iter().zip(&v) {
+                prop_assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+    }
+}
