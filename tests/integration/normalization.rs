@@ -87,7 +87,7 @@ fn applied(layer: Normalization, inputs: &Tensor) -> kiln::Result<(Model, Vec<f6
     let x = Input::new(inputs.dims()[1..].to_vec());
     let y = layer.apply(&x)?;
     let model = Model::new(&[x], &[y])?;
-    let out = model.predict(&[inputs.clone()], 64)?;
+    let out = model.predict(std::slice::from_ref(inputs), 64)?;
     assert_eq!(out[0].dims(), inputs.dims());
     Ok((model, values(&out[0])))
 }
@@ -243,10 +243,13 @@ fn statistics_travel_with_the_saved_weights() -> kiln::Result<()> {
     adapted.save_weights(&path)?;
     let fresh = build(false)?;
     // Not adapted: mean 0 and variance 1, as Keras starts.
-    assert_eq!(values(&fresh.predict(&[xs.clone()], 3)?[0]), values(&xs));
+    assert_eq!(
+        values(&fresh.predict(std::slice::from_ref(&xs), 3)?[0]),
+        values(&xs)
+    );
     fresh.load_weights(&path)?;
-    let a = adapted.predict(&[xs.clone()], 3)?;
-    let b = fresh.predict(&[xs.clone()], 3)?;
+    let a = adapted.predict(std::slice::from_ref(&xs), 3)?;
+    let b = fresh.predict(std::slice::from_ref(&xs), 3)?;
     assert_eq!(bits(&a[0]), bits(&b[0]));
     // Feature 0: mean 4, population variance 26/3.
     let first = values(&a[0])[0];
@@ -292,7 +295,7 @@ mod properties {
             }
             let xs = Tensor::from_vec(v.clone(), (rows, features), &Device::Cpu)?;
             let forward = model_of(Normalization::new().adapt(&xs)?, features)?;
-            let out = forward.predict(&[xs.clone()], rows)?[0].to_vec2::<f64>()?;
+            let out = forward.predict(std::slice::from_ref(&xs), rows)?[0].to_vec2::<f64>()?;
             for j in 0..features {
                 let col: Vec<f64> = out.iter().map(|r| r[j]).collect();
                 let mean = col.iter().sum::<f64>() / rows as f64;
