@@ -13,7 +13,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 struct Args {
     /// Workloads to run: W1, W2, W3 (batch × width grid), W4 (W1, run under load by run.sh),
-    /// C1, C2 (convolutional), R1, R2 (recurrent), P1-C1, P1-W1 (predict, samples/s).
+    /// C1, C2 (convolutional), R1, R2 (recurrent), P1-C1, P1-W1 (predict, samples/s),
+    /// T1-sigmoid, T1-logits, T1-softmax, T1-softmax-logits (tabular, probabilities or logits).
     #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3")]
     workloads: Vec<String>,
     /// Timed steps per measurement (after 10 warm-up steps).
@@ -255,6 +256,90 @@ fn measure_predict(
     Ok(())
 }
 
+/// Tabular data as in the breast-cancer baseline: 30 standardized features, 0/1 labels (as one
+/// column, or one-hot over two for the softmax variants).
+fn tabular(batch: usize, one_hot: bool, seed: u64) -> kiln::Result<Dataset> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..batch * 30)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let labels: Vec<f32> = (0..batch)
+        .map(|i| f32::from(x[i * 30] + x[i * 30 + 1] > 0.0))
+        .collect();
+    let y = match one_hot {
+        false => Tensor::from_vec(labels, (batch, 1), &Device::Cpu)?,
+        true => Tensor::from_vec(
+            labels
+                .iter()
+                .flat_map(|&l| [1.0 - l, l])
+                .collect::<Vec<f32>>(),
+            (batch, 2),
+            &Device::Cpu,
+        )?,
+    };
+    Dataset::new(Tensor::from_vec(x, (batch, 30), &Device::Cpu)?, y)
+}
+
+/// T1: 30 → Dense 16 ReLU (L2 1e-3) → Dense 1 sigmoid with binary crossentropy on
+/// probabilities (`T1-sigmoid`), or linear with `from_logits` (`T1-logits`); the softmax
+/// variants end in Dense 2 with categorical crossentropy. Adam 1e-3, batch 32.
+fn measure_tabular(name: &str, steps: usize) -> kiln::Result<()> {
+    let softmax = name.contains("softmax");
+    let logits = name.ends_with("logits");
+    let x = Input::new([30]);
+    let h = Dense::new(16)
+        .activation(Activation::Relu)
+        .kernel_regularizer(L2::new(1e-3))
+        .apply(&x)?;
+    let activation = match (softmax, logits) {
+        (_, true) => Activation::Linear,
+        (true, false) => Activation::Softmax,
+        (false, false) => Activation::Sigmoid,
+    };
+    let y = Dense::new(if softmax { 2 } else { 1 })
+        .activation(activation)
+        .apply(&h)?;
+    let mut model = Model::new(&[x], &[y])?;
+    let compile = Compile::new(Adam::new(1e-3));
+    model.compile(match softmax {
+        true => compile.loss(CategoricalCrossentropy::new().from_logits(logits)),
+        false => compile.loss(BinaryCrossentropy::new().from_logits(logits)),
+    })?;
+    let data = tabular(32, softmax, 1)?;
+    for _ in 0..20 {
+        model.train_on_batch(&data)?;
+    }
+    let cpu = cpu_seconds();
+    let start = Instant::now();
+    let mut last = 0.0;
+    for _ in 0..steps {
+        last = model.train_on_batch(&data)?.get("loss").unwrap_or(f64::NAN);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu;
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "kiln", "workload": name, "batch": 32, "steps_per_s": steps as f64 / secs,
+            "cpu_us_per_step": cpu * 1e6 / steps as f64, "final_loss": last,
+        })
+    );
+    Ok(())
+}
+
+/// User and system CPU time of this process so far, in seconds (every thread).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the 12th
+    // and 13th, in clock ticks (100 a second on Linux).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
 fn main() -> kiln::Result<()> {
     keep_freed_memory_between_steps();
     kiln::runtime::configure_cpu_threads();
@@ -292,6 +377,7 @@ fn main() -> kiln::Result<()> {
                 let x = batch(1024, 2)?.inputs()[0].clone();
                 measure_predict("P1-W1", mlp(512, None)?, x, args.steps, warmup.min(1))?
             }
+            t if t.starts_with("T1-") => measure_tabular(t, args.steps)?,
             other => eprintln!("unknown workload {other}"),
         }
     }

@@ -12,6 +12,8 @@ mod layers;
 mod loaders_fuzz;
 mod metrics;
 mod mutations;
+mod normalization;
+mod run_data;
 mod run_files;
 mod strict_config;
 mod training;

@@ -54,7 +54,7 @@ impl Activation {
             },
             Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
             Activation::Tanh => x.tanh()?,
-            Activation::Softmax => candle_nn::ops::softmax(x, D::Minus1)?,
+            Activation::Softmax => crate::softmax::softmax_last(x)?,
             Activation::LogSoftmax => candle_nn::ops::log_softmax(x, D::Minus1)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::Silu => x.silu()?,

@@ -60,6 +60,8 @@ pub(crate) trait Real:
 {
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
     /// `tanh`, as a polynomial the compiler vectorizes for f32 (a few ulps; [`crate::cpu_math`]).
     fn fast_tanh(self) -> Self;
     /// The logistic sigmoid, vectorizable for f32 like [`Real::fast_tanh`].
@@ -83,6 +85,12 @@ impl Real for f32 {
     fn logistic(self) -> Self {
         crate::cpu_math::sigmoid_f32(self)
     }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
     fn from_f64(v: f64) -> Self {
         v as f32
     }
@@ -99,6 +107,12 @@ impl Real for f64 {
     }
     fn abs(self) -> Self {
         f64::abs(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
     }
     fn fast_tanh(self) -> Self {
         f64::tanh(self)

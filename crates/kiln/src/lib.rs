@@ -51,6 +51,7 @@ pub mod reduction;
 pub mod regularizers;
 pub mod run;
 pub mod runtime;
+mod softmax;
 
 pub use activations::Activation;
 pub use data::Dataset;
@@ -71,7 +72,8 @@ pub mod prelude {
         ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
         Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
         GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
-        LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Reshape,
+        LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
+        Padding, Reshape,
     };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,

@@ -308,18 +308,10 @@ fn predict(run: &Path, weights: Option<&Path>, input: &Path, output: &Path) -> c
     let device = candle_core::Device::Cpu;
     let (model, preprocessing) = file.prepare_model_only(&device)?;
     model.load_weights(&weights)?;
-    let options = preprocessing.read_options();
-    let x = match input.extension().and_then(|e| e.to_str()) {
-        Some("npy") => crate::data::load_npy_with(input, &options, &device)?,
-        Some("csv") => crate::data::load_csv_features_with(input, &options, &device)?,
-        _ => {
-            return Err(crate::Error::Data(format!(
-                "{}: inputs must be .csv or .npy",
-                input.display()
-            )))
-        }
-    };
-    let x = preprocessing.inputs(&x)?;
+    let (x, notes) = crate::run::predict_inputs(input, &preprocessing, &model, &device)?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     let outputs = model.predict(&[x], 256)?;
     crate::data::write_predictions(output, model.output_names(), &outputs)?;
     eprintln!(

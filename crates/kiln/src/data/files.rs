@@ -205,6 +205,44 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
     })
 }
 
+/// The column names of a CSV file (its header row), without reading the rest: how `kiln
+/// predict` and the run files' `test_path`/`validation_path` check that a file has the columns
+/// the model was trained on.
+///
+/// ```
+/// let path = std::env::temp_dir().join(format!("kiln-doc-columns-{}.csv", std::process::id()));
+/// std::fs::write(&path, "a, b ,label\n1,2,0\n")?;
+/// assert_eq!(kiln::data::csv_columns(&path)?, vec!["a", "b", "label"]);
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Io`] if the file cannot be opened; [`Error::Data`] naming the file when it has no
+/// header row.
+pub fn csv_columns(path: &Path) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(std::io::BufReader::new(file));
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| data_err(path, format!("cannot read the header row: {e}")))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    if header.is_empty() || header.iter().all(String::is_empty) {
+        return Err(data_err(
+            path,
+            "no header row: the first line must name the columns",
+        ));
+    }
+    Ok(header)
+}
+
 /// Reads a CSV file with a header row; `label_columns` (by name) are the targets, every other
 /// column an input feature. Every value must be a finite number. Errors number rows by their
 /// line in the file (the header is row 1; blank lines count). The same as [`load_csv_with`]

@@ -10,9 +10,9 @@ mod tests;
 
 pub use digits::{digits, DIGITS_CLASSES};
 pub use files::{
-    load_csv, load_csv_features, load_csv_features_with, load_csv_with, load_idx, load_idx_with,
-    load_npy, load_npy_with, load_npz, load_npz_with, write_predictions, ReadOptions,
-    DEFAULT_MAX_BYTES,
+    csv_columns, load_csv, load_csv_features, load_csv_features_with, load_csv_with, load_idx,
+    load_idx_with, load_npy, load_npy_with, load_npz, load_npz_with, write_predictions,
+    ReadOptions, DEFAULT_MAX_BYTES,
 };
 pub use generated::{blobs, regression, spirals};
 

@@ -13,6 +13,7 @@ mod embedding;
 mod merge;
 mod normalization;
 mod pooling;
+mod preprocessing;
 mod recurrent;
 mod recurrent_kernel;
 pub(crate) mod relu_kernel;
@@ -29,6 +30,7 @@ pub use pooling::{
     AveragePooling1D, AveragePooling2D, GlobalAveragePooling1D, GlobalAveragePooling2D,
     GlobalMaxPooling1D, GlobalMaxPooling2D, MaxPooling1D, MaxPooling2D,
 };
+pub use preprocessing::{Normalization, NORMALIZATION_EPSILON};
 pub use recurrent::{Gru, Lstm};
 pub use reshape::Reshape;
 pub use util::Padding;

@@ -5,6 +5,7 @@
 //! [`loss_fn`], capturing any hyperparameters.
 
 pub mod config;
+mod crossentropy_kernel;
 mod probabilistic;
 mod regression;
 

@@ -310,6 +310,11 @@ impl Model {
         &self.input_names
     }
 
+    /// The inputs' sample shapes (without the batch axis), in order.
+    pub(crate) fn input_shapes(&self) -> Vec<Vec<usize>> {
+        self.inputs.iter().map(|x| x.shape().to_vec()).collect()
+    }
+
     /// The layers' names, in execution order.
     pub fn layer_names(&self) -> Vec<&str> {
         self.layers.iter().map(|(n, _)| n.as_str()).collect()

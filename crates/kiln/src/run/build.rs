@@ -11,7 +11,8 @@ use crate::layers::{
     ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
     Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
     GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
-    LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Reshape,
+    LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
+    Padding, Reshape,
 };
 use crate::losses::config::Bounds;
 use crate::losses::LossSpec;
@@ -148,8 +149,15 @@ fn activation(f: &Fields) -> Result<Activation> {
     }
 }
 
-/// Builds the model of the `[model]` section; input shapes default to the data's.
-pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result<Model> {
+/// Builds the model of the `[model]` section; input shapes default to the data's. A
+/// `standardize` layer (from `[data] standardize = true`) is applied to the input first, and the
+/// layers see its output under the input's name.
+pub(crate) fn model(
+    f: &Fields,
+    data_input_shape: &[usize],
+    seed: u64,
+    standardize: Option<Normalization>,
+) -> Result<Model> {
     let mut tensors: HashMap<String, SymbolicTensor> = HashMap::new();
     let mut inputs = Vec::new();
     let input_tables = f.tables("inputs")?;
@@ -177,6 +185,16 @@ pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result
         .last()
         .map(|(_, x)| x.clone())
         .ok_or_else(|| f.error("no inputs"))?;
+    if let Some(layer) = standardize {
+        let [(name, x)] = inputs.as_slice() else {
+            return Err(f.error(format!(
+                "[data] standardize = true standardizes one input, but the model has {}",
+                inputs.len()
+            )));
+        };
+        last = layer.apply(x).map_err(|e| f.error(e))?;
+        tensors.insert(name.clone(), last.clone());
+    }
     let layers = f.tables("layers")?;
     if layers.is_empty() {
         return Err(f.error("`layers` is empty: describe at least one layer"));

@@ -108,8 +108,11 @@ pub struct Prepared {
     pub model: Model,
     /// Training data (`None` when the run has no `[data]` section).
     pub train: Option<Dataset>,
-    /// The held-out test split.
+    /// The held-out test data (`test_split` or `test_path`).
     pub test: Option<Dataset>,
+    /// The validation data of `validation_path` (`None` with `[fit] validation_split`, which
+    /// `fit` takes from the end of `train`).
+    pub validation: Option<Dataset>,
     /// The seed the run uses (the run file's, or the override).
     pub seed: u64,
     test_rows: Option<Vec<u32>>,
@@ -281,7 +284,8 @@ impl RunFile {
         self.with_root(|root| {
             let seed = self.seed(root, seed_override)?;
             let recorded_data = self.recorded.as_ref().and_then(|r| r.section.clone());
-            let (train, test, test_rows, preprocessing) = match data_choice {
+            let adapt_here = matches!(data_choice, DataChoice::RunFile(_));
+            let (train, test, validation, test_rows, preprocessing) = match data_choice {
                 DataChoice::RunFile(rows) => {
                     let loaded = match (root.table("data")?, &recorded_data) {
                         (Some(d), _) => Some(data::load(&d, &self.base, seed, rows, device)?),
@@ -289,18 +293,57 @@ impl RunFile {
                         (None, None) => None,
                     };
                     match loaded {
-                        Some(l) => (Some(l.train), l.test, l.test_rows, l.preprocessing),
-                        None => (None, None, None, data::Preprocessing::default()),
+                        Some(l) => (
+                            Some(l.train),
+                            l.test,
+                            l.validation,
+                            l.test_rows,
+                            l.preprocessing,
+                        ),
+                        None => (None, None, None, None, data::Preprocessing::default()),
                     }
                 }
                 DataChoice::Given(d) => {
                     let _ = root.get("data");
-                    (Some(d), None, None, self.preprocessing()?)
+                    (Some(d), None, None, None, self.preprocessing()?)
                 }
                 DataChoice::Nothing => {
                     let _ = root.get("data");
-                    (None, None, None, self.preprocessing()?)
+                    (None, None, None, None, self.preprocessing()?)
                 }
+            };
+            let fit_section = root.table("fit")?;
+            let validation_split = match &fit_section {
+                Some(fit) => {
+                    if let (Some(v), true) = (fit.get("validation_split"), validation.is_some()) {
+                        return Err(fit.value_error(
+                            "validation_split",
+                            v,
+                            "[data] validation_path already names the validation data: give \
+                             validation_path or validation_split, not both",
+                        ));
+                    }
+                    fit.f64_in_or(
+                        "validation_split",
+                        0.0,
+                        crate::losses::config::Bounds::closed_open(0.0, 1.0),
+                    )?
+                }
+                None => 0.0,
+            };
+            let standardize = match (preprocessing.standardize, &train) {
+                (false, _) => None,
+                // Adapted on the rows `fit` trains on: neither the test rows nor the tail
+                // that `validation_split` keeps for validation.
+                (true, Some(d)) if adapt_here => {
+                    let rows = match validation_split > 0.0 {
+                        true => d.split_tail(validation_split)?.0,
+                        false => d.clone(),
+                    };
+                    Some(standardize_layer().adapt(&rows.inputs()[0])?)
+                }
+                // The statistics come with the weights loaded after building.
+                (true, _) => Some(standardize_layer()),
             };
             let model_section = root
                 .table("model")?
@@ -309,7 +352,7 @@ impl RunFile {
                 .as_ref()
                 .map(|d| d.inputs()[0].dims()[1..].to_vec())
                 .unwrap_or_default();
-            let mut model = build::model(&model_section, &input_shape, seed)?;
+            let mut model = build::model(&model_section, &input_shape, seed, standardize)?;
             for term in root.tables("added")? {
                 build::added(&term, &mut model)?;
             }
@@ -320,12 +363,12 @@ impl RunFile {
             model
                 .compile(compile)
                 .map_err(|e| compile_section.error(e))?;
-            let _ = root.table("fit")?;
             root.finish()?;
             Ok(Prepared {
                 model,
                 train,
                 test,
+                validation,
                 seed,
                 test_rows,
                 preprocessing,
@@ -386,7 +429,7 @@ impl RunFile {
             }
             None => {
                 let p = self.prepare(None, device)?;
-                Ok((p.model, p.test.or(p.train)))
+                Ok((p.model, p.test.or(p.validation).or(p.train)))
             }
         }
     }
@@ -447,7 +490,12 @@ impl RunFile {
         id.insert("seed".into(), seed.into());
         let mut crc = crc32fast::Hasher::new();
         let mut samples = 0;
-        for d in prepared.train.iter().chain(&prepared.test) {
+        for d in prepared
+            .train
+            .iter()
+            .chain(&prepared.test)
+            .chain(&prepared.validation)
+        {
             samples += d.len();
             for t in d
                 .inputs()
@@ -510,6 +558,7 @@ impl RunFile {
             mut model,
             train,
             test,
+            validation,
             ..
         } = prepared;
         model.run_identity = Some(identity.clone());
@@ -525,6 +574,9 @@ impl RunFile {
             .epochs(planned_epochs)
             .seed(seed)
             .verbose(options.verbose);
+        if let Some(v) = validation {
+            fit = fit.validation_data(v);
+        }
         let last = checkpoint::checkpoint_path(&checkpoints, "last");
         let mut previous = History::default();
         let mut resumed = None;
@@ -638,6 +690,33 @@ impl RunFile {
     }
 }
 
+/// The input of `kiln predict`, read and prepared for `model` as the run prepared its training
+/// inputs, with notes for the person (label columns dropped, columns reordered).
+pub(crate) fn predict_inputs(
+    path: &Path,
+    preprocessing: &data::Preprocessing,
+    model: &Model,
+    device: &Device,
+) -> Result<(candle_core::Tensor, Vec<String>)> {
+    let shapes = model.input_shapes();
+    if shapes.len() != 1 {
+        return Err(Error::Data(format!(
+            "predict reads one input file, but the model takes {} inputs ({:?})",
+            shapes.len(),
+            model.input_names()
+        )));
+    }
+    data::predict_inputs(path, preprocessing, &shapes[0], device)
+}
+
+/// The layer `[data] standardize = true` puts in front of the model.
+fn standardize_layer() -> crate::layers::Normalization {
+    crate::layers::Normalization::new().name(STANDARDIZE_LAYER)
+}
+
+/// The name of the layer that standardizes the inputs of a run with `standardize = true`.
+pub const STANDARDIZE_LAYER: &str = "standardize";
+
 /// The seed a run folder's `model.json` recorded, if it was trained from this run text.
 fn recorded_seed(dir: &Path, run_text: &str) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join("model.json")).ok()?;
@@ -654,7 +733,13 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// `p` made absolute; the empty path (a run file named without a folder) is the current one.
 fn absolute(p: &Path) -> PathBuf {
+    let p = if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    };
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
