@@ -19,7 +19,16 @@ fn kiln(args: &[&str]) -> (bool, String, String) {
 fn train_without_arguments_reports_every_term_and_held_out_accuracy() {
     let (ok, out, err) = kiln(&["train", "--quiet"]);
     assert!(ok, "{err}");
-    for needle in ["held-out:", "loss", "l2", "accuracy", "val_loss", "val_l2"] {
+    for needle in [
+        "held-out:",
+        "loss",
+        "digit_loss",
+        "l2",
+        "accuracy",
+        "val_loss",
+        "val_digit_loss",
+        "val_l2",
+    ] {
         assert!(out.contains(needle), "`{needle}` missing:\n{out}");
     }
     let held_out = out.split("held-out:").nth(1).unwrap();

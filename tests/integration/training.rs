@@ -52,9 +52,11 @@ fn same_seed_same_history_to_the_last_bit() {
         keys,
         [
             "loss",
+            "digit_loss",
             "l2",
             "sparse_categorical_accuracy",
             "val_loss",
+            "val_digit_loss",
             "val_l2",
             "val_sparse_categorical_accuracy"
         ]

@@ -32,6 +32,27 @@ pub enum Error {
     #[error("{0}")]
     LossContract(Box<ContractViolation>),
 
+    /// A compile-time loss failed on the shapes it was given (targets that do not fit the
+    /// output, most often).
+    #[error(
+        "loss `{loss}` for output `{output}` cannot take y_true {y_true:?} and y_pred \
+         {y_pred:?}{hint} (inside the loss: {detail})"
+    )]
+    LossShape {
+        /// The loss's name.
+        loss: String,
+        /// The output it was compiled for.
+        output: String,
+        /// The shape of the targets.
+        y_true: Vec<usize>,
+        /// The shape of the output.
+        y_pred: Vec<usize>,
+        /// What to change, when the shapes tell (`: the targets have 3 columns …`), or empty.
+        hint: String,
+        /// The tensor library's message.
+        detail: String,
+    },
+
     /// Training data do not fit the model (counts, shapes, sample weights).
     #[error("data: {0}")]
     Data(String),
@@ -76,13 +97,9 @@ pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
-/// The details of a loss that did not return one value per sample.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "loss `{loss}` for output `{output}` must return one value per sample (shape [{batch}] or \
-     [{batch}, …]) but returned shape {got:?} for y_true {y_true:?} and y_pred {y_pred:?}: \
-     reduce over the feature axes only, never over the batch"
-)]
+/// The details of a loss that broke the per-sample contract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ContractViolation {
     /// The loss's name.
     pub loss: String,
@@ -96,4 +113,50 @@ pub struct ContractViolation {
     pub y_true: Vec<usize>,
     /// The shape of `y_pred`.
     pub y_pred: Vec<usize>,
+    /// Which part of the contract was broken.
+    pub problem: ContractProblem,
 }
+
+/// How a loss broke the per-sample contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ContractProblem {
+    /// It did not return one value per sample (a scalar, or another batch size).
+    WrongShape,
+    /// It returned one value per sample, but a sample's value depends on the other samples:
+    /// on the samples in another order it did not return the values in that order (a mean
+    /// over the batch axis, most often).
+    MixesSamples,
+}
+
+impl std::fmt::Display for ContractViolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            loss,
+            output,
+            batch,
+            got,
+            y_true,
+            y_pred,
+            problem,
+        } = self;
+        match problem {
+            ContractProblem::WrongShape => write!(
+                f,
+                "loss `{loss}` for output `{output}` must return one value per sample (shape \
+                 [{batch}] or [{batch}, …]) but returned shape {got:?} for y_true {y_true:?} and \
+                 y_pred {y_pred:?}: reduce over the feature axes only, never over the batch"
+            ),
+            ContractProblem::MixesSamples => write!(
+                f,
+                "loss `{loss}` for output `{output}` returned shape {got:?} for y_true \
+                 {y_true:?} and y_pred {y_pred:?}, but its values mix the samples: on the same \
+                 samples in reverse order it did not return the values in reverse order. A loss \
+                 returns one value per sample, each from that sample alone: reduce over the \
+                 feature axes (axis 1 and after, `D::Minus1`), never over the batch axis 0"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ContractViolation {}

@@ -112,8 +112,11 @@ pub(crate) struct OutputLoss {
     pub(crate) output: usize,
     pub(crate) loss: Arc<dyn Loss>,
     pub(crate) weight: f64,
-    /// `<output>_loss`, reported when the model has more than one compile-time loss.
-    pub(crate) log_name: Option<String>,
+    /// `<output>_loss`, reported whenever the total has more than one part (several
+    /// compile-time losses, or one beside added terms).
+    pub(crate) log_name: String,
+    /// Whether the loss has passed the per-sample probe (`contract.rs`) on a real batch.
+    pub(crate) probed: std::sync::atomic::AtomicBool,
 }
 
 /// A resolved metric of one output.
@@ -202,7 +205,8 @@ impl Model {
                         output: i,
                         loss,
                         weight,
-                        log_name: (n_losses > 1).then(|| format!("{}_loss", names[i])),
+                        log_name: format!("{}_loss", names[i]),
+                        probed: Default::default(),
                     });
                 }
                 None if weight.is_some() && n_losses > 0 => {
@@ -268,7 +272,7 @@ impl Model {
         }
         // Every reported name must be unique, or the breakdown would be ambiguous.
         let mut reported: Vec<String> = vec!["loss".into()];
-        reported.extend(resolved.iter().filter_map(|l| l.log_name.clone()));
+        reported.extend(resolved.iter().map(|l| l.log_name.clone()));
         reported.extend(self.regularizer_term_names());
         reported.extend(self.added.iter().map(|(n, _)| n.clone()));
         reported.extend(metrics.iter().map(|m| m.log_name.clone()));

@@ -2,6 +2,7 @@
 
 mod added;
 mod compile;
+mod contract;
 mod history;
 mod sequential;
 mod train;

@@ -186,36 +186,22 @@ impl Model {
                 ))
             })?;
             let y_pred = outputs[ol.output];
-            let context = |e: Error| match e {
-                Error::Candle(c) => Error::Data(format!(
-                    "loss `{}` for output `{name}` failed on y_true {:?} and y_pred {:?}: {c}",
-                    ol.loss.name(),
-                    y_true.dims(),
-                    y_pred.dims()
-                )),
-                other => other,
+            let site = super::contract::LossSite {
+                loss: ol.loss.as_ref(),
+                output: name,
+                y_true,
+                y_pred,
             };
-            let values = ol.loss.per_sample(y_true, y_pred).map_err(context)?;
-            if !values.dtype().is_float() {
-                return Err(Error::Compile(format!(
-                    "loss `{}` for output `{name}` returned {:?} values: a loss must return                      floats (the dtype of y_pred, {:?}); an integer loss has no gradient",
-                    ol.loss.name(),
-                    values.dtype(),
-                    y_pred.dtype()
-                )));
-            }
-            let whole_batch = ol.loss.whole_batch() && values.rank() == 0;
-            if !whole_batch && (values.rank() == 0 || values.dims()[0] != batch_size) {
-                return Err(Error::LossContract(Box::new(
-                    crate::error::ContractViolation {
-                        loss: ol.loss.name().to_string(),
-                        output: name.clone(),
-                        batch: batch_size,
-                        got: values.dims().to_vec(),
-                        y_true: y_true.dims().to_vec(),
-                        y_pred: y_pred.dims().to_vec(),
-                    },
-                )));
+            let values = ol
+                .loss
+                .per_sample(y_true, y_pred)
+                .map_err(|e| site.explain(e))?;
+            site.check_shape(&values)?;
+            // Once per loss, on the first batch of two samples or more.
+            if !ol.probed.load(std::sync::atomic::Ordering::Relaxed) && batch_size > 1 {
+                site.check_samples_apart(&values)
+                    .map_err(|e| site.explain(e))?;
+                ol.probed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let reduced = reduce_per_sample(
                 ol.loss.as_ref(),
@@ -225,15 +211,13 @@ impl Model {
                 batch.sample_weight(),
                 masks[ol.output],
             )
-            .map_err(context)?;
+            .map_err(|e| site.explain(e))?;
             let weighted = (&reduced * ol.weight)?;
             total = Some(match total.take() {
                 Some(acc) => (acc + weighted)?,
                 None => weighted,
             });
-            if let Some(log_name) = &ol.log_name {
-                reported.push((log_name.clone(), reduced));
-            }
+            reported.push((ol.log_name.clone(), reduced));
         }
         Ok(LabeledLoss {
             total,
@@ -243,17 +227,22 @@ impl Model {
 
     /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
     /// outputs, plus every added term (regularizers, layer-added losses, `add_loss` closures).
-    /// The adversarial term is left to the training step, which needs the input gradient.
+    /// The adversarial term is left to the caller, which needs the input gradient; `adversarial`
+    /// says whether it will be added.
+    ///
+    /// Each compile-time loss is reported as `<output>_loss` whenever the total has more than
+    /// one part, so that the data term is never hidden inside `loss`.
     fn step_terms(
         &self,
         compiled: &Compiled,
         batch: &Dataset,
         pass: &ForwardPass,
         training: bool,
+        adversarial: bool,
     ) -> Result<StepTerms> {
         let LabeledLoss {
             total: labeled,
-            per_output: mut reported,
+            per_output,
         } = self.compiled_loss(compiled, batch, pass)?;
         let mut added_total: Option<Tensor> = None;
         let mut add = |t: Tensor| -> Result<()> {
@@ -296,6 +285,8 @@ impl Model {
                 .map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
+        let parts = per_output.len() + added.len() + usize::from(adversarial);
+        let mut reported = if parts > 1 { per_output } else { Vec::new() };
         for (name, value) in added {
             add(value.clone())?;
             reported.push((name, value));
@@ -464,7 +455,8 @@ impl Model {
                 None => batch.inputs.clone(),
             };
             let pass = self.run(&inputs, true, rng)?;
-            let mut terms = self.step_terms(&compiled, batch, &pass, true)?;
+            let mut terms =
+                self.step_terms(&compiled, batch, &pass, true, adversarial.is_some())?;
             let trainable: Vec<Var> = self
                 .weights()
                 .into_iter()
@@ -804,9 +796,11 @@ impl Model {
                 batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut rng)?;
             }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
-            let mut terms = self.step_terms(compiled, &batch, &pass, false)?;
+            let adversarial_term = attack.is_none().then(|| self.adversarial_term()).flatten();
+            let mut terms =
+                self.step_terms(compiled, &batch, &pass, false, adversarial_term.is_some())?;
             // The adversarial term has its validation twin too, on perturbed inputs of the batch.
-            if let (Some((name, adversarial)), None) = (self.adversarial_term(), attack) {
+            if let Some((name, adversarial)) = adversarial_term {
                 let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
                 let adv_pass = self.run(&x_adv, false, &mut rng)?;
                 let labeled = self

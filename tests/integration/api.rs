@@ -1,0 +1,214 @@
+//! The library as a Rust user porting a Keras script meets it: what is reported, the errors a
+//! mistake gives, and the Keras features a script uses.
+
+use candle_core::{Device, Tensor};
+use kiln::prelude::*;
+
+fn points(n: usize) -> Dataset {
+    let d = Device::Cpu;
+    let x: Vec<f32> = (0..n * 3)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
+        .collect();
+    let x = Tensor::from_vec(x, (n, 3), &d).unwrap();
+    let y = (x.sum_keepdim(1).unwrap() * 0.5).unwrap();
+    Dataset::new(x, y).unwrap()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// A single-output model with an added term reports its data loss on its own, as
+/// `<output>_loss` (the name Keras gives it in a multi-output model), in the history, in
+/// `evaluate` and in the run folder's files; alone, the data loss is just `loss`, as in Keras.
+#[test]
+fn the_data_loss_is_its_own_term_beside_added_terms() {
+    let x = Input::new([3]);
+    let y = Dense::new(1)
+        .name("out")
+        .kernel_regularizer(L2::new(1e-2))
+        .apply(&x)
+        .unwrap();
+    let mut model = Model::new(&[x], &[y]).unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.05)).loss("mse"))
+        .unwrap();
+    let data = points(40);
+    let history = model
+        .fit(
+            &data,
+            Fit::new()
+                .epochs(2)
+                .batch_size(8)
+                .validation_split(0.25)
+                .quiet(),
+        )
+        .unwrap();
+    let keys: Vec<&str> = history.epochs[1].keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "loss",
+            "out_loss",
+            "l2",
+            "val_loss",
+            "val_out_loss",
+            "val_l2"
+        ]
+    );
+    // Exact values on fixed weights: the data term is the MSE, the penalty 1e-2·Σw².
+    let logs = model.evaluate(&data, 40).unwrap();
+    let pred = to_vec(&model.predict(&[data.inputs()[0].clone()], 40).unwrap()[0]);
+    let target = to_vec(&data.targets()[0]);
+    let mse: f64 = pred
+        .iter()
+        .zip(&target)
+        .map(|(p, t)| f64::from(p - t).powi(2))
+        .sum::<f64>()
+        / 40.0;
+    let kernel = to_vec(model.weight("out/kernel").unwrap().var.as_tensor());
+    let l2: f64 = 1e-2 * kernel.iter().map(|w| f64::from(*w).powi(2)).sum::<f64>();
+    let (out_loss, penalty, loss) = (
+        logs.get("out_loss").unwrap(),
+        logs.get("l2").unwrap(),
+        logs.get("loss").unwrap(),
+    );
+    assert!((out_loss - mse).abs() < 1e-6, "{out_loss} vs {mse}");
+    assert!((penalty - l2).abs() < 1e-7, "{penalty} vs {l2}");
+    assert!((loss - (mse + l2)).abs() < 1e-6);
+
+    // Without an added term the total has one part: `loss` alone, as Keras reports it.
+    let x = Input::new([3]);
+    let y = Dense::new(1).name("out").apply(&x).unwrap();
+    let mut plain = Model::new(&[x], &[y]).unwrap();
+    plain
+        .compile(Compile::new(Sgd::new(0.05)).loss("mse"))
+        .unwrap();
+    let logs = plain.evaluate(&data, 40).unwrap();
+    assert_eq!(logs.keys().collect::<Vec<_>>(), ["loss"]);
+}
+
+/// The adversarial term counts as a part too: FGSM training reports the clean data term.
+#[test]
+fn the_data_loss_is_reported_beside_an_adversarial_term() {
+    let x = Input::new([3]);
+    let y = Dense::new(1).name("out").apply(&x).unwrap();
+    let mut model = Model::new(&[x], &[y]).unwrap();
+    model
+        .add_loss("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
+        .unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.0)).loss("mse"))
+        .unwrap();
+    let data = points(16);
+    let logs = model.train_on_batch(&data).unwrap();
+    assert_eq!(
+        logs.keys().collect::<Vec<_>>(),
+        ["loss", "out_loss", "adversarial"]
+    );
+    let (loss, out, adv) = (
+        logs.get("loss").unwrap(),
+        logs.get("out_loss").unwrap(),
+        logs.get("adversarial").unwrap(),
+    );
+    assert!((loss - out - adv).abs() < 1e-6);
+    // The attack makes the loss larger: the adversarial term is half a larger loss.
+    assert!(adv > 0.5 * out, "{adv} vs {out}");
+}
+
+/// A loss that averages over the batch axis returns `[features]`; with as many features as
+/// samples that passes a shape check, and before the probe it trained a whole epoch. Now the
+/// first batch catches it, and the message says what to change.
+#[test]
+fn a_loss_that_reduces_over_the_batch_is_caught_on_the_first_batch() {
+    let x = Input::new([3]);
+    let y = Dense::new(4).name("out").apply(&x).unwrap();
+    let mut model = Model::new(&[x], &[y]).unwrap();
+    let over_batch = loss_fn("batch_mean", |t: &Tensor, p: &Tensor| {
+        Ok((p - t)?.sqr()?.mean(0)?)
+    });
+    model
+        .compile(Compile::new(Sgd::new(0.1)).loss(over_batch))
+        .unwrap();
+    let d = Device::Cpu;
+    let xs = Tensor::arange(0f32, 12., &d)
+        .unwrap()
+        .reshape((4, 3))
+        .unwrap();
+    let ys = Tensor::arange(0f32, 16., &d)
+        .unwrap()
+        .reshape((4, 4))
+        .unwrap();
+    let before = to_vec(model.weight("out/kernel").unwrap().var.as_tensor());
+    let err = model
+        .fit(
+            &Dataset::new(xs, ys).unwrap(),
+            Fit::new().batch_size(4).epochs(3).quiet(),
+        )
+        .unwrap_err();
+    match &err {
+        kiln::Error::LossContract(v) => {
+            assert_eq!(v.problem, kiln::error::ContractProblem::MixesSamples);
+            assert_eq!((v.loss.as_str(), v.output.as_str()), ("batch_mean", "out"));
+            assert_eq!(v.got, [4]);
+        }
+        other => panic!("expected a contract violation, got {other}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("never over the batch axis 0"), "{msg}");
+    // Caught before any update.
+    assert_eq!(
+        before,
+        to_vec(model.weight("out/kernel").unwrap().var.as_tensor())
+    );
+}
+
+/// Per-sample losses that legitimately look at the whole batch's labels (Circle's pairs) or
+/// ignore samples (`ignore_class`) pass the probe: it checks that values follow their samples.
+#[test]
+fn built_in_losses_pass_the_probe() {
+    let d = Device::Cpu;
+    let x = Input::new([3]);
+    let y = Dense::new(4).name("out").apply(&x).unwrap();
+    let mut model = Model::new(&[x], &[y]).unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.1)).loss(kiln::losses::Circle::new()))
+        .unwrap();
+    let xs = Tensor::arange(0f32, 18., &d)
+        .unwrap()
+        .reshape((6, 3))
+        .unwrap();
+    let xs = (xs / 18.).unwrap();
+    let labels = Tensor::new(&[0f32, 1., 0., 2., 1., 0.], &d).unwrap();
+    let logs = model
+        .evaluate(&Dataset::new(xs, labels).unwrap(), 6)
+        .unwrap();
+    assert!(logs.get("loss").unwrap().is_finite());
+}
+
+/// A shape error inside a loss says what the user did wrong, in their terms.
+#[test]
+fn targets_that_do_not_fit_the_output_are_told_in_the_users_terms() {
+    let x = Input::new([3]);
+    let y = Dense::new(1).name("out").apply(&x).unwrap();
+    let mut model = Model::new(&[x], &[y]).unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.1)).loss("mse"))
+        .unwrap();
+    let d = Device::Cpu;
+    let xs = Tensor::zeros((8, 3), candle_core::DType::F32, &d).unwrap();
+    let ys = Tensor::zeros((8, 3), candle_core::DType::F32, &d).unwrap();
+    let err = model
+        .fit(&Dataset::new(xs, ys).unwrap(), Fit::new().quiet())
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, kiln::Error::LossShape { loss, y_true, y_pred, .. }
+            if loss == "mean_squared_error" && y_true == &[8, 3] && y_pred == &[8, 1]),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("the targets have 3 columns but output `out` has 1 unit"),
+        "{msg}"
+    );
+}
