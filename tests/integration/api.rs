@@ -95,7 +95,7 @@ fn the_data_loss_is_reported_beside_an_adversarial_term() {
     let y = Dense::new(1).name("out").apply(&x).unwrap();
     let mut model = Model::new(&[x], &[y]).unwrap();
     model
-        .add_loss("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
+        .add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
         .unwrap();
     model
         .compile(Compile::new(Sgd::new(0.0)).loss("mse"))
@@ -211,4 +211,161 @@ fn targets_that_do_not_fit_the_output_are_told_in_the_users_terms() {
         msg.contains("the targets have 3 columns but output `out` has 1 unit"),
         "{msg}"
     );
+}
+
+fn bits(model: &Model, name: &str) -> Vec<u32> {
+    to_vec(model.weight(name).unwrap().var.as_tensor())
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+/// `add_loss` takes a closure without type annotations; what it returns must be a scalar, and
+/// an error inside it keeps its kind on the way up.
+#[test]
+fn add_loss_closures_infer_their_types_and_must_return_a_scalar() {
+    let x = Input::new([3]);
+    let h = Dense::new(4).name("hidden").apply(&x).unwrap();
+    let y = Dense::new(1).name("out").apply(&h).unwrap();
+    let mut model = Model::new(&[&x], &[&y]).unwrap();
+    model
+        .add_loss("activity", move |t| {
+            Ok((t.get(&h)?.sqr()?.mean_all()? * 0.1)?)
+        })
+        .unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.0)).loss("mse"))
+        .unwrap();
+    let data = points(8);
+    let logs = model.evaluate(&data, 8).unwrap();
+    let hidden = Model::new(&[&x], &[&model.layer_output("hidden").unwrap()])
+        .unwrap()
+        .predict(&[data.inputs()[0].clone()], 8)
+        .unwrap();
+    let expected = f64::from(to_vec(&hidden[0]).iter().map(|v| v * v).sum::<f32>()) / 32.0 * 0.1;
+    let got = logs.get("activity").unwrap();
+    assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+
+    // A per-sample term (shape [8, 1]) is refused, naming the term and the shape.
+    let mut model = Model::new(&[&x], &[&y]).unwrap();
+    model
+        .add_loss("per_sample", |t| Ok(t.output("out")?.sqr()?))
+        .unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.0)).loss("mse"))
+        .unwrap();
+    let err = model.evaluate(&data, 8).unwrap_err();
+    assert!(
+        matches!(&err, kiln::Error::AddedLossShape { term, shape } if term == "per_sample" && shape == &[8, 1]),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not a scalar"), "{err}");
+
+    // A graph error inside the closure stays a graph error (it arrived as InvalidArgument).
+    let mut model = Model::new(&[&x], &[&y]).unwrap();
+    model
+        .add_loss("typo", |t| Ok(t.output("ouput")?.mean_all()?))
+        .unwrap();
+    model
+        .compile(Compile::new(Sgd::new(0.0)).loss("mse"))
+        .unwrap();
+    let err = model.evaluate(&data, 8).unwrap_err();
+    assert!(matches!(err, kiln::Error::Graph(_)), "{err:?}");
+    assert!(err.to_string().contains("added loss `typo`"), "{err}");
+}
+
+/// Frozen layers stay bit-identical through `fit` with every optimizer, the fused Dense and
+/// Adam kernels, L2 on the frozen kernel and BatchNormalization's moving statistics; the
+/// trainable head moves, and unfreezing trains the base again.
+#[test]
+fn frozen_weights_stay_bit_identical_through_fit() {
+    let optimizers: Vec<(&str, Box<dyn Fn() -> Compile>)> = vec![
+        ("adam", Box::new(|| Compile::new(Adam::new(1e-2)))),
+        (
+            "adamw",
+            Box::new(|| Compile::new(AdamW::new(1e-2).weight_decay(0.1))),
+        ),
+        (
+            "sgd",
+            Box::new(|| Compile::new(Sgd::new(1e-2).momentum(0.9))),
+        ),
+        ("rmsprop", Box::new(|| Compile::new(RmsProp::new(1e-2)))),
+    ];
+    let data = points(64);
+    for (what, compile) in optimizers {
+        let x = Input::new([3]);
+        let h = Dense::new(16)
+            .name("base")
+            .activation(Activation::Relu)
+            .kernel_regularizer(L2::new(1e-2))
+            .trainable(false)
+            .apply(&x)
+            .unwrap();
+        let h = BatchNormalization::new().name("bn").apply(&h).unwrap();
+        let y = Dense::new(1).name("head").apply(&h).unwrap();
+        let mut model = Model::new(&[x], &[y]).unwrap();
+        model.set_trainable("bn", false).unwrap();
+        model.compile(compile().loss("mse")).unwrap();
+        let frozen = [
+            "base/kernel",
+            "base/bias",
+            "bn/gamma",
+            "bn/beta",
+            "bn/moving_mean",
+            "bn/moving_variance",
+        ];
+        let before: Vec<Vec<u32>> = frozen.iter().map(|n| bits(&model, n)).collect();
+        let head = bits(&model, "head/kernel");
+        let history = model
+            .fit(&data, Fit::new().epochs(3).batch_size(16).quiet())
+            .unwrap();
+        for (name, b) in frozen.iter().zip(&before) {
+            assert_eq!(&bits(&model, name), b, "{what}: {name} moved");
+        }
+        assert_ne!(
+            bits(&model, "head/kernel"),
+            head,
+            "{what}: the head did not train"
+        );
+        // A frozen weight's regularizer is no term (Keras counts trainable weights only).
+        assert!(history.epochs[0].get("l2").is_none(), "{what}");
+
+        model.set_trainable("base", true).unwrap();
+        model
+            .fit(&data, Fit::new().epochs(1).batch_size(16).quiet())
+            .unwrap();
+        assert_ne!(
+            bits(&model, "base/kernel"),
+            before[0],
+            "{what}: unfrozen, base did not train"
+        );
+    }
+}
+
+/// A checkpoint records which layers were frozen, and restoring it freezes exactly those.
+#[test]
+fn checkpoints_keep_the_frozen_layers() {
+    let build = || {
+        let x = Input::new([3]);
+        let h = Dense::new(4).name("base").apply(&x).unwrap();
+        let y = Dense::new(1).name("head").apply(&h).unwrap();
+        let mut m = Model::new(&[x], &[y]).unwrap();
+        m.compile(Compile::new(Adam::new(1e-2)).loss("mse"))
+            .unwrap();
+        m
+    };
+    let dir = std::env::temp_dir().join(format!("kiln-api-frozen-{}", std::process::id()));
+    let mut model = build();
+    model.set_trainable("base", false).unwrap();
+    let history = model
+        .fit(&points(16), Fit::new().batch_size(8).quiet())
+        .unwrap();
+    model.save_checkpoint(&dir, "last", 1, &history).unwrap();
+    let mut restored = build();
+    assert!(restored.is_trainable("base").unwrap());
+    restored.load_checkpoint(&dir, "last").unwrap();
+    assert!(!restored.is_trainable("base").unwrap());
+    assert!(restored.is_trainable("head").unwrap());
+    assert_eq!(bits(&restored, "base/kernel"), bits(&model, "base/kernel"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

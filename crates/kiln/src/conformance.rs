@@ -345,12 +345,10 @@ impl Layer for Holder {
     }
     fn build(&mut self, name: &str, _shapes: &[Vec<usize>], _ctx: &mut BuildContext) -> Result<()> {
         for (i, (t, reg)) in self.constants.iter().enumerate() {
-            self.weights.push(Weight {
-                name: format!("{name}/w{i}"),
-                var: Var::from_tensor(t)?,
-                trainable: true,
-                regularizer: Some(reg.clone()),
-            });
+            self.weights.push(
+                Weight::new(format!("{name}/w{i}"), Var::from_tensor(t)?, true)
+                    .with_regularizer(Some(reg.clone())),
+            );
         }
         Ok(())
     }

@@ -53,6 +53,19 @@ pub enum Error {
         detail: String,
     },
 
+    /// An `add_loss` term returned more than one value.
+    #[error(
+        "added loss `{term}` returned a tensor of shape {shape:?}, not a scalar: reduce it to \
+         one value (`.mean_all()?` for a mean over the batch, as Keras' activity regularizers; \
+         a sum over the samples would grow with the batch size)"
+    )]
+    AddedLossShape {
+        /// The term's name.
+        term: String,
+        /// The shape it returned.
+        shape: Vec<usize>,
+    },
+
     /// Training data do not fit the model (counts, shapes, sample weights).
     #[error("data: {0}")]
     Data(String),
@@ -91,6 +104,22 @@ impl From<candle_core::Error> for Error {
 
 /// The result type of every fallible kiln function.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The same error with `what` before its message, keeping its variant, so that a caller
+    /// adding context never turns a graph error into another kind.
+    pub(crate) fn within(self, what: impl std::fmt::Display) -> Error {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{what}: {m}")),
+            Error::Graph(m) => Error::Graph(format!("{what}: {m}")),
+            Error::Compile(m) => Error::Compile(format!("{what}: {m}")),
+            Error::Data(m) => Error::Data(format!("{what}: {m}")),
+            Error::State(m) => Error::State(format!("{what}: {m}")),
+            Error::Candle(c) => Error::Candle(candle_core::Error::Msg(format!("{what}: {c}"))),
+            other => other,
+        }
+    }
+}
 
 /// Shorthand for building an [`Error::InvalidArgument`].
 pub(crate) fn invalid(msg: impl Into<String>) -> Error {

@@ -36,6 +36,10 @@ pub struct Checkpoint {
     /// order; give them to [`crate::Fit::callback_tensor_states`] with the states.
     #[serde(skip)]
     pub callback_tensors: Vec<Vec<(String, Tensor)>>,
+    /// The layers that were frozen ([`Model::set_trainable`]); restoring freezes exactly these.
+    /// `None` in checkpoints written before freezing existed, which change no layer.
+    #[serde(default)]
+    pub frozen_layers: Option<Vec<String>>,
 }
 
 /// The metadata keys of a checkpoint file.
@@ -87,6 +91,7 @@ impl Model {
             stopped: self.stop_requested,
             run: self.run_identity.clone(),
             callback_tensors: Vec::new(),
+            frozen_layers: Some(self.frozen_layers()),
         };
         std::fs::create_dir_all(dir).map_err(|e| crate::io::io_error(dir, e))?;
         let mut tensors = std::collections::BTreeMap::new();
@@ -211,6 +216,12 @@ impl Model {
         }
         compiled.iterations = meta.iterations;
         compiled.optimizer.set_learning_rate(meta.learning_rate);
+        if let Some(frozen) = &meta.frozen_layers {
+            let layers: Vec<String> = self.layer_names().iter().map(|l| l.to_string()).collect();
+            for layer in layers {
+                self.set_trainable(&layer, !frozen.contains(&layer))?;
+            }
+        }
         meta.callback_tensors = callback_tensors;
         Ok(meta)
     }

@@ -221,7 +221,7 @@ impl Model {
         let has_regularizer = self
             .weights()
             .iter()
-            .any(|w| w.trainable && w.regularizer.is_some())
+            .any(|w| w.trainable() && w.regularizer.is_some())
             || self
                 .layers
                 .iter()
@@ -303,7 +303,7 @@ impl Model {
             }
         };
         for w in self.weights() {
-            if let (true, Some(r)) = (w.trainable, &w.regularizer) {
+            if let (true, Some(r)) = (w.trainable(), &w.regularizer) {
                 push(r.name().to_string());
             }
         }

@@ -262,10 +262,10 @@ impl Model {
             Ok(())
         };
         for w in self.weights() {
-            if let (true, Some(reg)) = (w.trainable, &w.regularizer) {
-                let value = reg.penalty(w.var.as_tensor()).map_err(|e| {
-                    Error::InvalidArgument(format!("regularizer of weight `{}`: {e}", w.name))
-                })?;
+            if let (true, Some(reg)) = (w.trainable(), &w.regularizer) {
+                let value = reg
+                    .penalty(w.var.as_tensor())
+                    .map_err(|e| e.within(format!("regularizer of weight `{}`", w.name)))?;
                 accumulate(reg.name().to_string(), value)?;
             }
         }
@@ -282,7 +282,15 @@ impl Model {
         for (name, loss) in self.added.iter().filter(|(_, l)| l.adversarial().is_none()) {
             let value = loss
                 .compute(&tensors)
-                .map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
+                .map_err(|e| e.within(format!("added loss `{name}`")))?;
+            // Keras sums a non-scalar term; kiln refuses it, since a per-sample term summed
+            // grows with the batch size.
+            if value.elem_count() != 1 {
+                return Err(Error::AddedLossShape {
+                    term: name.clone(),
+                    shape: value.dims().to_vec(),
+                });
+            }
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
         let parts = per_output.len() + added.len() + usize::from(adversarial);
@@ -460,7 +468,7 @@ impl Model {
             let trainable: Vec<Var> = self
                 .weights()
                 .into_iter()
-                .filter(|w| w.trainable)
+                .filter(|w| w.trainable())
                 .map(|w| w.var)
                 .collect();
             let Some((name, adversarial)) = adversarial else {
@@ -893,7 +901,7 @@ mod tests {
                 .apply(&x)?;
             let y = Dense::new(10).kernel_regularizer(L2::new(0.01)).apply(&h)?;
             let mut model = Model::new(&[x], &[y])?;
-            model.add_loss("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
+            model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
             model.compile(
                 Compile::new(Adam::new(1e-2))
                     .loss(CategoricalFocalCrossentropy::new().from_logits(true)),
