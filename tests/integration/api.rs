@@ -369,3 +369,66 @@ fn checkpoints_keep_the_frozen_layers() {
     assert_eq!(bits(&restored, "base/kernel"), bits(&model, "base/kernel"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Gradient accumulation: batches of 8 accumulated 3 at a time over 40 samples give the
+/// updates of one batch of 24 and one of 16 (the uneven last group), with Adam (whose bias
+/// correction counts updates, not batches) and an L2 penalty counted once per update.
+#[test]
+fn accumulated_batches_give_the_update_of_one_large_batch() {
+    let build = || {
+        let x = Input::new([3]);
+        let h = Dense::new(4)
+            .activation(Activation::Tanh)
+            .kernel_regularizer(L2::new(0.05))
+            .apply(&x)
+            .unwrap();
+        let y = Dense::new(1).name("out").apply(&h).unwrap();
+        let mut m = Model::builder(&[x], &[y]).seed(3).build().unwrap();
+        m.compile(Compile::new(Adam::new(0.05)).loss("mse"))
+            .unwrap();
+        m
+    };
+    let weights = |m: &Model| -> Vec<f32> {
+        m.weights()
+            .iter()
+            .flat_map(|w| to_vec(w.var.as_tensor()))
+            .collect()
+    };
+    let data = points(40);
+    let mut accumulated = build();
+    let fit = Fit::new().batch_size(8).shuffle(false).epochs(2).quiet();
+    let history = accumulated
+        .fit(&data, fit.clone().gradient_accumulation_steps(3))
+        .unwrap();
+    let mut large = build();
+    for _ in 0..2 {
+        large.train_on_batch(&data.slice(0, 24).unwrap()).unwrap();
+        large.train_on_batch(&data.slice(24, 16).unwrap()).unwrap();
+    }
+    let (a, b) = (weights(&accumulated), weights(&large));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "accumulated and large-batch weights differ by {worst}"
+    );
+    // Not trivially equal: without accumulation, five updates an epoch land elsewhere.
+    let mut plain = build();
+    plain.fit(&data, fit).unwrap();
+    let apart = weights(&plain)
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(apart > 1e-2, "{apart}");
+    // The logs stay per batch: the epoch's loss is the mean over its samples.
+    assert!(history.epochs[1].get("out_loss").is_some());
+    assert!(accumulated
+        .fit(&data, Fit::new().gradient_accumulation_steps(0).quiet())
+        .unwrap_err()
+        .to_string()
+        .contains("gradient_accumulation_steps"));
+}

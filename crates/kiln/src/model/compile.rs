@@ -132,6 +132,8 @@ pub(crate) struct Compiled {
     pub(crate) losses: Vec<OutputLoss>,
     pub(crate) metrics: Vec<OutputMetric>,
     pub(crate) iterations: u64,
+    /// The weighted gradients of a gradient-accumulation group not yet applied.
+    pub(crate) accumulated: Option<Vec<(candle_core::Var, candle_core::Tensor)>>,
 }
 
 fn output_index(names: &[String], name: &str, what: &str) -> Result<usize> {
@@ -290,6 +292,7 @@ impl Model {
             losses: resolved,
             metrics,
             iterations: 0,
+            accumulated: None,
         });
         Ok(())
     }

@@ -32,6 +32,7 @@ pub struct Fit {
     class_weight: Option<Vec<(usize, f64)>>,
     verbose: bool,
     initial_epoch: usize,
+    gradient_accumulation_steps: usize,
     callbacks: Vec<SharedCallback>,
     callback_states: Vec<Option<serde_json::Value>>,
     callback_tensors: Vec<Vec<(String, Tensor)>>,
@@ -60,6 +61,7 @@ impl Fit {
             class_weight: None,
             verbose: true,
             initial_epoch: 0,
+            gradient_accumulation_steps: 1,
             callbacks: Vec::new(),
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
@@ -141,6 +143,61 @@ impl Fit {
     /// Hides all progress output.
     pub fn quiet(self) -> Self {
         self.verbose(false)
+    }
+    /// Updates the weights once every `steps` batches (Keras' `gradient_accumulation_steps`),
+    /// with the gradient one batch of all their samples would give: each batch's gradient is
+    /// weighted by its share of the group's samples, so the data terms are the group's mean and
+    /// the added terms (regularizers) count once per update. An epoch's last group may be
+    /// shorter; it is applied at the epoch's end as the update of its own samples (Keras instead
+    /// carries it into the next epoch). Default 1: an update every batch.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let train = |batch_size: usize, accumulate: usize| -> kiln::Result<Vec<f32>> {
+    ///     let x = Input::new([1]);
+    ///     let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    ///     let mut model = Model::new(&[x], &[y])?;
+    ///     model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    ///     let xs = Tensor::new(&[[1f32], [2.], [3.], [4.]], &Device::Cpu)?;
+    ///     let fit = Fit::new().batch_size(batch_size).shuffle(false).quiet();
+    ///     model.fit(&Dataset::new(xs.clone(), xs.zeros_like()?)?, fit.gradient_accumulation_steps(accumulate))?;
+    ///     Ok(model.weight("dense/kernel")?.var.as_tensor().flatten_all()?.to_vec1()?)
+    /// };
+    /// let (big, accumulated) = (train(4, 1)?, train(1, 4)?);
+    /// assert!((big[0] - accumulated[0]).abs() < 1e-6); // 1 - 0.1·2·7.5 = -0.5
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn gradient_accumulation_steps(mut self, steps: usize) -> Self {
+        self.gradient_accumulation_steps = steps;
+        self
+    }
+}
+
+/// Where a batch stands in its gradient-accumulation group: its gradient's weight (its share
+/// of the group's samples) and whether it completes the group (the update is applied).
+#[derive(Clone, Copy)]
+struct Group {
+    scale: f64,
+    last: bool,
+}
+
+impl Group {
+    /// A batch that is its own group: the ordinary step.
+    const WHOLE: Group = Group {
+        scale: 1.0,
+        last: true,
+    };
+
+    /// The place of batch `b` among batches of `sizes`, grouped `steps` at a time.
+    fn of(b: usize, sizes: &[usize], steps: usize) -> Group {
+        let start = b / steps * steps;
+        let end = (start + steps).min(sizes.len());
+        let samples: usize = sizes[start..end].iter().sum();
+        Group {
+            scale: sizes[b] as f64 / samples as f64,
+            last: b + 1 == end,
+        }
     }
 }
 
@@ -430,11 +487,14 @@ impl Model {
         batch: &Dataset,
         rng: &mut StdRng,
         acc: &mut Accumulator,
+        group: Group,
     ) -> Result<f64> {
         let mut choice = std::mem::take(&mut self.thread_choice);
         let result = match self.device.is_cpu() {
-            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc)),
-            false => crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc)),
+            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc, group)),
+            false => {
+                crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc, group))
+            }
         };
         self.thread_choice = choice;
         result
@@ -446,6 +506,7 @@ impl Model {
         batch: &Dataset,
         rng: &mut StdRng,
         acc: &mut Accumulator,
+        group: Group,
     ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<f64> {
@@ -483,6 +544,7 @@ impl Model {
                     &pass,
                     trainable,
                     gradients,
+                    group,
                 );
             };
             // First backward: the compiled ("labeled") loss on the clean batch gives the input
@@ -521,13 +583,15 @@ impl Model {
                 &pass,
                 trainable,
                 gradients,
+                group,
             )
         })();
         self.compiled = Some(compiled);
         result
     }
 
-    /// Applies the gradients with the optimizer and records the step's logs; returns the total.
+    /// Applies the gradients with the optimizer (or, inside a gradient-accumulation group,
+    /// adds them, weighted, to the group's) and records the step's logs; returns the total.
     #[allow(clippy::too_many_arguments)]
     fn finish_step(
         &self,
@@ -538,12 +602,27 @@ impl Model {
         pass: &ForwardPass,
         trainable: Vec<Var>,
         gradients: Vec<Option<Tensor>>,
+        group: Group,
     ) -> Result<f64> {
-        let (params, gradients): (Vec<Var>, Vec<Tensor>) = trainable
-            .into_iter()
-            .zip(gradients)
-            .filter_map(|(v, g)| g.map(|g| (v, g)))
-            .unzip();
+        let mut pending = compiled.accumulated.take().unwrap_or_default();
+        for (v, g) in trainable.into_iter().zip(gradients) {
+            let Some(g) = g else { continue };
+            let g = match group.scale {
+                1.0 => g.detach(),
+                s => (g.detach() * s)?,
+            };
+            let id = v.as_tensor().id();
+            match pending.iter_mut().find(|(p, _)| p.as_tensor().id() == id) {
+                Some(slot) => slot.1 = (&slot.1 + g)?,
+                None => pending.push((v, g)),
+            }
+        }
+        if !group.last {
+            compiled.accumulated = Some(pending);
+            self.record(compiled, acc, terms, batch, pass)?;
+            return scalar(&terms.total);
+        }
+        let (params, gradients): (Vec<Var>, Vec<Tensor>) = pending.into_iter().unzip();
         compiled.iterations += 1;
         crate::optimizers::apply_step(
             compiled.optimizer.as_mut(),
@@ -575,7 +654,7 @@ impl Model {
         let batch = batch.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
         let mut acc = Accumulator::default();
-        self.train_step(&batch, &mut rng, &mut acc)?;
+        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE)?;
         Ok(acc.logs(""))
     }
 
@@ -588,6 +667,13 @@ impl Model {
         if config.batch_size == 0 {
             return Err(Error::Data(
                 "Fit::batch_size must be at least 1, got 0".into(),
+            ));
+        }
+        if config.gradient_accumulation_steps == 0 {
+            return Err(Error::InvalidArgument(
+                "Fit::gradient_accumulation_steps must be at least 1 (1: an update every \
+                 batch), got 0"
+                    .into(),
             ));
         }
         if !(0.0..1.0).contains(&config.validation_split) {
@@ -666,9 +752,12 @@ impl Model {
             }
             let bar = progress_bar(config.verbose, steps, epoch, config.epochs);
             let mut acc = Accumulator::default();
+            let sizes: Vec<usize> = order.chunks(config.batch_size).map(<[u32]>::len).collect();
+            self.discard_accumulated();
             for (b, chunk) in order.chunks(config.batch_size).enumerate() {
                 let batch = train.select(chunk)?;
-                let batch_loss = self.train_step(&batch, &mut rng, &mut acc)?;
+                let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
+                let batch_loss = self.train_step(&batch, &mut rng, &mut acc, group)?;
                 let running = acc.logs("");
                 bar.set_message(running.summary());
                 bar.inc(1);
@@ -715,10 +804,18 @@ impl Model {
                 break;
             }
         }
+        // A group cut short by a callback is not applied, as the batches after it never ran.
+        self.discard_accumulated();
         for cb in &config.callbacks {
             lock(cb).on_train_end(self)?;
         }
         Ok(history)
+    }
+
+    fn discard_accumulated(&mut self) {
+        if let Some(c) = self.compiled.as_mut() {
+            c.accumulated = None;
+        }
     }
 
     /// The loss breakdown and metrics on `data`, in inference mode (same names as `fit`).
