@@ -432,3 +432,47 @@ fn accumulated_batches_give_the_update_of_one_large_batch() {
         .to_string()
         .contains("gradient_accumulation_steps"));
 }
+
+/// The common traits a Rust user reaches for: a loss and a compile configuration can be cloned
+/// and reused, and models, losses, compile configurations print something readable.
+#[test]
+fn losses_compile_and_models_are_clone_and_debug() {
+    fn clone_debug<T: Clone + std::fmt::Debug>(_: &T) {}
+    let scale = 2.0;
+    let mine = loss_fn("scaled_mse", move |t: &Tensor, p: &Tensor| {
+        Ok(((p - t)?.sqr()?.mean(candle_core::D::Minus1)? * scale)?)
+    });
+    clone_debug(&mine);
+    assert_eq!(
+        format!("{mine:?}"),
+        "LossFn { name: \"scaled_mse\", reduction: SumOverBatchSize, .. }"
+    );
+    let compile = Compile::new(Adam::new(1e-2)).loss(mine.clone());
+    clone_debug(&compile);
+    assert!(format!("{compile:?}").contains("scaled_mse"), "{compile:?}");
+    // One Compile, two models; each gets its own optimizer state.
+    let data = points(16);
+    let mut trained = Vec::new();
+    for _ in 0..2 {
+        let x = Input::new([3]);
+        let y = Dense::new(1).name("out").apply(&x).unwrap();
+        let mut m = Model::new(&[x], &[y]).unwrap();
+        m.compile(compile.clone()).unwrap();
+        m.fit(&data, Fit::new().epochs(2).batch_size(4).quiet())
+            .unwrap();
+        trained.push(bits(&m, "out/kernel"));
+        let shown = format!("{m:?}");
+        assert!(
+            shown.contains("\"out\"") && shown.contains("compiled: true"),
+            "{shown}"
+        );
+    }
+    assert_eq!(trained[0], trained[1]);
+    // The paths of checkpoints and data files take anything path-like.
+    let dir = std::env::temp_dir().join(format!("kiln-api-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.csv"), "a,b\n1,2\n3,4\n").unwrap();
+    let table = kiln::data::load_csv_features(dir.join("p.csv"), &Device::Cpu).unwrap();
+    assert_eq!(table.dims(), &[2, 2]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

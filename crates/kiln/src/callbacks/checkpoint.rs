@@ -56,7 +56,8 @@ fn manifest(tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<Vec<
 }
 
 /// A checkpoint's file: `<dir>/<stem>.safetensors`.
-pub fn checkpoint_path(dir: &Path, stem: &str) -> PathBuf {
+pub fn checkpoint_path(dir: impl AsRef<Path>, stem: &str) -> PathBuf {
+    let dir = dir.as_ref();
     dir.join(format!("{stem}.safetensors"))
 }
 
@@ -69,11 +70,12 @@ impl Model {
     /// When the model is not compiled or the file cannot be written (the message names it).
     pub fn save_checkpoint(
         &self,
-        dir: &Path,
+        dir: impl AsRef<Path>,
         stem: &str,
         epochs_done: usize,
         history: &History,
     ) -> Result<()> {
+        let dir = dir.as_ref();
         let compiled = self
             .compiled
             .as_ref()
@@ -127,7 +129,8 @@ impl Model {
     /// # Errors
     /// When the file is missing, unreadable, not a kiln checkpoint, damaged, or from another
     /// model; the message names the file and the tensor.
-    pub fn load_checkpoint(&mut self, dir: &Path, stem: &str) -> Result<Checkpoint> {
+    pub fn load_checkpoint(&mut self, dir: impl AsRef<Path>, stem: &str) -> Result<Checkpoint> {
+        let dir = dir.as_ref();
         let (meta, tensors) = read_checkpoint(dir, stem, self.device())?;
         self.restore_checkpoint(&checkpoint_path(dir, stem), meta, tensors)
     }

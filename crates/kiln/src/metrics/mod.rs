@@ -179,6 +179,15 @@ pub enum MetricSpec {
     Named(String),
 }
 
+impl std::fmt::Debug for MetricSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricSpec::Metric(m) => write!(f, "Metric({})", m.name()),
+            MetricSpec::Named(n) => write!(f, "Named({n})"),
+        }
+    }
+}
+
 impl MetricSpec {
     /// Resolves a name to its metric.
     pub fn resolve(&self) -> Result<Arc<dyn Metric>> {

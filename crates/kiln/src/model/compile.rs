@@ -9,6 +9,7 @@ use crate::optimizers::Optimizer;
 use std::sync::Arc;
 
 /// A per-output setting given once for all outputs, as a list in output order, or by name.
+#[derive(Clone, Debug)]
 enum PerOutput<T> {
     Unset,
     All(T),
@@ -35,6 +36,7 @@ enum PerOutput<T> {
 /// assert!(model.compile(Compile::new(Adam::new(1e-3)).loss_for("nope", "mse")).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
+#[derive(Clone, Debug)]
 pub struct Compile {
     optimizer: Box<dyn Optimizer>,
     losses: PerOutput<LossSpec>,

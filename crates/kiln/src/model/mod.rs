@@ -4,6 +4,7 @@ mod added;
 mod compile;
 mod contract;
 mod history;
+mod manual;
 mod sequential;
 mod summary;
 mod train;
@@ -12,6 +13,7 @@ pub use added::{AddedLoss, Tensors};
 pub(crate) use compile::not_compiled;
 pub use compile::Compile;
 pub use history::{History, Logs};
+pub use manual::BatchGradients;
 pub use sequential::Sequential;
 pub use train::{Fit, SharedCallback};
 
@@ -68,6 +70,31 @@ pub struct Model {
     pub(crate) run_identity: Option<serde_json::Value>,
     /// Whether training steps run split across kiln's pool or on one thread.
     pub(crate) thread_choice: crate::runtime::ThreadChoice,
+}
+
+/// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
+/// [`Model::summary`] for the whole table. `Model` is not `Clone`: a copy would share the
+/// weights' storage with the original (candle variables), so that training one would train
+/// both; build a second model from the same graph instead (`Model::builder(..).build()`).
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("inputs", &self.input_names)
+            .field("layers", &self.layer_names())
+            .field("outputs", &self.output_names)
+            .field("weights", &self.weights().len())
+            .field("frozen_layers", &self.frozen_layers())
+            .field(
+                "added_losses",
+                &self
+                    .added
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("compiled", &self.compiled.is_some())
+            .finish()
+    }
 }
 
 /// Options for building a [`Model`]: seed, device, dtype.

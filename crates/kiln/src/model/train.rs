@@ -202,15 +202,15 @@ impl Group {
 }
 
 /// The compiled part of a step's loss: Σ loss_weight · reduced loss, and each output's value.
-struct LabeledLoss {
-    total: Option<Tensor>,
+pub(super) struct LabeledLoss {
+    pub(super) total: Option<Tensor>,
     per_output: Vec<(String, Tensor)>,
 }
 
 /// The terms of one step: the total to differentiate and each reported term.
-struct StepTerms {
-    total: Tensor,
-    reported: Vec<(String, Tensor)>,
+pub(super) struct StepTerms {
+    pub(super) total: Tensor,
+    pub(super) reported: Vec<(String, Tensor)>,
     /// Σ loss_weight · reduced compile-time loss (what an adversarial attack differentiates).
     labeled: Option<Tensor>,
     /// Σ added terms, if any.
@@ -224,7 +224,7 @@ fn scalar(t: &Tensor) -> Result<f64> {
 impl Model {
     /// Σ loss_weight · reduced compile-time loss over the outputs, and each output's reduced
     /// value under its log name (the "labeled loss" adversarial attacks differentiate).
-    fn compiled_loss(
+    pub(super) fn compiled_loss(
         &self,
         compiled: &Compiled,
         batch: &Dataset,
@@ -289,7 +289,7 @@ impl Model {
     ///
     /// Each compile-time loss is reported as `<output>_loss` whenever the total has more than
     /// one part, so that the data term is never hidden inside `loss`.
-    fn step_terms(
+    pub(super) fn step_terms(
         &self,
         compiled: &Compiled,
         batch: &Dataset,
@@ -370,7 +370,7 @@ impl Model {
     }
 
     /// Adds a batch's terms and metrics to the running epoch means.
-    fn record(
+    pub(super) fn record(
         &self,
         compiled: &Compiled,
         acc: &mut Accumulator,
@@ -413,7 +413,7 @@ impl Model {
     }
 
     /// The adversarial added term, if the model has one.
-    fn adversarial_term(&self) -> Option<(String, Adversarial)> {
+    pub(super) fn adversarial_term(&self) -> Option<(String, Adversarial)> {
         self.added
             .iter()
             .find_map(|(n, l)| l.adversarial().map(|a| (n.clone(), a.clone())))
@@ -449,7 +449,7 @@ impl Model {
 
     /// The perturbed inputs of an attack. `first` is the input gradient at the clean batch when
     /// the caller already has it (the clean backward pass of a training step).
-    fn attack(
+    pub(super) fn attack(
         &self,
         compiled: &Compiled,
         adversarial: &Adversarial,
@@ -935,7 +935,7 @@ fn progress_bar(verbose: bool, steps: usize, epoch: usize, epochs: usize) -> Pro
     bar
 }
 
-fn no_labeled_loss() -> Error {
+pub(super) fn no_labeled_loss() -> Error {
     Error::Compile(
         "adversarial regularization needs a compile-time loss to attack: give compile() a loss"
             .into(),
