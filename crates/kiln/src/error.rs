@@ -10,7 +10,28 @@
 /// let e = kiln::Error::Data("points.csv: row 3 has 2 fields".into());
 /// assert_eq!(format!("{e:?}"), "data: points.csv: row 3 has 2 fields");
 /// ```
+///
+/// Match on the variant to react to a kind of failure; the structured ones carry what they
+/// name. New variants may come, so a `match` needs a `_` arm:
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([3]);
+/// let y = Dense::new(1).name("out").apply(&x)?;
+/// let mut model = Model::new(&[x], &[y])?;
+/// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+/// let data = Dataset::new(Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?, Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?)?;
+/// match model.fit(&data, Fit::new().quiet()) {
+///     Err(kiln::Error::LossShape { output, y_true, .. }) => {
+///         assert_eq!((output.as_str(), y_true.as_slice()), ("out", &[4, 2][..]));
+///     }
+///     Err(other) => panic!("unexpected: {other}"),
+///     Ok(_) => panic!("targets of 2 columns for 1 unit must fail"),
+/// }
+/// # Ok::<(), kiln::Error>(())
+/// ```
 #[derive(thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A tensor operation failed inside candle.
     #[error("tensor error: {0}")]

@@ -193,6 +193,10 @@ pub trait Layer: Send {
 pub trait LayerExt: Layer + Sized + 'static {
     /// Applies the layer to one tensor, returning the symbolic output.
     ///
+    /// # Errors
+    /// [`crate::Error::Graph`] when the layer cannot take inputs of that shape (the message
+    /// names the layer and the shapes).
+    ///
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
@@ -204,6 +208,9 @@ pub trait LayerExt: Layer + Sized + 'static {
         self.shared().apply(input)
     }
     /// Applies the layer to several tensors.
+    ///
+    /// # Errors
+    /// As [`LayerExt::apply`].
     fn apply_many(self, inputs: &[&SymbolicTensor]) -> Result<SymbolicTensor> {
         self.shared().apply_many(inputs)
     }

@@ -184,8 +184,11 @@ fn per_output<T: Clone>(
 impl Model {
     /// Configures the model for training: optimizer, compile-time losses, loss weights, metrics.
     ///
-    /// Fails when a name or count does not fit the outputs, a loss is misconfigured, two terms
-    /// would be reported under one name, or the model has nothing to optimize.
+    /// # Errors
+    /// [`Error::Compile`] when a name or count does not fit the outputs, a loss weight is not
+    /// finite, two terms would be reported under one name, or the model has nothing to
+    /// optimize; [`Error::InvalidArgument`] when the optimizer's or a loss's hyperparameters
+    /// are out of range or a loss name is unknown.
     pub fn compile(&mut self, config: Compile) -> Result<()> {
         crate::optimizers::validate(config.optimizer.as_ref())?;
         let names = self.output_names.clone();
@@ -331,6 +334,9 @@ impl Model {
     }
 
     /// Changes the optimizer's learning rate (for schedules and callbacks).
+    ///
+    /// # Errors
+    /// [`Error::State`] before `compile`.
     pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
         let c = self.compiled.as_mut().ok_or_else(not_compiled)?;
         c.optimizer.set_learning_rate(lr);

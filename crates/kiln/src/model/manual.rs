@@ -147,7 +147,7 @@ impl Model {
     /// let model = Model::new(&[x], &[y])?;
     /// let values = model.get_weights()?;
     /// assert_eq!(values[0].dims(), &[3, 2]); // kernel, then bias
-    /// let doubled: Vec<_> = values.iter().map(|t| t * 2.0).collect::<Result<_, _>>()?;
+    /// let doubled = values.iter().map(|t| t * 2.0).collect::<kiln::candle::Result<Vec<_>>>()?;
     /// model.set_weights(&doubled)?;
     /// assert_eq!(model.get_weights()?[0].to_vec2::<f32>()?, doubled[0].to_vec2::<f32>()?);
     /// # Ok::<(), kiln::Error>(())

@@ -134,6 +134,9 @@ impl ModelBuilder {
         self
     }
     /// Builds the model, creating every layer's weights.
+    ///
+    /// # Errors
+    /// As [`Model::new`].
     pub fn build(self) -> Result<Model> {
         Model::assemble(self)
     }
@@ -359,6 +362,9 @@ impl Model {
     }
 
     /// The symbolic output of the layer named `name` (its first application), for added losses.
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when there is no such layer; the message lists them.
     pub fn layer_output(&self, name: &str) -> Result<SymbolicTensor> {
         self.steps
             .iter()
@@ -483,6 +489,9 @@ impl Model {
     }
 
     /// The weight named `<layer>/<weight>`, such as `dense/kernel`.
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when there is no such weight; the message lists them.
     pub fn weight(&self, name: &str) -> Result<Weight> {
         self.weights()
             .into_iter()
@@ -646,6 +655,10 @@ impl Model {
     /// assert_eq!(out[0].dims(), &[5, 2]);
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::Data`] when the inputs' count or sample shapes do not fit the model;
+    /// [`Error::Graph`] when a layer fails.
     pub fn predict(&self, inputs: &[Tensor], batch_size: usize) -> Result<Vec<Tensor>> {
         // On kiln's pool, as training: its kernels' parallel pieces stay there.
         crate::runtime::on_matmul_pool(|| self.predict_here(inputs, batch_size))
@@ -674,6 +687,9 @@ impl Model {
     }
 
     /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file when it cannot be written.
     pub fn save_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
         let tensors = self

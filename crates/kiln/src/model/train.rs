@@ -650,6 +650,9 @@ impl Model {
     /// assert!((second - 0.64).abs() < 1e-6);
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`Model::fit`].
     pub fn train_on_batch(&mut self, batch: &Dataset) -> Result<Logs> {
         let batch = batch.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
@@ -659,7 +662,17 @@ impl Model {
     }
 
     /// Trains the model and returns the per-epoch logs: `loss`, `<output>_loss` (several
-    /// outputs), each added term by name, the metrics, and their `val_` twins.
+    /// outputs, or one beside added terms), each added term by name, the metrics, and their
+    /// `val_` twins.
+    ///
+    /// # Errors
+    /// [`Error::State`] before `compile` or when a callback stops the run with an error;
+    /// [`Error::Data`] when the data do not fit the model (inputs, targets, sample or class
+    /// weights) or `Fit`'s batch size is 0; [`Error::InvalidArgument`] for `Fit` values out of
+    /// range; [`Error::LossContract`] when a loss does not return one value per sample, each
+    /// from its own sample; [`Error::LossShape`] when the targets do not fit a loss;
+    /// [`Error::AddedLossShape`] when an added term is not a scalar; [`Error::Graph`] when a
+    /// layer fails on the batch.
     pub fn fit(&mut self, data: &Dataset, config: Fit) -> Result<History> {
         if self.compiled.is_none() {
             return Err(not_compiled());
@@ -833,6 +846,9 @@ impl Model {
     /// assert_eq!(logs.get("loss"), Some(2.5)); // (1 + 4) / 2
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`Model::fit`], on the evaluation data.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Logs> {
         self.evaluate_logs(data, batch_size, "", None)
     }
@@ -855,6 +871,10 @@ impl Model {
     /// assert!(attacked > clean);
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`Model::evaluate`], and [`Error::InvalidArgument`] for an attack that does not fit
+    /// the model's inputs.
     pub fn evaluate_under_attack(
         &self,
         data: &Dataset,
