@@ -505,8 +505,7 @@ fn a_bad_initializer_is_an_error_not_a_panic() {
         .apply(&x)
         .unwrap();
     let msg = Model::new(&[x], &[y])
-        .err()
-        .expect("NaN limit must fail")
+        .expect_err("NaN limit must fail")
         .to_string();
     assert!(msg.contains("limit"), "{msg}");
 }

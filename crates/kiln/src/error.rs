@@ -22,8 +22,8 @@
 /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
 /// let data = Dataset::new(Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?, Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?)?;
 /// match model.fit(&data, Fit::new().quiet()) {
-///     Err(kiln::Error::LossShape { output, y_true, .. }) => {
-///         assert_eq!((output.as_str(), y_true.as_slice()), ("out", &[4, 2][..]));
+///     Err(kiln::Error::LossShape(e)) => {
+///         assert_eq!((e.output.as_str(), e.y_true.as_slice()), ("out", &[4, 2][..]));
 ///     }
 ///     Err(other) => panic!("unexpected: {other}"),
 ///     Ok(_) => panic!("targets of 2 columns for 1 unit must fail"),
@@ -55,24 +55,8 @@ pub enum Error {
 
     /// A compile-time loss failed on the shapes it was given (targets that do not fit the
     /// output, most often).
-    #[error(
-        "loss `{loss}` for output `{output}` cannot take y_true {y_true:?} and y_pred \
-         {y_pred:?}{hint} (inside the loss: {detail})"
-    )]
-    LossShape {
-        /// The loss's name.
-        loss: String,
-        /// The output it was compiled for.
-        output: String,
-        /// The shape of the targets.
-        y_true: Vec<usize>,
-        /// The shape of the output.
-        y_pred: Vec<usize>,
-        /// What to change, when the shapes tell (`: the targets have 3 columns …`), or empty.
-        hint: String,
-        /// The tensor library's message.
-        detail: String,
-    },
+    #[error("{0}")]
+    LossShape(Box<LossShapeError>),
 
     /// An `add_loss` term returned more than one value.
     #[error(
@@ -145,6 +129,28 @@ impl Error {
 /// Shorthand for building an [`Error::InvalidArgument`].
 pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+/// The details of a loss that failed on the shapes of its targets and output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+#[error(
+    "loss `{loss}` for output `{output}` cannot take y_true {y_true:?} and y_pred \
+     {y_pred:?}{hint} (inside the loss: {detail})"
+)]
+pub struct LossShapeError {
+    /// The loss's name.
+    pub loss: String,
+    /// The output it was compiled for.
+    pub output: String,
+    /// The shape of the targets.
+    pub y_true: Vec<usize>,
+    /// The shape of the output.
+    pub y_pred: Vec<usize>,
+    /// What to change, when the shapes tell (`: the targets have 3 columns …`), or empty.
+    pub hint: String,
+    /// The tensor library's message.
+    pub detail: String,
 }
 
 /// The details of a loss that broke the per-sample contract.

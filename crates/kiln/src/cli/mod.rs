@@ -239,7 +239,7 @@ fn train(
 fn resolve(run: &Path, weights: Option<&Path>) -> crate::Result<(RunFile, PathBuf)> {
     let (file, folder) = if run.is_dir() {
         (
-            RunFile::from_path(&run.join("model.json"))?,
+            RunFile::from_path(run.join("model.json"))?,
             Some(run.to_path_buf()),
         )
     } else if run.extension().and_then(|e| e.to_str()) == Some("json") {
@@ -339,7 +339,7 @@ fn predict(run: &Path, weights: Option<&Path>, input: &Path, output: &Path) -> c
 
 fn summary(run: &Path) -> crate::Result<()> {
     let file = match run.is_dir() {
-        true => RunFile::from_path(&run.join("model.json"))?,
+        true => RunFile::from_path(run.join("model.json"))?,
         false => RunFile::from_path(run)?,
     };
     let (model, _) = file.prepare_model_only(&candle_core::Device::Cpu)?;

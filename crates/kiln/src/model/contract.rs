@@ -2,7 +2,7 @@
 //! sample (the shape), each sample's value from that sample alone (permuting the samples
 //! permutes the values), and shape errors inside a loss told in the user's terms.
 
-use crate::error::{ContractProblem, ContractViolation, Error, Result};
+use crate::error::{ContractProblem, ContractViolation, Error, LossShapeError, Result};
 use crate::losses::Loss;
 use candle_core::{DType, Tensor};
 
@@ -117,14 +117,14 @@ impl LossSite<'_> {
             ),
             _ => String::new(),
         };
-        Error::LossShape {
+        Error::LossShape(Box::new(LossShapeError {
             loss: self.loss.name().to_string(),
             output: self.output.to_string(),
             y_true: t.to_vec(),
             y_pred: p.to_vec(),
             hint,
             detail: candle_message(&c),
-        }
+        }))
     }
 }
 
