@@ -1,5 +1,5 @@
 //! Adversarial regularization with FGSM as an added loss: two identical digit classifiers, one
-//! trained plainly and one with `add_loss("adversarial", Adversarial::fgsm(…))`, both attacked
+//! trained plainly and one with `add_loss_term("adversarial", Adversarial::fgsm(…))`, both attacked
 //! with FGSM at test time.
 //!
 //! Run with `cargo run --release --example fgsm_robustness`.
@@ -42,7 +42,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     plain.fit(&train, fit.clone())?;
 
     let mut robust = classifier()?;
-    robust.add_loss(
+    robust.add_loss_term(
         "adversarial",
         Adversarial::fgsm(attack_epsilon)
             .multiplier(0.5)

@@ -90,7 +90,7 @@ fn measure(
 ) -> kiln::Result<()> {
     let mut model = mlp(width, mission.then_some(0.01))?;
     if mission {
-        model.add_loss("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
+        model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
         model.compile(
             Compile::new(Adam::new(1e-3)).loss(
                 CategoricalFocalCrossentropy::new()

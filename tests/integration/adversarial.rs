@@ -88,7 +88,7 @@ fn fgsm_inputs(eps: f64) -> Vec<[f64; 3]> {
 fn fgsm_term_and_step_match_the_closed_form() {
     let (eps, mult) = (0.1, 0.5);
     let (mut m, data) = linear(|m, _| {
-        m.add_loss("adversarial", Adversarial::fgsm(eps).multiplier(mult))
+        m.add_loss_term("adversarial", Adversarial::fgsm(eps).multiplier(mult))
             .unwrap()
     });
     let h = m
@@ -251,7 +251,8 @@ fn adversarial_settings_are_checked_at_compile() {
     let x = Input::new([3]);
     let y = Dense::new(1).apply(&x).unwrap();
     let mut m = Model::new(&[x], &[y]).unwrap();
-    m.add_loss("adversarial", Adversarial::fgsm(-0.1)).unwrap();
+    m.add_loss_term("adversarial", Adversarial::fgsm(-0.1))
+        .unwrap();
     let msg = m
         .compile(Compile::new(Sgd::new(0.1)).loss("mse"))
         .unwrap_err()
@@ -260,7 +261,8 @@ fn adversarial_settings_are_checked_at_compile() {
     let x = Input::new([3]);
     let y = Dense::new(1).apply(&x).unwrap();
     let mut m = Model::new(&[x], &[y]).unwrap();
-    m.add_loss("adversarial", Adversarial::fgsm(0.1)).unwrap();
+    m.add_loss_term("adversarial", Adversarial::fgsm(0.1))
+        .unwrap();
     let msg = m
         .compile(Compile::new(Sgd::new(0.1)))
         .unwrap_err()
@@ -306,7 +308,7 @@ fn fgsm_term_covers_every_output_with_its_loss_weight() {
         .var
         .set(&t(&wb, (3, 1)))
         .unwrap();
-    m.add_loss("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
+    m.add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
         .unwrap();
     m.compile(
         Compile::new(Sgd::new(0.0))
@@ -347,7 +349,7 @@ fn the_attack_follows_the_labeled_loss_only() {
             Ok((ts.get(&handle)?.mean_all()? * -10.0)?)
         })
         .unwrap();
-        m.add_loss("adversarial", Adversarial::fgsm(eps).multiplier(mult))
+        m.add_loss_term("adversarial", Adversarial::fgsm(eps).multiplier(mult))
             .unwrap();
     });
     let h = m

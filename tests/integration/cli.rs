@@ -19,7 +19,16 @@ fn kiln(args: &[&str]) -> (bool, String, String) {
 fn train_without_arguments_reports_every_term_and_held_out_accuracy() {
     let (ok, out, err) = kiln(&["train", "--quiet"]);
     assert!(ok, "{err}");
-    for needle in ["held-out:", "loss", "l2", "accuracy", "val_loss", "val_l2"] {
+    for needle in [
+        "held-out:",
+        "loss",
+        "digit_loss",
+        "l2",
+        "accuracy",
+        "val_loss",
+        "val_digit_loss",
+        "val_l2",
+    ] {
         assert!(out.contains(needle), "`{needle}` missing:\n{out}");
     }
     let held_out = out.split("held-out:").nth(1).unwrap();
@@ -63,4 +72,38 @@ fn conformance_passes_on_the_fixtures_and_fails_on_a_wrong_file() {
     let (ok, _, err) = kiln(&["conformance", "keras", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("bad.json"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `kiln summary` prints the default run's model as Keras' `model.summary()` does (the counts
+/// Keras prints for Dense(64) on 64 inputs, then Dense(10)), for a run file and a run folder.
+#[test]
+fn summary_prints_the_model_as_keras_does() {
+    let run = "crates/kiln/src/run/default.toml";
+    let (ok, out, err) = kiln(&["summary", run]);
+    assert!(ok, "{err}");
+    let row = |layer: &str| -> Vec<String> {
+        let line = out.lines().find(|l| l.contains(layer)).unwrap_or_default();
+        line.split('│').map(|c| c.trim().to_string()).collect()
+    };
+    assert_eq!(
+        row("input (InputLayer)")[1..4],
+        ["input (InputLayer)", "(None, 64)", "0"]
+    );
+    assert_eq!(
+        row("hidden (Dense)")[1..4],
+        ["hidden (Dense)", "(None, 64)", "4,160"]
+    );
+    assert_eq!(
+        row("digit (Dense)")[1..4],
+        ["digit (Dense)", "(None, 10)", "650"]
+    );
+    for needle in [
+        " Total params: 4,810 (18.79 KB)",
+        " Trainable params: 4,810 (18.79 KB)",
+        " Non-trainable params: 0 (0.00 B)",
+    ] {
+        assert!(out.contains(needle), "`{needle}` missing:\n{out}");
+    }
+    let (ok, _, err) = kiln(&["summary", "no-such-run.toml"]);
+    assert!(!ok && err.contains("no-such-run.toml"), "{err}");
 }

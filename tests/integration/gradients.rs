@@ -404,5 +404,5 @@ fn ctc_matches_finite_differences() {
     // Two sequences of 6 steps over 4 classes (0 = blank); labels packed left, 0-padded.
     let logits = random((2, 24), -2.0, 2.0, 16).reshape((2, 6, 4)).unwrap();
     let labels = Tensor::new(&[[1f64, 2., 2.], [3., 1., 0.]], &Device::Cpu).unwrap();
-    check_against_finite_differences(&CTC::new(), &labels, &logits);
+    check_against_finite_differences(&Ctc::new(), &labels, &logits);
 }

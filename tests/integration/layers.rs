@@ -487,13 +487,13 @@ fn check_training_gradients(what: &str, model: &mut Model, data: &Dataset) {
     let trainable: Vec<Weight> = model
         .weights()
         .into_iter()
-        .filter(|w| w.trainable)
+        .filter(|w| w.trainable())
         .collect();
     assert!(!trainable.is_empty(), "{what}: nothing to train");
     let frozen: Vec<(Weight, Tensor)> = model
         .weights()
         .into_iter()
-        .filter(|w| !w.trainable)
+        .filter(|w| !w.trainable())
         .map(|w| {
             let v = w.var.as_tensor().copy().unwrap();
             (w, v)

@@ -1,6 +1,7 @@
 //! Integration tests, one binary (one link) for all of them.
 
 mod adversarial;
+mod api;
 mod callbacks;
 mod cli;
 mod crash_safety;

@@ -73,7 +73,7 @@ fn train_writes_the_run_folder_and_resume_matches_an_unbroken_run() {
     std::fs::write(dir.join("run.toml"), RUN).unwrap();
     let (ok, out, err) = kiln(&["train", "run.toml", "--quiet", "--out", "full"], &dir);
     assert!(ok, "{err}");
-    for needle in ["adversarial", "l2", "accuracy", "held-out:"] {
+    for needle in ["out_loss", "adversarial", "l2", "accuracy", "held-out:"] {
         assert!(out.contains(needle), "`{needle}` missing:\n{out}");
     }
     for file in [
@@ -92,10 +92,12 @@ fn train_writes_the_run_folder_and_resume_matches_an_unbroken_run() {
             .unwrap();
     for key in [
         "loss",
+        "out_loss",
         "adversarial",
         "l2",
         "accuracy",
         "val_loss",
+        "val_out_loss",
         "val_adversarial",
         "lr",
     ] {

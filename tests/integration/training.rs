@@ -52,9 +52,11 @@ fn same_seed_same_history_to_the_last_bit() {
         keys,
         [
             "loss",
+            "digit_loss",
             "l2",
             "sparse_categorical_accuracy",
             "val_loss",
+            "val_digit_loss",
             "val_l2",
             "val_sparse_categorical_accuracy"
         ]
@@ -503,8 +505,7 @@ fn a_bad_initializer_is_an_error_not_a_panic() {
         .apply(&x)
         .unwrap();
     let msg = Model::new(&[x], &[y])
-        .err()
-        .expect("NaN limit must fail")
+        .expect_err("NaN limit must fail")
         .to_string();
     assert!(msg.contains("limit"), "{msg}");
 }

@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::layers::Layer;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -33,6 +33,7 @@ fn next_id() -> usize {
 pub struct SharedLayer {
     pub(crate) id: usize,
     pub(crate) layer: Arc<Mutex<Box<dyn Layer>>>,
+    trainable: Arc<AtomicBool>,
 }
 
 impl SharedLayer {
@@ -40,7 +41,19 @@ impl SharedLayer {
         Self {
             id: next_id(),
             layer: Arc::new(Mutex::new(layer)),
+            trainable: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Freezes (`false`) or unfreezes the layer in every model that holds it, as Keras'
+    /// `layer.trainable = …`.
+    pub fn set_trainable(&self, trainable: bool) {
+        self.trainable.store(trainable, Ordering::Relaxed);
+    }
+
+    /// Whether the layer is trainable (not frozen).
+    pub fn is_trainable(&self) -> bool {
+        self.trainable.load(Ordering::Relaxed)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Box<dyn Layer>> {

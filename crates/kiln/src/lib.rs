@@ -10,7 +10,6 @@
 //! is reported on its own.
 //!
 //! ```
-//! use candle_core::Device;
 //! use kiln::prelude::*;
 //!
 //! let data = kiln::data::digits(&Device::Cpu)?;
@@ -53,15 +52,35 @@ pub mod run;
 pub mod runtime;
 mod softmax;
 
+/// candle-core, the tensor library kiln runs on, at the version kiln uses: depend on kiln alone
+/// and reach candle through it (`kiln::candle::Var`), with no version to match.
+pub use candle_core as candle;
+
 pub use activations::Activation;
 pub use data::Dataset;
 pub use error::{Error, Result};
 pub use graph::{Input, SharedLayer, SymbolicTensor};
 pub use initializers::Initializer;
-pub use model::{AddedLoss, Compile, Fit, History, Logs, Model, Sequential, Tensors};
+pub use model::{
+    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+};
 pub use reduction::Reduction;
 
-/// Everything a training script usually needs, in one import.
+/// The README's Rust (the "Using kiln in your crate" program among it), compiled and run as
+/// doc tests, so that what it shows stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
+/// Everything a training script usually needs, in one import: kiln's layers, losses,
+/// optimizers and builders, and candle's `Tensor`, `Device`, `DType` and `D`.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+/// assert_eq!(t.sum(D::Minus1)?.dims(), &[2]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub mod prelude {
     pub use crate::activations::Activation;
     pub use crate::adversarial::{Adversarial, PerturbationNorm};
@@ -84,9 +103,12 @@ pub mod prelude {
         Accuracy, Auc, F1Score, Precision, R2Score, Recall, RootMeanSquaredError,
         TopKCategoricalAccuracy,
     };
-    pub use crate::model::{AddedLoss, Compile, Fit, History, Logs, Model, Sequential, Tensors};
+    pub use crate::model::{
+        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+    };
     pub use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
     pub use crate::reduction::Reduction;
     pub use crate::regularizers::{Orthogonal, Regularizer, L1, L1L2, L2};
     pub use crate::{Error, Result};
+    pub use candle_core::{DType, Device, Tensor, D};
 }

@@ -36,6 +36,10 @@ pub struct Checkpoint {
     /// order; give them to [`crate::Fit::callback_tensor_states`] with the states.
     #[serde(skip)]
     pub callback_tensors: Vec<Vec<(String, Tensor)>>,
+    /// The layers that were frozen ([`Model::set_trainable`]); restoring freezes exactly these.
+    /// `None` in checkpoints written before freezing existed, which change no layer.
+    #[serde(default)]
+    pub frozen_layers: Option<Vec<String>>,
 }
 
 /// The metadata keys of a checkpoint file.
@@ -52,7 +56,8 @@ fn manifest(tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<Vec<
 }
 
 /// A checkpoint's file: `<dir>/<stem>.safetensors`.
-pub fn checkpoint_path(dir: &Path, stem: &str) -> PathBuf {
+pub fn checkpoint_path(dir: impl AsRef<Path>, stem: &str) -> PathBuf {
+    let dir = dir.as_ref();
     dir.join(format!("{stem}.safetensors"))
 }
 
@@ -65,11 +70,12 @@ impl Model {
     /// When the model is not compiled or the file cannot be written (the message names it).
     pub fn save_checkpoint(
         &self,
-        dir: &Path,
+        dir: impl AsRef<Path>,
         stem: &str,
         epochs_done: usize,
         history: &History,
     ) -> Result<()> {
+        let dir = dir.as_ref();
         let compiled = self
             .compiled
             .as_ref()
@@ -87,6 +93,7 @@ impl Model {
             stopped: self.stop_requested,
             run: self.run_identity.clone(),
             callback_tensors: Vec::new(),
+            frozen_layers: Some(self.frozen_layers()),
         };
         std::fs::create_dir_all(dir).map_err(|e| crate::io::io_error(dir, e))?;
         let mut tensors = std::collections::BTreeMap::new();
@@ -122,7 +129,8 @@ impl Model {
     /// # Errors
     /// When the file is missing, unreadable, not a kiln checkpoint, damaged, or from another
     /// model; the message names the file and the tensor.
-    pub fn load_checkpoint(&mut self, dir: &Path, stem: &str) -> Result<Checkpoint> {
+    pub fn load_checkpoint(&mut self, dir: impl AsRef<Path>, stem: &str) -> Result<Checkpoint> {
+        let dir = dir.as_ref();
         let (meta, tensors) = read_checkpoint(dir, stem, self.device())?;
         self.restore_checkpoint(&checkpoint_path(dir, stem), meta, tensors)
     }
@@ -211,6 +219,12 @@ impl Model {
         }
         compiled.iterations = meta.iterations;
         compiled.optimizer.set_learning_rate(meta.learning_rate);
+        if let Some(frozen) = &meta.frozen_layers {
+            let layers: Vec<String> = self.layer_names().iter().map(|l| l.to_string()).collect();
+            for layer in layers {
+                self.set_trainable(&layer, !frozen.contains(&layer))?;
+            }
+        }
         meta.callback_tensors = callback_tensors;
         Ok(meta)
     }

@@ -90,6 +90,12 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Print the model of a run as Keras' `model.summary()`: layers, output shapes, trainable
+    /// and non-trainable parameter counts.
+    Summary {
+        /// A run file, a run folder or its model.json.
+        run: PathBuf,
+    },
     /// List the built-in losses with their parameters and defaults.
     Losses,
     /// Check kiln against reference values computed by another library.
@@ -145,6 +151,7 @@ pub fn main() -> ExitCode {
             input,
             output,
         } => predict(&run, weights.as_deref(), &input, &output).map(|()| true),
+        Command::Summary { run } => summary(&run).map(|()| true),
         Command::Losses => {
             catalogue::print();
             Ok(true)
@@ -232,7 +239,7 @@ fn train(
 fn resolve(run: &Path, weights: Option<&Path>) -> crate::Result<(RunFile, PathBuf)> {
     let (file, folder) = if run.is_dir() {
         (
-            RunFile::from_path(&run.join("model.json"))?,
+            RunFile::from_path(run.join("model.json"))?,
             Some(run.to_path_buf()),
         )
     } else if run.extension().and_then(|e| e.to_str()) == Some("json") {
@@ -319,6 +326,16 @@ fn predict(run: &Path, weights: Option<&Path>, input: &Path, output: &Path) -> c
         outputs[0].dims().first().copied().unwrap_or(0),
         output.display()
     );
+    Ok(())
+}
+
+fn summary(run: &Path) -> crate::Result<()> {
+    let file = match run.is_dir() {
+        true => RunFile::from_path(run.join("model.json"))?,
+        false => RunFile::from_path(run)?,
+    };
+    let (model, _) = file.prepare_model_only(&candle_core::Device::Cpu)?;
+    print!("{}", model.summary());
     Ok(())
 }
 

@@ -263,7 +263,12 @@ pub fn csv_columns(path: &Path) -> Result<Vec<String>> {
 /// [`Error::Io`] if the file cannot be opened; [`Error::Data`] naming the file, the row and the
 /// column for a missing label column, a row of the wrong length, a cell that is not a finite
 /// number, or a file with no data rows.
-pub fn load_csv(path: &Path, label_columns: &[String], device: &Device) -> Result<Dataset> {
+pub fn load_csv(
+    path: impl AsRef<Path>,
+    label_columns: &[String],
+    device: &Device,
+) -> Result<Dataset> {
+    let path = path.as_ref();
     load_csv_with(path, label_columns, &ReadOptions::default(), device)
 }
 
@@ -359,7 +364,8 @@ pub fn load_csv_with(
 ///
 /// As [`load_csv`]: an unreadable file, a row of the wrong length, a cell that is not a finite
 /// number, no data rows.
-pub fn load_csv_features(path: &Path, device: &Device) -> Result<Tensor> {
+pub fn load_csv_features(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
+    let path = path.as_ref();
     load_csv_features_with(path, &ReadOptions::default(), device)
 }
 
@@ -418,7 +424,8 @@ pub fn load_csv_features_with(
 /// malformed header, an unsupported dtype, a size that does not match the bytes in the file, a
 /// 0-d array (a data set needs rows), a claim over [`ReadOptions::max_bytes`], or a non-finite
 /// value (with its index and row).
-pub fn load_npy(path: &Path, device: &Device) -> Result<Tensor> {
+pub fn load_npy(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
+    let path = path.as_ref();
     load_npy_with(path, &ReadOptions::default(), device)
 }
 
@@ -434,7 +441,12 @@ pub fn load_npy(path: &Path, device: &Device) -> Result<Tensor> {
 /// # Errors
 ///
 /// As [`load_npy`]; non-finite values only when `options` refuses them.
-pub fn load_npy_with(path: &Path, options: &ReadOptions, device: &Device) -> Result<Tensor> {
+pub fn load_npy_with(
+    path: impl AsRef<Path>,
+    options: &ReadOptions,
+    device: &Device,
+) -> Result<Tensor> {
+    let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     let array = npy::read(std::io::BufReader::new(file), len, options).map_err(|e| match e {
@@ -488,7 +500,8 @@ pub fn load_npy_with(path: &Path, options: &ReadOptions, device: &Device) -> Res
 /// entry is encrypted, compressed with another method than deflate, claims an absurd size
 /// (over [`ReadOptions::max_bytes`] or over 1100 times its compressed size), fails its CRC32
 /// check, or holds what [`load_npy`] refuses.
-pub fn load_npz(path: &Path, names: &[&str], device: &Device) -> Result<Vec<Tensor>> {
+pub fn load_npz(path: impl AsRef<Path>, names: &[&str], device: &Device) -> Result<Vec<Tensor>> {
+    let path = path.as_ref();
     load_npz_with(path, names, &ReadOptions::default(), device)
 }
 
@@ -638,7 +651,8 @@ pub fn load_npz_with(
 /// number or element type, a 0-d header, dims whose size overflows or exceeds
 /// [`ReadOptions::max_bytes`], data shorter or longer than the dims say, a broken gzip stream, or
 /// a non-finite float (with its index and row).
-pub fn load_idx(path: &Path, device: &Device) -> Result<Tensor> {
+pub fn load_idx(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
+    let path = path.as_ref();
     load_idx_with(path, &ReadOptions::default(), device)
 }
 
@@ -657,7 +671,12 @@ pub fn load_idx(path: &Path, device: &Device) -> Result<Tensor> {
 /// # Errors
 ///
 /// As [`load_idx`]; non-finite values only when `options` refuses them.
-pub fn load_idx_with(path: &Path, options: &ReadOptions, device: &Device) -> Result<Tensor> {
+pub fn load_idx_with(
+    path: impl AsRef<Path>,
+    options: &ReadOptions,
+    device: &Device,
+) -> Result<Tensor> {
+    let path = path.as_ref();
     let raw = std::fs::read(path).map_err(io_err(path))?;
     let (dims, values) = if raw.starts_with(&[0x1f, 0x8b]) {
         parse_idx(flate2::read::GzDecoder::new(&raw[..]), true, options)
@@ -799,7 +818,12 @@ pub(crate) fn parse_idx(
 /// [`Error::Data`] for another extension than `.csv` or `.npy`, several outputs for `.npy`, a
 /// name count that differs from the output count, a 0-d output, or outputs with different row
 /// counts; [`Error::Io`] if the file cannot be written.
-pub fn write_predictions(path: &Path, output_names: &[String], outputs: &[Tensor]) -> Result<()> {
+pub fn write_predictions(
+    path: impl AsRef<Path>,
+    output_names: &[String],
+    outputs: &[Tensor],
+) -> Result<()> {
+    let path = path.as_ref();
     if let Some(o) = outputs.iter().find(|o| o.rank() == 0) {
         return Err(data_err(
             path,

@@ -7,21 +7,78 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
-/// `classes` Gaussian blobs in `features` dimensions; class `c` gets a share of the samples
-/// proportional to `imbalance^c` (1 = balanced). Labels are integers.
+/// Gaussian blobs: `classes` clusters in `features` dimensions, class `c` getting a share of
+/// the samples proportional to `imbalance^c` (1 = balanced), integer labels, from a seed.
 ///
 /// ```
-/// let d = kiln::data::blobs(300, 3, 2, 0.5, 7, &candle_core::Device::Cpu)?;
+/// use kiln::data::Blobs;
+/// let cpu = kiln::candle::Device::Cpu;
+/// let d = Blobs::new(300).classes(3).features(2).imbalance(0.5).seed(7).generate(&cpu)?;
 /// assert_eq!(d.inputs()[0].dims(), &[300, 2]);
-/// assert!(kiln::data::blobs(300, 3, 2, f64::NAN, 7, &candle_core::Device::Cpu).is_err());
+/// assert!(Blobs::new(300).imbalance(f64::NAN).generate(&cpu).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
-///
-/// # Errors
-///
-/// [`crate::Error::InvalidArgument`] unless `samples >= classes >= 1`, `features >= 1`,
-/// `imbalance` is in `(0, 1]` and `samples × features` can be counted.
-pub fn blobs(
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blobs {
+    samples: usize,
+    classes: usize,
+    features: usize,
+    imbalance: f64,
+    seed: u64,
+}
+
+impl Blobs {
+    /// `samples` samples in 2 balanced classes of 2 features, seed 0.
+    pub fn new(samples: usize) -> Self {
+        Self {
+            samples,
+            classes: 2,
+            features: 2,
+            imbalance: 1.0,
+            seed: 0,
+        }
+    }
+    /// The number of classes (clusters).
+    pub fn classes(mut self, classes: usize) -> Self {
+        self.classes = classes;
+        self
+    }
+    /// The number of features (dimensions).
+    pub fn features(mut self, features: usize) -> Self {
+        self.features = features;
+        self
+    }
+    /// Class `c` gets a share of the samples proportional to `imbalance^c`; in `(0, 1]`, 1 is
+    /// balanced.
+    pub fn imbalance(mut self, imbalance: f64) -> Self {
+        self.imbalance = imbalance;
+        self
+    }
+    /// The seed the points are drawn from.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// Draws the data set.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidArgument`] unless `samples >= classes >= 1`, `features >= 1`,
+    /// `imbalance` is in `(0, 1]` and `samples × features` can be counted.
+    pub fn generate(&self, device: &Device) -> Result<Dataset> {
+        blobs(
+            self.samples,
+            self.classes,
+            self.features,
+            self.imbalance,
+            self.seed,
+            device,
+        )
+    }
+}
+
+/// [`Blobs`] from its five numbers (the run file's `[data]` keys).
+pub(crate) fn blobs(
     samples: usize,
     classes: usize,
     features: usize,

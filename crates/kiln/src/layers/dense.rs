@@ -172,22 +172,18 @@ impl Layer for Dense {
             ctx.device,
             ctx.rng,
         )?;
-        self.kernel = Some(Weight {
-            name: format!("{name}/kernel"),
-            var: Var::from_tensor(&kernel)?,
-            trainable: true,
-            regularizer: self.kernel_regularizer.clone(),
-        });
+        self.kernel = Some(
+            Weight::new(format!("{name}/kernel"), Var::from_tensor(&kernel)?, true)
+                .with_regularizer(self.kernel_regularizer.clone()),
+        );
         if self.use_bias {
             let bias = self
                 .bias_initializer
                 .init(&[self.units], ctx.dtype, ctx.device, ctx.rng)?;
-            self.bias = Some(Weight {
-                name: format!("{name}/bias"),
-                var: Var::from_tensor(&bias)?,
-                trainable: true,
-                regularizer: self.bias_regularizer.clone(),
-            });
+            self.bias = Some(
+                Weight::new(format!("{name}/bias"), Var::from_tensor(&bias)?, true)
+                    .with_regularizer(self.bias_regularizer.clone()),
+            );
         }
         Ok(())
     }

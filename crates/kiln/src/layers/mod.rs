@@ -41,17 +41,64 @@ use crate::regularizers::SharedRegularizer;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 
-/// A weight owned by a layer: a trainable (or frozen) variable, its name and its regularizer.
+/// A weight owned by a layer: a variable, its name, its regularizer and whether the optimizer
+/// updates it.
+///
+/// Whether it is trainable is read, not set, here: a copy cannot freeze the weight it was copied
+/// from. Freeze layers with [`LayerExt::trainable`] or [`crate::Model::set_trainable`].
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor, Var};
+/// use kiln::layers::Weight;
+/// let var = Var::from_tensor(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?)?;
+/// let w = Weight::new("mine/kernel", var, true);
+/// assert_eq!((w.name.as_str(), w.shape(), w.trainable()), ("mine/kernel", &[2, 3][..], true));
+/// # Ok::<(), kiln::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Weight {
     /// `<layer>/<weight>`, such as `dense/kernel`.
     pub name: String,
     /// The variable; cloning shares its storage.
     pub var: Var,
-    /// Whether the optimizer updates it.
-    pub trainable: bool,
-    /// A penalty added to the total loss at every step.
+    /// A penalty added to the total loss at every step (trainable weights only, as Keras).
     pub regularizer: Option<SharedRegularizer>,
+    trainable: bool,
+}
+
+impl Weight {
+    /// A weight named `<layer>/<weight>`; `trainable` is false for state the optimizer must never
+    /// touch (BatchNormalization's moving statistics).
+    pub fn new(name: impl Into<String>, var: Var, trainable: bool) -> Self {
+        Self {
+            name: name.into(),
+            var,
+            regularizer: None,
+            trainable,
+        }
+    }
+
+    /// The same weight with a regularizer.
+    pub fn with_regularizer(mut self, regularizer: Option<SharedRegularizer>) -> Self {
+        self.regularizer = regularizer;
+        self
+    }
+
+    /// Whether the optimizer updates it: the weight is trainable and its layer is not frozen.
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// Its shape.
+    pub fn shape(&self) -> &[usize] {
+        self.var.dims()
+    }
+
+    /// This copy as its frozen layer lists it.
+    pub(crate) fn frozen_unless(mut self, layer_trainable: bool) -> Self {
+        self.trainable &= layer_trainable;
+        self
+    }
 }
 
 /// What a layer needs to create its weights.
@@ -71,6 +118,7 @@ pub struct CallContext<'a> {
     /// The seeded generator for stochastic layers.
     pub rng: &'a mut StdRng,
     pub(crate) added: Vec<(String, Tensor)>,
+    pub(crate) layer_trainable: bool,
 }
 
 impl<'a> CallContext<'a> {
@@ -79,7 +127,14 @@ impl<'a> CallContext<'a> {
             training,
             rng,
             added: Vec::new(),
+            layer_trainable: true,
         }
+    }
+
+    /// Whether the running layer is trainable (not frozen). As in Keras, a frozen
+    /// BatchNormalization runs in inference mode even in a training step.
+    pub fn layer_trainable(&self) -> bool {
+        self.layer_trainable
     }
 
     /// Adds a loss term while the layer runs (Keras' `self.add_loss` inside `call`). Terms of the
@@ -141,6 +196,10 @@ pub trait Layer: Send {
 pub trait LayerExt: Layer + Sized + 'static {
     /// Applies the layer to one tensor, returning the symbolic output.
     ///
+    /// # Errors
+    /// [`crate::Error::Graph`] when the layer cannot take inputs of that shape (the message
+    /// names the layer and the shapes).
+    ///
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
@@ -152,12 +211,34 @@ pub trait LayerExt: Layer + Sized + 'static {
         self.shared().apply(input)
     }
     /// Applies the layer to several tensors.
+    ///
+    /// # Errors
+    /// As [`LayerExt::apply`].
     fn apply_many(self, inputs: &[&SymbolicTensor]) -> Result<SymbolicTensor> {
         self.shared().apply_many(inputs)
     }
     /// Makes the layer shareable: apply the result several times to reuse the same weights.
     fn shared(self) -> SharedLayer {
         SharedLayer::new(Box::new(self))
+    }
+    /// Freezes the layer (`false`, Keras' `trainable=False`) or not: a frozen layer's weights
+    /// get no update from any optimizer and add no regularization term, and a frozen
+    /// BatchNormalization runs in inference mode. Call it last, then `apply`.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([4]);
+    /// let h = Dense::new(8).name("base").trainable(false).apply(&x)?;
+    /// let y = Dense::new(1).apply(&h)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert!(!model.weight("base/kernel")?.trainable());
+    /// assert!(model.weight("dense/kernel")?.trainable());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    fn trainable(self, trainable: bool) -> SharedLayer {
+        let layer = self.shared();
+        layer.set_trainable(trainable);
+        layer
     }
 }
 

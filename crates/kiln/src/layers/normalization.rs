@@ -29,7 +29,7 @@ use candle_core::Tensor;
 /// // One training step: moving_mean = 0·0.5 + batch mean·0.5.
 /// let mean = model.weight("bn/moving_mean")?.var.as_tensor().to_vec1::<f32>()?;
 /// assert_eq!(mean, vec![1.0, 10.0]);
-/// assert!(!model.weight("bn/moving_variance")?.trainable);
+/// assert!(!model.weight("bn/moving_variance")?.trainable());
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub struct BatchNormalization {
@@ -292,7 +292,7 @@ impl Layer for BatchNormalization {
         .collect()
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
-        self.forward(&inputs[0], None, ctx.training)
+        self.forward(&inputs[0], None, ctx.training && ctx.layer_trainable())
     }
     fn call_with_masks(
         &self,
@@ -303,7 +303,7 @@ impl Layer for BatchNormalization {
         self.forward(
             &inputs[0],
             masks.first().and_then(Option::as_ref),
-            ctx.training,
+            ctx.training && ctx.layer_trainable(),
         )
     }
 }

@@ -109,12 +109,10 @@ impl Recurrent {
     }
 
     fn bias_weight(&self, name: &str, value: Tensor) -> Result<Weight> {
-        Ok(Weight {
-            name: format!("{name}/bias"),
-            var: Var::from_tensor(&value)?,
-            trainable: true,
-            regularizer: self.bias_regularizer.clone(),
-        })
+        Ok(
+            Weight::new(format!("{name}/bias"), Var::from_tensor(&value)?, true)
+                .with_regularizer(self.bias_regularizer.clone()),
+        )
     }
 
     fn weights(&self) -> Vec<Weight> {

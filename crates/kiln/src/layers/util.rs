@@ -44,12 +44,12 @@ pub(crate) fn make_weight(
     ctx: &mut BuildContext,
 ) -> Result<Weight> {
     let value = init.init(shape, ctx.dtype, ctx.device, ctx.rng)?;
-    Ok(Weight {
-        name: format!("{layer}/{weight}"),
-        var: Var::from_tensor(&value)?,
+    Ok(Weight::new(
+        format!("{layer}/{weight}"),
+        Var::from_tensor(&value)?,
         trainable,
-        regularizer,
-    })
+    )
+    .with_regularizer(regularizer))
 }
 
 /// The weight, or a state error saying the layer was used before it was built.

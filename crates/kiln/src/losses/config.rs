@@ -743,7 +743,7 @@ pub fn loss_from_config(
                 .q(r.float("q", 0.5, num("q"))?)
                 .with_reduction(reduction),
         ),
-        "CTC" => Arc::new(CTC::new().with_reduction(reduction)),
+        "CTC" => Arc::new(Ctc::new().with_reduction(reduction)),
         other => {
             return Err(params.error(None, &format!("kiln has no loss `{other}`")));
         }

@@ -37,25 +37,25 @@ fn update_phi(phi: &Tensor, added: &Tensor) -> Result<Tensor> {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use kiln::losses::{Loss, CTC};
+/// use kiln::losses::{Loss, Ctc};
 /// // One step, classes {blank, 1}, equal logits: p("1") = 1/2.
 /// let labels = Tensor::new(&[[1f32]], &Device::Cpu)?;
 /// let logits = Tensor::new(&[[[0f32, 0.]]], &Device::Cpu)?;
-/// let v = CTC::new().per_sample(&labels, &logits)?.to_vec1::<f32>()?;
+/// let v = Ctc::new().per_sample(&labels, &logits)?.to_vec1::<f32>()?;
 /// assert!((v[0] - std::f32::consts::LN_2).abs() < 1e-5);
 /// // Two steps: "1" is emitted by the paths 1-1, 1-blank and blank-1, 3 of 4 equally likely.
 /// let logits = Tensor::new(&[[[0f32, 0.], [0., 0.]]], &Device::Cpu)?;
-/// let v = CTC::new().per_sample(&labels, &logits)?.to_vec1::<f32>()?;
+/// let v = Ctc::new().per_sample(&labels, &logits)?.to_vec1::<f32>()?;
 /// assert!((v[0] - (4f32 / 3.).ln()).abs() < 1e-5);
 /// # Ok::<(), kiln::Error>(())
 /// ```
 #[derive(Debug, Clone)]
-pub struct CTC {
+pub struct Ctc {
     name: String,
     reduction: Reduction,
 }
 
-impl CTC {
+impl Ctc {
     /// The loss with Keras' defaults (blank index 0).
     pub fn new() -> Self {
         Self {
@@ -65,14 +65,14 @@ impl CTC {
     }
 }
 
-impl Default for CTC {
+impl Default for Ctc {
     fn default() -> Self {
         Self::new()
     }
 }
-loss_common!(CTC);
+loss_common!(Ctc);
 
-impl Loss for CTC {
+impl Loss for Ctc {
     fn name(&self) -> &str {
         &self.name
     }
@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn ctc_matches_keras_with_repeats_and_padding() {
         let labels = Tensor::new(&[[1f32, 1., 2.], [3., 0., 0.]], &Device::Cpu).unwrap();
-        let v = CTC::new()
+        let v = Ctc::new()
             .per_sample(&labels, &logits())
             .unwrap()
             .to_vec1::<f32>()
@@ -237,7 +237,7 @@ mod tests {
         // An all-zero row is an empty label; a 0 inside a row still counts positions by the
         // number of non-zero entries (Keras reads the first that-many entries).
         let labels = Tensor::new(&[[0f32, 0., 0.], [2., 0., 3.]], &Device::Cpu).unwrap();
-        let v = CTC::new()
+        let v = Ctc::new()
             .per_sample(&labels, &logits())
             .unwrap()
             .to_vec1::<f32>()
@@ -250,7 +250,7 @@ mod tests {
         let labels = Tensor::new(&[[1f32, 1., 2.], [3., 0., 0.]], &Device::Cpu).unwrap();
         let x = logits();
         let var = candle_core::Var::from_tensor(&x).unwrap();
-        let total = CTC::new()
+        let total = Ctc::new()
             .per_sample(&labels, var.as_tensor())
             .unwrap()
             .sum_all()
@@ -272,7 +272,7 @@ mod tests {
                 let mut d = base.clone();
                 d[i] += delta;
                 let t = Tensor::from_vec(d, (2, 5, 4), &Device::Cpu).unwrap();
-                CTC::new()
+                Ctc::new()
                     .per_sample(&labels, &t)
                     .unwrap()
                     .sum_all()
@@ -292,9 +292,9 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let labels = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
-        assert!(CTC::new().per_sample(&labels, &logits()).is_err());
+        assert!(Ctc::new().per_sample(&labels, &logits()).is_err());
         let labels = Tensor::new(&[[1f32], [2.], [1.]], &Device::Cpu).unwrap();
-        assert!(CTC::new().per_sample(&labels, &logits()).is_err());
+        assert!(Ctc::new().per_sample(&labels, &logits()).is_err());
     }
 
     const CTC_REF: [f32; 2] = [3.698625, 5.80561];

@@ -22,7 +22,7 @@ mod divergence;
 mod hinge;
 mod metric_learning;
 mod segmentation;
-pub use ctc::CTC;
+pub use ctc::Ctc;
 pub use divergence::{CosineSimilarity, KLDivergence, Poisson};
 pub use hinge::{CategoricalHinge, Hinge, SquaredHinge};
 pub use metric_learning::{CategoricalGeneralizedCrossEntropy, Circle};
@@ -114,7 +114,9 @@ pub(crate) fn reduce_per_sample<L: Loss + ?Sized>(
 
 /// A user-written loss: a closure `(y_true, y_pred) -> per-sample values` with a name.
 ///
-/// Build one with [`loss_fn`].
+/// Build one with [`loss_fn`]. It is `Clone` when the closure is (when what it captures is), so
+/// one loss can be given to several outputs or models.
+#[derive(Clone)]
 pub struct LossFn<F> {
     name: String,
     reduction: Reduction,
@@ -144,6 +146,15 @@ where
         name: name.into(),
         reduction: Reduction::default(),
         f,
+    }
+}
+
+impl<F> std::fmt::Debug for LossFn<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossFn")
+            .field("name", &self.name)
+            .field("reduction", &self.reduction)
+            .finish_non_exhaustive()
     }
 }
 
@@ -250,7 +261,7 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
         "dice" => Arc::new(Dice::new()),
         "tversky" => Arc::new(Tversky::new()),
         "circle" => Arc::new(Circle::new()),
-        "ctc" => Arc::new(CTC::new()),
+        "ctc" => Arc::new(Ctc::new()),
         "categoricalgeneralizedcrossentropy" => Arc::new(CategoricalGeneralizedCrossEntropy::new()),
         _ => {
             return Err(invalid(format!(

@@ -108,6 +108,15 @@ pub enum MetricSpec {
     Named(String),
 }
 
+impl std::fmt::Debug for MetricSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricSpec::Metric(m) => write!(f, "Metric({})", m.name()),
+            MetricSpec::Named(n) => write!(f, "Named({n})"),
+        }
+    }
+}
+
 impl MetricSpec {
     /// A metric of your own (any [`Metric`]).
     pub fn custom(metric: impl Metric + 'static) -> Self {

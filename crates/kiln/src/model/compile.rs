@@ -9,6 +9,7 @@ use crate::optimizers::Optimizer;
 use std::sync::Arc;
 
 /// A per-output setting given once for all outputs, as a list in output order, or by name.
+#[derive(Clone, Debug)]
 enum PerOutput<T> {
     Unset,
     All(T),
@@ -35,6 +36,7 @@ enum PerOutput<T> {
 /// assert!(model.compile(Compile::new(Adam::new(1e-3)).loss_for("nope", "mse")).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
+#[derive(Clone, Debug)]
 pub struct Compile {
     optimizer: Box<dyn Optimizer>,
     losses: PerOutput<LossSpec>,
@@ -142,8 +144,11 @@ pub(crate) struct OutputLoss {
     pub(crate) output: usize,
     pub(crate) loss: Arc<dyn Loss>,
     pub(crate) weight: f64,
-    /// `<output>_loss`, reported when the model has more than one compile-time loss.
-    pub(crate) log_name: Option<String>,
+    /// `<output>_loss`, reported whenever the total has more than one part (several
+    /// compile-time losses, or one beside added terms).
+    pub(crate) log_name: String,
+    /// Whether the loss has passed the per-sample probe (`contract.rs`) on a real batch.
+    pub(crate) probed: std::sync::atomic::AtomicBool,
 }
 
 /// A resolved metric of one output.
@@ -164,6 +169,8 @@ pub(crate) struct Compiled {
     pub(crate) losses: Vec<OutputLoss>,
     pub(crate) metrics: Vec<OutputMetric>,
     pub(crate) iterations: u64,
+    /// The weighted gradients of a gradient-accumulation group not yet applied.
+    pub(crate) accumulated: Option<Vec<(candle_core::Var, candle_core::Tensor)>>,
 }
 
 fn output_index(names: &[String], name: &str, what: &str) -> Result<usize> {
@@ -212,8 +219,11 @@ fn per_output<T: Clone>(
 impl Model {
     /// Configures the model for training: optimizer, compile-time losses, loss weights, metrics.
     ///
-    /// Fails when a name or count does not fit the outputs, a loss is misconfigured, two terms
-    /// would be reported under one name, or the model has nothing to optimize.
+    /// # Errors
+    /// [`Error::Compile`] when a name or count does not fit the outputs, a loss weight is not
+    /// finite, two terms would be reported under one name, or the model has nothing to
+    /// optimize; [`Error::InvalidArgument`] when the optimizer's or a loss's hyperparameters
+    /// are out of range or a loss name is unknown.
     pub fn compile(&mut self, config: Compile) -> Result<()> {
         crate::optimizers::validate(config.optimizer.as_ref())?;
         let names = self.output_names.clone();
@@ -237,7 +247,8 @@ impl Model {
                         output: i,
                         loss,
                         weight,
-                        log_name: (n_losses > 1).then(|| format!("{}_loss", names[i])),
+                        log_name: format!("{}_loss", names[i]),
+                        probed: Default::default(),
                     });
                 }
                 None if weight.is_some() && n_losses > 0 => {
@@ -252,7 +263,7 @@ impl Model {
         let has_regularizer = self
             .weights()
             .iter()
-            .any(|w| w.trainable && w.regularizer.is_some())
+            .any(|w| w.trainable() && w.regularizer.is_some())
             || self
                 .layers
                 .iter()
@@ -308,7 +319,7 @@ impl Model {
         }
         // Every reported name must be unique, or the breakdown would be ambiguous.
         let mut reported: Vec<String> = vec!["loss".into()];
-        reported.extend(resolved.iter().filter_map(|l| l.log_name.clone()));
+        reported.extend(resolved.iter().map(|l| l.log_name.clone()));
         reported.extend(self.regularizer_term_names());
         reported.extend(self.added.iter().map(|(n, _)| n.clone()));
         reported.extend(metrics.iter().map(|m| m.log_name.clone()));
@@ -326,6 +337,7 @@ impl Model {
             losses: resolved,
             metrics,
             iterations: 0,
+            accumulated: None,
         });
         Ok(())
     }
@@ -339,7 +351,7 @@ impl Model {
             }
         };
         for w in self.weights() {
-            if let (true, Some(r)) = (w.trainable, &w.regularizer) {
+            if let (true, Some(r)) = (w.trainable(), &w.regularizer) {
                 push(r.name().to_string());
             }
         }
@@ -371,6 +383,9 @@ impl Model {
     }
 
     /// Changes the optimizer's learning rate (for schedules and callbacks).
+    ///
+    /// # Errors
+    /// [`Error::State`] before `compile`.
     pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
         let c = self.compiled.as_mut().ok_or_else(not_compiled)?;
         c.optimizer.set_learning_rate(lr);

@@ -2,14 +2,18 @@
 
 mod added;
 mod compile;
+mod contract;
 mod history;
+mod manual;
 mod sequential;
+mod summary;
 mod train;
 
 pub use added::{AddedLoss, Tensors};
 pub(crate) use compile::not_compiled;
 pub use compile::Compile;
 pub use history::{History, Logs};
+pub use manual::BatchGradients;
 pub use sequential::Sequential;
 pub use train::{Fit, SharedCallback};
 
@@ -19,6 +23,7 @@ use crate::layers::{BuildContext, CallContext, Weight};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -67,6 +72,31 @@ pub struct Model {
     pub(crate) thread_choice: crate::runtime::ThreadChoice,
 }
 
+/// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
+/// [`Model::summary`] for the whole table. `Model` is not `Clone`: a copy would share the
+/// weights' storage with the original (candle variables), so that training one would train
+/// both; build a second model from the same graph instead (`Model::builder(..).build()`).
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("inputs", &self.input_names)
+            .field("layers", &self.layer_names())
+            .field("outputs", &self.output_names)
+            .field("weights", &self.weights().len())
+            .field("frozen_layers", &self.frozen_layers())
+            .field(
+                "added_losses",
+                &self
+                    .added
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("compiled", &self.compiled.is_some())
+            .finish()
+    }
+}
+
 /// Options for building a [`Model`]: seed, device, dtype.
 ///
 /// ```
@@ -104,22 +134,38 @@ impl ModelBuilder {
         self
     }
     /// Builds the model, creating every layer's weights.
+    ///
+    /// # Errors
+    /// As [`Model::new`].
     pub fn build(self) -> Result<Model> {
         Model::assemble(self)
     }
 }
 
 impl Model {
-    /// A model from inputs to outputs, built on the CPU in f32 with seed 0.
-    pub fn new(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> Result<Model> {
+    /// A model from inputs to outputs, built on the CPU in f32 with seed 0. Pass the symbolic
+    /// tensors by value (`&[x]`) or, to keep using them, by reference (`&[&x]`).
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when an output depends on an input not listed, an input is listed
+    /// twice, two layers share a name, or a layer cannot be built for its input shapes.
+    pub fn new<I, O>(inputs: &[I], outputs: &[O]) -> Result<Model>
+    where
+        I: Borrow<SymbolicTensor>,
+        O: Borrow<SymbolicTensor>,
+    {
         Self::builder(inputs, outputs).build()
     }
 
     /// A builder for a model with a chosen seed, device or dtype.
-    pub fn builder(inputs: &[SymbolicTensor], outputs: &[SymbolicTensor]) -> ModelBuilder {
+    pub fn builder<I, O>(inputs: &[I], outputs: &[O]) -> ModelBuilder
+    where
+        I: Borrow<SymbolicTensor>,
+        O: Borrow<SymbolicTensor>,
+    {
         ModelBuilder {
-            inputs: inputs.to_vec(),
-            outputs: outputs.to_vec(),
+            inputs: inputs.iter().map(|t| t.borrow().clone()).collect(),
+            outputs: outputs.iter().map(|t| t.borrow().clone()).collect(),
             seed: 0,
             device: Device::Cpu,
             dtype: DType::F32,
@@ -321,17 +367,15 @@ impl Model {
     }
 
     /// The symbolic output of the layer named `name` (its first application), for added losses.
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when there is no such layer; the message lists them.
     pub fn layer_output(&self, name: &str) -> Result<SymbolicTensor> {
         self.steps
             .iter()
             .find(|s| s.layer_name == name)
             .map(|s| s.node.clone())
-            .ok_or_else(|| {
-                Error::Graph(format!(
-                    "the model has no layer `{name}`; its layers are {:?}",
-                    self.layer_names()
-                ))
-            })
+            .ok_or_else(|| self.no_layer(name))
     }
 
     /// The device the model runs on.
@@ -344,15 +388,115 @@ impl Model {
         self.dtype
     }
 
-    /// Every weight, in layer order.
+    /// Every weight, in layer order (Keras' `model.weights`): its name `<layer>/<weight>`, its
+    /// shape, whether it is trainable (its layer not frozen), its regularizer and its variable.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = BatchNormalization::new().name("bn").apply(&Dense::new(3).apply(&x)?)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// let listed: Vec<(String, Vec<usize>, bool)> = model
+    ///     .weights()
+    ///     .iter()
+    ///     .map(|w| (w.name.clone(), w.shape().to_vec(), w.trainable()))
+    ///     .collect();
+    /// assert_eq!(listed[0], ("dense/kernel".to_string(), vec![4, 3], true));
+    /// assert_eq!(listed[5], ("bn/moving_variance".to_string(), vec![3], false));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn weights(&self) -> Vec<Weight> {
         self.layers
             .iter()
-            .flat_map(|(_, l)| l.lock().weights())
+            .flat_map(|(_, l)| {
+                let trainable = l.is_trainable();
+                l.lock()
+                    .weights()
+                    .into_iter()
+                    .map(move |w| w.frozen_unless(trainable))
+            })
             .collect()
     }
 
+    /// The weights the optimizer updates (Keras' `trainable_weights`).
+    pub fn trainable_weights(&self) -> Vec<Weight> {
+        self.weights()
+            .into_iter()
+            .filter(Weight::trainable)
+            .collect()
+    }
+
+    /// The weights it does not: frozen layers' and state such as moving statistics (Keras'
+    /// `non_trainable_weights`).
+    pub fn non_trainable_weights(&self) -> Vec<Weight> {
+        self.weights()
+            .into_iter()
+            .filter(|w| !w.trainable())
+            .collect()
+    }
+
+    /// Freezes (`false`) or unfreezes the layer named `layer`, as Keras' `layer.trainable = …`:
+    /// its weights get no update from any optimizer (the fused Adam and Dense kernels
+    /// included) and add no regularization term, and a frozen BatchNormalization runs in
+    /// inference mode. Takes effect at the next step, without compiling again; a layer shared
+    /// with another model is frozen there too.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([4]);
+    /// let h = Dense::new(8).name("base").apply(&x)?;
+    /// let y = Dense::new(1).name("head").apply(&h)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.set_trainable("base", false)?;
+    /// assert_eq!(model.trainable_weights().len(), 2); // head/kernel, head/bias
+    /// assert!(model.set_trainable("nope", false).is_err());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when the model has no layer of that name; the message lists them.
+    pub fn set_trainable(&mut self, layer: &str, trainable: bool) -> Result<()> {
+        let (_, l) = self
+            .layers
+            .iter()
+            .find(|(n, _)| n == layer)
+            .ok_or_else(|| self.no_layer(layer))?;
+        l.set_trainable(trainable);
+        Ok(())
+    }
+
+    /// Whether the layer named `layer` is trainable (not frozen).
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when the model has no layer of that name.
+    pub fn is_trainable(&self, layer: &str) -> Result<bool> {
+        self.layers
+            .iter()
+            .find(|(n, _)| n == layer)
+            .map(|(_, l)| l.is_trainable())
+            .ok_or_else(|| self.no_layer(layer))
+    }
+
+    /// The names of the frozen layers, in layer order.
+    pub(crate) fn frozen_layers(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|(_, l)| !l.is_trainable())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn no_layer(&self, name: &str) -> Error {
+        Error::Graph(format!(
+            "the model has no layer `{name}`; its layers are {:?}",
+            self.layer_names()
+        ))
+    }
+
     /// The weight named `<layer>/<weight>`, such as `dense/kernel`.
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when there is no such weight; the message lists them.
     pub fn weight(&self, name: &str) -> Result<Weight> {
         self.weights()
             .into_iter()
@@ -367,19 +511,45 @@ impl Model {
 
     /// Adds a named loss term computed from the model's own tensors at every step: any
     /// intermediate tensor, the weights, the inputs and targets. It is summed into the total as
-    /// it is (no loss weight) and reported under its name.
+    /// it is (no loss weight) and reported under its name. The closure's argument needs no
+    /// type annotation. It must return a scalar: reduce per-sample values yourself
+    /// (`mean_all()`), so that the term does not grow with the batch size.
     ///
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
     /// let hidden = Dense::new(8).activation(Activation::Relu).apply(&x)?;
     /// let y = Dense::new(1).apply(&hidden)?;
-    /// let mut model = Model::new(&[x], &[y])?;
-    /// let h = hidden.clone();
-    /// model.add_loss("sparsity", move |t: &Tensors| Ok((t.get(&h)?.abs()?.mean_all()? * 1e-3)?))?;
+    /// let mut model = Model::new(&[&x], &[&y])?;
+    /// model.add_loss("sparsity", move |t| Ok((t.get(&hidden)?.abs()?.mean_all()? * 1e-3)?))?;
     /// # Ok::<(), kiln::Error>(())
     /// ```
-    pub fn add_loss(
+    ///
+    /// # Errors
+    /// [`Error::Compile`] when the name is empty, `loss`, starts with `val_` or is taken.
+    /// At each step, [`Error::AddedLossShape`] when the closure returns more than one value.
+    pub fn add_loss<F>(&mut self, name: impl Into<String>, loss: F) -> Result<()>
+    where
+        F: Fn(&Tensors) -> Result<Tensor> + Send + Sync + 'static,
+    {
+        self.add_loss_term(name, loss)
+    }
+
+    /// Adds a term that is not a closure: an [`crate::adversarial::Adversarial`] regularizer,
+    /// or your own [`AddedLoss`].
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([4]);
+    /// let y = Dense::new(1).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Model::add_loss`].
+    pub fn add_loss_term(
         &mut self,
         name: impl Into<String>,
         loss: impl AddedLoss + 'static,
@@ -439,6 +609,7 @@ impl Model {
                 .collect();
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
+            ctx.layer_trainable = step.layer.is_trainable();
             let y = layer
                 .call_with_masks(&xs, &masks, &mut ctx)
                 .map_err(|e| match e {
@@ -489,6 +660,10 @@ impl Model {
     /// assert_eq!(out[0].dims(), &[5, 2]);
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::Data`] when the inputs' count or sample shapes do not fit the model;
+    /// [`Error::Graph`] when a layer fails.
     pub fn predict(&self, inputs: &[Tensor], batch_size: usize) -> Result<Vec<Tensor>> {
         // On kiln's pool, as training: its kernels' parallel pieces stay there.
         crate::runtime::on_matmul_pool(|| self.predict_here(inputs, batch_size))
@@ -517,6 +692,9 @@ impl Model {
     }
 
     /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file when it cannot be written.
     pub fn save_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
         let tensors = self

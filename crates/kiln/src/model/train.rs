@@ -32,6 +32,7 @@ pub struct Fit {
     class_weight: Option<Vec<(usize, f64)>>,
     verbose: bool,
     initial_epoch: usize,
+    gradient_accumulation_steps: usize,
     callbacks: Vec<SharedCallback>,
     callback_states: Vec<Option<serde_json::Value>>,
     callback_tensors: Vec<Vec<(String, Tensor)>>,
@@ -60,6 +61,7 @@ impl Fit {
             class_weight: None,
             verbose: true,
             initial_epoch: 0,
+            gradient_accumulation_steps: 1,
             callbacks: Vec::new(),
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
@@ -142,18 +144,73 @@ impl Fit {
     pub fn quiet(self) -> Self {
         self.verbose(false)
     }
+    /// Updates the weights once every `steps` batches (Keras' `gradient_accumulation_steps`),
+    /// with the gradient one batch of all their samples would give: each batch's gradient is
+    /// weighted by its share of the group's samples, so the data terms are the group's mean and
+    /// the added terms (regularizers) count once per update. An epoch's last group may be
+    /// shorter; it is applied at the epoch's end as the update of its own samples (Keras instead
+    /// carries it into the next epoch). Default 1: an update every batch.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let train = |batch_size: usize, accumulate: usize| -> kiln::Result<Vec<f32>> {
+    ///     let x = Input::new([1]);
+    ///     let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    ///     let mut model = Model::new(&[x], &[y])?;
+    ///     model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    ///     let xs = Tensor::new(&[[1f32], [2.], [3.], [4.]], &Device::Cpu)?;
+    ///     let fit = Fit::new().batch_size(batch_size).shuffle(false).quiet();
+    ///     model.fit(&Dataset::new(xs.clone(), xs.zeros_like()?)?, fit.gradient_accumulation_steps(accumulate))?;
+    ///     Ok(model.weight("dense/kernel")?.var.as_tensor().flatten_all()?.to_vec1()?)
+    /// };
+    /// let (big, accumulated) = (train(4, 1)?, train(1, 4)?);
+    /// assert!((big[0] - accumulated[0]).abs() < 1e-6); // 1 - 0.1·2·7.5 = -0.5
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn gradient_accumulation_steps(mut self, steps: usize) -> Self {
+        self.gradient_accumulation_steps = steps;
+        self
+    }
+}
+
+/// Where a batch stands in its gradient-accumulation group: its gradient's weight (its share
+/// of the group's samples) and whether it completes the group (the update is applied).
+#[derive(Clone, Copy)]
+struct Group {
+    scale: f64,
+    last: bool,
+}
+
+impl Group {
+    /// A batch that is its own group: the ordinary step.
+    const WHOLE: Group = Group {
+        scale: 1.0,
+        last: true,
+    };
+
+    /// The place of batch `b` among batches of `sizes`, grouped `steps` at a time.
+    fn of(b: usize, sizes: &[usize], steps: usize) -> Group {
+        let start = b / steps * steps;
+        let end = (start + steps).min(sizes.len());
+        let samples: usize = sizes[start..end].iter().sum();
+        Group {
+            scale: sizes[b] as f64 / samples as f64,
+            last: b + 1 == end,
+        }
+    }
 }
 
 /// The compiled part of a step's loss: Σ loss_weight · reduced loss, and each output's value.
-struct LabeledLoss {
-    total: Option<Tensor>,
+pub(super) struct LabeledLoss {
+    pub(super) total: Option<Tensor>,
     per_output: Vec<(String, Tensor)>,
 }
 
 /// The terms of one step: the total to differentiate and each reported term.
-struct StepTerms {
-    total: Tensor,
-    reported: Vec<(String, Tensor)>,
+pub(super) struct StepTerms {
+    pub(super) total: Tensor,
+    pub(super) reported: Vec<(String, Tensor)>,
     /// Σ loss_weight · reduced compile-time loss (what an adversarial attack differentiates).
     labeled: Option<Tensor>,
     /// Σ added terms, if any.
@@ -167,7 +224,7 @@ fn scalar(t: &Tensor) -> Result<f64> {
 impl Model {
     /// Σ loss_weight · reduced compile-time loss over the outputs, and each output's reduced
     /// value under its log name (the "labeled loss" adversarial attacks differentiate).
-    fn compiled_loss(
+    pub(super) fn compiled_loss(
         &self,
         compiled: &Compiled,
         batch: &Dataset,
@@ -186,36 +243,22 @@ impl Model {
                 ))
             })?;
             let y_pred = outputs[ol.output];
-            let context = |e: Error| match e {
-                Error::Candle(c) => Error::Data(format!(
-                    "loss `{}` for output `{name}` failed on y_true {:?} and y_pred {:?}: {c}",
-                    ol.loss.name(),
-                    y_true.dims(),
-                    y_pred.dims()
-                )),
-                other => other,
+            let site = super::contract::LossSite {
+                loss: ol.loss.as_ref(),
+                output: name,
+                y_true,
+                y_pred,
             };
-            let values = ol.loss.per_sample(y_true, y_pred).map_err(context)?;
-            if !values.dtype().is_float() {
-                return Err(Error::Compile(format!(
-                    "loss `{}` for output `{name}` returned {:?} values: a loss must return                      floats (the dtype of y_pred, {:?}); an integer loss has no gradient",
-                    ol.loss.name(),
-                    values.dtype(),
-                    y_pred.dtype()
-                )));
-            }
-            let whole_batch = ol.loss.whole_batch() && values.rank() == 0;
-            if !whole_batch && (values.rank() == 0 || values.dims()[0] != batch_size) {
-                return Err(Error::LossContract(Box::new(
-                    crate::error::ContractViolation {
-                        loss: ol.loss.name().to_string(),
-                        output: name.clone(),
-                        batch: batch_size,
-                        got: values.dims().to_vec(),
-                        y_true: y_true.dims().to_vec(),
-                        y_pred: y_pred.dims().to_vec(),
-                    },
-                )));
+            let values = ol
+                .loss
+                .per_sample(y_true, y_pred)
+                .map_err(|e| site.explain(e))?;
+            site.check_shape(&values)?;
+            // Once per loss, on the first batch of two samples or more.
+            if !ol.probed.load(std::sync::atomic::Ordering::Relaxed) && batch_size > 1 {
+                site.check_samples_apart(&values)
+                    .map_err(|e| site.explain(e))?;
+                ol.probed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let reduced = reduce_per_sample(
                 ol.loss.as_ref(),
@@ -225,15 +268,13 @@ impl Model {
                 batch.sample_weight(),
                 masks[ol.output],
             )
-            .map_err(context)?;
+            .map_err(|e| site.explain(e))?;
             let weighted = (&reduced * ol.weight)?;
             total = Some(match total.take() {
                 Some(acc) => (acc + weighted)?,
                 None => weighted,
             });
-            if let Some(log_name) = &ol.log_name {
-                reported.push((log_name.clone(), reduced));
-            }
+            reported.push((ol.log_name.clone(), reduced));
         }
         Ok(LabeledLoss {
             total,
@@ -243,17 +284,22 @@ impl Model {
 
     /// Computes the total loss of a batch: Σ loss_weight · reduced compile-time loss over the
     /// outputs, plus every added term (regularizers, layer-added losses, `add_loss` closures).
-    /// The adversarial term is left to the training step, which needs the input gradient.
-    fn step_terms(
+    /// The adversarial term is left to the caller, which needs the input gradient; `adversarial`
+    /// says whether it will be added.
+    ///
+    /// Each compile-time loss is reported as `<output>_loss` whenever the total has more than
+    /// one part, so that the data term is never hidden inside `loss`.
+    pub(super) fn step_terms(
         &self,
         compiled: &Compiled,
         batch: &Dataset,
         pass: &ForwardPass,
         training: bool,
+        adversarial: bool,
     ) -> Result<StepTerms> {
         let LabeledLoss {
             total: labeled,
-            per_output: mut reported,
+            per_output,
         } = self.compiled_loss(compiled, batch, pass)?;
         let mut added_total: Option<Tensor> = None;
         let mut add = |t: Tensor| -> Result<()> {
@@ -273,10 +319,10 @@ impl Model {
             Ok(())
         };
         for w in self.weights() {
-            if let (true, Some(reg)) = (w.trainable, &w.regularizer) {
-                let value = reg.penalty(w.var.as_tensor()).map_err(|e| {
-                    Error::InvalidArgument(format!("regularizer of weight `{}`: {e}", w.name))
-                })?;
+            if let (true, Some(reg)) = (w.trainable(), &w.regularizer) {
+                let value = reg
+                    .penalty(w.var.as_tensor())
+                    .map_err(|e| e.within(format!("regularizer of weight `{}`", w.name)))?;
                 accumulate(reg.name().to_string(), value)?;
             }
         }
@@ -293,9 +339,19 @@ impl Model {
         for (name, loss) in self.added.iter().filter(|(_, l)| l.adversarial().is_none()) {
             let value = loss
                 .compute(&tensors)
-                .map_err(|e| Error::InvalidArgument(format!("added loss `{name}`: {e}")))?;
+                .map_err(|e| e.within(format!("added loss `{name}`")))?;
+            // Keras sums a non-scalar term; kiln refuses it, since a per-sample term summed
+            // grows with the batch size.
+            if value.elem_count() != 1 {
+                return Err(Error::AddedLossShape {
+                    term: name.clone(),
+                    shape: value.dims().to_vec(),
+                });
+            }
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
+        let parts = per_output.len() + added.len() + usize::from(adversarial);
+        let mut reported = if parts > 1 { per_output } else { Vec::new() };
         for (name, value) in added {
             add(value.clone())?;
             reported.push((name, value));
@@ -314,7 +370,7 @@ impl Model {
     }
 
     /// Adds a batch's terms and metrics to the running epoch means.
-    fn record(
+    pub(super) fn record(
         &self,
         compiled: &Compiled,
         acc: &mut Accumulator,
@@ -359,7 +415,7 @@ impl Model {
     }
 
     /// The adversarial added term, if the model has one.
-    fn adversarial_term(&self) -> Option<(String, Adversarial)> {
+    pub(super) fn adversarial_term(&self) -> Option<(String, Adversarial)> {
         self.added
             .iter()
             .find_map(|(n, l)| l.adversarial().map(|a| (n.clone(), a.clone())))
@@ -395,7 +451,7 @@ impl Model {
 
     /// The perturbed inputs of an attack. `first` is the input gradient at the clean batch when
     /// the caller already has it (the clean backward pass of a training step).
-    fn attack(
+    pub(super) fn attack(
         &self,
         compiled: &Compiled,
         adversarial: &Adversarial,
@@ -433,11 +489,14 @@ impl Model {
         batch: &Dataset,
         rng: &mut StdRng,
         acc: &mut Accumulator,
+        group: Group,
     ) -> Result<f64> {
         let mut choice = std::mem::take(&mut self.thread_choice);
         let result = match self.device.is_cpu() {
-            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc)),
-            false => crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc)),
+            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc, group)),
+            false => {
+                crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc, group))
+            }
         };
         self.thread_choice = choice;
         result
@@ -449,6 +508,7 @@ impl Model {
         batch: &Dataset,
         rng: &mut StdRng,
         acc: &mut Accumulator,
+        group: Group,
     ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<f64> {
@@ -466,11 +526,12 @@ impl Model {
                 None => batch.inputs.clone(),
             };
             let pass = self.run(&inputs, true, rng)?;
-            let mut terms = self.step_terms(&compiled, batch, &pass, true)?;
+            let mut terms =
+                self.step_terms(&compiled, batch, &pass, true, adversarial.is_some())?;
             let trainable: Vec<Var> = self
                 .weights()
                 .into_iter()
-                .filter(|w| w.trainable)
+                .filter(|w| w.trainable())
                 .map(|w| w.var)
                 .collect();
             let Some((name, adversarial)) = adversarial else {
@@ -485,6 +546,7 @@ impl Model {
                     &pass,
                     trainable,
                     gradients,
+                    group,
                 );
             };
             // First backward: the compiled ("labeled") loss on the clean batch gives the input
@@ -523,13 +585,15 @@ impl Model {
                 &pass,
                 trainable,
                 gradients,
+                group,
             )
         })();
         self.compiled = Some(compiled);
         result
     }
 
-    /// Applies the gradients with the optimizer and records the step's logs; returns the total.
+    /// Applies the gradients with the optimizer (or, inside a gradient-accumulation group,
+    /// adds them, weighted, to the group's) and records the step's logs; returns the total.
     #[allow(clippy::too_many_arguments)]
     fn finish_step(
         &self,
@@ -540,12 +604,27 @@ impl Model {
         pass: &ForwardPass,
         trainable: Vec<Var>,
         gradients: Vec<Option<Tensor>>,
+        group: Group,
     ) -> Result<f64> {
-        let (params, gradients): (Vec<Var>, Vec<Tensor>) = trainable
-            .into_iter()
-            .zip(gradients)
-            .filter_map(|(v, g)| g.map(|g| (v, g)))
-            .unzip();
+        let mut pending = compiled.accumulated.take().unwrap_or_default();
+        for (v, g) in trainable.into_iter().zip(gradients) {
+            let Some(g) = g else { continue };
+            let g = match group.scale {
+                1.0 => g.detach(),
+                s => (g.detach() * s)?,
+            };
+            let id = v.as_tensor().id();
+            match pending.iter_mut().find(|(p, _)| p.as_tensor().id() == id) {
+                Some(slot) => slot.1 = (&slot.1 + g)?,
+                None => pending.push((v, g)),
+            }
+        }
+        if !group.last {
+            compiled.accumulated = Some(pending);
+            self.record(compiled, acc, terms, batch, pass)?;
+            return scalar(&terms.total);
+        }
+        let (params, gradients): (Vec<Var>, Vec<Tensor>) = pending.into_iter().unzip();
         compiled.iterations += 1;
         crate::optimizers::apply_step(
             compiled.optimizer.as_mut(),
@@ -573,16 +652,29 @@ impl Model {
     /// assert!((second - 0.64).abs() < 1e-6);
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`Model::fit`].
     pub fn train_on_batch(&mut self, batch: &Dataset) -> Result<Logs> {
         let batch = batch.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
         let mut acc = Accumulator::default();
-        self.train_step(&batch, &mut rng, &mut acc)?;
+        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE)?;
         Ok(acc.logs(""))
     }
 
     /// Trains the model and returns the per-epoch logs: `loss`, `<output>_loss` (several
-    /// outputs), each added term by name, the metrics, and their `val_` twins.
+    /// outputs, or one beside added terms), each added term by name, the metrics, and their
+    /// `val_` twins.
+    ///
+    /// # Errors
+    /// [`Error::State`] before `compile` or when a callback stops the run with an error;
+    /// [`Error::Data`] when the data do not fit the model (inputs, targets, sample or class
+    /// weights) or `Fit`'s batch size is 0; [`Error::InvalidArgument`] for `Fit` values out of
+    /// range; [`Error::LossContract`] when a loss does not return one value per sample, each
+    /// from its own sample; [`Error::LossShape`] when the targets do not fit a loss;
+    /// [`Error::AddedLossShape`] when an added term is not a scalar; [`Error::Graph`] when a
+    /// layer fails on the batch.
     pub fn fit(&mut self, data: &Dataset, config: Fit) -> Result<History> {
         if self.compiled.is_none() {
             return Err(not_compiled());
@@ -590,6 +682,13 @@ impl Model {
         if config.batch_size == 0 {
             return Err(Error::Data(
                 "Fit::batch_size must be at least 1, got 0".into(),
+            ));
+        }
+        if config.gradient_accumulation_steps == 0 {
+            return Err(Error::InvalidArgument(
+                "Fit::gradient_accumulation_steps must be at least 1 (1: an update every \
+                 batch), got 0"
+                    .into(),
             ));
         }
         if !(0.0..1.0).contains(&config.validation_split) {
@@ -668,9 +767,12 @@ impl Model {
             }
             let bar = progress_bar(config.verbose, steps, epoch, config.epochs);
             let mut acc = Accumulator::default();
+            let sizes: Vec<usize> = order.chunks(config.batch_size).map(<[u32]>::len).collect();
+            self.discard_accumulated();
             for (b, chunk) in order.chunks(config.batch_size).enumerate() {
                 let batch = train.select(chunk)?;
-                let batch_loss = self.train_step(&batch, &mut rng, &mut acc)?;
+                let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
+                let batch_loss = self.train_step(&batch, &mut rng, &mut acc, group)?;
                 let running = acc.logs("");
                 bar.set_message(running.summary());
                 bar.inc(1);
@@ -717,10 +819,18 @@ impl Model {
                 break;
             }
         }
+        // A group cut short by a callback is not applied, as the batches after it never ran.
+        self.discard_accumulated();
         for cb in &config.callbacks {
             lock(cb).on_train_end(self)?;
         }
         Ok(history)
+    }
+
+    fn discard_accumulated(&mut self) {
+        if let Some(c) = self.compiled.as_mut() {
+            c.accumulated = None;
+        }
     }
 
     /// The loss breakdown and metrics on `data`, in inference mode (same names as `fit`).
@@ -738,6 +848,9 @@ impl Model {
     /// assert_eq!(logs.get("loss"), Some(2.5)); // (1 + 4) / 2
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`Model::fit`], on the evaluation data.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Logs> {
         self.evaluate_logs(data, batch_size, "", None)
     }
@@ -760,6 +873,10 @@ impl Model {
     /// assert!(attacked > clean);
     /// # Ok::<(), kiln::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`Model::evaluate`], and [`Error::InvalidArgument`] for an attack that does not fit
+    /// the model's inputs.
     pub fn evaluate_under_attack(
         &self,
         data: &Dataset,
@@ -806,9 +923,11 @@ impl Model {
                 batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut rng)?;
             }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
-            let mut terms = self.step_terms(compiled, &batch, &pass, false)?;
+            let adversarial_term = attack.is_none().then(|| self.adversarial_term()).flatten();
+            let mut terms =
+                self.step_terms(compiled, &batch, &pass, false, adversarial_term.is_some())?;
             // The adversarial term has its validation twin too, on perturbed inputs of the batch.
-            if let (Some((name, adversarial)), None) = (self.adversarial_term(), attack) {
+            if let Some((name, adversarial)) = adversarial_term {
                 let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
                 let adv_pass = self.run(&x_adv, false, &mut rng)?;
                 let labeled = self
@@ -838,7 +957,7 @@ fn progress_bar(verbose: bool, steps: usize, epoch: usize, epochs: usize) -> Pro
     bar
 }
 
-fn no_labeled_loss() -> Error {
+pub(super) fn no_labeled_loss() -> Error {
     Error::Compile(
         "adversarial regularization needs a compile-time loss to attack: give compile() a loss"
             .into(),
@@ -901,7 +1020,7 @@ mod tests {
                 .apply(&x)?;
             let y = Dense::new(10).kernel_regularizer(L2::new(0.01)).apply(&h)?;
             let mut model = Model::new(&[x], &[y])?;
-            model.add_loss("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
+            model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
             model.compile(
                 Compile::new(Adam::new(1e-2))
                     .loss(CategoricalFocalCrossentropy::new().from_logits(true)),

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 /// use kiln::optimizers::Adam;
 /// let opt = Adam::new(1e-3).beta_1(0.9).beta_2(0.999).epsilon(1e-7).global_clipnorm(1.0);
 /// ```
+#[derive(Clone, Debug)]
 pub struct Adam {
     lr: f64,
     beta_1: f64,
@@ -195,6 +196,7 @@ impl Optimizer for Adam {
 /// use kiln::optimizers::AdamW;
 /// let opt = AdamW::new(1e-3).weight_decay(0.01);
 /// ```
+#[derive(Clone, Debug)]
 pub struct AdamW(Adam);
 
 impl AdamW {

@@ -35,9 +35,20 @@ vectorized! {
 /// Adam's two moments of one parameter, kept by the optimizer in plain memory so that one pass
 /// can update them together with the parameter (three passes and 10 reads or writes per
 /// element became one pass and 7).
+#[derive(Clone)]
 pub(crate) enum Moments {
     F32 { m: Vec<f32>, v: Vec<f32> },
     F64 { m: Vec<f64>, v: Vec<f64> },
+}
+
+impl std::fmt::Debug for Moments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = match self {
+            Moments::F32 { m, .. } => m.len(),
+            Moments::F64 { m, .. } => m.len(),
+        };
+        write!(f, "Moments({len} elements)")
+    }
 }
 
 impl Moments {

@@ -18,7 +18,7 @@ use candle_core::{Tensor, TensorId, Var};
 /// `step` receives the trainable variables and their gradients in a fixed order (the same
 /// every call), so an optimizer can keep its state by position. `Send + Sync`: a model, its
 /// optimizer included, runs its steps, evaluations and predictions on kiln's worker threads.
-pub trait Optimizer: Send + Sync {
+pub trait Optimizer: Send + Sync + std::fmt::Debug + CloneOptimizer {
     /// The optimizer's name (`adam`, `sgd`, …).
     fn name(&self) -> &str;
     /// The current learning rate.
@@ -61,6 +61,25 @@ pub trait Optimizer: Send + Sync {
             "{}: no optimizer state named `{slot}`",
             self.name()
         )))
+    }
+}
+
+/// Cloning a boxed optimizer, so that [`crate::Compile`] is `Clone`. Implemented for every
+/// `Optimizer + Clone`: derive `Clone` (and `Debug`) on your optimizer and you have it.
+pub trait CloneOptimizer {
+    /// A boxed copy.
+    fn clone_optimizer(&self) -> Box<dyn Optimizer>;
+}
+
+impl<T: Optimizer + Clone + 'static> CloneOptimizer for T {
+    fn clone_optimizer(&self) -> Box<dyn Optimizer> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for Box<dyn Optimizer> {
+    fn clone(&self) -> Self {
+        self.clone_optimizer()
     }
 }
 
@@ -204,8 +223,14 @@ pub(crate) fn check(optimizer: &str, what: &str, value: f64, bounds: Bounds) -> 
 }
 
 /// Per-variable optimizer state, keyed by the variable's identity, created as zeros on first use.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Slots(std::collections::HashMap<TensorId, Tensor>);
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slots({} variables)", self.0.len())
+    }
+}
 
 impl Slots {
     /// The state of `param`, zeros if it has none yet.

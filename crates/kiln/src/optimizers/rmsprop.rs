@@ -11,6 +11,7 @@ use candle_core::{Tensor, TensorId, Var};
 /// use kiln::optimizers::RmsProp;
 /// let opt = RmsProp::new(1e-3).rho(0.9).momentum(0.5).centered(true);
 /// ```
+#[derive(Clone, Debug)]
 pub struct RmsProp {
     lr: f64,
     rho: f64,

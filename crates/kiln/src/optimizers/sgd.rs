@@ -10,6 +10,7 @@ use candle_core::{Tensor, TensorId, Var};
 /// use kiln::optimizers::Sgd;
 /// let opt = Sgd::new(0.01).momentum(0.9).nesterov(true).clipnorm(1.0);
 /// ```
+#[derive(Clone, Debug)]
 pub struct Sgd {
     lr: f64,
     momentum: f64,

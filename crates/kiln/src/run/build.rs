@@ -747,7 +747,7 @@ pub(crate) fn added(f: &Fields, model: &mut Model) -> Result<()> {
                 a = a.clip(lo, hi);
             }
             f.finish()?;
-            model.add_loss(name, a).map_err(|e| f.error(e))
+            model.add_loss_term(name, a).map_err(|e| f.error(e))
         }
         "mean_abs" | "mean_square" => {
             let of = f.required_str("of")?.to_string();

@@ -147,7 +147,8 @@ impl RunFile {
     ///
     /// # Errors
     /// When the file cannot be read, or is not valid TOML / a kiln `model.json`.
-    pub fn from_path(path: &Path) -> Result<RunFile> {
+    pub fn from_path(path: impl AsRef<Path>) -> Result<RunFile> {
+        let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| crate::io::io_error(path, e))?;
         let text = String::from_utf8(bytes).map_err(|_| {
             Error::Data(format!(
@@ -166,7 +167,8 @@ impl RunFile {
     ///
     /// # Errors
     /// When the folder has no readable `model.json`, or it records no run file.
-    pub fn from_run_folder(dir: &Path) -> Result<RunFile> {
+    pub fn from_run_folder(dir: impl AsRef<Path>) -> Result<RunFile> {
+        let dir = dir.as_ref();
         let path = dir.join("model.json");
         let saved = Self::from_path(&path)?;
         let record = saved.recorded.ok_or_else(|| {

@@ -7,7 +7,8 @@ use plotters::prelude::*;
 use std::path::Path;
 
 /// Writes `history.json` (every series by name, Keras' `history.history`) and `history.csv`.
-pub fn write_history(dir: &Path, history: &History) -> Result<()> {
+pub fn write_history(dir: impl AsRef<Path>, history: &History) -> Result<()> {
+    let dir = dir.as_ref();
     let json =
         serde_json::to_string_pretty(&history.series()).map_err(|e| Error::Data(e.to_string()))?;
     crate::io::write_atomically(&dir.join("history.json"), |tmp| {
@@ -125,7 +126,12 @@ where
 /// scale, in the same colors in both files. The PNG carries no text, so no font is needed to
 /// draw it; the SVG has the title, axis names, tick labels and the legend. `metrics` are the
 /// model's metric names ([`crate::Model::metric_names`]): their series are not loss terms.
-pub fn write_loss_plots(dir: &Path, history: &History, metrics: &[String]) -> Result<()> {
+pub fn write_loss_plots(
+    dir: impl AsRef<Path>,
+    history: &History,
+    metrics: &[String],
+) -> Result<()> {
+    let dir = dir.as_ref();
     let svg = dir.join("loss.svg");
     crate::io::write_atomically(&svg, |tmp| {
         draw(
