@@ -195,7 +195,7 @@ fn statistics_stay_bit_identical_through_fit_with_every_optimizer() -> kiln::Res
             let y = Dense::new(1).apply(&h)?;
             let mut model = Model::new(&[x], &[y])?;
             if adversarial {
-                model.add_loss("fgsm", Adversarial::fgsm(0.1))?;
+                model.add_loss_term("fgsm", Adversarial::fgsm(0.1))?;
             }
             model.compile(Compile::from_boxed(optimizer()).loss("mse"))?;
             let before: Vec<Vec<u32>> = ["norm/mean", "norm/variance", "norm/count"]
@@ -213,7 +213,7 @@ fn statistics_stay_bit_identical_through_fit_with_every_optimizer() -> kiln::Res
                     b,
                     "{w} changed under {name} (adversarial {adversarial})"
                 );
-                assert!(!model.weight(w)?.trainable);
+                assert!(!model.weight(w)?.trainable());
             }
             // The trainable weights did move: the optimizer ran.
             assert_ne!(
