@@ -64,3 +64,103 @@ fn conformance_passes_on_the_fixtures_and_fails_on_a_wrong_file() {
     assert!(!ok && err.contains("bad.json"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Whether `s` is a value as Keras' progress bar writes it: `0.1234`, or `1.2345e-04` at 1e-3
+/// and below.
+fn keras_value(s: &str) -> bool {
+    let (mantissa, exp) = match s.split_once('e') {
+        Some((m, e)) => (m, Some(e)),
+        None => (s, None),
+    };
+    let Some((int, frac)) = mantissa.trim_start_matches('-').split_once('.') else {
+        return false;
+    };
+    let digits = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit());
+    let exp_ok = match exp {
+        None => s.parse::<f64>().is_ok_and(|v| v.abs() > 1e-3),
+        Some(e) => {
+            (e.starts_with('-') || e.starts_with('+'))
+                && e.len() >= 3
+                && digits(&e[1..])
+                && int.len() == 1
+                && s.parse::<f64>().is_ok_and(|v| v.abs() <= 1e-3)
+        }
+    };
+    digits(int) && frac.len() == 4 && digits(frac) && exp_ok
+}
+
+#[test]
+fn train_off_a_terminal_writes_one_plain_line_per_epoch() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-progress-{}", std::process::id()));
+    let out = dir.join("run");
+    let (ok, _, err) = kiln(&["train", "--epochs", "3", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // stderr is a pipe here: no bar, no cursor movement, no colour, only the epoch lines.
+    assert!(
+        !err.contains('\x1b') && !err.contains('\r'),
+        "control characters in {err:?}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for (i, line) in lines.iter().enumerate() {
+        let fields: Vec<&str> = line.split(" - ").collect();
+        assert_eq!(fields[0], format!("Epoch {}/3", i + 1), "{line}");
+        // The epoch's duration (`420ms`, `1.2s`), then the time per step (`2ms/step`).
+        let d = fields[1];
+        assert!(
+            d.strip_suffix("ms").is_some_and(|n| n.parse::<u32>().is_ok())
+                || d.strip_suffix('s').is_some_and(|n| n.parse::<f64>().is_ok()),
+            "duration `{d}` in {line}"
+        );
+        let step = fields[2].strip_suffix("/step").unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            ["us", "ms", "s"]
+                .iter()
+                .any(|u| step.strip_suffix(u).is_some_and(|n| n.parse::<u32>().is_ok())),
+            "time per step `{step}` in {line}"
+        );
+        let names: Vec<&str> = fields[3..]
+            .iter()
+            .map(|f| {
+                let (name, value) = f.split_once(": ").unwrap_or_else(|| panic!("{f} in {line}"));
+                assert!(keras_value(value), "`{value}` of {name} in {line}");
+                name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["loss", "l2", "accuracy", "val_loss", "val_l2", "val_accuracy"],
+            "{line}"
+        );
+    }
+    // The history records each epoch's duration, and no line repeats it as a value.
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    let times: Vec<f64> = history["epoch_time_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3);
+    assert!(times.iter().all(|t| *t > 0.0 && *t < 60.0), "{times:?}");
+    let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().split(',').any(|c| c == "epoch_time_s"));
+    // The metrics have their own plot; the loss plot names the terms, not the accuracy.
+    let loss_svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(loss_svg.contains(">l2<") && !loss_svg.contains(">accuracy<"));
+    let metrics_svg = std::fs::read_to_string(out.join("metrics.svg")).unwrap();
+    assert!(metrics_svg.contains(">accuracy<") && metrics_svg.contains(">val_accuracy<"));
+    assert!(!metrics_svg.contains("epoch_time_s") && !loss_svg.contains("epoch_time_s"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn keras_value_accepts_only_keras_formats() {
+    for ok in ["0.1234", "12.5000", "-0.5000", "1.2345e-04", "0.0000e+00", "-2.0000e-07"] {
+        assert!(keras_value(ok), "{ok}");
+    }
+    for bad in ["0.0001", "0.12", "1.2345e-4", "1e-3", "0.5000e-04", "1.0000e-03x"] {
+        assert!(!keras_value(bad), "{bad}");
+    }
+}

@@ -311,6 +311,15 @@ impl Model {
         names
     }
 
+    /// The names the compiled metrics are logged under (`accuracy`, `<output>_accuracy`), so the
+    /// plots can draw metrics apart from the loss terms.
+    pub(crate) fn metric_names(&self) -> Vec<String> {
+        self.compiled
+            .iter()
+            .flat_map(|c| c.metrics.iter().map(|m| m.log_name.clone()))
+            .collect()
+    }
+
     /// Whether `compile` has been called.
     pub fn is_compiled(&self) -> bool {
         self.compiled.is_some()

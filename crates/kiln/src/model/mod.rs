@@ -3,6 +3,7 @@
 mod added;
 mod compile;
 mod history;
+mod progress;
 mod sequential;
 mod train;
 
