@@ -86,7 +86,22 @@ fn keras_value(s: &str) -> bool {
                 && s.parse::<f64>().is_ok_and(|v| v.abs() <= 1e-3)
         }
     };
-    digits(int) && frac.len() == 4 && digits(frac) && exp_ok
+    // Scientific mantissas are normalized: 1 to 9 before the point, or a zero value.
+    let normalized = exp.is_none() || int != "0" || frac == "0000";
+    digits(int) && frac.len() == 4 && digits(frac) && exp_ok && normalized
+}
+
+/// The texts of an SVG drawing, trimmed.
+fn svg_texts(path: &std::path::Path) -> Vec<String> {
+    let svg = std::fs::read_to_string(path).unwrap();
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>').map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            rest.split_once("</text>")
+                .map(|(t, _)| t.trim().to_string())
+        })
+        .collect()
 }
 
 #[test]
@@ -108,28 +123,41 @@ fn train_off_a_terminal_writes_one_plain_line_per_epoch() {
         // The epoch's duration (`420ms`, `1.2s`), then the time per step (`2ms/step`).
         let d = fields[1];
         assert!(
-            d.strip_suffix("ms").is_some_and(|n| n.parse::<u32>().is_ok())
-                || d.strip_suffix('s').is_some_and(|n| n.parse::<f64>().is_ok()),
+            d.strip_suffix("ms")
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+                || d.strip_suffix('s')
+                    .is_some_and(|n| n.parse::<f64>().is_ok()),
             "duration `{d}` in {line}"
         );
-        let step = fields[2].strip_suffix("/step").unwrap_or_else(|| panic!("{line}"));
+        let step = fields[2]
+            .strip_suffix("/step")
+            .unwrap_or_else(|| panic!("{line}"));
         assert!(
-            ["us", "ms", "s"]
-                .iter()
-                .any(|u| step.strip_suffix(u).is_some_and(|n| n.parse::<u32>().is_ok())),
+            ["us", "ms", "s"].iter().any(|u| step
+                .strip_suffix(u)
+                .is_some_and(|n| n.parse::<u32>().is_ok())),
             "time per step `{step}` in {line}"
         );
         let names: Vec<&str> = fields[3..]
             .iter()
             .map(|f| {
-                let (name, value) = f.split_once(": ").unwrap_or_else(|| panic!("{f} in {line}"));
+                let (name, value) = f
+                    .split_once(": ")
+                    .unwrap_or_else(|| panic!("{f} in {line}"));
                 assert!(keras_value(value), "`{value}` of {name} in {line}");
                 name
             })
             .collect();
         assert_eq!(
             names,
-            ["loss", "l2", "accuracy", "val_loss", "val_l2", "val_accuracy"],
+            [
+                "loss",
+                "l2",
+                "accuracy",
+                "val_loss",
+                "val_l2",
+                "val_accuracy"
+            ],
             "{line}"
         );
     }
@@ -145,22 +173,50 @@ fn train_off_a_terminal_writes_one_plain_line_per_epoch() {
     assert_eq!(times.len(), 3);
     assert!(times.iter().all(|t| *t > 0.0 && *t < 60.0), "{times:?}");
     let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().split(',').any(|c| c == "epoch_time_s"));
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .any(|c| c == "epoch_time_s"));
     // The metrics have their own plot; the loss plot names the terms, not the accuracy.
-    let loss_svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
-    assert!(loss_svg.contains(">l2<") && !loss_svg.contains(">accuracy<"));
-    let metrics_svg = std::fs::read_to_string(out.join("metrics.svg")).unwrap();
-    assert!(metrics_svg.contains(">accuracy<") && metrics_svg.contains(">val_accuracy<"));
-    assert!(!metrics_svg.contains("epoch_time_s") && !loss_svg.contains("epoch_time_s"));
+    let loss = svg_texts(&out.join("loss.svg"));
+    let metrics = svg_texts(&out.join("metrics.svg"));
+    let has = |texts: &[String], t: &str| texts.iter().any(|x| x == t);
+    assert!(has(&loss, "l2") && has(&loss, "val_loss"), "{loss:?}");
+    assert!(!has(&loss, "accuracy"), "{loss:?}");
+    assert!(
+        has(&metrics, "accuracy") && has(&metrics, "val_accuracy"),
+        "{metrics:?}"
+    );
+    for texts in [&loss, &metrics] {
+        assert!(!texts
+            .iter()
+            .any(|t| t.contains("epoch_time_s") || t == "lr"));
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn keras_value_accepts_only_keras_formats() {
-    for ok in ["0.1234", "12.5000", "-0.5000", "1.2345e-04", "0.0000e+00", "-2.0000e-07"] {
+    for ok in [
+        "0.1234",
+        "12.5000",
+        "-0.5000",
+        "1.2345e-04",
+        "0.0000e+00",
+        "-2.0000e-07",
+    ] {
         assert!(keras_value(ok), "{ok}");
     }
-    for bad in ["0.0001", "0.12", "1.2345e-4", "1e-3", "0.5000e-04", "1.0000e-03x"] {
+    for bad in [
+        "0.0001",
+        "0.12",
+        "1.2345e-4",
+        "1e-3",
+        "0.5000e-04",
+        "1.0000e-03x",
+    ] {
         assert!(!keras_value(bad), "{bad}");
     }
 }

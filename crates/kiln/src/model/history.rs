@@ -85,6 +85,27 @@ impl History {
     pub fn last(&self) -> Option<&Logs> {
         self.epochs.last()
     }
+    /// The history without the series `key`: e.g. `without("epoch_time_s")` to compare two
+    /// runs, whose epoch durations always differ.
+    ///
+    /// ```
+    /// let mut h = kiln::History::default();
+    /// let mut logs = kiln::Logs::default();
+    /// logs.set("loss", 1.0);
+    /// logs.set("epoch_time_s", 0.25);
+    /// h.epochs.push(logs);
+    /// let h = h.without("epoch_time_s");
+    /// assert_eq!(h.epochs[0].keys().collect::<Vec<_>>(), ["loss"]);
+    /// ```
+    pub fn without(&self, key: &str) -> History {
+        History {
+            epochs: self
+                .epochs
+                .iter()
+                .map(|l| Logs(l.0.iter().filter(|(k, _)| k != key).cloned().collect()))
+                .collect(),
+        }
+    }
     /// Every series by name.
     pub fn series(&self) -> BTreeMap<String, Vec<f64>> {
         let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();

@@ -5,7 +5,7 @@
 //! written: no bar, no control characters.
 
 use super::Logs;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use std::time::Instant;
 
 /// A value as Keras' progress bar writes it: four decimals, or scientific notation with four
@@ -115,8 +115,30 @@ impl StepClock {
     }
 }
 
-/// How often the bar's text is rebuilt at most (Keras' `interval`).
+/// How often the bar's running values are rebuilt at most (Keras' `interval`); the times are
+/// computed whenever the bar is drawn.
 const REDRAW_SECONDS: f64 = 0.05;
+
+/// The bar's times, computed as it is drawn so they always match its position: the epoch's
+/// elapsed time, then the ETA and the time per step of the phase shown (training or validation).
+fn timing(epoch_start: Instant) -> impl Fn(&ProgressState, &mut dyn std::fmt::Write) + Clone {
+    move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let done = state.pos();
+        let per_step = if done == 0 {
+            0.0
+        } else {
+            state.elapsed().as_secs_f64() / done as f64
+        };
+        let left = state.len().unwrap_or(done).saturating_sub(done);
+        let _ = write!(
+            w,
+            "{} elapsed, ETA {}, {}",
+            format_duration(epoch_start.elapsed().as_secs_f64()),
+            format_eta(per_step * left as f64),
+            format_step_time(per_step)
+        );
+    }
+}
 
 /// The display of one epoch: its bar (hidden off a terminal or when quiet) and its clocks.
 pub(crate) struct EpochProgress {
@@ -125,9 +147,7 @@ pub(crate) struct EpochProgress {
     bar: ProgressBar,
     start: Instant,
     train: StepClock,
-    train_steps: usize,
     train_step_time: f64,
-    validation: Option<(StepClock, usize)>,
     last_message: Option<Instant>,
 }
 
@@ -140,84 +160,58 @@ impl EpochProgress {
             ProgressBar::hidden()
         };
         let header = format!("Epoch {}/{}", epoch + 1, epochs);
-        if let Ok(style) = ProgressStyle::with_template("{prefix} {pos}/{len} [{bar:20}] {wide_msg}")
+        let now = Instant::now();
+        if let Ok(style) =
+            ProgressStyle::with_template("{prefix} {pos}/{len} [{bar:20}] {timing}{wide_msg}")
         {
-            bar.set_style(style.progress_chars("=> "));
+            bar.set_style(style.progress_chars("=> ").with_key("timing", timing(now)));
         }
         bar.set_prefix(header.clone());
-        let now = Instant::now();
         Self {
             verbose,
             header,
             bar,
             start: now,
             train: StepClock::new(now),
-            train_steps: steps,
             train_step_time: 0.0,
-            validation: None,
             last_message: None,
         }
-    }
-
-    /// Whether the text is due again (always for the first and the last step).
-    fn due(&mut self, now: Instant, last: bool) -> bool {
-        if !self.verbose || self.bar.is_hidden() {
-            return false;
-        }
-        let due = last
-            || self
-                .last_message
-                .is_none_or(|t| (now - t).as_secs_f64() >= REDRAW_SECONDS);
-        if due {
-            self.last_message = Some(now);
-        }
-        due
     }
 
     /// `done` training batches of the epoch are finished; `running` holds the running means.
     pub(crate) fn train_step(&mut self, done: usize, running: &Logs) {
         let now = Instant::now();
         self.train_step_time = self.train.per_step(done, now);
+        if !self.verbose || self.bar.is_hidden() {
+            return;
+        }
         self.bar.set_position(done as u64);
-        if self.due(now, done == self.train_steps) {
-            let eta = self.train_step_time * self.train_steps.saturating_sub(done) as f64;
-            self.bar.set_message(format!(
-                "{} elapsed, ETA {}, {} - {}",
-                format_duration((now - self.start).as_secs_f64()),
-                format_eta(eta),
-                format_step_time(self.train_step_time),
-                format_logs(running)
-            ));
+        let due = self
+            .last_message
+            .is_none_or(|t| (now - t).as_secs_f64() >= REDRAW_SECONDS);
+        if due {
+            self.last_message = Some(now);
+            self.bar.set_message(format!(" - {}", format_logs(running)));
         }
     }
 
     /// The validation pass begins, with `steps` batches: the bar shows its progress instead.
     pub(crate) fn start_validation(&mut self, steps: usize) {
-        self.validation = Some((StepClock::new(Instant::now()), steps));
-        self.last_message = None;
-        self.bar.set_prefix(format!("{} validation", self.header));
+        if self.bar.is_hidden() {
+            return;
+        }
+        // The prefix last: each change may draw, and the bar should never show the training
+        // count under the validation prefix.
+        self.bar.set_message("");
         self.bar.set_length(steps as u64);
         self.bar.set_position(0);
-        self.bar.set_message("");
+        self.bar.reset_elapsed();
+        self.bar.set_prefix(format!("{} validation", self.header));
     }
 
     /// `done` validation batches are finished.
     pub(crate) fn validation_step(&mut self, done: usize) {
-        let now = Instant::now();
-        let Some((clock, steps)) = self.validation.as_mut() else {
-            return;
-        };
-        let steps = *steps;
-        let per_step = clock.per_step(done, now);
         self.bar.set_position(done as u64);
-        if self.due(now, done == steps) {
-            self.bar.set_message(format!(
-                "{} elapsed, ETA {}, {}",
-                format_duration((now - self.start).as_secs_f64()),
-                format_eta(per_step * steps.saturating_sub(done) as f64),
-                format_step_time(per_step)
-            ));
-        }
     }
 
     /// Seconds since the epoch began: training and validation (recorded as `epoch_time_s`).

@@ -11,7 +11,6 @@ mod ticks;
 use crate::model::History;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::coord::Shift;
-use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::ops::Range;
@@ -71,7 +70,10 @@ pub(crate) fn select(history: &History, keep: impl Fn(&str) -> bool) -> Vec<Seri
         }
     }
     // A `val_` series without its train twin (possible with callbacks that add logs).
-    ordered.extend(val.into_iter().filter(|v| !train.iter().any(|t| t == term_of(v))));
+    ordered.extend(
+        val.into_iter()
+            .filter(|v| !train.iter().any(|t| t == term_of(v))),
+    );
     ordered
         .into_iter()
         .map(|name| Series {
@@ -99,6 +101,44 @@ fn segments(values: &[f64], axis: &ValueAxis) -> Vec<Vec<(f64, f64)>> {
         }
     }
     out.retain(|s| !s.is_empty());
+    out
+}
+
+/// The "on" pieces of a dashed line along the polyline `points` (pixels): `on` pixels drawn,
+/// `off` skipped, the pattern running on across the polyline's corners.
+fn dashes(points: &[(f64, f64)], on: f64, off: f64) -> Vec<Vec<(i32, i32)>> {
+    let px = |(x, y): (f64, f64)| (x.round() as i32, y.round() as i32);
+    let mut out: Vec<Vec<(i32, i32)>> = Vec::new();
+    let mut drawing = true;
+    let mut left = on;
+    let mut current: Vec<(i32, i32)> = points.first().map(|&p| vec![px(p)]).unwrap_or_default();
+    for w in points.windows(2) {
+        let (mut a, b) = (w[0], w[1]);
+        let mut length = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt();
+        while length > 0.0 {
+            let step = left.min(length);
+            let t = step / length;
+            let p = (a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t);
+            if drawing {
+                current.push(px(p));
+            }
+            length -= step;
+            left -= step;
+            a = p;
+            if left <= 0.0 {
+                if drawing {
+                    out.push(std::mem::take(&mut current));
+                } else {
+                    current = vec![px(p)];
+                }
+                drawing = !drawing;
+                left = if drawing { on } else { off };
+            }
+        }
+    }
+    if drawing && current.len() > 1 {
+        out.push(current);
+    }
     out
 }
 
@@ -135,7 +175,11 @@ impl Ranged for Ticked {
 
     fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
         let t = (value - self.range.start) / (self.range.end - self.range.start);
-        let t = if t.is_finite() { t.clamp(-1.0, 2.0) } else { 0.5 };
+        let t = if t.is_finite() {
+            t.clamp(-1.0, 2.0)
+        } else {
+            0.5
+        };
         limit.0 + ((limit.1 - limit.0) as f64 * t).round() as i32
     }
 
@@ -155,7 +199,10 @@ impl Ranged for Ticked {
 type DrawResult<B> = Result<(), DrawingAreaErrorKind<<B as DrawingBackend>::ErrorType>>;
 
 /// Draws `figure` on `root`, whatever the backend (SVG or bitmap).
-pub(crate) fn draw<B: DrawingBackend>(root: &DrawingArea<B, Shift>, figure: &Figure) -> DrawResult<B> {
+pub(crate) fn draw<B: DrawingBackend>(
+    root: &DrawingArea<B, Shift>,
+    figure: &Figure,
+) -> DrawResult<B> {
     register_font();
     root.fill(&WHITE)?;
     let epochs = figure
@@ -192,7 +239,9 @@ pub(crate) fn draw<B: DrawingBackend>(root: &DrawingArea<B, Shift>, figure: &Fig
         .map(|s| legend_label(s, &axis))
         .collect();
     let text_width = |s: &str, font: &TextStyle| -> u32 {
-        root.estimate_text_size(s, font).map(|(w, _)| w).unwrap_or(8 * s.len() as u32)
+        root.estimate_text_size(s, font)
+            .map(|(w, _)| w)
+            .unwrap_or(8 * s.len() as u32)
     };
     let max_label = labels
         .iter()
@@ -210,7 +259,10 @@ pub(crate) fn draw<B: DrawingBackend>(root: &DrawingArea<B, Shift>, figure: &Fig
         .map(|t| text_width(&t.label, &label_font))
         .max()
         .unwrap_or(0);
-    let x_ticks: Vec<f64> = epoch_ticks(epochs, 10).into_iter().map(|e| e as f64).collect();
+    let x_ticks: Vec<f64> = epoch_ticks(epochs, 10)
+        .into_iter()
+        .map(|e| e as f64)
+        .collect();
     let x_pad = if epochs <= 1 {
         0.5
     } else {
@@ -220,6 +272,7 @@ pub(crate) fn draw<B: DrawingBackend>(root: &DrawingArea<B, Shift>, figure: &Fig
 
     let mut chart = ChartBuilder::on(&plot_area)
         .margin_top(8)
+        .margin_bottom(12)
         .margin_right(16)
         .margin_left(8)
         .x_label_area_size(60)
@@ -290,13 +343,28 @@ pub(crate) fn draw<B: DrawingBackend>(root: &DrawingArea<B, Shift>, figure: &Fig
         let style = colour.stroke_width(2);
         for segment in segments(&series.values, &axis) {
             if dashed {
-                chart.draw_series(DashedLineSeries::new(segment.clone(), 7, 5, style))?;
+                // Dashed in pixels along the whole curve: plotters restarts the pattern at each
+                // point, which turns a 300-epoch curve into noise.
+                let pixels: Vec<(f64, f64)> = segment
+                    .iter()
+                    .map(|p| {
+                        let (x, y) = chart.backend_coord(p);
+                        (x as f64, y as f64)
+                    })
+                    .collect();
+                for dash in dashes(&pixels, 7.0, 5.0) {
+                    root.draw(&PathElement::new(dash, style))?;
+                }
             } else {
                 chart.draw_series(LineSeries::new(segment.clone(), style))?;
             }
             // Points alone (a one-epoch run, a value between two NaNs) need a mark to be seen.
             if markers || segment.len() == 1 {
-                let fill = if dashed { WHITE.filled() } else { colour.filled() };
+                let fill = if dashed {
+                    WHITE.filled()
+                } else {
+                    colour.filled()
+                };
                 chart.draw_series(segment.iter().map(|&p| Circle::new(p, 3, fill)))?;
                 chart.draw_series(segment.iter().map(|&p| Circle::new(p, 3, style)))?;
             }
@@ -333,12 +401,16 @@ fn draw_legend<B: DrawingBackend>(
         let style = colour_of(&series.name).stroke_width(2);
         let (x0, x1) = (6, 36);
         if series.name.starts_with("val_") {
-            area.draw(&DashedPathElement::new(vec![(x0, y), (x1, y)], 7, 5, style))?;
+            for dash in dashes(&[(x0 as f64, y as f64), (x1 as f64, y as f64)], 7.0, 5.0) {
+                area.draw(&PathElement::new(dash, style))?;
+            }
         } else {
             area.draw(&PathElement::new(vec![(x0, y), (x1, y)], style))?;
         }
         let text = fit_text(label, width.saturating_sub(50), |s| {
-            area.estimate_text_size(s, &font).map(|(w, _)| w).unwrap_or(0)
+            area.estimate_text_size(s, &font)
+                .map(|(w, _)| w)
+                .unwrap_or(0)
         });
         area.draw(&Text::new(text, (x1 + 8, y), font.clone()))?;
     }
@@ -358,4 +430,47 @@ fn fit_text(text: &str, max: u32, width: impl Fn(&str) -> u32) -> String {
         }
     }
     "…".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dashes_run_on_across_corners() {
+        // 24 px straight, then 24 px down: 7 on, 5 off, the pattern running on.
+        let d = dashes(&[(0.0, 0.0), (24.0, 0.0), (24.0, 24.0)], 7.0, 5.0);
+        assert_eq!(d[0], [(0, 0), (7, 0)]);
+        assert_eq!(d[1], [(12, 0), (19, 0)]);
+        assert_eq!(d[2], [(24, 0), (24, 7)]);
+        assert_eq!(d.len(), 4);
+        assert_eq!(d[3], [(24, 12), (24, 19)]);
+        // A dash that reaches a corner turns it.
+        let d = dashes(&[(0.0, 0.0), (10.0, 0.0), (10.0, 20.0)], 7.0, 1.0);
+        assert_eq!(d[1], [(8, 0), (10, 0), (10, 5)]);
+        // Many short pieces (a long run): the same pattern as one straight line.
+        let fine: Vec<(f64, f64)> = (0..=48).map(|i| (i as f64 * 0.5, 0.0)).collect();
+        let straight = dashes(&[(0.0, 0.0), (24.0, 0.0)], 7.0, 5.0);
+        let ends = |v: &[Vec<(i32, i32)>]| -> Vec<((i32, i32), (i32, i32))> {
+            v.iter().map(|d| (d[0], *d.last().unwrap())).collect()
+        };
+        assert_eq!(ends(&dashes(&fine, 7.0, 5.0)), ends(&straight));
+    }
+
+    #[test]
+    fn gaps_are_left_where_values_cannot_be_drawn() {
+        let axis = ValueAxis::fit(0.1, 10.0);
+        assert!(axis.log);
+        let s = segments(&[1.0, f64::NAN, 2.0, 3.0, f64::INFINITY, 0.0, 4.0], &axis);
+        let epochs: Vec<Vec<f64>> = s
+            .iter()
+            .map(|seg| seg.iter().map(|p| p.0).collect())
+            .collect();
+        assert_eq!(epochs, [vec![1.0], vec![3.0, 4.0], vec![7.0]]);
+        let series = Series {
+            name: "loss".into(),
+            values: vec![1.0, f64::NAN, f64::INFINITY],
+        };
+        assert_eq!(legend_label(&series, &axis), "loss (2 NaN/inf)");
+    }
 }

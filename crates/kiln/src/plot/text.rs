@@ -36,7 +36,12 @@ impl<B: DrawingBackend> DrawingBackend for GlyphText<B> {
     fn draw_pixel(&mut self, point: BackendCoord, color: BackendColor) -> Drawn<B> {
         self.0.draw_pixel(point, color)
     }
-    fn draw_line<S: BackendStyle>(&mut self, from: BackendCoord, to: BackendCoord, style: &S) -> Drawn<B> {
+    fn draw_line<S: BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> Drawn<B> {
         self.0.draw_line(from, to, style)
     }
     fn draw_rect<S: BackendStyle>(
@@ -48,7 +53,11 @@ impl<B: DrawingBackend> DrawingBackend for GlyphText<B> {
     ) -> Drawn<B> {
         self.0.draw_rect(upper_left, bottom_right, style, fill)
     }
-    fn draw_path<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(&mut self, path: I, style: &S) -> Drawn<B> {
+    fn draw_path<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> Drawn<B> {
         self.0.draw_path(path, style)
     }
     fn draw_circle<S: BackendStyle>(
@@ -71,7 +80,12 @@ impl<B: DrawingBackend> DrawingBackend for GlyphText<B> {
         self.0.blit_bitmap(pos, size, src)
     }
 
-    fn draw_text<S: BackendTextStyle>(&mut self, text: &str, style: &S, pos: BackendCoord) -> Drawn<B> {
+    fn draw_text<S: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &S,
+        pos: BackendCoord,
+    ) -> Drawn<B> {
         let Some(font) = font() else {
             return self.0.draw_text(text, style, pos);
         };

@@ -132,7 +132,9 @@ fn decimal(m: i64, k: i32) -> f64 {
 
 /// Rust writes `1.5e-4`, already short; only `e0` is dropped to keep `2.5e0` as `2.5`.
 fn trim_exponent(s: &str) -> String {
-    s.strip_suffix("e0").map(str::to_string).unwrap_or_else(|| s.to_string())
+    s.strip_suffix("e0")
+        .map(str::to_string)
+        .unwrap_or_else(|| s.to_string())
 }
 
 /// `m` × 10^`k` written short: plain for 10^-3 to 10^4, else `me k` (`2e-5`, `1e6`).
@@ -154,9 +156,7 @@ pub(crate) fn log_ticks(lo: f64, hi: f64) -> (Vec<Tick>, Vec<f64>) {
     let k_lo = lo.log10().floor() as i32;
     let k_hi = hi.log10().ceil() as i32;
     let inside = |v: f64| v >= lo && v <= hi;
-    let decades: Vec<i32> = (k_lo..=k_hi)
-        .filter(|&k| inside(decimal(1, k)))
-        .collect();
+    let decades: Vec<i32> = (k_lo..=k_hi).filter(|&k| inside(decimal(1, k))).collect();
     let with_25 = decades.len() < 4;
     let every = decades.len().div_ceil(8).max(1) as i32;
     let mut major = Vec::new();
@@ -302,7 +302,10 @@ mod tests {
         assert_eq!(epoch_ticks(10, 10), (1..=10).collect::<Vec<_>>());
         assert_eq!(epoch_ticks(25, 10), [5, 10, 15, 20, 25]);
         assert_eq!(epoch_ticks(300, 10), [50, 100, 150, 200, 250, 300]);
-        assert_eq!(epoch_ticks(1000, 10), (1..=10).map(|i| i * 100).collect::<Vec<_>>());
+        assert_eq!(
+            epoch_ticks(1000, 10),
+            (1..=10).map(|i| i * 100).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -94,8 +94,8 @@ pub fn write_plots(dir: &Path, history: &History, metrics: &[String]) -> Result<
             // The bitmap encoder picks the format from the extension: give the temporary one.
             let tmp_png = tmp.with_extension("png");
             {
-                let root = crate::plot::GlyphText(BitMapBackend::new(&tmp_png, SIZE))
-                    .into_drawing_area();
+                let root =
+                    crate::plot::GlyphText(BitMapBackend::new(&tmp_png, SIZE)).into_drawing_area();
                 crate::plot::draw(&root, &figure).map_err(|e| plot_error(&png, e))?;
                 root.present().map_err(|e| plot_error(&png, e))?;
             }
@@ -118,7 +118,10 @@ mod tests {
         svg.split("<text")
             .skip(1)
             .filter_map(|t| t.split_once('>').map(|(_, rest)| rest))
-            .filter_map(|rest| rest.split_once("</text>").map(|(text, _)| text.trim().to_string()))
+            .filter_map(|rest| {
+                rest.split_once("</text>")
+                    .map(|(text, _)| text.trim().to_string())
+            })
             .collect()
     }
 
@@ -144,7 +147,9 @@ mod tests {
     /// in a temporary folder.
     fn scenarios() -> Vec<(&'static str, History, Vec<String>)> {
         let decay = |n: usize, from: f64, to: f64| {
-            curve(n, move |e| to + (from - to) * (-(e / (n as f64 / 5.0))).exp())
+            curve(n, move |e| {
+                to + (from - to) * (-(e / (n as f64 / 5.0))).exp()
+            })
         };
         let wobble = |v: Vec<f64>, amp: f64| -> Vec<f64> {
             v.iter()
@@ -178,7 +183,11 @@ mod tests {
         vec![
             (
                 "one_epoch",
-                history(&[("loss", vec![0.7]), ("l2", vec![1e-3]), ("val_loss", vec![0.8])]),
+                history(&[
+                    ("loss", vec![0.7]),
+                    ("l2", vec![1e-3]),
+                    ("val_loss", vec![0.8]),
+                ]),
                 vec![],
             ),
             (
@@ -255,6 +264,50 @@ mod tests {
         ]
     }
 
+    /// The PNG's drawing has text: dark (near-black) pixels in the legend column, where only
+    /// the names are black (the line samples are coloured), and in the title band; none in an
+    /// empty corner of the legend column below the entries.
+    #[test]
+    fn the_png_has_text_where_the_legend_and_title_are() {
+        let history = history(&[
+            ("loss", vec![0.9, 0.6, 0.5]),
+            ("l2", vec![2e-3, 1.5e-3, 1e-3]),
+            ("val_loss", vec![1.0, 0.7, 0.6]),
+        ]);
+        let (w, h) = SIZE;
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        {
+            let root = crate::plot::GlyphText(BitMapBackend::with_buffer(&mut buf, SIZE))
+                .into_drawing_area();
+            let (_, figure) = figures(&history, &[]).remove(0);
+            crate::plot::draw(&root, &figure).unwrap();
+            root.present().unwrap();
+        }
+        let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+            let mut n = 0;
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    let i = ((y * w + x) * 3) as usize;
+                    if buf[i] < 90 && buf[i + 1] < 90 && buf[i + 2] < 90 {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        };
+        let legend_text = dark(w - 120, w, 30, 110);
+        assert!(legend_text > 150, "legend: {legend_text} dark pixels");
+        assert_eq!(dark(w - 120, w, 300, 500), 0, "below the legend");
+        let title = dark(w / 2 - 150, w / 2 + 150, 0, 30);
+        assert!(title > 150, "title: {title} dark pixels");
+        // Not blank: most of it is white, but not all.
+        let white = buf
+            .chunks(3)
+            .filter(|p| p.iter().all(|c| *c == 255))
+            .count();
+        assert!(white < (w * h) as usize && white > (w * h / 2) as usize);
+    }
+
     #[test]
     fn every_scenario_draws_readable_plots() {
         let keep = std::env::var_os("KILN_KEEP_PLOTS");
@@ -270,7 +323,10 @@ mod tests {
             let has = |t: &str| texts.iter().any(|x| x == t);
             assert!(has("Loss terms per epoch"), "{name}: title in {texts:?}");
             assert!(has("epoch"), "{name}: x axis name");
-            assert!(has("loss") || has("loss (log scale)"), "{name}: y axis name");
+            assert!(
+                has("loss") || has("loss (log scale)"),
+                "{name}: y axis name"
+            );
             for key in history.series().keys() {
                 let base = crate::plot::term_of(key);
                 let in_loss =
@@ -282,7 +338,11 @@ mod tests {
             }
             let png = std::fs::read(dir.join("loss.png")).unwrap();
             assert_eq!(&png[1..4], b"PNG", "{name}");
-            assert_eq!(dir.join("metrics.svg").exists(), !metrics.is_empty(), "{name}");
+            assert_eq!(
+                dir.join("metrics.svg").exists(),
+                !metrics.is_empty(),
+                "{name}"
+            );
             if !metrics.is_empty() {
                 let texts = svg_texts(&std::fs::read_to_string(dir.join("metrics.svg")).unwrap());
                 assert!(texts.iter().any(|t| t == "Metrics per epoch"), "{texts:?}");
