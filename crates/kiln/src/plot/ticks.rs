@@ -91,7 +91,7 @@ pub(crate) fn linear_ticks(lo: f64, hi: f64, max_ticks: usize) -> Vec<Tick> {
             let step = m as f64 * 10f64.powi(exp);
             let first = (lo / step).ceil() as i64;
             let last = (hi / step).floor() as i64;
-            if last - first + 1 <= max_ticks as i64 {
+            if last - first < max_ticks as i64 {
                 // Parsed from the decimal, so 3 × 0.1 is the double nearest 0.3.
                 let values: Vec<f64> = (first..=last)
                     .map(|i| decimal(i * m, exp))
