@@ -229,8 +229,12 @@ fn csv_logger_writes_every_epoch() {
         .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "epoch,loss,val_loss");
+    // Every value of the logs, the epoch's duration included (kiln's addition to Keras' logs).
+    assert_eq!(lines[0], "epoch,loss,val_loss,epoch_time_s");
     assert_eq!(lines.len(), 4);
+    let time: f64 = lines[3].split(',').nth(3).unwrap().parse().unwrap();
+    assert_eq!(time, h.epochs[2].get("epoch_time_s").unwrap());
+    assert!(time > 0.0);
     let last_loss: f64 = lines[3].split(',').nth(1).unwrap().parse().unwrap();
     assert_eq!(last_loss, h.epochs[2].get("loss").unwrap());
     std::fs::remove_dir_all(&dir).ok();

@@ -46,6 +46,7 @@ pub mod losses;
 pub mod metrics;
 pub mod model;
 pub mod optimizers;
+mod plot;
 pub mod reduction;
 pub mod regularizers;
 pub mod run;

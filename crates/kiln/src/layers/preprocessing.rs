@@ -39,7 +39,7 @@ pub const NORMALIZATION_EPSILON: f64 = 1e-7;
 /// let out = model.predict(&[Tensor::new(&[[0f32, 7., 4.]], &Device::Cpu)?], 1)?;
 /// assert_eq!(out[0].to_vec2::<f32>()?, vec![vec![-1f32, -1., -1.]]);
 /// assert_eq!(model.weight("norm/mean")?.var.as_tensor().to_vec1::<f32>()?, vec![1f32, 8., 5.]);
-/// assert!(!model.weight("norm/variance")?.trainable);
+/// assert!(!model.weight("norm/variance")?.trainable());
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub struct Normalization {

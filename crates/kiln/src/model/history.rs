@@ -36,13 +36,18 @@ impl Logs {
     pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
         self.0.iter().map(|(k, v)| (k.as_str(), *v))
     }
-    /// `name: value` pairs joined for a progress line.
+    /// `name: value` pairs joined for a progress line, each value as Keras' progress bar
+    /// writes it (scientific notation at 1e-3 and below); `epoch_time_s` is left out.
+    ///
+    /// ```
+    /// let mut logs = kiln::Logs::default();
+    /// logs.set("loss", 0.25);
+    /// logs.set("l2", 0.000321);
+    /// logs.set("epoch_time_s", 0.4);
+    /// assert_eq!(logs.summary(), "loss: 0.2500 - l2: 3.2100e-04");
+    /// ```
     pub fn summary(&self) -> String {
-        self.0
-            .iter()
-            .map(|(k, v)| format!("{k}: {v:.4}"))
-            .collect::<Vec<_>>()
-            .join(" - ")
+        super::progress::format_logs(self)
     }
 }
 
@@ -56,7 +61,8 @@ impl serde::Serialize for Logs {
     }
 }
 
-/// What `fit` returns: the logs of every epoch.
+/// What `fit` returns: the logs of every epoch. Besides the terms and metrics, each epoch
+/// records `epoch_time_s`, the seconds its training and validation took (not its callbacks).
 ///
 /// ```
 /// let mut h = kiln::History::default();
@@ -79,6 +85,27 @@ impl History {
     /// The last epoch's logs.
     pub fn last(&self) -> Option<&Logs> {
         self.epochs.last()
+    }
+    /// The history without the series `key`: e.g. `without("epoch_time_s")` to compare two
+    /// runs, whose epoch durations always differ.
+    ///
+    /// ```
+    /// let mut h = kiln::History::default();
+    /// let mut logs = kiln::Logs::default();
+    /// logs.set("loss", 1.0);
+    /// logs.set("epoch_time_s", 0.25);
+    /// h.epochs.push(logs);
+    /// let h = h.without("epoch_time_s");
+    /// assert_eq!(h.epochs[0].keys().collect::<Vec<_>>(), ["loss"]);
+    /// ```
+    pub fn without(&self, key: &str) -> History {
+        History {
+            epochs: self
+                .epochs
+                .iter()
+                .map(|l| Logs(l.0.iter().filter(|(k, _)| k != key).cloned().collect()))
+                .collect(),
+        }
     }
     /// Every series by name.
     pub fn series(&self) -> BTreeMap<String, Vec<f64>> {

@@ -5,6 +5,7 @@ mod compile;
 mod contract;
 mod history;
 mod manual;
+mod progress;
 mod sequential;
 mod summary;
 mod train;

@@ -2,6 +2,7 @@
 
 use super::compile::{not_compiled, Compiled};
 use super::history::Accumulator;
+use super::progress::EpochProgress;
 use super::{ForwardPass, History, Logs, Model, Tensors};
 use crate::adversarial::Adversarial;
 use crate::callbacks::{Callback, Control};
@@ -10,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::gradients::Gradients;
 use crate::losses::reduce_per_sample;
 use candle_core::{Tensor, Var};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -765,7 +765,7 @@ impl Model {
             if config.shuffle {
                 order.shuffle(&mut rng);
             }
-            let bar = progress_bar(config.verbose, steps, epoch, config.epochs);
+            let mut progress = EpochProgress::new(config.verbose, steps, epoch, config.epochs);
             let mut acc = Accumulator::default();
             let sizes: Vec<usize> = order.chunks(config.batch_size).map(<[u32]>::len).collect();
             self.discard_accumulated();
@@ -774,8 +774,7 @@ impl Model {
                 let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
                 let batch_loss = self.train_step(&batch, &mut rng, &mut acc, group)?;
                 let running = acc.logs("");
-                bar.set_message(running.summary());
-                bar.inc(1);
+                progress.train_step(b + 1, &running);
                 for cb in &config.callbacks {
                     if lock(cb).on_batch_end(b, batch_loss, &running)? == Control::Stop {
                         stop = true;
@@ -785,16 +784,18 @@ impl Model {
                     break;
                 }
             }
-            bar.finish_and_clear();
             let mut logs = acc.logs("");
             if let (Some(val), false) = (&validation, stop) {
+                progress.start_validation(val.len().div_ceil(config.batch_size));
                 for (k, v) in self
-                    .evaluate_logs(val, config.batch_size, "val_", None)?
+                    .evaluate_logs(val, config.batch_size, "val_", None, Some(&mut progress))?
                     .iter()
                 {
                     logs.set(k, v);
                 }
             }
+            // Before the callbacks, so checkpoints (and resumed histories) keep it too.
+            logs.set("epoch_time_s", progress.elapsed_s());
             if !stop {
                 for cb in &config.callbacks {
                     // Callbacks that run later (checkpoints) see the states of those before.
@@ -811,9 +812,7 @@ impl Model {
                     }
                 }
             }
-            if config.verbose {
-                eprintln!("Epoch {}/{} - {}", epoch + 1, config.epochs, logs.summary());
-            }
+            progress.finish(&logs);
             history.epochs.push(logs);
             if stop {
                 break;
@@ -852,7 +851,7 @@ impl Model {
     /// # Errors
     /// As [`Model::fit`], on the evaluation data.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<Logs> {
-        self.evaluate_logs(data, batch_size, "", None)
+        self.evaluate_logs(data, batch_size, "", None, None)
     }
 
     /// The loss breakdown and metrics on inputs perturbed by an attack (FGSM or PGD against the
@@ -884,7 +883,7 @@ impl Model {
         attack: &Adversarial,
     ) -> Result<Logs> {
         attack.validate(self.inputs.len())?;
-        self.evaluate_logs(data, batch_size, "", Some(attack))
+        self.evaluate_logs(data, batch_size, "", Some(attack), None)
     }
 
     fn evaluate_logs(
@@ -893,9 +892,12 @@ impl Model {
         batch_size: usize,
         prefix: &str,
         attack: Option<&Adversarial>,
+        progress: Option<&mut EpochProgress>,
     ) -> Result<Logs> {
         // On kiln's pool, as training: its kernels' parallel pieces stay there.
-        crate::runtime::on_matmul_pool(|| self.evaluate_logs_here(data, batch_size, prefix, attack))
+        crate::runtime::on_matmul_pool(|| {
+            self.evaluate_logs_here(data, batch_size, prefix, attack, progress)
+        })
     }
 
     /// [`Self::evaluate_logs`] on the calling thread.
@@ -905,6 +907,7 @@ impl Model {
         batch_size: usize,
         prefix: &str,
         attack: Option<&Adversarial>,
+        mut progress: Option<&mut EpochProgress>,
     ) -> Result<Logs> {
         let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
         if batch_size == 0 {
@@ -940,21 +943,12 @@ impl Model {
             }
             self.record(compiled, &mut acc, &terms, &batch, &pass)?;
             start += len;
+            if let Some(progress) = progress.as_deref_mut() {
+                progress.validation_step(start.div_ceil(batch_size));
+            }
         }
         Ok(acc.logs(prefix))
     }
-}
-
-fn progress_bar(verbose: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
-    if !verbose {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("Epoch {prefix} [{bar:25}] {pos}/{len} {msg}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
-    bar
 }
 
 pub(super) fn no_labeled_loss() -> Error {

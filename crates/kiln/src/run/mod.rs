@@ -33,7 +33,7 @@ mod fields;
 mod json_lines;
 mod outputs;
 
-pub use outputs::{write_history, write_loss_plots};
+pub use outputs::{write_history, write_plots};
 
 use crate::adversarial::Adversarial;
 use crate::callbacks::{checkpoint, ModelCheckpoint};
@@ -133,13 +133,15 @@ const TOP_KEYS: [&str; 6] = ["seed", "data", "model", "compile", "added", "fit"]
 
 /// The run folder's files that one run writes; a fresh run into a folder removes those of an
 /// earlier run first, so that no file of another experiment is left beside the new ones.
-const RUN_FILES: [&str; 6] = [
+const RUN_FILES: [&str; 8] = [
     "model.json",
     "model.safetensors",
     "history.json",
     "history.csv",
     "loss.svg",
     "loss.png",
+    "metrics.svg",
+    "metrics.png",
 ];
 
 impl RunFile {
@@ -664,7 +666,7 @@ impl RunFile {
         }
         model.save_weights(out.join("model.safetensors"))?;
         write_history(out, &history)?;
-        write_loss_plots(out, &history, &model.metric_names())?;
+        write_plots(out, &history, &model.metric_names())?;
         let test_logs = match &test {
             Some(t) => Some(model.evaluate(t, 256)?),
             None => None,
