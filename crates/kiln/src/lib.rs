@@ -41,6 +41,7 @@ mod gradients;
 pub mod graph;
 pub mod initializers;
 pub mod io;
+pub mod keras;
 pub mod layers;
 pub mod losses;
 pub mod metrics;
@@ -70,7 +71,8 @@ pub mod prelude {
         ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
         Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
         GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
-        LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Reshape,
+        LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Permute,
+        Reshape,
     };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,

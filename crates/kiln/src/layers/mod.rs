@@ -29,7 +29,7 @@ pub use pooling::{
     GlobalMaxPooling1D, GlobalMaxPooling2D, MaxPooling1D, MaxPooling2D,
 };
 pub use recurrent::{Gru, Lstm};
-pub use reshape::Reshape;
+pub use reshape::{Permute, Reshape};
 pub use util::Padding;
 
 use crate::error::Result;

@@ -65,6 +65,8 @@ pub struct Model {
     pub(crate) run_identity: Option<serde_json::Value>,
     /// Whether training steps run split across kiln's pool or on one thread.
     pub(crate) thread_choice: crate::runtime::ThreadChoice,
+    /// The Keras file this model was imported from, for [`Model::save_keras`].
+    pub(crate) keras: Option<Arc<crate::keras::Source>>,
 }
 
 /// Options for building a [`Model`]: seed, device, dtype.
@@ -297,6 +299,7 @@ impl Model {
             stop_requested: false,
             run_identity: None,
             thread_choice: Default::default(),
+            keras: None,
         })
     }
 

@@ -148,8 +148,18 @@ fn activation(f: &Fields) -> Result<Activation> {
     }
 }
 
-/// Builds the model of the `[model]` section; input shapes default to the data's.
-pub(crate) fn model(f: &Fields, data_input_shape: &[usize], seed: u64) -> Result<Model> {
+/// Builds the model of the `[model]` section; input shapes default to the data's. A section
+/// `keras = "model.keras"` takes the model from a Keras file (relative to `base`).
+pub(crate) fn model(
+    f: &Fields,
+    data_input_shape: &[usize],
+    seed: u64,
+    base: &std::path::Path,
+) -> Result<Model> {
+    if let Some(file) = f.str("keras")? {
+        f.finish()?;
+        return crate::keras::load(base.join(file), false).map_err(|e| f.error(e));
+    }
     let mut tensors: HashMap<String, SymbolicTensor> = HashMap::new();
     let mut inputs = Vec::new();
     let input_tables = f.tables("inputs")?;
@@ -508,8 +518,18 @@ fn loss(f: &Fields, key: &str) -> Result<LossSpec> {
     Ok(LossSpec::Loss(built))
 }
 
-/// The `[compile]` section.
-pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
+/// The `[compile]` section; `keras = true` takes the compile configuration of the Keras file
+/// the model came from.
+pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
+    let output_names = model.output_names();
+    if f.has("keras") {
+        let from_keras = f.bool_or("keras", false)?;
+        f.finish()?;
+        if !from_keras {
+            return Err(f.error("`keras = false` says nothing: give the compile options instead"));
+        }
+        return crate::keras::compile_config_of(model).map_err(|e| f.error(e));
+    }
     let opt = match f.get("optimizer") {
         None => optimizer(&Fields::new(
             f.doc,

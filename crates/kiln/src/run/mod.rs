@@ -309,14 +309,14 @@ impl RunFile {
                 .as_ref()
                 .map(|d| d.inputs()[0].dims()[1..].to_vec())
                 .unwrap_or_default();
-            let mut model = build::model(&model_section, &input_shape, seed)?;
+            let mut model = build::model(&model_section, &input_shape, seed, &self.base)?;
             for term in root.tables("added")? {
                 build::added(&term, &mut model)?;
             }
             let compile_section = root
                 .table("compile")?
                 .ok_or_else(|| root.error("missing the [compile] section"))?;
-            let compile = build::compile(&compile_section, model.output_names())?;
+            let compile = build::compile(&compile_section, &model)?;
             model
                 .compile(compile)
                 .map_err(|e| compile_section.error(e))?;
@@ -401,7 +401,7 @@ impl RunFile {
         // A model that takes its input shape from the data needs the data; one that names its
         // inputs (every model.json does) is built without reading any.
         let names_inputs =
-            self.with_root(|root| Ok(root.table("model")?.is_some_and(|m| m.has("inputs"))))?;
+            self.with_root(|root| Ok(root.table("model")?.is_some_and(|m| m.has("inputs") || m.has("keras"))))?;
         let p = match names_inputs {
             true => self.prepare_with(None, DataChoice::Nothing, device)?,
             false => self.prepare(None, device)?,
