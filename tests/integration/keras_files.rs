@@ -166,6 +166,40 @@ fn export_then_import_gives_the_same_weights_and_predictions() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A model built in kiln (Dense, Dropout, Activation, an L2 penalty) written as Keras and read
+/// back: the same weights and predictions.
+#[test]
+fn a_kiln_built_model_exports_and_imports_unchanged() {
+    let x = Input::named("features", [5]);
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .kernel_regularizer(L2::new(1e-3))
+        .name("hidden")
+        .apply(&x)
+        .unwrap();
+    let h = Dropout::new(0.2).apply(&h).unwrap();
+    let h = ActivationLayer::new(Activation::Relu).apply(&h).unwrap();
+    let y = Dense::new(2).use_bias(false).name("out").apply(&h).unwrap();
+    let model = Model::builder(&[x], &[y]).seed(3).build().unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-native-{}.keras", std::process::id()));
+    model.save_keras(&path).unwrap();
+    let back = Model::from_keras(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    for w in model.weights() {
+        assert_eq!(values(w.var.as_tensor()), values(back.weight(&w.name).unwrap().var.as_tensor()), "{}", w.name);
+    }
+    let input = Tensor::arange(0f32, 15.0, &Device::Cpu).unwrap().reshape((3, 5)).unwrap();
+    let (a, b) = (model.predict(&[input.clone()], 8).unwrap(), back.predict(&[input], 8).unwrap());
+    assert_eq!(values(&a[0]), values(&b[0]));
+    let conv = Conv1D::new(2, 2).apply(&Input::new([4, 1])).unwrap();
+    let x2 = Input::new([4, 1]);
+    let _ = conv;
+    let c = Conv1D::new(2, 2).name("conv").apply(&x2).unwrap();
+    let msg = Model::new(&[x2], &[c]).unwrap().save_keras(&path).unwrap_err().to_string();
+    assert!(msg.contains("layer `conv`") && msg.contains("cannot be written as Keras yet"), "{msg}");
+    assert!(!path.exists());
+}
+
 fn refusal(name: &str) -> String {
     match Model::from_keras(fixture(name)) {
         Ok(_) => panic!("{name} was imported"),
@@ -182,6 +216,15 @@ fn links_out_of_the_weights_file_are_not_followed() {
             "{name}: {msg}"
         );
     }
+}
+
+#[test]
+fn a_dataset_whose_data_the_file_does_not_hold_is_refused() {
+    let msg = refusal("hostile_unallocated.keras");
+    assert!(
+        msg.contains("/layers/dense/vars/0") && msg.contains("does not hold: refused before allocating"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -143,7 +143,9 @@ impl WeightsFile {
             .map_err(|e| self.error(&full, format!("has no readable layout: {e}")))?;
         let fits = match (bytes, layout) {
             (Some(b), Layout::Contiguous { address, size }) => {
-                size == b && address.is_none_or(|a| a.checked_add(size).is_some_and(|end| end <= self.size))
+                // Unallocated storage (no address) would be read as fill values of any size.
+                size == b
+                    && address.is_some_and(|a| a.checked_add(size).is_some_and(|end| end <= self.size))
             }
             (Some(b), Layout::Compact { size }) => size == b && size <= self.size,
             (_, Layout::Chunked { .. }) => {

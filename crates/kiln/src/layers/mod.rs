@@ -132,6 +132,11 @@ pub trait Layer: Send {
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
         None
     }
+    /// The Keras class and `config` (without `name`) of an equivalent Keras layer, for
+    /// [`crate::Model::save_keras`]; `None` for a layer Keras' format cannot describe yet.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 }
 
 /// Applying a layer to symbolic tensors: the functional API.

@@ -398,6 +398,32 @@ impl Model {
         Ok(())
     }
 
+    /// The graph as a list, for export: the inputs (name, id, shape), every layer application
+    /// in execution order (layer name, the layer, input ids, output id, output shape), and the
+    /// output ids.
+    pub(crate) fn graph_view(&self) -> GraphView {
+        GraphView {
+            inputs: self
+                .inputs
+                .iter()
+                .zip(&self.input_names)
+                .map(|(t, n)| (n.clone(), t.id(), t.shape().to_vec()))
+                .collect(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepView {
+                    layer_name: s.layer_name.clone(),
+                    layer: s.layer.clone(),
+                    inputs: s.inputs.clone(),
+                    output: s.node.id(),
+                    shape: s.node.shape().to_vec(),
+                })
+                .collect(),
+            outputs: self.outputs.iter().map(|t| t.id()).collect(),
+        }
+    }
+
     /// Runs the graph on a batch.
     pub(crate) fn run(
         &self,
@@ -576,6 +602,22 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The graph of a model as plain lists: see [`Model::graph_view`].
+pub(crate) struct GraphView {
+    pub(crate) inputs: Vec<(String, usize, Vec<usize>)>,
+    pub(crate) steps: Vec<StepView>,
+    pub(crate) outputs: Vec<usize>,
+}
+
+/// One layer application of a [`GraphView`].
+pub(crate) struct StepView {
+    pub(crate) layer_name: String,
+    pub(crate) layer: SharedLayer,
+    pub(crate) inputs: Vec<usize>,
+    pub(crate) output: usize,
+    pub(crate) shape: Vec<usize>,
 }
 
 /// The values of one forward pass: every tensor by node id, masks, and layer-added losses.
