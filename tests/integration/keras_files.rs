@@ -65,7 +65,10 @@ fn assert_close(what: &str, want: &[f64], got: &[f64], rtol: f64) {
     assert_eq!(want.len(), got.len(), "{what}: sizes differ");
     for (i, (w, g)) in want.iter().zip(got).enumerate() {
         let tol = rtol * w.abs().max(1.0) + 1e-6;
-        assert!((w - g).abs() <= tol, "{what}[{i}]: Keras {w}, kiln {g} (tolerance {tol})");
+        assert!(
+            (w - g).abs() <= tol,
+            "{what}[{i}]: Keras {w}, kiln {g} (tolerance {tol})"
+        );
     }
 }
 
@@ -128,7 +131,10 @@ fn one_training_step_matches_keras() {
         let n = x[0].dims()[0];
         let data = Dataset::multi(x, y).unwrap();
         let history = model
-            .fit(&data, Fit::new().epochs(1).batch_size(n).shuffle(false).quiet())
+            .fit(
+                &data,
+                Fit::new().epochs(1).batch_size(n).shuffle(false).quiet(),
+            )
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let loss = history.last().unwrap().get("loss").unwrap();
         let keras_loss = train["loss"].as_f64().unwrap();
@@ -137,10 +143,17 @@ fn one_training_step_matches_keras() {
             "{name}: loss Keras {keras_loss}, kiln {loss}"
         );
         for (wname, want) in train["weights_after"].as_object().unwrap() {
-            let w = model.weight(wname).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let w = model
+                .weight(wname)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             let mut wv = Vec::new();
             flat(want, &mut wv);
-            assert_close(&format!("{name} {wname}"), &wv, &values(w.var.as_tensor()), 2e-4);
+            assert_close(
+                &format!("{name} {wname}"),
+                &wv,
+                &values(w.var.as_tensor()),
+                2e-4,
+            );
         }
     }
 }
@@ -156,7 +169,12 @@ fn export_then_import_gives_the_same_weights_and_predictions() {
         let back = Model::from_keras(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
         for w in model.weights() {
             let b = back.weight(&w.name).unwrap();
-            assert_eq!(values(w.var.as_tensor()), values(b.var.as_tensor()), "{name} {}", w.name);
+            assert_eq!(
+                values(w.var.as_tensor()),
+                values(b.var.as_tensor()),
+                "{name} {}",
+                w.name
+            );
         }
         let c = case(name);
         for (a, b) in predictions(&model, &c).iter().zip(predictions(&back, &c)) {
@@ -186,17 +204,33 @@ fn a_kiln_built_model_exports_and_imports_unchanged() {
     let back = Model::from_keras(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     for w in model.weights() {
-        assert_eq!(values(w.var.as_tensor()), values(back.weight(&w.name).unwrap().var.as_tensor()), "{}", w.name);
+        assert_eq!(
+            values(w.var.as_tensor()),
+            values(back.weight(&w.name).unwrap().var.as_tensor()),
+            "{}",
+            w.name
+        );
     }
-    let input = Tensor::arange(0f32, 15.0, &Device::Cpu).unwrap().reshape((3, 5)).unwrap();
-    let (a, b) = (model.predict(&[input.clone()], 8).unwrap(), back.predict(&[input], 8).unwrap());
+    let input = Tensor::arange(0f32, 15.0, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 5))
+        .unwrap();
+    let (a, b) = (
+        model.predict(std::slice::from_ref(&input), 8).unwrap(),
+        back.predict(&[input], 8).unwrap(),
+    );
     assert_eq!(values(&a[0]), values(&b[0]));
-    let conv = Conv1D::new(2, 2).apply(&Input::new([4, 1])).unwrap();
     let x2 = Input::new([4, 1]);
-    let _ = conv;
     let c = Conv1D::new(2, 2).name("conv").apply(&x2).unwrap();
-    let msg = Model::new(&[x2], &[c]).unwrap().save_keras(&path).unwrap_err().to_string();
-    assert!(msg.contains("layer `conv`") && msg.contains("cannot be written as Keras yet"), "{msg}");
+    let msg = Model::new(&[x2], &[c])
+        .unwrap()
+        .save_keras(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("layer `conv`") && msg.contains("cannot be written as Keras yet"),
+        "{msg}"
+    );
     assert!(!path.exists());
 }
 
@@ -212,7 +246,8 @@ fn links_out_of_the_weights_file_are_not_followed() {
     for name in ["hostile_soft_link.keras", "hostile_external_link.keras"] {
         let msg = refusal(name);
         assert!(
-            msg.contains("/layers/dense/vars") && msg.contains("never follows soft or external links"),
+            msg.contains("/layers/dense/vars")
+                && msg.contains("never follows soft or external links"),
             "{name}: {msg}"
         );
     }
@@ -222,7 +257,8 @@ fn links_out_of_the_weights_file_are_not_followed() {
 fn a_dataset_whose_data_the_file_does_not_hold_is_refused() {
     let msg = refusal("hostile_unallocated.keras");
     assert!(
-        msg.contains("/layers/dense/vars/0") && msg.contains("does not hold: refused before allocating"),
+        msg.contains("/layers/dense/vars/0")
+            && msg.contains("does not hold: refused before allocating"),
         "{msg}"
     );
 }
@@ -231,7 +267,9 @@ fn a_dataset_whose_data_the_file_does_not_hold_is_refused() {
 fn lambda_layers_are_refused() {
     let msg = refusal("hostile_lambda.keras");
     assert!(
-        msg.contains("config.layers[1].class_name") && msg.contains("Lambda") && msg.contains("never runs code"),
+        msg.contains("config.layers[1].class_name")
+            && msg.contains("Lambda")
+            && msg.contains("never runs code"),
         "{msg}"
     );
 }
@@ -258,7 +296,8 @@ fn edited(name: &str, tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let path = std::env::temp_dir().join(format!("kiln-keras-{tag}-{}.keras", std::process::id()));
     let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     for (n, bytes) in parts {
-        w.start_file(n, zip::write::SimpleFileOptions::default()).unwrap();
+        w.start_file(n, zip::write::SimpleFileOptions::default())
+            .unwrap();
         w.write_all(&bytes).unwrap();
     }
     w.finish().unwrap();
@@ -280,23 +319,38 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
     let msg = refused_edit("option", |v| {
         v["config"]["layers"][1]["config"]["groups"] = 2.into();
     });
-    assert!(msg.contains("config.layers[1].config.groups") && msg.contains("groups = 1"), "{msg}");
+    assert!(
+        msg.contains("config.layers[1].config.groups") && msg.contains("groups = 1"),
+        "{msg}"
+    );
     let msg = refused_edit("unknown", |v| {
         v["config"]["layers"][2]["config"]["new_option"] = true.into();
     });
-    assert!(msg.contains("config.layers[2].config.new_option") && msg.contains("unknown option"), "{msg}");
+    assert!(
+        msg.contains("config.layers[2].config.new_option") && msg.contains("unknown option"),
+        "{msg}"
+    );
     let msg = refused_edit("activation", |v| {
         v["config"]["layers"][1]["config"]["activation"] = "selu".into();
     });
-    assert!(msg.contains("config.layers[1].config.activation") && msg.contains("selu"), "{msg}");
+    assert!(
+        msg.contains("config.layers[1].config.activation") && msg.contains("selu"),
+        "{msg}"
+    );
     let msg = refused_edit("class", |v| {
         v["config"]["layers"][3]["class_name"] = "SeparableConv2D".into();
     });
-    assert!(msg.contains("config.layers[3].class_name") && msg.contains("SeparableConv2D"), "{msg}");
+    assert!(
+        msg.contains("config.layers[3].class_name") && msg.contains("SeparableConv2D"),
+        "{msg}"
+    );
     let msg = refused_edit("frozen", |v| {
         v["config"]["layers"][1]["config"]["trainable"] = false.into();
     });
-    assert!(msg.contains("config.layers[1].config.trainable") && msg.contains("`c1` is frozen"), "{msg}");
+    assert!(
+        msg.contains("config.layers[1].config.trainable") && msg.contains("`c1` is frozen"),
+        "{msg}"
+    );
     let msg = refused_edit("axis", |v| {
         v["config"]["layers"][3]["config"]["axis"] = 1.into();
     });
@@ -305,11 +359,17 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
         v["compile_config"]["loss"]["class_name"] = "MyLoss".into();
         v["compile_config"]["loss"]["registered_name"] = "Custom>MyLoss".into();
     });
-    assert!(msg.contains("compile_config.loss") && msg.contains("`Custom>MyLoss` is not registered"), "{msg}");
+    assert!(
+        msg.contains("compile_config.loss") && msg.contains("`Custom>MyLoss` is not registered"),
+        "{msg}"
+    );
     let msg = refused_edit("loss_param", |v| {
         v["compile_config"]["loss"]["config"]["from_logits"] = "yes".into();
     });
-    assert!(msg.contains("compile_config.loss.config") && msg.contains("from_logits"), "{msg}");
+    assert!(
+        msg.contains("compile_config.loss.config") && msg.contains("from_logits"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -339,7 +399,8 @@ fn a_zip_bomb_is_refused_before_decompressing() {
     let deflated = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
         .large_file(true);
-    w.start_file("config.json", zip::write::SimpleFileOptions::default()).unwrap();
+    w.start_file("config.json", zip::write::SimpleFileOptions::default())
+        .unwrap();
     w.write_all(b"{}").unwrap();
     w.start_file("model.weights.h5", deflated).unwrap();
     let zeros = vec![0u8; 1 << 20];
@@ -352,7 +413,10 @@ fn a_zip_bomb_is_refused_before_decompressing() {
         Err(e) => e.to_string(),
     };
     std::fs::remove_file(&path).unwrap();
-    assert!(msg.contains("model.weights.h5") && msg.contains("decompression bomb"), "{msg}");
+    assert!(
+        msg.contains("model.weights.h5") && msg.contains("decompression bomb"),
+        "{msg}"
+    );
 }
 
 fn kiln(args: &[&str]) -> (bool, String) {
@@ -374,7 +438,12 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
     let source = fixture("mlp_sequential.keras");
-    let (ok, text) = kiln(&["import", source.to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    let (ok, text) = kiln(&[
+        "import",
+        source.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
     assert!(ok && text.contains("compiled"), "{text}");
     for f in ["model.keras", "model.json", "model.safetensors"] {
         assert!(run.join(f).is_file(), "{f}");
@@ -398,14 +467,32 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
     assert_close("kiln predict", &want, &values(&p), 1e-5);
 
     let out = dir.join("back.keras");
-    let (ok, text) = kiln(&["export", run.to_str().unwrap(), "--keras", out.to_str().unwrap()]);
+    let (ok, text) = kiln(&[
+        "export",
+        run.to_str().unwrap(),
+        "--keras",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{text}");
-    let (a, b) = (Model::from_keras(&source).unwrap(), Model::from_keras(&out).unwrap());
+    let (a, b) = (
+        Model::from_keras(&source).unwrap(),
+        Model::from_keras(&out).unwrap(),
+    );
     for w in a.weights() {
         let v = b.weight(&w.name).unwrap();
-        assert_eq!(values(w.var.as_tensor()), values(v.var.as_tensor()), "{}", w.name);
+        assert_eq!(
+            values(w.var.as_tensor()),
+            values(v.var.as_tensor()),
+            "{}",
+            w.name
+        );
     }
-    let (ok, text) = kiln(&["import", fixture("hostile_lambda.keras").to_str().unwrap(), "--out", dir.join("bad").to_str().unwrap()]);
+    let (ok, text) = kiln(&[
+        "import",
+        fixture("hostile_lambda.keras").to_str().unwrap(),
+        "--out",
+        dir.join("bad").to_str().unwrap(),
+    ]);
     assert!(!ok && text.contains("Lambda"), "{text}");
     assert!(!dir.join("bad").join("model.json").exists());
     std::fs::remove_dir_all(&dir).unwrap();

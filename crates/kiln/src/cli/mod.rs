@@ -382,7 +382,11 @@ fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
         "imported {} ({} layers, {weights} weights{}) into {}",
         source.display(),
         model.layer_names().len(),
-        if model.is_compiled() { ", compiled" } else { "" },
+        if model.is_compiled() {
+            ", compiled"
+        } else {
+            ""
+        },
         dir.display()
     );
     Ok(())

@@ -31,7 +31,9 @@ pub(crate) fn read(path: &Path) -> Result<Archive> {
         ))
     })?;
     let config = member(&mut zip, path, "config.json", MAX_JSON)?.ok_or_else(|| {
-        Error::Data(format!("{shown}: has no config.json: not a Keras 3 .keras file"))
+        Error::Data(format!(
+            "{shown}: has no config.json: not a Keras 3 .keras file"
+        ))
     })?;
     let metadata = member(&mut zip, path, "metadata.json", MAX_JSON)?;
     let weights = member(&mut zip, path, "model.weights.h5", u64::MAX)?.ok_or_else(|| {

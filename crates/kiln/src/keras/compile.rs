@@ -82,10 +82,20 @@ pub(crate) fn compile(cc: &Obj, outputs: &[(String, String)]) -> Result<Compile>
             for (i, v) in items.iter().enumerate() {
                 if let Value::Array(per_output) = v {
                     let (_, output) = outputs.get(i).ok_or_else(|| {
-                        cc.error("metrics", format!("{} lists of metrics for {} outputs", items.len(), outputs.len()))
+                        cc.error(
+                            "metrics",
+                            format!(
+                                "{} lists of metrics for {} outputs",
+                                items.len(),
+                                outputs.len()
+                            ),
+                        )
                     })?;
                     for (j, m) in per_output.iter().enumerate() {
-                        c = c.metric_for(output.clone(), metric(cc, m, &format!("metrics[{i}][{j}]"))?);
+                        c = c.metric_for(
+                            output.clone(),
+                            metric(cc, m, &format!("metrics[{i}][{j}]"))?,
+                        );
                     }
                 } else {
                     c = c.metric(metric(cc, v, &format!("metrics[{i}]"))?);
@@ -96,7 +106,12 @@ pub(crate) fn compile(cc: &Obj, outputs: &[(String, String)]) -> Result<Compile>
     }
     cc.expect_null("weighted_metrics", "weighted metrics")?;
     // How Keras runs a step (eagerly, jitted, several per call) changes no value.
-    cc.ignore(&["run_eagerly", "steps_per_execution", "jit_compile", "auto_scale_loss"]);
+    cc.ignore(&[
+        "run_eagerly",
+        "steps_per_execution",
+        "jit_compile",
+        "auto_scale_loss",
+    ]);
     cc.finish("compile_config")?;
     Ok(c)
 }
@@ -156,7 +171,8 @@ fn loss(cc: &Obj, v: &Value, at: &str) -> Result<LossSpec> {
                 .filter(|r| *r != class)
                 .map(str::to_string);
             let cfg = o.obj("config")?;
-            let built_in = crate::losses::keras_class_name(&class).is_some() && registered.is_none();
+            let built_in =
+                crate::losses::keras_class_name(&class).is_some() && registered.is_none();
             if !built_in {
                 // A custom loss: kiln's registry, by the name Keras registered it under.
                 let key = registered.clone().unwrap_or(class.clone());
@@ -177,19 +193,36 @@ fn loss(cc: &Obj, v: &Value, at: &str) -> Result<LossSpec> {
             let reduction = match params.remove("reduction") {
                 None | Some(Value::Null) => Reduction::default(),
                 Some(Value::String(r)) => r.parse().map_err(|e| cfg.error("reduction", e))?,
-                Some(other) => return Err(cfg.error("reduction", format!("expected a string, got {}", short(&other)))),
+                Some(other) => {
+                    return Err(cfg.error(
+                        "reduction",
+                        format!("expected a string, got {}", short(&other)),
+                    ))
+                }
             };
             match params.remove("dtype") {
                 None | Some(Value::Null) => {}
                 Some(Value::String(d)) if d == "float32" => {}
-                Some(other) => return Err(cfg.error("dtype", format!("{} is not supported: kiln computes in float32", short(&other)))),
+                Some(other) => {
+                    return Err(cfg.error(
+                        "dtype",
+                        format!(
+                            "{} is not supported: kiln computes in float32",
+                            short(&other)
+                        ),
+                    ))
+                }
             }
-            let built = crate::conformance::loss_from_keras(&class, &Value::Object(params), reduction)
-                .map_err(|e| Error::Data(format!("{}: {}.config: {e}", cc.file, at)))?;
+            let built =
+                crate::conformance::loss_from_keras(&class, &Value::Object(params), reduction)
+                    .map_err(|e| Error::Data(format!("{}: {}.config: {e}", cc.file, at)))?;
             o.finish("a loss")?;
             Ok(LossSpec::Loss(built))
         }
-        other => Err(cc.error_here(format!("{at}: expected a loss name or object, got {}", short(other)))),
+        other => Err(cc.error_here(format!(
+            "{at}: expected a loss name or object, got {}",
+            short(other)
+        ))),
     }
 }
 
@@ -217,7 +250,12 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
                 "adam" => "Adam",
                 "adamw" => "AdamW",
                 "rmsprop" => "RMSprop",
-                other => return Err(cc.error("optimizer", format!("kiln has no optimizer `{other}`: use sgd, adam, adamw or rmsprop"))),
+                other => {
+                    return Err(cc.error(
+                        "optimizer",
+                        format!("kiln has no optimizer `{other}`: use sgd, adam, adamw or rmsprop"),
+                    ))
+                }
             };
             return Ok(match class {
                 "SGD" => Box::new(Sgd::new(0.01)),
@@ -232,12 +270,20 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
         }
     };
     o.ignore(&["module"]);
-    o.expect("registered_name", |r| r.is_null() || r.as_str() == Some(class.as_str()), "built-in optimizers")?;
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class.as_str()),
+        "built-in optimizers",
+    )?;
     let c = o.obj("config")?;
     c.ignore(&["name", "ema_momentum", "ema_overwrite_frequency"]);
     c.expect("use_ema", |v| v == &Value::Bool(false), "use_ema = false")?;
     c.expect_null("loss_scale_factor", "loss scaling")?;
-    c.expect("gradient_accumulation_steps", |v| v.is_null() || v.as_u64() == Some(1), "no gradient accumulation")?;
+    c.expect(
+        "gradient_accumulation_steps",
+        |v| v.is_null() || v.as_u64() == Some(1),
+        "no gradient accumulation",
+    )?;
     let lr_v = c.required("learning_rate")?;
     let lr = lr_v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
         c.error("learning_rate", format!("{} is not supported: kiln takes a positive number (a schedule becomes an lr_schedule callback)", short(lr_v)))
@@ -245,7 +291,11 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
     let opt_num = |key: &str| -> Result<Option<f64>> {
         match c.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| c.error(key, format!("expected a number, got {}", short(v)))),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| c.error(key, format!("expected a number, got {}", short(v)))),
         }
     };
     let clip = |mut o: Box<dyn ClipBuilder>| -> Result<Box<dyn Optimizer>> {
@@ -265,11 +315,18 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
             if opt_num("weight_decay")?.is_some_and(|w| w != 0.0) {
                 return Err(c.error("weight_decay", "SGD with weight decay is not supported by kiln: use AdamW, or add an L2 penalty"));
             }
-            clip(Box::new(Sgd::new(lr).momentum(c.f64("momentum")?).nesterov(c.bool("nesterov")?)))?
+            clip(Box::new(
+                Sgd::new(lr)
+                    .momentum(c.f64("momentum")?)
+                    .nesterov(c.bool("nesterov")?),
+            ))?
         }
         "Adam" => {
             c.expect("amsgrad", |v| v == &Value::Bool(false), "amsgrad = false")?;
-            let mut a = Adam::new(lr).beta_1(c.f64("beta_1")?).beta_2(c.f64("beta_2")?).epsilon(c.f64("epsilon")?);
+            let mut a = Adam::new(lr)
+                .beta_1(c.f64("beta_1")?)
+                .beta_2(c.f64("beta_2")?)
+                .epsilon(c.f64("epsilon")?);
             if let Some(w) = opt_num("weight_decay")? {
                 a = a.weight_decay(w);
             }
@@ -278,15 +335,35 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
         "AdamW" => {
             c.expect("amsgrad", |v| v == &Value::Bool(false), "amsgrad = false")?;
             let w = opt_num("weight_decay")?.unwrap_or(0.004);
-            clip(Box::new(AdamW::new(lr).weight_decay(w).beta_1(c.f64("beta_1")?).beta_2(c.f64("beta_2")?).epsilon(c.f64("epsilon")?)))?
+            clip(Box::new(
+                AdamW::new(lr)
+                    .weight_decay(w)
+                    .beta_1(c.f64("beta_1")?)
+                    .beta_2(c.f64("beta_2")?)
+                    .epsilon(c.f64("epsilon")?),
+            ))?
         }
         "RMSprop" => {
             if opt_num("weight_decay")?.is_some_and(|w| w != 0.0) {
-                return Err(c.error("weight_decay", "RMSprop with weight decay is not supported by kiln"));
+                return Err(c.error(
+                    "weight_decay",
+                    "RMSprop with weight decay is not supported by kiln",
+                ));
             }
-            clip(Box::new(RmsProp::new(lr).rho(c.f64("rho")?).momentum(c.f64("momentum")?).epsilon(c.f64("epsilon")?).centered(c.bool("centered")?)))?
+            clip(Box::new(
+                RmsProp::new(lr)
+                    .rho(c.f64("rho")?)
+                    .momentum(c.f64("momentum")?)
+                    .epsilon(c.f64("epsilon")?)
+                    .centered(c.bool("centered")?),
+            ))?
         }
-        other => return Err(o.error("class_name", format!("kiln has no optimizer `{other}`: use SGD, Adam, AdamW or RMSprop"))),
+        other => {
+            return Err(o.error(
+                "class_name",
+                format!("kiln has no optimizer `{other}`: use SGD, Adam, AdamW or RMSprop"),
+            ))
+        }
     };
     c.finish(&class)?;
     o.finish("an optimizer")?;

@@ -98,13 +98,20 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
             .collect();
         let entry = nodes.entry(step.layer_name.clone()).or_default();
         let k = entry.len();
-        let arg = if args.len() == 1 { args[0].clone() } else { Value::Array(args) };
+        let arg = if args.len() == 1 {
+            args[0].clone()
+        } else {
+            Value::Array(args)
+        };
         entry.push(json!({ "args": [arg], "kwargs": {} }));
         made_by.insert(step.output, (step.layer_name.clone(), k));
         shapes.insert(step.output, step.shape.clone());
         if k == 0 {
             order.push(step.layer_name.clone());
-            first.insert(step.layer_name.clone(), (step, shapes[&step.inputs[0]].clone()));
+            first.insert(
+                step.layer_name.clone(),
+                (step, shapes[&step.inputs[0]].clone()),
+            );
         }
     }
     for name in &order {
@@ -137,7 +144,10 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
         for w in keras_order {
             if let Ok(weight) = model.weight(&format!("{name}/{w}")) {
                 let t = weight.var.as_tensor();
-                let values = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                let values = t
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
                 vars.dataset(&i.to_string(), t.dims().to_vec(), values);
                 i += 1;
             }

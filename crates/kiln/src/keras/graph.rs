@@ -104,17 +104,20 @@ fn sample_shape(file: &str, path: &str, v: &Value) -> Result<Vec<usize>> {
     items[1..]
         .iter()
         .map(|d| {
-            d.as_u64().filter(|d| *d > 0).map(|d| d as usize).ok_or_else(|| {
-                error_at(
-                    file,
-                    path,
-                    format!(
-                        "shape {} has an axis of unknown size: kiln needs every axis but the \
+            d.as_u64()
+                .filter(|d| *d > 0)
+                .map(|d| d as usize)
+                .ok_or_else(|| {
+                    error_at(
+                        file,
+                        path,
+                        format!(
+                            "shape {} has an axis of unknown size: kiln needs every axis but the \
                          batch fixed",
-                        short(v)
-                    ),
-                )
-            })
+                            short(v)
+                        ),
+                    )
+                })
         })
         .collect()
 }
@@ -136,8 +139,8 @@ fn tensor_arg(file: &str, path: String, v: &Value) -> Result<Arg> {
         return Err(t.error("class_name", "expected a Keras tensor"));
     }
     let c = t.obj("config")?;
-    let shape = keras_shape(c.required("shape")?)
-        .ok_or_else(|| c.error("shape", "expected a shape"))?;
+    let shape =
+        keras_shape(c.required("shape")?).ok_or_else(|| c.error("shape", "expected a shape"))?;
     c.ignore(&["dtype"]);
     let h = c.required("keras_history")?;
     let r = match h.as_array().map(Vec::as_slice) {
@@ -146,7 +149,12 @@ fn tensor_arg(file: &str, path: String, v: &Value) -> Result<Arg> {
             a.as_u64().unwrap_or(0) as usize,
             b.as_u64().unwrap_or(0) as usize,
         ),
-        _ => return Err(c.error("keras_history", format!("expected [layer, node, index], got {}", short(h)))),
+        _ => {
+            return Err(c.error(
+                "keras_history",
+                format!("expected [layer, node, index], got {}", short(h)),
+            ))
+        }
     };
     c.finish("a Keras tensor")?;
     t.finish("a Keras tensor")?;
@@ -169,7 +177,15 @@ fn refs(o: &Obj, key: &str) -> Result<Vec<Ref>> {
     }
     v.as_array()
         .and_then(|a| a.iter().map(one).collect::<Option<Vec<_>>>())
-        .ok_or_else(|| o.error(key, format!("expected [layer, node, index] or a list of them, got {}", short(v))))
+        .ok_or_else(|| {
+            o.error(
+                key,
+                format!(
+                    "expected [layer, node, index] or a list of them, got {}",
+                    short(v)
+                ),
+            )
+        })
 }
 
 impl<'a> Reader<'a> {
@@ -177,8 +193,18 @@ impl<'a> Reader<'a> {
     /// layers named with `prefix`, its weights under the group `h5`.
     pub(crate) fn model(&mut self, o: &Obj, prefix: &str, h5: &str) -> Result<Rc<Graph>> {
         let class = o.str("class_name")?;
-        o.ignore(&["module", "build_config", "compile_config", "name", "inbound_nodes"]);
-        o.expect("registered_name", |v| v.is_null() || v.as_str() == Some(class), "built-in model classes")?;
+        o.ignore(&[
+            "module",
+            "build_config",
+            "compile_config",
+            "name",
+            "inbound_nodes",
+        ]);
+        o.expect(
+            "registered_name",
+            |v| v.is_null() || v.as_str() == Some(class),
+            "built-in model classes",
+        )?;
         let cfg = o.obj("config")?;
         let graph = match class {
             "Functional" | "Model" => self.functional(&cfg, prefix, h5)?,
@@ -206,7 +232,10 @@ impl<'a> Reader<'a> {
         let class = l.str("class_name")?;
         let cfg = l.obj("config")?;
         let name = match l.get("name") {
-            Some(n) => n.as_str().ok_or_else(|| l.error("name", "expected a string"))?.to_string(),
+            Some(n) => n
+                .as_str()
+                .ok_or_else(|| l.error("name", "expected a string"))?
+                .to_string(),
             None => cfg.str("name")?.to_string(),
         };
         let registered = l.get("registered_name").filter(|v| !v.is_null());
@@ -226,7 +255,11 @@ impl<'a> Reader<'a> {
             ));
         }
         if matches!(class, "Functional" | "Sequential" | "Model") {
-            let snake = if class == "Sequential" { "sequential" } else { "functional" };
+            let snake = if class == "Sequential" {
+                "sequential"
+            } else {
+                "functional"
+            };
             let group = format!("{h5}/{}", groups.next(snake));
             let nested = self.model(l, &format!("{prefix}{name}/"), &format!("{group}/layers"))?;
             self.slots.push(LayerSlot {
@@ -256,24 +289,34 @@ impl<'a> Reader<'a> {
                 "class_name",
                 format!(
                     "layer `{name}` is a {class}, which kiln does not have; kiln imports {}",
-                    layers::CLASSES[..25].iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+                    layers::CLASSES[..25]
+                        .iter()
+                        .map(|(c, _)| *c)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
         let input_shape = match l.get("build_config") {
-            Some(b) => b
-                .get("input_shape")
-                .and_then(keras_shape),
+            Some(b) => b.get("input_shape").and_then(keras_shape),
             None => None,
         };
         let kiln_name = format!("{prefix}{name}");
         let zero_mask = class == "Embedding" && cfg.get("mask_zero") == Some(&Value::Bool(true));
-        let Made { layer, weights, in_cell, snake } =
-            layers::make(class, &cfg, &kiln_name, input_shape.as_deref())?;
+        let Made {
+            layer,
+            weights,
+            in_cell,
+            snake,
+        } = layers::make(class, &cfg, &kiln_name, input_shape.as_deref())?;
         let group = format!("{h5}/{}", groups.next(snake));
         self.slots.push(LayerSlot {
             kiln: kiln_name,
-            vars: if in_cell { format!("{group}/cell/vars") } else { format!("{group}/vars") },
+            vars: if in_cell {
+                format!("{group}/cell/vars")
+            } else {
+                format!("{group}/vars")
+            },
             weights,
         });
         Ok((name, Built::Layer(layer, zero_mask)))
@@ -283,7 +326,10 @@ impl<'a> Reader<'a> {
         let name = cfg.str("name")?.to_string();
         layers::check_trainable(cfg, &name)?;
         layers::check_dtype(cfg)?;
-        let list = cfg.required("layers")?.as_array().ok_or_else(|| cfg.error("layers", "expected a list"))?;
+        let list = cfg
+            .required("layers")?
+            .as_array()
+            .ok_or_else(|| cfg.error("layers", "expected a list"))?;
         let mut groups = GroupNames::default();
         let mut entries = Vec::new();
         let mut input_specs = Vec::new();
@@ -292,7 +338,10 @@ impl<'a> Reader<'a> {
             let (lname, built) = self.member(&l, prefix, h5, &mut groups)?;
             if matches!(built, Built::Input) {
                 let c = l.obj("config")?;
-                let shape = c.get("batch_shape").or_else(|| c.get("batch_input_shape")).ok_or_else(|| c.error_here("`batch_shape` is missing"))?;
+                let shape = c
+                    .get("batch_shape")
+                    .or_else(|| c.get("batch_input_shape"))
+                    .ok_or_else(|| c.error_here("`batch_shape` is missing"))?;
                 let shape = sample_shape(self.file, &c.at("batch_shape"), shape)?;
                 c.ignore(&["name", "dtype"]);
                 for key in ["sparse", "ragged", "optional"] {
@@ -302,13 +351,21 @@ impl<'a> Reader<'a> {
                 input_specs.push((lname.clone(), shape));
             }
             let mut nodes = Vec::new();
-            let inbound = l.get("inbound_nodes").and_then(Value::as_array).cloned().unwrap_or_default();
+            let inbound = l
+                .get("inbound_nodes")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             for (k, n) in inbound.iter().enumerate() {
                 let npath = l.at(&format!("inbound_nodes[{k}]"));
                 nodes.push(self.node(n, npath, &built)?);
             }
             l.finish("a layer entry")?;
-            entries.push(Entry { name: lname, built, nodes });
+            entries.push(Entry {
+                name: lname,
+                built,
+                nodes,
+            });
         }
         let inputs = refs(cfg, "input_layers")?;
         let outputs = refs(cfg, "output_layers")?;
@@ -316,7 +373,10 @@ impl<'a> Reader<'a> {
         let mut specs = Vec::new();
         for r in &inputs {
             let s = input_specs.iter().find(|(n, _)| *n == r.0).ok_or_else(|| {
-                cfg.error("input_layers", format!("`{}` is not an InputLayer of the model", r.0))
+                cfg.error(
+                    "input_layers",
+                    format!("`{}` is not an InputLayer of the model", r.0),
+                )
             })?;
             specs.push(s.clone());
         }
@@ -334,7 +394,10 @@ impl<'a> Reader<'a> {
 
     fn node(&self, n: &Value, path: String, built: &Built) -> Result<Node> {
         let o = Obj::new(n, path.clone(), self.file)?;
-        let args_v = o.required("args")?.as_array().ok_or_else(|| o.error("args", "expected a list"))?;
+        let args_v = o
+            .required("args")?
+            .as_array()
+            .ok_or_else(|| o.error("args", "expected a list"))?;
         let mut args = Vec::new();
         let is_mask = matches!(built, Built::Mask);
         for (i, a) in args_v.iter().enumerate() {
@@ -351,13 +414,19 @@ impl<'a> Reader<'a> {
                     return Err(error_at(
                         self.file,
                         &apath,
-                        format!("argument {} is not supported: kiln passes tensors only", short(v)),
+                        format!(
+                            "argument {} is not supported: kiln passes tensors only",
+                            short(v)
+                        ),
                     ))
                 }
             }
         }
         if is_mask && args.len() != 1 {
-            return Err(o.error("args", "kiln reads NotEqual only as the mask of an Embedding: NotEqual(tokens, 0)"));
+            return Err(o.error(
+                "args",
+                "kiln reads NotEqual only as the mask of an Embedding: NotEqual(tokens, 0)",
+            ));
         }
         let kw = o.obj("kwargs")?;
         let mut mask = Vec::new();
@@ -376,7 +445,11 @@ impl<'a> Reader<'a> {
             }
         }
         // Keras' fit and predict set the training flag of every call themselves.
-        kw.expect("training", |v| v.is_boolean() || v.is_null(), "a training flag")?;
+        kw.expect(
+            "training",
+            |v| v.is_boolean() || v.is_null(),
+            "a training flag",
+        )?;
         kw.finish("a call")?;
         o.finish("a node")?;
         Ok(Node { args, mask, path })
@@ -386,7 +459,10 @@ impl<'a> Reader<'a> {
         let name = cfg.str("name")?.to_string();
         layers::check_trainable(cfg, &name)?;
         layers::check_dtype(cfg)?;
-        let list = cfg.required("layers")?.as_array().ok_or_else(|| cfg.error("layers", "expected a list"))?;
+        let list = cfg
+            .required("layers")?
+            .as_array()
+            .ok_or_else(|| cfg.error("layers", "expected a list"))?;
         let mut groups = GroupNames::default();
         let mut entries = Vec::new();
         let mut input = None;
@@ -396,7 +472,10 @@ impl<'a> Reader<'a> {
                 // Sequential models keep no group for their InputLayer.
                 let c = l.obj("config")?;
                 l.ignore(&["module", "registered_name", "name"]);
-                let shape = c.get("batch_shape").or_else(|| c.get("batch_input_shape")).ok_or_else(|| c.error_here("`batch_shape` is missing"))?;
+                let shape = c
+                    .get("batch_shape")
+                    .or_else(|| c.get("batch_input_shape"))
+                    .ok_or_else(|| c.error_here("`batch_shape` is missing"))?;
                 let shape = sample_shape(self.file, &c.at("batch_shape"), shape)?;
                 let iname = c.str("name")?.to_string();
                 c.ignore(&["dtype"]);
@@ -413,7 +492,11 @@ impl<'a> Reader<'a> {
                 return Err(l.error("class_name", "NotEqual has no place in a Sequential model"));
             }
             l.finish("a layer entry")?;
-            entries.push(Entry { name: lname, built, nodes: Vec::new() });
+            entries.push(Entry {
+                name: lname,
+                built,
+                nodes: Vec::new(),
+            });
         }
         let input = match input {
             Some(i) => i,
@@ -421,7 +504,10 @@ impl<'a> Reader<'a> {
                 let v = cfg.get("build_input_shape").filter(|v| !v.is_null()).ok_or_else(|| {
                     cfg.error_here("the Sequential model has no InputLayer and no build_input_shape: kiln needs its input shape")
                 })?;
-                (format!("{name}_input"), sample_shape(self.file, &cfg.at("build_input_shape"), v)?)
+                (
+                    format!("{name}_input"),
+                    sample_shape(self.file, &cfg.at("build_input_shape"), v)?,
+                )
             }
         };
         cfg.ignore(&["build_input_shape"]);
@@ -450,27 +536,45 @@ impl Graph {
     /// The names of the layers that make the outputs, as Keras names the outputs.
     pub(crate) fn output_names(&self) -> Vec<String> {
         if self.sequential {
-            self.entries.last().map(|e| vec![e.name.clone()]).unwrap_or_default()
+            self.entries
+                .last()
+                .map(|e| vec![e.name.clone()])
+                .unwrap_or_default()
         } else {
             self.outputs.iter().map(|r| r.0.clone()).collect()
         }
     }
 
     /// Applies the model to kiln tensors, returning its outputs.
-    pub(crate) fn apply(&self, file: &str, inputs: &[SymbolicTensor]) -> Result<Vec<SymbolicTensor>> {
+    pub(crate) fn apply(
+        &self,
+        file: &str,
+        inputs: &[SymbolicTensor],
+    ) -> Result<Vec<SymbolicTensor>> {
         let at = |msg: String| error_at(file, &self.path, msg);
         if inputs.len() != self.input_specs.len() {
-            return Err(at(format!("model `{}` takes {} inputs but is given {}", self.name, self.input_specs.len(), inputs.len())));
+            return Err(at(format!(
+                "model `{}` takes {} inputs but is given {}",
+                self.name,
+                self.input_specs.len(),
+                inputs.len()
+            )));
         }
         if self.sequential {
             let mut x = inputs[0].clone();
             for e in &self.entries {
                 x = match &e.built {
-                    Built::Layer(l, _) => l.apply(&x).map_err(|err| at(format!("layer `{}`: {err}", e.name)))?,
+                    Built::Layer(l, _) => l
+                        .apply(&x)
+                        .map_err(|err| at(format!("layer `{}`: {err}", e.name)))?,
                     Built::Nested(g) => {
                         let mut out = g.apply(file, &[x])?;
                         if out.len() != 1 {
-                            return Err(at(format!("model `{}` in a Sequential model has {} outputs", e.name, out.len())));
+                            return Err(at(format!(
+                                "model `{}` in a Sequential model has {} outputs",
+                                e.name,
+                                out.len()
+                            )));
                         }
                         out.remove(0)
                     }
@@ -485,7 +589,11 @@ impl Graph {
         }
         // The explicit masks: NotEqual nodes, by their output, with the tensor they test.
         let mut masks: HashMap<Ref, Ref> = HashMap::new();
-        let mut done: Vec<Vec<bool>> = self.entries.iter().map(|e| vec![false; e.nodes.len()]).collect();
+        let mut done: Vec<Vec<bool>> = self
+            .entries
+            .iter()
+            .map(|e| vec![false; e.nodes.len()])
+            .collect();
         loop {
             let mut progress = false;
             let mut pending = None;
@@ -494,7 +602,11 @@ impl Graph {
                     if done[ei][k] {
                         continue;
                     }
-                    let ready = node.args.iter().chain(&node.mask).all(|a| values.contains_key(&a.r) || masks.contains_key(&a.r));
+                    let ready = node
+                        .args
+                        .iter()
+                        .chain(&node.mask)
+                        .all(|a| values.contains_key(&a.r) || masks.contains_key(&a.r));
                     if !ready {
                         pending.get_or_insert((&e.name, node));
                         continue;
@@ -505,9 +617,21 @@ impl Graph {
                             error_at(file, &a.path, format!("the mask `{}` is used as data: kiln reads NotEqual only as the mask of an Embedding", a.r.0))
                         })?;
                         let keras: Vec<Option<usize>> = a.shape.iter().skip(1).copied().collect();
-                        let fits = keras.len() == t.shape().len() && keras.iter().zip(t.shape()).all(|(k, d)| k.is_none_or(|k| k == *d));
+                        let fits = keras.len() == t.shape().len()
+                            && keras
+                                .iter()
+                                .zip(t.shape())
+                                .all(|(k, d)| k.is_none_or(|k| k == *d));
                         if !fits {
-                            return Err(error_at(file, &a.path, format!("Keras recorded shape {:?} here but kiln computes {:?}", a.shape, t.shape())));
+                            return Err(error_at(
+                                file,
+                                &a.path,
+                                format!(
+                                    "Keras recorded shape {:?} here but kiln computes {:?}",
+                                    a.shape,
+                                    t.shape()
+                                ),
+                            ));
                         }
                         xs.push(t.clone());
                     }
@@ -517,7 +641,9 @@ impl Graph {
                     let refs: Vec<&SymbolicTensor> = xs.iter().collect();
                     match &e.built {
                         Built::Layer(l, _) => {
-                            let y = l.apply_many(&refs).map_err(|err| error_at(file, &node.path, format!("layer `{}`: {err}", e.name)))?;
+                            let y = l.apply_many(&refs).map_err(|err| {
+                                error_at(file, &node.path, format!("layer `{}`: {err}", e.name))
+                            })?;
                             values.insert((e.name.clone(), k, 0), y);
                         }
                         Built::Nested(g) => {
@@ -539,13 +665,23 @@ impl Graph {
             }
             if !progress {
                 let (name, node) = pending.expect("some node is pending");
-                return Err(error_at(file, &node.path, format!("layer `{name}` takes a tensor that no layer of model `{}` makes", self.name)));
+                return Err(error_at(
+                    file,
+                    &node.path,
+                    format!(
+                        "layer `{name}` takes a tensor that no layer of model `{}` makes",
+                        self.name
+                    ),
+                ));
             }
         }
         self.outputs
             .iter()
             .map(|r| {
-                values.get(r).cloned().ok_or_else(|| at(format!("output {r:?} is made by no layer")))
+                values
+                    .get(r)
+                    .cloned()
+                    .ok_or_else(|| at(format!("output {r:?} is made by no layer")))
             })
             .collect()
     }
@@ -567,7 +703,9 @@ impl Graph {
         let tested = masks.get(&m.r).ok_or_else(bad)?;
         let feeds_embedding = self.entries.iter().any(|e| {
             matches!(&e.built, Built::Layer(_, true))
-                && e.nodes.iter().any(|n| n.args.iter().any(|a| &a.r == tested))
+                && e.nodes
+                    .iter()
+                    .any(|n| n.args.iter().any(|a| &a.r == tested))
         });
         if feeds_embedding {
             Ok(())

@@ -54,9 +54,7 @@ impl WeightsFile {
         let mut group = self.file.root();
         let mut here = String::new();
         for part in path.split('/').filter(|p| !p.is_empty()) {
-            let members = group
-                .groups()
-                .map_err(|e| self.unlisted(&here, e))?;
+            let members = group.groups().map_err(|e| self.unlisted(&here, e))?;
             if !members.iter().any(|m| m == part) {
                 return Ok(None);
             }
@@ -75,9 +73,7 @@ impl WeightsFile {
     pub(crate) fn dataset_names(&self, path: &str) -> Result<Vec<String>> {
         match self.group(path)? {
             None => Ok(Vec::new()),
-            Some(g) => g
-                .datasets()
-                .map_err(|e| self.unlisted(path, e)),
+            Some(g) => g.datasets().map_err(|e| self.unlisted(path, e)),
         }
     }
 
@@ -93,9 +89,7 @@ impl WeightsFile {
         let full = format!("{path}/{name}");
         let group = self.group(path)?;
         let listed = match &group {
-            Some(g) => g
-                .datasets()
-                .map_err(|e| self.unlisted(path, e))?,
+            Some(g) => g.datasets().map_err(|e| self.unlisted(path, e))?,
             None => Vec::new(),
         };
         let Some(group) = group.filter(|_| listed.iter().any(|n| n == name)) else {
@@ -132,7 +126,9 @@ impl WeightsFile {
             other => {
                 return Err(self.error(
                     &full,
-                    format!("weight `{weight}` is stored as {other:?}; kiln reads float32 or float64"),
+                    format!(
+                        "weight `{weight}` is stored as {other:?}; kiln reads float32 or float64"
+                    ),
                 ))
             }
         };
@@ -145,21 +141,17 @@ impl WeightsFile {
             (Some(b), Layout::Contiguous { address, size }) => {
                 // Unallocated storage (no address) would be read as fill values of any size.
                 size == b
-                    && address.is_some_and(|a| a.checked_add(size).is_some_and(|end| end <= self.size))
+                    && address
+                        .is_some_and(|a| a.checked_add(size).is_some_and(|end| end <= self.size))
             }
             (Some(b), Layout::Compact { size }) => size == b && size <= self.size,
-            (_, Layout::Chunked { .. }) => {
-                return Err(self.error(
-                    &full,
-                    "is chunked (compressed or resizable); kiln reads weights stored contiguously, \
+            (_, Layout::Chunked { .. }) => return Err(self.error(
+                &full,
+                "is chunked (compressed or resizable); kiln reads weights stored contiguously, \
                      as Keras writes them",
-                ))
-            }
+            )),
             (_, Layout::Virtual) => {
-                return Err(self.error(
-                    &full,
-                    "is a virtual dataset made of other files: refused",
-                ))
+                return Err(self.error(&full, "is a virtual dataset made of other files: refused"))
             }
             _ => false,
         };
@@ -213,7 +205,9 @@ impl Tree {
         }
         for (name, shape, values) in &self.datasets {
             let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-            g.create_dataset(name).with_f32_data(values).with_shape(&shape);
+            g.create_dataset(name)
+                .with_f32_data(values)
+                .with_shape(&shape);
         }
         for (name, child) in &self.groups {
             let mut c = g.create_group(name);
@@ -227,7 +221,9 @@ impl Tree {
         let mut b = FileBuilder::new();
         for (name, shape, values) in &self.datasets {
             let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-            b.create_dataset(name).with_f32_data(values).with_shape(&shape);
+            b.create_dataset(name)
+                .with_f32_data(values)
+                .with_shape(&shape);
         }
         for (name, child) in &self.groups {
             let mut c = b.create_group(name);

@@ -27,7 +27,11 @@ impl<'a> Obj<'a> {
     pub(crate) fn new(value: &'a Value, path: impl Into<String>, file: &'a str) -> Result<Self> {
         let path = path.into();
         let map = value.as_object().ok_or_else(|| {
-            error_at(file, &path, format!("expected an object, got {}", short(value)))
+            error_at(
+                file,
+                &path,
+                format!("expected an object, got {}", short(value)),
+            )
         })?;
         Ok(Obj {
             map,
@@ -116,7 +120,10 @@ impl<'a> Obj<'a> {
     pub(crate) fn positive(&self, key: &str) -> Result<usize> {
         let v = self.required(key)?;
         positive(v).ok_or_else(|| {
-            self.error(key, format!("expected a positive integer, got {}", short(v)))
+            self.error(
+                key,
+                format!("expected a positive integer, got {}", short(v)),
+            )
         })
     }
 

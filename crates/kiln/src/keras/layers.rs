@@ -101,7 +101,10 @@ pub(crate) fn check_dtype(cfg: &Obj) -> Result<()> {
         Some("float32") => Ok(()),
         _ => Err(cfg.error(
             "dtype",
-            format!("dtype policy {} is not supported: kiln computes in float32", short(v)),
+            format!(
+                "dtype policy {} is not supported: kiln computes in float32",
+                short(v)
+            ),
         )),
     }
 }
@@ -158,8 +161,7 @@ fn initializers_and_constraints(cfg: &Obj, prefixes: &[&str]) -> Result<()> {
 
 fn padding(cfg: &Obj) -> Result<Padding> {
     let p = cfg.str("padding")?;
-    p.parse()
-        .map_err(|e| cfg.error("padding", format!("{e}")))
+    p.parse().map_err(|e| cfg.error("padding", format!("{e}")))
 }
 
 fn channels_last(cfg: &Obj) -> Result<()> {
@@ -188,7 +190,10 @@ fn last_axis(cfg: &Obj, key: &str, input_rank: Option<usize>) -> Result<()> {
     } else {
         Err(cfg.error(
             key,
-            format!("normalizing over axis {} is not supported: kiln normalizes the last axis", short(v)),
+            format!(
+                "normalizing over axis {} is not supported: kiln normalizes the last axis",
+                short(v)
+            ),
         ))
     }
 }
@@ -243,7 +248,11 @@ pub(crate) fn make(
                 .name(name);
             Made {
                 layer: regularized!(d, cfg, "kernel_regularizer").shared(),
-                weights: if use_bias { vec!["kernel", "bias"] } else { vec!["kernel"] },
+                weights: if use_bias {
+                    vec!["kernel", "bias"]
+                } else {
+                    vec!["kernel"]
+                },
                 in_cell: false,
                 snake,
             }
@@ -281,7 +290,11 @@ pub(crate) fn make(
             };
             Made {
                 layer,
-                weights: if use_bias { vec!["kernel", "bias"] } else { vec!["kernel"] },
+                weights: if use_bias {
+                    vec!["kernel", "bias"]
+                } else {
+                    vec!["kernel"]
+                },
                 in_cell: false,
                 snake,
             }
@@ -295,9 +308,17 @@ pub(crate) fn make(
             };
             let pad = padding(cfg)?;
             plain(if class == "MaxPooling1D" {
-                MaxPooling1D::new(size).strides(strides).padding(pad).name(name).shared()
+                MaxPooling1D::new(size)
+                    .strides(strides)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
             } else {
-                AveragePooling1D::new(size).strides(strides).padding(pad).name(name).shared()
+                AveragePooling1D::new(size)
+                    .strides(strides)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
             })
         }
         "MaxPooling2D" | "AveragePooling2D" => {
@@ -310,27 +331,53 @@ pub(crate) fn make(
             let pad = padding(cfg)?;
             let (s, st) = ((size[0], size[1]), (strides[0], strides[1]));
             plain(if class == "MaxPooling2D" {
-                MaxPooling2D::new(s).strides(st).padding(pad).name(name).shared()
+                MaxPooling2D::new(s)
+                    .strides(st)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
             } else {
-                AveragePooling2D::new(s).strides(st).padding(pad).name(name).shared()
+                AveragePooling2D::new(s)
+                    .strides(st)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
             })
         }
-        "GlobalAveragePooling1D" | "GlobalAveragePooling2D" | "GlobalMaxPooling1D"
+        "GlobalAveragePooling1D"
+        | "GlobalAveragePooling2D"
+        | "GlobalMaxPooling1D"
         | "GlobalMaxPooling2D" => {
             channels_last(cfg)?;
             let keep = cfg.bool_or("keepdims", false)?;
             plain(match class {
-                "GlobalAveragePooling1D" => GlobalAveragePooling1D::new().keepdims(keep).name(name).shared(),
-                "GlobalAveragePooling2D" => GlobalAveragePooling2D::new().keepdims(keep).name(name).shared(),
-                "GlobalMaxPooling1D" => GlobalMaxPooling1D::new().keepdims(keep).name(name).shared(),
+                "GlobalAveragePooling1D" => GlobalAveragePooling1D::new()
+                    .keepdims(keep)
+                    .name(name)
+                    .shared(),
+                "GlobalAveragePooling2D" => GlobalAveragePooling2D::new()
+                    .keepdims(keep)
+                    .name(name)
+                    .shared(),
+                "GlobalMaxPooling1D" => {
+                    GlobalMaxPooling1D::new().keepdims(keep).name(name).shared()
+                }
                 _ => GlobalMaxPooling2D::new().keepdims(keep).name(name).shared(),
             })
         }
         "BatchNormalization" => {
             last_axis(cfg, "axis", rank)?;
             initializers_and_constraints(cfg, &["beta", "gamma"])?;
-            cfg.ignore(&["moving_mean_initializer", "moving_variance_initializer", "renorm_momentum"]);
-            cfg.expect("synchronized", |v| v == &Value::Bool(false), "synchronized = false")?;
+            cfg.ignore(&[
+                "moving_mean_initializer",
+                "moving_variance_initializer",
+                "renorm_momentum",
+            ]);
+            cfg.expect(
+                "synchronized",
+                |v| v == &Value::Bool(false),
+                "synchronized = false",
+            )?;
             cfg.expect("renorm", |v| v == &Value::Bool(false), "renorm = false")?;
             cfg.expect_null("renorm_clipping", "renormalization clipping")?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
@@ -364,7 +411,11 @@ pub(crate) fn make(
         "LayerNormalization" => {
             last_axis(cfg, "axis", rank)?;
             initializers_and_constraints(cfg, &["beta", "gamma"])?;
-            cfg.expect("rms_scaling", |v| v == &Value::Bool(false), "rms_scaling = false")?;
+            cfg.expect(
+                "rms_scaling",
+                |v| v == &Value::Bool(false),
+                "rms_scaling = false",
+            )?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
             let mut l = LayerNormalization::new()
                 .epsilon(cfg.f64("epsilon")?)
@@ -486,7 +537,10 @@ pub(crate) fn make(
                 .as_array()
                 .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>())
                 .ok_or_else(|| {
-                    cfg.error("target_shape", format!("expected a list of integers, got {}", short(v)))
+                    cfg.error(
+                        "target_shape",
+                        format!("expected a list of integers, got {}", short(v)),
+                    )
                 })?;
             let dims: Vec<isize> = dims.into_iter().map(|d| d as isize).collect();
             plain(Reshape::new(dims).name(name).shared())

@@ -48,8 +48,16 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
         .config
         .get("compile_config")
         .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
-        .ok_or_else(|| Error::Data(format!("{}: the model was saved without compiling: it has no compile_config", src.file)))?;
-    compile::compile(&json::Obj::new(cc, "compile_config", &src.file)?, &src.outputs)
+        .ok_or_else(|| {
+            Error::Data(format!(
+                "{}: the model was saved without compiling: it has no compile_config",
+                src.file
+            ))
+        })?;
+    compile::compile(
+        &json::Obj::new(cc, "compile_config", &src.file)?,
+        &src.outputs,
+    )
 }
 
 /// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
@@ -138,7 +146,10 @@ fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> R
             let weight = model.weight(&name)?;
             let dims = weight.var.dims().to_vec();
             let data = file.read(&slot.vars, &i.to_string(), &dims, &name)?;
-            values.push((weight, candle_core::Tensor::from_vec(data, dims, model.device())?));
+            values.push((
+                weight,
+                candle_core::Tensor::from_vec(data, dims, model.device())?,
+            ));
         }
     }
     for (w, t) in values {

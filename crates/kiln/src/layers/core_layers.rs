@@ -47,7 +47,10 @@ fn one_input<'a>(layer: &str, shapes: &'a [Vec<usize>]) -> Result<&'a Vec<usize>
 
 impl Layer for ActivationLayer {
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
-        Some(("Activation", serde_json::json!({ "activation": self.activation.as_str() })))
+        Some((
+            "Activation",
+            serde_json::json!({ "activation": self.activation.as_str() }),
+        ))
     }
     fn kind(&self) -> &'static str {
         "activation"

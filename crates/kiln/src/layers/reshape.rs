@@ -129,9 +129,10 @@ impl Permute {
     fn check(&self, rank: usize) -> Result<()> {
         let mut seen = vec![false; rank + 1];
         let ok = self.dims.len() == rank
-            && self.dims.iter().all(|&d| {
-                (1..=rank).contains(&d) && !std::mem::replace(&mut seen[d], true)
-            });
+            && self
+                .dims
+                .iter()
+                .all(|&d| (1..=rank).contains(&d) && !std::mem::replace(&mut seen[d], true));
         if ok {
             Ok(())
         } else {
