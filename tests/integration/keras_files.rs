@@ -497,3 +497,47 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
     assert!(!dir.join("bad").join("model.json").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-5i64..100).prop_map(Value::from),
+            (-1e3f64..1e3).prop_map(Value::from),
+            "[a-z_]{0,12}".prop_map(Value::from),
+            prop::collection::vec(-2i64..5, 0..4).prop_map(Value::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Any value written over any option of any layer of a real config is either imported
+        /// or refused with a message naming config.json: never a panic.
+        #[test]
+        fn a_mutated_config_is_imported_or_refused_naming_the_config(
+            layer in 0usize..16,
+            key in 0usize..32,
+            value in any_value(),
+        ) {
+            let path = edited("functional_two_heads.keras", &format!("mutated-{layer}-{key}"), |v| {
+                let layers = v["config"]["layers"].as_array_mut().unwrap();
+                let n = layers.len();
+                let cfg = layers[layer % n]["config"].as_object_mut().unwrap();
+                let keys: Vec<String> = cfg.keys().cloned().collect();
+                let k = keys[key % keys.len()].clone();
+                cfg.insert(k, value.clone());
+            });
+            let result = Model::from_keras(&path);
+            std::fs::remove_file(&path).unwrap();
+            if let Err(e) = result {
+                let msg = e.to_string();
+                prop_assert!(msg.contains("config.json"), "{}", msg);
+            }
+        }
+    }
+}

@@ -133,8 +133,8 @@ fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> R
         let expected: Vec<String> = (0..slot.weights.len()).map(|i| i.to_string()).collect();
         if let Some(extra) = stored.iter().find(|n| !expected.contains(n)) {
             return Err(Error::Data(format!(
-                "{}: /{}/{extra}: layer `{}` has {} weight(s) in kiln but the file stores more: \
-                 the file was written by another architecture",
+                "{}: /{}/{extra}: layer `{}` has {} weight(s) as config.json describes it but the \
+                 weights file stores more: the two describe different architectures",
                 file_name(file),
                 slot.vars,
                 slot.kiln,
