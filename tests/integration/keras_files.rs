@@ -541,3 +541,70 @@ mod mutated {
         }
     }
 }
+
+mod flipped {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Rewrites a fixture's weights member with `edit` into a temporary `.keras` file.
+    fn with_weights(tag: &str, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+        use std::io::{Read, Write};
+        let mut zip =
+            zip::ZipArchive::new(std::fs::File::open(fixture("mlp_sequential.keras")).unwrap())
+                .unwrap();
+        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        for i in 0..zip.len() {
+            let mut f = zip.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).unwrap();
+            parts.push((f.name().unwrap().to_string(), bytes));
+        }
+        let mut edit = Some(edit);
+        for (n, bytes) in &mut parts {
+            if n == "model.weights.h5" {
+                (edit.take().unwrap())(bytes);
+            }
+        }
+        let path =
+            std::env::temp_dir().join(format!("kiln-keras-{tag}-{}.keras", std::process::id()));
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        for (n, bytes) in parts {
+            w.start_file(n, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(&bytes).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// A damaged weights file (bytes overwritten, or cut short) gives weights or an error
+        /// naming model.weights.h5: never a panic.
+        #[test]
+        fn a_damaged_weights_file_is_read_or_refused(
+            at in 0usize..16_000,
+            byte in any::<u8>(),
+            cut in proptest::option::of(0usize..16_000),
+        ) {
+            let path = with_weights("flipped", |bytes| {
+                let n = bytes.len();
+                bytes[at % n] = byte;
+                if let Some(c) = cut {
+                    bytes.truncate(c % n);
+                }
+            });
+            let result = std::panic::catch_unwind(|| Model::from_keras(&path).map(|_| ()));
+            std::fs::remove_file(&path).unwrap();
+            match result {
+                Err(_) => prop_assert!(false, "a panic at byte {at} = {byte}, cut {cut:?}"),
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("model.weights.h5"), "{}", msg);
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
