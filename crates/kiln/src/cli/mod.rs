@@ -96,6 +96,26 @@ enum Command {
         /// A run file, a run folder or its model.json.
         run: PathBuf,
     },
+    /// Import a Keras 3 `.keras` model into a run folder (model.keras, model.json,
+    /// model.safetensors) that `evaluate`, `predict`, `export` and run files take.
+    Import {
+        /// The `.keras` file.
+        model: PathBuf,
+        /// The run folder (default: runs/<file name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Export a run folder's model, with its weights, as a Keras 3 `.keras` file.
+    Export {
+        /// A run folder (or its model.json) whose model came from Keras.
+        run: PathBuf,
+        /// The `.keras` file to write.
+        #[arg(long)]
+        keras: PathBuf,
+        /// The weights (default: model.safetensors of the run folder).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
     /// List the built-in losses with their parameters and defaults.
     Losses,
     /// Check kiln against reference values computed by another library.
@@ -152,6 +172,12 @@ pub fn main() -> ExitCode {
             output,
         } => predict(&run, weights.as_deref(), &input, &output).map(|()| true),
         Command::Summary { run } => summary(&run).map(|()| true),
+        Command::Import { model, out } => import(&model, out).map(|()| true),
+        Command::Export {
+            run,
+            keras,
+            weights,
+        } => export(&run, weights.as_deref(), &keras).map(|()| true),
         Command::Losses => {
             catalogue::print();
             Ok(true)
@@ -336,6 +362,52 @@ fn summary(run: &Path) -> crate::Result<()> {
     };
     let (model, _) = file.prepare_model_only(&candle_core::Device::Cpu)?;
     print!("{}", model.summary());
+    Ok(())
+}
+
+/// `kiln import`: the `.keras` file copied into the run folder, a `model.json` whose model and
+/// compile sections point at it, and its weights as `model.safetensors`.
+fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
+    let model = crate::Model::from_keras(source)?;
+    let stem = source
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("imported");
+    let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
+    std::fs::create_dir_all(&dir).map_err(|e| crate::io::io_error(&dir, e))?;
+    let bytes = std::fs::read(source).map_err(|e| crate::io::io_error(source, e))?;
+    crate::io::write_bytes_atomically(&dir.join("model.keras"), &bytes)?;
+    let mut text = String::from("[model]\nkeras = \"model.keras\"\n");
+    if model.is_compiled() {
+        text.push_str("[compile]\nkeras = true\n");
+    }
+    let run = RunFile::from_text(&source.display().to_string(), &text, dir.clone())?;
+    let json = serde_json::to_string_pretty(&run.model_json(0)?)
+        .map_err(|e| crate::Error::Data(e.to_string()))?;
+    crate::io::write_bytes_atomically(&dir.join("model.json"), json.as_bytes())?;
+    model.save_weights(dir.join("model.safetensors"))?;
+    let weights: usize = model.weights().iter().map(|w| w.var.elem_count()).sum();
+    println!(
+        "imported {} ({} layers, {weights} weights{}) into {}",
+        source.display(),
+        model.layer_names().len(),
+        if model.is_compiled() {
+            ", compiled"
+        } else {
+            ""
+        },
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `kiln export`: a run folder's model and weights as a `.keras` file.
+fn export(run: &Path, weights: Option<&Path>, out: &Path) -> crate::Result<()> {
+    let (file, weights) = resolve(run, weights)?;
+    let (model, _) = file.prepare_model_only(&candle_core::Device::Cpu)?;
+    model.load_weights(&weights)?;
+    model.save_keras(out)?;
+    println!("wrote {}", out.display());
     Ok(())
 }
 

@@ -87,12 +87,6 @@ impl Conv {
         if self.padding == Padding::Causal && rank != 1 {
             return Err(invalid("causal padding is only for Conv1D"));
         }
-        if rank == 2 && self.dilation[0] != self.dilation[1] {
-            return Err(invalid(format!(
-                "Conv2D: dilation rates differing per axis ({:?}) are not supported",
-                self.dilation
-            )));
-        }
         let mut out = Vec::with_capacity(rank + 1);
         for (i, &n) in shape[..rank].iter().enumerate() {
             let axis = window_axis(
@@ -246,17 +240,43 @@ impl Conv {
         dl: [usize; 2],
         outs: [usize; 2],
     ) -> Result<Tensor> {
+        // candle dilates both axes alike: rates differing per axis become a kernel with the
+        // gaps written out as zeros, run undilated.
+        let (k, dl) = if dl[0] == dl[1] {
+            (k.clone(), dl[0])
+        } else {
+            (dilate_kernel(&dilate_kernel(k, 0, dl[0])?, 1, dl[1])?, 1)
+        };
         let x = x.permute((0, 3, 1, 2))?.contiguous()?;
         let k = k.permute((3, 2, 0, 1))?.contiguous()?;
         let y = if st[0] == st[1] {
-            x.conv2d(&k, 0, st[0], dl[0], 1)?
+            x.conv2d(&k, 0, st[0], dl, 1)?
         } else {
-            let full = x.conv2d(&k, 0, 1, dl[0], 1)?;
+            let full = x.conv2d(&k, 0, 1, dl, 1)?;
             let rows = strided(&full, 2, 0, st[0], outs[0])?;
             strided(&rows, 3, 0, st[1], outs[1])?
         };
         Ok(y.permute((0, 2, 3, 1))?)
     }
+}
+
+/// The kernel `k` (`[h, w, in, out]`) with `d - 1` zero taps between its taps along `axis`.
+fn dilate_kernel(k: &Tensor, axis: usize, d: usize) -> Result<Tensor> {
+    if d == 1 {
+        return Ok(k.clone());
+    }
+    let n = k.dims()[axis];
+    let mut gap_shape = k.dims().to_vec();
+    gap_shape[axis] = d - 1;
+    let gap = Tensor::zeros(gap_shape, k.dtype(), k.device())?;
+    let mut parts = Vec::with_capacity(2 * n - 1);
+    for i in 0..n {
+        if i > 0 {
+            parts.push(gap.clone());
+        }
+        parts.push(k.narrow(axis, i, 1)?);
+    }
+    Ok(Tensor::cat(&parts, axis)?)
 }
 
 macro_rules! conv_builders {
@@ -442,9 +462,19 @@ impl Conv2D {
         self.conv.strides = vec![h, w];
         self
     }
-    /// The gap between the kernel's taps, the same on both axes (default 1).
-    pub fn dilation_rate(mut self, dilation: usize) -> Self {
-        self.conv.dilation = vec![dilation, dilation];
+    /// The gap between the kernel's taps, per axis or for both (default 1), as Keras'
+    /// `dilation_rate=(2, 1)`.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([8, 8, 1]);
+    /// let y = Conv2D::new(2, (3, 3)).dilation_rate((2, 1)).apply(&x)?;
+    /// assert_eq!(y.shape(), &[4, 6, 2]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn dilation_rate(mut self, dilation: impl Size2) -> Self {
+        let (h, w) = dilation.pair();
+        self.conv.dilation = vec![h, w];
         self
     }
 }
@@ -536,6 +566,18 @@ mod tests {
                 (
                     Box::new(|| Conv2D::new(2, (3, 3)).dilation_rate(2)),
                     [2, 9, 9, 3],
+                ),
+                (
+                    Box::new(|| Conv2D::new(2, (3, 2)).dilation_rate((2, 1))),
+                    [2, 9, 7, 3],
+                ),
+                (
+                    Box::new(|| {
+                        Conv2D::new(3, (2, 3))
+                            .dilation_rate((1, 3))
+                            .padding(Padding::Same)
+                    }),
+                    [1, 6, 10, 2],
                 ),
                 (
                     Box::new(|| {

@@ -46,6 +46,12 @@ fn one_input<'a>(layer: &str, shapes: &'a [Vec<usize>]) -> Result<&'a Vec<usize>
 }
 
 impl Layer for ActivationLayer {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some((
+            "Activation",
+            serde_json::json!({ "activation": self.activation.as_str() }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "activation"
     }
@@ -88,6 +94,9 @@ impl Dropout {
 }
 
 impl Layer for Dropout {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("Dropout", serde_json::json!({ "rate": self.rate })))
+    }
     fn kind(&self) -> &'static str {
         "dropout"
     }
@@ -150,6 +159,9 @@ impl Flatten {
 }
 
 impl Layer for Flatten {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("Flatten", serde_json::json!({})))
+    }
     fn kind(&self) -> &'static str {
         "flatten"
     }

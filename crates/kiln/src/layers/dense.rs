@@ -134,6 +134,20 @@ pub fn dense_forward(
 }
 
 impl Layer for Dense {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            "Dense",
+            serde_json::json!({
+                "units": self.units,
+                "activation": self.activation.as_str(),
+                "use_bias": self.use_bias,
+                "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
+                "bias_regularizer": keras_object(&self.bias_regularizer)?,
+                "activity_regularizer": keras_object(&self.activity_regularizer)?,
+            }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "dense"
     }

@@ -32,7 +32,7 @@ pub use pooling::{
 };
 pub use preprocessing::{Normalization, NORMALIZATION_EPSILON};
 pub use recurrent::{Gru, Lstm};
-pub use reshape::Reshape;
+pub use reshape::{Permute, Reshape};
 pub use util::Padding;
 
 use crate::error::Result;
@@ -188,6 +188,11 @@ pub trait Layer: Send {
     }
     /// A penalty on the layer's output, added to the total loss.
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        None
+    }
+    /// The Keras class and `config` (without `name`) of an equivalent Keras layer, for
+    /// [`crate::Model::save_keras`]; `None` for a layer Keras' format cannot describe yet.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         None
     }
 }

@@ -96,3 +96,71 @@ impl Layer for Reshape {
         Ok(None)
     }
 }
+
+/// Reorders the axes of each sample, as Keras' `Permute`: `dims` lists the sample axes,
+/// numbered from 1 (the batch axis stays first).
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([3, 4, 5]);
+/// assert_eq!(Permute::new([2, 1, 3]).apply(&x)?.shape(), &[4, 3, 5]);
+/// assert!(Permute::new([1, 1, 3]).apply(&x).is_err());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+pub struct Permute {
+    dims: Vec<usize>,
+    name: Option<String>,
+}
+
+impl Permute {
+    /// Samples' axes reordered to `dims` (a permutation of `1..=rank`).
+    pub fn new(dims: impl Into<Vec<usize>>) -> Self {
+        Self {
+            dims: dims.into(),
+            name: None,
+        }
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    fn check(&self, rank: usize) -> Result<()> {
+        let mut seen = vec![false; rank + 1];
+        let ok = self.dims.len() == rank
+            && self
+                .dims
+                .iter()
+                .all(|&d| (1..=rank).contains(&d) && !std::mem::replace(&mut seen[d], true));
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Graph(format!(
+                "Permute: dims {:?} are not a permutation of the sample axes 1..={rank}",
+                self.dims
+            )))
+        }
+    }
+}
+
+impl Layer for Permute {
+    fn kind(&self) -> &'static str {
+        "permute"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let input = one_input("Permute", input_shapes)?;
+        self.check(input.len())?;
+        Ok(self.dims.iter().map(|&d| input[d - 1]).collect())
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        self.check(x.rank() - 1)?;
+        let mut order = vec![0];
+        order.extend(self.dims.iter().copied());
+        Ok(x.permute(order)?.contiguous()?)
+    }
+}

@@ -71,6 +71,8 @@ pub struct Model {
     pub(crate) run_identity: Option<serde_json::Value>,
     /// Whether training steps run split across kiln's pool or on one thread.
     pub(crate) thread_choice: crate::runtime::ThreadChoice,
+    /// The Keras file this model was imported from, for [`Model::save_keras`].
+    pub(crate) keras: Option<Arc<crate::keras::Source>>,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -344,6 +346,7 @@ impl Model {
             stop_requested: false,
             run_identity: None,
             thread_choice: Default::default(),
+            keras: None,
         })
     }
 
@@ -571,6 +574,32 @@ impl Model {
         Ok(())
     }
 
+    /// The graph as a list, for export: the inputs (name, id, shape), every layer application
+    /// in execution order (layer name, the layer, input ids, output id, output shape), and the
+    /// output ids.
+    pub(crate) fn graph_view(&self) -> GraphView {
+        GraphView {
+            inputs: self
+                .inputs
+                .iter()
+                .zip(&self.input_names)
+                .map(|(t, n)| (n.clone(), t.id(), t.shape().to_vec()))
+                .collect(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepView {
+                    layer_name: s.layer_name.clone(),
+                    layer: s.layer.clone(),
+                    inputs: s.inputs.clone(),
+                    output: s.node.id(),
+                    shape: s.node.shape().to_vec(),
+                })
+                .collect(),
+            outputs: self.outputs.iter().map(|t| t.id()).collect(),
+        }
+    }
+
     /// Runs the graph on a batch.
     pub(crate) fn run(
         &self,
@@ -757,6 +786,22 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The graph of a model as plain lists: see [`Model::graph_view`].
+pub(crate) struct GraphView {
+    pub(crate) inputs: Vec<(String, usize, Vec<usize>)>,
+    pub(crate) steps: Vec<StepView>,
+    pub(crate) outputs: Vec<usize>,
+}
+
+/// One layer application of a [`GraphView`].
+pub(crate) struct StepView {
+    pub(crate) layer_name: String,
+    pub(crate) layer: SharedLayer,
+    pub(crate) inputs: Vec<usize>,
+    pub(crate) output: usize,
+    pub(crate) shape: Vec<usize>,
 }
 
 /// The values of one forward pass: every tensor by node id, masks, and layer-added losses.

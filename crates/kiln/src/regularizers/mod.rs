@@ -22,6 +22,26 @@ pub trait Regularizer: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
     /// The penalty, a scalar tensor.
     fn penalty(&self, x: &Tensor) -> Result<Tensor>;
+    /// The Keras class and config of the same regularizer, for export; `None` when Keras has
+    /// no such regularizer.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
+}
+
+/// A regularizer as Keras serializes it, or `None`.
+pub(crate) fn keras_object(r: &Option<SharedRegularizer>) -> Option<Option<serde_json::Value>> {
+    match r {
+        None => Some(None),
+        Some(r) => r.keras_config().map(|(class, config)| {
+            Some(serde_json::json!({
+                "module": "keras.regularizers",
+                "class_name": class,
+                "config": config,
+                "registered_name": null,
+            }))
+        }),
+    }
 }
 
 fn check_factor(name: &str, what: &str, v: f64) -> Result<()> {
@@ -58,6 +78,9 @@ impl Regularizer for L1 {
     fn name(&self) -> &str {
         "l1"
     }
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("L1", serde_json::json!({ "l1": self.l1 })))
+    }
     fn penalty(&self, x: &Tensor) -> Result<Tensor> {
         check_factor("L1", "l1", self.l1)?;
         norm_penalty(x, self.l1, 0.0)
@@ -84,6 +107,9 @@ impl L2 {
 impl Regularizer for L2 {
     fn name(&self) -> &str {
         "l2"
+    }
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("L2", serde_json::json!({ "l2": self.l2 })))
     }
     fn penalty(&self, x: &Tensor) -> Result<Tensor> {
         check_factor("L2", "l2", self.l2)?;
@@ -116,6 +142,9 @@ impl L1L2 {
 impl Regularizer for L1L2 {
     fn name(&self) -> &str {
         "l1_l2"
+    }
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("L1L2", serde_json::json!({ "l1": self.l1, "l2": self.l2 })))
     }
     fn penalty(&self, x: &Tensor) -> Result<Tensor> {
         check_factor("L1L2", "l1", self.l1)?;

@@ -152,12 +152,24 @@ fn activation(f: &Fields) -> Result<Activation> {
 /// Builds the model of the `[model]` section; input shapes default to the data's. A
 /// `standardize` layer (from `[data] standardize = true`) is applied to the input first, and the
 /// layers see its output under the input's name.
+/// A section `keras = "model.keras"` takes the model from a Keras file (relative to `base`).
 pub(crate) fn model(
     f: &Fields,
     data_input_shape: &[usize],
     seed: u64,
     standardize: Option<Normalization>,
+    base: &std::path::Path,
 ) -> Result<Model> {
+    if let Some(file) = f.str("keras")? {
+        f.finish()?;
+        if standardize.is_some() {
+            return Err(f.error(
+                "`[data] standardize` cannot be added to a model from a Keras file: put a \
+                 Normalization layer in the Keras model, or leave standardize out",
+            ));
+        }
+        return crate::keras::load(base.join(file), false).map_err(|e| f.error(e));
+    }
     let mut tensors: HashMap<String, SymbolicTensor> = HashMap::new();
     let mut inputs = Vec::new();
     let input_tables = f.tables("inputs")?;
@@ -624,8 +636,18 @@ fn strip_kind(e: crate::Error) -> String {
     }
 }
 
-/// The `[compile]` section.
-pub(crate) fn compile(f: &Fields, output_names: &[String]) -> Result<Compile> {
+/// The `[compile]` section; `keras = true` takes the compile configuration of the Keras file
+/// the model came from.
+pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
+    let output_names = model.output_names();
+    if f.has("keras") {
+        let from_keras = f.bool_or("keras", false)?;
+        f.finish()?;
+        if !from_keras {
+            return Err(f.error("`keras = false` says nothing: give the compile options instead"));
+        }
+        return crate::keras::compile_config_of(model).map_err(|e| f.error(e));
+    }
     let opt = match f.get("optimizer") {
         None => optimizer(&Fields::new(
             f.doc,

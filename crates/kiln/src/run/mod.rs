@@ -356,17 +356,24 @@ impl RunFile {
                 .as_ref()
                 .map(|d| d.inputs()[0].dims()[1..].to_vec())
                 .unwrap_or_default();
-            let mut model = build::model(&model_section, &input_shape, seed, standardize)?;
+            let mut model = build::model(&model_section, &input_shape, seed, standardize, &self.base)?;
             for term in root.tables("added")? {
                 build::added(&term, &mut model)?;
             }
-            let compile_section = root
-                .table("compile")?
-                .ok_or_else(|| root.error("missing the [compile] section"))?;
-            let compile = build::compile(&compile_section, model.output_names())?;
-            model
-                .compile(compile)
-                .map_err(|e| compile_section.error(e))?;
+            // A Keras model saved without compiling is imported without a [compile] section:
+            // it predicts and exports, and says it is not compiled if asked to train.
+            let from_keras = model_section.has("keras");
+            match root.table("compile")? {
+                Some(compile_section) => {
+                    let compile = build::compile(&compile_section, &model)?;
+                    model
+                        .compile(compile)
+                        .map_err(|e| compile_section.error(e))?;
+                }
+                None if from_keras => {}
+                None => return Err(root.error("missing the [compile] section")),
+            }
+            let _ = root.table("fit")?;
             root.finish()?;
             Ok(Prepared {
                 model,
@@ -447,8 +454,11 @@ impl RunFile {
         let prep = self.preprocessing()?;
         // A model that takes its input shape from the data needs the data; one that names its
         // inputs (every model.json does) is built without reading any.
-        let names_inputs =
-            self.with_root(|root| Ok(root.table("model")?.is_some_and(|m| m.has("inputs"))))?;
+        let names_inputs = self.with_root(|root| {
+            Ok(root
+                .table("model")?
+                .is_some_and(|m| m.has("inputs") || m.has("keras")))
+        })?;
         let p = match names_inputs {
             true => self.prepare_with(None, DataChoice::Nothing, device)?,
             false => self.prepare(None, device)?,

@@ -1,0 +1,391 @@
+//! Keras' `compile_config` to kiln's [`Compile`]: the optimizer and its hyperparameters, the
+//! losses with their parameters (custom ones by their registered names), `loss_weights` and
+//! the metrics kiln has. Anything else is an error naming it.
+
+use super::json::{short, Obj};
+use crate::error::{Error, Result};
+use crate::losses::LossSpec;
+use crate::metrics::MetricSpec;
+use crate::model::Compile;
+use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
+use crate::reduction::Reduction;
+use serde_json::Value;
+
+/// The kiln compile configuration of `cc` (`compile_config`); `outputs` pairs each Keras
+/// output name with the kiln output it became.
+pub(crate) fn compile(cc: &Obj, outputs: &[(String, String)]) -> Result<Compile> {
+    let optimizer = optimizer(cc)?;
+    let mut c = Compile::from_boxed(optimizer);
+    let kiln_output = |key: &str, name: &str| -> Result<String> {
+        outputs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, kiln)| kiln.clone())
+            .ok_or_else(|| {
+                cc.error(
+                    key,
+                    format!(
+                        "`{name}` is not an output; the outputs are {:?}",
+                        outputs.iter().map(|(k, _)| k).collect::<Vec<_>>()
+                    ),
+                )
+            })
+    };
+    match cc.get("loss") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) if !is_object_config(m) => {
+            for (name, v) in m {
+                let at = cc.at(&format!("loss.{name}"));
+                c = c.loss_for(kiln_output("loss", name)?, loss(cc, v, &at)?);
+            }
+        }
+        Some(Value::Array(items)) => {
+            let specs = items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| loss(cc, v, &cc.at(&format!("loss[{i}]"))))
+                .collect::<Result<Vec<_>>>()?;
+            c = c.losses(specs);
+        }
+        Some(v) => c = c.loss(loss(cc, v, &cc.at("loss"))?),
+    }
+    match cc.get("loss_weights") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (name, w) in m {
+                let w = number(cc, w, &format!("loss_weights.{name}"))?;
+                c = c.loss_weight_for(kiln_output("loss_weights", name)?, w);
+            }
+        }
+        Some(Value::Array(items)) => {
+            let ws = items
+                .iter()
+                .enumerate()
+                .map(|(i, w)| number(cc, w, &format!("loss_weights[{i}]")))
+                .collect::<Result<Vec<_>>>()?;
+            c = c.loss_weights(ws);
+        }
+        Some(w) => c = c.loss_weight(number(cc, w, "loss_weights")?),
+    }
+    match cc.get("metrics") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (name, list) in m {
+                let output = kiln_output("metrics", name)?;
+                for (i, v) in as_list(list).iter().enumerate() {
+                    let spec = metric(cc, v, &format!("metrics.{name}[{i}]"))?;
+                    c = c.metric_for(output.clone(), spec);
+                }
+            }
+        }
+        Some(Value::Array(items)) => {
+            for (i, v) in items.iter().enumerate() {
+                if let Value::Array(per_output) = v {
+                    let (_, output) = outputs.get(i).ok_or_else(|| {
+                        cc.error(
+                            "metrics",
+                            format!(
+                                "{} lists of metrics for {} outputs",
+                                items.len(),
+                                outputs.len()
+                            ),
+                        )
+                    })?;
+                    for (j, m) in per_output.iter().enumerate() {
+                        c = c.metric_for(
+                            output.clone(),
+                            metric(cc, m, &format!("metrics[{i}][{j}]"))?,
+                        );
+                    }
+                } else {
+                    c = c.metric(metric(cc, v, &format!("metrics[{i}]"))?);
+                }
+            }
+        }
+        Some(v) => c = c.metric(metric(cc, v, "metrics")?),
+    }
+    cc.expect_null("weighted_metrics", "weighted metrics")?;
+    // How Keras runs a step (eagerly, jitted, several per call) changes no value.
+    cc.ignore(&[
+        "run_eagerly",
+        "steps_per_execution",
+        "jit_compile",
+        "auto_scale_loss",
+    ]);
+    cc.finish("compile_config")?;
+    Ok(c)
+}
+
+fn as_list(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a.clone(),
+        Value::Null => Vec::new(),
+        other => vec![other.clone()],
+    }
+}
+
+/// Whether an object is a serialized Keras object (`{"class_name": …, "config": …}`) rather
+/// than a dict of per-output values.
+fn is_object_config(m: &serde_json::Map<String, Value>) -> bool {
+    m.contains_key("class_name") && m.contains_key("config")
+}
+
+fn number(cc: &Obj, v: &Value, key: &str) -> Result<f64> {
+    v.as_f64()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| cc.error(key, format!("expected a finite number, got {}", short(v))))
+}
+
+fn metric(cc: &Obj, v: &Value, key: &str) -> Result<MetricSpec> {
+    let name = match v {
+        Value::String(s) => s.clone(),
+        Value::Object(m) if is_object_config(m) => {
+            let class = m.get("class_name").and_then(Value::as_str).unwrap_or("?");
+            return Err(cc.error(
+                key,
+                format!("metric object `{class}` is not supported: kiln imports the metrics it has by name (accuracy, binary_accuracy, categorical_accuracy, sparse_categorical_accuracy, mae, mse)"),
+            ));
+        }
+        other => return Err(cc.error(key, format!("expected a metric name, got {}", short(other)))),
+    };
+    let spec = MetricSpec::Named(name.clone());
+    spec.resolve().map_err(|e| cc.error(key, e))?;
+    Ok(spec)
+}
+
+/// A loss: a name (built in or registered), or a serialized Keras loss.
+fn loss(cc: &Obj, v: &Value, at: &str) -> Result<LossSpec> {
+    let fail = |e: Error| Error::Data(format!("{}: {at}: {e}", cc.file));
+    match v {
+        Value::String(name) => {
+            crate::losses::by_name(name).map_err(fail)?;
+            Ok(LossSpec::Named(name.clone()))
+        }
+        Value::Object(_) => {
+            let o = Obj::new(v, at.to_string(), cc.file)?;
+            let class = o.str("class_name")?.to_string();
+            o.ignore(&["module"]);
+            let registered = o
+                .get("registered_name")
+                .and_then(Value::as_str)
+                .filter(|r| *r != class)
+                .map(str::to_string);
+            let cfg = o.obj("config")?;
+            let built_in =
+                crate::losses::keras_class_name(&class).is_some() && registered.is_none();
+            if !built_in {
+                // A custom loss: kiln's registry, by the name Keras registered it under.
+                let key = registered.clone().unwrap_or(class.clone());
+                let found = crate::losses::by_name(&key)
+                    .or_else(|_| crate::losses::by_name(&class))
+                    .map_err(|_| {
+                        o.error_here(format!(
+                            "custom loss `{key}` is not registered: call kiln::losses::register(\"{key}\", …) with a Rust version of it before loading"
+                        ))
+                    })?;
+                let _ = o.get("config");
+                o.finish("a loss")?;
+                return Ok(LossSpec::Loss(found));
+            }
+            let mut params = cfg_map(&cfg)?;
+            cfg.ignore(&["name"]);
+            params.remove("name");
+            let reduction = match params.remove("reduction") {
+                None | Some(Value::Null) => Reduction::default(),
+                Some(Value::String(r)) => r.parse().map_err(|e| cfg.error("reduction", e))?,
+                Some(other) => {
+                    return Err(cfg.error(
+                        "reduction",
+                        format!("expected a string, got {}", short(&other)),
+                    ))
+                }
+            };
+            match params.remove("dtype") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(d)) if d == "float32" => {}
+                Some(other) => {
+                    return Err(cfg.error(
+                        "dtype",
+                        format!(
+                            "{} is not supported: kiln computes in float32",
+                            short(&other)
+                        ),
+                    ))
+                }
+            }
+            let built =
+                crate::conformance::loss_from_keras(&class, &Value::Object(params), reduction)
+                    .map_err(|e| Error::Data(format!("{}: {}.config: {e}", cc.file, at)))?;
+            o.finish("a loss")?;
+            Ok(LossSpec::Loss(built))
+        }
+        other => Err(cc.error_here(format!(
+            "{at}: expected a loss name or object, got {}",
+            short(other)
+        ))),
+    }
+}
+
+fn cfg_map(cfg: &Obj) -> Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for key in ["name", "reduction", "dtype"] {
+        if let Some(v) = cfg.get(key) {
+            m.insert(key.to_string(), v.clone());
+        }
+    }
+    // The rest: the loss's own parameters, checked by kiln's strict loss parser.
+    for (k, v) in cfg.rest() {
+        m.insert(k.clone(), v.clone());
+    }
+    Ok(m)
+}
+
+fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
+    let v = cc.required("optimizer")?;
+    let (class, o) = match v {
+        Value::String(s) => {
+            // A name: Keras' defaults.
+            let class = match s.as_str() {
+                "sgd" => "SGD",
+                "adam" => "Adam",
+                "adamw" => "AdamW",
+                "rmsprop" => "RMSprop",
+                other => {
+                    return Err(cc.error(
+                        "optimizer",
+                        format!("kiln has no optimizer `{other}`: use sgd, adam, adamw or rmsprop"),
+                    ))
+                }
+            };
+            return Ok(match class {
+                "SGD" => Box::new(Sgd::new(0.01)),
+                "Adam" => Box::new(Adam::new(1e-3)),
+                "AdamW" => Box::new(AdamW::new(1e-3)),
+                _ => Box::new(RmsProp::new(1e-3)),
+            });
+        }
+        _ => {
+            let o = cc.obj("optimizer")?;
+            (o.str("class_name")?.to_string(), o)
+        }
+    };
+    o.ignore(&["module"]);
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class.as_str()),
+        "built-in optimizers",
+    )?;
+    let c = o.obj("config")?;
+    c.ignore(&["name", "ema_momentum", "ema_overwrite_frequency"]);
+    c.expect("use_ema", |v| v == &Value::Bool(false), "use_ema = false")?;
+    c.expect_null("loss_scale_factor", "loss scaling")?;
+    c.expect(
+        "gradient_accumulation_steps",
+        |v| v.is_null() || v.as_u64() == Some(1),
+        "no gradient accumulation",
+    )?;
+    let lr_v = c.required("learning_rate")?;
+    let lr = lr_v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
+        c.error("learning_rate", format!("{} is not supported: kiln takes a positive number (a schedule becomes an lr_schedule callback)", short(lr_v)))
+    })?;
+    let opt_num = |key: &str| -> Result<Option<f64>> {
+        match c.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| c.error(key, format!("expected a number, got {}", short(v)))),
+        }
+    };
+    let clip = |mut o: Box<dyn ClipBuilder>| -> Result<Box<dyn Optimizer>> {
+        if let Some(x) = opt_num("clipnorm")? {
+            o = o.clipnorm_boxed(x);
+        }
+        if let Some(x) = opt_num("global_clipnorm")? {
+            o = o.global_clipnorm_boxed(x);
+        }
+        if let Some(x) = opt_num("clipvalue")? {
+            o = o.clipvalue_boxed(x);
+        }
+        Ok(o.into_optimizer())
+    };
+    let opt = match class.as_str() {
+        "SGD" => {
+            if opt_num("weight_decay")?.is_some_and(|w| w != 0.0) {
+                return Err(c.error("weight_decay", "SGD with weight decay is not supported by kiln: use AdamW, or add an L2 penalty"));
+            }
+            clip(Box::new(
+                Sgd::new(lr)
+                    .momentum(c.f64("momentum")?)
+                    .nesterov(c.bool("nesterov")?),
+            ))?
+        }
+        "Adam" => {
+            c.expect("amsgrad", |v| v == &Value::Bool(false), "amsgrad = false")?;
+            let mut a = Adam::new(lr)
+                .beta_1(c.f64("beta_1")?)
+                .beta_2(c.f64("beta_2")?)
+                .epsilon(c.f64("epsilon")?);
+            if let Some(w) = opt_num("weight_decay")? {
+                a = a.weight_decay(w);
+            }
+            clip(Box::new(a))?
+        }
+        "AdamW" => {
+            c.expect("amsgrad", |v| v == &Value::Bool(false), "amsgrad = false")?;
+            let w = opt_num("weight_decay")?.unwrap_or(0.004);
+            clip(Box::new(
+                AdamW::new(lr)
+                    .weight_decay(w)
+                    .beta_1(c.f64("beta_1")?)
+                    .beta_2(c.f64("beta_2")?)
+                    .epsilon(c.f64("epsilon")?),
+            ))?
+        }
+        "RMSprop" => {
+            if opt_num("weight_decay")?.is_some_and(|w| w != 0.0) {
+                return Err(c.error(
+                    "weight_decay",
+                    "RMSprop with weight decay is not supported by kiln",
+                ));
+            }
+            clip(Box::new(
+                RmsProp::new(lr)
+                    .rho(c.f64("rho")?)
+                    .momentum(c.f64("momentum")?)
+                    .epsilon(c.f64("epsilon")?)
+                    .centered(c.bool("centered")?),
+            ))?
+        }
+        other => {
+            return Err(o.error(
+                "class_name",
+                format!("kiln has no optimizer `{other}`: use SGD, Adam, AdamW or RMSprop"),
+            ))
+        }
+    };
+    c.finish(&class)?;
+    o.finish("an optimizer")?;
+    Ok(opt)
+}
+
+/// The clipping options every kiln optimizer has, behind one object.
+trait ClipBuilder {
+    fn clipnorm_boxed(self: Box<Self>, c: f64) -> Box<dyn ClipBuilder>;
+    fn global_clipnorm_boxed(self: Box<Self>, c: f64) -> Box<dyn ClipBuilder>;
+    fn clipvalue_boxed(self: Box<Self>, c: f64) -> Box<dyn ClipBuilder>;
+    fn into_optimizer(self: Box<Self>) -> Box<dyn Optimizer>;
+}
+
+macro_rules! clip_builder {
+    ($($t:ty),*) => {$(
+        impl ClipBuilder for $t {
+            fn clipnorm_boxed(self: Box<Self>, c: f64) -> Box<dyn ClipBuilder> { Box::new(self.clipnorm(c)) }
+            fn global_clipnorm_boxed(self: Box<Self>, c: f64) -> Box<dyn ClipBuilder> { Box::new(self.global_clipnorm(c)) }
+            fn clipvalue_boxed(self: Box<Self>, c: f64) -> Box<dyn ClipBuilder> { Box::new(self.clipvalue(c)) }
+            fn into_optimizer(self: Box<Self>) -> Box<dyn Optimizer> { self }
+        }
+    )*};
+}
+clip_builder!(Sgd, Adam, AdamW, RmsProp);

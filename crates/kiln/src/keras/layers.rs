@@ -1,0 +1,573 @@
+//! One Keras layer's `config` to the kiln layer that computes the same thing, with every option
+//! Keras writes either carried over, checked to be one kiln computes exactly, or refused naming
+//! it. Initializers are read past: the file gives the weights.
+
+use super::json::{short, Obj};
+use crate::activations::Activation;
+use crate::error::{Error, Result};
+use crate::graph::SharedLayer;
+use crate::layers::{
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
+    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
+    LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Permute,
+    Reshape,
+};
+use crate::losses::config::JsonParams;
+use crate::regularizers::SharedRegularizer;
+use serde_json::Value;
+
+/// A kiln layer made from a Keras layer, and where its weights sit in `model.weights.h5`.
+pub(crate) struct Made {
+    pub(crate) layer: SharedLayer,
+    /// kiln's weight names (after `<layer>/`), in the order Keras stores them (`vars/0`, …).
+    pub(crate) weights: Vec<&'static str>,
+    /// Recurrent layers keep their weights in their cell (`<layer>/cell/vars/…`).
+    pub(crate) in_cell: bool,
+    /// The Keras class, for messages and export.
+    pub(crate) snake: &'static str,
+}
+
+/// The Keras classes kiln imports, with the name Keras gives their group in the weights file.
+pub(crate) const CLASSES: [(&str, &str); 27] = [
+    ("Dense", "dense"),
+    ("Activation", "activation"),
+    ("Dropout", "dropout"),
+    ("Flatten", "flatten"),
+    ("Reshape", "reshape"),
+    ("Permute", "permute"),
+    ("Conv1D", "conv1d"),
+    ("Conv2D", "conv2d"),
+    ("MaxPooling1D", "max_pooling1d"),
+    ("MaxPooling2D", "max_pooling2d"),
+    ("AveragePooling1D", "average_pooling1d"),
+    ("AveragePooling2D", "average_pooling2d"),
+    ("GlobalAveragePooling1D", "global_average_pooling1d"),
+    ("GlobalAveragePooling2D", "global_average_pooling2d"),
+    ("GlobalMaxPooling1D", "global_max_pooling1d"),
+    ("GlobalMaxPooling2D", "global_max_pooling2d"),
+    ("BatchNormalization", "batch_normalization"),
+    ("LayerNormalization", "layer_normalization"),
+    ("Embedding", "embedding"),
+    ("Masking", "masking"),
+    ("LSTM", "lstm"),
+    ("GRU", "gru"),
+    ("Concatenate", "concatenate"),
+    ("Add", "add"),
+    ("Multiply", "multiply"),
+    ("InputLayer", "input_layer"),
+    ("Functional", "functional"),
+];
+
+/// The group name Keras gives a layer of this class in the weights file (its snake-case class
+/// name), for the classes kiln knows.
+pub(crate) fn snake_name(class: &str) -> Option<&'static str> {
+    match class {
+        "Sequential" => Some("sequential"),
+        _ => CLASSES.iter().find(|(c, _)| *c == class).map(|(_, s)| *s),
+    }
+}
+
+/// Refuses a layer that Keras would not train: layer freezing comes with issue #14.
+// Connect here once `trainable(false)` exists on layer builders (issue #14).
+pub(crate) fn check_trainable(cfg: &Obj, name: &str) -> Result<()> {
+    if !cfg.bool_or("trainable", true)? {
+        return Err(cfg.error(
+            "trainable",
+            format!(
+                "layer `{name}` is frozen (trainable: false), and kiln cannot freeze layers yet: \
+                 set it trainable in Keras before saving, or wait for layer freezing"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Requires the float32 dtype policy (kiln computes in float32).
+pub(crate) fn check_dtype(cfg: &Obj) -> Result<()> {
+    let Some(v) = cfg.get("dtype") else {
+        return Ok(());
+    };
+    let name = match v {
+        Value::String(s) => Some(s.as_str()),
+        Value::Object(o) => o
+            .get("config")
+            .and_then(|c| c.get("name"))
+            .and_then(Value::as_str),
+        Value::Null => Some("float32"),
+        _ => None,
+    };
+    match name {
+        Some("float32") => Ok(()),
+        _ => Err(cfg.error(
+            "dtype",
+            format!(
+                "dtype policy {} is not supported: kiln computes in float32",
+                short(v)
+            ),
+        )),
+    }
+}
+
+fn activation(cfg: &Obj, key: &str) -> Result<Activation> {
+    let v = cfg.required(key)?;
+    let name = v.as_str().ok_or_else(|| {
+        cfg.error(
+            key,
+            format!(
+                "activation {} is not a built-in name: kiln never runs code from a file",
+                short(v)
+            ),
+        )
+    })?;
+    let name = if name == "swish" { "silu" } else { name };
+    name.parse()
+        .map_err(|_| cfg.error(key, format!("kiln has no activation `{name}`")))
+}
+
+/// A regularizer option: `null`, or a built-in Keras regularizer.
+fn regularizer(cfg: &Obj, key: &str) -> Result<Option<SharedRegularizer>> {
+    let Some(v) = cfg.get(key) else {
+        return Ok(None);
+    };
+    if v.is_null() {
+        return Ok(None);
+    }
+    let o = Obj::new(v, cfg.at(key), cfg.file)?;
+    let class = o.str("class_name")?;
+    o.ignore(&["module"]);
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class),
+        "built-in regularizers (L1, L2, L1L2, OrthogonalRegularizer)",
+    )?;
+    let params = o.required("config")?;
+    let place = o.at("config");
+    let reg = crate::regularizers::regularizer_from_config(class, &JsonParams::new(params, place))
+        .map_err(|e| Error::Data(format!("{}: {e}", cfg.file)))?;
+    o.finish("a regularizer")?;
+    Ok(Some(reg))
+}
+
+/// Initializers and constraints: initializers only say how Keras would draw weights that the
+/// file gives, so they are read past; a constraint changes training, and kiln has none.
+fn initializers_and_constraints(cfg: &Obj, prefixes: &[&str]) -> Result<()> {
+    for p in prefixes {
+        cfg.ignore(&[&format!("{p}_initializer")]);
+        cfg.expect_null(&format!("{p}_constraint"), "weight constraints")?;
+    }
+    Ok(())
+}
+
+fn padding(cfg: &Obj) -> Result<Padding> {
+    let p = cfg.str("padding")?;
+    p.parse().map_err(|e| cfg.error("padding", format!("{e}")))
+}
+
+fn channels_last(cfg: &Obj) -> Result<()> {
+    cfg.expect(
+        "data_format",
+        |v| v.is_null() || v.as_str() == Some("channels_last"),
+        "channels_last data only",
+    )
+}
+
+/// The last axis of an input of `rank` (batch included), as Keras writes it: -1, `rank - 1`,
+/// or a list of one of them.
+fn last_axis(cfg: &Obj, key: &str, input_rank: Option<usize>) -> Result<()> {
+    let v = cfg.required(key)?;
+    let one = match v {
+        Value::Array(a) if a.len() == 1 => &a[0],
+        other => other,
+    };
+    let ok = match one.as_i64() {
+        Some(-1) => true,
+        Some(a) => input_rank.is_some_and(|r| a == r as i64 - 1),
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(cfg.error(
+            key,
+            format!(
+                "normalizing over axis {} is not supported: kiln normalizes the last axis",
+                short(v)
+            ),
+        ))
+    }
+}
+
+/// Regularizers of a layer builder that has the three usual ones.
+macro_rules! regularized {
+    ($b:expr, $cfg:expr, $kernel:literal) => {{
+        let mut b = $b;
+        if let Some(r) = regularizer($cfg, $kernel)? {
+            b = b.kernel_regularizer(r);
+        }
+        if let Some(r) = regularizer($cfg, "bias_regularizer")? {
+            b = b.bias_regularizer(r);
+        }
+        if let Some(r) = regularizer($cfg, "activity_regularizer")? {
+            b = b.activity_regularizer(r);
+        }
+        b
+    }};
+}
+
+/// The kiln layer for a Keras layer of `class` with `cfg`, named `name` in kiln;
+/// `input_shape` is Keras' `build_config.input_shape` (batch included), where written.
+pub(crate) fn make(
+    class: &str,
+    cfg: &Obj,
+    name: &str,
+    input_shape: Option<&[Option<usize>]>,
+) -> Result<Made> {
+    cfg.ignore(&["name"]);
+    check_trainable(cfg, name)?;
+    check_dtype(cfg)?;
+    let rank = input_shape.map(<[_]>::len);
+    let snake = snake_name(class).unwrap_or("layer");
+    let name = name.to_string();
+    let plain = |layer: SharedLayer| Made {
+        layer,
+        weights: Vec::new(),
+        in_cell: false,
+        snake,
+    };
+    let made = match class {
+        "Dense" => {
+            let use_bias = cfg.bool("use_bias")?;
+            initializers_and_constraints(cfg, &["kernel", "bias"])?;
+            cfg.expect_null("quantization_config", "quantization")?;
+            cfg.expect_null("lora_rank", "LoRA")?;
+            cfg.ignore(&["lora_alpha"]);
+            let d = Dense::new(cfg.positive("units")?)
+                .activation(activation(cfg, "activation")?)
+                .use_bias(use_bias)
+                .name(name);
+            Made {
+                layer: regularized!(d, cfg, "kernel_regularizer").shared(),
+                weights: if use_bias {
+                    vec!["kernel", "bias"]
+                } else {
+                    vec!["kernel"]
+                },
+                in_cell: false,
+                snake,
+            }
+        }
+        "Conv1D" | "Conv2D" => {
+            let n = if class == "Conv1D" { 1 } else { 2 };
+            let use_bias = cfg.bool("use_bias")?;
+            initializers_and_constraints(cfg, &["kernel", "bias"])?;
+            channels_last(cfg)?;
+            cfg.expect("groups", |v| v.as_u64() == Some(1), "groups = 1")?;
+            let filters = cfg.positive("filters")?;
+            let kernel = cfg.sizes("kernel_size", n)?;
+            let strides = cfg.sizes("strides", n)?;
+            let dilation = cfg.sizes("dilation_rate", n)?;
+            let pad = padding(cfg)?;
+            let act = activation(cfg, "activation")?;
+            let layer = if n == 1 {
+                let c = Conv1D::new(filters, kernel[0])
+                    .strides(strides[0])
+                    .dilation_rate(dilation[0])
+                    .padding(pad)
+                    .activation(act)
+                    .use_bias(use_bias)
+                    .name(name);
+                regularized!(c, cfg, "kernel_regularizer").shared()
+            } else {
+                let c = Conv2D::new(filters, (kernel[0], kernel[1]))
+                    .strides((strides[0], strides[1]))
+                    .dilation_rate((dilation[0], dilation[1]))
+                    .padding(pad)
+                    .activation(act)
+                    .use_bias(use_bias)
+                    .name(name);
+                regularized!(c, cfg, "kernel_regularizer").shared()
+            };
+            Made {
+                layer,
+                weights: if use_bias {
+                    vec!["kernel", "bias"]
+                } else {
+                    vec!["kernel"]
+                },
+                in_cell: false,
+                snake,
+            }
+        }
+        "MaxPooling1D" | "AveragePooling1D" => {
+            channels_last(cfg)?;
+            let size = cfg.sizes("pool_size", 1)?[0];
+            let strides = match cfg.get("strides") {
+                Some(Value::Null) | None => size,
+                Some(_) => cfg.sizes("strides", 1)?[0],
+            };
+            let pad = padding(cfg)?;
+            plain(if class == "MaxPooling1D" {
+                MaxPooling1D::new(size)
+                    .strides(strides)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
+            } else {
+                AveragePooling1D::new(size)
+                    .strides(strides)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
+            })
+        }
+        "MaxPooling2D" | "AveragePooling2D" => {
+            channels_last(cfg)?;
+            let size = cfg.sizes("pool_size", 2)?;
+            let strides = match cfg.get("strides") {
+                Some(Value::Null) | None => size.clone(),
+                Some(_) => cfg.sizes("strides", 2)?,
+            };
+            let pad = padding(cfg)?;
+            let (s, st) = ((size[0], size[1]), (strides[0], strides[1]));
+            plain(if class == "MaxPooling2D" {
+                MaxPooling2D::new(s)
+                    .strides(st)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
+            } else {
+                AveragePooling2D::new(s)
+                    .strides(st)
+                    .padding(pad)
+                    .name(name)
+                    .shared()
+            })
+        }
+        "GlobalAveragePooling1D"
+        | "GlobalAveragePooling2D"
+        | "GlobalMaxPooling1D"
+        | "GlobalMaxPooling2D" => {
+            channels_last(cfg)?;
+            let keep = cfg.bool_or("keepdims", false)?;
+            plain(match class {
+                "GlobalAveragePooling1D" => GlobalAveragePooling1D::new()
+                    .keepdims(keep)
+                    .name(name)
+                    .shared(),
+                "GlobalAveragePooling2D" => GlobalAveragePooling2D::new()
+                    .keepdims(keep)
+                    .name(name)
+                    .shared(),
+                "GlobalMaxPooling1D" => {
+                    GlobalMaxPooling1D::new().keepdims(keep).name(name).shared()
+                }
+                _ => GlobalMaxPooling2D::new().keepdims(keep).name(name).shared(),
+            })
+        }
+        "BatchNormalization" => {
+            last_axis(cfg, "axis", rank)?;
+            initializers_and_constraints(cfg, &["beta", "gamma"])?;
+            cfg.ignore(&[
+                "moving_mean_initializer",
+                "moving_variance_initializer",
+                "renorm_momentum",
+            ]);
+            cfg.expect(
+                "synchronized",
+                |v| v == &Value::Bool(false),
+                "synchronized = false",
+            )?;
+            cfg.expect("renorm", |v| v == &Value::Bool(false), "renorm = false")?;
+            cfg.expect_null("renorm_clipping", "renormalization clipping")?;
+            let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
+            let mut b = BatchNormalization::new()
+                .momentum(cfg.f64("momentum")?)
+                .epsilon(cfg.f64("epsilon")?)
+                .center(center)
+                .scale(scale)
+                .name(name);
+            if let Some(r) = regularizer(cfg, "gamma_regularizer")? {
+                b = b.gamma_regularizer(r);
+            }
+            if let Some(r) = regularizer(cfg, "beta_regularizer")? {
+                b = b.beta_regularizer(r);
+            }
+            let mut weights = Vec::new();
+            if scale {
+                weights.push("gamma");
+            }
+            if center {
+                weights.push("beta");
+            }
+            weights.extend(["moving_mean", "moving_variance"]);
+            Made {
+                layer: b.shared(),
+                weights,
+                in_cell: false,
+                snake,
+            }
+        }
+        "LayerNormalization" => {
+            last_axis(cfg, "axis", rank)?;
+            initializers_and_constraints(cfg, &["beta", "gamma"])?;
+            cfg.expect(
+                "rms_scaling",
+                |v| v == &Value::Bool(false),
+                "rms_scaling = false",
+            )?;
+            let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
+            let mut l = LayerNormalization::new()
+                .epsilon(cfg.f64("epsilon")?)
+                .center(center)
+                .scale(scale)
+                .name(name);
+            if let Some(r) = regularizer(cfg, "gamma_regularizer")? {
+                l = l.gamma_regularizer(r);
+            }
+            if let Some(r) = regularizer(cfg, "beta_regularizer")? {
+                l = l.beta_regularizer(r);
+            }
+            let mut weights = Vec::new();
+            if scale {
+                weights.push("gamma");
+            }
+            if center {
+                weights.push("beta");
+            }
+            Made {
+                layer: l.shared(),
+                weights,
+                in_cell: false,
+                snake,
+            }
+        }
+        "Embedding" => {
+            initializers_and_constraints(cfg, &["embeddings"])?;
+            cfg.expect_null("quantization_config", "quantization")?;
+            cfg.expect_null("lora_rank", "LoRA")?;
+            cfg.ignore(&["lora_alpha"]);
+            cfg.expect("sparse", |v| v == &Value::Bool(false), "sparse = false")?;
+            let mut e = Embedding::new(cfg.positive("input_dim")?, cfg.positive("output_dim")?)
+                .mask_zero(cfg.bool("mask_zero")?)
+                .name(name);
+            if let Some(r) = regularizer(cfg, "embeddings_regularizer")? {
+                e = e.embeddings_regularizer(r);
+            }
+            if let Some(r) = regularizer(cfg, "activity_regularizer")? {
+                e = e.activity_regularizer(r);
+            }
+            Made {
+                layer: e.shared(),
+                weights: vec!["embeddings"],
+                in_cell: false,
+                snake,
+            }
+        }
+        "LSTM" | "GRU" => {
+            let use_bias = cfg.bool("use_bias")?;
+            initializers_and_constraints(cfg, &["kernel", "recurrent", "bias"])?;
+            for key in ["return_state", "go_backwards", "stateful"] {
+                cfg.expect(key, |v| v == &Value::Bool(false), &format!("{key} = false"))?;
+            }
+            for key in ["dropout", "recurrent_dropout"] {
+                cfg.expect(key, |v| v.as_f64() == Some(0.0), &format!("{key} = 0"))?;
+            }
+            let return_sequences = cfg.bool("return_sequences")?;
+            // Keras' default carries the last output over masked steps, as kiln does.
+            cfg.expect(
+                "zero_output_for_mask",
+                |v| v == &Value::Bool(false) || !return_sequences,
+                "zero_output_for_mask = false with return_sequences",
+            )?;
+            // Unrolling, the seed of a dropout that is 0 and the cuDNN choice change no value.
+            cfg.ignore(&["unroll", "seed", "use_cudnn"]);
+            let units = cfg.positive("units")?;
+            let act = activation(cfg, "activation")?;
+            let rec = activation(cfg, "recurrent_activation")?;
+            macro_rules! recurrent {
+                ($l:expr) => {{
+                    let mut l = $l
+                        .activation(act)
+                        .recurrent_activation(rec)
+                        .use_bias(use_bias)
+                        .return_sequences(return_sequences)
+                        .name(name);
+                    if let Some(r) = regularizer(cfg, "recurrent_regularizer")? {
+                        l = l.recurrent_regularizer(r);
+                    }
+                    regularized!(l, cfg, "kernel_regularizer").shared()
+                }};
+            }
+            let layer = if class == "LSTM" {
+                recurrent!(Lstm::new(units).unit_forget_bias(cfg.bool("unit_forget_bias")?))
+            } else {
+                recurrent!(Gru::new(units).reset_after(cfg.bool("reset_after")?))
+            };
+            let mut weights = vec!["kernel", "recurrent_kernel"];
+            if use_bias {
+                weights.push("bias");
+            }
+            Made {
+                layer,
+                weights,
+                in_cell: true,
+                snake,
+            }
+        }
+        "Dropout" => {
+            cfg.expect_null("noise_shape", "a noise_shape")?;
+            // kiln draws the dropped units from its own seeded generator.
+            cfg.ignore(&["seed"]);
+            let rate = cfg.f64("rate")?;
+            plain(Dropout::new(rate).name(name).shared())
+        }
+        "Activation" => plain(
+            ActivationLayer::new(activation(cfg, "activation")?)
+                .name(name)
+                .shared(),
+        ),
+        "Flatten" => {
+            channels_last(cfg)?;
+            plain(Flatten::new().name(name).shared())
+        }
+        "Reshape" => {
+            let v = cfg.required("target_shape")?;
+            let dims = v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>())
+                .ok_or_else(|| {
+                    cfg.error(
+                        "target_shape",
+                        format!("expected a list of integers, got {}", short(v)),
+                    )
+                })?;
+            let dims: Vec<isize> = dims.into_iter().map(|d| d as isize).collect();
+            plain(Reshape::new(dims).name(name).shared())
+        }
+        "Permute" => {
+            let v = cfg.required("dims")?;
+            let dims = v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+                .ok_or_else(|| {
+                    cfg.error("dims", format!("expected a list of axes, got {}", short(v)))
+                })?;
+            let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
+            plain(Permute::new(dims).name(name).shared())
+        }
+        "Masking" => plain(Masking::new(cfg.f64("mask_value")?).name(name).shared()),
+        "Concatenate" => {
+            let axis = cfg.required("axis")?;
+            let axis = axis.as_i64().ok_or_else(|| {
+                cfg.error("axis", format!("expected an integer, got {}", short(axis)))
+            })?;
+            plain(Concatenate::new().axis(axis as isize).name(name).shared())
+        }
+        "Add" => plain(Add::new().name(name).shared()),
+        "Multiply" => plain(Multiply::new().name(name).shared()),
+        other => unreachable!("the caller checks the class first: {other}"),
+    };
+    cfg.finish(class)?;
+    Ok(made)
+}

@@ -1,0 +1,212 @@
+//! Keras interchange: Keras 3 `.keras` files in and out.
+//!
+//! - [`Model::from_keras`] reads a `.keras` file (a zip of `config.json`, `metadata.json` and
+//!   `model.weights.h5`) into a kiln model with the same graph and weights, compiled with the
+//!   file's `compile_config` when it has one. Weights keep Keras' layer paths as kiln names
+//!   (`hidden/kernel`; inside a nested model `encoder/dense/kernel`).
+//! - [`Model::save_keras`] writes a `.keras` file that `keras.saving.load_model` loads.
+//!
+//! Files from strangers are treated as hostile: an unknown layer, option, activation or loss is
+//! an error naming its place in the config (`config.layers[3].config.dilation_rate`); Lambda
+//! layers and custom classes are refused (kiln never runs code from a file); HDF5 soft and
+//! external links are never followed; a dataset's declared size is checked against the file
+//! before anything is allocated; the zip is read with bounded decompression.
+
+mod archive;
+mod compile;
+mod export;
+mod graph;
+mod h5;
+mod json;
+mod layers;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use graph::LayerSlot;
+use std::path::Path;
+use std::sync::Arc;
+
+/// What an imported model keeps of its Keras file, so that exporting it writes the same
+/// architecture back with its current weights.
+pub(crate) struct Source {
+    /// `model.keras: config.json`, for messages.
+    file: String,
+    config: serde_json::Value,
+    slots: Vec<LayerSlot>,
+    /// Each Keras output name with the kiln output it became.
+    outputs: Vec<(String, String)>,
+}
+
+/// The compile configuration of the Keras file `model` was imported from: what `[compile]
+/// keras = true` in a run file means.
+pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> {
+    let src = model.keras.as_ref().ok_or_else(|| {
+        Error::Compile("`keras = true` takes the compile configuration of a Keras model, but the model was not imported from Keras".into())
+    })?;
+    // An uncompiled model writes `{}` (or nothing).
+    let cc = src
+        .config
+        .get("compile_config")
+        .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+        .ok_or_else(|| {
+            Error::Data(format!(
+                "{}: the model was saved without compiling: it has no compile_config",
+                src.file
+            ))
+        })?;
+    compile::compile(
+        &json::Obj::new(cc, "compile_config", &src.file)?,
+        &src.outputs,
+    )
+}
+
+/// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
+/// and the file has one.
+///
+/// ```
+/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keras/mlp_sequential.keras");
+/// let model = kiln::keras::load(path, false)?;
+/// assert_eq!(model.weight("hidden/kernel")?.var.dims(), &[6, 8]);
+/// assert!(!model.is_compiled());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// When the file is not a readable `.keras` file, has a layer, option, activation, loss or
+/// optimizer kiln does not have (the message names its place in `config.json`), refers to
+/// data outside the file, or its weights do not fit the architecture.
+pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
+    let path = path.as_ref();
+    let shown = path.display().to_string();
+    let archive = archive::read(path)?;
+    let config: serde_json::Value = serde_json::from_slice(&archive.config)
+        .map_err(|e| Error::Data(format!("{shown}: config.json is not JSON: {e}")))?;
+    if let Some(meta) = &archive.metadata {
+        if serde_json::from_slice::<serde_json::Value>(meta).is_err() {
+            return Err(Error::Data(format!("{shown}: metadata.json is not JSON")));
+        }
+    }
+    let file = format!("{shown}: config.json");
+    let root = json::Obj::new(&config, "", &file)?;
+    let mut reader = graph::Reader {
+        file: &file,
+        slots: Vec::new(),
+    };
+    let g = reader.model(&root, "", "layers")?;
+    let inputs = g.kiln_inputs();
+    let outputs = g.apply(&file, &inputs)?;
+    let mut model = Model::builder(&inputs, &outputs)
+        .build()
+        .map_err(|e| Error::Data(format!("{file}: {e}")))?;
+    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
+    load_weights(&model, &weights, &reader.slots)?;
+    let names: Vec<(String, String)> = g
+        .output_names()
+        .into_iter()
+        .zip(model.output_names().iter().cloned())
+        .collect();
+    let has_compile = config
+        .get("compile_config")
+        .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()));
+    model.keras = Some(Arc::new(Source {
+        file: file.clone(),
+        config,
+        slots: reader.slots,
+        outputs: names,
+    }));
+    if compile && has_compile {
+        let c = compile_config_of(&model)?;
+        model
+            .compile(c)
+            .map_err(|e| Error::Data(format!("{file}: compile_config: {e}")))?;
+    }
+    Ok(model)
+}
+
+/// Sets every weight from the file, after all of them have been read and checked: a bad file
+/// changes nothing.
+fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
+    let mut values = Vec::new();
+    for slot in slots {
+        let stored = file.dataset_names(&slot.vars)?;
+        let expected: Vec<String> = (0..slot.weights.len()).map(|i| i.to_string()).collect();
+        if let Some(extra) = stored.iter().find(|n| !expected.contains(n)) {
+            return Err(Error::Data(format!(
+                "{}: /{}/{extra}: layer `{}` has {} weight(s) as config.json describes it but the \
+                 weights file stores more: the two describe different architectures",
+                file_name(file),
+                slot.vars,
+                slot.kiln,
+                slot.weights.len()
+            )));
+        }
+        for (i, w) in slot.weights.iter().enumerate() {
+            let name = format!("{}/{w}", slot.kiln);
+            let weight = model.weight(&name)?;
+            let dims = weight.var.dims().to_vec();
+            let data = file.read(&slot.vars, &i.to_string(), &dims, &name)?;
+            values.push((
+                weight,
+                candle_core::Tensor::from_vec(data, dims, model.device())?,
+            ));
+        }
+    }
+    for (w, t) in values {
+        w.var.set(&t.to_dtype(w.var.dtype())?)?;
+    }
+    Ok(())
+}
+
+fn file_name(file: &h5::WeightsFile) -> String {
+    file.shown().to_string()
+}
+
+impl Model {
+    /// Reads a Keras 3 `.keras` file: the same graph and weights, compiled with the file's
+    /// `compile_config` when it has one (as `keras.saving.load_model` does).
+    ///
+    /// ```
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keras/nested_shared.keras");
+    /// let model = kiln::Model::from_keras(path)?;
+    /// assert_eq!(model.weight("encoder/dense/kernel")?.var.dims(), &[5, 3]);
+    /// assert!(model.is_compiled());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`load`]; also when the compile configuration has a loss, metric or optimizer kiln
+    /// lacks, or a custom loss that is not registered ([`crate::losses::register`]).
+    pub fn from_keras(path: impl AsRef<Path>) -> Result<Model> {
+        load(path, true)
+    }
+
+    /// Writes the model as a Keras 3 `.keras` file that `keras.saving.load_model` reads,
+    /// whole or not at all. A model imported from Keras is written with its original
+    /// configuration and its current weights.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("kiln-doc-save-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// use kiln::Model;
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keras/mlp_sequential.keras");
+    /// let model = Model::from_keras(path)?;
+    /// model.save_keras(dir.join("model.keras"))?;
+    /// let back = Model::from_keras(dir.join("model.keras"))?;
+    /// assert_eq!(
+    ///     back.weight("hidden/kernel")?.var.as_tensor().to_vec2::<f32>()?,
+    ///     model.weight("hidden/kernel")?.var.as_tensor().to_vec2::<f32>()?
+    /// );
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the model was built in kiln rather than imported (not supported yet), or the file
+    /// cannot be written.
+    pub fn save_keras(&self, path: impl AsRef<Path>) -> Result<()> {
+        export::save(self, path.as_ref())
+    }
+}

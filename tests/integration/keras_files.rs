@@ -1,0 +1,610 @@
+//! Keras `.keras` files: import, predict, one training step and export against real Keras 3.15.1
+//! (tests/fixtures/keras/*.keras and *.json, written by make_keras_models.py), and the
+//! refusals of hostile files.
+
+use candle_core::{Device, Tensor};
+use kiln::prelude::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/keras/{name}"))
+}
+
+/// Every compiled fixture and the relative tolerance of its predictions.
+const MODELS: [(&str, f64); 8] = [
+    ("mlp_sequential", 1e-5),
+    ("functional_two_heads", 1e-5),
+    ("nested_shared", 1e-5),
+    ("cnn2d", 1e-4),
+    ("conv1d", 1e-4),
+    ("recurrent", 1e-4),
+    ("shapes", 1e-5),
+    ("sequential_nested", 1e-4),
+];
+
+fn case(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn flat(v: &Value, out: &mut Vec<f64>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+        x => out.push(x.as_f64().unwrap()),
+    }
+}
+
+fn shape(v: &Value) -> Vec<usize> {
+    let mut s = Vec::new();
+    let mut v = v;
+    while let Value::Array(a) = v {
+        s.push(a.len());
+        v = &a[0];
+    }
+    s
+}
+
+fn tensor(v: &Value) -> Tensor {
+    let mut values = Vec::new();
+    flat(v, &mut values);
+    let values: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
+    Tensor::from_vec(values, shape(v), &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn assert_close(what: &str, want: &[f64], got: &[f64], rtol: f64) {
+    assert_eq!(want.len(), got.len(), "{what}: sizes differ");
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        let tol = rtol * w.abs().max(1.0) + 1e-6;
+        assert!(
+            (w - g).abs() <= tol,
+            "{what}[{i}]: Keras {w}, kiln {g} (tolerance {tol})"
+        );
+    }
+}
+
+fn predictions(model: &Model, c: &Value) -> Vec<Tensor> {
+    let inputs: Vec<Tensor> = c["inputs"].as_array().unwrap().iter().map(tensor).collect();
+    model.predict(&inputs, 64).unwrap()
+}
+
+#[test]
+fn imported_models_predict_as_keras_does() {
+    for (name, rtol) in MODELS {
+        let model = Model::from_keras(fixture(&format!("{name}.keras")))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let c = case(name);
+        let got = predictions(&model, &c);
+        let want = c["predictions"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{name}: outputs");
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(g.dims(), shape(w).as_slice(), "{name} output {i}");
+            let mut wv = Vec::new();
+            flat(w, &mut wv);
+            assert_close(&format!("{name} output {i}"), &wv, &values(g), rtol);
+        }
+    }
+}
+
+#[test]
+fn weights_keep_keras_layer_paths() {
+    let model = Model::from_keras(fixture("nested_shared.keras")).unwrap();
+    let mut names: Vec<String> = model.weights().into_iter().map(|w| w.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "encoder/dense/bias",
+            "encoder/dense/kernel",
+            "score/bias",
+            "score/kernel",
+            "shared/bias",
+            "shared/kernel"
+        ]
+    );
+    let model = Model::from_keras(fixture("recurrent.keras")).unwrap();
+    assert!(model.weight("lstm/recurrent_kernel").is_ok());
+    assert_eq!(model.weight("gru/bias").unwrap().var.dims(), &[2, 9]);
+}
+
+/// One `train_on_batch` in Keras and one fit step of the whole batch in kiln, from the same
+/// weights with the carried-over loss and optimizer, give the same weights.
+#[test]
+fn one_training_step_matches_keras() {
+    for (name, _) in MODELS {
+        let c = case(name);
+        let Some(train) = c.get("train") else {
+            continue;
+        };
+        let mut model = Model::from_keras(fixture(&format!("{name}.keras"))).unwrap();
+        let x: Vec<Tensor> = train["x"].as_array().unwrap().iter().map(tensor).collect();
+        let y: Vec<Tensor> = train["y"].as_array().unwrap().iter().map(tensor).collect();
+        let n = x[0].dims()[0];
+        let data = Dataset::multi(x, y).unwrap();
+        let history = model
+            .fit(
+                &data,
+                Fit::new().epochs(1).batch_size(n).shuffle(false).quiet(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let loss = history.last().unwrap().get("loss").unwrap();
+        let keras_loss = train["loss"].as_f64().unwrap();
+        assert!(
+            (loss - keras_loss).abs() <= 1e-4 * keras_loss.abs().max(1.0),
+            "{name}: loss Keras {keras_loss}, kiln {loss}"
+        );
+        for (wname, want) in train["weights_after"].as_object().unwrap() {
+            let w = model
+                .weight(wname)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut wv = Vec::new();
+            flat(want, &mut wv);
+            assert_close(
+                &format!("{name} {wname}"),
+                &wv,
+                &values(w.var.as_tensor()),
+                2e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn export_then_import_gives_the_same_weights_and_predictions() {
+    let dir = std::env::temp_dir().join(format!("kiln-keras-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, _) in MODELS {
+        let model = Model::from_keras(fixture(&format!("{name}.keras"))).unwrap();
+        let out = dir.join(format!("{name}.keras"));
+        model.save_keras(&out).unwrap();
+        let back = Model::from_keras(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for w in model.weights() {
+            let b = back.weight(&w.name).unwrap();
+            assert_eq!(
+                values(w.var.as_tensor()),
+                values(b.var.as_tensor()),
+                "{name} {}",
+                w.name
+            );
+        }
+        let c = case(name);
+        for (a, b) in predictions(&model, &c).iter().zip(predictions(&back, &c)) {
+            assert_eq!(values(a), values(&b), "{name}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A model built in kiln (Dense, Dropout, Activation, an L2 penalty) written as Keras and read
+/// back: the same weights and predictions.
+#[test]
+fn a_kiln_built_model_exports_and_imports_unchanged() {
+    let x = Input::named("features", [5]);
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .kernel_regularizer(L2::new(1e-3))
+        .name("hidden")
+        .apply(&x)
+        .unwrap();
+    let h = Dropout::new(0.2).apply(&h).unwrap();
+    let h = ActivationLayer::new(Activation::Relu).apply(&h).unwrap();
+    let y = Dense::new(2).use_bias(false).name("out").apply(&h).unwrap();
+    let model = Model::builder(&[x], &[y]).seed(3).build().unwrap();
+    let path = std::env::temp_dir().join(format!("kiln-native-{}.keras", std::process::id()));
+    model.save_keras(&path).unwrap();
+    let back = Model::from_keras(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    for w in model.weights() {
+        assert_eq!(
+            values(w.var.as_tensor()),
+            values(back.weight(&w.name).unwrap().var.as_tensor()),
+            "{}",
+            w.name
+        );
+    }
+    let input = Tensor::arange(0f32, 15.0, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 5))
+        .unwrap();
+    let (a, b) = (
+        model.predict(std::slice::from_ref(&input), 8).unwrap(),
+        back.predict(&[input], 8).unwrap(),
+    );
+    assert_eq!(values(&a[0]), values(&b[0]));
+    let x2 = Input::new([4, 1]);
+    let c = Conv1D::new(2, 2).name("conv").apply(&x2).unwrap();
+    let msg = Model::new(&[x2], &[c])
+        .unwrap()
+        .save_keras(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("layer `conv`") && msg.contains("cannot be written as Keras yet"),
+        "{msg}"
+    );
+    assert!(!path.exists());
+}
+
+fn refusal(name: &str) -> String {
+    match Model::from_keras(fixture(name)) {
+        Ok(_) => panic!("{name} was imported"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn links_out_of_the_weights_file_are_not_followed() {
+    for name in ["hostile_soft_link.keras", "hostile_external_link.keras"] {
+        let msg = refusal(name);
+        assert!(
+            msg.contains("/layers/dense/vars")
+                && msg.contains("never follows soft or external links"),
+            "{name}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_dataset_whose_data_the_file_does_not_hold_is_refused() {
+    let msg = refusal("hostile_unallocated.keras");
+    assert!(
+        msg.contains("/layers/dense/vars/0")
+            && msg.contains("does not hold: refused before allocating"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn lambda_layers_are_refused() {
+    let msg = refusal("hostile_lambda.keras");
+    assert!(
+        msg.contains("config.layers[1].class_name")
+            && msg.contains("Lambda")
+            && msg.contains("never runs code"),
+        "{msg}"
+    );
+}
+
+/// Rewrites a fixture's config.json through `edit`, into a temporary `.keras` file.
+fn edited(name: &str, tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let mut edit = Some(edit);
+    use std::io::{Read, Write};
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(fixture(name)).unwrap()).unwrap();
+    let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).unwrap();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        parts.push((f.name().unwrap().to_string(), bytes));
+    }
+    for (n, bytes) in &mut parts {
+        if n == "config.json" {
+            let mut v: Value = serde_json::from_slice(bytes).unwrap();
+            (edit.take().expect("one config.json"))(&mut v);
+            *bytes = serde_json::to_vec(&v).unwrap();
+        }
+    }
+    let path = std::env::temp_dir().join(format!("kiln-keras-{tag}-{}.keras", std::process::id()));
+    let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    for (n, bytes) in parts {
+        w.start_file(n, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        w.write_all(&bytes).unwrap();
+    }
+    w.finish().unwrap();
+    path
+}
+
+fn refused_edit(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let path = edited("cnn2d.keras", tag, edit);
+    let msg = match Model::from_keras(&path) {
+        Ok(_) => panic!("{tag}: imported"),
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_file(&path).unwrap();
+    msg
+}
+
+#[test]
+fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place() {
+    let msg = refused_edit("option", |v| {
+        v["config"]["layers"][1]["config"]["groups"] = 2.into();
+    });
+    assert!(
+        msg.contains("config.layers[1].config.groups") && msg.contains("groups = 1"),
+        "{msg}"
+    );
+    let msg = refused_edit("unknown", |v| {
+        v["config"]["layers"][2]["config"]["new_option"] = true.into();
+    });
+    assert!(
+        msg.contains("config.layers[2].config.new_option") && msg.contains("unknown option"),
+        "{msg}"
+    );
+    let msg = refused_edit("activation", |v| {
+        v["config"]["layers"][1]["config"]["activation"] = "selu".into();
+    });
+    assert!(
+        msg.contains("config.layers[1].config.activation") && msg.contains("selu"),
+        "{msg}"
+    );
+    let msg = refused_edit("class", |v| {
+        v["config"]["layers"][3]["class_name"] = "SeparableConv2D".into();
+    });
+    assert!(
+        msg.contains("config.layers[3].class_name") && msg.contains("SeparableConv2D"),
+        "{msg}"
+    );
+    let msg = refused_edit("frozen", |v| {
+        v["config"]["layers"][1]["config"]["trainable"] = false.into();
+    });
+    assert!(
+        msg.contains("config.layers[1].config.trainable") && msg.contains("`c1` is frozen"),
+        "{msg}"
+    );
+    let msg = refused_edit("axis", |v| {
+        v["config"]["layers"][3]["config"]["axis"] = 1.into();
+    });
+    assert!(msg.contains("config.layers[3].config.axis"), "{msg}");
+    let msg = refused_edit("loss", |v| {
+        v["compile_config"]["loss"]["class_name"] = "MyLoss".into();
+        v["compile_config"]["loss"]["registered_name"] = "Custom>MyLoss".into();
+    });
+    assert!(
+        msg.contains("compile_config.loss") && msg.contains("`Custom>MyLoss` is not registered"),
+        "{msg}"
+    );
+    let msg = refused_edit("loss_param", |v| {
+        v["compile_config"]["loss"]["config"]["from_logits"] = "yes".into();
+    });
+    assert!(
+        msg.contains("compile_config.loss.config") && msg.contains("from_logits"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_registered_custom_loss_is_found_by_its_keras_name() {
+    kiln::losses::register(
+        "Custom>keras_test_mse",
+        loss_fn("keras_test_mse", |t: &Tensor, p: &Tensor| {
+            Ok((p - t)?.sqr()?.mean(candle_core::D::Minus1)?)
+        }),
+    );
+    let path = edited("conv1d.keras", "custom", |v| {
+        v["compile_config"]["loss"] = serde_json::json!({
+            "module": null, "class_name": "keras_test_mse",
+            "config": {"name": "keras_test_mse"}, "registered_name": "Custom>keras_test_mse"
+        });
+    });
+    let model = Model::from_keras(&path).unwrap();
+    assert!(model.is_compiled());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_zip_bomb_is_refused_before_decompressing() {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!("kiln-keras-bomb-{}.keras", std::process::id()));
+    let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let deflated = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    w.start_file("config.json", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    w.write_all(b"{}").unwrap();
+    w.start_file("model.weights.h5", deflated).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..200 {
+        w.write_all(&zeros).unwrap();
+    }
+    w.finish().unwrap();
+    let msg = match Model::from_keras(&path) {
+        Ok(_) => panic!("imported a bomb"),
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        msg.contains("model.weights.h5") && msg.contains("decompression bomb"),
+        "{msg}"
+    );
+}
+
+fn kiln(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
+    let dir = std::env::temp_dir().join(format!("kiln-keras-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let source = fixture("mlp_sequential.keras");
+    let (ok, text) = kiln(&[
+        "import",
+        source.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("compiled"), "{text}");
+    for f in ["model.keras", "model.json", "model.safetensors"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    let c = case("mlp_sequential");
+    let x = tensor(&c["inputs"][0]);
+    let (xin, pout) = (dir.join("x.npy"), dir.join("p.npy"));
+    x.write_npy(&xin).unwrap();
+    let (ok, text) = kiln(&[
+        "predict",
+        run.to_str().unwrap(),
+        "--input",
+        xin.to_str().unwrap(),
+        "--output",
+        pout.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let p = Tensor::read_npy(&pout).unwrap();
+    let mut want = Vec::new();
+    flat(&c["predictions"][0], &mut want);
+    assert_close("kiln predict", &want, &values(&p), 1e-5);
+
+    let out = dir.join("back.keras");
+    let (ok, text) = kiln(&[
+        "export",
+        run.to_str().unwrap(),
+        "--keras",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let (a, b) = (
+        Model::from_keras(&source).unwrap(),
+        Model::from_keras(&out).unwrap(),
+    );
+    for w in a.weights() {
+        let v = b.weight(&w.name).unwrap();
+        assert_eq!(
+            values(w.var.as_tensor()),
+            values(v.var.as_tensor()),
+            "{}",
+            w.name
+        );
+    }
+    let (ok, text) = kiln(&[
+        "import",
+        fixture("hostile_lambda.keras").to_str().unwrap(),
+        "--out",
+        dir.join("bad").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("Lambda"), "{text}");
+    assert!(!dir.join("bad").join("model.json").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-5i64..100).prop_map(Value::from),
+            (-1e3f64..1e3).prop_map(Value::from),
+            "[a-z_]{0,12}".prop_map(Value::from),
+            prop::collection::vec(-2i64..5, 0..4).prop_map(Value::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Any value written over any option of any layer of a real config is either imported
+        /// or refused with a message naming config.json: never a panic.
+        #[test]
+        fn a_mutated_config_is_imported_or_refused_naming_the_config(
+            layer in 0usize..16,
+            key in 0usize..32,
+            value in any_value(),
+        ) {
+            let path = edited("functional_two_heads.keras", &format!("mutated-{layer}-{key}"), |v| {
+                let layers = v["config"]["layers"].as_array_mut().unwrap();
+                let n = layers.len();
+                let cfg = layers[layer % n]["config"].as_object_mut().unwrap();
+                let keys: Vec<String> = cfg.keys().cloned().collect();
+                let k = keys[key % keys.len()].clone();
+                cfg.insert(k, value.clone());
+            });
+            let result = Model::from_keras(&path);
+            std::fs::remove_file(&path).unwrap();
+            if let Err(e) = result {
+                let msg = e.to_string();
+                prop_assert!(msg.contains("config.json"), "{}", msg);
+            }
+        }
+    }
+}
+
+mod flipped {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Rewrites a fixture's weights member with `edit` into a temporary `.keras` file.
+    fn with_weights(tag: &str, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+        use std::io::{Read, Write};
+        let mut zip =
+            zip::ZipArchive::new(std::fs::File::open(fixture("mlp_sequential.keras")).unwrap())
+                .unwrap();
+        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        for i in 0..zip.len() {
+            let mut f = zip.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).unwrap();
+            parts.push((f.name().unwrap().to_string(), bytes));
+        }
+        let mut edit = Some(edit);
+        for (n, bytes) in &mut parts {
+            if n == "model.weights.h5" {
+                (edit.take().unwrap())(bytes);
+            }
+        }
+        let path =
+            std::env::temp_dir().join(format!("kiln-keras-{tag}-{}.keras", std::process::id()));
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        for (n, bytes) in parts {
+            w.start_file(n, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(&bytes).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// A damaged weights file (bytes overwritten, or cut short) gives weights or an error
+        /// naming model.weights.h5: never a panic.
+        #[test]
+        fn a_damaged_weights_file_is_read_or_refused(
+            at in 0usize..16_000,
+            byte in any::<u8>(),
+            cut in proptest::option::of(0usize..16_000),
+        ) {
+            let path = with_weights("flipped", |bytes| {
+                let n = bytes.len();
+                bytes[at % n] = byte;
+                if let Some(c) = cut {
+                    bytes.truncate(c % n);
+                }
+            });
+            let result = std::panic::catch_unwind(|| Model::from_keras(&path).map(|_| ()));
+            std::fs::remove_file(&path).unwrap();
+            match result {
+                Err(_) => prop_assert!(false, "a panic at byte {at} = {byte}, cut {cut:?}"),
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("model.weights.h5"), "{}", msg);
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
