@@ -53,7 +53,8 @@ fn the_data_loss_is_its_own_term_beside_added_terms() {
             "l2",
             "val_loss",
             "val_out_loss",
-            "val_l2"
+            "val_l2",
+            "epoch_time_s"
         ]
     );
     // Exact values on fixed weights: the data term is the MSE, the penalty 1e-2·Σw².

@@ -195,9 +195,11 @@ fn train_off_a_terminal_writes_one_plain_line_per_epoch() {
             names,
             [
                 "loss",
+                "digit_loss",
                 "l2",
                 "accuracy",
                 "val_loss",
+                "val_digit_loss",
                 "val_l2",
                 "val_accuracy"
             ],

@@ -344,13 +344,6 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
         msg.contains("config.layers[3].class_name") && msg.contains("SeparableConv2D"),
         "{msg}"
     );
-    let msg = refused_edit("frozen", |v| {
-        v["config"]["layers"][1]["config"]["trainable"] = false.into();
-    });
-    assert!(
-        msg.contains("config.layers[1].config.trainable") && msg.contains("`c1` is frozen"),
-        "{msg}"
-    );
     let msg = refused_edit("axis", |v| {
         v["config"]["layers"][3]["config"]["axis"] = 1.into();
     });
@@ -606,5 +599,57 @@ mod flipped {
                 Ok(Ok(())) => {}
             }
         }
+    }
+}
+
+/// A layer Keras saved frozen (`trainable: false`) is imported frozen: it is not among the
+/// trainable weights and a training step leaves it bit-identical, while the others move.
+#[test]
+fn frozen_layers_import_frozen() {
+    let path = edited("cnn2d.keras", "frozen", |v| {
+        v["config"]["layers"][1]["config"]["trainable"] = false.into();
+    });
+    let mut model = Model::from_keras(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(!model.is_trainable("c1").unwrap());
+    let frozen: Vec<String> = model
+        .weights()
+        .iter()
+        .filter(|w| !w.trainable())
+        .map(|w| w.name.clone())
+        .collect();
+    assert!(frozen.iter().any(|n| n.starts_with("c1/")), "{frozen:?}");
+    let before: Vec<(String, Vec<f32>)> = model
+        .weights()
+        .iter()
+        .map(|w| {
+            (
+                w.name.clone(),
+                w.var.flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect();
+    let c = case("cnn2d");
+    let train = &c["train"];
+    let x: Vec<Tensor> = train["x"].as_array().unwrap().iter().map(tensor).collect();
+    let y: Vec<Tensor> = train["y"].as_array().unwrap().iter().map(tensor).collect();
+    let n = x[0].dims()[0];
+    let data = Dataset::multi(x, y).unwrap();
+    model
+        .fit(
+            &data,
+            Fit::new().epochs(1).batch_size(n).shuffle(false).quiet(),
+        )
+        .unwrap();
+    for (name, old) in before {
+        let now: Vec<f32> = model
+            .weight(&name)
+            .unwrap()
+            .var
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(name.starts_with("c1/"), now == old, "{name}");
     }
 }

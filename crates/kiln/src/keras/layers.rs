@@ -75,8 +75,9 @@ pub(crate) fn check_trainable(cfg: &Obj, name: &str) -> Result<()> {
         return Err(cfg.error(
             "trainable",
             format!(
-                "layer `{name}` is frozen (trainable: false), and kiln cannot freeze layers yet: \
-                 set it trainable in Keras before saving, or wait for layer freezing"
+                "model `{name}` is frozen as a whole (trainable: false); kiln imports frozen \
+                 layers but not frozen nested models yet: freeze the model's layers one by one \
+                 in Keras (layer.trainable = False) before saving"
             ),
         ));
     }
@@ -224,7 +225,9 @@ pub(crate) fn make(
     input_shape: Option<&[Option<usize>]>,
 ) -> Result<Made> {
     cfg.ignore(&["name"]);
-    check_trainable(cfg, name)?;
+    // A frozen layer stays frozen in kiln (no update, no regularizer term, BatchNormalization
+    // in inference mode), as Keras trains it.
+    let trainable = cfg.bool_or("trainable", true)?;
     check_dtype(cfg)?;
     let rank = input_shape.map(<[_]>::len);
     let snake = snake_name(class).unwrap_or("layer");
@@ -569,5 +572,6 @@ pub(crate) fn make(
         other => unreachable!("the caller checks the class first: {other}"),
     };
     cfg.finish(class)?;
+    made.layer.set_trainable(trainable);
     Ok(made)
 }

@@ -356,7 +356,8 @@ impl RunFile {
                 .as_ref()
                 .map(|d| d.inputs()[0].dims()[1..].to_vec())
                 .unwrap_or_default();
-            let mut model = build::model(&model_section, &input_shape, seed, standardize, &self.base)?;
+            let mut model =
+                build::model(&model_section, &input_shape, seed, standardize, &self.base)?;
             for term in root.tables("added")? {
                 build::added(&term, &mut model)?;
             }
