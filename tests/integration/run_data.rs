@@ -125,7 +125,7 @@ batch_size = 16
 
 fn train(dir: &Path, text: &str) -> kiln::Result<kiln::run::TrainReport> {
     std::fs::write(dir.join("run.toml"), text).unwrap();
-    RunFile::from_path(&dir.join("run.toml"))?.train(&TrainOptions {
+    RunFile::from_path(dir.join("run.toml"))?.train(&TrainOptions {
         out: dir.join("out"),
         ..TrainOptions::default()
     })
@@ -482,7 +482,7 @@ fn resume_keeps_the_statistics_and_refuses_changed_training_data() {
     );
     assert!(ok, "{err}");
     let dir_w = dir.join("out/model.safetensors");
-    let model = RunFile::from_run_folder(&dir.join("out"))
+    let model = RunFile::from_run_folder(dir.join("out"))
         .unwrap()
         .prepare(None, &candle_core::Device::Cpu)
         .unwrap()

@@ -320,8 +320,7 @@ mod memory_tests {
         let h = Dense::new(30).name("d").apply(&h).unwrap();
         let y = Dense::new(30).name("e").apply(&h).unwrap();
         let err = crate::Model::new(&[x], &[y])
-            .err()
-            .expect("too big")
+            .expect_err("too big")
             .to_string();
         LIMIT_OVERRIDE.with(|l| l.set(None));
         assert!(err.contains("layer `e`") && err.contains("bytes"), "{err}");

@@ -476,7 +476,7 @@ mod tests {
             .expect("batch");
         assert!(e.to_string().contains("batch axis"), "{e}");
         let adapted = Normalization::new().name("n").adapt(&data)?;
-        let e = adapted.apply(&Input::new([4])).err().expect("other shape");
+        let e = adapted.apply(&Input::new([4])).expect_err("other shape");
         assert!(
             e.to_string().contains("adapted on samples of shape [3]"),
             "{e}"
