@@ -7,8 +7,9 @@ use plotters::style::RGBColor;
 /// The colour of `loss` (and `val_loss`): matplotlib's first colour, as Keras users know it.
 pub(crate) const LOSS: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 
-/// The colours of every other term: matplotlib's tab10 without its blue, then navy and
-/// near-black, all distinct from one another and from `LOSS` and readable on white.
+/// The colours of every other term: matplotlib's tab10 without its blue, then dark teal and
+/// near-black, all distinct from one another and from `LOSS` and readable on white (no second
+/// blue: the default run's `digit_loss` was navy beside `loss`'s blue, hard to tell apart).
 pub(crate) const PALETTE: [RGBColor; 11] = [
     RGBColor(0xff, 0x7f, 0x0e), // orange
     RGBColor(0x2c, 0xa0, 0x2c), // green
@@ -19,7 +20,7 @@ pub(crate) const PALETTE: [RGBColor; 11] = [
     RGBColor(0x7f, 0x7f, 0x7f), // grey
     RGBColor(0xbc, 0xbd, 0x22), // olive
     RGBColor(0x17, 0xbe, 0xcf), // cyan
-    RGBColor(0x00, 0x00, 0x80), // navy
+    RGBColor(0x00, 0x6d, 0x5b), // dark teal
     RGBColor(0x26, 0x26, 0x26), // near-black
 ];
 
