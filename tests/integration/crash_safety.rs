@@ -3,7 +3,7 @@
 //! folders in use; the command's paths (train, evaluate, predict) agree on seed, held-out rows
 //! and data preparation.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 fn kiln(args: &[&str], dir: &Path) -> (bool, String, String) {
@@ -24,11 +24,8 @@ fn kiln_env(args: &[&str], dir: &Path, env: &[(&str, String)]) -> (bool, String,
     )
 }
 
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-crash-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp(name: &str) -> std::path::PathBuf {
+    crate::support::temp("crash", name)
 }
 
 /// Two features, label = x0 + x1 > 0, every value multiplied by `factor`.

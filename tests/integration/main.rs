@@ -18,4 +18,5 @@ mod normalization;
 mod run_data;
 mod run_files;
 mod strict_config;
+mod support;
 mod training;

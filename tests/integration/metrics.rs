@@ -365,23 +365,11 @@ fn masks_leave_padding_out_of_streaming_metrics() {
 }
 
 fn kiln_cmd(args: &[&str], dir: &Path) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    crate::support::kiln_in(args, dir)
 }
 
 fn temp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-metrics-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::support::temp("metrics", name)
 }
 
 const RUN: &str = r#"

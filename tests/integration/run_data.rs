@@ -3,27 +3,14 @@
 //! `validation_path`, and `predict` on a file that still carries its label column.
 
 use kiln::run::{RunFile, TrainOptions};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 fn kiln(args: &[&str], dir: &Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    crate::support::kiln_in(args, dir)
 }
 
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp(name: &str) -> std::path::PathBuf {
+    crate::support::temp("data", name)
 }
 
 /// Rows of three features on very different scales (offset by `shift`) and a 0/1 label.

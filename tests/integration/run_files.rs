@@ -1,26 +1,13 @@
 //! Run files through the `kiln` command: train, resume, evaluate, predict, and broken input.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn kiln(args: &[&str], dir: &Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    crate::support::kiln_in(args, dir)
 }
 
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-run-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp(name: &str) -> std::path::PathBuf {
+    crate::support::temp("run", name)
 }
 
 /// A small CSV classification set: two features, label = x0 + x1 > 0.

@@ -719,11 +719,8 @@ fn other_cases() -> Vec<Case> {
     ]
 }
 
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-strict-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp(name: &str) -> std::path::PathBuf {
+    crate::support::temp("strict", name)
 }
 
 /// Builds (and, for `[fit]` cases, trains) a run file; the error message if it fails.
