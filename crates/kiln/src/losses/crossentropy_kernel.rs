@@ -319,35 +319,37 @@ mod tests {
         Ok(())
     }
 
+    /// The gradients for `var` of Σ w·ours and Σ w·theirs agree to 1e-9 (relative above 1).
+    fn assert_same_gradient(
+        ours: Tensor,
+        theirs: Tensor,
+        var: &Var,
+        w: &Tensor,
+    ) -> candle_core::Result<()> {
+        let grad = |out: Tensor| -> candle_core::Result<Vec<f64>> {
+            out.mul(w)?
+                .sum_all()?
+                .backward()?
+                .get(var)
+                .expect("grad")
+                .flatten_all()?
+                .to_vec1::<f64>()
+        };
+        let (a, b) = (grad(ours)?, grad(theirs)?);
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "[{i}] {a} vs {b}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn gradient_is_the_composed_graphs() -> candle_core::Result<()> {
         let (t, p) = cases();
         let (t, p) = (t.to_dtype(DType::F64)?, p.to_dtype(DType::F64)?);
         let w = Tensor::new(&[1.0f64, -2.0, 0.5, 3.0], &Device::Cpu)?;
         let var = Var::from_tensor(&p)?;
-        let ours = fused(&t, var.as_tensor(), 1)?
-            .expect("applies")
-            .mul(&w)?
-            .sum_all()?
-            .backward()?;
-        let theirs = composed(&t, var.as_tensor())?
-            .mul(&w)?
-            .sum_all()?
-            .backward()?;
-        let a = ours
-            .get(&var)
-            .expect("grad")
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let b = theirs
-            .get(&var)
-            .expect("grad")
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "[{i}] {a} vs {b}");
-        }
-        Ok(())
+        let ours = fused(&t, var.as_tensor(), 1)?.expect("applies");
+        assert_same_gradient(ours, composed(&t, var.as_tensor())?, &var, &w)
     }
 
     fn binary_composed(t: &Tensor, p: &Tensor) -> candle_core::Result<Tensor> {
@@ -379,28 +381,7 @@ mod tests {
         let t = Tensor::new(&t, &d)?;
         let var = Var::from_tensor(&Tensor::new(&p, &d)?)?;
         let w = Tensor::new(&[[1.0f64, -2.0, 0.5], [3.0, 1.5, -1.0]], &d)?;
-        let ours = fused_binary(&t, var.as_tensor())?
-            .expect("applies")
-            .mul(&w)?
-            .sum_all()?
-            .backward()?;
-        let theirs = binary_composed(&t, var.as_tensor())?
-            .mul(&w)?
-            .sum_all()?
-            .backward()?;
-        let a = ours
-            .get(&var)
-            .expect("grad")
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        let b = theirs
-            .get(&var)
-            .expect("grad")
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "[{i}] {a} vs {b}");
-        }
-        Ok(())
+        let ours = fused_binary(&t, var.as_tensor())?.expect("applies");
+        assert_same_gradient(ours, binary_composed(&t, var.as_tensor())?, &var, &w)
     }
 }
