@@ -79,6 +79,12 @@ pub enum Error {
     #[error("{0}")]
     State(String),
 
+    /// Data-parallel training failed across ranks: another rank failed (the message names
+    /// it and its cause), the ranks disagree (data, model, run file), or the communicator
+    /// (MPI) failed.
+    #[error("distributed training: {0}")]
+    Distributed(String),
+
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

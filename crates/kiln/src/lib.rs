@@ -36,6 +36,7 @@ pub mod conformance;
 mod cpu;
 mod cpu_math;
 pub mod data;
+pub mod distributed;
 pub mod error;
 mod gradients;
 pub mod graph;

@@ -205,6 +205,65 @@ pub fn reduce_weighted(
     reduce_values(&values, weights.as_ref(), reduction)
 }
 
+/// A reduction split into its weighted sum and its divisor, so that a batch split across
+/// several processes can be reduced with the divisor of the whole batch (the global count or
+/// weight sum): Σ over processes of `sum / global divisor` is the one-process value.
+#[derive(Debug, Clone)]
+pub(crate) struct ReductionParts {
+    /// Σ of the weighted values (the values themselves for `none`).
+    pub(crate) sum: Tensor,
+    /// What the averaging reductions divide by: the number of values (masked: the valid ones)
+    /// or the sum of the weights; `None` for `sum` and `none`.
+    pub(crate) divisor: Option<f64>,
+}
+
+/// [`reduce_weighted`] as its two parts. The mask is merged unscaled: Keras' `total / valid`
+/// rescaling and its division by `total` together divide by the valid count, which is the
+/// divisor given here.
+pub(crate) fn reduce_weighted_parts(
+    values: &Tensor,
+    sample_weight: Option<&Tensor>,
+    mask: Option<&Tensor>,
+    reduction: Reduction,
+) -> Result<ReductionParts> {
+    let masked = mask.is_some();
+    let weights = apply_mask(sample_weight, mask, values.dtype(), Reduction::Sum)?;
+    let mut values = values.clone();
+    if let Some(w) = &weights {
+        let (v, w2) = squeeze_or_expand_to_same_rank(&values, w)?;
+        values = mul_weights(&v, &w2)?;
+    }
+    if reduction == Reduction::None || values.rank() == 0 || values.dims() == [0] {
+        return Ok(ReductionParts {
+            sum: values,
+            divisor: None,
+        });
+    }
+    let sum = values.sum_all()?;
+    let f64_sum =
+        |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+    let divisor = match reduction {
+        Reduction::Sum | Reduction::None => None,
+        Reduction::MeanWithSampleWeight if weights.is_some() => {
+            Some(f64_sum(weights.as_ref().expect("checked above"))?)
+        }
+        Reduction::Mean | Reduction::SumOverBatchSize if masked => {
+            Some(f64_sum(mask.expect("checked above"))?)
+        }
+        _ => Some(values.elem_count() as f64),
+    };
+    Ok(ReductionParts { sum, divisor })
+}
+
+/// Keras' `divide_no_nan(sum, divisor)` as [`reduce_weighted`] computes it.
+pub(crate) fn divide_no_nan(sum: &Tensor, divisor: f64) -> Result<Tensor> {
+    if divisor == 0.0 {
+        Ok(sum.zeros_like()?)
+    } else {
+        Ok(sum.affine(1.0 / divisor, 0.0)?)
+    }
+}
+
 /// Turns a `class_weight` table into per-sample weights, as Keras does: the class of a sample is
 /// its integer label, or the arg-max of a one-hot label.
 ///

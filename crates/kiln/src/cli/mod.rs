@@ -140,6 +140,13 @@ enum Against {
 pub fn main() -> ExitCode {
     crate::runtime::configure_cpu_threads();
     let cli = Cli::parse();
+    let communicator = match communicator() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Train {
             run,
@@ -148,7 +155,7 @@ pub fn main() -> ExitCode {
             seed,
             resume,
             quiet,
-        } => train(run, epochs, out, seed, resume, quiet).map(|()| true),
+        } => train(run, epochs, out, seed, resume, quiet, communicator.clone()).map(|()| true),
         Command::Evaluate {
             run,
             weights,
@@ -189,10 +196,38 @@ pub fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        // One rank of several: print naming the rank and end the run on every rank (MPI
+        // aborts the job), so that no rank waits for this one.
+        Err(e) if communicator.as_ref().is_some_and(|c| c.size() > 1) => {
+            if let Some(c) = &communicator {
+                c.fail(&e);
+            }
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// MPI's world when this process was started by `mpirun` (and kiln built with the `mpi`
+/// feature); `None` otherwise.
+#[cfg(feature = "mpi")]
+fn communicator() -> crate::Result<Option<crate::distributed::SharedCommunicator>> {
+    Ok(crate::distributed::mpi::MpiWorld::init()?
+        .map(|w| std::sync::Arc::new(w) as crate::distributed::SharedCommunicator))
+}
+
+/// Without the `mpi` feature, a process started by `mpirun` would train alone, N times over
+/// the same folder: say so instead.
+#[cfg(not(feature = "mpi"))]
+fn communicator() -> crate::Result<Option<crate::distributed::SharedCommunicator>> {
+    match std::env::var("OMPI_COMM_WORLD_SIZE").ok().filter(|n| n != "1") {
+        Some(n) => Err(crate::Error::Distributed(format!(
+            "started by mpirun with {n} ranks, but this kiln was built without MPI: build it              with `cargo build --release --features mpi` (needs Open MPI: libopenmpi-dev)"
+        ))),
+        None => Ok(None),
     }
 }
 
@@ -203,7 +238,9 @@ fn train(
     seed: Option<u64>,
     resume: Option<PathBuf>,
     quiet: bool,
+    communicator: Option<crate::distributed::SharedCommunicator>,
 ) -> crate::Result<()> {
+    let root = communicator.as_ref().is_none_or(|c| c.rank() == 0);
     let (file, stem) = match (&run, &resume) {
         (Some(p), _) => (
             RunFile::from_path(p)?,
@@ -228,7 +265,10 @@ fn train(
         resume: resume.is_some(),
         verbose: !quiet,
     };
-    let report = file.train(&options)?;
+    let report = file.train_distributed(&options, communicator)?;
+    if !root {
+        return Ok(());
+    }
     if let Some(note) = &report.resumed {
         eprintln!("{note}");
     }

@@ -100,16 +100,26 @@ pub(crate) fn reduce_per_sample<L: Loss + ?Sized>(
     sample_weight: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let mask = merged_mask(loss, y_true, y_pred, mask)?;
+    reduce_weighted(values, sample_weight, mask.as_ref(), loss.reduction())
+}
+
+/// The input mask merged with the loss's own mask (Keras' `in_mask & out_mask`).
+pub(crate) fn merged_mask<L: Loss + ?Sized>(
+    loss: &L,
+    y_true: &Tensor,
+    y_pred: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
     let own = loss.own_mask(y_true, y_pred)?;
-    let mask = match (mask, own) {
+    Ok(match (mask, own) {
         (Some(a), Some(b)) => Some(
             a.to_dtype(candle_core::DType::F32)?
                 .mul(&b.to_dtype(candle_core::DType::F32)?)?,
         ),
         (Some(a), None) => Some(a.clone()),
         (None, b) => b,
-    };
-    reduce_weighted(values, sample_weight, mask.as_ref(), loss.reduction())
+    })
 }
 
 /// A user-written loss: a closure `(y_true, y_pred) -> per-sample values` with a name.

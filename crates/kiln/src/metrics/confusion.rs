@@ -218,6 +218,16 @@ macro_rules! counting_metric {
             fn reset(&mut self) {
                 self.counts.reset();
             }
+            fn state(&self) -> Option<Vec<f64>> {
+                let c = &self.counts;
+                Some([&c.tp, &c.fp, &c.fn_].into_iter().flatten().copied().collect())
+            }
+            fn set_state(&mut self, state: &[f64]) -> Result<()> {
+                let c = &mut self.counts;
+                let mut slots: Vec<&mut f64> =
+                    [&mut c.tp, &mut c.fp, &mut c.fn_].into_iter().flatten().collect();
+                crate::metrics::set_slots(&self.name, &mut slots, state)
+            }
             fn fresh(&self) -> Box<dyn Metric> {
                 let mut m = self.clone();
                 m.reset();
@@ -556,6 +566,25 @@ impl Metric for Auc {
     fn reset(&mut self) {
         self.pos.clear();
         self.neg.clear();
+    }
+    fn state(&self) -> Option<Vec<f64>> {
+        Some(
+            self.pos
+                .iter()
+                .chain(&self.neg)
+                .flatten()
+                .copied()
+                .collect(),
+        )
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        let mut slots: Vec<&mut f64> = self
+            .pos
+            .iter_mut()
+            .chain(self.neg.iter_mut())
+            .flatten()
+            .collect();
+        crate::metrics::set_slots(&self.name, &mut slots, state)
     }
     fn fresh(&self) -> Box<dyn Metric> {
         let mut m = self.clone();

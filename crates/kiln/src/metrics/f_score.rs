@@ -191,6 +191,15 @@ impl Metric for FBetaScore {
             v.clear();
         }
     }
+    fn state(&self) -> Option<Vec<f64>> {
+        let parts = [&self.tp, &self.fp, &self.fn_, &self.support];
+        Some(parts.into_iter().flatten().copied().collect())
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        let parts = [&mut self.tp, &mut self.fp, &mut self.fn_, &mut self.support];
+        let mut slots: Vec<&mut f64> = parts.into_iter().flatten().collect();
+        crate::metrics::set_slots(&self.name, &mut slots, state)
+    }
     fn fresh(&self) -> Box<dyn Metric> {
         let mut m = self.clone();
         m.reset();
@@ -262,6 +271,12 @@ impl Metric for F1Score {
     }
     fn reset(&mut self) {
         self.0.reset()
+    }
+    fn state(&self) -> Option<Vec<f64>> {
+        self.0.state()
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        self.0.set_state(state)
     }
     fn fresh(&self) -> Box<dyn Metric> {
         self.0.fresh()

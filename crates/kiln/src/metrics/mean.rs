@@ -100,6 +100,13 @@ impl<S: SampleMetric> Metric for MeanMetric<S> {
         self.total = 0.0;
         self.count = 0.0;
     }
+    fn state(&self) -> Option<Vec<f64>> {
+        Some(vec![self.total, self.count])
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        let name = self.name().to_string();
+        super::set_slots(&name, &mut [&mut self.total, &mut self.count], state)
+    }
     fn fresh(&self) -> Box<dyn Metric> {
         Box::new(Self {
             name: self.name.clone(),

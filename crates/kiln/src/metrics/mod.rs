@@ -87,6 +87,50 @@ pub trait Metric: Send + Sync {
     /// A copy of this metric's configuration with a cleared state, one for each output and for
     /// each of training and validation.
     fn fresh(&self) -> Box<dyn Metric>;
+    /// The state as numbers that add up across data shards (sums and counts), so that
+    /// data-parallel training ([`crate::distributed`]) can sum the ranks' states; `None` (the
+    /// default) for a metric whose state does not add up, which distributed training refuses.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::metrics::{Metric, MetricSpec};
+    /// let mut mae = MetricSpec::from("mae").resolve()?;
+    /// mae.update(&Tensor::new(&[[0f32], [0.]], &Device::Cpu)?, &Tensor::new(&[[1f32], [3.]], &Device::Cpu)?, None)?;
+    /// let mut other = mae.fresh();
+    /// other.set_state(&mae.state().unwrap())?;
+    /// assert_eq!(other.result(), vec![2.0]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    fn state(&self) -> Option<Vec<f64>> {
+        None
+    }
+    /// Replaces the state by one [`Metric::state`] gave (possibly summed over ranks).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] when `state` does not have this metric's length, or
+    /// the metric has no such state.
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        let _ = state;
+        Err(crate::error::invalid(format!(
+            "metric `{}` has no state that can be set",
+            self.name()
+        )))
+    }
+}
+
+/// Copies `state` into `slots`, or says that its length is wrong.
+pub(crate) fn set_slots(name: &str, slots: &mut [&mut f64], state: &[f64]) -> Result<()> {
+    if state.len() != slots.len() {
+        return Err(crate::error::invalid(format!(
+            "metric `{name}`: a state of {} numbers given where {} belong",
+            state.len(),
+            slots.len()
+        )));
+    }
+    for (slot, v) in slots.iter_mut().zip(state) {
+        **slot = *v;
+    }
+    Ok(())
 }
 
 /// A metric as `compile` accepts it: a value, or a Keras name.
@@ -285,6 +329,12 @@ impl Metric for Renamed {
     }
     fn fresh(&self) -> Box<dyn Metric> {
         renamed(self.inner.fresh(), self.name.clone())
+    }
+    fn state(&self) -> Option<Vec<f64>> {
+        self.inner.state()
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        self.inner.set_state(state)
     }
 }
 

@@ -121,6 +121,12 @@ impl Metric for RootMeanSquaredError {
         self.total = 0.0;
         self.count = 0.0;
     }
+    fn state(&self) -> Option<Vec<f64>> {
+        Some(vec![self.total, self.count])
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        super::set_slots(&self.name, &mut [&mut self.total, &mut self.count], state)
+    }
     fn fresh(&self) -> Box<dyn Metric> {
         Box::new(Self::new().with_name(self.name.clone()))
     }
@@ -274,6 +280,26 @@ impl Metric for R2Score {
             .into_iter()
             .map(|r2| 1.0 - (1.0 - r2) * (n - 1.0) / (n - p - 1.0))
             .collect()
+    }
+    fn state(&self) -> Option<Vec<f64>> {
+        let mut state = vec![self.samples];
+        for v in [&self.sum, &self.squared_sum, &self.residual, &self.count] {
+            state.extend_from_slice(v);
+        }
+        Some(state)
+    }
+    fn set_state(&mut self, state: &[f64]) -> Result<()> {
+        let name = self.name.clone();
+        let mut slots = vec![&mut self.samples];
+        for v in [
+            &mut self.sum,
+            &mut self.squared_sum,
+            &mut self.residual,
+            &mut self.count,
+        ] {
+            slots.extend(v.iter_mut());
+        }
+        super::set_slots(&name, &mut slots, state)
     }
     fn reset(&mut self) {
         for v in [

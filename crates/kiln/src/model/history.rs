@@ -148,6 +148,10 @@ impl Accumulator {
         };
         self.metrics[i].1.as_mut()
     }
+    /// The epoch's metrics, by log name (distributed training sums their states).
+    pub(crate) fn metrics_mut(&mut self) -> &mut [(String, Box<dyn Metric>)] {
+        &mut self.metrics
+    }
     pub(crate) fn logs(&self, prefix: &str) -> Logs {
         let mut logs = Logs::default();
         for (k, total, count) in &self.means {

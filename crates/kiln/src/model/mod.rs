@@ -71,6 +71,8 @@ pub struct Model {
     pub(crate) run_identity: Option<serde_json::Value>,
     /// Whether training steps run split across kiln's pool or on one thread.
     pub(crate) thread_choice: crate::runtime::ThreadChoice,
+    /// The global batch of the data-parallel step under way (`None` outside one).
+    pub(crate) shard: Option<crate::distributed::StepShard>,
     /// The Keras file this model was imported from, for [`Model::save_keras`].
     pub(crate) keras: Option<Arc<crate::keras::Source>>,
 }
@@ -346,6 +348,7 @@ impl Model {
             stop_requested: false,
             run_identity: None,
             thread_choice: Default::default(),
+            shard: None,
             keras: None,
         })
     }

@@ -7,6 +7,7 @@ use super::{ForwardPass, History, Logs, Model, Tensors};
 use crate::adversarial::Adversarial;
 use crate::callbacks::{Callback, Control};
 use crate::data::Dataset;
+use crate::distributed::{SharedCommunicator, StepShard};
 use crate::error::{Error, Result};
 use crate::gradients::Gradients;
 use crate::losses::reduce_per_sample;
@@ -36,6 +37,7 @@ pub struct Fit {
     callbacks: Vec<SharedCallback>,
     callback_states: Vec<Option<serde_json::Value>>,
     callback_tensors: Vec<Vec<(String, Tensor)>>,
+    distributed: Option<SharedCommunicator>,
 }
 
 /// A callback as `Fit` holds it: shared, so a `Fit` can be cloned and the caller can keep a
@@ -65,6 +67,7 @@ impl Fit {
             callbacks: Vec::new(),
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
+            distributed: None,
         }
     }
     /// The callbacks' states saved in a checkpoint (`Checkpoint::callback_states`), restored
@@ -172,6 +175,38 @@ impl Fit {
         self.gradient_accumulation_steps = steps;
         self
     }
+    /// Trains data-parallel with the other ranks of `communicator` (MPI, or a
+    /// [`LocalGroup`](crate::distributed::LocalGroup)); see [`crate::distributed`]. Every rank
+    /// calls `fit` with the same model, data and `Fit`; `batch_size` is the global batch, of
+    /// which each rank trains its shard, and every rank ends with the same weights. Only rank
+    /// 0 shows progress. With one rank this is the single-process `fit`, bit for bit.
+    ///
+    /// ```
+    /// use kiln::distributed::LocalGroup;
+    /// use kiln::prelude::*;
+    /// let train = |fit: Fit| -> kiln::Result<Vec<f32>> {
+    ///     let x = Input::new([1]);
+    ///     let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    ///     let mut model = Model::new(&[x], &[y])?;
+    ///     model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    ///     let xs = Tensor::new(&[[1f32], [2.], [3.], [4.]], &Device::Cpu)?;
+    ///     model.fit(&Dataset::new(xs.clone(), xs.zeros_like()?)?, fit.batch_size(4).quiet())?;
+    ///     Ok(model.weight("dense/kernel")?.var.as_tensor().flatten_all()?.to_vec1()?)
+    /// };
+    /// let alone = train(Fit::new())?;
+    /// let ranks: Vec<Vec<f32>> = std::thread::scope(|s| {
+    ///     let runs: Vec<_> = LocalGroup::new(2).into_iter()
+    ///         .map(|rank| s.spawn(move || train(Fit::new().distributed(std::sync::Arc::new(rank)))))
+    ///         .collect();
+    ///     runs.into_iter().map(|r| r.join().unwrap()).collect::<kiln::Result<_>>()
+    /// })?;
+    /// assert_eq!(ranks, vec![alone.clone(), alone]); // 1 - 0.1·2·7.5 = -0.5 on both ranks
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn distributed(mut self, communicator: SharedCommunicator) -> Self {
+        self.distributed = Some(communicator);
+        self
+    }
 }
 
 /// Where a batch stands in its gradient-accumulation group: its gradient's weight (its share
@@ -260,14 +295,24 @@ impl Model {
                     .map_err(|e| site.explain(e))?;
                 ol.probed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            let reduced = reduce_per_sample(
-                ol.loss.as_ref(),
-                &values,
-                y_true,
-                y_pred,
-                batch.sample_weight(),
-                masks[ol.output],
-            )
+            let reduced = match &self.shard {
+                None => reduce_per_sample(
+                    ol.loss.as_ref(),
+                    &values,
+                    y_true,
+                    y_pred,
+                    batch.sample_weight(),
+                    masks[ol.output],
+                ),
+                Some(shard) => shard.reduce(
+                    ol.loss.as_ref(),
+                    &values,
+                    y_true,
+                    y_pred,
+                    batch.sample_weight(),
+                    masks[ol.output],
+                ),
+            }
             .map_err(|e| site.explain(e))?;
             let weighted = (&reduced * ol.weight)?;
             total = Some(match total.take() {
@@ -352,6 +397,14 @@ impl Model {
         }
         let parts = per_output.len() + added.len() + usize::from(adversarial);
         let mut reported = if parts > 1 { per_output } else { Vec::new() };
+        // A rank's added terms count by its share of the global batch (see `distributed`).
+        let added = match &self.shard {
+            Some(shard) => added
+                .into_iter()
+                .map(|(name, value)| Ok((name, (value * shard.share())?)))
+                .collect::<Result<Vec<_>>>()?,
+            None => added,
+        };
         for (name, value) in added {
             add(value.clone())?;
             reported.push((name, value));
@@ -378,7 +431,11 @@ impl Model {
         batch: &Dataset,
         pass: &ForwardPass,
     ) -> Result<()> {
-        let n = batch.len() as f64;
+        // A rank's step records the global batch's values, summed by `finish_step`.
+        let n = self
+            .shard
+            .as_ref()
+            .map_or(batch.len(), StepShard::global_len) as f64;
         acc.add("loss", scalar(&terms.total)? * n, n);
         for (name, value) in &terms.reported {
             acc.add(name, scalar(value)? * n, n);
@@ -606,6 +663,15 @@ impl Model {
         gradients: Vec<Option<Tensor>>,
         group: Group,
     ) -> Result<f64> {
+        let global;
+        let (terms, gradients) = match &self.shard {
+            Some(shard) => {
+                let (t, g) = self.all_reduce_step(shard, terms, gradients)?;
+                global = t;
+                (&global, g)
+            }
+            None => (terms, gradients),
+        };
         let mut pending = compiled.accumulated.take().unwrap_or_default();
         for (v, g) in trainable.into_iter().zip(gradients) {
             let Some(g) = g else { continue };
@@ -634,6 +700,40 @@ impl Model {
         )?;
         self.record(compiled, acc, terms, batch, pass)?;
         scalar(&terms.total)
+    }
+
+    /// A rank's step terms and gradients summed over the ranks (one all-reduce), with rank 0's
+    /// non-trainable weights (moving statistics) given to every rank.
+    fn all_reduce_step(
+        &self,
+        shard: &StepShard,
+        terms: &StepTerms,
+        gradients: Vec<Option<Tensor>>,
+    ) -> Result<(StepTerms, Vec<Option<Tensor>>)> {
+        let mut values = vec![scalar(&terms.total)?];
+        for (_, v) in &terms.reported {
+            values.push(scalar(v)?);
+        }
+        let state: Vec<_> = self
+            .weights()
+            .into_iter()
+            .filter(|w| !w.trainable())
+            .collect();
+        let (gradients, values) = shard.all_reduce_step(self.dtype, gradients, values, &state)?;
+        let value = |v: f64| Tensor::new(v, &candle_core::Device::Cpu).map_err(Error::from);
+        let reported = terms
+            .reported
+            .iter()
+            .zip(&values[1..])
+            .map(|((name, _), &v)| Ok((name.clone(), value(v)?)))
+            .collect::<Result<_>>()?;
+        let terms = StepTerms {
+            total: value(values[0])?,
+            reported,
+            labeled: None,
+            added: None,
+        };
+        Ok((terms, gradients))
     }
 
     /// One training step on one batch, as Keras' `train_on_batch`: returns the batch's loss
@@ -676,6 +776,25 @@ impl Model {
     /// [`Error::AddedLossShape`] when an added term is not a scalar; [`Error::Graph`] when a
     /// layer fails on the batch.
     pub fn fit(&mut self, data: &Dataset, config: Fit) -> Result<History> {
+        let Some(comm) = config.distributed.clone().filter(|c| c.size() > 1) else {
+            return self.fit_here(data, config, None);
+        };
+        let verbose = config.verbose && comm.rank() == 0;
+        let result = self.fit_here(data, config.verbose(verbose), Some(&comm));
+        self.shard = None;
+        if let Err(e) = &result {
+            comm.fail(e);
+        }
+        result
+    }
+
+    /// [`Self::fit`] on this process, one rank of `comm` when given.
+    fn fit_here(
+        &mut self,
+        data: &Dataset,
+        config: Fit,
+        comm: Option<&SharedCommunicator>,
+    ) -> Result<History> {
         if self.compiled.is_none() {
             return Err(not_compiled());
         }
@@ -736,6 +855,19 @@ impl Model {
             train = train.with_sample_weight(weights)?;
         }
         let n = train.len();
+        if let Some(comm) = comm {
+            let settings = format!(
+                "{} {} {} {} {}",
+                config.epochs, config.batch_size, config.seed, config.shuffle, config.initial_epoch
+            );
+            crate::distributed::check_fit(
+                comm.as_ref(),
+                &train,
+                &self.weights(),
+                config.batch_size,
+                &settings,
+            )?;
+        }
         let steps = n.div_ceil(config.batch_size);
         let mut history = History::default();
         for cb in &config.callbacks {
@@ -765,14 +897,27 @@ impl Model {
             if config.shuffle {
                 order.shuffle(&mut rng);
             }
+            if let Some(comm) = comm {
+                crate::distributed::rank_rng(&mut rng, comm.rank());
+            }
             let mut progress = EpochProgress::new(config.verbose, steps, epoch, config.epochs);
             let mut acc = Accumulator::default();
             let sizes: Vec<usize> = order.chunks(config.batch_size).map(<[u32]>::len).collect();
             self.discard_accumulated();
             for (b, chunk) in order.chunks(config.batch_size).enumerate() {
-                let batch = train.select(chunk)?;
+                let batch = match comm {
+                    Some(comm) => {
+                        let (batch, shard) =
+                            crate::distributed::shard_batch(&train, chunk, comm, self.dtype)?;
+                        self.shard = Some(shard);
+                        batch
+                    }
+                    None => train.select(chunk)?,
+                };
                 let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
-                let batch_loss = self.train_step(&batch, &mut rng, &mut acc, group)?;
+                let step = self.train_step(&batch, &mut rng, &mut acc, group);
+                self.shard = None;
+                let batch_loss = step?;
                 let running = acc.logs("");
                 progress.train_step(b + 1, &running);
                 for cb in &config.callbacks {
@@ -783,6 +928,9 @@ impl Model {
                 if stop {
                     break;
                 }
+            }
+            if let Some(comm) = comm {
+                crate::distributed::merge_metrics(comm.as_ref(), acc.metrics_mut())?;
             }
             let mut logs = acc.logs("");
             if let (Some(val), false) = (&validation, stop) {

@@ -539,6 +539,25 @@ impl RunFile {
     /// When the folder is in use, the checkpoint is from another run or damaged, or anything
     /// in the run fails; every message names the file or key.
     pub fn train(&self, options: &TrainOptions) -> Result<TrainReport> {
+        self.train_distributed(options, None)
+    }
+
+    /// [`RunFile::train`] as one rank of a data-parallel run (`mpirun -np N kiln train`): every
+    /// rank trains its shard of each batch ([`crate::Fit::distributed`]); rank 0 alone locks
+    /// and writes the run folder and its checkpoints, and every rank reads the checkpoint to
+    /// resume from (the folder must be one all ranks see: a shared folder on a cluster). The
+    /// run records its number of ranks, so `--resume` refuses another number. With no
+    /// communicator, or one of one rank, this is [`RunFile::train`].
+    ///
+    /// # Errors
+    /// As [`RunFile::train`], and [`Error::Distributed`] when the ranks disagree or one fails.
+    pub fn train_distributed(
+        &self,
+        options: &TrainOptions,
+        communicator: Option<crate::distributed::SharedCommunicator>,
+    ) -> Result<TrainReport> {
+        let communicator = communicator.filter(|c| c.size() > 1);
+        let root = communicator.as_ref().is_none_or(|c| c.rank() == 0);
         let device = Device::Cpu;
         let out = &options.out;
         if options.resume && !out.is_dir() {
@@ -547,10 +566,15 @@ impl RunFile {
                 out.display()
             )));
         }
-        let _lock = crate::io::RunLock::acquire(out)?;
+        let _lock = match root {
+            true => Some(crate::io::RunLock::acquire(out)?),
+            false => None,
+        };
         let checkpoints = out.join("checkpoints");
-        crate::io::remove_stale_temporaries(out)?;
-        crate::io::remove_stale_temporaries(&checkpoints)?;
+        if root {
+            crate::io::remove_stale_temporaries(out)?;
+            crate::io::remove_stale_temporaries(&checkpoints)?;
+        }
         // `--seed` given when training is remembered: resuming the same run file without it
         // continues with that seed.
         let recorded_seed = match options.resume {
@@ -559,7 +583,10 @@ impl RunFile {
         };
         let prepared = self.prepare(options.seed.or(recorded_seed), &device)?;
         let seed = prepared.seed;
-        let identity = self.identity(seed, &prepared)?;
+        let mut identity = self.identity(seed, &prepared)?;
+        if let (Some(c), Some(id)) = (&communicator, identity.as_object_mut()) {
+            id.insert("ranks".into(), c.size().into());
+        }
         let record = DataRecord {
             seed,
             section: self.with_root(|r| Ok(r.get("data").map(|v| fields::to_json(v.get_ref()))))?,
@@ -652,10 +679,10 @@ impl RunFile {
                 ));
             }
             // A fresh run: no file of an earlier experiment may stay beside this one's.
-            for name in RUN_FILES {
+            for name in RUN_FILES.iter().filter(|_| root) {
                 remove_if_present(&out.join(name))?;
             }
-            for stem in ["last", "best"] {
+            for stem in ["last", "best"].into_iter().filter(|_| root) {
                 remove_if_present(&checkpoint::checkpoint_path(&checkpoints, stem))?;
                 remove_if_present(&checkpoints.join(format!("{stem}.json")))?;
             }
@@ -664,20 +691,28 @@ impl RunFile {
         if let Some(m) = best_monitor {
             checkpoint = checkpoint.save_best(m);
         }
-        fit = fit.callback(checkpoint);
-        // Model description first: a run stopped part-way can still be evaluated.
-        let mut json = self.model_json_with_shape(seed, &train)?;
-        json["data"] = serde_json::to_value(&record).map_err(|e| Error::Data(e.to_string()))?;
-        let json = serde_json::to_string_pretty(&json).map_err(|e| Error::Data(e.to_string()))?;
-        crate::io::write_bytes_atomically(&out.join("model.json"), json.as_bytes())?;
+        if root {
+            fit = fit.callback(checkpoint);
+            // Model description first: a run stopped part-way can still be evaluated.
+            let mut json = self.model_json_with_shape(seed, &train)?;
+            json["data"] = serde_json::to_value(&record).map_err(|e| Error::Data(e.to_string()))?;
+            let json =
+                serde_json::to_string_pretty(&json).map_err(|e| Error::Data(e.to_string()))?;
+            crate::io::write_bytes_atomically(&out.join("model.json"), json.as_bytes())?;
+        }
+        if let Some(c) = &communicator {
+            fit = fit.distributed(c.clone());
+        }
         let mut history = previous;
         if !finished {
             let new = model.fit(&train, fit)?;
             history.epochs.extend(new.epochs);
         }
-        model.save_weights(out.join("model.safetensors"))?;
-        write_history(out, &history)?;
-        write_plots(out, &history, &model.metric_names())?;
+        if root {
+            model.save_weights(out.join("model.safetensors"))?;
+            write_history(out, &history)?;
+            write_plots(out, &history, &model.metric_names())?;
+        }
         let test_logs = match &test {
             Some(t) => Some(model.evaluate(t, 256)?),
             None => None,

@@ -1,0 +1,326 @@
+//! `mpirun -np N kiln train` as a user runs it (the `mpi` feature and Open MPI's `mpirun`):
+//! the same weights as one process, rank 0 alone writing the run folder, a killed rank or bad
+//! data on one rank ending the run on every rank, and `--resume` after it.
+//!
+//! Without the feature or without `mpirun` these tests say so and pass, unless
+//! `KILN_REQUIRE_MPI=1` (CI's `.ci/mpi-tests`), which turns "absent" into a failure.
+
+use super::support::temp;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const RUN: &str = r#"
+seed = 5
+[data]
+source = "digits"
+test_split = 0.2
+
+[model]
+layers = [
+  { type = "dense", name = "hidden", units = 32, activation = "relu", kernel_regularizer = { l2 = 1e-4 } },
+  { type = "dense", name = "out", units = 10 },
+]
+
+[compile]
+optimizer = { type = "sgd", learning_rate = 0.05, momentum = 0.9 }
+loss = { type = "sparse_categorical_crossentropy", from_logits = true }
+metrics = ["accuracy"]
+
+[fit]
+epochs = 6
+batch_size = 60
+validation_split = 0.1
+"#;
+
+/// Whether MPI tests can run here; when not, why (and a failure under `KILN_REQUIRE_MPI=1`).
+fn mpi_available() -> bool {
+    let why = if !cfg!(feature = "mpi") {
+        "kiln was built without the `mpi` feature (cargo test --features mpi)"
+    } else if Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        "mpirun was not found (apt-get install openmpi-bin libopenmpi-dev)"
+    } else {
+        return true;
+    };
+    if std::env::var("KILN_REQUIRE_MPI").as_deref() == Ok("1") {
+        panic!("KILN_REQUIRE_MPI=1 but {why}");
+    }
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// `mpirun -np N` (oversubscribed: this machine may have fewer cores than ranks) running
+/// `kiln ARGS` in `dir`, with one compute thread a rank (kiln's products split their work by
+/// `RAYON_NUM_THREADS`, so the runs compared must have the same).
+fn mpirun(np: usize, args: &[&str], dir: &Path) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), "--oversubscribe"])
+        .args(["-x", "RAYON_NUM_THREADS=1"])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+fn kiln_alone(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+/// Waits for `child` at most `limit`; kills it and fails the test when it hangs.
+fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} hung for more than {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn run_bounded(mut cmd: Command, what: &str) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_bounded(child, Duration::from_secs(240), what)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every tensor of a safetensors file, as f32 values by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn max_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(
+        a.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        b.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    a.iter()
+        .zip(&b)
+        .flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn setup(name: &str) -> PathBuf {
+    let dir = temp("mpi", name);
+    std::fs::write(dir.join("run.toml"), RUN).unwrap();
+    dir
+}
+
+/// N = 2 and 3 end within the bound of `distributed.rs` (SGD with momentum, 6 epochs of 12
+/// steps: 72 steps) of one process; N = 1 under mpirun writes the very same files as no MPI.
+#[test]
+fn mpirun_trains_the_weights_of_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("same");
+    let alone = kiln_alone(&["train", "run.toml", "--quiet", "--out", "alone"], &dir);
+    assert!(alone.status.success(), "{}", text(&alone));
+    let one = run_bounded(
+        mpirun(1, &["train", "run.toml", "--quiet", "--out", "np1"], &dir),
+        "mpirun -np 1",
+    );
+    assert!(one.status.success(), "{}", text(&one));
+    assert_eq!(
+        std::fs::read(dir.join("alone/model.safetensors")).unwrap(),
+        std::fs::read(dir.join("np1/model.safetensors")).unwrap(),
+        "one rank under mpirun differs from no MPI"
+    );
+    for np in [2, 3] {
+        let out = format!("np{np}");
+        let o = run_bounded(
+            mpirun(np, &["train", "run.toml", "--quiet", "--out", &out], &dir),
+            "mpirun -np N",
+        );
+        assert!(o.status.success(), "np {np}: {}", text(&o));
+        // Rank 0 alone printed the report.
+        assert_eq!(text(&o).matches("run folder:").count(), 1, "{}", text(&o));
+        let diff = max_difference(
+            &dir.join("alone/model.safetensors"),
+            &dir.join(format!("{out}/model.safetensors")),
+        );
+        eprintln!("mpirun -np {np}: largest weight difference {diff:.3e}");
+        assert!(diff <= 1e-4, "np {np}: {diff}");
+        let json = std::fs::read_to_string(dir.join(&out).join("model.json")).unwrap();
+        assert!(json.contains("run.toml"));
+        assert!(dir.join(&out).join("checkpoints/last.safetensors").exists());
+    }
+    // Resuming with another number of ranks is refused, naming the difference.
+    let o = run_bounded(
+        mpirun(3, &["train", "--resume", "np2", "--quiet"], &dir),
+        "resume with -np 3",
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("ranks"), "{}", text(&o));
+}
+
+/// A rank killed mid-run ends the run on every rank within seconds; the last checkpoint stays
+/// and `--resume` with the same N finishes with the weights of a run never stopped.
+#[test]
+fn a_killed_rank_ends_the_run_and_the_checkpoint_resumes() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("killed");
+    let slow = RUN.replace("epochs = 6", "epochs = 40");
+    std::fs::write(dir.join("run.toml"), &slow).unwrap();
+    let full = run_bounded(
+        mpirun(2, &["train", "run.toml", "--quiet", "--out", "full"], &dir),
+        "the unbroken run",
+    );
+    assert!(full.status.success(), "{}", text(&full));
+    let mut cmd = mpirun(2, &["train", "run.toml", "--quiet", "--out", "part"], &dir);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = child.id();
+    let last = dir.join("part/checkpoints/last.safetensors");
+    let start = Instant::now();
+    while !last.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(last.exists(), "no checkpoint appeared");
+    // The ranks are mpirun's children; kill the second one.
+    let ranks = String::from_utf8(
+        Command::new("pgrep")
+            .args(["-P", &launcher.to_string()])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let pids: Vec<&str> = ranks.split_whitespace().collect();
+    assert!(pids.len() >= 2, "ranks of mpirun: {pids:?}");
+    let killed = Command::new("kill").args(["-9", pids[1]]).status().unwrap();
+    assert!(killed.success());
+    let o = wait_bounded(child, Duration::from_secs(60), "the run with a killed rank");
+    assert!(!o.status.success());
+    let said = text(&o);
+    assert!(said.contains("rank") && said.contains("signal 9"), "{said}");
+    // The last good checkpoint resumes, with the same N, to the unbroken run's weights.
+    let o = run_bounded(
+        mpirun(2, &["train", "--resume", "part", "--quiet"], &dir),
+        "the resumed run",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("resumed"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(dir.join("full/model.safetensors")).unwrap(),
+        std::fs::read(dir.join("part/model.safetensors")).unwrap(),
+        "the resumed run's weights differ from the unbroken run's"
+    );
+}
+
+/// Bad data on one rank (its copy of the file is damaged): that rank names itself and the
+/// file, and the run ends on every rank instead of waiting for it.
+#[test]
+fn bad_data_on_one_rank_ends_the_run_naming_the_rank() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("bad-data");
+    let mut good = String::from("a,b,label\n");
+    for i in 0..60 {
+        good.push_str(&format!(
+            "{},{},{}\n",
+            i as f32 / 60.0,
+            (i % 7) as f32,
+            i % 2
+        ));
+    }
+    let bad = good.replacen("0.5,2,0", "0.5,oops,0", 1);
+    assert_ne!(good, bad);
+    std::fs::create_dir_all(dir.join("node0")).unwrap();
+    std::fs::create_dir_all(dir.join("node1")).unwrap();
+    std::fs::write(dir.join("node0/points.csv"), good).unwrap();
+    std::fs::write(dir.join("node1/points.csv"), bad).unwrap();
+    let run = r#"
+[data]
+source = "csv"
+path = "points.csv"
+label_columns = ["label"]
+[model]
+layers = [{ type = "dense", units = 1 }]
+[compile]
+optimizer = { type = "sgd", learning_rate = 0.1 }
+loss = { type = "binary_crossentropy", from_logits = true }
+[fit]
+epochs = 2
+batch_size = 20
+"#;
+    for node in ["node0", "node1"] {
+        std::fs::write(dir.join(node).join("run.toml"), run).unwrap();
+    }
+    // Two "nodes": each rank reads the run file and data of its own folder (MPMD).
+    let mut c = Command::new("mpirun");
+    let bin = env!("CARGO_BIN_EXE_kiln");
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    for node in ["node0", "node1"] {
+        if node == "node1" {
+            c.arg(":");
+        }
+        c.args([
+            "-np",
+            "1",
+            "--oversubscribe",
+            "-x",
+            "RAYON_NUM_THREADS=1",
+            "--wdir",
+        ])
+        .arg(dir.join(node))
+        .args([bin, "train", "run.toml", "--quiet", "--out", out]);
+    }
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let start = Instant::now();
+    let o = run_bounded(c, "the run with bad data on rank 1");
+    assert!(!o.status.success());
+    assert!(start.elapsed() < Duration::from_secs(60));
+    let said = text(&o);
+    assert!(
+        said.contains("rank 1 of 2 failed") && said.contains("points.csv"),
+        "{said}"
+    );
+}
