@@ -113,6 +113,25 @@ pub(crate) fn on_one_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// Runs `f` on the calling thread, alone, as [`on_one_thread`] does on a pool thread (same
+/// pieces, same results, subnormals flushed alike). For data-parallel ranks that are threads of
+/// one process: a rank waits for the others inside its step, and must not hold a pool thread
+/// that another rank's step needs.
+pub(crate) fn on_calling_thread<R>(f: impl FnOnce() -> R) -> R {
+    /// Puts the thread's previous setting back however `f` ends.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ONE_THREAD.with(|one| one.set(self.0));
+        }
+    }
+    let _restore = Restore(ONE_THREAD.with(|one| one.replace(true)));
+    match flush_subnormals() {
+        true => subnormals::flushed_while(f),
+        false => f(),
+    }
+}
+
 /// Whether training flushes subnormals to zero: yes unless `KILN_KEEP_SUBNORMALS` is set to
 /// something other than `0`. Read once.
 fn flush_subnormals() -> bool {

@@ -148,6 +148,9 @@ impl Communicator for LocalGroup {
             .map(|p| ((p[0] as u64) << 32) | p[1] as u64)
             .collect())
     }
+    fn in_process(&self) -> bool {
+        true
+    }
     fn fail(&self, error: &Error) {
         let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.failed.is_none() {

@@ -63,6 +63,12 @@ pub trait Communicator: Send + Sync {
     /// (naming the rank) and aborts the job, so that no rank waits forever in a collective;
     /// [`LocalGroup`] makes the other ranks' pending and later collectives fail instead.
     fn fail(&self, error: &Error);
+    /// Whether the ranks are threads of this process ([`LocalGroup`]): their steps then run
+    /// on their own threads, not on kiln's shared pool, where a rank waiting in a collective
+    /// would hold a thread another rank needs. `false` (the default) for MPI's processes.
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// A shared communicator, as [`crate::Fit::distributed`] takes it.

@@ -54,6 +54,11 @@ impl StepShard {
         self.global_len
     }
 
+    /// Whether the ranks are threads of this process (see [`Communicator::in_process`]).
+    pub(crate) fn in_process(&self) -> bool {
+        self.comm.in_process()
+    }
+
     /// This rank's share of the global batch: the weight of a term computed on the shard
     /// alone (added terms, which Keras' activity regularizers and mean penalties are means of).
     pub(crate) fn share(&self) -> f64 {

@@ -549,7 +549,11 @@ impl Model {
         group: Group,
     ) -> Result<f64> {
         let mut choice = std::mem::take(&mut self.thread_choice);
+        let in_process = self.shard.as_ref().is_some_and(StepShard::in_process);
         let result = match self.device.is_cpu() {
+            true if in_process => {
+                crate::runtime::on_calling_thread(|| self.train_step_here(batch, rng, acc, group))
+            }
             true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc, group)),
             false => {
                 crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc, group))
