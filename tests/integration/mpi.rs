@@ -37,11 +37,10 @@ validation_split = 0.1
 fn mpi_available() -> bool {
     let why = if !cfg!(feature = "mpi") {
         "kiln was built without the `mpi` feature (cargo test --features mpi)"
-    } else if Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map_or(true, |o| !o.status.success())
-    {
+    } else if !matches!(
+        Command::new("mpirun").arg("--version").output(),
+        Ok(o) if o.status.success()
+    ) {
         "mpirun was not found (apt-get install openmpi-bin libopenmpi-dev)"
     } else {
         return true;

@@ -12,7 +12,7 @@ use mpi::Threading;
 /// dropping it finalizes MPI.
 ///
 /// ```no_run
-/// use kiln::distributed::mpi::MpiWorld;
+/// use kiln::distributed::{mpi::MpiWorld, Communicator};
 /// use kiln::prelude::*;
 /// # fn data() -> Dataset { unimplemented!() }
 /// # fn model() -> Model { unimplemented!() }
