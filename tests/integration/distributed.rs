@@ -255,7 +255,10 @@ fn a_failing_rank_ends_the_run_on_every_rank() {
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     let messages: Vec<String> = results
         .iter()
-        .map(|r| r.as_ref().err().expect("every rank fails").to_string())
+        .map(|r| match r {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("every rank fails"),
+        })
         .collect();
     assert!(
         messages[1].contains("shard.csv are corrupt"),
@@ -287,7 +290,8 @@ fn ranks_with_other_data_are_refused() {
         model.fit(&data, Fit::new().batch_size(20).quiet().distributed(c))
     });
     for r in results {
-        let e = r.err().expect("refused").to_string();
+        let Err(e) = r else { panic!("refused") };
+        let e = e.to_string();
         assert!(e.contains("rank 1 of 2 starts from other data"), "{e}");
     }
 }
@@ -307,7 +311,8 @@ fn batches_smaller_than_the_ranks_are_refused() {
         model.fit(&data, Fit::new().batch_size(10).quiet().distributed(c))
     });
     for r in results {
-        let e = r.err().expect("refused").to_string();
+        let Err(e) = r else { panic!("refused") };
+        let e = e.to_string();
         assert!(e.contains("a global batch of 2 samples"), "{e}");
     }
 }

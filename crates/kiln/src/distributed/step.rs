@@ -124,9 +124,8 @@ impl StepShard {
                 rank_name(&*self.comm)
             )),
         };
-        let summed: Vec<f64>;
         let mut pieces: Vec<Tensor> = Vec::with_capacity(grads.len() + states.len());
-        if dtype == DType::F64 {
+        let summed: Vec<f64> = if dtype == DType::F64 {
             let mut buffer = Vec::with_capacity(len);
             fill(&mut buffer, &grads, &states, root, &values, |v| v)?;
             self.comm.all_reduce_f64(&mut buffer).map_err(within)?;
@@ -140,7 +139,7 @@ impl StepShard {
                 )?);
                 at += n;
             }
-            summed = buffer[at..].to_vec();
+            buffer[at..].to_vec()
         } else {
             let mut buffer = Vec::with_capacity(len);
             fill(&mut buffer, &grads, &states, root, &values, |v| v as f32)?;
@@ -152,8 +151,8 @@ impl StepShard {
                 pieces.push(piece.to_dtype(t.dtype())?);
                 at += n;
             }
-            summed = buffer[at..].iter().map(|&v| f64::from(v)).collect();
-        }
+            buffer[at..].iter().map(|&v| f64::from(v)).collect()
+        };
         let mut pieces = pieces.into_iter();
         let gradients = gradients
             .into_iter()
