@@ -43,6 +43,7 @@ pub mod initializers;
 pub mod io;
 pub mod keras;
 pub mod layers;
+pub mod loss_weighting;
 pub mod losses;
 pub mod metrics;
 pub mod model;

@@ -205,6 +205,8 @@ impl Group {
 pub(super) struct LabeledLoss {
     pub(super) total: Option<Tensor>,
     per_output: Vec<(String, Tensor)>,
+    /// Each output's `loss_weight · reduced loss`, in compile order.
+    weighted: Vec<Tensor>,
 }
 
 /// The terms of one step: the total to differentiate and each reported term.
@@ -215,6 +217,28 @@ pub(super) struct StepTerms {
     labeled: Option<Tensor>,
     /// Σ added terms, if any.
     added: Option<Tensor>,
+    /// With a loss weighting strategy: the terms it weighs (with their graphs), and the total
+    /// to report (Σ weight · term + the rest), which differs from the objective.
+    weighed: Vec<Tensor>,
+    shown: Option<Tensor>,
+}
+
+impl StepTerms {
+    /// The total as the logs report it.
+    fn shown(&self) -> &Tensor {
+        self.shown.as_ref().unwrap_or(&self.total)
+    }
+
+    /// Adds a term computed after the backward pass (the adversarial one) to the reported
+    /// totals and the breakdown.
+    pub(super) fn push_detached(&mut self, name: String, term: Tensor) -> Result<()> {
+        self.total = (self.total.detach() + &term)?;
+        if let Some(shown) = self.shown.take() {
+            self.shown = Some((shown + &term)?);
+        }
+        self.reported.push((name, term));
+        Ok(())
+    }
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -235,6 +259,7 @@ impl Model {
         let batch_size = batch.len();
         let mut total: Option<Tensor> = None;
         let mut reported = Vec::new();
+        let mut weighted_terms = Vec::new();
         for ol in &compiled.losses {
             let name = &self.output_names[ol.output];
             let y_true = batch.targets.get(ol.output).ok_or_else(|| {
@@ -270,6 +295,7 @@ impl Model {
             )
             .map_err(|e| site.explain(e))?;
             let weighted = (&reduced * ol.weight)?;
+            weighted_terms.push(weighted.clone());
             total = Some(match total.take() {
                 Some(acc) => (acc + weighted)?,
                 None => weighted,
@@ -279,6 +305,7 @@ impl Model {
         Ok(LabeledLoss {
             total,
             per_output: reported,
+            weighted: weighted_terms,
         })
     }
 
@@ -289,6 +316,10 @@ impl Model {
     ///
     /// Each compile-time loss is reported as `<output>_loss` whenever the total has more than
     /// one part, so that the data term is never hidden inside `loss`.
+    ///
+    /// With a loss weighting strategy, the weighed terms are combined by it: `advance` (a
+    /// training step of `fit`) lets it set this step's weights; otherwise its current weights
+    /// apply.
     pub(super) fn step_terms(
         &self,
         compiled: &Compiled,
@@ -296,10 +327,12 @@ impl Model {
         pass: &ForwardPass,
         training: bool,
         adversarial: bool,
+        advance: bool,
     ) -> Result<StepTerms> {
         let LabeledLoss {
             total: labeled,
             per_output,
+            weighted,
         } = self.compiled_loss(compiled, batch, pass)?;
         let mut added_total: Option<Tensor> = None;
         let mut add = |t: Tensor| -> Result<()> {
@@ -352,10 +385,40 @@ impl Model {
         }
         let parts = per_output.len() + added.len() + usize::from(adversarial);
         let mut reported = if parts > 1 { per_output } else { Vec::new() };
-        for (name, value) in added {
-            add(value.clone())?;
+        let weighs_added = compiled
+            .weighting
+            .as_ref()
+            .is_some_and(|w| w.terms.len() > w.outputs);
+        for (name, value) in added.iter().cloned() {
+            // Terms the strategy weighs are summed by it, not here.
+            if !weighs_added {
+                add(value.clone())?;
+            }
             reported.push((name, value));
         }
+        let (labeled, weighed, shown) = match &compiled.weighting {
+            None => (labeled, Vec::new(), None),
+            Some(w) => {
+                let mut weighed = weighted;
+                if weighs_added {
+                    weighed.extend(self.added_in_order(&w.terms[w.outputs..], &added)?);
+                }
+                let mut strategy = w.lock();
+                let objective = match advance {
+                    true => strategy.combine(&weighed)?,
+                    false => {
+                        crate::loss_weighting::weighted_sum(&weighed, &strategy.weights()?)?
+                    }
+                };
+                let values: Vec<Tensor> = weighed.iter().map(Tensor::detach).collect();
+                let mut shown =
+                    crate::loss_weighting::weighted_sum(&values, &strategy.weights()?)?;
+                if let Some(a) = &added_total {
+                    shown = (shown + a.detach())?;
+                }
+                (Some(objective), weighed, Some(shown))
+            }
+        };
         let total = match (&labeled, &added_total) {
             (Some(l), Some(a)) => (l + a)?,
             (Some(t), None) | (None, Some(t)) => t.clone(),
@@ -366,7 +429,28 @@ impl Model {
             reported,
             labeled,
             added: added_total,
+            weighed,
+            shown,
         })
+    }
+
+    /// The added terms a strategy weighs, in its order: a term absent from this step (a
+    /// regularizer of a frozen weight) is 0; one it does not know is an error.
+    fn added_in_order(&self, names: &[String], added: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
+        if let Some((unknown, _)) = added.iter().find(|(n, _)| !names.contains(n)) {
+            return Err(Error::Compile(format!(
+                "added term `{unknown}` appeared while training, but the loss weighting \
+                 strategy weighs {names:?} (the terms known at compile): add every term before \
+                 compile"
+            )));
+        }
+        names
+            .iter()
+            .map(|name| match added.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => Ok(v.reshape(())?),
+                None => Ok(Tensor::zeros((), self.dtype, &self.device)?),
+            })
+            .collect()
     }
 
     /// Adds a batch's terms and metrics to the running epoch means.
@@ -379,7 +463,7 @@ impl Model {
         pass: &ForwardPass,
     ) -> Result<()> {
         let n = batch.len() as f64;
-        acc.add("loss", scalar(&terms.total)? * n, n);
+        acc.add("loss", scalar(terms.shown())? * n, n);
         for (name, value) in &terms.reported {
             acc.add(name, scalar(value)? * n, n);
         }
@@ -527,13 +611,17 @@ impl Model {
             };
             let pass = self.run(&inputs, true, rng)?;
             let mut terms =
-                self.step_terms(&compiled, batch, &pass, true, adversarial.is_some())?;
-            let trainable: Vec<Var> = self
+                self.step_terms(&compiled, batch, &pass, true, adversarial.is_some(), true)?;
+            let mut trainable: Vec<Var> = self
                 .weights()
                 .into_iter()
                 .filter(|w| w.trainable())
                 .map(|w| w.var)
                 .collect();
+            // A strategy's own variables (uncertainty's log-variances) train with the weights.
+            if let Some(w) = &compiled.weighting {
+                trainable.extend(w.variables.iter().map(|(_, v)| v.clone()));
+            }
             let Some((name, adversarial)) = adversarial else {
                 let mut grads = Gradients::default();
                 grads.backward(&terms.total)?;
@@ -575,8 +663,7 @@ impl Model {
             };
             grads.backward(&second)?;
             let gradients = grads.take_each(&trainable)?;
-            terms.total = (terms.total.detach() + term.detach())?;
-            terms.reported.push((name, term.detach()));
+            terms.push_detached(name, term.detach())?;
             self.finish_step(
                 &mut compiled,
                 acc,
@@ -622,7 +709,8 @@ impl Model {
         if !group.last {
             compiled.accumulated = Some(pending);
             self.record(compiled, acc, terms, batch, pass)?;
-            return scalar(&terms.total);
+            self.observe_terms(compiled, terms, batch, false)?;
+            return scalar(terms.shown());
         }
         let (params, gradients): (Vec<Var>, Vec<Tensor>) = pending.into_iter().unzip();
         compiled.iterations += 1;
@@ -633,7 +721,36 @@ impl Model {
             compiled.iterations,
         )?;
         self.record(compiled, acc, terms, batch, pass)?;
-        scalar(&terms.total)
+        self.observe_terms(compiled, terms, batch, true)?;
+        scalar(terms.shown())
+    }
+
+    /// Shows a loss weighting strategy the step's terms and, after an update (`updated`), the
+    /// terms on the same batch again when it asks for them (FAMO): one more forward pass, in
+    /// inference mode so that it draws no dropout and moves no batch statistics.
+    fn observe_terms(
+        &self,
+        compiled: &Compiled,
+        terms: &StepTerms,
+        batch: &Dataset,
+        updated: bool,
+    ) -> Result<()> {
+        let Some(w) = &compiled.weighting else {
+            return Ok(());
+        };
+        let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
+        let wants_after = {
+            let mut strategy = w.lock();
+            strategy.observe(&values, batch.len() as f64)?;
+            strategy.needs_terms_after_update()
+        };
+        if updated && wants_after {
+            let pass = self.run(&batch.inputs, false, &mut StdRng::seed_from_u64(0))?;
+            let after = self.step_terms(compiled, batch, &pass, false, false, false)?;
+            let values: Vec<f64> = after.weighed.iter().map(scalar).collect::<Result<_>>()?;
+            w.lock().after_update(&values)?;
+        }
+        Ok(())
     }
 
     /// One training step on one batch, as Keras' `train_on_batch`: returns the batch's loss
@@ -690,6 +807,18 @@ impl Model {
                  batch), got 0"
                     .into(),
             ));
+        }
+        if let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) {
+            let strategy = w.lock();
+            if strategy.needs_terms_after_update() && config.gradient_accumulation_steps > 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "loss weighting `{}` compares each batch's terms before and after its \
+                     update, so it needs an update every batch: set \
+                     gradient_accumulation_steps to 1 (got {})",
+                    strategy.name(),
+                    config.gradient_accumulation_steps
+                )));
+            }
         }
         if !(0.0..1.0).contains(&config.validation_split) {
             return Err(Error::InvalidArgument(format!(
@@ -793,6 +922,15 @@ impl Model {
                 {
                     logs.set(k, v);
                 }
+            }
+            if let (Some(w), false) = (self.compiled.as_ref().and_then(|c| c.weighting.as_ref()), stop) {
+                // The weights of the epoch's last step; then the strategy moves to the next
+                // epoch's (before the callbacks, so that a checkpoint holds the new state).
+                let mut strategy = w.lock();
+                for (term, weight) in w.terms.iter().zip(strategy.weights()?) {
+                    logs.set(format!("loss_weight/{term}"), weight);
+                }
+                strategy.end_epoch()?;
             }
             // Before the callbacks, so checkpoints (and resumed histories) keep it too.
             logs.set("epoch_time_s", progress.elapsed_s());
@@ -928,7 +1066,7 @@ impl Model {
             let pass = self.run(&batch.inputs, false, &mut rng)?;
             let adversarial_term = attack.is_none().then(|| self.adversarial_term()).flatten();
             let mut terms =
-                self.step_terms(compiled, &batch, &pass, false, adversarial_term.is_some())?;
+                self.step_terms(compiled, &batch, &pass, false, adversarial_term.is_some(), false)?;
             // The adversarial term has its validation twin too, on perturbed inputs of the batch.
             if let Some((name, adversarial)) = adversarial_term {
                 let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
@@ -938,8 +1076,7 @@ impl Model {
                     .total
                     .ok_or_else(no_labeled_loss)?;
                 let term = (labeled * adversarial.weight())?.detach();
-                terms.total = (terms.total.detach() + &term)?;
-                terms.reported.push((name, term));
+                terms.push_detached(name, term)?;
             }
             self.record(compiled, &mut acc, &terms, &batch, &pass)?;
             start += len;

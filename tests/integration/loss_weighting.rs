@@ -1,0 +1,206 @@
+//! The loss weighting strategies against reference runs written from their papers in PyTorch
+//! (tests/fixtures/weighting/reference.json, made by make_weighting_reference.py beside it):
+//! the same two-head network from the same weights, SGD on the whole batch, one step per epoch;
+//! every step's term weights and every parameter after it must agree to rtol 1e-5.
+
+use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+use kiln::prelude::*;
+use serde_json::Value;
+use std::path::Path;
+
+fn reference() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighting/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
+}
+
+fn matrix(v: &Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn tensor(rows: Vec<Vec<f64>>) -> Tensor {
+    let (r, c) = (rows.len(), rows[0].len());
+    Tensor::from_vec(rows.into_iter().flatten().collect::<Vec<_>>(), (r, c), &Device::Cpu).unwrap()
+}
+
+/// The reference problem's model in f64, from the reference's initial weights.
+pub(crate) fn reference_model(reference: &Value) -> Model {
+    let x = Input::new([3]);
+    let h = Dense::new(4).activation(Activation::Tanh).name("shared").apply(&x).unwrap();
+    let a = Dense::new(1).name("a").apply(&h).unwrap();
+    let b = Dense::new(1).name("b").apply(&h).unwrap();
+    let model = Model::builder(&[x], &[a, b]).dtype(DType::F64).build().unwrap();
+    for (name, value) in reference["initial"].as_object().unwrap() {
+        let w = model.weight(name).unwrap();
+        let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
+            Some(_) => matrix(value).into_iter().flatten().collect(),
+            None => floats(value),
+        };
+        let t = Tensor::from_vec(flat, w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+    model
+}
+
+pub(crate) fn reference_data(reference: &Value) -> Dataset {
+    let x = tensor(matrix(&reference["x"]));
+    let y_a = tensor(matrix(&reference["y_a"]));
+    let y_b = tensor(matrix(&reference["y_b"]));
+    Dataset::multi(vec![x], vec![y_a, y_b]).unwrap()
+}
+
+fn close(what: &str, got: f64, want: f64) {
+    let tol = 1e-5 * want.abs().max(1e-6);
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: kiln {got}, reference {want} (rtol 1e-5)"
+    );
+}
+
+/// Trains kiln one epoch (one step) at a time and compares each step with the reference.
+fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
+    let reference = reference();
+    let mut model = reference_model(&reference);
+    let lr = reference["learning_rate"].as_f64().unwrap();
+    let mut compile = Compile::new(Sgd::new(lr))
+        .loss_for("a", "mse")
+        .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+    if let Some(s) = strategy {
+        compile = compile.loss_weighting_boxed(s);
+    }
+    model.compile(compile).unwrap();
+    let data = reference_data(&reference);
+    let steps = reference["runs"][run].as_array().unwrap();
+    for (epoch, step) in steps.iter().enumerate() {
+        let fit = Fit::new().epochs(epoch + 1).initial_epoch(epoch).batch_size(8).shuffle(false).quiet();
+        let history = model.fit(&data, fit).unwrap();
+        let logs = history.last().unwrap();
+        let terms = floats(&step["terms"]);
+        for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+            close(&format!("{run} step {epoch} {term}"), logs.get(term).unwrap(), terms[i]);
+        }
+        let weights = floats(&step["weights"]);
+        if run != "fixed" {
+            for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+                let got = logs.get(&format!("loss_weight/{term}")).unwrap();
+                close(&format!("{run} step {epoch} loss_weight/{term}"), got, weights[i]);
+            }
+        }
+        // `loss` is Σ weight · term.
+        let shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
+        close(&format!("{run} step {epoch} loss"), logs.get("loss").unwrap(), shown);
+        for (name, want) in step["params"].as_object().unwrap() {
+            let got: Vec<f64> =
+                model.weight(name).unwrap().var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for (k, (g, w)) in got.iter().zip(floats(want)).enumerate() {
+                close(&format!("{run} step {epoch} {name}[{k}]"), *g, w);
+            }
+        }
+    }
+}
+
+#[test]
+fn fixed_weights_match_the_reference() {
+    check("fixed", None);
+}
+
+#[test]
+fn uncertainty_matches_the_reference() {
+    check("uncertainty", Some(Box::new(Uncertainty::new())));
+}
+
+#[test]
+fn dynamic_weight_average_matches_the_reference() {
+    check("dwa", Some(Box::new(DynamicWeightAverage::new())));
+}
+
+#[test]
+fn famo_matches_the_reference() {
+    check("famo", Some(Box::new(Famo::new())));
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    crate::support::temp("weighting", name)
+}
+
+/// Train 4 epochs at once, or 2, a checkpoint, a fresh model restored from it and 2 more: the
+/// weights, the strategy's variables and the history agree bit for bit.
+fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let compiled = || {
+        let mut m = reference_model(&reference);
+        m.compile(
+            Compile::new(Adam::new(0.05))
+                .loss_for("a", "mse")
+                .loss_for("b", BinaryCrossentropy::new().from_logits(true))
+                .loss_weighting_boxed(strategy()),
+        )
+        .unwrap();
+        m
+    };
+    let fit = |from: usize, to: usize| Fit::new().epochs(to).initial_epoch(from).batch_size(3).seed(4).quiet();
+    let mut whole = compiled();
+    let full = whole.fit(&data, fit(0, 4)).unwrap();
+    let dir = temp(&format!("resume-{}", strategy().name()));
+    let mut first = compiled();
+    let part = first.fit(&data, fit(0, 2)).unwrap();
+    first.save_checkpoint(&dir, "last", 2, &part).unwrap();
+    let mut resumed = compiled();
+    let checkpoint = resumed.load_checkpoint(&dir, "last").unwrap();
+    let rest = resumed.fit(&data, fit(2, 4)).unwrap();
+    let mut history = checkpoint.history();
+    history.epochs.extend(rest.epochs);
+    let bits = |m: &Model| -> Vec<u64> {
+        m.weights()
+            .iter()
+            .flat_map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .map(f64::to_bits)
+            .collect()
+    };
+    assert_eq!(bits(&whole), bits(&resumed), "{}: weights differ", strategy().name());
+    assert_eq!(
+        full.without("epoch_time_s"),
+        history.without("epoch_time_s"),
+        "{}: histories differ",
+        strategy().name()
+    );
+    assert!(full.get("loss_weight/a_loss").unwrap().iter().any(|w| *w != 1.0));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_resumed_run_continues_every_strategy_exactly() {
+    resume_is_bit_identical(|| Box::new(Uncertainty::new()));
+    resume_is_bit_identical(|| Box::new(DynamicWeightAverage::new()));
+    resume_is_bit_identical(|| Box::new(Famo::new()));
+}
+
+#[test]
+fn a_checkpoint_of_another_strategy_is_refused() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let mut m = reference_model(&reference);
+    let compile = |s: Box<dyn Strategy>| {
+        Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", "mse")
+            .loss_weighting_boxed(s)
+    };
+    m.compile(compile(Box::new(Famo::new()))).unwrap();
+    let h = m.fit(&data, Fit::new().quiet()).unwrap();
+    let dir = temp("other");
+    m.save_checkpoint(&dir, "last", 1, &h).unwrap();
+    let mut other = reference_model(&reference);
+    other.compile(compile(Box::new(Uncertainty::new()))).unwrap();
+    let err = other.load_checkpoint(&dir, "last").unwrap_err().to_string();
+    assert!(err.contains("`famo`") && err.contains("`uncertainty`"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
