@@ -9,7 +9,8 @@ use serde_json::Value;
 use std::path::Path;
 
 fn reference() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighting/reference.json");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighting/reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
 }
 
@@ -17,26 +18,48 @@ fn matrix(v: &Value) -> Vec<Vec<f64>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn tensor(rows: Vec<Vec<f64>>) -> Tensor {
     let (r, c) = (rows.len(), rows[0].len());
-    Tensor::from_vec(rows.into_iter().flatten().collect::<Vec<_>>(), (r, c), &Device::Cpu).unwrap()
+    Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<_>>(),
+        (r, c),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// The reference problem's model in f64, from the reference's initial weights.
 pub(crate) fn reference_model(reference: &Value) -> Model {
     let x = Input::new([3]);
-    let h = Dense::new(4).activation(Activation::Tanh).name("shared").apply(&x).unwrap();
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .name("shared")
+        .apply(&x)
+        .unwrap();
     let a = Dense::new(1).name("a").apply(&h).unwrap();
     let b = Dense::new(1).name("b").apply(&h).unwrap();
-    let model = Model::builder(&[x], &[a, b]).dtype(DType::F64).build().unwrap();
+    let model = Model::builder(&[x], &[a, b])
+        .dtype(DType::F64)
+        .build()
+        .unwrap();
     for (name, value) in reference["initial"].as_object().unwrap() {
         let w = model.weight(name).unwrap();
         let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
@@ -79,26 +102,50 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
     let data = reference_data(&reference);
     let steps = reference["runs"][run].as_array().unwrap();
     for (epoch, step) in steps.iter().enumerate() {
-        let fit = Fit::new().epochs(epoch + 1).initial_epoch(epoch).batch_size(8).shuffle(false).quiet();
+        let fit = Fit::new()
+            .epochs(epoch + 1)
+            .initial_epoch(epoch)
+            .batch_size(8)
+            .shuffle(false)
+            .quiet();
         let history = model.fit(&data, fit).unwrap();
         let logs = history.last().unwrap();
         let terms = floats(&step["terms"]);
         for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
-            close(&format!("{run} step {epoch} {term}"), logs.get(term).unwrap(), terms[i]);
+            close(
+                &format!("{run} step {epoch} {term}"),
+                logs.get(term).unwrap(),
+                terms[i],
+            );
         }
         let weights = floats(&step["weights"]);
         if run != "fixed" {
             for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
                 let got = logs.get(&format!("loss_weight/{term}")).unwrap();
-                close(&format!("{run} step {epoch} loss_weight/{term}"), got, weights[i]);
+                close(
+                    &format!("{run} step {epoch} loss_weight/{term}"),
+                    got,
+                    weights[i],
+                );
             }
         }
         // `loss` is Σ weight · term.
         let shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
-        close(&format!("{run} step {epoch} loss"), logs.get("loss").unwrap(), shown);
+        close(
+            &format!("{run} step {epoch} loss"),
+            logs.get("loss").unwrap(),
+            shown,
+        );
         for (name, want) in step["params"].as_object().unwrap() {
-            let got: Vec<f64> =
-                model.weight(name).unwrap().var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f64> = model
+                .weight(name)
+                .unwrap()
+                .var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             for (k, (g, w)) in got.iter().zip(floats(want)).enumerate() {
                 close(&format!("{run} step {epoch} {name}[{k}]"), *g, w);
             }
@@ -126,8 +173,139 @@ fn famo_matches_the_reference() {
     check("famo", Some(Box::new(Famo::new())));
 }
 
+/// A run whose strategy weighs the data term and the L2 penalty (`added_terms`); `{W}` is
+/// line 12.
+const RUN: &str = r#"seed = 3
+[data]
+source = "blobs"
+samples = 120
+[model]
+layers = [
+  { type = "dense", name = "hidden", units = 8, activation = "relu", kernel_regularizer = { l2 = 1e-2 } },
+  { type = "dropout", rate = 0.2 },
+  { type = "dense", name = "out", units = 1 },
+]
+[compile]
+{W}
+optimizer = { type = "adam", learning_rate = 0.01 }
+loss = "mse"
+[fit]
+epochs = 4
+batch_size = 16
+validation_split = 0.2
+"#;
+
+fn run_text(weighting: &str) -> String {
+    RUN.replace("{W}", weighting)
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     crate::support::temp("weighting", name)
+}
+
+#[test]
+fn run_file_keys_build_the_strategy_they_name() {
+    let dir = temp("keys");
+    let text =
+        run_text(r#"loss_weighting = { type = "dwa", temperature = 3.0, added_terms = true }"#);
+    std::fs::write(dir.join("run.toml"), text).unwrap();
+    let (ok, _, err) =
+        crate::support::kiln_in(&["train", "run.toml", "--quiet", "--out", "r"], &dir);
+    assert!(ok, "{err}");
+    let history: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("r/history.json")).unwrap())
+            .unwrap();
+    // DWA: weight 1 for two epochs, then K·softmax(r / 3) from the logged epoch means.
+    let series = |k: &str| floats(&history[k]);
+    let (out, l2) = (series("out_loss"), series("l2"));
+    assert_eq!(series("loss_weight/out_loss")[..2], [1.0, 1.0]);
+    for epoch in 2..4 {
+        let r = [
+            out[epoch - 1] / out[epoch - 2],
+            l2[epoch - 1] / l2[epoch - 2],
+        ];
+        let e = [(r[0] / 3.0).exp(), (r[1] / 3.0).exp()];
+        let want = [2.0 * e[0] / (e[0] + e[1]), 2.0 * e[1] / (e[0] + e[1])];
+        close(
+            "loss_weight/out_loss",
+            series("loss_weight/out_loss")[epoch],
+            want[0],
+        );
+        close("loss_weight/l2", series("loss_weight/l2")[epoch], want[1]);
+    }
+    // The string form takes the defaults.
+    std::fs::write(
+        dir.join("famo.toml"),
+        run_text(r#"loss_weighting = "famo""#),
+    )
+    .unwrap();
+    let (ok, _, err) =
+        crate::support::kiln_in(&["train", "famo.toml", "--quiet", "--out", "f"], &dir);
+    // One term (no added_terms) is refused, naming the terms.
+    assert!(
+        !ok && err.contains("at least two terms") && err.contains("out_loss"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_run_file_values_name_the_file_line_and_key() {
+    let dir = temp("bad");
+    let cases = [
+        (
+            r#"loss_weighting = { type = "dwa", temperature = 0 }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "dwa", temperature = -1.5 }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "dwa", temperature = nan }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "dwa", temperature = "2" }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "famo", learning_rate = inf }"#,
+            "learning_rate",
+        ),
+        (
+            r#"loss_weighting = { type = "famo", gamma = -1e-5 }"#,
+            "gamma",
+        ),
+        (
+            r#"loss_weighting = { type = "uncertainty", initial_log_var = true }"#,
+            "initial_log_var",
+        ),
+        (
+            r#"loss_weighting = { type = "uncertainty", added_terms = 1 }"#,
+            "added_terms",
+        ),
+        (
+            r#"loss_weighting = { type = "uncertainty", temprature = 2 }"#,
+            "temprature",
+        ),
+        (r#"loss_weighting = { type = "gradnorn" }"#, "gradnorn"),
+        (r#"loss_weighting = 3"#, "loss_weighting"),
+    ];
+    for (line, key) in cases {
+        let text = run_text(line);
+        let err = match kiln::run::RunFile::from_text("w.toml", &text, dir.clone())
+            .and_then(|run| run.prepare(None, &Device::Cpu).map(|_| ()))
+        {
+            Ok(()) => panic!("{line}: accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("w.toml line 12") && err.contains(key),
+            "{line}: the error lacks `w.toml line 12` or `{key}`: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Train 4 epochs at once, or 2, a checkpoint, a fresh model restored from it and 2 more: the
@@ -146,7 +324,14 @@ fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
         .unwrap();
         m
     };
-    let fit = |from: usize, to: usize| Fit::new().epochs(to).initial_epoch(from).batch_size(3).seed(4).quiet();
+    let fit = |from: usize, to: usize| {
+        Fit::new()
+            .epochs(to)
+            .initial_epoch(from)
+            .batch_size(3)
+            .seed(4)
+            .quiet()
+    };
     let mut whole = compiled();
     let full = whole.fit(&data, fit(0, 4)).unwrap();
     let dir = temp(&format!("resume-{}", strategy().name()));
@@ -161,18 +346,34 @@ fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
     let bits = |m: &Model| -> Vec<u64> {
         m.weights()
             .iter()
-            .flat_map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .flat_map(|w| {
+                w.var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
             .map(f64::to_bits)
             .collect()
     };
-    assert_eq!(bits(&whole), bits(&resumed), "{}: weights differ", strategy().name());
+    assert_eq!(
+        bits(&whole),
+        bits(&resumed),
+        "{}: weights differ",
+        strategy().name()
+    );
     assert_eq!(
         full.without("epoch_time_s"),
         history.without("epoch_time_s"),
         "{}: histories differ",
         strategy().name()
     );
-    assert!(full.get("loss_weight/a_loss").unwrap().iter().any(|w| *w != 1.0));
+    assert!(full
+        .get("loss_weight/a_loss")
+        .unwrap()
+        .iter()
+        .any(|w| *w != 1.0));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -199,8 +400,13 @@ fn a_checkpoint_of_another_strategy_is_refused() {
     let dir = temp("other");
     m.save_checkpoint(&dir, "last", 1, &h).unwrap();
     let mut other = reference_model(&reference);
-    other.compile(compile(Box::new(Uncertainty::new()))).unwrap();
+    other
+        .compile(compile(Box::new(Uncertainty::new())))
+        .unwrap();
     let err = other.load_checkpoint(&dir, "last").unwrap_err().to_string();
-    assert!(err.contains("`famo`") && err.contains("`uncertainty`"), "{err}");
+    assert!(
+        err.contains("`famo`") && err.contains("`uncertainty`"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

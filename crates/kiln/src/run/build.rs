@@ -701,6 +701,20 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
             }
         }
     }
+    match f.get("loss_weighting") {
+        None => {}
+        Some(v) if v.get_ref().is_str() => {
+            let name = v.get_ref().as_str().unwrap_or_default();
+            let mut t = toml::de::DeTable::default();
+            t.insert(
+                toml::Spanned::new(v.span(), "type".into()),
+                toml::Spanned::new(v.span(), toml::de::DeValue::String(name.to_string().into())),
+            );
+            let fields = Fields::new(f.doc, &t, v.span(), "[compile] loss_weighting");
+            c = loss_weighting(&fields, c)?;
+        }
+        Some(_) => c = loss_weighting(&f.table("loss_weighting")?.expect("present"), c)?,
+    }
     for key in ["metrics", "weighted_metrics"] {
         for (output, metric) in metrics(f, key, output_names)? {
             c = match (output, key == "weighted_metrics") {
@@ -714,6 +728,40 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
     f.finish()?;
     Ok(c)
 }
+
+/// `loss_weighting = "dwa"` or `{ type = "…", …, added_terms = true }` of `[compile]`.
+fn loss_weighting(f: &Fields, c: Compile) -> Result<Compile> {
+    use crate::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+    let kind = f.required_str("type")?;
+    let added = f.bool_or("added_terms", false)?;
+    let strategy: Box<dyn Strategy> = match kind {
+        "uncertainty" => {
+            Box::new(Uncertainty::new().initial_log_var(f.f64_or("initial_log_var", 0.0)?))
+        }
+        "dwa" => Box::new(DynamicWeightAverage::new().temperature(f.f64_in_or(
+            "temperature",
+            2.0,
+            Bounds::positive(),
+        )?)),
+        "famo" => Box::new(
+            Famo::new()
+                .learning_rate(f.f64_in_or("learning_rate", 0.025, Bounds::positive())?)
+                .gamma(f.f64_in_or("gamma", 1e-5, Bounds::non_negative())?),
+        ),
+        other => {
+            return Err(f.error(format!(
+                "unknown loss weighting `{other}`: use {}",
+                LOSS_WEIGHTINGS.join(", ")
+            )))
+        }
+    };
+    f.finish()?;
+    strategy.validate().map_err(|e| f.error(e))?;
+    Ok(c.loss_weighting_boxed(strategy).weight_added_terms(added))
+}
+
+/// The strategies a run file's `loss_weighting` names.
+const LOSS_WEIGHTINGS: [&str; 3] = ["uncertainty", "dwa", "famo"];
 
 /// One `[[added]]` term.
 pub(crate) fn added(f: &Fields, model: &mut Model) -> Result<()> {

@@ -42,8 +42,13 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
                 })
         })
     };
-    let losses = crate::plot::select(history, |n| !is_bookkeeping(n) && !is_metric(n));
+    // A loss weighting strategy's weights (`loss_weight/<term>`) have their own figure.
+    let is_weight = |name: &str| name.starts_with("loss_weight/");
+    let losses = crate::plot::select(history, |n| {
+        !is_bookkeeping(n) && !is_metric(n) && !is_weight(n)
+    });
     let metric_series = crate::plot::select(history, |n| !is_bookkeeping(n) && is_metric(n));
+    let weight_series = crate::plot::select(history, is_weight);
     let mut out = vec![(
         "loss",
         Figure {
@@ -52,6 +57,16 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
             series: losses,
         },
     )];
+    if !weight_series.is_empty() {
+        out.push((
+            "loss_weights",
+            Figure {
+                title: "Loss weights per epoch".into(),
+                y_desc: "weight".into(),
+                series: weight_series,
+            },
+        ));
+    }
     if !metric_series.is_empty() {
         out.push((
             "metrics",
