@@ -84,7 +84,11 @@ impl Famo {
 
     /// softmax(ξ).
     fn z(&self) -> Vec<f64> {
-        let top = self.logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let top = self
+            .logits
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = self.logits.iter().map(|l| (l - top).exp()).collect();
         let s: f64 = e.iter().sum();
         e.iter().map(|x| x / s).collect()

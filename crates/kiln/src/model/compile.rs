@@ -3,9 +3,9 @@
 
 use super::Model;
 use crate::error::{Error, Result};
+use crate::loss_weighting::Strategy;
 use crate::losses::{Loss, LossSpec};
 use crate::metrics::{Metric, MetricSpec};
-use crate::loss_weighting::Strategy;
 use crate::optimizers::Optimizer;
 use std::sync::{Arc, Mutex};
 
@@ -446,7 +446,11 @@ impl Model {
             return Err(Error::Compile(format!(
                 "loss weighting `{name}` needs at least two terms to weigh, and the model has \
                  {terms:?}: give several outputs a loss{}",
-                if added { "" } else { ", or set weight_added_terms to weigh the added terms too" }
+                if added {
+                    ""
+                } else {
+                    ", or set weight_added_terms to weigh the added terms too"
+                }
             )));
         }
         strategy.begin(&terms, self.dtype, &self.device)?;

@@ -406,13 +406,10 @@ impl Model {
                 let mut strategy = w.lock();
                 let objective = match advance {
                     true => strategy.combine(&weighed)?,
-                    false => {
-                        crate::loss_weighting::weighted_sum(&weighed, &strategy.weights()?)?
-                    }
+                    false => crate::loss_weighting::weighted_sum(&weighed, &strategy.weights()?)?,
                 };
                 let values: Vec<Tensor> = weighed.iter().map(Tensor::detach).collect();
-                let mut shown =
-                    crate::loss_weighting::weighted_sum(&values, &strategy.weights()?)?;
+                let mut shown = crate::loss_weighting::weighted_sum(&values, &strategy.weights()?)?;
                 if let Some(a) = &added_total {
                     shown = (shown + a.detach())?;
                 }
@@ -923,7 +920,10 @@ impl Model {
                     logs.set(k, v);
                 }
             }
-            if let (Some(w), false) = (self.compiled.as_ref().and_then(|c| c.weighting.as_ref()), stop) {
+            if let (Some(w), false) = (
+                self.compiled.as_ref().and_then(|c| c.weighting.as_ref()),
+                stop,
+            ) {
                 // The weights of the epoch's last step; then the strategy moves to the next
                 // epoch's (before the callbacks, so that a checkpoint holds the new state).
                 let mut strategy = w.lock();
@@ -1065,8 +1065,14 @@ impl Model {
             }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
             let adversarial_term = attack.is_none().then(|| self.adversarial_term()).flatten();
-            let mut terms =
-                self.step_terms(compiled, &batch, &pass, false, adversarial_term.is_some(), false)?;
+            let mut terms = self.step_terms(
+                compiled,
+                &batch,
+                &pass,
+                false,
+                adversarial_term.is_some(),
+                false,
+            )?;
             // The adversarial term has its validation twin too, on perturbed inputs of the batch.
             if let Some((name, adversarial)) = adversarial_term {
                 let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
