@@ -410,3 +410,111 @@ fn a_checkpoint_of_another_strategy_is_refused() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Compiles the reference model with `strategy`: the error's text if refused.
+fn compile_with(strategy: Box<dyn Strategy>) -> std::result::Result<(), String> {
+    let mut m = reference_model(&reference());
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", "mse")
+            .loss_weighting_boxed(strategy),
+    )
+    .map_err(|e| e.to_string())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Any hyperparameter value is taken exactly when it is in range, and refused otherwise
+    /// with a message naming the strategy and the hyperparameter.
+    #[test]
+    fn hyperparameters_are_taken_only_in_range(
+        v in proptest::prop_oneof![
+            proptest::num::f64::ANY,
+            proptest::prelude::Just(0.0),
+            proptest::prelude::Just(-0.0),
+            proptest::prelude::Just(f64::INFINITY),
+            -10.0..10.0f64,
+        ]
+    ) {
+        let cases: [(&str, &str, Box<dyn Strategy>, bool); 4] = [
+            ("dwa", "temperature", Box::new(DynamicWeightAverage::new().temperature(v)), v.is_finite() && v > 0.0),
+            ("famo", "learning_rate", Box::new(Famo::new().learning_rate(v)), v.is_finite() && v > 0.0),
+            ("famo", "gamma", Box::new(Famo::new().gamma(v)), v.is_finite() && v >= 0.0),
+            ("uncertainty", "initial_log_var", Box::new(Uncertainty::new().initial_log_var(v)), v.is_finite()),
+        ];
+        for (name, key, strategy, allowed) in cases {
+            match compile_with(strategy) {
+                Ok(()) => proptest::prop_assert!(allowed, "{name} {key} = {v} accepted"),
+                Err(e) => {
+                    proptest::prop_assert!(!allowed, "{name} {key} = {v} refused: {e}");
+                    proptest::prop_assert!(e.contains(&format!("`{name}`")) && e.contains(key), "{e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_strategy_needs_two_terms_and_weight_added_terms_needs_a_strategy() {
+    let x = Input::new([2]);
+    let y = Dense::new(1)
+        .kernel_regularizer(L2::new(0.1))
+        .apply(&x)
+        .unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    let err = m
+        .compile(
+            Compile::new(Sgd::new(0.1))
+                .loss("mse")
+                .loss_weighting(Uncertainty::new()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("at least two terms") && err.contains("weight_added_terms"),
+        "{err}"
+    );
+    // With the L2 penalty weighed too, there are two: the data term and `l2`.
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss("mse")
+            .loss_weighting(Uncertainty::new())
+            .weight_added_terms(true),
+    )
+    .unwrap();
+    let err = m
+        .compile(
+            Compile::new(Sgd::new(0.1))
+                .loss("mse")
+                .weight_added_terms(true),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no loss weighting strategy"), "{err}");
+}
+
+/// FAMO compares a batch before and after its own update, so it refuses gradient accumulation.
+#[test]
+fn famo_refuses_gradient_accumulation() {
+    let reference = reference();
+    let mut m = reference_model(&reference);
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", "mse")
+            .loss_weighting(Famo::new()),
+    )
+    .unwrap();
+    let err = m
+        .fit(
+            &reference_data(&reference),
+            Fit::new().gradient_accumulation_steps(2).quiet(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("famo") && err.contains("gradient_accumulation_steps"),
+        "{err}"
+    );
+}

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 /// s.begin(&["a_loss".into(), "b_loss".into()], DType::F64, &Device::Cpu)?;
 /// assert_eq!(s.weights()?, vec![0.5, 0.5]);
 /// let terms = [Tensor::new(2.0f64, &Device::Cpu)?, Tensor::new(4.0f64, &Device::Cpu)?];
-/// s.combine(&terms)?.objective.to_scalar::<f64>()?;
+/// let objective = s.combine(&terms)?.to_scalar::<f64>()?;
 /// assert_eq!(objective, 3.0); // ½·2 + ½·4 + 0
 /// # Ok::<(), kiln::Error>(())
 /// ```
