@@ -209,25 +209,35 @@ impl Conv {
         let fused = !tests::PLAIN.with(|p| p.get());
         #[cfg(not(test))]
         let fused = true;
+        // ReLU and a linear activation run inside the op, others after it.
+        let relu = match self.activation {
+            Activation::Relu => Some(true),
+            Activation::Linear => Some(false),
+            _ => None,
+        };
         let op = super::conv_kernel::Conv2dOp {
             kernel: ks,
             strides: st,
             dilation: dl,
+            relu: relu == Some(true),
         };
+        let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
         let direct = if fused {
-            super::conv_kernel::conv2d(&x, &k, op)?
+            super::conv_kernel::conv2d(&x, &k, bias, op)?
         } else {
             None
         };
         let y = match direct {
-            Some(y) => y,
-            None => Self::candle_conv(&x, &k, st, dl, outs)?,
+            Some(y) if relu.is_some() => y,
+            Some(y) => self.activation.apply(&y)?,
+            None => {
+                let mut y = Self::candle_conv(&x, &k, st, dl, outs)?;
+                if let Some(b) = bias {
+                    y = super::channels::bias_add(&y, b)?;
+                }
+                self.activation.apply(&y)?
+            }
         };
-        let mut y = y;
-        if let Some(b) = &self.bias {
-            y = super::channels::bias_add(&y, b.var.as_tensor())?;
-        }
-        let y = self.activation.apply(&y)?;
         Ok(if rank == 1 { y.squeeze(1)? } else { y })
     }
 

@@ -612,4 +612,73 @@ mod tests {
             }
         }
     }
+
+    /// Ties, NaN and signed zeros: each window's output is its first element that no later one
+    /// exceeds, and that element alone gets the window's gradient (TensorFlow's rule), checked
+    /// against a plain loop over windows, with overlapping windows (stride 1) adding up.
+    #[test]
+    fn max_pooling_gives_a_tied_window_gradient_to_its_first_maximum() {
+        let (h, w, c) = (5, 6, 19);
+        let values = [0.0, 1.0, 2.0, -0.0, f64::NAN, 2.0, 1.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let v: Vec<f64> = (0..2 * h * w * c)
+            .map(|_| values[rng.random_range(0..values.len())])
+            .collect();
+        for (pool, strides) in [([2, 2], [2, 2]), ([3, 2], [1, 1]), ([2, 3], [1, 2])] {
+            let x =
+                Var::from_tensor(&Tensor::from_vec(v.clone(), (2, h, w, c), &Device::Cpu).unwrap())
+                    .unwrap();
+            let layer = MaxPooling2D::new((pool[0], pool[1])).strides((strides[0], strides[1]));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let mut ctx = CallContext::new(true, &mut rng);
+            let y = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
+            let (oh, ow) = (
+                (h - pool[0]) / strides[0] + 1,
+                (w - pool[1]) / strides[1] + 1,
+            );
+            let g: Vec<f64> = (0..2 * oh * ow * c).map(|i| 1.0 + i as f64).collect();
+            let gt = Tensor::from_vec(g.clone(), (2, oh, ow, c), &Device::Cpu).unwrap();
+            let dx = (y.clone() * gt)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let mut want_dx = vec![0.0; v.len()];
+            let at = |n: usize, i: usize, j: usize, ch: usize| ((n * h + i) * w + j) * c + ch;
+            for n in 0..2 {
+                for (i, j, ch) in positions(oh, ow, c) {
+                    let mut best = at(n, i * strides[0], j * strides[1], ch);
+                    for p in 0..pool[0] {
+                        for q in 0..pool[1] {
+                            let k = at(n, i * strides[0] + p, j * strides[1] + q, ch);
+                            if v[k] > v[best] {
+                                best = k;
+                            }
+                        }
+                    }
+                    let o = ((n * oh + i) * ow + j) * c + ch;
+                    assert_eq!(y[o].to_bits(), v[best].to_bits(), "{pool:?} output {o}");
+                    want_dx[best] += g[o];
+                }
+            }
+            assert_eq!(dx, want_dx, "{pool:?} {strides:?}");
+        }
+    }
+
+    /// Every `(i, j, channel)` of an `oh × ow × c` output.
+    fn positions(
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..oh).flat_map(move |i| (0..ow).flat_map(move |j| (0..c).map(move |ch| (i, j, ch))))
+    }
 }
