@@ -200,9 +200,6 @@ impl Conv {
                 ))
             })?;
             x = pad_axis(&x, 1 + a, axis.before, axis.after, 0.0)?;
-            // Drop the trailing positions no window reaches, so strided backward passes line up.
-            let used = (axis.out - 1) * st[a] + (ks[a] - 1) * dl[a] + 1;
-            x = x.narrow(1 + a, 0, used)?;
             outs[a] = axis.out;
         }
         #[cfg(test)]
@@ -231,6 +228,13 @@ impl Conv {
             Some(y) if relu.is_some() => y,
             Some(y) => self.activation.apply(&y)?,
             None => {
+                // The op skips the trailing positions no window reaches by itself; candle's
+                // strided backward passes line up only without them.
+                let mut x = x;
+                for a in 0..2 {
+                    let used = (outs[a] - 1) * st[a] + (ks[a] - 1) * dl[a] + 1;
+                    x = x.narrow(1 + a, 0, used)?;
+                }
                 let mut y = Self::candle_conv(&x, &k, st, dl, outs)?;
                 if let Some(b) = bias {
                     y = super::channels::bias_add(&y, b)?;

@@ -124,8 +124,6 @@ impl Pool {
                 ))
             })?;
             x = pad_axis(&x, 1 + a, axis.before, axis.after, neutral)?;
-            let used = (axis.out - 1) * strides[a] + pool[a];
-            x = x.narrow(1 + a, 0, used)?;
             axes.push((n, axis));
         }
         let (oh, ow) = (axes[0].1.out, axes[1].1.out);
@@ -133,11 +131,18 @@ impl Pool {
         let fused = !tests::PLAIN.with(|p| p.get());
         #[cfg(not(test))]
         let fused = true;
+        // The one-pass op skips the trailing positions no window reaches by itself; the plain
+        // graph drops them first (a narrow, whose backward would pad the gradient with zeros).
         let direct = if fused && self.reduce == Reduce::Max {
             super::conv_kernel::max_pool2d(&x, super::conv_kernel::MaxPool2dOp { pool, strides })?
         } else {
             None
         };
+        if direct.is_none() {
+            for (a, out) in [oh, ow].into_iter().enumerate() {
+                x = x.narrow(1 + a, 0, (out - 1) * strides[a] + pool[a])?;
+            }
+        }
         let y = if let Some(y) = direct {
             y
         } else if pool == strides {
@@ -674,11 +679,7 @@ mod tests {
     }
 
     /// Every `(i, j, channel)` of an `oh × ow × c` output.
-    fn positions(
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> impl Iterator<Item = (usize, usize, usize)> {
+    fn positions(oh: usize, ow: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
         (0..oh).flat_map(move |i| (0..ow).flat_map(move |j| (0..c).map(move |ch| (i, j, ch))))
     }
 }
