@@ -14,9 +14,9 @@
 //! first layer's input needs none); dW and db go straight to the training step's gradients.
 
 use super::dense_kernel::{
-    parameter_gradient, product, relu_in_place, relu_mask, Element, Operand,
+    parameter_gradient, product, product_new, relu_in_place, Element, Operand,
 };
-use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, Real};
+use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, written_in_chunks, Real};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// A convolution's geometry over an input that is already padded (kernel size, strides and
@@ -93,49 +93,31 @@ impl Conv2dOp {
         }
     }
 
-    /// The windows of output rows `first..first + rows.len() / k` as rows of `k = kh·kw·c`.
-    fn im2col_rows<T: Element>(&self, x: &[T], d: &Dims, first: usize, rows: &mut [T]) {
+    /// The windows of output rows `first..first + count`, appended to `cols` as rows of
+    /// `k = kh·kw·c` (appended, not written over a zero-filled buffer: a tile's window matrix
+    /// is written once).
+    fn im2col_rows<T: Element>(
+        &self,
+        x: &[T],
+        d: &Dims,
+        first: usize,
+        count: usize,
+        cols: &mut Vec<T>,
+    ) {
         let k = self.kernel[0] * self.kernel[1] * d.c;
-        if d.c < FEW_CHANNELS {
-            return self.im2col_few_channels(x, d, first, rows);
-        }
-        for (i, out) in rows.chunks_exact_mut(k.max(1)).enumerate() {
-            self.windows(d, first + i, |col, at| {
-                out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
-            });
-        }
-    }
-
-    /// [`Self::im2col_rows`] for inputs of few channels (a grey image's one): a window row of
-    /// `c` elements is too short to copy as a block (one `memcpy` call per element was 15% of
-    /// C1's `predict`), so each tap is gathered along the output row instead, a strided loop.
-    fn im2col_few_channels<T: Element>(&self, x: &[T], d: &Dims, first: usize, rows: &mut [T]) {
-        let k = self.kernel[0] * self.kernel[1] * d.c;
-        let count = rows.len() / k.max(1);
-        let mut row = 0;
-        while row < count {
-            // The run of output positions `row..row + run` along one output row `(b, i)`.
-            let at = first + row;
-            let (b, rest) = (at / (d.oh * d.ow), at % (d.oh * d.ow));
-            let (i, j0) = (rest / d.ow, rest % d.ow);
-            let run = (d.ow - j0).min(count - row);
-            let out = &mut rows[row * k..(row + run) * k];
-            let mut col = 0;
-            for p in 0..self.kernel[0] {
-                let y = i * self.strides[0] + p * self.dilation[0];
-                let line = &x[(b * d.h + y) * d.w * d.c..][..d.w * d.c];
-                for q in 0..self.kernel[1] {
-                    for ch in 0..d.c {
-                        let start = (j0 * self.strides[1] + q * self.dilation[1]) * d.c + ch;
-                        let step = self.strides[1] * d.c;
-                        for (o, r) in out[col..].iter_mut().step_by(k).zip(0..run) {
-                            *o = line[start + r * step];
-                        }
-                        col += 1;
+        cols.reserve(count * k);
+        for row in first..first + count {
+            if d.c < FEW_CHANNELS {
+                // A window row of a few elements is too short to copy as a block (a `memcpy`
+                // call per element of a grey image was 15% of C1's `predict`).
+                self.windows(d, row, |_, at| {
+                    for &v in &x[at..at + d.c] {
+                        cols.push(v);
                     }
-                }
+                });
+            } else {
+                self.windows(d, row, |_, at| cols.extend_from_slice(&x[at..at + d.c]));
             }
-            row += run;
         }
     }
 
@@ -157,31 +139,30 @@ impl Conv2dOp {
         let k = self.kernel[0] * self.kernel[1] * d.c;
         let m = d.b * d.oh * d.ow;
         let tile = self.tile_rows(d);
-        let mut y = vec![T::default(); m * d.f];
-        for_each_chunk(&mut y, tile * d.f, |t, ys| {
-            let n = ys.len() / d.f;
-            let mut cols = vec![T::default(); n * k];
-            self.im2col_rows(x, d, t * tile, &mut cols);
-            for row in ys.chunks_exact_mut(d.f.max(1)) {
-                row.copy_from_slice(bias);
-            }
-            // SAFETY: ys holds n×f initialized elements; cols is n×k and the kernel k×f,
-            // row-major.
-            unsafe {
+        // SAFETY: each tile's rows are initialized with the bias before the product adds onto
+        // them and before the slice over them is formed.
+        unsafe {
+            written_in_chunks(m * d.f, tile * d.f, |t, ys: *mut T, len| {
+                let n = len / d.f.max(1);
+                let mut cols = Vec::new();
+                self.im2col_rows(x, d, t * tile, n, &mut cols);
+                for r in 0..n {
+                    std::ptr::copy_nonoverlapping(bias.as_ptr(), ys.add(r * d.f), d.f);
+                }
+                // ys holds n×f initialized elements; cols is n×k and the kernel k×f.
                 product(
                     (n, d.f, k),
-                    ys.as_mut_ptr(),
+                    ys,
                     true,
                     Operand::rows(&cols, k),
                     Operand::rows(kernel, d.f),
                     1,
-                )
-            };
-            if self.relu {
-                relu_in_place(ys);
-            }
-        });
-        y
+                );
+                if self.relu {
+                    relu_in_place(std::slice::from_raw_parts_mut(ys, len));
+                }
+            })
+        }
     }
 
     /// The wanted gradients, a tile of whole samples at a time (tiles across threads). A
@@ -208,9 +189,13 @@ impl Conv2dOp {
             let g = &gs[first * d.f..][..m * d.f];
             let masked: Vec<T>;
             let dz: &[T] = if self.relu {
-                let mut dz = vec![T::default(); g.len()];
-                relu_mask(&mut dz, g, &ys[first * d.f..][..m * d.f]);
-                masked = dz;
+                let zero = T::default();
+                let y = &ys[first * d.f..][..m * d.f];
+                masked = g
+                    .iter()
+                    .zip(y)
+                    .map(|(&g, &y)| if y > zero { g } else { zero })
+                    .collect();
                 &masked
             } else {
                 g
@@ -223,10 +208,9 @@ impl Conv2dOp {
                     }
                 }
             }
-            let mut cols = Vec::new();
             if want.kernel {
-                cols = vec![T::default(); m * k];
-                self.im2col_rows(xs, d, first, &mut cols);
+                let mut cols = Vec::new();
+                self.im2col_rows(xs, d, first, m, &mut cols);
                 part.kernel = vec![T::default(); k * d.f];
                 // SAFETY: part is k×f = colsᵀ (k×m, read transposed) · dZ (m×f).
                 unsafe {
@@ -241,19 +225,13 @@ impl Conv2dOp {
                 };
             }
             let Some(dxs) = dxs else { return };
-            cols.resize(m * k, T::default());
-            // SAFETY: cols is overwritten with m×k = dZ (m×f) · Wᵀ (f×k, the k×f kernel read
-            // transposed).
-            unsafe {
-                product(
-                    (m, k, d.f),
-                    cols.as_mut_ptr(),
-                    false,
-                    Operand::rows(dz, d.f),
-                    Operand::transposed(ks, d.f),
-                    1,
-                )
-            };
+            // m×k = dZ (m×f) · Wᵀ (f×k, the k×f kernel read transposed).
+            let cols = product_new(
+                (m, k, d.f),
+                Operand::rows(dz, d.f),
+                Operand::transposed(ks, d.f),
+                1,
+            );
             for (i, dc) in cols.chunks_exact(k.max(1)).enumerate() {
                 self.windows(d, first + i, |col, at| {
                     let at = at - t * samples * sample_len;
@@ -356,7 +334,7 @@ fn add_or_write<T: Element>(dst: *mut T, v: &[T], accumulate: bool) {
     }
 }
 
-/// Below this many input channels im2col gathers each tap along the output row.
+/// Below this many input channels im2col copies a window row element by element.
 const FEW_CHANNELS: usize = 4;
 
 /// The window-matrix elements per tile of [`Conv2dOp`]: 512 KiB of f32, about a core's L2.
@@ -501,23 +479,25 @@ impl MaxPool2dOp {
     fn fwd<T: Element>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
         let (x_len, y_len, one) = self.per_sample(dims);
         let (w, c) = (dims[2], dims[3]);
-        let mut y = vec![T::default(); dims[0] * y_len];
-        for_each_chunk(&mut y, y_len, |n, ys| {
-            let xs = &x[n * x_len..][..x_len];
-            self.each_window(&one, |o, first| {
-                let best = &mut ys[o..o + c];
-                best.copy_from_slice(&xs[first..first + c]);
-                for p in 0..self.pool[0] {
-                    for q in 0..self.pool[1] {
-                        if p + q > 0 {
-                            let at = first + (p * w + q) * c;
-                            keep_larger(best, &xs[at..at + c]);
+        // SAFETY: each window's `c` outputs are initialized by copying its first row before
+        // the slice over them is formed; the windows cover the sample's whole output.
+        unsafe {
+            written_in_chunks(dims[0] * y_len, y_len, |n, ys: *mut T, _| {
+                let xs = &x[n * x_len..][..x_len];
+                self.each_window(&one, |o, first| {
+                    std::ptr::copy_nonoverlapping(xs[first..first + c].as_ptr(), ys.add(o), c);
+                    let best = std::slice::from_raw_parts_mut(ys.add(o), c);
+                    for p in 0..self.pool[0] {
+                        for q in 0..self.pool[1] {
+                            if p + q > 0 {
+                                let at = first + (p * w + q) * c;
+                                keep_larger(best, &xs[at..at + c]);
+                            }
                         }
                     }
-                }
-            });
-        });
-        y
+                });
+            })
+        }
     }
 
     /// Each window's gradient goes to the first element that equals the window's maximum, the

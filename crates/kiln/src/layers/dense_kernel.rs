@@ -247,7 +247,7 @@ unsafe fn gemm_call<T: Element>(
 
 /// A fresh `m×n` matrix holding `lhs · rhs` (on up to `threads` threads), written by the
 /// product without a zero-fill.
-fn product_new<T: Element>(
+pub(crate) fn product_new<T: Element>(
     (m, n, k): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
