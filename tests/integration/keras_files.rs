@@ -12,7 +12,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every compiled fixture and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 8] = [
+const MODELS: [(&str, f64); 10] = [
     ("mlp_sequential", 1e-5),
     ("functional_two_heads", 1e-5),
     ("nested_shared", 1e-5),
@@ -21,6 +21,8 @@ const MODELS: [(&str, f64); 8] = [
     ("recurrent", 1e-4),
     ("shapes", 1e-5),
     ("sequential_nested", 1e-4),
+    ("recurrent_backwards", 1e-4),
+    ("nested_frozen", 1e-5),
 ];
 
 fn case(name: &str) -> Value {
@@ -220,18 +222,6 @@ fn a_kiln_built_model_exports_and_imports_unchanged() {
         back.predict(&[input], 8).unwrap(),
     );
     assert_eq!(values(&a[0]), values(&b[0]));
-    let x2 = Input::new([4, 1]);
-    let c = Conv1D::new(2, 2).name("conv").apply(&x2).unwrap();
-    let msg = Model::new(&[x2], &[c])
-        .unwrap()
-        .save_keras(&path)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        msg.contains("layer `conv`") && msg.contains("cannot be written as Keras yet"),
-        "{msg}"
-    );
-    assert!(!path.exists());
 }
 
 fn refusal(name: &str) -> String {
@@ -652,4 +642,43 @@ fn frozen_layers_import_frozen() {
             .unwrap();
         assert_eq!(name.starts_with("c1/"), now == old, "{name}");
     }
+}
+
+/// A nested model saved with `trainable: false` as a whole is imported frozen, whatever its
+/// layers say: the model-level flag alone freezes them (Keras' `model.trainable = False`).
+#[test]
+fn a_nested_model_frozen_as_a_whole_imports_frozen() {
+    let path = edited("nested_frozen.keras", "whole", |v| {
+        let body = &mut v["config"]["layers"][1]["config"];
+        assert_eq!(body["name"], "body");
+        for l in body["layers"].as_array_mut().unwrap() {
+            if l["class_name"] == "Dense" {
+                l["config"]["trainable"] = true.into();
+            }
+        }
+    });
+    let model = Model::from_keras(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    for w in model.weights() {
+        assert_eq!(w.trainable(), w.name.starts_with("head/"), "{}", w.name);
+    }
+    assert!(!model.is_trainable("body/d1").unwrap());
+}
+
+/// A weight that config.json describes but the weights file lacks is refused before any model
+/// is built, naming the layer and the weight.
+#[test]
+fn a_weight_missing_from_the_file_is_named_before_building() {
+    let path = edited("cnn2d.keras", "missing", |v| {
+        let c2 = &mut v["config"]["layers"][2]["config"];
+        assert_eq!(c2["name"], "c2");
+        c2["use_bias"] = true.into();
+    });
+    let err = Model::from_keras(&path).unwrap_err().to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        err.contains("/layers/conv2d_1/vars/1")
+            && err.contains("weight `c2/bias` of layer `c2` is not stored"),
+        "{err}"
+    );
 }
