@@ -682,3 +682,122 @@ fn a_weight_missing_from_the_file_is_named_before_building() {
         "{err}"
     );
 }
+
+/// `kiln import`, then `kiln train` on the imported folder with a run file, `--resume`,
+/// `evaluate` and `predict` on it: the folder keeps its Keras architecture (model.keras) and
+/// model.json names it, a run stopped after 2 epochs and resumed to 3 ends with the same
+/// weights, byte for byte, as 3 epochs at once, and evaluate and predict give what the library
+/// gives for the folder's model and weights.
+#[test]
+fn an_imported_folder_trains_resumes_evaluates_and_predicts() {
+    let dir = std::env::temp_dir().join(format!("kiln-keras-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut csv = String::from("x0,x1,x2,x3,x4,x5,label\n");
+    for r in 0..24 {
+        let row: Vec<String> = (0..6)
+            .map(|c| format!("{:.3}", ((r * 7 + c * 3) % 11) as f64 / 5.0 - 1.0))
+            .collect();
+        csv.push_str(&format!("{},{}\n", row.join(","), r % 4));
+    }
+    std::fs::write(dir.join("d.csv"), csv).unwrap();
+    let source = fixture("mlp_sequential.keras");
+    let train_in = |folder: &str, epochs: &str| {
+        let run = dir.join(folder);
+        let (ok, text) = kiln(&[
+            "import",
+            source.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        let toml = format!(
+            "[data]\nsource = \"csv\"\npath = \"d.csv\"\nlabel_columns = [\"label\"]\none_hot = 4\n\
+             [model]\nkeras = \"{folder}/model.keras\"\n[compile]\nkeras = true\n\
+             [fit]\nepochs = 3\nbatch_size = 8\nshuffle = false\n"
+        );
+        let file = dir.join(format!("{folder}.toml"));
+        std::fs::write(&file, toml).unwrap();
+        let (ok, text) = kiln(&[
+            "train",
+            file.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--epochs",
+            epochs,
+            "--quiet",
+        ]);
+        assert!(ok, "{text}");
+        run
+    };
+    let whole = train_in("whole", "3");
+    let part = train_in("part", "2");
+    let (ok, text) = kiln(&[
+        "train",
+        "--resume",
+        part.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--quiet",
+    ]);
+    assert!(ok && text.contains("resumed"), "{text}");
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(part.join("model.safetensors")).unwrap(),
+        "2 epochs then --resume to 3 give the weights of 3 epochs at once"
+    );
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(part.join("model.json")).unwrap()).unwrap();
+    assert_eq!(json["model"]["keras"], "model.keras", "{json}");
+    // The library's view of the folder: its Keras architecture and trained weights.
+    let model = Model::from_keras(part.join("model.keras")).unwrap();
+    model.load_weights(part.join("model.safetensors")).unwrap();
+    let untrained = Model::from_keras(&source).unwrap();
+    assert_ne!(
+        values(model.weight("hidden/kernel").unwrap().var.as_tensor()),
+        values(untrained.weight("hidden/kernel").unwrap().var.as_tensor()),
+        "training moved the weights"
+    );
+    let data = dir.join("d.csv");
+    let (ok, text) = kiln(&[
+        "evaluate",
+        part.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{text}");
+    let logs: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for line in std::fs::read_to_string(&data).unwrap().lines().skip(1) {
+        let v: Vec<f32> = line.split(',').map(|s| s.parse().unwrap()).collect();
+        x.extend_from_slice(&v[..6]);
+        let mut one_hot = [0f32; 4];
+        one_hot[v[6] as usize] = 1.0;
+        y.extend_from_slice(&one_hot);
+    }
+    let x = Tensor::from_vec(x, (24, 6), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(y, (24, 4), &Device::Cpu).unwrap();
+    let want = model
+        .evaluate(&Dataset::new(x.clone(), y).unwrap(), 256)
+        .unwrap();
+    let got = logs["loss"].as_f64().unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        (got - want.get("loss").unwrap()).abs() < 1e-6,
+        "{got} vs {want:?}"
+    );
+    let pout = dir.join("p.npy");
+    let (ok, text) = kiln(&[
+        "predict",
+        part.to_str().unwrap(),
+        "--input",
+        data.to_str().unwrap(),
+        "--output",
+        pout.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let p = Tensor::read_npy(&pout).unwrap();
+    assert_eq!(values(&p), values(&model.predict(&[x], 64).unwrap()[0]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
