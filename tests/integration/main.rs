@@ -8,6 +8,7 @@ mod crash_safety;
 mod data_files;
 mod examples;
 mod gradients;
+mod keras_export;
 mod keras_files;
 mod keras_reference;
 mod layers;

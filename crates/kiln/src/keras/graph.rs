@@ -78,10 +78,10 @@ pub(crate) struct Reader<'a> {
 
 /// Keras' unique names for the groups of a container's members: `dense`, `dense_1`, ….
 #[derive(Default)]
-struct GroupNames(HashMap<&'static str, usize>);
+pub(crate) struct GroupNames(HashMap<&'static str, usize>);
 
 impl GroupNames {
-    fn next(&mut self, snake: &'static str) -> String {
+    pub(crate) fn next(&mut self, snake: &'static str) -> String {
         match self.0.get_mut(snake) {
             Some(n) => {
                 *n += 1;
@@ -289,7 +289,7 @@ impl<'a> Reader<'a> {
                 "class_name",
                 format!(
                     "layer `{name}` is a {class}, which kiln does not have; kiln imports {}",
-                    layers::CLASSES[..25]
+                    layers::CLASSES[..layers::CLASSES.len() - 2]
                         .iter()
                         .map(|(c, _)| *c)
                         .collect::<Vec<_>>()
@@ -324,7 +324,7 @@ impl<'a> Reader<'a> {
 
     fn functional(&mut self, cfg: &Obj, prefix: &str, h5: &str) -> Result<Graph> {
         let name = cfg.str("name")?.to_string();
-        layers::check_trainable(cfg, &name)?;
+        let trainable = layers::model_trainable(cfg)?;
         layers::check_dtype(cfg)?;
         let list = cfg
             .required("layers")?
@@ -381,7 +381,7 @@ impl<'a> Reader<'a> {
             specs.push(s.clone());
         }
         cfg.finish("a Functional model")?;
-        Ok(Graph {
+        let graph = Graph {
             name,
             entries,
             inputs,
@@ -389,7 +389,11 @@ impl<'a> Reader<'a> {
             input_specs: specs,
             sequential: false,
             path: cfg.path.clone(),
-        })
+        };
+        if !trainable {
+            graph.freeze();
+        }
+        Ok(graph)
     }
 
     fn node(&self, n: &Value, path: String, built: &Built) -> Result<Node> {
@@ -457,7 +461,7 @@ impl<'a> Reader<'a> {
 
     fn sequential(&mut self, cfg: &Obj, prefix: &str, h5: &str) -> Result<Graph> {
         let name = cfg.str("name")?.to_string();
-        layers::check_trainable(cfg, &name)?;
+        let trainable = layers::model_trainable(cfg)?;
         layers::check_dtype(cfg)?;
         let list = cfg
             .required("layers")?
@@ -512,7 +516,7 @@ impl<'a> Reader<'a> {
         };
         cfg.ignore(&["build_input_shape"]);
         cfg.finish("a Sequential model")?;
-        Ok(Graph {
+        let graph = Graph {
             name,
             entries,
             inputs: Vec::new(),
@@ -520,11 +524,26 @@ impl<'a> Reader<'a> {
             input_specs: vec![input],
             sequential: true,
             path: cfg.path.clone(),
-        })
+        };
+        if !trainable {
+            graph.freeze();
+        }
+        Ok(graph)
     }
 }
 
 impl Graph {
+    /// Freezes every layer of the model, nested models' included.
+    fn freeze(&self) {
+        for e in &self.entries {
+            match &e.built {
+                Built::Layer(l, _) => l.set_trainable(false),
+                Built::Nested(g) => g.freeze(),
+                Built::Input | Built::Mask => {}
+            }
+        }
+    }
+
     /// The top-level model's inputs as kiln inputs, named as in Keras.
     pub(crate) fn kiln_inputs(&self) -> Vec<SymbolicTensor> {
         self.input_specs

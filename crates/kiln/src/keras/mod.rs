@@ -94,12 +94,15 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         slots: Vec::new(),
     };
     let g = reader.model(&root, "", "layers")?;
+    // The weights file must hold every weight config.json describes, and no other, before any
+    // model is built (its shapes are checked once the model gives them, before any is set).
+    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
+    check_stored(&weights, &reader.slots)?;
     let inputs = g.kiln_inputs();
     let outputs = g.apply(&file, &inputs)?;
     let mut model = Model::builder(&inputs, &outputs)
         .build()
         .map_err(|e| Error::Data(format!("{file}: {e}")))?;
-    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
     load_weights(&model, &weights, &reader.slots)?;
     let names: Vec<(String, String)> = g
         .output_names()
@@ -124,13 +127,28 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
     Ok(model)
 }
 
-/// Sets every weight from the file, after all of them have been read and checked: a bad file
-/// changes nothing.
-fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
-    let mut values = Vec::new();
+/// Checks that the weights file stores each layer's weights (`vars/0`, `vars/1`, …) and no
+/// more, naming the first layer and weight that differ.
+fn check_stored(file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
     for slot in slots {
         let stored = file.dataset_names(&slot.vars)?;
         let expected: Vec<String> = (0..slot.weights.len()).map(|i| i.to_string()).collect();
+        if let Some((i, w)) = slot
+            .weights
+            .iter()
+            .enumerate()
+            .find(|(i, _)| !stored.contains(&i.to_string()))
+        {
+            return Err(Error::Data(format!(
+                "{}: /{}/{i}: weight `{}/{w}` of layer `{}` is not stored in the file (kiln \
+                 reads datasets stored in the file itself and never follows soft or external \
+                 links): the weights file does not hold the model config.json describes",
+                file_name(file),
+                slot.vars,
+                slot.kiln,
+                slot.kiln
+            )));
+        }
         if let Some(extra) = stored.iter().find(|n| !expected.contains(n)) {
             return Err(Error::Data(format!(
                 "{}: /{}/{extra}: layer `{}` has {} weight(s) as config.json describes it but the \
@@ -141,6 +159,15 @@ fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> R
                 slot.weights.len()
             )));
         }
+    }
+    Ok(())
+}
+
+/// Sets every weight from the file, after all of them have been read and checked: a bad file
+/// changes nothing.
+fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
+    let mut values = Vec::new();
+    for slot in slots {
         for (i, w) in slot.weights.iter().enumerate() {
             let name = format!("{}/{w}", slot.kiln);
             let weight = model.weight(&name)?;
@@ -204,8 +231,9 @@ impl Model {
     ///
     /// # Errors
     ///
-    /// When the model was built in kiln rather than imported (not supported yet), or the file
-    /// cannot be written.
+    /// When a layer of a kiln-built model has no Keras equivalent (a layer of your own, a
+    /// custom regularizer; the message names it), or the file cannot be written. The compile
+    /// configuration of a kiln-built model is not written (yet): Keras loads it uncompiled.
     pub fn save_keras(&self, path: impl AsRef<Path>) -> Result<()> {
         export::save(self, path.as_ref())
     }

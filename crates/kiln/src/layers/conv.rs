@@ -56,6 +56,30 @@ impl Conv {
         }
     }
 
+    /// Keras' class and config of the same convolution.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            self.layer(),
+            serde_json::json!({
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "data_format": "channels_last",
+                "dilation_rate": self.dilation,
+                "groups": 1,
+                "activation": self.activation.as_str(),
+                "use_bias": self.use_bias,
+                "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
+                "bias_regularizer": keras_object(&self.bias_regularizer)?,
+                "activity_regularizer": keras_object(&self.activity_regularizer)?,
+                "kernel_constraint": null,
+                "bias_constraint": null,
+            }),
+        ))
+    }
+
     fn layer(&self) -> &'static str {
         if self.kernel_size.len() == 1 {
             "Conv1D"
@@ -344,6 +368,9 @@ macro_rules! conv_builders {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                self.conv.keras_config()
+            }
             fn kind(&self) -> &'static str {
                 if self.conv.kernel_size.len() == 1 {
                     "conv1d"

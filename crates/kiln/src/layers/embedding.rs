@@ -80,6 +80,20 @@ impl Embedding {
 }
 
 impl Layer for Embedding {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            "Embedding",
+            serde_json::json!({
+                "input_dim": self.input_dim,
+                "output_dim": self.output_dim,
+                "embeddings_regularizer": keras_object(&self.regularizer)?,
+                "activity_regularizer": keras_object(&self.activity_regularizer)?,
+                "embeddings_constraint": null,
+                "mask_zero": self.mask_zero,
+            }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "embedding"
     }
@@ -186,6 +200,12 @@ impl Masking {
 }
 
 impl Layer for Masking {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some((
+            "Masking",
+            serde_json::json!({ "mask_value": self.mask_value }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "masking"
     }

@@ -48,6 +48,28 @@ impl Pool {
         )
     }
 
+    /// Keras' class and config of the same pooling; Keras pools have no causal padding.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let class = match (self.reduce, self.pool.len()) {
+            (Reduce::Max, 1) => "MaxPooling1D",
+            (Reduce::Max, _) => "MaxPooling2D",
+            (Reduce::Average, 1) => "AveragePooling1D",
+            (Reduce::Average, _) => "AveragePooling2D",
+        };
+        if self.padding == Padding::Causal {
+            return None;
+        }
+        Some((
+            class,
+            serde_json::json!({
+                "pool_size": self.pool,
+                "strides": self.strides(),
+                "padding": self.padding,
+                "data_format": "channels_last",
+            }),
+        ))
+    }
+
     fn strides(&self) -> Vec<usize> {
         self.strides.clone().unwrap_or_else(|| self.pool.clone())
     }
@@ -233,6 +255,9 @@ macro_rules! pool_layer {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                self.pool.keras_config()
+            }
             fn kind(&self) -> &'static str {
                 $kind
             }
@@ -363,6 +388,20 @@ impl Global {
         )
     }
 
+    /// Keras' class and config of the same global pooling.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let class = match (self.reduce, self.rank) {
+            (Reduce::Max, 1) => "GlobalMaxPooling1D",
+            (Reduce::Max, _) => "GlobalMaxPooling2D",
+            (Reduce::Average, 1) => "GlobalAveragePooling1D",
+            (Reduce::Average, _) => "GlobalAveragePooling2D",
+        };
+        Some((
+            class,
+            serde_json::json!({ "data_format": "channels_last", "keepdims": self.keepdims }),
+        ))
+    }
+
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
         let layout = if self.rank == 1 {
             "[steps, channels]"
@@ -447,6 +486,9 @@ macro_rules! global_layer {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                self.global.keras_config()
+            }
             fn kind(&self) -> &'static str {
                 $kind
             }
