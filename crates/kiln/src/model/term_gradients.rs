@@ -328,9 +328,13 @@ mod tests {
                 let error = total.iter().zip(&sum).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
                 assert!(scale > 0.0 && error <= 1e-6 * scale, "{}: {error} vs {scale}", g.weights[i]);
             }
-            // The heads are each one loss's (and the penalty does not reach them); the trunk
-            // is shared.
-            assert_eq!(g.shared_weights(), ["trunk/kernel", "trunk/bias"]);
+            // Without FGSM the heads are each one loss's (the penalty does not reach them) and
+            // only the trunk is shared; the adversarial term reaches every weight.
+            let shared = g.shared_weights();
+            match adversarial {
+                false => assert_eq!(shared, ["trunk/kernel", "trunk/bias"]),
+                true => assert_eq!(shared, g.weights),
+            }
             assert!(g.term("l2").unwrap().gradients[1].is_none());
         }
     }
