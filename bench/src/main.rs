@@ -140,8 +140,11 @@ fn measure_diagnostics(steps: usize) -> kiln::Result<()> {
         let mut model = mlp(512, Some(0.01))?;
         model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
         model.compile(
-            Compile::new(Adam::new(1e-3))
-                .loss(CategoricalFocalCrossentropy::new().gamma(2.0).from_logits(true)),
+            Compile::new(Adam::new(1e-3)).loss(
+                CategoricalFocalCrossentropy::new()
+                    .gamma(2.0)
+                    .from_logits(true),
+            ),
         )?;
         let fit = Fit::new().batch_size(128).shuffle(false).quiet();
         model.fit(&data.slice(0, 128 * 2)?, fit.clone())?; // warm-up

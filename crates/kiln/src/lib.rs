@@ -64,8 +64,8 @@ pub use error::{Error, Result};
 pub use graph::{Input, SharedLayer, SymbolicTensor};
 pub use initializers::Initializer;
 pub use model::{
-    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, TermGradient,
-    TermGradients, Tensors,
+    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+    TermGradient, TermGradients,
 };
 pub use reduction::Reduction;
 

@@ -2,7 +2,7 @@
 
 mod added;
 mod compile;
-mod contract;
+pub(crate) mod contract;
 mod history;
 mod manual;
 mod progress;

@@ -861,8 +861,13 @@ impl Model {
             for (b, chunk) in order.chunks(config.batch_size).enumerate() {
                 let batch = train.select(chunk)?;
                 let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
-                let batch_loss =
-                    self.train_step(&batch, &mut rng, &mut acc, group, config.gradient_diagnostics)?;
+                let batch_loss = self.train_step(
+                    &batch,
+                    &mut rng,
+                    &mut acc,
+                    group,
+                    config.gradient_diagnostics,
+                )?;
                 let running = acc.logs("");
                 progress.train_step(b + 1, &running);
                 for cb in &config.callbacks {
