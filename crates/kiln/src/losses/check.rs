@@ -239,10 +239,11 @@ fn tensor(values: Vec<f64>, shape: &[usize]) -> Result<Tensor> {
 fn probabilities(shape: &[usize], rng: &mut StdRng) -> Result<Tensor> {
     let n = shape.iter().product();
     let logits = tensor((0..n).map(|_| rng.random_range(-2.0..2.0)).collect(), shape)?;
-    Ok(candle_nn_free_softmax(&logits)?)
+    softmax(&logits)
 }
 
-fn candle_nn_free_softmax(x: &Tensor) -> Result<Tensor> {
+/// A softmax over the last axis, from tensor operations (kiln's fused one is for training).
+fn softmax(x: &Tensor) -> Result<Tensor> {
     let last = x.rank() - 1;
     let e = x.broadcast_sub(&x.max_keepdim(last)?)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(last)?)?)
@@ -402,7 +403,8 @@ fn gradient(loss: &dyn Loss, t: &Tensor, p: &Tensor) -> std::result::Result<(), 
             down[i] -= h;
             let fd = (value(&up)? - value(&down)?) / (2.0 * h);
             let error = (fd - g[i]).abs() / fd.abs().max(g[i].abs()).max(1.0);
-            if !(error <= 1e-5) && worst.is_none_or(|(_, e, _)| error > e || e.is_nan()) {
+            let bad = error.is_nan() || error > 1e-5;
+            if bad && worst.is_none_or(|(_, e, _)| error > e || e.is_nan()) {
                 worst = Some((i, error, fd));
             }
         }

@@ -18,7 +18,8 @@ use rand::SeedableRng;
 #[derive(Debug, Clone)]
 pub struct TermGradient {
     /// The name the history reports the term by: `<output>_loss`, an added term's name
-    /// (`l2`, …), the adversarial term's name; `loss` when the total has this one term.
+    /// (`l2`, …), the adversarial term's name; `loss` when the total is one output's loss
+    /// alone.
     pub name: String,
     /// The term's value as it enters the total (an output's loss times its loss weight).
     pub value: f64,
@@ -382,6 +383,46 @@ mod tests {
             }
             assert!(g.term("l2").unwrap().gradients[1].is_none());
         }
+    }
+
+    /// A lone output loss is the history's `loss`; a lone added term keeps its own name, as
+    /// the history reports it.
+    #[test]
+    fn a_lone_term_has_the_history_name() {
+        let names = |added_only: bool| -> Vec<String> {
+            let x = Input::new([2]);
+            let h = Dense::new(2).apply(&x).unwrap();
+            let mut model = Model::builder(&[&x], &[&h])
+                .dtype(DType::F64)
+                .build()
+                .unwrap();
+            let mut compile = Compile::new(Sgd::new(0.1));
+            if added_only {
+                let out = h.clone();
+                model
+                    .add_loss("energy", move |t| Ok(t.get(&out)?.sqr()?.mean_all()?))
+                    .unwrap();
+            } else {
+                compile = compile.loss("mse");
+            }
+            model.compile(compile).unwrap();
+            let d = Device::Cpu;
+            let xs = Tensor::new(&[[1f64, 2.], [3., 4.]], &d).unwrap();
+            let data = Dataset::new(xs.clone(), xs).unwrap();
+            let history = model
+                .fit(&data, Fit::new().quiet().gradient_diagnostics(true))
+                .unwrap();
+            let keys: Vec<String> = history.series().into_keys().collect();
+            let g = model.term_gradients(&data).unwrap();
+            let names: Vec<String> = g.terms.iter().map(|t| t.name.clone()).collect();
+            for n in &names {
+                assert!(keys.contains(n), "{n} is not in the history {keys:?}");
+                assert!(keys.contains(&format!("grad_norm/{n}")), "{keys:?}");
+            }
+            names
+        };
+        assert_eq!(names(false), ["loss"]);
+        assert_eq!(names(true), ["energy"]);
     }
 
     /// Each term's gradient matches central finite differences of that term's value (f64,

@@ -401,7 +401,8 @@ impl Model {
             }
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
-        let count = per_output.len() + added.len() + usize::from(adversarial);
+        let outputs = per_output.len();
+        let count = outputs + added.len() + usize::from(adversarial);
         let mut parts: Vec<(String, Tensor)> = per_output
             .iter()
             .zip(weighted)
@@ -413,7 +414,8 @@ impl Model {
             parts.push((name.clone(), value.clone()));
             reported.push((name, value));
         }
-        if let ([only], 1) = (parts.as_mut_slice(), count) {
+        // A lone output loss is reported as `loss` alone (a lone added term keeps its name).
+        if let ([only], 1, 1) = (parts.as_mut_slice(), count, outputs) {
             only.0 = "loss".to_string();
         }
         let total = match (&labeled, &added_total) {
