@@ -65,6 +65,7 @@ pub use graph::{Input, SharedLayer, SymbolicTensor};
 pub use initializers::Initializer;
 pub use model::{
     AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+    TermGradient, TermGradients,
 };
 pub use reduction::Reduction;
 

@@ -4,6 +4,7 @@
 //! the loss's [`Reduction`] through [`crate::reduction`]. Users write their own as closures with
 //! [`loss_fn`], capturing any hyperparameters.
 
+pub mod check;
 pub mod config;
 mod crossentropy_kernel;
 mod probabilistic;
@@ -22,6 +23,7 @@ mod divergence;
 mod hinge;
 mod metric_learning;
 mod segmentation;
+pub use check::{check, check_in, CheckReport, Domain};
 pub use ctc::Ctc;
 pub use divergence::{CosineSimilarity, KLDivergence, Poisson};
 pub use hinge::{CategoricalHinge, Hinge, SquaredHinge};

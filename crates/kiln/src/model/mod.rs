@@ -2,12 +2,13 @@
 
 mod added;
 mod compile;
-mod contract;
+pub(crate) mod contract;
 mod history;
 mod manual;
 mod progress;
 mod sequential;
 mod summary;
+mod term_gradients;
 mod train;
 
 pub use added::{AddedLoss, Tensors};
@@ -16,6 +17,7 @@ pub use compile::Compile;
 pub use history::{History, Logs};
 pub use manual::BatchGradients;
 pub use sequential::Sequential;
+pub use term_gradients::{TermGradient, TermGradients};
 pub use train::{Fit, SharedCallback};
 
 use crate::error::{Error, Result};

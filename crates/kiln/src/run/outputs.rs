@@ -29,6 +29,11 @@ fn is_bookkeeping(name: &str) -> bool {
     matches!(name, "lr" | "epoch_time_s")
 }
 
+/// Gradient diagnostics (`grad_norm/<term>`, `grad_cos/<a>/<b>`): plotted on their own.
+fn is_diagnostic(name: &str) -> bool {
+    name.starts_with("grad_norm/") || name.starts_with("grad_cos/")
+}
+
 /// The figures of a run: the loss terms, and the metrics when there are any.
 fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)> {
     // A metric with one value per class logs `<name>_0`, `<name>_1`, …
@@ -42,8 +47,9 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
                 })
         })
     };
-    let losses = crate::plot::select(history, |n| !is_bookkeeping(n) && !is_metric(n));
-    let metric_series = crate::plot::select(history, |n| !is_bookkeeping(n) && is_metric(n));
+    let other = |n: &str| is_bookkeeping(n) || is_diagnostic(n);
+    let losses = crate::plot::select(history, |n| !other(n) && !is_metric(n));
+    let metric_series = crate::plot::select(history, |n| !other(n) && is_metric(n));
     let mut out = vec![(
         "loss",
         Figure {
@@ -62,6 +68,28 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
             },
         ));
     }
+    let norms = crate::plot::select(history, |n| n.starts_with("grad_norm/"));
+    if !norms.is_empty() {
+        out.push((
+            "grad_norm",
+            Figure {
+                title: "Gradient norm of each term over the shared weights".into(),
+                y_desc: "gradient L2 norm".into(),
+                series: norms,
+            },
+        ));
+    }
+    let cosines = crate::plot::select(history, |n| n.starts_with("grad_cos/"));
+    if !cosines.is_empty() {
+        out.push((
+            "grad_cos",
+            Figure {
+                title: "Gradient cosine between terms over the shared weights".into(),
+                y_desc: "cosine".into(),
+                series: cosines,
+            },
+        ));
+    }
     out
 }
 
@@ -69,8 +97,10 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
 const SIZE: (u32, u32) = (960, 540);
 
 /// Draws `loss.svg` and `loss.png` (every loss term: `loss`, per-output losses, added terms,
-/// and their `val_` twins), and `metrics.svg` and `metrics.png` when `metrics` names series of
-/// the history (the compiled metrics' names, e.g. `accuracy`). Both formats hold the same
+/// and their `val_` twins), `metrics.svg` and `metrics.png` when `metrics` names series of
+/// the history (the compiled metrics' names, e.g. `accuracy`), and with gradient diagnostics
+/// `grad_norm.svg`/`.png` (each term's gradient norm, in the term's colour) and
+/// `grad_cos.svg`/`.png` (the cosine of every pair of terms). Both formats hold the same
 /// drawing, text included: the PNG's font ships with kiln. `lr` and `epoch_time_s` are not
 /// plotted. Each file is written whole or not at all.
 ///
