@@ -12,7 +12,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every compiled fixture and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 8] = [
+const MODELS: [(&str, f64); 9] = [
     ("mlp_sequential", 1e-5),
     ("functional_two_heads", 1e-5),
     ("nested_shared", 1e-5),
@@ -21,6 +21,7 @@ const MODELS: [(&str, f64); 8] = [
     ("recurrent", 1e-4),
     ("shapes", 1e-5),
     ("sequential_nested", 1e-4),
+    ("explicit_masks", 1e-4),
 ];
 
 fn case(name: &str) -> Value {

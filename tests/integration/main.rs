@@ -12,6 +12,7 @@ mod keras_files;
 mod keras_reference;
 mod layers;
 mod loaders_fuzz;
+mod masks;
 mod metrics;
 mod mutations;
 mod normalization;

@@ -207,6 +207,14 @@ impl Model {
     /// When the model was built in kiln rather than imported (not supported yet), or the file
     /// cannot be written.
     pub fn save_keras(&self, path: impl AsRef<Path>) -> Result<()> {
+        // An imported model writes its own config back, explicit masks included.
+        let masked = self.explicitly_masked_layers();
+        if self.keras.is_none() && !masked.is_empty() {
+            return Err(Error::Data(format!(
+                "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
+                 yet: the file would lose them"
+            )));
+        }
         export::save(self, path.as_ref())
     }
 }

@@ -34,6 +34,8 @@ struct Step {
     layer: SharedLayer,
     layer_name: String,
     inputs: Vec<usize>,
+    /// The explicit masks' ids, one per input (`None`: the input's own mask); empty if none.
+    masks: Vec<Option<usize>>,
 }
 
 /// A model: a graph of layers from inputs to named outputs, plus its added losses and, once
@@ -272,7 +274,7 @@ impl Model {
         crate::initializers::begin_model();
         let mut steps = Vec::new();
         for t in &order {
-            let NodeOp::Layer { layer, inputs } = &t.0.op else {
+            let NodeOp::Layer { layer, inputs, .. } = &t.0.op else {
                 continue;
             };
             let name = names[&layer.id].clone();
@@ -294,6 +296,11 @@ impl Model {
                 layer: layer.clone(),
                 layer_name: name,
                 inputs: inputs.iter().map(|i| i.id()).collect(),
+                masks: t
+                    .explicit_masks()
+                    .iter()
+                    .map(|m| m.as_ref().map(SymbolicTensor::id))
+                    .collect(),
             });
         }
 
@@ -574,6 +581,15 @@ impl Model {
         Ok(())
     }
 
+    /// The layers given an explicit mask ([`SharedLayer::apply_with_mask`]), by name.
+    pub(crate) fn explicitly_masked_layers(&self) -> Vec<&str> {
+        self.steps
+            .iter()
+            .filter(|s| s.masks.iter().any(Option::is_some))
+            .map(|s| s.layer_name.as_str())
+            .collect()
+    }
+
     /// The graph as a list, for export: the inputs (name, id, shape), every layer application
     /// in execution order (layer name, the layer, input ids, output id, output shape), and the
     /// output ids.
@@ -632,11 +648,16 @@ impl Model {
                 .iter()
                 .map(|id| pass.values[id].clone())
                 .collect();
+            // An explicit mask replaces the input's own (nonzero = kept, as Keras' bool masks).
             let masks: Vec<Option<Tensor>> = step
                 .inputs
                 .iter()
-                .map(|id| pass.masks.get(id).cloned())
-                .collect();
+                .enumerate()
+                .map(|(i, id)| match step.masks.get(i).copied().flatten() {
+                    Some(m) => Ok(Some(pass.values[&m].ne(0.0)?)),
+                    None => Ok(pass.masks.get(id).cloned()),
+                })
+                .collect::<Result<_>>()?;
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
             ctx.layer_trainable = step.layer.is_trainable();
