@@ -16,6 +16,7 @@ mod masks;
 mod metrics;
 mod mutations;
 mod normalization;
+mod probability_rule;
 mod run_data;
 mod run_files;
 mod strict_config;

@@ -64,7 +64,8 @@ pub use error::{Error, Result};
 pub use graph::{Input, SharedLayer, SymbolicTensor};
 pub use initializers::Initializer;
 pub use model::{
-    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, ProbabilityRule, Sequential,
+    Tensors,
 };
 pub use reduction::Reduction;
 
@@ -106,7 +107,8 @@ pub mod prelude {
         TopKCategoricalAccuracy,
     };
     pub use crate::model::{
-        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, ProbabilityRule, Sequential,
+        Tensors,
     };
     pub use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
     pub use crate::reduction::Reduction;

@@ -192,6 +192,19 @@ pub trait Layer: Send {
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         Ok(masks.first().cloned().flatten())
     }
+    /// The activation the layer ends in (Dense's, Activation's), for
+    /// [`crate::ProbabilityRule::Logits`]; `None` by default.
+    fn final_activation(&self) -> Option<crate::Activation> {
+        None
+    }
+    /// The layer's output before its [`Layer::final_activation`] (the logits behind a softmax
+    /// or sigmoid), from the same inputs.
+    fn call_before_activation(&self, _inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        Err(crate::Error::State(format!(
+            "layer `{}` has no final activation to leave out",
+            self.given_name().unwrap_or(self.kind())
+        )))
+    }
     /// A penalty on the layer's output, added to the total loss.
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
         None

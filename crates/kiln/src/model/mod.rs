@@ -12,7 +12,7 @@ mod train;
 
 pub use added::{AddedLoss, Tensors};
 pub(crate) use compile::not_compiled;
-pub use compile::Compile;
+pub use compile::{Compile, ProbabilityRule};
 pub use history::{History, Logs};
 pub use manual::BatchGradients;
 pub use sequential::Sequential;
@@ -684,6 +684,39 @@ impl Model {
             pass.values.insert(step.node.id(), y);
         }
         Ok(pass)
+    }
+
+    /// The step that makes output `output`, if a layer makes it (not an input passed through).
+    fn output_step(&self, output: usize) -> Option<&Step> {
+        let id = self.outputs[output].id();
+        self.steps.iter().find(|s| s.node.id() == id)
+    }
+
+    /// The activation the layer making output `output` ends in, if it has one.
+    pub(crate) fn output_activation(&self, output: usize) -> Option<crate::Activation> {
+        self.output_step(output)?.layer.lock().final_activation()
+    }
+
+    /// The output `output` of a forward pass before its layer's final activation (the logits
+    /// behind a softmax or sigmoid), computed again from the layer's inputs in the pass (Dense
+    /// and Activation layers do not depend on the training flag).
+    pub(crate) fn output_logits(&self, pass: &ForwardPass, output: usize) -> Result<Tensor> {
+        let step = self.output_step(output).ok_or_else(|| {
+            Error::State(format!(
+                "output `{}` is not made by a layer",
+                self.output_names[output]
+            ))
+        })?;
+        let xs: Vec<Tensor> = step
+            .inputs
+            .iter()
+            .map(|id| pass.values[id].clone())
+            .collect();
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut ctx = CallContext::new(false, &mut rng);
+        ctx.layer_trainable = step.layer.is_trainable();
+        let layer = step.layer.lock();
+        layer.call_before_activation(&xs, &mut ctx)
     }
 
     /// The output tensors of a forward pass, in output order.

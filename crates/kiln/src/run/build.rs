@@ -640,13 +640,19 @@ fn strip_kind(e: crate::Error) -> String {
 /// the model came from.
 pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
     let output_names = model.output_names();
+    let rule = probability_rule(f)?;
     if f.has("keras") {
         let from_keras = f.bool_or("keras", false)?;
         f.finish()?;
         if !from_keras {
             return Err(f.error("`keras = false` says nothing: give the compile options instead"));
         }
-        return crate::keras::compile_config_of(model).map_err(|e| f.error(e));
+        let c = crate::keras::compile_config_of(model).map_err(|e| f.error(e))?;
+        // The file's rule (Keras 2's for a Keras 2 file) unless the run file names one.
+        return Ok(match rule {
+            Some(r) => c.probability_rule(r),
+            None => c,
+        });
     }
     let opt = match f.get("optimizer") {
         None => optimizer(&Fields::new(
@@ -667,7 +673,7 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
         }
         Some(_) => optimizer(&f.table("optimizer")?.expect("present"))?,
     };
-    let mut c = Compile::from_boxed(opt);
+    let mut c = Compile::from_boxed(opt).probability_rule(rule.unwrap_or_default());
     if f.has("loss") {
         c = c.loss(loss(f, "loss")?);
     }
@@ -713,6 +719,26 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
     }
     f.finish()?;
     Ok(c)
+}
+
+/// `probability_rule = "clipped" | "logits"`: how crossentropies read softmax and sigmoid
+/// outputs (see [`crate::ProbabilityRule`]).
+fn probability_rule(f: &Fields) -> Result<Option<crate::ProbabilityRule>> {
+    let Some(name) = f.str("probability_rule")? else {
+        return Ok(None);
+    };
+    match name {
+        "clipped" => Ok(Some(crate::ProbabilityRule::Clipped)),
+        "logits" => Ok(Some(crate::ProbabilityRule::Logits)),
+        other => Err(f.value_error(
+            "probability_rule",
+            f.get("probability_rule").expect("read above"),
+            format!(
+                "`{other}` is not a rule: use \"clipped\" (Keras 3 on JAX, the default) or \
+                 \"logits\" (Keras 2: from the logits behind a final softmax or sigmoid)"
+            ),
+        )),
+    }
 }
 
 /// One `[[added]]` term.
