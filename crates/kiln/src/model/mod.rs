@@ -268,6 +268,10 @@ impl Model {
             layers.push((name, layer.clone()));
         }
 
+        // Keras' order (`model.layers`, hence `model.weights` and `get_weights`).
+        let rank = keras_layer_order(&b.outputs, &input_ids);
+        layers.sort_by_key(|(_, l)| rank.get(&l.id).copied().unwrap_or(usize::MAX));
+
         // Build every layer once, from the shapes of its first application.
         let mut rng = StdRng::seed_from_u64(b.seed);
         let mut built = HashSet::new();
@@ -372,7 +376,8 @@ impl Model {
         self.inputs.iter().map(|x| x.shape().to_vec()).collect()
     }
 
-    /// The layers' names, in execution order.
+    /// The layers' names, in Keras' `model.layers` order: by depth from the outputs, deepest
+    /// first (the execution order, for a chain of layers).
     pub fn layer_names(&self) -> Vec<&str> {
         self.layers.iter().map(|(n, _)| n.as_str()).collect()
     }
@@ -840,6 +845,68 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Each layer's place in Keras' `model.layers` order: by depth from the outputs (deepest
+/// first), then by when a walk from the outputs first meets it, as Keras' functional graph
+/// (`keras.src.ops.function.map_graph`) sorts its operations. Keyed by layer id.
+fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> HashMap<usize, usize> {
+    struct Walk<'a> {
+        inputs: &'a HashSet<usize>,
+        first_seen: HashMap<usize, usize>,
+        finished: HashSet<usize>,
+        post_order: Vec<SymbolicTensor>,
+    }
+    fn layer_id(t: &SymbolicTensor) -> Option<usize> {
+        match &t.0.op {
+            NodeOp::Layer { layer, .. } => Some(layer.id),
+            NodeOp::Input { .. } => None,
+        }
+    }
+    fn walk(w: &mut Walk, t: &SymbolicTensor) {
+        let Some(layer) = layer_id(t) else {
+            return;
+        };
+        if w.inputs.contains(&t.id()) || w.finished.contains(&t.id()) {
+            return;
+        }
+        let next = w.first_seen.len();
+        w.first_seen.entry(layer).or_insert(next);
+        for p in t.parents() {
+            walk(w, p);
+        }
+        w.finished.insert(t.id());
+        w.post_order.push(t.clone());
+    }
+    let mut w = Walk {
+        inputs,
+        first_seen: HashMap::new(),
+        finished: HashSet::new(),
+        post_order: Vec::new(),
+    };
+    for o in outputs {
+        walk(&mut w, o);
+    }
+    // A node's depth is one more than its deepest consumer's; a layer's, its deepest node's.
+    let mut node_depth: HashMap<usize, usize> = HashMap::new();
+    let mut layer_depth: HashMap<usize, usize> = HashMap::new();
+    for t in w.post_order.iter().rev() {
+        let layer = layer_id(t).expect("layer nodes only");
+        let depth = node_depth
+            .get(&t.id())
+            .copied()
+            .unwrap_or(0)
+            .max(layer_depth.get(&layer).copied().unwrap_or(0));
+        layer_depth.insert(layer, depth);
+        node_depth.insert(t.id(), depth);
+        for p in t.parents() {
+            let d = node_depth.entry(p.id()).or_insert(0);
+            *d = (*d).max(depth + 1);
+        }
+    }
+    let mut order: Vec<usize> = layer_depth.keys().copied().collect();
+    order.sort_by_key(|l| (std::cmp::Reverse(layer_depth[l]), w.first_seen[l]));
+    order.into_iter().enumerate().map(|(i, l)| (l, i)).collect()
 }
 
 /// The graph of a model as plain lists: see [`Model::graph_view`].
