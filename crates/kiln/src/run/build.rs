@@ -211,6 +211,8 @@ pub(crate) fn model(
     if layers.is_empty() {
         return Err(f.error("`layers` is empty: describe at least one layer"));
     }
+    // Layers with `trainable = false` (Keras' `layer.trainable = False`), frozen once built.
+    let mut frozen = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         let kind = l.required_str("type")?;
         let name = match l.str("name")? {
@@ -221,6 +223,9 @@ pub(crate) fn model(
             Some(n) => n.to_string(),
             None => format!("{kind}_{i}"),
         };
+        if !l.bool_or("trainable", true)? {
+            frozen.push(name.clone());
+        }
         let sources = l.strings("input")?.unwrap_or_default();
         let layer_inputs: Vec<SymbolicTensor> = if sources.is_empty() {
             vec![last.clone()]
@@ -436,10 +441,13 @@ pub(crate) fn model(
     };
     f.finish()?;
     let inputs: Vec<SymbolicTensor> = inputs.into_iter().map(|(_, x)| x).collect();
-    let model = Model::builder(&inputs, &outputs)
+    let mut model = Model::builder(&inputs, &outputs)
         .seed(seed)
         .build()
         .map_err(|e| f.error(e))?;
+    for name in &frozen {
+        model.set_trainable(name, false).map_err(|e| f.error(e))?;
+    }
     Ok(model)
 }
 
