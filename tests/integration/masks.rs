@@ -163,7 +163,7 @@ fn a_mask_can_be_read_as_a_tensor_and_used_in_an_added_loss() {
     let mut model = Model::new(&[&ids], &[&y, &mask]).unwrap();
     let dev = Device::Cpu;
     let batch = Tensor::new(&[[1f32, 2., 0., 0.], [0., 3., 3., 3.]], &dev).unwrap();
-    let out = model.predict(&[batch.clone()], 2).unwrap();
+    let out = model.predict(std::slice::from_ref(&batch), 2).unwrap();
     assert_eq!(
         out[1].to_vec2::<u8>().unwrap(),
         vec![vec![1, 1, 0, 0], vec![0, 1, 1, 1]]

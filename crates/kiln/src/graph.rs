@@ -224,8 +224,9 @@ impl Layer for MaskOf {
     fn output_shape(&self, _input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
         Ok(self.shape.clone())
     }
-    fn call(&self, _inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
-        self.call_with_masks(_inputs, &[], _ctx)
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
+        // Called without masks, the tensor's mask is missing: the error below says so.
+        self.call_with_masks(inputs, &[], ctx)
     }
     fn call_with_masks(
         &self,

@@ -12,7 +12,7 @@ pub fn write_history(dir: impl AsRef<Path>, history: &History) -> Result<()> {
     let dir = dir.as_ref();
     let json =
         serde_json::to_string_pretty(&history.series()).map_err(|e| Error::Data(e.to_string()))?;
-    crate::io::write_atomically(&dir.join("history.json"), |tmp| {
+    crate::io::write_atomically(dir.join("history.json"), |tmp| {
         std::fs::write(tmp, json).map_err(|source| Error::Io {
             path: tmp.to_path_buf(),
             source,
