@@ -12,7 +12,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every compiled fixture and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 10] = [
+const MODELS: [(&str, f64); 11] = [
     ("mlp_sequential", 1e-5),
     ("functional_two_heads", 1e-5),
     ("nested_shared", 1e-5),
@@ -23,6 +23,7 @@ const MODELS: [(&str, f64); 10] = [
     ("sequential_nested", 1e-4),
     ("recurrent_backwards", 1e-4),
     ("nested_frozen", 1e-5),
+    ("explicit_masks", 1e-4),
 ];
 
 fn case(name: &str) -> Value {
@@ -800,4 +801,58 @@ fn an_imported_folder_trains_resumes_evaluates_and_predicts() {
     let p = Tensor::read_npy(&pout).unwrap();
     assert_eq!(values(&p), values(&model.predict(&[x], 64).unwrap()[0]));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `get_weights` / `set_weights` follow Keras' `model.get_weights()` order on a branching
+/// graph (tests/fixtures/keras/weights_order.json, from real Keras): by depth from the
+/// outputs, so the deeper branch's first layer comes before a shallower branch made first.
+#[test]
+fn get_weights_follow_keras_order_on_a_branching_graph() {
+    let c = {
+        let text = std::fs::read_to_string(fixture("weights_order.json")).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    let keras: Vec<(String, Vec<usize>)> = serde_json::from_value(c["weights"].clone()).unwrap();
+    let left = Input::named("left", [2]);
+    let right = Input::named("right", [3]);
+    let r1 = Dense::new(4).name("r1").apply(&right).unwrap();
+    let l1 = Dense::new(4).name("l1").apply(&left).unwrap();
+    let l2 = Dense::new(4).name("l2").use_bias(false).apply(&l1).unwrap();
+    let joined = Concatenate::new()
+        .name("join")
+        .apply_many(&[&r1, &l2])
+        .unwrap();
+    let bn = BatchNormalization::new().name("bn").apply(&joined).unwrap();
+    let out = Dense::new(1).name("out").apply(&bn).unwrap();
+    let model = Model::new(&[left, right], &[out]).unwrap();
+    let listed: Vec<(String, Vec<usize>)> = model
+        .weights()
+        .iter()
+        .map(|w| (w.name.clone(), w.shape().to_vec()))
+        .collect();
+    assert_eq!(listed, keras);
+    let keras_layers: Vec<String> = serde_json::from_value(c["layers"].clone()).unwrap();
+    let without_inputs: Vec<&str> = keras_layers
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !["left", "right"].contains(n))
+        .collect();
+    assert_eq!(model.layer_names(), without_inputs);
+    // Values given in Keras' order land on the weights Keras' order names.
+    let values: Vec<Tensor> = keras
+        .iter()
+        .enumerate()
+        .map(|(i, (_, s))| Tensor::full(i as f32, s.clone(), &Device::Cpu).unwrap())
+        .collect();
+    model.set_weights(&values).unwrap();
+    for (i, (name, _)) in keras.iter().enumerate() {
+        let got = values_of(&model, name);
+        assert!(got.iter().all(|v| *v == i as f64), "{name}: {got:?}");
+    }
+    let back = model.get_weights().unwrap();
+    assert_eq!(back.len(), keras.len());
+}
+
+fn values_of(model: &Model, name: &str) -> Vec<f64> {
+    values(model.weight(name).unwrap().var.as_tensor())
 }

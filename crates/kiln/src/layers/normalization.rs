@@ -324,6 +324,9 @@ impl Layer for BatchNormalization {
             ctx.training && ctx.layer_trainable(),
         )
     }
+    fn takes_mask(&self) -> bool {
+        true
+    }
 }
 
 /// Normalizes each sample over its last axis, `(x - mean) / sqrt(variance + epsilon)`, then

@@ -510,6 +510,10 @@ macro_rules! global_layer {
                 self.global
                     .call(&inputs[0], masks.first().and_then(Option::as_ref))
             }
+            fn takes_mask(&self) -> bool {
+                // Keras' GlobalAveragePooling1D alone reads a mask (the mean of the kept steps).
+                self.global.reduce == Reduce::Average && self.global.rank == 1
+            }
             fn compute_mask(
                 &self,
                 _inputs: &[Tensor],

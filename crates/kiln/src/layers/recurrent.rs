@@ -459,6 +459,9 @@ impl Layer for Lstm {
     ) -> Result<Tensor> {
         self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
     }
+    fn takes_mask(&self) -> bool {
+        true
+    }
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         Ok(if self.rnn.return_sequences {
             masks.first().cloned().flatten()
@@ -594,6 +597,9 @@ impl Layer for Gru {
         _ctx: &mut CallContext,
     ) -> Result<Tensor> {
         self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
+    }
+    fn takes_mask(&self) -> bool {
+        true
     }
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         Ok(if self.rnn.return_sequences {

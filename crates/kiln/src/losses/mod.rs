@@ -73,6 +73,14 @@ pub trait Loss: Send + Sync {
         false
     }
 
+    /// For [`crate::ProbabilityRule::Logits`] (Keras 2's rule): the activation whose logits
+    /// this loss reads instead of its probabilities, and the same loss on logits. The
+    /// crossentropies on probabilities return one (softmax for the categorical ones, sigmoid
+    /// for the binary one); every other loss, and these with `from_logits = true`, `None`.
+    fn logits_twin(&self) -> Option<(crate::activations::Activation, Arc<dyn Loss>)> {
+        None
+    }
+
     /// Checks the hyperparameters; `compile` calls it so bad values fail before training.
     fn validate(&self) -> Result<()> {
         Ok(())

@@ -290,15 +290,22 @@ impl Model {
                     "output `{name}` has a loss but the data has no target for it"
                 ))
             })?;
-            let y_pred = outputs[ol.output];
+            // Keras 2's rule: the crossentropy of the logits behind the final activation.
+            let logits = match &ol.on_logits {
+                Some(_) => Some(self.output_logits(pass, ol.output)?),
+                None => None,
+            };
+            let (loss, y_pred) = match (&ol.on_logits, &logits) {
+                (Some(twin), Some(z)) => (twin.as_ref(), z),
+                _ => (ol.loss.as_ref(), outputs[ol.output]),
+            };
             let site = super::contract::LossSite {
-                loss: ol.loss.as_ref(),
+                loss,
                 output: name,
                 y_true,
                 y_pred,
             };
-            let values = ol
-                .loss
+            let values = loss
                 .per_sample(y_true, y_pred)
                 .map_err(|e| site.explain(e))?;
             site.check_shape(&values)?;
@@ -309,7 +316,7 @@ impl Model {
                 ol.probed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let reduced = reduce_per_sample(
-                ol.loss.as_ref(),
+                loss,
                 &values,
                 y_true,
                 y_pred,

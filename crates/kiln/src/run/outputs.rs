@@ -8,10 +8,11 @@ use plotters::prelude::*;
 use std::path::Path;
 
 /// Writes `history.json` (every series by name, Keras' `history.history`) and `history.csv`.
-pub fn write_history(dir: &Path, history: &History) -> Result<()> {
+pub fn write_history(dir: impl AsRef<Path>, history: &History) -> Result<()> {
+    let dir = dir.as_ref();
     let json =
         serde_json::to_string_pretty(&history.series()).map_err(|e| Error::Data(e.to_string()))?;
-    crate::io::write_atomically(&dir.join("history.json"), |tmp| {
+    crate::io::write_atomically(dir.join("history.json"), |tmp| {
         std::fs::write(tmp, json).map_err(|source| Error::Io {
             path: tmp.to_path_buf(),
             source,
@@ -121,7 +122,8 @@ const SIZE: (u32, u32) = (960, 540);
 /// # std::fs::remove_dir_all(&dir).ok();
 /// # Ok::<(), kiln::Error>(())
 /// ```
-pub fn write_plots(dir: &Path, history: &History, metrics: &[String]) -> Result<()> {
+pub fn write_plots(dir: impl AsRef<Path>, history: &History, metrics: &[String]) -> Result<()> {
+    let dir = dir.as_ref();
     for (stem, figure) in figures(history, metrics) {
         let svg = dir.join(format!("{stem}.svg"));
         crate::io::write_atomically(&svg, |tmp| {
