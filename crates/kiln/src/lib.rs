@@ -65,7 +65,8 @@ pub use error::{Error, Result};
 pub use graph::{Input, SharedLayer, SymbolicTensor};
 pub use initializers::Initializer;
 pub use model::{
-    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, ProbabilityRule, Sequential,
+    Tensors, TermGradient, TermGradients,
 };
 pub use reduction::Reduction;
 
@@ -95,7 +96,7 @@ pub mod prelude {
         Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
         GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
         LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
-        Padding, Permute, Reshape,
+        NotEqual, Padding, Permute, Reshape,
     };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,
@@ -107,7 +108,8 @@ pub mod prelude {
         TopKCategoricalAccuracy,
     };
     pub use crate::model::{
-        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, ProbabilityRule, Sequential,
+        Tensors,
     };
     pub use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
     pub use crate::reduction::Reduction;

@@ -46,6 +46,42 @@ pub struct Compile {
     metrics: Vec<(Option<String>, MetricSpec, bool)>,
     loss_weighting: Option<Box<dyn Strategy>>,
     weight_added_terms: bool,
+    probability_rule: ProbabilityRule,
+}
+
+/// How a crossentropy with `from_logits = false` reads an output that ends in softmax or
+/// sigmoid: the two rules Keras has used, which differ on saturated outputs.
+///
+/// kiln's default is [`ProbabilityRule::Clipped`], Keras 3's rule on JAX, PyTorch and NumPy:
+/// the loss sees what the model outputs, whatever layer made it, and the loss values match the
+/// reference cases written by Keras 3 on JAX. Keras 2 (and Keras 3 on TensorFlow) computes
+/// the crossentropy from the logits behind the activation instead
+/// ([`ProbabilityRule::Logits`]): exact where clipping caps a wrong, confident prediction's
+/// loss at `-log(1e-7) ≈ 16.1` and gives it almost no gradient.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([4]);
+/// let y = Dense::new(3).activation(Activation::Softmax).apply(&x)?;
+/// let mut model = Model::new(&[x], &[y])?;
+/// // Keras 2: categorical crossentropy from the logits behind the softmax.
+/// model.compile(
+///     Compile::new(Adam::new(1e-3))
+///         .loss(CategoricalCrossentropy::new())
+///         .probability_rule(ProbabilityRule::Logits),
+/// )?;
+/// assert_eq!(ProbabilityRule::default(), ProbabilityRule::Clipped);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProbabilityRule {
+    /// From the output's probabilities, clipped to `[1e-7, 1 - 1e-7]` (Keras 3 on JAX).
+    #[default]
+    Clipped,
+    /// From the logits behind a final softmax (categorical and sparse categorical
+    /// crossentropy) or sigmoid (binary crossentropy) of a Dense or Activation layer, as
+    /// Keras 2 does; an output made otherwise keeps the clipped rule, as in Keras 2.
+    Logits,
 }
 
 impl Compile {
@@ -62,6 +98,7 @@ impl Compile {
             metrics: Vec::new(),
             loss_weighting: None,
             weight_added_terms: false,
+            probability_rule: ProbabilityRule::Clipped,
         }
     }
     /// Sets the weights of the compiled per-output losses automatically while training, with
@@ -97,6 +134,12 @@ impl Compile {
     /// compiled per-output losses; added terms are then summed as they are).
     pub fn weight_added_terms(mut self, yes: bool) -> Self {
         self.weight_added_terms = yes;
+        self
+    }
+    /// How crossentropies with `from_logits = false` read softmax and sigmoid outputs (default
+    /// [`ProbabilityRule::Clipped`]; [`ProbabilityRule::Logits`] for Keras 2's numbers).
+    pub fn probability_rule(mut self, rule: ProbabilityRule) -> Self {
+        self.probability_rule = rule;
         self
     }
     /// One loss for every output (a Keras single loss).
@@ -189,6 +232,9 @@ pub(crate) struct OutputLoss {
     pub(crate) log_name: String,
     /// Whether the loss has passed the per-sample probe (`contract.rs`) on a real batch.
     pub(crate) probed: std::sync::atomic::AtomicBool,
+    /// Under [`ProbabilityRule::Logits`], when the output ends in the activation this loss
+    /// undoes: the same loss reading the logits behind it.
+    pub(crate) on_logits: Option<Arc<dyn Loss>>,
 }
 
 /// A resolved metric of one output.
@@ -304,12 +350,20 @@ impl Model {
                             names[i]
                         )));
                     }
+                    let on_logits = match config.probability_rule {
+                        ProbabilityRule::Clipped => None,
+                        ProbabilityRule::Logits => loss
+                            .logits_twin()
+                            .filter(|(act, _)| self.output_activation(i) == Some(*act))
+                            .map(|(_, twin)| twin),
+                    };
                     resolved.push(OutputLoss {
                         output: i,
                         loss,
                         weight,
                         log_name: format!("{}_loss", names[i]),
                         probed: Default::default(),
+                        on_logits,
                     });
                 }
                 None if weight.is_some() && n_losses > 0 => {

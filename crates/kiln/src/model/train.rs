@@ -33,6 +33,7 @@ pub struct Fit {
     verbose: bool,
     initial_epoch: usize,
     gradient_accumulation_steps: usize,
+    gradient_diagnostics: bool,
     callbacks: Vec<SharedCallback>,
     callback_states: Vec<Option<serde_json::Value>>,
     callback_tensors: Vec<Vec<(String, Tensor)>>,
@@ -62,6 +63,7 @@ impl Fit {
             verbose: true,
             initial_epoch: 0,
             gradient_accumulation_steps: 1,
+            gradient_diagnostics: false,
             callbacks: Vec::new(),
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
@@ -172,6 +174,36 @@ impl Fit {
         self.gradient_accumulation_steps = steps;
         self
     }
+    /// Records per-term gradient diagnostics (off by default): for each term of the total
+    /// (each output's weighted loss, each added term, the adversarial term), the L2 norm of
+    /// its gradient over the shared trainable weights, `grad_norm/<term>`, and the cosine
+    /// between every pair of terms' gradients, `grad_cos/<a>/<b>`, averaged over the
+    /// epoch's training batches (see [`Model::term_gradients`] for which weights are shared).
+    ///
+    /// Cost: one more backward pass per term on every training step (no extra forward pass),
+    /// only when on. What is learned does not change: the update still uses the total's own
+    /// gradient, so the weights are bit-identical with diagnostics on or off.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones)
+    ///     .kernel_regularizer(L2::new(0.5)).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.0)).loss("mse"))?;
+    /// let data = Dataset::new(Tensor::new(&[[2f32]], &Device::Cpu)?, Tensor::new(&[[0f32]], &Device::Cpu)?)?;
+    /// let history = model.fit(&data, Fit::new().quiet().gradient_diagnostics(true))?;
+    /// // d/dw of the mse (2w)² is 8w = 8, of the penalty 0.5·w² is w = 1: the same direction.
+    /// assert_eq!(history.get("grad_norm/dense_loss"), Some(vec![8.0]));
+    /// assert_eq!(history.get("grad_norm/l2"), Some(vec![1.0]));
+    /// assert_eq!(history.get("grad_cos/dense_loss/l2"), Some(vec![1.0]));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn gradient_diagnostics(mut self, on: bool) -> Self {
+        self.gradient_diagnostics = on;
+        self
+    }
 }
 
 /// Where a batch stands in its gradient-accumulation group: its gradient's weight (its share
@@ -205,8 +237,18 @@ impl Group {
 pub(super) struct LabeledLoss {
     pub(super) total: Option<Tensor>,
     per_output: Vec<(String, Tensor)>,
-    /// Each output's `loss_weight · reduced loss`, in compile order.
+    /// Each output's term as it enters the total (loss_weight · reduced), graph kept.
     weighted: Vec<Tensor>,
+}
+
+/// A training step's passes before its update, from [`Model::step_gradients`].
+pub(super) struct StepGradients {
+    pub(super) terms: StepTerms,
+    pub(super) pass: ForwardPass,
+    /// The trainable weights, in [`Model::weights`] order.
+    pub(super) trainable: Vec<Var>,
+    /// The gradient of the total over each of `trainable` (`None`: it does not depend on it).
+    pub(super) gradients: Vec<Option<Tensor>>,
 }
 
 /// The terms of one step: the total to differentiate and each reported term.
@@ -221,6 +263,9 @@ pub(super) struct StepTerms {
     /// to report (Σ weight · term + the rest), which differs from the objective.
     weighed: Vec<Tensor>,
     shown: Option<Tensor>,
+    /// Each term as it enters the total, graph kept, under the name the history reports it
+    /// by (`loss` when the total has one part); the adversarial term is pushed by the step.
+    pub(super) parts: Vec<(String, Tensor)>,
 }
 
 impl StepTerms {
@@ -267,15 +312,22 @@ impl Model {
                     "output `{name}` has a loss but the data has no target for it"
                 ))
             })?;
-            let y_pred = outputs[ol.output];
+            // Keras 2's rule: the crossentropy of the logits behind the final activation.
+            let logits = match &ol.on_logits {
+                Some(_) => Some(self.output_logits(pass, ol.output)?),
+                None => None,
+            };
+            let (loss, y_pred) = match (&ol.on_logits, &logits) {
+                (Some(twin), Some(z)) => (twin.as_ref(), z),
+                _ => (ol.loss.as_ref(), outputs[ol.output]),
+            };
             let site = super::contract::LossSite {
-                loss: ol.loss.as_ref(),
+                loss,
                 output: name,
                 y_true,
                 y_pred,
             };
-            let values = ol
-                .loss
+            let values = loss
                 .per_sample(y_true, y_pred)
                 .map_err(|e| site.explain(e))?;
             site.check_shape(&values)?;
@@ -286,7 +338,7 @@ impl Model {
                 ol.probed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let reduced = reduce_per_sample(
-                ol.loss.as_ref(),
+                loss,
                 &values,
                 y_true,
                 y_pred,
@@ -297,9 +349,10 @@ impl Model {
             let weighted = (&reduced * ol.weight)?;
             weighted_terms.push(weighted.clone());
             total = Some(match total.take() {
-                Some(acc) => (acc + weighted)?,
-                None => weighted,
+                Some(acc) => (acc + &weighted)?,
+                None => weighted.clone(),
             });
+            weighted_terms.push(weighted);
             reported.push((ol.log_name.clone(), reduced));
         }
         Ok(LabeledLoss {
@@ -383,8 +436,14 @@ impl Model {
             }
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
-        let parts = per_output.len() + added.len() + usize::from(adversarial);
-        let mut reported = if parts > 1 { per_output } else { Vec::new() };
+        let outputs = per_output.len();
+        let count = outputs + added.len() + usize::from(adversarial);
+        let mut parts: Vec<(String, Tensor)> = per_output
+            .iter()
+            .zip(weighted.iter().cloned())
+            .map(|((name, _), w)| (name.clone(), w))
+            .collect();
+        let mut reported = if count > 1 { per_output } else { Vec::new() };
         let weighs_added = compiled
             .weighting
             .as_ref()
@@ -394,7 +453,12 @@ impl Model {
             if !weighs_added {
                 add(value.clone())?;
             }
+            parts.push((name.clone(), value.clone()));
             reported.push((name, value));
+        }
+        // A lone output loss is reported as `loss` alone (a lone added term keeps its name).
+        if let ([only], 1, 1) = (parts.as_mut_slice(), count, outputs) {
+            only.0 = "loss".to_string();
         }
         let (labeled, weighed, shown) = match &compiled.weighting {
             None => (labeled, Vec::new(), None),
@@ -428,6 +492,7 @@ impl Model {
             added: added_total,
             weighed,
             shown,
+            parts,
         })
     }
 
@@ -571,13 +636,16 @@ impl Model {
         rng: &mut StdRng,
         acc: &mut Accumulator,
         group: Group,
+        diagnostics: bool,
     ) -> Result<f64> {
         let mut choice = std::mem::take(&mut self.thread_choice);
         let result = match self.device.is_cpu() {
-            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc, group)),
-            false => {
-                crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc, group))
-            }
+            true => choice.run(batch.len(), || {
+                self.train_step_here(batch, rng, acc, group, diagnostics)
+            }),
+            false => crate::runtime::on_matmul_pool(|| {
+                self.train_step_here(batch, rng, acc, group, diagnostics)
+            }),
         };
         self.thread_choice = choice;
         result
@@ -590,77 +658,21 @@ impl Model {
         rng: &mut StdRng,
         acc: &mut Accumulator,
         group: Group,
+        diagnostics: bool,
     ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<f64> {
-            let adversarial = self.adversarial_term();
-            let input_vars: Vec<Var> = match adversarial {
-                Some(_) => batch
-                    .inputs
-                    .iter()
-                    .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?).map_err(Error::from))
-                    .collect::<Result<_>>()?,
-                None => Vec::new(),
-            };
-            let inputs: Vec<Tensor> = match adversarial {
-                Some(_) => input_vars.iter().map(|v| v.as_tensor().clone()).collect(),
-                None => batch.inputs.clone(),
-            };
-            let pass = self.run(&inputs, true, rng)?;
-            let mut terms =
-                self.step_terms(&compiled, batch, &pass, true, adversarial.is_some(), true)?;
-            let mut trainable: Vec<Var> = self
-                .weights()
-                .into_iter()
-                .filter(|w| w.trainable())
-                .map(|w| w.var)
-                .collect();
-            // A strategy's own variables (uncertainty's log-variances) train with the weights.
-            if let Some(w) = &compiled.weighting {
-                trainable.extend(w.variables.iter().map(|(_, v)| v.clone()));
+            let step = self.step_gradients(&compiled, batch, rng, true)?;
+            if diagnostics {
+                let terms = super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
+                super::term_gradients::record_diagnostics(acc, &terms, batch.len() as f64)?;
             }
-            let Some((name, adversarial)) = adversarial else {
-                let mut grads = Gradients::default();
-                grads.backward(&terms.total)?;
-                let gradients = grads.take_each(&trainable)?;
-                return self.finish_step(
-                    &mut compiled,
-                    acc,
-                    &terms,
-                    batch,
-                    &pass,
-                    trainable,
-                    gradients,
-                    group,
-                );
-            };
-            // First backward: the compiled ("labeled") loss on the clean batch gives the input
-            // gradient that defines the attack (as Neural Structured Learning) and those terms'
-            // parameter gradients.
-            let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
-            let mut grads = Gradients::default();
-            grads.backward(&labeled)?;
-            let input_grads: Vec<Tensor> = input_vars
-                .iter()
-                .map(|v| match grads.take(v.as_tensor())? {
-                    Some(g) => Ok(g),
-                    None => Ok(v.as_tensor().zeros_like()?),
-                })
-                .collect::<Result<_>>()?;
-            let x_adv =
-                self.attack(&compiled, &adversarial, batch, Some(input_grads), true, rng)?;
-            let adv_pass = self.run(&x_adv, true, rng)?;
-            let adv_labeled = self.compiled_loss(&compiled, batch, &adv_pass)?.total;
-            let term = (adv_labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
-            // Second backward: the adversarial term together with the clean batch's added terms
-            // (regularizers, layer and closure terms), whose graph is still alive.
-            let second = match &terms.added {
-                Some(added) => (&term + added)?,
-                None => term.clone(),
-            };
-            grads.backward(&second)?;
-            let gradients = grads.take_each(&trainable)?;
-            terms.push_detached(name, term.detach())?;
+            let StepGradients {
+                terms,
+                pass,
+                trainable,
+                gradients,
+            } = step;
             self.finish_step(
                 &mut compiled,
                 acc,
@@ -674,6 +686,89 @@ impl Model {
         })();
         self.compiled = Some(compiled);
         result
+    }
+
+    /// The forward and backward passes of a training step, before any update: the step's
+    /// terms (each with its graph, in `parts`) and the gradient of the total over every
+    /// trainable weight. With an adversarial term: the clean backward pass also gives the
+    /// input gradient, then one more forward and backward pass on the perturbed batch.
+    pub(super) fn step_gradients(
+        &self,
+        compiled: &Compiled,
+        batch: &Dataset,
+        rng: &mut StdRng,
+        advance: bool,
+    ) -> Result<StepGradients> {
+        let adversarial = self.adversarial_term();
+        let input_vars: Vec<Var> = match adversarial {
+            Some(_) => batch
+                .inputs
+                .iter()
+                .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?).map_err(Error::from))
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        let inputs: Vec<Tensor> = match adversarial {
+            Some(_) => input_vars.iter().map(|v| v.as_tensor().clone()).collect(),
+            None => batch.inputs.clone(),
+        };
+        let pass = self.run(&inputs, true, rng)?;
+        let mut terms =
+            self.step_terms(compiled, batch, &pass, true, adversarial.is_some(), advance)?;
+        let mut trainable: Vec<Var> = self
+            .weights()
+            .into_iter()
+            .filter(|w| w.trainable())
+            .map(|w| w.var)
+            .collect();
+        // A strategy's own variables (uncertainty's log-variances) train with the weights.
+        if let Some(w) = &compiled.weighting {
+            trainable.extend(w.variables.iter().map(|(_, v)| v.clone()));
+        }
+        let Some((name, adversarial)) = adversarial else {
+            let mut grads = Gradients::default();
+            grads.backward(&terms.total)?;
+            let gradients = grads.take_each(&trainable)?;
+            return Ok(StepGradients {
+                terms,
+                pass,
+                trainable,
+                gradients,
+            });
+        };
+        // First backward: the compiled ("labeled") loss on the clean batch gives the input
+        // gradient that defines the attack (as Neural Structured Learning) and those terms'
+        // parameter gradients.
+        let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
+        let mut grads = Gradients::default();
+        grads.backward(&labeled)?;
+        let input_grads: Vec<Tensor> = input_vars
+            .iter()
+            .map(|v| match grads.take(v.as_tensor())? {
+                Some(g) => Ok(g),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<_>>()?;
+        let x_adv = self.attack(compiled, &adversarial, batch, Some(input_grads), true, rng)?;
+        let adv_pass = self.run(&x_adv, true, rng)?;
+        let adv_labeled = self.compiled_loss(compiled, batch, &adv_pass)?.total;
+        let term = (adv_labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
+        // Second backward: the adversarial term together with the clean batch's added terms
+        // (regularizers, layer and closure terms), whose graph is still alive.
+        let second = match &terms.added {
+            Some(added) => (&term + added)?,
+            None => term.clone(),
+        };
+        grads.backward(&second)?;
+        let gradients = grads.take_each(&trainable)?;
+        terms.push_detached(name.clone(), term.detach())?;
+        terms.parts.push((name, term));
+        Ok(StepGradients {
+            terms,
+            pass,
+            trainable,
+            gradients,
+        })
     }
 
     /// Applies the gradients with the optimizer (or, inside a gradient-accumulation group,
@@ -773,7 +868,7 @@ impl Model {
         let batch = batch.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
         let mut acc = Accumulator::default();
-        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE)?;
+        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE, false)?;
         Ok(acc.logs(""))
     }
 
@@ -898,7 +993,13 @@ impl Model {
             for (b, chunk) in order.chunks(config.batch_size).enumerate() {
                 let batch = train.select(chunk)?;
                 let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
-                let batch_loss = self.train_step(&batch, &mut rng, &mut acc, group)?;
+                let batch_loss = self.train_step(
+                    &batch,
+                    &mut rng,
+                    &mut acc,
+                    group,
+                    config.gradient_diagnostics,
+                )?;
                 let running = acc.logs("");
                 progress.train_step(b + 1, &running);
                 for cb in &config.callbacks {
