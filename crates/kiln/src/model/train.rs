@@ -347,7 +347,6 @@ impl Model {
             )
             .map_err(|e| site.explain(e))?;
             let weighted = (&reduced * ol.weight)?;
-            weighted_terms.push(weighted.clone());
             total = Some(match total.take() {
                 Some(acc) => (acc + &weighted)?,
                 None => weighted.clone(),
