@@ -15,7 +15,8 @@ mod allocator;
 struct Args {
     /// Workloads to run: W1, W2, W3 (batch × width grid), W4 (W1, run under load by run.sh),
     /// C1, C2 (convolutional), R1, R2 (recurrent), P1-C1, P1-W1 (predict, samples/s),
-    /// T1-sigmoid, T1-logits, T1-softmax, T1-softmax-logits (tabular, probabilities or logits).
+    /// T1-sigmoid, T1-logits, T1-softmax, T1-softmax-logits (tabular, probabilities or logits),
+    /// D1 (W2 with gradient diagnostics off and on, through `fit`).
     #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3")]
     workloads: Vec<String>,
     /// Timed steps per measurement (after 10 warm-up steps).
@@ -122,6 +123,43 @@ fn measure(
             "engine": "kiln", "workload": name, "batch": batch_size, "width": width,
             "steps_per_s": steps_per_s, "gflops": flops_per_step(batch_size, width, passes) * steps_per_s / 1e9,
             "peak_rss_mb": peak_rss_mb(), "final_loss": last,
+        })
+    );
+    Ok(())
+}
+
+/// D1: the cost of gradient diagnostics, on W2 (three terms: the focal loss, `l2`, the
+/// adversarial term) trained with `fit`, batch 128, diagnostics off and on in alternating
+/// rounds of `steps` steps; prints both rates and the ratio of step times (on / off).
+fn measure_diagnostics(steps: usize) -> kiln::Result<()> {
+    let steps = steps.max(2);
+    let data = batch(128 * steps, 1)?;
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..6 {
+        let on = round % 2 == 1;
+        let mut model = mlp(512, Some(0.01))?;
+        model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
+        model.compile(
+            Compile::new(Adam::new(1e-3)).loss(
+                CategoricalFocalCrossentropy::new()
+                    .gamma(2.0)
+                    .from_logits(true),
+            ),
+        )?;
+        let fit = Fit::new().batch_size(128).shuffle(false).quiet();
+        model.fit(&data.slice(0, 128 * 2)?, fit.clone())?; // warm-up
+        let start = Instant::now();
+        model.fit(&data, fit.gradient_diagnostics(on))?;
+        rates[usize::from(on)].push(steps as f64 / start.elapsed().as_secs_f64());
+    }
+    let best = |r: &[f64]| r.iter().copied().fold(0.0, f64::max);
+    let (off, on) = (best(&rates[0]), best(&rates[1]));
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "kiln", "workload": "D1", "batch": 128, "width": 512,
+            "steps_per_s_off": off, "steps_per_s_on": on, "step_time_ratio_on_off": off / on,
+            "rounds_off": rates[0], "rounds_on": rates[1],
         })
     );
     Ok(())
@@ -379,6 +417,7 @@ fn main() -> kiln::Result<()> {
                 measure_predict("P1-W1", mlp(512, None)?, x, args.steps, warmup.min(1))?
             }
             t if t.starts_with("T1-") => measure_tabular(t, args.steps)?,
+            "D1" => measure_diagnostics(args.steps)?,
             other => eprintln!("unknown workload {other}"),
         }
     }

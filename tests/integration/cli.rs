@@ -265,3 +265,28 @@ fn keras_value_accepts_only_keras_formats() {
         assert!(!keras_value(bad), "{bad}");
     }
 }
+
+/// `kiln check-loss`: a report per loss, exit status 0 when all pass, non-zero when a check
+/// fails (categorical generalized crossentropy's gradient at p = 0) or a name is unknown.
+#[test]
+fn check_loss_reports_and_sets_the_exit_status() {
+    let (ok, out, err) = kiln(&["check-loss", "mse", "sparse_categorical_crossentropy"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("loss `mean_squared_error` on Real inputs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok   gradient") && out.contains("ok   reduction"),
+        "{out}"
+    );
+    assert_eq!(out.matches("\npassed").count(), 2, "{out}");
+    let (ok, out, _) = kiln(&["check-loss", "categorical_generalized_cross_entropy"]);
+    assert!(!ok);
+    assert!(
+        out.contains("FAIL finite") && out.contains("wrong class"),
+        "{out}"
+    );
+    let (ok, _, err) = kiln(&["check-loss", "no_such_loss"]);
+    assert!(!ok && err.contains("unknown loss `no_such_loss`"), "{err}");
+}

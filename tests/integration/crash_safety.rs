@@ -469,3 +469,96 @@ fn every_file_of_a_run_folder_has_the_same_permissions() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// With gradient diagnostics on (an L2 penalty and FGSM beside the data loss: three terms),
+/// the history holds each term's gradient norm and every pair's cosine, the run folder their
+/// plots, the epoch line the norms only; a run killed at several of its file operations
+/// resumes to the same files, diagnostics included, byte for byte. Diagnostics do not change
+/// what is learned: the weights are those of the same run with them off.
+#[test]
+fn gradient_diagnostics_survive_kill_and_resume() {
+    let dir = temp("diagnostics");
+    write_points(&dir.join("points.csv"), 300, 1.0);
+    let with_terms = RUN.replace(
+        "activation = \"relu\" }",
+        "activation = \"relu\", kernel_regularizer = { l2 = 1e-3 } }",
+    ) + "\n[[added]]\nkind = \"fgsm\"\nepsilon = 0.05\nmultiplier = 0.5\n";
+    let on = with_terms.replace(
+        "batch_size = 32",
+        "batch_size = 32\ngradient_diagnostics = true",
+    );
+    std::fs::write(dir.join("run.toml"), &on).unwrap();
+    std::fs::write(dir.join("off.toml"), &with_terms).unwrap();
+    let (ok, stdout, err) = kiln(&["train", "run.toml", "--out", "full"], &dir);
+    assert!(ok, "{err}");
+    let printed = stdout + &err;
+    let full = dir.join("full");
+    let history: serde_json::Value = serde_json::from_slice(&read(&full, "history.json")).unwrap();
+    let keys: Vec<&str> = history
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in [
+        "grad_norm/out_loss",
+        "grad_norm/l2",
+        "grad_norm/adversarial",
+        "grad_cos/out_loss/l2",
+        "grad_cos/out_loss/adversarial",
+        "grad_cos/l2/adversarial",
+    ] {
+        assert!(keys.contains(&key), "history.json lacks {key}: {keys:?}");
+    }
+    let norms = history["grad_norm/out_loss"].as_array().unwrap();
+    assert!(norms.iter().all(|v| v.as_f64().unwrap() > 0.0), "{norms:?}");
+    let cosines = history["grad_cos/out_loss/adversarial"].as_array().unwrap();
+    assert!(cosines
+        .iter()
+        .all(|v| v.as_f64().unwrap().abs() <= 1.0 + 1e-12));
+    let header = String::from_utf8(read(&full, "history.csv")).unwrap();
+    assert!(header
+        .lines()
+        .next()
+        .unwrap()
+        .contains("grad_cos/l2/adversarial"));
+    for plot in [
+        "grad_norm.png",
+        "grad_norm.svg",
+        "grad_cos.png",
+        "grad_cos.svg",
+    ] {
+        assert!(full.join(plot).exists(), "no {plot}");
+    }
+    let line = printed.lines().find(|l| l.starts_with("Epoch 1/")).unwrap();
+    assert!(
+        line.contains("grad_norm/l2: ") && !line.contains("grad_cos"),
+        "{line}"
+    );
+    let (ok, _, err) = kiln(&["train", "off.toml", "--quiet", "--out", "off"], &dir);
+    assert!(ok, "{err}");
+    assert_eq!(
+        read(&full, "model.safetensors"),
+        read(&dir.join("off"), "model.safetensors")
+    );
+    for k in [2, 5, 9, 14] {
+        let out = format!("k{k}");
+        let (ok, _, _) = kiln_env(
+            &["train", "run.toml", "--quiet", "--out", &out],
+            &dir,
+            &[("KILN_ABORT_AFTER_FILE_OPS", k.to_string())],
+        );
+        assert!(!ok, "the run outlived file operation {k}");
+        let (ok, _, err) = kiln(&["train", "run.toml", "--quiet", "--resume", &out], &dir);
+        assert!(ok, "resume after file operation {k}: {err}");
+        assert_same_final_files(
+            &full,
+            &dir.join(&out),
+            &format!("killed after operation {k}"),
+        );
+    }
+    // Resuming with diagnostics switched is another run.
+    let (ok, _, err) = kiln(&["train", "off.toml", "--quiet", "--resume", "k2"], &dir);
+    assert!(!ok && err.contains("gradient_diagnostics"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

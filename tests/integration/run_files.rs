@@ -454,3 +454,32 @@ fn non_finite_data_is_an_error_unless_the_run_file_allows_it() {
     assert!(!ok, "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `trainable = false` on a layer of a run file freezes it, as Keras' `layer.trainable = False`;
+/// a value that is not a boolean is an error naming the line.
+#[test]
+fn a_layer_marked_not_trainable_in_a_run_file_is_frozen() {
+    let text = |v: &str| {
+        format!(
+            "[model]\ninputs = [{{ name = \"x\", shape = [3] }}]\nlayers = [\n  {{ type = \"dense\", name = \"base\", units = 4, trainable = {v} }},\n  {{ type = \"dense\", name = \"head\", units = 1 }},\n]\n[compile]\noptimizer = \"sgd\"\nloss = \"mse\"\n"
+        )
+    };
+    let run = kiln::run::RunFile::from_text("frozen.toml", &text("false"), PathBuf::new()).unwrap();
+    let model = run.prepare(None, &candle_core::Device::Cpu).unwrap().model;
+    assert!(!model.is_trainable("base").unwrap());
+    assert!(model.is_trainable("head").unwrap());
+    let trainable: Vec<String> = model
+        .trainable_weights()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(trainable, ["head/kernel", "head/bias"]);
+    let err = kiln::run::RunFile::from_text("frozen.toml", &text("\"no\""), PathBuf::new())
+        .and_then(|r| r.prepare(None, &candle_core::Device::Cpu).map(|_| ()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("frozen.toml") && err.contains("line 4") && err.contains("trainable"),
+        "{err}"
+    );
+}

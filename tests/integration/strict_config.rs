@@ -639,6 +639,13 @@ fn other_cases() -> Vec<Case> {
         (Slot::Fit, "shuffle = {v}", "shuffle", Bool, false),
         (
             Slot::Fit,
+            "gradient_diagnostics = {v}",
+            "gradient_diagnostics",
+            Bool,
+            false,
+        ),
+        (
+            Slot::Fit,
             "class_weight = { \"0\" = {v}, \"1\" = 1.0, \"2\" = 1.0 }",
             "class_weight",
             NON_NEG,

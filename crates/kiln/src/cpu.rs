@@ -197,6 +197,47 @@ pub(crate) fn for_each_chunk<T: Send>(
     }
 }
 
+/// A `len`-element vector whose `size`-long chunks (the last one shorter) are written by
+/// `fill(i, first, chunk_len)` through a pointer to their first element, across the
+/// matrix-product threads as [`for_each_chunk`] splits: spares the zero fill of
+/// `vec![0; len]` for outputs that kernels write whole.
+///
+/// # Safety
+/// `fill` must initialize all `chunk_len` elements of its chunk before it forms a reference
+/// to any of them, and read none it has not written.
+pub(crate) unsafe fn written_in_chunks<T: Send + Sync>(
+    len: usize,
+    size: usize,
+    fill: impl Fn(usize, *mut T, usize) + Sync + Send,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    /// The vector's buffer, shared by the chunks, which write disjoint parts of it.
+    struct Buffer<T>(*mut T);
+    // SAFETY: the threads write disjoint chunks only.
+    unsafe impl<T: Send> Sync for Buffer<T> {}
+    let size = size.max(1);
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let buffer = Buffer(out.as_mut_ptr());
+    let chunks = len.div_ceil(size);
+    let chunk = |i: usize| {
+        let buffer = &buffer;
+        // SAFETY: chunk i lies inside the allocation of `len` elements.
+        fill(
+            i,
+            unsafe { buffer.0.add(i * size) },
+            size.min(len - i * size),
+        )
+    };
+    if len < PARALLEL_MIN_LEN || len <= size || !crate::runtime::parallel_now() {
+        (0..chunks).for_each(chunk);
+    } else {
+        (0..chunks).into_par_iter().for_each(chunk);
+    }
+    // SAFETY: every chunk was initialized by `fill`, as the caller guarantees.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Defines `$name` as its `body`, compiled twice: for the baseline CPU and with AVX-512, the
 /// latter chosen at run time where the CPU has it.
 macro_rules! vectorized_kernel {

@@ -5,7 +5,8 @@
 //! so an added loss can read any intermediate tensor.
 
 use crate::error::{Error, Result};
-use crate::layers::Layer;
+use crate::layers::{CallContext, Layer};
+use candle_core::{DType, Device, Tensor};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,24 +69,187 @@ impl SharedLayer {
 
     /// Applies the layer to several symbolic tensors.
     pub fn apply_many(&self, inputs: &[&SymbolicTensor]) -> Result<SymbolicTensor> {
+        self.apply_many_with_masks(inputs, &[])
+    }
+
+    /// Applies the layer to one tensor with an explicit mask, as Keras' `layer(x, mask=m)`:
+    /// `mask` replaces the mask `input` carries. See [`SharedLayer::apply_many_with_masks`].
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    pub fn apply_with_mask(
+        &self,
+        input: &SymbolicTensor,
+        mask: &SymbolicTensor,
+    ) -> Result<SymbolicTensor> {
+        self.apply_many_with_masks(&[input], &[Some(mask)])
+    }
+
+    /// Applies the layer to several tensors with explicit masks, one per input (`None` keeps
+    /// the mask that input carries), as Keras' `layer(inputs, mask=[…])`.
+    ///
+    /// A mask is any tensor whose samples have the input's shape without its last (feature)
+    /// axis: the [`SymbolicTensor::mask`] of another tensor, a model [`Input`] that the data
+    /// fills, or a [`crate::layers::NotEqual`] of another input. Nonzero entries are kept. As in
+    /// Keras, only layers that read masks take one ([`Layer::takes_mask`]: LSTM, GRU,
+    /// GlobalAveragePooling1D, BatchNormalization), and the layer's output mask is computed from
+    /// the explicit mask (an LSTM with `return_sequences` passes it on).
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let tokens = Input::named("tokens", [6]);
+    /// let steps = Input::named("steps", [6, 3]);
+    /// let keep = NotEqual::new(0.0).apply(&tokens)?; // the padding of another input
+    /// let h = Lstm::new(4).return_sequences(true).shared().apply_with_mask(&steps, &keep)?;
+    /// assert_eq!(h.mask().map(|m| m.shape().to_vec()), Some(vec![6]));
+    /// assert!(Dense::new(2).shared().apply_with_mask(&steps, &keep).is_err()); // Dense reads no mask
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Graph`] when the layer cannot take inputs of these shapes, when masks are given
+    /// to a layer that reads none, when their count differs from the inputs', or when a mask's
+    /// shape is not its input's without the last axis.
+    pub fn apply_many_with_masks(
+        &self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+    ) -> Result<SymbolicTensor> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let layer = self.lock();
+        let who = layer.given_name().unwrap_or(layer.kind()).to_string();
         let shape = layer.output_shape(&shapes).map_err(|e| match e {
-            Error::Graph(m) => Error::Graph(format!(
-                "{} applied to inputs of shapes {shapes:?}: {m}",
-                layer.given_name().unwrap_or(layer.kind())
-            )),
+            Error::Graph(m) => {
+                Error::Graph(format!("{who} applied to inputs of shapes {shapes:?}: {m}"))
+            }
             other => other,
         })?;
+        let explicit = masks.iter().any(Option::is_some);
+        if explicit && !layer.takes_mask() {
+            return Err(Error::Graph(format!(
+                "layer `{who}` does not read a mask, so it cannot be given one (in Keras its call \
+                 has no `mask` argument): give the mask to a layer that reads it (LSTM, GRU, \
+                 GlobalAveragePooling1D, BatchNormalization); the other layers pass the mask of \
+                 their input on"
+            )));
+        }
+        if explicit && masks.len() != inputs.len() {
+            return Err(Error::Graph(format!(
+                "layer `{who}` takes {} inputs but was given {} masks: give one mask (or None) per \
+                 input",
+                inputs.len(),
+                masks.len()
+            )));
+        }
+        // The masks the layer sees: the explicit one, else the one its input carries.
+        let mut seen: Vec<Option<Vec<usize>>> = Vec::with_capacity(inputs.len());
+        for (i, x) in inputs.iter().enumerate() {
+            match masks.get(i).copied().flatten() {
+                Some(m) => {
+                    let want = &x.shape()[..x.shape().len().saturating_sub(1)];
+                    if m.shape() != want {
+                        return Err(Error::Graph(format!(
+                            "layer `{who}`: the mask given for input {i} has samples of shape \
+                             {:?}, but an input of shape {:?} takes a mask of shape {want:?} (the \
+                             input's shape without its feature axis)",
+                            m.shape(),
+                            x.shape()
+                        )));
+                    }
+                    seen.push(Some(m.shape().to_vec()));
+                }
+                None => seen.push(x.0.mask.clone()),
+            }
+        }
+        let mask = probe_mask(layer.as_ref(), &shapes, &seen)
+            .map_err(|e| Error::Graph(format!("layer `{who}`: computing its output mask: {e}")))?;
         drop(layer);
         Ok(SymbolicTensor(Arc::new(Node {
             id: next_id(),
             shape,
+            mask,
             op: NodeOp::Layer {
                 layer: self.clone(),
                 inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+                masks: if explicit {
+                    masks.iter().map(|m| m.cloned()).collect()
+                } else {
+                    Vec::new()
+                },
             },
         })))
+    }
+}
+
+/// The shape of a layer's output mask, found by running its [`Layer::compute_mask`] on one
+/// sample of zeros with masks that keep everything: whether a mask exists and its shape depend
+/// on the shapes and on which inputs carry masks, never on the values, so one probe answers
+/// for every batch (as Keras computes masks on its symbolic tensors).
+fn probe_mask(
+    layer: &dyn Layer,
+    shapes: &[Vec<usize>],
+    masks: &[Option<Vec<usize>>],
+) -> Result<Option<Vec<usize>>> {
+    let dev = Device::Cpu;
+    let batch = |s: &[usize]| [&[1usize][..], s].concat();
+    let xs: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::zeros(batch(s), DType::F32, &dev))
+        .collect::<std::result::Result<_, _>>()?;
+    let ms: Vec<Option<Tensor>> = masks
+        .iter()
+        .map(|m| {
+            m.as_ref()
+                .map(|s| Tensor::ones(batch(s), DType::U8, &dev))
+                .transpose()
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(layer
+        .compute_mask(&xs, &ms)?
+        .map(|m| m.dims().get(1..).unwrap_or_default().to_vec()))
+}
+
+/// The mask a tensor carries, as a tensor of its own: what [`SymbolicTensor::mask`] gives.
+struct MaskOf {
+    shape: Vec<usize>,
+}
+
+impl Layer for MaskOf {
+    fn kind(&self) -> &'static str {
+        "mask"
+    }
+    fn given_name(&self) -> Option<&str> {
+        None
+    }
+    fn output_shape(&self, _input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        Ok(self.shape.clone())
+    }
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
+        // Called without masks, the tensor's mask is missing: the error below says so.
+        self.call_with_masks(inputs, &[], ctx)
+    }
+    fn call_with_masks(
+        &self,
+        _inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        _ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        masks.first().cloned().flatten().ok_or_else(|| {
+            Error::Graph(
+                "the tensor whose mask was read carries none in this pass: a layer's \
+                 compute_mask made a mask when the graph was built but not at run time; make \
+                 both agree"
+                    .into(),
+            )
+        })
+    }
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        // A mask carries no mask of its own.
+        Ok(None)
     }
 }
 
@@ -96,12 +260,17 @@ pub(crate) enum NodeOp {
     Layer {
         layer: SharedLayer,
         inputs: Vec<SymbolicTensor>,
+        /// The explicit masks, one per input (`None`: the mask that input carries); empty
+        /// when none was given.
+        masks: Vec<Option<SymbolicTensor>>,
     },
 }
 
 pub(crate) struct Node {
     pub(crate) id: usize,
     pub(crate) shape: Vec<usize>,
+    /// The shape of the mask this tensor carries (batch axis left out), if it carries one.
+    pub(crate) mask: Option<Vec<usize>>,
     pub(crate) op: NodeOp,
 }
 
@@ -121,10 +290,54 @@ impl SymbolicTensor {
         self.0.id
     }
 
-    pub(crate) fn parents(&self) -> &[SymbolicTensor] {
+    /// The mask this tensor carries, as a tensor of 0/1 values whose samples have the mask's
+    /// shape (Keras' `x._keras_mask`), or `None` when it carries none. Use it in an added loss,
+    /// or pass it to another layer with [`SharedLayer::apply_with_mask`]. Each call adds a small
+    /// layer (`mask`, `mask_1`, …) that reads the mask: call it once and keep the result.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let ids = Input::new([5]);
+    /// let vectors = Embedding::new(10, 3).mask_zero(true).apply(&ids)?;
+    /// assert_eq!(vectors.mask().unwrap().shape(), &[5]);
+    /// let pooled = GlobalAveragePooling1D::new().apply(&vectors)?;
+    /// assert!(pooled.mask().is_none()); // pooling over time drops the mask, as in Keras
+    /// assert!(ids.mask().is_none());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn mask(&self) -> Option<SymbolicTensor> {
+        let shape = self.0.mask.clone()?;
+        let layer = SharedLayer::new(Box::new(MaskOf {
+            shape: shape.clone(),
+        }));
+        Some(SymbolicTensor(Arc::new(Node {
+            id: next_id(),
+            shape,
+            mask: None,
+            op: NodeOp::Layer {
+                layer,
+                inputs: vec![self.clone()],
+                masks: Vec::new(),
+            },
+        })))
+    }
+
+    /// The tensors this one is made from: the layer's inputs, then its explicit masks.
+    pub(crate) fn parents(&self) -> Vec<&SymbolicTensor> {
+        match &self.0.op {
+            NodeOp::Input { .. } => Vec::new(),
+            NodeOp::Layer { inputs, masks, .. } => {
+                inputs.iter().chain(masks.iter().flatten()).collect()
+            }
+        }
+    }
+
+    /// The explicit masks of the layer application that made this tensor, one per input
+    /// (empty when none was given).
+    pub(crate) fn explicit_masks(&self) -> &[Option<SymbolicTensor>] {
         match &self.0.op {
             NodeOp::Input { .. } => &[],
-            NodeOp::Layer { inputs, .. } => inputs,
+            NodeOp::Layer { masks, .. } => masks,
         }
     }
 }
@@ -175,6 +388,7 @@ impl Input {
         SymbolicTensor(Arc::new(Node {
             id: next_id(),
             shape,
+            mask: None,
             op: NodeOp::Input { name },
         }))
     }

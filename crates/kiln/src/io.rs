@@ -20,7 +20,11 @@ pub(crate) fn io_error(path: &Path, source: std::io::Error) -> Error {
 /// Writes `path` through `write`, which receives a temporary path beside it; on success the
 /// temporary file is flushed to disk and renamed over `path`. On failure it is removed and
 /// `path` is left as it was.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub fn write_atomically(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let path = path.as_ref();
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::Data(format!("{}: not a file path", path.display())))?;
@@ -128,7 +132,8 @@ impl RunLock {
     /// # Errors
     /// When another process holds the lock (the message names the folder and that process's
     /// id), or when the folder or lock file cannot be created.
-    pub fn acquire(dir: &Path) -> Result<RunLock> {
+    pub fn acquire(dir: impl AsRef<Path>) -> Result<RunLock> {
+        let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let path = dir.join(Self::FILE);
         let mut file = std::fs::OpenOptions::new()

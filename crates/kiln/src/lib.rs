@@ -44,6 +44,7 @@ pub mod initializers;
 pub mod io;
 pub mod keras;
 pub mod layers;
+pub mod loss_weighting;
 pub mod losses;
 pub mod metrics;
 pub mod model;
@@ -65,7 +66,8 @@ pub use error::{Error, Result};
 pub use graph::{Input, SharedLayer, SymbolicTensor};
 pub use initializers::Initializer;
 pub use model::{
-    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+    AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, ProbabilityRule, Sequential,
+    Tensors, TermGradient, TermGradients,
 };
 pub use reduction::Reduction;
 
@@ -95,7 +97,7 @@ pub mod prelude {
         Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
         GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
         LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
-        Padding, Permute, Reshape,
+        NotEqual, Padding, Permute, Reshape,
     };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,
@@ -107,7 +109,8 @@ pub mod prelude {
         TopKCategoricalAccuracy,
     };
     pub use crate::model::{
-        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, Sequential, Tensors,
+        AddedLoss, BatchGradients, Compile, Fit, History, Logs, Model, ProbabilityRule, Sequential,
+        Tensors,
     };
     pub use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
     pub use crate::reduction::Reduction;

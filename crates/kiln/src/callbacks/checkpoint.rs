@@ -40,11 +40,17 @@ pub struct Checkpoint {
     /// `None` in checkpoints written before freezing existed, which change no layer.
     #[serde(default)]
     pub frozen_layers: Option<Vec<String>>,
+    /// The loss weighting strategy's name and state ([`crate::loss_weighting::Strategy::state`]);
+    /// its variables are tensors of the file (`loss_weighting/<name>`).
+    #[serde(default)]
+    pub loss_weighting: Option<(String, serde_json::Value)>,
 }
 
 /// The metadata keys of a checkpoint file.
 const META_CHECKPOINT: &str = "kiln.checkpoint";
 const META_TENSORS: &str = "kiln.tensors";
+/// The prefix of a loss weighting strategy's variables among a checkpoint's tensors.
+const LOSS_WEIGHTING: &str = "loss_weighting/";
 
 /// The CRC-32 of every tensor's bytes, in name order: what the manifest promises.
 fn manifest(tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<Vec<(String, u32)>> {
@@ -94,6 +100,10 @@ impl Model {
             run: self.run_identity.clone(),
             callback_tensors: Vec::new(),
             frozen_layers: Some(self.frozen_layers()),
+            loss_weighting: compiled.weighting.as_ref().map(|w| {
+                let s = w.lock();
+                (s.name().to_string(), s.state())
+            }),
         };
         std::fs::create_dir_all(dir).map_err(|e| crate::io::io_error(dir, e))?;
         let mut tensors = std::collections::BTreeMap::new();
@@ -104,11 +114,22 @@ impl Model {
                 w.var.as_tensor().contiguous()?,
             );
         }
+        // A strategy's variables are saved, and optimized, as weights named
+        // `loss_weighting/<name>`.
+        let mut named: Vec<(String, candle_core::Var)> = weights
+            .iter()
+            .map(|w| (w.name.clone(), w.var.clone()))
+            .collect();
+        for (name, var) in compiled.weighting.iter().flat_map(|w| &w.variables) {
+            let name = format!("{LOSS_WEIGHTING}{name}");
+            tensors.insert(name.clone(), var.as_tensor().contiguous()?);
+            named.push((name, var.clone()));
+        }
         for (slot, id, value) in compiled.optimizer.state() {
-            let Some(w) = weights.iter().find(|w| w.var.as_tensor().id() == id) else {
+            let Some((name, _)) = named.iter().find(|(_, v)| v.as_tensor().id() == id) else {
                 continue;
             };
-            tensors.insert(format!("optimizer/{slot}/{}", w.name), value.contiguous()?);
+            tensors.insert(format!("optimizer/{slot}/{name}"), value.contiguous()?);
         }
         for (i, named) in self.callback_tensors.iter().enumerate() {
             for (name, t) in named {
@@ -163,8 +184,55 @@ impl Model {
         }
         let mut optimizer_state = Vec::new();
         let mut callback_tensors: Vec<Vec<(String, Tensor)>> = Vec::new();
+        // The strategy's variables, as weights named `loss_weighting/<name>`.
+        let strategy_vars: Vec<(String, candle_core::Var)> = self
+            .compiled
+            .as_ref()
+            .and_then(|c| c.weighting.as_ref())
+            .map(|w| {
+                w.variables
+                    .iter()
+                    .map(|(n, v)| (format!("{LOSS_WEIGHTING}{n}"), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let saved = meta.loss_weighting.as_ref().map(|(n, _)| n.as_str());
+        let ours = self
+            .compiled
+            .as_ref()
+            .and_then(|c| c.weighting.as_ref())
+            .map(|w| w.lock().name().to_string());
+        if saved != ours.as_deref() {
+            return Err(bad(format!(
+                "the checkpoint was written with loss weighting {}, and this model is compiled \
+                 with {}: resume with the same strategy",
+                saved.map_or("none".into(), |n| format!("`{n}`")),
+                ours.map_or("none".into(), |n| format!("`{n}`"))
+            )));
+        }
+        for (name, var) in &strategy_vars {
+            let t = tensors.get(name).ok_or_else(|| {
+                bad(format!(
+                    "no `{name}`: the checkpoint's loss weighting is for other terms"
+                ))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(bad(format!(
+                    "`{name}` has shape {:?}, the strategy's {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+        }
         for (key, value) in &tensors {
-            if let Some(name) = key.strip_prefix("weights/") {
+            if key.starts_with(LOSS_WEIGHTING) {
+                if !strategy_vars.iter().any(|(n, _)| n == key) {
+                    return Err(bad(format!(
+                        "tensor `{key}` is a loss weighting variable this model's strategy does \
+                         not have: the checkpoint is for other terms"
+                    )));
+                }
+            } else if let Some(name) = key.strip_prefix("weights/") {
                 if !weights.iter().any(|w| w.name == name) {
                     return Err(bad(format!(
                         "weight `{name}` is not in this model: the checkpoint is from another model"
@@ -174,19 +242,29 @@ impl Model {
                 let (slot, name) = rest
                     .split_once('/')
                     .ok_or_else(|| bad(format!("tensor `{key}` is not a kiln optimizer slot")))?;
-                let w = weights.iter().find(|w| w.name == name).ok_or_else(|| {
-                    bad(format!(
-                        "optimizer state `{key}` is for a weight this model does not have"
-                    ))
-                })?;
-                if value.dims() != w.var.dims() {
+                let var = weights
+                    .iter()
+                    .find(|w| w.name == name)
+                    .map(|w| w.var.clone())
+                    .or_else(|| {
+                        strategy_vars
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map(|(_, v)| v.clone())
+                    })
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "optimizer state `{key}` is for a weight this model does not have"
+                        ))
+                    })?;
+                if value.dims() != var.dims() {
                     return Err(bad(format!(
                         "optimizer state `{key}` has shape {:?}, its weight {:?}",
                         value.dims(),
-                        w.var.dims()
+                        var.dims()
                     )));
                 }
-                optimizer_state.push((slot.to_string(), w.var.clone(), value.clone()));
+                optimizer_state.push((slot.to_string(), var, value.clone()));
             } else if let Some(rest) = key.strip_prefix("callbacks/") {
                 let (index, name) = rest
                     .split_once('/')
@@ -207,6 +285,9 @@ impl Model {
             let t = &tensors[&format!("weights/{}", w.name)];
             w.var.set(&t.to_dtype(dtype)?)?;
         }
+        for (name, var) in &strategy_vars {
+            var.set(&tensors[name].to_dtype(dtype)?)?;
+        }
         let compiled = self
             .compiled
             .as_mut()
@@ -218,6 +299,9 @@ impl Model {
                 .map_err(|e| bad(e.to_string()))?;
         }
         compiled.iterations = meta.iterations;
+        if let (Some(w), Some((_, state))) = (&compiled.weighting, &meta.loss_weighting) {
+            w.lock().load_state(state).map_err(|e| bad(e.to_string()))?;
+        }
         compiled.optimizer.set_learning_rate(meta.learning_rate);
         if let Some(frozen) = &meta.frozen_layers {
             let layers: Vec<String> = self.layer_names().iter().map(|l| l.to_string()).collect();

@@ -51,6 +51,15 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Check losses (built-in or registered names) against what training relies on: one value
+    /// per sample on several shapes and batch sizes, the gradient against finite differences
+    /// in f64, finite values at probabilities 0 and 1, logits ±100 and zeros, and the
+    /// reductions with sample weights and masks. Exits non-zero when a check fails.
+    CheckLoss {
+        /// The losses' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Evaluate saved weights: the loss broken down by term, and the metrics. A run folder
     /// (or its model.json) evaluates on the very rows training held out, prepared as training
     /// prepared them.
@@ -189,6 +198,7 @@ pub fn main() -> ExitCode {
             catalogue::print();
             Ok(true)
         }
+        Command::CheckLoss { names } => check_losses(&names),
         Command::Conformance {
             against: Against::Keras { files },
         } => conformance(&files),
@@ -452,6 +462,17 @@ fn export(run: &Path, weights: Option<&Path>, out: &Path) -> crate::Result<()> {
 }
 
 /// Runs the Keras reference files; true when every case passed.
+/// `kiln check-loss`: each loss's report; false when one failed.
+fn check_losses(names: &[String]) -> crate::Result<bool> {
+    let mut passed = true;
+    for name in names {
+        let report = crate::losses::check(name.as_str())?;
+        println!("{report}");
+        passed &= report.passed();
+    }
+    Ok(passed)
+}
+
 fn conformance(files: &[PathBuf]) -> crate::Result<bool> {
     let mut report = crate::conformance::Report::default();
     for file in files {

@@ -221,7 +221,8 @@ fn read_table(path: &Path, options: &ReadOptions) -> Result<Table> {
 ///
 /// [`Error::Io`] if the file cannot be opened; [`Error::Data`] naming the file when it has no
 /// header row.
-pub fn csv_columns(path: &Path) -> Result<Vec<String>> {
+pub fn csv_columns(path: impl AsRef<Path>) -> Result<Vec<String>> {
+    let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -291,11 +292,12 @@ pub fn load_csv(
 ///
 /// As [`load_csv`]; non-finite cells only when `options` refuses them.
 pub fn load_csv_with(
-    path: &Path,
+    path: impl AsRef<Path>,
     label_columns: &[String],
     options: &ReadOptions,
     device: &Device,
 ) -> Result<Dataset> {
+    let path = path.as_ref();
     let table = read_table(path, options)?;
     let header = &table.header;
     let mut label_index = Vec::new();
@@ -387,10 +389,11 @@ pub fn load_csv_features(path: impl AsRef<Path>, device: &Device) -> Result<Tens
 ///
 /// As [`load_csv_features`]; non-finite cells only when `options` refuses them.
 pub fn load_csv_features_with(
-    path: &Path,
+    path: impl AsRef<Path>,
     options: &ReadOptions,
     device: &Device,
 ) -> Result<Tensor> {
+    let path = path.as_ref();
     let table = read_table(path, options)?;
     let width = table.header.len();
     Ok(Tensor::from_vec(table.values, (table.rows, width), device)?)
@@ -522,11 +525,12 @@ pub fn load_npz(path: impl AsRef<Path>, names: &[&str], device: &Device) -> Resu
 ///
 /// As [`load_npz`]; non-finite values only when `options` refuses them.
 pub fn load_npz_with(
-    path: &Path,
+    path: impl AsRef<Path>,
     names: &[&str],
     options: &ReadOptions,
     device: &Device,
 ) -> Result<Vec<Tensor>> {
+    let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         data_err(

@@ -125,20 +125,117 @@ pub(crate) fn blobs(
     )
 }
 
-/// `classes` interleaved 2-D spirals with Gaussian noise of standard deviation `noise`.
+/// Interleaved 2-D spirals, one per class, with Gaussian noise, integer labels, from a seed.
 ///
 /// ```
-/// let d = kiln::data::spirals(200, 2, 0.1, 1, &candle_core::Device::Cpu)?;
-/// assert_eq!(d.len(), 200);
-/// assert!(kiln::data::spirals(200, 2, f64::NAN, 1, &candle_core::Device::Cpu).is_err());
+/// use kiln::data::Spirals;
+/// let cpu = kiln::candle::Device::Cpu;
+/// let d = Spirals::new(200).classes(3).noise(0.05).seed(1).generate(&cpu)?;
+/// assert_eq!((d.len(), d.inputs()[0].dims()[1]), (200, 2));
+/// assert!(Spirals::new(200).noise(f64::NAN).generate(&cpu).is_err());
 /// # Ok::<(), kiln::Error>(())
 /// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spirals {
+    samples: usize,
+    classes: usize,
+    noise: f64,
+    seed: u64,
+}
+
+impl Spirals {
+    /// `samples` samples on 2 spirals, noise 0.1, seed 0 (the run file's defaults).
+    pub fn new(samples: usize) -> Self {
+        Self {
+            samples,
+            classes: 2,
+            noise: 0.1,
+            seed: 0,
+        }
+    }
+    /// The number of classes (spirals).
+    pub fn classes(mut self, classes: usize) -> Self {
+        self.classes = classes;
+        self
+    }
+    /// The standard deviation of the Gaussian noise added to each coordinate.
+    pub fn noise(mut self, noise: f64) -> Self {
+        self.noise = noise;
+        self
+    }
+    /// The seed the points are drawn from.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// Draws the data set.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidArgument`] unless `samples >= classes >= 1` and `noise` is finite
+    /// and non-negative.
+    pub fn generate(&self, device: &Device) -> Result<Dataset> {
+        spirals(self.samples, self.classes, self.noise, self.seed, device)
+    }
+}
+
+/// A noisy linear regression, `y = x·w + b + noise·N(0, 1)` with random `w` and `b` and `x`
+/// uniform in `[-1, 1]`; targets of shape `[samples, 1]`, from a seed.
 ///
-/// # Errors
-///
-/// [`crate::Error::InvalidArgument`] unless `samples >= classes >= 1` and `noise` is finite and
-/// non-negative.
-pub fn spirals(
+/// ```
+/// use kiln::data::Regression;
+/// let cpu = kiln::candle::Device::Cpu;
+/// let d = Regression::new(100).features(4).noise(0.1).seed(3).generate(&cpu)?;
+/// assert_eq!(d.targets()[0].dims(), &[100, 1]);
+/// assert!(Regression::new(100).noise(-1.0).generate(&cpu).is_err());
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Regression {
+    samples: usize,
+    features: usize,
+    noise: f64,
+    seed: u64,
+}
+
+impl Regression {
+    /// `samples` samples of 4 features, noise 0.1, seed 0 (the run file's defaults).
+    pub fn new(samples: usize) -> Self {
+        Self {
+            samples,
+            features: 4,
+            noise: 0.1,
+            seed: 0,
+        }
+    }
+    /// The number of features.
+    pub fn features(mut self, features: usize) -> Self {
+        self.features = features;
+        self
+    }
+    /// The standard deviation of the Gaussian noise added to each target.
+    pub fn noise(mut self, noise: f64) -> Self {
+        self.noise = noise;
+        self
+    }
+    /// The seed the data is drawn from.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// Draws the data set.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidArgument`] unless there is at least one sample and one feature,
+    /// the product can be counted, and `noise` is finite and non-negative.
+    pub fn generate(&self, device: &Device) -> Result<Dataset> {
+        regression(self.samples, self.features, self.noise, self.seed, device)
+    }
+}
+
+/// [`Spirals`] from its numbers (the run file's `[data]` keys).
+pub(crate) fn spirals(
     samples: usize,
     classes: usize,
     noise: f64,
@@ -166,20 +263,8 @@ pub fn spirals(
     )
 }
 
-/// `y = x·w + b + noise` with random `w`, `b`; targets of shape `[samples, 1]`.
-///
-/// ```
-/// let d = kiln::data::regression(100, 4, 0.1, 3, &candle_core::Device::Cpu)?;
-/// assert_eq!(d.targets()[0].dims(), &[100, 1]);
-/// assert!(kiln::data::regression(100, 4, -1.0, 3, &candle_core::Device::Cpu).is_err());
-/// # Ok::<(), kiln::Error>(())
-/// ```
-///
-/// # Errors
-///
-/// [`crate::Error::InvalidArgument`] unless there is at least one sample and one feature, the
-/// product can be counted, and `noise` is finite and non-negative.
-pub fn regression(
+/// [`Regression`] from its numbers (the run file's `[data]` keys).
+pub(crate) fn regression(
     samples: usize,
     features: usize,
     noise: f64,

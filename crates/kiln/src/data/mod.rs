@@ -14,8 +14,8 @@ pub use files::{
     load_idx_with, load_npy, load_npy_with, load_npz, load_npz_with, write_predictions,
     ReadOptions, DEFAULT_MAX_BYTES,
 };
-pub(crate) use generated::blobs;
-pub use generated::{regression, spirals, Blobs};
+pub(crate) use generated::{blobs, regression, spirals};
+pub use generated::{Blobs, Regression, Spirals};
 
 /// One-hot encodes integer labels of shape `[n]` (or `[n, 1]`) into `[n, classes]`.
 ///

@@ -1,8 +1,10 @@
 //! Writing a `.keras` file: the architecture an imported model came with, and its current
 //! weights at the places Keras reads them from.
 
+use super::graph::GroupNames;
 use super::h5::Tree;
 use crate::error::{Error, Result};
+use crate::model::GraphView;
 use crate::model::Model;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -52,41 +54,118 @@ fn batch_shape(shape: &[usize]) -> Value {
     Value::Array(s)
 }
 
-/// A model built in kiln: a Functional config written from its graph, layer by layer.
+/// The layers of a kiln graph in the order Keras' `map_graph` lists a Functional model's
+/// operations once it is loaded: by depth from the outputs (deepest first), ties broken by the
+/// order a depth-first walk from the outputs first meets them. Keras names each layer's group in
+/// the weights file by its place in that list (`dense`, `dense_1`, …), so the config must list
+/// the layers in the same order for the weights to land where Keras reads them.
+fn keras_operation_order(view: &GraphView) -> Vec<String> {
+    // Nodes: the inputs (`Input(i)`) and the steps (`Step(s)`), each of one operation.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    enum N {
+        Input(usize),
+        Step(usize),
+    }
+    let mut maker: HashMap<usize, N> = HashMap::new();
+    for (i, (_, id, _)) in view.inputs.iter().enumerate() {
+        maker.insert(*id, N::Input(i));
+    }
+    for (s, step) in view.steps.iter().enumerate() {
+        maker.insert(step.output, N::Step(s));
+    }
+    let op = |n: N| match n {
+        N::Input(i) => view.inputs[i].0.clone(),
+        N::Step(s) => view.steps[s].layer_name.clone(),
+    };
+    let parents = |n: N| -> Vec<N> {
+        match n {
+            N::Input(_) => Vec::new(),
+            N::Step(s) => view.steps[s].inputs.iter().map(|t| maker[t]).collect(),
+        }
+    };
+    // Depth-first from each output: post-order of nodes, pre-order index of operations.
+    let mut finished = std::collections::HashSet::new();
+    let mut post: Vec<N> = Vec::new();
+    let mut index: HashMap<String, i64> = HashMap::new();
+    fn walk(
+        n: N,
+        parents: &dyn Fn(N) -> Vec<N>,
+        op: &dyn Fn(N) -> String,
+        finished: &mut std::collections::HashSet<N>,
+        post: &mut Vec<N>,
+        index: &mut HashMap<String, i64>,
+    ) {
+        if finished.contains(&n) {
+            return;
+        }
+        let len = index.len() as i64;
+        index.entry(op(n)).or_insert(len);
+        for p in parents(n) {
+            walk(p, parents, op, finished, post, index);
+        }
+        finished.insert(n);
+        post.push(n);
+    }
+    for t in &view.outputs {
+        walk(
+            maker[t],
+            &parents,
+            &op,
+            &mut finished,
+            &mut post,
+            &mut index,
+        );
+    }
+    let mut node_depth: HashMap<N, usize> = HashMap::new();
+    let mut op_depth: HashMap<String, usize> = HashMap::new();
+    for &n in post.iter().rev() {
+        let d = *node_depth.entry(n).or_insert(0);
+        let d = d.max(op_depth.get(&op(n)).copied().unwrap_or(0));
+        op_depth.insert(op(n), d);
+        node_depth.insert(n, d);
+        for p in parents(n) {
+            let e = node_depth.entry(p).or_insert(0);
+            *e = (*e).max(d + 1);
+        }
+    }
+    // Inputs that no output depends on come at depth 0, first among equals.
+    for (name, _, _) in &view.inputs {
+        if !op_depth.contains_key(name) {
+            op_depth.insert(name.clone(), 0);
+            index.insert(name.clone(), -1);
+        }
+    }
+    let mut ops: Vec<String> = op_depth.keys().cloned().collect();
+    ops.sort_by_key(|o| (std::cmp::Reverse(op_depth[o]), index[o]));
+    ops
+}
+
+/// A model built in kiln: a Functional config written from its graph, layer by layer, and the
+/// weights where Keras reads them.
 fn save_native(model: &Model, path: &Path) -> Result<()> {
     let view = model.graph_view();
     let shown = path.display();
     // Which tensor is which Keras output: (layer, node index); and every tensor's shape.
     let mut made_by: HashMap<usize, (String, usize)> = HashMap::new();
     let mut shapes: HashMap<usize, Vec<usize>> = HashMap::new();
-    let mut layers = Vec::new();
-    let mut groups: HashMap<&'static str, usize> = HashMap::new();
-    let mut group_name = |snake: &'static str| match groups.get_mut(snake) {
-        Some(n) => {
-            *n += 1;
-            format!("{snake}_{n}")
-        }
-        None => {
-            groups.insert(snake, 0);
-            snake.to_string()
-        }
-    };
-    let mut tree = Tree::default();
+    let mut input_layers: HashMap<String, Value> = HashMap::new();
     for (name, id, shape) in &view.inputs {
         made_by.insert(*id, (name.clone(), 0));
         shapes.insert(*id, shape.clone());
-        layers.push(json!({
-            "module": "keras.layers", "class_name": "InputLayer",
-            "config": { "batch_shape": batch_shape(shape), "dtype": "float32", "sparse": false,
-                        "ragged": false, "name": name },
-            "registered_name": null, "name": name, "inbound_nodes": [],
-        }));
-        group_name("input_layer");
+        input_layers.insert(
+            name.clone(),
+            json!({
+                "module": "keras.layers", "class_name": "InputLayer",
+                "config": { "batch_shape": batch_shape(shape), "dtype": "float32", "sparse": false,
+                            "ragged": false, "name": name },
+                "registered_name": null, "name": name, "inbound_nodes": [],
+            }),
+        );
     }
-    // Layers in order of first application, each with all its nodes.
-    let mut order: Vec<String> = Vec::new();
+    // Every layer with all its nodes, in the order kiln applies them.
     let mut nodes: HashMap<String, Vec<Value>> = HashMap::new();
-    let mut first: HashMap<String, (&crate::model::StepView, Vec<usize>)> = HashMap::new();
+    let mut first: HashMap<String, &crate::model::StepView> = HashMap::new();
+    let mut build_shapes: HashMap<String, Value> = HashMap::new();
     for step in &view.steps {
         let args: Vec<Value> = step
             .inputs
@@ -107,56 +186,78 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
         made_by.insert(step.output, (step.layer_name.clone(), k));
         shapes.insert(step.output, step.shape.clone());
         if k == 0 {
-            order.push(step.layer_name.clone());
-            first.insert(
-                step.layer_name.clone(),
-                (step, shapes[&step.inputs[0]].clone()),
-            );
+            let input_shape = match step.inputs.as_slice() {
+                [one] => batch_shape(&shapes[one]),
+                many => Value::Array(many.iter().map(|i| batch_shape(&shapes[i])).collect()),
+            };
+            first.insert(step.layer_name.clone(), step);
+            build_shapes.insert(step.layer_name.clone(), input_shape);
         }
     }
-    for name in &order {
-        let (step, input_shape) = &first[name];
+    let mut groups = GroupNames::default();
+    let mut tree = Tree::default();
+    let mut layers = Vec::new();
+    for name in keras_operation_order(&view) {
+        if let Some(input) = input_layers.remove(&name) {
+            groups.next("input_layer");
+            layers.push(input);
+            continue;
+        }
+        let step = first[&name];
         let layer = step.layer.lock();
         let described = layer.keras_config();
         let kind = layer.kind();
-        // Unlocked before the weights are read: reading them locks every layer.
+        let weights = layer.weights();
         drop(layer);
         let (class, mut config) = described.ok_or_else(|| {
             Error::Data(format!(
-                "{shown}: layer `{name}` ({}) cannot be written as Keras yet: save_keras writes \
-                 models imported from Keras, and kiln-built models of Dense, Activation, Dropout \
-                 and Flatten layers with L1/L2 regularizers",
-                kind
+                "{shown}: layer `{name}` ({kind}) cannot be written as Keras: Keras has no layer \
+                 with its configuration (a layer of your own, a custom regularizer, or an option \
+                 Keras lacks such as causal pooling); nothing was written"
             ))
         })?;
         config["name"] = name.clone().into();
-        config["trainable"] = true.into();
+        config["trainable"] = step.layer.is_trainable().into();
         config["dtype"] = "float32".into();
         let snake = super::layers::snake_name(class).unwrap_or("layer");
-        let group = format!("layers/{}/vars", group_name(snake));
-        let vars = tree.group(&group);
-        vars.set_name(name);
-        let keras_order: &[&str] = match class {
-            "Dense" => &["kernel", "bias"],
-            _ => &[],
-        };
-        let mut i = 0;
-        for w in keras_order {
-            if let Ok(weight) = model.weight(&format!("{name}/{w}")) {
-                let t = weight.var.as_tensor();
-                let values = t
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
-                vars.dataset(&i.to_string(), t.dims().to_vec(), values);
-                i += 1;
-            }
+        let (order, in_cell) = super::layers::keras_weights(class);
+        let group = groups.next(snake);
+        let vars = tree.group(&if in_cell {
+            format!("layers/{group}/cell/vars")
+        } else {
+            format!("layers/{group}/vars")
+        });
+        vars.set_name(&name);
+        let mut written = 0;
+        for (i, w) in order
+            .iter()
+            .filter_map(|w| {
+                weights
+                    .iter()
+                    .find(|x| x.name.rsplit('/').next() == Some(*w))
+            })
+            .enumerate()
+        {
+            let t = w.var.as_tensor();
+            let values = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            vars.dataset(&i.to_string(), t.dims().to_vec(), values);
+            written += 1;
+        }
+        if written != weights.len() {
+            return Err(Error::Data(format!(
+                "{shown}: layer `{name}` ({class}) has weights {:?}, of which Keras' {class} \
+                 stores only {order:?}; nothing was written",
+                weights.iter().map(|w| w.name.as_str()).collect::<Vec<_>>()
+            )));
         }
         layers.push(json!({
             "module": "keras.layers", "class_name": class, "config": config,
             "registered_name": null, "name": name,
-            "build_config": { "input_shape": batch_shape(input_shape) },
-            "inbound_nodes": nodes.remove(name).unwrap_or_default(),
+            "build_config": { "input_shape": build_shapes[&name] },
+            "inbound_nodes": nodes.remove(&name).unwrap_or_default(),
         }));
     }
     let ends = |ids: Vec<usize>| -> Vec<Value> {

@@ -7,6 +7,7 @@ use super::json::{error_at, short, Obj};
 use super::layers::{self, Made};
 use crate::error::Result;
 use crate::graph::{Input, SharedLayer, SymbolicTensor};
+use crate::layers::{LayerExt, NotEqual};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -28,13 +29,14 @@ type Ref = (String, usize, usize);
 enum Built {
     /// An `InputLayer`: its tensor is given.
     Input,
-    /// A kiln layer; `true` for an `Embedding(mask_zero=True)`, whose mask kiln carries.
-    Layer(SharedLayer, bool),
+    /// A kiln layer.
+    Layer(SharedLayer),
     /// A nested model.
     Nested(Rc<Graph>),
-    /// A `NotEqual(x, 0)` op that computes the mask of an `Embedding(mask_zero=True)` applied
-    /// to `x`: kiln carries that mask itself.
-    Mask,
+    /// A `NotEqual(x, value)` op (`keras.ops.not_equal`), under its kiln layer name: a mask
+    /// for an explicit `mask=` argument (an `Embedding(mask_zero=True)`'s mask is one), made a
+    /// kiln [`NotEqual`] layer. Used as data it is refused.
+    Mask(String),
 }
 
 /// One argument tensor of a node, with the shape Keras recorded for it.
@@ -46,8 +48,11 @@ struct Arg {
 
 struct Node {
     args: Vec<Arg>,
-    /// The mask tensor Keras passes explicitly, if any.
-    mask: Vec<Arg>,
+    /// The masks Keras passes explicitly (`mask=` in the call), one per input (`None`: that
+    /// input's own); empty when the call has none.
+    mask: Vec<Option<Arg>>,
+    /// The value a `NotEqual` node compares with.
+    not_equal: Option<f64>,
     path: String,
 }
 
@@ -78,10 +83,10 @@ pub(crate) struct Reader<'a> {
 
 /// Keras' unique names for the groups of a container's members: `dense`, `dense_1`, ….
 #[derive(Default)]
-struct GroupNames(HashMap<&'static str, usize>);
+pub(crate) struct GroupNames(HashMap<&'static str, usize>);
 
 impl GroupNames {
-    fn next(&mut self, snake: &'static str) -> String {
+    pub(crate) fn next(&mut self, snake: &'static str) -> String {
         match self.0.get_mut(snake) {
             Some(n) => {
                 *n += 1;
@@ -282,14 +287,14 @@ impl<'a> Reader<'a> {
             // An op, not a layer: no group in the weights file. Checked where it is used.
             cfg.ignore(&["name"]);
             cfg.finish("NotEqual")?;
-            return Ok((name, Built::Mask));
+            return Ok((name.clone(), Built::Mask(format!("{prefix}{name}"))));
         }
         if layers::snake_name(class).is_none() {
             return Err(l.error(
                 "class_name",
                 format!(
                     "layer `{name}` is a {class}, which kiln does not have; kiln imports {}",
-                    layers::CLASSES[..25]
+                    layers::CLASSES[..layers::CLASSES.len() - 2]
                         .iter()
                         .map(|(c, _)| *c)
                         .collect::<Vec<_>>()
@@ -302,7 +307,6 @@ impl<'a> Reader<'a> {
             None => None,
         };
         let kiln_name = format!("{prefix}{name}");
-        let zero_mask = class == "Embedding" && cfg.get("mask_zero") == Some(&Value::Bool(true));
         let Made {
             layer,
             weights,
@@ -319,12 +323,12 @@ impl<'a> Reader<'a> {
             },
             weights,
         });
-        Ok((name, Built::Layer(layer, zero_mask)))
+        Ok((name, Built::Layer(layer)))
     }
 
     fn functional(&mut self, cfg: &Obj, prefix: &str, h5: &str) -> Result<Graph> {
         let name = cfg.str("name")?.to_string();
-        layers::check_trainable(cfg, &name)?;
+        let trainable = layers::model_trainable(cfg)?;
         layers::check_dtype(cfg)?;
         let list = cfg
             .required("layers")?
@@ -381,7 +385,7 @@ impl<'a> Reader<'a> {
             specs.push(s.clone());
         }
         cfg.finish("a Functional model")?;
-        Ok(Graph {
+        let graph = Graph {
             name,
             entries,
             inputs,
@@ -389,7 +393,11 @@ impl<'a> Reader<'a> {
             input_specs: specs,
             sequential: false,
             path: cfg.path.clone(),
-        })
+        };
+        if !trainable {
+            graph.freeze();
+        }
+        Ok(graph)
     }
 
     fn node(&self, n: &Value, path: String, built: &Built) -> Result<Node> {
@@ -399,7 +407,8 @@ impl<'a> Reader<'a> {
             .as_array()
             .ok_or_else(|| o.error("args", "expected a list"))?;
         let mut args = Vec::new();
-        let is_mask = matches!(built, Built::Mask);
+        let mut not_equal = None;
+        let is_mask = matches!(built, Built::Mask(_));
         for (i, a) in args_v.iter().enumerate() {
             let apath = o.at(&format!("args[{i}]"));
             match a {
@@ -409,7 +418,9 @@ impl<'a> Reader<'a> {
                     }
                 }
                 Value::Object(_) if i == 0 => args.push(tensor_arg(self.file, apath, a)?),
-                v if is_mask && i == 1 && v.as_f64() == Some(0.0) => {}
+                v if is_mask && i == 1 && v.as_f64().is_some_and(f64::is_finite) => {
+                    not_equal = v.as_f64();
+                }
                 v => {
                     return Err(error_at(
                         self.file,
@@ -422,10 +433,11 @@ impl<'a> Reader<'a> {
                 }
             }
         }
-        if is_mask && args.len() != 1 {
+        if is_mask && (args.len() != 1 || not_equal.is_none()) {
             return Err(o.error(
                 "args",
-                "kiln reads NotEqual only as the mask of an Embedding: NotEqual(tokens, 0)",
+                "kiln reads NotEqual as a mask of one tensor and a number: \
+                 keras.ops.not_equal(tokens, 0)",
             ));
         }
         let kw = o.obj("kwargs")?;
@@ -436,12 +448,14 @@ impl<'a> Reader<'a> {
                 Value::Null => {}
                 Value::Array(items) => {
                     for (j, t) in items.iter().enumerate() {
-                        if !t.is_null() {
-                            mask.push(tensor_arg(self.file, format!("{mpath}[{j}]"), t)?);
-                        }
+                        mask.push(if t.is_null() {
+                            None
+                        } else {
+                            Some(tensor_arg(self.file, format!("{mpath}[{j}]"), t)?)
+                        });
                     }
                 }
-                t => mask.push(tensor_arg(self.file, mpath, t)?),
+                t => mask.push(Some(tensor_arg(self.file, mpath, t)?)),
             }
         }
         // Keras' fit and predict set the training flag of every call themselves.
@@ -452,12 +466,20 @@ impl<'a> Reader<'a> {
         )?;
         kw.finish("a call")?;
         o.finish("a node")?;
-        Ok(Node { args, mask, path })
+        if mask.iter().all(Option::is_none) {
+            mask.clear();
+        }
+        Ok(Node {
+            args,
+            mask,
+            not_equal,
+            path,
+        })
     }
 
     fn sequential(&mut self, cfg: &Obj, prefix: &str, h5: &str) -> Result<Graph> {
         let name = cfg.str("name")?.to_string();
-        layers::check_trainable(cfg, &name)?;
+        let trainable = layers::model_trainable(cfg)?;
         layers::check_dtype(cfg)?;
         let list = cfg
             .required("layers")?
@@ -488,7 +510,7 @@ impl<'a> Reader<'a> {
                 continue;
             }
             let (lname, built) = self.member(&l, prefix, h5, &mut groups)?;
-            if matches!(built, Built::Mask) {
+            if matches!(built, Built::Mask(_)) {
                 return Err(l.error("class_name", "NotEqual has no place in a Sequential model"));
             }
             l.finish("a layer entry")?;
@@ -512,7 +534,7 @@ impl<'a> Reader<'a> {
         };
         cfg.ignore(&["build_input_shape"]);
         cfg.finish("a Sequential model")?;
-        Ok(Graph {
+        let graph = Graph {
             name,
             entries,
             inputs: Vec::new(),
@@ -520,11 +542,26 @@ impl<'a> Reader<'a> {
             input_specs: vec![input],
             sequential: true,
             path: cfg.path.clone(),
-        })
+        };
+        if !trainable {
+            graph.freeze();
+        }
+        Ok(graph)
     }
 }
 
 impl Graph {
+    /// Freezes every layer of the model, nested models' included.
+    fn freeze(&self) {
+        for e in &self.entries {
+            match &e.built {
+                Built::Layer(l) => l.set_trainable(false),
+                Built::Nested(g) => g.freeze(),
+                Built::Input | Built::Mask(_) => {}
+            }
+        }
+    }
+
     /// The top-level model's inputs as kiln inputs, named as in Keras.
     pub(crate) fn kiln_inputs(&self) -> Vec<SymbolicTensor> {
         self.input_specs
@@ -564,7 +601,7 @@ impl Graph {
             let mut x = inputs[0].clone();
             for e in &self.entries {
                 x = match &e.built {
-                    Built::Layer(l, _) => l
+                    Built::Layer(l) => l
                         .apply(&x)
                         .map_err(|err| at(format!("layer `{}`: {err}", e.name)))?,
                     Built::Nested(g) => {
@@ -578,7 +615,9 @@ impl Graph {
                         }
                         out.remove(0)
                     }
-                    Built::Input | Built::Mask => unreachable!("not kept in a Sequential model"),
+                    Built::Input | Built::Mask(_) => {
+                        unreachable!("not kept in a Sequential model")
+                    }
                 };
             }
             return Ok(vec![x]);
@@ -587,8 +626,8 @@ impl Graph {
         for (r, t) in self.inputs.iter().zip(inputs) {
             values.insert(r.clone(), t.clone());
         }
-        // The explicit masks: NotEqual nodes, by their output, with the tensor they test.
-        let mut masks: HashMap<Ref, Ref> = HashMap::new();
+        // The outputs of NotEqual nodes: masks, never data.
+        let mut masks: std::collections::HashSet<Ref> = Default::default();
         let mut done: Vec<Vec<bool>> = self
             .entries
             .iter()
@@ -605,17 +644,26 @@ impl Graph {
                     let ready = node
                         .args
                         .iter()
-                        .chain(&node.mask)
-                        .all(|a| values.contains_key(&a.r) || masks.contains_key(&a.r));
+                        .chain(node.mask.iter().flatten())
+                        .all(|a| values.contains_key(&a.r));
                     if !ready {
                         pending.get_or_insert((&e.name, node));
                         continue;
                     }
                     let mut xs = Vec::new();
                     for a in &node.args {
-                        let t = values.get(&a.r).ok_or_else(|| {
-                            error_at(file, &a.path, format!("the mask `{}` is used as data: kiln reads NotEqual only as the mask of an Embedding", a.r.0))
-                        })?;
+                        if masks.contains(&a.r) {
+                            return Err(error_at(
+                                file,
+                                &a.path,
+                                format!(
+                                    "the mask `{}` is used as data: kiln reads NotEqual only as \
+                                     a mask (a layer's `mask=` argument)",
+                                    a.r.0
+                                ),
+                            ));
+                        }
+                        let t = &values[&a.r];
                         let keras: Vec<Option<usize>> = a.shape.iter().skip(1).copied().collect();
                         let fits = keras.len() == t.shape().len()
                             && keras
@@ -635,24 +683,46 @@ impl Graph {
                         }
                         xs.push(t.clone());
                     }
-                    for m in &node.mask {
-                        self.check_mask(file, m, &masks)?;
-                    }
+                    let explicit: Vec<Option<&SymbolicTensor>> = node
+                        .mask
+                        .iter()
+                        .map(|m| m.as_ref().map(|a| &values[&a.r]))
+                        .collect();
                     let refs: Vec<&SymbolicTensor> = xs.iter().collect();
+                    let layer_error = |err: crate::Error| {
+                        error_at(file, &node.path, format!("layer `{}`: {err}", e.name))
+                    };
                     match &e.built {
-                        Built::Layer(l, _) => {
-                            let y = l.apply_many(&refs).map_err(|err| {
-                                error_at(file, &node.path, format!("layer `{}`: {err}", e.name))
-                            })?;
+                        Built::Layer(l) => {
+                            let y = l
+                                .apply_many_with_masks(&refs, &explicit)
+                                .map_err(layer_error)?;
                             values.insert((e.name.clone(), k, 0), y);
+                        }
+                        Built::Nested(_) if !node.mask.is_empty() => {
+                            return Err(error_at(
+                                file,
+                                &node.path,
+                                format!(
+                                    "model `{}` is given an explicit mask: kiln passes explicit \
+                                     masks to layers only, not into a nested model",
+                                    e.name
+                                ),
+                            ));
                         }
                         Built::Nested(g) => {
                             for (j, y) in g.apply(file, &xs)?.into_iter().enumerate() {
                                 values.insert((e.name.clone(), k, j), y);
                             }
                         }
-                        Built::Mask => {
-                            masks.insert((e.name.clone(), k, 0), node.args[0].r.clone());
+                        Built::Mask(kiln_name) => {
+                            let value = node.not_equal.expect("checked when read");
+                            let y = NotEqual::new(value)
+                                .name(kiln_name.clone())
+                                .apply_many(&refs)
+                                .map_err(layer_error)?;
+                            masks.insert((e.name.clone(), k, 0));
+                            values.insert((e.name.clone(), k, 0), y);
                         }
                         Built::Input => {}
                     }
@@ -684,33 +754,5 @@ impl Graph {
                     .ok_or_else(|| at(format!("output {r:?} is made by no layer")))
             })
             .collect()
-    }
-
-    /// An explicit mask must be the one kiln carries itself: `NotEqual(x, 0)` where `x` feeds an
-    /// `Embedding(mask_zero=True)` of this model.
-    fn check_mask(&self, file: &str, m: &Arg, masks: &HashMap<Ref, Ref>) -> Result<()> {
-        let bad = || {
-            error_at(
-                file,
-                &m.path,
-                format!(
-                    "the explicit mask `{}` is not one kiln computes: kiln carries the masks of \
-                     Embedding(mask_zero=True) and Masking layers itself",
-                    m.r.0
-                ),
-            )
-        };
-        let tested = masks.get(&m.r).ok_or_else(bad)?;
-        let feeds_embedding = self.entries.iter().any(|e| {
-            matches!(&e.built, Built::Layer(_, true))
-                && e.nodes
-                    .iter()
-                    .any(|n| n.args.iter().any(|a| &a.r == tested))
-        });
-        if feeds_embedding {
-            Ok(())
-        } else {
-            Err(bad())
-        }
     }
 }

@@ -120,14 +120,16 @@ impl WeightsFile {
         let dtype = ds
             .dtype()
             .map_err(|e| self.error(&full, format!("has no readable type: {e}")))?;
+        // Integers are counters (Normalization's `count`), read as floats as Keras casts them.
         let width = match dtype {
-            DType::F32 => 4,
-            DType::F64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F64 | DType::I64 | DType::U64 => 8,
             other => {
                 return Err(self.error(
                     &full,
                     format!(
-                        "weight `{weight}` is stored as {other:?}; kiln reads float32 or float64"
+                        "weight `{weight}` is stored as {other:?}; kiln reads float32, float64, \
+                         and 32- or 64-bit integers"
                     ),
                 ))
             }

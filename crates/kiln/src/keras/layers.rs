@@ -10,8 +10,8 @@ use crate::layers::{
     ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
     Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
     GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
-    LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Padding, Permute,
-    Reshape,
+    LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
+    Padding, Permute, Reshape,
 };
 use crate::losses::config::JsonParams;
 use crate::regularizers::SharedRegularizer;
@@ -29,7 +29,7 @@ pub(crate) struct Made {
 }
 
 /// The Keras classes kiln imports, with the name Keras gives their group in the weights file.
-pub(crate) const CLASSES: [(&str, &str); 27] = [
+pub(crate) const CLASSES: [(&str, &str); 28] = [
     ("Dense", "dense"),
     ("Activation", "activation"),
     ("Dropout", "dropout"),
@@ -50,6 +50,7 @@ pub(crate) const CLASSES: [(&str, &str); 27] = [
     ("LayerNormalization", "layer_normalization"),
     ("Embedding", "embedding"),
     ("Masking", "masking"),
+    ("Normalization", "normalization"),
     ("LSTM", "lstm"),
     ("GRU", "gru"),
     ("Concatenate", "concatenate"),
@@ -58,6 +59,20 @@ pub(crate) const CLASSES: [(&str, &str); 27] = [
     ("InputLayer", "input_layer"),
     ("Functional", "functional"),
 ];
+
+/// The weights Keras stores for a layer of `class` (`vars/0`, `vars/1`, … in this order, each
+/// only when the layer has it), and whether they sit in the layer's `cell` group.
+pub(crate) fn keras_weights(class: &str) -> (&'static [&'static str], bool) {
+    match class {
+        "Dense" | "Conv1D" | "Conv2D" => (&["kernel", "bias"], false),
+        "BatchNormalization" => (&["gamma", "beta", "moving_mean", "moving_variance"], false),
+        "LayerNormalization" => (&["gamma", "beta"], false),
+        "Normalization" => (&["mean", "variance", "count"], false),
+        "Embedding" => (&["embeddings"], false),
+        "LSTM" | "GRU" => (&["kernel", "recurrent_kernel", "bias"], true),
+        _ => (&[], false),
+    }
+}
 
 /// The group name Keras gives a layer of this class in the weights file (its snake-case class
 /// name), for the classes kiln knows.
@@ -68,20 +83,10 @@ pub(crate) fn snake_name(class: &str) -> Option<&'static str> {
     }
 }
 
-/// Refuses a layer that Keras would not train: layer freezing comes with issue #14.
-// Connect here once `trainable(false)` exists on layer builders (issue #14).
-pub(crate) fn check_trainable(cfg: &Obj, name: &str) -> Result<()> {
-    if !cfg.bool_or("trainable", true)? {
-        return Err(cfg.error(
-            "trainable",
-            format!(
-                "model `{name}` is frozen as a whole (trainable: false); kiln imports frozen \
-                 layers but not frozen nested models yet: freeze the model's layers one by one \
-                 in Keras (layer.trainable = False) before saving"
-            ),
-        ));
-    }
-    Ok(())
+/// Whether a model config is trainable: a model saved with `trainable: false` as a whole has
+/// every layer in it frozen, as Keras' `model.trainable = False` does.
+pub(crate) fn model_trainable(cfg: &Obj) -> Result<bool> {
+    cfg.bool_or("trainable", true)
 }
 
 /// Requires the float32 dtype policy (kiln computes in float32).
@@ -197,6 +202,48 @@ fn last_axis(cfg: &Obj, key: &str, input_rank: Option<usize>) -> Result<()> {
             ),
         ))
     }
+}
+
+/// A statistic Keras' Normalization was given (`mean=`, `variance=`): a number or nested lists
+/// of numbers, as a tensor of that shape.
+fn stat(cfg: &Obj, key: &str, v: &Value) -> Result<candle_core::Tensor> {
+    // The shape follows the first elements; every element must then fit it.
+    fn walk(v: &Value, shape: &[usize], out: &mut Vec<f64>) -> Option<()> {
+        match (v, shape.split_first()) {
+            (Value::Array(a), Some((&n, rest))) if a.len() == n => {
+                a.iter().try_for_each(|x| walk(x, rest, out))
+            }
+            (x, None) => {
+                out.push(x.as_f64().filter(|f| f.is_finite())?);
+                Some(())
+            }
+            _ => None,
+        }
+    }
+    let mut shape = Vec::new();
+    let mut first = v;
+    while let Value::Array(a) = first {
+        shape.push(a.len());
+        match a.first() {
+            Some(x) => first = x,
+            None => break,
+        }
+    }
+    let mut values = Vec::new();
+    walk(v, &shape, &mut values).ok_or_else(|| {
+        cfg.error(
+            key,
+            format!(
+                "expected a number or nested lists of finite numbers of one shape, got {}",
+                short(v)
+            ),
+        )
+    })?;
+    Ok(candle_core::Tensor::from_vec(
+        values,
+        shape,
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// Regularizers of a layer builder that has the three usual ones.
@@ -470,13 +517,14 @@ pub(crate) fn make(
         "LSTM" | "GRU" => {
             let use_bias = cfg.bool("use_bias")?;
             initializers_and_constraints(cfg, &["kernel", "recurrent", "bias"])?;
-            for key in ["return_state", "go_backwards", "stateful"] {
+            for key in ["return_state", "stateful"] {
                 cfg.expect(key, |v| v == &Value::Bool(false), &format!("{key} = false"))?;
             }
             for key in ["dropout", "recurrent_dropout"] {
                 cfg.expect(key, |v| v.as_f64() == Some(0.0), &format!("{key} = 0"))?;
             }
             let return_sequences = cfg.bool("return_sequences")?;
+            let go_backwards = cfg.bool_or("go_backwards", false)?;
             // Keras' default carries the last output over masked steps, as kiln does.
             cfg.expect(
                 "zero_output_for_mask",
@@ -495,6 +543,7 @@ pub(crate) fn make(
                         .recurrent_activation(rec)
                         .use_bias(use_bias)
                         .return_sequences(return_sequences)
+                        .go_backwards(go_backwards)
                         .name(name);
                     if let Some(r) = regularizer(cfg, "recurrent_regularizer")? {
                         l = l.recurrent_regularizer(r);
@@ -558,6 +607,58 @@ pub(crate) fn make(
                 })?;
             let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
             plain(Permute::new(dims).name(name).shared())
+        }
+        "Normalization" => {
+            let axes = match cfg.required("axis")? {
+                Value::Null => Vec::new(),
+                v => {
+                    let list = match v {
+                        Value::Array(a) => a.clone(),
+                        one => vec![one.clone()],
+                    };
+                    list.iter()
+                        .map(|a| a.as_i64().map(|a| a as isize))
+                        .collect::<Option<Vec<isize>>>()
+                        .ok_or_else(|| {
+                            cfg.error(
+                                "axis",
+                                format!(
+                                    "expected an axis, a list of axes or null, got {}",
+                                    short(v)
+                                ),
+                            )
+                        })?
+                }
+            };
+            let mut n = Normalization::new()
+                .axes(&axes)
+                .invert(cfg.bool_or("invert", false)?)
+                .name(name);
+            let given = (
+                cfg.get("mean").filter(|v| !v.is_null()),
+                cfg.get("variance").filter(|v| !v.is_null()),
+            );
+            let weights =
+                match given {
+                    (None, None) => vec!["mean", "variance", "count"],
+                    (Some(m), Some(v)) => {
+                        let (m, v) = (stat(cfg, "mean", m)?, stat(cfg, "variance", v)?);
+                        n = n
+                            .mean_variance(&m, &v)
+                            .map_err(|e| cfg.error("mean", format!("{e}")))?;
+                        Vec::new()
+                    }
+                    _ => return Err(cfg.error_here(
+                        "Normalization gives `mean` without `variance` or the reverse: give both \
+                         or neither",
+                    )),
+                };
+            Made {
+                layer: n.shared(),
+                weights,
+                in_cell: false,
+                snake,
+            }
         }
         "Masking" => plain(Masking::new(cfg.f64("mask_value")?).name(name).shared()),
         "Concatenate" => {

@@ -35,6 +35,18 @@ pub(crate) struct Source {
     slots: Vec<LayerSlot>,
     /// Each Keras output name with the kiln output it became.
     outputs: Vec<(String, String)>,
+    /// `keras_version` from metadata.json, if it has one.
+    keras_version: Option<String>,
+}
+
+/// The crossentropy rule of the Keras that wrote a file: Keras 2 (`tf.keras`, which writes
+/// `.keras` files from 2.13 on) computes crossentropies of softmax and sigmoid outputs from
+/// their logits; Keras 3 on JAX, kiln's default, from clipped probabilities.
+fn probability_rule_of(keras_version: Option<&str>) -> crate::model::ProbabilityRule {
+    match keras_version.and_then(|v| v.split('.').next()) {
+        Some("2") | Some("1") => crate::model::ProbabilityRule::Logits,
+        _ => crate::model::ProbabilityRule::Clipped,
+    }
 }
 
 /// The compile configuration of the Keras file `model` was imported from: what `[compile]
@@ -54,10 +66,11 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
                 src.file
             ))
         })?;
-    compile::compile(
+    Ok(compile::compile(
         &json::Obj::new(cc, "compile_config", &src.file)?,
         &src.outputs,
-    )
+    )?
+    .probability_rule(probability_rule_of(src.keras_version.as_deref())))
 }
 
 /// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
@@ -82,10 +95,14 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
     let archive = archive::read(path)?;
     let config: serde_json::Value = serde_json::from_slice(&archive.config)
         .map_err(|e| Error::Data(format!("{shown}: config.json is not JSON: {e}")))?;
+    let mut keras_version = None;
     if let Some(meta) = &archive.metadata {
-        if serde_json::from_slice::<serde_json::Value>(meta).is_err() {
-            return Err(Error::Data(format!("{shown}: metadata.json is not JSON")));
-        }
+        let meta: serde_json::Value = serde_json::from_slice(meta)
+            .map_err(|_| Error::Data(format!("{shown}: metadata.json is not JSON")))?;
+        keras_version = meta
+            .get("keras_version")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
     }
     let file = format!("{shown}: config.json");
     let root = json::Obj::new(&config, "", &file)?;
@@ -94,12 +111,15 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         slots: Vec::new(),
     };
     let g = reader.model(&root, "", "layers")?;
+    // The weights file must hold every weight config.json describes, and no other, before any
+    // model is built (its shapes are checked once the model gives them, before any is set).
+    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
+    check_stored(&weights, &reader.slots)?;
     let inputs = g.kiln_inputs();
     let outputs = g.apply(&file, &inputs)?;
     let mut model = Model::builder(&inputs, &outputs)
         .build()
         .map_err(|e| Error::Data(format!("{file}: {e}")))?;
-    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
     load_weights(&model, &weights, &reader.slots)?;
     let names: Vec<(String, String)> = g
         .output_names()
@@ -114,6 +134,7 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         config,
         slots: reader.slots,
         outputs: names,
+        keras_version,
     }));
     if compile && has_compile {
         let c = compile_config_of(&model)?;
@@ -124,13 +145,28 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
     Ok(model)
 }
 
-/// Sets every weight from the file, after all of them have been read and checked: a bad file
-/// changes nothing.
-fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
-    let mut values = Vec::new();
+/// Checks that the weights file stores each layer's weights (`vars/0`, `vars/1`, …) and no
+/// more, naming the first layer and weight that differ.
+fn check_stored(file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
     for slot in slots {
         let stored = file.dataset_names(&slot.vars)?;
         let expected: Vec<String> = (0..slot.weights.len()).map(|i| i.to_string()).collect();
+        if let Some((i, w)) = slot
+            .weights
+            .iter()
+            .enumerate()
+            .find(|(i, _)| !stored.contains(&i.to_string()))
+        {
+            return Err(Error::Data(format!(
+                "{}: /{}/{i}: weight `{}/{w}` of layer `{}` is not stored in the file (kiln \
+                 reads datasets stored in the file itself and never follows soft or external \
+                 links): the weights file does not hold the model config.json describes",
+                file_name(file),
+                slot.vars,
+                slot.kiln,
+                slot.kiln
+            )));
+        }
         if let Some(extra) = stored.iter().find(|n| !expected.contains(n)) {
             return Err(Error::Data(format!(
                 "{}: /{}/{extra}: layer `{}` has {} weight(s) as config.json describes it but the \
@@ -141,6 +177,15 @@ fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> R
                 slot.weights.len()
             )));
         }
+    }
+    Ok(())
+}
+
+/// Sets every weight from the file, after all of them have been read and checked: a bad file
+/// changes nothing.
+fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
+    let mut values = Vec::new();
+    for slot in slots {
         for (i, w) in slot.weights.iter().enumerate() {
             let name = format!("{}/{w}", slot.kiln);
             let weight = model.weight(&name)?;
@@ -204,9 +249,34 @@ impl Model {
     ///
     /// # Errors
     ///
-    /// When the model was built in kiln rather than imported (not supported yet), or the file
-    /// cannot be written.
+    /// When a layer of a kiln-built model has no Keras equivalent (a layer of your own, a
+    /// custom regularizer; the message names it), or the file cannot be written. The compile
+    /// configuration of a kiln-built model is not written (yet): Keras loads it uncompiled.
     pub fn save_keras(&self, path: impl AsRef<Path>) -> Result<()> {
+        // An imported model writes its own config back, explicit masks included.
+        let masked = self.explicitly_masked_layers();
+        if self.keras.is_none() && !masked.is_empty() {
+            return Err(Error::Data(format!(
+                "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
+                 yet: the file would lose them"
+            )));
+        }
         export::save(self, path.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probability_rule_of;
+    use crate::model::ProbabilityRule;
+
+    #[test]
+    fn keras_2_files_get_keras_2s_crossentropy_rule() {
+        assert_eq!(probability_rule_of(Some("2.15.0")), ProbabilityRule::Logits);
+        assert_eq!(
+            probability_rule_of(Some("3.15.1")),
+            ProbabilityRule::Clipped
+        );
+        assert_eq!(probability_rule_of(None), ProbabilityRule::Clipped);
     }
 }

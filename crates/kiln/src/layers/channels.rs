@@ -6,7 +6,7 @@
 //! with a divide and a modulo per element (28 ms for `[128, 26, 26, 32]` → `[32]`, where the
 //! row adds here take well under 1 ms). Other devices and dtypes take the plain candle path.
 
-use crate::cpu::{contiguous, for_each_chunk, with_slice, Real, PARALLEL_MIN_LEN};
+use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, Real, PARALLEL_MIN_LEN};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 /// The element types the ops run on.
@@ -49,25 +49,91 @@ fn sum_blocks(
     total
 }
 
-/// `Σ_rows f(row)` per column of a row-major matrix with `c` columns, `v` holding its rows,
-/// accumulated in f64.
-fn column_sums_by<T: Element>(v: &[T], c: usize, f: impl Fn(usize, T) -> f64 + Sync) -> Vec<f64> {
+/// `Σ_rows v` per column of a row-major matrix with `c` columns, accumulated in f64.
+fn column_sums<T: Element>(v: &[T], c: usize) -> Vec<f64> {
     if c == 0 {
         return Vec::new();
     }
     let block = BLOCK_ROWS * c;
     sum_blocks(v.len(), c, v.len().div_ceil(block), |i, sums| {
-        for row in v[i * block..].chunks_exact(c).take(BLOCK_ROWS) {
-            for (j, (b, &x)) in sums.iter_mut().zip(row).enumerate() {
-                *b += f(j, x);
-            }
-        }
+        let rows = &v[i * block..];
+        add_rows(sums, &rows[..rows.len().min(block)]);
     })
 }
 
-/// `Σ_rows v` per column, accumulated in f64.
-fn column_sums<T: Element>(v: &[T], c: usize) -> Vec<f64> {
-    column_sums_by(v, c, |_, x| x.into())
+vectorized! {
+    /// `sums += Σ_rows rows` per column (`sums.len()` columns), in f64.
+    fn add_rows<T>(sums: &mut [f64], rows: &[T]) {
+        for row in rows.chunks_exact(sums.len()) {
+            for (s, &x) in sums.iter_mut().zip(row) {
+                *s += Into::<f64>::into(x);
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `sums += Σ_rows (rows - mean)²` per column, in f64.
+    fn add_squared_deviations<T>(sums: &mut [f64], rows: &[T], mean: &[f64]) {
+        for row in rows.chunks_exact(sums.len()) {
+            for ((s, &x), &m) in sums.iter_mut().zip(row).zip(mean) {
+                let d = Into::<f64>::into(x) - m;
+                *s += d * d;
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `dy_sums += Σ_rows dy` and `dyx_sums += Σ_rows dy·(x - mean)` per column, in f64.
+    fn add_gradient_sums<T>(
+        dy_sums: &mut [f64],
+        dyx_sums: &mut [f64],
+        xs: &[T],
+        gs: &[T],
+        mean: &[f64],
+    ) {
+        let c = dy_sums.len();
+        for (xrow, grow) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
+            for ((((s, t), &x), &g), &m) in dy_sums
+                .iter_mut()
+                .zip(dyx_sums.iter_mut())
+                .zip(xrow)
+                .zip(grow)
+                .zip(mean)
+            {
+                let g = Into::<f64>::into(g);
+                *s += g;
+                *t += g * (Into::<f64>::into(x) - m);
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `out = a·g + b·(x - m) + k` per column, row by row (BatchNormalization's dx).
+    fn affine_gradient<T>(out: &mut [T], xs: &[T], gs: &[T], a: &[T], b: &[T], m: &[T], k: &[T]) {
+        let c = a.len();
+        for ((o, xrow), grow) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)).zip(gs.chunks_exact(c)) {
+            for ((((((o, &x), &g), &a), &b), &m), &k) in
+                o.iter_mut().zip(xrow).zip(grow).zip(a).zip(b).zip(m).zip(k)
+            {
+                *o = a * g + b * (x - m) + k;
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `out = (x - m)·f + b` per column, row by row (BatchNormalization's forward pass).
+    fn normalize_rows<T>(out: &mut [T], xs: &[T], m: &[T], f: &[T], b: &[T]) {
+        let c = m.len();
+        for (o, xrow) in out.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+            for ((((o, &x), &m), &f), &b) in o.iter_mut().zip(xrow).zip(m).zip(f).zip(b) {
+                *o = (x - m) * f + b;
+            }
+        }
+    }
 }
 
 /// `out` (a row-major matrix with `c` columns) written a block of rows at a time, blocks across
@@ -197,13 +263,7 @@ impl BatchNormTrain {
         let c = mean.len().max(1);
         let mut out = vec![T::default(); x.len()];
         by_row_blocks(&mut out, c, |first, rows| {
-            for (o, xr) in rows.chunks_exact_mut(c).zip(x[first * c..].chunks_exact(c)) {
-                for ((((o, &x), &m), &f), &b) in
-                    o.iter_mut().zip(xr).zip(&mean).zip(&factor).zip(beta)
-                {
-                    *o = (x - m) * f + b;
-                }
-            }
+            normalize_rows(rows, &x[first * c..][..rows.len()], &mean, &factor, beta);
         });
         out
     }
@@ -222,20 +282,15 @@ impl BatchNormTrain {
         with_slice::<T, _>(&x, "kiln-batch-norm: x", |xs| {
             with_slice::<T, _>(grad, "kiln-batch-norm: gradient", |gs| {
                 let rows = xs.len().checked_div(c).unwrap_or(0);
-                let dbeta = column_sums(gs, c);
-                // Σ dy·x̂ = inv · Σ dy·(x - mean), over pairs of rows of both.
+                // Σ dy and Σ dy·x̂ = inv · Σ dy·(x - mean), in one pass over both.
                 let block = BLOCK_ROWS * c.max(1);
-                let mut dgamma = sum_blocks(xs.len(), c, xs.len().div_ceil(block), |i, sums| {
-                    let (xr, gr) = (&xs[i * block..], &gs[i * block..]);
-                    for (xrow, grow) in xr.chunks_exact(c).zip(gr.chunks_exact(c)).take(BLOCK_ROWS)
-                    {
-                        for j in 0..c {
-                            let xv: f64 = xrow[j].into();
-                            let gv: f64 = grow[j].into();
-                            sums[j] += gv * (xv - self.mean[j]);
-                        }
-                    }
+                let both = sum_blocks(xs.len(), 2 * c, xs.len().div_ceil(block), |i, sums| {
+                    let end = ((i + 1) * block).min(xs.len());
+                    let (dy, dyx) = sums.split_at_mut(c);
+                    let (xr, gr) = (&xs[i * block..end], &gs[i * block..end]);
+                    add_gradient_sums(dy, dyx, xr, gr, &self.mean);
                 });
+                let (dbeta, mut dgamma) = (both[..c].to_vec(), both[c..].to_vec());
                 for (d, &i) in dgamma.iter_mut().zip(&self.inv) {
                     *d *= i;
                 }
@@ -257,16 +312,11 @@ impl BatchNormTrain {
                 }
                 let mut dx = vec![T::default(); xs.len()];
                 by_row_blocks(&mut dx, c, |first, rows| {
-                    let (xr, gr) = (&xs[first * c..], &gs[first * c..]);
-                    for ((d, xrow), grow) in rows
-                        .chunks_exact_mut(c)
-                        .zip(xr.chunks_exact(c))
-                        .zip(gr.chunks_exact(c))
-                    {
-                        for j in 0..c {
-                            d[j] = a[j] * grow[j] + bb[j] * (xrow[j] - mean[j]) + k[j];
-                        }
-                    }
+                    let (xr, gr) = (
+                        &xs[first * c..][..rows.len()],
+                        &gs[first * c..][..rows.len()],
+                    );
+                    affine_gradient(rows, xr, gr, &a, &bb, &mean, &k);
                 });
                 let to =
                     |v: Vec<f64>| -> Vec<T> { v.into_iter().map(<T as Real>::from_f64).collect() };
@@ -359,9 +409,10 @@ pub(crate) fn batch_norm_train(
                 .into_iter()
                 .map(|m| <T as Real>::from_f64(m).into())
                 .collect();
-            let mut var = column_sums_by(xs, c, |j, x| {
-                let d = Into::<f64>::into(x) - mean[j];
-                d * d
+            let block = BLOCK_ROWS * c;
+            let mut var = sum_blocks(xs.len(), c, xs.len().div_ceil(block), |i, sums| {
+                let rows = &xs[i * block..];
+                add_squared_deviations(sums, &rows[..rows.len().min(block)], &mean);
             });
             var.iter_mut().for_each(|v| *v /= n);
             Ok((mean, var))

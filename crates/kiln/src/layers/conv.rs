@@ -56,6 +56,30 @@ impl Conv {
         }
     }
 
+    /// Keras' class and config of the same convolution.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            self.layer(),
+            serde_json::json!({
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "data_format": "channels_last",
+                "dilation_rate": self.dilation,
+                "groups": 1,
+                "activation": self.activation.as_str(),
+                "use_bias": self.use_bias,
+                "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
+                "bias_regularizer": keras_object(&self.bias_regularizer)?,
+                "activity_regularizer": keras_object(&self.activity_regularizer)?,
+                "kernel_constraint": null,
+                "bias_constraint": null,
+            }),
+        ))
+    }
+
     fn layer(&self) -> &'static str {
         if self.kernel_size.len() == 1 {
             "Conv1D"
@@ -200,34 +224,48 @@ impl Conv {
                 ))
             })?;
             x = pad_axis(&x, 1 + a, axis.before, axis.after, 0.0)?;
-            // Drop the trailing positions no window reaches, so strided backward passes line up.
-            let used = (axis.out - 1) * st[a] + (ks[a] - 1) * dl[a] + 1;
-            x = x.narrow(1 + a, 0, used)?;
             outs[a] = axis.out;
         }
         #[cfg(test)]
         let fused = !tests::PLAIN.with(|p| p.get());
         #[cfg(not(test))]
         let fused = true;
+        // ReLU and a linear activation run inside the op, others after it.
+        let relu = match self.activation {
+            Activation::Relu => Some(true),
+            Activation::Linear => Some(false),
+            _ => None,
+        };
         let op = super::conv_kernel::Conv2dOp {
             kernel: ks,
             strides: st,
             dilation: dl,
+            relu: relu == Some(true),
         };
+        let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
         let direct = if fused {
-            super::conv_kernel::conv2d(&x, &k, op)?
+            super::conv_kernel::conv2d(&x, &k, bias, op)?
         } else {
             None
         };
         let y = match direct {
-            Some(y) => y,
-            None => Self::candle_conv(&x, &k, st, dl, outs)?,
+            Some(y) if relu.is_some() => y,
+            Some(y) => self.activation.apply(&y)?,
+            None => {
+                // The op skips the trailing positions no window reaches by itself; candle's
+                // strided backward passes line up only without them.
+                let mut x = x;
+                for a in 0..2 {
+                    let used = (outs[a] - 1) * st[a] + (ks[a] - 1) * dl[a] + 1;
+                    x = x.narrow(1 + a, 0, used)?;
+                }
+                let mut y = Self::candle_conv(&x, &k, st, dl, outs)?;
+                if let Some(b) = bias {
+                    y = super::channels::bias_add(&y, b)?;
+                }
+                self.activation.apply(&y)?
+            }
         };
-        let mut y = y;
-        if let Some(b) = &self.bias {
-            y = super::channels::bias_add(&y, b.var.as_tensor())?;
-        }
-        let y = self.activation.apply(&y)?;
         Ok(if rank == 1 { y.squeeze(1)? } else { y })
     }
 
@@ -330,6 +368,9 @@ macro_rules! conv_builders {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                self.conv.keras_config()
+            }
             fn kind(&self) -> &'static str {
                 if self.conv.kernel_size.len() == 1 {
                     "conv1d"

@@ -1,23 +1,32 @@
-//! Conv2D on the CPU, channels last, as one matrix product per batch.
+//! Conv2D on the CPU, channels last, with its bias and ReLU, as one op with its own backward.
 //!
 //! candle's conv2d is channels-first: the layer transposes around it, and candle builds one
 //! im2col tile and one small product per sample, with the input gradient through
-//! `conv_transpose2d`, a direct loop. Here the windows of the whole (already padded) batch are
-//! gathered into one `[batch·out_h·out_w, kh·kw·in]` matrix, whose product with Keras' kernel
-//! `[kh, kw, in, out]` (as it is laid out, a `[kh·kw·in, out]` matrix) is the output, channels
-//! last. The backward pass: dW = colsᵀ·dY, and dX scatters dY·Wᵀ back onto the windows.
+//! `conv_transpose2d`, a direct loop. Here the windows of the (already padded) batch are
+//! gathered a tile of output rows at a time into a `[rows, kh·kw·in]` matrix, whose product
+//! with Keras' kernel `[kh, kw, in, out]` (as it is laid out, a `[kh·kw·in, out]` matrix) is the
+//! output, channels last. The bias is written first and the product accumulates onto it, and
+//! ReLU runs on the tile while it is in cache. One op instead of three also spares candle's
+//! backward two zero-filled gradients and two additions over the whole activation.
+//!
+//! The backward pass, a tile of samples at a time: dZ = dY masked by ReLU', db = Σ dZ,
+//! dW = colsᵀ·dZ, and dX scatters dZ·Wᵀ back onto the windows, each only when wanted (the
+//! first layer's input needs none); dW and db go straight to the training step's gradients.
 
-use super::dense_kernel::{product, Element, Operand};
-use crate::cpu::{contiguous, for_each_chunk, with_slice};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use super::dense_kernel::{
+    parameter_gradient, product, product_new, relu_in_place, Element, Operand,
+};
+use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, written_in_chunks, Real};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-/// A convolution's geometry over an input that is already padded: kernel size, strides and
-/// dilation per axis.
+/// A convolution's geometry over an input that is already padded (kernel size, strides and
+/// dilation per axis), and whether ReLU follows the bias.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Conv2dOp {
     pub(crate) kernel: [usize; 2],
     pub(crate) strides: [usize; 2],
     pub(crate) dilation: [usize; 2],
+    pub(crate) relu: bool,
 }
 
 /// The sizes of one call: batch, input height, width, channels, output height, width, filters.
@@ -32,17 +41,32 @@ struct Dims {
     f: usize,
 }
 
+/// Which gradients a backward pass computes.
+#[derive(Clone, Copy)]
+struct Wanted {
+    x: bool,
+    kernel: bool,
+    bias: bool,
+}
+
+/// One tile's share of the parameter gradients, summed over tiles in tile order.
+#[derive(Default)]
+struct Part<T> {
+    kernel: Vec<T>,
+    bias: Vec<f64>,
+}
+
 impl Conv2dOp {
-    fn dims(&self, x: &[usize], k: &[usize]) -> candle_core::Result<Dims> {
-        let ([b, h, w, c], [kh, kw, kc, f]) = (x, k) else {
+    fn dims(&self, x: &[usize], k: &[usize], b: &[usize]) -> candle_core::Result<Dims> {
+        let ([bs, h, w, c], [kh, kw, kc, f]) = (x, k) else {
             candle_core::bail!("kiln-conv2d: input {x:?} and kernel {k:?} must be rank 4");
         };
         let span = |a: usize| (self.kernel[a] - 1) * self.dilation[a] + 1;
-        if [*kh, *kw] != self.kernel || kc != c || *h < span(0) || *w < span(1) {
-            candle_core::bail!("kiln-conv2d: input {x:?} and kernel {k:?} do not fit");
+        if [*kh, *kw] != self.kernel || kc != c || *h < span(0) || *w < span(1) || b != [*f] {
+            candle_core::bail!("kiln-conv2d: input {x:?}, kernel {k:?} and bias {b:?} do not fit");
         }
         Ok(Dims {
-            b: *b,
+            b: *bs,
             h: *h,
             w: *w,
             c: *c,
@@ -69,13 +93,31 @@ impl Conv2dOp {
         }
     }
 
-    /// The windows of output rows `first..first + rows.len() / k` as rows of `k = kh·kw·c`.
-    fn im2col_rows<T: Element>(&self, x: &[T], d: &Dims, first: usize, rows: &mut [T]) {
+    /// The windows of output rows `first..first + count`, appended to `cols` as rows of
+    /// `k = kh·kw·c` (appended, not written over a zero-filled buffer: a tile's window matrix
+    /// is written once).
+    fn im2col_rows<T: Element>(
+        &self,
+        x: &[T],
+        d: &Dims,
+        first: usize,
+        count: usize,
+        cols: &mut Vec<T>,
+    ) {
         let k = self.kernel[0] * self.kernel[1] * d.c;
-        for (i, out) in rows.chunks_exact_mut(k.max(1)).enumerate() {
-            self.windows(d, first + i, |col, at| {
-                out[col..col + d.c].copy_from_slice(&x[at..at + d.c]);
-            });
+        cols.reserve(count * k);
+        for row in first..first + count {
+            if d.c < FEW_CHANNELS {
+                // A window row of a few elements is too short to copy as a block (a `memcpy`
+                // call per element of a grey image was 15% of C1's `predict`).
+                self.windows(d, row, |_, at| {
+                    for &v in &x[at..at + d.c] {
+                        cols.push(v);
+                    }
+                });
+            } else {
+                self.windows(d, row, |_, at| cols.extend_from_slice(&x[at..at + d.c]));
+            }
         }
     }
 
@@ -90,70 +132,106 @@ impl Conv2dOp {
             .max(1)
     }
 
-    /// `y = windows · kernel`, one tile of output rows at a time (tiles across threads): the
-    /// batch's whole window matrix (143 MB for C1's second layer at batch 1024) is never built.
-    fn fwd<T: Element>(&self, x: &[T], kernel: &[T], d: &Dims) -> Vec<T> {
+    /// `y = relu(bias + windows · kernel)`, one tile of output rows at a time (tiles across
+    /// threads): the batch's whole window matrix (143 MB for C1's second layer at batch 1024 in
+    /// `predict`) is never built.
+    fn fwd<T: Element>(&self, x: &[T], kernel: &[T], bias: &[T], d: &Dims) -> Vec<T> {
         let k = self.kernel[0] * self.kernel[1] * d.c;
         let m = d.b * d.oh * d.ow;
         let tile = self.tile_rows(d);
-        let mut y = vec![T::default(); m * d.f];
-        for_each_chunk(&mut y, tile * d.f, |t, ys| {
-            let n = ys.len() / d.f;
-            let mut cols = vec![T::default(); n * k];
-            self.im2col_rows(x, d, t * tile, &mut cols);
-            // SAFETY: ys holds n×f elements; cols is n×k and the kernel k×f, row-major.
-            unsafe {
+        // SAFETY: each tile's rows are initialized with the bias before the product adds onto
+        // them and before the slice over them is formed.
+        unsafe {
+            written_in_chunks(m * d.f, tile * d.f, |t, ys: *mut T, len| {
+                let n = len / d.f.max(1);
+                let mut cols = Vec::new();
+                self.im2col_rows(x, d, t * tile, n, &mut cols);
+                for r in 0..n {
+                    std::ptr::copy_nonoverlapping(bias.as_ptr(), ys.add(r * d.f), d.f);
+                }
+                // ys holds n×f initialized elements; cols is n×k and the kernel k×f.
                 product(
                     (n, d.f, k),
-                    ys.as_mut_ptr(),
-                    false,
+                    ys,
+                    true,
                     Operand::rows(&cols, k),
                     Operand::rows(kernel, d.f),
                     1,
-                )
-            };
-        });
-        y
+                );
+                if self.relu {
+                    relu_in_place(std::slice::from_raw_parts_mut(ys, len));
+                }
+            })
+        }
     }
 
-    /// The gradients, a tile of whole samples at a time (tiles across threads): the tile's
-    /// windows give its part of dW = colsᵀ·dY, and dX gets dY·Wᵀ added back onto the windows
-    /// (a sample's windows stay inside the sample, so tiles write disjoint parts of dX). The
-    /// parts of dW are summed in tile order, so the result does not depend on the threads.
-    fn bwd_slices<T: Element>(&self, xs: &[T], ks: &[T], gs: &[T], d: &Dims) -> (Vec<T>, Vec<T>) {
+    /// The wanted gradients, a tile of whole samples at a time (tiles across threads). A
+    /// sample's windows stay inside the sample, so tiles write disjoint parts of dX; the parts
+    /// of dW and db are summed in tile order, so the result does not depend on the threads.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_slices<T: Element>(
+        &self,
+        xs: &[T],
+        ks: &[T],
+        ys: &[T],
+        gs: &[T],
+        d: &Dims,
+        want: Wanted,
+    ) -> (Option<Vec<T>>, Vec<T>, Vec<f64>) {
         let k = self.kernel[0] * self.kernel[1] * d.c;
         let (per_sample, sample_len) = (d.oh * d.ow, d.h * d.w * d.c);
         let samples = (self.tile_rows(d) / per_sample.max(1)).max(1);
-        let mut dx = vec![T::default(); xs.len()];
         let tiles = d.b.div_ceil(samples);
-        let mut parts: Vec<Vec<T>> = (0..tiles).map(|_| Vec::new()).collect();
-        let work = |t: usize, dxs: &mut [T], part: &mut Vec<T>| {
-            let n = dxs.len() / sample_len;
+        let mut parts: Vec<Part<T>> = (0..tiles).map(|_| Part::default()).collect();
+        let work = |t: usize, dxs: Option<&mut [T]>, part: &mut Part<T>| {
+            let n = samples.min(d.b - t * samples);
             let (first, m) = (t * samples * per_sample, n * per_sample);
-            let mut cols = vec![T::default(); m * k];
-            self.im2col_rows(xs, d, first, &mut cols);
             let g = &gs[first * d.f..][..m * d.f];
-            *part = vec![T::default(); k * d.f];
-            // SAFETY: part is k×f = colsᵀ (k×m, read transposed) · dY (m×f); cols is then
-            // overwritten with m×k = dY (m×f) · Wᵀ (f×k, the k×f kernel read transposed).
-            unsafe {
-                product(
-                    (k, d.f, m),
-                    part.as_mut_ptr(),
-                    false,
-                    Operand::transposed(&cols, k),
-                    Operand::rows(g, d.f),
-                    1,
-                );
-                product(
-                    (m, k, d.f),
-                    cols.as_mut_ptr(),
-                    false,
-                    Operand::rows(g, d.f),
-                    Operand::transposed(ks, d.f),
-                    1,
-                );
+            let masked: Vec<T>;
+            let dz: &[T] = if self.relu {
+                let zero = T::default();
+                let y = &ys[first * d.f..][..m * d.f];
+                masked = g
+                    .iter()
+                    .zip(y)
+                    .map(|(&g, &y)| if y > zero { g } else { zero })
+                    .collect();
+                &masked
+            } else {
+                g
+            };
+            if want.bias {
+                part.bias = vec![0.0; d.f];
+                for row in dz.chunks_exact(d.f.max(1)) {
+                    for (s, &v) in part.bias.iter_mut().zip(row) {
+                        *s += v.into();
+                    }
+                }
             }
+            if want.kernel {
+                let mut cols = Vec::new();
+                self.im2col_rows(xs, d, first, m, &mut cols);
+                part.kernel = vec![T::default(); k * d.f];
+                // SAFETY: part is k×f = colsᵀ (k×m, read transposed) · dZ (m×f).
+                unsafe {
+                    product(
+                        (k, d.f, m),
+                        part.kernel.as_mut_ptr(),
+                        false,
+                        Operand::transposed(&cols, k),
+                        Operand::rows(dz, d.f),
+                        1,
+                    )
+                };
+            }
+            let Some(dxs) = dxs else { return };
+            // m×k = dZ (m×f) · Wᵀ (f×k, the k×f kernel read transposed).
+            let cols = product_new(
+                (m, k, d.f),
+                Operand::rows(dz, d.f),
+                Operand::transposed(ks, d.f),
+                1,
+            );
             for (i, dc) in cols.chunks_exact(k.max(1)).enumerate() {
                 self.windows(d, first + i, |col, at| {
                     let at = at - t * samples * sample_len;
@@ -163,54 +241,106 @@ impl Conv2dOp {
                 });
             }
         };
+        let mut dx = want.x.then(|| vec![T::default(); xs.len()]);
         let chunk = samples * sample_len;
-        if tiles > 1 && crate::runtime::parallel_now() {
-            use rayon::prelude::*;
-            dx.par_chunks_mut(chunk)
+        let parallel = tiles > 1 && crate::runtime::parallel_now();
+        use rayon::prelude::*;
+        match (dx.as_mut(), parallel) {
+            (Some(dx), true) => dx
+                .par_chunks_mut(chunk)
                 .zip(parts.par_iter_mut())
                 .enumerate()
-                .for_each(|(t, (dxs, part))| work(t, dxs, part));
-        } else {
-            for (t, (dxs, part)) in dx.chunks_mut(chunk).zip(parts.iter_mut()).enumerate() {
-                work(t, dxs, part);
-            }
+                .for_each(|(t, (dxs, part))| work(t, Some(dxs), part)),
+            (Some(dx), false) => dx
+                .chunks_mut(chunk)
+                .zip(parts.iter_mut())
+                .enumerate()
+                .for_each(|(t, (dxs, part))| work(t, Some(dxs), part)),
+            (None, true) => parts
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(t, part)| work(t, None, part)),
+            (None, false) => parts
+                .iter_mut()
+                .enumerate()
+                .for_each(|(t, part)| work(t, None, part)),
         }
-        let mut parts = parts.into_iter();
-        let mut dk = parts.next().unwrap_or_else(|| vec![T::default(); k * d.f]);
+        let mut dk = vec![T::default(); if want.kernel { k * d.f } else { 0 }];
+        let mut db = vec![0.0; if want.bias { d.f } else { 0 }];
         for part in parts {
-            for (a, b) in dk.iter_mut().zip(part) {
+            for (a, b) in dk.iter_mut().zip(part.kernel) {
+                *a += b;
+            }
+            for (a, b) in db.iter_mut().zip(part.bias) {
                 *a += b;
             }
         }
-        (dx, dk)
+        (dx, dk, db)
     }
 
     fn bwd_typed<T: Element>(
         &self,
         x: &Tensor,
         kernel: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let d = self.dims(x.dims(), kernel.dims())?;
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(x.dims(), kernel.dims(), bias.dims())?;
+        let want = Wanted {
+            x: x.track_op(),
+            kernel: crate::gradients::wanted(kernel),
+            bias: crate::gradients::wanted(bias),
+        };
         let (x, kernel, grad) = (x.contiguous()?, kernel.contiguous()?, grad.contiguous()?);
-        with_slice::<T, _>(&x, "kiln-conv2d: x", |xs| {
+        let (dx, dk, db) = with_slice::<T, _>(&x, "kiln-conv2d: x", |xs| {
             with_slice::<T, _>(&kernel, "kiln-conv2d: kernel", |ks| {
-                with_slice::<T, _>(&grad, "kiln-conv2d: gradient", |gs| {
-                    let (dx, dk) = self.bwd_slices(xs, ks, gs, &d);
-                    Ok((
-                        Tensor::from_vec(dx, x.shape(), x.device())?,
-                        Tensor::from_vec(dk, kernel.shape(), x.device())?,
-                    ))
+                with_slice::<T, _>(res, "kiln-conv2d: output", |ys| {
+                    with_slice::<T, _>(&grad, "kiln-conv2d: gradient", |gs| {
+                        Ok(self.bwd_slices(xs, ks, ys, gs, &d, want))
+                    })
                 })
             })
-        })
+        })?;
+        let dx = match dx {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            None => None,
+        };
+        let dk = match want.kernel {
+            true => parameter_gradient::<T>(&kernel, |dst, accumulate| {
+                add_or_write(dst, &dk, accumulate)
+            })?,
+            false => None,
+        };
+        let db = match want.bias {
+            true => {
+                let db: Vec<T> = db.into_iter().map(<T as Real>::from_f64).collect();
+                parameter_gradient::<T>(bias, |dst, accumulate| add_or_write(dst, &db, accumulate))?
+            }
+            false => None,
+        };
+        Ok((dx, dk, db))
     }
 }
+
+/// `dst (+)= v`.
+fn add_or_write<T: Element>(dst: *mut T, v: &[T], accumulate: bool) {
+    for (j, &x) in v.iter().enumerate() {
+        // SAFETY: the caller's dst holds v.len() elements (initialized when accumulating).
+        unsafe {
+            let d = dst.add(j);
+            *d = if accumulate { *d + x } else { x };
+        }
+    }
+}
+
+/// Below this many input channels im2col copies a window row element by element.
+const FEW_CHANNELS: usize = 4;
 
 /// The window-matrix elements per tile of [`Conv2dOp`]: 512 KiB of f32, about a core's L2.
 const TILE_ELEMENTS: usize = 1 << 17;
 
-impl CustomOp2 for Conv2dOp {
+impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "kiln-conv2d"
     }
@@ -221,20 +351,28 @@ impl CustomOp2 for Conv2dOp {
         lx: &Layout,
         k: &CpuStorage,
         lk: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.dims(lx.shape().dims(), lk.shape().dims())?;
-        let out = match (x, k) {
-            (CpuStorage::F32(x), CpuStorage::F32(k)) => CpuStorage::F32(self.fwd(
-                contiguous(x, lx, "kiln-conv2d: x")?,
-                contiguous(k, lk, "kiln-conv2d: kernel")?,
-                &d,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(k)) => CpuStorage::F64(self.fwd(
-                contiguous(x, lx, "kiln-conv2d: x")?,
-                contiguous(k, lk, "kiln-conv2d: kernel")?,
-                &d,
-            )),
-            _ => candle_core::bail!("kiln-conv2d: x and kernel must both be f32 or both f64"),
+        let d = self.dims(lx.shape().dims(), lk.shape().dims(), lb.shape().dims())?;
+        let out = match (x, k, b) {
+            (CpuStorage::F32(x), CpuStorage::F32(k), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.fwd(
+                    contiguous(x, lx, "kiln-conv2d: x")?,
+                    contiguous(k, lk, "kiln-conv2d: kernel")?,
+                    contiguous(b, lb, "kiln-conv2d: bias")?,
+                    &d,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(k), CpuStorage::F64(b)) => {
+                CpuStorage::F64(self.fwd(
+                    contiguous(x, lx, "kiln-conv2d: x")?,
+                    contiguous(k, lk, "kiln-conv2d: kernel")?,
+                    contiguous(b, lb, "kiln-conv2d: bias")?,
+                    &d,
+                ))
+            }
+            _ => candle_core::bail!("kiln-conv2d: x, kernel and bias must all be f32 or all f64"),
         };
         Ok((out, Shape::from((d.b, d.oh, d.ow, d.f))))
     }
@@ -243,29 +381,32 @@ impl CustomOp2 for Conv2dOp {
         &self,
         x: &Tensor,
         k: &Tensor,
-        _res: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dk) = match x.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(x, k, grad_res)?,
-            DType::F64 => self.bwd_typed::<f64>(x, k, grad_res)?,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, k, b, res, grad_res),
+            DType::F64 => self.bwd_typed::<f64>(x, k, b, res, grad_res),
             other => candle_core::bail!("kiln-conv2d: unsupported dtype {other:?}"),
-        };
-        Ok((Some(dx), Some(dk)))
+        }
     }
 }
 
-/// The convolution of the padded channels-last `x` `[b, h, w, c]` with the Keras kernel
-/// `[kh, kw, c, f]`, when the CPU op applies (CPU, f32 or f64); `None` otherwise.
+/// `relu?(x ⊛ kernel + bias)` for the padded channels-last `x` `[b, h, w, c]`, the Keras kernel
+/// `[kh, kw, c, f]` and a bias `[f]` (a constant zero one for a layer without), when the CPU op
+/// applies (CPU, f32 or f64); `None` otherwise.
 pub(crate) fn conv2d(
     x: &Tensor,
     kernel: &Tensor,
+    bias: Option<&Tensor>,
     op: Conv2dOp,
 ) -> candle_core::Result<Option<Tensor>> {
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().is_cpu();
     let ok = matches!(x.dtype(), DType::F32 | DType::F64)
         && x.device().is_cpu()
-        && kernel.device().is_cpu()
-        && kernel.dtype() == x.dtype()
+        && same(kernel)
+        && bias.is_none_or(same)
         && x.rank() == 4
         && kernel.rank() == 4
         && x.elem_count() > 0
@@ -273,7 +414,15 @@ pub(crate) fn conv2d(
     if !ok {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op2(&kernel.contiguous()?, op)?))
+    let bias = match bias {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(kernel.dim(3)?, x.dtype(), x.device())?,
+    };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &kernel.contiguous()?,
+        &bias,
+        op,
+    )?))
 }
 
 /// Max pooling over the padded channels-last `x` `[b, h, w, c]` in one pass; the backward pass
@@ -302,34 +451,17 @@ impl MaxPool2dOp {
         ])
     }
 
-    /// Calls `f(out_index, x_index_of_the_first_max)` for every output element.
-    fn each_max<T: Element>(&self, x: &[T], dims: &[usize], mut f: impl FnMut(usize, usize)) {
-        let (h, w, c) = (dims[1], dims[2], dims[3]);
-        let [b, oh, ow, _] = self.out_dims(dims).expect("checked by the caller");
-        let mut best: Vec<usize> = vec![0; c];
+    /// Calls `f(out_offset, first_x_offset)` for every output position of one sample
+    /// `[h, w, c]`: the output's `c` values start at `out_offset`, its window's first row of `c`
+    /// values at `first_x_offset` (the window's other rows follow at `(p·w + q)·c`).
+    fn each_window(&self, dims: &[usize], mut f: impl FnMut(usize, usize)) {
+        let (w, c) = (dims[2], dims[3]);
+        let [_, oh, ow, _] = self.out_dims(dims).expect("checked by the caller");
         let mut out = 0;
-        for n in 0..b {
-            for i in 0..oh {
-                for j in 0..ow {
-                    let first = ((n * h + i * self.strides[0]) * w + j * self.strides[1]) * c;
-                    best.iter_mut()
-                        .enumerate()
-                        .for_each(|(ch, b)| *b = first + ch);
-                    for p in 0..self.pool[0] {
-                        for q in 0..self.pool[1] {
-                            let at = first + (p * w + q) * c;
-                            for (ch, b) in best.iter_mut().enumerate() {
-                                if x[at + ch] > x[*b] {
-                                    *b = at + ch;
-                                }
-                            }
-                        }
-                    }
-                    for &b in &best {
-                        f(out, b);
-                        out += 1;
-                    }
-                }
+        for i in 0..oh {
+            for j in 0..ow {
+                f(out, (i * self.strides[0] * w + j * self.strides[1]) * c);
+                out += c;
             }
         }
     }
@@ -341,29 +473,96 @@ impl MaxPool2dOp {
         (dims[1] * dims[2] * dims[3], oh * ow * c, one)
     }
 
+    /// Each window's largest value, a row of `c` channels at a time (vectorized): a value
+    /// replaces the best so far only when greater, so the first of tied values wins and NaN
+    /// wins only as the window's first element, as with TensorFlow's max pooling.
     fn fwd<T: Element>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
         let (x_len, y_len, one) = self.per_sample(dims);
-        let mut y = vec![T::default(); dims[0] * y_len];
-        for_each_chunk(&mut y, y_len, |n, ys| {
-            let xs = &x[n * x_len..][..x_len];
-            self.each_max(xs, &one, |o, i| ys[o] = xs[i]);
-        });
-        y
+        let (w, c) = (dims[2], dims[3]);
+        // SAFETY: each window's `c` outputs are initialized by copying its first row before
+        // the slice over them is formed; the windows cover the sample's whole output.
+        unsafe {
+            written_in_chunks(dims[0] * y_len, y_len, |n, ys: *mut T, _| {
+                let xs = &x[n * x_len..][..x_len];
+                self.each_window(&one, |o, first| {
+                    std::ptr::copy_nonoverlapping(xs[first..first + c].as_ptr(), ys.add(o), c);
+                    let best = std::slice::from_raw_parts_mut(ys.add(o), c);
+                    for p in 0..self.pool[0] {
+                        for q in 0..self.pool[1] {
+                            if p + q > 0 {
+                                let at = first + (p * w + q) * c;
+                                keep_larger(best, &xs[at..at + c]);
+                            }
+                        }
+                    }
+                });
+            })
+        }
     }
 
-    fn bwd_typed<T: Element>(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
-        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+    /// Each window's gradient goes to the first element that equals the window's maximum, the
+    /// one the forward pass kept (to the first element when the maximum is NaN).
+    fn bwd_typed<T: Element>(
+        &self,
+        x: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (x, res, grad) = (x.contiguous()?, res.contiguous()?, grad.contiguous()?);
         let (x_len, y_len, one) = self.per_sample(x.dims());
+        let (w, c) = (x.dims()[2], x.dims()[3]);
         with_slice::<T, _>(&x, "kiln-max-pool: x", |xs| {
-            with_slice::<T, _>(&grad, "kiln-max-pool: gradient", |gs| {
-                let mut dx = vec![T::default(); xs.len()];
-                for_each_chunk(&mut dx, x_len, |n, dxs| {
-                    let (xn, gn) = (&xs[n * x_len..][..x_len], &gs[n * y_len..][..y_len]);
-                    self.each_max(xn, &one, |o, i| dxs[i] += gn[o]);
-                });
-                Tensor::from_vec(dx, x.shape(), x.device())
+            with_slice::<T, _>(&res, "kiln-max-pool: output", |ys| {
+                with_slice::<T, _>(&grad, "kiln-max-pool: gradient", |gs| {
+                    let mut dx = vec![T::default(); xs.len()];
+                    for_each_chunk(&mut dx, x_len, |n, dxs| {
+                        let xn = &xs[n * x_len..][..x_len];
+                        let (yn, gn) = (&ys[n * y_len..][..y_len], &gs[n * y_len..][..y_len]);
+                        let mut taken = vec![false; c];
+                        self.each_window(&one, |o, first| {
+                            taken.fill(false);
+                            let (yr, gr) = (&yn[o..o + c], &gn[o..o + c]);
+                            for p in 0..self.pool[0] {
+                                for q in 0..self.pool[1] {
+                                    let at = first + (p * w + q) * c;
+                                    let (xr, dr) = (&xn[at..at + c], &mut dxs[at..at + c]);
+                                    route_to_first_max(dr, &mut taken, xr, yr, gr);
+                                }
+                            }
+                            for ((d, &t), &g) in
+                                dxs[first..first + c].iter_mut().zip(&taken).zip(gr)
+                            {
+                                if !t {
+                                    *d += g;
+                                }
+                            }
+                        });
+                    });
+                    Tensor::from_vec(dx, x.shape(), x.device())
+                })
             })
         })
+    }
+}
+
+vectorized! {
+    /// `best = x` where `x > best`.
+    fn keep_larger<T>(best: &mut [T], x: &[T]) {
+        for (b, &x) in best.iter_mut().zip(x) {
+            *b = if x > *b { x } else { *b };
+        }
+    }
+}
+
+vectorized! {
+    /// `d += g` where `x` is the window's maximum `y` and no earlier element was.
+    fn route_to_first_max<T>(d: &mut [T], taken: &mut [bool], x: &[T], y: &[T], g: &[T]) {
+        let zero = T::default();
+        for ((((d, t), &x), &y), &g) in d.iter_mut().zip(taken.iter_mut()).zip(x).zip(y).zip(g) {
+            let hit = !*t & (x == y);
+            *d = *d + if hit { g } else { zero };
+            *t |= hit;
+        }
     }
 }
 
@@ -390,12 +589,12 @@ impl candle_core::CustomOp1 for MaxPool2dOp {
     fn bwd(
         &self,
         x: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(match x.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(x, grad_res)?,
-            DType::F64 => self.bwd_typed::<f64>(x, grad_res)?,
+            DType::F32 => self.bwd_typed::<f32>(x, res, grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>(x, res, grad_res)?,
             other => candle_core::bail!("kiln-max-pool: unsupported dtype {other:?}"),
         }))
     }

@@ -64,6 +64,12 @@ impl Layer for ActivationLayer {
     fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
         self.activation.apply(&inputs[0])
     }
+    fn final_activation(&self) -> Option<Activation> {
+        Some(self.activation)
+    }
+    fn call_before_activation(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        Ok(inputs[0].clone())
+    }
 }
 
 /// Zeroes a fraction `rate` of its inputs during training and scales the rest by

@@ -209,6 +209,22 @@ impl Layer for Dense {
             .collect()
     }
     fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        self.forward(inputs, self.activation)
+    }
+    fn final_activation(&self) -> Option<Activation> {
+        Some(self.activation)
+    }
+    fn call_before_activation(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        self.forward(inputs, Activation::Linear)
+    }
+    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
+        self.activity_regularizer.as_ref()
+    }
+}
+
+impl Dense {
+    /// `activation(x · kernel + bias)`: the layer's call, or its logits with `Linear`.
+    fn forward(&self, inputs: &[Tensor], activation: Activation) -> Result<Tensor> {
         let kernel = self
             .kernel
             .as_ref()
@@ -223,9 +239,6 @@ impl Layer for Dense {
                 x.dims()
             )));
         }
-        dense_forward(x, kernel.var.as_tensor(), bias, self.activation)
-    }
-    fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
-        self.activity_regularizer.as_ref()
+        dense_forward(x, kernel.var.as_tensor(), bias, activation)
     }
 }

@@ -247,7 +247,7 @@ unsafe fn gemm_call<T: Element>(
 
 /// A fresh `m×n` matrix holding `lhs · rhs` (on up to `threads` threads), written by the
 /// product without a zero-fill.
-fn product_new<T: Element>(
+pub(crate) fn product_new<T: Element>(
     (m, n, k): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
@@ -341,7 +341,7 @@ vectorized! {
 /// initialized when `accumulate`): added straight into the gradient already handed over for
 /// the parameter when there is one (then `None`), else computed into fresh memory and handed
 /// over, or returned for candle's store.
-fn parameter_gradient<T: Element>(
+pub(crate) fn parameter_gradient<T: Element>(
     param: &Tensor,
     compute: impl Fn(*mut T, bool),
 ) -> candle_core::Result<Option<Tensor>> {

@@ -1,4 +1,5 @@
-//! Layers that make masks: Embedding (with `mask_zero`) and Masking.
+//! Layers that make masks: Embedding (with `mask_zero`), Masking, and NotEqual (a mask as a
+//! tensor of its own, for an explicit mask).
 
 use super::util::{built, make_weight, one_input};
 use super::{BuildContext, CallContext, Layer, Weight};
@@ -80,6 +81,20 @@ impl Embedding {
 }
 
 impl Layer for Embedding {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            "Embedding",
+            serde_json::json!({
+                "input_dim": self.input_dim,
+                "output_dim": self.output_dim,
+                "embeddings_regularizer": keras_object(&self.regularizer)?,
+                "activity_regularizer": keras_object(&self.activity_regularizer)?,
+                "embeddings_constraint": null,
+                "mask_zero": self.mask_zero,
+            }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "embedding"
     }
@@ -186,6 +201,12 @@ impl Masking {
 }
 
 impl Layer for Masking {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some((
+            "Masking",
+            serde_json::json!({ "mask_value": self.mask_value }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "masking"
     }
@@ -209,5 +230,60 @@ impl Layer for Masking {
     fn compute_mask(&self, inputs: &[Tensor], _masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         let x = &inputs[0];
         Ok(Some(self.keep(x)?.squeeze(x.rank() - 1)?))
+    }
+}
+
+/// A mask as a tensor of its own: 1 where the input differs from `value`, 0 where it equals it
+/// (u8, the input's shape), as `keras.ops.not_equal(x, value)`. Give it to a layer that reads
+/// masks with [`crate::SharedLayer::apply_with_mask`], for example the padding of one input as
+/// the mask of another. It carries no mask itself.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let tokens = Input::new([4]);
+/// let keep = NotEqual::new(0.0).apply(&tokens)?;
+/// let model = Model::new(&[tokens], &[keep])?;
+/// let ids = Tensor::new(&[[3f32, 1., 0., 0.]], &Device::Cpu)?;
+/// assert_eq!(model.predict(&[ids], 1)?[0].to_vec2::<u8>()?, vec![vec![1, 1, 0, 0]]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct NotEqual {
+    value: f64,
+    name: Option<String>,
+}
+
+impl NotEqual {
+    /// Entries equal to `value` become 0 (masked), the others 1.
+    pub fn new(value: f64) -> Self {
+        Self { value, name: None }
+    }
+    /// The layer's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for NotEqual {
+    fn kind(&self) -> &'static str {
+        "not_equal"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        Ok(one_input("NotEqual", input_shapes)?.clone())
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        Ok(inputs[0].ne(self.value)?)
+    }
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }

@@ -93,6 +93,9 @@ macro_rules! elementwise_merge {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                Some(($layer, serde_json::json!({})))
+            }
             fn kind(&self) -> &'static str {
                 $kind
             }
@@ -233,6 +236,9 @@ impl Concatenate {
 }
 
 impl Layer for Concatenate {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("Concatenate", serde_json::json!({ "axis": self.axis })))
+    }
     fn kind(&self) -> &'static str {
         "concatenate"
     }

@@ -23,7 +23,7 @@ mod util;
 pub use conv::{Conv1D, Conv2D, Size2};
 pub use core_layers::{ActivationLayer, Dropout, Flatten};
 pub use dense::{dense_forward, Dense};
-pub use embedding::{Embedding, Masking};
+pub use embedding::{Embedding, Masking, NotEqual};
 pub use merge::{Add, Concatenate, Multiply};
 pub use normalization::{BatchNormalization, LayerNormalization};
 pub use pooling::{
@@ -181,10 +181,29 @@ pub trait Layer: Send {
     ) -> Result<Tensor> {
         self.call(inputs, ctx)
     }
+    /// Whether the layer reads masks, so that it can be given one explicitly
+    /// ([`crate::SharedLayer::apply_with_mask`]), as Keras layers whose `call` has a `mask`
+    /// argument. Layers that override [`Layer::call_with_masks`] to read masks return `true`.
+    fn takes_mask(&self) -> bool {
+        false
+    }
     /// The mask of the output, given the inputs' masks. By default a layer keeps its first
     /// input's mask when it keeps its shape, as Keras' layers that support masking do.
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         Ok(masks.first().cloned().flatten())
+    }
+    /// The activation the layer ends in (Dense's, Activation's), for
+    /// [`crate::ProbabilityRule::Logits`]; `None` by default.
+    fn final_activation(&self) -> Option<crate::Activation> {
+        None
+    }
+    /// The layer's output before its [`Layer::final_activation`] (the logits behind a softmax
+    /// or sigmoid), from the same inputs.
+    fn call_before_activation(&self, _inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        Err(crate::Error::State(format!(
+            "layer `{}` has no final activation to leave out",
+            self.given_name().unwrap_or(self.kind())
+        )))
     }
     /// A penalty on the layer's output, added to the total loss.
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
@@ -221,6 +240,37 @@ pub trait LayerExt: Layer + Sized + 'static {
     /// As [`LayerExt::apply`].
     fn apply_many(self, inputs: &[&SymbolicTensor]) -> Result<SymbolicTensor> {
         self.shared().apply_many(inputs)
+    }
+    /// Applies the layer to one tensor with an explicit mask (Keras' `layer(x, mask=m)`).
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let steps = Input::named("steps", [6, 3]);
+    /// let keep = Input::named("keep", [6]); // the data gives the mask, 1 = the step counts
+    /// let h = Lstm::new(4).apply_with_mask(&steps, &keep)?;
+    /// assert_eq!(h.shape(), &[4]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    fn apply_with_mask(
+        self,
+        input: &SymbolicTensor,
+        mask: &SymbolicTensor,
+    ) -> Result<SymbolicTensor> {
+        self.shared().apply_with_mask(input, mask)
+    }
+    /// Applies the layer to several tensors with explicit masks, one per input.
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    fn apply_many_with_masks(
+        self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+    ) -> Result<SymbolicTensor> {
+        self.shared().apply_many_with_masks(inputs, masks)
     }
     /// Makes the layer shareable: apply the result several times to reuse the same weights.
     fn shared(self) -> SharedLayer {

@@ -209,6 +209,24 @@ impl BatchNormalization {
 }
 
 impl Layer for BatchNormalization {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            "BatchNormalization",
+            serde_json::json!({
+                "axis": -1,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "gamma_regularizer": keras_object(&self.gamma_regularizer)?,
+                "beta_regularizer": keras_object(&self.beta_regularizer)?,
+                "beta_constraint": null,
+                "gamma_constraint": null,
+                "synchronized": false,
+            }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "batch_normalization"
     }
@@ -306,6 +324,9 @@ impl Layer for BatchNormalization {
             ctx.training && ctx.layer_trainable(),
         )
     }
+    fn takes_mask(&self) -> bool {
+        true
+    }
 }
 
 /// Normalizes each sample over its last axis, `(x - mean) / sqrt(variance + epsilon)`, then
@@ -388,6 +409,23 @@ impl LayerNormalization {
 }
 
 impl Layer for LayerNormalization {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::regularizers::keras_object;
+        Some((
+            "LayerNormalization",
+            serde_json::json!({
+                "axis": -1,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "rms_scaling": false,
+                "gamma_regularizer": keras_object(&self.gamma_regularizer)?,
+                "beta_regularizer": keras_object(&self.beta_regularizer)?,
+                "beta_constraint": null,
+                "gamma_constraint": null,
+            }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "layer_normalization"
     }

@@ -48,6 +48,28 @@ impl Pool {
         )
     }
 
+    /// Keras' class and config of the same pooling; Keras pools have no causal padding.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let class = match (self.reduce, self.pool.len()) {
+            (Reduce::Max, 1) => "MaxPooling1D",
+            (Reduce::Max, _) => "MaxPooling2D",
+            (Reduce::Average, 1) => "AveragePooling1D",
+            (Reduce::Average, _) => "AveragePooling2D",
+        };
+        if self.padding == Padding::Causal {
+            return None;
+        }
+        Some((
+            class,
+            serde_json::json!({
+                "pool_size": self.pool,
+                "strides": self.strides(),
+                "padding": self.padding,
+                "data_format": "channels_last",
+            }),
+        ))
+    }
+
     fn strides(&self) -> Vec<usize> {
         self.strides.clone().unwrap_or_else(|| self.pool.clone())
     }
@@ -124,8 +146,6 @@ impl Pool {
                 ))
             })?;
             x = pad_axis(&x, 1 + a, axis.before, axis.after, neutral)?;
-            let used = (axis.out - 1) * strides[a] + pool[a];
-            x = x.narrow(1 + a, 0, used)?;
             axes.push((n, axis));
         }
         let (oh, ow) = (axes[0].1.out, axes[1].1.out);
@@ -133,11 +153,18 @@ impl Pool {
         let fused = !tests::PLAIN.with(|p| p.get());
         #[cfg(not(test))]
         let fused = true;
+        // The one-pass op skips the trailing positions no window reaches by itself; the plain
+        // graph drops them first (a narrow, whose backward would pad the gradient with zeros).
         let direct = if fused && self.reduce == Reduce::Max {
             super::conv_kernel::max_pool2d(&x, super::conv_kernel::MaxPool2dOp { pool, strides })?
         } else {
             None
         };
+        if direct.is_none() {
+            for (a, out) in [oh, ow].into_iter().enumerate() {
+                x = x.narrow(1 + a, 0, (out - 1) * strides[a] + pool[a])?;
+            }
+        }
         let y = if let Some(y) = direct {
             y
         } else if pool == strides {
@@ -228,6 +255,9 @@ macro_rules! pool_layer {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                self.pool.keras_config()
+            }
             fn kind(&self) -> &'static str {
                 $kind
             }
@@ -358,6 +388,20 @@ impl Global {
         )
     }
 
+    /// Keras' class and config of the same global pooling.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let class = match (self.reduce, self.rank) {
+            (Reduce::Max, 1) => "GlobalMaxPooling1D",
+            (Reduce::Max, _) => "GlobalMaxPooling2D",
+            (Reduce::Average, 1) => "GlobalAveragePooling1D",
+            (Reduce::Average, _) => "GlobalAveragePooling2D",
+        };
+        Some((
+            class,
+            serde_json::json!({ "data_format": "channels_last", "keepdims": self.keepdims }),
+        ))
+    }
+
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
         let layout = if self.rank == 1 {
             "[steps, channels]"
@@ -442,6 +486,9 @@ macro_rules! global_layer {
         }
 
         impl Layer for $ty {
+            fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+                self.global.keras_config()
+            }
             fn kind(&self) -> &'static str {
                 $kind
             }
@@ -462,6 +509,10 @@ macro_rules! global_layer {
             ) -> Result<Tensor> {
                 self.global
                     .call(&inputs[0], masks.first().and_then(Option::as_ref))
+            }
+            fn takes_mask(&self) -> bool {
+                // Keras' GlobalAveragePooling1D alone reads a mask (the mean of the kept steps).
+                self.global.reduce == Reduce::Average && self.global.rank == 1
             }
             fn compute_mask(
                 &self,
@@ -611,5 +662,70 @@ mod tests {
                 assert!(d < 1e-6, "{shape:?}: {d}");
             }
         }
+    }
+
+    /// Ties, NaN and signed zeros: each window's output is its first element that no later one
+    /// exceeds, and that element alone gets the window's gradient (TensorFlow's rule), checked
+    /// against a plain loop over windows, with overlapping windows (stride 1) adding up.
+    #[test]
+    fn max_pooling_gives_a_tied_window_gradient_to_its_first_maximum() {
+        let (h, w, c) = (5, 6, 19);
+        let values = [0.0, 1.0, 2.0, -0.0, f64::NAN, 2.0, 1.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let v: Vec<f64> = (0..2 * h * w * c)
+            .map(|_| values[rng.random_range(0..values.len())])
+            .collect();
+        for (pool, strides) in [([2, 2], [2, 2]), ([3, 2], [1, 1]), ([2, 3], [1, 2])] {
+            let x =
+                Var::from_tensor(&Tensor::from_vec(v.clone(), (2, h, w, c), &Device::Cpu).unwrap())
+                    .unwrap();
+            let layer = MaxPooling2D::new((pool[0], pool[1])).strides((strides[0], strides[1]));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let mut ctx = CallContext::new(true, &mut rng);
+            let y = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
+            let (oh, ow) = (
+                (h - pool[0]) / strides[0] + 1,
+                (w - pool[1]) / strides[1] + 1,
+            );
+            let g: Vec<f64> = (0..2 * oh * ow * c).map(|i| 1.0 + i as f64).collect();
+            let gt = Tensor::from_vec(g.clone(), (2, oh, ow, c), &Device::Cpu).unwrap();
+            let dx = (y.clone() * gt)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let mut want_dx = vec![0.0; v.len()];
+            let at = |n: usize, i: usize, j: usize, ch: usize| ((n * h + i) * w + j) * c + ch;
+            for n in 0..2 {
+                for (i, j, ch) in positions(oh, ow, c) {
+                    let mut best = at(n, i * strides[0], j * strides[1], ch);
+                    for p in 0..pool[0] {
+                        for q in 0..pool[1] {
+                            let k = at(n, i * strides[0] + p, j * strides[1] + q, ch);
+                            if v[k] > v[best] {
+                                best = k;
+                            }
+                        }
+                    }
+                    let o = ((n * oh + i) * ow + j) * c + ch;
+                    assert_eq!(y[o].to_bits(), v[best].to_bits(), "{pool:?} output {o}");
+                    want_dx[best] += g[o];
+                }
+            }
+            assert_eq!(dx, want_dx, "{pool:?} {strides:?}");
+        }
+    }
+
+    /// Every `(i, j, channel)` of an `oh × ow × c` output.
+    fn positions(oh: usize, ow: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..oh).flat_map(move |i| (0..ow).flat_map(move |j| (0..c).map(move |ch| (i, j, ch))))
     }
 }

@@ -330,6 +330,23 @@ fn broadcast_values(values: &[f64], from: &[usize], to: &[usize]) -> Option<Vec<
 }
 
 impl Layer for Normalization {
+    /// The statistics travel as weights (`mean`, `variance`, `count`), as after Keras' `adapt`.
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let axis = if self.axis.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(self.axis)
+        };
+        Some((
+            "Normalization",
+            serde_json::json!({
+                "axis": axis,
+                "invert": self.invert,
+                "mean": null,
+                "variance": null,
+            }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "normalization"
     }

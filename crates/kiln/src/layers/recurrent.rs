@@ -30,6 +30,7 @@ struct Recurrent {
     bias_regularizer: Option<SharedRegularizer>,
     activity_regularizer: Option<SharedRegularizer>,
     return_sequences: bool,
+    go_backwards: bool,
     name: Option<String>,
     kernel: Option<Weight>,
     recurrent_kernel: Option<Weight>,
@@ -51,6 +52,7 @@ impl Recurrent {
             bias_regularizer: None,
             activity_regularizer: None,
             return_sequences: false,
+            go_backwards: false,
             name: None,
             kernel: None,
             recurrent_kernel: None,
@@ -108,6 +110,31 @@ impl Recurrent {
         Ok(())
     }
 
+    /// The config Keras' LSTM and GRU share, for the options kiln has.
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        use crate::regularizers::keras_object;
+        Some(serde_json::json!({
+            "units": self.units,
+            "activation": self.activation.as_str(),
+            "recurrent_activation": self.recurrent_activation.as_str(),
+            "use_bias": self.use_bias,
+            "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
+            "recurrent_regularizer": keras_object(&self.recurrent_regularizer)?,
+            "bias_regularizer": keras_object(&self.bias_regularizer)?,
+            "activity_regularizer": keras_object(&self.activity_regularizer)?,
+            "kernel_constraint": null,
+            "recurrent_constraint": null,
+            "bias_constraint": null,
+            "dropout": 0.0,
+            "recurrent_dropout": 0.0,
+            "return_sequences": self.return_sequences,
+            "return_state": false,
+            "go_backwards": self.go_backwards,
+            "stateful": false,
+            "unroll": false,
+        }))
+    }
+
     fn bias_weight(&self, name: &str, value: Tensor) -> Result<Weight> {
         Ok(
             Weight::new(format!("{name}/bias"), Var::from_tensor(&value)?, true)
@@ -122,6 +149,19 @@ impl Recurrent {
             .chain(self.bias.iter())
             .cloned()
             .collect()
+    }
+
+    /// The input and its mask in the order the layer reads them: reversed in time with
+    /// `go_backwards`, as Keras does (the outputs then come in that reversed order too).
+    fn oriented(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        if !self.go_backwards || x.rank() != 3 {
+            return Ok((x.clone(), mask.cloned()));
+        }
+        let steps = x.dims()[1];
+        let back: Vec<u32> = (0..steps as u32).rev().collect();
+        let back = Tensor::new(back.as_slice(), x.device())?;
+        let flip = |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&back, 1)?) };
+        Ok((flip(x)?, mask.map(flip).transpose()?))
     }
 
     /// Checks the input and the mask, and returns `(batch, steps, per-step 0/1 masks)`.
@@ -258,6 +298,29 @@ macro_rules! recurrent_builders {
                 self.rnn.return_sequences = return_sequences;
                 self
             }
+            /// Whether the sequence is read from its last step to its first (default false), as
+            /// Keras' `go_backwards`: with `return_sequences`, the outputs come in that reversed
+            /// order.
+            ///
+            /// ```
+            /// use kiln::prelude::*;
+            /// let x = Input::new([3, 1]);
+            #[doc = concat!("let back = ", stringify!($ty), "::new(2).go_backwards(true).name(\"r\").apply(&x)?;")]
+            #[doc = concat!("let ahead = ", stringify!($ty), "::new(2).name(\"r\").apply(&x)?;")]
+            /// let back = Model::builder(&[x.clone()], &[back]).seed(0).build()?;
+            /// let ahead = Model::builder(&[x], &[ahead]).seed(0).build()?;
+            /// let seq = Tensor::new(&[[[1f32], [2.], [3.]]], &Device::Cpu)?;
+            /// let reversed = Tensor::new(&[[[3f32], [2.], [1.]]], &Device::Cpu)?;
+            /// assert_eq!(
+            ///     back.predict(&[seq], 1)?[0].to_vec2::<f32>()?,
+            ///     ahead.predict(&[reversed], 1)?[0].to_vec2::<f32>()?
+            /// );
+            /// # Ok::<(), kiln::Error>(())
+            /// ```
+            pub fn go_backwards(mut self, go_backwards: bool) -> Self {
+                self.rnn.go_backwards = go_backwards;
+                self
+            }
             /// How the input kernel is initialized (default Glorot uniform).
             pub fn kernel_initializer(mut self, init: Initializer) -> Self {
                 self.rnn.kernel_initializer = init;
@@ -345,6 +408,11 @@ impl Lstm {
 recurrent_builders!(Lstm);
 
 impl Layer for Lstm {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let mut c = self.rnn.keras_config()?;
+        c["unit_forget_bias"] = self.unit_forget_bias.into();
+        Some(("LSTM", c))
+    }
     fn kind(&self) -> &'static str {
         "lstm"
     }
@@ -391,6 +459,9 @@ impl Layer for Lstm {
     ) -> Result<Tensor> {
         self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
     }
+    fn takes_mask(&self) -> bool {
+        true
+    }
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         Ok(if self.rnn.return_sequences {
             masks.first().cloned().flatten()
@@ -406,6 +477,8 @@ impl Layer for Lstm {
 impl Lstm {
     fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let rnn = &self.rnn;
+        let (x, mask) = rnn.oriented(x, mask)?;
+        let (x, mask) = (&x, mask.as_ref());
         let (batch, _, masks) = rnn.prepare("LSTM", x, mask)?;
         let kernel = built(&rnn.kernel, "LSTM")?.var.as_tensor();
         let recurrent = built(&rnn.recurrent_kernel, "LSTM")?.var.as_tensor();
@@ -475,6 +548,11 @@ impl Gru {
 recurrent_builders!(Gru);
 
 impl Layer for Gru {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        let mut c = self.rnn.keras_config()?;
+        c["reset_after"] = self.reset_after.into();
+        Some(("GRU", c))
+    }
     fn kind(&self) -> &'static str {
         "gru"
     }
@@ -520,6 +598,9 @@ impl Layer for Gru {
     ) -> Result<Tensor> {
         self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
     }
+    fn takes_mask(&self) -> bool {
+        true
+    }
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
         Ok(if self.rnn.return_sequences {
             masks.first().cloned().flatten()
@@ -535,6 +616,8 @@ impl Layer for Gru {
 impl Gru {
     fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let rnn = &self.rnn;
+        let (x, mask) = rnn.oriented(x, mask)?;
+        let (x, mask) = (&x, mask.as_ref());
         let (batch, _, masks) = rnn.prepare("GRU", x, mask)?;
         let kernel = built(&rnn.kernel, "GRU")?.var.as_tensor();
         let recurrent = built(&rnn.recurrent_kernel, "GRU")?.var.as_tensor();

@@ -73,6 +73,12 @@ impl Reshape {
 }
 
 impl Layer for Reshape {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some((
+            "Reshape",
+            serde_json::json!({ "target_shape": self.target }),
+        ))
+    }
     fn kind(&self) -> &'static str {
         "reshape"
     }
@@ -145,6 +151,9 @@ impl Permute {
 }
 
 impl Layer for Permute {
+    fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("Permute", serde_json::json!({ "dims": self.dims })))
+    }
     fn kind(&self) -> &'static str {
         "permute"
     }

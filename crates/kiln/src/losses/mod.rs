@@ -4,6 +4,7 @@
 //! the loss's [`Reduction`] through [`crate::reduction`]. Users write their own as closures with
 //! [`loss_fn`], capturing any hyperparameters.
 
+pub mod check;
 pub mod config;
 mod crossentropy_kernel;
 mod probabilistic;
@@ -22,6 +23,7 @@ mod divergence;
 mod hinge;
 mod metric_learning;
 mod segmentation;
+pub use check::{check, check_in, CheckReport, Domain};
 pub use ctc::Ctc;
 pub use divergence::{CosineSimilarity, KLDivergence, Poisson};
 pub use hinge::{CategoricalHinge, Hinge, SquaredHinge};
@@ -69,6 +71,14 @@ pub trait Loss: Send + Sync {
     /// Keras' Dice and Tversky do with `axis=None`; the per-sample contract then allows a scalar.
     fn whole_batch(&self) -> bool {
         false
+    }
+
+    /// For [`crate::ProbabilityRule::Logits`] (Keras 2's rule): the activation whose logits
+    /// this loss reads instead of its probabilities, and the same loss on logits. The
+    /// crossentropies on probabilities return one (softmax for the categorical ones, sigmoid
+    /// for the binary one); every other loss, and these with `from_logits = true`, `None`.
+    fn logits_twin(&self) -> Option<(crate::activations::Activation, Arc<dyn Loss>)> {
+        None
     }
 
     /// Checks the hyperparameters; `compile` calls it so bad values fail before training.

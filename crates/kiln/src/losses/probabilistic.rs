@@ -2,9 +2,11 @@
 //! `from_logits`, probabilities clipped to `[ε, 1 - ε]` otherwise.
 
 use super::{align, loss_common, resolve_axis, softplus, Loss};
+use crate::activations::Activation;
 use crate::error::{invalid, Result};
 use crate::reduction::{Reduction, EPSILON};
 use candle_core::{DType, Tensor};
+use std::sync::Arc;
 
 fn check_smoothing(loss: &str, label_smoothing: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&label_smoothing) {
@@ -128,6 +130,12 @@ impl Default for BinaryCrossentropy {
 loss_common!(BinaryCrossentropy);
 
 impl Loss for BinaryCrossentropy {
+    fn logits_twin(&self) -> Option<(Activation, Arc<dyn Loss>)> {
+        (!self.from_logits).then(|| {
+            let twin: Arc<dyn Loss> = Arc::new(self.clone().from_logits(true));
+            (Activation::Sigmoid, twin)
+        })
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -315,6 +323,12 @@ impl Default for CategoricalCrossentropy {
 loss_common!(CategoricalCrossentropy);
 
 impl Loss for CategoricalCrossentropy {
+    fn logits_twin(&self) -> Option<(Activation, Arc<dyn Loss>)> {
+        (!self.from_logits && self.axis == -1).then(|| {
+            let twin: Arc<dyn Loss> = Arc::new(self.clone().from_logits(true));
+            (Activation::Softmax, twin)
+        })
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -531,6 +545,12 @@ impl Default for SparseCategoricalCrossentropy {
 loss_common!(SparseCategoricalCrossentropy);
 
 impl Loss for SparseCategoricalCrossentropy {
+    fn logits_twin(&self) -> Option<(Activation, Arc<dyn Loss>)> {
+        (!self.from_logits).then(|| {
+            let twin: Arc<dyn Loss> = Arc::new(self.clone().from_logits(true));
+            (Activation::Softmax, twin)
+        })
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -3,10 +3,11 @@
 
 use super::Model;
 use crate::error::{Error, Result};
+use crate::loss_weighting::Strategy;
 use crate::losses::{Loss, LossSpec};
 use crate::metrics::{Metric, MetricSpec};
 use crate::optimizers::Optimizer;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A per-output setting given once for all outputs, as a list in output order, or by name.
 #[derive(Clone, Debug)]
@@ -43,6 +44,44 @@ pub struct Compile {
     loss_weights: PerOutput<f64>,
     /// (output, metric, weighted by the sample weights).
     metrics: Vec<(Option<String>, MetricSpec, bool)>,
+    loss_weighting: Option<Box<dyn Strategy>>,
+    weight_added_terms: bool,
+    probability_rule: ProbabilityRule,
+}
+
+/// How a crossentropy with `from_logits = false` reads an output that ends in softmax or
+/// sigmoid: the two rules Keras has used, which differ on saturated outputs.
+///
+/// kiln's default is [`ProbabilityRule::Clipped`], Keras 3's rule on JAX, PyTorch and NumPy:
+/// the loss sees what the model outputs, whatever layer made it, and the loss values match the
+/// reference cases written by Keras 3 on JAX. Keras 2 (and Keras 3 on TensorFlow) computes
+/// the crossentropy from the logits behind the activation instead
+/// ([`ProbabilityRule::Logits`]): exact where clipping caps a wrong, confident prediction's
+/// loss at `-log(1e-7) ≈ 16.1` and gives it almost no gradient.
+///
+/// ```
+/// use kiln::prelude::*;
+/// let x = Input::new([4]);
+/// let y = Dense::new(3).activation(Activation::Softmax).apply(&x)?;
+/// let mut model = Model::new(&[x], &[y])?;
+/// // Keras 2: categorical crossentropy from the logits behind the softmax.
+/// model.compile(
+///     Compile::new(Adam::new(1e-3))
+///         .loss(CategoricalCrossentropy::new())
+///         .probability_rule(ProbabilityRule::Logits),
+/// )?;
+/// assert_eq!(ProbabilityRule::default(), ProbabilityRule::Clipped);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProbabilityRule {
+    /// From the output's probabilities, clipped to `[1e-7, 1 - 1e-7]` (Keras 3 on JAX).
+    #[default]
+    Clipped,
+    /// From the logits behind a final softmax (categorical and sparse categorical
+    /// crossentropy) or sigmoid (binary crossentropy) of a Dense or Activation layer, as
+    /// Keras 2 does; an output made otherwise keeps the clipped rule, as in Keras 2.
+    Logits,
 }
 
 impl Compile {
@@ -57,7 +96,51 @@ impl Compile {
             losses: PerOutput::Unset,
             loss_weights: PerOutput::Unset,
             metrics: Vec::new(),
+            loss_weighting: None,
+            weight_added_terms: false,
+            probability_rule: ProbabilityRule::Clipped,
         }
+    }
+    /// Sets the weights of the compiled per-output losses automatically while training, with
+    /// a strategy of [`crate::loss_weighting`] (uncertainty, dynamic weight average, FAMO).
+    /// Each output's fixed `loss_weight` still scales its term first. The weights are logged
+    /// per epoch as `loss_weight/<term>`, and saved in checkpoints.
+    ///
+    /// ```
+    /// use kiln::loss_weighting::DynamicWeightAverage;
+    /// use kiln::prelude::*;
+    /// let x = Input::new([2]);
+    /// let a = Dense::new(1).name("a").apply(&x)?;
+    /// let b = Dense::new(1).name("b").apply(&x)?;
+    /// let mut model = Model::new(&[x], &[a, b])?;
+    /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse").loss_weighting(DynamicWeightAverage::new()))?;
+    /// let xs = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
+    /// let data = Dataset::multi(vec![xs.clone()], vec![xs.narrow(1, 0, 1)?, xs.narrow(1, 1, 1)?])?;
+    /// let history = model.fit(&data, Fit::new().epochs(3).quiet())?;
+    /// assert_eq!(history.get("loss_weight/a_loss").unwrap()[0], 1.0); // 1 until two epochs are done
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn loss_weighting(mut self, strategy: impl Strategy + 'static) -> Self {
+        self.loss_weighting = Some(Box::new(strategy));
+        self
+    }
+    /// [`Compile::loss_weighting`] with an already boxed strategy.
+    pub fn loss_weighting_boxed(mut self, strategy: Box<dyn Strategy>) -> Self {
+        self.loss_weighting = Some(strategy);
+        self
+    }
+    /// Whether the loss weighting strategy also weighs the added terms (regularizers,
+    /// `add_loss` terms), each as one more term after the outputs' (default: only the
+    /// compiled per-output losses; added terms are then summed as they are).
+    pub fn weight_added_terms(mut self, yes: bool) -> Self {
+        self.weight_added_terms = yes;
+        self
+    }
+    /// How crossentropies with `from_logits = false` read softmax and sigmoid outputs (default
+    /// [`ProbabilityRule::Clipped`]; [`ProbabilityRule::Logits`] for Keras 2's numbers).
+    pub fn probability_rule(mut self, rule: ProbabilityRule) -> Self {
+        self.probability_rule = rule;
+        self
     }
     /// One loss for every output (a Keras single loss).
     pub fn loss(mut self, loss: impl Into<LossSpec>) -> Self {
@@ -149,6 +232,9 @@ pub(crate) struct OutputLoss {
     pub(crate) log_name: String,
     /// Whether the loss has passed the per-sample probe (`contract.rs`) on a real batch.
     pub(crate) probed: std::sync::atomic::AtomicBool,
+    /// Under [`ProbabilityRule::Logits`], when the output ends in the activation this loss
+    /// undoes: the same loss reading the logits behind it.
+    pub(crate) on_logits: Option<Arc<dyn Loss>>,
 }
 
 /// A resolved metric of one output.
@@ -171,6 +257,27 @@ pub(crate) struct Compiled {
     pub(crate) iterations: u64,
     /// The weighted gradients of a gradient-accumulation group not yet applied.
     pub(crate) accumulated: Option<Vec<(candle_core::Var, candle_core::Tensor)>>,
+    /// The loss weighting strategy, if any.
+    pub(crate) weighting: Option<Weighting>,
+}
+
+/// A loss weighting strategy as compile leaves it: its terms and its state.
+pub(crate) struct Weighting {
+    /// Behind a lock, so that a step (which holds the compiled state shared) can advance it.
+    pub(crate) strategy: Mutex<Box<dyn Strategy>>,
+    /// The terms it weighs, in order: the outputs' `<output>_loss`, then (with
+    /// `weight_added_terms`) the added terms by name.
+    pub(crate) terms: Vec<String>,
+    /// How many of `terms` are outputs' losses.
+    pub(crate) outputs: usize,
+    /// The strategy's variables the model's optimizer trains, by name.
+    pub(crate) variables: Vec<(String, candle_core::Var)>,
+}
+
+impl Weighting {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Strategy>> {
+        self.strategy.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn output_index(names: &[String], name: &str, what: &str) -> Result<usize> {
@@ -243,12 +350,20 @@ impl Model {
                             names[i]
                         )));
                     }
+                    let on_logits = match config.probability_rule {
+                        ProbabilityRule::Clipped => None,
+                        ProbabilityRule::Logits => loss
+                            .logits_twin()
+                            .filter(|(act, _)| self.output_activation(i) == Some(*act))
+                            .map(|(_, twin)| twin),
+                    };
                     resolved.push(OutputLoss {
                         output: i,
                         loss,
                         weight,
                         log_name: format!("{}_loss", names[i]),
                         probed: Default::default(),
+                        on_logits,
                     });
                 }
                 None if weight.is_some() && n_losses > 0 => {
@@ -332,14 +447,74 @@ impl Model {
                 )));
             }
         }
+        let weighting = match config.loss_weighting {
+            Some(strategy) => Some(self.weighting(
+                strategy,
+                &resolved,
+                config.weight_added_terms,
+                !adversarial.is_empty(),
+            )?),
+            None if config.weight_added_terms => {
+                return Err(Error::Compile(
+                    "weight_added_terms is set but no loss weighting strategy is given: add \
+                     one with loss_weighting(...), or drop weight_added_terms"
+                        .into(),
+                ))
+            }
+            None => None,
+        };
         self.compiled = Some(Compiled {
             optimizer: config.optimizer,
             losses: resolved,
             metrics,
             iterations: 0,
             accumulated: None,
+            weighting,
         });
         Ok(())
+    }
+
+    /// The strategy's terms, checked, and its fresh state.
+    fn weighting(
+        &self,
+        mut strategy: Box<dyn Strategy>,
+        losses: &[OutputLoss],
+        added: bool,
+        adversarial: bool,
+    ) -> Result<Weighting> {
+        strategy.validate()?;
+        let name = strategy.name().to_string();
+        let mut terms: Vec<String> = losses.iter().map(|l| l.log_name.clone()).collect();
+        if added {
+            if adversarial {
+                return Err(Error::Compile(format!(
+                    "loss weighting `{name}` with weight_added_terms cannot weigh an \
+                     adversarial term yet: weigh the outputs' losses only (drop \
+                     weight_added_terms) or remove the adversarial term"
+                )));
+            }
+            terms.extend(self.regularizer_term_names());
+            terms.extend(self.added.iter().map(|(n, _)| n.clone()));
+        }
+        if terms.len() < 2 {
+            return Err(Error::Compile(format!(
+                "loss weighting `{name}` needs at least two terms to weigh, and the model has \
+                 {terms:?}: give several outputs a loss{}",
+                if added {
+                    ""
+                } else {
+                    ", or set weight_added_terms to weigh the added terms too"
+                }
+            )));
+        }
+        strategy.begin(&terms, self.dtype, &self.device)?;
+        let variables = strategy.variables();
+        Ok(Weighting {
+            strategy: Mutex::new(strategy),
+            terms,
+            outputs: losses.len(),
+            variables,
+        })
     }
 
     /// Names of the terms regularizers add: `<name>` for weights, `activity_<name>` for outputs.

@@ -125,17 +125,27 @@ impl History {
 pub(crate) struct Accumulator {
     means: Vec<(String, f64, f64)>,
     metrics: Vec<(String, Box<dyn Metric>)>,
+    /// Running means logged after the metrics (gradient diagnostics).
+    diagnostics: Vec<(String, f64, f64)>,
+}
+
+fn add_to(means: &mut Vec<(String, f64, f64)>, key: &str, total: f64, count: f64) {
+    match means.iter_mut().find(|(k, _, _)| k == key) {
+        Some(slot) => {
+            slot.1 += total;
+            slot.2 += count;
+        }
+        None => means.push((key.to_string(), total, count)),
+    }
 }
 
 impl Accumulator {
     pub(crate) fn add(&mut self, key: &str, total: f64, count: f64) {
-        match self.means.iter_mut().find(|(k, _, _)| k == key) {
-            Some(slot) => {
-                slot.1 += total;
-                slot.2 += count;
-            }
-            None => self.means.push((key.to_string(), total, count)),
-        }
+        add_to(&mut self.means, key, total, count);
+    }
+    /// As [`Accumulator::add`], for a value logged after the metrics.
+    pub(crate) fn add_diagnostic(&mut self, key: &str, total: f64, count: f64) {
+        add_to(&mut self.diagnostics, key, total, count);
     }
     /// The epoch state of the metric logged as `key`, made from `metric` on first use.
     pub(crate) fn metric(&mut self, key: &str, metric: &dyn Metric) -> &mut dyn Metric {
@@ -154,11 +164,9 @@ impl Accumulator {
     }
     pub(crate) fn logs(&self, prefix: &str) -> Logs {
         let mut logs = Logs::default();
+        let mean = |total: f64, count: f64| if count == 0.0 { 0.0 } else { total / count };
         for (k, total, count) in &self.means {
-            logs.set(
-                format!("{prefix}{k}"),
-                if *count == 0.0 { 0.0 } else { total / count },
-            );
+            logs.set(format!("{prefix}{k}"), mean(*total, *count));
         }
         for (k, metric) in &self.metrics {
             match metric.result().as_slice() {
@@ -169,6 +177,9 @@ impl Accumulator {
                     }
                 }
             }
+        }
+        for (k, total, count) in &self.diagnostics {
+            logs.set(format!("{prefix}{k}"), mean(*total, *count));
         }
         logs
     }

@@ -100,7 +100,8 @@ impl Model {
         let mut rng = call_rng();
         let pass = self.run(&xs, true, &mut rng)?;
         let adversarial = self.adversarial_term();
-        let mut terms = self.step_terms(compiled, &batch, &pass, true, adversarial.is_some())?;
+        let mut terms =
+            self.step_terms(compiled, &batch, &pass, true, adversarial.is_some(), false)?;
         let mut total = terms.total.clone();
         if let Some((name, adv)) = adversarial {
             let x_adv = self.attack(compiled, &adv, &batch, None, true, &mut rng)?;
@@ -108,7 +109,7 @@ impl Model {
             let labeled = self.compiled_loss(compiled, &batch, &adv_pass)?.total;
             let term = (labeled.ok_or_else(no_labeled_loss)? * adv.weight())?;
             total = (total + &term)?;
-            terms.reported.push((name, term.detach()));
+            terms.push_detached(name, term.detach())?;
         }
         let mut grads = crate::gradients::Gradients::default();
         grads.backward(&total)?;

@@ -2,20 +2,22 @@
 
 mod added;
 mod compile;
-mod contract;
+pub(crate) mod contract;
 mod history;
 mod manual;
 mod progress;
 mod sequential;
 mod summary;
+mod term_gradients;
 mod train;
 
 pub use added::{AddedLoss, Tensors};
 pub(crate) use compile::not_compiled;
-pub use compile::Compile;
+pub use compile::{Compile, ProbabilityRule};
 pub use history::{History, Logs};
 pub use manual::BatchGradients;
 pub use sequential::Sequential;
+pub use term_gradients::{TermGradient, TermGradients};
 pub use train::{Fit, SharedCallback};
 
 use crate::error::{Error, Result};
@@ -34,6 +36,8 @@ struct Step {
     layer: SharedLayer,
     layer_name: String,
     inputs: Vec<usize>,
+    /// The explicit masks' ids, one per input (`None`: the input's own mask); empty if none.
+    masks: Vec<Option<usize>>,
 }
 
 /// A model: a graph of layers from inputs to named outputs, plus its added losses and, once
@@ -268,13 +272,17 @@ impl Model {
             layers.push((name, layer.clone()));
         }
 
+        // Keras' order (`model.layers`, hence `model.weights` and `get_weights`).
+        let rank = keras_layer_order(&b.outputs, &input_ids);
+        layers.sort_by_key(|(_, l)| rank.get(&l.id).copied().unwrap_or(usize::MAX));
+
         // Build every layer once, from the shapes of its first application.
         let mut rng = StdRng::seed_from_u64(b.seed);
         let mut built = HashSet::new();
         crate::initializers::begin_model();
         let mut steps = Vec::new();
         for t in &order {
-            let NodeOp::Layer { layer, inputs } = &t.0.op else {
+            let NodeOp::Layer { layer, inputs, .. } = &t.0.op else {
                 continue;
             };
             let name = names[&layer.id].clone();
@@ -296,6 +304,11 @@ impl Model {
                 layer: layer.clone(),
                 layer_name: name,
                 inputs: inputs.iter().map(|i| i.id()).collect(),
+                masks: t
+                    .explicit_masks()
+                    .iter()
+                    .map(|m| m.as_ref().map(SymbolicTensor::id))
+                    .collect(),
             });
         }
 
@@ -368,7 +381,8 @@ impl Model {
         self.inputs.iter().map(|x| x.shape().to_vec()).collect()
     }
 
-    /// The layers' names, in execution order.
+    /// The layers' names, in Keras' `model.layers` order: by depth from the outputs, deepest
+    /// first (the execution order, for a chain of layers).
     pub fn layer_names(&self) -> Vec<&str> {
         self.layers.iter().map(|(n, _)| n.as_str()).collect()
     }
@@ -577,6 +591,15 @@ impl Model {
         Ok(())
     }
 
+    /// The layers given an explicit mask ([`SharedLayer::apply_with_mask`]), by name.
+    pub(crate) fn explicitly_masked_layers(&self) -> Vec<&str> {
+        self.steps
+            .iter()
+            .filter(|s| s.masks.iter().any(Option::is_some))
+            .map(|s| s.layer_name.as_str())
+            .collect()
+    }
+
     /// The graph as a list, for export: the inputs (name, id, shape), every layer application
     /// in execution order (layer name, the layer, input ids, output id, output shape), and the
     /// output ids.
@@ -635,11 +658,16 @@ impl Model {
                 .iter()
                 .map(|id| pass.values[id].clone())
                 .collect();
+            // An explicit mask replaces the input's own (nonzero = kept, as Keras' bool masks).
             let masks: Vec<Option<Tensor>> = step
                 .inputs
                 .iter()
-                .map(|id| pass.masks.get(id).cloned())
-                .collect();
+                .enumerate()
+                .map(|(i, id)| match step.masks.get(i).copied().flatten() {
+                    Some(m) => Ok(Some(pass.values[&m].ne(0.0)?)),
+                    None => Ok(pass.masks.get(id).cloned()),
+                })
+                .collect::<Result<_>>()?;
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
             ctx.layer_trainable = step.layer.is_trainable();
@@ -666,6 +694,39 @@ impl Model {
             pass.values.insert(step.node.id(), y);
         }
         Ok(pass)
+    }
+
+    /// The step that makes output `output`, if a layer makes it (not an input passed through).
+    fn output_step(&self, output: usize) -> Option<&Step> {
+        let id = self.outputs[output].id();
+        self.steps.iter().find(|s| s.node.id() == id)
+    }
+
+    /// The activation the layer making output `output` ends in, if it has one.
+    pub(crate) fn output_activation(&self, output: usize) -> Option<crate::Activation> {
+        self.output_step(output)?.layer.lock().final_activation()
+    }
+
+    /// The output `output` of a forward pass before its layer's final activation (the logits
+    /// behind a softmax or sigmoid), computed again from the layer's inputs in the pass (Dense
+    /// and Activation layers do not depend on the training flag).
+    pub(crate) fn output_logits(&self, pass: &ForwardPass, output: usize) -> Result<Tensor> {
+        let step = self.output_step(output).ok_or_else(|| {
+            Error::State(format!(
+                "output `{}` is not made by a layer",
+                self.output_names[output]
+            ))
+        })?;
+        let xs: Vec<Tensor> = step
+            .inputs
+            .iter()
+            .map(|id| pass.values[id].clone())
+            .collect();
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut ctx = CallContext::new(false, &mut rng);
+        ctx.layer_trainable = step.layer.is_trainable();
+        let layer = step.layer.lock();
+        layer.call_before_activation(&xs, &mut ctx)
     }
 
     /// The output tensors of a forward pass, in output order.
@@ -789,6 +850,68 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Each layer's place in Keras' `model.layers` order: by depth from the outputs (deepest
+/// first), then by when a walk from the outputs first meets it, as Keras' functional graph
+/// (`keras.src.ops.function.map_graph`) sorts its operations. Keyed by layer id.
+fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> HashMap<usize, usize> {
+    struct Walk<'a> {
+        inputs: &'a HashSet<usize>,
+        first_seen: HashMap<usize, usize>,
+        finished: HashSet<usize>,
+        post_order: Vec<SymbolicTensor>,
+    }
+    fn layer_id(t: &SymbolicTensor) -> Option<usize> {
+        match &t.0.op {
+            NodeOp::Layer { layer, .. } => Some(layer.id),
+            NodeOp::Input { .. } => None,
+        }
+    }
+    fn walk(w: &mut Walk, t: &SymbolicTensor) {
+        let Some(layer) = layer_id(t) else {
+            return;
+        };
+        if w.inputs.contains(&t.id()) || w.finished.contains(&t.id()) {
+            return;
+        }
+        let next = w.first_seen.len();
+        w.first_seen.entry(layer).or_insert(next);
+        for p in t.parents() {
+            walk(w, p);
+        }
+        w.finished.insert(t.id());
+        w.post_order.push(t.clone());
+    }
+    let mut w = Walk {
+        inputs,
+        first_seen: HashMap::new(),
+        finished: HashSet::new(),
+        post_order: Vec::new(),
+    };
+    for o in outputs {
+        walk(&mut w, o);
+    }
+    // A node's depth is one more than its deepest consumer's; a layer's, its deepest node's.
+    let mut node_depth: HashMap<usize, usize> = HashMap::new();
+    let mut layer_depth: HashMap<usize, usize> = HashMap::new();
+    for t in w.post_order.iter().rev() {
+        let layer = layer_id(t).expect("layer nodes only");
+        let depth = node_depth
+            .get(&t.id())
+            .copied()
+            .unwrap_or(0)
+            .max(layer_depth.get(&layer).copied().unwrap_or(0));
+        layer_depth.insert(layer, depth);
+        node_depth.insert(t.id(), depth);
+        for p in t.parents() {
+            let d = node_depth.entry(p.id()).or_insert(0);
+            *d = (*d).max(depth + 1);
+        }
+    }
+    let mut order: Vec<usize> = layer_depth.keys().copied().collect();
+    order.sort_by_key(|l| (std::cmp::Reverse(layer_depth[l]), w.first_seen[l]));
+    order.into_iter().enumerate().map(|(i, l)| (l, i)).collect()
 }
 
 /// The graph of a model as plain lists: see [`Model::graph_view`].

@@ -34,6 +34,7 @@ pub struct Fit {
     verbose: bool,
     initial_epoch: usize,
     gradient_accumulation_steps: usize,
+    gradient_diagnostics: bool,
     callbacks: Vec<SharedCallback>,
     callback_states: Vec<Option<serde_json::Value>>,
     callback_tensors: Vec<Vec<(String, Tensor)>>,
@@ -64,6 +65,7 @@ impl Fit {
             verbose: true,
             initial_epoch: 0,
             gradient_accumulation_steps: 1,
+            gradient_diagnostics: false,
             callbacks: Vec::new(),
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
@@ -207,6 +209,36 @@ impl Fit {
         self.distributed = Some(communicator);
         self
     }
+    /// Records per-term gradient diagnostics (off by default): for each term of the total
+    /// (each output's weighted loss, each added term, the adversarial term), the L2 norm of
+    /// its gradient over the shared trainable weights, `grad_norm/<term>`, and the cosine
+    /// between every pair of terms' gradients, `grad_cos/<a>/<b>`, averaged over the
+    /// epoch's training batches (see [`Model::term_gradients`] for which weights are shared).
+    ///
+    /// Cost: one more backward pass per term on every training step (no extra forward pass),
+    /// only when on. What is learned does not change: the update still uses the total's own
+    /// gradient, so the weights are bit-identical with diagnostics on or off.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones)
+    ///     .kernel_regularizer(L2::new(0.5)).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.0)).loss("mse"))?;
+    /// let data = Dataset::new(Tensor::new(&[[2f32]], &Device::Cpu)?, Tensor::new(&[[0f32]], &Device::Cpu)?)?;
+    /// let history = model.fit(&data, Fit::new().quiet().gradient_diagnostics(true))?;
+    /// // d/dw of the mse (2w)² is 8w = 8, of the penalty 0.5·w² is w = 1: the same direction.
+    /// assert_eq!(history.get("grad_norm/dense_loss"), Some(vec![8.0]));
+    /// assert_eq!(history.get("grad_norm/l2"), Some(vec![1.0]));
+    /// assert_eq!(history.get("grad_cos/dense_loss/l2"), Some(vec![1.0]));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn gradient_diagnostics(mut self, on: bool) -> Self {
+        self.gradient_diagnostics = on;
+        self
+    }
 }
 
 /// Where a batch stands in its gradient-accumulation group: its gradient's weight (its share
@@ -240,6 +272,18 @@ impl Group {
 pub(super) struct LabeledLoss {
     pub(super) total: Option<Tensor>,
     per_output: Vec<(String, Tensor)>,
+    /// Each output's term as it enters the total (loss_weight · reduced), graph kept.
+    weighted: Vec<Tensor>,
+}
+
+/// A training step's passes before its update, from [`Model::step_gradients`].
+pub(super) struct StepGradients {
+    pub(super) terms: StepTerms,
+    pub(super) pass: ForwardPass,
+    /// The trainable weights, in [`Model::weights`] order.
+    pub(super) trainable: Vec<Var>,
+    /// The gradient of the total over each of `trainable` (`None`: it does not depend on it).
+    pub(super) gradients: Vec<Option<Tensor>>,
 }
 
 /// The terms of one step: the total to differentiate and each reported term.
@@ -250,6 +294,31 @@ pub(super) struct StepTerms {
     labeled: Option<Tensor>,
     /// Σ added terms, if any.
     added: Option<Tensor>,
+    /// With a loss weighting strategy: the terms it weighs (with their graphs), and the total
+    /// to report (Σ weight · term + the rest), which differs from the objective.
+    weighed: Vec<Tensor>,
+    shown: Option<Tensor>,
+    /// Each term as it enters the total, graph kept, under the name the history reports it
+    /// by (`loss` when the total has one part); the adversarial term is pushed by the step.
+    pub(super) parts: Vec<(String, Tensor)>,
+}
+
+impl StepTerms {
+    /// The total as the logs report it.
+    fn shown(&self) -> &Tensor {
+        self.shown.as_ref().unwrap_or(&self.total)
+    }
+
+    /// Adds a term computed after the backward pass (the adversarial one) to the reported
+    /// totals and the breakdown.
+    pub(super) fn push_detached(&mut self, name: String, term: Tensor) -> Result<()> {
+        self.total = (self.total.detach() + &term)?;
+        if let Some(shown) = self.shown.take() {
+            self.shown = Some((shown + &term)?);
+        }
+        self.reported.push((name, term));
+        Ok(())
+    }
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -270,6 +339,7 @@ impl Model {
         let batch_size = batch.len();
         let mut total: Option<Tensor> = None;
         let mut reported = Vec::new();
+        let mut weighted_terms = Vec::new();
         for ol in &compiled.losses {
             let name = &self.output_names[ol.output];
             let y_true = batch.targets.get(ol.output).ok_or_else(|| {
@@ -277,15 +347,22 @@ impl Model {
                     "output `{name}` has a loss but the data has no target for it"
                 ))
             })?;
-            let y_pred = outputs[ol.output];
+            // Keras 2's rule: the crossentropy of the logits behind the final activation.
+            let logits = match &ol.on_logits {
+                Some(_) => Some(self.output_logits(pass, ol.output)?),
+                None => None,
+            };
+            let (loss, y_pred) = match (&ol.on_logits, &logits) {
+                (Some(twin), Some(z)) => (twin.as_ref(), z),
+                _ => (ol.loss.as_ref(), outputs[ol.output]),
+            };
             let site = super::contract::LossSite {
-                loss: ol.loss.as_ref(),
+                loss,
                 output: name,
                 y_true,
                 y_pred,
             };
-            let values = ol
-                .loss
+            let values = loss
                 .per_sample(y_true, y_pred)
                 .map_err(|e| site.explain(e))?;
             site.check_shape(&values)?;
@@ -297,7 +374,7 @@ impl Model {
             }
             let reduced = match &self.shard {
                 None => reduce_per_sample(
-                    ol.loss.as_ref(),
+                    loss,
                     &values,
                     y_true,
                     y_pred,
@@ -305,7 +382,7 @@ impl Model {
                     masks[ol.output],
                 ),
                 Some(shard) => shard.reduce(
-                    ol.loss.as_ref(),
+                    loss,
                     &values,
                     y_true,
                     y_pred,
@@ -316,14 +393,16 @@ impl Model {
             .map_err(|e| site.explain(e))?;
             let weighted = (&reduced * ol.weight)?;
             total = Some(match total.take() {
-                Some(acc) => (acc + weighted)?,
-                None => weighted,
+                Some(acc) => (acc + &weighted)?,
+                None => weighted.clone(),
             });
+            weighted_terms.push(weighted);
             reported.push((ol.log_name.clone(), reduced));
         }
         Ok(LabeledLoss {
             total,
             per_output: reported,
+            weighted: weighted_terms,
         })
     }
 
@@ -334,6 +413,10 @@ impl Model {
     ///
     /// Each compile-time loss is reported as `<output>_loss` whenever the total has more than
     /// one part, so that the data term is never hidden inside `loss`.
+    ///
+    /// With a loss weighting strategy, the weighed terms are combined by it: `advance` (a
+    /// training step of `fit`) lets it set this step's weights; otherwise its current weights
+    /// apply.
     pub(super) fn step_terms(
         &self,
         compiled: &Compiled,
@@ -341,10 +424,12 @@ impl Model {
         pass: &ForwardPass,
         training: bool,
         adversarial: bool,
+        advance: bool,
     ) -> Result<StepTerms> {
         let LabeledLoss {
             total: labeled,
             per_output,
+            weighted,
         } = self.compiled_loss(compiled, batch, pass)?;
         let mut added_total: Option<Tensor> = None;
         let mut add = |t: Tensor| -> Result<()> {
@@ -395,8 +480,6 @@ impl Model {
             }
             accumulate(name.clone(), value.to_dtype(self.dtype)?)?;
         }
-        let parts = per_output.len() + added.len() + usize::from(adversarial);
-        let mut reported = if parts > 1 { per_output } else { Vec::new() };
         // A rank's added terms count by its share of the global batch (see `distributed`).
         let added = match &self.shard {
             Some(shard) => added
@@ -405,10 +488,50 @@ impl Model {
                 .collect::<Result<Vec<_>>>()?,
             None => added,
         };
-        for (name, value) in added {
-            add(value.clone())?;
+        let outputs = per_output.len();
+        let count = outputs + added.len() + usize::from(adversarial);
+        let mut parts: Vec<(String, Tensor)> = per_output
+            .iter()
+            .zip(weighted.iter().cloned())
+            .map(|((name, _), w)| (name.clone(), w))
+            .collect();
+        let mut reported = if count > 1 { per_output } else { Vec::new() };
+        let weighs_added = compiled
+            .weighting
+            .as_ref()
+            .is_some_and(|w| w.terms.len() > w.outputs);
+        for (name, value) in added.iter().cloned() {
+            // Terms the strategy weighs are summed by it, not here.
+            if !weighs_added {
+                add(value.clone())?;
+            }
+            parts.push((name.clone(), value.clone()));
             reported.push((name, value));
         }
+        // A lone output loss is reported as `loss` alone (a lone added term keeps its name).
+        if let ([only], 1, 1) = (parts.as_mut_slice(), count, outputs) {
+            only.0 = "loss".to_string();
+        }
+        let (labeled, weighed, shown) = match &compiled.weighting {
+            None => (labeled, Vec::new(), None),
+            Some(w) => {
+                let mut weighed = weighted;
+                if weighs_added {
+                    weighed.extend(self.added_in_order(&w.terms[w.outputs..], &added)?);
+                }
+                let mut strategy = w.lock();
+                let objective = match advance {
+                    true => strategy.combine(&weighed)?,
+                    false => crate::loss_weighting::weighted_sum(&weighed, &strategy.weights()?)?,
+                };
+                let values: Vec<Tensor> = weighed.iter().map(Tensor::detach).collect();
+                let mut shown = crate::loss_weighting::weighted_sum(&values, &strategy.weights()?)?;
+                if let Some(a) = &added_total {
+                    shown = (shown + a.detach())?;
+                }
+                (Some(objective), weighed, Some(shown))
+            }
+        };
         let total = match (&labeled, &added_total) {
             (Some(l), Some(a)) => (l + a)?,
             (Some(t), None) | (None, Some(t)) => t.clone(),
@@ -419,7 +542,29 @@ impl Model {
             reported,
             labeled,
             added: added_total,
+            weighed,
+            shown,
+            parts,
         })
+    }
+
+    /// The added terms a strategy weighs, in its order: a term absent from this step (a
+    /// regularizer of a frozen weight) is 0; one it does not know is an error.
+    fn added_in_order(&self, names: &[String], added: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
+        if let Some((unknown, _)) = added.iter().find(|(n, _)| !names.contains(n)) {
+            return Err(Error::Compile(format!(
+                "added term `{unknown}` appeared while training, but the loss weighting \
+                 strategy weighs {names:?} (the terms known at compile): add every term before \
+                 compile"
+            )));
+        }
+        names
+            .iter()
+            .map(|name| match added.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => Ok(v.reshape(())?),
+                None => Ok(Tensor::zeros((), self.dtype, &self.device)?),
+            })
+            .collect()
     }
 
     /// Adds a batch's terms and metrics to the running epoch means.
@@ -436,7 +581,7 @@ impl Model {
             .shard
             .as_ref()
             .map_or(batch.len(), StepShard::global_len) as f64;
-        acc.add("loss", scalar(&terms.total)? * n, n);
+        acc.add("loss", scalar(terms.shown())? * n, n);
         for (name, value) in &terms.reported {
             acc.add(name, scalar(value)? * n, n);
         }
@@ -547,17 +692,20 @@ impl Model {
         rng: &mut StdRng,
         acc: &mut Accumulator,
         group: Group,
+        diagnostics: bool,
     ) -> Result<f64> {
         let mut choice = std::mem::take(&mut self.thread_choice);
         let in_process = self.shard.as_ref().is_some_and(StepShard::in_process);
         let result = match self.device.is_cpu() {
-            true if in_process => {
-                crate::runtime::on_calling_thread(|| self.train_step_here(batch, rng, acc, group))
-            }
-            true => choice.run(batch.len(), || self.train_step_here(batch, rng, acc, group)),
-            false => {
-                crate::runtime::on_matmul_pool(|| self.train_step_here(batch, rng, acc, group))
-            }
+            true if in_process => crate::runtime::on_calling_thread(|| {
+                self.train_step_here(batch, rng, acc, group, diagnostics)
+            }),
+            true => choice.run(batch.len(), || {
+                self.train_step_here(batch, rng, acc, group, diagnostics)
+            }),
+            false => crate::runtime::on_matmul_pool(|| {
+                self.train_step_here(batch, rng, acc, group, diagnostics)
+            }),
         };
         self.thread_choice = choice;
         result
@@ -570,74 +718,21 @@ impl Model {
         rng: &mut StdRng,
         acc: &mut Accumulator,
         group: Group,
+        diagnostics: bool,
     ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<f64> {
-            let adversarial = self.adversarial_term();
-            let input_vars: Vec<Var> = match adversarial {
-                Some(_) => batch
-                    .inputs
-                    .iter()
-                    .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?).map_err(Error::from))
-                    .collect::<Result<_>>()?,
-                None => Vec::new(),
-            };
-            let inputs: Vec<Tensor> = match adversarial {
-                Some(_) => input_vars.iter().map(|v| v.as_tensor().clone()).collect(),
-                None => batch.inputs.clone(),
-            };
-            let pass = self.run(&inputs, true, rng)?;
-            let mut terms =
-                self.step_terms(&compiled, batch, &pass, true, adversarial.is_some())?;
-            let trainable: Vec<Var> = self
-                .weights()
-                .into_iter()
-                .filter(|w| w.trainable())
-                .map(|w| w.var)
-                .collect();
-            let Some((name, adversarial)) = adversarial else {
-                let mut grads = Gradients::default();
-                grads.backward(&terms.total)?;
-                let gradients = grads.take_each(&trainable)?;
-                return self.finish_step(
-                    &mut compiled,
-                    acc,
-                    &terms,
-                    batch,
-                    &pass,
-                    trainable,
-                    gradients,
-                    group,
-                );
-            };
-            // First backward: the compiled ("labeled") loss on the clean batch gives the input
-            // gradient that defines the attack (as Neural Structured Learning) and those terms'
-            // parameter gradients.
-            let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
-            let mut grads = Gradients::default();
-            grads.backward(&labeled)?;
-            let input_grads: Vec<Tensor> = input_vars
-                .iter()
-                .map(|v| match grads.take(v.as_tensor())? {
-                    Some(g) => Ok(g),
-                    None => Ok(v.as_tensor().zeros_like()?),
-                })
-                .collect::<Result<_>>()?;
-            let x_adv =
-                self.attack(&compiled, &adversarial, batch, Some(input_grads), true, rng)?;
-            let adv_pass = self.run(&x_adv, true, rng)?;
-            let adv_labeled = self.compiled_loss(&compiled, batch, &adv_pass)?.total;
-            let term = (adv_labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
-            // Second backward: the adversarial term together with the clean batch's added terms
-            // (regularizers, layer and closure terms), whose graph is still alive.
-            let second = match &terms.added {
-                Some(added) => (&term + added)?,
-                None => term.clone(),
-            };
-            grads.backward(&second)?;
-            let gradients = grads.take_each(&trainable)?;
-            terms.total = (terms.total.detach() + term.detach())?;
-            terms.reported.push((name, term.detach()));
+            let step = self.step_gradients(&compiled, batch, rng, true)?;
+            if diagnostics {
+                let terms = super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
+                super::term_gradients::record_diagnostics(acc, &terms, batch.len() as f64)?;
+            }
+            let StepGradients {
+                terms,
+                pass,
+                trainable,
+                gradients,
+            } = step;
             self.finish_step(
                 &mut compiled,
                 acc,
@@ -651,6 +746,89 @@ impl Model {
         })();
         self.compiled = Some(compiled);
         result
+    }
+
+    /// The forward and backward passes of a training step, before any update: the step's
+    /// terms (each with its graph, in `parts`) and the gradient of the total over every
+    /// trainable weight. With an adversarial term: the clean backward pass also gives the
+    /// input gradient, then one more forward and backward pass on the perturbed batch.
+    pub(super) fn step_gradients(
+        &self,
+        compiled: &Compiled,
+        batch: &Dataset,
+        rng: &mut StdRng,
+        advance: bool,
+    ) -> Result<StepGradients> {
+        let adversarial = self.adversarial_term();
+        let input_vars: Vec<Var> = match adversarial {
+            Some(_) => batch
+                .inputs
+                .iter()
+                .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?).map_err(Error::from))
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        let inputs: Vec<Tensor> = match adversarial {
+            Some(_) => input_vars.iter().map(|v| v.as_tensor().clone()).collect(),
+            None => batch.inputs.clone(),
+        };
+        let pass = self.run(&inputs, true, rng)?;
+        let mut terms =
+            self.step_terms(compiled, batch, &pass, true, adversarial.is_some(), advance)?;
+        let mut trainable: Vec<Var> = self
+            .weights()
+            .into_iter()
+            .filter(|w| w.trainable())
+            .map(|w| w.var)
+            .collect();
+        // A strategy's own variables (uncertainty's log-variances) train with the weights.
+        if let Some(w) = &compiled.weighting {
+            trainable.extend(w.variables.iter().map(|(_, v)| v.clone()));
+        }
+        let Some((name, adversarial)) = adversarial else {
+            let mut grads = Gradients::default();
+            grads.backward(&terms.total)?;
+            let gradients = grads.take_each(&trainable)?;
+            return Ok(StepGradients {
+                terms,
+                pass,
+                trainable,
+                gradients,
+            });
+        };
+        // First backward: the compiled ("labeled") loss on the clean batch gives the input
+        // gradient that defines the attack (as Neural Structured Learning) and those terms'
+        // parameter gradients.
+        let labeled = terms.labeled.clone().ok_or_else(no_labeled_loss)?;
+        let mut grads = Gradients::default();
+        grads.backward(&labeled)?;
+        let input_grads: Vec<Tensor> = input_vars
+            .iter()
+            .map(|v| match grads.take(v.as_tensor())? {
+                Some(g) => Ok(g),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<_>>()?;
+        let x_adv = self.attack(compiled, &adversarial, batch, Some(input_grads), true, rng)?;
+        let adv_pass = self.run(&x_adv, true, rng)?;
+        let adv_labeled = self.compiled_loss(compiled, batch, &adv_pass)?.total;
+        let term = (adv_labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
+        // Second backward: the adversarial term together with the clean batch's added terms
+        // (regularizers, layer and closure terms), whose graph is still alive.
+        let second = match &terms.added {
+            Some(added) => (&term + added)?,
+            None => term.clone(),
+        };
+        grads.backward(&second)?;
+        let gradients = grads.take_each(&trainable)?;
+        terms.push_detached(name.clone(), term.detach())?;
+        terms.parts.push((name, term));
+        Ok(StepGradients {
+            terms,
+            pass,
+            trainable,
+            gradients,
+        })
     }
 
     /// Applies the gradients with the optimizer (or, inside a gradient-accumulation group,
@@ -692,7 +870,8 @@ impl Model {
         if !group.last {
             compiled.accumulated = Some(pending);
             self.record(compiled, acc, terms, batch, pass)?;
-            return scalar(&terms.total);
+            self.observe_terms(compiled, terms, batch, false)?;
+            return scalar(terms.shown());
         }
         let (params, gradients): (Vec<Var>, Vec<Tensor>) = pending.into_iter().unzip();
         compiled.iterations += 1;
@@ -703,7 +882,36 @@ impl Model {
             compiled.iterations,
         )?;
         self.record(compiled, acc, terms, batch, pass)?;
-        scalar(&terms.total)
+        self.observe_terms(compiled, terms, batch, true)?;
+        scalar(terms.shown())
+    }
+
+    /// Shows a loss weighting strategy the step's terms and, after an update (`updated`), the
+    /// terms on the same batch again when it asks for them (FAMO): one more forward pass, in
+    /// inference mode so that it draws no dropout and moves no batch statistics.
+    fn observe_terms(
+        &self,
+        compiled: &Compiled,
+        terms: &StepTerms,
+        batch: &Dataset,
+        updated: bool,
+    ) -> Result<()> {
+        let Some(w) = &compiled.weighting else {
+            return Ok(());
+        };
+        let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
+        let wants_after = {
+            let mut strategy = w.lock();
+            strategy.observe(&values, batch.len() as f64)?;
+            strategy.needs_terms_after_update()
+        };
+        if updated && wants_after {
+            let pass = self.run(&batch.inputs, false, &mut StdRng::seed_from_u64(0))?;
+            let after = self.step_terms(compiled, batch, &pass, false, false, false)?;
+            let values: Vec<f64> = after.weighed.iter().map(scalar).collect::<Result<_>>()?;
+            w.lock().after_update(&values)?;
+        }
+        Ok(())
     }
 
     /// A rank's step terms and gradients summed over the ranks (one all-reduce), with rank 0's
@@ -714,7 +922,7 @@ impl Model {
         terms: &StepTerms,
         gradients: Vec<Option<Tensor>>,
     ) -> Result<(StepTerms, Vec<Option<Tensor>>)> {
-        let mut values = vec![scalar(&terms.total)?];
+        let mut values = vec![scalar(terms.shown())?];
         for (_, v) in &terms.reported {
             values.push(scalar(v)?);
         }
@@ -736,6 +944,9 @@ impl Model {
             reported,
             labeled: None,
             added: None,
+            weighed: Vec::new(),
+            shown: None,
+            parts: Vec::new(),
         };
         Ok((terms, gradients))
     }
@@ -763,7 +974,7 @@ impl Model {
         let batch = batch.to_device(&self.device)?;
         let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
         let mut acc = Accumulator::default();
-        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE)?;
+        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE, false)?;
         Ok(acc.logs(""))
     }
 
@@ -813,6 +1024,18 @@ impl Model {
                  batch), got 0"
                     .into(),
             ));
+        }
+        if let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) {
+            let strategy = w.lock();
+            if strategy.needs_terms_after_update() && config.gradient_accumulation_steps > 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "loss weighting `{}` compares each batch's terms before and after its \
+                     update, so it needs an update every batch: set \
+                     gradient_accumulation_steps to 1 (got {})",
+                    strategy.name(),
+                    config.gradient_accumulation_steps
+                )));
+            }
         }
         if !(0.0..1.0).contains(&config.validation_split) {
             return Err(Error::InvalidArgument(format!(
@@ -919,7 +1142,13 @@ impl Model {
                     None => train.select(chunk)?,
                 };
                 let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
-                let step = self.train_step(&batch, &mut rng, &mut acc, group);
+                let step = self.train_step(
+                    &batch,
+                    &mut rng,
+                    &mut acc,
+                    group,
+                    config.gradient_diagnostics,
+                );
                 self.shard = None;
                 let batch_loss = step?;
                 let running = acc.logs("");
@@ -945,6 +1174,18 @@ impl Model {
                 {
                     logs.set(k, v);
                 }
+            }
+            if let (Some(w), false) = (
+                self.compiled.as_ref().and_then(|c| c.weighting.as_ref()),
+                stop,
+            ) {
+                // The weights of the epoch's last step; then the strategy moves to the next
+                // epoch's (before the callbacks, so that a checkpoint holds the new state).
+                let mut strategy = w.lock();
+                for (term, weight) in w.terms.iter().zip(strategy.weights()?) {
+                    logs.set(format!("loss_weight/{term}"), weight);
+                }
+                strategy.end_epoch()?;
             }
             // Before the callbacks, so checkpoints (and resumed histories) keep it too.
             logs.set("epoch_time_s", progress.elapsed_s());
@@ -1079,8 +1320,14 @@ impl Model {
             }
             let pass = self.run(&batch.inputs, false, &mut rng)?;
             let adversarial_term = attack.is_none().then(|| self.adversarial_term()).flatten();
-            let mut terms =
-                self.step_terms(compiled, &batch, &pass, false, adversarial_term.is_some())?;
+            let mut terms = self.step_terms(
+                compiled,
+                &batch,
+                &pass,
+                false,
+                adversarial_term.is_some(),
+                false,
+            )?;
             // The adversarial term has its validation twin too, on perturbed inputs of the batch.
             if let Some((name, adversarial)) = adversarial_term {
                 let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
@@ -1090,8 +1337,7 @@ impl Model {
                     .total
                     .ok_or_else(no_labeled_loss)?;
                 let term = (labeled * adversarial.weight())?.detach();
-                terms.total = (terms.total.detach() + &term)?;
-                terms.reported.push((name, term));
+                terms.push_detached(name, term)?;
             }
             self.record(compiled, &mut acc, &terms, &batch, &pass)?;
             start += len;

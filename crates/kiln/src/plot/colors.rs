@@ -24,8 +24,10 @@ pub(crate) const PALETTE: [RGBColor; 11] = [
     RGBColor(0x26, 0x26, 0x26), // near-black
 ];
 
-/// The term a series belongs to: `val_l2` → `l2`.
+/// The term a series belongs to: `val_l2` → `l2`, and a term's gradient norm to the term,
+/// so that it has the term's colour: `grad_norm/l2` → `l2`.
 pub(crate) fn term_of(series: &str) -> &str {
+    let series = series.strip_prefix("grad_norm/").unwrap_or(series);
     series.strip_prefix("val_").unwrap_or(series)
 }
 
@@ -84,6 +86,8 @@ mod tests {
         assert_eq!(loss, LOSS);
         assert_eq!(term_of("val_l2"), "l2");
         assert_eq!(term_of("loss"), "loss");
+        assert_eq!(term_of("grad_norm/digit_loss"), "digit_loss");
+        assert_eq!(term_of("grad_cos/digit_loss/l2"), "grad_cos/digit_loss/l2");
     }
 
     #[test]

@@ -211,6 +211,8 @@ pub(crate) fn model(
     if layers.is_empty() {
         return Err(f.error("`layers` is empty: describe at least one layer"));
     }
+    // Layers with `trainable = false` (Keras' `layer.trainable = False`), frozen once built.
+    let mut frozen = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         let kind = l.required_str("type")?;
         let name = match l.str("name")? {
@@ -221,6 +223,9 @@ pub(crate) fn model(
             Some(n) => n.to_string(),
             None => format!("{kind}_{i}"),
         };
+        if !l.bool_or("trainable", true)? {
+            frozen.push(name.clone());
+        }
         let sources = l.strings("input")?.unwrap_or_default();
         let layer_inputs: Vec<SymbolicTensor> = if sources.is_empty() {
             vec![last.clone()]
@@ -436,10 +441,13 @@ pub(crate) fn model(
     };
     f.finish()?;
     let inputs: Vec<SymbolicTensor> = inputs.into_iter().map(|(_, x)| x).collect();
-    let model = Model::builder(&inputs, &outputs)
+    let mut model = Model::builder(&inputs, &outputs)
         .seed(seed)
         .build()
         .map_err(|e| f.error(e))?;
+    for name in &frozen {
+        model.set_trainable(name, false).map_err(|e| f.error(e))?;
+    }
     Ok(model)
 }
 
@@ -640,13 +648,19 @@ fn strip_kind(e: crate::Error) -> String {
 /// the model came from.
 pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
     let output_names = model.output_names();
+    let rule = probability_rule(f)?;
     if f.has("keras") {
         let from_keras = f.bool_or("keras", false)?;
         f.finish()?;
         if !from_keras {
             return Err(f.error("`keras = false` says nothing: give the compile options instead"));
         }
-        return crate::keras::compile_config_of(model).map_err(|e| f.error(e));
+        let c = crate::keras::compile_config_of(model).map_err(|e| f.error(e))?;
+        // The file's rule (Keras 2's for a Keras 2 file) unless the run file names one.
+        return Ok(match rule {
+            Some(r) => c.probability_rule(r),
+            None => c,
+        });
     }
     let opt = match f.get("optimizer") {
         None => optimizer(&Fields::new(
@@ -667,7 +681,7 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
         }
         Some(_) => optimizer(&f.table("optimizer")?.expect("present"))?,
     };
-    let mut c = Compile::from_boxed(opt);
+    let mut c = Compile::from_boxed(opt).probability_rule(rule.unwrap_or_default());
     if f.has("loss") {
         c = c.loss(loss(f, "loss")?);
     }
@@ -701,6 +715,20 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
             }
         }
     }
+    match f.get("loss_weighting") {
+        None => {}
+        Some(v) if v.get_ref().is_str() => {
+            let name = v.get_ref().as_str().unwrap_or_default();
+            let mut t = toml::de::DeTable::default();
+            t.insert(
+                toml::Spanned::new(v.span(), "type".into()),
+                toml::Spanned::new(v.span(), toml::de::DeValue::String(name.to_string().into())),
+            );
+            let fields = Fields::new(f.doc, &t, v.span(), "[compile] loss_weighting");
+            c = loss_weighting(&fields, c)?;
+        }
+        Some(_) => c = loss_weighting(&f.table("loss_weighting")?.expect("present"), c)?,
+    }
     for key in ["metrics", "weighted_metrics"] {
         for (output, metric) in metrics(f, key, output_names)? {
             c = match (output, key == "weighted_metrics") {
@@ -713,6 +741,60 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
     }
     f.finish()?;
     Ok(c)
+}
+
+/// `loss_weighting = "dwa"` or `{ type = "…", …, added_terms = true }` of `[compile]`.
+fn loss_weighting(f: &Fields, c: Compile) -> Result<Compile> {
+    use crate::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+    let kind = f.required_str("type")?;
+    let added = f.bool_or("added_terms", false)?;
+    let strategy: Box<dyn Strategy> = match kind {
+        "uncertainty" => {
+            Box::new(Uncertainty::new().initial_log_var(f.f64_or("initial_log_var", 0.0)?))
+        }
+        "dwa" => Box::new(DynamicWeightAverage::new().temperature(f.f64_in_or(
+            "temperature",
+            2.0,
+            Bounds::positive(),
+        )?)),
+        "famo" => Box::new(
+            Famo::new()
+                .learning_rate(f.f64_in_or("learning_rate", 0.025, Bounds::positive())?)
+                .gamma(f.f64_in_or("gamma", 1e-5, Bounds::non_negative())?),
+        ),
+        other => {
+            return Err(f.error(format!(
+                "unknown loss weighting `{other}`: use {}",
+                LOSS_WEIGHTINGS.join(", ")
+            )))
+        }
+    };
+    f.finish()?;
+    strategy.validate().map_err(|e| f.error(e))?;
+    Ok(c.loss_weighting_boxed(strategy).weight_added_terms(added))
+}
+
+/// The strategies a run file's `loss_weighting` names.
+const LOSS_WEIGHTINGS: [&str; 3] = ["uncertainty", "dwa", "famo"];
+
+/// `probability_rule = "clipped" | "logits"`: how crossentropies read softmax and sigmoid
+/// outputs (see [`crate::ProbabilityRule`]).
+fn probability_rule(f: &Fields) -> Result<Option<crate::ProbabilityRule>> {
+    let Some(name) = f.str("probability_rule")? else {
+        return Ok(None);
+    };
+    match name {
+        "clipped" => Ok(Some(crate::ProbabilityRule::Clipped)),
+        "logits" => Ok(Some(crate::ProbabilityRule::Logits)),
+        other => Err(f.value_error(
+            "probability_rule",
+            f.get("probability_rule").expect("read above"),
+            format!(
+                "`{other}` is not a rule: use \"clipped\" (Keras 3 on JAX, the default) or \
+                 \"logits\" (Keras 2: from the logits behind a final softmax or sigmoid)"
+            ),
+        )),
+    }
 }
 
 /// One `[[added]]` term.
@@ -805,6 +887,7 @@ pub(crate) fn fit(f: &Fields) -> Result<(Fit, Option<String>)> {
         .epochs(f.usize_or("epochs", 10)?)
         .batch_size(f.usize_min_or("batch_size", 32, 1)?)
         .shuffle(f.bool_or("shuffle", true)?)
+        .gradient_diagnostics(f.bool_or("gradient_diagnostics", false)?)
         .validation_split(f.f64_in_or("validation_split", 0.0, Bounds::closed_open(0.0, 1.0))?);
     if let Some(t) = f.table("class_weight")? {
         let mut weights = Vec::new();

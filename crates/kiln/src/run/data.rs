@@ -377,7 +377,7 @@ fn source(
                 let x_key = f.str("x")?.unwrap_or("x");
                 let y_key = f.str("y")?.unwrap_or("y");
                 let arrays =
-                    data::load_npz_with(&path_of("path")?, &[x_key, y_key], options, device)?;
+                    data::load_npz_with(path_of("path")?, &[x_key, y_key], options, device)?;
                 Dataset::new(arrays[0].clone(), arrays[1].clone())?
             }
             "idx" => {

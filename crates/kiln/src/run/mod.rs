@@ -694,7 +694,7 @@ impl RunFile {
         if root {
             fit = fit.callback(checkpoint);
             // Model description first: a run stopped part-way can still be evaluated.
-            let mut json = self.model_json_with_shape(seed, &train)?;
+            let mut json = self.model_json_with_shape(seed, &train, out)?;
             json["data"] = serde_json::to_value(&record).map_err(|e| Error::Data(e.to_string()))?;
             let json =
                 serde_json::to_string_pretty(&json).map_err(|e| Error::Data(e.to_string()))?;
@@ -725,11 +725,35 @@ impl RunFile {
         })
     }
 
-    fn model_json_with_shape(&self, seed: u64, train: &Dataset) -> Result<serde_json::Value> {
+    fn model_json_with_shape(
+        &self,
+        seed: u64,
+        train: &Dataset,
+        out: &Path,
+    ) -> Result<serde_json::Value> {
         let mut json = self.model_json(seed)?;
         let shape: Vec<usize> = train.inputs()[0].dims()[1..].to_vec();
         if let Some(model) = json.get_mut("model").and_then(|m| m.as_object_mut()) {
-            if !model.contains_key("inputs") {
+            if let Some(file) = model.get("keras").and_then(|k| k.as_str()) {
+                // The folder keeps the Keras architecture it trained as its own model.keras,
+                // so that evaluate, predict and export read it from the folder (a path
+                // relative to the run file would not resolve there). Its inputs are the
+                // Keras file's.
+                let source = self.base.join(file);
+                let target = out.join("model.keras");
+                let same = match (source.canonicalize(), target.canonicalize()) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => false,
+                };
+                if !same {
+                    let bytes = std::fs::read(&source).map_err(|e| Error::Io {
+                        path: source.clone(),
+                        source: e,
+                    })?;
+                    crate::io::write_bytes_atomically(&target, &bytes)?;
+                }
+                model.insert("keras".into(), "model.keras".into());
+            } else if !model.contains_key("inputs") {
                 model.insert(
                     "inputs".into(),
                     serde_json::json!([{ "name": "input", "shape": shape }]),

@@ -8,10 +8,11 @@ use plotters::prelude::*;
 use std::path::Path;
 
 /// Writes `history.json` (every series by name, Keras' `history.history`) and `history.csv`.
-pub fn write_history(dir: &Path, history: &History) -> Result<()> {
+pub fn write_history(dir: impl AsRef<Path>, history: &History) -> Result<()> {
+    let dir = dir.as_ref();
     let json =
         serde_json::to_string_pretty(&history.series()).map_err(|e| Error::Data(e.to_string()))?;
-    crate::io::write_atomically(&dir.join("history.json"), |tmp| {
+    crate::io::write_atomically(dir.join("history.json"), |tmp| {
         std::fs::write(tmp, json).map_err(|source| Error::Io {
             path: tmp.to_path_buf(),
             source,
@@ -29,6 +30,11 @@ fn is_bookkeeping(name: &str) -> bool {
     matches!(name, "lr" | "epoch_time_s")
 }
 
+/// Gradient diagnostics (`grad_norm/<term>`, `grad_cos/<a>/<b>`): plotted on their own.
+fn is_diagnostic(name: &str) -> bool {
+    name.starts_with("grad_norm/") || name.starts_with("grad_cos/")
+}
+
 /// The figures of a run: the loss terms, and the metrics when there are any.
 fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)> {
     // A metric with one value per class logs `<name>_0`, `<name>_1`, …
@@ -42,8 +48,12 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
                 })
         })
     };
-    let losses = crate::plot::select(history, |n| !is_bookkeeping(n) && !is_metric(n));
-    let metric_series = crate::plot::select(history, |n| !is_bookkeeping(n) && is_metric(n));
+    // A loss weighting strategy's weights (`loss_weight/<term>`) have their own figure.
+    let is_weight = |name: &str| name.starts_with("loss_weight/");
+    let other = |n: &str| is_bookkeeping(n) || is_diagnostic(n) || is_weight(n);
+    let losses = crate::plot::select(history, |n| !other(n) && !is_metric(n));
+    let metric_series = crate::plot::select(history, |n| !other(n) && is_metric(n));
+    let weight_series = crate::plot::select(history, is_weight);
     let mut out = vec![(
         "loss",
         Figure {
@@ -52,6 +62,16 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
             series: losses,
         },
     )];
+    if !weight_series.is_empty() {
+        out.push((
+            "loss_weights",
+            Figure {
+                title: "Loss weights per epoch".into(),
+                y_desc: "weight".into(),
+                series: weight_series,
+            },
+        ));
+    }
     if !metric_series.is_empty() {
         out.push((
             "metrics",
@@ -62,6 +82,28 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
             },
         ));
     }
+    let norms = crate::plot::select(history, |n| n.starts_with("grad_norm/"));
+    if !norms.is_empty() {
+        out.push((
+            "grad_norm",
+            Figure {
+                title: "Gradient norm of each term over the shared weights".into(),
+                y_desc: "gradient L2 norm".into(),
+                series: norms,
+            },
+        ));
+    }
+    let cosines = crate::plot::select(history, |n| n.starts_with("grad_cos/"));
+    if !cosines.is_empty() {
+        out.push((
+            "grad_cos",
+            Figure {
+                title: "Gradient cosine between terms over the shared weights".into(),
+                y_desc: "cosine".into(),
+                series: cosines,
+            },
+        ));
+    }
     out
 }
 
@@ -69,8 +111,10 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
 const SIZE: (u32, u32) = (960, 540);
 
 /// Draws `loss.svg` and `loss.png` (every loss term: `loss`, per-output losses, added terms,
-/// and their `val_` twins), and `metrics.svg` and `metrics.png` when `metrics` names series of
-/// the history (the compiled metrics' names, e.g. `accuracy`). Both formats hold the same
+/// and their `val_` twins), `metrics.svg` and `metrics.png` when `metrics` names series of
+/// the history (the compiled metrics' names, e.g. `accuracy`), and with gradient diagnostics
+/// `grad_norm.svg`/`.png` (each term's gradient norm, in the term's colour) and
+/// `grad_cos.svg`/`.png` (the cosine of every pair of terms). Both formats hold the same
 /// drawing, text included: the PNG's font ships with kiln. `lr` and `epoch_time_s` are not
 /// plotted. Each file is written whole or not at all.
 ///
@@ -91,7 +135,8 @@ const SIZE: (u32, u32) = (960, 540);
 /// # std::fs::remove_dir_all(&dir).ok();
 /// # Ok::<(), kiln::Error>(())
 /// ```
-pub fn write_plots(dir: &Path, history: &History, metrics: &[String]) -> Result<()> {
+pub fn write_plots(dir: impl AsRef<Path>, history: &History, metrics: &[String]) -> Result<()> {
+    let dir = dir.as_ref();
     for (stem, figure) in figures(history, metrics) {
         let svg = dir.join(format!("{stem}.svg"));
         crate::io::write_atomically(&svg, |tmp| {

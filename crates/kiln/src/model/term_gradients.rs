@@ -1,0 +1,542 @@
+//! Per-term gradients: each term of a step's total (each output's weighted loss, each added
+//! term, the adversarial term) differentiated on its own over the trainable weights, one
+//! backward pass per term on the step's own graph. Gradient diagnostics (`Fit::
+//! gradient_diagnostics`) read norms and cosines from them; loss-weighting strategies that
+//! combine the terms' gradients (PCGrad, GradNorm) start from them.
+
+use super::compile::not_compiled;
+use super::history::Accumulator;
+use super::Model;
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::gradients::Gradients;
+use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// One term's gradient, from [`Model::term_gradients`].
+#[derive(Debug, Clone)]
+pub struct TermGradient {
+    /// The name the history reports the term by: `<output>_loss`, an added term's name
+    /// (`l2`, …), the adversarial term's name; `loss` when the total is one output's loss
+    /// alone.
+    pub name: String,
+    /// The term's value as it enters the total (an output's loss times its loss weight).
+    pub value: f64,
+    /// Its gradient over each trainable weight, in [`TermGradients::weights`] order; `None`
+    /// for a weight the term does not depend on.
+    pub gradients: Vec<Option<Tensor>>,
+}
+
+/// The gradient of every term of one batch's total, from [`Model::term_gradients`].
+#[derive(Debug, Clone)]
+pub struct TermGradients {
+    /// The trainable weights' names, in [`Model::trainable_weights`] order.
+    pub weights: Vec<String>,
+    /// Each term, in the order the history lists them.
+    pub terms: Vec<TermGradient>,
+    /// The gradient of the total, as the training step applies it (the sum of the terms'
+    /// gradients up to rounding), `None` for a weight the total does not depend on.
+    pub total: Vec<Option<Tensor>>,
+    /// Which weights are shared: those two or more terms depend on (every weight the only
+    /// term depends on, when the total has one term). Norms and cosines are taken over these.
+    pub shared: Vec<bool>,
+}
+
+impl TermGradients {
+    /// The term named `name`.
+    pub fn term(&self, name: &str) -> Option<&TermGradient> {
+        self.terms.iter().find(|t| t.name == name)
+    }
+
+    /// The names of the shared weights.
+    pub fn shared_weights(&self) -> Vec<&str> {
+        self.weights
+            .iter()
+            .zip(&self.shared)
+            .filter(|(_, s)| **s)
+            .map(|(w, _)| w.as_str())
+            .collect()
+    }
+
+    /// The L2 norm of the gradient of term `name` over the shared weights.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] naming the terms when there is no term `name`; a
+    /// tensor error when a gradient cannot be read.
+    pub fn norm(&self, name: &str) -> Result<f64> {
+        let flat = self.flat(name)?;
+        Ok(dot(&flat, &flat).sqrt())
+    }
+
+    /// The cosine between the gradients of terms `a` and `b` over the shared weights; 0 when
+    /// either gradient is zero there (as PyTorch's `cosine_similarity`).
+    ///
+    /// # Errors
+    /// As [`TermGradients::norm`].
+    pub fn cosine(&self, a: &str, b: &str) -> Result<f64> {
+        Ok(cosine(&self.flat(a)?, &self.flat(b)?))
+    }
+
+    /// Term `name`'s gradient over the shared weights, in f64, as one vector.
+    fn flat(&self, name: &str) -> Result<Vec<f64>> {
+        let term = self.term(name).ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "no term named `{name}`; the terms are {:?}",
+                self.terms.iter().map(|t| &t.name).collect::<Vec<_>>()
+            ))
+        })?;
+        flatten(&term.gradients, &self.shared, &self.total)
+    }
+}
+
+/// One backward pass per term of `parts` (each with its graph) over `trainable`.
+pub(super) fn per_term(
+    parts: &[(String, Tensor)],
+    trainable: &[Var],
+) -> Result<Vec<(String, Vec<Option<Tensor>>)>> {
+    parts
+        .iter()
+        .map(|(name, term)| {
+            let mut grads = Gradients::default();
+            grads.backward(term)?;
+            let gradients = grads
+                .take_each(trainable)?
+                .into_iter()
+                .map(|g| g.map(|g| g.detach()))
+                .collect();
+            Ok((name.clone(), gradients))
+        })
+        .collect()
+}
+
+/// Which weights are shared among the terms: depended on by two terms or more, or by the
+/// only term.
+fn shared(terms: &[(String, Vec<Option<Tensor>>)], weights: usize) -> Vec<bool> {
+    let needed = if terms.len() == 1 { 1 } else { 2 };
+    (0..weights)
+        .map(|i| terms.iter().filter(|(_, g)| g[i].is_some()).count() >= needed)
+        .collect()
+}
+
+/// The gradients over the `shared` weights, in f64, concatenated (zeros where the term does
+/// not depend on a shared weight; `like` gives those weights' sizes).
+fn flatten(
+    gradients: &[Option<Tensor>],
+    shared: &[bool],
+    like: &[Option<Tensor>],
+) -> Result<Vec<f64>> {
+    let mut flat = Vec::new();
+    for ((g, s), l) in gradients.iter().zip(shared).zip(like) {
+        if !s {
+            continue;
+        }
+        match (g, l) {
+            (Some(g), _) => flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+            (None, Some(l)) => flat.resize(flat.len() + l.elem_count(), 0.0),
+            (None, None) => {}
+        }
+    }
+    Ok(flat)
+}
+
+/// `a · b`, summed in eight lanes (a single running sum cannot be vectorized).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut lanes = [0.0; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// The cosine from the dot product and the two squared norms; 0 when a norm is 0.
+fn cosine_of(ab: f64, aa: f64, bb: f64) -> f64 {
+    let denominator = (aa * bb).sqrt();
+    if denominator == 0.0 {
+        0.0
+    } else {
+        ab / denominator
+    }
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    cosine_of(dot(a, b), dot(a, a), dot(b, b))
+}
+
+/// Adds one batch's diagnostics to the epoch's means, weighted by its `samples`: the norm of
+/// every term's gradient over the shared weights, and the cosine of every pair, in term order.
+pub(super) fn record_diagnostics(
+    acc: &mut Accumulator,
+    terms: &[(String, Vec<Option<Tensor>>)],
+    samples: f64,
+) -> Result<()> {
+    let Some((_, first)) = terms.first() else {
+        return Ok(());
+    };
+    let shared = shared(terms, first.len());
+    // A shared weight has a gradient in some term: its size comes from that one.
+    let like: Vec<Option<Tensor>> = (0..first.len())
+        .map(|i| terms.iter().find_map(|(_, g)| g[i].clone()))
+        .collect();
+    let flat: Vec<Vec<f64>> = terms
+        .iter()
+        .map(|(_, g)| flatten(g, &shared, &like))
+        .collect::<Result<_>>()?;
+    let squares: Vec<f64> = flat.iter().map(|f| dot(f, f)).collect();
+    for ((name, _), square) in terms.iter().zip(&squares) {
+        acc.add_diagnostic(
+            &format!("grad_norm/{name}"),
+            square.sqrt() * samples,
+            samples,
+        );
+    }
+    for (i, (a, _)) in terms.iter().enumerate() {
+        for (j, (b, _)) in terms.iter().enumerate().skip(i + 1) {
+            let key = format!("grad_cos/{a}/{b}");
+            let cos = cosine_of(dot(&flat[i], &flat[j]), squares[i], squares[j]);
+            acc.add_diagnostic(&key, cos * samples, samples);
+        }
+    }
+    Ok(())
+}
+
+impl Model {
+    /// The gradient of each term of a batch's total over the trainable weights, one backward
+    /// pass per term, in training mode as the next step of `fit` or `train_on_batch` would
+    /// run it (the same dropout masks as `train_on_batch` on this batch), without updating any
+    /// weight; a BatchNormalization still updates its moving statistics. The terms are named
+    /// as the history names them, and their gradients sum to the step's total gradient.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones)
+    ///     .kernel_regularizer(L2::new(0.5)).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+    /// let batch = Dataset::new(Tensor::new(&[[2f32]], &Device::Cpu)?, Tensor::new(&[[0f32]], &Device::Cpu)?)?;
+    /// let g = model.term_gradients(&batch)?;
+    /// let names: Vec<&str> = g.terms.iter().map(|t| t.name.as_str()).collect();
+    /// assert_eq!(names, ["dense_loss", "l2"]);
+    /// // d/dw (2w)² = 8w and d/dw 0.5·w² = w, at w = 1; the total's gradient is their sum.
+    /// let value = |t: &Option<Tensor>| t.as_ref().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    /// assert_eq!(value(&g.terms[0].gradients[0]), [8.0]);
+    /// assert_eq!(value(&g.terms[1].gradients[0]), [1.0]);
+    /// assert_eq!(value(&g.total[0]), [9.0]);
+    /// assert_eq!(g.norm("dense_loss")?, 8.0);
+    /// assert_eq!(g.cosine("dense_loss", "l2")?, 1.0);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`crate::Error::State`] before `compile`; the errors of a training step.
+    pub fn term_gradients(&self, batch: &Dataset) -> Result<TermGradients> {
+        let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
+        let batch = batch.to_device(&self.device)?;
+        let mut rng = StdRng::seed_from_u64(compiled.iterations);
+        crate::runtime::on_matmul_pool(|| {
+            // A loss weighting strategy's state is read, not advanced.
+            let step = self.step_gradients(compiled, &batch, &mut rng, false)?;
+            let per_term = per_term(&step.terms.parts, &step.trainable)?;
+            let shared = shared(&per_term, step.trainable.len());
+            let terms = per_term
+                .into_iter()
+                .zip(&step.terms.parts)
+                .map(|((name, gradients), (_, value))| {
+                    Ok(TermGradient {
+                        name,
+                        value: value.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                        gradients,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let names = self.trainable_weights().into_iter().map(|w| w.name);
+            Ok(TermGradients {
+                weights: names.collect(),
+                terms,
+                total: step
+                    .gradients
+                    .into_iter()
+                    .map(|g| g.map(|g| g.detach()))
+                    .collect(),
+                shared,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use candle_core::{Device, Tensor};
+
+    /// Two heads over a tanh trunk (smooth, for finite differences), an L2 penalty, an
+    /// activity term over the trunk, and optionally FGSM; in f64 unless `dtype` says.
+    fn model(adversarial: bool, dtype: DType) -> crate::Result<(Model, Dataset)> {
+        let d = Device::Cpu;
+        let x = Input::new([6]);
+        let h = Dense::new(5)
+            .name("trunk")
+            .activation(Activation::Tanh)
+            .kernel_regularizer(L2::new(0.03))
+            .apply(&x)?;
+        let digit = Dense::new(3).name("digit").apply(&h)?;
+        let parity = Dense::new(1).name("parity").apply(&h)?;
+        let mut model = Model::builder(&[&x], &[&digit, &parity])
+            .seed(3)
+            .dtype(dtype)
+            .build()?;
+        let trunk = h.clone();
+        model.add_loss("sparsity", move |t| {
+            Ok((t.get(&trunk)?.abs()?.mean_all()? * 0.2)?)
+        })?;
+        if adversarial {
+            model.add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.7))?;
+        }
+        model.compile(
+            Compile::new(Sgd::new(0.1))
+                .loss_for(
+                    "digit",
+                    SparseCategoricalCrossentropy::new().from_logits(true),
+                )
+                .loss_for("parity", BinaryCrossentropy::new().from_logits(true))
+                .loss_weight_for("parity", 0.5),
+        )?;
+        let n = 12;
+        let xs: Vec<f64> = (0..n * 6)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0)
+            .collect();
+        let digits: Vec<f64> = (0..n).map(|i| (i % 3) as f64).collect();
+        let odd: Vec<f64> = (0..n).map(|i| ((i / 2) % 2) as f64).collect();
+        let data = Dataset::multi(
+            vec![Tensor::from_vec(xs, (n, 6), &d)?.to_dtype(dtype)?],
+            vec![
+                Tensor::from_vec(digits, n, &d)?.to_dtype(dtype)?,
+                Tensor::from_vec(odd, (n, 1), &d)?.to_dtype(dtype)?,
+            ],
+        )?;
+        Ok((model, data))
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// The terms are named as the history names them, and their gradients sum to the gradient
+    /// the training step applies (relative 1e-6 in f64), the adversarial term included.
+    #[test]
+    fn term_gradients_sum_to_the_step_gradient() {
+        for adversarial in [false, true] {
+            let (model, data) = model(adversarial, DType::F64).unwrap();
+            let g = model.term_gradients(&data).unwrap();
+            let names: Vec<&str> = g.terms.iter().map(|t| t.name.as_str()).collect();
+            let mut expected = vec!["digit_loss", "parity_loss", "l2", "sparsity"];
+            if adversarial {
+                expected.push("adversarial");
+            }
+            assert_eq!(names, expected);
+            let logs = model.evaluate(&data, 100).unwrap();
+            for name in ["l2", "sparsity"] {
+                assert!((g.term(name).unwrap().value - logs.get(name).unwrap()).abs() < 1e-12);
+            }
+            let parity = logs.get("parity_loss").unwrap();
+            assert!((g.term("parity_loss").unwrap().value - 0.5 * parity).abs() < 1e-12);
+            for (i, total) in g.total.iter().enumerate() {
+                let total = values(total.as_ref().unwrap());
+                let mut sum = vec![0.0; total.len()];
+                for t in &g.terms {
+                    if let Some(t) = &t.gradients[i] {
+                        sum.iter_mut().zip(values(t)).for_each(|(s, v)| *s += v);
+                    }
+                }
+                let scale = total.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let error = total
+                    .iter()
+                    .zip(&sum)
+                    .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    scale > 0.0 && error <= 1e-6 * scale,
+                    "{}: {error} vs {scale}",
+                    g.weights[i]
+                );
+            }
+            // Without FGSM the heads are each one loss's (the penalty does not reach them) and
+            // only the trunk is shared; the adversarial term reaches every weight.
+            let shared = g.shared_weights();
+            match adversarial {
+                false => assert_eq!(shared, ["trunk/kernel", "trunk/bias"]),
+                true => assert_eq!(shared, g.weights),
+            }
+            assert!(g.term("l2").unwrap().gradients[1].is_none());
+        }
+    }
+
+    /// A lone output loss is the history's `loss`; a lone added term keeps its own name, as
+    /// the history reports it.
+    #[test]
+    fn a_lone_term_has_the_history_name() {
+        let names = |added_only: bool| -> Vec<String> {
+            let x = Input::new([2]);
+            let h = Dense::new(2).apply(&x).unwrap();
+            let mut model = Model::builder(&[&x], &[&h])
+                .dtype(DType::F64)
+                .build()
+                .unwrap();
+            let mut compile = Compile::new(Sgd::new(0.1));
+            if added_only {
+                let out = h.clone();
+                model
+                    .add_loss("energy", move |t| Ok(t.get(&out)?.sqr()?.mean_all()?))
+                    .unwrap();
+            } else {
+                compile = compile.loss("mse");
+            }
+            model.compile(compile).unwrap();
+            let d = Device::Cpu;
+            let xs = Tensor::new(&[[1f64, 2.], [3., 4.]], &d).unwrap();
+            let data = Dataset::new(xs.clone(), xs).unwrap();
+            let history = model
+                .fit(&data, Fit::new().quiet().gradient_diagnostics(true))
+                .unwrap();
+            let keys: Vec<String> = history.series().into_keys().collect();
+            let g = model.term_gradients(&data).unwrap();
+            let names: Vec<String> = g.terms.iter().map(|t| t.name.clone()).collect();
+            for n in &names {
+                assert!(keys.contains(n), "{n} is not in the history {keys:?}");
+                assert!(keys.contains(&format!("grad_norm/{n}")), "{keys:?}");
+            }
+            names
+        };
+        assert_eq!(names(false), ["loss"]);
+        assert_eq!(names(true), ["energy"]);
+    }
+
+    /// Each term's gradient matches central finite differences of that term's value (f64,
+    /// h = 1e-5), over every entry of every weight. (The adversarial term is left out: its
+    /// perturbation is held constant, so its gradient is not the derivative of its value.)
+    #[test]
+    fn term_gradients_match_finite_differences() {
+        let (model, data) = model(false, DType::F64).unwrap();
+        let g = model.term_gradients(&data).unwrap();
+        let value = |name: &str| -> f64 {
+            let logs = model.evaluate(&data, 100).unwrap();
+            let weight = if name == "parity_loss" { 0.5 } else { 1.0 };
+            weight * logs.get(name).unwrap()
+        };
+        let h = 1e-5;
+        let mut checked = 0;
+        for (i, w) in model.trainable_weights().iter().enumerate() {
+            let original = values(w.var.as_tensor());
+            for j in 0..original.len() {
+                let at = |delta: f64| {
+                    let mut v = original.clone();
+                    v[j] += delta;
+                    let t = Tensor::from_vec(v, w.var.shape(), &Device::Cpu).unwrap();
+                    w.var.set(&t).unwrap();
+                };
+                for term in &g.terms {
+                    at(h);
+                    let up = value(&term.name);
+                    at(-h);
+                    let down = value(&term.name);
+                    at(0.0);
+                    let fd = (up - down) / (2.0 * h);
+                    let analytic = term.gradients[i].as_ref().map_or(0.0, |t| values(t)[j]);
+                    assert!(
+                        (fd - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()),
+                        "{} of {}[{j}]: finite differences {fd}, gradient {analytic}",
+                        term.name,
+                        g.weights[i]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 4 * (6 * 5 + 5 + 5 * 3 + 3 + 5 + 1));
+    }
+
+    /// Diagnostics do not change what is learned (f32: the fused CPU kernels' paths), and the
+    /// epoch's values are the sample-weighted means of each batch's norms and cosines.
+    #[test]
+    fn diagnostics_leave_training_unchanged_and_average_the_batches() {
+        for adversarial in [false, true] {
+            let train = |on: bool| {
+                let (mut model, data) = model(adversarial, DType::F32).unwrap();
+                let fit = Fit::new()
+                    .epochs(3)
+                    .batch_size(5)
+                    .quiet()
+                    .gradient_diagnostics(on);
+                let history = model.fit(&data, fit).unwrap();
+                let weights: Vec<Vec<u32>> = model
+                    .weights()
+                    .iter()
+                    .map(|w| {
+                        let v: Vec<f32> =
+                            w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                        v.iter().map(|x| x.to_bits()).collect()
+                    })
+                    .collect();
+                (history, weights)
+            };
+            let (off, off_weights) = train(false);
+            let (on, on_weights) = train(true);
+            assert_eq!(off_weights, on_weights);
+            let mut plain = on.clone();
+            for key in on.series().keys().filter(|k| k.starts_with("grad_")) {
+                plain = plain.without(key);
+            }
+            assert_eq!(plain.without("epoch_time_s"), off.without("epoch_time_s"));
+            let keys: Vec<String> = on
+                .series()
+                .into_keys()
+                .filter(|k| k.starts_with("grad_"))
+                .collect();
+            let terms = if adversarial { 5 } else { 4 };
+            assert_eq!(keys.len(), terms + terms * (terms - 1) / 2, "{keys:?}");
+        }
+        // With a zero learning rate every batch sees the same weights: the epoch's value is
+        // the mean of the batches' (12 samples in batches of 5, 5, 2), weighted by size.
+        let (mut model, data) = model(true, DType::F64).unwrap();
+        model.set_learning_rate(0.0).unwrap();
+        let batches: Vec<_> = [(0, 5), (5, 5), (10, 2)]
+            .iter()
+            .map(|&(s, n)| {
+                (
+                    n as f64,
+                    model.term_gradients(&data.slice(s, n).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let fit = Fit::new()
+            .batch_size(5)
+            .shuffle(false)
+            .quiet()
+            .gradient_diagnostics(true);
+        let history = model.fit(&data, fit).unwrap();
+        let logs = history.last().unwrap();
+        let mean = |f: &dyn Fn(&super::TermGradients) -> f64| {
+            batches.iter().map(|(n, g)| n * f(g)).sum::<f64>() / 12.0
+        };
+        let norm = mean(&|g| g.norm("digit_loss").unwrap());
+        let cos = mean(&|g| g.cosine("parity_loss", "adversarial").unwrap());
+        assert!((logs.get("grad_norm/digit_loss").unwrap() - norm).abs() < 1e-12 * norm);
+        assert!((logs.get("grad_cos/parity_loss/adversarial").unwrap() - cos).abs() < 1e-12);
+        assert!(cos.abs() > 1e-3 && norm > 1e-3);
+    }
+}

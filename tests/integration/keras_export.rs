@@ -1,0 +1,384 @@
+//! Models built in kiln, written as Keras `.keras` files: every layer family kiln has comes
+//! back from the file with the same weights (bit for bit), the same frozen layers and the same
+//! predictions; what Keras cannot express is refused naming the layer.
+//!
+//! With `KILN_EXPORT_DIR=DIR`, the test also leaves each exported file in DIR with NAME.json
+//! (the inputs and kiln's predictions), for tests/fixtures/keras/check_exports.py to load in
+//! real Keras.
+
+use candle_core::{DType, Device, Tensor};
+use kiln::prelude::*;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-keras-native-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Deterministic values in [-0.5, 0.5), or in [0.5, 1.5) for variances.
+fn pattern(n: usize, seed: u64, positive: bool) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((s >> 40) as f32) / (1u64 << 24) as f32;
+            if positive {
+                0.5 + u
+            } else {
+                u - 0.5
+            }
+        })
+        .collect()
+}
+
+/// Moves every weight off its initial value (biases, BatchNormalization's moving statistics,
+/// LayerNormalization's gamma), so a weight written in the wrong place is seen.
+fn perturb(model: &Model) {
+    for (i, w) in model.weights().iter().enumerate() {
+        if w.name.ends_with("/count") {
+            continue;
+        }
+        let positive = w.name.ends_with("variance");
+        let v = pattern(w.var.elem_count(), i as u64 + 1, positive);
+        let t = Tensor::from_vec(v, w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+}
+
+fn input(shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = pattern(n, seed, false).iter().map(|x| x * 4.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn nested(t: &Tensor) -> Value {
+    let dims = t.dims().to_vec();
+    let v: Vec<f64> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    fn build(v: &[f64], dims: &[usize]) -> Value {
+        match dims.split_first() {
+            None => json!(v[0]),
+            Some((&n, rest)) => {
+                let step = rest.iter().product::<usize>();
+                Value::Array((0..n).map(|i| build(&v[i * step..], rest)).collect())
+            }
+        }
+    }
+    build(&v, &dims)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Exports `model`, imports the file, and checks weights, frozen layers and predictions.
+fn round_trip(name: &str, model: &Model, inputs: &[Tensor]) {
+    let path = dir().join(format!("{name}.keras"));
+    model
+        .save_keras(&path)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let back = Model::from_keras(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let names = |m: &Model| {
+        let mut n: Vec<String> = m.weights().iter().map(|w| w.name.clone()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(model), names(&back), "{name}: weight names");
+    for w in model.weights() {
+        let b = back.weight(&w.name).unwrap();
+        assert_eq!(w.shape(), b.shape(), "{name} {}", w.name);
+        assert_eq!(
+            flat(w.var.as_tensor()),
+            flat(b.var.as_tensor()),
+            "{name} {}",
+            w.name
+        );
+        assert_eq!(w.trainable(), b.trainable(), "{name} {} trainable", w.name);
+    }
+    let (a, b) = (
+        model.predict(inputs, 64).unwrap(),
+        back.predict(inputs, 64).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(flat(x), flat(y), "{name}: predictions");
+    }
+    if let Ok(out) = std::env::var("KILN_EXPORT_DIR") {
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::copy(&path, PathBuf::from(&out).join(format!("{name}.keras"))).unwrap();
+        let case = json!({
+            "inputs": inputs.iter().map(nested).collect::<Vec<_>>(),
+            "predictions": a.iter().map(nested).collect::<Vec<_>>(),
+        });
+        std::fs::write(
+            PathBuf::from(&out).join(format!("{name}.json")),
+            case.to_string(),
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Convolutions (strides, same padding, per-axis dilation, no bias), BatchNormalization, every
+/// 2-D pooling.
+#[test]
+fn convolutions_normalization_and_pooling_2d_round_trip() {
+    let x = Input::named("image", [8, 8, 2]);
+    let h = Conv2D::new(4, 3)
+        .strides(2)
+        .padding(Padding::Same)
+        .activation(Activation::Relu)
+        .kernel_regularizer(L2::new(1e-3))
+        .name("c1")
+        .apply(&x)
+        .unwrap();
+    let h = Conv2D::new(3, (2, 3))
+        .dilation_rate((2, 1))
+        .padding(Padding::Same)
+        .use_bias(false)
+        .name("c2")
+        .apply(&h)
+        .unwrap();
+    let h = BatchNormalization::new()
+        .momentum(0.9)
+        .epsilon(1e-3)
+        .name("bn")
+        .apply(&h)
+        .unwrap();
+    let m = MaxPooling2D::new((2, 2)).name("mp").apply(&h).unwrap();
+    let a = AveragePooling2D::new((2, 1))
+        .strides((1, 1))
+        .padding(Padding::Same)
+        .name("ap")
+        .apply(&h)
+        .unwrap();
+    let g1 = GlobalMaxPooling2D::new().name("gmax").apply(&m).unwrap();
+    let g2 = GlobalAveragePooling2D::new()
+        .name("gavg")
+        .apply(&a)
+        .unwrap();
+    let f = Flatten::new().name("flat").apply(&m).unwrap();
+    let c = Concatenate::new()
+        .name("join")
+        .apply_many(&[&g1, &g2, &f])
+        .unwrap();
+    let y = Dense::new(3).name("logits").apply(&c).unwrap();
+    let model = Model::builder(&[x], &[y]).seed(1).build().unwrap();
+    perturb(&model);
+    round_trip("native_cnn2d", &model, &[input(&[3, 8, 8, 2], 7)]);
+}
+
+/// Causal and dilated Conv1D, 1-D pooling with same padding, LayerNormalization without a
+/// center, Add.
+#[test]
+fn convolutions_normalization_and_pooling_1d_round_trip() {
+    let x = Input::named("signal", [10, 3]);
+    let h = Conv1D::new(4, 3)
+        .padding(Padding::Causal)
+        .dilation_rate(2)
+        .activation(Activation::Tanh)
+        .name("conv")
+        .apply(&x)
+        .unwrap();
+    let h = MaxPooling1D::new(2)
+        .strides(1)
+        .padding(Padding::Same)
+        .name("mp")
+        .apply(&h)
+        .unwrap();
+    let h = AveragePooling1D::new(2).name("ap").apply(&h).unwrap();
+    let h = LayerNormalization::new()
+        .epsilon(1e-5)
+        .center(false)
+        .name("ln")
+        .apply(&h)
+        .unwrap();
+    let a = GlobalAveragePooling1D::new()
+        .name("gavg")
+        .apply(&h)
+        .unwrap();
+    let b = GlobalMaxPooling1D::new().name("gmax").apply(&h).unwrap();
+    let s = Add::new().name("sum").apply_many(&[&a, &b]).unwrap();
+    let y = Dense::new(2)
+        .activation(Activation::Softmax)
+        .name("out")
+        .apply(&s)
+        .unwrap();
+    let model = Model::builder(&[x], &[y]).seed(2).build().unwrap();
+    perturb(&model);
+    round_trip("native_conv1d", &model, &[input(&[4, 10, 3], 8)]);
+}
+
+/// Embedding with mask_zero into LSTM and GRU (both reset_after), Masking into an LSTM, two
+/// inputs merged.
+#[test]
+fn recurrent_layers_and_masks_round_trip() {
+    let tokens = Input::named("tokens", [6]);
+    let seq = Input::named("seq", [4, 2]);
+    let h = Embedding::new(12, 4)
+        .mask_zero(true)
+        .name("emb")
+        .apply(&tokens)
+        .unwrap();
+    let h = Lstm::new(5)
+        .return_sequences(true)
+        .unit_forget_bias(false)
+        .name("lstm")
+        .apply(&h)
+        .unwrap();
+    let h = Gru::new(3).name("gru").apply(&h).unwrap();
+    let m = Masking::new(0.0).name("mask").apply(&seq).unwrap();
+    let g = Gru::new(2)
+        .reset_after(false)
+        .activation(Activation::Relu)
+        .name("gru_classic")
+        .apply(&m)
+        .unwrap();
+    let c = Concatenate::new()
+        .name("both")
+        .apply_many(&[&h, &g])
+        .unwrap();
+    let y = Dense::new(1)
+        .activation(Activation::Sigmoid)
+        .name("p")
+        .apply(&c)
+        .unwrap();
+    let model = Model::builder(&[tokens, seq], &[y])
+        .seed(3)
+        .build()
+        .unwrap();
+    perturb(&model);
+    let tok = Tensor::new(
+        &[
+            [3f32, 5., 1., 0., 0., 0.],
+            [2., 2., 7., 9., 11., 1.],
+            [4., 0., 0., 0., 0., 0.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut s = flat(&input(&[3, 4, 2], 9));
+    s[2 * 2..3 * 2].fill(0.0);
+    s[8 + 3 * 2..8 + 4 * 2].fill(0.0);
+    let s = Tensor::from_vec(s, (3, 4, 2), &Device::Cpu).unwrap();
+    round_trip("native_recurrent", &model, &[tok, s]);
+}
+
+/// Two inputs and two outputs: Normalization adapted per feature and over two axes, Reshape,
+/// Permute, Add, Multiply, Concatenate on an inner axis, a Dense layer shared by two branches,
+/// Dropout, Activation and a frozen layer.
+#[test]
+fn merges_reshapes_shared_and_frozen_layers_round_trip() {
+    let a = Input::named("a", [12]);
+    let b = Input::named("b", [3, 4]);
+    let na = Normalization::new()
+        .name("norm_a")
+        .adapt(&input(&[16, 12], 3))
+        .unwrap()
+        .apply(&a)
+        .unwrap();
+    let nb = Normalization::new()
+        .axes(&[1, 2])
+        .name("norm_b")
+        .adapt(&input(&[16, 3, 4], 4))
+        .unwrap()
+        .apply(&b)
+        .unwrap();
+    let r = Reshape::new(vec![4, 3]).name("to_grid").apply(&na).unwrap();
+    let p = Permute::new(vec![2, 1]).name("swap").apply(&r).unwrap();
+    let s = Add::new().name("sum").apply_many(&[&p, &nb]).unwrap();
+    let m = Multiply::new().name("prod").apply_many(&[&p, &nb]).unwrap();
+    let c = Concatenate::new()
+        .axis(1)
+        .name("stack")
+        .apply_many(&[&s, &m])
+        .unwrap();
+    let f = Flatten::new().name("flat").apply(&c).unwrap();
+    let fs = Flatten::new().name("flat_sum").apply(&s).unwrap();
+    let shared = Dense::new(5)
+        .activation(Activation::Tanh)
+        .name("shared")
+        .shared();
+    let h1 = shared.apply(&fs).unwrap();
+    let h2 = shared
+        .apply(&Flatten::new().name("flat_prod").apply(&m).unwrap())
+        .unwrap();
+    let h = Concatenate::new()
+        .name("heads")
+        .apply_many(&[&h1, &h2, &f])
+        .unwrap();
+    let h = Dropout::new(0.25).name("drop").apply(&h).unwrap();
+    let h = ActivationLayer::new(Activation::Elu)
+        .name("act")
+        .apply(&h)
+        .unwrap();
+    let reg = Dense::new(2).name("reg").apply(&h).unwrap();
+    let cls = Dense::new(1)
+        .name("cls")
+        .trainable(false)
+        .apply(&h)
+        .unwrap();
+    let model = Model::builder(&[a, b], &[reg, cls])
+        .seed(4)
+        .build()
+        .unwrap();
+    perturb(&model);
+    assert!(!model.weight("cls/kernel").unwrap().trainable());
+    round_trip(
+        "native_merges",
+        &model,
+        &[input(&[3, 12], 5), input(&[3, 3, 4], 6)],
+    );
+}
+
+/// A layer of the user's own has no Keras class: the export names it and writes nothing.
+#[test]
+fn a_layer_keras_cannot_express_is_refused_naming_it() {
+    struct Double;
+    impl Layer for Double {
+        fn kind(&self) -> &'static str {
+            "double"
+        }
+        fn given_name(&self) -> Option<&str> {
+            Some("twice")
+        }
+        fn output_shape(&self, s: &[Vec<usize>]) -> kiln::Result<Vec<usize>> {
+            Ok(s[0].clone())
+        }
+        fn call(
+            &self,
+            inputs: &[Tensor],
+            _ctx: &mut kiln::layers::CallContext,
+        ) -> kiln::Result<Tensor> {
+            Ok((&inputs[0] * 2.0)?)
+        }
+    }
+    let x = Input::new([3]);
+    let h = Double.apply(&x).unwrap();
+    let y = Dense::new(1).apply(&h).unwrap();
+    let model = Model::new(&[x], &[y]).unwrap();
+    let path = dir().join("refused.keras");
+    let msg = model.save_keras(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("layer `twice` (double) cannot be written as Keras")
+            && msg.contains("nothing was written"),
+        "{msg}"
+    );
+    assert!(!path.exists());
+}

@@ -1,0 +1,520 @@
+//! The loss weighting strategies against reference runs written from their papers in PyTorch
+//! (tests/fixtures/weighting/reference.json, made by make_weighting_reference.py beside it):
+//! the same two-head network from the same weights, SGD on the whole batch, one step per epoch;
+//! every step's term weights and every parameter after it must agree to rtol 1e-5.
+
+use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+use kiln::prelude::*;
+use serde_json::Value;
+use std::path::Path;
+
+fn reference() -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighting/reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON")
+}
+
+fn matrix(v: &Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn tensor(rows: Vec<Vec<f64>>) -> Tensor {
+    let (r, c) = (rows.len(), rows[0].len());
+    Tensor::from_vec(
+        rows.into_iter().flatten().collect::<Vec<_>>(),
+        (r, c),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The reference problem's model in f64, from the reference's initial weights.
+pub(crate) fn reference_model(reference: &Value) -> Model {
+    let x = Input::new([3]);
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .name("shared")
+        .apply(&x)
+        .unwrap();
+    let a = Dense::new(1).name("a").apply(&h).unwrap();
+    let b = Dense::new(1).name("b").apply(&h).unwrap();
+    let model = Model::builder(&[x], &[a, b])
+        .dtype(DType::F64)
+        .build()
+        .unwrap();
+    for (name, value) in reference["initial"].as_object().unwrap() {
+        let w = model.weight(name).unwrap();
+        let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
+            Some(_) => matrix(value).into_iter().flatten().collect(),
+            None => floats(value),
+        };
+        let t = Tensor::from_vec(flat, w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+    model
+}
+
+pub(crate) fn reference_data(reference: &Value) -> Dataset {
+    let x = tensor(matrix(&reference["x"]));
+    let y_a = tensor(matrix(&reference["y_a"]));
+    let y_b = tensor(matrix(&reference["y_b"]));
+    Dataset::multi(vec![x], vec![y_a, y_b]).unwrap()
+}
+
+fn close(what: &str, got: f64, want: f64) {
+    let tol = 1e-5 * want.abs().max(1e-6);
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: kiln {got}, reference {want} (rtol 1e-5)"
+    );
+}
+
+/// Trains kiln one epoch (one step) at a time and compares each step with the reference.
+fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
+    let reference = reference();
+    let mut model = reference_model(&reference);
+    let lr = reference["learning_rate"].as_f64().unwrap();
+    let mut compile = Compile::new(Sgd::new(lr))
+        .loss_for("a", "mse")
+        .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+    if let Some(s) = strategy {
+        compile = compile.loss_weighting_boxed(s);
+    }
+    model.compile(compile).unwrap();
+    let data = reference_data(&reference);
+    let steps = reference["runs"][run].as_array().unwrap();
+    for (epoch, step) in steps.iter().enumerate() {
+        let fit = Fit::new()
+            .epochs(epoch + 1)
+            .initial_epoch(epoch)
+            .batch_size(8)
+            .shuffle(false)
+            .quiet();
+        let history = model.fit(&data, fit).unwrap();
+        let logs = history.last().unwrap();
+        let terms = floats(&step["terms"]);
+        for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+            close(
+                &format!("{run} step {epoch} {term}"),
+                logs.get(term).unwrap(),
+                terms[i],
+            );
+        }
+        let weights = floats(&step["weights"]);
+        if run != "fixed" {
+            for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+                let got = logs.get(&format!("loss_weight/{term}")).unwrap();
+                close(
+                    &format!("{run} step {epoch} loss_weight/{term}"),
+                    got,
+                    weights[i],
+                );
+            }
+        }
+        // `loss` is Σ weight · term.
+        let shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
+        close(
+            &format!("{run} step {epoch} loss"),
+            logs.get("loss").unwrap(),
+            shown,
+        );
+        for (name, want) in step["params"].as_object().unwrap() {
+            let got: Vec<f64> = model
+                .weight(name)
+                .unwrap()
+                .var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (k, (g, w)) in got.iter().zip(floats(want)).enumerate() {
+                close(&format!("{run} step {epoch} {name}[{k}]"), *g, w);
+            }
+        }
+    }
+}
+
+#[test]
+fn fixed_weights_match_the_reference() {
+    check("fixed", None);
+}
+
+#[test]
+fn uncertainty_matches_the_reference() {
+    check("uncertainty", Some(Box::new(Uncertainty::new())));
+}
+
+#[test]
+fn dynamic_weight_average_matches_the_reference() {
+    check("dwa", Some(Box::new(DynamicWeightAverage::new())));
+}
+
+#[test]
+fn famo_matches_the_reference() {
+    check("famo", Some(Box::new(Famo::new())));
+}
+
+/// A run whose strategy weighs the data term and the L2 penalty (`added_terms`); `{W}` is
+/// line 12.
+const RUN: &str = r#"seed = 3
+[data]
+source = "blobs"
+samples = 120
+[model]
+layers = [
+  { type = "dense", name = "hidden", units = 8, activation = "relu", kernel_regularizer = { l2 = 1e-2 } },
+  { type = "dropout", rate = 0.2 },
+  { type = "dense", name = "out", units = 1 },
+]
+[compile]
+{W}
+optimizer = { type = "adam", learning_rate = 0.01 }
+loss = "mse"
+[fit]
+epochs = 4
+batch_size = 16
+validation_split = 0.2
+"#;
+
+fn run_text(weighting: &str) -> String {
+    RUN.replace("{W}", weighting)
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    crate::support::temp("weighting", name)
+}
+
+#[test]
+fn run_file_keys_build_the_strategy_they_name() {
+    let dir = temp("keys");
+    let text =
+        run_text(r#"loss_weighting = { type = "dwa", temperature = 3.0, added_terms = true }"#);
+    std::fs::write(dir.join("run.toml"), text).unwrap();
+    let (ok, _, err) =
+        crate::support::kiln_in(&["train", "run.toml", "--quiet", "--out", "r"], &dir);
+    assert!(ok, "{err}");
+    let history: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("r/history.json")).unwrap())
+            .unwrap();
+    // DWA: weight 1 for two epochs, then K·softmax(r / 3) from the logged epoch means.
+    let series = |k: &str| floats(&history[k]);
+    let (out, l2) = (series("out_loss"), series("l2"));
+    assert_eq!(series("loss_weight/out_loss")[..2], [1.0, 1.0]);
+    for epoch in 2..4 {
+        let r = [
+            out[epoch - 1] / out[epoch - 2],
+            l2[epoch - 1] / l2[epoch - 2],
+        ];
+        let e = [(r[0] / 3.0).exp(), (r[1] / 3.0).exp()];
+        let want = [2.0 * e[0] / (e[0] + e[1]), 2.0 * e[1] / (e[0] + e[1])];
+        close(
+            "loss_weight/out_loss",
+            series("loss_weight/out_loss")[epoch],
+            want[0],
+        );
+        close("loss_weight/l2", series("loss_weight/l2")[epoch], want[1]);
+    }
+    // The string form takes the defaults.
+    std::fs::write(
+        dir.join("famo.toml"),
+        run_text(r#"loss_weighting = "famo""#),
+    )
+    .unwrap();
+    let (ok, _, err) =
+        crate::support::kiln_in(&["train", "famo.toml", "--quiet", "--out", "f"], &dir);
+    // One term (no added_terms) is refused, naming the terms.
+    assert!(
+        !ok && err.contains("at least two terms") && err.contains("out_loss"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_run_file_values_name_the_file_line_and_key() {
+    let dir = temp("bad");
+    let cases = [
+        (
+            r#"loss_weighting = { type = "dwa", temperature = 0 }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "dwa", temperature = -1.5 }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "dwa", temperature = nan }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "dwa", temperature = "2" }"#,
+            "temperature",
+        ),
+        (
+            r#"loss_weighting = { type = "famo", learning_rate = inf }"#,
+            "learning_rate",
+        ),
+        (
+            r#"loss_weighting = { type = "famo", gamma = -1e-5 }"#,
+            "gamma",
+        ),
+        (
+            r#"loss_weighting = { type = "uncertainty", initial_log_var = true }"#,
+            "initial_log_var",
+        ),
+        (
+            r#"loss_weighting = { type = "uncertainty", added_terms = 1 }"#,
+            "added_terms",
+        ),
+        (
+            r#"loss_weighting = { type = "uncertainty", temprature = 2 }"#,
+            "temprature",
+        ),
+        (r#"loss_weighting = { type = "gradnorn" }"#, "gradnorn"),
+        (r#"loss_weighting = 3"#, "loss_weighting"),
+    ];
+    for (line, key) in cases {
+        let text = run_text(line);
+        let err = match kiln::run::RunFile::from_text("w.toml", &text, dir.clone())
+            .and_then(|run| run.prepare(None, &Device::Cpu).map(|_| ()))
+        {
+            Ok(()) => panic!("{line}: accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("w.toml line 12") && err.contains(key),
+            "{line}: the error lacks `w.toml line 12` or `{key}`: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Train 4 epochs at once, or 2, a checkpoint, a fresh model restored from it and 2 more: the
+/// weights, the strategy's variables and the history agree bit for bit.
+fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let compiled = || {
+        let mut m = reference_model(&reference);
+        m.compile(
+            Compile::new(Adam::new(0.05))
+                .loss_for("a", "mse")
+                .loss_for("b", BinaryCrossentropy::new().from_logits(true))
+                .loss_weighting_boxed(strategy()),
+        )
+        .unwrap();
+        m
+    };
+    let fit = |from: usize, to: usize| {
+        Fit::new()
+            .epochs(to)
+            .initial_epoch(from)
+            .batch_size(3)
+            .seed(4)
+            .quiet()
+    };
+    let mut whole = compiled();
+    let full = whole.fit(&data, fit(0, 4)).unwrap();
+    let dir = temp(&format!("resume-{}", strategy().name()));
+    let mut first = compiled();
+    let part = first.fit(&data, fit(0, 2)).unwrap();
+    first.save_checkpoint(&dir, "last", 2, &part).unwrap();
+    let mut resumed = compiled();
+    let checkpoint = resumed.load_checkpoint(&dir, "last").unwrap();
+    let rest = resumed.fit(&data, fit(2, 4)).unwrap();
+    let mut history = checkpoint.history();
+    history.epochs.extend(rest.epochs);
+    let bits = |m: &Model| -> Vec<u64> {
+        m.weights()
+            .iter()
+            .flat_map(|w| {
+                w.var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .map(f64::to_bits)
+            .collect()
+    };
+    assert_eq!(
+        bits(&whole),
+        bits(&resumed),
+        "{}: weights differ",
+        strategy().name()
+    );
+    assert_eq!(
+        full.without("epoch_time_s"),
+        history.without("epoch_time_s"),
+        "{}: histories differ",
+        strategy().name()
+    );
+    assert!(full
+        .get("loss_weight/a_loss")
+        .unwrap()
+        .iter()
+        .any(|w| *w != 1.0));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_resumed_run_continues_every_strategy_exactly() {
+    resume_is_bit_identical(|| Box::new(Uncertainty::new()));
+    resume_is_bit_identical(|| Box::new(DynamicWeightAverage::new()));
+    resume_is_bit_identical(|| Box::new(Famo::new()));
+}
+
+#[test]
+fn a_checkpoint_of_another_strategy_is_refused() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let mut m = reference_model(&reference);
+    let compile = |s: Box<dyn Strategy>| {
+        Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", "mse")
+            .loss_weighting_boxed(s)
+    };
+    m.compile(compile(Box::new(Famo::new()))).unwrap();
+    let h = m.fit(&data, Fit::new().quiet()).unwrap();
+    let dir = temp("other");
+    m.save_checkpoint(&dir, "last", 1, &h).unwrap();
+    let mut other = reference_model(&reference);
+    other
+        .compile(compile(Box::new(Uncertainty::new())))
+        .unwrap();
+    let err = other.load_checkpoint(&dir, "last").unwrap_err().to_string();
+    assert!(
+        err.contains("`famo`") && err.contains("`uncertainty`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Compiles the reference model with `strategy`: the error's text if refused.
+fn compile_with(strategy: Box<dyn Strategy>) -> std::result::Result<(), String> {
+    let mut m = reference_model(&reference());
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", "mse")
+            .loss_weighting_boxed(strategy),
+    )
+    .map_err(|e| e.to_string())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Any hyperparameter value is taken exactly when it is in range, and refused otherwise
+    /// with a message naming the strategy and the hyperparameter.
+    #[test]
+    fn hyperparameters_are_taken_only_in_range(
+        v in proptest::prop_oneof![
+            proptest::num::f64::ANY,
+            proptest::prelude::Just(0.0),
+            proptest::prelude::Just(-0.0),
+            proptest::prelude::Just(f64::INFINITY),
+            -10.0..10.0f64,
+        ]
+    ) {
+        let cases: [(&str, &str, Box<dyn Strategy>, bool); 4] = [
+            ("dwa", "temperature", Box::new(DynamicWeightAverage::new().temperature(v)), v.is_finite() && v > 0.0),
+            ("famo", "learning_rate", Box::new(Famo::new().learning_rate(v)), v.is_finite() && v > 0.0),
+            ("famo", "gamma", Box::new(Famo::new().gamma(v)), v.is_finite() && v >= 0.0),
+            ("uncertainty", "initial_log_var", Box::new(Uncertainty::new().initial_log_var(v)), v.is_finite()),
+        ];
+        for (name, key, strategy, allowed) in cases {
+            match compile_with(strategy) {
+                Ok(()) => proptest::prop_assert!(allowed, "{name} {key} = {v} accepted"),
+                Err(e) => {
+                    proptest::prop_assert!(!allowed, "{name} {key} = {v} refused: {e}");
+                    proptest::prop_assert!(e.contains(&format!("`{name}`")) && e.contains(key), "{e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_strategy_needs_two_terms_and_weight_added_terms_needs_a_strategy() {
+    let x = Input::new([2]);
+    let y = Dense::new(1)
+        .kernel_regularizer(L2::new(0.1))
+        .apply(&x)
+        .unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    let err = m
+        .compile(
+            Compile::new(Sgd::new(0.1))
+                .loss("mse")
+                .loss_weighting(Uncertainty::new()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("at least two terms") && err.contains("weight_added_terms"),
+        "{err}"
+    );
+    // With the L2 penalty weighed too, there are two: the data term and `l2`.
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss("mse")
+            .loss_weighting(Uncertainty::new())
+            .weight_added_terms(true),
+    )
+    .unwrap();
+    let err = m
+        .compile(
+            Compile::new(Sgd::new(0.1))
+                .loss("mse")
+                .weight_added_terms(true),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no loss weighting strategy"), "{err}");
+}
+
+/// FAMO compares a batch before and after its own update, so it refuses gradient accumulation.
+#[test]
+fn famo_refuses_gradient_accumulation() {
+    let reference = reference();
+    let mut m = reference_model(&reference);
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", "mse")
+            .loss_weighting(Famo::new()),
+    )
+    .unwrap();
+    let err = m
+        .fit(
+            &reference_data(&reference),
+            Fit::new().gradient_accumulation_steps(2).quiet(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("famo") && err.contains("gradient_accumulation_steps"),
+        "{err}"
+    );
+}
