@@ -63,7 +63,7 @@ fn column_sums<T: Element>(v: &[T], c: usize) -> Vec<f64> {
 
 vectorized! {
     /// `sums += Σ_rows rows` per column (`sums.len()` columns), in f64.
-    fn add_rows<T>(sums: &mut [f64], rows: &[T]) {
+    pub(crate) fn add_rows<T>(sums: &mut [f64], rows: &[T]) {
         for row in rows.chunks_exact(sums.len()) {
             for (s, &x) in sums.iter_mut().zip(row) {
                 *s += Into::<f64>::into(x);

@@ -202,11 +202,7 @@ impl Conv2dOp {
             };
             if want.bias {
                 part.bias = vec![0.0; d.f];
-                for row in dz.chunks_exact(d.f.max(1)) {
-                    for (s, &v) in part.bias.iter_mut().zip(row) {
-                        *s += v.into();
-                    }
-                }
+                super::channels::add_rows(&mut part.bias, dz);
             }
             if want.kernel {
                 let mut cols = Vec::new();
