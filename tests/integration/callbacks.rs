@@ -239,3 +239,89 @@ fn csv_logger_writes_every_epoch() {
     assert_eq!(last_loss, h.epochs[2].get("loss").unwrap());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Writes a scripted value into the logs each epoch, for callbacks to monitor.
+struct Scripted(Vec<f64>);
+impl Callback for Scripted {
+    fn on_epoch_end(&mut self, e: usize, logs: &mut Logs, _m: &mut Model) -> kiln::Result<Control> {
+        logs.set("score", self.0[e]);
+        Ok(Control::Continue)
+    }
+}
+
+#[test]
+fn early_stopping_counts_patience_as_keras_3() {
+    // tests/fixtures/keras/early_stopping.json: Keras 3.15.1's EarlyStopping on the same
+    // scripted values (make_early_stopping_cases.py).
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/keras/early_stopping.json"
+    );
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(cases.len(), 12);
+    for case in cases {
+        let scores: Vec<f64> = serde_json::from_value(case["scores"].clone()).unwrap();
+        let patience = case["patience"].as_u64().unwrap() as usize;
+        let expected = case["epochs_run"].as_u64().unwrap() as usize;
+        let mut m = model(1);
+        let h = m
+            .fit(
+                &data(),
+                Fit::new()
+                    .epochs(scores.len())
+                    .quiet()
+                    .callback(Scripted(scores.clone()))
+                    .callback(
+                        EarlyStopping::new("score")
+                            .mode(Mode::Min)
+                            .patience(patience),
+                    ),
+            )
+            .unwrap();
+        assert_eq!(
+            h.epochs.len(),
+            expected,
+            "scores {scores:?}, patience {patience}"
+        );
+    }
+}
+
+#[test]
+fn early_stopping_restores_the_best_weights_when_training_runs_to_its_end() {
+    // Keras 3 restores the best epoch's weights at the end of training even without a stop.
+    let best: Arc<Mutex<Vec<Vec<f32>>>> = Arc::new(Mutex::new(Vec::new()));
+    struct KeepSecond(Arc<Mutex<Vec<Vec<f32>>>>);
+    impl Callback for KeepSecond {
+        fn on_epoch_end(
+            &mut self,
+            e: usize,
+            _l: &mut Logs,
+            m: &mut Model,
+        ) -> kiln::Result<Control> {
+            if e == 1 {
+                *self.0.lock().unwrap() = weights(m);
+            }
+            Ok(Control::Continue)
+        }
+    }
+    let mut m = model(2);
+    m.fit(
+        &data(),
+        Fit::new()
+            .epochs(4)
+            .quiet()
+            .callback(Scripted(vec![3.0, 1.0, 2.0, 2.5]))
+            .callback(KeepSecond(best.clone()))
+            .callback(
+                EarlyStopping::new("score")
+                    .mode(Mode::Min)
+                    .patience(10)
+                    .restore_best_weights(true),
+            ),
+    )
+    .unwrap();
+    let kept = best.lock().unwrap().clone();
+    assert!(!kept.is_empty());
+    assert_eq!(weights(&m), kept);
+}

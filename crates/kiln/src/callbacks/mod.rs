@@ -158,7 +158,8 @@ impl EarlyStopping {
             stopped_epoch: None,
         }
     }
-    /// Epochs without improvement before stopping.
+    /// Epochs without improvement after which training stops (Keras' `patience`: with 2,
+    /// two epochs in a row no better than the best stop it; 0 stops at the first, as 1 does).
     pub fn patience(mut self, patience: usize) -> Self {
         self.patience = patience;
         self
@@ -173,7 +174,8 @@ impl EarlyStopping {
         self.mode = mode;
         self
     }
-    /// Restore the weights of the best epoch when stopping.
+    /// Restore the weights of the best epoch when training ends (stopped early or not), as
+    /// Keras 3 does.
     pub fn restore_best_weights(mut self, on: bool) -> Self {
         self.restore_best_weights = on;
         self
@@ -230,6 +232,7 @@ impl Callback for EarlyStopping {
         self.best = None;
         self.wait = 0;
         self.stopped_epoch = None;
+        self.best_weights = None;
         Ok(())
     }
     fn on_epoch_end(
@@ -251,15 +254,22 @@ impl Callback for EarlyStopping {
             }
             return Ok(Control::Continue);
         }
+        // Keras 3 counts this epoch before comparing, and never stops after the first epoch:
+        // `patience` epochs without improvement stop training (0 and 1 alike).
         self.wait += 1;
-        if self.wait > self.patience {
+        if self.wait >= self.patience && epoch > 0 {
             self.stopped_epoch = Some(epoch);
-            if let Some(best) = &self.best_weights {
-                restore(model, best)?;
-            }
             return Ok(Control::Stop);
         }
         Ok(Control::Continue)
+    }
+    fn on_train_end(&mut self, model: &mut Model) -> Result<()> {
+        // As Keras 3: the best weights come back at the end of training, whether it stopped
+        // early or ran all its epochs.
+        if let Some(best) = &self.best_weights {
+            restore(model, best)?;
+        }
+        Ok(())
     }
 }
 
