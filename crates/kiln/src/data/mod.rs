@@ -20,7 +20,7 @@ pub use generated::{Blobs, Regression, Spirals};
 /// One-hot encodes integer labels of shape `[n]` (or `[n, 1]`) into `[n, classes]`.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// let y = Tensor::new(&[2f32, 0.], &Device::Cpu)?;
 /// let oh = kiln::data::one_hot(&y, 3)?;
 /// assert_eq!(oh.to_vec2::<f32>()?, vec![vec![0., 0., 1.], vec![1., 0., 0.]]);
@@ -64,10 +64,10 @@ use candle_core::{Device, Tensor};
 /// Inputs, targets and optional per-sample weights, one sample per row (axis 0).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::Dataset;
-/// let x = Tensor::zeros((10, 3), candle_core::DType::F32, &Device::Cpu)?;
-/// let y = Tensor::zeros(10, candle_core::DType::F32, &Device::Cpu)?;
+/// let x = Tensor::zeros((10, 3), kiln::candle::DType::F32, &Device::Cpu)?;
+/// let y = Tensor::zeros(10, kiln::candle::DType::F32, &Device::Cpu)?;
 /// let data = Dataset::new(x, y)?;
 /// let (train, val) = data.split_tail(0.2)?;
 /// assert_eq!((train.len(), val.len()), (8, 2));
@@ -78,6 +78,17 @@ pub struct Dataset {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) targets: Vec<Tensor>,
     pub(crate) sample_weight: Option<Tensor>,
+    /// One weight (or none) per target, when given per output; empty otherwise.
+    pub(crate) output_weights: Vec<Option<Tensor>>,
+}
+
+fn both_weight_forms() -> Error {
+    Error::Data(
+        "a data set takes one sample weight for every output (with_sample_weight) or one per \
+         output (with_output_sample_weights), not both: put the shared weight in every output's \
+         entry"
+            .into(),
+    )
 }
 
 /// The rows of `t` (its first axis), or an error naming `what` for a 0-d tensor.
@@ -94,7 +105,7 @@ impl Dataset {
     /// One input and one target.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
     /// let y = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
     /// assert_eq!(kiln::Dataset::new(x.clone(), y)?.len(), 4);
@@ -113,7 +124,7 @@ impl Dataset {
     /// Several inputs and targets (in the model's input and output order).
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let a = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
     /// let b = Tensor::zeros((3, 5, 5), DType::F32, &Device::Cpu)?;
     /// let y = Tensor::zeros(3, DType::U32, &Device::Cpu)?;
@@ -129,6 +140,7 @@ impl Dataset {
             inputs,
             targets,
             sample_weight: None,
+            output_weights: Vec::new(),
         };
         data.check_rows()?;
         Ok(data)
@@ -137,7 +149,7 @@ impl Dataset {
     /// Inputs only, for `predict`.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
     /// assert!(kiln::Dataset::inputs_only(vec![x])?.targets().is_empty());
     /// # Ok::<(), kiln::Error>(())
@@ -153,7 +165,7 @@ impl Dataset {
     /// Attaches per-sample weights, shape `[n]` (or `[n, steps]` for sequence outputs).
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
     /// let y = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
     /// let w = Tensor::ones(3, DType::F32, &Device::Cpu)?;
@@ -166,9 +178,63 @@ impl Dataset {
     ///
     /// [`Error::Data`] if the weights are 0-d or have another number of rows.
     pub fn with_sample_weight(mut self, weight: Tensor) -> Result<Self> {
+        if !self.output_weights.is_empty() {
+            return Err(both_weight_forms());
+        }
         self.sample_weight = Some(weight);
         self.check_rows()?;
         Ok(self)
+    }
+
+    /// Attaches sample weights per output, one entry per target in output order (`None`: that
+    /// output's samples all weigh 1), as Keras' `fit(sample_weight={"label": w})` or its list
+    /// form. Each weight reaches its output's loss and weighted metrics only.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?;
+    /// let (value, label) = (x.narrow(1, 0, 1)?, x.narrow(1, 1, 1)?);
+    /// let w = Tensor::new(&[1f32, 2., 1.], &Device::Cpu)?;
+    /// let data = Dataset::multi(vec![x], vec![value, label])?.with_output_sample_weights(vec![None, Some(w)])?;
+    /// assert!(data.sample_weight_for(0).is_none());
+    /// assert_eq!(data.sample_weight_for(1).unwrap().to_vec1::<f32>()?, [1.0, 2.0, 1.0]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Data`] if there is not one entry per target, a weight is 0-d or has another
+    /// number of rows, or the data set already has one sample weight for every output.
+    pub fn with_output_sample_weights(mut self, weights: Vec<Option<Tensor>>) -> Result<Self> {
+        if self.sample_weight.is_some() {
+            return Err(both_weight_forms());
+        }
+        if weights.len() != self.targets.len() {
+            return Err(Error::Data(format!(
+                "with_output_sample_weights got {} entries for {} targets: give one per target, \
+                 in output order (None for an output without weights)",
+                weights.len(),
+                self.targets.len()
+            )));
+        }
+        self.output_weights = weights;
+        self.check_rows()?;
+        Ok(self)
+    }
+
+    /// The sample weights that reach output `output`'s loss: its own
+    /// ([`Dataset::with_output_sample_weights`]) or the one for every output
+    /// ([`Dataset::with_sample_weight`]), if any.
+    pub fn sample_weight_for(&self, output: usize) -> Option<&Tensor> {
+        match self.output_weights.is_empty() {
+            true => self.sample_weight.as_ref(),
+            false => self.output_weights.get(output).and_then(Option::as_ref),
+        }
+    }
+
+    /// Whether sample weights were given per output.
+    pub(crate) fn has_output_weights(&self) -> bool {
+        self.output_weights.iter().any(Option::is_some)
     }
 
     fn check_rows(&self) -> Result<()> {
@@ -192,7 +258,11 @@ impl Dataset {
                 self.sample_weight
                     .iter()
                     .map(|t| ("sample_weight".to_string(), t)),
-            );
+            )
+            .chain(self.output_weights.iter().enumerate().filter_map(|(i, t)| {
+                t.as_ref()
+                    .map(|t| (format!("the sample weight of output {i}"), t))
+            }));
         for (what, t) in named {
             if rows_of(&what, t)? != n {
                 return Err(Error::Data(format!(
@@ -208,7 +278,7 @@ impl Dataset {
     /// The number of samples (0 for a data set without inputs).
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((0, 2), DType::F32, &Device::Cpu)?;
     /// let data = kiln::Dataset::inputs_only(vec![x])?;
     /// assert_eq!(data.len(), 0);
@@ -225,7 +295,7 @@ impl Dataset {
     /// Whether there are no samples.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?;
     /// assert!(!kiln::Dataset::inputs_only(vec![x])?.is_empty());
     /// # Ok::<(), kiln::Error>(())
@@ -237,7 +307,7 @@ impl Dataset {
     /// The input tensors.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
     /// assert_eq!(kiln::Dataset::inputs_only(vec![x])?.inputs()[0].dims(), &[2, 3]);
     /// # Ok::<(), kiln::Error>(())
@@ -249,7 +319,7 @@ impl Dataset {
     /// The target tensors.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
     /// let y = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
     /// assert_eq!(kiln::Dataset::new(x, y)?.targets()[0].dims(), &[2]);
@@ -259,10 +329,11 @@ impl Dataset {
         &self.targets
     }
 
-    /// The per-sample weights, if any.
+    /// The per-sample weights for every output, if any (see also
+    /// [`Dataset::sample_weight_for`]).
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
     /// assert!(kiln::Dataset::inputs_only(vec![x])?.sample_weight().is_none());
     /// # Ok::<(), kiln::Error>(())
@@ -277,6 +348,11 @@ impl Dataset {
             inputs: self.inputs.iter().map(&f).collect::<Result<_>>()?,
             targets: self.targets.iter().map(&f).collect::<Result<_>>()?,
             sample_weight: self.sample_weight.as_ref().map(&f).transpose()?,
+            output_weights: self
+                .output_weights
+                .iter()
+                .map(|w| w.as_ref().map(&f).transpose())
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -284,7 +360,7 @@ impl Dataset {
     /// (views such as `narrow` or `t()` are made contiguous first).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// let x = Tensor::new(&[[0f32, 1.], [2., 3.], [4., 5.]], &Device::Cpu)?;
     /// let data = kiln::Dataset::inputs_only(vec![x.t()?])?; // a transposed view: 2 rows
     /// let picked = data.select(&[1, 0, 1])?;
@@ -325,7 +401,7 @@ impl Dataset {
     /// Samples `[start, start + len)`.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)?;
     /// let data = kiln::Dataset::inputs_only(vec![x])?;
     /// assert_eq!(data.slice(1, 2)?.inputs()[0].to_vec1::<f32>()?, vec![2., 3.]);
@@ -350,7 +426,7 @@ impl Dataset {
     /// any shuffling).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// let x = Tensor::new(&[1f32, 2., 3., 4., 5.], &Device::Cpu)?;
     /// let data = kiln::Dataset::inputs_only(vec![x])?;
     /// let (train, val) = data.split_tail(0.4)?;
@@ -382,7 +458,7 @@ impl Dataset {
     /// Shuffles the samples with `seed` and splits off the last `fraction` as a held-out set.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)?;
     /// let data = kiln::Dataset::inputs_only(vec![x])?;
     /// let (train, held_out) = data.shuffled_split(0.25, 7)?;
@@ -412,7 +488,7 @@ impl Dataset {
     /// Moves every tensor to `device`.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// let x = Tensor::new(&[1f32, 2.], &Device::Cpu)?;
     /// let data = kiln::Dataset::inputs_only(vec![x])?.to_device(&Device::Cpu)?;
     /// assert_eq!(data.len(), 2);

@@ -31,6 +31,13 @@ pub(crate) fn shard_batch(
 ) -> Result<(Dataset, StepShard)> {
     let range = shard_range(chunk.len(), comm.rank(), comm.size());
     let local = train.select(&chunk[range])?;
+    if train.has_output_weights() {
+        return Err(Error::Data(
+            "sample weights per output are not supported in distributed training yet: give one \
+             sample weight for every output (Dataset::with_sample_weight), or train in one process"
+                .into(),
+        ));
+    }
     let global_weight_sum = match train.sample_weight() {
         Some(w) => {
             let index = Tensor::from_slice(chunk, chunk.len(), w.device())?;

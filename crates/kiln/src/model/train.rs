@@ -157,7 +157,7 @@ impl Fit {
     /// carries it into the next epoch). Default 1: an update every batch.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let train = |batch_size: usize, accumulate: usize| -> kiln::Result<Vec<f32>> {
     ///     let x = Input::new([1]);
@@ -220,7 +220,7 @@ impl Fit {
     /// gradient, so the weights are bit-identical with diagnostics on or off.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([1]);
     /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones)
@@ -378,7 +378,7 @@ impl Model {
                     &values,
                     y_true,
                     y_pred,
-                    batch.sample_weight(),
+                    batch.sample_weight_for(ol.output),
                     masks[ol.output],
                 ),
                 Some(shard) => shard.reduce(
@@ -386,7 +386,7 @@ impl Model {
                     &values,
                     y_true,
                     y_pred,
-                    batch.sample_weight(),
+                    batch.sample_weight_for(ol.output),
                     masks[ol.output],
                 ),
             }
@@ -594,7 +594,9 @@ impl Model {
             // As Keras: sample (and class) weights reach the weighted metrics only; a mask
             // (padding) leaves its entries out of every metric, as weight 0.
             let weight = crate::metrics::metric_weights(
-                m.weighted.then(|| batch.sample_weight()).flatten(),
+                m.weighted
+                    .then(|| batch.sample_weight_for(m.output))
+                    .flatten(),
                 masks[m.output],
             )?;
             acc.metric(&m.log_name, m.metric.as_ref())
@@ -955,7 +957,7 @@ impl Model {
     /// breakdown and metrics.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([1]);
     /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
@@ -1068,17 +1070,20 @@ impl Model {
         if let Some(cw) = &config.class_weight {
             if self.outputs.len() != 1 {
                 return Err(Error::Data(
-                    "class_weight works for single-output models: use sample weights per output instead".into(),
+                    "class_weight works for single-output models: give sample weights per output \
+                     instead (Dataset::with_output_sample_weights)"
+                        .into(),
                 ));
             }
             let targets = train.targets.first().ok_or_else(|| {
                 Error::Data("class_weight needs targets: the data has none".into())
             })?;
             let weights = crate::reduction::class_weights_to_sample_weights(targets, cw)?;
-            let weights = match &train.sample_weight {
+            let weights = match train.sample_weight_for(0) {
                 Some(sw) => crate::reduction::mul_weights(sw, &weights)?,
                 None => weights,
             };
+            train.output_weights.clear();
             train = train.with_sample_weight(weights)?;
         }
         let n = train.len();
@@ -1228,7 +1233,7 @@ impl Model {
     /// The loss breakdown and metrics on `data`, in inference mode (same names as `fit`).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([1]);
     /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
@@ -1252,7 +1257,7 @@ impl Model {
     /// part of these logs' `loss`.
     ///
     /// ```
-    /// use candle_core::Device;
+    /// use kiln::candle::Device;
     /// use kiln::prelude::*;
     /// let data = kiln::data::digits(&Device::Cpu)?.slice(0, 200)?;
     /// let x = Input::new([64]);
