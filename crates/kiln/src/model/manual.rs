@@ -46,7 +46,7 @@ impl Model {
     /// hand-written step can differentiate them; each call draws new dropout masks.
     ///
     /// ```
-    /// use candle_core::{DType, Device, Tensor};
+    /// use kiln::candle::{DType, Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([100]);
     /// let y = Dropout::new(0.5).apply(&x)?;
@@ -71,7 +71,7 @@ impl Model {
     /// moving statistics, as in Keras' training-mode call.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([1]);
     /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
@@ -136,6 +136,82 @@ impl Model {
             inputs,
             logs: acc.logs(""),
         })
+    }
+
+    /// Applies gradients with the compiled optimizer, as Keras'
+    /// `optimizer.apply_gradients(zip(grads, model.trainable_weights))`: the optimizer's
+    /// clipping (`clipnorm`, `global_clipnorm`, `clipvalue`) and weight decay, and one more
+    /// step on its counter, exactly as a step of `fit` applies them. Give `(name, gradient)`
+    /// pairs as [`BatchGradients::weights`] holds them, changed as your step needs; weights not
+    /// listed are left alone.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([1]);
+    /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).apply(&x)?;
+    /// let mut model = Model::new(&[x], &[y])?;
+    /// model.compile(Compile::new(Sgd::new(0.1).global_clipnorm(1.0)).loss("mse"))?;
+    /// let batch = Dataset::new(Tensor::new(&[[2f32]], &Device::Cpu)?, Tensor::new(&[[0f32]], &Device::Cpu)?)?;
+    /// let mut g = model.gradients(&batch)?; // d/dw (w·x)² = 8 at w = 1
+    /// g.weights[0].1 = (&g.weights[0].1 * 0.5)?; // a step of your own: halve it
+    /// model.apply_gradients(&g.weights)?; // clipped to norm 1, then w -= 0.1 · 1
+    /// assert_eq!(model.get_weights()?[0].to_vec2::<f32>()?, [[0.9]]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::State`] before `compile`; [`Error::Data`] naming a gradient whose weight does
+    /// not exist, is frozen, is given twice or has another shape (nothing is updated then).
+    pub fn apply_gradients(&mut self, gradients: &[(String, Tensor)]) -> Result<()> {
+        if self.compiled.is_none() {
+            return Err(not_compiled());
+        }
+        let trainable = self.trainable_weights();
+        let mut params: Vec<Var> = Vec::with_capacity(gradients.len());
+        let mut grads = Vec::with_capacity(gradients.len());
+        for (i, (name, g)) in gradients.iter().enumerate() {
+            let Some(w) = trainable.iter().find(|w| &w.name == name) else {
+                let why = match self.weights().iter().any(|w| &w.name == name) {
+                    true => "is frozen (not trainable): unfreeze its layer with set_trainable, \
+                             or leave its gradient out"
+                        .to_string(),
+                    false => format!(
+                        "does not exist; the trainable weights are {:?}",
+                        trainable
+                            .iter()
+                            .map(|w| w.name.as_str())
+                            .collect::<Vec<_>>()
+                    ),
+                };
+                return Err(Error::Data(format!(
+                    "apply_gradients: the weight `{name}` of gradient {i} {why}"
+                )));
+            };
+            if gradients[..i].iter().any(|(n, _)| n == name) {
+                return Err(Error::Data(format!(
+                    "apply_gradients: the weight `{name}` has two gradients (entries {} and \
+                     {i}): sum them into one",
+                    gradients.iter().position(|(n, _)| n == name).unwrap_or(0)
+                )));
+            }
+            if g.dims() != w.shape() {
+                return Err(Error::Data(format!(
+                    "apply_gradients: the gradient of `{name}` has shape {:?}, the weight {:?}",
+                    g.dims(),
+                    w.shape()
+                )));
+            }
+            params.push(w.var.clone());
+            grads.push(g.to_device(&self.device)?.to_dtype(self.dtype)?);
+        }
+        let compiled = self.compiled.as_mut().ok_or_else(not_compiled)?;
+        compiled.iterations += 1;
+        crate::optimizers::apply_step(
+            compiled.optimizer.as_mut(),
+            &params,
+            grads,
+            compiled.iterations,
+        )
     }
 
     /// Every weight's value, in [`Model::weights`] order (Keras' `get_weights`, layer by
@@ -205,7 +281,7 @@ impl SharedLayer {
     /// making a model that uses it.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([2]);
     /// let dense = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones).shared();
