@@ -3,7 +3,6 @@
 //!
 //! Run with `cargo run --release --example custom_closure_loss`.
 
-use candle_core::{Device, Tensor, D};
 use kiln::prelude::*;
 use rand::{Rng, SeedableRng};
 

@@ -4,7 +4,6 @@
 //!
 //! Run with `cargo run --release --example fgsm_robustness`.
 
-use candle_core::Device;
 use kiln::prelude::*;
 
 pub struct Summary {

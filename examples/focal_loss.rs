@@ -2,7 +2,6 @@
 //!
 //! Run with `cargo run --release --example focal_loss`.
 
-use candle_core::Device;
 use kiln::prelude::*;
 
 pub struct Summary {

@@ -3,7 +3,6 @@
 //!
 //! Run with `cargo run --release --example intermediate_add_loss`.
 
-use candle_core::Device;
 use kiln::prelude::*;
 
 pub struct Summary {
@@ -47,7 +46,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     let mean_abs = h
         .abs()?
         .mean_all()?
-        .to_dtype(candle_core::DType::F64)?
+        .to_dtype(kiln::candle::DType::F64)?
         .to_scalar::<f64>()?;
     Ok(Summary {
         test: logs,

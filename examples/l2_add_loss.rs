@@ -3,7 +3,6 @@
 //!
 //! Run with `cargo run --release --example l2_add_loss`.
 
-use candle_core::Device;
 use kiln::prelude::*;
 
 pub struct Summary {
@@ -46,7 +45,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
             .weight(name)?
             .var
             .as_tensor()
-            .to_dtype(candle_core::DType::F64)?;
+            .to_dtype(kiln::candle::DType::F64)?;
         sum_sq += w.sqr()?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(Summary {

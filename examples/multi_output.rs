@@ -3,7 +3,6 @@
 //!
 //! Run with `cargo run --release --example multi_output`.
 
-use candle_core::Device;
 use kiln::prelude::*;
 
 pub struct Summary {

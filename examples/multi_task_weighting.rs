@@ -7,7 +7,6 @@
 //! Run with `cargo run --release --example multi_task_weighting [SEEDS] [EPOCHS]` (default 5
 //! seeds, 30 epochs).
 
-use candle_core::{Device, Tensor};
 use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
 use kiln::prelude::*;
 use rand::{Rng, SeedableRng};

@@ -9,7 +9,6 @@
 //!
 //! Run with `cargo run --release --example sequence_labelling`.
 
-use candle_core::{Device, Tensor};
 use kiln::prelude::*;
 use rand::{Rng, SeedableRng};
 

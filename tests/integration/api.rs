@@ -472,3 +472,170 @@ fn losses_compile_and_models_are_clone_and_debug() {
     assert_eq!(table.dims(), &[2, 2]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Keras' `fit(sample_weight={"label": w})`: a weight for one output reaches that output's
+/// loss (and weighted metrics) only; the other output's loss is unweighted.
+#[test]
+fn sample_weights_per_output_reach_their_own_output_only() {
+    let d = Device::Cpu;
+    let x = Input::new([1]);
+    let ones = |name: &str| {
+        Dense::new(1)
+            .use_bias(false)
+            .kernel_initializer(Initializer::Ones)
+            .name(name)
+    };
+    let a = ones("a").apply(&x).unwrap();
+    let b = ones("b").apply(&x).unwrap();
+    let mut m = Model::new(&[x], &[a, b]).unwrap();
+    m.compile(
+        Compile::new(Sgd::new(0.1))
+            .loss("mse")
+            .weighted_metric_for("b", "mse"),
+    )
+    .unwrap();
+    // Predictions equal the inputs: errors 1, 2, 3 (a: targets 0) and 1, 1, 1 (b: targets x - 1).
+    let xs = Tensor::new(&[[1f32], [2.], [3.]], &d).unwrap();
+    let zeros = xs.zeros_like().unwrap();
+    let shifted = (&xs - 1.0).unwrap();
+    let w = Tensor::new(&[0f32, 1., 3.], &d).unwrap();
+    let data = Dataset::multi(vec![xs.clone()], vec![zeros.clone(), shifted.clone()])
+        .unwrap()
+        .with_output_sample_weights(vec![None, Some(w.clone())])
+        .unwrap();
+    let logs = m.evaluate(&data, 3).unwrap();
+    // a: (1 + 4 + 9) / 3; b: Keras' sum_over_batch_size, (0·1 + 1·1 + 3·1) / 3.
+    assert!((logs.get("a_loss").unwrap() - 14.0 / 3.0).abs() < 1e-6);
+    assert!((logs.get("b_loss").unwrap() - 4.0 / 3.0).abs() < 1e-6);
+    // The weighted metric is the weighted mean: (0 + 1 + 3) / (0 + 1 + 3).
+    assert!((logs.get("b_mse").unwrap() - 1.0).abs() < 1e-6);
+    // The same weight for every output changes both.
+    let shared = Dataset::multi(vec![xs.clone()], vec![zeros.clone(), shifted.clone()])
+        .unwrap()
+        .with_sample_weight(w.clone())
+        .unwrap();
+    let both = m.evaluate(&shared, 3).unwrap();
+    assert!((both.get("a_loss").unwrap() - (4.0 + 27.0) / 3.0).abs() < 1e-5);
+    // Mistakes say what to give.
+    let two = || Dataset::multi(vec![xs.clone()], vec![zeros.clone(), shifted.clone()]).unwrap();
+    let e = two()
+        .with_output_sample_weights(vec![Some(w.clone())])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 entries for 2 targets"), "{e}");
+    let e = two()
+        .with_sample_weight(w.clone())
+        .unwrap()
+        .with_output_sample_weights(vec![None, Some(w.clone())])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not both"), "{e}");
+    let short = Tensor::new(&[1f32, 2.], &d).unwrap();
+    let e = two()
+        .with_output_sample_weights(vec![None, Some(short)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the sample weight of output 1"), "{e}");
+}
+
+/// Keras' custom step: `tape.gradient` then `optimizer.apply_gradients`. `gradients` followed by
+/// `apply_gradients` is the step `train_on_batch` takes (the optimizer's clipping, its step
+/// counter for Adam's bias correction), and mistakes name the weight.
+#[test]
+fn apply_gradients_takes_the_step_fit_takes() {
+    let build = || {
+        let x = Input::new([3]);
+        let h = Dense::new(4)
+            .activation(Activation::Tanh)
+            .name("h")
+            .apply(&x)
+            .unwrap();
+        let y = Dense::new(1).name("out").apply(&h).unwrap();
+        let mut m = Model::new(&[x], &[y]).unwrap();
+        m.compile(Compile::new(Adam::new(0.05).global_clipnorm(0.5)).loss("mse"))
+            .unwrap();
+        m
+    };
+    let data = points(16);
+    let mut fitted = build();
+    let mut manual = build();
+    for _ in 0..3 {
+        fitted.train_on_batch(&data).unwrap();
+        let g = manual.gradients(&data).unwrap();
+        manual.apply_gradients(&g.weights).unwrap();
+    }
+    for (a, b) in fitted
+        .get_weights()
+        .unwrap()
+        .iter()
+        .zip(manual.get_weights().unwrap())
+    {
+        for (p, q) in to_vec(a).iter().zip(to_vec(&b)) {
+            assert!((p - q).abs() < 1e-6, "{p} vs {q}");
+        }
+    }
+    let g = manual.gradients(&data).unwrap();
+    manual.set_trainable("h", false).unwrap();
+    let e = manual.apply_gradients(&g.weights).unwrap_err().to_string();
+    assert!(e.contains("`h/kernel`") && e.contains("frozen"), "{e}");
+    let e = manual
+        .apply_gradients(&[("nope/kernel".to_string(), g.weights[0].1.clone())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`nope/kernel`") && e.contains("out/kernel"),
+        "{e}"
+    );
+    let twice = vec![g.weights[2].clone(), g.weights[2].clone()];
+    let e = manual.apply_gradients(&twice).unwrap_err().to_string();
+    assert!(e.contains("two gradients"), "{e}");
+    let e = manual
+        .apply_gradients(&[(g.weights[2].0.clone(), g.weights[3].1.clone())])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has shape [1], the weight [4, 1]"), "{e}");
+    let mut uncompiled = Sequential::new([3]).add(Dense::new(1)).build().unwrap();
+    let e = uncompiled.apply_gradients(&[]).unwrap_err().to_string();
+    assert!(e.contains("not compiled"), "{e}");
+}
+
+/// A user depends on kiln alone: the library's doc examples and the examples/ programs reach
+/// candle through `kiln::candle` or the prelude, never `candle_core`, which is not in the
+/// user's Cargo.toml (copying such a line failed with E0433 "use of undeclared crate").
+#[test]
+fn docs_and_examples_never_name_candle_core() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    let mut dirs = vec![root.join("crates/kiln/src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            match path.is_dir() {
+                true => dirs.push(path),
+                false if path.extension().is_some_and(|e| e == "rs") => files.push(path),
+                false => {}
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for path in &files {
+        for (i, line) in std::fs::read_to_string(path).unwrap().lines().enumerate() {
+            let doc = line.trim_start().starts_with("///") || line.trim_start().starts_with("//!");
+            if doc && line.contains("candle_core") {
+                found.push(format!("{}:{}", path.display(), i + 1));
+            }
+        }
+    }
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains("candle_core") {
+            found.push(path.display().to_string());
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "doc examples naming candle_core: {found:?}"
+    );
+    assert!(files.len() > 50);
+}

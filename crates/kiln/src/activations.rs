@@ -7,7 +7,7 @@ use std::str::FromStr;
 /// An elementwise (or, for softmax, last-axis) activation.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::Activation;
 /// let x = Tensor::new(&[-1f32, 2.], &Device::Cpu)?;
 /// assert_eq!(Activation::Relu.apply(&x)?.to_vec1::<f32>()?, vec![0.0, 2.0]);

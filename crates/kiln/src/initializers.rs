@@ -10,7 +10,7 @@ use rand_distr::StandardNormal;
 /// How a weight's first values are drawn.
 ///
 /// ```
-/// use candle_core::{DType, Device};
+/// use kiln::candle::{DType, Device};
 /// use kiln::Initializer;
 /// use rand::SeedableRng;
 /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -44,7 +44,7 @@ pub enum Initializer {
     /// columns, whichever are fewer) are orthonormal.
     ///
     /// ```
-    /// use candle_core::{DType, Device};
+    /// use kiln::candle::{DType, Device};
     /// use kiln::Initializer;
     /// use rand::SeedableRng;
     /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -233,7 +233,7 @@ pub(crate) fn building_layer(name: Option<&str>) {
 /// drawn as, and the weights of the model built so far) must fit in [`memory_limit`].
 ///
 /// ```
-/// use candle_core::DType;
+/// use kiln::candle::DType;
 /// assert_eq!(kiln::initializers::check_weight_size(&[3, 4], DType::F32)?, 12);
 /// let err = kiln::initializers::check_weight_size(&[1 << 40, 1 << 30], DType::F32).unwrap_err();
 /// assert!(err.to_string().contains("bytes"), "{err}");

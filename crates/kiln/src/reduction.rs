@@ -180,7 +180,7 @@ fn reduce_values(
 /// Keras 3's `reduce_weighted_values`: merge `mask` into `sample_weight`, weight `values`, reduce.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::{reduction::reduce_weighted, Reduction};
 /// let values = Tensor::new(&[1.0f32, 2.0, 3.0, 4.0], &Device::Cpu)?;
 /// let weights = Tensor::new(&[1.0f32, 0.0, 1.0, 0.0], &Device::Cpu)?;
@@ -268,7 +268,7 @@ pub(crate) fn divide_no_nan(sum: &Tensor, divisor: f64) -> Result<Tensor> {
 /// its integer label, or the arg-max of a one-hot label.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// let y = Tensor::new(&[0f32, 2., 1.], &Device::Cpu)?;
 /// let w = kiln::reduction::class_weights_to_sample_weights(&y, &[(0, 1.0), (1, 2.0), (2, 5.0)])?;
 /// assert_eq!(w.to_vec1::<f32>()?, vec![1.0, 5.0, 2.0]);

@@ -3,7 +3,7 @@
 //! register custom losses and then offer the very same command:
 //!
 //! ```no_run
-//! use candle_core::{Tensor, D};
+//! use kiln::candle::{Tensor, D};
 //! fn main() -> std::process::ExitCode {
 //!     kiln::losses::register("my_l1", kiln::losses::loss_fn("my_l1", |t: &Tensor, p: &Tensor| {
 //!         Ok((p - t)?.abs()?.mean(D::Minus1)?)

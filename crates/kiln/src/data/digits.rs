@@ -17,7 +17,7 @@ pub const DIGITS_CLASSES: usize = 10;
 /// The digits data set: inputs `[1797, 64]` scaled to `[0, 1]`, integer labels `[1797]` as f32.
 ///
 /// ```
-/// let data = kiln::data::digits(&candle_core::Device::Cpu)?;
+/// let data = kiln::data::digits(&kiln::candle::Device::Cpu)?;
 /// assert_eq!(data.len(), 1797);
 /// assert_eq!(data.inputs()[0].dims(), &[1797, 64]);
 /// # Ok::<(), kiln::Error>(())

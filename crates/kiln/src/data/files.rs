@@ -252,7 +252,7 @@ pub fn csv_columns(path: impl AsRef<Path>) -> Result<Vec<String>> {
 /// ```
 /// let path = std::env::temp_dir().join(format!("kiln-doc-load-csv-{}.csv", std::process::id()));
 /// std::fs::write(&path, "a,b,label\n1,2,0\n3,4,1\n")?;
-/// let data = kiln::data::load_csv(&path, &["label".to_string()], &candle_core::Device::Cpu)?;
+/// let data = kiln::data::load_csv(&path, &["label".to_string()], &kiln::candle::Device::Cpu)?;
 /// assert_eq!(data.len(), 2);
 /// assert_eq!(data.inputs()[0].to_vec2::<f32>()?, vec![vec![1., 2.], vec![3., 4.]]);
 /// # std::fs::remove_file(&path)?;
@@ -279,7 +279,7 @@ pub fn load_csv(
 /// use kiln::data::{load_csv_with, ReadOptions};
 /// let path = std::env::temp_dir().join(format!("kiln-doc-csv-with-{}.csv", std::process::id()));
 /// std::fs::write(&path, "a,y\nnan,0\n1,1\n")?;
-/// let device = candle_core::Device::Cpu;
+/// let device = kiln::candle::Device::Cpu;
 /// let y = ["y".to_string()];
 /// assert!(load_csv_with(&path, &y, &ReadOptions::default(), &device).is_err());
 /// let lenient = ReadOptions::default().allow_non_finite(true);
@@ -356,7 +356,7 @@ pub fn load_csv_with(
 /// ```
 /// let path = std::env::temp_dir().join(format!("kiln-doc-features-{}.csv", std::process::id()));
 /// std::fs::write(&path, "a,b\n1,2\n3,4\n")?;
-/// let x = kiln::data::load_csv_features(&path, &candle_core::Device::Cpu)?;
+/// let x = kiln::data::load_csv_features(&path, &kiln::candle::Device::Cpu)?;
 /// assert_eq!(x.to_vec2::<f32>()?, vec![vec![1., 2.], vec![3., 4.]]);
 /// # std::fs::remove_file(&path)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -377,7 +377,7 @@ pub fn load_csv_features(path: impl AsRef<Path>, device: &Device) -> Result<Tens
 /// use kiln::data::{load_csv_features_with, ReadOptions};
 /// let path = std::env::temp_dir().join(format!("kiln-doc-feat-with-{}.csv", std::process::id()));
 /// std::fs::write(&path, "a\ninf\n")?;
-/// let device = candle_core::Device::Cpu;
+/// let device = kiln::candle::Device::Cpu;
 /// assert!(load_csv_features_with(&path, &ReadOptions::default(), &device).is_err());
 /// let x = load_csv_features_with(&path, &ReadOptions::default().allow_non_finite(true), &device)?;
 /// assert_eq!(x.to_vec2::<f32>()?, vec![vec![f32::INFINITY]]);
@@ -415,7 +415,7 @@ pub fn load_csv_features_with(
 /// }
 /// let path = std::env::temp_dir().join(format!("kiln-doc-npy-{}.npy", std::process::id()));
 /// std::fs::write(&path, &bytes)?;
-/// let t = kiln::data::load_npy(&path, &candle_core::Device::Cpu)?;
+/// let t = kiln::data::load_npy(&path, &kiln::candle::Device::Cpu)?;
 /// assert_eq!(t.to_vec1::<f32>()?, vec![1., 2.5, -3.]);
 /// # std::fs::remove_file(&path)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -437,7 +437,7 @@ pub fn load_npy(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
 /// ```
 /// use kiln::data::{load_npy_with, ReadOptions};
 /// let path = std::env::temp_dir().join(format!("kiln-doc-npy-missing-{}.npy", std::process::id()));
-/// let err = load_npy_with(&path, &ReadOptions::default(), &candle_core::Device::Cpu).unwrap_err();
+/// let err = load_npy_with(&path, &ReadOptions::default(), &kiln::candle::Device::Cpu).unwrap_err();
 /// assert!(err.to_string().contains("kiln-doc-npy-missing"));
 /// ```
 ///
@@ -486,7 +486,7 @@ pub fn load_npy_with(
 /// zip.start_file("y.npy", zip::write::SimpleFileOptions::default())?;
 /// zip.write_all(&npy("(2,)", &[0., 1.]))?;
 /// zip.finish()?;
-/// let device = candle_core::Device::Cpu;
+/// let device = kiln::candle::Device::Cpu;
 /// let arrays = kiln::data::load_npz(&path, &["y", "x"], &device)?;
 /// assert_eq!(arrays[0].to_vec1::<f32>()?, vec![0., 1.]);
 /// assert_eq!(arrays[1].to_vec1::<f32>()?, vec![1., 2.]);
@@ -514,7 +514,7 @@ pub fn load_npz(path: impl AsRef<Path>, names: &[&str], device: &Device) -> Resu
 /// use kiln::data::{load_npz_with, ReadOptions};
 /// let path = std::env::temp_dir().join(format!("kiln-doc-npz-{}.npz", std::process::id()));
 /// std::fs::write(&path, b"not a zip archive")?;
-/// let err = load_npz_with(&path, &["x"], &ReadOptions::default(), &candle_core::Device::Cpu)
+/// let err = load_npz_with(&path, &["x"], &ReadOptions::default(), &kiln::candle::Device::Cpu)
 ///     .unwrap_err();
 /// assert!(err.to_string().contains("not a readable NPZ"));
 /// # std::fs::remove_file(&path)?;
@@ -642,7 +642,7 @@ pub fn load_npz_with(
 /// bytes.extend([0u8, 1, 2, 3, 4, 5, 6, 255]);
 /// let path = std::env::temp_dir().join(format!("kiln-doc-idx-{}.idx", std::process::id()));
 /// std::fs::write(&path, &bytes)?;
-/// let t = kiln::data::load_idx(&path, &candle_core::Device::Cpu)?;
+/// let t = kiln::data::load_idx(&path, &kiln::candle::Device::Cpu)?;
 /// assert_eq!(t.dims(), &[2, 2, 2]);
 /// assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, vec![0., 1., 2., 3., 4., 5., 6., 255.]);
 /// # std::fs::remove_file(&path)?;
@@ -666,7 +666,7 @@ pub fn load_idx(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
 /// use kiln::data::{load_idx_with, ReadOptions};
 /// let path = std::env::temp_dir().join(format!("kiln-doc-idx0-{}.idx", std::process::id()));
 /// std::fs::write(&path, [0u8, 0, 0x08, 0])?; // rank 0: a scalar
-/// let err = load_idx_with(&path, &ReadOptions::default(), &candle_core::Device::Cpu).unwrap_err();
+/// let err = load_idx_with(&path, &ReadOptions::default(), &kiln::candle::Device::Cpu).unwrap_err();
 /// assert!(err.to_string().contains("0-d"));
 /// # std::fs::remove_file(&path)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -808,7 +808,7 @@ pub(crate) fn parse_idx(
 /// `<output>_<unit>`). The file is written to a temporary name, then renamed.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// let path = std::env::temp_dir().join(format!("kiln-doc-pred-{}.csv", std::process::id()));
 /// let out = Tensor::new(&[[0.5f32, 1.5], [2., 3.]], &Device::Cpu)?;
 /// kiln::data::write_predictions(&path, &["y".to_string()], &[out])?;

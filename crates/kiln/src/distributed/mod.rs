@@ -2,7 +2,7 @@
 //! every global batch, with the gradients summed by one all-reduce per step.
 //!
 //! The engine is a [`Communicator`]: Open MPI through the `mpi` cargo feature
-//! ([`mpi::MpiWorld`]), or [`LocalGroup`], ranks as threads of one process (to check a program,
+//! (`mpi::MpiWorld`), or [`LocalGroup`], ranks as threads of one process (to check a program,
 //! and what the tests use). Give one to [`crate::Fit::distributed`]; every rank runs the same
 //! program on the same data:
 //!

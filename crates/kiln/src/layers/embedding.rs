@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor};
 /// in Keras. The weight is `<name>/embeddings`, drawn uniformly from ±0.05 like Keras.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let ids = Input::new([4]);
 /// let vectors = Embedding::new(10, 3).mask_zero(true).name("emb").apply(&ids)?;
@@ -164,7 +164,7 @@ impl Layer for Embedding {
 /// masked (mask `any(x != mask_value)` over the last axis), as Keras' `Masking`.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let x = Input::new([3, 2]);
 /// let y = Masking::new(-1.0).apply(&x)?;
@@ -239,7 +239,7 @@ impl Layer for Masking {
 /// the mask of another. It carries no mask itself.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let tokens = Input::new([4]);
 /// let keep = NotEqual::new(0.0).apply(&tokens)?;

@@ -48,7 +48,7 @@ use rand::rngs::StdRng;
 /// from. Freeze layers with [`LayerExt::trainable`] or [`crate::Model::set_trainable`].
 ///
 /// ```
-/// use candle_core::{DType, Device, Tensor, Var};
+/// use kiln::candle::{DType, Device, Tensor, Var};
 /// use kiln::layers::Weight;
 /// let var = Var::from_tensor(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?)?;
 /// let w = Weight::new("mine/kernel", var, true);

@@ -18,7 +18,7 @@ use candle_core::Tensor;
 /// over the unmasked positions, as Keras does.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let x = Input::new([2]);
 /// let y = BatchNormalization::new().momentum(0.5).name("bn").apply(&x)?;
@@ -334,11 +334,11 @@ impl Layer for BatchNormalization {
 /// It keeps the shape, so a mask passes through.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let x = Input::new([4]);
 /// let y = LayerNormalization::new().epsilon(1e-12).apply(&x)?;
-/// let model = Model::builder(&[x], &[y]).dtype(candle_core::DType::F64).build()?;
+/// let model = Model::builder(&[x], &[y]).dtype(kiln::candle::DType::F64).build()?;
 /// let out = model.predict(&[Tensor::new(&[[1f64, 2., 3., 4.]], &Device::Cpu)?], 1)?;
 /// let v = out[0].to_vec2::<f64>()?[0].clone();
 /// let expected = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];

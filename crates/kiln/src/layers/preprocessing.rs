@@ -30,7 +30,7 @@ pub const NORMALIZATION_EPSILON: f64 = 1e-7;
 /// variance 1, as in Keras, until weights are loaded into it.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let train = Tensor::new(&[[0f32, 7., 4.], [2., 9., 6.], [0., 7., 4.], [2., 9., 6.]], &Device::Cpu)?;
 /// let x = Input::new([3]);
@@ -120,7 +120,7 @@ impl Normalization {
     /// shape, a scalar or a shape that matches the kept axes from the right.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let d = Device::Cpu;
     /// let x = Input::new([1]);

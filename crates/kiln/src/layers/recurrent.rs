@@ -371,7 +371,7 @@ macro_rules! recurrent_builders {
 /// (`unit_forget_bias`), the recurrent kernel orthogonal.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let ids = Input::new([5]);
 /// let e = Embedding::new(20, 4).mask_zero(true).apply(&ids)?;

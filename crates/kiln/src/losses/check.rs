@@ -153,7 +153,7 @@ pub fn check(loss: impl Into<LossSpec>) -> Result<CheckReport> {
 /// [`check`] on the inputs of `domain`.
 ///
 /// ```
-/// use candle_core::{Tensor, D};
+/// use kiln::candle::{Tensor, D};
 /// use kiln::losses::{check_in, loss_fn, Domain};
 /// // A binary crossentropy without Keras' clipping: infinite at p = 0 and p = 1.
 /// let unclipped = loss_fn("unclipped", |t: &Tensor, p: &Tensor| {

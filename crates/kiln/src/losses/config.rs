@@ -611,7 +611,7 @@ fn bounds_of(class: &str, key: &str) -> Bounds {
 /// present ones are never replaced.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::config::{loss_from_config, JsonParams};
 /// use kiln::reduction::Reduction;
 /// let config = serde_json::json!({ "delta": 0.5 });

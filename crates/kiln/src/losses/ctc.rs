@@ -36,7 +36,7 @@ fn update_phi(phi: &Tensor, added: &Tensor) -> Result<Tensor> {
 /// read as integers by truncation, as Keras does.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Loss, Ctc};
 /// // One step, classes {blank, 1}, equal logits: p("1") = 1/2.
 /// let labels = Tensor::new(&[[1f32]], &Device::Cpu)?;

@@ -9,7 +9,7 @@ use candle_core::{Tensor, D};
 /// clipped to `[ε, 1]` first (so zero labels contribute `ε·log(ε / y_pred)`, as in Keras).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{KLDivergence, Loss};
 /// let t = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[0.25f32, 0.75]], &Device::Cpu)?;
@@ -61,7 +61,7 @@ impl Loss for KLDivergence {
 /// and positive rate predictions.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Loss, Poisson};
 /// let t = Tensor::new(&[[0f32, 2.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[1f32, 1.]], &Device::Cpu)?;
@@ -115,7 +115,7 @@ impl Loss for Poisson {
 /// similarity of 0 (the inverse norm is capped at `1/ε`), whatever the other vector.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{CosineSimilarity, Loss};
 /// let t = Tensor::new(&[[0f32, 1.], [1., 1.], [1., 1.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[1f32, 0.], [1., 1.], [-1., -1.]], &Device::Cpu)?;

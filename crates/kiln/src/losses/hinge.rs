@@ -33,7 +33,7 @@ parameterless_loss!(
     /// are all 0/1 are converted, as Keras does).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Hinge, Loss};
     /// let t = Tensor::new(&[[0f32, 1.]], &Device::Cpu)?; // becomes [-1, 1]
     /// let p = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu)?;
@@ -49,7 +49,7 @@ parameterless_loss!(
     /// (labels that are all 0/1 are converted, as Keras does).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Loss, SquaredHinge};
     /// let t = Tensor::new(&[[0f32, 1.]], &Device::Cpu)?; // becomes [-1, 1]
     /// let p = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu)?;
@@ -65,7 +65,7 @@ parameterless_loss!(
     /// `pos = Σ y_true · y_pred` and `neg = max((1 - y_true) · y_pred)`, for one-hot labels.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{CategoricalHinge, Loss};
     /// let t = Tensor::new(&[[0f32, 1., 0.]], &Device::Cpu)?;
     /// let p = Tensor::new(&[[0.25f32, 0.5, 0.375]], &Device::Cpu)?;

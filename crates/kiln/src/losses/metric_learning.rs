@@ -56,7 +56,7 @@ fn masked_logsumexp(x: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
 /// The embeddings are used as given: normalize them first (e.g. a unit-normalization layer).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Circle, Loss};
 /// let labels = Tensor::new(&[0f32, 0., 1.], &Device::Cpu)?;
 /// let emb = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 0.]], &Device::Cpu)?;
@@ -206,7 +206,7 @@ impl Loss for Circle {
 /// `[batch]` (Keras 3.15.1 would broadcast them against the batch into a `[batch, batch]` result).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{CategoricalGeneralizedCrossEntropy, Loss};
 /// let labels = Tensor::new(&[1f32], &Device::Cpu)?;
 /// let probs = Tensor::new(&[[0.75f32, 0.25]], &Device::Cpu)?;

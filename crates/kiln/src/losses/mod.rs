@@ -41,7 +41,7 @@ use std::sync::Arc;
 /// `[batch, steps]` for sequence outputs). kiln checks it on the first batch of `fit`.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Loss, MeanSquaredError};
 /// let y_true = Tensor::new(&[[0f32, 1.], [1., 1.]], &Device::Cpu)?;
 /// let y_pred = Tensor::new(&[[1f32, 1.], [1., 0.]], &Device::Cpu)?;
@@ -147,7 +147,7 @@ pub struct LossFn<F> {
 /// value per sample.
 ///
 /// ```
-/// use candle_core::{Device, Tensor, D};
+/// use kiln::candle::{Device, Tensor, D};
 /// use kiln::losses::{loss_fn, Loss};
 /// let (scale, offset) = (2.0, 0.5);
 /// let shifted_mse = loss_fn("shifted_mse", move |y_true: &Tensor, y_pred: &Tensor| {
@@ -305,7 +305,7 @@ fn registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<String
 /// A saved model whose custom loss is not registered fails to load with an error naming it.
 ///
 /// ```
-/// use candle_core::{Tensor, D};
+/// use kiln::candle::{Tensor, D};
 /// kiln::losses::register("my_l1", kiln::losses::loss_fn("my_l1", |t: &Tensor, p: &Tensor| {
 ///     Ok((p - t)?.abs()?.mean(D::Minus1)?)
 /// }));

@@ -77,7 +77,7 @@ fn smooth(y_true: &Tensor, label_smoothing: f64, classes: usize) -> Result<Tenso
 /// `axis` (default the last).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{BinaryCrossentropy, Loss};
 /// let t = Tensor::new(&[[1f32, 0.]], &Device::Cpu)?;
 /// let logits = Tensor::new(&[[0f32, 0.]], &Device::Cpu)?;
@@ -158,7 +158,7 @@ impl Loss for BinaryCrossentropy {
 /// optional class balancing by `alpha`.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{BinaryFocalCrossentropy, Loss};
 /// let t = Tensor::new(&[[1f32]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[0.5f32]], &Device::Cpu)?;
@@ -270,7 +270,7 @@ impl Loss for BinaryFocalCrossentropy {
 /// Categorical crossentropy between one-hot (or soft) labels and probabilities or logits.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{CategoricalCrossentropy, Loss};
 /// let t = Tensor::new(&[[0f32, 1.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu)?;
@@ -371,7 +371,7 @@ fn check_same_shape(loss: &str, t: &Tensor, p: &Tensor) -> Result<()> {
 /// Categorical focal crossentropy: `-Σ alpha · (1 - p)^gamma · y · log p` over the classes.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{CategoricalFocalCrossentropy, Loss};
 /// let t = Tensor::new(&[[0f32, 1.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu)?;
@@ -471,7 +471,7 @@ impl Loss for CategoricalFocalCrossentropy {
 /// Keras' `ignore_class` (those entries get loss 0 and are masked out of the reduction).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Loss, SparseCategoricalCrossentropy};
 /// let labels = Tensor::new(&[1f32, 0.], &Device::Cpu)?;
 /// let logits = Tensor::new(&[[0f32, 0.], [0., 0.]], &Device::Cpu)?;

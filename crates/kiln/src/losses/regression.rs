@@ -19,7 +19,7 @@ elementwise_loss!(
     /// `mean((y_pred - y_true)², axis=-1)`.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Loss, MeanSquaredError};
     /// let t = Tensor::new(&[[1f32, 2.]], &Device::Cpu)?;
     /// let p = Tensor::new(&[[2f32, 4.]], &Device::Cpu)?;
@@ -33,7 +33,7 @@ elementwise_loss!(
     /// `mean(|y_pred - y_true|, axis=-1)`.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Loss, MeanAbsoluteError};
     /// let t = Tensor::new(&[[1f32, 2.]], &Device::Cpu)?;
     /// let p = Tensor::new(&[[2f32, 4.]], &Device::Cpu)?;
@@ -47,7 +47,7 @@ elementwise_loss!(
     /// `100 · mean(|y_true - y_pred| / max(|y_true|, ε), axis=-1)`.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Loss, MeanAbsolutePercentageError};
     /// let t = Tensor::new(&[[2f32, 4.]], &Device::Cpu)?;
     /// let p = Tensor::new(&[[1f32, 4.]], &Device::Cpu)?;
@@ -63,7 +63,7 @@ elementwise_loss!(
     /// `mean((log(max(y_pred, ε) + 1) - log(max(y_true, ε) + 1))², axis=-1)`.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Loss, MeanSquaredLogarithmicError};
     /// let t = Tensor::new(&[[0f32]], &Device::Cpu)?;
     /// let p = Tensor::new(&[[1.718281828f32]], &Device::Cpu)?;
@@ -84,7 +84,7 @@ elementwise_loss!(
     /// without overflow.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::losses::{Loss, LogCosh};
     /// let t = Tensor::new(&[[0f32]], &Device::Cpu)?;
     /// let p = Tensor::new(&[[1f32]], &Device::Cpu)?;
@@ -102,7 +102,7 @@ elementwise_loss!(
 /// Huber loss: quadratic within `delta` of the target, linear beyond it.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Huber, Loss};
 /// let t = Tensor::new(&[[0f32, 0.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[0.5f32, 3.]], &Device::Cpu)?;

@@ -43,7 +43,7 @@ fn sum_over(x: &Tensor, axes: &Option<Vec<isize>>, loss: &str) -> Result<Tensor>
 /// (`None`, the default, sums over every axis, batch included, as Keras does).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Dice, Loss};
 /// let t = Tensor::new(&[[1f32, 1., 0., 0.], [1., 1., 0., 0.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[0f32, 1., 0., 1.], [0.4, 0., 0., 0.9]], &Device::Cpu)?;
@@ -117,7 +117,7 @@ impl Loss for Dice {
 /// `alpha = beta = 0.5` it equals the Dice loss.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::losses::{Loss, Tversky};
 /// let t = Tensor::new(&[[1f32, 1., 0., 0.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[1f32, 0., 1., 1.]], &Device::Cpu)?;

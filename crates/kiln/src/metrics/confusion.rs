@@ -302,7 +302,7 @@ pub enum SummationMethod {
 /// `multi_label` asks for one AUC per column, averaged (optionally with `label_weights`).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{Auc, AucCurve, Metric};
 /// let d = Device::Cpu;
 /// let mut pr = Auc::new().curve(AucCurve::Pr).with_name("pr_auc");

@@ -33,7 +33,7 @@ pub enum Average {
 /// `zero_division = 0`), and values differ from scikit-learn's by about 1e-7 relative.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{Average, F1Score, Metric};
 /// let d = Device::Cpu;
 /// let mut f1 = F1Score::new().average(Average::Macro);
@@ -210,7 +210,7 @@ impl Metric for FBetaScore {
 /// The F1 score: [`FBetaScore`] with β = 1, named `f1_score` (Keras' `F1Score`).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{F1Score, Metric};
 /// let d = Device::Cpu;
 /// let mut f1 = F1Score::new().threshold(0.5)?; // binary: one column

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// that for the built-in ones).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{Accuracy, SampleMetric};
 /// let labels = Tensor::new(&[1f32, 0.], &Device::Cpu)?;
 /// let probs = Tensor::new(&[[0.2f32, 0.8], [0.3, 0.7]], &Device::Cpu)?;
@@ -32,7 +32,7 @@ pub trait SampleMetric: Clone + Send + Sync + 'static {
 /// (weight 0) leaves a step out of both sums.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{MeanAbsoluteError, MeanMetric, Metric};
 /// let d = Device::Cpu;
 /// let mut mae = MeanMetric::new(MeanAbsoluteError);
@@ -229,7 +229,7 @@ impl SampleMetric for Accuracy {
 /// Mean absolute error as a metric (`mae`).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{MeanAbsoluteError, SampleMetric};
 /// let t = Tensor::new(&[[1f32], [2.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[2f32], [2.]], &Device::Cpu)?;
@@ -252,7 +252,7 @@ impl SampleMetric for MeanAbsoluteError {
 /// Mean squared error as a metric (`mse`).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{MeanSquaredError, SampleMetric};
 /// let t = Tensor::new(&[[1f32], [2.]], &Device::Cpu)?;
 /// let p = Tensor::new(&[[3f32], [2.]], &Device::Cpu)?;
@@ -278,7 +278,7 @@ impl SampleMetric for MeanSquaredError {
 /// count in the label's favour.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{SampleMetric, TopKCategoricalAccuracy};
 /// let labels = Tensor::new(&[2f32, 0.], &Device::Cpu)?;
 /// let scores = Tensor::new(&[[0.5f32, 0.2, 0.3], [0.1, 0.6, 0.3]], &Device::Cpu)?;
@@ -356,10 +356,10 @@ impl SampleMetric for TopKCategoricalAccuracy {
 /// A per-sample metric from a closure, averaged over the epoch: Keras' `MeanMetricWrapper(fn)`.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{metric_fn, Metric};
 /// let mut within = metric_fn("within_one", |t, p| {
-///     Ok((p - t)?.abs()?.le(1.0)?.to_dtype(candle_core::DType::F32)?.squeeze(1)?)
+///     Ok((p - t)?.abs()?.le(1.0)?.to_dtype(kiln::candle::DType::F32)?.squeeze(1)?)
 /// });
 /// let d = Device::Cpu;
 /// within.update(&Tensor::new(&[[0f32], [0.]], &d)?, &Tensor::new(&[[0.5f32], [3.]], &d)?, None)?;

@@ -17,7 +17,7 @@
 //! | [`config`] | the strict parser from a Keras name and parameters to a metric |
 //!
 //! ```
-//! use candle_core::{Device, Tensor};
+//! use kiln::candle::{Device, Tensor};
 //! use kiln::metrics::{Auc, Metric};
 //! let d = Device::Cpu;
 //! let mut auc = Auc::new();
@@ -56,7 +56,7 @@ use std::sync::Arc;
 /// Keras does; a mask (padding) always comes in as weight 0.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{Metric, Precision};
 /// let d = Device::Cpu;
 /// let mut p = Precision::new();
@@ -92,7 +92,7 @@ pub trait Metric: Send + Sync {
     /// default) for a metric whose state does not add up, which distributed training refuses.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::metrics::{Metric, MetricSpec};
     /// let mut mae = MetricSpec::from("mae").resolve()?;
     /// mae.update(&Tensor::new(&[[0f32], [0.]], &Device::Cpu)?, &Tensor::new(&[[1f32], [3.]], &Device::Cpu)?, None)?;

@@ -49,7 +49,7 @@ fn rows(
 /// root is taken of the epoch's weighted mean, not of each batch's.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{Metric, RootMeanSquaredError};
 /// let d = Device::Cpu;
 /// let mut rmse = RootMeanSquaredError::new();
@@ -154,7 +154,7 @@ pub enum ClassAggregation {
 /// choice; Keras gives NaN there).
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::metrics::{Metric, R2Score};
 /// let d = Device::Cpu;
 /// let mut r2 = R2Score::new();

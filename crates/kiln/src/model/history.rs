@@ -86,6 +86,21 @@ impl History {
     pub fn last(&self) -> Option<&Logs> {
         self.epochs.last()
     }
+    /// The number of epochs trained (fewer than asked for when a callback stopped early).
+    ///
+    /// ```
+    /// let mut h = kiln::History::default();
+    /// assert!(h.is_empty());
+    /// h.epochs.push(kiln::Logs::default());
+    /// assert_eq!(h.len(), 1);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.epochs.len()
+    }
+    /// Whether no epoch was trained (`epochs(0)`, or a run resumed after its last epoch).
+    pub fn is_empty(&self) -> bool {
+        self.epochs.is_empty()
+    }
     /// The history without the series `key`: e.g. `without("epoch_time_s")` to compare two
     /// runs, whose epoch durations always differ.
     ///

@@ -745,12 +745,12 @@ impl Model {
     /// Runs the model on inputs in inference mode, in batches, and returns one tensor per output.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([3]);
     /// let y = Dense::new(2).apply(&x)?;
     /// let model = Model::new(&[x], &[y])?;
-    /// let out = model.predict(&[Tensor::ones((5, 3), candle_core::DType::F32, &Device::Cpu)?], 2)?;
+    /// let out = model.predict(&[Tensor::ones((5, 3), kiln::candle::DType::F32, &Device::Cpu)?], 2)?;
     /// assert_eq!(out[0].dims(), &[5, 2]);
     /// # Ok::<(), kiln::Error>(())
     /// ```

@@ -217,7 +217,7 @@ impl Model {
     /// as the history names them, and their gradients sum to the step's total gradient.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([1]);
     /// let y = Dense::new(1).use_bias(false).kernel_initializer(Initializer::Ones)

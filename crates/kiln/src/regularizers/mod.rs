@@ -11,7 +11,7 @@ use norm_kernel::norm_penalty;
 /// A penalty on a tensor (a weight, or a layer's output), added to the total loss.
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
+/// use kiln::candle::{Device, Tensor};
 /// use kiln::regularizers::{Regularizer, L2};
 /// let w = Tensor::new(&[1f32, -2.], &Device::Cpu)?;
 /// assert_eq!(L2::new(0.5).penalty(&w)?.to_scalar::<f32>()?, 2.5);
@@ -63,7 +63,7 @@ impl L1 {
     /// An L1 penalty with factor `l1` (Keras' default is 0.01).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::regularizers::{Regularizer, L1};
     /// let w = Tensor::new(&[1f32, -2.], &Device::Cpu)?;
     /// assert_eq!(L1::new(0.5).penalty(&w)?.to_scalar::<f32>()?, 1.5);
@@ -128,7 +128,7 @@ impl L1L2 {
     /// Both penalties (Keras' defaults are 0 and 0).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::regularizers::{Regularizer, L1L2};
     /// let w = Tensor::new(&[1f32, -2.], &Device::Cpu)?;
     /// assert_eq!(L1L2::new(1.0, 1.0).penalty(&w)?.to_scalar::<f32>()?, 8.0);
@@ -174,7 +174,7 @@ impl Orthogonal {
     /// An orthogonality penalty on rows with the given factor (Keras' default is 0.01).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
+    /// use kiln::candle::{Device, Tensor};
     /// use kiln::regularizers::{Orthogonal, Regularizer};
     /// let orthonormal = Tensor::new(&[[1f32, 0.], [0., 1.]], &Device::Cpu)?;
     /// assert_eq!(Orthogonal::new(1.0).penalty(&orthonormal)?.to_scalar::<f32>()?, 0.0);
