@@ -32,7 +32,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
         .apply(&h)?;
     let h = MaxPooling2D::new((2, 2)).apply(&h)?;
     let logits = Dense::new(10)
-        .name("digit")
+        .with_name("digit")
         .apply(&Flatten::new().apply(&h)?)?;
     let mut model = Model::builder(&[pixels], &[logits]).seed(3).build()?;
     model.compile(

@@ -45,7 +45,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     });
 
     let x = Input::new([2]);
-    let y = Dense::new(1).name("y").apply(&x)?;
+    let y = Dense::new(1).with_name("y").apply(&x)?;
     let mut model = Model::new(&[x], &[y])?;
     model.compile(
         Compile::new(Adam::new(0.05))

@@ -17,7 +17,7 @@ pub struct Summary {
 fn classifier() -> kiln::Result<Model> {
     let x = Input::new([64]);
     let h = Dense::new(64).activation(Activation::Relu).apply(&x)?;
-    let y = Dense::new(10).name("digit").apply(&h)?;
+    let y = Dense::new(10).with_name("digit").apply(&h)?;
     Model::builder(&[x], &[y]).seed(11).build()
 }
 

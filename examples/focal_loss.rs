@@ -20,7 +20,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     let h = Dense::new(48).activation(Activation::Relu).apply(&x)?;
     let probs = Dense::new(10)
         .activation(Activation::Softmax)
-        .name("digit")
+        .with_name("digit")
         .apply(&h)?;
     let mut model = Model::builder(&[x], &[probs]).seed(1).build()?;
     model.compile(

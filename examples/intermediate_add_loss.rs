@@ -19,9 +19,9 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     let x = Input::new([64]);
     let hidden = Dense::new(64)
         .activation(Activation::Relu)
-        .name("hidden")
+        .with_name("hidden")
         .apply(&x)?;
-    let y = Dense::new(10).name("digit").apply(&hidden)?;
+    let y = Dense::new(10).with_name("digit").apply(&hidden)?;
     let mut model = Model::new(std::slice::from_ref(&x), &[y])?;
 
     let factor = 1e-2;

@@ -18,9 +18,9 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     let x = Input::new([64]);
     let h = Dense::new(32)
         .activation(Activation::Relu)
-        .name("hidden")
+        .with_name("hidden")
         .apply(&x)?;
-    let y = Dense::new(10).name("digit").apply(&h)?;
+    let y = Dense::new(10).with_name("digit").apply(&h)?;
     let mut model = Model::new(&[x], &[y])?;
 
     let factor = 1e-3;

@@ -28,8 +28,8 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
         .activation(Activation::Relu)
         .kernel_regularizer(L2::new(1e-4))
         .apply(&x)?;
-    let digit = Dense::new(10).name("digit").apply(&h)?;
-    let odd = Dense::new(1).name("parity").apply(&h)?;
+    let digit = Dense::new(10).with_name("digit").apply(&h)?;
+    let odd = Dense::new(1).with_name("parity").apply(&h)?;
     let mut model = Model::new(&[x], &[digit, odd])?;
 
     let parity_weight = 0.5;

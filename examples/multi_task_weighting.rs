@@ -50,11 +50,11 @@ pub fn run(strategy: Option<Box<dyn Strategy>>, seed: u64, epochs: usize) -> kil
     let x = Input::new([64]);
     let h = Dense::new(64)
         .activation(Activation::Relu)
-        .name("shared")
+        .with_name("shared")
         .apply(&x)?;
-    let digit = Dense::new(10).name("digit").apply(&h)?;
-    let parity = Dense::new(1).name("parity").apply(&h)?;
-    let value = Dense::new(1).name("value").apply(&h)?;
+    let digit = Dense::new(10).with_name("digit").apply(&h)?;
+    let parity = Dense::new(1).with_name("parity").apply(&h)?;
+    let value = Dense::new(1).with_name("value").apply(&h)?;
     let mut model = Model::builder(&[x], &[digit, parity, value])
         .seed(seed)
         .build()?;

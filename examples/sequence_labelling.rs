@@ -69,7 +69,7 @@ pub fn run(verbose: bool) -> kiln::Result<Summary> {
     // Shared layers, so a second model reading longer padding uses the same weights.
     let embedding = Embedding::new(VOCAB, 16).mask_zero(true).shared();
     let lstm = Lstm::new(24).return_sequences(true).shared();
-    let tagger = Dense::new(3).name("tags").shared();
+    let tagger = Dense::new(3).with_name("tags").shared();
     let build = |steps: usize| -> kiln::Result<Model> {
         let input = Input::new([steps]);
         let h = lstm.apply(&embedding.apply(&input)?)?;

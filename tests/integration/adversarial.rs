@@ -22,7 +22,7 @@ const B: f64 = 0.1;
 /// the output's handle).
 fn linear(add_terms: impl FnOnce(&mut Model, &SymbolicTensor)) -> (Model, Dataset) {
     let x = Input::new([3]);
-    let y = Dense::new(1).name("y").apply(&x).unwrap();
+    let y = Dense::new(1).with_name("y").apply(&x).unwrap();
     let mut m = Model::builder(&[x], std::slice::from_ref(&y))
         .dtype(DType::F64)
         .build()
@@ -189,8 +189,16 @@ impl Layer for Sum {
 #[test]
 fn l2_normalization_is_joint_across_inputs_and_feature_masks_hold_features() {
     let (a, b) = (Input::new([2]), Input::new([1]));
-    let ya = Dense::new(1).use_bias(false).name("da").apply(&a).unwrap();
-    let yb = Dense::new(1).use_bias(false).name("db").apply(&b).unwrap();
+    let ya = Dense::new(1)
+        .use_bias(false)
+        .with_name("da")
+        .apply(&a)
+        .unwrap();
+    let yb = Dense::new(1)
+        .use_bias(false)
+        .with_name("db")
+        .apply(&b)
+        .unwrap();
     let out = Sum.apply_many(&[&ya, &yb]).unwrap();
     let mut m = Model::builder(&[a, b], &[out])
         .dtype(DType::F64)
@@ -291,8 +299,16 @@ fn fgsm_training_keeps_accuracy_under_attack() {
 fn fgsm_term_covers_every_output_with_its_loss_weight() {
     // Two linear heads on one input; the adversarial term is multiplier · Σ weight_i · L_i(x_adv).
     let x = Input::new([3]);
-    let a = Dense::new(1).use_bias(false).name("a").apply(&x).unwrap();
-    let b = Dense::new(1).use_bias(false).name("b").apply(&x).unwrap();
+    let a = Dense::new(1)
+        .use_bias(false)
+        .with_name("a")
+        .apply(&x)
+        .unwrap();
+    let b = Dense::new(1)
+        .use_bias(false)
+        .with_name("b")
+        .apply(&x)
+        .unwrap();
     let mut m = Model::builder(&[x], &[a, b])
         .dtype(DType::F64)
         .build()

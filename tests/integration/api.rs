@@ -25,7 +25,7 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 fn the_data_loss_is_its_own_term_beside_added_terms() {
     let x = Input::new([3]);
     let y = Dense::new(1)
-        .name("out")
+        .with_name("out")
         .kernel_regularizer(L2::new(1e-2))
         .apply(&x)
         .unwrap();
@@ -80,7 +80,7 @@ fn the_data_loss_is_its_own_term_beside_added_terms() {
 
     // Without an added term the total has one part: `loss` alone, as Keras reports it.
     let x = Input::new([3]);
-    let y = Dense::new(1).name("out").apply(&x).unwrap();
+    let y = Dense::new(1).with_name("out").apply(&x).unwrap();
     let mut plain = Model::new(&[x], &[y]).unwrap();
     plain
         .compile(Compile::new(Sgd::new(0.05)).loss("mse"))
@@ -93,7 +93,7 @@ fn the_data_loss_is_its_own_term_beside_added_terms() {
 #[test]
 fn the_data_loss_is_reported_beside_an_adversarial_term() {
     let x = Input::new([3]);
-    let y = Dense::new(1).name("out").apply(&x).unwrap();
+    let y = Dense::new(1).with_name("out").apply(&x).unwrap();
     let mut model = Model::new(&[x], &[y]).unwrap();
     model
         .add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
@@ -123,7 +123,7 @@ fn the_data_loss_is_reported_beside_an_adversarial_term() {
 #[test]
 fn a_loss_that_reduces_over_the_batch_is_caught_on_the_first_batch() {
     let x = Input::new([3]);
-    let y = Dense::new(4).name("out").apply(&x).unwrap();
+    let y = Dense::new(4).with_name("out").apply(&x).unwrap();
     let mut model = Model::new(&[x], &[y]).unwrap();
     let over_batch = loss_fn("batch_mean", |t: &Tensor, p: &Tensor| {
         Ok((p - t)?.sqr()?.mean(0)?)
@@ -170,7 +170,7 @@ fn a_loss_that_reduces_over_the_batch_is_caught_on_the_first_batch() {
 fn built_in_losses_pass_the_probe() {
     let d = Device::Cpu;
     let x = Input::new([3]);
-    let y = Dense::new(4).name("out").apply(&x).unwrap();
+    let y = Dense::new(4).with_name("out").apply(&x).unwrap();
     let mut model = Model::new(&[x], &[y]).unwrap();
     model
         .compile(Compile::new(Sgd::new(0.1)).loss(kiln::losses::Circle::new()))
@@ -191,7 +191,7 @@ fn built_in_losses_pass_the_probe() {
 #[test]
 fn targets_that_do_not_fit_the_output_are_told_in_the_users_terms() {
     let x = Input::new([3]);
-    let y = Dense::new(1).name("out").apply(&x).unwrap();
+    let y = Dense::new(1).with_name("out").apply(&x).unwrap();
     let mut model = Model::new(&[x], &[y]).unwrap();
     model
         .compile(Compile::new(Sgd::new(0.1)).loss("mse"))
@@ -226,8 +226,8 @@ fn bits(model: &Model, name: &str) -> Vec<u32> {
 #[test]
 fn add_loss_closures_infer_their_types_and_must_return_a_scalar() {
     let x = Input::new([3]);
-    let h = Dense::new(4).name("hidden").apply(&x).unwrap();
-    let y = Dense::new(1).name("out").apply(&h).unwrap();
+    let h = Dense::new(4).with_name("hidden").apply(&x).unwrap();
+    let y = Dense::new(1).with_name("out").apply(&h).unwrap();
     let mut model = Model::new(&[&x], &[&y]).unwrap();
     model
         .add_loss("activity", move |t| {
@@ -291,14 +291,14 @@ fn frozen_weights_stay_bit_identical_through_fit() {
     for (what, compile) in optimizers {
         let x = Input::new([3]);
         let h = Dense::new(16)
-            .name("base")
+            .with_name("base")
             .activation(Activation::Relu)
             .kernel_regularizer(L2::new(1e-2))
             .trainable(false)
             .apply(&x)
             .unwrap();
-        let h = BatchNormalization::new().name("bn").apply(&h).unwrap();
-        let y = Dense::new(1).name("head").apply(&h).unwrap();
+        let h = BatchNormalization::new().with_name("bn").apply(&h).unwrap();
+        let y = Dense::new(1).with_name("head").apply(&h).unwrap();
         let mut model = Model::new(&[x], &[y]).unwrap();
         model.set_trainable("bn", false).unwrap();
         model.compile(compile.loss("mse")).unwrap();
@@ -343,8 +343,8 @@ fn frozen_weights_stay_bit_identical_through_fit() {
 fn checkpoints_keep_the_frozen_layers() {
     let build = || {
         let x = Input::new([3]);
-        let h = Dense::new(4).name("base").apply(&x).unwrap();
-        let y = Dense::new(1).name("head").apply(&h).unwrap();
+        let h = Dense::new(4).with_name("base").apply(&x).unwrap();
+        let y = Dense::new(1).with_name("head").apply(&h).unwrap();
         let mut m = Model::new(&[x], &[y]).unwrap();
         m.compile(Compile::new(Adam::new(1e-2)).loss("mse"))
             .unwrap();
@@ -378,7 +378,7 @@ fn accumulated_batches_give_the_update_of_one_large_batch() {
             .kernel_regularizer(L2::new(0.05))
             .apply(&x)
             .unwrap();
-        let y = Dense::new(1).name("out").apply(&h).unwrap();
+        let y = Dense::new(1).with_name("out").apply(&h).unwrap();
         let mut m = Model::builder(&[x], &[y]).seed(3).build().unwrap();
         m.compile(Compile::new(Adam::new(0.05)).loss("mse"))
             .unwrap();
@@ -451,7 +451,7 @@ fn losses_compile_and_models_are_clone_and_debug() {
     let mut trained = Vec::new();
     for _ in 0..2 {
         let x = Input::new([3]);
-        let y = Dense::new(1).name("out").apply(&x).unwrap();
+        let y = Dense::new(1).with_name("out").apply(&x).unwrap();
         let mut m = Model::new(&[x], &[y]).unwrap();
         m.compile(compile.clone()).unwrap();
         m.fit(&data, Fit::new().epochs(2).batch_size(4).quiet())
@@ -483,7 +483,7 @@ fn sample_weights_per_output_reach_their_own_output_only() {
         Dense::new(1)
             .use_bias(false)
             .kernel_initializer(Initializer::Ones)
-            .name(name)
+            .with_name(name)
     };
     let a = ones("a").apply(&x).unwrap();
     let b = ones("b").apply(&x).unwrap();
@@ -547,10 +547,10 @@ fn apply_gradients_takes_the_step_fit_takes() {
         let x = Input::new([3]);
         let h = Dense::new(4)
             .activation(Activation::Tanh)
-            .name("h")
+            .with_name("h")
             .apply(&x)
             .unwrap();
-        let y = Dense::new(1).name("out").apply(&h).unwrap();
+        let y = Dense::new(1).with_name("out").apply(&h).unwrap();
         let mut m = Model::new(&[x], &[y]).unwrap();
         m.compile(Compile::new(Adam::new(0.05).global_clipnorm(0.5)).loss("mse"))
             .unwrap();
@@ -638,4 +638,25 @@ fn docs_and_examples_never_name_candle_core() {
         "doc examples naming candle_core: {found:?}"
     );
     assert!(files.len() > 50);
+}
+
+/// One naming convention (Rust API guidelines C-GETTER, C-BUILDER): every builder that names
+/// its thing takes `.with_name(…)`, and `name()` is the getter, on layers, losses and metrics
+/// alike. The names given reach the model and the logs.
+#[test]
+fn layers_losses_and_metrics_are_named_with_with_name() {
+    let x = Input::new([3]);
+    let y = Dense::new(1).with_name("price").apply(&x).unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    let loss = MeanSquaredError::new().with_name("sq");
+    let metric = Accuracy::binary().with_name("abs_err");
+    assert_eq!(
+        (Loss::name(&loss), kiln::metrics::Metric::name(&metric)),
+        ("sq", "abs_err")
+    );
+    m.compile(Compile::new(Sgd::new(0.01)).loss(loss).metric(metric))
+        .unwrap();
+    assert_eq!(m.output_names(), ["price"]);
+    let logs = m.evaluate(&points(8), 8).unwrap();
+    assert!(logs.get("abs_err").is_some(), "{logs:?}");
 }

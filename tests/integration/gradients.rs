@@ -264,7 +264,7 @@ fn check_step_against_finite_differences(activation: Activation, square_penalty:
         .kernel_regularizer(L2::new(0.05))
         .apply(&x)
         .unwrap();
-    let y = Dense::new(2).name("out").apply(&h).unwrap();
+    let y = Dense::new(2).with_name("out").apply(&h).unwrap();
     let mut model = Model::builder(&[x], std::slice::from_ref(&y))
         .dtype(DType::F64)
         .seed(3)

@@ -145,40 +145,43 @@ fn convolutions_normalization_and_pooling_2d_round_trip() {
         .padding(Padding::Same)
         .activation(Activation::Relu)
         .kernel_regularizer(L2::new(1e-3))
-        .name("c1")
+        .with_name("c1")
         .apply(&x)
         .unwrap();
     let h = Conv2D::new(3, (2, 3))
         .dilation_rate((2, 1))
         .padding(Padding::Same)
         .use_bias(false)
-        .name("c2")
+        .with_name("c2")
         .apply(&h)
         .unwrap();
     let h = BatchNormalization::new()
         .momentum(0.9)
         .epsilon(1e-3)
-        .name("bn")
+        .with_name("bn")
         .apply(&h)
         .unwrap();
-    let m = MaxPooling2D::new((2, 2)).name("mp").apply(&h).unwrap();
+    let m = MaxPooling2D::new((2, 2)).with_name("mp").apply(&h).unwrap();
     let a = AveragePooling2D::new((2, 1))
         .strides((1, 1))
         .padding(Padding::Same)
-        .name("ap")
+        .with_name("ap")
         .apply(&h)
         .unwrap();
-    let g1 = GlobalMaxPooling2D::new().name("gmax").apply(&m).unwrap();
+    let g1 = GlobalMaxPooling2D::new()
+        .with_name("gmax")
+        .apply(&m)
+        .unwrap();
     let g2 = GlobalAveragePooling2D::new()
-        .name("gavg")
+        .with_name("gavg")
         .apply(&a)
         .unwrap();
-    let f = Flatten::new().name("flat").apply(&m).unwrap();
+    let f = Flatten::new().with_name("flat").apply(&m).unwrap();
     let c = Concatenate::new()
-        .name("join")
+        .with_name("join")
         .apply_many(&[&g1, &g2, &f])
         .unwrap();
-    let y = Dense::new(3).name("logits").apply(&c).unwrap();
+    let y = Dense::new(3).with_name("logits").apply(&c).unwrap();
     let model = Model::builder(&[x], &[y]).seed(1).build().unwrap();
     perturb(&model);
     round_trip("native_cnn2d", &model, &[input(&[3, 8, 8, 2], 7)]);
@@ -193,31 +196,34 @@ fn convolutions_normalization_and_pooling_1d_round_trip() {
         .padding(Padding::Causal)
         .dilation_rate(2)
         .activation(Activation::Tanh)
-        .name("conv")
+        .with_name("conv")
         .apply(&x)
         .unwrap();
     let h = MaxPooling1D::new(2)
         .strides(1)
         .padding(Padding::Same)
-        .name("mp")
+        .with_name("mp")
         .apply(&h)
         .unwrap();
-    let h = AveragePooling1D::new(2).name("ap").apply(&h).unwrap();
+    let h = AveragePooling1D::new(2).with_name("ap").apply(&h).unwrap();
     let h = LayerNormalization::new()
         .epsilon(1e-5)
         .center(false)
-        .name("ln")
+        .with_name("ln")
         .apply(&h)
         .unwrap();
     let a = GlobalAveragePooling1D::new()
-        .name("gavg")
+        .with_name("gavg")
         .apply(&h)
         .unwrap();
-    let b = GlobalMaxPooling1D::new().name("gmax").apply(&h).unwrap();
-    let s = Add::new().name("sum").apply_many(&[&a, &b]).unwrap();
+    let b = GlobalMaxPooling1D::new()
+        .with_name("gmax")
+        .apply(&h)
+        .unwrap();
+    let s = Add::new().with_name("sum").apply_many(&[&a, &b]).unwrap();
     let y = Dense::new(2)
         .activation(Activation::Softmax)
-        .name("out")
+        .with_name("out")
         .apply(&s)
         .unwrap();
     let model = Model::builder(&[x], &[y]).seed(2).build().unwrap();
@@ -233,30 +239,30 @@ fn recurrent_layers_and_masks_round_trip() {
     let seq = Input::named("seq", [4, 2]);
     let h = Embedding::new(12, 4)
         .mask_zero(true)
-        .name("emb")
+        .with_name("emb")
         .apply(&tokens)
         .unwrap();
     let h = Lstm::new(5)
         .return_sequences(true)
         .unit_forget_bias(false)
-        .name("lstm")
+        .with_name("lstm")
         .apply(&h)
         .unwrap();
-    let h = Gru::new(3).name("gru").apply(&h).unwrap();
-    let m = Masking::new(0.0).name("mask").apply(&seq).unwrap();
+    let h = Gru::new(3).with_name("gru").apply(&h).unwrap();
+    let m = Masking::new(0.0).with_name("mask").apply(&seq).unwrap();
     let g = Gru::new(2)
         .reset_after(false)
         .activation(Activation::Relu)
-        .name("gru_classic")
+        .with_name("gru_classic")
         .apply(&m)
         .unwrap();
     let c = Concatenate::new()
-        .name("both")
+        .with_name("both")
         .apply_many(&[&h, &g])
         .unwrap();
     let y = Dense::new(1)
         .activation(Activation::Sigmoid)
-        .name("p")
+        .with_name("p")
         .apply(&c)
         .unwrap();
     let model = Model::builder(&[tokens, seq], &[y])
@@ -288,49 +294,58 @@ fn merges_reshapes_shared_and_frozen_layers_round_trip() {
     let a = Input::named("a", [12]);
     let b = Input::named("b", [3, 4]);
     let na = Normalization::new()
-        .name("norm_a")
+        .with_name("norm_a")
         .adapt(&input(&[16, 12], 3))
         .unwrap()
         .apply(&a)
         .unwrap();
     let nb = Normalization::new()
         .axes(&[1, 2])
-        .name("norm_b")
+        .with_name("norm_b")
         .adapt(&input(&[16, 3, 4], 4))
         .unwrap()
         .apply(&b)
         .unwrap();
-    let r = Reshape::new(vec![4, 3]).name("to_grid").apply(&na).unwrap();
-    let p = Permute::new(vec![2, 1]).name("swap").apply(&r).unwrap();
-    let s = Add::new().name("sum").apply_many(&[&p, &nb]).unwrap();
-    let m = Multiply::new().name("prod").apply_many(&[&p, &nb]).unwrap();
+    let r = Reshape::new(vec![4, 3])
+        .with_name("to_grid")
+        .apply(&na)
+        .unwrap();
+    let p = Permute::new(vec![2, 1])
+        .with_name("swap")
+        .apply(&r)
+        .unwrap();
+    let s = Add::new().with_name("sum").apply_many(&[&p, &nb]).unwrap();
+    let m = Multiply::new()
+        .with_name("prod")
+        .apply_many(&[&p, &nb])
+        .unwrap();
     let c = Concatenate::new()
         .axis(1)
-        .name("stack")
+        .with_name("stack")
         .apply_many(&[&s, &m])
         .unwrap();
-    let f = Flatten::new().name("flat").apply(&c).unwrap();
-    let fs = Flatten::new().name("flat_sum").apply(&s).unwrap();
+    let f = Flatten::new().with_name("flat").apply(&c).unwrap();
+    let fs = Flatten::new().with_name("flat_sum").apply(&s).unwrap();
     let shared = Dense::new(5)
         .activation(Activation::Tanh)
-        .name("shared")
+        .with_name("shared")
         .shared();
     let h1 = shared.apply(&fs).unwrap();
     let h2 = shared
-        .apply(&Flatten::new().name("flat_prod").apply(&m).unwrap())
+        .apply(&Flatten::new().with_name("flat_prod").apply(&m).unwrap())
         .unwrap();
     let h = Concatenate::new()
-        .name("heads")
+        .with_name("heads")
         .apply_many(&[&h1, &h2, &f])
         .unwrap();
-    let h = Dropout::new(0.25).name("drop").apply(&h).unwrap();
+    let h = Dropout::new(0.25).with_name("drop").apply(&h).unwrap();
     let h = ActivationLayer::new(Activation::Elu)
-        .name("act")
+        .with_name("act")
         .apply(&h)
         .unwrap();
-    let reg = Dense::new(2).name("reg").apply(&h).unwrap();
+    let reg = Dense::new(2).with_name("reg").apply(&h).unwrap();
     let cls = Dense::new(1)
-        .name("cls")
+        .with_name("cls")
         .trainable(false)
         .apply(&h)
         .unwrap();

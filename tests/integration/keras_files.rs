@@ -195,12 +195,16 @@ fn a_kiln_built_model_exports_and_imports_unchanged() {
     let h = Dense::new(4)
         .activation(Activation::Tanh)
         .kernel_regularizer(L2::new(1e-3))
-        .name("hidden")
+        .with_name("hidden")
         .apply(&x)
         .unwrap();
     let h = Dropout::new(0.2).apply(&h).unwrap();
     let h = ActivationLayer::new(Activation::Relu).apply(&h).unwrap();
-    let y = Dense::new(2).use_bias(false).name("out").apply(&h).unwrap();
+    let y = Dense::new(2)
+        .use_bias(false)
+        .with_name("out")
+        .apply(&h)
+        .unwrap();
     let model = Model::builder(&[x], &[y]).seed(3).build().unwrap();
     let path = std::env::temp_dir().join(format!("kiln-native-{}.keras", std::process::id()));
     model.save_keras(&path).unwrap();
@@ -815,15 +819,22 @@ fn get_weights_follow_keras_order_on_a_branching_graph() {
     let keras: Vec<(String, Vec<usize>)> = serde_json::from_value(c["weights"].clone()).unwrap();
     let left = Input::named("left", [2]);
     let right = Input::named("right", [3]);
-    let r1 = Dense::new(4).name("r1").apply(&right).unwrap();
-    let l1 = Dense::new(4).name("l1").apply(&left).unwrap();
-    let l2 = Dense::new(4).name("l2").use_bias(false).apply(&l1).unwrap();
+    let r1 = Dense::new(4).with_name("r1").apply(&right).unwrap();
+    let l1 = Dense::new(4).with_name("l1").apply(&left).unwrap();
+    let l2 = Dense::new(4)
+        .with_name("l2")
+        .use_bias(false)
+        .apply(&l1)
+        .unwrap();
     let joined = Concatenate::new()
-        .name("join")
+        .with_name("join")
         .apply_many(&[&r1, &l2])
         .unwrap();
-    let bn = BatchNormalization::new().name("bn").apply(&joined).unwrap();
-    let out = Dense::new(1).name("out").apply(&bn).unwrap();
+    let bn = BatchNormalization::new()
+        .with_name("bn")
+        .apply(&joined)
+        .unwrap();
+    let out = Dense::new(1).with_name("out").apply(&bn).unwrap();
     let model = Model::new(&[left, right], &[out]).unwrap();
     let listed: Vec<(String, Vec<usize>)> = model
         .weights()

@@ -93,12 +93,14 @@ fn keras_twin(name: &str) -> (Vec<SymbolicTensor>, SymbolicTensor) {
         let y = f(&x).unwrap();
         (vec![x], y)
     };
-    let masked = |x: &SymbolicTensor| Masking::new(0.0).name("masking").apply(x);
+    let masked = |x: &SymbolicTensor| Masking::new(0.0).with_name("masking").apply(x);
     let conv1d = |n: usize, f: &dyn Fn(Conv1D) -> Conv1D| {
-        one(&[n, 3], &|x| f(Conv1D::new(4, 3).name("conv")).apply(x))
+        one(&[n, 3], &|x| {
+            f(Conv1D::new(4, 3).with_name("conv")).apply(x)
+        })
     };
     let conv2d = |s: [usize; 3], k: (usize, usize), f: &dyn Fn(Conv2D) -> Conv2D| {
-        one(&s, &|x| f(Conv2D::new(3, k).name("conv")).apply(x))
+        one(&s, &|x| f(Conv2D::new(3, k).with_name("conv")).apply(x))
     };
     let pair = |s1: &[usize], s2: &[usize], l: SharedLayer| {
         let (a, b) = (Input::new(s1.to_vec()), Input::new(s2.to_vec()));
@@ -118,31 +120,39 @@ fn keras_twin(name: &str) -> (Vec<SymbolicTensor>, SymbolicTensor) {
     };
     match name {
         "embedding_mask_zero" => one(&[4], &|x| {
-            Embedding::new(6, 3).mask_zero(true).name("emb").apply(x)
+            Embedding::new(6, 3)
+                .mask_zero(true)
+                .with_name("emb")
+                .apply(x)
         }),
         "masking" => one(&[4, 3], &|x| masked(x)),
         "lstm_masked_sequences" => one(&[5, 2], &|x| {
             Lstm::new(4)
                 .return_sequences(true)
-                .name("lstm")
+                .with_name("lstm")
                 .apply(&masked(x)?)
         }),
-        "lstm_masked_last" => one(&[5, 2], &|x| Lstm::new(4).name("lstm").apply(&masked(x)?)),
+        "lstm_masked_last" => one(&[5, 2], &|x| {
+            Lstm::new(4).with_name("lstm").apply(&masked(x)?)
+        }),
         "lstm_sequences" => one(&[5, 2], &|x| {
-            Lstm::new(3).return_sequences(true).name("lstm").apply(x)
+            Lstm::new(3)
+                .return_sequences(true)
+                .with_name("lstm")
+                .apply(x)
         }),
         "gru_masked_sequences" => one(&[5, 2], &|x| {
             Gru::new(4)
                 .return_sequences(true)
-                .name("gru")
+                .with_name("gru")
                 .apply(&masked(x)?)
         }),
-        "gru_last" => one(&[5, 2], &|x| Gru::new(3).name("gru").apply(x)),
+        "gru_last" => one(&[5, 2], &|x| Gru::new(3).with_name("gru").apply(x)),
         "gru_reset_before_masked_sequences" => one(&[5, 2], &|x| {
             Gru::new(3)
                 .return_sequences(true)
                 .reset_after(false)
-                .name("gru")
+                .with_name("gru")
                 .apply(&masked(x)?)
         }),
         "conv1d_valid" => conv1d(7, &|c| c),
@@ -209,19 +219,24 @@ fn keras_twin(name: &str) -> (Vec<SymbolicTensor>, SymbolicTensor) {
         "global_average_pooling1d_masked" => one(&[5, 2], &|x| {
             GlobalAveragePooling1D::new().apply(&masked(x)?)
         }),
-        "batch_normalization_inference" => {
-            one(&[3, 2], &|x| BatchNormalization::new().name("bn").apply(x))
-        }
+        "batch_normalization_inference" => one(&[3, 2], &|x| {
+            BatchNormalization::new().with_name("bn").apply(x)
+        }),
         "batch_normalization_training" => one(&[3, 2], &|x| {
-            BatchNormalization::new().momentum(0.9).name("bn").apply(x)
+            BatchNormalization::new()
+                .momentum(0.9)
+                .with_name("bn")
+                .apply(x)
         }),
         "batch_normalization_training_masked" => one(&[5, 2], &|x| {
             BatchNormalization::new()
                 .momentum(0.8)
-                .name("bn")
+                .with_name("bn")
                 .apply(&masked(x)?)
         }),
-        "layer_normalization" => one(&[3, 5], &|x| LayerNormalization::new().name("ln").apply(x)),
+        "layer_normalization" => one(&[3, 5], &|x| {
+            LayerNormalization::new().with_name("ln").apply(x)
+        }),
         "add" => pair(&[3, 4], &[3, 4], Add::new().shared()),
         "multiply" => pair(&[3, 4], &[3, 4], Multiply::new().shared()),
         "concatenate" => pair(&[3, 4], &[3, 4], Concatenate::new().shared()),
@@ -233,9 +248,15 @@ fn keras_twin(name: &str) -> (Vec<SymbolicTensor>, SymbolicTensor) {
         "concatenate_one_masked" => masked_pair(5, false, Concatenate::new().shared()),
         "concatenate_masked_steps" => masked_pair(3, true, Concatenate::new().axis(1).shared()),
         "sequence_model" => one(&[7], &|x| {
-            let h = Embedding::new(10, 4).mask_zero(true).name("emb").apply(x)?;
-            let h = Lstm::new(5).return_sequences(true).name("lstm").apply(&h)?;
-            Dense::new(3).name("tags").apply(&h)
+            let h = Embedding::new(10, 4)
+                .mask_zero(true)
+                .with_name("emb")
+                .apply(x)?;
+            let h = Lstm::new(5)
+                .return_sequences(true)
+                .with_name("lstm")
+                .apply(&h)?;
+            Dense::new(3).with_name("tags").apply(&h)
         }),
         other => panic!("no kiln twin for fixture case `{other}`"),
     }
@@ -756,7 +777,7 @@ fn loss_and_gradient(
     let input = Input::new([steps]);
     let h = Embedding::new(12, 4).mask_zero(true).apply(&input).unwrap();
     let h = Lstm::new(5).return_sequences(true).apply(&h).unwrap();
-    let out = Dense::new(3).name("tags").apply(&h).unwrap();
+    let out = Dense::new(3).with_name("tags").apply(&h).unwrap();
     let mut model = Model::builder(&[input], &[out])
         .dtype(DType::F64)
         .seed(21)
@@ -833,7 +854,7 @@ fn every_layer_weight_and_activity_regularizer_is_an_added_term() {
     let input = Input::new([6]);
     let e = Embedding::new(8, 3)
         .embeddings_regularizer(L2::new(0.1))
-        .name("emb")
+        .with_name("emb")
         .apply(&input)
         .unwrap();
     let c = Conv1D::new(4, 2)
@@ -841,25 +862,25 @@ fn every_layer_weight_and_activity_regularizer_is_an_added_term() {
         .bias_regularizer(L1::new(0.3))
         .bias_initializer(Initializer::Ones)
         .activity_regularizer(L1::new(0.05))
-        .name("conv")
+        .with_name("conv")
         .apply(&e)
         .unwrap();
     let r = Gru::new(3)
         .kernel_regularizer(L2::new(0.4))
         .recurrent_regularizer(L2::new(0.5))
         .return_sequences(true)
-        .name("gru")
+        .with_name("gru")
         .apply(&c)
         .unwrap();
     let l = Lstm::new(2)
         .recurrent_regularizer(L1::new(0.6))
         .bias_regularizer(L2::new(0.7))
-        .name("lstm")
+        .with_name("lstm")
         .apply(&r)
         .unwrap();
     let n = BatchNormalization::new()
         .gamma_regularizer(L2::new(0.8))
-        .name("bn")
+        .with_name("bn")
         .apply(&l)
         .unwrap();
     let mut model = Model::builder(&[input], &[n])
@@ -916,8 +937,8 @@ fn every_layer_weight_and_activity_regularizer_is_an_added_term() {
     assert!(activity > 0.0);
     let conv_out = {
         let input = Input::new([6]);
-        let e2 = Embedding::new(8, 3).name("emb").apply(&input).unwrap();
-        let c2 = Conv1D::new(4, 2).name("conv").apply(&e2).unwrap();
+        let e2 = Embedding::new(8, 3).with_name("emb").apply(&input).unwrap();
+        let c2 = Conv1D::new(4, 2).with_name("conv").apply(&e2).unwrap();
         let twin = Model::builder(&[input], &[c2])
             .dtype(DType::F64)
             .build()
@@ -943,7 +964,7 @@ fn every_layer_weight_and_activity_regularizer_is_an_added_term() {
 #[test]
 fn recurrent_kernels_start_orthogonal_and_lstm_forget_bias_at_one() {
     let input = Input::new([4, 3]);
-    let y = Lstm::new(5).name("lstm").apply(&input).unwrap();
+    let y = Lstm::new(5).with_name("lstm").apply(&input).unwrap();
     let model = Model::builder(&[input], &[y])
         .dtype(DType::F64)
         .seed(9)

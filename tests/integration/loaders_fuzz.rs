@@ -80,8 +80,8 @@ fn mutate(bytes: &[u8], ms: &[Mutation], head: usize) -> Vec<u8> {
 /// The default run's model, compiled, for loading weights and checkpoints into.
 fn model() -> Model {
     let x = Input::new([64]);
-    let h = Dense::new(64).name("hidden").apply(&x).unwrap();
-    let y = Dense::new(10).name("digit").apply(&h).unwrap();
+    let h = Dense::new(64).with_name("hidden").apply(&x).unwrap();
+    let y = Dense::new(10).with_name("digit").apply(&h).unwrap();
     let mut m = Model::new(&[x], &[y]).unwrap();
     m.compile(Compile::new(Adam::new(1e-3)).loss("mse"))
         .unwrap();

@@ -51,11 +51,11 @@ pub(crate) fn reference_model(reference: &Value) -> Model {
     let x = Input::new([3]);
     let h = Dense::new(4)
         .activation(Activation::Tanh)
-        .name("shared")
+        .with_name("shared")
         .apply(&x)
         .unwrap();
-    let a = Dense::new(1).name("a").apply(&h).unwrap();
-    let b = Dense::new(1).name("b").apply(&h).unwrap();
+    let a = Dense::new(1).with_name("a").apply(&h).unwrap();
+    let b = Dense::new(1).with_name("b").apply(&h).unwrap();
     let model = Model::builder(&[x], &[a, b])
         .dtype(DType::F64)
         .build()

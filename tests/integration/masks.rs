@@ -105,8 +105,8 @@ fn layers_pass_masks_on_as_keras_does() {
 fn lstm_masked_by_tokens() -> (Model, SharedLayer) {
     let tokens = Input::named("tokens", [6]);
     let steps = Input::named("steps", [6, 3]);
-    let keep = NotEqual::new(0.0).name("keep").apply(&tokens).unwrap();
-    let lstm = Lstm::new(4).name("lstm").shared();
+    let keep = NotEqual::new(0.0).with_name("keep").apply(&tokens).unwrap();
+    let lstm = Lstm::new(4).with_name("lstm").shared();
     let h = lstm.apply_with_mask(&steps, &keep).unwrap();
     (Model::new(&[tokens, steps], &[h]).unwrap(), lstm)
 }
@@ -195,7 +195,7 @@ fn a_mask_given_to_a_layer_that_reads_none_or_of_the_wrong_shape_is_an_error() {
     let steps = Input::new([6, 3]);
     let keep = Input::new([6]);
     let err = Dense::new(2)
-        .name("proj")
+        .with_name("proj")
         .apply_with_mask(&steps, &keep)
         .unwrap_err();
     let msg = err.to_string();
@@ -206,7 +206,7 @@ fn a_mask_given_to_a_layer_that_reads_none_or_of_the_wrong_shape_is_an_error() {
     assert!(msg.contains("LSTM"), "{msg}");
     let wrong = Input::new([5]);
     let msg = Lstm::new(2)
-        .name("rnn")
+        .with_name("rnn")
         .apply_with_mask(&steps, &wrong)
         .unwrap_err()
         .to_string();

@@ -195,7 +195,7 @@ fn classifier() -> Model {
         .unwrap();
     let y = Dense::new(3)
         .activation(Activation::Softmax)
-        .name("class")
+        .with_name("class")
         .apply(&h)
         .unwrap();
     Model::new(&[x], &[y]).unwrap()
@@ -303,8 +303,8 @@ fn weights_names_and_validation_follow_keras() {
 
     // Two outputs: `<output>_<metric>`.
     let x = Input::new([2]);
-    let a = Dense::new(3).name("a").apply(&x).unwrap();
-    let b = Dense::new(1).name("b").apply(&x).unwrap();
+    let a = Dense::new(3).with_name("a").apply(&x).unwrap();
+    let b = Dense::new(1).with_name("b").apply(&x).unwrap();
     let mut two = Model::new(&[x], &[a, b]).unwrap();
     two.compile(
         Compile::new(Sgd::new(0.0))

@@ -80,7 +80,7 @@ fn layer_of(case: &Value) -> Normalization {
         other => panic!("axis {other}"),
     }
     .invert(case["invert"].as_bool().expect("invert"))
-    .name("norm")
+    .with_name("norm")
 }
 
 fn applied(layer: Normalization, inputs: &Tensor) -> kiln::Result<(Model, Vec<f64>)> {
@@ -187,7 +187,10 @@ fn statistics_stay_bit_identical_through_fit_with_every_optimizer() -> kiln::Res
     for (name, optimizer) in optimizers() {
         for adversarial in [false, true] {
             let x = Input::new([6]);
-            let n = Normalization::new().name("norm").adapt(&xs)?.apply(&x)?;
+            let n = Normalization::new()
+                .with_name("norm")
+                .adapt(&xs)?
+                .apply(&x)?;
             let h = Dense::new(16)
                 .activation(Activation::Relu)
                 .kernel_regularizer(kiln::regularizers::L2::new(1e-3))
@@ -231,7 +234,7 @@ fn statistics_travel_with_the_saved_weights() -> kiln::Result<()> {
     let xs = Tensor::new(&[[1f32, 100.], [3., 300.], [8., 200.]], &d)?;
     let build = |adapt: bool| -> kiln::Result<Model> {
         let x = Input::new([2]);
-        let layer = Normalization::new().name("norm");
+        let layer = Normalization::new().with_name("norm");
         let layer = if adapt { layer.adapt(&xs)? } else { layer };
         let y = layer.apply(&x)?;
         Model::new(&[x], &[y])

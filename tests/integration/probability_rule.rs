@@ -33,15 +33,15 @@ fn softmax(z: &[f64]) -> Vec<f64> {
 fn three_class_model(with_activation_layer: bool) -> (Model, Tensor) {
     let x = Input::new([2]);
     let y = if with_activation_layer {
-        let z = Dense::new(3).name("logits").apply(&x).unwrap();
+        let z = Dense::new(3).with_name("logits").apply(&x).unwrap();
         ActivationLayer::new(Activation::Softmax)
-            .name("probs")
+            .with_name("probs")
             .apply(&z)
             .unwrap()
     } else {
         Dense::new(3)
             .activation(Activation::Softmax)
-            .name("probs")
+            .with_name("probs")
             .apply(&x)
             .unwrap()
     };

@@ -11,7 +11,7 @@ fn small_model(seed: u64) -> Model {
         .apply(&x)
         .unwrap();
     let h = Dropout::new(0.2).apply(&h).unwrap();
-    let y = Dense::new(10).name("digit").apply(&h).unwrap();
+    let y = Dense::new(10).with_name("digit").apply(&h).unwrap();
     Model::builder(&[x], &[y]).seed(seed).build().unwrap()
 }
 
@@ -135,8 +135,8 @@ fn a_loss_with_the_wrong_batch_size_breaks_the_contract() {
 #[test]
 fn compile_rejects_what_does_not_fit_the_model() {
     let x = Input::new([4]);
-    let a = Dense::new(2).name("a").apply(&x).unwrap();
-    let b = Dense::new(1).name("b").apply(&x).unwrap();
+    let a = Dense::new(2).with_name("a").apply(&x).unwrap();
+    let b = Dense::new(1).with_name("b").apply(&x).unwrap();
     let mut m = Model::new(&[x], &[a, b]).unwrap();
     let err = |c: Compile, m: &mut Model| m.compile(c).unwrap_err().to_string();
     let msg = err(Compile::new(Sgd::new(0.1)), &mut m);
@@ -482,7 +482,7 @@ fn metrics_leave_masked_steps_out() {
     let x = Input::new([4]);
     let e = kiln::layers::Embedding::new(3, 2)
         .mask_zero(true)
-        .name("emb")
+        .with_name("emb")
         .apply(&x)
         .unwrap();
     let mut m = Model::new(&[x], &[e]).unwrap();

@@ -17,7 +17,7 @@
 /// ```
 /// use kiln::prelude::*;
 /// let x = Input::new([3]);
-/// let y = Dense::new(1).name("out").apply(&x)?;
+/// let y = Dense::new(1).with_name("out").apply(&x)?;
 /// let mut model = Model::new(&[x], &[y])?;
 /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
 /// let data = Dataset::new(Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?, Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?)?;

@@ -309,16 +309,16 @@ mod memory_tests {
         // draw), so one fits after a Dense 1→30, but a second one on top of the first does not.
         LIMIT_OVERRIDE.with(|l| l.set(Some(12_000)));
         let x = Input::new([1]);
-        let h = Dense::new(30).name("a").apply(&x).unwrap();
+        let h = Dense::new(30).with_name("a").apply(&x).unwrap();
         let one = crate::Model::new(
             std::slice::from_ref(&x),
-            &[Dense::new(30).name("b").apply(&h).unwrap()],
+            &[Dense::new(30).with_name("b").apply(&h).unwrap()],
         );
         assert!(one.is_ok(), "{:?}", one.err());
         // Two layers that fit alone but not together: the second is refused before allocating.
-        let h = Dense::new(30).name("c").apply(&x).unwrap();
-        let h = Dense::new(30).name("d").apply(&h).unwrap();
-        let y = Dense::new(30).name("e").apply(&h).unwrap();
+        let h = Dense::new(30).with_name("c").apply(&x).unwrap();
+        let h = Dense::new(30).with_name("d").apply(&h).unwrap();
+        let y = Dense::new(30).with_name("e").apply(&h).unwrap();
         let err = crate::Model::new(&[x], &[y])
             .expect_err("too big")
             .to_string();

@@ -15,7 +15,7 @@
 //! let data = kiln::data::digits(&Device::Cpu)?;
 //! let x = Input::new([64]);
 //! let h = Dense::new(32).activation(Activation::Relu).kernel_regularizer(L2::new(1e-4)).apply(&x)?;
-//! let y = Dense::new(10).name("digit").apply(&h)?;
+//! let y = Dense::new(10).with_name("digit").apply(&h)?;
 //! let mut model = Model::new(&[x], &[y])?;
 //! model.compile(
 //!     Compile::new(Adam::new(1e-2))

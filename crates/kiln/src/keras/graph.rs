@@ -718,7 +718,7 @@ impl Graph {
                         Built::Mask(kiln_name) => {
                             let value = node.not_equal.expect("checked when read");
                             let y = NotEqual::new(value)
-                                .name(kiln_name.clone())
+                                .with_name(kiln_name.clone())
                                 .apply_many(&refs)
                                 .map_err(layer_error)?;
                             masks.insert((e.name.clone(), k, 0));

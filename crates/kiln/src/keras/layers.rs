@@ -295,7 +295,7 @@ pub(crate) fn make(
             let d = Dense::new(cfg.positive("units")?)
                 .activation(activation(cfg, "activation")?)
                 .use_bias(use_bias)
-                .name(name);
+                .with_name(name);
             Made {
                 layer: regularized!(d, cfg, "kernel_regularizer").shared(),
                 weights: if use_bias {
@@ -326,7 +326,7 @@ pub(crate) fn make(
                     .padding(pad)
                     .activation(act)
                     .use_bias(use_bias)
-                    .name(name);
+                    .with_name(name);
                 regularized!(c, cfg, "kernel_regularizer").shared()
             } else {
                 let c = Conv2D::new(filters, (kernel[0], kernel[1]))
@@ -335,7 +335,7 @@ pub(crate) fn make(
                     .padding(pad)
                     .activation(act)
                     .use_bias(use_bias)
-                    .name(name);
+                    .with_name(name);
                 regularized!(c, cfg, "kernel_regularizer").shared()
             };
             Made {
@@ -361,13 +361,13 @@ pub(crate) fn make(
                 MaxPooling1D::new(size)
                     .strides(strides)
                     .padding(pad)
-                    .name(name)
+                    .with_name(name)
                     .shared()
             } else {
                 AveragePooling1D::new(size)
                     .strides(strides)
                     .padding(pad)
-                    .name(name)
+                    .with_name(name)
                     .shared()
             })
         }
@@ -384,13 +384,13 @@ pub(crate) fn make(
                 MaxPooling2D::new(s)
                     .strides(st)
                     .padding(pad)
-                    .name(name)
+                    .with_name(name)
                     .shared()
             } else {
                 AveragePooling2D::new(s)
                     .strides(st)
                     .padding(pad)
-                    .name(name)
+                    .with_name(name)
                     .shared()
             })
         }
@@ -403,16 +403,20 @@ pub(crate) fn make(
             plain(match class {
                 "GlobalAveragePooling1D" => GlobalAveragePooling1D::new()
                     .keepdims(keep)
-                    .name(name)
+                    .with_name(name)
                     .shared(),
                 "GlobalAveragePooling2D" => GlobalAveragePooling2D::new()
                     .keepdims(keep)
-                    .name(name)
+                    .with_name(name)
                     .shared(),
-                "GlobalMaxPooling1D" => {
-                    GlobalMaxPooling1D::new().keepdims(keep).name(name).shared()
-                }
-                _ => GlobalMaxPooling2D::new().keepdims(keep).name(name).shared(),
+                "GlobalMaxPooling1D" => GlobalMaxPooling1D::new()
+                    .keepdims(keep)
+                    .with_name(name)
+                    .shared(),
+                _ => GlobalMaxPooling2D::new()
+                    .keepdims(keep)
+                    .with_name(name)
+                    .shared(),
             })
         }
         "BatchNormalization" => {
@@ -436,7 +440,7 @@ pub(crate) fn make(
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
                 .scale(scale)
-                .name(name);
+                .with_name(name);
             if let Some(r) = regularizer(cfg, "gamma_regularizer")? {
                 b = b.gamma_regularizer(r);
             }
@@ -471,7 +475,7 @@ pub(crate) fn make(
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
                 .scale(scale)
-                .name(name);
+                .with_name(name);
             if let Some(r) = regularizer(cfg, "gamma_regularizer")? {
                 l = l.gamma_regularizer(r);
             }
@@ -500,7 +504,7 @@ pub(crate) fn make(
             cfg.expect("sparse", |v| v == &Value::Bool(false), "sparse = false")?;
             let mut e = Embedding::new(cfg.positive("input_dim")?, cfg.positive("output_dim")?)
                 .mask_zero(cfg.bool("mask_zero")?)
-                .name(name);
+                .with_name(name);
             if let Some(r) = regularizer(cfg, "embeddings_regularizer")? {
                 e = e.embeddings_regularizer(r);
             }
@@ -544,7 +548,7 @@ pub(crate) fn make(
                         .use_bias(use_bias)
                         .return_sequences(return_sequences)
                         .go_backwards(go_backwards)
-                        .name(name);
+                        .with_name(name);
                     if let Some(r) = regularizer(cfg, "recurrent_regularizer")? {
                         l = l.recurrent_regularizer(r);
                     }
@@ -572,16 +576,16 @@ pub(crate) fn make(
             // kiln draws the dropped units from its own seeded generator.
             cfg.ignore(&["seed"]);
             let rate = cfg.f64("rate")?;
-            plain(Dropout::new(rate).name(name).shared())
+            plain(Dropout::new(rate).with_name(name).shared())
         }
         "Activation" => plain(
             ActivationLayer::new(activation(cfg, "activation")?)
-                .name(name)
+                .with_name(name)
                 .shared(),
         ),
         "Flatten" => {
             channels_last(cfg)?;
-            plain(Flatten::new().name(name).shared())
+            plain(Flatten::new().with_name(name).shared())
         }
         "Reshape" => {
             let v = cfg.required("target_shape")?;
@@ -595,7 +599,7 @@ pub(crate) fn make(
                     )
                 })?;
             let dims: Vec<isize> = dims.into_iter().map(|d| d as isize).collect();
-            plain(Reshape::new(dims).name(name).shared())
+            plain(Reshape::new(dims).with_name(name).shared())
         }
         "Permute" => {
             let v = cfg.required("dims")?;
@@ -606,7 +610,7 @@ pub(crate) fn make(
                     cfg.error("dims", format!("expected a list of axes, got {}", short(v)))
                 })?;
             let dims: Vec<usize> = dims.into_iter().map(|d| d as usize).collect();
-            plain(Permute::new(dims).name(name).shared())
+            plain(Permute::new(dims).with_name(name).shared())
         }
         "Normalization" => {
             let axes = match cfg.required("axis")? {
@@ -633,7 +637,7 @@ pub(crate) fn make(
             let mut n = Normalization::new()
                 .axes(&axes)
                 .invert(cfg.bool_or("invert", false)?)
-                .name(name);
+                .with_name(name);
             let given = (
                 cfg.get("mean").filter(|v| !v.is_null()),
                 cfg.get("variance").filter(|v| !v.is_null()),
@@ -660,16 +664,25 @@ pub(crate) fn make(
                 snake,
             }
         }
-        "Masking" => plain(Masking::new(cfg.f64("mask_value")?).name(name).shared()),
+        "Masking" => plain(
+            Masking::new(cfg.f64("mask_value")?)
+                .with_name(name)
+                .shared(),
+        ),
         "Concatenate" => {
             let axis = cfg.required("axis")?;
             let axis = axis.as_i64().ok_or_else(|| {
                 cfg.error("axis", format!("expected an integer, got {}", short(axis)))
             })?;
-            plain(Concatenate::new().axis(axis as isize).name(name).shared())
+            plain(
+                Concatenate::new()
+                    .axis(axis as isize)
+                    .with_name(name)
+                    .shared(),
+            )
         }
-        "Add" => plain(Add::new().name(name).shared()),
-        "Multiply" => plain(Multiply::new().name(name).shared()),
+        "Add" => plain(Add::new().with_name(name).shared()),
+        "Multiply" => plain(Multiply::new().with_name(name).shared()),
         other => unreachable!("the caller checks the class first: {other}"),
     };
     cfg.finish(class)?;

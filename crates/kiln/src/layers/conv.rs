@@ -361,9 +361,14 @@ macro_rules! conv_builders {
                 self
             }
             /// The layer's name.
-            pub fn name(mut self, name: impl Into<String>) -> Self {
+            pub fn with_name(mut self, name: impl Into<String>) -> Self {
                 self.conv.name = Some(name.into());
                 self
+            }
+            /// The old spelling of `with_name`.
+            #[deprecated(since = "0.1.0", note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)")]
+            pub fn name(self, name: impl Into<String>) -> Self {
+                self.with_name(name)
             }
         }
 
@@ -419,7 +424,7 @@ macro_rules! conv_builders {
 /// ```
 /// use kiln::prelude::*;
 /// let x = Input::new([10, 3]);
-/// let y = Conv1D::new(4, 3).strides(2).padding(Padding::Same).name("conv").apply(&x)?;
+/// let y = Conv1D::new(4, 3).strides(2).padding(Padding::Same).with_name("conv").apply(&x)?;
 /// assert_eq!(y.shape(), &[5, 4]);
 /// let model = Model::new(&[x], &[y])?;
 /// assert_eq!(model.weight("conv/kernel")?.var.dims(), &[3, 3, 4]);

@@ -29,9 +29,17 @@ impl ActivationLayer {
         }
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 
@@ -93,9 +101,17 @@ impl Dropout {
         Self { rate, name: None }
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 
@@ -158,9 +174,17 @@ impl Flatten {
         Self::default()
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 

@@ -15,7 +15,7 @@ use candle_core::{Tensor, Var};
 /// let h = Dense::new(4)
 ///     .activation(Activation::Relu)
 ///     .kernel_regularizer(L2::new(1e-4))
-///     .name("hidden")
+///     .with_name("hidden")
 ///     .apply(&x)?;
 /// assert_eq!(h.shape(), &[4]);
 /// # Ok::<(), kiln::Error>(())
@@ -87,9 +87,17 @@ impl Dense {
         self
     }
     /// The layer's name; outputs are compiled and reported by it.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 

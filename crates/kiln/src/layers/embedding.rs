@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor};
 /// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let ids = Input::new([4]);
-/// let vectors = Embedding::new(10, 3).mask_zero(true).name("emb").apply(&ids)?;
+/// let vectors = Embedding::new(10, 3).mask_zero(true).with_name("emb").apply(&ids)?;
 /// assert_eq!(vectors.shape(), &[4, 3]);
 /// let model = Model::new(&[ids], &[vectors])?;
 /// let x = Tensor::new(&[[3f32, 1., 0., 0.]], &Device::Cpu)?;
@@ -74,9 +74,17 @@ impl Embedding {
         self
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 
@@ -188,9 +196,17 @@ impl Masking {
         }
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 
     /// `any(x != mask_value)` over the last axis, keeping it (0/1, u8).
@@ -260,9 +276,17 @@ impl NotEqual {
         Self { value, name: None }
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 

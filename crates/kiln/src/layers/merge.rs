@@ -86,9 +86,14 @@ macro_rules! elementwise_merge {
                 Self::default()
             }
             /// The layer's name.
-            pub fn name(mut self, name: impl Into<String>) -> Self {
+            pub fn with_name(mut self, name: impl Into<String>) -> Self {
                 self.name = Some(name.into());
                 self
+            }
+            /// The old spelling of `with_name`.
+            #[deprecated(since = "0.1.0", note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)")]
+            pub fn name(self, name: impl Into<String>) -> Self {
+                self.with_name(name)
             }
         }
 
@@ -212,9 +217,17 @@ impl Concatenate {
         self
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 
     /// The axis as an index into the batched tensor of rank `rank`.

@@ -283,7 +283,7 @@ pub trait LayerExt: Layer + Sized + 'static {
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
-    /// let h = Dense::new(8).name("base").trainable(false).apply(&x)?;
+    /// let h = Dense::new(8).with_name("base").trainable(false).apply(&x)?;
     /// let y = Dense::new(1).apply(&h)?;
     /// let model = Model::new(&[x], &[y])?;
     /// assert!(!model.weight("base/kernel")?.trainable());

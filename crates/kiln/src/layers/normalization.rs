@@ -21,7 +21,7 @@ use candle_core::Tensor;
 /// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
 /// let x = Input::new([2]);
-/// let y = BatchNormalization::new().momentum(0.5).name("bn").apply(&x)?;
+/// let y = BatchNormalization::new().momentum(0.5).with_name("bn").apply(&x)?;
 /// let mut model = Model::new(&[x], &[y.clone()])?;
 /// model.compile(Compile::new(Sgd::new(0.0)).loss("mse"))?;
 /// let xs = Tensor::new(&[[1f32, 10.], [3., 30.]], &Device::Cpu)?;
@@ -100,9 +100,17 @@ impl BatchNormalization {
         self
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 
     /// The batch mean and (biased) variance of each feature, over the unmasked positions when
@@ -402,9 +410,17 @@ impl LayerNormalization {
         self
     }
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 }
 

@@ -248,9 +248,14 @@ macro_rules! pool_layer {
                 self
             }
             /// The layer's name.
-            pub fn name(mut self, name: impl Into<String>) -> Self {
+            pub fn with_name(mut self, name: impl Into<String>) -> Self {
                 self.pool.name = Some(name.into());
                 self
+            }
+            /// The old spelling of `with_name`.
+            #[deprecated(since = "0.1.0", note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)")]
+            pub fn name(self, name: impl Into<String>) -> Self {
+                self.with_name(name)
             }
         }
 
@@ -479,9 +484,14 @@ macro_rules! global_layer {
                 self
             }
             /// The layer's name.
-            pub fn name(mut self, name: impl Into<String>) -> Self {
+            pub fn with_name(mut self, name: impl Into<String>) -> Self {
                 self.global.name = Some(name.into());
                 self
+            }
+            /// The old spelling of `with_name`.
+            #[deprecated(since = "0.1.0", note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)")]
+            pub fn name(self, name: impl Into<String>) -> Self {
+                self.with_name(name)
             }
         }
 
@@ -537,7 +547,7 @@ global_layer!(
      use candle_core::{Device, Tensor};\n\
      use kiln::prelude::*;\n\
      let ids = Input::new([3]);\n\
-     let e = Embedding::new(5, 2).mask_zero(true).name(\"emb\").apply(&ids)?;\n\
+     let e = Embedding::new(5, 2).mask_zero(true).with_name(\"emb\").apply(&ids)?;\n\
      let y = GlobalAveragePooling1D::new().apply(&e)?;\n\
      let model = Model::new(&[ids], &[y])?;\n\
      let out = model.predict(&[Tensor::new(&[[2f32, 0., 0.]], &Device::Cpu)?], 1)?;\n\

@@ -34,7 +34,7 @@ pub const NORMALIZATION_EPSILON: f64 = 1e-7;
 /// use kiln::prelude::*;
 /// let train = Tensor::new(&[[0f32, 7., 4.], [2., 9., 6.], [0., 7., 4.], [2., 9., 6.]], &Device::Cpu)?;
 /// let x = Input::new([3]);
-/// let y = Normalization::new().name("norm").adapt(&train)?.apply(&x)?;
+/// let y = Normalization::new().with_name("norm").adapt(&train)?.apply(&x)?;
 /// let model = Model::new(&[x], &[y])?;
 /// let out = model.predict(&[Tensor::new(&[[0f32, 7., 4.]], &Device::Cpu)?], 1)?;
 /// assert_eq!(out[0].to_vec2::<f32>()?, vec![vec![-1f32, -1., -1.]]);
@@ -111,9 +111,17 @@ impl Normalization {
     }
 
     /// The layer's name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+    /// The old spelling of `with_name`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)"
+    )]
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.with_name(name)
     }
 
     /// Given statistics instead of adapted ones (Keras' `mean=`, `variance=`): both of the same
@@ -480,7 +488,7 @@ mod tests {
         let d = Device::Cpu;
         let data = Tensor::zeros((4, 3), DType::F32, &d)?;
         let e = Normalization::new()
-            .name("n")
+            .with_name("n")
             .axis(2)
             .adapt(&data)
             .err()
@@ -492,7 +500,7 @@ mod tests {
             .err()
             .expect("batch");
         assert!(e.to_string().contains("batch axis"), "{e}");
-        let adapted = Normalization::new().name("n").adapt(&data)?;
+        let adapted = Normalization::new().with_name("n").adapt(&data)?;
         let e = adapted.apply(&Input::new([4])).expect_err("other shape");
         assert!(
             e.to_string().contains("adapted on samples of shape [3]"),

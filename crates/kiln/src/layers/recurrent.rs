@@ -305,8 +305,8 @@ macro_rules! recurrent_builders {
             /// ```
             /// use kiln::prelude::*;
             /// let x = Input::new([3, 1]);
-            #[doc = concat!("let back = ", stringify!($ty), "::new(2).go_backwards(true).name(\"r\").apply(&x)?;")]
-            #[doc = concat!("let ahead = ", stringify!($ty), "::new(2).name(\"r\").apply(&x)?;")]
+            #[doc = concat!("let back = ", stringify!($ty), "::new(2).go_backwards(true).with_name(\"r\").apply(&x)?;")]
+            #[doc = concat!("let ahead = ", stringify!($ty), "::new(2).with_name(\"r\").apply(&x)?;")]
             /// let back = Model::builder(&[x.clone()], &[back]).seed(0).build()?;
             /// let ahead = Model::builder(&[x], &[ahead]).seed(0).build()?;
             /// let seq = Tensor::new(&[[[1f32], [2.], [3.]]], &Device::Cpu)?;
@@ -357,9 +357,14 @@ macro_rules! recurrent_builders {
                 self
             }
             /// The layer's name.
-            pub fn name(mut self, name: impl Into<String>) -> Self {
+            pub fn with_name(mut self, name: impl Into<String>) -> Self {
                 self.rnn.name = Some(name.into());
                 self
+            }
+            /// The old spelling of `with_name`.
+            #[deprecated(since = "0.1.0", note = "use `with_name`, the name setter of every kiln builder (layers, losses, metrics)")]
+            pub fn name(self, name: impl Into<String>) -> Self {
+                self.with_name(name)
             }
         }
     };
@@ -375,7 +380,7 @@ macro_rules! recurrent_builders {
 /// use kiln::prelude::*;
 /// let ids = Input::new([5]);
 /// let e = Embedding::new(20, 4).mask_zero(true).apply(&ids)?;
-/// let seq = Lstm::new(3).return_sequences(true).name("lstm").apply(&e)?;
+/// let seq = Lstm::new(3).return_sequences(true).with_name("lstm").apply(&e)?;
 /// assert_eq!(seq.shape(), &[5, 3]);
 /// let model = Model::new(&[ids], &[seq])?;
 /// assert_eq!(model.weight("lstm/bias")?.var.as_tensor().to_vec1::<f32>()?,
@@ -519,7 +524,7 @@ impl Lstm {
 /// ```
 /// use kiln::prelude::*;
 /// let x = Input::new([6, 2]);
-/// let last = Gru::new(4).name("gru").apply(&x)?;
+/// let last = Gru::new(4).with_name("gru").apply(&x)?;
 /// assert_eq!(last.shape(), &[4]);
 /// let model = Model::new(&[x], &[last])?;
 /// assert_eq!(model.weight("gru/bias")?.var.dims(), &[2, 12]);

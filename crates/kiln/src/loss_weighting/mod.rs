@@ -17,8 +17,8 @@
 //! use kiln::loss_weighting::Uncertainty;
 //! let x = Input::new([4]);
 //! let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
-//! let a = Dense::new(3).name("a").apply(&h)?;
-//! let b = Dense::new(1).name("b").apply(&h)?;
+//! let a = Dense::new(3).with_name("a").apply(&h)?;
+//! let b = Dense::new(1).with_name("b").apply(&h)?;
 //! let mut model = Model::new(&[x], &[a, b])?;
 //! model.compile(
 //!     Compile::new(Adam::new(1e-3))

@@ -24,8 +24,8 @@ enum PerOutput<T> {
 /// use kiln::prelude::*;
 /// let x = Input::new([4]);
 /// let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
-/// let digit = Dense::new(10).name("digit").apply(&h)?;
-/// let parity = Dense::new(1).name("parity").apply(&h)?;
+/// let digit = Dense::new(10).with_name("digit").apply(&h)?;
+/// let parity = Dense::new(1).with_name("parity").apply(&h)?;
 /// let mut model = Model::new(&[x], &[digit, parity])?;
 /// model.compile(
 ///     Compile::new(Adam::new(1e-3))
@@ -110,8 +110,8 @@ impl Compile {
     /// use kiln::loss_weighting::DynamicWeightAverage;
     /// use kiln::prelude::*;
     /// let x = Input::new([2]);
-    /// let a = Dense::new(1).name("a").apply(&x)?;
-    /// let b = Dense::new(1).name("b").apply(&x)?;
+    /// let a = Dense::new(1).with_name("a").apply(&x)?;
+    /// let b = Dense::new(1).with_name("b").apply(&x)?;
     /// let mut model = Model::new(&[x], &[a, b])?;
     /// model.compile(Compile::new(Sgd::new(0.1)).loss("mse").loss_weighting(DynamicWeightAverage::new()))?;
     /// let xs = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;

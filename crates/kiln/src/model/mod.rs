@@ -47,7 +47,7 @@ struct Step {
 /// use kiln::prelude::*;
 /// let x = Input::new([4]);
 /// let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
-/// let y = Dense::new(2).name("out").apply(&h)?;
+/// let y = Dense::new(2).with_name("out").apply(&h)?;
 /// let model = Model::new(&[x], &[y])?;
 /// assert_eq!(model.output_names(), &["out".to_string()]);
 /// assert_eq!(model.weights().len(), 4);
@@ -415,7 +415,7 @@ impl Model {
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
-    /// let y = BatchNormalization::new().name("bn").apply(&Dense::new(3).apply(&x)?)?;
+    /// let y = BatchNormalization::new().with_name("bn").apply(&Dense::new(3).apply(&x)?)?;
     /// let model = Model::new(&[x], &[y])?;
     /// let listed: Vec<(String, Vec<usize>, bool)> = model
     ///     .weights()
@@ -465,8 +465,8 @@ impl Model {
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
-    /// let h = Dense::new(8).name("base").apply(&x)?;
-    /// let y = Dense::new(1).name("head").apply(&h)?;
+    /// let h = Dense::new(8).with_name("base").apply(&x)?;
+    /// let y = Dense::new(1).with_name("head").apply(&h)?;
     /// let mut model = Model::new(&[x], &[y])?;
     /// model.set_trainable("base", false)?;
     /// assert_eq!(model.trainable_weights().len(), 2); // head/kernel, head/bias

@@ -12,7 +12,7 @@ use crate::layers::LayerExt;
 /// let model = Sequential::new([64])
 ///     .add(Dense::new(32).activation(Activation::Relu))
 ///     .add(Dropout::new(0.1))
-///     .add(Dense::new(10).name("digit"))
+///     .add(Dense::new(10).with_name("digit"))
 ///     .build()?;
 /// assert_eq!(model.output_names(), &["digit".to_string()]);
 /// # Ok::<(), kiln::Error>(())

@@ -71,8 +71,8 @@ impl Model {
     /// ```
     /// use kiln::prelude::*;
     /// let x = Input::new([4]);
-    /// let h = Dense::new(8).name("hidden").trainable(false).apply(&x)?;
-    /// let y = Dense::new(1).name("out").apply(&h)?;
+    /// let h = Dense::new(8).with_name("hidden").trainable(false).apply(&x)?;
+    /// let y = Dense::new(1).with_name("out").apply(&h)?;
     /// let model = Model::new(&[x], &[y])?;
     /// let table = model.summary();
     /// println!("{table}");

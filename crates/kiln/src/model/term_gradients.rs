@@ -286,12 +286,12 @@ mod tests {
         let d = Device::Cpu;
         let x = Input::new([6]);
         let h = Dense::new(5)
-            .name("trunk")
+            .with_name("trunk")
             .activation(Activation::Tanh)
             .kernel_regularizer(L2::new(0.03))
             .apply(&x)?;
-        let digit = Dense::new(3).name("digit").apply(&h)?;
-        let parity = Dense::new(1).name("parity").apply(&h)?;
+        let digit = Dense::new(3).with_name("digit").apply(&h)?;
+        let parity = Dense::new(1).with_name("parity").apply(&h)?;
         let mut model = Model::builder(&[&x], &[&digit, &parity])
             .seed(3)
             .dtype(dtype)

@@ -248,7 +248,7 @@ pub(crate) fn model(
                 let d = Dense::new(units)
                     .activation(activation(l)?)
                     .use_bias(l.bool_or("use_bias", true)?)
-                    .name(name.clone());
+                    .with_name(name.clone());
                 with_regularizers!(d, l).apply_many(&refs)
             }
             "conv1d" | "conv2d" => {
@@ -266,7 +266,7 @@ pub(crate) fn model(
                             .padding(padding)
                             .activation(activation(l)?)
                             .use_bias(l.bool_or("use_bias", true)?)
-                            .name(name.clone());
+                            .with_name(name.clone());
                         with_regularizers!(c, l).apply_many(&refs)
                     }};
                 }
@@ -288,13 +288,13 @@ pub(crate) fn model(
                     MaxPooling1D::new(size)
                         .strides(strides)
                         .padding(pad)
-                        .name(name.clone())
+                        .with_name(name.clone())
                         .apply_many(&refs)
                 } else {
                     AveragePooling1D::new(size)
                         .strides(strides)
                         .padding(pad)
-                        .name(name.clone())
+                        .with_name(name.clone())
                         .apply_many(&refs)
                 }
             }
@@ -306,40 +306,40 @@ pub(crate) fn model(
                     MaxPooling2D::new(size)
                         .strides(strides)
                         .padding(pad)
-                        .name(name.clone())
+                        .with_name(name.clone())
                         .apply_many(&refs)
                 } else {
                     AveragePooling2D::new(size)
                         .strides(strides)
                         .padding(pad)
-                        .name(name.clone())
+                        .with_name(name.clone())
                         .apply_many(&refs)
                 }
             }
             "global_average_pooling1d" => GlobalAveragePooling1D::new()
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "global_average_pooling2d" => GlobalAveragePooling2D::new()
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "global_max_pooling1d" => GlobalMaxPooling1D::new()
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "global_max_pooling2d" => GlobalMaxPooling2D::new()
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "batch_normalization" => BatchNormalization::new()
                 .momentum(l.f64_in_or("momentum", 0.99, Bounds::closed(0.0, 1.0))?)
                 .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "layer_normalization" => LayerNormalization::new()
                 .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "embedding" => {
                 let input_dim = l
@@ -350,11 +350,11 @@ pub(crate) fn model(
                     .ok_or_else(|| l.error("embedding needs `output_dim`"))?;
                 Embedding::new(input_dim, output_dim)
                     .mask_zero(l.bool_or("mask_zero", false)?)
-                    .name(name.clone())
+                    .with_name(name.clone())
                     .apply_many(&refs)
             }
             "masking" => Masking::new(l.f64_or("mask_value", 0.0)?)
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "lstm" => {
                 let units = l
@@ -362,7 +362,7 @@ pub(crate) fn model(
                     .ok_or_else(|| l.error("lstm needs `units`"))?;
                 Lstm::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
-                    .name(name.clone())
+                    .with_name(name.clone())
                     .apply_many(&refs)
             }
             "gru" => {
@@ -372,7 +372,7 @@ pub(crate) fn model(
                 Gru::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
                     .reset_after(l.bool_or("reset_after", true)?)
-                    .name(name.clone())
+                    .with_name(name.clone())
                     .apply_many(&refs)
             }
             "reshape" => {
@@ -390,7 +390,9 @@ pub(crate) fn model(
                             .ok_or_else(|| l.value_error("target_shape", i, "expected an integer"))
                     })
                     .collect::<Result<Vec<isize>>>()?;
-                Reshape::new(shape).name(name.clone()).apply_many(&refs)
+                Reshape::new(shape)
+                    .with_name(name.clone())
+                    .apply_many(&refs)
             }
             "concatenate" => {
                 let axis = l
@@ -400,21 +402,21 @@ pub(crate) fn model(
                             .ok_or_else(|| l.value_error("axis", v, "expected an integer"))
                     })
                     .transpose()?;
-                let c = Concatenate::new().name(name.clone());
+                let c = Concatenate::new().with_name(name.clone());
                 match axis {
                     Some(a) => c.axis(a as isize).apply_many(&refs),
                     None => c.apply_many(&refs),
                 }
             }
-            "add" => Add::new().name(name.clone()).apply_many(&refs),
-            "multiply" => Multiply::new().name(name.clone()).apply_many(&refs),
+            "add" => Add::new().with_name(name.clone()).apply_many(&refs),
+            "multiply" => Multiply::new().with_name(name.clone()).apply_many(&refs),
             "dropout" => Dropout::new(l.f64_in_or("rate", 0.5, Bounds::closed_open(0.0, 1.0))?)
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
             "activation" => ActivationLayer::new(activation(l)?)
-                .name(name.clone())
+                .with_name(name.clone())
                 .apply_many(&refs),
-            "flatten" => Flatten::new().name(name.clone()).apply_many(&refs),
+            "flatten" => Flatten::new().with_name(name.clone()).apply_many(&refs),
             other => {
                 return Err(l.error(format!(
                     "unknown layer type `{other}`: use one of {LAYER_TYPES:?}"

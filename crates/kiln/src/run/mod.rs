@@ -785,7 +785,7 @@ pub(crate) fn predict_inputs(
 
 /// The layer `[data] standardize = true` puts in front of the model.
 fn standardize_layer() -> crate::layers::Normalization {
-    crate::layers::Normalization::new().name(STANDARDIZE_LAYER)
+    crate::layers::Normalization::new().with_name(STANDARDIZE_LAYER)
 }
 
 /// The name of the layer that standardizes the inputs of a run with `standardize = true`.
