@@ -649,7 +649,7 @@ fn layers_losses_and_metrics_are_named_with_with_name() {
     let y = Dense::new(1).with_name("price").apply(&x).unwrap();
     let mut m = Model::new(&[x], &[y]).unwrap();
     let loss = MeanSquaredError::new().with_name("sq");
-    let metric = Accuracy::binary().with_name("abs_err");
+    let metric = RootMeanSquaredError::new().with_name("abs_err");
     assert_eq!(
         (Loss::name(&loss), kiln::metrics::Metric::name(&metric)),
         ("sq", "abs_err")
@@ -659,4 +659,27 @@ fn layers_losses_and_metrics_are_named_with_with_name() {
     assert_eq!(m.output_names(), ["price"]);
     let logs = m.evaluate(&points(8), 8).unwrap();
     assert!(logs.get("abs_err").is_some(), "{logs:?}");
+}
+
+/// One-hot targets given to sparse categorical crossentropy, the usual Keras mix-up: the error
+/// names the shapes and the loss to use instead.
+#[test]
+fn one_hot_targets_to_a_sparse_loss_are_pointed_to_categorical_crossentropy() {
+    let x = Input::new([4]);
+    let y = Dense::new(3).apply(&x).unwrap();
+    let mut m = Model::new(&[x], &[y]).unwrap();
+    m.compile(
+        Compile::new(Adam::new(1e-3)).loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+    )
+    .unwrap();
+    let xs = Tensor::zeros((6, 4), DType::F32, &Device::Cpu).unwrap();
+    let one_hot = Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap();
+    let e = m
+        .fit(&Dataset::new(xs, one_hot).unwrap(), Fit::new().quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("labels of shape [6, 3]") && e.contains("use categorical_crossentropy"),
+        "{e}"
+    );
 }

@@ -2,6 +2,8 @@
 
 #[path = "../../examples/custom_closure_loss.rs"]
 mod custom_closure_loss;
+#[path = "../../examples/custom_training_step.rs"]
+mod custom_training_step;
 #[path = "../../examples/focal_loss.rs"]
 mod focal_loss;
 #[path = "../../examples/intermediate_add_loss.rs"]
@@ -79,4 +81,17 @@ fn intermediate_add_loss_reads_the_hidden_layer() {
         "{sparsity} vs {}",
         s.factor * s.mean_abs_hidden
     );
+}
+
+#[test]
+fn custom_training_step_is_the_step_fit_takes() {
+    let s = custom_training_step::run(false).unwrap();
+    // With every factor 1, gradients + apply_gradients is fit's step (float noise only).
+    assert!(
+        s.max_difference_from_fit < 1e-5,
+        "{}",
+        s.max_difference_from_fit
+    );
+    assert!(s.test_accuracy >= 0.9, "accuracy {}", s.test_accuracy);
+    assert_eq!(s.max_difference_after_reload, 0.0);
 }

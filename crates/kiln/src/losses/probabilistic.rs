@@ -517,9 +517,15 @@ impl SparseCategoricalCrossentropy {
         }
         let expected = &y_pred.dims()[..y_pred.rank() - 1];
         if labels.dims() != expected {
+            // Targets shaped like the predictions are one-hot rows: the loss for those is
+            // categorical crossentropy (Keras' usual mix-up).
+            let hint = match y_true.dims() == y_pred.dims() {
+                true => ", or, for these one-hot targets, use categorical_crossentropy",
+                false => "",
+            };
             return Err(invalid(format!(
                 "{}: labels of shape {:?} do not fit predictions of shape {:?}: give one integer \
-                 label per sample (shape {:?})",
+                 label per sample (shape {:?}){hint}",
                 self.name,
                 y_true.dims(),
                 y_pred.dims(),

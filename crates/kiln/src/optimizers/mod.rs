@@ -95,6 +95,38 @@ pub struct Clipping {
 }
 
 impl Clipping {
+    /// Each gradient rescaled to an L2 norm of at most `c` (Keras' `clipnorm`).
+    pub fn norm(c: f64) -> Self {
+        Self {
+            clipnorm: Some(c),
+            ..Self::default()
+        }
+    }
+    /// All gradients rescaled together to a joint L2 norm of at most `c` (Keras'
+    /// `global_clipnorm`, `tf.clip_by_global_norm`), for a step of your own.
+    ///
+    /// ```
+    /// use kiln::optimizers::Clipping;
+    /// use kiln::prelude::*;
+    /// let g = vec![Tensor::new(&[3f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?];
+    /// let clipped = Clipping::global_norm(1.0).apply(g)?; // joint norm 5 → 1
+    /// assert!((clipped[1].to_vec1::<f32>()?[0] - 0.8).abs() < 1e-6);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn global_norm(c: f64) -> Self {
+        Self {
+            global_clipnorm: Some(c),
+            ..Self::default()
+        }
+    }
+    /// Every gradient entry clipped to `[-v, v]` (Keras' `clipvalue`).
+    pub fn value(v: f64) -> Self {
+        Self {
+            clipvalue: Some(v),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn validate(&self, optimizer: &str) -> Result<()> {
         let set = [self.clipnorm, self.global_clipnorm, self.clipvalue];
         if set.iter().filter(|c| c.is_some()).count() > 1 {
