@@ -623,6 +623,7 @@ impl RunFile {
         let mut previous = History::default();
         let mut resumed = None;
         let mut finished = false;
+        let mut done = None;
         if options.resume && last.exists() {
             let cannot =
                 |e: Error| Error::State(format!("cannot resume from {}: {e}", out.display()));
@@ -642,6 +643,7 @@ impl RunFile {
                 .map_err(cannot)?;
             previous = ckpt.history();
             finished = ckpt.stopped || ckpt.epochs_done >= planned_epochs;
+            done = Some(ckpt.epochs_done);
             resumed = Some(if finished {
                 format!(
                     "the run in {} had already finished ({} epochs{}): nothing to train; its \
@@ -704,10 +706,14 @@ impl RunFile {
             fit = fit.distributed(c.clone());
         }
         let mut history = previous;
-        if !finished {
-            let new = model.fit(&train, fit)?;
-            history.epochs.extend(new.epochs);
+        if let (true, Some(done)) = (finished, done) {
+            // A finished run trains no epoch, but its callbacks still end training from their
+            // saved state: EarlyStopping restores its best weights there, as it did in the run
+            // that was never interrupted.
+            fit = fit.epochs(done);
         }
+        let new = model.fit(&train, fit)?;
+        history.epochs.extend(new.epochs);
         if root {
             model.save_weights(out.join("model.safetensors"))?;
             write_history(out, &history)?;
