@@ -562,3 +562,36 @@ fn gradient_diagnostics_survive_kill_and_resume() {
     assert!(!ok && err.contains("gradient_diagnostics"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A run stopped early with `restore_best_weights` ends with the best epoch's weights; resuming
+/// it after it finished (as after a crash between its last checkpoint and its final files)
+/// writes those same weights again, not the last epoch's that the checkpoint holds.
+#[test]
+fn resuming_a_finished_early_stopped_run_keeps_the_restored_best_weights() {
+    let dir = temp("stopped-resume");
+    write_points(&dir.join("points.csv"), 300, 1.0);
+    // A learning rate far too large: the validation loss gets worse after its best epoch.
+    let run = RUN
+        .replace("learning_rate = 0.01", "learning_rate = 3.0")
+        .replace("epochs = 5", "epochs = 30");
+    std::fs::write(dir.join("run.toml"), run).unwrap();
+    let (ok, _, err) = kiln(&["train", "run.toml", "--quiet", "--out", "full"], &dir);
+    assert!(ok, "{err}");
+    let full = dir.join("full");
+    let history: serde_json::Value = serde_json::from_slice(&read(&full, "history.json")).unwrap();
+    let val: Vec<f64> = serde_json::from_value(history["val_loss"].clone()).unwrap();
+    assert!(val.len() < 30, "stopped early: {val:?}");
+    let best = val.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(
+        *val.last().unwrap() > best,
+        "the last epoch is not the best: {val:?}"
+    );
+    let trained = read(&full, "model.safetensors");
+    let (ok, _, err) = kiln(&["train", "--resume", "full", "--quiet"], &dir);
+    assert!(ok, "{err}");
+    assert!(
+        read(&full, "model.safetensors") == trained,
+        "the resumed run changed the weights"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
