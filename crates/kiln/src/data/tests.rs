@@ -742,3 +742,47 @@ fn split_fractions_at_the_edges() {
     let (a, b) = data.split_tail(0.99).unwrap();
     assert_eq!((a.len(), b.len()), (1, 9));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Sample weights per output, on any number of targets and entries of any rows: accepted
+    /// exactly when there is one entry per target and every given weight has a row per sample,
+    /// and then each output reads its own weight through select, slice and split alike.
+    #[test]
+    fn output_sample_weights_are_checked_and_follow_the_rows(
+        n in 1usize..6,
+        targets in 0usize..4,
+        entries in proptest::collection::vec(proptest::option::of(0usize..7), 0..5),
+        shared_first in any::<bool>(),
+    ) {
+        let x = dataset_tensor(&[n, 2], DType::F32);
+        let ys: Vec<Tensor> = (0..targets).map(|_| dataset_tensor(&[n], DType::F32)).collect();
+        let data = Dataset::multi(vec![x], ys).unwrap();
+        let weights: Vec<Option<Tensor>> = entries
+            .iter()
+            .map(|e| e.map(|rows| Tensor::arange(0f32, rows as f32, &Device::Cpu).unwrap()))
+            .collect();
+        let data = match shared_first {
+            true => data.with_sample_weight(dataset_tensor(&[n], DType::F32)).unwrap(),
+            false => data,
+        };
+        let fits = !shared_first
+            && entries.len() == targets
+            && entries.iter().flatten().all(|&rows| rows == n);
+        let got = data.with_output_sample_weights(weights);
+        prop_assert_eq!(got.is_ok(), fits);
+        if let Ok(d) = got {
+            let picked = d.select(&[(n - 1) as u32]).unwrap();
+            let tail = d.slice(n - 1, 1).unwrap();
+            for (i, e) in entries.iter().enumerate() {
+                prop_assert_eq!(d.sample_weight_for(i).is_some(), e.is_some());
+                if e.is_some() {
+                    let last = (n - 1) as f32;
+                    prop_assert_eq!(picked.sample_weight_for(i).unwrap().to_vec1::<f32>().unwrap(), vec![last]);
+                    prop_assert_eq!(tail.sample_weight_for(i).unwrap().to_vec1::<f32>().unwrap(), vec![last]);
+                }
+            }
+        }
+    }
+}
