@@ -316,3 +316,173 @@ fn batches_smaller_than_the_ranks_are_refused() {
         assert!(e.contains("a global batch of 2 samples"), "{e}");
     }
 }
+
+/// An MLP with a BatchNormalization between its layers, trained on 240 digits for 50 steps
+/// of 50 (40 in each epoch's last); `synchronized` or per-rank statistics.
+fn batch_norm_run(synchronized: bool, comm: Option<SharedCommunicator>) -> kiln::Result<Trained> {
+    let data = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+    let x = Input::new([64]);
+    let h = Dense::new(32).apply(&x)?;
+    let h = BatchNormalization::new()
+        .momentum(0.9)
+        .synchronized(synchronized)
+        .name("bn")
+        .apply(&h)?;
+    let h = kiln::layers::ActivationLayer::new(Activation::Relu).apply(&h)?;
+    let y = Dense::new(10).apply(&h)?;
+    let mut model = Model::builder(&[x], &[y]).seed(3).build()?;
+    model.compile(
+        Compile::new(Sgd::new(0.05).momentum(0.9))
+            .loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+    )?;
+    let mut fit = Fit::new().epochs(10).batch_size(50).seed(11).quiet();
+    if let Some(c) = comm {
+        fit = fit.distributed(c);
+    }
+    let history = model.fit(&data, fit)?;
+    Ok((weights(&model), history))
+}
+
+/// Synchronised BatchNormalization: N = 2 and 3 ranks end within [`SGD_BOUND`] of one process
+/// on the same global batches (weights and moving statistics: the statistics are summed in
+/// f64, so only the gradients' f32 summation order differs, as in the test above); per-rank
+/// statistics (the default) normalize each shard by its own mean and variance, which is
+/// another function of the data, and end far from it. One process and one rank are the same
+/// with or without the option.
+#[test]
+fn synchronized_batch_norm_trains_the_weights_of_one_process() {
+    let (alone, history) = batch_norm_run(true, None).unwrap();
+    let (plain, _) = batch_norm_run(false, None).unwrap();
+    assert_eq!(alone, plain, "synchronized changes one process");
+    let one = on_ranks(1, |c| batch_norm_run(true, Some(c)));
+    assert_eq!(one.into_iter().next().unwrap().unwrap().0, alone);
+    for n in [2, 3] {
+        for synchronized in [true, false] {
+            let ranks: Vec<Trained> = on_ranks(n, |c| batch_norm_run(synchronized, Some(c)))
+                .into_iter()
+                .collect::<kiln::Result<_>>()
+                .unwrap();
+            for (r, (w, _)) in ranks.iter().enumerate() {
+                assert_eq!(w, &ranks[0].0, "rank {r} of {n} differs from rank 0");
+            }
+            let diff = max_difference(&ranks[0].0, &alone);
+            eprintln!(
+                "batch norm, synchronized {synchronized}: N = {n}: largest weight difference \
+                 {diff:.3e}"
+            );
+            if synchronized {
+                assert!(diff <= SGD_BOUND, "synchronized, N = {n}: {diff}");
+                let (got, want) = (ranks[0].1.last().unwrap(), history.last().unwrap());
+                let (g, w) = (got.get("loss").unwrap(), want.get("loss").unwrap());
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "loss {g} vs {w}");
+            } else {
+                assert!(diff > 100.0 * SGD_BOUND, "per-rank, N = {n}: only {diff}");
+            }
+        }
+    }
+}
+
+/// Synchronised statistics under a mask (Embedding mask_zero, sequences of 1 to 8 valid
+/// steps): the count of valid positions is summed over the ranks with the sums, so the
+/// shards' very different counts weigh as in one process.
+#[test]
+fn synchronized_batch_norm_counts_the_masked_positions_of_every_rank() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (n, steps) = (96, 8);
+    let mut ids = vec![0f32; n * steps];
+    let mut tags = vec![0f32; n * steps];
+    for row in 0..n {
+        let len = rng.random_range(1..=steps);
+        for t in 0..len {
+            let id = rng.random_range(1..12u32);
+            ids[row * steps + t] = id as f32;
+            tags[row * steps + t] = f32::from(id > 6);
+        }
+    }
+    let dev = Device::Cpu;
+    let data = Dataset::new(
+        Tensor::from_vec(ids, (n, steps), &dev).unwrap(),
+        Tensor::from_vec(tags, (n, steps), &dev).unwrap(),
+    )
+    .unwrap();
+    let run = |synchronized: bool, comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let x = Input::new([steps]);
+        let e = Embedding::new(12, 8).mask_zero(true).apply(&x)?;
+        let h = BatchNormalization::new()
+            .momentum(0.5)
+            .synchronized(synchronized)
+            .apply(&e)?;
+        let y = Dense::new(2).apply(&h)?;
+        let mut model = Model::builder(&[x], &[y]).seed(2).build()?;
+        model.compile(
+            Compile::new(Sgd::new(0.2))
+                .loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+        )?;
+        let mut fit = Fit::new().epochs(10).batch_size(32).seed(1).quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    let (alone, _) = run(true, None).unwrap();
+    for n in [2, 3] {
+        for synchronized in [true, false] {
+            let ranks: Vec<Trained> = on_ranks(n, |c| run(synchronized, Some(c)))
+                .into_iter()
+                .collect::<kiln::Result<_>>()
+                .unwrap();
+            let diff = max_difference(&ranks[0].0, &alone);
+            eprintln!("masked batch norm, synchronized {synchronized}: N = {n}: {diff:.3e}");
+            match synchronized {
+                true => assert!(diff <= SGD_BOUND, "synchronized, N = {n}: {diff}"),
+                false => assert!(diff > 100.0 * SGD_BOUND, "per-rank, N = {n}: {diff}"),
+            }
+        }
+    }
+}
+
+/// A Keras model saved with `BatchNormalization(synchronized=True)` (by Keras on TensorFlow,
+/// tests/fixtures/keras/make_synchronized_bn.py) imports with the option on: N = 2 ranks
+/// train it to one process's weights (per-rank statistics would end far off, as above); and
+/// kiln's export writes the option back, so the re-imported copy trains the same way.
+#[test]
+fn keras_synchronized_batch_norm_imports_with_the_option() {
+    let path = std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/keras/synchronized_bn.keras"
+    ));
+    let exported = std::env::temp_dir().join(format!("kiln-sync-bn-{}.keras", std::process::id()));
+    Model::from_keras(&path)
+        .unwrap()
+        .save_keras(&exported)
+        .unwrap();
+    let run = |file: &std::path::Path, comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let mut model = Model::from_keras(file)?;
+        model.compile(
+            Compile::new(Sgd::new(0.05))
+                .loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+        )?;
+        let data = kiln::data::digits(&Device::Cpu)?.slice(0, 200)?;
+        let mut fit = Fit::new().epochs(5).batch_size(40).seed(2).quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    for file in [&path, &exported] {
+        let (alone, _) = run(file, None).unwrap();
+        let ranks: Vec<Trained> = on_ranks(2, |c| run(file, Some(c)))
+            .into_iter()
+            .collect::<kiln::Result<_>>()
+            .unwrap();
+        let diff = max_difference(&ranks[0].0, &alone);
+        eprintln!(
+            "{}: N = 2: largest weight difference {diff:.3e}",
+            file.display()
+        );
+        assert!(diff <= SGD_BOUND, "{}: {diff}", file.display());
+    }
+    std::fs::remove_file(&exported).unwrap();
+}

@@ -192,6 +192,52 @@ fn mpirun_trains_the_weights_of_one_process() {
     assert!(text(&o).contains("ranks"), "{}", text(&o));
 }
 
+/// The run file's `synchronized = true` on a batch_normalization layer: `mpirun -np 2` and
+/// `-np 3` end within the bound of one process (weights and moving statistics); without it,
+/// the per-rank statistics end far from it.
+#[test]
+fn mpirun_with_synchronized_batch_norm_trains_the_weights_of_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("sync-bn");
+    let layers = r#"{ type = "dense", name = "hidden", units = 32, activation = "relu", kernel_regularizer = { l2 = 1e-4 } },"#;
+    let with_bn = |sync: bool| {
+        RUN.replace(
+            layers,
+            &format!(
+                r#"{{ type = "dense", name = "hidden", units = 32 }},
+  {{ type = "batch_normalization", name = "bn", momentum = 0.9, synchronized = {sync} }},
+  {{ type = "activation", activation = "relu" }},"#
+            ),
+        )
+    };
+    assert_ne!(with_bn(true), RUN);
+    std::fs::write(dir.join("sync.toml"), with_bn(true)).unwrap();
+    std::fs::write(dir.join("local.toml"), with_bn(false)).unwrap();
+    let alone = kiln_alone(&["train", "sync.toml", "--quiet", "--out", "alone"], &dir);
+    assert!(alone.status.success(), "{}", text(&alone));
+    for np in [2, 3] {
+        for (file, out) in [("sync.toml", "sync"), ("local.toml", "local")] {
+            let out = format!("{out}{np}");
+            let o = run_bounded(
+                mpirun(np, &["train", file, "--quiet", "--out", &out], &dir),
+                "mpirun -np N with batch normalization",
+            );
+            assert!(o.status.success(), "np {np}: {}", text(&o));
+            let diff = max_difference(
+                &dir.join("alone/model.safetensors"),
+                &dir.join(format!("{out}/model.safetensors")),
+            );
+            eprintln!("mpirun -np {np} {file}: largest weight difference {diff:.3e}");
+            match file {
+                "sync.toml" => assert!(diff <= 1e-4, "np {np}: {diff}"),
+                _ => assert!(diff > 1e-2, "per-rank statistics, np {np}: only {diff}"),
+            }
+        }
+    }
+}
+
 /// A rank killed mid-run ends the run on every rank within seconds; the last checkpoint stays
 /// and `--resume` with the same N finishes with the weights of a run never stopped.
 #[test]

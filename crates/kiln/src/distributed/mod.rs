@@ -19,11 +19,13 @@
 //!
 //! With one rank, `fit` runs the single-process code itself: bit-identical to no communicator.
 
+mod collective_op;
 mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod step;
 
+pub(crate) use collective_op::{all_reduce, Adjoint};
 pub use local::LocalGroup;
 pub(crate) use step::{check_fit, merge_metrics, rank_rng, shard_batch, StepShard};
 

@@ -54,6 +54,11 @@ impl StepShard {
         self.global_len
     }
 
+    /// The ranks' communicator.
+    pub(crate) fn communicator(&self) -> &SharedCommunicator {
+        &self.comm
+    }
+
     /// Whether the ranks are threads of this process (see [`Communicator::in_process`]).
     pub(crate) fn in_process(&self) -> bool {
         self.comm.in_process()

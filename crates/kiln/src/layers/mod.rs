@@ -119,6 +119,9 @@ pub struct CallContext<'a> {
     pub rng: &'a mut StdRng,
     pub(crate) added: Vec<(String, Tensor)>,
     pub(crate) layer_trainable: bool,
+    /// The ranks of a data-parallel training step (more than one), for the layers whose
+    /// batch statistics are synchronised across them.
+    pub(crate) ranks: Option<crate::distributed::SharedCommunicator>,
 }
 
 impl<'a> CallContext<'a> {
@@ -128,6 +131,7 @@ impl<'a> CallContext<'a> {
             rng,
             added: Vec::new(),
             layer_trainable: true,
+            ranks: None,
         }
     }
 

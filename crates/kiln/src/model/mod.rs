@@ -671,6 +671,7 @@ impl Model {
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
             ctx.layer_trainable = step.layer.is_trainable();
+            ctx.ranks = self.shard.as_ref().map(|s| s.communicator().clone());
             let y = layer
                 .call_with_masks(&xs, &masks, &mut ctx)
                 .map_err(|e| match e {

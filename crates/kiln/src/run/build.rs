@@ -333,6 +333,7 @@ pub(crate) fn model(
                 .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
+                .synchronized(l.bool_or("synchronized", false)?)
                 .name(name.clone())
                 .apply_many(&refs),
             "layer_normalization" => LayerNormalization::new()
