@@ -486,3 +486,107 @@ fn keras_synchronized_batch_norm_imports_with_the_option() {
     }
     std::fs::remove_file(&exported).unwrap();
 }
+
+/// Two heads on 240 digits (the digit, and whether it is 5 or more) with an L2 penalty, a
+/// loss weighting strategy over the three terms, and gradient diagnostics; 50 steps.
+fn weighted_run(strategy: &str, comm: Option<SharedCommunicator>) -> kiln::Result<Trained> {
+    use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+    let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+    let label = digits.targets()[0].clone();
+    let big = label
+        .ge(5.0)?
+        .to_dtype(candle_core::DType::F32)?
+        .reshape(((), 1))?;
+    let data = Dataset::multi(digits.inputs().to_vec(), vec![label, big])?;
+    let x = Input::new([64]);
+    let h = Dense::new(32)
+        .activation(Activation::Relu)
+        .kernel_regularizer(L2::new(1e-3))
+        .apply(&x)?;
+    let digit = Dense::new(10).name("digit").apply(&h)?;
+    let big = Dense::new(1).name("big").apply(&h)?;
+    let mut model = Model::builder(&[x], &[digit, big]).seed(3).build()?;
+    let boxed: Box<dyn Strategy> = match strategy {
+        "uncertainty" => Box::new(Uncertainty::new()),
+        "dwa" => Box::new(DynamicWeightAverage::new()),
+        _ => Box::new(Famo::new()),
+    };
+    model.compile(
+        Compile::new(Sgd::new(0.05).momentum(0.9))
+            .loss_for(
+                "digit",
+                SparseCategoricalCrossentropy::new().from_logits(true),
+            )
+            .loss_for("big", BinaryCrossentropy::new().from_logits(true))
+            .loss_weighting_boxed(boxed)
+            .weight_added_terms(true),
+    )?;
+    let mut fit = Fit::new()
+        .epochs(10)
+        .batch_size(50)
+        .seed(11)
+        .gradient_diagnostics(true)
+        .quiet();
+    if let Some(c) = comm {
+        fit = fit.distributed(c);
+    }
+    let history = model.fit(&data, fit)?;
+    Ok((weights(&model), history))
+}
+
+/// With Uncertainty (its log-variances trained with the weights), DWA (weights from the
+/// epochs' mean terms) and FAMO (weights from each step's terms before and after its update),
+/// N = 2 and 3 ranks end with one process's weights, term weights and gradient diagnostics:
+/// every rank's strategy sees the global batch's terms, and the per-term gradients are summed
+/// over the ranks before their norms and cosines are taken.
+#[test]
+fn loss_weighting_and_gradient_diagnostics_match_one_process() {
+    for strategy in ["uncertainty", "dwa", "famo"] {
+        let (alone, history) = weighted_run(strategy, None).unwrap();
+        let keys: Vec<String> = history.epochs[0]
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| k != "epoch_time_s")
+            .collect();
+        for prefix in ["loss_weight/", "grad_norm/", "grad_cos/"] {
+            assert!(
+                keys.iter().any(|k| k.starts_with(prefix)),
+                "{strategy}: {keys:?}"
+            );
+        }
+        // The strategy moved the weights of the terms away from where they started.
+        let first = history.epochs[0].get("loss_weight/l2").unwrap();
+        let last = history.last().unwrap().get("loss_weight/l2").unwrap();
+        assert!((first - last).abs() > 1e-3, "{strategy}: {first} {last}");
+        for n in [2, 3] {
+            let ranks: Vec<Trained> = on_ranks(n, |c| weighted_run(strategy, Some(c)))
+                .into_iter()
+                .collect::<kiln::Result<_>>()
+                .unwrap();
+            for (r, (w, h)) in ranks.iter().enumerate() {
+                assert_eq!(
+                    w, &ranks[0].0,
+                    "{strategy}: rank {r} of {n} differs from rank 0"
+                );
+                assert_eq!(
+                    h.without("epoch_time_s"),
+                    ranks[0].1.without("epoch_time_s")
+                );
+            }
+            let diff = max_difference(&ranks[0].0, &alone);
+            let mut worst = 0f64;
+            for (got, want) in ranks[0].1.epochs.iter().zip(&history.epochs) {
+                for key in &keys {
+                    let (g, w) = (got.get(key).unwrap(), want.get(key).unwrap());
+                    worst = worst.max((g - w).abs() / w.abs().max(1.0));
+                }
+            }
+            eprintln!(
+                "{strategy}: N = {n}: largest weight difference {diff:.3e}, largest log \
+                 difference {worst:.3e}"
+            );
+            assert!(diff <= SGD_BOUND, "{strategy}: N = {n}: {diff}");
+            assert!(worst <= 1e-4, "{strategy}: N = {n}: logs off by {worst}");
+        }
+    }
+}

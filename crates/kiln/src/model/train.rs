@@ -519,17 +519,23 @@ impl Model {
                 if weighs_added {
                     weighed.extend(self.added_in_order(&w.terms[w.outputs..], &added)?);
                 }
+                // A rank's strategy combines the global batch's terms (see `distributed`).
+                let seen = match &self.shard {
+                    Some(shard) => shard.global_terms(&weighed)?,
+                    None => weighed.clone(),
+                };
                 let mut strategy = w.lock();
                 let objective = match advance {
-                    true => strategy.combine(&weighed)?,
-                    false => crate::loss_weighting::weighted_sum(&weighed, &strategy.weights()?)?,
+                    true => strategy.combine(&seen)?,
+                    false => crate::loss_weighting::weighted_sum(&seen, &strategy.weights()?)?,
                 };
+                // The reported total is this rank's part, summed over the ranks for the logs.
                 let values: Vec<Tensor> = weighed.iter().map(Tensor::detach).collect();
                 let mut shown = crate::loss_weighting::weighted_sum(&values, &strategy.weights()?)?;
                 if let Some(a) = &added_total {
                     shown = (shown + a.detach())?;
                 }
-                (Some(objective), weighed, Some(shown))
+                (Some(objective), seen, Some(shown))
             }
         };
         let total = match (&labeled, &added_total) {
@@ -724,8 +730,15 @@ impl Model {
         let result = (|| -> Result<f64> {
             let step = self.step_gradients(&compiled, batch, rng, true)?;
             if diagnostics {
-                let terms = super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
-                super::term_gradients::record_diagnostics(acc, &terms, batch.len() as f64)?;
+                let mut terms =
+                    super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
+                let mut samples = batch.len();
+                // A rank's diagnostics are the global batch's (see `distributed`).
+                if let Some(shard) = &self.shard {
+                    shard.all_reduce_term_gradients(&mut terms)?;
+                    samples = shard.global_len();
+                }
+                super::term_gradients::record_diagnostics(acc, &terms, samples as f64)?;
             }
             let StepGradients {
                 terms,
@@ -848,7 +861,8 @@ impl Model {
         let global;
         let (terms, gradients) = match &self.shard {
             Some(shard) => {
-                let (t, g) = self.all_reduce_step(shard, terms, gradients)?;
+                let own = compiled.weighting.as_ref().map_or(0, |w| w.variables.len());
+                let (t, g) = self.all_reduce_step(shard, terms, gradients, own)?;
                 global = t;
                 (&global, g)
             }
@@ -900,9 +914,13 @@ impl Model {
             return Ok(());
         };
         let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
+        let samples = self
+            .shard
+            .as_ref()
+            .map_or(batch.len(), StepShard::global_len);
         let wants_after = {
             let mut strategy = w.lock();
-            strategy.observe(&values, batch.len() as f64)?;
+            strategy.observe(&values, samples as f64)?;
             strategy.needs_terms_after_update()
         };
         if updated && wants_after {
@@ -915,13 +933,23 @@ impl Model {
     }
 
     /// A rank's step terms and gradients summed over the ranks (one all-reduce), with rank 0's
-    /// non-trainable weights (moving statistics) given to every rank.
+    /// non-trainable weights (moving statistics) given to every rank. The last `own`
+    /// gradients are a loss weighting strategy's variables': every rank differentiates the
+    /// same objective of the global terms in them, so rank 0's gradient alone is the global
+    /// one (the others give -0.0).
     fn all_reduce_step(
         &self,
         shard: &StepShard,
         terms: &StepTerms,
-        gradients: Vec<Option<Tensor>>,
+        mut gradients: Vec<Option<Tensor>>,
+        own: usize,
     ) -> Result<(StepTerms, Vec<Option<Tensor>>)> {
+        if shard.communicator().rank() > 0 {
+            let at = gradients.len() - own;
+            for g in gradients[at..].iter_mut().flatten() {
+                *g = g.zeros_like()?.neg()?;
+            }
+        }
         let mut values = vec![scalar(terms.shown())?];
         for (_, v) in &terms.reported {
             values.push(scalar(v)?);
@@ -944,7 +972,8 @@ impl Model {
             reported,
             labeled: None,
             added: None,
-            weighed: Vec::new(),
+            // Already the global batch's (`StepShard::global_terms`).
+            weighed: terms.weighed.iter().map(Tensor::detach).collect(),
             shown: None,
             parts: Vec::new(),
         };
