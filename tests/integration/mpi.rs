@@ -238,6 +238,88 @@ fn mpirun_with_synchronized_batch_norm_trains_the_weights_of_one_process() {
     }
 }
 
+/// Every history.csv value but the epoch times, by column and epoch.
+fn history_values(path: &Path) -> Vec<(String, Vec<f64>)> {
+    let csv = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = csv.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    header
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| *h != "epoch_time_s")
+        .map(|(i, h)| (h.clone(), rows.iter().map(|r| r[i]).collect()))
+        .collect()
+}
+
+/// A run file's loss weighting (uncertainty, and FAMO with its after-update pass) over the
+/// data term and the L2 penalty, with gradient diagnostics: `mpirun -np 2` and `-np 3` write
+/// the weights and every logged value (term weights, gradient norms and cosines) of one
+/// process, within float summation order.
+#[test]
+fn mpirun_with_loss_weighting_and_diagnostics_matches_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("weighting");
+    for strategy in ["uncertainty", "famo"] {
+        let run = RUN
+            .replace(
+                "metrics = [\"accuracy\"]",
+                &format!(
+                    "metrics = [\"accuracy\"]\nloss_weighting = {{ type = \"{strategy}\", added_terms = true }}"
+                ),
+            )
+            .replace("epochs = 6", "epochs = 6\ngradient_diagnostics = true");
+        assert!(run.contains("loss_weighting") && run.contains("gradient_diagnostics"));
+        let file = format!("{strategy}.toml");
+        std::fs::write(dir.join(&file), run).unwrap();
+        let alone_out = format!("{strategy}-alone");
+        let alone = kiln_alone(&["train", &file, "--quiet", "--out", &alone_out], &dir);
+        assert!(alone.status.success(), "{}", text(&alone));
+        let want = history_values(&dir.join(&alone_out).join("history.csv"));
+        for key in [
+            "loss_weight/l2",
+            "grad_norm/out_loss",
+            "grad_cos/out_loss/l2",
+        ] {
+            assert!(want.iter().any(|(k, _)| k == key), "{strategy}: no {key}");
+        }
+        for np in [2, 3] {
+            let out = format!("{strategy}-np{np}");
+            let o = run_bounded(
+                mpirun(np, &["train", &file, "--quiet", "--out", &out], &dir),
+                "mpirun -np N with loss weighting",
+            );
+            assert!(o.status.success(), "np {np}: {}", text(&o));
+            let diff = max_difference(
+                &dir.join(&alone_out).join("model.safetensors"),
+                &dir.join(&out).join("model.safetensors"),
+            );
+            let got = history_values(&dir.join(&out).join("history.csv"));
+            assert_eq!(
+                got.iter().map(|c| &c.0).collect::<Vec<_>>(),
+                want.iter().map(|c| &c.0).collect::<Vec<_>>()
+            );
+            let mut worst = 0f64;
+            for ((key, g), (_, w)) in got.iter().zip(&want) {
+                for (g, w) in g.iter().zip(w) {
+                    let off = (g - w).abs() / w.abs().max(1.0);
+                    assert!(off <= 1e-4, "{strategy}, np {np}: {key} {g} vs {w}");
+                    worst = worst.max(off);
+                }
+            }
+            eprintln!(
+                "mpirun -np {np} {strategy}: largest weight difference {diff:.3e}, largest \
+                 log difference {worst:.3e}"
+            );
+            assert!(diff <= 1e-4, "{strategy}, np {np}: {diff}");
+        }
+    }
+}
+
 /// The rank of an MPI process of this machine, from the environment Open MPI gave it.
 fn rank_of(pid: &str) -> Option<usize> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
