@@ -590,3 +590,83 @@ fn loss_weighting_and_gradient_diagnostics_match_one_process() {
         }
     }
 }
+
+/// Everything that talks across ranks inside a step, together: a synchronised
+/// BatchNormalization (all-reduces in its forward and backward passes, also in the attack's
+/// passes and in every per-term backward pass of the diagnostics), an FGSM term (each rank
+/// attacks its own samples), FAMO (its after-update pass) and gradient diagnostics. N = 2 and
+/// 3 end within [`SGD_BOUND`] of one process, with its logs.
+#[test]
+fn synchronized_batch_norm_with_an_attack_famo_and_diagnostics_matches_one_process() {
+    let run = |comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+        let label = digits.targets()[0].clone();
+        let big = label
+            .ge(5.0)?
+            .to_dtype(candle_core::DType::F32)?
+            .reshape(((), 1))?;
+        let data = Dataset::multi(digits.inputs().to_vec(), vec![label, big])?;
+        let x = Input::new([64]);
+        let h = Dense::new(32).apply(&x)?;
+        let h = BatchNormalization::new()
+            .momentum(0.9)
+            .synchronized(true)
+            .apply(&h)?;
+        let h = kiln::layers::ActivationLayer::new(Activation::Relu).apply(&h)?;
+        let digit = Dense::new(10).name("digit").apply(&h)?;
+        let big = Dense::new(1).name("big").apply(&h)?;
+        let mut model = Model::builder(&[x], &[digit, big]).seed(3).build()?;
+        model.add_loss_term("fgsm", Adversarial::fgsm(0.05).multiplier(0.5))?;
+        model.compile(
+            Compile::new(Sgd::new(0.05).momentum(0.9))
+                .loss_for(
+                    "digit",
+                    SparseCategoricalCrossentropy::new().from_logits(true),
+                )
+                .loss_for("big", BinaryCrossentropy::new().from_logits(true))
+                .loss_weighting(kiln::loss_weighting::Famo::new()),
+        )?;
+        let mut fit = Fit::new()
+            .epochs(10)
+            .batch_size(50)
+            .seed(11)
+            .gradient_diagnostics(true)
+            .quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    let (alone, history) = run(None).unwrap();
+    let keys: Vec<String> = history.epochs[0]
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k != "epoch_time_s")
+        .collect();
+    assert!(keys.iter().any(|k| k == "fgsm"), "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k == "grad_cos/digit_loss/fgsm"),
+        "{keys:?}"
+    );
+    for n in [2, 3] {
+        let ranks: Vec<Trained> = on_ranks(n, |c| run(Some(c)))
+            .into_iter()
+            .collect::<kiln::Result<_>>()
+            .unwrap();
+        let diff = max_difference(&ranks[0].0, &alone);
+        let mut worst = 0f64;
+        for (got, want) in ranks[0].1.epochs.iter().zip(&history.epochs) {
+            for key in &keys {
+                let (g, w) = (got.get(key).unwrap(), want.get(key).unwrap());
+                worst = worst.max((g - w).abs() / w.abs().max(1.0));
+            }
+        }
+        eprintln!(
+            "synchronized BN + FGSM + FAMO + diagnostics: N = {n}: weights {diff:.3e}, logs \
+             {worst:.3e}"
+        );
+        assert!(diff <= SGD_BOUND, "N = {n}: {diff}");
+        assert!(worst <= 1e-4, "N = {n}: logs off by {worst}");
+    }
+}
