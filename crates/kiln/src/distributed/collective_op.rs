@@ -27,7 +27,8 @@ struct AllReduce {
 
 /// The element-wise sum of `x` over the ranks of `comm`, with the gradient `adjoint` says.
 /// One all-reduce of `x.elem_count()` values forward, and one more backward for
-/// [`Adjoint::Sum`]. CPU tensors only (the MPI engine reads host memory).
+/// [`Adjoint::Sum`]. The communicator reads host memory: a tensor on another device goes
+/// through the CPU (a no-op for CPU tensors).
 pub(crate) fn all_reduce(
     x: &Tensor,
     comm: &SharedCommunicator,
@@ -37,7 +38,8 @@ pub(crate) fn all_reduce(
         comm: comm.clone(),
         adjoint,
     };
-    Ok(x.contiguous()?.apply_op1(op)?)
+    let host = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+    Ok(host.apply_op1(op)?.to_device(x.device())?)
 }
 
 fn summed(comm: &dyn Communicator, mut values: Vec<f64>) -> candle_core::Result<Vec<f64>> {
