@@ -3,7 +3,7 @@
 //! the same two-head network from the same weights, SGD on the whole batch, one step per epoch;
 //! every step's term weights and every parameter after it must agree to rtol 1e-5.
 
-use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+use kiln::loss_weighting::{DynamicWeightAverage, Famo, GradNorm, PCGrad, Strategy, Uncertainty};
 use kiln::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -72,6 +72,44 @@ pub(crate) fn reference_model(reference: &Value) -> Model {
     model
 }
 
+/// The three-head problem of the reference (`*3` runs): a third head `c` and an L2 penalty on
+/// the shared kernel, in f64, from the reference's `initial3` weights.
+fn reference_model3(reference: &Value) -> Model {
+    let x = Input::new([3]);
+    let l2 = reference["l2"].as_f64().unwrap();
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .name("shared")
+        .kernel_regularizer(L2::new(l2))
+        .apply(&x)
+        .unwrap();
+    let a = Dense::new(1).name("a").apply(&h).unwrap();
+    let b = Dense::new(1).name("b").apply(&h).unwrap();
+    let c = Dense::new(1).name("c").apply(&h).unwrap();
+    let model = Model::builder(&[x], &[a, b, c])
+        .dtype(DType::F64)
+        .build()
+        .unwrap();
+    for (name, value) in reference["initial3"].as_object().unwrap() {
+        let w = model.weight(name).unwrap();
+        let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
+            Some(_) => matrix(value).into_iter().flatten().collect(),
+            None => floats(value),
+        };
+        let t = Tensor::from_vec(flat, w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+    model
+}
+
+fn reference_data3(reference: &Value) -> Dataset {
+    let x = tensor(matrix(&reference["x"]));
+    let y_a = tensor(matrix(&reference["y_a"]));
+    let y_b = tensor(matrix(&reference["y_b"]));
+    let y_c = tensor(matrix(&reference["y_c"]));
+    Dataset::multi(vec![x], vec![y_a, y_b, y_c]).unwrap()
+}
+
 pub(crate) fn reference_data(reference: &Value) -> Dataset {
     let x = tensor(matrix(&reference["x"]));
     let y_a = tensor(matrix(&reference["y_a"]));
@@ -89,17 +127,29 @@ fn close(what: &str, got: f64, want: f64) {
 
 /// Trains kiln one epoch (one step) at a time and compares each step with the reference.
 fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
+    check_on(run, strategy, 2)
+}
+
+/// [`check`] on the two-head problem or (`heads` 3) the three-head one with its L2 penalty.
+fn check_on(run: &str, strategy: Option<Box<dyn Strategy>>, heads: usize) {
     let reference = reference();
-    let mut model = reference_model(&reference);
+    let (mut model, data) = match heads {
+        2 => (reference_model(&reference), reference_data(&reference)),
+        _ => (reference_model3(&reference), reference_data3(&reference)),
+    };
     let lr = reference["learning_rate"].as_f64().unwrap();
     let mut compile = Compile::new(Sgd::new(lr))
         .loss_for("a", "mse")
         .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+    if heads == 3 {
+        compile = compile.loss_for("c", "mse");
+    }
     if let Some(s) = strategy {
         compile = compile.loss_weighting_boxed(s);
     }
     model.compile(compile).unwrap();
-    let data = reference_data(&reference);
+    let names = ["a_loss", "b_loss", "c_loss"];
+    let names = &names[..heads];
     let steps = reference["runs"][run].as_array().unwrap();
     for (epoch, step) in steps.iter().enumerate() {
         let fit = Fit::new()
@@ -111,7 +161,7 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
         let history = model.fit(&data, fit).unwrap();
         let logs = history.last().unwrap();
         let terms = floats(&step["terms"]);
-        for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+        for (i, term) in names.iter().enumerate() {
             close(
                 &format!("{run} step {epoch} {term}"),
                 logs.get(term).unwrap(),
@@ -120,7 +170,7 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
         }
         let weights = floats(&step["weights"]);
         if run != "fixed" {
-            for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+            for (i, term) in names.iter().enumerate() {
                 let got = logs.get(&format!("loss_weight/{term}")).unwrap();
                 close(
                     &format!("{run} step {epoch} loss_weight/{term}"),
@@ -129,8 +179,11 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
                 );
             }
         }
-        // `loss` is Σ weight · term.
-        let shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
+        // `loss` is Σ weight · term (+ the L2 penalty, which no strategy weighs here).
+        let mut shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
+        if heads == 3 {
+            shown += logs.get("l2").unwrap();
+        }
         close(
             &format!("{run} step {epoch} loss"),
             logs.get("loss").unwrap(),
@@ -171,6 +224,37 @@ fn dynamic_weight_average_matches_the_reference() {
 #[test]
 fn famo_matches_the_reference() {
     check("famo", Some(Box::new(Famo::new())));
+}
+
+/// PCGrad on two heads (the order cannot matter, so kiln draws it as in training) and on three
+/// with the L2 penalty added unchanged (the order fixed to term order in both); the reference
+/// projects in steps 2 to 4 (and 7 of the three-head run), so the surgery is exercised.
+#[test]
+fn pcgrad_matches_the_reference() {
+    let reference = reference();
+    let projected = |run: &str| -> u64 {
+        reference["runs"][run]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["projections"].as_u64().unwrap())
+            .sum()
+    };
+    assert!(projected("pcgrad") > 0 && projected("pcgrad3") > 0);
+    check("pcgrad", Some(Box::new(PCGrad::new())));
+    check_on("pcgrad3", Some(Box::new(PCGrad::new().shuffle(false))), 3);
+}
+
+/// GradNorm (α 1.5 at the shared layer, found by default or named), its weights trained by a
+/// copy of the model's SGD with their own learning rate, on two heads and on three.
+#[test]
+fn gradnorm_matches_the_reference() {
+    let reference = reference();
+    let alpha = reference["alpha"].as_f64().unwrap();
+    let lr = reference["weight_learning_rate"].as_f64().unwrap();
+    let strategy = || GradNorm::new().alpha(alpha).learning_rate(lr);
+    check("gradnorm", Some(Box::new(strategy())));
+    check_on("gradnorm3", Some(Box::new(strategy().layer("shared"))), 3);
 }
 
 /// A run whose strategy weighs the data term and the L2 penalty (`added_terms`); `{W}` is

@@ -450,6 +450,7 @@ impl Model {
         let weighting = match config.loss_weighting {
             Some(strategy) => Some(self.weighting(
                 strategy,
+                config.optimizer.as_ref(),
                 &resolved,
                 config.weight_added_terms,
                 !adversarial.is_empty(),
@@ -478,6 +479,7 @@ impl Model {
     fn weighting(
         &self,
         mut strategy: Box<dyn Strategy>,
+        optimizer: &dyn crate::optimizers::Optimizer,
         losses: &[OutputLoss],
         added: bool,
         adversarial: bool,
@@ -507,6 +509,7 @@ impl Model {
                 }
             )));
         }
+        strategy.adopt_optimizer(optimizer)?;
         strategy.begin(&terms, self.dtype, &self.device)?;
         let variables = strategy.variables();
         Ok(Weighting {
