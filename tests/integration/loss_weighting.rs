@@ -317,6 +317,36 @@ fn run_file_keys_build_the_strategy_they_name() {
         );
         close("loss_weight/l2", series("loss_weight/l2")[epoch], want[1]);
     }
+    // GradNorm and PCGrad over the data term and the penalty: GradNorm's weights move and
+    // sum to 2 in every epoch; PCGrad's are 1.
+    for (line, moves) in [
+        (
+            r#"loss_weighting = { type = "gradnorm", alpha = 0.5, learning_rate = 0.01, layer = "hidden", added_terms = true }"#,
+            true,
+        ),
+        (
+            r#"loss_weighting = { type = "pcgrad", shuffle = false, added_terms = true }"#,
+            false,
+        ),
+    ] {
+        std::fs::write(dir.join("g.toml"), run_text(line)).unwrap();
+        let (ok, _, err) =
+            crate::support::kiln_in(&["train", "g.toml", "--quiet", "--out", "g"], &dir);
+        assert!(ok, "{line}: {err}");
+        let history: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("g/history.json")).unwrap())
+                .unwrap();
+        let (w_out, w_l2) = (
+            floats(&history["loss_weight/out_loss"]),
+            floats(&history["loss_weight/l2"]),
+        );
+        assert_eq!(w_out.len(), 4);
+        for (a, b) in w_out.iter().zip(&w_l2) {
+            close("weights sum", a + b, 2.0);
+        }
+        assert_eq!(w_out.iter().any(|w| *w != 1.0), moves, "{line}: {w_out:?}");
+        std::fs::remove_dir_all(dir.join("g")).ok();
+    }
     // The string form takes the defaults.
     std::fs::write(
         dir.join("famo.toml"),
@@ -374,6 +404,27 @@ fn bad_run_file_values_name_the_file_line_and_key() {
             "temprature",
         ),
         (r#"loss_weighting = { type = "gradnorn" }"#, "gradnorn"),
+        (
+            r#"loss_weighting = { type = "gradnorm", alpha = -0.5 }"#,
+            "alpha",
+        ),
+        (
+            r#"loss_weighting = { type = "gradnorm", learning_rate = 0 }"#,
+            "learning_rate",
+        ),
+        (
+            r#"loss_weighting = { type = "gradnorm", layer = 3 }"#,
+            "layer",
+        ),
+        (
+            r#"loss_weighting = { type = "gradnorm", layers = "hidden" }"#,
+            "layers",
+        ),
+        (
+            r#"loss_weighting = { type = "pcgrad", shuffle = "no" }"#,
+            "shuffle",
+        ),
+        (r#"loss_weighting = { type = "pcgrad", seed = 3 }"#, "seed"),
         (r#"loss_weighting = 3"#, "loss_weighting"),
     ];
     for (line, key) in cases {
@@ -453,11 +504,13 @@ fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
         "{}: histories differ",
         strategy().name()
     );
-    assert!(full
+    // PCGrad's weights are 1; every other strategy's move.
+    let moved = full
         .get("loss_weight/a_loss")
         .unwrap()
         .iter()
-        .any(|w| *w != 1.0));
+        .any(|w| *w != 1.0);
+    assert_eq!(moved, strategy().name() != "pcgrad");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -466,6 +519,49 @@ fn a_resumed_run_continues_every_strategy_exactly() {
     resume_is_bit_identical(|| Box::new(Uncertainty::new()));
     resume_is_bit_identical(|| Box::new(DynamicWeightAverage::new()));
     resume_is_bit_identical(|| Box::new(Famo::new()));
+    resume_is_bit_identical(|| Box::new(PCGrad::new()));
+    // GradNorm's weights train with a copy of the model's Adam: its moments are resumed too.
+    resume_is_bit_identical(|| Box::new(GradNorm::new().learning_rate(0.01)));
+}
+
+/// GradNorm names a layer that does not exist, or that a term does not reach, in its error;
+/// PCGrad and GradNorm refuse gradient accumulation.
+#[test]
+fn gradient_strategies_refuse_what_they_cannot_do() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let fit_with = |s: Box<dyn Strategy>, fit: Fit| {
+        let mut m = reference_model(&reference);
+        m.compile(
+            Compile::new(Sgd::new(0.1))
+                .loss_for("a", "mse")
+                .loss_for("b", "mse")
+                .loss_weighting_boxed(s),
+        )
+        .unwrap();
+        m.fit(&data, fit).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = fit_with(Box::new(GradNorm::new().layer("trunk")), Fit::new().quiet());
+    assert!(
+        err.contains("`trunk`") && err.contains("\"shared\"") && err.contains("\"a\""),
+        "{err}"
+    );
+    let err = fit_with(Box::new(GradNorm::new().layer("a")), Fit::new().quiet());
+    assert!(
+        err.contains("`b_loss`") && err.contains("layer `a`") && err.contains("\"shared\""),
+        "{err}"
+    );
+    for s in [
+        Box::new(PCGrad::new()) as Box<dyn Strategy>,
+        Box::new(GradNorm::new()),
+    ] {
+        let name = s.name().to_string();
+        let err = fit_with(s, Fit::new().gradient_accumulation_steps(2).quiet());
+        assert!(
+            err.contains(&format!("`{name}`")) && err.contains("gradient_accumulation_steps"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -521,7 +617,9 @@ proptest::proptest! {
             -10.0..10.0f64,
         ]
     ) {
-        let cases: [(&str, &str, Box<dyn Strategy>, bool); 4] = [
+        let cases: [(&str, &str, Box<dyn Strategy>, bool); 6] = [
+            ("gradnorm", "alpha", Box::new(GradNorm::new().alpha(v)), v.is_finite() && v >= 0.0),
+            ("gradnorm", "learning_rate", Box::new(GradNorm::new().learning_rate(v)), v.is_finite() && v > 0.0),
             ("dwa", "temperature", Box::new(DynamicWeightAverage::new().temperature(v)), v.is_finite() && v > 0.0),
             ("famo", "learning_rate", Box::new(Famo::new().learning_rate(v)), v.is_finite() && v > 0.0),
             ("famo", "gamma", Box::new(Famo::new().gamma(v)), v.is_finite() && v >= 0.0),

@@ -120,10 +120,12 @@ impl GradNorm {
         }
         let in_layer =
             |l: &str| -> Vec<bool> { step.weights.iter().map(|w| layer_of(w) == l).collect() };
+        // A term reaches a layer when it depends on one of its weights (an L2 penalty on the
+        // kernel alone reaches the layer; its gradient at the bias is 0).
         let reached_by = |keep: &[bool], term: usize| {
             keep.iter()
                 .zip(&step.gradients[term])
-                .all(|(k, g)| !k || g.is_some())
+                .any(|(k, g)| *k && g.is_some())
         };
         let reached_by_all = |keep: &[bool]| (0..step.gradients.len()).all(|t| reached_by(keep, t));
         let shared: Vec<&String> = layers
