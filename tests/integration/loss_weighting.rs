@@ -700,3 +700,70 @@ fn famo_refuses_gradient_accumulation() {
         "{err}"
     );
 }
+
+/// Under a strategy, `grad_norm/<term>` is the norm of the term's own gradient, before the
+/// strategy's weight: one step on the whole batch gives the same norms as with no strategy
+/// and as `term_gradients` on the untrained model, for strategies whose first weights are
+/// not 1 (uncertainty with log-variance 1: weight e⁻¹/2; FAMO: z/(c·L)) and for GradNorm and
+/// PCGrad.
+#[test]
+fn diagnostics_under_a_strategy_are_of_the_unweighted_terms() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let fitted = |strategy: Option<Box<dyn Strategy>>| {
+        let mut m = reference_model(&reference);
+        let mut c = Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+        if let Some(s) = strategy {
+            c = c.loss_weighting_boxed(s);
+        }
+        m.compile(c).unwrap();
+        let g = m.term_gradients(&data).unwrap();
+        let fit = Fit::new().batch_size(8).quiet().gradient_diagnostics(true);
+        let h = m.fit(&data, fit).unwrap();
+        (h, g)
+    };
+    let (plain, g) = fitted(None);
+    let want = [g.norm("a_loss").unwrap(), g.norm("b_loss").unwrap()];
+    let cos = g.cosine("a_loss", "b_loss").unwrap();
+    for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+        close(
+            "no strategy",
+            plain.get(&format!("grad_norm/{term}")).unwrap()[0],
+            want[i],
+        );
+    }
+    let strategies: Vec<Box<dyn Strategy>> = vec![
+        Box::new(Uncertainty::new().initial_log_var(1.0)),
+        Box::new(Famo::new()),
+        Box::new(GradNorm::new()),
+        Box::new(PCGrad::new()),
+    ];
+    for s in strategies {
+        let name = s.name().to_string();
+        let (h, _) = fitted(Some(s));
+        let weights: Vec<f64> = ["a_loss", "b_loss"]
+            .iter()
+            .map(|t| h.get(&format!("loss_weight/{t}")).unwrap()[0])
+            .collect();
+        if name == "uncertainty" || name == "famo" {
+            assert!(
+                weights.iter().all(|w| (w - 1.0).abs() > 0.02),
+                "{name}: {weights:?}"
+            );
+        }
+        for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+            close(
+                &format!("{name} grad_norm/{term}"),
+                h.get(&format!("grad_norm/{term}")).unwrap()[0],
+                want[i],
+            );
+        }
+        close(
+            &format!("{name} grad_cos"),
+            h.get("grad_cos/a_loss/b_loss").unwrap()[0],
+            cos,
+        );
+    }
+}

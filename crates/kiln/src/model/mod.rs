@@ -786,6 +786,9 @@ impl Model {
     }
 
     /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
+    /// With a loss weighting strategy, its state (its weights, variables and counters) goes
+    /// into the file's metadata, for [`Model::load_loss_weighting`]; the tensors are the
+    /// model's weights alone either way.
     ///
     /// # Errors
     /// [`Error::Io`] naming the file when it cannot be written.
@@ -796,7 +799,141 @@ impl Model {
             .into_iter()
             .map(|w| (w.name, w.var.as_tensor().detach()))
             .collect();
-        crate::io::write_safetensors(path, &tensors, None)
+        let metadata = self
+            .loss_weighting_state()?
+            .map(|state| [(META_LOSS_WEIGHTING.to_string(), state.to_string())].into());
+        crate::io::write_safetensors(path, &tensors, metadata)
+    }
+
+    /// The name of the loss weighting strategy the model is compiled with, if any.
+    ///
+    /// ```
+    /// use kiln::loss_weighting::PCGrad;
+    /// use kiln::prelude::*;
+    /// let x = Input::new([2]);
+    /// let (a, b) = (Dense::new(1).name("a").apply(&x)?, Dense::new(1).name("b").apply(&x)?);
+    /// let mut m = Model::new(&[x], &[a, b])?;
+    /// assert_eq!(m.loss_weighting(), None);
+    /// m.compile(Compile::new(Sgd::new(0.1)).loss("mse").loss_weighting(PCGrad::new()))?;
+    /// assert_eq!(m.loss_weighting().as_deref(), Some("pcgrad"));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn loss_weighting(&self) -> Option<String> {
+        let w = self.compiled.as_ref()?.weighting.as_ref()?;
+        let name = w.lock().name().to_string();
+        Some(name)
+    }
+
+    /// The loss weighting strategy's name, terms, state and variables (floats as bits).
+    fn loss_weighting_state(&self) -> Result<Option<serde_json::Value>> {
+        let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) else {
+            return Ok(None);
+        };
+        let mut variables = serde_json::Map::new();
+        for (name, var) in &w.variables {
+            let values: Vec<f64> = var
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1()?;
+            variables.insert(name.clone(), crate::loss_weighting::bits(&values));
+        }
+        let s = w.lock();
+        Ok(Some(serde_json::json!({
+            "strategy": s.name(),
+            "terms": w.terms,
+            "state": s.state(),
+            "variables": variables,
+        })))
+    }
+
+    /// Restores the loss weighting strategy's state that [`Model::save_weights`] wrote into
+    /// `path` (a run's `model.safetensors`), so that `evaluate` weighs the terms as training
+    /// ended, not as a fresh strategy would. Returns whether the file had a state; a model
+    /// compiled without a strategy ignores it.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::loss_weighting::Uncertainty;
+    /// use kiln::prelude::*;
+    /// let build = || -> kiln::Result<Model> {
+    ///     let x = Input::new([2]);
+    ///     let a = Dense::new(1).name("a").apply(&x)?;
+    ///     let b = Dense::new(1).name("b").apply(&x)?;
+    ///     let mut m = Model::new(&[x], &[a, b])?;
+    ///     m.compile(Compile::new(Sgd::new(0.1)).loss("mse").loss_weighting(Uncertainty::new()))?;
+    ///     Ok(m)
+    /// };
+    /// let mut model = build()?;
+    /// let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
+    /// let y = Tensor::new(&[[1f32], [0.]], &Device::Cpu)?;
+    /// let data = Dataset::multi(vec![x], vec![y.clone(), y])?;
+    /// model.fit(&data, Fit::new().epochs(3).quiet())?;
+    /// let path = std::env::temp_dir().join("kiln-doc-loss-weighting.safetensors");
+    /// model.save_weights(&path)?;
+    /// let fresh = build()?;
+    /// fresh.load_weights(&path)?;
+    /// assert!(fresh.load_loss_weighting(&path)?);
+    /// assert_eq!(fresh.evaluate(&data, 8)?.get("loss"), model.evaluate(&data, 8)?.get("loss"));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// When the file cannot be read, or its state is another strategy's or for other terms
+    /// (the message names both).
+    pub fn load_loss_weighting(&self, path: impl AsRef<std::path::Path>) -> Result<bool> {
+        let path = path.as_ref();
+        let bad = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors weights file: {e}")))?;
+        let Some(text) = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_LOSS_WEIGHTING))
+        else {
+            return Ok(false);
+        };
+        let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) else {
+            return Ok(true);
+        };
+        let saved: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| bad(format!("its loss weighting state is not valid JSON: {e}")))?;
+        let mut s = w.lock();
+        let name = saved["strategy"].as_str().unwrap_or_default();
+        if name != s.name() {
+            return Err(bad(format!(
+                "the weights were saved with loss weighting `{name}`, and this model is \
+                 compiled with `{}`: use the run's own strategy",
+                s.name()
+            )));
+        }
+        let terms: Vec<String> = serde_json::from_value(saved["terms"].clone()).unwrap_or_default();
+        if terms != w.terms {
+            return Err(bad(format!(
+                "its loss weighting `{name}` weighed the terms {terms:?}, and this model's \
+                 weighs {:?}",
+                w.terms
+            )));
+        }
+        for (var_name, var) in &w.variables {
+            let values = crate::loss_weighting::from_bits(
+                &saved["variables"],
+                name,
+                var_name,
+                var.elem_count(),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            let t = Tensor::from_vec(values, var.dims(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        s.load_state(&saved["state"])
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(true)
     }
 
     /// Loads weights saved by [`Model::save_weights`]: every weight must be present with its
@@ -851,6 +988,9 @@ impl Model {
         Ok(())
     }
 }
+
+/// The metadata key of a weights file's loss weighting state ([`Model::save_weights`]).
+const META_LOSS_WEIGHTING: &str = "kiln.loss_weighting";
 
 /// Each layer's place in Keras' `model.layers` order: by depth from the outputs (deepest
 /// first), then by when a walk from the outputs first meets it, as Keras' functional graph

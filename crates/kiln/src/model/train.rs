@@ -219,6 +219,13 @@ impl Fit {
     /// only when on. What is learned does not change: the update still uses the total's own
     /// gradient, so the weights are bit-identical with diagnostics on or off.
     ///
+    /// Under a loss weighting strategy the norms and cosines are of the terms as compiled
+    /// (an output's loss times its fixed `loss_weight`), *before* the strategy's weights: they
+    /// say how the terms themselves pull, which is what a strategy reacts to, and a weighted
+    /// norm is one product away (`loss_weight/<term>` · `grad_norm/<term>`), while PCGrad's
+    /// projected gradients are not a weighting of the terms at all. Cosines do not change
+    /// under positive weights either way.
+    ///
     /// ```
     /// use candle_core::{Device, Tensor};
     /// use kiln::prelude::*;
