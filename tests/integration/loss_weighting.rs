@@ -767,3 +767,90 @@ fn diagnostics_under_a_strategy_are_of_the_unweighted_terms() {
         );
     }
 }
+
+/// PCGrad beside an FGSM term (and the three-head run with the order drawn, not fixed): the
+/// step is the projected sum of the two heads' gradients over the shared layer, each head's
+/// own gradient on its weights, plus the adversarial term's gradient unchanged everywhere.
+/// From the reference's weights after its step 1, where the heads' gradients conflict.
+#[test]
+fn pcgrad_adds_the_adversarial_term_unchanged() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let mut model = reference_model(&reference);
+    for (name, value) in reference["runs"]["pcgrad"][1]["params"]
+        .as_object()
+        .unwrap()
+    {
+        let w = model.weight(name).unwrap();
+        let t = Tensor::from_vec(floats(value), w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+    model
+        .add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
+        .unwrap();
+    model
+        .compile(
+            Compile::new(Sgd::new(0.1))
+                .loss_for("a", "mse")
+                .loss_for("b", BinaryCrossentropy::new().from_logits(true))
+                .loss_weighting(PCGrad::new()),
+        )
+        .unwrap();
+    let g = model.term_gradients(&data).unwrap();
+    assert!(g.cosine("a_loss", "b_loss").unwrap() < -1e-3);
+    let values = |t: &Option<Tensor>| -> Vec<f64> {
+        t.as_ref()
+            .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+            .unwrap_or_default()
+    };
+    let shared: Vec<usize> = (0..g.weights.len())
+        .filter(|&i| g.weights[i].starts_with("shared/"))
+        .collect();
+    let flat = |term: &str| -> Vec<f64> {
+        let t = g.term(term).unwrap();
+        shared
+            .iter()
+            .flat_map(|&i| values(&t.gradients[i]))
+            .collect()
+    };
+    let (ga, gb) = (flat("a_loss"), flat("b_loss"));
+    let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+    let d = dot(&ga, &gb);
+    let pc: Vec<f64> = (0..ga.len())
+        .map(|k| (ga[k] - d / dot(&gb, &gb) * gb[k]) + (gb[k] - d / dot(&ga, &ga) * ga[k]))
+        .collect();
+    let before: Vec<Vec<f64>> = model
+        .trainable_weights()
+        .iter()
+        .map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    model
+        .fit(&data, Fit::new().batch_size(8).shuffle(false).quiet())
+        .unwrap();
+    let mut at = 0;
+    for (i, w) in model.trainable_weights().iter().enumerate() {
+        let after: Vec<f64> = w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let adversarial = values(&g.term("adversarial").unwrap().gradients[i]);
+        for k in 0..after.len() {
+            let combined = match shared.contains(&i) {
+                true => pc[at + k],
+                false => ["a_loss", "b_loss"]
+                    .iter()
+                    .map(|t| {
+                        values(&g.term(t).unwrap().gradients[i])
+                            .get(k)
+                            .copied()
+                            .unwrap_or(0.0)
+                    })
+                    .sum(),
+            };
+            let want = before[i][k] - 0.1 * (combined + adversarial[k]);
+            close(&format!("{}[{k}]", g.weights[i]), after[k], want);
+        }
+        if shared.contains(&i) {
+            at += after.len();
+        }
+    }
+    // With only pairwise conflicts in the three-head run, any order gives the reference's.
+    check_on("pcgrad3", Some(Box::new(PCGrad::new())), 3);
+}
