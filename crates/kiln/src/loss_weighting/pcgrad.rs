@@ -182,6 +182,42 @@ mod tests {
         assert!(draws.len() > 10, "the order hardly depends on the seed");
     }
 
+    /// Through the trait: the shared weight is projected in the order drawn from the step's
+    /// seed (which, for some seeds, differs from term order), and a weight one term reaches
+    /// keeps that term's gradient.
+    #[test]
+    fn combine_gradients_uses_the_drawn_order_on_shared_weights_only() {
+        let d = Device::Cpu;
+        let t = |v: &[f64]| Some(Tensor::new(v, &d).unwrap());
+        let gradients = vec![
+            vec![t(&[1.0, 0.0]), t(&[5.0])],
+            vec![t(&[-1.0, 1.0]), None],
+            vec![t(&[-1.0, -2.0]), None],
+        ];
+        let weights = ["trunk/kernel".to_string(), "head/kernel".to_string()];
+        let flat = vec![vec![1.0, 0.0], vec![-1.0, 1.0], vec![-1.0, -2.0]];
+        let mut s = PCGrad::new();
+        s.begin(&["a".into(), "b".into(), "c".into()], DType::F64, &d)
+            .unwrap();
+        let fixed = project(&flat, &PCGrad::new().shuffle(false).order(0, 3));
+        let mut differs = false;
+        for seed in 0..16 {
+            let step = GradientStep {
+                weights: &weights,
+                values: &[1.0, 1.0, 1.0],
+                gradients: &gradients,
+                seed,
+            };
+            let g = s.combine_gradients(&step, true).unwrap();
+            let got: Vec<f64> = g[0].as_ref().unwrap().to_vec1().unwrap();
+            assert_eq!(got, project(&flat, &PCGrad::projection_order(seed, 3)));
+            assert_eq!(g[1].as_ref().unwrap().to_vec1::<f64>().unwrap(), [5.0]);
+            differs |= got != fixed;
+        }
+        assert!(differs, "no seed drew an order other than term order");
+        assert_eq!(s.weights().unwrap(), [1.0, 1.0, 1.0]);
+    }
+
     /// With three terms the order matters: the first projection changes which later dot
     /// products are negative.
     #[test]
