@@ -102,9 +102,10 @@ impl Compile {
         }
     }
     /// Sets the weights of the compiled per-output losses automatically while training, with
-    /// a strategy of [`crate::loss_weighting`] (uncertainty, dynamic weight average, FAMO).
-    /// Each output's fixed `loss_weight` still scales its term first. The weights are logged
-    /// per epoch as `loss_weight/<term>`, and saved in checkpoints.
+    /// a strategy of [`crate::loss_weighting`] (uncertainty, dynamic weight average, FAMO,
+    /// PCGrad, GradNorm). Each output's fixed `loss_weight` still scales its term first. The
+    /// weights are logged per epoch as `loss_weight/<term>`, and saved in checkpoints and
+    /// with [`crate::Model::save_weights`].
     ///
     /// ```
     /// use kiln::loss_weighting::DynamicWeightAverage;
