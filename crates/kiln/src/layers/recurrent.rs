@@ -739,6 +739,8 @@ mod tests {
         (1, 5, 3, 2),
         (3, 7, 4, 5),
         (4, 9, 6, 17),
+        // More rows than one block of the fused ops (32): two full blocks and a short one.
+        (70, 4, 3, 6),
     ];
 
     fn mask_for(batch: usize, steps: usize, dtype: DType) -> Tensor {
