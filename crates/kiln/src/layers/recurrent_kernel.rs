@@ -14,9 +14,9 @@
 //! Only Keras' default activations (tanh, sigmoid), and the GRU with `reset_after`, on the CPU
 //! in f32 or f64; the layer keeps its plain graph otherwise. Masked steps carry the state.
 
-use super::dense_kernel::{product, product_column_major, Element, Operand};
+use super::dense_kernel::{product, product_column_major, product_new, Element, Operand};
 use crate::cpu::{contiguous, vectorized, with_slice, Real};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use std::sync::{Arc, Mutex};
 
 /// The gates' pre-activations of a step, `z = h · R`, for `rows` states `h` `[rows, units]`
@@ -178,22 +178,10 @@ impl Sequence {
         }
         g
     }
-
-    /// The block-major `d` (`gates` per row and step) as the input projection's `[batch,
-    /// steps, gates]` gradient.
-    fn batch_major<T: Element>(&self, d: &[T], gates: usize) -> Vec<T> {
-        let (b, t) = (self.batch, self.steps);
-        let mut out = Vec::with_capacity(d.len());
-        for row in 0..b {
-            for s in 0..t {
-                out.extend_from_slice(&d[self.record(row, s, gates)..][..gates]);
-            }
-        }
-        out
-    }
 }
 
-/// What a forward pass keeps for its backward pass: the time-major per-step records.
+/// What a forward pass keeps for its backward pass: the per-step records and the input, in
+/// blocks.
 #[derive(Default)]
 struct Saved(Mutex<Option<CpuStorage>>);
 
@@ -289,10 +277,135 @@ vectorized! {
     }
 }
 
-/// LSTM over `x_proj` `[batch, steps, 4·units]` (the input projection with the bias) and the
-/// recurrent kernel `[units, 4·units]`; the output is the layer's (see [`Sequence`]).
+/// The input projection the ops make themselves, `x · W + b`, from the input `x` `[batch,
+/// steps, features]` and `wb`, the kernel `[features, gates]` with the bias below it as one more
+/// row when there is one. Inside the op, the projection (as wide as all the gates) never becomes
+/// a tensor: candle would zero-fill and add its gradient, and the op would turn that gradient
+/// from its own order into the tensor's (a third of an R1 backward pass besides the products).
+/// Only the input itself, `gates / features` times smaller, is reordered.
+#[derive(Clone, Copy)]
+pub(crate) struct Projection {
+    pub(crate) features: usize,
+    pub(crate) bias: bool,
+}
+
+impl Projection {
+    /// Copies the block's rows of `x` (from row `first`), time-major, into `xt` and returns
+    /// their projection, time-major too.
+    fn forward<T: Element>(
+        &self,
+        seq: &Sequence,
+        (x, wb): (&[T], &[T]),
+        gates: usize,
+        first: usize,
+        xt: &mut [T],
+    ) -> Vec<T> {
+        let (t, f) = (seq.steps, self.features);
+        let n = xt.len() / (t * f);
+        for s in 0..t {
+            for i in 0..n {
+                xt[(s * n + i) * f..][..f].copy_from_slice(&x[((first + i) * t + s) * f..][..f]);
+            }
+        }
+        let mut proj = match self.bias {
+            true => wb[f * gates..][..gates].repeat(n * t),
+            false => vec![T::default(); n * t * gates],
+        };
+        // SAFETY: proj holds (n·t)×gates elements, xt (n·t)×f and the kernel f×gates.
+        unsafe {
+            product(
+                (n * t, gates, f),
+                proj.as_mut_ptr(),
+                true,
+                Operand::rows(xt, f),
+                Operand::rows(wb, gates),
+                1,
+            )
+        };
+        proj
+    }
+
+    /// The input's gradient for one block: its projection's gradient `d` (time-major) times
+    /// the kernel's transpose, written into the block's rows of `dx` (batch-major).
+    fn input_gradient<T: Element>(
+        &self,
+        seq: &Sequence,
+        d: &[T],
+        wb: &[T],
+        gates: usize,
+        dx: &mut [T],
+    ) {
+        let (t, f) = (seq.steps, self.features);
+        let n = dx.len() / (t * f);
+        let time_major = product_new(
+            (n * t, f, gates),
+            Operand::rows(d, gates),
+            Operand::transposed(wb, gates),
+            1,
+        );
+        for s in 0..t {
+            for i in 0..n {
+                dx[(i * t + s) * f..][..f].copy_from_slice(&time_major[(s * n + i) * f..][..f]);
+            }
+        }
+    }
+
+    /// The gradient of `wb`: `Σ xtᵀ · d` over the blocks, and the bias's, the column sums of
+    /// `d`, below it.
+    fn parameter_gradient<T: Element>(
+        &self,
+        seq: &Sequence,
+        xt: &[T],
+        d: &[T],
+        gates: usize,
+    ) -> Vec<T> {
+        let (b, t, f) = (seq.batch, seq.steps, self.features);
+        let mut g = vec![T::default(); (f + usize::from(self.bias)) * gates];
+        for (k, first) in (0..b).step_by(BLOCK_ROWS).enumerate() {
+            let rows = BLOCK_ROWS.min(b - first);
+            let (xb, db) = (&xt[first * t * f..], &d[first * t * gates..]);
+            // SAFETY: g holds at least f×gates; xtᵀ is f×(rows·t) and d (rows·t)×gates, both
+            // inside this block.
+            unsafe {
+                product(
+                    (f, gates, rows * t),
+                    g.as_mut_ptr(),
+                    k > 0,
+                    Operand::transposed(xb, f),
+                    Operand::rows(db, gates),
+                    crate::runtime::matmul_threads(),
+                )
+            };
+        }
+        if self.bias {
+            add_rows_into(&mut g[f * gates..], d);
+        }
+        g
+    }
+}
+
+/// `sums += Σ rows`, per column (`sums.len()` of them).
+fn add_rows_into<T: Element>(sums: &mut [T], rows: &[T]) {
+    for row in rows.chunks_exact(sums.len()) {
+        for (a, &v) in sums.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+}
+
+/// What the LSTM and GRU backward passes need of their inputs: the kernel with its bias, and
+/// whether the input's gradient is wanted.
+struct Inputs<'a, T> {
+    wb: &'a [T],
+    want_dx: bool,
+}
+
+/// LSTM over the input `x` `[batch, steps, features]`, the kernel with its bias (see
+/// [`Projection`]) and the recurrent kernel `[units, 4·units]`; the output is the layer's (see
+/// [`Sequence`]).
 pub(crate) struct LstmOp {
     seq: Sequence,
+    projection: Projection,
     saved: Saved,
 }
 
@@ -300,20 +413,30 @@ impl LstmOp {
     /// Per step and sequence: h, c, tanh c, then the gates i, f, g, o.
     const WIDTH: usize = 7;
 
-    pub(crate) fn new(seq: Sequence) -> Self {
+    pub(crate) fn new(seq: Sequence, projection: Projection) -> Self {
         Self {
             seq,
+            projection,
             saved: Saved::default(),
         }
     }
 
-    fn fwd<T: Element>(&self, x: &[T], r: &[T]) -> Vec<T> {
+    /// The records of every step (block-major), then the input time-major by block.
+    fn fwd<T: Element>(&self, x: &[T], wb: &[T], r: &[T]) -> Vec<T> {
         let seq = &self.seq;
-        let (t, u) = (seq.steps, seq.units);
+        let (t, u, f) = (seq.steps, seq.units, self.projection.features);
         let w = Self::WIDTH * u;
-        let mut saved = vec![T::default(); t * seq.batch * w];
-        for_each_block(seq.blocks_mut(&mut saved, w), |(first, records)| {
+        let mut saved = vec![T::default(); t * seq.batch * (w + f)];
+        let (records, xts) = saved.split_at_mut(t * seq.batch * w);
+        let pieces: Vec<_> = seq
+            .blocks_mut(records, w)
+            .into_iter()
+            .zip(seq.blocks_mut(xts, f))
+            .map(|((first, records), (_, xt))| (first, records, xt))
+            .collect();
+        for_each_block(pieces, |(first, records, xt)| {
             let n = records.len() / (t * w);
+            let proj = self.projection.forward(seq, (x, wb), 4 * u, first, xt);
             let mut h = vec![T::default(); n * u];
             let mut c = vec![T::default(); n * u];
             let mut z = vec![T::default(); n * 4 * u];
@@ -328,7 +451,7 @@ impl LstmOp {
                         rec[u..2 * u].copy_from_slice(cr);
                         continue;
                     }
-                    let xr = &x[(row * t + s) * 4 * u..][..4 * u];
+                    let xr = &proj[(s * n + i) * 4 * u..][..4 * u];
                     lstm_cell(xr, &z[i * 4 * u..][..4 * u], hr, cr, rec);
                 }
             }
@@ -340,86 +463,153 @@ impl LstmOp {
 
     fn bwd_typed<T: Element>(
         &self,
-        r: &Tensor,
+        (x, wb, r): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let seq = &self.seq;
-        let (b, t, u) = (seq.batch, seq.steps, seq.units);
-        let w = Self::WIDTH * u;
-        let (r, grad) = (r.contiguous()?, grad.contiguous()?);
-        with_slice::<T, _>(&r, "kiln-lstm: kernel", |rk| {
-            self.saved.with::<T, _>("kiln-lstm", |saved| {
-                with_slice::<T, _>(&grad, "kiln-lstm: gradient", |gr| {
-                    let zeros = vec![T::default(); u];
-                    let rt = crate::cpu::transpose(rk, u, 4 * u, 1);
-                    let mut dz = vec![T::default(); t * b * 4 * u];
-                    for_each_block(seq.blocks_mut(&mut dz, 4 * u), |(first, dz)| {
-                        let n = dz.len() / (t * 4 * u);
-                        let records = &saved[first * t * w..][..n * t * w];
-                        let mut dh = vec![T::default(); n * u];
-                        let mut dc = vec![T::default(); n * u];
-                        let mut carried = vec![T::default(); n * u];
-                        for s in (0..t).rev() {
-                            let dzs = &mut dz[s * n * 4 * u..][..n * 4 * u];
-                            for i in 0..n {
-                                let row = first + i;
-                                let gh = seq.grad_at(gr, &zeros, row, s);
-                                let (dhr, dcr) = (&dh[i * u..][..u], &mut dc[i * u..][..u]);
-                                let car = &mut carried[i * u..][..u];
-                                if !seq.counts(row, s) {
-                                    for ((c, &d), &g) in car.iter_mut().zip(dhr).zip(gh) {
-                                        *c = d + g;
-                                    }
-                                    continue;
-                                }
-                                let c_prev = if s == 0 {
-                                    &zeros[..]
-                                } else {
-                                    &records[((s - 1) * n + i) * w + u..][..u]
-                                };
-                                let rec = &records[(s * n + i) * w..][..w];
-                                let d = &mut dzs[i * 4 * u..][..4 * u];
-                                lstm_cell_grad(rec, c_prev, gh, dhr, dcr, d);
-                                car.fill(T::default());
-                            }
-                            // dh_{t-1} = dz_t · Rᵀ, plus what masked steps carry.
-                            step_gradient(&mut dh, dzs, &rt, (n, 4 * u, u));
-                            for (d, c) in dh.iter_mut().zip(&carried) {
-                                *d += *c;
-                            }
-                        }
-                    });
-                    let dr = seq.kernel_grad(saved, w, &dz, 4 * u);
-                    let dx = seq.batch_major(&dz, 4 * u);
-                    Ok((
-                        Tensor::from_vec(dx, (b, t, 4 * u), r.device())?,
-                        Tensor::from_vec(dr, (u, 4 * u), r.device())?,
-                    ))
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (b, t, w) = (self.seq.batch, self.seq.steps, Self::WIDTH * self.seq.units);
+        let (wb, r, grad) = (wb.contiguous()?, r.contiguous()?, grad.contiguous()?);
+        with_slice::<T, _>(&wb, "kiln-lstm: kernel", |wb| {
+            let inputs = Inputs {
+                wb,
+                want_dx: crate::gradients::wanted(x),
+            };
+            with_slice::<T, _>(&r, "kiln-lstm: recurrent kernel", |rk| {
+                self.saved.with::<T, _>("kiln-lstm", |saved| {
+                    with_slice::<T, _>(&grad, "kiln-lstm: gradient", |gr| {
+                        let (records, xts) = saved.split_at(t * b * w);
+                        self.backward(&inputs, (records, xts), rk, gr, r.device())
+                    })
                 })
             })
         })
     }
+
+    /// The gradients of the input (when wanted), the kernel with its bias, and the recurrent
+    /// kernel.
+    fn backward<T: Element>(
+        &self,
+        inputs: &Inputs<T>,
+        (records, xts): (&[T], &[T]),
+        rk: &[T],
+        gr: &[T],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let seq = &self.seq;
+        let (b, t, u, f) = (seq.batch, seq.steps, seq.units, self.projection.features);
+        let w = Self::WIDTH * u;
+        let zeros = vec![T::default(); u];
+        let rt = crate::cpu::transpose(rk, u, 4 * u, 1);
+        let mut dz = vec![T::default(); t * b * 4 * u];
+        let mut dx = vec![T::default(); if inputs.want_dx { t * b * f } else { 0 }];
+        let mut dx_blocks = seq.blocks_mut(&mut dx, f).into_iter().map(|(_, d)| d);
+        let pieces: Vec<_> = seq
+            .blocks_mut(&mut dz, 4 * u)
+            .into_iter()
+            .map(|(first, dz)| (first, dz, dx_blocks.next()))
+            .collect();
+        for_each_block(pieces, |(first, dz, dx)| {
+            let n = dz.len() / (t * 4 * u);
+            let records = &records[first * t * w..][..n * t * w];
+            let mut dh = vec![T::default(); n * u];
+            let mut dc = vec![T::default(); n * u];
+            let mut carried = vec![T::default(); n * u];
+            for s in (0..t).rev() {
+                let dzs = &mut dz[s * n * 4 * u..][..n * 4 * u];
+                for i in 0..n {
+                    let row = first + i;
+                    let gh = seq.grad_at(gr, &zeros, row, s);
+                    let (dhr, dcr) = (&dh[i * u..][..u], &mut dc[i * u..][..u]);
+                    let car = &mut carried[i * u..][..u];
+                    if !seq.counts(row, s) {
+                        for ((c, &d), &g) in car.iter_mut().zip(dhr).zip(gh) {
+                            *c = d + g;
+                        }
+                        continue;
+                    }
+                    let c_prev = if s == 0 {
+                        &zeros[..]
+                    } else {
+                        &records[((s - 1) * n + i) * w + u..][..u]
+                    };
+                    let rec = &records[(s * n + i) * w..][..w];
+                    let d = &mut dzs[i * 4 * u..][..4 * u];
+                    lstm_cell_grad(rec, c_prev, gh, dhr, dcr, d);
+                    car.fill(T::default());
+                }
+                // dh_{t-1} = dz_t · Rᵀ, plus what masked steps carry.
+                step_gradient(&mut dh, dzs, &rt, (n, 4 * u, u));
+                for (d, c) in dh.iter_mut().zip(&carried) {
+                    *d += *c;
+                }
+            }
+            if let Some(dx) = dx {
+                self.projection
+                    .input_gradient(seq, dz, inputs.wb, 4 * u, dx);
+            }
+        });
+        let dr = seq.kernel_grad(records, w, &dz, 4 * u);
+        let dwb = self.projection.parameter_gradient(seq, xts, &dz, 4 * u);
+        let wb_rows = f + usize::from(self.projection.bias);
+        Ok((
+            match inputs.want_dx {
+                true => Some(Tensor::from_vec(dx, (b, t, f), device)?),
+                false => None,
+            },
+            Tensor::from_vec(dwb, (wb_rows, 4 * u), device)?,
+            Tensor::from_vec(dr, (u, 4 * u), device)?,
+        ))
+    }
 }
 
+/// Checks the input, the kernel with its bias and the recurrent kernel (`rows` rows: the
+/// units, and one more for the GRU's recurrent bias) against the run.
 fn check(
     what: &str,
-    lx: &Layout,
-    lr: &Layout,
-    seq: &Sequence,
+    (lx, lw, lr): (&Layout, &Layout, &Layout),
+    (seq, projection): (&Sequence, &Projection),
     gates: usize,
+    rows: usize,
 ) -> candle_core::Result<()> {
-    let (b, t, u) = (seq.batch, seq.steps, seq.units);
-    if t == 0 || lx.shape().dims() != [b, t, gates * u] || lr.shape().dims() != [u, gates * u] {
+    let (b, t, u, f) = (seq.batch, seq.steps, seq.units, projection.features);
+    let wb_rows = f + usize::from(projection.bias);
+    if t == 0
+        || lx.shape().dims() != [b, t, f]
+        || lw.shape().dims() != [wb_rows, gates * u]
+        || lr.shape().dims() != [rows, gates * u]
+    {
         candle_core::bail!(
-            "{what}: shapes {:?}, {:?} do not fit",
+            "{what}: shapes {:?}, {:?}, {:?} do not fit",
             lx.shape(),
+            lw.shape(),
             lr.shape()
         );
     }
     Ok(())
 }
 
-impl CustomOp2 for LstmOp {
+/// The op's three inputs as contiguous slices of one float type, passed to `run`.
+macro_rules! with_three {
+    ($what:literal, ($a:expr, $la:expr), ($b:expr, $lb:expr), ($c:expr, $lc:expr), $run:expr) => {
+        match ($a, $b, $c) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32($run(
+                contiguous(a, $la, concat!($what, ": input"))?,
+                contiguous(b, $lb, concat!($what, ": kernel"))?,
+                contiguous(c, $lc, concat!($what, ": recurrent kernel"))?,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64($run(
+                contiguous(a, $la, concat!($what, ": input"))?,
+                contiguous(b, $lb, concat!($what, ": kernel"))?,
+                contiguous(c, $lc, concat!($what, ": recurrent kernel"))?,
+            )),
+            _ => candle_core::bail!(concat!(
+                $what,
+                ": the input and kernels must all be f32 or all f64"
+            )),
+        }
+    };
+}
+
+impl CustomOp3 for LstmOp {
     fn name(&self) -> &'static str {
         "kiln-lstm"
     }
@@ -428,37 +618,32 @@ impl CustomOp2 for LstmOp {
         &self,
         x: &CpuStorage,
         lx: &Layout,
+        wb: &CpuStorage,
+        lw: &Layout,
         r: &CpuStorage,
         lr: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        check("kiln-lstm", lx, lr, &self.seq, 4)?;
-        let out = match (x, r) {
-            (CpuStorage::F32(x), CpuStorage::F32(r)) => CpuStorage::F32(self.fwd(
-                contiguous(x, lx, "kiln-lstm: x")?,
-                contiguous(r, lr, "kiln-lstm: kernel")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(r)) => CpuStorage::F64(self.fwd(
-                contiguous(x, lx, "kiln-lstm: x")?,
-                contiguous(r, lr, "kiln-lstm: kernel")?,
-            )),
-            _ => candle_core::bail!("kiln-lstm: x and kernel must both be f32 or both f64"),
-        };
+        let (seq, projection) = (&self.seq, &self.projection);
+        check("kiln-lstm", (lx, lw, lr), (seq, projection), 4, seq.units)?;
+        let out = with_three!("kiln-lstm", (x, lx), (wb, lw), (r, lr), |x, wb, r| self
+            .fwd(x, wb, r));
         Ok((out, self.seq.output_shape()))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
+        wb: &Tensor,
         r: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dr) = match r.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(r, grad_res)?,
-            DType::F64 => self.bwd_typed::<f64>(r, grad_res)?,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dwb, dr) = match r.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((x, wb, r), grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>((x, wb, r), grad_res)?,
             other => candle_core::bail!("kiln-lstm: unsupported dtype {other:?}"),
         };
-        Ok((Some(dx), Some(dr)))
+        Ok((dx, Some(dwb), Some(dr)))
     }
 }
 
@@ -541,11 +726,12 @@ vectorized! {
     }
 }
 
-/// GRU (`reset_after`) over `x_proj` `[batch, steps, 3·units]` (the input projection with the
-/// input bias), the recurrent kernel `[units, 3·units]` and the recurrent bias `[3·units]`;
-/// the output is the layer's (see [`Sequence`]).
+/// GRU (`reset_after`) over the input `x` `[batch, steps, features]`, the kernel with the input
+/// bias (see [`Projection`]) and the recurrent kernel `[units, 3·units]` with the recurrent
+/// bias as one more row (zeros without biases); the output is the layer's (see [`Sequence`]).
 pub(crate) struct GruOp {
     seq: Sequence,
+    projection: Projection,
     saved: Saved,
 }
 
@@ -554,20 +740,31 @@ impl GruOp {
     /// candidate part (with its bias).
     const WIDTH: usize = 5;
 
-    pub(crate) fn new(seq: Sequence) -> Self {
+    pub(crate) fn new(seq: Sequence, projection: Projection) -> Self {
         Self {
             seq,
+            projection,
             saved: Saved::default(),
         }
     }
 
-    fn fwd<T: Element>(&self, x: &[T], r: &[T], rb: &[T]) -> Vec<T> {
+    /// The records of every step (block-major), then the input time-major by block.
+    fn fwd<T: Element>(&self, x: &[T], wb: &[T], rb: &[T]) -> Vec<T> {
         let seq = &self.seq;
-        let (t, u) = (seq.steps, seq.units);
+        let (t, u, f) = (seq.steps, seq.units, self.projection.features);
         let w = Self::WIDTH * u;
-        let mut saved = vec![T::default(); t * seq.batch * w];
-        for_each_block(seq.blocks_mut(&mut saved, w), |(first, records)| {
+        let (r, rbias) = rb.split_at(u * 3 * u);
+        let mut saved = vec![T::default(); t * seq.batch * (w + f)];
+        let (records, xts) = saved.split_at_mut(t * seq.batch * w);
+        let pieces: Vec<_> = seq
+            .blocks_mut(records, w)
+            .into_iter()
+            .zip(seq.blocks_mut(xts, f))
+            .map(|((first, records), (_, xt))| (first, records, xt))
+            .collect();
+        for_each_block(pieces, |(first, records, xt)| {
             let n = records.len() / (t * w);
+            let proj = self.projection.forward(seq, (x, wb), 3 * u, first, xt);
             let mut h = vec![T::default(); n * u];
             let mut inner = vec![T::default(); n * 3 * u];
             for s in 0..t {
@@ -580,8 +777,8 @@ impl GruOp {
                         rec[..u].copy_from_slice(hr);
                         continue;
                     }
-                    let xr = &x[(row * t + s) * 3 * u..][..3 * u];
-                    gru_cell(xr, &inner[i * 3 * u..][..3 * u], rb, hr, rec);
+                    let xr = &proj[(s * n + i) * 3 * u..][..3 * u];
+                    gru_cell(xr, &inner[i * 3 * u..][..3 * u], rbias, hr, rec);
                 }
             }
         });
@@ -592,77 +789,105 @@ impl GruOp {
 
     fn bwd_typed<T: Element>(
         &self,
-        r: &Tensor,
+        (x, wb, rb): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let seq = &self.seq;
-        let (b, t, u) = (seq.batch, seq.steps, seq.units);
-        let w = Self::WIDTH * u;
-        let (r, grad) = (r.contiguous()?, grad.contiguous()?);
-        with_slice::<T, _>(&r, "kiln-gru: kernel", |rk| {
-            self.saved.with::<T, _>("kiln-gru", |saved| {
-                with_slice::<T, _>(&grad, "kiln-gru: gradient", |gr| {
-                    let zeros = vec![T::default(); u];
-                    let rt = crate::cpu::transpose(rk, u, 3 * u, 1);
-                    // dInner per step: the recurrent product's gradient; dx the projection's.
-                    let mut di = vec![T::default(); t * b * 3 * u];
-                    let mut dx = vec![T::default(); t * b * 3 * u];
-                    let pieces: Vec<_> = seq
-                        .blocks_mut(&mut di, 3 * u)
-                        .into_iter()
-                        .zip(seq.blocks_mut(&mut dx, 3 * u))
-                        .map(|((first, di), (_, dx))| (first, di, dx))
-                        .collect();
-                    for_each_block(pieces, |(first, di, dx)| {
-                        let n = di.len() / (t * 3 * u);
-                        let records = &saved[first * t * w..][..n * t * w];
-                        let mut dh = vec![T::default(); n * u];
-                        let mut direct = vec![T::default(); n * u];
-                        for s in (0..t).rev() {
-                            let dis = &mut di[s * n * 3 * u..][..n * 3 * u];
-                            for i in 0..n {
-                                let row = first + i;
-                                let gh = seq.grad_at(gr, &zeros, row, s);
-                                let dhr = &dh[i * u..][..u];
-                                let dir = &mut direct[i * u..][..u];
-                                if !seq.counts(row, s) {
-                                    for ((c, &d), &g) in dir.iter_mut().zip(dhr).zip(gh) {
-                                        *c = d + g;
-                                    }
-                                    continue;
-                                }
-                                let h_prev = if s == 0 {
-                                    &zeros[..]
-                                } else {
-                                    &records[((s - 1) * n + i) * w..][..u]
-                                };
-                                let rec = &records[(s * n + i) * w..][..w];
-                                let d = &mut dis[i * 3 * u..][..3 * u];
-                                let dxr = &mut dx[(s * n + i) * 3 * u..][..3 * u];
-                                gru_cell_grad(rec, h_prev, gh, dhr, d, dxr, dir);
-                            }
-                            step_gradient(&mut dh, dis, &rt, (n, 3 * u, u));
-                            for (d, c) in dh.iter_mut().zip(&direct) {
-                                *d += *c;
-                            }
-                        }
-                    });
-                    let dr = seq.kernel_grad(saved, w, &di, 3 * u);
-                    let mut drb = vec![T::default(); 3 * u];
-                    for row in di.chunks_exact(3 * u) {
-                        for (a, &v) in drb.iter_mut().zip(row) {
-                            *a += v;
-                        }
-                    }
-                    let dx = seq.batch_major(&dx, 3 * u);
-                    Ok((
-                        Tensor::from_vec(dx, (b, t, 3 * u), r.device())?,
-                        Tensor::from_vec(dr, (u, 3 * u), r.device())?,
-                        Tensor::from_vec(drb, 3 * u, r.device())?,
-                    ))
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (b, t, w) = (self.seq.batch, self.seq.steps, Self::WIDTH * self.seq.units);
+        let (wb, rb, grad) = (wb.contiguous()?, rb.contiguous()?, grad.contiguous()?);
+        with_slice::<T, _>(&wb, "kiln-gru: kernel", |wb| {
+            let inputs = Inputs {
+                wb,
+                want_dx: crate::gradients::wanted(x),
+            };
+            with_slice::<T, _>(&rb, "kiln-gru: recurrent kernel", |rb| {
+                self.saved.with::<T, _>("kiln-gru", |saved| {
+                    with_slice::<T, _>(&grad, "kiln-gru: gradient", |gr| {
+                        let saved = saved.split_at(t * b * w);
+                        self.backward(&inputs, saved, rb, gr, x.device())
+                    })
                 })
             })
         })
+    }
+
+    /// The gradients of the input (when wanted), the kernel with the input bias, and the
+    /// recurrent kernel with the recurrent bias.
+    fn backward<T: Element>(
+        &self,
+        inputs: &Inputs<T>,
+        (records, xts): (&[T], &[T]),
+        rb: &[T],
+        gr: &[T],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let seq = &self.seq;
+        let (b, t, u, f) = (seq.batch, seq.steps, seq.units, self.projection.features);
+        let w = Self::WIDTH * u;
+        let zeros = vec![T::default(); u];
+        let rt = crate::cpu::transpose(&rb[..u * 3 * u], u, 3 * u, 1);
+        // Per step: the recurrent product's gradient, and the projection's.
+        let mut di = vec![T::default(); t * b * 3 * u];
+        let mut dp = vec![T::default(); t * b * 3 * u];
+        let mut dx = vec![T::default(); if inputs.want_dx { t * b * f } else { 0 }];
+        let mut dx_blocks = seq.blocks_mut(&mut dx, f).into_iter().map(|(_, d)| d);
+        let pieces: Vec<_> = seq
+            .blocks_mut(&mut di, 3 * u)
+            .into_iter()
+            .zip(seq.blocks_mut(&mut dp, 3 * u))
+            .map(|((first, di), (_, dp))| (first, di, dp, dx_blocks.next()))
+            .collect();
+        for_each_block(pieces, |(first, di, dp, dx)| {
+            let n = di.len() / (t * 3 * u);
+            let records = &records[first * t * w..][..n * t * w];
+            let mut dh = vec![T::default(); n * u];
+            let mut direct = vec![T::default(); n * u];
+            for s in (0..t).rev() {
+                let dis = &mut di[s * n * 3 * u..][..n * 3 * u];
+                for i in 0..n {
+                    let row = first + i;
+                    let gh = seq.grad_at(gr, &zeros, row, s);
+                    let dhr = &dh[i * u..][..u];
+                    let dir = &mut direct[i * u..][..u];
+                    if !seq.counts(row, s) {
+                        for ((c, &d), &g) in dir.iter_mut().zip(dhr).zip(gh) {
+                            *c = d + g;
+                        }
+                        continue;
+                    }
+                    let h_prev = if s == 0 {
+                        &zeros[..]
+                    } else {
+                        &records[((s - 1) * n + i) * w..][..u]
+                    };
+                    let rec = &records[(s * n + i) * w..][..w];
+                    let d = &mut dis[i * 3 * u..][..3 * u];
+                    let dpr = &mut dp[(s * n + i) * 3 * u..][..3 * u];
+                    gru_cell_grad(rec, h_prev, gh, dhr, d, dpr, dir);
+                }
+                step_gradient(&mut dh, dis, &rt, (n, 3 * u, u));
+                for (d, c) in dh.iter_mut().zip(&direct) {
+                    *d += *c;
+                }
+            }
+            if let Some(dx) = dx {
+                self.projection
+                    .input_gradient(seq, dp, inputs.wb, 3 * u, dx);
+            }
+        });
+        // The recurrent kernel's gradient with the recurrent bias's below it.
+        let mut drb = seq.kernel_grad(records, w, &di, 3 * u);
+        drb.resize((u + 1) * 3 * u, T::default());
+        add_rows_into(&mut drb[u * 3 * u..], &di);
+        let dwb = self.projection.parameter_gradient(seq, xts, &dp, 3 * u);
+        let wb_rows = f + usize::from(self.projection.bias);
+        Ok((
+            match inputs.want_dx {
+                true => Some(Tensor::from_vec(dx, (b, t, f), device)?),
+                false => None,
+            },
+            Tensor::from_vec(dwb, (wb_rows, 3 * u), device)?,
+            Tensor::from_vec(drb, (u + 1, 3 * u), device)?,
+        ))
     }
 }
 
@@ -675,57 +900,46 @@ impl CustomOp3 for GruOp {
         &self,
         x: &CpuStorage,
         lx: &Layout,
-        r: &CpuStorage,
-        lr: &Layout,
+        wb: &CpuStorage,
+        lw: &Layout,
         rb: &CpuStorage,
-        lb: &Layout,
+        lr: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        check("kiln-gru", lx, lr, &self.seq, 3)?;
-        if lb.shape().dims() != [3 * self.seq.units] {
-            candle_core::bail!("kiln-gru: recurrent bias {:?} does not fit", lb.shape());
-        }
-        let out = match (x, r, rb) {
-            (CpuStorage::F32(x), CpuStorage::F32(r), CpuStorage::F32(rb)) => {
-                CpuStorage::F32(self.fwd(
-                    contiguous(x, lx, "kiln-gru: x")?,
-                    contiguous(r, lr, "kiln-gru: kernel")?,
-                    contiguous(rb, lb, "kiln-gru: bias")?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(r), CpuStorage::F64(rb)) => {
-                CpuStorage::F64(self.fwd(
-                    contiguous(x, lx, "kiln-gru: x")?,
-                    contiguous(r, lr, "kiln-gru: kernel")?,
-                    contiguous(rb, lb, "kiln-gru: bias")?,
-                ))
-            }
-            _ => candle_core::bail!("kiln-gru: x, kernel and bias must all be f32 or all f64"),
-        };
+        let (seq, projection) = (&self.seq, &self.projection);
+        check(
+            "kiln-gru",
+            (lx, lw, lr),
+            (seq, projection),
+            3,
+            seq.units + 1,
+        )?;
+        let out = with_three!("kiln-gru", (x, lx), (wb, lw), (rb, lr), |x, wb, rb| self
+            .fwd(x, wb, rb));
         Ok((out, self.seq.output_shape()))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        r: &Tensor,
-        _rb: &Tensor,
+        x: &Tensor,
+        wb: &Tensor,
+        rb: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dr, drb) = match r.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(r, grad_res)?,
-            DType::F64 => self.bwd_typed::<f64>(r, grad_res)?,
+        let (dx, dwb, drb) = match rb.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((x, wb, rb), grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>((x, wb, rb), grad_res)?,
             other => candle_core::bail!("kiln-gru: unsupported dtype {other:?}"),
         };
-        Ok((Some(dx), Some(dr), Some(drb)))
+        Ok((dx, Some(dwb), Some(drb)))
     }
 }
 
-/// Whether the fused ops apply to `x_proj` and the recurrent kernel.
-pub(crate) fn applies(x_proj: &Tensor, params: &[&Tensor]) -> bool {
-    matches!(x_proj.dtype(), DType::F32 | DType::F64)
-        && x_proj.device().is_cpu()
+/// Whether the fused ops apply to the input `x` and the layer's weights.
+pub(crate) fn applies(x: &Tensor, params: &[&Tensor]) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.device().is_cpu()
         && params
             .iter()
-            .all(|p| p.dtype() == x_proj.dtype() && p.device().is_cpu())
+            .all(|p| p.dtype() == x.dtype() && p.device().is_cpu())
 }
