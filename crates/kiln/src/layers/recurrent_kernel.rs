@@ -384,11 +384,13 @@ impl Projection {
     }
 }
 
-/// `sums += Σ rows`, per column (`sums.len()` of them).
-fn add_rows_into<T: Element>(sums: &mut [T], rows: &[T]) {
-    for row in rows.chunks_exact(sums.len()) {
-        for (a, &v) in sums.iter_mut().zip(row) {
-            *a += v;
+vectorized! {
+    /// `sums += Σ rows`, per column (`sums.len()` of them).
+    fn add_rows_into<T>(sums: &mut [T], rows: &[T]) {
+        for row in rows.chunks_exact(sums.len()) {
+            for (a, &v) in sums.iter_mut().zip(row) {
+                *a = *a + v;
+            }
         }
     }
 }
