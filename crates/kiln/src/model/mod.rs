@@ -79,6 +79,9 @@ pub struct Model {
     pub(crate) shard: Option<crate::distributed::StepShard>,
     /// The Keras file this model was imported from, for [`Model::save_keras`].
     pub(crate) keras: Option<Arc<crate::keras::Source>>,
+    /// Per step, whether the next step is a ReLU layer that reads this step's output alone and
+    /// that the step may apply itself ([`relu_fusions`]).
+    relu_follows: Vec<bool>,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -345,7 +348,9 @@ impl Model {
             output_names.push(unique);
         }
 
+        let relu_follows = relu_fusions(&steps, &b.outputs);
         Ok(Model {
+            relu_follows,
             inputs: b.inputs,
             outputs: b.outputs,
             output_names,
@@ -642,6 +647,9 @@ impl Model {
             )));
         }
         let mut pass = ForwardPass::default();
+        // Added terms may read any intermediate tensor, so no output is skipped when there are.
+        let may_fuse = self.added.is_empty();
+        let mut skip_next = false;
         for ((sym, x), name) in self.inputs.iter().zip(inputs).zip(&self.input_names) {
             if x.rank() == 0 || &x.dims()[1..] != sym.shape() {
                 return Err(Error::Data(format!(
@@ -652,7 +660,10 @@ impl Model {
             }
             pass.values.insert(sym.id(), x.to_dtype(self.dtype)?);
         }
-        for step in &self.steps {
+        for (i, step) in self.steps.iter().enumerate() {
+            if std::mem::take(&mut skip_next) {
+                continue;
+            }
             let xs: Vec<Tensor> = step
                 .inputs
                 .iter()
@@ -671,6 +682,7 @@ impl Model {
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
             ctx.layer_trainable = step.layer.is_trainable();
+            ctx.relu_follows = may_fuse && self.relu_follows[i];
             let y = layer
                 .call_with_masks(&xs, &masks, &mut ctx)
                 .map_err(|e| match e {
@@ -691,7 +703,17 @@ impl Model {
                     .push((format!("activity_{}", reg.name()), value));
             }
             pass.layer_losses.extend(added);
-            pass.values.insert(step.node.id(), y);
+            let mut node = step.node.id();
+            if ctx.relu_applied {
+                // The output is the ReLU layer's, which keeps the mask; this step's own output
+                // is read by nothing else.
+                node = self.steps[i + 1].node.id();
+                if let Some(mask) = pass.masks.get(&step.node.id()).cloned() {
+                    pass.masks.insert(node, mask);
+                }
+                skip_next = true;
+            }
+            pass.values.insert(node, y);
         }
         Ok(pass)
     }
@@ -1076,4 +1098,86 @@ pub(crate) struct ForwardPass {
     pub(crate) values: HashMap<usize, Tensor>,
     pub(crate) masks: HashMap<usize, Tensor>,
     pub(crate) layer_losses: Vec<(String, Tensor)>,
+}
+
+/// Per step, whether the next step is a ReLU layer ([`crate::layers::ActivationLayer`] with
+/// ReLU, no activity regularizer) whose only input is this step's output, where nothing else
+/// reads that output: no other step, no explicit mask, no activity regularizer of this step, and
+/// neither step makes a model output (an output's logits are read from its layer's inputs). Then
+/// this step may apply the ReLU in its own kernel ([`CallContext`]).
+fn relu_fusions(steps: &[Step], outputs: &[SymbolicTensor]) -> Vec<bool> {
+    let is_output = |id: usize| outputs.iter().any(|o| o.id() == id);
+    let readers = |id: usize| {
+        steps
+            .iter()
+            .map(|s| {
+                let inputs = s.inputs.iter().filter(|&&i| i == id).count();
+                inputs + s.masks.iter().filter(|m| **m == Some(id)).count()
+            })
+            .sum::<usize>()
+    };
+    let mut follows = vec![false; steps.len()];
+    for (i, pair) in steps.windows(2).enumerate() {
+        let (step, next) = (&pair[0], &pair[1]);
+        let id = step.node.id();
+        let relu = {
+            let layer = next.layer.lock();
+            layer.kind() == "activation"
+                && layer.final_activation() == Some(crate::Activation::Relu)
+                && layer.activity_regularizer().is_none()
+        };
+        follows[i] = relu
+            && next.inputs == [id]
+            && next.masks.iter().all(Option::is_none)
+            && readers(id) == 1
+            && !is_output(id)
+            && !is_output(next.node.id())
+            && step.layer.lock().activity_regularizer().is_none();
+    }
+    follows
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+
+    fn relu() -> ActivationLayer {
+        ActivationLayer::new(Activation::Relu)
+    }
+
+    /// Which steps may take the next ReLU layer into their own kernel.
+    #[test]
+    fn a_relu_is_fused_only_where_nothing_else_reads_the_output_before_it() -> Result<()> {
+        // A chain: the normalization's output is read by the ReLU alone.
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&Dense::new(3).apply(&x)?)?;
+        let y = Dense::new(2).apply(&relu().apply(&n)?)?;
+        let model = Model::new(&[&x], &[&y])?;
+        assert_eq!(model.relu_follows, [false, true, false, false]);
+
+        // The output before the ReLU is read by another layer too.
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&x)?;
+        let r = relu().apply(&n)?;
+        let y = Add::new().apply_many(&[&r, &n])?;
+        assert_eq!(Model::new(&[&x], &[&y])?.relu_follows, [false; 3]);
+
+        // The ReLU makes a model output (its logits would be read from its input), or the step
+        // before it does.
+        let x = Input::new([4]);
+        let r = relu().apply(&BatchNormalization::new().apply(&x)?)?;
+        assert_eq!(Model::new(&[&x], &[&r])?.relu_follows, [false; 2]);
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&x)?;
+        let r = relu().apply(&n)?;
+        assert_eq!(Model::new(&[&x], &[&r, &n])?.relu_follows, [false; 2]);
+
+        // Another activation is not taken in.
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&x)?;
+        let y = ActivationLayer::new(Activation::Tanh).apply(&n)?;
+        let y = Dense::new(1).apply(&y)?;
+        assert_eq!(Model::new(&[&x], &[&y])?.relu_follows, [false; 3]);
+        Ok(())
+    }
 }
