@@ -670,3 +670,42 @@ fn synchronized_batch_norm_with_an_attack_famo_and_diagnostics_matches_one_proce
         assert!(worst <= 1e-4, "N = {n}: logs off by {worst}");
     }
 }
+
+/// PCGrad and GradNorm combine one batch's per-term gradients, which data-parallel ranks do
+/// not gather: every rank refuses, naming the strategy, instead of projecting shards.
+#[test]
+fn gradient_combining_strategies_refuse_data_parallel_training() {
+    for strategy in ["pcgrad", "gradnorm"] {
+        let results = on_ranks(2, |comm| {
+            let data = kiln::data::digits(&Device::Cpu)?.slice(0, 40)?;
+            let parity = data.targets()[0].affine(0.0, 1.0)?.unsqueeze(1)?;
+            let data = Dataset::multi(
+                data.inputs().to_vec(),
+                vec![data.targets()[0].clone(), parity],
+            )?;
+            let x = Input::new([64]);
+            let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
+            let a = Dense::new(10).name("a").apply(&h)?;
+            let b = Dense::new(1).name("b").apply(&h)?;
+            let mut model = Model::new(&[x], &[a, b])?;
+            let s: Box<dyn kiln::loss_weighting::Strategy> = match strategy {
+                "pcgrad" => Box::new(kiln::loss_weighting::PCGrad::new()),
+                _ => Box::new(kiln::loss_weighting::GradNorm::new()),
+            };
+            model.compile(
+                Compile::new(Sgd::new(0.1))
+                    .loss_for("a", SparseCategoricalCrossentropy::new().from_logits(true))
+                    .loss_for("b", "mse")
+                    .loss_weighting_boxed(s),
+            )?;
+            model.fit(&data, Fit::new().quiet().distributed(comm))
+        });
+        for r in results {
+            let err = r.map(|_| ()).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{strategy}`")) && err.contains("data-parallel"),
+                "{err}"
+            );
+        }
+    }
+}

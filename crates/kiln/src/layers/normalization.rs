@@ -225,7 +225,9 @@ impl BatchNormalization {
     }
 
     /// Training without a mask takes the fused CPU pass where it applies
-    /// ([`super::channels::batch_norm_train`]), else this plain candle graph.
+    /// ([`super::channels::batch_norm_train`]), else this plain candle graph. The fused pass
+    /// applies the ReLU of a following layer when `relu` asks for it; the flag returned says
+    /// whether it did.
     ///
     /// `ranks`: the ranks of a data-parallel step, whose global batch gives the statistics
     /// when the layer is synchronised.
@@ -235,7 +237,8 @@ impl BatchNormalization {
         mask: Option<&Tensor>,
         training: bool,
         ranks: Option<&crate::distributed::SharedCommunicator>,
-    ) -> Result<Tensor> {
+        relu: bool,
+    ) -> Result<(Tensor, bool)> {
         let moving_mean = built(&self.moving_mean, "BatchNormalization")?;
         let moving_variance = built(&self.moving_variance, "BatchNormalization")?;
         let features = moving_mean.var.dims()[0];
@@ -265,11 +268,11 @@ impl BatchNormalization {
                 }
             };
             if let Some((y, mean, var)) =
-                super::channels::batch_norm_train(x, gamma, beta, self.epsilon)?
+                super::channels::batch_norm_train(x, gamma, beta, self.epsilon, relu)?
             {
                 self.update_moving(moving_mean, &mean)?;
                 self.update_moving(moving_variance, &var)?;
-                return Ok(y);
+                return Ok((y, relu));
             }
         }
         let (mean, var) = if training {
@@ -295,7 +298,7 @@ impl BatchNormalization {
         if let Some(b) = &self.beta {
             y = y.broadcast_add(b.var.as_tensor())?;
         }
-        Ok(y)
+        Ok((y, false))
     }
 }
 
@@ -401,12 +404,7 @@ impl Layer for BatchNormalization {
         .collect()
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
-        self.forward(
-            &inputs[0],
-            None,
-            ctx.training && ctx.layer_trainable(),
-            ctx.ranks.as_ref(),
-        )
+        self.call_with_masks(inputs, &[], ctx)
     }
     fn call_with_masks(
         &self,
@@ -414,12 +412,13 @@ impl Layer for BatchNormalization {
         masks: &[Option<Tensor>],
         ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.forward(
-            &inputs[0],
-            masks.first().and_then(Option::as_ref),
-            ctx.training && ctx.layer_trainable(),
-            ctx.ranks.as_ref(),
-        )
+        let training = ctx.training && ctx.layer_trainable();
+        let mask = masks.first().and_then(Option::as_ref);
+        let ranks = ctx.ranks.as_ref();
+        let (y, relu_applied) =
+            self.forward(&inputs[0], mask, training, ranks, ctx.relu_follows)?;
+        ctx.relu_applied = relu_applied;
+        Ok(y)
     }
     fn takes_mask(&self) -> bool {
         true

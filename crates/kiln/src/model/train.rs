@@ -219,6 +219,13 @@ impl Fit {
     /// only when on. What is learned does not change: the update still uses the total's own
     /// gradient, so the weights are bit-identical with diagnostics on or off.
     ///
+    /// Under a loss weighting strategy the norms and cosines are of the terms as compiled
+    /// (an output's loss times its fixed `loss_weight`), *before* the strategy's weights: they
+    /// say how the terms themselves pull, which is what a strategy reacts to, and a weighted
+    /// norm is one product away (`loss_weight/<term>` · `grad_norm/<term>`), while PCGrad's
+    /// projected gradients are not a weighting of the terms at all. Cosines do not change
+    /// under positive weights either way.
+    ///
     /// ```
     /// use candle_core::{Device, Tensor};
     /// use kiln::prelude::*;
@@ -798,10 +805,33 @@ impl Model {
         if let Some(w) = &compiled.weighting {
             trainable.extend(w.variables.iter().map(|(_, v)| v.clone()));
         }
+        let combining = compiled
+            .weighting
+            .as_ref()
+            .filter(|w| w.lock().combines_gradients());
+        if let (Some(w), Some(_)) = (combining, &self.shard) {
+            return Err(Error::InvalidArgument(format!(
+                "loss weighting `{}` combines each batch's per-term gradients, which \
+                 data-parallel training does not gather yet: train on one process, or use \
+                 uncertainty, dwa or famo",
+                w.lock().name()
+            )));
+        }
         let Some((name, adversarial)) = adversarial else {
-            let mut grads = Gradients::default();
-            grads.backward(&terms.total)?;
-            let gradients = grads.take_each(&trainable)?;
+            let gradients = match combining {
+                None => {
+                    let mut grads = Gradients::default();
+                    grads.backward(&terms.total)?;
+                    grads.take_each(&trainable)?
+                }
+                Some(w) => {
+                    let rest = match w.terms.len() > w.outputs {
+                        true => None,
+                        false => terms.added.clone(),
+                    };
+                    self.combined_gradients(w, &terms, rest.as_ref(), &trainable, rng, advance)?
+                }
+            };
             return Ok(StepGradients {
                 terms,
                 pass,
@@ -832,8 +862,17 @@ impl Model {
             Some(added) => (&term + added)?,
             None => term.clone(),
         };
-        grads.backward(&second)?;
-        let gradients = grads.take_each(&trainable)?;
+        let gradients = match combining {
+            None => {
+                grads.backward(&second)?;
+                grads.take_each(&trainable)?
+            }
+            // (compile refuses weighing added terms beside an adversarial one, so the rest
+            // is the adversarial term and the added terms.)
+            Some(w) => {
+                self.combined_gradients(w, &terms, Some(&second), &trainable, rng, advance)?
+            }
+        };
         terms.push_detached(name.clone(), term.detach())?;
         terms.parts.push((name, term));
         Ok(StepGradients {
@@ -842,6 +881,57 @@ impl Model {
             trainable,
             gradients,
         })
+    }
+
+    /// The step's gradient under a strategy that combines the weighed terms' gradients
+    /// (PCGrad, GradNorm): one backward pass per weighed term, the strategy's combination,
+    /// plus the gradient of `rest` (the terms it does not weigh), one more backward pass.
+    fn combined_gradients(
+        &self,
+        w: &super::compile::Weighting,
+        terms: &StepTerms,
+        rest: Option<&Tensor>,
+        trainable: &[Var],
+        rng: &mut StdRng,
+        advance: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let named: Vec<(String, Tensor)> = w
+            .terms
+            .iter()
+            .cloned()
+            .zip(terms.weighed.iter().cloned())
+            .collect();
+        let per_term: Vec<Vec<Option<Tensor>>> =
+            super::term_gradients::per_term(&named, trainable)?
+                .into_iter()
+                .map(|(_, g)| g)
+                .collect();
+        let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
+        let mut names: Vec<String> = self
+            .weights()
+            .into_iter()
+            .filter(|x| x.trainable())
+            .map(|x| x.name)
+            .collect();
+        names.extend(w.variables.iter().map(|(n, _)| n.clone()));
+        let step = crate::loss_weighting::GradientStep {
+            weights: &names,
+            values: &values,
+            gradients: &per_term,
+            seed: rand::RngCore::next_u64(rng),
+        };
+        let mut combined = w.lock().combine_gradients(&step, advance)?;
+        if let Some(rest) = rest {
+            let mut grads = Gradients::default();
+            grads.backward(rest)?;
+            for (c, r) in combined.iter_mut().zip(grads.take_each(trainable)?) {
+                *c = match (c.take(), r) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        Ok(combined)
     }
 
     /// Applies the gradients with the optimizer (or, inside a gradient-accumulation group,
@@ -1056,6 +1146,15 @@ impl Model {
         }
         if let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) {
             let strategy = w.lock();
+            if strategy.combines_gradients() && config.gradient_accumulation_steps > 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "loss weighting `{}` combines each batch's per-term gradients before its \
+                     update, so it needs an update every batch: set \
+                     gradient_accumulation_steps to 1 (got {})",
+                    strategy.name(),
+                    config.gradient_accumulation_steps
+                )));
+            }
             if strategy.needs_terms_after_update() && config.gradient_accumulation_steps > 1 {
                 return Err(Error::InvalidArgument(format!(
                     "loss weighting `{}` compares each batch's terms before and after its \
