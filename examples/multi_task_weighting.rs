@@ -4,10 +4,10 @@
 //! error starts near 100). Trained with fixed weights (all 1) and with each loss weighting
 //! strategy, over several seeds; prints each head's held-out metric and the time per epoch.
 //!
-//! Run with `cargo run --release --example multi_task_weighting [SEEDS] [EPOCHS]` (default 5
-//! seeds, 30 epochs).
+//! Run with `cargo run --release --example multi_task_weighting [SEEDS] [EPOCHS] [NAMES…]`
+//! (default 5 seeds, 30 epochs, every strategy; NAMES: only the rows whose name starts so).
 
-use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+use kiln::loss_weighting::{DynamicWeightAverage, Famo, GradNorm, PCGrad, Strategy, Uncertainty};
 use kiln::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -94,6 +94,8 @@ pub fn strategies() -> Vec<(&'static str, Option<Box<dyn Strategy>>)> {
         ("uncertainty", Some(Box::new(Uncertainty::new()))),
         ("dwa (T = 2)", Some(Box::new(DynamicWeightAverage::new()))),
         ("famo", Some(Box::new(Famo::new()))),
+        ("pcgrad", Some(Box::new(PCGrad::new()))),
+        ("gradnorm (α = 1.5)", Some(Box::new(GradNorm::new()))),
     ]
 }
 
@@ -109,9 +111,14 @@ fn main() -> kiln::Result<()> {
     let mut args = std::env::args().skip(1);
     let seeds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let epochs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(30);
+    // Optionally only the strategies whose table name starts with one of these.
+    let only: Vec<String> = args.collect();
     println!("| weighting | digit accuracy | parity accuracy | value RMSE | s/epoch |");
     println!("|---|---|---|---|---|");
     for (name, strategy) in strategies() {
+        if !only.is_empty() && !only.iter().any(|o| name.starts_with(o.as_str())) {
+            continue;
+        }
         let mut rows: Vec<Outcome> = Vec::new();
         for seed in 0..seeds {
             rows.push(run(strategy.clone(), seed, epochs)?);

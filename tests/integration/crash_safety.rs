@@ -595,3 +595,171 @@ fn resuming_a_finished_early_stopped_run_keeps_the_restored_best_weights() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// RUN with an L2 penalty beside the data loss, both weighed by `strategy` (a run-file value
+/// of `loss_weighting`), gradient diagnostics on, and `rows` rows over `epochs` epochs.
+fn weighted_run(strategy: &str) -> String {
+    RUN.replace(
+        "activation = \"relu\" }",
+        "activation = \"relu\", kernel_regularizer = { l2 = 1e-3 } }",
+    )
+    .replace(
+        "[compile]\n",
+        &format!("[compile]\nloss_weighting = {{ type = \"{strategy}\", added_terms = true }}\n"),
+    )
+    .replace(
+        "batch_size = 32",
+        "batch_size = 32\ngradient_diagnostics = true",
+    )
+}
+
+/// Every loss weighting strategy, through the CLI: a `kiln train` killed with SIGKILL at
+/// moments spread over the run, and one stopped after several of its file operations, each
+/// `--resume`d, ends with the unbroken run's files byte for byte (weights, history with the
+/// weights and diagnostics, the strategy's state in model.safetensors).
+#[test]
+fn loss_weighting_survives_kill_9_and_resume() {
+    let dir = temp("weighting-kill");
+    write_points(&dir.join("points.csv"), 3000, 1.0);
+    for strategy in ["uncertainty", "dwa", "famo", "pcgrad", "gradnorm"] {
+        let file = format!("{strategy}.toml");
+        let run = weighted_run(strategy)
+            .replace("epochs = 5", "epochs = 6")
+            .replace("patience = 1, restore", "patience = 3, restore");
+        std::fs::write(dir.join(&file), run).unwrap();
+        let full = format!("{strategy}-full");
+        let started = std::time::Instant::now();
+        let (ok, _, err) = kiln(&["train", &file, "--quiet", "--out", &full], &dir);
+        assert!(ok, "{strategy}: {err}");
+        let unbroken = started.elapsed();
+        let full = dir.join(full);
+        let history: serde_json::Value =
+            serde_json::from_slice(&read(&full, "history.json")).unwrap();
+        for key in ["loss_weight/out_loss", "loss_weight/l2", "grad_norm/l2"] {
+            assert!(history.get(key).is_some(), "{strategy}: no {key}");
+        }
+        let mut interrupted = 0;
+        for (trial, fraction) in [0.25, 0.6, 0.9].iter().enumerate() {
+            let out = format!("{strategy}-t{trial}");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["train", &file, "--quiet", "--out", &out])
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(unbroken.mul_f64(*fraction));
+            if child.try_wait().unwrap().is_none() {
+                interrupted += 1;
+            }
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let (ok, _, err) = kiln(&["train", &file, "--quiet", "--resume", &out], &dir);
+            assert!(ok, "{strategy}: resume of trial {trial}: {err}");
+            assert_same_final_files(
+                &full,
+                &dir.join(&out),
+                &format!("{strategy}: SIGKILL trial {trial}"),
+            );
+        }
+        assert!(
+            interrupted >= 2,
+            "{strategy}: only {interrupted} kills landed mid-run"
+        );
+        for k in [4, 9] {
+            let out = format!("{strategy}-k{k}");
+            let (ok, _, _) = kiln_env(
+                &["train", &file, "--quiet", "--out", &out],
+                &dir,
+                &[("KILN_ABORT_AFTER_FILE_OPS", k.to_string())],
+            );
+            assert!(!ok, "{strategy}: the run outlived file operation {k}");
+            let (ok, _, err) = kiln(&["train", &file, "--quiet", "--resume", &out], &dir);
+            assert!(ok, "{strategy}: resume after file operation {k}: {err}");
+            assert_same_final_files(
+                &full,
+                &dir.join(&out),
+                &format!("{strategy}: killed after operation {k}"),
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A held-out value `key` from `kiln train`'s report.
+fn held_out(stdout: &str, key: &str) -> f64 {
+    stdout
+        .split("held-out:")
+        .nth(1)
+        .and_then(|s| s.lines().find(|l| l.split_whitespace().next() == Some(key)))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no held-out {key} in {stdout}"))
+        .parse()
+        .unwrap()
+}
+
+/// `kiln evaluate RUN_DIR` of a run trained with a strategy weighs the terms with the
+/// strategy's state at the end of training (saved in model.safetensors), not a fresh one:
+/// its `loss` is Σ (last epoch's `loss_weight/<term>`) · term (for DWA, the weights its last
+/// epoch set for the next), and agrees with the held-out loss `kiln train` reported from the
+/// trained model in memory.
+#[test]
+fn evaluate_uses_the_trained_strategy_state() {
+    let dir = temp("weighting-evaluate");
+    write_points(&dir.join("points.csv"), 300, 1.0);
+    for strategy in ["uncertainty", "dwa", "famo", "pcgrad", "gradnorm"] {
+        let file = format!("{strategy}.toml");
+        std::fs::write(dir.join(&file), weighted_run(strategy)).unwrap();
+        let (ok, stdout, err) = kiln(&["train", &file, "--out", strategy], &dir);
+        assert!(ok, "{strategy}: {err}");
+        let (ok, json, err) = kiln(&["evaluate", strategy, "--json"], &dir);
+        assert!(ok, "{strategy}: {err}");
+        assert!(!err.contains("no loss weighting state"), "{err}");
+        let logs: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        let history: serde_json::Value =
+            serde_json::from_slice(&read(&dir.join(strategy), "history.json")).unwrap();
+        let last = |k: &str| {
+            history[k]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .as_f64()
+                .unwrap()
+        };
+        let mut w = [last("loss_weight/out_loss"), last("loss_weight/l2")];
+        if strategy == "dwa" {
+            // DWA's state at the end holds the weights of the epoch that would come next:
+            // 2·softmax(r / 2), r the last two epochs' ratios of the terms' means.
+            let ratio = |k: &str| {
+                let v = history[k].as_array().unwrap();
+                let n = v.len();
+                v[n - 1].as_f64().unwrap() / v[n - 2].as_f64().unwrap()
+            };
+            let e = [(ratio("out_loss") / 2.0).exp(), (ratio("l2") / 2.0).exp()];
+            w = [2.0 * e[0] / (e[0] + e[1]), 2.0 * e[1] / (e[0] + e[1])];
+        }
+        if strategy != "pcgrad" {
+            assert!(
+                w.iter().any(|w| (w - 1.0).abs() > 1e-3),
+                "{strategy}: {w:?}"
+            );
+        }
+        let terms = [
+            logs["out_loss"].as_f64().unwrap(),
+            logs["l2"].as_f64().unwrap(),
+        ];
+        let want = w[0] * terms[0] + w[1] * terms[1];
+        let loss = logs["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() <= 1e-6 * want.abs(),
+            "{strategy}: evaluate's loss {loss}, trained weights give {want}"
+        );
+        let reported = held_out(&stdout, "loss");
+        assert!(
+            (loss - reported).abs() < 5e-7 + 1e-6 * reported.abs(),
+            "{strategy}: evaluate {loss}, train's held-out {reported}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -316,3 +316,396 @@ fn batches_smaller_than_the_ranks_are_refused() {
         assert!(e.contains("a global batch of 2 samples"), "{e}");
     }
 }
+
+/// An MLP with a BatchNormalization between its layers, trained on 240 digits for 50 steps
+/// of 50 (40 in each epoch's last); `synchronized` or per-rank statistics.
+fn batch_norm_run(synchronized: bool, comm: Option<SharedCommunicator>) -> kiln::Result<Trained> {
+    let data = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+    let x = Input::new([64]);
+    let h = Dense::new(32).apply(&x)?;
+    let h = BatchNormalization::new()
+        .momentum(0.9)
+        .synchronized(synchronized)
+        .with_name("bn")
+        .apply(&h)?;
+    let h = kiln::layers::ActivationLayer::new(Activation::Relu).apply(&h)?;
+    let y = Dense::new(10).apply(&h)?;
+    let mut model = Model::builder(&[x], &[y]).seed(3).build()?;
+    model.compile(
+        Compile::new(Sgd::new(0.05).momentum(0.9))
+            .loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+    )?;
+    let mut fit = Fit::new().epochs(10).batch_size(50).seed(11).quiet();
+    if let Some(c) = comm {
+        fit = fit.distributed(c);
+    }
+    let history = model.fit(&data, fit)?;
+    Ok((weights(&model), history))
+}
+
+/// Synchronised BatchNormalization: N = 2 and 3 ranks end within [`SGD_BOUND`] of one process
+/// on the same global batches (weights and moving statistics: the statistics are summed in
+/// f64, so only the gradients' f32 summation order differs, as in the test above); per-rank
+/// statistics (the default) normalize each shard by its own mean and variance, which is
+/// another function of the data, and end far from it. One process and one rank are the same
+/// with or without the option.
+#[test]
+fn synchronized_batch_norm_trains_the_weights_of_one_process() {
+    let (alone, history) = batch_norm_run(true, None).unwrap();
+    let (plain, _) = batch_norm_run(false, None).unwrap();
+    assert_eq!(alone, plain, "synchronized changes one process");
+    let one = on_ranks(1, |c| batch_norm_run(true, Some(c)));
+    assert_eq!(one.into_iter().next().unwrap().unwrap().0, alone);
+    for n in [2, 3] {
+        for synchronized in [true, false] {
+            let ranks: Vec<Trained> = on_ranks(n, |c| batch_norm_run(synchronized, Some(c)))
+                .into_iter()
+                .collect::<kiln::Result<_>>()
+                .unwrap();
+            for (r, (w, _)) in ranks.iter().enumerate() {
+                assert_eq!(w, &ranks[0].0, "rank {r} of {n} differs from rank 0");
+            }
+            let diff = max_difference(&ranks[0].0, &alone);
+            eprintln!(
+                "batch norm, synchronized {synchronized}: N = {n}: largest weight difference \
+                 {diff:.3e}"
+            );
+            if synchronized {
+                assert!(diff <= SGD_BOUND, "synchronized, N = {n}: {diff}");
+                let (got, want) = (ranks[0].1.last().unwrap(), history.last().unwrap());
+                let (g, w) = (got.get("loss").unwrap(), want.get("loss").unwrap());
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "loss {g} vs {w}");
+            } else {
+                assert!(diff > 100.0 * SGD_BOUND, "per-rank, N = {n}: only {diff}");
+            }
+        }
+    }
+}
+
+/// Synchronised statistics under a mask (Embedding mask_zero, sequences of 1 to 8 valid
+/// steps): the count of valid positions is summed over the ranks with the sums, so the
+/// shards' very different counts weigh as in one process.
+#[test]
+fn synchronized_batch_norm_counts_the_masked_positions_of_every_rank() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (n, steps) = (96, 8);
+    let mut ids = vec![0f32; n * steps];
+    let mut tags = vec![0f32; n * steps];
+    for row in 0..n {
+        let len = rng.random_range(1..=steps);
+        for t in 0..len {
+            let id = rng.random_range(1..12u32);
+            ids[row * steps + t] = id as f32;
+            tags[row * steps + t] = f32::from(id > 6);
+        }
+    }
+    let dev = Device::Cpu;
+    let data = Dataset::new(
+        Tensor::from_vec(ids, (n, steps), &dev).unwrap(),
+        Tensor::from_vec(tags, (n, steps), &dev).unwrap(),
+    )
+    .unwrap();
+    let run = |synchronized: bool, comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let x = Input::new([steps]);
+        let e = Embedding::new(12, 8).mask_zero(true).apply(&x)?;
+        let h = BatchNormalization::new()
+            .momentum(0.5)
+            .synchronized(synchronized)
+            .apply(&e)?;
+        let y = Dense::new(2).apply(&h)?;
+        let mut model = Model::builder(&[x], &[y]).seed(2).build()?;
+        model.compile(
+            Compile::new(Sgd::new(0.2))
+                .loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+        )?;
+        let mut fit = Fit::new().epochs(10).batch_size(32).seed(1).quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    let (alone, _) = run(true, None).unwrap();
+    for n in [2, 3] {
+        for synchronized in [true, false] {
+            let ranks: Vec<Trained> = on_ranks(n, |c| run(synchronized, Some(c)))
+                .into_iter()
+                .collect::<kiln::Result<_>>()
+                .unwrap();
+            let diff = max_difference(&ranks[0].0, &alone);
+            eprintln!("masked batch norm, synchronized {synchronized}: N = {n}: {diff:.3e}");
+            match synchronized {
+                true => assert!(diff <= SGD_BOUND, "synchronized, N = {n}: {diff}"),
+                false => assert!(diff > 100.0 * SGD_BOUND, "per-rank, N = {n}: {diff}"),
+            }
+        }
+    }
+}
+
+/// A Keras model saved with `BatchNormalization(synchronized=True)` (by Keras on TensorFlow,
+/// tests/fixtures/keras/make_synchronized_bn.py) imports with the option on: N = 2 ranks
+/// train it to one process's weights (per-rank statistics would end far off, as above); and
+/// kiln's export writes the option back, so the re-imported copy trains the same way.
+#[test]
+fn keras_synchronized_batch_norm_imports_with_the_option() {
+    let path = std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/keras/synchronized_bn.keras"
+    ));
+    let exported = std::env::temp_dir().join(format!("kiln-sync-bn-{}.keras", std::process::id()));
+    Model::from_keras(&path)
+        .unwrap()
+        .save_keras(&exported)
+        .unwrap();
+    let run = |file: &std::path::Path, comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let mut model = Model::from_keras(file)?;
+        model.compile(
+            Compile::new(Sgd::new(0.05))
+                .loss(SparseCategoricalCrossentropy::new().from_logits(true)),
+        )?;
+        let data = kiln::data::digits(&Device::Cpu)?.slice(0, 200)?;
+        let mut fit = Fit::new().epochs(5).batch_size(40).seed(2).quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    for file in [&path, &exported] {
+        let (alone, _) = run(file, None).unwrap();
+        let ranks: Vec<Trained> = on_ranks(2, |c| run(file, Some(c)))
+            .into_iter()
+            .collect::<kiln::Result<_>>()
+            .unwrap();
+        let diff = max_difference(&ranks[0].0, &alone);
+        eprintln!(
+            "{}: N = 2: largest weight difference {diff:.3e}",
+            file.display()
+        );
+        assert!(diff <= SGD_BOUND, "{}: {diff}", file.display());
+    }
+    std::fs::remove_file(&exported).unwrap();
+}
+
+/// Two heads on 240 digits (the digit, and whether it is 5 or more) with an L2 penalty, a
+/// loss weighting strategy over the three terms, and gradient diagnostics; 50 steps.
+fn weighted_run(strategy: &str, comm: Option<SharedCommunicator>) -> kiln::Result<Trained> {
+    use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+    let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+    let label = digits.targets()[0].clone();
+    let big = label
+        .ge(5.0)?
+        .to_dtype(candle_core::DType::F32)?
+        .reshape(((), 1))?;
+    let data = Dataset::multi(digits.inputs().to_vec(), vec![label, big])?;
+    let x = Input::new([64]);
+    let h = Dense::new(32)
+        .activation(Activation::Relu)
+        .kernel_regularizer(L2::new(1e-3))
+        .apply(&x)?;
+    let digit = Dense::new(10).with_name("digit").apply(&h)?;
+    let big = Dense::new(1).with_name("big").apply(&h)?;
+    let mut model = Model::builder(&[x], &[digit, big]).seed(3).build()?;
+    let boxed: Box<dyn Strategy> = match strategy {
+        "uncertainty" => Box::new(Uncertainty::new()),
+        "dwa" => Box::new(DynamicWeightAverage::new()),
+        _ => Box::new(Famo::new()),
+    };
+    model.compile(
+        Compile::new(Sgd::new(0.05).momentum(0.9))
+            .loss_for(
+                "digit",
+                SparseCategoricalCrossentropy::new().from_logits(true),
+            )
+            .loss_for("big", BinaryCrossentropy::new().from_logits(true))
+            .loss_weighting_boxed(boxed)
+            .weight_added_terms(true),
+    )?;
+    let mut fit = Fit::new()
+        .epochs(10)
+        .batch_size(50)
+        .seed(11)
+        .gradient_diagnostics(true)
+        .quiet();
+    if let Some(c) = comm {
+        fit = fit.distributed(c);
+    }
+    let history = model.fit(&data, fit)?;
+    Ok((weights(&model), history))
+}
+
+/// With Uncertainty (its log-variances trained with the weights), DWA (weights from the
+/// epochs' mean terms) and FAMO (weights from each step's terms before and after its update),
+/// N = 2 and 3 ranks end with one process's weights, term weights and gradient diagnostics:
+/// every rank's strategy sees the global batch's terms, and the per-term gradients are summed
+/// over the ranks before their norms and cosines are taken.
+#[test]
+fn loss_weighting_and_gradient_diagnostics_match_one_process() {
+    for strategy in ["uncertainty", "dwa", "famo"] {
+        let (alone, history) = weighted_run(strategy, None).unwrap();
+        let keys: Vec<String> = history.epochs[0]
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .filter(|k| k != "epoch_time_s")
+            .collect();
+        for prefix in ["loss_weight/", "grad_norm/", "grad_cos/"] {
+            assert!(
+                keys.iter().any(|k| k.starts_with(prefix)),
+                "{strategy}: {keys:?}"
+            );
+        }
+        // The strategy moved the weights of the terms away from where they started.
+        let first = history.epochs[0].get("loss_weight/l2").unwrap();
+        let last = history.last().unwrap().get("loss_weight/l2").unwrap();
+        assert!((first - last).abs() > 1e-3, "{strategy}: {first} {last}");
+        for n in [2, 3] {
+            let ranks: Vec<Trained> = on_ranks(n, |c| weighted_run(strategy, Some(c)))
+                .into_iter()
+                .collect::<kiln::Result<_>>()
+                .unwrap();
+            for (r, (w, h)) in ranks.iter().enumerate() {
+                assert_eq!(
+                    w, &ranks[0].0,
+                    "{strategy}: rank {r} of {n} differs from rank 0"
+                );
+                assert_eq!(
+                    h.without("epoch_time_s"),
+                    ranks[0].1.without("epoch_time_s")
+                );
+            }
+            let diff = max_difference(&ranks[0].0, &alone);
+            let mut worst = 0f64;
+            for (got, want) in ranks[0].1.epochs.iter().zip(&history.epochs) {
+                for key in &keys {
+                    let (g, w) = (got.get(key).unwrap(), want.get(key).unwrap());
+                    worst = worst.max((g - w).abs() / w.abs().max(1.0));
+                }
+            }
+            eprintln!(
+                "{strategy}: N = {n}: largest weight difference {diff:.3e}, largest log \
+                 difference {worst:.3e}"
+            );
+            assert!(diff <= SGD_BOUND, "{strategy}: N = {n}: {diff}");
+            assert!(worst <= 1e-4, "{strategy}: N = {n}: logs off by {worst}");
+        }
+    }
+}
+
+/// Everything that talks across ranks inside a step, together: a synchronised
+/// BatchNormalization (all-reduces in its forward and backward passes, also in the attack's
+/// passes and in every per-term backward pass of the diagnostics), an FGSM term (each rank
+/// attacks its own samples), FAMO (its after-update pass) and gradient diagnostics. N = 2 and
+/// 3 end within [`SGD_BOUND`] of one process, with its logs.
+#[test]
+fn synchronized_batch_norm_with_an_attack_famo_and_diagnostics_matches_one_process() {
+    let run = |comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+        let label = digits.targets()[0].clone();
+        let big = label
+            .ge(5.0)?
+            .to_dtype(candle_core::DType::F32)?
+            .reshape(((), 1))?;
+        let data = Dataset::multi(digits.inputs().to_vec(), vec![label, big])?;
+        let x = Input::new([64]);
+        let h = Dense::new(32).apply(&x)?;
+        let h = BatchNormalization::new()
+            .momentum(0.9)
+            .synchronized(true)
+            .apply(&h)?;
+        let h = kiln::layers::ActivationLayer::new(Activation::Relu).apply(&h)?;
+        let digit = Dense::new(10).with_name("digit").apply(&h)?;
+        let big = Dense::new(1).with_name("big").apply(&h)?;
+        let mut model = Model::builder(&[x], &[digit, big]).seed(3).build()?;
+        model.add_loss_term("fgsm", Adversarial::fgsm(0.05).multiplier(0.5))?;
+        model.compile(
+            Compile::new(Sgd::new(0.05).momentum(0.9))
+                .loss_for(
+                    "digit",
+                    SparseCategoricalCrossentropy::new().from_logits(true),
+                )
+                .loss_for("big", BinaryCrossentropy::new().from_logits(true))
+                .loss_weighting(kiln::loss_weighting::Famo::new()),
+        )?;
+        let mut fit = Fit::new()
+            .epochs(10)
+            .batch_size(50)
+            .seed(11)
+            .gradient_diagnostics(true)
+            .quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    let (alone, history) = run(None).unwrap();
+    let keys: Vec<String> = history.epochs[0]
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k != "epoch_time_s")
+        .collect();
+    assert!(keys.iter().any(|k| k == "fgsm"), "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k == "grad_cos/digit_loss/fgsm"),
+        "{keys:?}"
+    );
+    for n in [2, 3] {
+        let ranks: Vec<Trained> = on_ranks(n, |c| run(Some(c)))
+            .into_iter()
+            .collect::<kiln::Result<_>>()
+            .unwrap();
+        let diff = max_difference(&ranks[0].0, &alone);
+        let mut worst = 0f64;
+        for (got, want) in ranks[0].1.epochs.iter().zip(&history.epochs) {
+            for key in &keys {
+                let (g, w) = (got.get(key).unwrap(), want.get(key).unwrap());
+                worst = worst.max((g - w).abs() / w.abs().max(1.0));
+            }
+        }
+        eprintln!(
+            "synchronized BN + FGSM + FAMO + diagnostics: N = {n}: weights {diff:.3e}, logs \
+             {worst:.3e}"
+        );
+        assert!(diff <= SGD_BOUND, "N = {n}: {diff}");
+        assert!(worst <= 1e-4, "N = {n}: logs off by {worst}");
+    }
+}
+
+/// PCGrad and GradNorm combine one batch's per-term gradients, which data-parallel ranks do
+/// not gather: every rank refuses, naming the strategy, instead of projecting shards.
+#[test]
+fn gradient_combining_strategies_refuse_data_parallel_training() {
+    for strategy in ["pcgrad", "gradnorm"] {
+        let results = on_ranks(2, |comm| {
+            let data = kiln::data::digits(&Device::Cpu)?.slice(0, 40)?;
+            let parity = data.targets()[0].affine(0.0, 1.0)?.unsqueeze(1)?;
+            let data = Dataset::multi(
+                data.inputs().to_vec(),
+                vec![data.targets()[0].clone(), parity],
+            )?;
+            let x = Input::new([64]);
+            let h = Dense::new(8).activation(Activation::Relu).apply(&x)?;
+            let a = Dense::new(10).with_name("a").apply(&h)?;
+            let b = Dense::new(1).with_name("b").apply(&h)?;
+            let mut model = Model::new(&[x], &[a, b])?;
+            let s: Box<dyn kiln::loss_weighting::Strategy> = match strategy {
+                "pcgrad" => Box::new(kiln::loss_weighting::PCGrad::new()),
+                _ => Box::new(kiln::loss_weighting::GradNorm::new()),
+            };
+            model.compile(
+                Compile::new(Sgd::new(0.1))
+                    .loss_for("a", SparseCategoricalCrossentropy::new().from_logits(true))
+                    .loss_for("b", "mse")
+                    .loss_weighting_boxed(s),
+            )?;
+            model.fit(&data, Fit::new().quiet().distributed(comm))
+        });
+        for r in results {
+            let err = r.map(|_| ()).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{strategy}`")) && err.contains("data-parallel"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! the same two-head network from the same weights, SGD on the whole batch, one step per epoch;
 //! every step's term weights and every parameter after it must agree to rtol 1e-5.
 
-use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+use kiln::loss_weighting::{DynamicWeightAverage, Famo, GradNorm, PCGrad, Strategy, Uncertainty};
 use kiln::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -72,6 +72,44 @@ pub(crate) fn reference_model(reference: &Value) -> Model {
     model
 }
 
+/// The three-head problem of the reference (`*3` runs): a third head `c` and an L2 penalty on
+/// the shared kernel, in f64, from the reference's `initial3` weights.
+fn reference_model3(reference: &Value) -> Model {
+    let x = Input::new([3]);
+    let l2 = reference["l2"].as_f64().unwrap();
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .with_name("shared")
+        .kernel_regularizer(L2::new(l2))
+        .apply(&x)
+        .unwrap();
+    let a = Dense::new(1).with_name("a").apply(&h).unwrap();
+    let b = Dense::new(1).with_name("b").apply(&h).unwrap();
+    let c = Dense::new(1).with_name("c").apply(&h).unwrap();
+    let model = Model::builder(&[x], &[a, b, c])
+        .dtype(DType::F64)
+        .build()
+        .unwrap();
+    for (name, value) in reference["initial3"].as_object().unwrap() {
+        let w = model.weight(name).unwrap();
+        let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
+            Some(_) => matrix(value).into_iter().flatten().collect(),
+            None => floats(value),
+        };
+        let t = Tensor::from_vec(flat, w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+    model
+}
+
+fn reference_data3(reference: &Value) -> Dataset {
+    let x = tensor(matrix(&reference["x"]));
+    let y_a = tensor(matrix(&reference["y_a"]));
+    let y_b = tensor(matrix(&reference["y_b"]));
+    let y_c = tensor(matrix(&reference["y_c"]));
+    Dataset::multi(vec![x], vec![y_a, y_b, y_c]).unwrap()
+}
+
 pub(crate) fn reference_data(reference: &Value) -> Dataset {
     let x = tensor(matrix(&reference["x"]));
     let y_a = tensor(matrix(&reference["y_a"]));
@@ -89,17 +127,29 @@ fn close(what: &str, got: f64, want: f64) {
 
 /// Trains kiln one epoch (one step) at a time and compares each step with the reference.
 fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
+    check_on(run, strategy, 2)
+}
+
+/// [`check`] on the two-head problem or (`heads` 3) the three-head one with its L2 penalty.
+fn check_on(run: &str, strategy: Option<Box<dyn Strategy>>, heads: usize) {
     let reference = reference();
-    let mut model = reference_model(&reference);
+    let (mut model, data) = match heads {
+        2 => (reference_model(&reference), reference_data(&reference)),
+        _ => (reference_model3(&reference), reference_data3(&reference)),
+    };
     let lr = reference["learning_rate"].as_f64().unwrap();
     let mut compile = Compile::new(Sgd::new(lr))
         .loss_for("a", "mse")
         .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+    if heads == 3 {
+        compile = compile.loss_for("c", "mse");
+    }
     if let Some(s) = strategy {
         compile = compile.loss_weighting_boxed(s);
     }
     model.compile(compile).unwrap();
-    let data = reference_data(&reference);
+    let names = ["a_loss", "b_loss", "c_loss"];
+    let names = &names[..heads];
     let steps = reference["runs"][run].as_array().unwrap();
     for (epoch, step) in steps.iter().enumerate() {
         let fit = Fit::new()
@@ -111,7 +161,7 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
         let history = model.fit(&data, fit).unwrap();
         let logs = history.last().unwrap();
         let terms = floats(&step["terms"]);
-        for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+        for (i, term) in names.iter().enumerate() {
             close(
                 &format!("{run} step {epoch} {term}"),
                 logs.get(term).unwrap(),
@@ -120,7 +170,7 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
         }
         let weights = floats(&step["weights"]);
         if run != "fixed" {
-            for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+            for (i, term) in names.iter().enumerate() {
                 let got = logs.get(&format!("loss_weight/{term}")).unwrap();
                 close(
                     &format!("{run} step {epoch} loss_weight/{term}"),
@@ -129,8 +179,11 @@ fn check(run: &str, strategy: Option<Box<dyn Strategy>>) {
                 );
             }
         }
-        // `loss` is Σ weight · term.
-        let shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
+        // `loss` is Σ weight · term (+ the L2 penalty, which no strategy weighs here).
+        let mut shown: f64 = weights.iter().zip(&terms).map(|(w, t)| w * t).sum();
+        if heads == 3 {
+            shown += logs.get("l2").unwrap();
+        }
         close(
             &format!("{run} step {epoch} loss"),
             logs.get("loss").unwrap(),
@@ -171,6 +224,37 @@ fn dynamic_weight_average_matches_the_reference() {
 #[test]
 fn famo_matches_the_reference() {
     check("famo", Some(Box::new(Famo::new())));
+}
+
+/// PCGrad on two heads (the order cannot matter, so kiln draws it as in training) and on three
+/// with the L2 penalty added unchanged (the order fixed to term order in both); the reference
+/// projects in steps 2 to 4 (and 7 of the three-head run), so the surgery is exercised.
+#[test]
+fn pcgrad_matches_the_reference() {
+    let reference = reference();
+    let projected = |run: &str| -> u64 {
+        reference["runs"][run]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["projections"].as_u64().unwrap())
+            .sum()
+    };
+    assert!(projected("pcgrad") > 0 && projected("pcgrad3") > 0);
+    check("pcgrad", Some(Box::new(PCGrad::new())));
+    check_on("pcgrad3", Some(Box::new(PCGrad::new().shuffle(false))), 3);
+}
+
+/// GradNorm (α 1.5 at the shared layer, found by default or named), its weights trained by a
+/// copy of the model's SGD with their own learning rate, on two heads and on three.
+#[test]
+fn gradnorm_matches_the_reference() {
+    let reference = reference();
+    let alpha = reference["alpha"].as_f64().unwrap();
+    let lr = reference["weight_learning_rate"].as_f64().unwrap();
+    let strategy = || GradNorm::new().alpha(alpha).learning_rate(lr);
+    check("gradnorm", Some(Box::new(strategy())));
+    check_on("gradnorm3", Some(Box::new(strategy().layer("shared"))), 3);
 }
 
 /// A run whose strategy weighs the data term and the L2 penalty (`added_terms`); `{W}` is
@@ -233,6 +317,36 @@ fn run_file_keys_build_the_strategy_they_name() {
         );
         close("loss_weight/l2", series("loss_weight/l2")[epoch], want[1]);
     }
+    // GradNorm and PCGrad over the data term and the penalty: GradNorm's weights move and
+    // sum to 2 in every epoch; PCGrad's are 1.
+    for (line, moves) in [
+        (
+            r#"loss_weighting = { type = "gradnorm", alpha = 0.5, learning_rate = 0.01, layer = "hidden", added_terms = true }"#,
+            true,
+        ),
+        (
+            r#"loss_weighting = { type = "pcgrad", shuffle = false, added_terms = true }"#,
+            false,
+        ),
+    ] {
+        std::fs::write(dir.join("g.toml"), run_text(line)).unwrap();
+        let (ok, _, err) =
+            crate::support::kiln_in(&["train", "g.toml", "--quiet", "--out", "g"], &dir);
+        assert!(ok, "{line}: {err}");
+        let history: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("g/history.json")).unwrap())
+                .unwrap();
+        let (w_out, w_l2) = (
+            floats(&history["loss_weight/out_loss"]),
+            floats(&history["loss_weight/l2"]),
+        );
+        assert_eq!(w_out.len(), 4);
+        for (a, b) in w_out.iter().zip(&w_l2) {
+            close("weights sum", a + b, 2.0);
+        }
+        assert_eq!(w_out.iter().any(|w| *w != 1.0), moves, "{line}: {w_out:?}");
+        std::fs::remove_dir_all(dir.join("g")).ok();
+    }
     // The string form takes the defaults.
     std::fs::write(
         dir.join("famo.toml"),
@@ -290,6 +404,27 @@ fn bad_run_file_values_name_the_file_line_and_key() {
             "temprature",
         ),
         (r#"loss_weighting = { type = "gradnorn" }"#, "gradnorn"),
+        (
+            r#"loss_weighting = { type = "gradnorm", alpha = -0.5 }"#,
+            "alpha",
+        ),
+        (
+            r#"loss_weighting = { type = "gradnorm", learning_rate = 0 }"#,
+            "learning_rate",
+        ),
+        (
+            r#"loss_weighting = { type = "gradnorm", layer = 3 }"#,
+            "layer",
+        ),
+        (
+            r#"loss_weighting = { type = "gradnorm", layers = "hidden" }"#,
+            "layers",
+        ),
+        (
+            r#"loss_weighting = { type = "pcgrad", shuffle = "no" }"#,
+            "shuffle",
+        ),
+        (r#"loss_weighting = { type = "pcgrad", seed = 3 }"#, "seed"),
         (r#"loss_weighting = 3"#, "loss_weighting"),
     ];
     for (line, key) in cases {
@@ -369,11 +504,13 @@ fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
         "{}: histories differ",
         strategy().name()
     );
-    assert!(full
+    // PCGrad's weights are 1; every other strategy's move.
+    let moved = full
         .get("loss_weight/a_loss")
         .unwrap()
         .iter()
-        .any(|w| *w != 1.0));
+        .any(|w| *w != 1.0);
+    assert_eq!(moved, strategy().name() != "pcgrad");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -382,6 +519,49 @@ fn a_resumed_run_continues_every_strategy_exactly() {
     resume_is_bit_identical(|| Box::new(Uncertainty::new()));
     resume_is_bit_identical(|| Box::new(DynamicWeightAverage::new()));
     resume_is_bit_identical(|| Box::new(Famo::new()));
+    resume_is_bit_identical(|| Box::new(PCGrad::new()));
+    // GradNorm's weights train with a copy of the model's Adam: its moments are resumed too.
+    resume_is_bit_identical(|| Box::new(GradNorm::new().learning_rate(0.01)));
+}
+
+/// GradNorm names a layer that does not exist, or that a term does not reach, in its error;
+/// PCGrad and GradNorm refuse gradient accumulation.
+#[test]
+fn gradient_strategies_refuse_what_they_cannot_do() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let fit_with = |s: Box<dyn Strategy>, fit: Fit| {
+        let mut m = reference_model(&reference);
+        m.compile(
+            Compile::new(Sgd::new(0.1))
+                .loss_for("a", "mse")
+                .loss_for("b", "mse")
+                .loss_weighting_boxed(s),
+        )
+        .unwrap();
+        m.fit(&data, fit).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = fit_with(Box::new(GradNorm::new().layer("trunk")), Fit::new().quiet());
+    assert!(
+        err.contains("`trunk`") && err.contains("\"shared\"") && err.contains("\"a\""),
+        "{err}"
+    );
+    let err = fit_with(Box::new(GradNorm::new().layer("a")), Fit::new().quiet());
+    assert!(
+        err.contains("`b_loss`") && err.contains("layer `a`") && err.contains("\"shared\""),
+        "{err}"
+    );
+    for s in [
+        Box::new(PCGrad::new()) as Box<dyn Strategy>,
+        Box::new(GradNorm::new()),
+    ] {
+        let name = s.name().to_string();
+        let err = fit_with(s, Fit::new().gradient_accumulation_steps(2).quiet());
+        assert!(
+            err.contains(&format!("`{name}`")) && err.contains("gradient_accumulation_steps"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -437,7 +617,9 @@ proptest::proptest! {
             -10.0..10.0f64,
         ]
     ) {
-        let cases: [(&str, &str, Box<dyn Strategy>, bool); 4] = [
+        let cases: [(&str, &str, Box<dyn Strategy>, bool); 6] = [
+            ("gradnorm", "alpha", Box::new(GradNorm::new().alpha(v)), v.is_finite() && v >= 0.0),
+            ("gradnorm", "learning_rate", Box::new(GradNorm::new().learning_rate(v)), v.is_finite() && v > 0.0),
             ("dwa", "temperature", Box::new(DynamicWeightAverage::new().temperature(v)), v.is_finite() && v > 0.0),
             ("famo", "learning_rate", Box::new(Famo::new().learning_rate(v)), v.is_finite() && v > 0.0),
             ("famo", "gamma", Box::new(Famo::new().gamma(v)), v.is_finite() && v >= 0.0),
@@ -517,4 +699,158 @@ fn famo_refuses_gradient_accumulation() {
         err.contains("famo") && err.contains("gradient_accumulation_steps"),
         "{err}"
     );
+}
+
+/// Under a strategy, `grad_norm/<term>` is the norm of the term's own gradient, before the
+/// strategy's weight: one step on the whole batch gives the same norms as with no strategy
+/// and as `term_gradients` on the untrained model, for strategies whose first weights are
+/// not 1 (uncertainty with log-variance 1: weight e⁻¹/2; FAMO: z/(c·L)) and for GradNorm and
+/// PCGrad.
+#[test]
+fn diagnostics_under_a_strategy_are_of_the_unweighted_terms() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let fitted = |strategy: Option<Box<dyn Strategy>>| {
+        let mut m = reference_model(&reference);
+        let mut c = Compile::new(Sgd::new(0.1))
+            .loss_for("a", "mse")
+            .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+        if let Some(s) = strategy {
+            c = c.loss_weighting_boxed(s);
+        }
+        m.compile(c).unwrap();
+        let g = m.term_gradients(&data).unwrap();
+        let fit = Fit::new().batch_size(8).quiet().gradient_diagnostics(true);
+        let h = m.fit(&data, fit).unwrap();
+        (h, g)
+    };
+    let (plain, g) = fitted(None);
+    let want = [g.norm("a_loss").unwrap(), g.norm("b_loss").unwrap()];
+    let cos = g.cosine("a_loss", "b_loss").unwrap();
+    for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+        close(
+            "no strategy",
+            plain.get(&format!("grad_norm/{term}")).unwrap()[0],
+            want[i],
+        );
+    }
+    let strategies: Vec<Box<dyn Strategy>> = vec![
+        Box::new(Uncertainty::new().initial_log_var(1.0)),
+        Box::new(Famo::new()),
+        Box::new(GradNorm::new()),
+        Box::new(PCGrad::new()),
+    ];
+    for s in strategies {
+        let name = s.name().to_string();
+        let (h, _) = fitted(Some(s));
+        let weights: Vec<f64> = ["a_loss", "b_loss"]
+            .iter()
+            .map(|t| h.get(&format!("loss_weight/{t}")).unwrap()[0])
+            .collect();
+        if name == "uncertainty" || name == "famo" {
+            assert!(
+                weights.iter().all(|w| (w - 1.0).abs() > 0.02),
+                "{name}: {weights:?}"
+            );
+        }
+        for (i, term) in ["a_loss", "b_loss"].iter().enumerate() {
+            close(
+                &format!("{name} grad_norm/{term}"),
+                h.get(&format!("grad_norm/{term}")).unwrap()[0],
+                want[i],
+            );
+        }
+        close(
+            &format!("{name} grad_cos"),
+            h.get("grad_cos/a_loss/b_loss").unwrap()[0],
+            cos,
+        );
+    }
+}
+
+/// PCGrad beside an FGSM term (and the three-head run with the order drawn, not fixed): the
+/// step is the projected sum of the two heads' gradients over the shared layer, each head's
+/// own gradient on its weights, plus the adversarial term's gradient unchanged everywhere.
+/// From the reference's weights after its step 1, where the heads' gradients conflict.
+#[test]
+fn pcgrad_adds_the_adversarial_term_unchanged() {
+    let reference = reference();
+    let data = reference_data(&reference);
+    let mut model = reference_model(&reference);
+    for (name, value) in reference["runs"]["pcgrad"][1]["params"]
+        .as_object()
+        .unwrap()
+    {
+        let w = model.weight(name).unwrap();
+        let t = Tensor::from_vec(floats(value), w.var.dims(), &Device::Cpu).unwrap();
+        w.var.set(&t).unwrap();
+    }
+    model
+        .add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
+        .unwrap();
+    model
+        .compile(
+            Compile::new(Sgd::new(0.1))
+                .loss_for("a", "mse")
+                .loss_for("b", BinaryCrossentropy::new().from_logits(true))
+                .loss_weighting(PCGrad::new()),
+        )
+        .unwrap();
+    let g = model.term_gradients(&data).unwrap();
+    assert!(g.cosine("a_loss", "b_loss").unwrap() < -1e-3);
+    let values = |t: &Option<Tensor>| -> Vec<f64> {
+        t.as_ref()
+            .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+            .unwrap_or_default()
+    };
+    let shared: Vec<usize> = (0..g.weights.len())
+        .filter(|&i| g.weights[i].starts_with("shared/"))
+        .collect();
+    let flat = |term: &str| -> Vec<f64> {
+        let t = g.term(term).unwrap();
+        shared
+            .iter()
+            .flat_map(|&i| values(&t.gradients[i]))
+            .collect()
+    };
+    let (ga, gb) = (flat("a_loss"), flat("b_loss"));
+    let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+    let d = dot(&ga, &gb);
+    let pc: Vec<f64> = (0..ga.len())
+        .map(|k| (ga[k] - d / dot(&gb, &gb) * gb[k]) + (gb[k] - d / dot(&ga, &ga) * ga[k]))
+        .collect();
+    let before: Vec<Vec<f64>> = model
+        .trainable_weights()
+        .iter()
+        .map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    model
+        .fit(&data, Fit::new().batch_size(8).shuffle(false).quiet())
+        .unwrap();
+    let mut at = 0;
+    for (i, w) in model.trainable_weights().iter().enumerate() {
+        let after: Vec<f64> = w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let adversarial = values(&g.term("adversarial").unwrap().gradients[i]);
+        for k in 0..after.len() {
+            let combined = match shared.contains(&i) {
+                true => pc[at + k],
+                false => ["a_loss", "b_loss"]
+                    .iter()
+                    .map(|t| {
+                        values(&g.term(t).unwrap().gradients[i])
+                            .get(k)
+                            .copied()
+                            .unwrap_or(0.0)
+                    })
+                    .sum(),
+            };
+            let want = before[i][k] - 0.1 * (combined + adversarial[k]);
+            close(&format!("{}[{k}]", g.weights[i]), after[k], want);
+        }
+        if shared.contains(&i) {
+            at += after.len();
+        }
+    }
+    // With only pairwise conflicts in the three-head run, any order gives the reference's.
+    check_on("pcgrad3", Some(Box::new(PCGrad::new())), 3);
 }

@@ -21,6 +21,7 @@ mod mpi;
 mod mutations;
 mod normalization;
 mod probability_rule;
+mod relu_fusion;
 mod run_data;
 mod run_files;
 mod strict_config;

@@ -192,22 +192,201 @@ fn mpirun_trains_the_weights_of_one_process() {
     assert!(text(&o).contains("ranks"), "{}", text(&o));
 }
 
-/// A rank killed mid-run ends the run on every rank within seconds; the last checkpoint stays
-/// and `--resume` with the same N finishes with the weights of a run never stopped.
+/// The run file's `synchronized = true` on a batch_normalization layer: `mpirun -np 2` and
+/// `-np 3` end within the bound of one process (weights and moving statistics); without it,
+/// the per-rank statistics end far from it.
 #[test]
-fn a_killed_rank_ends_the_run_and_the_checkpoint_resumes() {
+fn mpirun_with_synchronized_batch_norm_trains_the_weights_of_one_process() {
     if !mpi_available() {
         return;
     }
-    let dir = setup("killed");
+    let dir = setup("sync-bn");
+    let layers = r#"{ type = "dense", name = "hidden", units = 32, activation = "relu", kernel_regularizer = { l2 = 1e-4 } },"#;
+    let with_bn = |sync: bool| {
+        RUN.replace(
+            layers,
+            &format!(
+                r#"{{ type = "dense", name = "hidden", units = 32 }},
+  {{ type = "batch_normalization", name = "bn", momentum = 0.9, synchronized = {sync} }},
+  {{ type = "activation", activation = "relu" }},"#
+            ),
+        )
+    };
+    assert_ne!(with_bn(true), RUN);
+    std::fs::write(dir.join("sync.toml"), with_bn(true)).unwrap();
+    std::fs::write(dir.join("local.toml"), with_bn(false)).unwrap();
+    let alone = kiln_alone(&["train", "sync.toml", "--quiet", "--out", "alone"], &dir);
+    assert!(alone.status.success(), "{}", text(&alone));
+    for np in [2, 3] {
+        for (file, out) in [("sync.toml", "sync"), ("local.toml", "local")] {
+            let out = format!("{out}{np}");
+            let o = run_bounded(
+                mpirun(np, &["train", file, "--quiet", "--out", &out], &dir),
+                "mpirun -np N with batch normalization",
+            );
+            assert!(o.status.success(), "np {np}: {}", text(&o));
+            let diff = max_difference(
+                &dir.join("alone/model.safetensors"),
+                &dir.join(format!("{out}/model.safetensors")),
+            );
+            eprintln!("mpirun -np {np} {file}: largest weight difference {diff:.3e}");
+            match file {
+                "sync.toml" => assert!(diff <= 1e-4, "np {np}: {diff}"),
+                _ => assert!(diff > 1e-2, "per-rank statistics, np {np}: only {diff}"),
+            }
+        }
+    }
+}
+
+/// Every history.csv value but the epoch times, by column and epoch.
+fn history_values(path: &Path) -> Vec<(String, Vec<f64>)> {
+    let csv = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = csv.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    header
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| *h != "epoch_time_s")
+        .map(|(i, h)| (h.clone(), rows.iter().map(|r| r[i]).collect()))
+        .collect()
+}
+
+/// A run file's loss weighting (uncertainty, and FAMO with its after-update pass) over the
+/// data term and the L2 penalty, with gradient diagnostics: `mpirun -np 2` and `-np 3` write
+/// the weights and every logged value (term weights, gradient norms and cosines) of one
+/// process, within float summation order.
+#[test]
+fn mpirun_with_loss_weighting_and_diagnostics_matches_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("weighting");
+    for strategy in ["uncertainty", "famo"] {
+        let run = RUN
+            .replace(
+                "metrics = [\"accuracy\"]",
+                &format!(
+                    "metrics = [\"accuracy\"]\nloss_weighting = {{ type = \"{strategy}\", added_terms = true }}"
+                ),
+            )
+            .replace("epochs = 6", "epochs = 6\ngradient_diagnostics = true");
+        assert!(run.contains("loss_weighting") && run.contains("gradient_diagnostics"));
+        let file = format!("{strategy}.toml");
+        std::fs::write(dir.join(&file), run).unwrap();
+        let alone_out = format!("{strategy}-alone");
+        let alone = kiln_alone(&["train", &file, "--quiet", "--out", &alone_out], &dir);
+        assert!(alone.status.success(), "{}", text(&alone));
+        let want = history_values(&dir.join(&alone_out).join("history.csv"));
+        for key in [
+            "loss_weight/l2",
+            "grad_norm/out_loss",
+            "grad_cos/out_loss/l2",
+        ] {
+            assert!(want.iter().any(|(k, _)| k == key), "{strategy}: no {key}");
+        }
+        for np in [2, 3] {
+            let out = format!("{strategy}-np{np}");
+            let o = run_bounded(
+                mpirun(np, &["train", &file, "--quiet", "--out", &out], &dir),
+                "mpirun -np N with loss weighting",
+            );
+            assert!(o.status.success(), "np {np}: {}", text(&o));
+            let diff = max_difference(
+                &dir.join(&alone_out).join("model.safetensors"),
+                &dir.join(&out).join("model.safetensors"),
+            );
+            let got = history_values(&dir.join(&out).join("history.csv"));
+            assert_eq!(
+                got.iter().map(|c| &c.0).collect::<Vec<_>>(),
+                want.iter().map(|c| &c.0).collect::<Vec<_>>()
+            );
+            let mut worst = 0f64;
+            for ((key, g), (_, w)) in got.iter().zip(&want) {
+                for (g, w) in g.iter().zip(w) {
+                    let off = (g - w).abs() / w.abs().max(1.0);
+                    assert!(off <= 1e-4, "{strategy}, np {np}: {key} {g} vs {w}");
+                    worst = worst.max(off);
+                }
+            }
+            eprintln!(
+                "mpirun -np {np} {strategy}: largest weight difference {diff:.3e}, largest \
+                 log difference {worst:.3e}"
+            );
+            assert!(diff <= 1e-4, "{strategy}, np {np}: {diff}");
+        }
+    }
+}
+
+/// The rank of an MPI process of this machine, from the environment Open MPI gave it.
+fn rank_of(pid: &str) -> Option<usize> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("OMPI_COMM_WORLD_RANK="))
+        .and_then(|r| r.parse().ok())
+}
+
+/// Whether a process still runs (a zombie, waiting for its parent to reap it, does not).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// The history as the user reads it, without the timings (the one thing two runs differ in).
+fn untimed_csv(path: &Path) -> String {
+    let csv = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let time = header.iter().position(|c| *c == "epoch_time_s").unwrap();
+    csv.lines()
+        .map(|line| {
+            let mut cells: Vec<&str> = line.split(',').collect();
+            cells.remove(time);
+            cells.join(",")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A checkpoint's tensor bytes and its metadata with every `epoch_time_s` of its history
+/// left out.
+fn checkpoint_untimed(path: &Path) -> (Vec<u8>, serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let record = header["__metadata__"]["kiln.checkpoint"].as_str().unwrap();
+    let mut record: serde_json::Value = serde_json::from_str(record).unwrap();
+    for epoch in record["history"].as_array_mut().unwrap() {
+        epoch
+            .as_array_mut()
+            .unwrap()
+            .retain(|pair| pair[0] != "epoch_time_s");
+    }
+    header["__metadata__"]["kiln.checkpoint"] = record;
+    (bytes[8 + n..].to_vec(), header)
+}
+
+/// `mpirun -np N` with rank `victim` killed by SIGKILL once the first checkpoint is written:
+/// the job ends on every rank within the bound, mpirun's message names the killed rank and
+/// the signal, and `--resume` from the last checkpoint with the same N writes byte for byte
+/// the files of a run never stopped (the weights, the plots, and the last checkpoint and the
+/// history but for their epoch times).
+fn kill_and_resume(np: usize, victim: usize) {
+    let dir = setup(&format!("killed-{np}-{victim}"));
     let slow = RUN.replace("epochs = 6", "epochs = 40");
     std::fs::write(dir.join("run.toml"), &slow).unwrap();
     let full = run_bounded(
-        mpirun(2, &["train", "run.toml", "--quiet", "--out", "full"], &dir),
+        mpirun(np, &["train", "run.toml", "--quiet", "--out", "full"], &dir),
         "the unbroken run",
     );
     assert!(full.status.success(), "{}", text(&full));
-    let mut cmd = mpirun(2, &["train", "run.toml", "--quiet", "--out", "part"], &dir);
+    let mut cmd = mpirun(np, &["train", "run.toml", "--quiet", "--out", "part"], &dir);
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -220,8 +399,8 @@ fn a_killed_rank_ends_the_run_and_the_checkpoint_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(last.exists(), "no checkpoint appeared");
-    // The ranks are mpirun's children; kill the second one.
-    let ranks = String::from_utf8(
+    // The ranks are mpirun's children; find the victim by the rank Open MPI gave it.
+    let children = String::from_utf8(
         Command::new("pgrep")
             .args(["-P", &launcher.to_string()])
             .output()
@@ -229,26 +408,85 @@ fn a_killed_rank_ends_the_run_and_the_checkpoint_resumes() {
             .stdout,
     )
     .unwrap();
-    let pids: Vec<&str> = ranks.split_whitespace().collect();
-    assert!(pids.len() >= 2, "ranks of mpirun: {pids:?}");
-    let killed = Command::new("kill").args(["-9", pids[1]]).status().unwrap();
+    let pids: Vec<String> = children.split_whitespace().map(String::from).collect();
+    let ranked: Vec<(String, usize)> = pids
+        .iter()
+        .filter_map(|p| rank_of(p).map(|r| (p.clone(), r)))
+        .collect();
+    assert_eq!(ranked.len(), np, "ranks of mpirun: {pids:?}");
+    let (target, _) = ranked.iter().find(|(_, r)| *r == victim).unwrap();
+    let killed = Command::new("kill").args(["-9", target]).status().unwrap();
     assert!(killed.success());
+    let killed_at = Instant::now();
     let o = wait_bounded(child, Duration::from_secs(60), "the run with a killed rank");
     assert!(!o.status.success());
     let said = text(&o);
-    assert!(said.contains("rank") && said.contains("signal 9"), "{said}");
-    // The last good checkpoint resumes, with the same N, to the unbroken run's weights.
+    assert!(
+        said.contains(&format!("rank {victim}")) && said.contains("signal 9"),
+        "np {np}, killed rank {victim}: {said}"
+    );
+    // Every other rank ended too (no rank left waiting in a collective).
+    while ranked.iter().any(|(p, _)| alive(p)) && killed_at.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (p, r) in &ranked {
+        assert!(
+            !alive(p),
+            "np {np}: rank {r} (pid {p}) still runs after rank {victim} died"
+        );
+    }
+    eprintln!(
+        "np {np}, rank {victim} killed: the job ended {:.2} s later",
+        killed_at.elapsed().as_secs_f64()
+    );
+    // The run stopped mid-way: its weights are not the unbroken run's yet.
+    assert!(
+        !dir.join("part/model.safetensors").exists()
+            || std::fs::read(dir.join("part/model.safetensors")).unwrap()
+                != std::fs::read(dir.join("full/model.safetensors")).unwrap()
+    );
     let o = run_bounded(
-        mpirun(2, &["train", "--resume", "part", "--quiet"], &dir),
+        mpirun(np, &["train", "--resume", "part", "--quiet"], &dir),
         "the resumed run",
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("resumed"), "{}", text(&o));
-    assert_eq!(
-        std::fs::read(dir.join("full/model.safetensors")).unwrap(),
-        std::fs::read(dir.join("part/model.safetensors")).unwrap(),
-        "the resumed run's weights differ from the unbroken run's"
+    // The checkpoint: the same tensors, and the same record but for the epoch times.
+    let (a, b) = (
+        checkpoint_untimed(&dir.join("full/checkpoints/last.safetensors")),
+        checkpoint_untimed(&dir.join("part/checkpoints/last.safetensors")),
     );
+    assert!(a == b, "np {np}: the resumed run's last checkpoint differs");
+    for file in [
+        "model.safetensors",
+        "loss.svg",
+        "metrics.svg",
+        "loss.png",
+        "metrics.png",
+    ] {
+        assert!(
+            std::fs::read(dir.join("full").join(file)).unwrap()
+                == std::fs::read(dir.join("part").join(file)).unwrap(),
+            "np {np}: the resumed run's {file} differs from the unbroken run's"
+        );
+    }
+    assert_eq!(
+        untimed_csv(&dir.join("full/history.csv")),
+        untimed_csv(&dir.join("part/history.csv")),
+        "np {np}: the resumed run's history differs"
+    );
+}
+
+/// A rank killed mid-run ends the run on every rank within seconds, naming the rank; the
+/// last checkpoint stays and `--resume` with the same N finishes with the files of a run
+/// never stopped: rank 1 of 2, and rank 0 (the one that writes) of 3.
+#[test]
+fn a_killed_rank_ends_the_run_and_the_checkpoint_resumes() {
+    if !mpi_available() {
+        return;
+    }
+    kill_and_resume(2, 1);
+    kill_and_resume(3, 0);
 }
 
 /// Bad data on one rank (its copy of the file is damaged): that rank names itself and the

@@ -565,6 +565,13 @@ fn other_cases() -> Vec<Case> {
         ),
         (
             Slot::Layer,
+            r#"{ type = "batch_normalization", synchronized = {v} }"#,
+            "synchronized",
+            Bool,
+            true,
+        ),
+        (
+            Slot::Layer,
             r#"{ type = "layer_normalization", epsilon = {v} }"#,
             "epsilon",
             POS,

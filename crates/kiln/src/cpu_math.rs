@@ -18,7 +18,8 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -27,8 +28,11 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    // 2ⁿ built from its exponent bits; n is in [-126, 127] after the clamp.
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ built from its exponent bits; n is in [-126, 127] after the clamp. Its integer is read
+    // from the low bits of `shifted` (spaced 1 apart there) rather than with `n as i32`, whose
+    // saturating conversion the vectorizer turns into one compare per lane.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// `tanh x`: an odd polynomial below |x| = 0.625 (where `1 - 2/(e²ˣ + 1)` would cancel), the

@@ -361,6 +361,14 @@ fn evaluate(
         &candle_core::Device::Cpu,
     )?;
     model.load_weights(&weights)?;
+    // The terms are weighed as training left them, not as a fresh strategy would.
+    if model.loss_weighting().is_some() && !model.load_loss_weighting(&weights)? {
+        eprintln!(
+            "note: {} holds no loss weighting state: `loss` weighs the terms with the \
+             strategy's initial weights",
+            weights.display()
+        );
+    }
     let dataset = dataset.ok_or_else(|| {
         crate::Error::Data(
             "no data to evaluate on: give --data FILE, or a run folder or run file with [data]"

@@ -15,15 +15,26 @@
 //!   moving statistics, taken from rank 0 as PyTorch DDP's buffers are) travel in one flat
 //!   buffer, summed by one all-reduce; every rank applies the same optimizer step;
 //! - the training metrics' states are summed at each epoch's end; validation runs whole on
-//!   every rank, so every rank sees the same logs and callbacks decide alike.
+//!   every rank, so every rank sees the same logs and callbacks decide alike;
+//! - a loss weighting strategy combines the global batch's terms (one all-reduce of one value
+//!   per term, inside the graph), so every rank's strategy sees and sets what one process's
+//!   does; its own variables (Uncertainty's log-variances) take rank 0's gradient, which is
+//!   already the global one;
+//! - gradient diagnostics sum each term's gradient over the ranks before taking norms and
+//!   cosines (one all-reduce of every term's gradient: diagnostics are opt-in);
+//! - a [`BatchNormalization::synchronized`](crate::layers::BatchNormalization::synchronized)
+//!   layer takes its statistics over the global batch (one small all-reduce in its forward
+//!   pass, one in its backward pass); the others keep per-rank statistics, the default.
 //!
 //! With one rank, `fit` runs the single-process code itself: bit-identical to no communicator.
 
+mod collective_op;
 mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod step;
 
+pub(crate) use collective_op::{all_reduce, Adjoint};
 pub use local::LocalGroup;
 pub(crate) use step::{check_fit, merge_metrics, rank_rng, shard_batch, StepShard};
 

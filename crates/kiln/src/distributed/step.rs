@@ -2,7 +2,7 @@
 //! reduced with the global batch's divisor, and the one all-reduce of gradients, term values
 //! and non-trainable weights.
 
-use super::{rank_name, shard_range, Communicator, SharedCommunicator};
+use super::{all_reduce, rank_name, shard_range, Adjoint, Communicator, SharedCommunicator};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::layers::Weight;
@@ -61,6 +61,11 @@ impl StepShard {
         self.global_len
     }
 
+    /// The ranks' communicator.
+    pub(crate) fn communicator(&self) -> &SharedCommunicator {
+        &self.comm
+    }
+
     /// Whether the ranks are threads of this process (see [`Communicator::in_process`]).
     pub(crate) fn in_process(&self) -> bool {
         self.comm.in_process()
@@ -103,6 +108,44 @@ impl StepShard {
             local / self.local_len as f64 * self.global_len as f64
         };
         divide_no_nan(&parts.sum, global)
+    }
+
+    /// The terms a loss weighting strategy combines, summed over the ranks: the global batch's
+    /// terms, the same on every rank, so that every rank's strategy sees and sets what one
+    /// process's does. Their gradient passes to each rank's own terms unchanged
+    /// ([`Adjoint::Identity`]): every rank differentiates the same objective of the global
+    /// terms, and the step's all-reduce sums the ranks' parts. One all-reduce of one value
+    /// per term.
+    pub(crate) fn global_terms(&self, terms: &[Tensor]) -> Result<Vec<Tensor>> {
+        let scalars = terms
+            .iter()
+            .map(|t| t.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let packed = Tensor::cat(&scalars, 0)?;
+        let global = all_reduce(&packed, &self.comm, Adjoint::Identity)?;
+        (0..terms.len()).map(|i| Ok(global.get(i)?)).collect()
+    }
+
+    /// Sums each term's gradients (gradient diagnostics) over the ranks, so that their norms
+    /// and cosines are those of the global batch's terms: one all-reduce of every term's
+    /// gradient (K times the step's gradient for K terms; diagnostics are opt-in).
+    pub(crate) fn all_reduce_term_gradients(
+        &self,
+        terms: &mut [(String, Vec<Option<Tensor>>)],
+    ) -> Result<()> {
+        let mut buffer = Vec::new();
+        for g in terms.iter().flat_map(|(_, g)| g.iter().flatten()) {
+            buffer.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        }
+        self.comm.all_reduce_f64(&mut buffer)?;
+        let mut at = 0;
+        for g in terms.iter_mut().flat_map(|(_, g)| g.iter_mut().flatten()) {
+            let n = g.elem_count();
+            let summed = Tensor::from_slice(&buffer[at..at + n], g.dims(), g.device())?;
+            *g = summed.to_dtype(g.dtype())?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Sums the step's gradients and term values over the ranks with one all-reduce, and gives

@@ -427,11 +427,6 @@ pub(crate) fn make(
                 "moving_variance_initializer",
                 "renorm_momentum",
             ]);
-            cfg.expect(
-                "synchronized",
-                |v| v == &Value::Bool(false),
-                "synchronized = false",
-            )?;
             cfg.expect("renorm", |v| v == &Value::Bool(false), "renorm = false")?;
             cfg.expect_null("renorm_clipping", "renormalization clipping")?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
@@ -440,6 +435,7 @@ pub(crate) fn make(
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
                 .scale(scale)
+                .synchronized(cfg.bool_or("synchronized", false)?)
                 .with_name(name);
             if let Some(r) = regularizer(cfg, "gamma_regularizer")? {
                 b = b.gamma_regularizer(r);

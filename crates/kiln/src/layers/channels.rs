@@ -6,6 +6,7 @@
 //! with a divide and a modulo per element (28 ms for `[128, 26, 26, 32]` → `[32]`, where the
 //! row adds here take well under 1 ms). Other devices and dtypes take the plain candle path.
 
+use super::dense_kernel::{relu_in_place, relu_mask};
 use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, Real, PARALLEL_MIN_LEN};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
@@ -240,11 +241,13 @@ pub(crate) fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// BatchNormalization's training forward with batch statistics `mean` and `inv` =
-/// 1/√(var + ε) computed beforehand: `y = (x - mean)·inv·γ + β` over `[M, C]`. The backward is
-/// the whole gradient through the statistics.
+/// 1/√(var + ε) computed beforehand: `y = (x - mean)·inv·γ + β` over `[M, C]`, then the ReLU
+/// of the layer that follows when `relu` (see [`crate::layers::CallContext`]). The backward is
+/// the whole gradient through the ReLU and the statistics.
 struct BatchNormTrain {
     mean: Vec<f64>,
     inv: Vec<f64>,
+    relu: bool,
 }
 
 impl BatchNormTrain {
@@ -264,6 +267,9 @@ impl BatchNormTrain {
         let mut out = vec![T::default(); x.len()];
         by_row_blocks(&mut out, c, |first, rows| {
             normalize_rows(rows, &x[first * c..][..rows.len()], &mean, &factor, beta);
+            if self.relu {
+                relu_in_place(rows);
+            }
         });
         out
     }
@@ -369,10 +375,13 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad_res.contiguous()?;
+        let grad = match self.relu {
+            true => relu_gradient(grad_res, res)?,
+            false => grad_res.contiguous()?,
+        };
         let (dx, dg, db) = match x.dtype() {
             DType::F32 => self.bwd_typed::<f32>(x, gamma, &grad)?,
             DType::F64 => self.bwd_typed::<f64>(x, gamma, &grad)?,
@@ -382,14 +391,42 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
+/// The gradient through a ReLU from its output `y`: `g` where `y > 0`, else 0.
+fn relu_gradient(g: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    fn typed<T: Element>(g: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        with_slice::<T, _>(g, "kiln-batch-norm: gradient", |gs| {
+            with_slice::<T, _>(y, "kiln-batch-norm: output", |ys| {
+                let mut out = vec![T::default(); gs.len()];
+                for_each_chunk(&mut out, BLOCK_ROWS * 64, |i, chunk| {
+                    let first = i * BLOCK_ROWS * 64;
+                    relu_mask(
+                        chunk,
+                        &gs[first..][..chunk.len()],
+                        &ys[first..][..chunk.len()],
+                    );
+                });
+                Tensor::from_vec(out, g.shape(), g.device())
+            })
+        })
+    }
+    let (g, y) = (g.contiguous()?, y.contiguous()?);
+    match g.dtype() {
+        DType::F32 => typed::<f32>(&g, &y),
+        DType::F64 => typed::<f64>(&g, &y),
+        other => candle_core::bail!("kiln-batch-norm: unsupported dtype {other:?}"),
+    }
+}
+
 /// BatchNormalization's training pass over `x` `[.., C]` without a mask, when the CPU op
-/// applies: `(y, batch mean, batch variance)`, the statistics detached. `gamma` and `beta` are
+/// applies: `(y, batch mean, batch variance)`, the statistics detached; `y` through a ReLU
+/// when `relu`. `gamma` and `beta` are
 /// `[C]` (ones and zeros where the layer has none).
 pub(crate) fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     epsilon: f64,
+    relu: bool,
 ) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
     let c = match x.dims().last() {
         Some(&c) if c > 0 && x.elem_count() > 0 => c,
@@ -426,7 +463,7 @@ pub(crate) fn batch_norm_train(
     let (dtype, device) = (x.dtype(), x.device().clone());
     let mean_t = Tensor::from_vec(mean.clone(), c, &device)?.to_dtype(dtype)?;
     let var_t = Tensor::from_vec(var, c, &device)?.to_dtype(dtype)?;
-    let y = x.apply_op3(gamma, beta, BatchNormTrain { mean, inv })?;
+    let y = x.apply_op3(gamma, beta, BatchNormTrain { mean, inv, relu })?;
     Ok(Some((y, mean_t, var_t)))
 }
 
@@ -539,49 +576,75 @@ mod tests {
         (y, mean, var)
     }
 
-    /// The fused pass gives the plain pass's output, statistics and gradients.
+    /// The fused pass gives the plain pass's output, statistics and gradients, alone and with
+    /// the ReLU of a following layer.
     #[test]
     fn batch_norm_matches_the_plain_graph() {
-        for dtype in [DType::F32, DType::F64] {
-            let tol = if dtype == DType::F32 { 2e-4 } else { 1e-10 };
-            for (i, shape) in SHAPES.iter().enumerate() {
-                if shape[..shape.len() - 1].iter().product::<usize>() < 2 {
-                    continue; // one row: the variance is 0 and dx is rounding noise
-                }
-                let c = shape[shape.len() - 1];
-                let x = random(shape, i as u64, dtype);
-                let g = random(&[c], 100 + i as u64, dtype);
-                let b = random(&[c], 300 + i as u64, dtype);
-                let w = random(shape, 200 + i as u64, dtype);
-                let (fy, fm, fv) =
-                    batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-3)
-                        .unwrap()
-                        .unwrap();
-                let (py, pm, pv) = plain_bn(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-3);
-                assert!(max_diff(&fy, &py) < tol, "{shape:?}");
-                assert!(max_diff(&fm, &pm) < tol, "{shape:?}");
-                assert!(max_diff(&fv, &pv) < tol, "{shape:?}");
-                // A loss that is not just Σy (whose dx is 0).
-                let gf = (fy * w.as_tensor())
+        for relu in [false, true] {
+            for dtype in [DType::F32, DType::F64] {
+                batch_norm_cases(dtype, relu);
+            }
+        }
+    }
+
+    fn batch_norm_cases(dtype: DType, relu: bool) {
+        let tol = if dtype == DType::F32 { 2e-4 } else { 1e-10 };
+        for (i, shape) in SHAPES.iter().enumerate() {
+            if shape[..shape.len() - 1].iter().product::<usize>() < 2 {
+                continue; // one row: the variance is 0 and dx is rounding noise
+            }
+            let c = shape[shape.len() - 1];
+            let x = random(shape, i as u64, dtype);
+            let g = random(&[c], 100 + i as u64, dtype);
+            let b = random(&[c], 300 + i as u64, dtype);
+            let w = random(shape, 200 + i as u64, dtype);
+            let (fy, fm, fv) =
+                batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-3, relu)
                     .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
                     .unwrap();
-                let gp = (py * w.as_tensor())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for v in [&x, &g, &b] {
-                    let (f, p) = (gf.get(v).unwrap(), gp.get(v).unwrap());
-                    assert!(
-                        max_diff(f, p) < tol,
-                        "{shape:?} {dtype:?}: {}",
-                        max_diff(f, p)
-                    );
+            let (py, pm, pv) = plain_bn(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-3);
+            // The plain ReLU keeps the fused pass's mask: outputs within rounding of 0 could
+            // fall on either side, and their gradients with them.
+            let py = match relu {
+                true => {
+                    assert!(max_diff(&fy, &py.relu().unwrap()) < tol, "{shape:?}");
+                    let kept = fy.gt(0.0).unwrap().to_dtype(dtype).unwrap();
+                    (py * kept).unwrap()
                 }
+                false => py,
+            };
+            assert!(max_diff(&fy, &py) < tol, "{shape:?}");
+            assert!(max_diff(&fm, &pm) < tol, "{shape:?}");
+            assert!(max_diff(&fv, &pv) < tol, "{shape:?}");
+            if relu {
+                // Both signs occur, so the ReLU's mask is exercised.
+                let kept = fy.gt(0.0).unwrap().to_dtype(DType::F64).unwrap();
+                let share = kept.mean_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(
+                    fy.elem_count() < 4 || (0.0..1.0).contains(&share),
+                    "{shape:?}"
+                );
+            }
+            // A loss that is not just Σy (whose dx is 0).
+            let gf = (fy * w.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (py * w.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &g, &b] {
+                let (f, p) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+                assert!(
+                    max_diff(f, p) < tol,
+                    "{shape:?} {dtype:?} relu {relu}: {}",
+                    max_diff(f, p)
+                );
             }
         }
     }

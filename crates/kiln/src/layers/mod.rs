@@ -119,6 +119,15 @@ pub struct CallContext<'a> {
     pub rng: &'a mut StdRng,
     pub(crate) added: Vec<(String, Tensor)>,
     pub(crate) layer_trainable: bool,
+    /// The ranks of a data-parallel training step (more than one), for the layers whose
+    /// batch statistics are synchronised across them.
+    pub(crate) ranks: Option<crate::distributed::SharedCommunicator>,
+    /// Set by the model when the layer's output feeds only a ReLU layer, whose output is all
+    /// that is read: a layer with a fused kernel may apply the ReLU itself and say so in
+    /// `relu_applied`, sparing a pass over the output and a gradient the size of it (candle
+    /// zero-fills and adds every intermediate gradient).
+    pub(crate) relu_follows: bool,
+    pub(crate) relu_applied: bool,
 }
 
 impl<'a> CallContext<'a> {
@@ -128,6 +137,9 @@ impl<'a> CallContext<'a> {
             rng,
             added: Vec::new(),
             layer_trainable: true,
+            ranks: None,
+            relu_follows: false,
+            relu_applied: false,
         }
     }
 

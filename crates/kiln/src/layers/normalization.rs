@@ -17,6 +17,10 @@ use candle_core::Tensor;
 /// variance). With a mask (shape of the input without its last axis), the statistics are taken
 /// over the unmasked positions, as Keras does.
 ///
+/// In data-parallel training ([`crate::Fit::distributed`]) each rank normalizes its shard
+/// with the shard's own statistics by default, as Keras and PyTorch DDP do;
+/// [`BatchNormalization::synchronized`] takes them over the global batch instead.
+///
 /// ```
 /// use kiln::candle::{Device, Tensor};
 /// use kiln::prelude::*;
@@ -37,6 +41,7 @@ pub struct BatchNormalization {
     epsilon: f64,
     center: bool,
     scale: bool,
+    synchronized: bool,
     gamma_regularizer: Option<SharedRegularizer>,
     beta_regularizer: Option<SharedRegularizer>,
     name: Option<String>,
@@ -60,6 +65,7 @@ impl BatchNormalization {
             epsilon: 1e-3,
             center: true,
             scale: true,
+            synchronized: false,
             gamma_regularizer: None,
             beta_regularizer: None,
             name: None,
@@ -87,6 +93,28 @@ impl BatchNormalization {
     /// Whether to multiply by the learned scale `gamma` (default true).
     pub fn scale(mut self, scale: bool) -> Self {
         self.scale = scale;
+        self
+    }
+    /// Whether, in data-parallel training, the batch statistics are those of the global
+    /// batch rather than of each rank's shard (default false), as Keras'
+    /// `BatchNormalization(synchronized=True)`: N ranks then normalize, update the moving
+    /// statistics and differentiate exactly as one process on the global batch, up to float
+    /// summation order. Outside data-parallel training (one process, or one rank) it changes
+    /// nothing.
+    ///
+    /// The cost: in each training step's forward pass, one all-reduce of `2 · features + 1`
+    /// values per layer (the per-feature sums of x and x², and the count), and one more of
+    /// the same size in each backward pass through the layer; and the layer's statistics run
+    /// as a plain candle graph (in f64) instead of the fused CPU pass.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([8]);
+    /// let y = BatchNormalization::new().synchronized(true).apply(&x)?;
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn synchronized(mut self, synchronized: bool) -> Self {
+        self.synchronized = synchronized;
         self
     }
     /// A penalty on `gamma`, added to the total loss.
@@ -146,6 +174,56 @@ impl BatchNormalization {
         }
     }
 
+    /// The mean and (biased) variance of each feature over the global batch of a
+    /// data-parallel step: the per-feature sums of x and x² and the count (of unmasked
+    /// positions, with Keras' epsilon added, under a mask) of this rank's shard, summed over
+    /// the ranks by one all-reduce whose backward pass sums the ranks' gradients of those sums
+    /// (so that each rank's input gradient is the one-process gradient). Summed in f64: the
+    /// one-pass variance E[x²] - E[x]² then loses nothing that matters against f32 data.
+    fn global_moments(
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        ranks: &crate::distributed::SharedCommunicator,
+    ) -> Result<(Tensor, Tensor)> {
+        use candle_core::DType;
+        let features = x.dims()[x.rank() - 1];
+        let flat = x.reshape(((), features))?.to_dtype(DType::F64)?;
+        let (sum, sum_sq, count) = match mask {
+            None => {
+                let rows = flat.dims()[0] as f64;
+                let count = Tensor::new(&[rows], x.device())?;
+                (flat.sum(0)?, flat.sqr()?.sum(0)?, count)
+            }
+            Some(mask) => {
+                let m = mask_as(mask, DType::F64)?.reshape(((), 1))?;
+                if m.dims()[0] != flat.dims()[0] {
+                    return Err(Error::Data(format!(
+                        "BatchNormalization: a mask of shape {:?} does not fit inputs of shape {:?}",
+                        mask.dims(),
+                        x.dims()
+                    )));
+                }
+                let weighted = flat.broadcast_mul(&m)?;
+                let sum_sq = (&weighted * &flat)?.sum(0)?;
+                (weighted.sum(0)?, sum_sq, m.sum(0)?)
+            }
+        };
+        let packed = Tensor::cat(&[&sum, &sum_sq, &count], 0)?;
+        let global =
+            crate::distributed::all_reduce(&packed, ranks, crate::distributed::Adjoint::Sum)?;
+        let mut count = global.narrow(0, 2 * features, 1)?;
+        if mask.is_some() {
+            count = (count + crate::reduction::EPSILON)?;
+        }
+        let mean = global.narrow(0, 0, features)?.broadcast_div(&count)?;
+        let mean_sq = global
+            .narrow(0, features, features)?
+            .broadcast_div(&count)?;
+        // Rounding can leave a constant feature's variance a hair below 0.
+        let var = (mean_sq - mean.sqr()?)?.relu()?;
+        Ok((mean.to_dtype(x.dtype())?, var.to_dtype(x.dtype())?))
+    }
+
     /// Moves a moving statistic toward the batch's by `1 - momentum`.
     fn update_moving(&self, w: &Weight, batch: &Tensor) -> Result<()> {
         let keep = self.momentum;
@@ -155,8 +233,20 @@ impl BatchNormalization {
     }
 
     /// Training without a mask takes the fused CPU pass where it applies
-    /// ([`super::channels::batch_norm_train`]), else this plain candle graph.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, training: bool) -> Result<Tensor> {
+    /// ([`super::channels::batch_norm_train`]), else this plain candle graph. The fused pass
+    /// applies the ReLU of a following layer when `relu` asks for it; the flag returned says
+    /// whether it did.
+    ///
+    /// `ranks`: the ranks of a data-parallel step, whose global batch gives the statistics
+    /// when the layer is synchronised.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        training: bool,
+        ranks: Option<&crate::distributed::SharedCommunicator>,
+        relu: bool,
+    ) -> Result<(Tensor, bool)> {
         let moving_mean = built(&self.moving_mean, "BatchNormalization")?;
         let moving_variance = built(&self.moving_variance, "BatchNormalization")?;
         let features = moving_mean.var.dims()[0];
@@ -167,7 +257,8 @@ impl BatchNormalization {
                 x.dims()
             )));
         }
-        if training && mask.is_none() {
+        let ranks = ranks.filter(|_| training && self.synchronized);
+        if training && mask.is_none() && ranks.is_none() {
             let ones;
             let zeros;
             let gamma = match &self.gamma {
@@ -185,15 +276,18 @@ impl BatchNormalization {
                 }
             };
             if let Some((y, mean, var)) =
-                super::channels::batch_norm_train(x, gamma, beta, self.epsilon)?
+                super::channels::batch_norm_train(x, gamma, beta, self.epsilon, relu)?
             {
                 self.update_moving(moving_mean, &mean)?;
                 self.update_moving(moving_variance, &var)?;
-                return Ok(y);
+                return Ok((y, relu));
             }
         }
         let (mean, var) = if training {
-            let (mean, var) = Self::moments(x, mask)?;
+            let (mean, var) = match ranks {
+                Some(ranks) => Self::global_moments(x, mask, ranks)?,
+                None => Self::moments(x, mask)?,
+            };
             self.update_moving(moving_mean, &mean)?;
             self.update_moving(moving_variance, &var)?;
             (mean, var)
@@ -212,7 +306,7 @@ impl BatchNormalization {
         if let Some(b) = &self.beta {
             y = y.broadcast_add(b.var.as_tensor())?;
         }
-        Ok(y)
+        Ok((y, false))
     }
 }
 
@@ -231,7 +325,7 @@ impl Layer for BatchNormalization {
                 "beta_regularizer": keras_object(&self.beta_regularizer)?,
                 "beta_constraint": null,
                 "gamma_constraint": null,
-                "synchronized": false,
+                "synchronized": self.synchronized,
             }),
         ))
     }
@@ -318,7 +412,7 @@ impl Layer for BatchNormalization {
         .collect()
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
-        self.forward(&inputs[0], None, ctx.training && ctx.layer_trainable())
+        self.call_with_masks(inputs, &[], ctx)
     }
     fn call_with_masks(
         &self,
@@ -326,11 +420,13 @@ impl Layer for BatchNormalization {
         masks: &[Option<Tensor>],
         ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.forward(
-            &inputs[0],
-            masks.first().and_then(Option::as_ref),
-            ctx.training && ctx.layer_trainable(),
-        )
+        let training = ctx.training && ctx.layer_trainable();
+        let mask = masks.first().and_then(Option::as_ref);
+        let ranks = ctx.ranks.as_ref();
+        let (y, relu_applied) =
+            self.forward(&inputs[0], mask, training, ranks, ctx.relu_follows)?;
+        ctx.relu_applied = relu_applied;
+        Ok(y)
     }
     fn takes_mask(&self) -> bool {
         true

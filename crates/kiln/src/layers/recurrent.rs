@@ -7,7 +7,7 @@
 //! output is the last state and the mask stops here.
 
 use super::dense::dense_forward;
-use super::recurrent_kernel::{GruOp, LstmOp, Sequence};
+use super::recurrent_kernel::{GruOp, LstmOp, Projection, Sequence};
 use super::util::{built, input_of_rank, make_weight};
 use super::{BuildContext, CallContext, Layer, Weight};
 use crate::activations::Activation;
@@ -206,22 +206,22 @@ impl Recurrent {
         Ok((batch, steps, masks))
     }
 
-    /// The fused op's description of the run, when the fused CPU ops apply: Keras' default
-    /// activations, a CPU float input, at least one step.
+    /// The fused op's description of the run on the input `x`, when the fused CPU ops apply:
+    /// Keras' default activations, a CPU float input, at least one step.
     fn fused(
         &self,
-        x_proj: &Tensor,
+        x: &Tensor,
         params: &[&Tensor],
         mask: Option<&Tensor>,
     ) -> Result<Option<Sequence>> {
-        let (batch, steps, _) = x_proj.dims3()?;
+        let (batch, steps, _) = x.dims3()?;
         #[cfg(test)]
         if tests::PLAIN.with(|p| p.get()) {
             return Ok(None);
         }
         let defaults =
             self.activation == Activation::Tanh && self.recurrent_activation == Activation::Sigmoid;
-        if !defaults || steps == 0 || !super::recurrent_kernel::applies(x_proj, params) {
+        if !defaults || steps == 0 || !super::recurrent_kernel::applies(x, params) {
             return Ok(None);
         }
         let mask = match mask {
@@ -479,6 +479,15 @@ impl Layer for Lstm {
     }
 }
 
+/// `matrix` with `row` below it, when there is one, as the fused ops take a kernel and its
+/// bias (`[x, 1] · [W; b] = x · W + b`).
+fn with_row(matrix: &Tensor, row: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match row {
+        Some(row) => Tensor::cat(&[matrix, &row.unsqueeze(0)?], 0)?,
+        None => matrix.contiguous()?,
+    })
+}
+
 impl Lstm {
     fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let rnn = &self.rnn;
@@ -489,12 +498,19 @@ impl Lstm {
         let recurrent = built(&rnn.recurrent_kernel, "LSTM")?.var.as_tensor();
         let bias = rnn.bias.as_ref().map(|b| b.var.as_tensor());
         let u = rnn.units;
-        let x_proj = dense_forward(x, kernel, bias, Activation::Linear)?;
-        if let Some(seq) = rnn.fused(&x_proj, &[recurrent], mask)? {
-            return Ok(x_proj
-                .contiguous()?
-                .apply_op2(&recurrent.contiguous()?, LstmOp::new(seq))?);
+        let params: Vec<&Tensor> = [kernel, recurrent].into_iter().chain(bias).collect();
+        if let Some(seq) = rnn.fused(x, &params, mask)? {
+            let projection = Projection {
+                features: kernel.dim(0)?,
+                bias: bias.is_some(),
+            };
+            return Ok(x.contiguous()?.apply_op3(
+                &with_row(kernel, bias)?,
+                &recurrent.contiguous()?,
+                LstmOp::new(seq, projection),
+            )?);
         }
+        let x_proj = dense_forward(x, kernel, bias, Activation::Linear)?;
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         rnn.scan(
@@ -635,20 +651,28 @@ impl Gru {
             }
             (Some(b), false) => (Some(b.var.as_tensor().clone()), None),
         };
-        let x_proj = dense_forward(x, kernel, input_bias.as_ref(), Activation::Linear)?;
+        let params: Vec<&Tensor> = [kernel, recurrent]
+            .into_iter()
+            .chain(rnn.bias.as_ref().map(|b| b.var.as_tensor()))
+            .collect();
         if self.reset_after {
-            if let Some(seq) = rnn.fused(&x_proj, &[recurrent], mask)? {
+            if let Some(seq) = rnn.fused(x, &params, mask)? {
+                let projection = Projection {
+                    features: kernel.dim(0)?,
+                    bias: input_bias.is_some(),
+                };
                 let rb = match &recurrent_bias {
-                    Some(b) => b.contiguous()?,
+                    Some(b) => b.clone(),
                     None => Tensor::zeros(3 * u, x.dtype(), x.device())?,
                 };
-                return Ok(x_proj.contiguous()?.apply_op3(
-                    &recurrent.contiguous()?,
-                    &rb,
-                    GruOp::new(seq),
+                return Ok(x.contiguous()?.apply_op3(
+                    &with_row(kernel, input_bias.as_ref())?,
+                    &with_row(recurrent, Some(&rb))?,
+                    GruOp::new(seq, projection),
                 )?);
             }
         }
+        let x_proj = dense_forward(x, kernel, input_bias.as_ref(), Activation::Linear)?;
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         let reset_after = self.reset_after;
@@ -744,6 +768,8 @@ mod tests {
         (1, 5, 3, 2),
         (3, 7, 4, 5),
         (4, 9, 6, 17),
+        // More rows than one block of the fused ops (32): two full blocks and a short one.
+        (70, 4, 3, 6),
     ];
 
     fn mask_for(batch: usize, steps: usize, dtype: DType) -> Tensor {
@@ -772,6 +798,8 @@ mod tests {
                         let mask = masked.then(|| mask_for(b, t, dtype));
                         let seed = i as u64 * 4 + u64::from(sequences) * 2 + u64::from(masked);
                         let mut lstm = Lstm::new(u).return_sequences(sequences);
+                        compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
+                        let mut lstm = Lstm::new(u).return_sequences(sequences).use_bias(false);
                         compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
                         let mut gru = Gru::new(u).return_sequences(sequences);
                         compare(&mut gru, &x, mask.as_ref(), dtype, seed);

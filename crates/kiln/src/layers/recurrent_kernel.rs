@@ -14,31 +14,70 @@
 //! Only Keras' default activations (tanh, sigmoid), and the GRU with `reset_after`, on the CPU
 //! in f32 or f64; the layer keeps its plain graph otherwise. Masked steps carry the state.
 
-use super::dense_kernel::{product, Element, Operand};
+use super::dense_kernel::{product, product_column_major, product_new, Element, Operand};
 use crate::cpu::{contiguous, vectorized, with_slice, Real};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use std::sync::{Arc, Mutex};
 
-/// `dst = a · b` for row-major `a` `[m, k]` and `b` `[k, n]` (`b` transposed in place when
-/// `b_transposed`, then stored `[n, k]`).
-fn matmul<T: Element>(dst: &mut [T], a: &[T], b: &[T], (m, k, n): (usize, usize, usize), bt: bool) {
-    debug_assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    let rhs = if bt {
-        Operand::transposed(b, k)
-    } else {
-        Operand::rows(b, n)
-    };
-    // SAFETY: dst holds m×n elements, a m×k and b k×n, as checked above.
+/// The gates' pre-activations of a step, `z = h · R`, for `rows` states `h` `[rows, units]`
+/// and the recurrent kernel `R` `[units, gates]`, on the calling thread. Formed as `zᵀ = Rᵀ ·
+/// hᵀ`, all three read or written in place by columns (see [`product_column_major`]).
+fn step_product<T: Element>(
+    z: &mut [T],
+    h: &[T],
+    r: &[T],
+    (rows, units, gates): (usize, usize, usize),
+) {
+    assert!(z.len() >= rows * gates && h.len() >= rows * units && r.len() >= units * gates);
+    // SAFETY: z holds gates×rows elements, R is units×gates and h rows×units, checked above.
     unsafe {
-        product(
-            (m, n, k),
-            dst.as_mut_ptr(),
+        product_column_major(
+            (gates, rows, units),
+            z.as_mut_ptr(),
             false,
-            Operand::rows(a, k),
-            rhs,
-            crate::runtime::matmul_threads(),
+            Operand::transposed(r, gates),
+            Operand::transposed(h, units),
         )
     };
+}
+
+/// The states' gradient from a step's gate gradients, `dh = dz · Rᵀ`, for `dz` `[rows,
+/// gates]` and `rt`, the recurrent kernel's transpose `[gates, units]` (row-major), on the
+/// calling thread. Formed as `dhᵀ = R · dzᵀ`, read and written by columns.
+fn step_gradient<T: Element>(
+    dh: &mut [T],
+    dz: &[T],
+    rt: &[T],
+    (rows, gates, units): (usize, usize, usize),
+) {
+    assert!(dh.len() >= rows * units && dz.len() >= rows * gates && rt.len() >= units * gates);
+    // SAFETY: dh holds units×rows elements, Rᵀ is gates×units and dz rows×gates, checked above.
+    unsafe {
+        product_column_major(
+            (units, rows, gates),
+            dh.as_mut_ptr(),
+            false,
+            Operand::transposed(rt, units),
+            Operand::transposed(dz, gates),
+        )
+    };
+}
+
+/// Rows of the batch whose recurrence runs as one piece. Each sequence's steps need only its
+/// own states, so the pieces run side by side on the pool's threads with no meeting point at
+/// each step: one split per pass instead of a parallel product and a serial cell loop per step
+/// (R1 used 1.15 of 2 cores before). Fixed rather than derived from the thread count, so the
+/// products, and with them the results, are the same on any number of threads.
+const BLOCK_ROWS: usize = 32;
+
+/// Runs `piece` on each of `pieces`, on the pool's threads when kiln may use several.
+fn for_each_block<P: Send>(pieces: Vec<P>, piece: impl Fn(P) + Sync + Send) {
+    use rayon::prelude::*;
+    if pieces.len() > 1 && crate::runtime::parallel_now() {
+        pieces.into_par_iter().for_each(piece);
+    } else {
+        pieces.into_iter().for_each(piece);
+    }
 }
 
 /// The sizes, the mask (per sequence then step, `true` where the step counts) and the output
@@ -66,6 +105,25 @@ impl Sequence {
         }
     }
 
+    /// Where the record of `row` at step `s` starts, for records `width` long. Records are
+    /// block-major: the rows of each [`BLOCK_ROWS`] block, step by step (time-major inside the
+    /// block, so that a step's rows are adjacent for its product).
+    fn record(&self, row: usize, s: usize, width: usize) -> usize {
+        let first = row / BLOCK_ROWS * BLOCK_ROWS;
+        let rows = BLOCK_ROWS.min(self.batch - first);
+        (first * self.steps + s * rows + (row - first)) * width
+    }
+
+    /// The records of each block, `width` long per row and step, with the block's first row.
+    fn blocks_mut<'a, T>(&self, records: &'a mut [T], width: usize) -> Vec<(usize, &'a mut [T])> {
+        let size = BLOCK_ROWS * self.steps * width;
+        records
+            .chunks_mut(size)
+            .enumerate()
+            .map(|(k, block)| (k * BLOCK_ROWS, block))
+            .collect()
+    }
+
     /// The layer's output: the states (the first `units` of each `width`-wide record of `saved`)
     /// of every step, batch-major, or of the last step.
     fn output<T: Element>(&self, saved: &[T], width: usize) -> Vec<T> {
@@ -74,7 +132,7 @@ impl Sequence {
         let mut out = Vec::with_capacity(b * (t - first) * u);
         for row in 0..b {
             for s in first..t {
-                out.extend_from_slice(&saved[(s * b + row) * width..][..u]);
+                out.extend_from_slice(&saved[self.record(row, s, width)..][..u]);
             }
         }
         out
@@ -94,42 +152,36 @@ impl Sequence {
     }
 
     /// `Σ_t h_{t-1}ᵀ · d_t` for the states `h` of `saved` (`width` per row, h first) and the
-    /// time-major `d` `[steps·batch, gates]`: the recurrent kernel's gradient `[units, gates]`.
-    /// The first step's `h_{-1}` is zero, so the sum pairs the records of steps `0..t-1`,
-    /// read in place with their stride, with the `d` of steps `1..t`.
+    /// block-major `d` (`gates` per row and step): the recurrent kernel's gradient `[units,
+    /// gates]`. The first step's `h_{-1}` is zero, so each block's sum pairs its records of
+    /// steps `0..t-1`, read in place with their stride, with its `d` of steps `1..t`: one
+    /// product per block, added up.
     fn kernel_grad<T: Element>(&self, saved: &[T], width: usize, d: &[T], gates: usize) -> Vec<T> {
         let (b, t, u) = (self.batch, self.steps, self.units);
         let mut g = vec![T::default(); u * gates];
-        // SAFETY: g holds u×gates; the lhs reads h (u values) of (t-1)·b records of `width`
-        // elements, transposed; the rhs the (t-1)·b rows of d after the first step's.
-        unsafe {
-            product(
-                (u, gates, (t - 1) * b),
-                g.as_mut_ptr(),
-                false,
-                Operand::transposed(saved, width),
-                Operand::rows(&d[b * gates..], gates),
-                crate::runtime::matmul_threads(),
-            )
-        };
-        g
-    }
-
-    /// The time-major `d` `[steps·batch, gates]` as the input projection's `[batch, steps,
-    /// gates]` gradient.
-    fn batch_major<T: Element>(&self, d: &[T], gates: usize) -> Vec<T> {
-        let (b, t) = (self.batch, self.steps);
-        let mut out = Vec::with_capacity(d.len());
-        for r in 0..b {
-            for s in 0..t {
-                out.extend_from_slice(&d[(s * b + r) * gates..][..gates]);
-            }
+        for (k, first) in (0..b).step_by(BLOCK_ROWS).enumerate() {
+            let rows = BLOCK_ROWS.min(b - first);
+            let (h, d) = (&saved[first * t * width..], &d[first * t * gates..]);
+            // SAFETY: g holds u×gates; the lhs reads h (u values) of (t-1)·rows records of
+            // `width` elements, transposed; the rhs the (t-1)·rows rows of d after the first
+            // step's, all inside this block.
+            unsafe {
+                product(
+                    (u, gates, (t - 1) * rows),
+                    g.as_mut_ptr(),
+                    k > 0,
+                    Operand::transposed(h, width),
+                    Operand::rows(&d[rows * gates..], gates),
+                    crate::runtime::matmul_threads(),
+                )
+            };
         }
-        out
+        g
     }
 }
 
-/// What a forward pass keeps for its backward pass: the time-major per-step records.
+/// What a forward pass keeps for its backward pass: the per-step records and the input, in
+/// blocks.
 #[derive(Default)]
 struct Saved(Mutex<Option<CpuStorage>>);
 
@@ -156,6 +208,12 @@ impl Saved {
     }
 }
 
+/// Lanes per pass of the cells' loops: one AVX-512 register of f32. The cells work on local
+/// arrays of this many units and then copy them out, because the loop over the record's nine
+/// separate output slices was not vectorized at all (the compiler gives up on that many
+/// possible overlaps): the polynomials ran one float at a time, 14% of an R1 step.
+const LANES: usize = 16;
+
 vectorized! {
     /// One LSTM step of one sequence: the gate pre-activations `x + z` (`[4·units]`, Keras'
     /// order i, f, g, o) update `h` and `c` in place; `record` gets h, c, tanh c, i, f, g, o.
@@ -163,29 +221,35 @@ vectorized! {
         let u = h.len();
         let (x, z) = (&x[..4 * u], &z[..4 * u]);
         let (c, record) = (&mut c[..u], &mut record[..7 * u]);
-        let (rh, rest) = record.split_at_mut(u);
-        let (rc, rest) = rest.split_at_mut(u);
-        let (rt, rest) = rest.split_at_mut(u);
-        let (ri, rest) = rest.split_at_mut(u);
-        let (rf, rest) = rest.split_at_mut(u);
-        let (rg, ro) = rest.split_at_mut(u);
-        for j in 0..u {
-            let i = (x[j] + z[j]).logistic();
-            let f = (x[u + j] + z[u + j]).logistic();
-            let g = (x[2 * u + j] + z[2 * u + j]).fast_tanh();
-            let o = (x[3 * u + j] + z[3 * u + j]).logistic();
-            let cn = f * c[j] + i * g;
-            let tc = cn.fast_tanh();
-            let hn = o * tc;
-            c[j] = cn;
-            h[j] = hn;
-            rh[j] = hn;
-            rc[j] = cn;
-            rt[j] = tc;
-            ri[j] = i;
-            rf[j] = f;
-            rg[j] = g;
-            ro[j] = o;
+        let mut j = 0;
+        while j < u {
+            let n = LANES.min(u - j);
+            // The lanes' inputs, zero past the units' end (computed on, never stored).
+            let mut a = [[T::default(); LANES]; 5];
+            for (gate, lanes) in a[..4].iter_mut().enumerate() {
+                for ((l, &xv), &zv) in lanes.iter_mut().zip(&x[gate * u + j..][..n]).zip(&z[gate * u + j..][..n]) {
+                    *l = xv + zv;
+                }
+            }
+            a[4][..n].copy_from_slice(&c[j..j + n]);
+            let mut v = [[T::default(); LANES]; 7];
+            for l in 0..LANES {
+                let i = a[0][l].logistic();
+                let f = a[1][l].logistic();
+                let g = a[2][l].fast_tanh();
+                let o = a[3][l].logistic();
+                let cn = f * a[4][l] + i * g;
+                let tc = cn.fast_tanh();
+                let [vh, vc, vt, vi, vf, vg, vo] = &mut v;
+                (vh[l], vc[l], vt[l]) = (o * tc, cn, tc);
+                (vi[l], vf[l], vg[l], vo[l]) = (i, f, g, o);
+            }
+            h[j..j + n].copy_from_slice(&v[0][..n]);
+            c[j..j + n].copy_from_slice(&v[1][..n]);
+            for (field, values) in v.iter().enumerate() {
+                record[field * u + j..][..n].copy_from_slice(&values[..n]);
+            }
+            j += n;
         }
     }
 }
@@ -213,10 +277,137 @@ vectorized! {
     }
 }
 
-/// LSTM over `x_proj` `[batch, steps, 4·units]` (the input projection with the bias) and the
-/// recurrent kernel `[units, 4·units]`; the output is the layer's (see [`Sequence`]).
+/// The input projection the ops make themselves, `x · W + b`, from the input `x` `[batch,
+/// steps, features]` and `wb`, the kernel `[features, gates]` with the bias below it as one more
+/// row when there is one. Inside the op, the projection (as wide as all the gates) never becomes
+/// a tensor: candle would zero-fill and add its gradient, and the op would turn that gradient
+/// from its own order into the tensor's (a third of an R1 backward pass besides the products).
+/// Only the input itself, `gates / features` times smaller, is reordered.
+#[derive(Clone, Copy)]
+pub(crate) struct Projection {
+    pub(crate) features: usize,
+    pub(crate) bias: bool,
+}
+
+impl Projection {
+    /// Copies the block's rows of `x` (from row `first`), time-major, into `xt` and returns
+    /// their projection, time-major too.
+    fn forward<T: Element>(
+        &self,
+        seq: &Sequence,
+        (x, wb): (&[T], &[T]),
+        gates: usize,
+        first: usize,
+        xt: &mut [T],
+    ) -> Vec<T> {
+        let (t, f) = (seq.steps, self.features);
+        let n = xt.len() / (t * f);
+        for s in 0..t {
+            for i in 0..n {
+                xt[(s * n + i) * f..][..f].copy_from_slice(&x[((first + i) * t + s) * f..][..f]);
+            }
+        }
+        let mut proj = match self.bias {
+            true => wb[f * gates..][..gates].repeat(n * t),
+            false => vec![T::default(); n * t * gates],
+        };
+        // SAFETY: proj holds (n·t)×gates elements, xt (n·t)×f and the kernel f×gates.
+        unsafe {
+            product(
+                (n * t, gates, f),
+                proj.as_mut_ptr(),
+                true,
+                Operand::rows(xt, f),
+                Operand::rows(wb, gates),
+                1,
+            )
+        };
+        proj
+    }
+
+    /// The input's gradient for one block: its projection's gradient `d` (time-major) times
+    /// the kernel's transpose, written into the block's rows of `dx` (batch-major).
+    fn input_gradient<T: Element>(
+        &self,
+        seq: &Sequence,
+        d: &[T],
+        wb: &[T],
+        gates: usize,
+        dx: &mut [T],
+    ) {
+        let (t, f) = (seq.steps, self.features);
+        let n = dx.len() / (t * f);
+        let time_major = product_new(
+            (n * t, f, gates),
+            Operand::rows(d, gates),
+            Operand::transposed(wb, gates),
+            1,
+        );
+        for s in 0..t {
+            for i in 0..n {
+                dx[(i * t + s) * f..][..f].copy_from_slice(&time_major[(s * n + i) * f..][..f]);
+            }
+        }
+    }
+
+    /// The gradient of `wb`: `Σ xtᵀ · d` over the blocks, and the bias's, the column sums of
+    /// `d`, below it.
+    fn parameter_gradient<T: Element>(
+        &self,
+        seq: &Sequence,
+        xt: &[T],
+        d: &[T],
+        gates: usize,
+    ) -> Vec<T> {
+        let (b, t, f) = (seq.batch, seq.steps, self.features);
+        let mut g = vec![T::default(); (f + usize::from(self.bias)) * gates];
+        for (k, first) in (0..b).step_by(BLOCK_ROWS).enumerate() {
+            let rows = BLOCK_ROWS.min(b - first);
+            let (xb, db) = (&xt[first * t * f..], &d[first * t * gates..]);
+            // SAFETY: g holds at least f×gates; xtᵀ is f×(rows·t) and d (rows·t)×gates, both
+            // inside this block.
+            unsafe {
+                product(
+                    (f, gates, rows * t),
+                    g.as_mut_ptr(),
+                    k > 0,
+                    Operand::transposed(xb, f),
+                    Operand::rows(db, gates),
+                    crate::runtime::matmul_threads(),
+                )
+            };
+        }
+        if self.bias {
+            add_rows_into(&mut g[f * gates..], d);
+        }
+        g
+    }
+}
+
+vectorized! {
+    /// `sums += Σ rows`, per column (`sums.len()` of them).
+    fn add_rows_into<T>(sums: &mut [T], rows: &[T]) {
+        for row in rows.chunks_exact(sums.len()) {
+            for (a, &v) in sums.iter_mut().zip(row) {
+                *a = *a + v;
+            }
+        }
+    }
+}
+
+/// What the LSTM and GRU backward passes need of their inputs: the kernel with its bias, and
+/// whether the input's gradient is wanted.
+struct Inputs<'a, T> {
+    wb: &'a [T],
+    want_dx: bool,
+}
+
+/// LSTM over the input `x` `[batch, steps, features]`, the kernel with its bias (see
+/// [`Projection`]) and the recurrent kernel `[units, 4·units]`; the output is the layer's (see
+/// [`Sequence`]).
 pub(crate) struct LstmOp {
     seq: Sequence,
+    projection: Projection,
     saved: Saved,
 }
 
@@ -224,115 +415,203 @@ impl LstmOp {
     /// Per step and sequence: h, c, tanh c, then the gates i, f, g, o.
     const WIDTH: usize = 7;
 
-    pub(crate) fn new(seq: Sequence) -> Self {
+    pub(crate) fn new(seq: Sequence, projection: Projection) -> Self {
         Self {
             seq,
+            projection,
             saved: Saved::default(),
         }
     }
 
-    fn fwd<T: Element>(&self, x: &[T], r: &[T]) -> Vec<T> {
-        let (b, t, u) = (self.seq.batch, self.seq.steps, self.seq.units);
+    /// The records of every step (block-major), then the input time-major by block.
+    fn fwd<T: Element>(&self, x: &[T], wb: &[T], r: &[T]) -> Vec<T> {
+        let seq = &self.seq;
+        let (t, u, f) = (seq.steps, seq.units, self.projection.features);
         let w = Self::WIDTH * u;
-        let mut saved = vec![T::default(); t * b * w];
-        let mut h = vec![T::default(); b * u];
-        let mut c = vec![T::default(); b * u];
-        let mut z = vec![T::default(); b * 4 * u];
-        for s in 0..t {
-            matmul(&mut z, &h, r, (b, u, 4 * u), false);
-            for row in 0..b {
-                let rec = &mut saved[(s * b + row) * w..][..w];
-                let (hr, cr) = (&mut h[row * u..][..u], &mut c[row * u..][..u]);
-                if !self.seq.counts(row, s) {
-                    rec[..u].copy_from_slice(hr);
-                    rec[u..2 * u].copy_from_slice(cr);
-                    continue;
+        let mut saved = vec![T::default(); t * seq.batch * (w + f)];
+        let (records, xts) = saved.split_at_mut(t * seq.batch * w);
+        let pieces: Vec<_> = seq
+            .blocks_mut(records, w)
+            .into_iter()
+            .zip(seq.blocks_mut(xts, f))
+            .map(|((first, records), (_, xt))| (first, records, xt))
+            .collect();
+        for_each_block(pieces, |(first, records, xt)| {
+            let n = records.len() / (t * w);
+            let proj = self.projection.forward(seq, (x, wb), 4 * u, first, xt);
+            let mut h = vec![T::default(); n * u];
+            let mut c = vec![T::default(); n * u];
+            let mut z = vec![T::default(); n * 4 * u];
+            for s in 0..t {
+                step_product(&mut z, &h, r, (n, u, 4 * u));
+                for i in 0..n {
+                    let row = first + i;
+                    let rec = &mut records[(s * n + i) * w..][..w];
+                    let (hr, cr) = (&mut h[i * u..][..u], &mut c[i * u..][..u]);
+                    if !seq.counts(row, s) {
+                        rec[..u].copy_from_slice(hr);
+                        rec[u..2 * u].copy_from_slice(cr);
+                        continue;
+                    }
+                    let xr = &proj[(s * n + i) * 4 * u..][..4 * u];
+                    lstm_cell(xr, &z[i * 4 * u..][..4 * u], hr, cr, rec);
                 }
-                let xr = &x[(row * t + s) * 4 * u..][..4 * u];
-                lstm_cell(xr, &z[row * 4 * u..][..4 * u], hr, cr, rec);
             }
-        }
-        let out = self.seq.output(&saved, w);
+        });
+        let out = seq.output(&saved, w);
         self.saved.keep(saved);
         out
     }
 
     fn bwd_typed<T: Element>(
         &self,
-        r: &Tensor,
+        (x, wb, r): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let seq = &self.seq;
-        let (b, t, u) = (seq.batch, seq.steps, seq.units);
-        let w = Self::WIDTH * u;
-        let (r, grad) = (r.contiguous()?, grad.contiguous()?);
-        with_slice::<T, _>(&r, "kiln-lstm: kernel", |rk| {
-            self.saved.with::<T, _>("kiln-lstm", |saved| {
-                with_slice::<T, _>(&grad, "kiln-lstm: gradient", |gr| {
-                    let zeros = vec![T::default(); u];
-                    let mut dz = vec![T::default(); t * b * 4 * u];
-                    let mut dh = vec![T::default(); b * u];
-                    let mut dc = vec![T::default(); b * u];
-                    let mut carried = vec![T::default(); b * u];
-                    for s in (0..t).rev() {
-                        let dzs = &mut dz[s * b * 4 * u..][..b * 4 * u];
-                        for row in 0..b {
-                            let gh = seq.grad_at(gr, &zeros, row, s);
-                            let (dhr, dcr) = (&dh[row * u..][..u], &mut dc[row * u..][..u]);
-                            let car = &mut carried[row * u..][..u];
-                            if !seq.counts(row, s) {
-                                for ((c, &d), &g) in car.iter_mut().zip(dhr).zip(gh) {
-                                    *c = d + g;
-                                }
-                                continue;
-                            }
-                            let c_prev = if s == 0 {
-                                &zeros[..]
-                            } else {
-                                &saved[((s - 1) * b + row) * w + u..][..u]
-                            };
-                            let rec = &saved[(s * b + row) * w..][..w];
-                            let d = &mut dzs[row * 4 * u..][..4 * u];
-                            lstm_cell_grad(rec, c_prev, gh, dhr, dcr, d);
-                            car.fill(T::default());
-                        }
-                        // dh_{t-1} = dz_t · Rᵀ, plus what masked steps carry.
-                        matmul(&mut dh, dzs, rk, (b, 4 * u, u), true);
-                        for (d, c) in dh.iter_mut().zip(&carried) {
-                            *d += *c;
-                        }
-                    }
-                    let dr = seq.kernel_grad(saved, w, &dz, 4 * u);
-                    let dx = seq.batch_major(&dz, 4 * u);
-                    Ok((
-                        Tensor::from_vec(dx, (b, t, 4 * u), r.device())?,
-                        Tensor::from_vec(dr, (u, 4 * u), r.device())?,
-                    ))
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (b, t, w) = (self.seq.batch, self.seq.steps, Self::WIDTH * self.seq.units);
+        let (wb, r, grad) = (wb.contiguous()?, r.contiguous()?, grad.contiguous()?);
+        with_slice::<T, _>(&wb, "kiln-lstm: kernel", |wb| {
+            let inputs = Inputs {
+                wb,
+                want_dx: crate::gradients::wanted(x),
+            };
+            with_slice::<T, _>(&r, "kiln-lstm: recurrent kernel", |rk| {
+                self.saved.with::<T, _>("kiln-lstm", |saved| {
+                    with_slice::<T, _>(&grad, "kiln-lstm: gradient", |gr| {
+                        let (records, xts) = saved.split_at(t * b * w);
+                        self.backward(&inputs, (records, xts), rk, gr, r.device())
+                    })
                 })
             })
         })
     }
+
+    /// The gradients of the input (when wanted), the kernel with its bias, and the recurrent
+    /// kernel.
+    fn backward<T: Element>(
+        &self,
+        inputs: &Inputs<T>,
+        (records, xts): (&[T], &[T]),
+        rk: &[T],
+        gr: &[T],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let seq = &self.seq;
+        let (b, t, u, f) = (seq.batch, seq.steps, seq.units, self.projection.features);
+        let w = Self::WIDTH * u;
+        let zeros = vec![T::default(); u];
+        let rt = crate::cpu::transpose(rk, u, 4 * u, 1);
+        let mut dz = vec![T::default(); t * b * 4 * u];
+        let mut dx = vec![T::default(); if inputs.want_dx { t * b * f } else { 0 }];
+        let mut dx_blocks = seq.blocks_mut(&mut dx, f).into_iter().map(|(_, d)| d);
+        let pieces: Vec<_> = seq
+            .blocks_mut(&mut dz, 4 * u)
+            .into_iter()
+            .map(|(first, dz)| (first, dz, dx_blocks.next()))
+            .collect();
+        for_each_block(pieces, |(first, dz, dx)| {
+            let n = dz.len() / (t * 4 * u);
+            let records = &records[first * t * w..][..n * t * w];
+            let mut dh = vec![T::default(); n * u];
+            let mut dc = vec![T::default(); n * u];
+            let mut carried = vec![T::default(); n * u];
+            for s in (0..t).rev() {
+                let dzs = &mut dz[s * n * 4 * u..][..n * 4 * u];
+                for i in 0..n {
+                    let row = first + i;
+                    let gh = seq.grad_at(gr, &zeros, row, s);
+                    let (dhr, dcr) = (&dh[i * u..][..u], &mut dc[i * u..][..u]);
+                    let car = &mut carried[i * u..][..u];
+                    if !seq.counts(row, s) {
+                        for ((c, &d), &g) in car.iter_mut().zip(dhr).zip(gh) {
+                            *c = d + g;
+                        }
+                        continue;
+                    }
+                    let c_prev = if s == 0 {
+                        &zeros[..]
+                    } else {
+                        &records[((s - 1) * n + i) * w + u..][..u]
+                    };
+                    let rec = &records[(s * n + i) * w..][..w];
+                    let d = &mut dzs[i * 4 * u..][..4 * u];
+                    lstm_cell_grad(rec, c_prev, gh, dhr, dcr, d);
+                    car.fill(T::default());
+                }
+                // dh_{t-1} = dz_t · Rᵀ, plus what masked steps carry.
+                step_gradient(&mut dh, dzs, &rt, (n, 4 * u, u));
+                for (d, c) in dh.iter_mut().zip(&carried) {
+                    *d += *c;
+                }
+            }
+            if let Some(dx) = dx {
+                self.projection
+                    .input_gradient(seq, dz, inputs.wb, 4 * u, dx);
+            }
+        });
+        let dr = seq.kernel_grad(records, w, &dz, 4 * u);
+        let dwb = self.projection.parameter_gradient(seq, xts, &dz, 4 * u);
+        let wb_rows = f + usize::from(self.projection.bias);
+        Ok((
+            match inputs.want_dx {
+                true => Some(Tensor::from_vec(dx, (b, t, f), device)?),
+                false => None,
+            },
+            Tensor::from_vec(dwb, (wb_rows, 4 * u), device)?,
+            Tensor::from_vec(dr, (u, 4 * u), device)?,
+        ))
+    }
 }
 
+/// Checks the input, the kernel with its bias and the recurrent kernel (`rows` rows: the
+/// units, and one more for the GRU's recurrent bias) against the run.
 fn check(
     what: &str,
-    lx: &Layout,
-    lr: &Layout,
-    seq: &Sequence,
+    (lx, lw, lr): (&Layout, &Layout, &Layout),
+    (seq, projection): (&Sequence, &Projection),
     gates: usize,
+    rows: usize,
 ) -> candle_core::Result<()> {
-    let (b, t, u) = (seq.batch, seq.steps, seq.units);
-    if t == 0 || lx.shape().dims() != [b, t, gates * u] || lr.shape().dims() != [u, gates * u] {
+    let (b, t, u, f) = (seq.batch, seq.steps, seq.units, projection.features);
+    let wb_rows = f + usize::from(projection.bias);
+    if t == 0
+        || lx.shape().dims() != [b, t, f]
+        || lw.shape().dims() != [wb_rows, gates * u]
+        || lr.shape().dims() != [rows, gates * u]
+    {
         candle_core::bail!(
-            "{what}: shapes {:?}, {:?} do not fit",
+            "{what}: shapes {:?}, {:?}, {:?} do not fit",
             lx.shape(),
+            lw.shape(),
             lr.shape()
         );
     }
     Ok(())
 }
 
-impl CustomOp2 for LstmOp {
+/// The op's three inputs as contiguous slices of one float type, passed to `run`.
+macro_rules! with_three {
+    ($what:literal, ($a:expr, $la:expr), ($b:expr, $lb:expr), ($c:expr, $lc:expr), $run:expr) => {
+        match ($a, $b, $c) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32($run(
+                contiguous(a, $la, concat!($what, ": input"))?,
+                contiguous(b, $lb, concat!($what, ": kernel"))?,
+                contiguous(c, $lc, concat!($what, ": recurrent kernel"))?,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64($run(
+                contiguous(a, $la, concat!($what, ": input"))?,
+                contiguous(b, $lb, concat!($what, ": kernel"))?,
+                contiguous(c, $lc, concat!($what, ": recurrent kernel"))?,
+            )),
+            _ => candle_core::bail!(concat!(
+                $what,
+                ": the input and kernels must all be f32 or all f64"
+            )),
+        }
+    };
+}
+
+impl CustomOp3 for LstmOp {
     fn name(&self) -> &'static str {
         "kiln-lstm"
     }
@@ -341,37 +620,32 @@ impl CustomOp2 for LstmOp {
         &self,
         x: &CpuStorage,
         lx: &Layout,
+        wb: &CpuStorage,
+        lw: &Layout,
         r: &CpuStorage,
         lr: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        check("kiln-lstm", lx, lr, &self.seq, 4)?;
-        let out = match (x, r) {
-            (CpuStorage::F32(x), CpuStorage::F32(r)) => CpuStorage::F32(self.fwd(
-                contiguous(x, lx, "kiln-lstm: x")?,
-                contiguous(r, lr, "kiln-lstm: kernel")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(r)) => CpuStorage::F64(self.fwd(
-                contiguous(x, lx, "kiln-lstm: x")?,
-                contiguous(r, lr, "kiln-lstm: kernel")?,
-            )),
-            _ => candle_core::bail!("kiln-lstm: x and kernel must both be f32 or both f64"),
-        };
+        let (seq, projection) = (&self.seq, &self.projection);
+        check("kiln-lstm", (lx, lw, lr), (seq, projection), 4, seq.units)?;
+        let out = with_three!("kiln-lstm", (x, lx), (wb, lw), (r, lr), |x, wb, r| self
+            .fwd(x, wb, r));
         Ok((out, self.seq.output_shape()))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
+        wb: &Tensor,
         r: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dr) = match r.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(r, grad_res)?,
-            DType::F64 => self.bwd_typed::<f64>(r, grad_res)?,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dwb, dr) = match r.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((x, wb, r), grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>((x, wb, r), grad_res)?,
             other => candle_core::bail!("kiln-lstm: unsupported dtype {other:?}"),
         };
-        Ok((Some(dx), Some(dr)))
+        Ok((dx, Some(dwb), Some(dr)))
     }
 }
 
@@ -384,23 +658,36 @@ vectorized! {
         let u = h.len();
         let (x, inner, rb) = (&x[..3 * u], &inner[..3 * u], &rb[..3 * u]);
         let record = &mut record[..5 * u];
-        let (rh, rest) = record.split_at_mut(u);
-        let (rz, rest) = rest.split_at_mut(u);
-        let (rr, rest) = rest.split_at_mut(u);
-        let (rc, ri) = rest.split_at_mut(u);
         let one = T::from_f64(1.0);
-        for j in 0..u {
-            let z = (x[j] + (inner[j] + rb[j])).logistic();
-            let r = (x[u + j] + (inner[u + j] + rb[u + j])).logistic();
-            let i2 = inner[2 * u + j] + rb[2 * u + j];
-            let cand = (x[2 * u + j] + r * i2).fast_tanh();
-            let hn = z * h[j] + (one - z) * cand;
-            h[j] = hn;
-            rh[j] = hn;
-            rz[j] = z;
-            rr[j] = r;
-            rc[j] = cand;
-            ri[j] = i2;
+        let mut j = 0;
+        while j < u {
+            let n = LANES.min(u - j);
+            // The lanes' inputs, zero past the units' end (computed on, never stored): the
+            // input projection's z, r and h parts, the recurrent ones with their bias, and h.
+            let mut a = [[T::default(); LANES]; 7];
+            for gate in 0..3 {
+                a[gate][..n].copy_from_slice(&x[gate * u + j..][..n]);
+                let parts = inner[gate * u + j..][..n].iter().zip(&rb[gate * u + j..][..n]);
+                for (l, (&iv, &bv)) in a[3 + gate].iter_mut().zip(parts) {
+                    *l = iv + bv;
+                }
+            }
+            a[6][..n].copy_from_slice(&h[j..j + n]);
+            let mut v = [[T::default(); LANES]; 5];
+            for l in 0..LANES {
+                let z = (a[0][l] + a[3][l]).logistic();
+                let r = (a[1][l] + a[4][l]).logistic();
+                let i2 = a[5][l];
+                let cand = (a[2][l] + r * i2).fast_tanh();
+                let hn = z * a[6][l] + (one - z) * cand;
+                let [vh, vz, vr, vc, vi] = &mut v;
+                (vh[l], vz[l], vr[l], vc[l], vi[l]) = (hn, z, r, cand, i2);
+            }
+            h[j..j + n].copy_from_slice(&v[0][..n]);
+            for (field, values) in v.iter().enumerate() {
+                record[field * u + j..][..n].copy_from_slice(&values[..n]);
+            }
+            j += n;
         }
     }
 }
@@ -441,11 +728,12 @@ vectorized! {
     }
 }
 
-/// GRU (`reset_after`) over `x_proj` `[batch, steps, 3·units]` (the input projection with the
-/// input bias), the recurrent kernel `[units, 3·units]` and the recurrent bias `[3·units]`;
-/// the output is the layer's (see [`Sequence`]).
+/// GRU (`reset_after`) over the input `x` `[batch, steps, features]`, the kernel with the input
+/// bias (see [`Projection`]) and the recurrent kernel `[units, 3·units]` with the recurrent
+/// bias as one more row (zeros without biases); the output is the layer's (see [`Sequence`]).
 pub(crate) struct GruOp {
     seq: Sequence,
+    projection: Projection,
     saved: Saved,
 }
 
@@ -454,98 +742,154 @@ impl GruOp {
     /// candidate part (with its bias).
     const WIDTH: usize = 5;
 
-    pub(crate) fn new(seq: Sequence) -> Self {
+    pub(crate) fn new(seq: Sequence, projection: Projection) -> Self {
         Self {
             seq,
+            projection,
             saved: Saved::default(),
         }
     }
 
-    fn fwd<T: Element>(&self, x: &[T], r: &[T], rb: &[T]) -> Vec<T> {
-        let (b, t, u) = (self.seq.batch, self.seq.steps, self.seq.units);
+    /// The records of every step (block-major), then the input time-major by block.
+    fn fwd<T: Element>(&self, x: &[T], wb: &[T], rb: &[T]) -> Vec<T> {
+        let seq = &self.seq;
+        let (t, u, f) = (seq.steps, seq.units, self.projection.features);
         let w = Self::WIDTH * u;
-        let mut saved = vec![T::default(); t * b * w];
-        let mut h = vec![T::default(); b * u];
-        let mut inner = vec![T::default(); b * 3 * u];
-        for s in 0..t {
-            matmul(&mut inner, &h, r, (b, u, 3 * u), false);
-            for row in 0..b {
-                let rec = &mut saved[(s * b + row) * w..][..w];
-                let hr = &mut h[row * u..][..u];
-                if !self.seq.counts(row, s) {
-                    rec[..u].copy_from_slice(hr);
-                    continue;
+        let (r, rbias) = rb.split_at(u * 3 * u);
+        let mut saved = vec![T::default(); t * seq.batch * (w + f)];
+        let (records, xts) = saved.split_at_mut(t * seq.batch * w);
+        let pieces: Vec<_> = seq
+            .blocks_mut(records, w)
+            .into_iter()
+            .zip(seq.blocks_mut(xts, f))
+            .map(|((first, records), (_, xt))| (first, records, xt))
+            .collect();
+        for_each_block(pieces, |(first, records, xt)| {
+            let n = records.len() / (t * w);
+            let proj = self.projection.forward(seq, (x, wb), 3 * u, first, xt);
+            let mut h = vec![T::default(); n * u];
+            let mut inner = vec![T::default(); n * 3 * u];
+            for s in 0..t {
+                step_product(&mut inner, &h, r, (n, u, 3 * u));
+                for i in 0..n {
+                    let row = first + i;
+                    let rec = &mut records[(s * n + i) * w..][..w];
+                    let hr = &mut h[i * u..][..u];
+                    if !seq.counts(row, s) {
+                        rec[..u].copy_from_slice(hr);
+                        continue;
+                    }
+                    let xr = &proj[(s * n + i) * 3 * u..][..3 * u];
+                    gru_cell(xr, &inner[i * 3 * u..][..3 * u], rbias, hr, rec);
                 }
-                let xr = &x[(row * t + s) * 3 * u..][..3 * u];
-                gru_cell(xr, &inner[row * 3 * u..][..3 * u], rb, hr, rec);
             }
-        }
-        let out = self.seq.output(&saved, w);
+        });
+        let out = seq.output(&saved, w);
         self.saved.keep(saved);
         out
     }
 
     fn bwd_typed<T: Element>(
         &self,
-        r: &Tensor,
+        (x, wb, rb): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let seq = &self.seq;
-        let (b, t, u) = (seq.batch, seq.steps, seq.units);
-        let w = Self::WIDTH * u;
-        let (r, grad) = (r.contiguous()?, grad.contiguous()?);
-        with_slice::<T, _>(&r, "kiln-gru: kernel", |rk| {
-            self.saved.with::<T, _>("kiln-gru", |saved| {
-                with_slice::<T, _>(&grad, "kiln-gru: gradient", |gr| {
-                    let zeros = vec![T::default(); u];
-                    // dInner per step (time-major): the recurrent product's gradient.
-                    let mut di = vec![T::default(); t * b * 3 * u];
-                    let mut dx = vec![T::default(); t * b * 3 * u];
-                    let mut dh = vec![T::default(); b * u];
-                    let mut direct = vec![T::default(); b * u];
-                    for s in (0..t).rev() {
-                        let dis = &mut di[s * b * 3 * u..][..b * 3 * u];
-                        for row in 0..b {
-                            let gh = seq.grad_at(gr, &zeros, row, s);
-                            let dhr = &dh[row * u..][..u];
-                            let dir = &mut direct[row * u..][..u];
-                            if !seq.counts(row, s) {
-                                for ((c, &d), &g) in dir.iter_mut().zip(dhr).zip(gh) {
-                                    *c = d + g;
-                                }
-                                continue;
-                            }
-                            let h_prev = if s == 0 {
-                                &zeros[..]
-                            } else {
-                                &saved[((s - 1) * b + row) * w..][..u]
-                            };
-                            let rec = &saved[(s * b + row) * w..][..w];
-                            let d = &mut dis[row * 3 * u..][..3 * u];
-                            let dxr = &mut dx[(s * b + row) * 3 * u..][..3 * u];
-                            gru_cell_grad(rec, h_prev, gh, dhr, d, dxr, dir);
-                        }
-                        matmul(&mut dh, dis, rk, (b, 3 * u, u), true);
-                        for (d, c) in dh.iter_mut().zip(&direct) {
-                            *d += *c;
-                        }
-                    }
-                    let dr = seq.kernel_grad(saved, w, &di, 3 * u);
-                    let mut drb = vec![T::default(); 3 * u];
-                    for row in di.chunks_exact(3 * u) {
-                        for (a, &v) in drb.iter_mut().zip(row) {
-                            *a += v;
-                        }
-                    }
-                    let dx = seq.batch_major(&dx, 3 * u);
-                    Ok((
-                        Tensor::from_vec(dx, (b, t, 3 * u), r.device())?,
-                        Tensor::from_vec(dr, (u, 3 * u), r.device())?,
-                        Tensor::from_vec(drb, 3 * u, r.device())?,
-                    ))
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (b, t, w) = (self.seq.batch, self.seq.steps, Self::WIDTH * self.seq.units);
+        let (wb, rb, grad) = (wb.contiguous()?, rb.contiguous()?, grad.contiguous()?);
+        with_slice::<T, _>(&wb, "kiln-gru: kernel", |wb| {
+            let inputs = Inputs {
+                wb,
+                want_dx: crate::gradients::wanted(x),
+            };
+            with_slice::<T, _>(&rb, "kiln-gru: recurrent kernel", |rb| {
+                self.saved.with::<T, _>("kiln-gru", |saved| {
+                    with_slice::<T, _>(&grad, "kiln-gru: gradient", |gr| {
+                        let saved = saved.split_at(t * b * w);
+                        self.backward(&inputs, saved, rb, gr, x.device())
+                    })
                 })
             })
         })
+    }
+
+    /// The gradients of the input (when wanted), the kernel with the input bias, and the
+    /// recurrent kernel with the recurrent bias.
+    fn backward<T: Element>(
+        &self,
+        inputs: &Inputs<T>,
+        (records, xts): (&[T], &[T]),
+        rb: &[T],
+        gr: &[T],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let seq = &self.seq;
+        let (b, t, u, f) = (seq.batch, seq.steps, seq.units, self.projection.features);
+        let w = Self::WIDTH * u;
+        let zeros = vec![T::default(); u];
+        let rt = crate::cpu::transpose(&rb[..u * 3 * u], u, 3 * u, 1);
+        // Per step: the recurrent product's gradient, and the projection's.
+        let mut di = vec![T::default(); t * b * 3 * u];
+        let mut dp = vec![T::default(); t * b * 3 * u];
+        let mut dx = vec![T::default(); if inputs.want_dx { t * b * f } else { 0 }];
+        let mut dx_blocks = seq.blocks_mut(&mut dx, f).into_iter().map(|(_, d)| d);
+        let pieces: Vec<_> = seq
+            .blocks_mut(&mut di, 3 * u)
+            .into_iter()
+            .zip(seq.blocks_mut(&mut dp, 3 * u))
+            .map(|((first, di), (_, dp))| (first, di, dp, dx_blocks.next()))
+            .collect();
+        for_each_block(pieces, |(first, di, dp, dx)| {
+            let n = di.len() / (t * 3 * u);
+            let records = &records[first * t * w..][..n * t * w];
+            let mut dh = vec![T::default(); n * u];
+            let mut direct = vec![T::default(); n * u];
+            for s in (0..t).rev() {
+                let dis = &mut di[s * n * 3 * u..][..n * 3 * u];
+                for i in 0..n {
+                    let row = first + i;
+                    let gh = seq.grad_at(gr, &zeros, row, s);
+                    let dhr = &dh[i * u..][..u];
+                    let dir = &mut direct[i * u..][..u];
+                    if !seq.counts(row, s) {
+                        for ((c, &d), &g) in dir.iter_mut().zip(dhr).zip(gh) {
+                            *c = d + g;
+                        }
+                        continue;
+                    }
+                    let h_prev = if s == 0 {
+                        &zeros[..]
+                    } else {
+                        &records[((s - 1) * n + i) * w..][..u]
+                    };
+                    let rec = &records[(s * n + i) * w..][..w];
+                    let d = &mut dis[i * 3 * u..][..3 * u];
+                    let dpr = &mut dp[(s * n + i) * 3 * u..][..3 * u];
+                    gru_cell_grad(rec, h_prev, gh, dhr, d, dpr, dir);
+                }
+                step_gradient(&mut dh, dis, &rt, (n, 3 * u, u));
+                for (d, c) in dh.iter_mut().zip(&direct) {
+                    *d += *c;
+                }
+            }
+            if let Some(dx) = dx {
+                self.projection
+                    .input_gradient(seq, dp, inputs.wb, 3 * u, dx);
+            }
+        });
+        // The recurrent kernel's gradient with the recurrent bias's below it.
+        let mut drb = seq.kernel_grad(records, w, &di, 3 * u);
+        drb.resize((u + 1) * 3 * u, T::default());
+        add_rows_into(&mut drb[u * 3 * u..], &di);
+        let dwb = self.projection.parameter_gradient(seq, xts, &dp, 3 * u);
+        let wb_rows = f + usize::from(self.projection.bias);
+        Ok((
+            match inputs.want_dx {
+                true => Some(Tensor::from_vec(dx, (b, t, f), device)?),
+                false => None,
+            },
+            Tensor::from_vec(dwb, (wb_rows, 3 * u), device)?,
+            Tensor::from_vec(drb, (u + 1, 3 * u), device)?,
+        ))
     }
 }
 
@@ -558,57 +902,46 @@ impl CustomOp3 for GruOp {
         &self,
         x: &CpuStorage,
         lx: &Layout,
-        r: &CpuStorage,
-        lr: &Layout,
+        wb: &CpuStorage,
+        lw: &Layout,
         rb: &CpuStorage,
-        lb: &Layout,
+        lr: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        check("kiln-gru", lx, lr, &self.seq, 3)?;
-        if lb.shape().dims() != [3 * self.seq.units] {
-            candle_core::bail!("kiln-gru: recurrent bias {:?} does not fit", lb.shape());
-        }
-        let out = match (x, r, rb) {
-            (CpuStorage::F32(x), CpuStorage::F32(r), CpuStorage::F32(rb)) => {
-                CpuStorage::F32(self.fwd(
-                    contiguous(x, lx, "kiln-gru: x")?,
-                    contiguous(r, lr, "kiln-gru: kernel")?,
-                    contiguous(rb, lb, "kiln-gru: bias")?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(r), CpuStorage::F64(rb)) => {
-                CpuStorage::F64(self.fwd(
-                    contiguous(x, lx, "kiln-gru: x")?,
-                    contiguous(r, lr, "kiln-gru: kernel")?,
-                    contiguous(rb, lb, "kiln-gru: bias")?,
-                ))
-            }
-            _ => candle_core::bail!("kiln-gru: x, kernel and bias must all be f32 or all f64"),
-        };
+        let (seq, projection) = (&self.seq, &self.projection);
+        check(
+            "kiln-gru",
+            (lx, lw, lr),
+            (seq, projection),
+            3,
+            seq.units + 1,
+        )?;
+        let out = with_three!("kiln-gru", (x, lx), (wb, lw), (rb, lr), |x, wb, rb| self
+            .fwd(x, wb, rb));
         Ok((out, self.seq.output_shape()))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        r: &Tensor,
-        _rb: &Tensor,
+        x: &Tensor,
+        wb: &Tensor,
+        rb: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dr, drb) = match r.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(r, grad_res)?,
-            DType::F64 => self.bwd_typed::<f64>(r, grad_res)?,
+        let (dx, dwb, drb) = match rb.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((x, wb, rb), grad_res)?,
+            DType::F64 => self.bwd_typed::<f64>((x, wb, rb), grad_res)?,
             other => candle_core::bail!("kiln-gru: unsupported dtype {other:?}"),
         };
-        Ok((Some(dx), Some(dr), Some(drb)))
+        Ok((dx, Some(dwb), Some(drb)))
     }
 }
 
-/// Whether the fused ops apply to `x_proj` and the recurrent kernel.
-pub(crate) fn applies(x_proj: &Tensor, params: &[&Tensor]) -> bool {
-    matches!(x_proj.dtype(), DType::F32 | DType::F64)
-        && x_proj.device().is_cpu()
+/// Whether the fused ops apply to the input `x` and the layer's weights.
+pub(crate) fn applies(x: &Tensor, params: &[&Tensor]) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.device().is_cpu()
         && params
             .iter()
-            .all(|p| p.dtype() == x_proj.dtype() && p.device().is_cpu())
+            .all(|p| p.dtype() == x.dtype() && p.device().is_cpu())
 }

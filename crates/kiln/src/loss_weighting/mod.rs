@@ -11,6 +11,12 @@
 //! | [`Uncertainty`] | learned log-variances (Kendall et al. 2018) | none |
 //! | [`DynamicWeightAverage`] | the terms' rates of descent over epochs (Liu et al. 2019) | none |
 //! | [`Famo`] | task logits fitted to equalize the terms' log-descent (Liu et al. 2023) | one forward pass |
+//! | [`PCGrad`] | none (weights 1): conflicting gradients projected apart (Yu et al. 2020) | one backward pass per term |
+//! | [`GradNorm`] | weights learned to balance gradient norms at a shared layer (Chen et al. 2018) | one backward pass per term |
+//!
+//! A strategy that combines gradients ([`Strategy::combines_gradients`]) cannot be used with
+//! gradient accumulation or data-parallel training (its combination is of one whole batch's
+//! gradients); `fit` says so.
 //!
 //! ```
 //! use kiln::prelude::*;
@@ -31,10 +37,14 @@
 
 mod dwa;
 mod famo;
+mod gradnorm;
+mod pcgrad;
 mod uncertainty;
 
 pub use dwa::DynamicWeightAverage;
 pub use famo::Famo;
+pub use gradnorm::GradNorm;
+pub use pcgrad::PCGrad;
 pub use uncertainty::Uncertainty;
 
 use crate::error::{Error, Result};
@@ -116,6 +126,156 @@ pub trait Strategy: Send + Sync + std::fmt::Debug + CloneStrategy {
     fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
         Ok(())
     }
+    /// Whether the strategy combines the terms' gradients ([`PCGrad`], [`GradNorm`]): each
+    /// training step then runs one backward pass per weighed term (and one for the rest of the
+    /// total) and applies [`Strategy::combine_gradients`]'s result instead of the gradient of
+    /// [`Strategy::combine`]'s objective.
+    fn combines_gradients(&self) -> bool {
+        false
+    }
+    /// The step's gradient over the trainable weights from the weighed terms' own gradients
+    /// (the rest of the total is added by the trainer). `advance` is false outside training
+    /// steps (`term_gradients`): the strategy's state must not move then.
+    ///
+    /// # Errors
+    /// By default, since only strategies that say [`Strategy::combines_gradients`] are asked.
+    fn combine_gradients(
+        &mut self,
+        _step: &GradientStep<'_>,
+        _advance: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        Err(Error::State(format!(
+            "loss weighting `{}` does not combine gradients",
+            self.name()
+        )))
+    }
+    /// Shown the model's optimizer at `compile` (before [`Strategy::begin`]), for strategies
+    /// that train their own weights with an optimizer of the same family ([`GradNorm`]).
+    ///
+    /// # Errors
+    /// Never by default.
+    fn adopt_optimizer(&mut self, _optimizer: &dyn crate::optimizers::Optimizer) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a gradient-combining strategy ([`Strategy::combine_gradients`]) gets from one step.
+#[derive(Debug)]
+pub struct GradientStep<'a> {
+    /// The trainable weights' names (`<layer>/<weight>`), in the order of the gradients.
+    pub weights: &'a [String],
+    /// Each weighed term's value (before the strategy's weights), in the strategy's order.
+    pub values: &'a [f64],
+    /// Each weighed term's gradient over each trainable weight (`None`: it does not depend
+    /// on it), before the strategy's weights.
+    pub gradients: &'a [Vec<Option<Tensor>>],
+    /// A seed drawn for this step from the run's seed (the same on a resumed run), for
+    /// strategies that randomize (PCGrad's projection order).
+    pub seed: u64,
+}
+
+impl GradientStep<'_> {
+    /// Which weights are shared: those at least two terms depend on.
+    pub fn shared(&self) -> Vec<bool> {
+        (0..self.weights.len())
+            .map(|i| self.gradients.iter().filter(|g| g[i].is_some()).count() >= 2)
+            .collect()
+    }
+
+    /// Term `term`'s gradient over the weights `keep` selects, in f64, concatenated (zeros
+    /// where it does not depend on a selected weight).
+    ///
+    /// # Errors
+    /// When a gradient cannot be read.
+    pub fn flat(&self, term: usize, keep: &[bool]) -> Result<Vec<f64>> {
+        let mut flat = Vec::new();
+        for (i, k) in keep.iter().enumerate() {
+            if !k {
+                continue;
+            }
+            match (&self.gradients[term][i], self.like(i)) {
+                (Some(g), _) => {
+                    flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+                }
+                (None, Some(l)) => flat.resize(flat.len() + l.elem_count(), 0.0),
+                (None, None) => {}
+            }
+        }
+        Ok(flat)
+    }
+
+    /// Some term's gradient of weight `i` (for its shape), if any term has one.
+    fn like(&self, i: usize) -> Option<&Tensor> {
+        self.gradients.iter().find_map(|g| g[i].as_ref())
+    }
+
+    /// The inverse of [`GradientStep::flat`]: `flat` cut into the selected weights' shapes
+    /// and dtypes (`None` for a weight no term depends on).
+    ///
+    /// # Errors
+    /// When a tensor cannot be built.
+    pub(crate) fn unflatten(&self, flat: &[f64], keep: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let mut at = 0;
+        let mut out = Vec::with_capacity(keep.len());
+        for (i, k) in keep.iter().enumerate() {
+            let like = match (k, self.like(i)) {
+                (true, Some(l)) => l,
+                _ => {
+                    out.push(None);
+                    continue;
+                }
+            };
+            let n = like.elem_count();
+            let t = Tensor::from_slice(&flat[at..at + n], like.dims(), like.device())?
+                .to_dtype(like.dtype())?;
+            at += n;
+            out.push(Some(t));
+        }
+        Ok(out)
+    }
+}
+
+/// `a · b`, summed in eight lanes (as the gradient diagnostics sum).
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut lanes = [0.0; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Σ_i scale_i · gradients_i over each weight (`None` where no term has a gradient).
+pub(crate) fn scaled_sum(
+    gradients: &[Vec<Option<Tensor>>],
+    scale: &[f64],
+    weights: usize,
+) -> Result<Vec<Option<Tensor>>> {
+    (0..weights)
+        .map(|i| {
+            let mut total: Option<Tensor> = None;
+            for (g, s) in gradients.iter().zip(scale) {
+                let Some(g) = &g[i] else { continue };
+                let part = match *s {
+                    1.0 => g.clone(),
+                    s => (g * s)?,
+                };
+                total = Some(match total.take() {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+            Ok(total)
+        })
+        .collect()
 }
 
 /// Cloning a boxed strategy, so that [`crate::Compile`] is `Clone`; implemented for every

@@ -102,9 +102,10 @@ impl Compile {
         }
     }
     /// Sets the weights of the compiled per-output losses automatically while training, with
-    /// a strategy of [`crate::loss_weighting`] (uncertainty, dynamic weight average, FAMO).
-    /// Each output's fixed `loss_weight` still scales its term first. The weights are logged
-    /// per epoch as `loss_weight/<term>`, and saved in checkpoints.
+    /// a strategy of [`crate::loss_weighting`] (uncertainty, dynamic weight average, FAMO,
+    /// PCGrad, GradNorm). Each output's fixed `loss_weight` still scales its term first. The
+    /// weights are logged per epoch as `loss_weight/<term>`, and saved in checkpoints and
+    /// with [`crate::Model::save_weights`].
     ///
     /// ```
     /// use kiln::loss_weighting::DynamicWeightAverage;
@@ -450,6 +451,7 @@ impl Model {
         let weighting = match config.loss_weighting {
             Some(strategy) => Some(self.weighting(
                 strategy,
+                config.optimizer.as_ref(),
                 &resolved,
                 config.weight_added_terms,
                 !adversarial.is_empty(),
@@ -478,6 +480,7 @@ impl Model {
     fn weighting(
         &self,
         mut strategy: Box<dyn Strategy>,
+        optimizer: &dyn crate::optimizers::Optimizer,
         losses: &[OutputLoss],
         added: bool,
         adversarial: bool,
@@ -507,6 +510,7 @@ impl Model {
                 }
             )));
         }
+        strategy.adopt_optimizer(optimizer)?;
         strategy.begin(&terms, self.dtype, &self.device)?;
         let variables = strategy.variables();
         Ok(Weighting {

@@ -79,6 +79,9 @@ pub struct Model {
     pub(crate) shard: Option<crate::distributed::StepShard>,
     /// The Keras file this model was imported from, for [`Model::save_keras`].
     pub(crate) keras: Option<Arc<crate::keras::Source>>,
+    /// Per step, whether the next step is a ReLU layer that reads this step's output alone and
+    /// that the step may apply itself ([`relu_fusions`]).
+    relu_follows: Vec<bool>,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -345,7 +348,9 @@ impl Model {
             output_names.push(unique);
         }
 
+        let relu_follows = relu_fusions(&steps, &b.outputs);
         Ok(Model {
+            relu_follows,
             inputs: b.inputs,
             outputs: b.outputs,
             output_names,
@@ -642,6 +647,9 @@ impl Model {
             )));
         }
         let mut pass = ForwardPass::default();
+        // Added terms may read any intermediate tensor, so no output is skipped when there are.
+        let may_fuse = self.added.is_empty();
+        let mut skip_next = false;
         for ((sym, x), name) in self.inputs.iter().zip(inputs).zip(&self.input_names) {
             if x.rank() == 0 || &x.dims()[1..] != sym.shape() {
                 return Err(Error::Data(format!(
@@ -652,7 +660,10 @@ impl Model {
             }
             pass.values.insert(sym.id(), x.to_dtype(self.dtype)?);
         }
-        for step in &self.steps {
+        for (i, step) in self.steps.iter().enumerate() {
+            if std::mem::take(&mut skip_next) {
+                continue;
+            }
             let xs: Vec<Tensor> = step
                 .inputs
                 .iter()
@@ -671,6 +682,8 @@ impl Model {
             let layer = step.layer.lock();
             let mut ctx = CallContext::new(training, rng);
             ctx.layer_trainable = step.layer.is_trainable();
+            ctx.ranks = self.shard.as_ref().map(|s| s.communicator().clone());
+            ctx.relu_follows = may_fuse && self.relu_follows[i];
             let y = layer
                 .call_with_masks(&xs, &masks, &mut ctx)
                 .map_err(|e| match e {
@@ -691,7 +704,17 @@ impl Model {
                     .push((format!("activity_{}", reg.name()), value));
             }
             pass.layer_losses.extend(added);
-            pass.values.insert(step.node.id(), y);
+            let mut node = step.node.id();
+            if ctx.relu_applied {
+                // The output is the ReLU layer's, which keeps the mask; this step's own output
+                // is read by nothing else.
+                node = self.steps[i + 1].node.id();
+                if let Some(mask) = pass.masks.get(&step.node.id()).cloned() {
+                    pass.masks.insert(node, mask);
+                }
+                skip_next = true;
+            }
+            pass.values.insert(node, y);
         }
         Ok(pass)
     }
@@ -786,6 +809,9 @@ impl Model {
     }
 
     /// Saves every weight to a safetensors file (written to a temporary name, then renamed).
+    /// With a loss weighting strategy, its state (its weights, variables and counters) goes
+    /// into the file's metadata, for [`Model::load_loss_weighting`]; the tensors are the
+    /// model's weights alone either way.
     ///
     /// # Errors
     /// [`Error::Io`] naming the file when it cannot be written.
@@ -796,7 +822,141 @@ impl Model {
             .into_iter()
             .map(|w| (w.name, w.var.as_tensor().detach()))
             .collect();
-        crate::io::write_safetensors(path, &tensors, None)
+        let metadata = self
+            .loss_weighting_state()?
+            .map(|state| [(META_LOSS_WEIGHTING.to_string(), state.to_string())].into());
+        crate::io::write_safetensors(path, &tensors, metadata)
+    }
+
+    /// The name of the loss weighting strategy the model is compiled with, if any.
+    ///
+    /// ```
+    /// use kiln::loss_weighting::PCGrad;
+    /// use kiln::prelude::*;
+    /// let x = Input::new([2]);
+    /// let (a, b) = (Dense::new(1).with_name("a").apply(&x)?, Dense::new(1).with_name("b").apply(&x)?);
+    /// let mut m = Model::new(&[x], &[a, b])?;
+    /// assert_eq!(m.loss_weighting(), None);
+    /// m.compile(Compile::new(Sgd::new(0.1)).loss("mse").loss_weighting(PCGrad::new()))?;
+    /// assert_eq!(m.loss_weighting().as_deref(), Some("pcgrad"));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn loss_weighting(&self) -> Option<String> {
+        let w = self.compiled.as_ref()?.weighting.as_ref()?;
+        let name = w.lock().name().to_string();
+        Some(name)
+    }
+
+    /// The loss weighting strategy's name, terms, state and variables (floats as bits).
+    fn loss_weighting_state(&self) -> Result<Option<serde_json::Value>> {
+        let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) else {
+            return Ok(None);
+        };
+        let mut variables = serde_json::Map::new();
+        for (name, var) in &w.variables {
+            let values: Vec<f64> = var
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1()?;
+            variables.insert(name.clone(), crate::loss_weighting::bits(&values));
+        }
+        let s = w.lock();
+        Ok(Some(serde_json::json!({
+            "strategy": s.name(),
+            "terms": w.terms,
+            "state": s.state(),
+            "variables": variables,
+        })))
+    }
+
+    /// Restores the loss weighting strategy's state that [`Model::save_weights`] wrote into
+    /// `path` (a run's `model.safetensors`), so that `evaluate` weighs the terms as training
+    /// ended, not as a fresh strategy would. Returns whether the file had a state; a model
+    /// compiled without a strategy ignores it.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::loss_weighting::Uncertainty;
+    /// use kiln::prelude::*;
+    /// let build = || -> kiln::Result<Model> {
+    ///     let x = Input::new([2]);
+    ///     let a = Dense::new(1).with_name("a").apply(&x)?;
+    ///     let b = Dense::new(1).with_name("b").apply(&x)?;
+    ///     let mut m = Model::new(&[x], &[a, b])?;
+    ///     m.compile(Compile::new(Sgd::new(0.1)).loss("mse").loss_weighting(Uncertainty::new()))?;
+    ///     Ok(m)
+    /// };
+    /// let mut model = build()?;
+    /// let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu)?;
+    /// let y = Tensor::new(&[[1f32], [0.]], &Device::Cpu)?;
+    /// let data = Dataset::multi(vec![x], vec![y.clone(), y])?;
+    /// model.fit(&data, Fit::new().epochs(3).quiet())?;
+    /// let path = std::env::temp_dir().join("kiln-doc-loss-weighting.safetensors");
+    /// model.save_weights(&path)?;
+    /// let fresh = build()?;
+    /// fresh.load_weights(&path)?;
+    /// assert!(fresh.load_loss_weighting(&path)?);
+    /// assert_eq!(fresh.evaluate(&data, 8)?.get("loss"), model.evaluate(&data, 8)?.get("loss"));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// When the file cannot be read, or its state is another strategy's or for other terms
+    /// (the message names both).
+    pub fn load_loss_weighting(&self, path: impl AsRef<std::path::Path>) -> Result<bool> {
+        let path = path.as_ref();
+        let bad = |msg: String| Error::Data(format!("{}: {msg}", path.display()));
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors weights file: {e}")))?;
+        let Some(text) = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_LOSS_WEIGHTING))
+        else {
+            return Ok(false);
+        };
+        let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) else {
+            return Ok(true);
+        };
+        let saved: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| bad(format!("its loss weighting state is not valid JSON: {e}")))?;
+        let mut s = w.lock();
+        let name = saved["strategy"].as_str().unwrap_or_default();
+        if name != s.name() {
+            return Err(bad(format!(
+                "the weights were saved with loss weighting `{name}`, and this model is \
+                 compiled with `{}`: use the run's own strategy",
+                s.name()
+            )));
+        }
+        let terms: Vec<String> = serde_json::from_value(saved["terms"].clone()).unwrap_or_default();
+        if terms != w.terms {
+            return Err(bad(format!(
+                "its loss weighting `{name}` weighed the terms {terms:?}, and this model's \
+                 weighs {:?}",
+                w.terms
+            )));
+        }
+        for (var_name, var) in &w.variables {
+            let values = crate::loss_weighting::from_bits(
+                &saved["variables"],
+                name,
+                var_name,
+                var.elem_count(),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            let t = Tensor::from_vec(values, var.dims(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        s.load_state(&saved["state"])
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(true)
     }
 
     /// Loads weights saved by [`Model::save_weights`]: every weight must be present with its
@@ -851,6 +1011,9 @@ impl Model {
         Ok(())
     }
 }
+
+/// The metadata key of a weights file's loss weighting state ([`Model::save_weights`]).
+const META_LOSS_WEIGHTING: &str = "kiln.loss_weighting";
 
 /// Each layer's place in Keras' `model.layers` order: by depth from the outputs (deepest
 /// first), then by when a walk from the outputs first meets it, as Keras' functional graph
@@ -936,4 +1099,86 @@ pub(crate) struct ForwardPass {
     pub(crate) values: HashMap<usize, Tensor>,
     pub(crate) masks: HashMap<usize, Tensor>,
     pub(crate) layer_losses: Vec<(String, Tensor)>,
+}
+
+/// Per step, whether the next step is a ReLU layer ([`crate::layers::ActivationLayer`] with
+/// ReLU, no activity regularizer) whose only input is this step's output, where nothing else
+/// reads that output: no other step, no explicit mask, no activity regularizer of this step, and
+/// neither step makes a model output (an output's logits are read from its layer's inputs). Then
+/// this step may apply the ReLU in its own kernel ([`CallContext`]).
+fn relu_fusions(steps: &[Step], outputs: &[SymbolicTensor]) -> Vec<bool> {
+    let is_output = |id: usize| outputs.iter().any(|o| o.id() == id);
+    let readers = |id: usize| {
+        steps
+            .iter()
+            .map(|s| {
+                let inputs = s.inputs.iter().filter(|&&i| i == id).count();
+                inputs + s.masks.iter().filter(|m| **m == Some(id)).count()
+            })
+            .sum::<usize>()
+    };
+    let mut follows = vec![false; steps.len()];
+    for (i, pair) in steps.windows(2).enumerate() {
+        let (step, next) = (&pair[0], &pair[1]);
+        let id = step.node.id();
+        let relu = {
+            let layer = next.layer.lock();
+            layer.kind() == "activation"
+                && layer.final_activation() == Some(crate::Activation::Relu)
+                && layer.activity_regularizer().is_none()
+        };
+        follows[i] = relu
+            && next.inputs == [id]
+            && next.masks.iter().all(Option::is_none)
+            && readers(id) == 1
+            && !is_output(id)
+            && !is_output(next.node.id())
+            && step.layer.lock().activity_regularizer().is_none();
+    }
+    follows
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+
+    fn relu() -> ActivationLayer {
+        ActivationLayer::new(Activation::Relu)
+    }
+
+    /// Which steps may take the next ReLU layer into their own kernel.
+    #[test]
+    fn a_relu_is_fused_only_where_nothing_else_reads_the_output_before_it() -> Result<()> {
+        // A chain: the normalization's output is read by the ReLU alone.
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&Dense::new(3).apply(&x)?)?;
+        let y = Dense::new(2).apply(&relu().apply(&n)?)?;
+        let model = Model::new(&[&x], &[&y])?;
+        assert_eq!(model.relu_follows, [false, true, false, false]);
+
+        // The output before the ReLU is read by another layer too.
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&x)?;
+        let r = relu().apply(&n)?;
+        let y = Add::new().apply_many(&[&r, &n])?;
+        assert_eq!(Model::new(&[&x], &[&y])?.relu_follows, [false; 3]);
+
+        // The ReLU makes a model output (its logits would be read from its input), or the step
+        // before it does.
+        let x = Input::new([4]);
+        let r = relu().apply(&BatchNormalization::new().apply(&x)?)?;
+        assert_eq!(Model::new(&[&x], &[&r])?.relu_follows, [false; 2]);
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&x)?;
+        let r = relu().apply(&n)?;
+        assert_eq!(Model::new(&[&x], &[&r, &n])?.relu_follows, [false; 2]);
+
+        // Another activation is not taken in.
+        let x = Input::new([4]);
+        let n = BatchNormalization::new().apply(&x)?;
+        let y = ActivationLayer::new(Activation::Tanh).apply(&n)?;
+        let y = Dense::new(1).apply(&y)?;
+        assert_eq!(Model::new(&[&x], &[&y])?.relu_follows, [false; 3]);
+        Ok(())
+    }
 }

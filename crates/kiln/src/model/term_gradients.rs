@@ -36,7 +36,8 @@ pub struct TermGradients {
     /// Each term, in the order the history lists them.
     pub terms: Vec<TermGradient>,
     /// The gradient of the total, as the training step applies it (the sum of the terms'
-    /// gradients up to rounding), `None` for a weight the total does not depend on.
+    /// gradients up to rounding; under a strategy that combines gradients, PCGrad or
+    /// GradNorm, its combination), `None` for a weight the total does not depend on.
     pub total: Vec<Option<Tensor>>,
     /// Which weights are shared: those two or more terms depend on (every weight the only
     /// term depends on, when the total has one term). Norms and cosines are taken over these.
@@ -214,7 +215,9 @@ impl Model {
     /// pass per term, in training mode as the next step of `fit` or `train_on_batch` would
     /// run it (the same dropout masks as `train_on_batch` on this batch), without updating any
     /// weight; a BatchNormalization still updates its moving statistics. The terms are named
-    /// as the history names them, and their gradients sum to the step's total gradient.
+    /// as the history names them, and their gradients sum to the step's total gradient
+    /// (under a loss weighting strategy, each term's gradient is before the strategy's
+    /// weight, and `total` is what the step applies: see [`TermGradients::total`]).
     ///
     /// ```
     /// use kiln::candle::{Device, Tensor};

@@ -219,6 +219,13 @@ impl Fit {
     /// only when on. What is learned does not change: the update still uses the total's own
     /// gradient, so the weights are bit-identical with diagnostics on or off.
     ///
+    /// Under a loss weighting strategy the norms and cosines are of the terms as compiled
+    /// (an output's loss times its fixed `loss_weight`), *before* the strategy's weights: they
+    /// say how the terms themselves pull, which is what a strategy reacts to, and a weighted
+    /// norm is one product away (`loss_weight/<term>` · `grad_norm/<term>`), while PCGrad's
+    /// projected gradients are not a weighting of the terms at all. Cosines do not change
+    /// under positive weights either way.
+    ///
     /// ```
     /// use kiln::candle::{Device, Tensor};
     /// use kiln::prelude::*;
@@ -519,17 +526,23 @@ impl Model {
                 if weighs_added {
                     weighed.extend(self.added_in_order(&w.terms[w.outputs..], &added)?);
                 }
+                // A rank's strategy combines the global batch's terms (see `distributed`).
+                let seen = match &self.shard {
+                    Some(shard) => shard.global_terms(&weighed)?,
+                    None => weighed.clone(),
+                };
                 let mut strategy = w.lock();
                 let objective = match advance {
-                    true => strategy.combine(&weighed)?,
-                    false => crate::loss_weighting::weighted_sum(&weighed, &strategy.weights()?)?,
+                    true => strategy.combine(&seen)?,
+                    false => crate::loss_weighting::weighted_sum(&seen, &strategy.weights()?)?,
                 };
+                // The reported total is this rank's part, summed over the ranks for the logs.
                 let values: Vec<Tensor> = weighed.iter().map(Tensor::detach).collect();
                 let mut shown = crate::loss_weighting::weighted_sum(&values, &strategy.weights()?)?;
                 if let Some(a) = &added_total {
                     shown = (shown + a.detach())?;
                 }
-                (Some(objective), weighed, Some(shown))
+                (Some(objective), seen, Some(shown))
             }
         };
         let total = match (&labeled, &added_total) {
@@ -726,8 +739,15 @@ impl Model {
         let result = (|| -> Result<f64> {
             let step = self.step_gradients(&compiled, batch, rng, true)?;
             if diagnostics {
-                let terms = super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
-                super::term_gradients::record_diagnostics(acc, &terms, batch.len() as f64)?;
+                let mut terms =
+                    super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
+                let mut samples = batch.len();
+                // A rank's diagnostics are the global batch's (see `distributed`).
+                if let Some(shard) = &self.shard {
+                    shard.all_reduce_term_gradients(&mut terms)?;
+                    samples = shard.global_len();
+                }
+                super::term_gradients::record_diagnostics(acc, &terms, samples as f64)?;
             }
             let StepGradients {
                 terms,
@@ -787,10 +807,33 @@ impl Model {
         if let Some(w) = &compiled.weighting {
             trainable.extend(w.variables.iter().map(|(_, v)| v.clone()));
         }
+        let combining = compiled
+            .weighting
+            .as_ref()
+            .filter(|w| w.lock().combines_gradients());
+        if let (Some(w), Some(_)) = (combining, &self.shard) {
+            return Err(Error::InvalidArgument(format!(
+                "loss weighting `{}` combines each batch's per-term gradients, which \
+                 data-parallel training does not gather yet: train on one process, or use \
+                 uncertainty, dwa or famo",
+                w.lock().name()
+            )));
+        }
         let Some((name, adversarial)) = adversarial else {
-            let mut grads = Gradients::default();
-            grads.backward(&terms.total)?;
-            let gradients = grads.take_each(&trainable)?;
+            let gradients = match combining {
+                None => {
+                    let mut grads = Gradients::default();
+                    grads.backward(&terms.total)?;
+                    grads.take_each(&trainable)?
+                }
+                Some(w) => {
+                    let rest = match w.terms.len() > w.outputs {
+                        true => None,
+                        false => terms.added.clone(),
+                    };
+                    self.combined_gradients(w, &terms, rest.as_ref(), &trainable, rng, advance)?
+                }
+            };
             return Ok(StepGradients {
                 terms,
                 pass,
@@ -821,8 +864,17 @@ impl Model {
             Some(added) => (&term + added)?,
             None => term.clone(),
         };
-        grads.backward(&second)?;
-        let gradients = grads.take_each(&trainable)?;
+        let gradients = match combining {
+            None => {
+                grads.backward(&second)?;
+                grads.take_each(&trainable)?
+            }
+            // (compile refuses weighing added terms beside an adversarial one, so the rest
+            // is the adversarial term and the added terms.)
+            Some(w) => {
+                self.combined_gradients(w, &terms, Some(&second), &trainable, rng, advance)?
+            }
+        };
         terms.push_detached(name.clone(), term.detach())?;
         terms.parts.push((name, term));
         Ok(StepGradients {
@@ -831,6 +883,57 @@ impl Model {
             trainable,
             gradients,
         })
+    }
+
+    /// The step's gradient under a strategy that combines the weighed terms' gradients
+    /// (PCGrad, GradNorm): one backward pass per weighed term, the strategy's combination,
+    /// plus the gradient of `rest` (the terms it does not weigh), one more backward pass.
+    fn combined_gradients(
+        &self,
+        w: &super::compile::Weighting,
+        terms: &StepTerms,
+        rest: Option<&Tensor>,
+        trainable: &[Var],
+        rng: &mut StdRng,
+        advance: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let named: Vec<(String, Tensor)> = w
+            .terms
+            .iter()
+            .cloned()
+            .zip(terms.weighed.iter().cloned())
+            .collect();
+        let per_term: Vec<Vec<Option<Tensor>>> =
+            super::term_gradients::per_term(&named, trainable)?
+                .into_iter()
+                .map(|(_, g)| g)
+                .collect();
+        let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
+        let mut names: Vec<String> = self
+            .weights()
+            .into_iter()
+            .filter(|x| x.trainable())
+            .map(|x| x.name)
+            .collect();
+        names.extend(w.variables.iter().map(|(n, _)| n.clone()));
+        let step = crate::loss_weighting::GradientStep {
+            weights: &names,
+            values: &values,
+            gradients: &per_term,
+            seed: rand::RngCore::next_u64(rng),
+        };
+        let mut combined = w.lock().combine_gradients(&step, advance)?;
+        if let Some(rest) = rest {
+            let mut grads = Gradients::default();
+            grads.backward(rest)?;
+            for (c, r) in combined.iter_mut().zip(grads.take_each(trainable)?) {
+                *c = match (c.take(), r) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        Ok(combined)
     }
 
     /// Applies the gradients with the optimizer (or, inside a gradient-accumulation group,
@@ -850,7 +953,8 @@ impl Model {
         let global;
         let (terms, gradients) = match &self.shard {
             Some(shard) => {
-                let (t, g) = self.all_reduce_step(shard, terms, gradients)?;
+                let own = compiled.weighting.as_ref().map_or(0, |w| w.variables.len());
+                let (t, g) = self.all_reduce_step(shard, terms, gradients, own)?;
                 global = t;
                 (&global, g)
             }
@@ -902,9 +1006,13 @@ impl Model {
             return Ok(());
         };
         let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
+        let samples = self
+            .shard
+            .as_ref()
+            .map_or(batch.len(), StepShard::global_len);
         let wants_after = {
             let mut strategy = w.lock();
-            strategy.observe(&values, batch.len() as f64)?;
+            strategy.observe(&values, samples as f64)?;
             strategy.needs_terms_after_update()
         };
         if updated && wants_after {
@@ -917,13 +1025,23 @@ impl Model {
     }
 
     /// A rank's step terms and gradients summed over the ranks (one all-reduce), with rank 0's
-    /// non-trainable weights (moving statistics) given to every rank.
+    /// non-trainable weights (moving statistics) given to every rank. The last `own`
+    /// gradients are a loss weighting strategy's variables': every rank differentiates the
+    /// same objective of the global terms in them, so rank 0's gradient alone is the global
+    /// one (the others give -0.0).
     fn all_reduce_step(
         &self,
         shard: &StepShard,
         terms: &StepTerms,
-        gradients: Vec<Option<Tensor>>,
+        mut gradients: Vec<Option<Tensor>>,
+        own: usize,
     ) -> Result<(StepTerms, Vec<Option<Tensor>>)> {
+        if shard.communicator().rank() > 0 {
+            let at = gradients.len() - own;
+            for g in gradients[at..].iter_mut().flatten() {
+                *g = g.zeros_like()?.neg()?;
+            }
+        }
         let mut values = vec![scalar(terms.shown())?];
         for (_, v) in &terms.reported {
             values.push(scalar(v)?);
@@ -946,7 +1064,8 @@ impl Model {
             reported,
             labeled: None,
             added: None,
-            weighed: Vec::new(),
+            // Already the global batch's (`StepShard::global_terms`).
+            weighed: terms.weighed.iter().map(Tensor::detach).collect(),
             shown: None,
             parts: Vec::new(),
         };
@@ -1029,6 +1148,15 @@ impl Model {
         }
         if let Some(w) = self.compiled.as_ref().and_then(|c| c.weighting.as_ref()) {
             let strategy = w.lock();
+            if strategy.combines_gradients() && config.gradient_accumulation_steps > 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "loss weighting `{}` combines each batch's per-term gradients before its \
+                     update, so it needs an update every batch: set \
+                     gradient_accumulation_steps to 1 (got {})",
+                    strategy.name(),
+                    config.gradient_accumulation_steps
+                )));
+            }
             if strategy.needs_terms_after_update() && config.gradient_accumulation_steps > 1 {
                 return Err(Error::InvalidArgument(format!(
                     "loss weighting `{}` compares each batch's terms before and after its \

@@ -333,6 +333,7 @@ pub(crate) fn model(
                 .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
+                .synchronized(l.bool_or("synchronized", false)?)
                 .with_name(name.clone())
                 .apply_many(&refs),
             "layer_normalization" => LayerNormalization::new()
@@ -747,7 +748,9 @@ pub(crate) fn compile(f: &Fields, model: &Model) -> Result<Compile> {
 
 /// `loss_weighting = "dwa"` or `{ type = "…", …, added_terms = true }` of `[compile]`.
 fn loss_weighting(f: &Fields, c: Compile) -> Result<Compile> {
-    use crate::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
+    use crate::loss_weighting::{
+        DynamicWeightAverage, Famo, GradNorm, PCGrad, Strategy, Uncertainty,
+    };
     let kind = f.required_str("type")?;
     let added = f.bool_or("added_terms", false)?;
     let strategy: Box<dyn Strategy> = match kind {
@@ -764,6 +767,17 @@ fn loss_weighting(f: &Fields, c: Compile) -> Result<Compile> {
                 .learning_rate(f.f64_in_or("learning_rate", 0.025, Bounds::positive())?)
                 .gamma(f.f64_in_or("gamma", 1e-5, Bounds::non_negative())?),
         ),
+        "pcgrad" => Box::new(PCGrad::new().shuffle(f.bool_or("shuffle", true)?)),
+        "gradnorm" => {
+            let mut g = GradNorm::new().alpha(f.f64_in_or("alpha", 1.5, Bounds::non_negative())?);
+            if let Some(lr) = f.f64_in("learning_rate", Bounds::positive())? {
+                g = g.learning_rate(lr);
+            }
+            if let Some(layer) = f.str("layer")? {
+                g = g.layer(layer);
+            }
+            Box::new(g)
+        }
         other => {
             return Err(f.error(format!(
                 "unknown loss weighting `{other}`: use {}",
@@ -777,7 +791,7 @@ fn loss_weighting(f: &Fields, c: Compile) -> Result<Compile> {
 }
 
 /// The strategies a run file's `loss_weighting` names.
-const LOSS_WEIGHTINGS: [&str; 3] = ["uncertainty", "dwa", "famo"];
+const LOSS_WEIGHTINGS: [&str; 5] = ["uncertainty", "dwa", "famo", "pcgrad", "gradnorm"];
 
 /// `probability_rule = "clipped" | "logits"`: how crossentropies read softmax and sigmoid
 /// outputs (see [`crate::ProbabilityRule`]).
