@@ -11,20 +11,35 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/keras/{name}"))
 }
 
-/// Every compiled fixture and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 11] = [
-    ("mlp_sequential", 1e-5),
-    ("functional_two_heads", 1e-5),
-    ("nested_shared", 1e-5),
-    ("cnn2d", 1e-4),
-    ("conv1d", 1e-4),
-    ("recurrent", 1e-4),
-    ("shapes", 1e-5),
-    ("sequential_nested", 1e-4),
-    ("recurrent_backwards", 1e-4),
-    ("nested_frozen", 1e-5),
-    ("explicit_masks", 1e-4),
+/// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
+/// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
+const MODELS: [(&str, f64); 15] = [
+    ("mlp_sequential.keras", 1e-5),
+    ("functional_two_heads.keras", 1e-5),
+    ("nested_shared.keras", 1e-5),
+    ("cnn2d.keras", 1e-4),
+    ("conv1d.keras", 1e-4),
+    ("recurrent.keras", 1e-4),
+    ("shapes.keras", 1e-5),
+    ("sequential_nested.keras", 1e-4),
+    ("recurrent_backwards.keras", 1e-4),
+    ("nested_frozen.keras", 1e-5),
+    ("explicit_masks.keras", 1e-4),
+    ("norm_axes.keras", 1e-4),
+    ("legacy2_sequential.h5", 1e-4),
+    ("legacy2_functional.h5", 1e-4),
+    ("legacy3_functional.h5", 1e-4),
 ];
+
+/// A fixture model as `Model::from_keras` reads it, and its case (the JSON beside it).
+fn imported(file: &str) -> (Model, Value) {
+    let model = Model::from_keras(fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    (model, case(stem(file)))
+}
+
+fn stem(file: &str) -> &str {
+    file.rsplit_once('.').map_or(file, |(s, _)| s)
+}
 
 fn case(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap();
@@ -83,9 +98,7 @@ fn predictions(model: &Model, c: &Value) -> Vec<Tensor> {
 #[test]
 fn imported_models_predict_as_keras_does() {
     for (name, rtol) in MODELS {
-        let model = Model::from_keras(fixture(&format!("{name}.keras")))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let c = case(name);
+        let (model, c) = imported(name);
         let got = predictions(&model, &c);
         let want = c["predictions"].as_array().unwrap();
         assert_eq!(got.len(), want.len(), "{name}: outputs");
@@ -124,11 +137,10 @@ fn weights_keep_keras_layer_paths() {
 #[test]
 fn one_training_step_matches_keras() {
     for (name, _) in MODELS {
-        let c = case(name);
+        let (mut model, c) = imported(name);
         let Some(train) = c.get("train") else {
             continue;
         };
-        let mut model = Model::from_keras(fixture(&format!("{name}.keras"))).unwrap();
         let x: Vec<Tensor> = train["x"].as_array().unwrap().iter().map(tensor).collect();
         let y: Vec<Tensor> = train["y"].as_array().unwrap().iter().map(tensor).collect();
         let n = x[0].dims()[0];
@@ -166,8 +178,8 @@ fn export_then_import_gives_the_same_weights_and_predictions() {
     let dir = std::env::temp_dir().join(format!("kiln-keras-export-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, _) in MODELS {
-        let model = Model::from_keras(fixture(&format!("{name}.keras"))).unwrap();
-        let out = dir.join(format!("{name}.keras"));
+        let (model, c) = imported(name);
+        let out = dir.join(format!("{}.keras", stem(name)));
         model.save_keras(&out).unwrap();
         let back = Model::from_keras(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
         for w in model.weights() {
@@ -179,7 +191,6 @@ fn export_then_import_gives_the_same_weights_and_predictions() {
                 w.name
             );
         }
-        let c = case(name);
         for (a, b) in predictions(&model, &c).iter().zip(predictions(&back, &c)) {
             assert_eq!(values(a), values(&b), "{name}");
         }
@@ -242,6 +253,42 @@ fn links_out_of_the_weights_file_are_not_followed() {
             "{name}: {msg}"
         );
     }
+}
+
+/// A legacy `.h5` file goes through the same hard-link-only reader: a weight behind a soft or
+/// an external link is refused, naming it.
+#[test]
+fn links_out_of_a_legacy_h5_file_are_not_followed() {
+    for name in [
+        "hostile_legacy_soft_link.h5",
+        "hostile_legacy_external_link.h5",
+    ] {
+        let msg = refusal(name);
+        assert!(
+            msg.contains("/model_weights/hidden/hidden")
+                && msg.contains("never follows soft or external links"),
+            "{name}: {msg}"
+        );
+    }
+}
+
+/// Legacy files are told by their content: a Keras 2 `.h5` file under another name reads the
+/// same, and an HDF5 file without `model_config` (weights only) is refused saying so.
+#[test]
+fn legacy_h5_files_are_read_by_content() {
+    let dir = std::env::temp_dir().join(format!("kiln-legacy-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let renamed = dir.join("model.keras");
+    std::fs::copy(fixture("legacy2_sequential.h5"), &renamed).unwrap();
+    let model = Model::from_keras(&renamed).unwrap();
+    let c = case("legacy2_sequential");
+    let mut want = Vec::new();
+    flat(&c["predictions"][0], &mut want);
+    assert_close("renamed", &want, &values(&predictions(&model, &c)[0]), 1e-4);
+    assert_eq!(model.weight("bn/moving_variance").unwrap().var.dims(), &[8]);
+    let msg = refusal("../keras_normalization.json");
+    assert!(msg.contains("neither a .keras file"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -335,10 +382,20 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
         msg.contains("config.layers[3].class_name") && msg.contains("SeparableConv2D"),
         "{msg}"
     );
-    let msg = refused_edit("axis", |v| {
-        v["config"]["layers"][3]["config"]["axis"] = 1.into();
+    let msg = refused_edit("axes", |v| {
+        v["config"]["layers"][3]["config"]["axis"] = serde_json::json!([1, 2]);
     });
-    assert!(msg.contains("config.layers[3].config.axis"), "{msg}");
+    assert!(
+        msg.contains("config.layers[3].config.axis") && msg.contains("one integer"),
+        "{msg}"
+    );
+    let msg = refused_edit("batch_axis", |v| {
+        v["config"]["layers"][3]["config"]["axis"] = 0.into();
+    });
+    assert!(
+        msg.contains("layer `bn`") && msg.contains("axis 0 is not a feature axis"),
+        "{msg}"
+    );
     let msg = refused_edit("loss", |v| {
         v["compile_config"]["loss"]["class_name"] = "MyLoss".into();
         v["compile_config"]["loss"]["registered_name"] = "Custom>MyLoss".into();

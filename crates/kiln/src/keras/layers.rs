@@ -178,30 +178,22 @@ fn channels_last(cfg: &Obj) -> Result<()> {
     )
 }
 
-/// The last axis of an input of `rank` (batch included), as Keras writes it: -1, `rank - 1`,
-/// or a list of one of them.
-fn last_axis(cfg: &Obj, key: &str, input_rank: Option<usize>) -> Result<()> {
+/// The axes of a normalization layer as Keras writes them: one integer or a list (Keras 2
+/// writes BatchNormalization's as a list of one), batch axis 0, negative from the end.
+fn axes(cfg: &Obj, key: &str) -> Result<Vec<isize>> {
     let v = cfg.required(key)?;
-    let one = match v {
-        Value::Array(a) if a.len() == 1 => &a[0],
-        other => other,
+    let list = match v {
+        Value::Array(a) => a.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>(),
+        one => one.as_i64().map(|a| vec![a]),
     };
-    let ok = match one.as_i64() {
-        Some(-1) => true,
-        Some(a) => input_rank.is_some_and(|r| a == r as i64 - 1),
-        None => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(cfg.error(
-            key,
-            format!(
-                "normalizing over axis {} is not supported: kiln normalizes the last axis",
-                short(v)
-            ),
-        ))
-    }
+    list.filter(|l| !l.is_empty())
+        .map(|l| l.into_iter().map(|a| a as isize).collect())
+        .ok_or_else(|| {
+            cfg.error(
+                key,
+                format!("expected an axis or a list of axes, got {}", short(v)),
+            )
+        })
 }
 
 /// A statistic Keras' Normalization was given (`mean=`, `variance=`): a number or nested lists
@@ -263,20 +255,13 @@ macro_rules! regularized {
     }};
 }
 
-/// The kiln layer for a Keras layer of `class` with `cfg`, named `name` in kiln;
-/// `input_shape` is Keras' `build_config.input_shape` (batch included), where written.
-pub(crate) fn make(
-    class: &str,
-    cfg: &Obj,
-    name: &str,
-    input_shape: Option<&[Option<usize>]>,
-) -> Result<Made> {
+/// The kiln layer for a Keras layer of `class` with `cfg`, named `name` in kiln.
+pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
     cfg.ignore(&["name"]);
     // A frozen layer stays frozen in kiln (no update, no regularizer term, BatchNormalization
     // in inference mode), as Keras trains it.
     let trainable = cfg.bool_or("trainable", true)?;
     check_dtype(cfg)?;
-    let rank = input_shape.map(<[_]>::len);
     let snake = snake_name(class).unwrap_or("layer");
     let name = name.to_string();
     let plain = |layer: SharedLayer| Made {
@@ -416,7 +401,15 @@ pub(crate) fn make(
             })
         }
         "BatchNormalization" => {
-            last_axis(cfg, "axis", rank)?;
+            let axis = match axes(cfg, "axis")?.as_slice() {
+                [one] => *one,
+                _ => {
+                    return Err(cfg.error(
+                        "axis",
+                        "BatchNormalization normalizes one feature axis: give one integer",
+                    ))
+                }
+            };
             initializers_and_constraints(cfg, &["beta", "gamma"])?;
             cfg.ignore(&[
                 "moving_mean_initializer",
@@ -432,6 +425,7 @@ pub(crate) fn make(
             cfg.expect_null("renorm_clipping", "renormalization clipping")?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
             let mut b = BatchNormalization::new()
+                .axis(axis)
                 .momentum(cfg.f64("momentum")?)
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
@@ -459,7 +453,7 @@ pub(crate) fn make(
             }
         }
         "LayerNormalization" => {
-            last_axis(cfg, "axis", rank)?;
+            let axes = axes(cfg, "axis")?;
             initializers_and_constraints(cfg, &["beta", "gamma"])?;
             cfg.expect(
                 "rms_scaling",
@@ -468,6 +462,7 @@ pub(crate) fn make(
             )?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
             let mut l = LayerNormalization::new()
+                .axes(&axes)
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
                 .scale(scale)
