@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
 /// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 15] = [
+const MODELS: [(&str, f64); 16] = [
     ("mlp_sequential.keras", 1e-5),
     ("functional_two_heads.keras", 1e-5),
     ("nested_shared.keras", 1e-5),
@@ -26,6 +26,7 @@ const MODELS: [(&str, f64); 15] = [
     ("nested_frozen.keras", 1e-5),
     ("explicit_masks.keras", 1e-4),
     ("norm_axes.keras", 1e-4),
+    ("conv_groups.keras", 1e-4),
     ("legacy2_sequential.h5", 1e-4),
     ("legacy2_functional.h5", 1e-4),
     ("legacy3_functional.h5", 1e-4),
@@ -355,12 +356,17 @@ fn refused_edit(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
 #[test]
 fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place() {
     let msg = refused_edit("option", |v| {
-        v["config"]["layers"][1]["config"]["groups"] = 2.into();
+        v["config"]["layers"][1]["config"]["data_format"] = "channels_first".into();
     });
     assert!(
-        msg.contains("config.layers[1].config.groups") && msg.contains("groups = 1"),
+        msg.contains("config.layers[1].config.data_format") && msg.contains("channels_last"),
         "{msg}"
     );
+    // Groups that do not divide the channels: Keras refuses them too.
+    let msg = refused_edit("groups", |v| {
+        v["config"]["layers"][1]["config"]["groups"] = 3.into();
+    });
+    assert!(msg.contains("groups = 3 must divide"), "{msg}");
     let msg = refused_edit("unknown", |v| {
         v["config"]["layers"][2]["config"]["new_option"] = true.into();
     });

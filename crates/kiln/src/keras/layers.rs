@@ -297,7 +297,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             let use_bias = cfg.bool("use_bias")?;
             initializers_and_constraints(cfg, &["kernel", "bias"])?;
             channels_last(cfg)?;
-            cfg.expect("groups", |v| v.as_u64() == Some(1), "groups = 1")?;
+            let groups = cfg.positive("groups")?;
             let filters = cfg.positive("filters")?;
             let kernel = cfg.sizes("kernel_size", n)?;
             let strides = cfg.sizes("strides", n)?;
@@ -306,6 +306,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             let act = activation(cfg, "activation")?;
             let layer = if n == 1 {
                 let c = Conv1D::new(filters, kernel[0])
+                    .groups(groups)
                     .strides(strides[0])
                     .dilation_rate(dilation[0])
                     .padding(pad)
@@ -315,6 +316,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 regularized!(c, cfg, "kernel_regularizer").shared()
             } else {
                 let c = Conv2D::new(filters, (kernel[0], kernel[1]))
+                    .groups(groups)
                     .strides((strides[0], strides[1]))
                     .dilation_rate((dilation[0], dilation[1]))
                     .padding(pad)
