@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
 /// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 16] = [
+const MODELS: [(&str, f64); 17] = [
     ("mlp_sequential.keras", 1e-5),
     ("functional_two_heads.keras", 1e-5),
     ("nested_shared.keras", 1e-5),
@@ -27,6 +27,7 @@ const MODELS: [(&str, f64); 16] = [
     ("explicit_masks.keras", 1e-4),
     ("norm_axes.keras", 1e-4),
     ("conv_groups.keras", 1e-4),
+    ("recurrent_dropout.keras", 1e-4),
     ("legacy2_sequential.h5", 1e-4),
     ("legacy2_functional.h5", 1e-4),
     ("legacy3_functional.h5", 1e-4),
@@ -360,6 +361,17 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
     });
     assert!(
         msg.contains("config.layers[1].config.data_format") && msg.contains("channels_last"),
+        "{msg}"
+    );
+    // kiln's LSTM has input dropout, not Keras' recurrent_dropout.
+    let path = edited("recurrent_dropout.keras", "rec_dropout", |v| {
+        v["config"]["layers"][1]["config"]["recurrent_dropout"] = 0.2.into();
+    });
+    let msg = Model::from_keras(&path).err().expect("refused").to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        msg.contains("config.layers[1].config.recurrent_dropout")
+            && msg.contains("recurrent_dropout = 0"),
         "{msg}"
     );
     // Groups that do not divide the channels: Keras refuses them too.

@@ -517,9 +517,12 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             for key in ["return_state", "stateful"] {
                 cfg.expect(key, |v| v == &Value::Bool(false), &format!("{key} = false"))?;
             }
-            for key in ["dropout", "recurrent_dropout"] {
-                cfg.expect(key, |v| v.as_f64() == Some(0.0), &format!("{key} = 0"))?;
-            }
+            cfg.expect(
+                "recurrent_dropout",
+                |v| v.as_f64() == Some(0.0),
+                "recurrent_dropout = 0 (kiln has input dropout only)",
+            )?;
+            let dropout = cfg.f64("dropout")?;
             let return_sequences = cfg.bool("return_sequences")?;
             let go_backwards = cfg.bool_or("go_backwards", false)?;
             // Keras' default carries the last output over masked steps, as kiln does.
@@ -528,7 +531,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 |v| v == &Value::Bool(false) || !return_sequences,
                 "zero_output_for_mask = false with return_sequences",
             )?;
-            // Unrolling, the seed of a dropout that is 0 and the cuDNN choice change no value.
+            // Unrolling, the dropout's seed (kiln draws from its own seeded generator) and the
+            // cuDNN choice change no value.
             cfg.ignore(&["unroll", "seed", "use_cudnn"]);
             let units = cfg.positive("units")?;
             let act = activation(cfg, "activation")?;
@@ -536,6 +540,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             macro_rules! recurrent {
                 ($l:expr) => {{
                     let mut l = $l
+                        .dropout(dropout)
                         .activation(act)
                         .recurrent_activation(rec)
                         .use_bias(use_bias)
