@@ -491,12 +491,12 @@ fn kiln(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[test]
-fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
-    let dir = std::env::temp_dir().join(format!("kiln-keras-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// `kiln import FILE --out DIR/run` (a compiled one-input fixture), checking the run folder it
+/// writes (the model file under `copy`), then `kiln predict` of the folder on the fixture's
+/// inputs against Keras' predictions; returns the run folder.
+fn import_and_predict(file: &str, copy: &str, dir: &Path, rtol: f64) -> PathBuf {
     let run = dir.join("run");
-    let source = fixture("mlp_sequential.keras");
+    let source = fixture(file);
     let (ok, text) = kiln(&[
         "import",
         source.to_str().unwrap(),
@@ -504,10 +504,10 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
         run.to_str().unwrap(),
     ]);
     assert!(ok && text.contains("compiled"), "{text}");
-    for f in ["model.keras", "model.json", "model.safetensors"] {
+    for f in [copy, "model.json", "model.safetensors"] {
         assert!(run.join(f).is_file(), "{f}");
     }
-    let c = case("mlp_sequential");
+    let c = case(stem(file));
     let x = tensor(&c["inputs"][0]);
     let (xin, pout) = (dir.join("x.npy"), dir.join("p.npy"));
     x.write_npy(&xin).unwrap();
@@ -523,7 +523,27 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
     let p = Tensor::read_npy(&pout).unwrap();
     let mut want = Vec::new();
     flat(&c["predictions"][0], &mut want);
-    assert_close("kiln predict", &want, &values(&p), 1e-5);
+    assert_close("kiln predict", &want, &values(&p), rtol);
+    run
+}
+
+/// A legacy `.h5` file imports into a run folder that keeps it as `model.h5`.
+#[test]
+fn kiln_import_takes_a_legacy_h5_file() {
+    let dir = std::env::temp_dir().join(format!("kiln-legacy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = import_and_predict("legacy2_sequential.h5", "model.h5", &dir, 1e-4);
+    let json = std::fs::read_to_string(run.join("model.json")).unwrap();
+    assert!(json.contains("model.h5"), "{json}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
+    let dir = std::env::temp_dir().join(format!("kiln-keras-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = import_and_predict("mlp_sequential.keras", "model.keras", &dir, 1e-5);
+    let source = fixture("mlp_sequential.keras");
 
     let out = dir.join("back.keras");
     let (ok, text) = kiln(&[

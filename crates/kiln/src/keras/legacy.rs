@@ -634,4 +634,54 @@ mod tests {
         let e = translate_node(&bad, "n", "f", &[]).unwrap_err().to_string();
         assert!(e.contains("n[0][3].mask"), "{e}");
     }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-3i64..5).prop_map(Value::from),
+            "[a-z_]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Any JSON as a Keras 2 node, a layer entry or a model config is translated or refused
+        /// with a message naming the file, never a panic; a translated node's tensors each have
+        /// a `[layer, node, tensor]` history.
+        #[test]
+        fn any_legacy_config_translates_or_is_refused(v in any_json(), class in "[A-Za-z]{0,12}") {
+            match translate_node(&v, "n", "f.h5", &["enc".to_string()]) {
+                Ok(n) if v.is_array() => {
+                    let args = &n["args"][0];
+                    let tensors = match args {
+                        Value::Array(a) => a.clone(),
+                        one => vec![one.clone()],
+                    };
+                    for t in tensors {
+                        let h = t["config"]["keras_history"].as_array().cloned().unwrap_or_default();
+                        proptest::prop_assert_eq!(h.len(), 3);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert!(e.to_string().contains("f.h5: n")),
+            }
+            let layer = json!({"class_name": class, "config": v.clone(), "inbound_nodes": [v.clone()]});
+            if let Err(e) = translate_layer(&layer, "l", "f.h5") {
+                proptest::prop_assert!(e.to_string().contains("f.h5"));
+            }
+            let model = json!({"class_name": "Functional", "config": {"layers": [layer, v.clone()]}});
+            if let Err(e) = translate_model(&model, "", "f.h5") {
+                proptest::prop_assert!(e.to_string().contains("f.h5"));
+            }
+            let _ = compile_config(&json!({"loss": v.clone(), "metrics": v.clone(), "optimizer_config": v}), "t.h5");
+        }
+    }
 }
