@@ -258,7 +258,7 @@ fn translate_node(n: &Value, at: &str, file: &str, offset: &[String]) -> Result<
                 kwargs.insert(k.clone(), v.clone());
             }
         }
-        let node = if offset.iter().any(|o| *o == name) {
+        let node = if offset.contains(&name) {
             node.checked_sub(1).ok_or_else(|| {
                 error_at(
                     file,

@@ -105,7 +105,10 @@ impl Conv {
             return Err(invalid(format!("{layer}: filters must be at least 1")));
         }
         let channels = shape[rank];
-        if self.groups == 0 || channels % self.groups != 0 || self.filters % self.groups != 0 {
+        if self.groups == 0
+            || !channels.is_multiple_of(self.groups)
+            || !self.filters.is_multiple_of(self.groups)
+        {
             return Err(invalid(format!(
                 "{layer}: groups = {} must divide both the input channels ({channels}) and the \
                  filters ({}), as in Keras",
