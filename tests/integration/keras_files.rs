@@ -288,6 +288,13 @@ fn legacy_h5_files_are_read_by_content() {
     flat(&c["predictions"][0], &mut want);
     assert_close("renamed", &want, &values(&predictions(&model, &c)[0]), 1e-4);
     assert_eq!(model.weight("bn/moving_variance").unwrap().var.dims(), &[8]);
+    // A compile error names training_config, where the file holds it.
+    let msg = refusal("hostile_legacy_bad_loss.h5");
+    assert!(
+        msg.contains("hostile_legacy_bad_loss.h5: training_config: loss")
+            && msg.contains("`fancy_loss`"),
+        "{msg}"
+    );
     let msg = refusal("../keras_normalization.json");
     assert!(msg.contains("neither a .keras file"), "{msg}");
     std::fs::remove_dir_all(&dir).unwrap();

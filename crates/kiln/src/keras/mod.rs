@@ -38,6 +38,10 @@ pub(crate) struct Source {
     outputs: Vec<(String, String)>,
     /// `keras_version` from metadata.json, if it has one.
     keras_version: Option<String>,
+    /// Where the compile configuration came from, for messages: `(file, path)`, as
+    /// `("model.keras: config.json", "compile_config")` or, for a legacy file,
+    /// `("m.h5: training_config", "")`.
+    compile_place: (String, &'static str),
 }
 
 /// The crossentropy rule of the Keras that wrote a file: Keras 2 (`tf.keras`, which writes
@@ -67,11 +71,11 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
                 src.file
             ))
         })?;
-    Ok(compile::compile(
-        &json::Obj::new(cc, "compile_config", &src.file)?,
-        &src.outputs,
-    )?
-    .probability_rule(probability_rule_of(src.keras_version.as_deref())))
+    let (file, root) = &src.compile_place;
+    Ok(
+        compile::compile(&json::Obj::new(cc, *root, file)?, &src.outputs)?
+            .probability_rule(probability_rule_of(src.keras_version.as_deref())),
+    )
 }
 
 /// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
@@ -174,6 +178,11 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         slots: reader.slots,
         outputs: names,
         keras_version,
+        compile_place: if is_h5 {
+            (format!("{shown}: training_config"), "")
+        } else {
+            (file.clone(), "compile_config")
+        },
     }));
     if compile && has_compile {
         let c = compile_config_of(&model)?;
