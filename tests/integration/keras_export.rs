@@ -397,3 +397,67 @@ fn a_layer_keras_cannot_express_is_refused_naming_it() {
     );
     assert!(!path.exists());
 }
+
+/// The layer options added for issue 16, built in kiln: BatchNormalization over axis 1 and
+/// LayerNormalization over two axes, grouped Conv1D and Conv2D, an LSTM and a GRU with input
+/// dropout (inference ignores it).
+#[test]
+fn normalization_axes_groups_and_recurrent_dropout_round_trip() {
+    let s = Input::named("seq", [5, 6]);
+    let h = BatchNormalization::new()
+        .axis(1)
+        .with_name("bn_steps")
+        .apply(&s)
+        .unwrap();
+    let h = LayerNormalization::new()
+        .axes(&[1, 2])
+        .with_name("ln_both")
+        .apply(&h)
+        .unwrap();
+    let h = Conv1D::new(4, 2)
+        .groups(2)
+        .padding(Padding::Same)
+        .with_name("gconv1d")
+        .apply(&h)
+        .unwrap();
+    let h = Lstm::new(3)
+        .dropout(0.3)
+        .return_sequences(true)
+        .with_name("lstm")
+        .apply(&h)
+        .unwrap();
+    let h = Gru::new(2).dropout(0.2).with_name("gru").apply(&h).unwrap();
+    let i = Input::named("img", [4, 4, 4]);
+    let g = Conv2D::new(6, (2, 2))
+        .groups(2)
+        .activation(Activation::Relu)
+        .with_name("gconv2d")
+        .apply(&i)
+        .unwrap();
+    let g = BatchNormalization::new()
+        .axis(-2)
+        .with_name("bn_width")
+        .apply(&g)
+        .unwrap();
+    let g = GlobalAveragePooling2D::new()
+        .with_name("pool")
+        .apply(&g)
+        .unwrap();
+    let c = Concatenate::new()
+        .with_name("both")
+        .apply_many(&[&h, &g])
+        .unwrap();
+    let y = Dense::new(2).with_name("out").apply(&c).unwrap();
+    let model = Model::builder(&[s, i], &[y]).seed(3).build().unwrap();
+    perturb(&model);
+    assert_eq!(model.weight("ln_both/gamma").unwrap().var.dims(), &[5, 6]);
+    assert_eq!(
+        model.weight("gconv2d/kernel").unwrap().var.dims(),
+        &[2, 2, 2, 6]
+    );
+    round_trip(
+        "native_options",
+        &model,
+        &[input(&[3, 5, 6], 11), input(&[3, 4, 4, 4], 12)],
+    );
+}

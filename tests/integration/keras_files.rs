@@ -11,20 +11,37 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/keras/{name}"))
 }
 
-/// Every compiled fixture and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 11] = [
-    ("mlp_sequential", 1e-5),
-    ("functional_two_heads", 1e-5),
-    ("nested_shared", 1e-5),
-    ("cnn2d", 1e-4),
-    ("conv1d", 1e-4),
-    ("recurrent", 1e-4),
-    ("shapes", 1e-5),
-    ("sequential_nested", 1e-4),
-    ("recurrent_backwards", 1e-4),
-    ("nested_frozen", 1e-5),
-    ("explicit_masks", 1e-4),
+/// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
+/// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
+const MODELS: [(&str, f64); 17] = [
+    ("mlp_sequential.keras", 1e-5),
+    ("functional_two_heads.keras", 1e-5),
+    ("nested_shared.keras", 1e-5),
+    ("cnn2d.keras", 1e-4),
+    ("conv1d.keras", 1e-4),
+    ("recurrent.keras", 1e-4),
+    ("shapes.keras", 1e-5),
+    ("sequential_nested.keras", 1e-4),
+    ("recurrent_backwards.keras", 1e-4),
+    ("nested_frozen.keras", 1e-5),
+    ("explicit_masks.keras", 1e-4),
+    ("norm_axes.keras", 1e-4),
+    ("conv_groups.keras", 1e-4),
+    ("recurrent_dropout.keras", 1e-4),
+    ("legacy2_sequential.h5", 1e-4),
+    ("legacy2_functional.h5", 1e-4),
+    ("legacy3_functional.h5", 1e-4),
 ];
+
+/// A fixture model as `Model::from_keras` reads it, and its case (the JSON beside it).
+fn imported(file: &str) -> (Model, Value) {
+    let model = Model::from_keras(fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    (model, case(stem(file)))
+}
+
+fn stem(file: &str) -> &str {
+    file.rsplit_once('.').map_or(file, |(s, _)| s)
+}
 
 fn case(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(&format!("{name}.json"))).unwrap();
@@ -83,9 +100,7 @@ fn predictions(model: &Model, c: &Value) -> Vec<Tensor> {
 #[test]
 fn imported_models_predict_as_keras_does() {
     for (name, rtol) in MODELS {
-        let model = Model::from_keras(fixture(&format!("{name}.keras")))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let c = case(name);
+        let (model, c) = imported(name);
         let got = predictions(&model, &c);
         let want = c["predictions"].as_array().unwrap();
         assert_eq!(got.len(), want.len(), "{name}: outputs");
@@ -124,11 +139,10 @@ fn weights_keep_keras_layer_paths() {
 #[test]
 fn one_training_step_matches_keras() {
     for (name, _) in MODELS {
-        let c = case(name);
+        let (mut model, c) = imported(name);
         let Some(train) = c.get("train") else {
             continue;
         };
-        let mut model = Model::from_keras(fixture(&format!("{name}.keras"))).unwrap();
         let x: Vec<Tensor> = train["x"].as_array().unwrap().iter().map(tensor).collect();
         let y: Vec<Tensor> = train["y"].as_array().unwrap().iter().map(tensor).collect();
         let n = x[0].dims()[0];
@@ -166,8 +180,8 @@ fn export_then_import_gives_the_same_weights_and_predictions() {
     let dir = std::env::temp_dir().join(format!("kiln-keras-export-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, _) in MODELS {
-        let model = Model::from_keras(fixture(&format!("{name}.keras"))).unwrap();
-        let out = dir.join(format!("{name}.keras"));
+        let (model, c) = imported(name);
+        let out = dir.join(format!("{}.keras", stem(name)));
         model.save_keras(&out).unwrap();
         let back = Model::from_keras(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
         for w in model.weights() {
@@ -179,7 +193,6 @@ fn export_then_import_gives_the_same_weights_and_predictions() {
                 w.name
             );
         }
-        let c = case(name);
         for (a, b) in predictions(&model, &c).iter().zip(predictions(&back, &c)) {
             assert_eq!(values(a), values(&b), "{name}");
         }
@@ -248,6 +261,49 @@ fn links_out_of_the_weights_file_are_not_followed() {
     }
 }
 
+/// A legacy `.h5` file goes through the same hard-link-only reader: a weight behind a soft or
+/// an external link is refused, naming it.
+#[test]
+fn links_out_of_a_legacy_h5_file_are_not_followed() {
+    for name in [
+        "hostile_legacy_soft_link.h5",
+        "hostile_legacy_external_link.h5",
+    ] {
+        let msg = refusal(name);
+        assert!(
+            msg.contains("/model_weights/hidden/hidden")
+                && msg.contains("never follows soft or external links"),
+            "{name}: {msg}"
+        );
+    }
+}
+
+/// Legacy files are told by their content: a Keras 2 `.h5` file under another name reads the
+/// same, and an HDF5 file without `model_config` (weights only) is refused saying so.
+#[test]
+fn legacy_h5_files_are_read_by_content() {
+    let dir = std::env::temp_dir().join(format!("kiln-legacy-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let renamed = dir.join("model.keras");
+    std::fs::copy(fixture("legacy2_sequential.h5"), &renamed).unwrap();
+    let model = Model::from_keras(&renamed).unwrap();
+    let c = case("legacy2_sequential");
+    let mut want = Vec::new();
+    flat(&c["predictions"][0], &mut want);
+    assert_close("renamed", &want, &values(&predictions(&model, &c)[0]), 1e-4);
+    assert_eq!(model.weight("bn/moving_variance").unwrap().var.dims(), &[8]);
+    // A compile error names training_config, where the file holds it.
+    let msg = refusal("hostile_legacy_bad_loss.h5");
+    assert!(
+        msg.contains("hostile_legacy_bad_loss.h5: training_config: loss")
+            && msg.contains("`fancy_loss`"),
+        "{msg}"
+    );
+    let msg = refusal("../keras_normalization.json");
+    assert!(msg.contains("neither a .keras file"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_dataset_whose_data_the_file_does_not_hold_is_refused() {
     let msg = refusal("hostile_unallocated.keras");
@@ -312,12 +368,31 @@ fn refused_edit(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
 #[test]
 fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place() {
     let msg = refused_edit("option", |v| {
-        v["config"]["layers"][1]["config"]["groups"] = 2.into();
+        v["config"]["layers"][1]["config"]["data_format"] = "channels_first".into();
     });
     assert!(
-        msg.contains("config.layers[1].config.groups") && msg.contains("groups = 1"),
+        msg.contains("config.layers[1].config.data_format") && msg.contains("channels_last"),
         "{msg}"
     );
+    // kiln's LSTM has input dropout, not Keras' recurrent_dropout.
+    let path = edited("recurrent_dropout.keras", "rec_dropout", |v| {
+        v["config"]["layers"][1]["config"]["recurrent_dropout"] = 0.2.into();
+    });
+    let Err(e) = Model::from_keras(&path) else {
+        panic!("recurrent_dropout was imported")
+    };
+    let msg = e.to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        msg.contains("config.layers[1].config.recurrent_dropout")
+            && msg.contains("recurrent_dropout = 0"),
+        "{msg}"
+    );
+    // Groups that do not divide the channels: Keras refuses them too.
+    let msg = refused_edit("groups", |v| {
+        v["config"]["layers"][1]["config"]["groups"] = 3.into();
+    });
+    assert!(msg.contains("groups = 3 must divide"), "{msg}");
     let msg = refused_edit("unknown", |v| {
         v["config"]["layers"][2]["config"]["new_option"] = true.into();
     });
@@ -339,10 +414,20 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
         msg.contains("config.layers[3].class_name") && msg.contains("SeparableConv2D"),
         "{msg}"
     );
-    let msg = refused_edit("axis", |v| {
-        v["config"]["layers"][3]["config"]["axis"] = 1.into();
+    let msg = refused_edit("axes", |v| {
+        v["config"]["layers"][3]["config"]["axis"] = serde_json::json!([1, 2]);
     });
-    assert!(msg.contains("config.layers[3].config.axis"), "{msg}");
+    assert!(
+        msg.contains("config.layers[3].config.axis") && msg.contains("one integer"),
+        "{msg}"
+    );
+    let msg = refused_edit("batch_axis", |v| {
+        v["config"]["layers"][3]["config"]["axis"] = 0.into();
+    });
+    assert!(
+        msg.contains("layer `bn`") && msg.contains("axis 0 is not a feature axis"),
+        "{msg}"
+    );
     let msg = refused_edit("loss", |v| {
         v["compile_config"]["loss"]["class_name"] = "MyLoss".into();
         v["compile_config"]["loss"]["registered_name"] = "Custom>MyLoss".into();
@@ -420,12 +505,12 @@ fn kiln(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[test]
-fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
-    let dir = std::env::temp_dir().join(format!("kiln-keras-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// `kiln import FILE --out DIR/run` (a compiled one-input fixture), checking the run folder it
+/// writes (the model file under `copy`), then `kiln predict` of the folder on the fixture's
+/// inputs against Keras' predictions; returns the run folder.
+fn import_and_predict(file: &str, copy: &str, dir: &Path, rtol: f64) -> PathBuf {
     let run = dir.join("run");
-    let source = fixture("mlp_sequential.keras");
+    let source = fixture(file);
     let (ok, text) = kiln(&[
         "import",
         source.to_str().unwrap(),
@@ -433,10 +518,10 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
         run.to_str().unwrap(),
     ]);
     assert!(ok && text.contains("compiled"), "{text}");
-    for f in ["model.keras", "model.json", "model.safetensors"] {
+    for f in [copy, "model.json", "model.safetensors"] {
         assert!(run.join(f).is_file(), "{f}");
     }
-    let c = case("mlp_sequential");
+    let c = case(stem(file));
     let x = tensor(&c["inputs"][0]);
     let (xin, pout) = (dir.join("x.npy"), dir.join("p.npy"));
     x.write_npy(&xin).unwrap();
@@ -452,7 +537,27 @@ fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
     let p = Tensor::read_npy(&pout).unwrap();
     let mut want = Vec::new();
     flat(&c["predictions"][0], &mut want);
-    assert_close("kiln predict", &want, &values(&p), 1e-5);
+    assert_close("kiln predict", &want, &values(&p), rtol);
+    run
+}
+
+/// A legacy `.h5` file imports into a run folder that keeps it as `model.h5`.
+#[test]
+fn kiln_import_takes_a_legacy_h5_file() {
+    let dir = std::env::temp_dir().join(format!("kiln-legacy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = import_and_predict("legacy2_sequential.h5", "model.h5", &dir, 1e-4);
+    let json = std::fs::read_to_string(run.join("model.json")).unwrap();
+    assert!(json.contains("model.h5"), "{json}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kiln_import_writes_a_run_folder_that_predict_and_export_take() {
+    let dir = std::env::temp_dir().join(format!("kiln-keras-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = import_and_predict("mlp_sequential.keras", "model.keras", &dir, 1e-5);
+    let source = fixture("mlp_sequential.keras");
 
     let out = dir.join("back.keras");
     let (ok, text) = kiln(&[

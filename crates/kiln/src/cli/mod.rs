@@ -423,10 +423,16 @@ fn summary(run: &Path) -> crate::Result<()> {
     Ok(())
 }
 
-/// `kiln import`: the `.keras` file copied into the run folder, a `model.json` whose model and
-/// compile sections point at it, and its weights as `model.safetensors`.
+/// `kiln import`: the `.keras` file (or legacy `.h5` file, as `model.h5`) copied into the run
+/// folder, a `model.json` whose model and compile sections point at it, and its weights as
+/// `model.safetensors`.
 fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
     let model = crate::Model::from_keras(source)?;
+    // Told by content, as Model::from_keras tells them.
+    let copy = match hdf5_pure::is_hdf5(source).map_err(|e| crate::io::io_error(source, e))? {
+        true => "model.h5",
+        false => "model.keras",
+    };
     let stem = source
         .file_stem()
         .and_then(|s| s.to_str())
@@ -434,8 +440,8 @@ fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
     let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
     std::fs::create_dir_all(&dir).map_err(|e| crate::io::io_error(&dir, e))?;
     let bytes = std::fs::read(source).map_err(|e| crate::io::io_error(source, e))?;
-    crate::io::write_bytes_atomically(&dir.join("model.keras"), &bytes)?;
-    let mut text = String::from("[model]\nkeras = \"model.keras\"\n");
+    crate::io::write_bytes_atomically(&dir.join(copy), &bytes)?;
+    let mut text = format!("[model]\nkeras = \"{copy}\"\n");
     if model.is_compiled() {
         text.push_str("[compile]\nkeras = true\n");
     }

@@ -26,8 +26,7 @@ pub(crate) fn read(path: &Path) -> Result<Archive> {
     let file = std::fs::File::open(path).map_err(|e| crate::io::io_error(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         Error::Data(format!(
-            "{shown}: not a .keras file (a zip archive): {e}; a Keras 2 `.h5` file is not read \
-             by Model::from_keras"
+            "{shown}: neither a .keras file (a zip archive: {e}) nor a legacy .h5 file (HDF5)"
         ))
     })?;
     let config = member(&mut zip, path, "config.json", MAX_JSON)?.ok_or_else(|| {

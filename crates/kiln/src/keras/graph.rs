@@ -42,7 +42,9 @@ enum Built {
 /// One argument tensor of a node, with the shape Keras recorded for it.
 struct Arg {
     r: Ref,
-    shape: Vec<Option<usize>>,
+    /// `None` in a legacy `.h5` file's Keras 2 nodes, which record no shapes: kiln's shape is
+    /// written into the config once the graph is built.
+    shape: Option<Vec<Option<usize>>>,
     path: String,
 }
 
@@ -73,12 +75,17 @@ pub(crate) struct Graph {
     pub(crate) input_specs: Vec<(String, Vec<usize>)>,
     sequential: bool,
     path: String,
+    /// The shapes kiln computed for arguments that had none (a legacy file's nodes): the JSON
+    /// path of each argument and its sample shape.
+    filled: std::cell::RefCell<Vec<(String, Vec<usize>)>>,
 }
 
 /// What reading a config gathers besides the graph.
 pub(crate) struct Reader<'a> {
     pub(crate) file: &'a str,
     pub(crate) slots: Vec<LayerSlot>,
+    /// A config translated from a legacy `.h5` file: its tensors may have no recorded shape.
+    pub(crate) legacy: bool,
 }
 
 /// Keras' unique names for the groups of a container's members: `dense`, `dense_1`, ….
@@ -138,14 +145,19 @@ fn keras_shape(v: &Value) -> Option<Vec<Option<usize>>> {
 }
 
 /// A `__keras_tensor__` argument.
-fn tensor_arg(file: &str, path: String, v: &Value) -> Result<Arg> {
+fn tensor_arg(file: &str, path: String, v: &Value, legacy: bool) -> Result<Arg> {
     let t = Obj::new(v, path.clone(), file)?;
     if t.str("class_name")? != "__keras_tensor__" {
         return Err(t.error("class_name", "expected a Keras tensor"));
     }
     let c = t.obj("config")?;
-    let shape =
-        keras_shape(c.required("shape")?).ok_or_else(|| c.error("shape", "expected a shape"))?;
+    let shape = match c.get("shape") {
+        None if legacy => None,
+        _ => Some(
+            keras_shape(c.required("shape")?)
+                .ok_or_else(|| c.error("shape", "expected a shape"))?,
+        ),
+    };
     c.ignore(&["dtype"]);
     let h = c.required("keras_history")?;
     let r = match h.as_array().map(Vec::as_slice) {
@@ -302,17 +314,15 @@ impl<'a> Reader<'a> {
                 ),
             ));
         }
-        let input_shape = match l.get("build_config") {
-            Some(b) => b.get("input_shape").and_then(keras_shape),
-            None => None,
-        };
+        // The input shapes Keras recorded: kiln's graph gives them.
+        l.ignore(&["build_config"]);
         let kiln_name = format!("{prefix}{name}");
         let Made {
             layer,
             weights,
             in_cell,
             snake,
-        } = layers::make(class, &cfg, &kiln_name, input_shape.as_deref())?;
+        } = layers::make(class, &cfg, &kiln_name)?;
         let group = format!("{h5}/{}", groups.next(snake));
         self.slots.push(LayerSlot {
             kiln: kiln_name,
@@ -393,6 +403,7 @@ impl<'a> Reader<'a> {
             input_specs: specs,
             sequential: false,
             path: cfg.path.clone(),
+            filled: Default::default(),
         };
         if !trainable {
             graph.freeze();
@@ -414,10 +425,17 @@ impl<'a> Reader<'a> {
             match a {
                 Value::Array(items) if i == 0 => {
                     for (j, t) in items.iter().enumerate() {
-                        args.push(tensor_arg(self.file, format!("{apath}[{j}]"), t)?);
+                        args.push(tensor_arg(
+                            self.file,
+                            format!("{apath}[{j}]"),
+                            t,
+                            self.legacy,
+                        )?);
                     }
                 }
-                Value::Object(_) if i == 0 => args.push(tensor_arg(self.file, apath, a)?),
+                Value::Object(_) if i == 0 => {
+                    args.push(tensor_arg(self.file, apath, a, self.legacy)?)
+                }
                 v if is_mask && i == 1 && v.as_f64().is_some_and(f64::is_finite) => {
                     not_equal = v.as_f64();
                 }
@@ -451,11 +469,16 @@ impl<'a> Reader<'a> {
                         mask.push(if t.is_null() {
                             None
                         } else {
-                            Some(tensor_arg(self.file, format!("{mpath}[{j}]"), t)?)
+                            Some(tensor_arg(
+                                self.file,
+                                format!("{mpath}[{j}]"),
+                                t,
+                                self.legacy,
+                            )?)
                         });
                     }
                 }
-                t => mask.push(Some(tensor_arg(self.file, mpath, t)?)),
+                t => mask.push(Some(tensor_arg(self.file, mpath, t, self.legacy)?)),
             }
         }
         // Keras' fit and predict set the training flag of every call themselves.
@@ -542,6 +565,7 @@ impl<'a> Reader<'a> {
             input_specs: vec![input],
             sequential: true,
             path: cfg.path.clone(),
+            filled: Default::default(),
         };
         if !trainable {
             graph.freeze();
@@ -560,6 +584,18 @@ impl Graph {
                 Built::Input | Built::Mask(_) => {}
             }
         }
+    }
+
+    /// The shapes kiln computed for the arguments that recorded none, nested models' included:
+    /// the JSON path of each argument and its sample shape.
+    pub(crate) fn filled_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = self.filled.borrow().clone();
+        for e in &self.entries {
+            if let Built::Nested(g) = &e.built {
+                out.extend(g.filled_shapes());
+            }
+        }
+        out
     }
 
     /// The top-level model's inputs as kiln inputs, named as in Keras.
@@ -664,7 +700,14 @@ impl Graph {
                             ));
                         }
                         let t = &values[&a.r];
-                        let keras: Vec<Option<usize>> = a.shape.iter().skip(1).copied().collect();
+                        let Some(shape) = &a.shape else {
+                            self.filled
+                                .borrow_mut()
+                                .push((a.path.clone(), t.shape().to_vec()));
+                            xs.push(t.clone());
+                            continue;
+                        };
+                        let keras: Vec<Option<usize>> = shape.iter().skip(1).copied().collect();
                         let fits = keras.len() == t.shape().len()
                             && keras
                                 .iter()
@@ -676,7 +719,7 @@ impl Graph {
                                 &a.path,
                                 format!(
                                     "Keras recorded shape {:?} here but kiln computes {:?}",
-                                    a.shape,
+                                    shape,
                                     t.shape()
                                 ),
                             ));

@@ -69,6 +69,27 @@ impl WeightsFile {
         Ok(Some(group))
     }
 
+    /// The strings of attribute `name` on the group at `path` (`""`: the root), reached through
+    /// hard links only; `None` when the group or the attribute is absent. A one-string
+    /// attribute reads as one element.
+    pub(crate) fn attr_strings(&self, path: &str, name: &str) -> Result<Option<Vec<String>>> {
+        let Some(group) = self.group(path)? else {
+            return Ok(None);
+        };
+        let attrs = group
+            .attrs()
+            .map_err(|e| self.error(path, format!("attributes cannot be read: {e}")))?;
+        let Some(v) = attrs.get(name) else {
+            return Ok(None);
+        };
+        v.as_strings().map(|s| Some(s.to_vec())).ok_or_else(|| {
+            self.error(
+                path,
+                format!("attribute `{name}` is not a string or a list of strings"),
+            )
+        })
+    }
+
     /// The names of the datasets stored in the group at `path` (none when it is absent).
     pub(crate) fn dataset_names(&self, path: &str) -> Result<Vec<String>> {
         match self.group(path)? {

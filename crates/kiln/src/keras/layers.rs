@@ -178,30 +178,22 @@ fn channels_last(cfg: &Obj) -> Result<()> {
     )
 }
 
-/// The last axis of an input of `rank` (batch included), as Keras writes it: -1, `rank - 1`,
-/// or a list of one of them.
-fn last_axis(cfg: &Obj, key: &str, input_rank: Option<usize>) -> Result<()> {
+/// The axes of a normalization layer as Keras writes them: one integer or a list (Keras 2
+/// writes BatchNormalization's as a list of one), batch axis 0, negative from the end.
+fn axes(cfg: &Obj, key: &str) -> Result<Vec<isize>> {
     let v = cfg.required(key)?;
-    let one = match v {
-        Value::Array(a) if a.len() == 1 => &a[0],
-        other => other,
+    let list = match v {
+        Value::Array(a) => a.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>(),
+        one => one.as_i64().map(|a| vec![a]),
     };
-    let ok = match one.as_i64() {
-        Some(-1) => true,
-        Some(a) => input_rank.is_some_and(|r| a == r as i64 - 1),
-        None => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(cfg.error(
-            key,
-            format!(
-                "normalizing over axis {} is not supported: kiln normalizes the last axis",
-                short(v)
-            ),
-        ))
-    }
+    list.filter(|l| !l.is_empty())
+        .map(|l| l.into_iter().map(|a| a as isize).collect())
+        .ok_or_else(|| {
+            cfg.error(
+                key,
+                format!("expected an axis or a list of axes, got {}", short(v)),
+            )
+        })
 }
 
 /// A statistic Keras' Normalization was given (`mean=`, `variance=`): a number or nested lists
@@ -263,20 +255,13 @@ macro_rules! regularized {
     }};
 }
 
-/// The kiln layer for a Keras layer of `class` with `cfg`, named `name` in kiln;
-/// `input_shape` is Keras' `build_config.input_shape` (batch included), where written.
-pub(crate) fn make(
-    class: &str,
-    cfg: &Obj,
-    name: &str,
-    input_shape: Option<&[Option<usize>]>,
-) -> Result<Made> {
+/// The kiln layer for a Keras layer of `class` with `cfg`, named `name` in kiln.
+pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
     cfg.ignore(&["name"]);
     // A frozen layer stays frozen in kiln (no update, no regularizer term, BatchNormalization
     // in inference mode), as Keras trains it.
     let trainable = cfg.bool_or("trainable", true)?;
     check_dtype(cfg)?;
-    let rank = input_shape.map(<[_]>::len);
     let snake = snake_name(class).unwrap_or("layer");
     let name = name.to_string();
     let plain = |layer: SharedLayer| Made {
@@ -312,7 +297,7 @@ pub(crate) fn make(
             let use_bias = cfg.bool("use_bias")?;
             initializers_and_constraints(cfg, &["kernel", "bias"])?;
             channels_last(cfg)?;
-            cfg.expect("groups", |v| v.as_u64() == Some(1), "groups = 1")?;
+            let groups = cfg.positive("groups")?;
             let filters = cfg.positive("filters")?;
             let kernel = cfg.sizes("kernel_size", n)?;
             let strides = cfg.sizes("strides", n)?;
@@ -321,6 +306,7 @@ pub(crate) fn make(
             let act = activation(cfg, "activation")?;
             let layer = if n == 1 {
                 let c = Conv1D::new(filters, kernel[0])
+                    .groups(groups)
                     .strides(strides[0])
                     .dilation_rate(dilation[0])
                     .padding(pad)
@@ -330,6 +316,7 @@ pub(crate) fn make(
                 regularized!(c, cfg, "kernel_regularizer").shared()
             } else {
                 let c = Conv2D::new(filters, (kernel[0], kernel[1]))
+                    .groups(groups)
                     .strides((strides[0], strides[1]))
                     .dilation_rate((dilation[0], dilation[1]))
                     .padding(pad)
@@ -420,7 +407,15 @@ pub(crate) fn make(
             })
         }
         "BatchNormalization" => {
-            last_axis(cfg, "axis", rank)?;
+            let axis = match axes(cfg, "axis")?.as_slice() {
+                [one] => *one,
+                _ => {
+                    return Err(cfg.error(
+                        "axis",
+                        "BatchNormalization normalizes one feature axis: give one integer",
+                    ))
+                }
+            };
             initializers_and_constraints(cfg, &["beta", "gamma"])?;
             cfg.ignore(&[
                 "moving_mean_initializer",
@@ -431,6 +426,7 @@ pub(crate) fn make(
             cfg.expect_null("renorm_clipping", "renormalization clipping")?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
             let mut b = BatchNormalization::new()
+                .axis(axis)
                 .momentum(cfg.f64("momentum")?)
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
@@ -459,7 +455,7 @@ pub(crate) fn make(
             }
         }
         "LayerNormalization" => {
-            last_axis(cfg, "axis", rank)?;
+            let axes = axes(cfg, "axis")?;
             initializers_and_constraints(cfg, &["beta", "gamma"])?;
             cfg.expect(
                 "rms_scaling",
@@ -468,6 +464,7 @@ pub(crate) fn make(
             )?;
             let (center, scale) = (cfg.bool("center")?, cfg.bool("scale")?);
             let mut l = LayerNormalization::new()
+                .axes(&axes)
                 .epsilon(cfg.f64("epsilon")?)
                 .center(center)
                 .scale(scale)
@@ -520,9 +517,12 @@ pub(crate) fn make(
             for key in ["return_state", "stateful"] {
                 cfg.expect(key, |v| v == &Value::Bool(false), &format!("{key} = false"))?;
             }
-            for key in ["dropout", "recurrent_dropout"] {
-                cfg.expect(key, |v| v.as_f64() == Some(0.0), &format!("{key} = 0"))?;
-            }
+            cfg.expect(
+                "recurrent_dropout",
+                |v| v.as_f64() == Some(0.0),
+                "recurrent_dropout = 0 (kiln has input dropout only)",
+            )?;
+            let dropout = cfg.f64("dropout")?;
             let return_sequences = cfg.bool("return_sequences")?;
             let go_backwards = cfg.bool_or("go_backwards", false)?;
             // Keras' default carries the last output over masked steps, as kiln does.
@@ -531,7 +531,8 @@ pub(crate) fn make(
                 |v| v == &Value::Bool(false) || !return_sequences,
                 "zero_output_for_mask = false with return_sequences",
             )?;
-            // Unrolling, the seed of a dropout that is 0 and the cuDNN choice change no value.
+            // Unrolling, the dropout's seed (kiln draws from its own seeded generator) and the
+            // cuDNN choice change no value.
             cfg.ignore(&["unroll", "seed", "use_cudnn"]);
             let units = cfg.positive("units")?;
             let act = activation(cfg, "activation")?;
@@ -539,6 +540,7 @@ pub(crate) fn make(
             macro_rules! recurrent {
                 ($l:expr) => {{
                     let mut l = $l
+                        .dropout(dropout)
                         .activation(act)
                         .recurrent_activation(rec)
                         .use_bias(use_bias)

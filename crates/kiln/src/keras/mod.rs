@@ -19,6 +19,7 @@ mod graph;
 mod h5;
 mod json;
 mod layers;
+mod legacy;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -37,6 +38,10 @@ pub(crate) struct Source {
     outputs: Vec<(String, String)>,
     /// `keras_version` from metadata.json, if it has one.
     keras_version: Option<String>,
+    /// Where the compile configuration came from, for messages: `(file, path)`, as
+    /// `("model.keras: config.json", "compile_config")` or, for a legacy file,
+    /// `("m.h5: training_config", "")`.
+    compile_place: (String, &'static str),
 }
 
 /// The crossentropy rule of the Keras that wrote a file: Keras 2 (`tf.keras`, which writes
@@ -66,11 +71,11 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
                 src.file
             ))
         })?;
-    Ok(compile::compile(
-        &json::Obj::new(cc, "compile_config", &src.file)?,
-        &src.outputs,
-    )?
-    .probability_rule(probability_rule_of(src.keras_version.as_deref())))
+    let (file, root) = &src.compile_place;
+    Ok(
+        compile::compile(&json::Obj::new(cc, *root, file)?, &src.outputs)?
+            .probability_rule(probability_rule_of(src.keras_version.as_deref())),
+    )
 }
 
 /// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
@@ -92,35 +97,73 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
 pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    let archive = archive::read(path)?;
-    let config: serde_json::Value = serde_json::from_slice(&archive.config)
-        .map_err(|e| Error::Data(format!("{shown}: config.json is not JSON: {e}")))?;
-    let mut keras_version = None;
-    if let Some(meta) = &archive.metadata {
-        let meta: serde_json::Value = serde_json::from_slice(meta)
-            .map_err(|_| Error::Data(format!("{shown}: metadata.json is not JSON")))?;
-        keras_version = meta
-            .get("keras_version")
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-    }
-    let file = format!("{shown}: config.json");
+    // A legacy `.h5` file is told by its content (the HDF5 signature), whatever its name.
+    let is_h5 = hdf5_pure::is_hdf5(path).map_err(|e| crate::io::io_error(path, e))?;
+    let (mut config, keras_version, weights, file) = if is_h5 {
+        let bytes = std::fs::read(path).map_err(|e| crate::io::io_error(path, e))?;
+        let l = legacy::read(bytes, &shown)?;
+        (
+            l.config,
+            l.keras_version,
+            l.weights,
+            format!("{shown}: model_config"),
+        )
+    } else {
+        let archive = archive::read(path)?;
+        let config: serde_json::Value = serde_json::from_slice(&archive.config)
+            .map_err(|e| Error::Data(format!("{shown}: config.json is not JSON: {e}")))?;
+        let mut keras_version = None;
+        if let Some(meta) = &archive.metadata {
+            let meta: serde_json::Value = serde_json::from_slice(meta)
+                .map_err(|_| Error::Data(format!("{shown}: metadata.json is not JSON")))?;
+            keras_version = meta
+                .get("keras_version")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+        }
+        let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
+        (
+            config,
+            keras_version,
+            weights,
+            format!("{shown}: config.json"),
+        )
+    };
     let root = json::Obj::new(&config, "", &file)?;
     let mut reader = graph::Reader {
         file: &file,
         slots: Vec::new(),
+        legacy: is_h5,
     };
     let g = reader.model(&root, "", "layers")?;
-    // The weights file must hold every weight config.json describes, and no other, before any
+    // The weights file must hold every weight the config describes, and no other, before any
     // model is built (its shapes are checked once the model gives them, before any is set).
-    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
-    check_stored(&weights, &reader.slots)?;
+    let stored = if is_h5 {
+        legacy::locate(&weights, &reader.slots)?
+    } else {
+        check_stored(&weights, &reader.slots)?;
+        reader
+            .slots
+            .iter()
+            .flat_map(|slot| {
+                slot.weights.iter().enumerate().map(|(i, w)| {
+                    (
+                        format!("{}/{w}", slot.kiln),
+                        slot.vars.clone(),
+                        i.to_string(),
+                    )
+                })
+            })
+            .collect()
+    };
     let inputs = g.kiln_inputs();
     let outputs = g.apply(&file, &inputs)?;
     let mut model = Model::builder(&inputs, &outputs)
         .build()
         .map_err(|e| Error::Data(format!("{file}: {e}")))?;
-    load_weights(&model, &weights, &reader.slots)?;
+    load_weights(&model, &weights, &stored)?;
+    drop(root);
+    legacy::fill_shapes(&mut config, &g.filled_shapes());
     let names: Vec<(String, String)> = g
         .output_names()
         .into_iter()
@@ -135,6 +178,11 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         slots: reader.slots,
         outputs: names,
         keras_version,
+        compile_place: if is_h5 {
+            (format!("{shown}: training_config"), "")
+        } else {
+            (file.clone(), "compile_config")
+        },
     }));
     if compile && has_compile {
         let c = compile_config_of(&model)?;
@@ -181,21 +229,22 @@ fn check_stored(file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
     Ok(())
 }
 
-/// Sets every weight from the file, after all of them have been read and checked: a bad file
-/// changes nothing.
-fn load_weights(model: &Model, file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
+/// Sets every weight from the file (`stored`: each kiln weight with its group and dataset),
+/// after all of them have been read and checked: a bad file changes nothing.
+fn load_weights(
+    model: &Model,
+    file: &h5::WeightsFile,
+    stored: &[(String, String, String)],
+) -> Result<()> {
     let mut values = Vec::new();
-    for slot in slots {
-        for (i, w) in slot.weights.iter().enumerate() {
-            let name = format!("{}/{w}", slot.kiln);
-            let weight = model.weight(&name)?;
-            let dims = weight.var.dims().to_vec();
-            let data = file.read(&slot.vars, &i.to_string(), &dims, &name)?;
-            values.push((
-                weight,
-                candle_core::Tensor::from_vec(data, dims, model.device())?,
-            ));
-        }
+    for (name, group, dataset) in stored {
+        let weight = model.weight(name)?;
+        let dims = weight.var.dims().to_vec();
+        let data = file.read(group, dataset, &dims, name)?;
+        values.push((
+            weight,
+            candle_core::Tensor::from_vec(data, dims, model.device())?,
+        ));
     }
     for (w, t) in values {
         w.var.set(&t.to_dtype(w.var.dtype())?)?;

@@ -21,6 +21,9 @@ struct Conv {
     kernel_size: Vec<usize>,
     strides: Vec<usize>,
     dilation: Vec<usize>,
+    /// Keras' `groups`: the channels and filters split into this many groups, each filter
+    /// seeing only its group's channels.
+    groups: usize,
     padding: Padding,
     activation: Activation,
     use_bias: bool,
@@ -42,6 +45,7 @@ impl Conv {
             kernel_size,
             strides: vec![1; rank],
             dilation: vec![1; rank],
+            groups: 1,
             padding: Padding::Valid,
             activation: Activation::Linear,
             use_bias: true,
@@ -68,7 +72,7 @@ impl Conv {
                 "padding": self.padding,
                 "data_format": "channels_last",
                 "dilation_rate": self.dilation,
-                "groups": 1,
+                "groups": self.groups,
                 "activation": self.activation.as_str(),
                 "use_bias": self.use_bias,
                 "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
@@ -99,6 +103,17 @@ impl Conv {
         let shape = input_of_rank(layer, input_shapes, rank + 1, layout)?;
         if self.filters == 0 {
             return Err(invalid(format!("{layer}: filters must be at least 1")));
+        }
+        let channels = shape[rank];
+        if self.groups == 0
+            || !channels.is_multiple_of(self.groups)
+            || !self.filters.is_multiple_of(self.groups)
+        {
+            return Err(invalid(format!(
+                "{layer}: groups = {} must divide both the input channels ({channels}) and the \
+                 filters ({}), as in Keras",
+                self.groups, self.filters
+            )));
         }
         check_positive(layer, "kernel_size", &self.kernel_size)?;
         check_positive(layer, "strides", &self.strides)?;
@@ -139,7 +154,7 @@ impl Conv {
         input_shapes: &[Vec<usize>],
         ctx: &mut BuildContext,
     ) -> Result<()> {
-        let channels = *input_shapes[0].last().expect("checked by output_shape");
+        let channels = *input_shapes[0].last().expect("checked by output_shape") / self.groups;
         let mut shape = self.kernel_size.clone();
         shape.extend([channels, self.filters]);
         self.kernel = Some(make_weight(
@@ -176,7 +191,8 @@ impl Conv {
     fn call(&self, x: &Tensor) -> Result<Tensor> {
         let layer = self.layer();
         let kernel = built(&self.kernel, layer)?;
-        let channels = kernel.var.dims()[kernel.var.rank() - 2];
+        let per_group = kernel.var.dims()[kernel.var.rank() - 2];
+        let channels = per_group * self.groups;
         let rank = self.kernel_size.len();
         if x.rank() != rank + 2 || x.dims()[rank + 1] != channels {
             return Err(Error::Data(format!(
@@ -186,12 +202,34 @@ impl Conv {
                 x.dims()
             )));
         }
+        let k = kernel.var.as_tensor();
+        let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
+        if self.groups == 1 {
+            return self.convolve(x, k, bias);
+        }
+        // Each group: its channels, its filters (the kernel's last axis, in order), its bias.
+        let out = self.filters / self.groups;
+        let last = x.rank() - 1;
+        let mut parts = Vec::with_capacity(self.groups);
+        for g in 0..self.groups {
+            let xg = x.narrow(last, g * per_group, per_group)?.contiguous()?;
+            let kg = k.narrow(k.rank() - 1, g * out, out)?.contiguous()?;
+            let bg = bias.map(|b| b.narrow(0, g * out, out)).transpose()?;
+            parts.push(self.convolve(&xg, &kg, bg.as_ref())?);
+        }
+        Ok(Tensor::cat(&parts, last)?)
+    }
+
+    /// One convolution of `x` with the Keras-layout kernel `kernel` (one group's).
+    fn convolve(&self, x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let layer = self.layer();
+        let rank = self.kernel_size.len();
         // A 1-D convolution is a 2-D one over a height of 1.
         let (x, k, ks, st, dl) = if rank == 1 {
             let (s, d) = (self.strides[0], self.dilation[0]);
             (
                 x.unsqueeze(1)?,
-                kernel.var.as_tensor().unsqueeze(0)?,
+                kernel.unsqueeze(0)?,
                 [1, self.kernel_size[0]],
                 [s, s],
                 [d, d],
@@ -199,7 +237,7 @@ impl Conv {
         } else {
             (
                 x.clone(),
-                kernel.var.as_tensor().clone(),
+                kernel.clone(),
                 [self.kernel_size[0], self.kernel_size[1]],
                 [self.strides[0], self.strides[1]],
                 [self.dilation[0], self.dilation[1]],
@@ -242,7 +280,6 @@ impl Conv {
             dilation: dl,
             relu: relu == Some(true),
         };
-        let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
         let direct = if fused {
             super::conv_kernel::conv2d(&x, &k, bias, op)?
         } else {
@@ -318,8 +355,24 @@ fn dilate_kernel(k: &Tensor, axis: usize, d: usize) -> Result<Tensor> {
 }
 
 macro_rules! conv_builders {
-    ($ty:ident) => {
+    ($ty:ident, $shape:expr, $kernel:expr, $dims:expr) => {
         impl $ty {
+            /// Splits the input channels and the filters into `groups` groups, each filter
+            /// convolving only its group's channels (Keras' `groups`, default 1); both must be
+            /// divisible by it. The kernel is `[…, channels / groups, filters]`.
+            ///
+            /// ```
+            /// use kiln::prelude::*;
+            #[doc = concat!("let x = Input::new(", stringify!($shape), ");")]
+            #[doc = concat!("let y = ", stringify!($ty), "::new(6, ", stringify!($kernel), ").groups(2).with_name(\"c\").apply(&x)?;")]
+            /// let model = Model::new(&[x], &[y])?;
+            #[doc = concat!("assert_eq!(model.weight(\"c/kernel\")?.var.dims(), &", stringify!($dims), ");")]
+            /// # Ok::<(), kiln::Error>(())
+            /// ```
+            pub fn groups(mut self, groups: usize) -> Self {
+                self.conv.groups = groups;
+                self
+            }
             /// How the borders are treated (default `Valid`).
             pub fn padding(mut self, padding: Padding) -> Self {
                 self.conv.padding = padding;
@@ -452,7 +505,7 @@ impl Conv1D {
         self
     }
 }
-conv_builders!(Conv1D);
+conv_builders!(Conv1D, [5, 4], 3, [3, 2, 6]);
 
 /// A 2-D convolution over `[height, width, channels]` samples with kernel `[kh, kw, channels,
 /// filters]`: strides per axis, dilation, `valid` or `same` padding.
@@ -524,7 +577,7 @@ impl Conv2D {
         self
     }
 }
-conv_builders!(Conv2D);
+conv_builders!(Conv2D, [5, 5, 4], (3, 3), [3, 3, 2, 6]);
 
 #[cfg(test)]
 mod tests {

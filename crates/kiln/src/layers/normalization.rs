@@ -7,9 +7,9 @@ use crate::initializers::Initializer;
 use crate::regularizers::{IntoRegularizer, SharedRegularizer};
 use candle_core::Tensor;
 
-/// Normalizes each feature (the last axis) with the batch's statistics while training and with
-/// moving averages of them at inference, then scales by `gamma` and shifts by `beta`, as Keras'
-/// `BatchNormalization(axis=-1)`.
+/// Normalizes each feature (the last axis, or the one [`axis`](Self::axis) names) with the
+/// batch's statistics while training and with moving averages of them at inference, then scales
+/// by `gamma` and shifts by `beta`, as Keras' `BatchNormalization`.
 ///
 /// Weights: `<name>/gamma`, `<name>/beta` (trained), `<name>/moving_mean` and
 /// `<name>/moving_variance` (not trainable: the optimizer never touches them; each training call
@@ -37,6 +37,7 @@ use candle_core::Tensor;
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub struct BatchNormalization {
+    axis: isize,
     momentum: f64,
     epsilon: f64,
     center: bool,
@@ -61,6 +62,7 @@ impl BatchNormalization {
     /// Momentum 0.99, epsilon 1e-3, with `gamma` and `beta` (Keras' defaults).
     pub fn new() -> Self {
         Self {
+            axis: -1,
             momentum: 0.99,
             epsilon: 1e-3,
             center: true,
@@ -74,6 +76,23 @@ impl BatchNormalization {
             moving_mean: None,
             moving_variance: None,
         }
+    }
+    /// The feature axis, counted as Keras counts it: with the batch axis as 0, and -1 the last
+    /// (the default). `axis(1)` on images `[h, w, c]` normalizes each row; on sequences
+    /// `[channels, steps]` each channel (Keras' channels-first BatchNormalization).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kiln::prelude::*;
+    /// let x = Input::new([2, 3]);
+    /// let y = BatchNormalization::new().axis(1).with_name("bn").apply(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert_eq!(model.weight("bn/gamma")?.var.dims(), &[2]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn axis(mut self, axis: isize) -> Self {
+        self.axis = axis;
+        self
     }
     /// How much of the moving statistics each training step keeps (default 0.99).
     pub fn momentum(mut self, momentum: f64) -> Self {
@@ -247,6 +266,34 @@ impl BatchNormalization {
         ranks: Option<&crate::distributed::SharedCommunicator>,
         relu: bool,
     ) -> Result<(Tensor, bool)> {
+        // Another feature axis: swapped with the last (the statistics are over every other
+        // axis, whose order does not matter), normalized there, and swapped back.
+        let last = x.rank().saturating_sub(1);
+        let axis = resolve_axis("BatchNormalization", self.axis, x.rank())?;
+        if axis != last {
+            if mask.is_some() {
+                return Err(Error::Data(format!(
+                    "BatchNormalization over axis {} takes no mask: a mask covers every axis \
+                     but the last",
+                    self.axis
+                )));
+            }
+            let swapped = x.transpose(axis, last)?.contiguous()?;
+            let (y, _) = self.forward_last(&swapped, None, training, ranks, false)?;
+            return Ok((y.transpose(axis, last)?.contiguous()?, false));
+        }
+        self.forward_last(x, mask, training, ranks, relu)
+    }
+
+    /// [`Self::forward`] with the features on the last axis.
+    fn forward_last(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        training: bool,
+        ranks: Option<&crate::distributed::SharedCommunicator>,
+        relu: bool,
+    ) -> Result<(Tensor, bool)> {
         let moving_mean = built(&self.moving_mean, "BatchNormalization")?;
         let moving_variance = built(&self.moving_variance, "BatchNormalization")?;
         let features = moving_mean.var.dims()[0];
@@ -316,7 +363,7 @@ impl Layer for BatchNormalization {
         Some((
             "BatchNormalization",
             serde_json::json!({
-                "axis": -1,
+                "axis": self.axis,
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,
                 "center": self.center,
@@ -342,6 +389,7 @@ impl Layer for BatchNormalization {
                 "BatchNormalization needs samples with a feature axis".into(),
             ));
         }
+        resolve_axis("BatchNormalization", self.axis, shape.len() + 1)?;
         if !(0.0..=1.0).contains(&self.momentum) || self.epsilon.is_nan() || self.epsilon <= 0.0 {
             return Err(invalid(format!(
                 "BatchNormalization: momentum must be in [0, 1] and epsilon > 0, got {} and {}",
@@ -356,7 +404,9 @@ impl Layer for BatchNormalization {
         input_shapes: &[Vec<usize>],
         ctx: &mut BuildContext,
     ) -> Result<()> {
-        let f = [*input_shapes[0].last().expect("checked by output_shape")];
+        let shape = &input_shapes[0];
+        let axis = resolve_axis("BatchNormalization", self.axis, shape.len() + 1)?;
+        let f = [shape[axis - 1]];
         if self.scale {
             self.gamma = Some(make_weight(
                 name,
@@ -433,9 +483,26 @@ impl Layer for BatchNormalization {
     }
 }
 
-/// Normalizes each sample over its last axis, `(x - mean) / sqrt(variance + epsilon)`, then
-/// scales by `gamma` and shifts by `beta`, as Keras' `LayerNormalization(axis=-1)` (epsilon 1e-3).
-/// It keeps the shape, so a mask passes through.
+/// A Keras axis (batch axis 0, negative from the end) of an input of `rank` axes (batch
+/// included) as an index; the batch axis itself is refused (its size is not fixed).
+fn resolve_axis(layer: &str, axis: isize, rank: usize) -> Result<usize> {
+    let r = rank as isize;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 1 || a >= r {
+        return Err(invalid(format!(
+            "{layer}: axis {axis} is not a feature axis of inputs with {} axes besides the batch \
+             (give 1..{} or -1..-{})",
+            rank - 1,
+            rank - 1,
+            rank - 1
+        )));
+    }
+    Ok(a as usize)
+}
+
+/// Normalizes each sample over its last axis (or the axes [`axes`](Self::axes) names),
+/// `(x - mean) / sqrt(variance + epsilon)`, then scales by `gamma` and shifts by `beta`, as
+/// Keras' `LayerNormalization` (epsilon 1e-3). It keeps the shape, so a mask passes through.
 ///
 /// ```
 /// use kiln::candle::{Device, Tensor};
@@ -450,6 +517,7 @@ impl Layer for BatchNormalization {
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub struct LayerNormalization {
+    axes: Vec<isize>,
     epsilon: f64,
     center: bool,
     scale: bool,
@@ -470,6 +538,7 @@ impl LayerNormalization {
     /// Epsilon 1e-3, with `gamma` and `beta` (Keras' defaults).
     pub fn new() -> Self {
         Self {
+            axes: vec![-1],
             epsilon: 1e-3,
             center: true,
             scale: true,
@@ -479,6 +548,22 @@ impl LayerNormalization {
             gamma: None,
             beta: None,
         }
+    }
+    /// The axes each sample is normalized over, counted as Keras counts them (batch axis 0, -1
+    /// the last; default `[-1]`). `gamma` and `beta` have the sizes of these axes, in the order
+    /// given, as Keras' `LayerNormalization(axis=[…])` stores them.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([3, 4]);
+    /// let y = LayerNormalization::new().axes(&[1, 2]).with_name("ln").apply(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert_eq!(model.weight("ln/gamma")?.var.dims(), &[3, 4]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn axes(mut self, axes: &[isize]) -> Self {
+        self.axes = axes.to_vec();
+        self
     }
     /// Added to the variance before the square root (default 1e-3).
     pub fn epsilon(mut self, epsilon: f64) -> Self {
@@ -518,6 +603,26 @@ impl LayerNormalization {
     pub fn name(self, name: impl Into<String>) -> Self {
         self.with_name(name)
     }
+
+    /// The axes as indices of an input of `rank` axes (batch included), in the order given;
+    /// none twice, none the batch axis.
+    fn resolved(&self, rank: usize) -> Result<Vec<usize>> {
+        if self.axes.is_empty() {
+            return Err(invalid("LayerNormalization: give at least one axis"));
+        }
+        let mut out = Vec::new();
+        for &a in &self.axes {
+            let a = resolve_axis("LayerNormalization", a, rank)?;
+            if out.contains(&a) {
+                return Err(invalid(format!(
+                    "LayerNormalization: axis {a} is given twice in {:?}",
+                    self.axes
+                )));
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
 }
 
 impl Layer for LayerNormalization {
@@ -526,7 +631,7 @@ impl Layer for LayerNormalization {
         Some((
             "LayerNormalization",
             serde_json::json!({
-                "axis": -1,
+                "axis": self.axes,
                 "epsilon": self.epsilon,
                 "center": self.center,
                 "scale": self.scale,
@@ -551,6 +656,7 @@ impl Layer for LayerNormalization {
                 "LayerNormalization needs samples with a feature axis".into(),
             ));
         }
+        self.resolved(shape.len() + 1)?;
         if self.epsilon.is_nan() || self.epsilon <= 0.0 {
             return Err(invalid(format!(
                 "LayerNormalization: epsilon must be > 0, got {}",
@@ -565,7 +671,12 @@ impl Layer for LayerNormalization {
         input_shapes: &[Vec<usize>],
         ctx: &mut BuildContext,
     ) -> Result<()> {
-        let f = [*input_shapes[0].last().expect("checked by output_shape")];
+        let shape = &input_shapes[0];
+        let f: Vec<usize> = self
+            .resolved(shape.len() + 1)?
+            .into_iter()
+            .map(|a| shape[a - 1])
+            .collect();
         if self.scale {
             self.gamma = Some(make_weight(
                 name,
@@ -595,27 +706,35 @@ impl Layer for LayerNormalization {
     }
     fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
         let x = &inputs[0];
-        let last = x.rank() - 1;
+        let axes = self.resolved(x.rank())?;
+        // gamma and beta, stored with the sizes of the axes in the order given, reshaped onto
+        // the input's axes as Keras does.
+        let mut broadcast = vec![1; x.rank()];
+        for &a in &axes {
+            broadcast[a] = x.dims()[a];
+        }
+        let param_shape: Vec<usize> = axes.iter().map(|&a| x.dims()[a]).collect();
         if let Some(g) = &self.gamma {
-            if x.dims()[last] != g.var.dims()[0] {
+            if g.var.dims() != param_shape.as_slice() {
                 return Err(Error::Data(format!(
-                    "layer `{}` expects {} features on the last axis, got shape {:?}",
+                    "layer `{}` normalizes axes {:?} of size {:?}, got shape {:?}",
                     g.name.trim_end_matches("/gamma"),
-                    g.var.dims()[0],
+                    self.axes,
+                    g.var.dims(),
                     x.dims()
                 )));
             }
         }
-        let mean = x.mean_keepdim(last)?;
+        let mean = x.mean_keepdim(axes.clone())?;
         let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(last)?;
+        let var = centered.sqr()?.mean_keepdim(axes)?;
         let inv = (var + self.epsilon)?.sqrt()?.recip()?;
         let mut y = centered.broadcast_mul(&inv)?;
         if let Some(g) = &self.gamma {
-            y = y.broadcast_mul(g.var.as_tensor())?;
+            y = y.broadcast_mul(&g.var.as_tensor().reshape(broadcast.as_slice())?)?;
         }
         if let Some(b) = &self.beta {
-            y = y.broadcast_add(b.var.as_tensor())?;
+            y = y.broadcast_add(&b.var.as_tensor().reshape(broadcast.as_slice())?)?;
         }
         Ok(y)
     }

@@ -31,6 +31,8 @@ struct Recurrent {
     activity_regularizer: Option<SharedRegularizer>,
     return_sequences: bool,
     go_backwards: bool,
+    /// Keras' `dropout`: the fraction of input features dropped in training.
+    dropout: f64,
     name: Option<String>,
     kernel: Option<Weight>,
     recurrent_kernel: Option<Weight>,
@@ -53,6 +55,7 @@ impl Recurrent {
             activity_regularizer: None,
             return_sequences: false,
             go_backwards: false,
+            dropout: 0.0,
             name: None,
             kernel: None,
             recurrent_kernel: None,
@@ -60,7 +63,35 @@ impl Recurrent {
         }
     }
 
+    /// In training, the input with `dropout` applied as Keras applies it: one mask per sequence
+    /// and feature, the same at every step (kept features scaled by `1 / (1 - dropout)`).
+    fn input_dropout(&self, x: &Tensor, ctx: &mut CallContext) -> Result<Tensor> {
+        if !ctx.training || self.dropout == 0.0 || x.rank() != 3 {
+            return Ok(x.clone());
+        }
+        use rand::Rng;
+        let (batch, _, features) = x.dims3()?;
+        let keep = 1.0 - self.dropout;
+        let mask: Vec<f64> = (0..batch * features)
+            .map(|_| {
+                if ctx.rng.random::<f64>() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (batch, 1, features), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.broadcast_mul(&mask)?)
+    }
+
     fn output_shape(&self, layer: &str, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(invalid(format!(
+                "{layer}: dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
         let shape = input_of_rank(layer, input_shapes, 2, "[steps, features]")?;
         if self.units == 0 {
             return Err(invalid(format!("{layer}: units must be at least 1")));
@@ -125,7 +156,7 @@ impl Recurrent {
             "kernel_constraint": null,
             "recurrent_constraint": null,
             "bias_constraint": null,
-            "dropout": 0.0,
+            "dropout": self.dropout,
             "recurrent_dropout": 0.0,
             "return_sequences": self.return_sequences,
             "return_state": false,
@@ -277,6 +308,22 @@ impl Recurrent {
 macro_rules! recurrent_builders {
     ($ty:ident) => {
         impl $ty {
+            /// The fraction of input features dropped in training (Keras' `dropout`, default
+            /// 0): one mask per sequence and feature, the same at every step, the kept ones
+            /// scaled by `1 / (1 - dropout)`. Inference is unchanged. (Keras'
+            /// `recurrent_dropout` is not in kiln.)
+            ///
+            /// ```
+            /// use kiln::prelude::*;
+            /// let x = Input::new([6, 2]);
+            #[doc = concat!("let y = ", stringify!($ty), "::new(3).dropout(0.25).apply(&x)?;")]
+            /// assert_eq!(y.shape(), &[3]);
+            /// # Ok::<(), kiln::Error>(())
+            /// ```
+            pub fn dropout(mut self, dropout: f64) -> Self {
+                self.rnn.dropout = dropout;
+                self
+            }
             /// The activation of the candidate state and of the output (default tanh).
             pub fn activation(mut self, activation: Activation) -> Self {
                 self.rnn.activation = activation;
@@ -452,17 +499,20 @@ impl Layer for Lstm {
     fn weights(&self) -> Vec<Weight> {
         self.rnn.weights()
     }
-    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
         // Masks arrive through `call_with_masks`; called directly, every step counts.
-        self.call_masked(&inputs[0], None)
+        self.call_masked(&self.rnn.input_dropout(&inputs[0], ctx)?, None)
     }
     fn call_with_masks(
         &self,
         inputs: &[Tensor],
         masks: &[Option<Tensor>],
-        _ctx: &mut CallContext,
+        ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
+        self.call_masked(
+            &self.rnn.input_dropout(&inputs[0], ctx)?,
+            masks.first().and_then(Option::as_ref),
+        )
     }
     fn takes_mask(&self) -> bool {
         true
@@ -608,16 +658,19 @@ impl Layer for Gru {
     fn weights(&self) -> Vec<Weight> {
         self.rnn.weights()
     }
-    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
-        self.call_masked(&inputs[0], None)
+    fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
+        self.call_masked(&self.rnn.input_dropout(&inputs[0], ctx)?, None)
     }
     fn call_with_masks(
         &self,
         inputs: &[Tensor],
         masks: &[Option<Tensor>],
-        _ctx: &mut CallContext,
+        ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.call_masked(&inputs[0], masks.first().and_then(Option::as_ref))
+        self.call_masked(
+            &self.rnn.input_dropout(&inputs[0], ctx)?,
+            masks.first().and_then(Option::as_ref),
+        )
     }
     fn takes_mask(&self) -> bool {
         true
@@ -784,6 +837,65 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
+    }
+
+    /// Input dropout as Keras draws it: with one feature held constant over the steps, each
+    /// sequence's training output is the inference output of either a zero input (dropped) or
+    /// the input scaled by 1 / (1 - rate) (kept), never a mix (the mask is the same at every
+    /// step); about `rate` of them are dropped. Inference ignores the rate.
+    #[test]
+    fn input_dropout_is_one_scaled_mask_per_sequence_and_feature() {
+        let (batch, steps, rate) = (400, 5, 0.25);
+        let build = |layer: &mut dyn Layer| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            let mut ctx = BuildContext {
+                device: &Device::Cpu,
+                dtype: DType::F64,
+                rng: &mut rng,
+            };
+            layer.build("rnn", &[vec![steps, 1]], &mut ctx).unwrap();
+            for (i, w) in layer.weights().iter().enumerate() {
+                w.var
+                    .set(random(w.var.dims(), 9 + i as u64, DType::F64).as_tensor())
+                    .unwrap();
+            }
+        };
+        let run = |layer: &dyn Layer, x: &Tensor, training: bool| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let mut ctx = CallContext::new(training, &mut rng);
+            layer
+                .call(&[x.clone()], &mut ctx)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap()
+        };
+        let layers: Vec<Box<dyn Layer>> = vec![
+            Box::new(Lstm::new(2).dropout(rate)),
+            Box::new(Gru::new(2).dropout(rate)),
+        ];
+        for mut layer in layers {
+            build(layer.as_mut());
+            let x = Tensor::full(0.7f64, (batch, steps, 1), &Device::Cpu).unwrap();
+            let kept = run(layer.as_ref(), &(&x / (1.0 - rate)).unwrap(), false)[0].clone();
+            let dropped = run(layer.as_ref(), &x.zeros_like().unwrap(), false)[0].clone();
+            let inference = run(layer.as_ref(), &x, false);
+            assert!(inference.iter().all(|r| *r == inference[0]));
+            assert!(kept != dropped && kept != inference[0]);
+            let near = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-12);
+            let mut n_dropped = 0;
+            for row in run(layer.as_ref(), &x, true) {
+                if near(&row, &dropped) {
+                    n_dropped += 1;
+                } else {
+                    assert!(
+                        near(&row, &kept),
+                        "{row:?}: neither {kept:?} nor {dropped:?}"
+                    );
+                }
+            }
+            let share = n_dropped as f64 / batch as f64;
+            assert!((share - rate).abs() < 0.07, "dropped share {share}");
+        }
     }
 
     /// The fused LSTM and GRU equal their plain graphs, forward and backward, last output or
