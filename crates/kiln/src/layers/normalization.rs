@@ -82,7 +82,6 @@ impl BatchNormalization {
     /// `[channels, steps]` each channel (Keras' channels-first BatchNormalization).
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
     /// use kiln::prelude::*;
     /// let x = Input::new([2, 3]);
     /// let y = BatchNormalization::new().axis(1).with_name("bn").apply(&x)?;

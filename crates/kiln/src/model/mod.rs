@@ -876,7 +876,6 @@ impl Model {
     /// compiled without a strategy ignores it.
     ///
     /// ```
-    /// use candle_core::{Device, Tensor};
     /// use kiln::loss_weighting::Uncertainty;
     /// use kiln::prelude::*;
     /// let build = || -> kiln::Result<Model> {
