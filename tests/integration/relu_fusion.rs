@@ -73,7 +73,10 @@ fn a_relu_applied_inside_batch_normalization_trains_as_the_separate_layer() -> k
         assert!(diff < 1e-10, "{}: {diff}", a.name);
     }
     let x = data()?.inputs()[0].clone();
-    let (a, b) = (fused.predict(&[x.clone()], 8)?, separate.predict(&[x], 8)?);
+    let (a, b) = (
+        fused.predict(std::slice::from_ref(&x), 8)?,
+        separate.predict(&[x], 8)?,
+    );
     let diff = (&a[0] - &b[0])?.abs()?.max_all()?.to_scalar::<f64>()?;
     assert!(diff < 1e-10, "predict: {diff}");
     Ok(())

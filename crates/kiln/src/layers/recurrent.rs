@@ -864,7 +864,7 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(5);
             let mut ctx = CallContext::new(training, &mut rng);
             layer
-                .call(&[x.clone()], &mut ctx)
+                .call(std::slice::from_ref(x), &mut ctx)
                 .unwrap()
                 .to_vec2::<f64>()
                 .unwrap()
