@@ -1,16 +1,19 @@
 //! A layer whose output feeds only a ReLU layer applies the ReLU in its own fused kernel
-//! (BatchNormalization's training pass): the training steps, the reported losses and the
-//! predictions are those of the layers run one by one.
+//! (BatchNormalization's training pass, a linear Conv2D): the training steps, the reported
+//! losses and the predictions are those of the layers run one by one.
 
 use candle_core::{DType, Device, Tensor};
 use kiln::prelude::*;
 
-/// Conv2D → BatchNormalization → ReLU → MaxPool → Dense, with the normalization's output
-/// returned so that a second model can read it.
-fn graph() -> kiln::Result<(SymbolicTensor, SymbolicTensor, SymbolicTensor)> {
+/// Conv2D → BatchNormalization (when `normalized`) → ReLU → MaxPool → Dense, with the tensor
+/// before the ReLU returned so that a second model can read it.
+fn graph(normalized: bool) -> kiln::Result<(SymbolicTensor, SymbolicTensor, SymbolicTensor)> {
     let x = Input::new([10, 10, 2]);
     let c = Conv2D::new(6, (3, 3)).apply(&x)?;
-    let n = BatchNormalization::new().apply(&c)?;
+    let n = match normalized {
+        true => BatchNormalization::new().apply(&c)?,
+        false => c,
+    };
     let r = ActivationLayer::new(Activation::Relu).apply(&n)?;
     let p = MaxPooling2D::new((2, 2)).apply(&r)?;
     let h = Flatten::new().apply(&p)?;
@@ -30,14 +33,14 @@ fn data() -> kiln::Result<Dataset> {
     Dataset::new(x, y)
 }
 
-fn trained(read_normalized: bool) -> kiln::Result<(Model, Vec<f64>)> {
-    let (x, n, y) = graph()?;
+fn trained(normalized: bool, read_normalized: bool) -> kiln::Result<(Model, Vec<f64>)> {
+    let (x, n, y) = graph(normalized)?;
     let mut model = Model::builder(&[&x], &[&y])
         .seed(3)
         .dtype(DType::F64)
         .build()?;
     if read_normalized {
-        // An added term that reads the normalization's output keeps it a tensor of its own,
+        // An added term that reads the tensor before the ReLU keeps it a tensor of its own,
         // so the ReLU runs as its own layer. It adds 0 to the loss and to every gradient.
         model.add_loss("zero", move |t| Ok((t.get(&n)?.sum_all()? * 0.0)?))?;
     }
@@ -54,8 +57,17 @@ fn trained(read_normalized: bool) -> kiln::Result<(Model, Vec<f64>)> {
 
 #[test]
 fn a_relu_applied_inside_batch_normalization_trains_as_the_separate_layer() -> kiln::Result<()> {
-    let (fused, fused_losses) = trained(false)?;
-    let (separate, separate_losses) = trained(true)?;
+    same_as_separate(true)
+}
+
+#[test]
+fn a_relu_applied_inside_a_linear_convolution_trains_as_the_separate_layer() -> kiln::Result<()> {
+    same_as_separate(false)
+}
+
+fn same_as_separate(normalized: bool) -> kiln::Result<()> {
+    let (fused, fused_losses) = trained(normalized, false)?;
+    let (separate, separate_losses) = trained(normalized, true)?;
     for (a, b) in fused_losses.iter().zip(&separate_losses) {
         assert!(
             (a - b).abs() <= 1e-10 * b.abs().max(1.0),

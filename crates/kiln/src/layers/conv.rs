@@ -188,7 +188,9 @@ impl Conv {
             .collect()
     }
 
-    fn call(&self, x: &Tensor) -> Result<Tensor> {
+    /// The layer's output, with the ReLU of a following layer applied inside the op when
+    /// `then_relu` asks for it (see [`CallContext`]); the flag returned says whether it was.
+    fn call(&self, x: &Tensor, then_relu: bool) -> Result<(Tensor, bool)> {
         let layer = self.layer();
         let kernel = built(&self.kernel, layer)?;
         let per_group = kernel.var.dims()[kernel.var.rank() - 2];
@@ -205,7 +207,7 @@ impl Conv {
         let k = kernel.var.as_tensor();
         let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
         if self.groups == 1 {
-            return self.convolve(x, k, bias);
+            return self.convolve(x, k, bias, then_relu);
         }
         // Each group: its channels, its filters (the kernel's last axis, in order), its bias.
         let out = self.filters / self.groups;
@@ -215,13 +217,20 @@ impl Conv {
             let xg = x.narrow(last, g * per_group, per_group)?.contiguous()?;
             let kg = k.narrow(k.rank() - 1, g * out, out)?.contiguous()?;
             let bg = bias.map(|b| b.narrow(0, g * out, out)).transpose()?;
-            parts.push(self.convolve(&xg, &kg, bg.as_ref())?);
+            parts.push(self.convolve(&xg, &kg, bg.as_ref(), false)?.0);
         }
-        Ok(Tensor::cat(&parts, last)?)
+        Ok((Tensor::cat(&parts, last)?, false))
     }
 
-    /// One convolution of `x` with the Keras-layout kernel `kernel` (one group's).
-    fn convolve(&self, x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// One convolution of `x` with the Keras-layout kernel `kernel` (one group's), with a
+    /// following layer's ReLU inside the op when `then_relu` and the layer is linear.
+    fn convolve(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        bias: Option<&Tensor>,
+        then_relu: bool,
+    ) -> Result<(Tensor, bool)> {
         let layer = self.layer();
         let rank = self.kernel_size.len();
         // A 1-D convolution is a 2-D one over a height of 1.
@@ -268,10 +277,12 @@ impl Conv {
         let fused = !tests::PLAIN.with(|p| p.get());
         #[cfg(not(test))]
         let fused = true;
-        // ReLU and a linear activation run inside the op, others after it.
+        // ReLU and a linear activation run inside the op, others after it; a linear layer
+        // followed by a ReLU layer may run that ReLU inside too.
+        let fold = then_relu && self.activation == Activation::Linear;
         let relu = match self.activation {
             Activation::Relu => Some(true),
-            Activation::Linear => Some(false),
+            Activation::Linear => Some(fold),
             _ => None,
         };
         let op = super::conv_kernel::Conv2dOp {
@@ -285,9 +296,9 @@ impl Conv {
         } else {
             None
         };
-        let y = match direct {
-            Some(y) if relu.is_some() => y,
-            Some(y) => self.activation.apply(&y)?,
+        let (y, folded) = match direct {
+            Some(y) if relu.is_some() => (y, fold),
+            Some(y) => (self.activation.apply(&y)?, false),
             None => {
                 // The op skips the trailing positions no window reaches by itself; candle's
                 // strided backward passes line up only without them.
@@ -300,10 +311,10 @@ impl Conv {
                 if let Some(b) = bias {
                     y = super::channels::bias_add(&y, b)?;
                 }
-                self.activation.apply(&y)?
+                (self.activation.apply(&y)?, false)
             }
         };
-        Ok(if rank == 1 { y.squeeze(1)? } else { y })
+        Ok((if rank == 1 { y.squeeze(1)? } else { y }, folded))
     }
 
     /// candle's channels-first convolution of the padded `x` `[b, h, w, c]` with the Keras
@@ -453,8 +464,10 @@ macro_rules! conv_builders {
             fn weights(&self) -> Vec<Weight> {
                 self.conv.weights()
             }
-            fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
-                self.conv.call(&inputs[0])
+            fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
+                let (y, relu_applied) = self.conv.call(&inputs[0], ctx.relu_follows)?;
+                ctx.relu_applied = relu_applied;
+                Ok(y)
             }
             fn compute_mask(
                 &self,
