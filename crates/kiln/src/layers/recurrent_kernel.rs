@@ -124,6 +124,22 @@ impl Sequence {
             .collect()
     }
 
+    /// What a forward pass keeps, `saved` (every record `width` long, then the input
+    /// `features` wide, each in blocks), cut into each block's first row, records and input.
+    fn forward_blocks<'a, T>(
+        &self,
+        saved: &'a mut [T],
+        width: usize,
+        features: usize,
+    ) -> Vec<(usize, &'a mut [T], &'a mut [T])> {
+        let (records, inputs) = saved.split_at_mut(self.steps * self.batch * width);
+        self.blocks_mut(records, width)
+            .into_iter()
+            .zip(self.blocks_mut(inputs, features))
+            .map(|((first, records), (_, input))| (first, records, input))
+            .collect()
+    }
+
     /// The layer's output: the states (the first `units` of each `width`-wide record of `saved`)
     /// of every step, batch-major, or of the last step.
     fn output<T: Element>(&self, saved: &[T], width: usize) -> Vec<T> {
@@ -429,35 +445,31 @@ impl LstmOp {
         let (t, u, f) = (seq.steps, seq.units, self.projection.features);
         let w = Self::WIDTH * u;
         let mut saved = vec![T::default(); t * seq.batch * (w + f)];
-        let (records, xts) = saved.split_at_mut(t * seq.batch * w);
-        let pieces: Vec<_> = seq
-            .blocks_mut(records, w)
-            .into_iter()
-            .zip(seq.blocks_mut(xts, f))
-            .map(|((first, records), (_, xt))| (first, records, xt))
-            .collect();
-        for_each_block(pieces, |(first, records, xt)| {
-            let n = records.len() / (t * w);
-            let proj = self.projection.forward(seq, (x, wb), 4 * u, first, xt);
-            let mut h = vec![T::default(); n * u];
-            let mut c = vec![T::default(); n * u];
-            let mut z = vec![T::default(); n * 4 * u];
-            for s in 0..t {
-                step_product(&mut z, &h, r, (n, u, 4 * u));
-                for i in 0..n {
-                    let row = first + i;
-                    let rec = &mut records[(s * n + i) * w..][..w];
-                    let (hr, cr) = (&mut h[i * u..][..u], &mut c[i * u..][..u]);
-                    if !seq.counts(row, s) {
-                        rec[..u].copy_from_slice(hr);
-                        rec[u..2 * u].copy_from_slice(cr);
-                        continue;
+        for_each_block(
+            seq.forward_blocks(&mut saved, w, f),
+            |(first, records, xt)| {
+                let n = records.len() / (t * w);
+                let proj = self.projection.forward(seq, (x, wb), 4 * u, first, xt);
+                let mut h = vec![T::default(); n * u];
+                let mut c = vec![T::default(); n * u];
+                let mut z = vec![T::default(); n * 4 * u];
+                for s in 0..t {
+                    step_product(&mut z, &h, r, (n, u, 4 * u));
+                    for i in 0..n {
+                        let row = first + i;
+                        let rec = &mut records[(s * n + i) * w..][..w];
+                        let (hr, cr) = (&mut h[i * u..][..u], &mut c[i * u..][..u]);
+                        if !seq.counts(row, s) {
+                            rec[..u].copy_from_slice(hr);
+                            rec[u..2 * u].copy_from_slice(cr);
+                            continue;
+                        }
+                        let xr = &proj[(s * n + i) * 4 * u..][..4 * u];
+                        lstm_cell(xr, &z[i * 4 * u..][..4 * u], hr, cr, rec);
                     }
-                    let xr = &proj[(s * n + i) * 4 * u..][..4 * u];
-                    lstm_cell(xr, &z[i * 4 * u..][..4 * u], hr, cr, rec);
                 }
-            }
-        });
+            },
+        );
         let out = seq.output(&saved, w);
         self.saved.keep(saved);
         out
@@ -757,33 +769,29 @@ impl GruOp {
         let w = Self::WIDTH * u;
         let (r, rbias) = rb.split_at(u * 3 * u);
         let mut saved = vec![T::default(); t * seq.batch * (w + f)];
-        let (records, xts) = saved.split_at_mut(t * seq.batch * w);
-        let pieces: Vec<_> = seq
-            .blocks_mut(records, w)
-            .into_iter()
-            .zip(seq.blocks_mut(xts, f))
-            .map(|((first, records), (_, xt))| (first, records, xt))
-            .collect();
-        for_each_block(pieces, |(first, records, xt)| {
-            let n = records.len() / (t * w);
-            let proj = self.projection.forward(seq, (x, wb), 3 * u, first, xt);
-            let mut h = vec![T::default(); n * u];
-            let mut inner = vec![T::default(); n * 3 * u];
-            for s in 0..t {
-                step_product(&mut inner, &h, r, (n, u, 3 * u));
-                for i in 0..n {
-                    let row = first + i;
-                    let rec = &mut records[(s * n + i) * w..][..w];
-                    let hr = &mut h[i * u..][..u];
-                    if !seq.counts(row, s) {
-                        rec[..u].copy_from_slice(hr);
-                        continue;
+        for_each_block(
+            seq.forward_blocks(&mut saved, w, f),
+            |(first, records, xt)| {
+                let n = records.len() / (t * w);
+                let proj = self.projection.forward(seq, (x, wb), 3 * u, first, xt);
+                let mut h = vec![T::default(); n * u];
+                let mut inner = vec![T::default(); n * 3 * u];
+                for s in 0..t {
+                    step_product(&mut inner, &h, r, (n, u, 3 * u));
+                    for i in 0..n {
+                        let row = first + i;
+                        let rec = &mut records[(s * n + i) * w..][..w];
+                        let hr = &mut h[i * u..][..u];
+                        if !seq.counts(row, s) {
+                            rec[..u].copy_from_slice(hr);
+                            continue;
+                        }
+                        let xr = &proj[(s * n + i) * 3 * u..][..3 * u];
+                        gru_cell(xr, &inner[i * 3 * u..][..3 * u], rbias, hr, rec);
                     }
-                    let xr = &proj[(s * n + i) * 3 * u..][..3 * u];
-                    gru_cell(xr, &inner[i * 3 * u..][..3 * u], rbias, hr, rec);
                 }
-            }
-        });
+            },
+        );
         let out = seq.output(&saved, w);
         self.saved.keep(saved);
         out
