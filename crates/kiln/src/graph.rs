@@ -215,6 +215,9 @@ struct MaskOf {
 }
 
 impl Layer for MaskOf {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn kind(&self) -> &'static str {
         "mask"
     }

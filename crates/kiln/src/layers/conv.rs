@@ -437,6 +437,9 @@ macro_rules! conv_builders {
         }
 
         impl Layer for $ty {
+            fn samples_independent(&self) -> bool {
+                true
+            }
             fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
                 self.conv.keras_config()
             }

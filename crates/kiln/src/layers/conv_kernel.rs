@@ -13,11 +13,10 @@
 //! dW = colsᵀ·dZ, and dX scatters dZ·Wᵀ back onto the windows, each only when wanted (the
 //! first layer's input needs none); dW and db go straight to the training step's gradients.
 
-use super::dense_kernel::{
-    parameter_gradient, product, product_new, relu_in_place, Element, Operand,
-};
+use super::dense_kernel::{parameter_gradient, product, product_new, Element, Operand};
 use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, written_in_chunks, Real};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use std::mem::MaybeUninit;
 
 /// A convolution's geometry over an input that is already padded (kernel size, strides and
 /// dilation per axis), and whether ReLU follows the bias.
@@ -93,32 +92,14 @@ impl Conv2dOp {
         }
     }
 
-    /// The windows of output rows `first..first + count`, appended to `cols` as rows of
-    /// `k = kh·kw·c` (appended, not written over a zero-filled buffer: a tile's window matrix
-    /// is written once).
-    fn im2col_rows<T: Element>(
-        &self,
-        x: &[T],
-        d: &Dims,
-        first: usize,
-        count: usize,
-        cols: &mut Vec<T>,
-    ) {
+    /// The windows of output rows `first..first + count`, as rows of `k = kh·kw·c`: a
+    /// tile's window matrix, written once (not over a zero-filled buffer).
+    fn im2col_rows<T: Element>(&self, x: &[T], d: &Dims, first: usize, count: usize) -> Vec<T> {
         let k = self.kernel[0] * self.kernel[1] * d.c;
-        cols.reserve(count * k);
-        for row in first..first + count {
-            if d.c < FEW_CHANNELS {
-                // A window row of a few elements is too short to copy as a block (a `memcpy`
-                // call per element of a grey image was 15% of C1's `predict`).
-                self.windows(d, row, |_, at| {
-                    for &v in &x[at..at + d.c] {
-                        cols.push(v);
-                    }
-                });
-            } else {
-                self.windows(d, row, |_, at| cols.extend_from_slice(&x[at..at + d.c]));
-            }
-        }
+        // Room for the last run's overrun ([`gather_windows`]).
+        let mut cols: Vec<T> = Vec::with_capacity(count * k + COPY_LANES);
+        gather_windows(self, d, x, first, count, &mut cols);
+        cols
     }
 
     /// Output rows per tile: a window matrix of about [`TILE_ELEMENTS`], so that it is still
@@ -139,28 +120,21 @@ impl Conv2dOp {
         let k = self.kernel[0] * self.kernel[1] * d.c;
         let m = d.b * d.oh * d.ow;
         let tile = self.tile_rows(d);
-        // SAFETY: each tile's rows are initialized with the bias before the product adds onto
-        // them and before the slice over them is formed.
+        // SAFETY: the product writes each tile's n×f elements (cols is n×k and the kernel k×f)
+        // before the slice over them is formed.
         unsafe {
             written_in_chunks(m * d.f, tile * d.f, |t, ys: *mut T, len| {
                 let n = len / d.f.max(1);
-                let mut cols = Vec::new();
-                self.im2col_rows(x, d, t * tile, n, &mut cols);
-                for r in 0..n {
-                    std::ptr::copy_nonoverlapping(bias.as_ptr(), ys.add(r * d.f), d.f);
-                }
-                // ys holds n×f initialized elements; cols is n×k and the kernel k×f.
+                let cols = self.im2col_rows(x, d, t * tile, n);
                 product(
                     (n, d.f, k),
                     ys,
-                    true,
+                    false,
                     Operand::rows(&cols, k),
                     Operand::rows(kernel, d.f),
                     1,
                 );
-                if self.relu {
-                    relu_in_place(std::slice::from_raw_parts_mut(ys, len));
-                }
+                add_bias(std::slice::from_raw_parts_mut(ys, len), bias, self.relu);
             })
         }
     }
@@ -205,8 +179,7 @@ impl Conv2dOp {
                 super::channels::add_rows(&mut part.bias, dz);
             }
             if want.kernel {
-                let mut cols = Vec::new();
-                self.im2col_rows(xs, d, first, m, &mut cols);
+                let cols = self.im2col_rows(xs, d, first, m);
                 part.kernel = vec![T::default(); k * d.f];
                 // SAFETY: part is k×f = colsᵀ (k×m, read transposed) · dZ (m×f).
                 unsafe {
@@ -330,8 +303,95 @@ fn add_or_write<T: Element>(dst: *mut T, v: &[T], accumulate: bool) {
     }
 }
 
-/// Below this many input channels im2col copies a window row element by element.
-const FEW_CHANNELS: usize = 4;
+vectorized! {
+    /// `rows += bias` on every row, then ReLU when asked, while the tile is in cache.
+    fn add_bias<T>(rows: &mut [T], bias: &[T], relu: bool) {
+        let zero = T::default();
+        for row in rows.chunks_exact_mut(bias.len().max(1)) {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                let z = *v + b;
+                *v = if relu && z < zero { zero } else { z };
+            }
+        }
+    }
+}
+
+/// The elements [`gather_windows`] moves at a time: one AVX-512 register of f32.
+const COPY_LANES: usize = 16;
+
+vectorized! {
+    /// The window matrix of output rows `first..first + count` ([`Conv2dOp::im2col_rows`]) at
+    /// `cols`. A window's row of kernel columns is one run of `kw·c` contiguous input
+    /// elements (of `c` with dilation), copied in whole registers: a `memcpy` call per run had
+    /// cost more than the copy (a third of C1's `predict`, and 15% when it went element by
+    /// element for a grey image's one channel).
+    ///
+    /// `cols` is empty, with room for `count·k + COPY_LANES` elements.
+    fn gather_windows<T>(op: &Conv2dOp, d: &Dims, x: &[T], first: usize, count: usize, cols: &mut Vec<T>) {
+        let k = op.kernel[0] * op.kernel[1] * d.c;
+        assert!(cols.is_empty() && cols.capacity() >= count * k + COPY_LANES);
+        let (run, runs) = match op.dilation[1] {
+            1 => (op.kernel[1] * d.c, 1),
+            _ => (d.c, op.kernel[1]),
+        };
+        // The output position (sample, row, column) of `first`, then stepped along: a division
+        // per row had cost more than its copies for a grey image's three-element runs.
+        let (mut b, rest) = (first / (d.oh * d.ow), first % (d.oh * d.ow));
+        let (mut i, mut j) = (rest / d.ow, rest % d.ow);
+        // Each run is copied as whole registers: `span` elements read, `run` kept.
+        let span = run.div_ceil(COPY_LANES) * COPY_LANES;
+        let last = ((op.kernel[0] - 1) * op.dilation[0] * d.w + (runs - 1) * op.dilation[1]) * d.c;
+        let mut out = 0;
+        for _ in 0..count {
+            let base = ((b * d.h + i * op.strides[0]) * d.w + j * op.strides[1]) * d.c;
+            if base + last + span <= x.len() {
+                for p in 0..op.kernel[0] {
+                    for q in 0..runs {
+                        let at = base + (p * op.dilation[0] * d.w + q * op.dilation[1]) * d.c;
+                        // SAFETY: `at + span <= x.len()`, checked for the window's last run;
+                        // `out + span` is within the `count·k` elements and the `COPY_LANES`
+                        // more (the overrun is written over by the next run).
+                        unsafe {
+                            let (src, dst) = (x.as_ptr().add(at), cols.as_mut_ptr().add(out));
+                            if span == COPY_LANES {
+                                // One register, copied inline.
+                                std::ptr::copy_nonoverlapping(src, dst, COPY_LANES);
+                            } else {
+                                // Long enough for a `memcpy` call to pay (the compiler turns a
+                                // loop of register copies into one anyway).
+                                std::ptr::copy_nonoverlapping(src, dst, run);
+                            }
+                        }
+                        out += run;
+                    }
+                }
+            } else {
+                // The batch's last windows, whose registers would read past its end.
+                for p in 0..op.kernel[0] {
+                    for q in 0..runs {
+                        let at = base + (p * op.dilation[0] * d.w + q * op.dilation[1]) * d.c;
+                        for (e, &v) in x[at..at + run].iter().enumerate() {
+                            // SAFETY: `out + e` is within the `count·k` elements.
+                            unsafe { cols.as_mut_ptr().add(out + e).write(v) };
+                        }
+                        out += run;
+                    }
+                }
+            }
+            j += 1;
+            if j == d.ow {
+                j = 0;
+                i += 1;
+                if i == d.oh {
+                    i = 0;
+                    b += 1;
+                }
+            }
+        }
+        // SAFETY: the runs wrote each of the `count·k` elements, row after row.
+        unsafe { cols.set_len(count * k) };
+    }
+}
 
 /// The window-matrix elements per tile of [`Conv2dOp`]: 512 KiB of f32, about a core's L2.
 const TILE_ELEMENTS: usize = 1 << 17;
@@ -450,6 +510,7 @@ impl MaxPool2dOp {
     /// Calls `f(out_offset, first_x_offset)` for every output position of one sample
     /// `[h, w, c]`: the output's `c` values start at `out_offset`, its window's first row of `c`
     /// values at `first_x_offset` (the window's other rows follow at `(p·w + q)·c`).
+    #[inline(always)]
     fn each_window(&self, dims: &[usize], mut f: impl FnMut(usize, usize)) {
         let (w, c) = (dims[2], dims[3]);
         let [_, oh, ow, _] = self.out_dims(dims).expect("checked by the caller");
@@ -469,29 +530,16 @@ impl MaxPool2dOp {
         (dims[1] * dims[2] * dims[3], oh * ow * c, one)
     }
 
-    /// Each window's largest value, a row of `c` channels at a time (vectorized): a value
-    /// replaces the best so far only when greater, so the first of tied values wins and NaN
-    /// wins only as the window's first element, as with TensorFlow's max pooling.
+    /// Each window's largest value ([`pool_sample`]), a sample at a time across threads.
     fn fwd<T: Element>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
         let (x_len, y_len, one) = self.per_sample(dims);
-        let (w, c) = (dims[2], dims[3]);
-        // SAFETY: each window's `c` outputs are initialized by copying its first row before
-        // the slice over them is formed; the windows cover the sample's whole output.
+        // SAFETY: `pool_sample` writes each window's `c` outputs (through `MaybeUninit`, read
+        // by no one before), and the windows cover the sample's whole output.
         unsafe {
-            written_in_chunks(dims[0] * y_len, y_len, |n, ys: *mut T, _| {
+            written_in_chunks(dims[0] * y_len, y_len, |n, ys: *mut T, len| {
                 let xs = &x[n * x_len..][..x_len];
-                self.each_window(&one, |o, first| {
-                    std::ptr::copy_nonoverlapping(xs[first..first + c].as_ptr(), ys.add(o), c);
-                    let best = std::slice::from_raw_parts_mut(ys.add(o), c);
-                    for p in 0..self.pool[0] {
-                        for q in 0..self.pool[1] {
-                            if p + q > 0 {
-                                let at = first + (p * w + q) * c;
-                                keep_larger(best, &xs[at..at + c]);
-                            }
-                        }
-                    }
-                });
+                let ys = std::slice::from_raw_parts_mut(ys.cast::<MaybeUninit<T>>(), len);
+                pool_sample(self, &one, xs, ys);
             })
         }
     }
@@ -542,10 +590,53 @@ impl MaxPool2dOp {
 }
 
 vectorized! {
-    /// `best = x` where `x > best`.
-    fn keep_larger<T>(best: &mut [T], x: &[T]) {
-        for (b, &x) in best.iter_mut().zip(x) {
-            *b = if x > *b { x } else { *b };
+    /// One sample's max pooling into `ys` (uninitialized), a row of `c` channels at a time: a
+    /// value replaces the best so far only when greater, so the first of tied values wins and
+    /// NaN wins only as the window's first element, as with TensorFlow's max pooling. Compiled
+    /// whole for the CPU's vector width: a call per window row had cost more than its
+    /// comparisons (14% of C1's `predict`).
+    fn pool_sample<T>(op: &MaxPool2dOp, dims: &[usize], xs: &[T], ys: &mut [MaybeUninit<T>]) {
+        let (w, c) = (dims[2], dims[3]);
+        let [_, oh, ow, _] = op.out_dims(dims).expect("checked by the caller");
+        // The window's elements after its first, as offsets from it, in row-major order.
+        let rest: Vec<usize> = (0..op.pool[0])
+            .flat_map(|p| (0..op.pool[1]).map(move |q| (p * w + q) * c))
+            .skip(1)
+            .collect();
+        // The windows' loops written out (no closure called per window: it would be compiled
+        // for the baseline CPU, outside this function's vector width).
+        let mut o = 0;
+        for i in 0..oh {
+            for j in 0..ow {
+            let first = (i * op.strides[0] * w + j * op.strides[1]) * c;
+            // Channels in groups of `COPY_LANES`, each group's best kept in a local array the
+            // compiler holds in a register; the channels past the last group one at a time.
+            let mut start = 0;
+            while start + COPY_LANES <= c {
+                let group = |at: usize| -> &[T; COPY_LANES] {
+                    xs[first + start + at..][..COPY_LANES].try_into().expect("a whole group")
+                };
+                let mut best = *group(0);
+                for &at in &rest {
+                    for (b, &x) in best.iter_mut().zip(group(at)) {
+                        *b = if x > *b { x } else { *b };
+                    }
+                }
+                for (y, b) in ys[o + start..][..COPY_LANES].iter_mut().zip(best) {
+                    y.write(b);
+                }
+                start += COPY_LANES;
+            }
+            for ch in start..c {
+                let mut b = xs[first + ch];
+                for &at in &rest {
+                    let x = xs[first + at + ch];
+                    b = if x > b { x } else { b };
+                }
+                ys[o + ch].write(b);
+            }
+            o += c;
+            }
         }
     }
 }

@@ -54,6 +54,9 @@ fn one_input<'a>(layer: &str, shapes: &'a [Vec<usize>]) -> Result<&'a Vec<usize>
 }
 
 impl Layer for ActivationLayer {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some((
             "Activation",
@@ -116,6 +119,9 @@ impl Dropout {
 }
 
 impl Layer for Dropout {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some(("Dropout", serde_json::json!({ "rate": self.rate })))
     }
@@ -189,6 +195,9 @@ impl Flatten {
 }
 
 impl Layer for Flatten {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some(("Flatten", serde_json::json!({})))
     }

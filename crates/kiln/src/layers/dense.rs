@@ -142,6 +142,9 @@ pub fn dense_forward(
 }
 
 impl Layer for Dense {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         use crate::regularizers::keras_object;
         Some((

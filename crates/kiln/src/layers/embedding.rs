@@ -89,6 +89,9 @@ impl Embedding {
 }
 
 impl Layer for Embedding {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         use crate::regularizers::keras_object;
         Some((
@@ -217,6 +220,9 @@ impl Masking {
 }
 
 impl Layer for Masking {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some((
             "Masking",
@@ -291,6 +297,9 @@ impl NotEqual {
 }
 
 impl Layer for NotEqual {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn kind(&self) -> &'static str {
         "not_equal"
     }

@@ -98,6 +98,9 @@ macro_rules! elementwise_merge {
         }
 
         impl Layer for $ty {
+            fn samples_independent(&self) -> bool {
+                true
+            }
             fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
                 Some(($layer, serde_json::json!({})))
             }
@@ -249,6 +252,9 @@ impl Concatenate {
 }
 
 impl Layer for Concatenate {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some(("Concatenate", serde_json::json!({ "axis": self.axis })))
     }

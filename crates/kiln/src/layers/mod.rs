@@ -217,6 +217,14 @@ pub trait Layer: Send {
             self.given_name().unwrap_or(self.kind())
         )))
     }
+    /// Whether, in inference, each sample's output depends on that sample's inputs alone, as
+    /// for every layer kiln has. [`crate::Model::predict`] then runs a large batch as pieces that
+    /// stay in cache, on several threads at once, with the same results. `false` by default, so
+    /// that a layer of your own that mixes samples in inference sees the whole batch; return
+    /// `true` when it does not.
+    fn samples_independent(&self) -> bool {
+        false
+    }
     /// A penalty on the layer's output, added to the total loss.
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
         None

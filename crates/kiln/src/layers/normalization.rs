@@ -357,6 +357,9 @@ impl BatchNormalization {
 }
 
 impl Layer for BatchNormalization {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         use crate::regularizers::keras_object;
         Some((
@@ -625,6 +628,9 @@ impl LayerNormalization {
 }
 
 impl Layer for LayerNormalization {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         use crate::regularizers::keras_object;
         Some((

@@ -260,6 +260,9 @@ macro_rules! pool_layer {
         }
 
         impl Layer for $ty {
+            fn samples_independent(&self) -> bool {
+                true
+            }
             fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
                 self.pool.keras_config()
             }
@@ -496,6 +499,9 @@ macro_rules! global_layer {
         }
 
         impl Layer for $ty {
+            fn samples_independent(&self) -> bool {
+                true
+            }
             fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
                 self.global.keras_config()
             }

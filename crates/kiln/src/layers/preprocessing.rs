@@ -338,6 +338,9 @@ fn broadcast_values(values: &[f64], from: &[usize], to: &[usize]) -> Option<Vec<
 }
 
 impl Layer for Normalization {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     /// The statistics travel as weights (`mean`, `variance`, `count`), as after Keras' `adapt`.
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         let axis = if self.axis.is_empty() {

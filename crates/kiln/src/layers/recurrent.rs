@@ -460,6 +460,9 @@ impl Lstm {
 recurrent_builders!(Lstm);
 
 impl Layer for Lstm {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         let mut c = self.rnn.keras_config()?;
         c["unit_forget_bias"] = self.unit_forget_bias.into();
@@ -619,6 +622,9 @@ impl Gru {
 recurrent_builders!(Gru);
 
 impl Layer for Gru {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         let mut c = self.rnn.keras_config()?;
         c["reset_after"] = self.reset_after.into();

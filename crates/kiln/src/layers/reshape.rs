@@ -81,6 +81,9 @@ impl Reshape {
 }
 
 impl Layer for Reshape {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some((
             "Reshape",
@@ -167,6 +170,9 @@ impl Permute {
 }
 
 impl Layer for Permute {
+    fn samples_independent(&self) -> bool {
+        true
+    }
     fn keras_config(&self) -> Option<(&'static str, serde_json::Value)> {
         Some(("Permute", serde_json::json!({ "dims": self.dims })))
     }
