@@ -37,6 +37,7 @@ pub use util::Padding;
 
 use crate::error::Result;
 use crate::graph::{SharedLayer, SymbolicTensor};
+use crate::random::SampleStreams;
 use crate::regularizers::SharedRegularizer;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
@@ -112,11 +113,11 @@ pub struct BuildContext<'a> {
 }
 
 /// What a layer sees while it runs.
-pub struct CallContext<'a> {
+pub struct CallContext {
     /// Training mode (dropout active) or inference.
     pub training: bool,
-    /// The seeded generator for stochastic layers.
-    pub rng: &'a mut StdRng,
+    /// The per-sample random streams of this layer in this step ([`CallContext::random`]).
+    random: SampleStreams,
     pub(crate) added: Vec<(String, Tensor)>,
     pub(crate) layer_trainable: bool,
     /// The ranks of a data-parallel training step (more than one), for the layers whose
@@ -130,17 +131,26 @@ pub struct CallContext<'a> {
     pub(crate) relu_applied: bool,
 }
 
-impl<'a> CallContext<'a> {
-    pub(crate) fn new(training: bool, rng: &'a mut StdRng) -> Self {
+impl CallContext {
+    pub(crate) fn new(training: bool, random: SampleStreams) -> Self {
         Self {
             training,
-            rng,
+            random,
             added: Vec::new(),
             layer_trainable: true,
             ranks: None,
             relu_follows: false,
             relu_applied: false,
         }
+    }
+
+    /// The streams a stochastic layer draws from (dropout masks, noise): in a training step
+    /// keyed by the run's seed, the step, the layer and each sample's index in the global
+    /// batch, so that a sample's draws are the same whichever rank or shard holds it. A layer
+    /// that must draw differently at every call draws from these, never from a generator of
+    /// its own.
+    pub fn random(&self) -> &SampleStreams {
+        &self.random
     }
 
     /// Whether the running layer is trainable (not frozen). As in Keras, a frozen
