@@ -149,6 +149,35 @@ impl CallContext {
     /// batch, so that a sample's draws are the same whichever rank or shard holds it. A layer
     /// that must draw differently at every call draws from these, never from a generator of
     /// its own.
+    ///
+    /// ```
+    /// use kiln::candle::Tensor;
+    /// use kiln::layers::{CallContext, Layer};
+    /// use kiln::prelude::*;
+    /// /// Adds uniform noise in [-0.1, 0.1) in training (a layer of the user's own).
+    /// struct Jitter;
+    /// impl Layer for Jitter {
+    ///     fn kind(&self) -> &'static str { "jitter" }
+    ///     fn given_name(&self) -> Option<&str> { None }
+    ///     fn output_shape(&self, shapes: &[Vec<usize>]) -> kiln::Result<Vec<usize>> {
+    ///         Ok(shapes[0].clone())
+    ///     }
+    ///     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> kiln::Result<Tensor> {
+    ///         let x = &inputs[0];
+    ///         if !ctx.training {
+    ///             return Ok(x.clone());
+    ///         }
+    ///         let noise = ctx.random().uniform(0, x.dims(), -0.1, 0.1, x.dtype(), x.device())?;
+    ///         Ok((x + noise)?)
+    ///     }
+    /// }
+    /// let x = Input::new([3]);
+    /// let model = Model::new(&[x.clone()], &[Jitter.apply(&x)?])?;
+    /// let ones = Tensor::ones((2, 3), kiln::candle::DType::F32, &kiln::candle::Device::Cpu)?;
+    /// let y = model.call(&[ones], true)?[0].flatten_all()?.to_vec1::<f32>()?;
+    /// assert!(y.iter().all(|v| (0.9..1.1).contains(v)) && y.iter().any(|v| *v != 1.0));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
     pub fn random(&self) -> &SampleStreams {
         &self.random
     }

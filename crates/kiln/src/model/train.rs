@@ -121,7 +121,9 @@ impl Fit {
         self.shuffle = shuffle;
         self
     }
-    /// The seed for shuffling and dropout: the same seed and data give the same history.
+    /// The seed for shuffling and for every draw of a training step (dropout masks, PGD's
+    /// random start), which are keyed by the seed and the step ([`crate::random`]): the same
+    /// seed and data give the same history, on any number of ranks.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
