@@ -396,6 +396,39 @@ mod tests {
         assert!(chi < 43.8, "chi-square {chi}");
     }
 
+    proptest::proptest! {
+        /// Any seed, step, layer, batch, cut and rate: the two shards' masks are the whole
+        /// batch's, and uniform values too.
+        #[test]
+        fn any_split_draws_the_whole_batch(
+            seed: u64,
+            step in 0u64..1_000_000,
+            node in 0usize..50,
+            rows in 1usize..40,
+            cols in 1usize..20,
+            cut_share in 0.0f64..=1.0,
+            rate in 0.0f64..0.99,
+        ) {
+            let cut = ((rows as f64) * cut_share) as usize;
+            let p = pass(seed, step, 0);
+            let at = |first: usize, n: usize| {
+                let s = p.streams("layer", node, first);
+                let m = s.dropout_mask(0, &[n, cols], rate, DType::F32, &Device::Cpu).unwrap();
+                let u = s.uniform(1, &[n, cols], -2.0, 3.0, DType::F64, &Device::Cpu).unwrap();
+                (m.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                 u.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            };
+            let whole = at(0, rows);
+            let (mut m, mut u) = at(0, cut);
+            let tail = at(cut, rows - cut);
+            m.extend(tail.0);
+            u.extend(tail.1);
+            proptest::prop_assert_eq!(&m, &whole.0);
+            proptest::prop_assert_eq!(&u, &whole.1);
+            proptest::prop_assert!(whole.1.iter().all(|v| (-2.0..3.0).contains(v)));
+        }
+    }
+
     #[test]
     fn bad_rates_and_shapes_are_errors() {
         let s = SampleStreams::new(0, 0);
