@@ -192,6 +192,53 @@ fn mpirun_trains_the_weights_of_one_process() {
     assert!(text(&o).contains("ranks"), "{}", text(&o));
 }
 
+/// Run files with random layers (a dropout layer; an LSTM with input dropout, then a dropout
+/// layer): `mpirun -np 2` and `-np 3` end within the bound of one process, as models without
+/// them do: each sample's masks come from its own stream in the global batch.
+#[test]
+fn mpirun_with_dropout_trains_the_weights_of_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = setup("dropout");
+    let hidden = r#"{ type = "dense", name = "hidden", units = 32, activation = "relu", kernel_regularizer = { l2 = 1e-4 } },"#;
+    let runs = [
+        (
+            "dropout.toml",
+            format!("{hidden}\n  {{ type = \"dropout\", rate = 0.3 }},"),
+        ),
+        (
+            "lstm.toml",
+            r#"{ type = "reshape", target_shape = [8, 8] },
+  { type = "lstm", name = "lstm", units = 16, dropout = 0.25 },
+  { type = "dropout", rate = 0.2 },"#
+                .to_string(),
+        ),
+    ];
+    for (file, layers) in runs {
+        let run = RUN.replace(hidden, &layers);
+        assert_ne!(run, RUN);
+        std::fs::write(dir.join(file), run).unwrap();
+        let alone_out = format!("{file}-alone");
+        let alone = kiln_alone(&["train", file, "--quiet", "--out", &alone_out], &dir);
+        assert!(alone.status.success(), "{}", text(&alone));
+        for np in [2, 3] {
+            let out = format!("{file}-np{np}");
+            let o = run_bounded(
+                mpirun(np, &["train", file, "--quiet", "--out", &out], &dir),
+                "mpirun -np N with dropout",
+            );
+            assert!(o.status.success(), "np {np}: {}", text(&o));
+            let diff = max_difference(
+                &dir.join(&alone_out).join("model.safetensors"),
+                &dir.join(&out).join("model.safetensors"),
+            );
+            eprintln!("mpirun -np {np} {file}: largest weight difference {diff:.3e}");
+            assert!(diff <= 1e-4, "{file}, np {np}: {diff}");
+        }
+    }
+}
+
 /// The run file's `synchronized = true` on a batch_normalization layer: `mpirun -np 2` and
 /// `-np 3` end within the bound of one process (weights and moving statistics); without it,
 /// the per-rank statistics end far from it.
@@ -372,14 +419,20 @@ fn checkpoint_untimed(path: &Path) -> (Vec<u8>, serde_json::Value) {
     (bytes[8 + n..].to_vec(), header)
 }
 
-/// `mpirun -np N` with rank `victim` killed by SIGKILL once the first checkpoint is written:
-/// the job ends on every rank within the bound, mpirun's message names the killed rank and
-/// the signal, and `--resume` from the last checkpoint with the same N writes byte for byte
+/// `mpirun -np N` on a run file with a dropout layer, with rank `victim` killed by SIGKILL
+/// once the first checkpoint is written: the job ends on every rank within the bound, mpirun's
+/// message names the killed rank and the signal, and `--resume` from the last checkpoint with the same N writes byte for byte
 /// the files of a run never stopped (the weights, the plots, and the last checkpoint and the
 /// history but for their epoch times).
 fn kill_and_resume(np: usize, victim: usize) {
     let dir = setup(&format!("killed-{np}-{victim}"));
-    let slow = RUN.replace("epochs = 6", "epochs = 40");
+    // With a dropout layer: the resumed steps draw the unbroken run's masks.
+    let hidden = r#"kernel_regularizer = { l2 = 1e-4 } },"#;
+    let slow = RUN.replace("epochs = 6", "epochs = 40").replace(
+        hidden,
+        &format!("{hidden}\n  {{ type = \"dropout\", rate = 0.2 }},"),
+    );
+    assert!(slow.contains("dropout"));
     std::fs::write(dir.join("run.toml"), &slow).unwrap();
     let full = run_bounded(
         mpirun(np, &["train", "run.toml", "--quiet", "--out", "full"], &dir),

@@ -621,6 +621,20 @@ fn other_cases() -> Vec<Case> {
         ),
         (
             Slot::Layer,
+            r#"{ type = "lstm", units = 2, dropout = {v} }"#,
+            "dropout",
+            UNIT_OPEN,
+            false,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "gru", units = 2, dropout = {v} }"#,
+            "dropout",
+            UNIT_OPEN,
+            false,
+        ),
+        (
+            Slot::Layer,
             r#"{ type = "max_pooling1d", pool_size = {v} }"#,
             "pool_size",
             Int(1),

@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod model;
 pub mod optimizers;
 mod plot;
+pub mod random;
 pub mod reduction;
 pub mod regularizers;
 pub mod run;

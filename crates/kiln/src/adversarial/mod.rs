@@ -13,8 +13,8 @@ mod sign_step;
 
 use crate::error::{invalid, Result};
 use crate::model::{AddedLoss, Tensors};
+use crate::random::SampleStreams;
 use candle_core::{DType, Tensor};
-use rand::Rng;
 
 /// The most steps a PGD attack may take.
 pub const MAX_PGD_STEPS: usize = 10_000;
@@ -121,10 +121,16 @@ impl Adversarial {
         self
     }
 
-    /// Seed of the random start.
+    /// Seed of the random start, mixed into the key of its per-sample streams (with the run's
+    /// seed and the step) in training.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
+    }
+
+    /// The seed of the random start.
+    pub fn random_start_seed(&self) -> u64 {
+        self.seed
     }
 
     /// The number of perturbation steps (1 for FGSM).
@@ -298,18 +304,34 @@ impl Adversarial {
             .collect()
     }
 
-    /// The starting point of the attack: `x`, or a random point of the ε-ball (PGD).
-    pub fn start(&self, clean: &[Tensor], rng: &mut impl Rng) -> Result<Vec<Tensor>> {
+    /// The starting point of the attack: `x`, or a random point of the ε-ball (PGD), each
+    /// sample's from its own stream (input `i` is draw `i`), so that a data-parallel rank
+    /// starts each of its samples where one process does.
+    ///
+    /// ```
+    /// use kiln::adversarial::Adversarial;
+    /// use kiln::candle::{Device, Tensor};
+    /// use kiln::random::SampleStreams;
+    /// let pgd = Adversarial::pgd(0.1, 3, 0.02).random_start(true);
+    /// let x = Tensor::zeros((4, 5), kiln::candle::DType::F32, &Device::Cpu)?;
+    /// let start = pgd.start(&[x], &SampleStreams::new(1, 0))?;
+    /// let v = start[0].flatten_all()?.to_vec1::<f32>()?;
+    /// assert!(v.iter().all(|d| d.abs() <= 0.1) && v.iter().any(|d| *d != 0.0));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// A tensor error (an input without a batch axis).
+    pub fn start(&self, clean: &[Tensor], random: &SampleStreams) -> Result<Vec<Tensor>> {
         if !self.random_start {
             return Ok(clean.to_vec());
         }
         let noisy: Vec<Tensor> = clean
             .iter()
-            .map(|x| {
-                let noise: Vec<f64> = (0..x.elem_count())
-                    .map(|_| rng.random_range(-1.0..=1.0) * self.epsilon)
-                    .collect();
-                let noise = Tensor::from_vec(noise, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            .enumerate()
+            .map(|(i, x)| {
+                let (e, dtype, device) = (self.epsilon, x.dtype(), x.device());
+                let noise = random.uniform(i as u32, x.dims(), -e, e, dtype, device)?;
                 Ok((x + noise)?)
             })
             .collect::<Result<_>>()?;

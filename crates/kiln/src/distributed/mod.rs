@@ -8,6 +8,10 @@
 //!
 //! - every rank draws the same shuffle from the seed and takes its contiguous shard of each
 //!   global batch (`batch_size` is the global batch size);
+//! - every random draw of a training step (Dropout's and the recurrent layers' masks, PGD's
+//!   random start) comes from the sample's own stream, keyed by the run's seed, the step, the
+//!   layer and the sample's index in the global batch ([`crate::random`]): a sample gets the
+//!   same mask whichever rank holds it, so random layers train what one process trains;
 //! - the compiled losses divide by the global batch's divisor (its sample count, valid-entry
 //!   count under a mask, or its weight sum for `mean_with_sample_weight`), so that the ranks'
 //!   losses sum to the one-process loss; added terms count by the rank's share of the batch;
@@ -36,7 +40,7 @@ mod step;
 
 pub(crate) use collective_op::{all_reduce, Adjoint};
 pub use local::LocalGroup;
-pub(crate) use step::{check_fit, merge_metrics, rank_rng, shard_batch, StepShard};
+pub(crate) use step::{check_fit, merge_metrics, shard_batch, StepShard};
 
 use crate::error::{Error, Result};
 use std::sync::Arc;

@@ -9,14 +9,15 @@ use crate::layers::Weight;
 use crate::losses::{merged_mask, Loss};
 use crate::reduction::{divide_no_nan, reduce_weighted_parts, Reduction};
 use candle_core::{DType, Tensor};
-use rand::rngs::StdRng;
-use rand::{RngCore, SeedableRng};
 
 /// The global batch a rank's shard belongs to, as the losses of a training step need it.
 pub(crate) struct StepShard {
     comm: SharedCommunicator,
     global_len: usize,
     local_len: usize,
+    /// The index in the global batch of the shard's first sample: the samples' random streams
+    /// are keyed by their global index (`crate::random`).
+    first_row: usize,
     /// Σ of the global batch's sample weights (in the model's dtype, summed in f64 as
     /// `mean_with_sample_weight` sums them), when the data has sample weights.
     global_weight_sum: Option<f64>,
@@ -30,6 +31,7 @@ pub(crate) fn shard_batch(
     dtype: DType,
 ) -> Result<(Dataset, StepShard)> {
     let range = shard_range(chunk.len(), comm.rank(), comm.size());
+    let first_row = range.start;
     let local = train.select(&chunk[range])?;
     if train.has_output_weights() {
         return Err(Error::Data(
@@ -50,6 +52,7 @@ pub(crate) fn shard_batch(
         comm: comm.clone(),
         global_len: chunk.len(),
         local_len: local.len(),
+        first_row,
         global_weight_sum,
     };
     Ok((local, shard))
@@ -59,6 +62,11 @@ impl StepShard {
     /// The number of samples of the global batch.
     pub(crate) fn global_len(&self) -> usize {
         self.global_len
+    }
+
+    /// The index in the global batch of the shard's first sample.
+    pub(crate) fn first_row(&self) -> usize {
+        self.first_row
     }
 
     /// The ranks' communicator.
@@ -236,16 +244,6 @@ fn fill<T: candle_core::WithDType>(
     }
     buffer.extend(values.iter().map(|&v| cast(v)));
     Ok(())
-}
-
-/// The random stream of a rank's steps (dropout, random attack starts): rank 0 keeps the
-/// epoch's stream, as one process would; every other rank draws its own from it, so that the
-/// shards' dropout masks are independent.
-pub(crate) fn rank_rng(rng: &mut StdRng, rank: usize) {
-    if rank > 0 {
-        let seed = rng.next_u64() ^ (rank as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        *rng = StdRng::seed_from_u64(seed);
-    }
 }
 
 /// Checks, before the first step, that the ranks can train together: every global batch has

@@ -628,8 +628,7 @@ mod tests {
         let x = random(input, seed, dtype);
         let run = |plain: bool| {
             PLAIN.with(|p| p.set(plain));
-            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-            let mut ctx = CallContext::new(true, &mut rng);
+            let mut ctx = CallContext::new(true, crate::random::SampleStreams::new(0, 0));
             let out = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
             PLAIN.with(|p| p.set(false));
             out

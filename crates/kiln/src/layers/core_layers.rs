@@ -4,7 +4,6 @@ use super::{CallContext, Layer};
 use crate::activations::Activation;
 use crate::error::{invalid, Error, Result};
 use candle_core::Tensor;
-use rand::Rng;
 
 /// Applies an activation function as a layer of its own.
 ///
@@ -84,7 +83,9 @@ impl Layer for ActivationLayer {
 }
 
 /// Zeroes a fraction `rate` of its inputs during training and scales the rest by
-/// `1 / (1 - rate)`; the identity at inference.
+/// `1 / (1 - rate)`; the identity at inference. Each sample's mask is drawn from its own
+/// stream ([`crate::random::SampleStreams`]), so data-parallel ranks drop what one process
+/// drops.
 ///
 /// ```
 /// use kiln::prelude::*;
@@ -145,18 +146,10 @@ impl Layer for Dropout {
         if !ctx.training || self.rate == 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 - self.rate;
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if ctx.rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        // Each sample's mask comes from its own stream (see `crate::random`).
+        let mask = ctx
+            .random()
+            .dropout_mask(0, x.dims(), self.rate, x.dtype(), x.device())?;
         Ok(x.mul(&mask)?)
     }
 }
@@ -221,5 +214,61 @@ impl Layer for Flatten {
         _masks: &[Option<Tensor>],
     ) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::StepRandom;
+    use candle_core::{DType, Device};
+
+    /// Dropout in training on a batch of 10, and on the same rows as shards 0..3 and 3..10
+    /// (a rank's shards, each with its global first row), drops the very same values; another
+    /// step drops others; inference is the identity.
+    #[test]
+    fn dropout_masks_do_not_depend_on_the_shards() {
+        let layer = Dropout::new(0.5);
+        let x = Tensor::arange(1f32, 81.0, &Device::Cpu)
+            .unwrap()
+            .reshape((10, 8))
+            .unwrap();
+        let run = |x: &Tensor, step: u64, first_row: usize, training: bool| {
+            let streams = StepRandom::new(9, step)
+                .next_pass()
+                .streams("dropout", 1, first_row);
+            let mut ctx = CallContext::new(training, streams);
+            layer
+                .call(std::slice::from_ref(x), &mut ctx)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let whole = run(&x, 4, 0, true);
+        let mut split = run(&x.narrow(0, 0, 3).unwrap(), 4, 0, true);
+        split.extend(run(&x.narrow(0, 3, 7).unwrap(), 4, 3, true));
+        assert_eq!(split, whole);
+        assert_ne!(run(&x, 5, 0, true), whole);
+        let values = x.to_vec2::<f32>().unwrap();
+        for (row, input) in whole.iter().zip(&values) {
+            for (y, v) in row.iter().zip(input) {
+                assert!(*y == 0.0 || *y == 2.0 * v, "{y} from {v}");
+            }
+        }
+        assert!(whole.iter().flatten().any(|y| *y == 0.0));
+        assert_eq!(run(&x, 4, 0, false), values);
+        let f64_out = {
+            let streams = StepRandom::new(9, 4).next_pass().streams("dropout", 1, 0);
+            let mut ctx = CallContext::new(true, streams);
+            let x = x.to_dtype(DType::F64).unwrap();
+            layer
+                .call(&[x], &mut ctx)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap()
+        };
+        let zeros = |m: &[Vec<f32>]| m.iter().flatten().map(|v| *v == 0.0).collect::<Vec<_>>();
+        let zeros64: Vec<bool> = f64_out.iter().flatten().map(|v| *v == 0.0).collect();
+        assert_eq!(zeros64, zeros(&whole), "f64 and f32 drop the same values");
     }
 }

@@ -37,6 +37,7 @@ pub use util::Padding;
 
 use crate::error::Result;
 use crate::graph::{SharedLayer, SymbolicTensor};
+use crate::random::SampleStreams;
 use crate::regularizers::SharedRegularizer;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
@@ -112,11 +113,11 @@ pub struct BuildContext<'a> {
 }
 
 /// What a layer sees while it runs.
-pub struct CallContext<'a> {
+pub struct CallContext {
     /// Training mode (dropout active) or inference.
     pub training: bool,
-    /// The seeded generator for stochastic layers.
-    pub rng: &'a mut StdRng,
+    /// The per-sample random streams of this layer in this step ([`CallContext::random`]).
+    random: SampleStreams,
     pub(crate) added: Vec<(String, Tensor)>,
     pub(crate) layer_trainable: bool,
     /// The ranks of a data-parallel training step (more than one), for the layers whose
@@ -130,17 +131,55 @@ pub struct CallContext<'a> {
     pub(crate) relu_applied: bool,
 }
 
-impl<'a> CallContext<'a> {
-    pub(crate) fn new(training: bool, rng: &'a mut StdRng) -> Self {
+impl CallContext {
+    pub(crate) fn new(training: bool, random: SampleStreams) -> Self {
         Self {
             training,
-            rng,
+            random,
             added: Vec::new(),
             layer_trainable: true,
             ranks: None,
             relu_follows: false,
             relu_applied: false,
         }
+    }
+
+    /// The streams a stochastic layer draws from (dropout masks, noise): in a training step
+    /// keyed by the run's seed, the step, the layer and each sample's index in the global
+    /// batch, so that a sample's draws are the same whichever rank or shard holds it. A layer
+    /// that must draw differently at every call draws from these, never from a generator of
+    /// its own.
+    ///
+    /// ```
+    /// use kiln::candle::Tensor;
+    /// use kiln::layers::{CallContext, Layer};
+    /// use kiln::prelude::*;
+    /// /// Adds uniform noise in [-0.1, 0.1) in training (a layer of the user's own).
+    /// struct Jitter;
+    /// impl Layer for Jitter {
+    ///     fn kind(&self) -> &'static str { "jitter" }
+    ///     fn given_name(&self) -> Option<&str> { None }
+    ///     fn output_shape(&self, shapes: &[Vec<usize>]) -> kiln::Result<Vec<usize>> {
+    ///         Ok(shapes[0].clone())
+    ///     }
+    ///     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> kiln::Result<Tensor> {
+    ///         let x = &inputs[0];
+    ///         if !ctx.training {
+    ///             return Ok(x.clone());
+    ///         }
+    ///         let noise = ctx.random().uniform(0, x.dims(), -0.1, 0.1, x.dtype(), x.device())?;
+    ///         Ok((x + noise)?)
+    ///     }
+    /// }
+    /// let x = Input::new([3]);
+    /// let model = Model::new(&[x.clone()], &[Jitter.apply(&x)?])?;
+    /// let ones = Tensor::ones((2, 3), kiln::candle::DType::F32, &kiln::candle::Device::Cpu)?;
+    /// let y = model.call(&[ones], true)?[0].flatten_all()?.to_vec1::<f32>()?;
+    /// assert!(y.iter().all(|v| (0.9..1.1).contains(v)) && y.iter().any(|v| *v != 1.0));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn random(&self) -> &SampleStreams {
+        &self.random
     }
 
     /// Whether the running layer is trainable (not frozen). As in Keras, a frozen

@@ -659,8 +659,7 @@ mod tests {
                 .unwrap();
                 let run = |plain: bool| {
                     PLAIN.with(|p| p.set(plain));
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-                    let mut ctx = CallContext::new(true, &mut rng);
+                    let mut ctx = CallContext::new(true, crate::random::SampleStreams::new(0, 0));
                     let out = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
                     PLAIN.with(|p| p.set(false));
                     out
@@ -696,8 +695,7 @@ mod tests {
                 Var::from_tensor(&Tensor::from_vec(v.clone(), (2, h, w, c), &Device::Cpu).unwrap())
                     .unwrap();
             let layer = MaxPooling2D::new((pool[0], pool[1])).strides((strides[0], strides[1]));
-            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-            let mut ctx = CallContext::new(true, &mut rng);
+            let mut ctx = CallContext::new(true, crate::random::SampleStreams::new(0, 0));
             let y = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
             let (oh, ow) = (
                 (h - pool[0]) / strides[0] + 1,

@@ -69,19 +69,15 @@ impl Recurrent {
         if !ctx.training || self.dropout == 0.0 || x.rank() != 3 {
             return Ok(x.clone());
         }
-        use rand::Rng;
         let (batch, _, features) = x.dims3()?;
-        let keep = 1.0 - self.dropout;
-        let mask: Vec<f64> = (0..batch * features)
-            .map(|_| {
-                if ctx.rng.random::<f64>() < keep {
-                    1.0 / keep
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (batch, 1, features), x.device())?.to_dtype(x.dtype())?;
+        // One mask per sample and feature, from the sample's own stream (`crate::random`).
+        let mask = ctx.random().dropout_mask(
+            0,
+            &[batch, 1, features],
+            self.dropout,
+            x.dtype(),
+            x.device(),
+        )?;
         Ok(x.broadcast_mul(&mask)?)
     }
 
@@ -792,8 +788,7 @@ mod tests {
         }
         let run = |plain: bool| {
             PLAIN.with(|p| p.set(plain));
-            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-            let mut ctx = CallContext::new(true, &mut rng);
+            let mut ctx = CallContext::new(true, crate::random::SampleStreams::new(0, 0));
             let masks = [mask.cloned()];
             let out = layer
                 .call_with_masks(&[x.as_tensor().clone()], &masks, &mut ctx)
@@ -867,8 +862,7 @@ mod tests {
             }
         };
         let run = |layer: &dyn Layer, x: &Tensor, training: bool| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-            let mut ctx = CallContext::new(training, &mut rng);
+            let mut ctx = CallContext::new(training, crate::random::SampleStreams::new(5, 0));
             layer
                 .call(std::slice::from_ref(x), &mut ctx)
                 .unwrap()

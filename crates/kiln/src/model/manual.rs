@@ -8,16 +8,15 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::graph::SharedLayer;
 use crate::layers::CallContext;
+use crate::random::StepRandom;
 use candle_core::{Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Seeds for calls outside `fit`: every call draws other dropout masks, in a fixed sequence.
+/// Steps for calls outside `fit`: every call draws other dropout masks, in a fixed sequence.
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
-fn call_rng() -> StdRng {
-    StdRng::seed_from_u64(CALLS.fetch_add(1, Ordering::Relaxed) ^ 0x6B69_6C6E)
+fn call_random() -> StepRandom {
+    StepRandom::new(0x6B69_6C6E, CALLS.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The gradients of one batch's total loss, from [`Model::gradients`].
@@ -61,7 +60,7 @@ impl Model {
     /// # Errors
     /// [`Error::Data`] when the inputs' count or shapes do not fit the model; a layer's error.
     pub fn call(&self, inputs: &[Tensor], training: bool) -> Result<Vec<Tensor>> {
-        let pass = self.run(inputs, training, &mut call_rng())?;
+        let pass = self.run(inputs, training, &mut call_random())?;
         Ok(self.outputs_of(&pass).into_iter().cloned().collect())
     }
 
@@ -97,15 +96,15 @@ impl Model {
             .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?.detach()).map_err(Error::from))
             .collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let mut rng = call_rng();
-        let pass = self.run(&xs, true, &mut rng)?;
+        let mut random = call_random();
+        let pass = self.run(&xs, true, &mut random)?;
         let adversarial = self.adversarial_term();
         let mut terms =
             self.step_terms(compiled, &batch, &pass, true, adversarial.is_some(), false)?;
         let mut total = terms.total.clone();
         if let Some((name, adv)) = adversarial {
-            let x_adv = self.attack(compiled, &adv, &batch, None, true, &mut rng)?;
-            let adv_pass = self.run(&x_adv, true, &mut rng)?;
+            let x_adv = self.attack(compiled, &adv, &batch, None, true, &mut random)?;
+            let adv_pass = self.run(&x_adv, true, &mut random)?;
             let labeled = self.compiled_loss(compiled, &batch, &adv_pass)?.total;
             let term = (labeled.ok_or_else(no_labeled_loss)? * adv.weight())?;
             total = (total + &term)?;
@@ -295,8 +294,8 @@ impl SharedLayer {
     /// # Errors
     /// [`Error::State`] when the layer has not been built; the layer's own errors.
     pub fn call(&self, inputs: &[Tensor], training: bool) -> Result<Tensor> {
-        let mut rng = call_rng();
-        let mut ctx = CallContext::new(training, &mut rng);
+        let streams = call_random().next_pass().streams(self.lock().kind(), 0, 0);
+        let mut ctx = CallContext::new(training, streams);
         ctx.layer_trainable = self.is_trainable();
         self.lock().call(inputs, &mut ctx)
     }

@@ -23,6 +23,7 @@ pub use train::{Fit, SharedCallback};
 use crate::error::{Error, Result};
 use crate::graph::{NodeOp, SharedLayer, SymbolicTensor};
 use crate::layers::{BuildContext, CallContext, Weight};
+use crate::random::{SampleStreams, StepRandom};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -631,12 +632,14 @@ impl Model {
         }
     }
 
-    /// Runs the graph on a batch.
+    /// Runs the graph on a batch: one forward pass of the step whose randomness is `random`
+    /// (each pass draws its own masks; a data-parallel rank's samples keep their index in the
+    /// global batch).
     pub(crate) fn run(
         &self,
         inputs: &[Tensor],
         training: bool,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
     ) -> Result<ForwardPass> {
         if inputs.len() != self.inputs.len() {
             return Err(Error::Data(format!(
@@ -647,6 +650,8 @@ impl Model {
             )));
         }
         let mut pass = ForwardPass::default();
+        let keys = random.next_pass();
+        let first_row = self.shard.as_ref().map_or(0, |s| s.first_row());
         // Added terms may read any intermediate tensor, so no output is skipped when there are.
         let may_fuse = self.added.is_empty();
         let mut skip_next = false;
@@ -680,7 +685,7 @@ impl Model {
                 })
                 .collect::<Result<_>>()?;
             let layer = step.layer.lock();
-            let mut ctx = CallContext::new(training, rng);
+            let mut ctx = CallContext::new(training, keys.streams(&step.layer_name, i, first_row));
             ctx.layer_trainable = step.layer.is_trainable();
             ctx.ranks = self.shard.as_ref().map(|s| s.communicator().clone());
             ctx.relu_follows = may_fuse && self.relu_follows[i];
@@ -745,8 +750,7 @@ impl Model {
             .iter()
             .map(|id| pass.values[id].clone())
             .collect();
-        let mut rng = StdRng::seed_from_u64(0);
-        let mut ctx = CallContext::new(false, &mut rng);
+        let mut ctx = CallContext::new(false, SampleStreams::new(0, 0));
         ctx.layer_trainable = step.layer.is_trainable();
         let layer = step.layer.lock();
         layer.call_before_activation(&xs, &mut ctx)
@@ -790,14 +794,15 @@ impl Model {
     fn predict_here(&self, inputs: &[Tensor], batch_size: usize) -> Result<Vec<Tensor>> {
         let data = crate::Dataset::inputs_only(inputs.to_vec())?;
         let batch_size = batch_size.max(1);
-        let mut rng = StdRng::seed_from_u64(0);
+        // Inference draws nothing; the key is a placeholder.
+        let mut random = StepRandom::new(0, 0);
         let mut chunks: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs.len()];
         let mut start = 0;
         let piece = self.inference_piece();
         while start < data.len() {
             let len = batch_size.min(data.len() - start);
             let batch = data.slice(start, len)?;
-            for (i, y) in self.infer(&batch, piece, &mut rng)?.into_iter().enumerate() {
+            for (i, y) in self.infer(&batch, piece, &mut random)?.into_iter().enumerate() {
                 chunks[i].push(y);
             }
             start += len;
@@ -818,10 +823,10 @@ impl Model {
         &self,
         batch: &crate::Dataset,
         piece: Option<usize>,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
     ) -> Result<Vec<Tensor>> {
-        let whole = |data: &crate::Dataset, rng: &mut StdRng| -> Result<Vec<Tensor>> {
-            let pass = self.run(data.inputs(), false, rng)?;
+        let whole = |data: &crate::Dataset, random: &mut StepRandom| -> Result<Vec<Tensor>> {
+            let pass = self.run(data.inputs(), false, random)?;
             Ok(self
                 .outputs_of(&pass)
                 .into_iter()
@@ -830,7 +835,7 @@ impl Model {
         };
         let piece = match piece {
             Some(p) if batch.len() > p && crate::runtime::parallel_now() => p,
-            _ => return whole(batch, rng),
+            _ => return whole(batch, random),
         };
         use rayon::prelude::*;
         let starts: Vec<usize> = (0..batch.len()).step_by(piece).collect();
@@ -838,9 +843,9 @@ impl Model {
             .par_iter()
             .map(|&start| {
                 let part = batch.slice(start, piece.min(batch.len() - start))?;
-                // Inference draws nothing: the generator is only there for the signature.
-                let mut rng = StdRng::seed_from_u64(0);
-                crate::runtime::on_calling_thread(|| whole(&part, &mut rng))
+                // Inference draws nothing; the key is a placeholder.
+                let mut random = StepRandom::new(0, 0);
+                crate::runtime::on_calling_thread(|| whole(&part, &mut random))
             })
             .collect::<Result<Vec<_>>>()?;
         (0..self.outputs.len())

@@ -11,8 +11,6 @@ use crate::data::Dataset;
 use crate::error::Result;
 use crate::gradients::Gradients;
 use candle_core::{DType, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 /// One term's gradient, from [`Model::term_gradients`].
 #[derive(Debug, Clone)]
@@ -246,10 +244,11 @@ impl Model {
     pub fn term_gradients(&self, batch: &Dataset) -> Result<TermGradients> {
         let compiled = self.compiled.as_ref().ok_or_else(not_compiled)?;
         let batch = batch.to_device(&self.device)?;
-        let mut rng = StdRng::seed_from_u64(compiled.iterations);
+        // The randomness of the step `train_on_batch` would take next.
+        let mut random = crate::random::StepRandom::new(0, compiled.iterations);
         crate::runtime::on_matmul_pool(|| {
             // A loss weighting strategy's state is read, not advanced.
-            let step = self.step_gradients(compiled, &batch, &mut rng, false)?;
+            let step = self.step_gradients(compiled, &batch, &mut random, false)?;
             let per_term = per_term(&step.terms.parts, &step.trainable)?;
             let shared = shared(&per_term, step.trainable.len());
             let terms = per_term

@@ -11,6 +11,7 @@ use crate::distributed::{SharedCommunicator, StepShard};
 use crate::error::{Error, Result};
 use crate::gradients::Gradients;
 use crate::losses::reduce_per_sample;
+use crate::random::StepRandom;
 use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -120,7 +121,9 @@ impl Fit {
         self.shuffle = shuffle;
         self
     }
-    /// The seed for shuffling and dropout: the same seed and data give the same history.
+    /// The seed for shuffling and for every draw of a training step (dropout masks, PGD's
+    /// random start), which are keyed by the seed and the step ([`crate::random`]): the same
+    /// seed and data give the same history, on any number of ranks.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
@@ -645,14 +648,14 @@ impl Model {
         batch: &Dataset,
         inputs: &[Tensor],
         training: bool,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
     ) -> Result<Vec<Tensor>> {
         let vars: Vec<Var> = inputs
             .iter()
             .map(|x| Var::from_tensor(&x.to_dtype(self.dtype)?.detach()).map_err(Error::from))
             .collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let pass = self.run(&xs, training, rng)?;
+        let pass = self.run(&xs, training, random)?;
         let labeled = self
             .compiled_loss(compiled, batch, &pass)?
             .total
@@ -675,14 +678,20 @@ impl Model {
         batch: &Dataset,
         first: Option<Vec<Tensor>>,
         training: bool,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
     ) -> Result<Vec<Tensor>> {
         let clean: Vec<Tensor> = batch
             .inputs
             .iter()
             .map(|x| Ok(x.to_dtype(self.dtype)?.detach()))
             .collect::<Result<_>>()?;
-        let mut current = adversarial.start(&clean, rng)?;
+        let first_row = self.shard.as_ref().map_or(0, |s| s.first_row());
+        let start = random.next_pass().streams(
+            "adversarial random start",
+            adversarial.random_start_seed() as usize,
+            first_row,
+        );
+        let mut current = adversarial.start(&clean, &start)?;
         let mut first = if adversarial.random_start_enabled() {
             None
         } else {
@@ -691,7 +700,7 @@ impl Model {
         for _ in 0..adversarial.steps() {
             let grads = match first.take() {
                 Some(g) => g,
-                None => self.labeled_input_gradient(compiled, batch, &current, training, rng)?,
+                None => self.labeled_input_gradient(compiled, batch, &current, training, random)?,
             };
             current = adversarial.step_along(&clean, &current, &grads)?;
         }
@@ -704,7 +713,7 @@ impl Model {
     fn train_step(
         &mut self,
         batch: &Dataset,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
         acc: &mut Accumulator,
         group: Group,
         diagnostics: bool,
@@ -713,13 +722,13 @@ impl Model {
         let in_process = self.shard.as_ref().is_some_and(StepShard::in_process);
         let result = match self.device.is_cpu() {
             true if in_process => crate::runtime::on_calling_thread(|| {
-                self.train_step_here(batch, rng, acc, group, diagnostics)
+                self.train_step_here(batch, random, acc, group, diagnostics)
             }),
             true => choice.run(batch.len(), || {
-                self.train_step_here(batch, rng, acc, group, diagnostics)
+                self.train_step_here(batch, random, acc, group, diagnostics)
             }),
             false => crate::runtime::on_matmul_pool(|| {
-                self.train_step_here(batch, rng, acc, group, diagnostics)
+                self.train_step_here(batch, random, acc, group, diagnostics)
             }),
         };
         self.thread_choice = choice;
@@ -730,14 +739,14 @@ impl Model {
     fn train_step_here(
         &mut self,
         batch: &Dataset,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
         acc: &mut Accumulator,
         group: Group,
         diagnostics: bool,
     ) -> Result<f64> {
         let mut compiled = self.compiled.take().ok_or_else(not_compiled)?;
         let result = (|| -> Result<f64> {
-            let step = self.step_gradients(&compiled, batch, rng, true)?;
+            let step = self.step_gradients(&compiled, batch, random, true)?;
             if diagnostics {
                 let mut terms =
                     super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
@@ -778,7 +787,7 @@ impl Model {
         &self,
         compiled: &Compiled,
         batch: &Dataset,
-        rng: &mut StdRng,
+        random: &mut StepRandom,
         advance: bool,
     ) -> Result<StepGradients> {
         let adversarial = self.adversarial_term();
@@ -794,7 +803,7 @@ impl Model {
             Some(_) => input_vars.iter().map(|v| v.as_tensor().clone()).collect(),
             None => batch.inputs.clone(),
         };
-        let pass = self.run(&inputs, true, rng)?;
+        let pass = self.run(&inputs, true, random)?;
         let mut terms =
             self.step_terms(compiled, batch, &pass, true, adversarial.is_some(), advance)?;
         let mut trainable: Vec<Var> = self
@@ -831,7 +840,7 @@ impl Model {
                         true => None,
                         false => terms.added.clone(),
                     };
-                    self.combined_gradients(w, &terms, rest.as_ref(), &trainable, rng, advance)?
+                    self.combined_gradients(w, &terms, rest.as_ref(), &trainable, random, advance)?
                 }
             };
             return Ok(StepGradients {
@@ -854,8 +863,15 @@ impl Model {
                 None => Ok(v.as_tensor().zeros_like()?),
             })
             .collect::<Result<_>>()?;
-        let x_adv = self.attack(compiled, &adversarial, batch, Some(input_grads), true, rng)?;
-        let adv_pass = self.run(&x_adv, true, rng)?;
+        let x_adv = self.attack(
+            compiled,
+            &adversarial,
+            batch,
+            Some(input_grads),
+            true,
+            random,
+        )?;
+        let adv_pass = self.run(&x_adv, true, random)?;
         let adv_labeled = self.compiled_loss(compiled, batch, &adv_pass)?.total;
         let term = (adv_labeled.ok_or_else(no_labeled_loss)? * adversarial.weight())?;
         // Second backward: the adversarial term together with the clean batch's added terms
@@ -872,7 +888,7 @@ impl Model {
             // (compile refuses weighing added terms beside an adversarial one, so the rest
             // is the adversarial term and the added terms.)
             Some(w) => {
-                self.combined_gradients(w, &terms, Some(&second), &trainable, rng, advance)?
+                self.combined_gradients(w, &terms, Some(&second), &trainable, random, advance)?
             }
         };
         terms.push_detached(name.clone(), term.detach())?;
@@ -894,7 +910,7 @@ impl Model {
         terms: &StepTerms,
         rest: Option<&Tensor>,
         trainable: &[Var],
-        rng: &mut StdRng,
+        random: &mut StepRandom,
         advance: bool,
     ) -> Result<Vec<Option<Tensor>>> {
         let named: Vec<(String, Tensor)> = w
@@ -920,7 +936,7 @@ impl Model {
             weights: &names,
             values: &values,
             gradients: &per_term,
-            seed: rand::RngCore::next_u64(rng),
+            seed: random.step_seed(),
         };
         let mut combined = w.lock().combine_gradients(&step, advance)?;
         if let Some(rest) = rest {
@@ -1016,7 +1032,7 @@ impl Model {
             strategy.needs_terms_after_update()
         };
         if updated && wants_after {
-            let pass = self.run(&batch.inputs, false, &mut StdRng::seed_from_u64(0))?;
+            let pass = self.run(&batch.inputs, false, &mut StepRandom::new(0, 0))?;
             let after = self.step_terms(compiled, batch, &pass, false, false, false)?;
             let values: Vec<f64> = after.weighed.iter().map(scalar).collect::<Result<_>>()?;
             w.lock().after_update(&values)?;
@@ -1093,9 +1109,10 @@ impl Model {
     /// As [`Model::fit`].
     pub fn train_on_batch(&mut self, batch: &Dataset) -> Result<Logs> {
         let batch = batch.to_device(&self.device)?;
-        let mut rng = StdRng::seed_from_u64(self.compiled.as_ref().map_or(0, |c| c.iterations));
+        // The step's randomness is keyed by the optimizer's iteration count.
+        let mut random = StepRandom::new(0, self.compiled.as_ref().map_or(0, |c| c.iterations));
         let mut acc = Accumulator::default();
-        self.train_step(&batch, &mut rng, &mut acc, Group::WHOLE, false)?;
+        self.train_step(&batch, &mut random, &mut acc, Group::WHOLE, false)?;
         Ok(acc.logs(""))
     }
 
@@ -1246,7 +1263,8 @@ impl Model {
         self.stop_requested = false;
         let mut stop = false;
         for epoch in config.initial_epoch..config.epochs {
-            // Each epoch's randomness depends on (seed, epoch) alone: resumable.
+            // Each epoch's shuffle depends on (seed, epoch) alone, and each step's masks on
+            // (seed, step) alone (`crate::random`): resumable, and the same on every rank.
             let mut rng = StdRng::seed_from_u64(
                 config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
@@ -1256,9 +1274,6 @@ impl Model {
             let mut order: Vec<u32> = (0..n as u32).collect();
             if config.shuffle {
                 order.shuffle(&mut rng);
-            }
-            if let Some(comm) = comm {
-                crate::distributed::rank_rng(&mut rng, comm.rank());
             }
             let mut progress = EpochProgress::new(config.verbose, steps, epoch, config.epochs);
             let mut acc = Accumulator::default();
@@ -1275,9 +1290,10 @@ impl Model {
                     None => train.select(chunk)?,
                 };
                 let group = Group::of(b, &sizes, config.gradient_accumulation_steps);
+                let mut random = StepRandom::new(config.seed, (epoch * steps + b) as u64);
                 let step = self.train_step(
                     &batch,
-                    &mut rng,
+                    &mut random,
                     &mut acc,
                     group,
                     config.gradient_diagnostics,
@@ -1442,16 +1458,17 @@ impl Model {
             ));
         }
         let data = data.to_device(&self.device)?;
-        let mut rng = StdRng::seed_from_u64(0);
         let mut acc = Accumulator::default();
         let mut start = 0;
         while start < data.len() {
             let len = batch_size.min(data.len() - start);
             let mut batch = data.slice(start, len)?;
+            // An attack's random start, keyed by the batch: the same at every evaluation.
+            let mut random = StepRandom::new(0, (start / batch_size) as u64);
             if let Some(attack) = attack {
-                batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut rng)?;
+                batch.inputs = self.attack(compiled, attack, &batch, None, false, &mut random)?;
             }
-            let pass = self.run(&batch.inputs, false, &mut rng)?;
+            let pass = self.run(&batch.inputs, false, &mut random)?;
             let adversarial_term = attack.is_none().then(|| self.adversarial_term()).flatten();
             let mut terms = self.step_terms(
                 compiled,
@@ -1463,8 +1480,9 @@ impl Model {
             )?;
             // The adversarial term has its validation twin too, on perturbed inputs of the batch.
             if let Some((name, adversarial)) = adversarial_term {
-                let x_adv = self.attack(compiled, &adversarial, &batch, None, false, &mut rng)?;
-                let adv_pass = self.run(&x_adv, false, &mut rng)?;
+                let x_adv =
+                    self.attack(compiled, &adversarial, &batch, None, false, &mut random)?;
+                let adv_pass = self.run(&x_adv, false, &mut random)?;
                 let labeled = self
                     .compiled_loss(compiled, &batch, &adv_pass)?
                     .total

@@ -363,6 +363,7 @@ pub(crate) fn model(
                     .ok_or_else(|| l.error("lstm needs `units`"))?;
                 Lstm::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
+                    .dropout(l.f64_in_or("dropout", 0.0, Bounds::closed_open(0.0, 1.0))?)
                     .with_name(name.clone())
                     .apply_many(&refs)
             }
@@ -372,6 +373,7 @@ pub(crate) fn model(
                     .ok_or_else(|| l.error("gru needs `units`"))?;
                 Gru::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
+                    .dropout(l.f64_in_or("dropout", 0.0, Bounds::closed_open(0.0, 1.0))?)
                     .reset_after(l.bool_or("reset_after", true)?)
                     .with_name(name.clone())
                     .apply_many(&refs)
