@@ -9,6 +9,7 @@ mod data_files;
 mod distributed;
 mod examples;
 mod gradients;
+mod keras_compile_export;
 mod keras_export;
 mod keras_files;
 mod keras_reference;

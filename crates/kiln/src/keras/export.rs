@@ -10,10 +10,18 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Writes `model` to `path` (whole or not at all).
-pub(crate) fn save(model: &Model, path: &Path) -> Result<()> {
+/// The compile configuration to write, given the Keras output names and the file's name.
+type CompileConfigOf<'a> = dyn Fn(&[String], &str) -> Result<Option<Value>> + 'a;
+
+/// Writes `model` to `path` (whole or not at all), with its compile configuration when
+/// `compile` is true and the model is compiled.
+pub(crate) fn save(model: &Model, path: &Path, compile: bool) -> Result<()> {
+    let compiled = |outputs: &[String], shown: &str| match compile {
+        true => super::compile_out::compile_config(model, outputs, shown),
+        false => Ok(None),
+    };
     let Some(source) = model.keras.as_ref() else {
-        return save_native(model, path);
+        return save_native(model, path, &compiled);
     };
     let mut tree = Tree::default();
     for slot in &source.slots {
@@ -30,8 +38,16 @@ pub(crate) fn save(model: &Model, path: &Path) -> Result<()> {
         }
     }
     let weights = tree.to_bytes()?;
-    let config = serde_json::to_vec(&source.config)
-        .map_err(|e| Error::Data(format!("{}: cannot write config.json: {e}", path.display())))?;
+    // A compiled model writes the compile configuration it has now (it may have been compiled
+    // again since the import); an uncompiled one keeps the file's.
+    let keras_outputs: Vec<String> = source.outputs.iter().map(|(k, _)| k.clone()).collect();
+    let shown = path.display().to_string();
+    let mut config = source.config.clone();
+    if let Some(cc) = compiled(&keras_outputs, &shown)? {
+        config["compile_config"] = cc;
+    }
+    let config = serde_json::to_vec(&config)
+        .map_err(|e| Error::Data(format!("{shown}: cannot write config.json: {e}")))?;
     let metadata = serde_json::json!({
         "keras_version": "3.15.1",
         "exported_by": concat!("kiln ", env!("CARGO_PKG_VERSION")),
@@ -142,7 +158,7 @@ fn keras_operation_order(view: &GraphView) -> Vec<String> {
 
 /// A model built in kiln: a Functional config written from its graph, layer by layer, and the
 /// weights where Keras reads them.
-fn save_native(model: &Model, path: &Path) -> Result<()> {
+fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result<()> {
     let view = model.graph_view();
     let shown = path.display();
     // Which tensor is which Keras output: (layer, node index); and every tensor's shape.
@@ -270,12 +286,16 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
     };
     let inputs = ends(view.inputs.iter().map(|(_, id, _)| *id).collect());
     let outputs = ends(view.outputs.clone());
-    let config = json!({
+    let keras_outputs: Vec<String> = view.outputs.iter().map(|i| made_by[i].0.clone()).collect();
+    let mut config = json!({
         "module": "keras.src.models.functional", "class_name": "Functional",
         "config": { "name": "kiln_model", "trainable": true, "layers": layers,
                     "input_layers": inputs, "output_layers": outputs },
         "registered_name": "Functional",
     });
+    if let Some(cc) = compiled(&keras_outputs, &shown.to_string())? {
+        config["compile_config"] = cc;
+    }
     let weights = tree.to_bytes()?;
     let config = serde_json::to_vec(&config)
         .map_err(|e| Error::Data(format!("{shown}: cannot write config.json: {e}")))?;

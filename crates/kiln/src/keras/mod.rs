@@ -14,6 +14,7 @@
 
 mod archive;
 mod compile;
+mod compile_out;
 mod export;
 mod graph;
 mod h5;
@@ -193,6 +194,42 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
     Ok(model)
 }
 
+/// Writes `model` as a Keras 3 `.keras` file, whole or not at all, with its compile
+/// configuration when `compile` is true and the model is compiled ([`Model::save_keras`]);
+/// with `compile` false the file loads uncompiled in Keras (an imported model keeps the
+/// compile configuration of its file), for a model whose loss setup Keras cannot hold.
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("kiln-doc-save-un-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// use kiln::prelude::*;
+/// let x = Input::new([2]);
+/// let y = Dense::new(1).with_name("out").apply(&x)?;
+/// let mut model = Model::new(&[x], &[y])?;
+/// model.add_loss("small", |t: &Tensors| Ok((t.output("out")?.sqr()?.mean_all()? * 1e-3)?))?;
+/// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+/// assert!(model.save_keras(dir.join("m.keras")).is_err()); // Keras has no added losses
+/// kiln::keras::save(&model, dir.join("m.keras"), false)?;
+/// assert!(!kiln::keras::load(dir.join("m.keras"), true)?.is_compiled());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`Model::save_keras`], but for the compile configuration when `compile` is false.
+pub fn save(model: &Model, path: impl AsRef<Path>, compile: bool) -> Result<()> {
+    // An imported model writes its own config back, explicit masks included.
+    let masked = model.explicitly_masked_layers();
+    if model.keras.is_none() && !masked.is_empty() {
+        return Err(Error::Data(format!(
+            "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
+             yet: the file would lose them"
+        )));
+    }
+    export::save(model, path.as_ref(), compile)
+}
+
 /// Checks that the weights file stores each layer's weights (`vars/0`, `vars/1`, …) and no
 /// more, naming the first layer and weight that differ.
 fn check_stored(file: &h5::WeightsFile, slots: &[LayerSlot]) -> Result<()> {
@@ -299,18 +336,13 @@ impl Model {
     /// # Errors
     ///
     /// When a layer of a kiln-built model has no Keras equivalent (a layer of your own, a
-    /// custom regularizer; the message names it), or the file cannot be written. The compile
-    /// configuration of a kiln-built model is not written (yet): Keras loads it uncompiled.
+    /// custom regularizer; the message names it), when the model is compiled with something
+    /// Keras' `compile_config` cannot hold (a loss or optimizer Keras has no class for, an
+    /// unregistered loss closure, an added loss, a loss weighting strategy, a metric with
+    /// parameters Keras' names do not give), or the file cannot be written. A compiled model
+    /// writes its compile configuration, so that Keras loads it compiled.
     pub fn save_keras(&self, path: impl AsRef<Path>) -> Result<()> {
-        // An imported model writes its own config back, explicit masks included.
-        let masked = self.explicitly_masked_layers();
-        if self.keras.is_none() && !masked.is_empty() {
-            return Err(Error::Data(format!(
-                "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
-                 yet: the file would lose them"
-            )));
-        }
-        export::save(self, path.as_ref())
+        save(self, path, true)
     }
 }
 

@@ -597,6 +597,11 @@ impl Model {
     }
 
     /// The layers given an explicit mask ([`SharedLayer::apply_with_mask`]), by name.
+    /// The names of the terms added with [`Model::add_loss`].
+    pub(crate) fn added_term_names(&self) -> Vec<&str> {
+        self.added.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
     pub(crate) fn explicitly_masked_layers(&self) -> Vec<&str> {
         self.steps
             .iter()
