@@ -211,14 +211,14 @@ fn conv_groups(l: &Fields, filters: usize, inputs: &[&SymbolicTensor]) -> Result
     let groups = l.usize_min_or("groups", 1, 1)?;
     let channels = inputs.first().and_then(|x| x.shape().last().copied());
     if let Some(v) = l.get("groups") {
-        if filters % groups != 0 {
+        if !filters.is_multiple_of(groups) {
             return Err(l.value_error(
                 "groups",
                 v,
                 format!("{groups} groups do not divide the {filters} filters"),
             ));
         }
-        if let Some(c) = channels.filter(|c| c % groups != 0) {
+        if let Some(c) = channels.filter(|c| !c.is_multiple_of(groups)) {
             return Err(l.value_error(
                 "groups",
                 v,
