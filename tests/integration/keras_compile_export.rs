@@ -64,13 +64,18 @@ fn binary(labels: &[f32]) -> Tensor {
     Tensor::from_vec(labels.to_vec(), (labels.len(), 1), &Device::Cpu).unwrap()
 }
 
+/// Registers the custom loss once: registering a name again replaces the loss, and a model
+/// compiled with the replaced one no longer holds a registered loss.
 fn register_custom() {
-    kiln::losses::register(
-        "Custom>kiln_scaled_mse",
-        loss_fn("kiln_scaled_mse", |t: &Tensor, p: &Tensor| {
-            Ok(((p - t)?.sqr()?.mean(candle_core::D::Minus1)? * 2.0)?)
-        }),
-    );
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        kiln::losses::register(
+            "Custom>kiln_scaled_mse",
+            loss_fn("kiln_scaled_mse", |t: &Tensor, p: &Tensor| {
+                Ok(((p - t)?.sqr()?.mean(candle_core::D::Minus1)? * 2.0)?)
+            }),
+        );
+    });
 }
 
 /// The compiled models: each with its data (inputs, targets).

@@ -1094,7 +1094,7 @@ loss = "mse"
 "#;
 
 /// (the layer with `{v}` for the value, key, what it allows on a `[batch, 1, 2]` input).
-const LAYER_OPTION_CASES: [(&str, &str, Expect); 8] = [
+const LAYER_OPTION_CASES: [(&str, &str, Expect); 10] = [
     (
         r#"{ type = "batch_normalization", axis = {v} }"#,
         "axis",
@@ -1128,6 +1128,16 @@ const LAYER_OPTION_CASES: [(&str, &str, Expect); 8] = [
     (
         r#"{ type = "gru", units = 2, return_sequences = true, dropout = {v} }"#,
         "dropout",
+        UNIT_OPEN,
+    ),
+    (
+        r#"{ type = "lstm", units = 2, return_sequences = true, recurrent_dropout = {v} }"#,
+        "recurrent_dropout",
+        UNIT_OPEN,
+    ),
+    (
+        r#"{ type = "gru", units = 2, return_sequences = true, recurrent_dropout = {v} }"#,
+        "recurrent_dropout",
         UNIT_OPEN,
     ),
     (
@@ -1263,7 +1273,7 @@ layers = [
   { type = "layer_normalization", name = "ln", axes = [-2, 2] },
   { type = "conv1d", name = "conv", filters = 4, kernel_size = 1, groups = 2 },
   { type = "lstm", name = "lstm", units = 3, return_sequences = true, dropout = 0.25 },
-  { type = "gru", name = "gru", units = 2, dropout = 0.5 },
+  { type = "gru", name = "gru", units = 2, dropout = 0.5, recurrent_dropout = 0.125 },
   { type = "dense", name = "out", units = 1 },
 ]
 [compile]
@@ -1301,4 +1311,5 @@ loss = "mse"
     assert_eq!(layer("conv")["groups"], 2);
     assert_eq!(layer("lstm")["dropout"], 0.25);
     assert_eq!(layer("gru")["dropout"], 0.5);
+    assert_eq!(layer("gru")["recurrent_dropout"], 0.125);
 }

@@ -452,6 +452,11 @@ pub(crate) fn model(
                 Lstm::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
                     .dropout(l.f64_in_or("dropout", 0.0, Bounds::closed_open(0.0, 1.0))?)
+                    .recurrent_dropout(l.f64_in_or(
+                        "recurrent_dropout",
+                        0.0,
+                        Bounds::closed_open(0.0, 1.0),
+                    )?)
                     .with_name(name.clone())
                     .apply_many(&refs)
             }
@@ -462,6 +467,11 @@ pub(crate) fn model(
                 Gru::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
                     .dropout(l.f64_in_or("dropout", 0.0, Bounds::closed_open(0.0, 1.0))?)
+                    .recurrent_dropout(l.f64_in_or(
+                        "recurrent_dropout",
+                        0.0,
+                        Bounds::closed_open(0.0, 1.0),
+                    )?)
                     .reset_after(l.bool_or("reset_after", true)?)
                     .with_name(name.clone())
                     .apply_many(&refs)
