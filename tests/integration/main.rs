@@ -13,6 +13,7 @@ mod keras_compile_export;
 mod keras_export;
 mod keras_files;
 mod keras_reference;
+mod keras_weights_only;
 mod layers;
 mod loaders_fuzz;
 mod loss_weighting;

@@ -143,19 +143,7 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         legacy::locate(&weights, &reader.slots)?
     } else {
         check_stored(&weights, &reader.slots)?;
-        reader
-            .slots
-            .iter()
-            .flat_map(|slot| {
-                slot.weights.iter().enumerate().map(|(i, w)| {
-                    (
-                        format!("{}/{w}", slot.kiln),
-                        slot.vars.clone(),
-                        i.to_string(),
-                    )
-                })
-            })
-            .collect()
+        stored_of(&reader.slots)
     };
     let inputs = g.kiln_inputs();
     let outputs = g.apply(&file, &inputs)?;
@@ -228,6 +216,22 @@ pub fn save(model: &Model, path: impl AsRef<Path>, compile: bool) -> Result<()> 
         )));
     }
     export::save(model, path.as_ref(), compile)
+}
+
+/// Each kiln weight of `slots` with the group and dataset Keras keeps it in.
+fn stored_of(slots: &[LayerSlot]) -> Vec<(String, String, String)> {
+    slots
+        .iter()
+        .flat_map(|slot| {
+            slot.weights.iter().enumerate().map(|(i, w)| {
+                (
+                    format!("{}/{w}", slot.kiln),
+                    slot.vars.clone(),
+                    i.to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Checks that the weights file stores each layer's weights (`vars/0`, `vars/1`, …) and no
@@ -311,6 +315,70 @@ impl Model {
     /// lacks, or a custom loss that is not registered ([`crate::losses::register`]).
     pub fn from_keras(path: impl AsRef<Path>) -> Result<Model> {
         load(path, true)
+    }
+
+    /// Reads a Keras 3 weights-only file (`model.save_weights("m.weights.h5")`, or the
+    /// `model.weights.h5` inside a `.keras` file) onto this model, which must have the same
+    /// architecture: each layer's weights are found where Keras keeps them (`layers/dense_1/vars`,
+    /// `layers/lstm/cell/vars`, by Keras' order of the layers and their classes, whatever their
+    /// names), and every one is read and checked (present, no others in its group, its shape)
+    /// before any is set, so a file that does not fit changes nothing. The file is read as a
+    /// stranger's: datasets stored in it only (no soft or external links), declared sizes
+    /// checked against the file before anything is allocated.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("kiln-doc-kw-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// use kiln::prelude::*;
+    /// let build = |seed| {
+    ///     let x = Input::new([3]);
+    ///     let h = Dense::new(4).activation(Activation::Relu).apply(&x)?;
+    ///     let y = Dense::new(1).apply(&h)?;
+    ///     Model::builder(&[x], &[y]).seed(seed).build()
+    /// };
+    /// let (a, b) = (build(1)?, build(2)?);
+    /// a.save_keras(dir.join("a.keras"))?;
+    /// // The weights file inside a .keras archive has save_weights' layout.
+    /// let mut zip = zip::ZipArchive::new(std::fs::File::open(dir.join("a.keras"))?)?;
+    /// let mut h5 = Vec::new();
+    /// std::io::Read::read_to_end(&mut zip.by_name("model.weights.h5")?, &mut h5)?;
+    /// std::fs::write(dir.join("a.weights.h5"), h5)?;
+    /// b.load_keras_weights(dir.join("a.weights.h5"))?;
+    /// assert_eq!(
+    ///     b.weights()[0].var.as_tensor().to_vec2::<f32>()?,
+    ///     a.weights()[0].var.as_tensor().to_vec2::<f32>()?
+    /// );
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the file is not a readable HDF5 file, refers to data outside itself, lacks a
+    /// weight of the model or holds more in a layer's group (the message names the layer, the
+    /// weight and its place in the file), a shape differs, or a layer has no Keras equivalent.
+    pub fn load_keras_weights(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| crate::io::io_error(path, e))?;
+        let file = h5::WeightsFile::new(bytes, shown.clone())?;
+        let native;
+        let slots: &[LayerSlot] = match &self.keras {
+            Some(source) => &source.slots,
+            None => {
+                native = export::weight_groups(self, &shown)?
+                    .into_iter()
+                    .map(|(kiln, vars, weights)| LayerSlot {
+                        kiln,
+                        vars,
+                        weights: weights.into_iter().map(|(w, _)| w).collect(),
+                    })
+                    .collect::<Vec<_>>();
+                &native
+            }
+        };
+        check_stored(&file, slots)?;
+        load_weights(self, &file, &stored_of(slots))
     }
 
     /// Writes the model as a Keras 3 `.keras` file that `keras.saving.load_model` reads,
