@@ -440,3 +440,90 @@ fn what_keras_cannot_hold_is_refused_naming_it() {
     let msg = refusal(Compile::new(Adam::new(1e-3)).loss("mse"), true);
     assert!(msg.contains("added loss `sparsity`"), "{msg}");
 }
+
+/// `kiln export` of a trained run folder writes its compile configuration; a run with an
+/// added term (FGSM), which Keras cannot hold, is refused naming it, and `--uncompiled`
+/// writes it uncompiled.
+#[test]
+fn kiln_export_writes_the_runs_compile_configuration() {
+    let dir = temp("cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let run_file = |added: &str| {
+        format!(
+            r#"seed = 1
+[data]
+source = "blobs"
+samples = 30
+[model]
+layers = [{{ type = "dense", name = "hidden", units = 4, activation = "relu" }}, {{ type = "dense", name = "out", units = 1 }}]
+[compile]
+optimizer = {{ type = "adam", learning_rate = 0.02, beta_1 = 0.85 }}
+loss = {{ type = "huber", delta = 0.5 }}
+metrics = ["mae"]
+{added}
+[fit]
+epochs = 1
+batch_size = 10
+"#
+        )
+    };
+    for (tag, added) in [
+        ("plain", ""),
+        (
+            "fgsm",
+            "[[added]]\nkind = \"fgsm\"\nepsilon = 0.05\nmultiplier = 0.5",
+        ),
+    ] {
+        let toml = dir.join(format!("{tag}.toml"));
+        std::fs::write(&toml, run_file(added)).unwrap();
+        let run = dir.join(format!("run_{tag}"));
+        let (ok, text) = kiln(&[
+            "train",
+            toml.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(ok, "{text}");
+        let out = dir.join(format!("{tag}.keras"));
+        let (ok, text) = kiln(&[
+            "export",
+            run.to_str().unwrap(),
+            "--keras",
+            out.to_str().unwrap(),
+        ]);
+        if tag == "plain" {
+            assert!(ok, "{text}");
+            let cc = compile_config_of(&out);
+            assert_eq!(cc["optimizer"]["config"]["beta_1"], 0.85);
+            assert_eq!(cc["loss"]["class_name"], "Huber");
+            assert_eq!(cc["loss"]["config"]["delta"], 0.5);
+            assert_eq!(cc["metrics"], json!(["mae"]));
+        } else {
+            assert!(!ok && text.contains("added loss `adversarial`"), "{text}");
+            assert!(!out.exists());
+            let (ok, text) = kiln(&[
+                "export",
+                run.to_str().unwrap(),
+                "--keras",
+                out.to_str().unwrap(),
+                "--uncompiled",
+            ]);
+            assert!(ok, "{text}");
+            assert_eq!(compile_config_of(&out), Value::Null);
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

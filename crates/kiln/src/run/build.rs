@@ -691,9 +691,10 @@ fn metrics(
 fn metric_items(f: &Fields, key: &str, v: &super::fields::Value<'_>) -> Result<Vec<MetricSpec>> {
     let one = |item: &super::fields::Value<'_>, what: String| -> Result<MetricSpec> {
         if let Some(name) = item.get_ref().as_str() {
-            let m = crate::metrics::config::metric_by_name(name)
+            crate::metrics::config::metric_by_name(name)
                 .map_err(|e| f.error_at(key, &item.span(), strip_kind(e)))?;
-            return Ok(MetricSpec::from(m));
+            // By name, so that a Keras export writes the name the run file gave.
+            return Ok(MetricSpec::Named(name.to_string()));
         }
         let Some(table) = item.get_ref().as_table() else {
             return Err(f.value_error(
