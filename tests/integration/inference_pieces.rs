@@ -60,10 +60,7 @@ fn convolutional_predictions_in_pieces_equal_each_sample_alone() {
 #[test]
 fn recurrent_predictions_in_pieces_equal_each_sample_alone() {
     let x = Input::new([200]);
-    let e = Embedding::new(50, 256)
-        .mask_zero(true)
-        .apply(&x)
-        .unwrap();
+    let e = Embedding::new(50, 256).mask_zero(true).apply(&x).unwrap();
     let h = Lstm::new(16).apply(&e).unwrap();
     let y = Dense::new(2).apply(&h).unwrap();
     let model = Model::new(&[x], &[y]).unwrap();

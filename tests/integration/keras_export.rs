@@ -400,7 +400,7 @@ fn a_layer_keras_cannot_express_is_refused_naming_it() {
 
 /// The layer options added for issue 16, built in kiln: BatchNormalization over axis 1 and
 /// LayerNormalization over two axes, grouped Conv1D and Conv2D, an LSTM and a GRU with input
-/// dropout (inference ignores it).
+/// dropout and GRU recurrent dropout (inference ignores them).
 #[test]
 fn normalization_axes_groups_and_recurrent_dropout_round_trip() {
     let s = Input::named("seq", [5, 6]);
@@ -426,7 +426,12 @@ fn normalization_axes_groups_and_recurrent_dropout_round_trip() {
         .with_name("lstm")
         .apply(&h)
         .unwrap();
-    let h = Gru::new(2).dropout(0.2).with_name("gru").apply(&h).unwrap();
+    let h = Gru::new(2)
+        .dropout(0.2)
+        .recurrent_dropout(0.35)
+        .with_name("gru")
+        .apply(&h)
+        .unwrap();
     let i = Input::named("img", [4, 4, 4]);
     let g = Conv2D::new(6, (2, 2))
         .groups(2)

@@ -88,6 +88,8 @@ enum Expect {
     AnyInt,
     /// Exactly this integer.
     Exactly(i64),
+    /// One of these integers (the feature axes of an input).
+    OneOf(&'static [i64]),
     /// true or false.
     Bool,
 }
@@ -115,6 +117,7 @@ impl Expect {
             Expect::Int(min) => i >= min,
             Expect::AnyInt => true,
             Expect::Exactly(n) => i == n,
+            Expect::OneOf(set) => set.contains(&i),
             Expect::Bool => false,
         }
     }
@@ -569,6 +572,56 @@ fn other_cases() -> Vec<Case> {
             "synchronized",
             Bool,
             true,
+        ),
+        // The feature axes of the blobs' [batch, 2] input: 1 and -1.
+        (
+            Slot::Layer,
+            r#"{ type = "batch_normalization", axis = {v} }"#,
+            "axis",
+            OneOf(&[1, -1]),
+            true,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "layer_normalization", axes = {v} }"#,
+            "axes",
+            OneOf(&[1, -1]),
+            true,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "layer_normalization", axes = [{v}] }"#,
+            "axes",
+            OneOf(&[1, -1]),
+            true,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "layer_normalization", axes = [1, {v}] }"#,
+            "axes",
+            OneOf(&[]),
+            true,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "conv1d", filters = 4, kernel_size = 1, groups = {v} }"#,
+            "groups",
+            Int(1),
+            false,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "lstm", units = 2, dropout = {v} }"#,
+            "dropout",
+            UNIT_OPEN,
+            false,
+        ),
+        (
+            Slot::Layer,
+            r#"{ type = "gru", units = 2, dropout = {v} }"#,
+            "dropout",
+            UNIT_OPEN,
+            false,
         ),
         (
             Slot::Layer,
@@ -1036,6 +1089,127 @@ proptest! {
     }
 }
 
+/// A run file whose layer under test (line 8) sees a `[batch, 1, 2]` input: one step of two
+/// channels, so that normalization axes, convolution groups and recurrent dropout all build.
+const LAYER_OPTIONS: &str = r#"seed = 0
+[data]
+source = "blobs"
+samples = 20
+[model]
+layers = [
+  { type = "reshape", target_shape = [1, 2] },
+  {LAYER},
+  { type = "flatten" },
+  { type = "dense", name = "out", units = 1 },
+]
+[compile]
+optimizer = "sgd"
+loss = "mse"
+"#;
+
+/// (the layer with `{v}` for the value, key, what it allows on a `[batch, 1, 2]` input).
+const LAYER_OPTION_CASES: [(&str, &str, Expect); 10] = [
+    (
+        r#"{ type = "batch_normalization", axis = {v} }"#,
+        "axis",
+        Expect::OneOf(&[1, 2, -1, -2]),
+    ),
+    (
+        r#"{ type = "layer_normalization", axes = {v} }"#,
+        "axes",
+        Expect::OneOf(&[1, 2, -1, -2]),
+    ),
+    (
+        r#"{ type = "layer_normalization", axes = [2, {v}] }"#,
+        "axes",
+        Expect::OneOf(&[1, -2]),
+    ),
+    (
+        r#"{ type = "conv1d", filters = 2, kernel_size = 1, groups = {v} }"#,
+        "groups",
+        Expect::OneOf(&[1, 2]),
+    ),
+    (
+        r#"{ type = "conv1d", filters = 4, kernel_size = 1, groups = {v} }"#,
+        "groups",
+        Expect::OneOf(&[1, 2]),
+    ),
+    (
+        r#"{ type = "lstm", units = 2, return_sequences = true, dropout = {v} }"#,
+        "dropout",
+        UNIT_OPEN,
+    ),
+    (
+        r#"{ type = "gru", units = 2, return_sequences = true, dropout = {v} }"#,
+        "dropout",
+        UNIT_OPEN,
+    ),
+    (
+        r#"{ type = "lstm", units = 2, return_sequences = true, recurrent_dropout = {v} }"#,
+        "recurrent_dropout",
+        UNIT_OPEN,
+    ),
+    (
+        r#"{ type = "gru", units = 2, return_sequences = true, recurrent_dropout = {v} }"#,
+        "recurrent_dropout",
+        UNIT_OPEN,
+    ),
+    (
+        r#"{ type = "lstm", units = 2, return_sequences = true, dropuot = {v} }"#,
+        "dropuot",
+        Expect::OneOf(&[]),
+    ),
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Any value for the normalization axes, convolution groups and recurrent dropout (and a
+    /// misspelt key): an error naming the file, the line and the key, or a model built from a
+    /// value that was allowed; never a panic.
+    #[test]
+    fn random_layer_options_are_ok_only_when_allowed(
+        case in any::<proptest::sample::Index>(),
+        value in generated(),
+    ) {
+        let (template, key, expect) = LAYER_OPTION_CASES[case.index(LAYER_OPTION_CASES.len())];
+        let text = LAYER_OPTIONS.replace("{LAYER}", &template.replace("{v}", &value.toml()));
+        let result = RunFile::from_text("layer.toml", &text, PathBuf::new())
+            .and_then(|run| run.prepare(None, &Device::Cpu).map(|_| ()));
+        match result {
+            Ok(()) => prop_assert!(value.allowed_by(expect), "{template} accepted {}", value.toml()),
+            Err(e) => {
+                let e = e.to_string();
+                prop_assert!(!value.allowed_by(expect), "{template} refused {}: {e}", value.toml());
+                prop_assert!(e.contains(&format!("`{key}`")) && e.contains("layer.toml line 8"), "{e}");
+            }
+        }
+    }
+}
+
+/// Every allowed value of the layer options builds, over the values the table feeds too.
+#[test]
+fn layer_options_build_what_they_say() {
+    for (template, key, expect) in LAYER_OPTION_CASES {
+        for (value, allowed) in expect.candidates() {
+            let text = LAYER_OPTIONS.replace("{LAYER}", &template.replace("{v}", &value));
+            let result = RunFile::from_text("layer.toml", &text, PathBuf::new())
+                .and_then(|run| run.prepare(None, &Device::Cpu).map(|_| ()));
+            match result {
+                Ok(()) => assert!(allowed, "{template} accepted {value}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!allowed, "{template} refused {value}: {e}");
+                    assert!(
+                        e.contains(&format!("`{key}`")) && e.contains("layer.toml line 8"),
+                        "{template} with {value}: {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The library's own builders, misused: the values are refused where they are used.
 #[test]
 fn library_builders_refuse_bad_values_where_they_are_used() {
@@ -1094,4 +1268,62 @@ fn library_builders_refuse_bad_values_where_they_are_used() {
             .to_string();
         assert!(err.contains(what), "{err}");
     }
+}
+
+/// The layer options a run file gives reach the layers: the Keras config kiln writes for the
+/// model carries each value as written.
+#[test]
+fn layer_options_reach_the_layers() {
+    use std::io::Read;
+    let text = r#"seed = 0
+[data]
+source = "blobs"
+samples = 20
+[model]
+layers = [
+  { type = "dense", name = "pre", units = 4 },
+  { type = "reshape", target_shape = [2, 2] },
+  { type = "batch_normalization", name = "bn", axis = 1 },
+  { type = "layer_normalization", name = "ln", axes = [-2, 2] },
+  { type = "conv1d", name = "conv", filters = 4, kernel_size = 1, groups = 2 },
+  { type = "lstm", name = "lstm", units = 3, return_sequences = true, dropout = 0.25 },
+  { type = "gru", name = "gru", units = 2, dropout = 0.5, recurrent_dropout = 0.125 },
+  { type = "dense", name = "out", units = 1 },
+]
+[compile]
+optimizer = "sgd"
+loss = "mse"
+"#;
+    let run = RunFile::from_text("options.toml", text, PathBuf::new()).unwrap();
+    let model = run.prepare(None, &Device::Cpu).unwrap().model;
+    assert_eq!(model.weight("ln/gamma").unwrap().var.dims(), &[2, 2]);
+    assert_eq!(model.weight("bn/gamma").unwrap().var.dims(), &[2]);
+    assert_eq!(model.weight("conv/kernel").unwrap().var.dims(), &[1, 1, 4]);
+    let dir = temp("options");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("options.keras");
+    kiln::keras::save(&model, &path, false).unwrap();
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+    let mut config = String::new();
+    zip.by_name("config.json")
+        .unwrap()
+        .read_to_string(&mut config)
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let layer = |name: &str| {
+        config["config"]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()["config"]
+            .clone()
+    };
+    assert_eq!(layer("bn")["axis"], 1);
+    assert_eq!(layer("ln")["axis"], serde_json::json!([-2, 2]));
+    assert_eq!(layer("conv")["groups"], 2);
+    assert_eq!(layer("lstm")["dropout"], 0.25);
+    assert_eq!(layer("gru")["dropout"], 0.5);
+    assert_eq!(layer("gru")["recurrent_dropout"], 0.125);
 }

@@ -124,6 +124,10 @@ enum Command {
         /// The weights (default: model.safetensors of the run folder).
         #[arg(long)]
         weights: Option<PathBuf>,
+        /// Leave the compile configuration out (Keras loads the model uncompiled); needed for
+        /// a run whose loss setup Keras cannot hold (added terms, loss weighting).
+        #[arg(long)]
+        uncompiled: bool,
     },
     /// List the built-in losses with their parameters and defaults.
     Losses,
@@ -193,7 +197,8 @@ pub fn main() -> ExitCode {
             run,
             keras,
             weights,
-        } => export(&run, weights.as_deref(), &keras).map(|()| true),
+            uncompiled,
+        } => export(&run, weights.as_deref(), &keras, !uncompiled).map(|()| true),
         Command::Losses => {
             catalogue::print();
             Ok(true)
@@ -466,11 +471,11 @@ fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
 }
 
 /// `kiln export`: a run folder's model and weights as a `.keras` file.
-fn export(run: &Path, weights: Option<&Path>, out: &Path) -> crate::Result<()> {
+fn export(run: &Path, weights: Option<&Path>, out: &Path, compile: bool) -> crate::Result<()> {
     let (file, weights) = resolve(run, weights)?;
     let (model, _) = file.prepare_model_only(&candle_core::Device::Cpu)?;
     model.load_weights(&weights)?;
-    model.save_keras(out)?;
+    crate::keras::save(&model, out, compile)?;
     println!("wrote {}", out.display());
     Ok(())
 }

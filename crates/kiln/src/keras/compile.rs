@@ -67,44 +67,8 @@ pub(crate) fn compile(cc: &Obj, outputs: &[(String, String)]) -> Result<Compile>
         }
         Some(w) => c = c.loss_weight(number(cc, w, "loss_weights")?),
     }
-    match cc.get("metrics") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(m)) => {
-            for (name, list) in m {
-                let output = kiln_output("metrics", name)?;
-                for (i, v) in as_list(list).iter().enumerate() {
-                    let spec = metric(cc, v, &format!("metrics.{name}[{i}]"))?;
-                    c = c.metric_for(output.clone(), spec);
-                }
-            }
-        }
-        Some(Value::Array(items)) => {
-            for (i, v) in items.iter().enumerate() {
-                if let Value::Array(per_output) = v {
-                    let (_, output) = outputs.get(i).ok_or_else(|| {
-                        cc.error(
-                            "metrics",
-                            format!(
-                                "{} lists of metrics for {} outputs",
-                                items.len(),
-                                outputs.len()
-                            ),
-                        )
-                    })?;
-                    for (j, m) in per_output.iter().enumerate() {
-                        c = c.metric_for(
-                            output.clone(),
-                            metric(cc, m, &format!("metrics[{i}][{j}]"))?,
-                        );
-                    }
-                } else {
-                    c = c.metric(metric(cc, v, &format!("metrics[{i}]"))?);
-                }
-            }
-        }
-        Some(v) => c = c.metric(metric(cc, v, "metrics")?),
-    }
-    cc.expect_null("weighted_metrics", "weighted metrics")?;
+    c = metrics(cc, "metrics", c, outputs, &kiln_output, false)?;
+    c = metrics(cc, "weighted_metrics", c, outputs, &kiln_output, true)?;
     // How Keras runs a step (eagerly, jitted, several per call) changes no value.
     cc.ignore(&[
         "run_eagerly",
@@ -113,6 +77,63 @@ pub(crate) fn compile(cc: &Obj, outputs: &[(String, String)]) -> Result<Compile>
         "auto_scale_loss",
     ]);
     cc.finish("compile_config")?;
+    Ok(c)
+}
+
+/// `metrics` or `weighted_metrics` (`weighted`): one list for every output, a list of lists
+/// in output order, or a dict by output name.
+fn metrics(
+    cc: &Obj,
+    key: &str,
+    mut c: Compile,
+    outputs: &[(String, String)],
+    kiln_output: &dyn Fn(&str, &str) -> Result<String>,
+    weighted: bool,
+) -> Result<Compile> {
+    let add = |c: Compile, output: Option<String>, spec: MetricSpec| match (output, weighted) {
+        (Some(o), false) => c.metric_for(o, spec),
+        (Some(o), true) => c.weighted_metric_for(o, spec),
+        (None, false) => c.metric(spec),
+        (None, true) => c.weighted_metric(spec),
+    };
+    match cc.get(key) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (name, list) in m {
+                let output = kiln_output(key, name)?;
+                for (i, v) in as_list(list).iter().enumerate() {
+                    let spec = metric(cc, v, &format!("{key}.{name}[{i}]"))?;
+                    c = add(c, Some(output.clone()), spec);
+                }
+            }
+        }
+        Some(Value::Array(items)) => {
+            for (i, v) in items.iter().enumerate() {
+                if let Value::Array(per_output) = v {
+                    let (_, output) = outputs.get(i).ok_or_else(|| {
+                        cc.error(
+                            key,
+                            format!(
+                                "{} lists of metrics for {} outputs",
+                                items.len(),
+                                outputs.len()
+                            ),
+                        )
+                    })?;
+                    for (j, m) in per_output.iter().enumerate() {
+                        c = add(
+                            c,
+                            Some(output.clone()),
+                            metric(cc, m, &format!("{key}[{i}][{j}]"))?,
+                        );
+                    }
+                } else {
+                    c = add(c, None, metric(cc, v, &format!("{key}[{i}]"))?);
+                }
+            }
+        }
+        Some(v) => c = add(c, None, metric(cc, v, key)?),
+    }
     Ok(c)
 }
 
@@ -170,6 +191,26 @@ fn loss(cc: &Obj, v: &Value, at: &str) -> Result<LossSpec> {
                 .and_then(Value::as_str)
                 .filter(|r| *r != class)
                 .map(str::to_string);
+            if class == "function" {
+                // A registered function, as Keras writes one: its registered name is the
+                // config (`"Custom>my_loss"`).
+                o.expect(
+                    "registered_name",
+                    |r| r.is_null() || r.as_str() == Some("function"),
+                    "\"function\" for a function loss",
+                )?;
+                let key = o.str("config")?.to_string();
+                let found = crate::losses::by_name(&key).map_err(|_| {
+                    o.error(
+                        "config",
+                        format!(
+                            "custom loss function `{key}` is not registered: call kiln::losses::register(\"{key}\", …) with a Rust version of it before loading"
+                        ),
+                    )
+                })?;
+                o.finish("a loss")?;
+                return Ok(LossSpec::Loss(found));
+            }
             let cfg = o.obj("config")?;
             let built_in =
                 crate::losses::keras_class_name(&class).is_some() && registered.is_none();

@@ -4,16 +4,25 @@
 use super::graph::GroupNames;
 use super::h5::Tree;
 use crate::error::{Error, Result};
+use crate::layers::Weight;
 use crate::model::GraphView;
 use crate::model::Model;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Writes `model` to `path` (whole or not at all).
-pub(crate) fn save(model: &Model, path: &Path) -> Result<()> {
+/// The compile configuration to write, given the Keras output names and the file's name.
+type CompileConfigOf<'a> = dyn Fn(&[String], &str) -> Result<Option<Value>> + 'a;
+
+/// Writes `model` to `path` (whole or not at all), with its compile configuration when
+/// `compile` is true and the model is compiled.
+pub(crate) fn save(model: &Model, path: &Path, compile: bool) -> Result<()> {
+    let compiled = |outputs: &[String], shown: &str| match compile {
+        true => super::compile_out::compile_config(model, outputs, shown),
+        false => Ok(None),
+    };
     let Some(source) = model.keras.as_ref() else {
-        return save_native(model, path);
+        return save_native(model, path, &compiled);
     };
     let mut tree = Tree::default();
     for slot in &source.slots {
@@ -30,8 +39,16 @@ pub(crate) fn save(model: &Model, path: &Path) -> Result<()> {
         }
     }
     let weights = tree.to_bytes()?;
-    let config = serde_json::to_vec(&source.config)
-        .map_err(|e| Error::Data(format!("{}: cannot write config.json: {e}", path.display())))?;
+    // A compiled model writes the compile configuration it has now (it may have been compiled
+    // again since the import); an uncompiled one keeps the file's.
+    let keras_outputs: Vec<String> = source.outputs.iter().map(|(k, _)| k.clone()).collect();
+    let shown = path.display().to_string();
+    let mut config = source.config.clone();
+    if let Some(cc) = compiled(&keras_outputs, &shown)? {
+        config["compile_config"] = cc;
+    }
+    let config = serde_json::to_vec(&config)
+        .map_err(|e| Error::Data(format!("{shown}: cannot write config.json: {e}")))?;
     let metadata = serde_json::json!({
         "keras_version": "3.15.1",
         "exported_by": concat!("kiln ", env!("CARGO_PKG_VERSION")),
@@ -140,9 +157,75 @@ fn keras_operation_order(view: &GraphView) -> Vec<String> {
     ops
 }
 
+/// A layer's weights in the order Keras stores them, each with its name after `<layer>/`.
+pub(crate) type KerasWeights = Vec<(&'static str, Weight)>;
+
+/// Where Keras keeps the weights of a kiln-built model's layers: for each layer (in the order
+/// Keras lists a Functional model's operations) its name, its group in the weights file
+/// (`layers/dense_1/vars`, `layers/lstm/cell/vars`) and its weights in the order Keras stores
+/// them (`vars/0`, `vars/1`, …). `shown` names the file, for messages.
+pub(crate) fn weight_groups(
+    model: &Model,
+    shown: &str,
+) -> Result<Vec<(String, String, KerasWeights)>> {
+    let view = model.graph_view();
+    let inputs: Vec<&String> = view.inputs.iter().map(|(n, _, _)| n).collect();
+    let mut groups = GroupNames::default();
+    let mut out = Vec::new();
+    for name in keras_operation_order(&view) {
+        if inputs.contains(&&name) {
+            groups.next("input_layer");
+            continue;
+        }
+        let step = view
+            .steps
+            .iter()
+            .find(|s| s.layer_name == name)
+            .ok_or_else(|| Error::Data(format!("{shown}: layer `{name}` is not in the graph")))?;
+        let layer = step.layer.lock();
+        let described = layer.keras_config();
+        let kind = layer.kind();
+        let weights = layer.weights();
+        drop(layer);
+        let (class, _) = described.ok_or_else(|| {
+            Error::Data(format!(
+                "{shown}: layer `{name}` ({kind}) cannot be written as Keras: Keras has no layer \
+                 with its configuration (a layer of your own, a custom regularizer, or an option \
+                 Keras lacks such as causal pooling); nothing was written"
+            ))
+        })?;
+        let snake = super::layers::snake_name(class).unwrap_or("layer");
+        let (order, in_cell) = super::layers::keras_weights(class);
+        let group = groups.next(snake);
+        let path = if in_cell {
+            format!("layers/{group}/cell/vars")
+        } else {
+            format!("layers/{group}/vars")
+        };
+        let ordered: KerasWeights = order
+            .iter()
+            .filter_map(|w| {
+                weights
+                    .iter()
+                    .find(|x| x.name.rsplit('/').next() == Some(*w))
+                    .map(|x| (*w, x.clone()))
+            })
+            .collect();
+        if ordered.len() != weights.len() {
+            return Err(Error::Data(format!(
+                "{shown}: layer `{name}` ({class}) has weights {:?}, of which Keras' {class} \
+                 stores only {order:?}; nothing was written",
+                weights.iter().map(|w| w.name.as_str()).collect::<Vec<_>>()
+            )));
+        }
+        out.push((name, path, ordered));
+    }
+    Ok(out)
+}
+
 /// A model built in kiln: a Functional config written from its graph, layer by layer, and the
 /// weights where Keras reads them.
-fn save_native(model: &Model, path: &Path) -> Result<()> {
+fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result<()> {
     let view = model.graph_view();
     let shown = path.display();
     // Which tensor is which Keras output: (layer, node index); and every tensor's shape.
@@ -194,12 +277,14 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
             build_shapes.insert(step.layer_name.clone(), input_shape);
         }
     }
-    let mut groups = GroupNames::default();
+    let placed: HashMap<String, (String, KerasWeights)> = weight_groups(model, &shown.to_string())?
+        .into_iter()
+        .map(|(name, path, weights)| (name, (path, weights)))
+        .collect();
     let mut tree = Tree::default();
     let mut layers = Vec::new();
     for name in keras_operation_order(&view) {
         if let Some(input) = input_layers.remove(&name) {
-            groups.next("input_layer");
             layers.push(input);
             continue;
         }
@@ -207,7 +292,6 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
         let layer = step.layer.lock();
         let described = layer.keras_config();
         let kind = layer.kind();
-        let weights = layer.weights();
         drop(layer);
         let (class, mut config) = described.ok_or_else(|| {
             Error::Data(format!(
@@ -219,39 +303,16 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
         config["name"] = name.clone().into();
         config["trainable"] = step.layer.is_trainable().into();
         config["dtype"] = "float32".into();
-        let snake = super::layers::snake_name(class).unwrap_or("layer");
-        let (order, in_cell) = super::layers::keras_weights(class);
-        let group = groups.next(snake);
-        let vars = tree.group(&if in_cell {
-            format!("layers/{group}/cell/vars")
-        } else {
-            format!("layers/{group}/vars")
-        });
+        let (path, ordered) = &placed[&name];
+        let vars = tree.group(path);
         vars.set_name(&name);
-        let mut written = 0;
-        for (i, w) in order
-            .iter()
-            .filter_map(|w| {
-                weights
-                    .iter()
-                    .find(|x| x.name.rsplit('/').next() == Some(*w))
-            })
-            .enumerate()
-        {
+        for (i, (_, w)) in ordered.iter().enumerate() {
             let t = w.var.as_tensor();
             let values = t
                 .flatten_all()?
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec1::<f32>()?;
             vars.dataset(&i.to_string(), t.dims().to_vec(), values);
-            written += 1;
-        }
-        if written != weights.len() {
-            return Err(Error::Data(format!(
-                "{shown}: layer `{name}` ({class}) has weights {:?}, of which Keras' {class} \
-                 stores only {order:?}; nothing was written",
-                weights.iter().map(|w| w.name.as_str()).collect::<Vec<_>>()
-            )));
         }
         layers.push(json!({
             "module": "keras.layers", "class_name": class, "config": config,
@@ -270,12 +331,16 @@ fn save_native(model: &Model, path: &Path) -> Result<()> {
     };
     let inputs = ends(view.inputs.iter().map(|(_, id, _)| *id).collect());
     let outputs = ends(view.outputs.clone());
-    let config = json!({
+    let keras_outputs: Vec<String> = view.outputs.iter().map(|i| made_by[i].0.clone()).collect();
+    let mut config = json!({
         "module": "keras.src.models.functional", "class_name": "Functional",
         "config": { "name": "kiln_model", "trainable": true, "layers": layers,
                     "input_layers": inputs, "output_layers": outputs },
         "registered_name": "Functional",
     });
+    if let Some(cc) = compiled(&keras_outputs, &shown.to_string())? {
+        config["compile_config"] = cc;
+    }
     let weights = tree.to_bytes()?;
     let config = serde_json::to_vec(&config)
         .map_err(|e| Error::Data(format!("{shown}: cannot write config.json: {e}")))?;

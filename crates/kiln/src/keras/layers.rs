@@ -517,12 +517,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             for key in ["return_state", "stateful"] {
                 cfg.expect(key, |v| v == &Value::Bool(false), &format!("{key} = false"))?;
             }
-            cfg.expect(
-                "recurrent_dropout",
-                |v| v.as_f64() == Some(0.0),
-                "recurrent_dropout = 0 (kiln has input dropout only)",
-            )?;
             let dropout = cfg.f64("dropout")?;
+            let recurrent_dropout = cfg.f64("recurrent_dropout")?;
             let return_sequences = cfg.bool("return_sequences")?;
             let go_backwards = cfg.bool_or("go_backwards", false)?;
             // Keras' default carries the last output over masked steps, as kiln does.
@@ -541,6 +537,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 ($l:expr) => {{
                     let mut l = $l
                         .dropout(dropout)
+                        .recurrent_dropout(recurrent_dropout)
                         .activation(act)
                         .recurrent_activation(rec)
                         .use_bias(use_bias)

@@ -14,6 +14,7 @@
 
 mod archive;
 mod compile;
+mod compile_out;
 mod export;
 mod graph;
 mod h5;
@@ -142,19 +143,7 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
         legacy::locate(&weights, &reader.slots)?
     } else {
         check_stored(&weights, &reader.slots)?;
-        reader
-            .slots
-            .iter()
-            .flat_map(|slot| {
-                slot.weights.iter().enumerate().map(|(i, w)| {
-                    (
-                        format!("{}/{w}", slot.kiln),
-                        slot.vars.clone(),
-                        i.to_string(),
-                    )
-                })
-            })
-            .collect()
+        stored_of(&reader.slots)
     };
     let inputs = g.kiln_inputs();
     let outputs = g.apply(&file, &inputs)?;
@@ -191,6 +180,58 @@ pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
             .map_err(|e| Error::Data(format!("{file}: compile_config: {e}")))?;
     }
     Ok(model)
+}
+
+/// Writes `model` as a Keras 3 `.keras` file, whole or not at all, with its compile
+/// configuration when `compile` is true and the model is compiled ([`Model::save_keras`]);
+/// with `compile` false the file loads uncompiled in Keras (an imported model keeps the
+/// compile configuration of its file), for a model whose loss setup Keras cannot hold.
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("kiln-doc-save-un-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// use kiln::prelude::*;
+/// let x = Input::new([2]);
+/// let y = Dense::new(1).with_name("out").apply(&x)?;
+/// let mut model = Model::new(&[x], &[y])?;
+/// model.add_loss("small", |t: &Tensors| Ok((t.output("out")?.sqr()?.mean_all()? * 1e-3)?))?;
+/// model.compile(Compile::new(Sgd::new(0.1)).loss("mse"))?;
+/// assert!(model.save_keras(dir.join("m.keras")).is_err()); // Keras has no added losses
+/// kiln::keras::save(&model, dir.join("m.keras"), false)?;
+/// assert!(!kiln::keras::load(dir.join("m.keras"), true)?.is_compiled());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`Model::save_keras`], but for the compile configuration when `compile` is false.
+pub fn save(model: &Model, path: impl AsRef<Path>, compile: bool) -> Result<()> {
+    // An imported model writes its own config back, explicit masks included.
+    let masked = model.explicitly_masked_layers();
+    if model.keras.is_none() && !masked.is_empty() {
+        return Err(Error::Data(format!(
+            "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
+             yet: the file would lose them"
+        )));
+    }
+    export::save(model, path.as_ref(), compile)
+}
+
+/// Each kiln weight of `slots` with the group and dataset Keras keeps it in.
+fn stored_of(slots: &[LayerSlot]) -> Vec<(String, String, String)> {
+    slots
+        .iter()
+        .flat_map(|slot| {
+            slot.weights.iter().enumerate().map(|(i, w)| {
+                (
+                    format!("{}/{w}", slot.kiln),
+                    slot.vars.clone(),
+                    i.to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Checks that the weights file stores each layer's weights (`vars/0`, `vars/1`, …) and no
@@ -276,6 +317,70 @@ impl Model {
         load(path, true)
     }
 
+    /// Reads a Keras 3 weights-only file (`model.save_weights("m.weights.h5")`, or the
+    /// `model.weights.h5` inside a `.keras` file) onto this model, which must have the same
+    /// architecture: each layer's weights are found where Keras keeps them (`layers/dense_1/vars`,
+    /// `layers/lstm/cell/vars`, by Keras' order of the layers and their classes, whatever their
+    /// names), and every one is read and checked (present, no others in its group, its shape)
+    /// before any is set, so a file that does not fit changes nothing. The file is read as a
+    /// stranger's: datasets stored in it only (no soft or external links), declared sizes
+    /// checked against the file before anything is allocated.
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("kiln-doc-kw-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// use kiln::prelude::*;
+    /// let build = |seed| {
+    ///     let x = Input::new([3]);
+    ///     let h = Dense::new(4).activation(Activation::Relu).apply(&x)?;
+    ///     let y = Dense::new(1).apply(&h)?;
+    ///     Model::builder(&[x], &[y]).seed(seed).build()
+    /// };
+    /// let (a, b) = (build(1)?, build(2)?);
+    /// a.save_keras(dir.join("a.keras"))?;
+    /// // The weights file inside a .keras archive has save_weights' layout.
+    /// let mut zip = zip::ZipArchive::new(std::fs::File::open(dir.join("a.keras"))?)?;
+    /// let mut h5 = Vec::new();
+    /// std::io::Read::read_to_end(&mut zip.by_name("model.weights.h5")?, &mut h5)?;
+    /// std::fs::write(dir.join("a.weights.h5"), h5)?;
+    /// b.load_keras_weights(dir.join("a.weights.h5"))?;
+    /// assert_eq!(
+    ///     b.weights()[0].var.as_tensor().to_vec2::<f32>()?,
+    ///     a.weights()[0].var.as_tensor().to_vec2::<f32>()?
+    /// );
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the file is not a readable HDF5 file, refers to data outside itself, lacks a
+    /// weight of the model or holds more in a layer's group (the message names the layer, the
+    /// weight and its place in the file), a shape differs, or a layer has no Keras equivalent.
+    pub fn load_keras_weights(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| crate::io::io_error(path, e))?;
+        let file = h5::WeightsFile::new(bytes, shown.clone())?;
+        let native;
+        let slots: &[LayerSlot] = match &self.keras {
+            Some(source) => &source.slots,
+            None => {
+                native = export::weight_groups(self, &shown)?
+                    .into_iter()
+                    .map(|(kiln, vars, weights)| LayerSlot {
+                        kiln,
+                        vars,
+                        weights: weights.into_iter().map(|(w, _)| w).collect(),
+                    })
+                    .collect::<Vec<_>>();
+                &native
+            }
+        };
+        check_stored(&file, slots)?;
+        load_weights(self, &file, &stored_of(slots))
+    }
+
     /// Writes the model as a Keras 3 `.keras` file that `keras.saving.load_model` reads,
     /// whole or not at all. A model imported from Keras is written with its original
     /// configuration and its current weights.
@@ -299,18 +404,13 @@ impl Model {
     /// # Errors
     ///
     /// When a layer of a kiln-built model has no Keras equivalent (a layer of your own, a
-    /// custom regularizer; the message names it), or the file cannot be written. The compile
-    /// configuration of a kiln-built model is not written (yet): Keras loads it uncompiled.
+    /// custom regularizer; the message names it), when the model is compiled with something
+    /// Keras' `compile_config` cannot hold (a loss or optimizer Keras has no class for, an
+    /// unregistered loss closure, an added loss, a loss weighting strategy, a metric with
+    /// parameters Keras' names do not give), or the file cannot be written. A compiled model
+    /// writes its compile configuration, so that Keras loads it compiled.
     pub fn save_keras(&self, path: impl AsRef<Path>) -> Result<()> {
-        // An imported model writes its own config back, explicit masks included.
-        let masked = self.explicitly_masked_layers();
-        if self.keras.is_none() && !masked.is_empty() {
-            return Err(Error::Data(format!(
-                "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
-                 yet: the file would lose them"
-            )));
-        }
-        export::save(self, path.as_ref())
+        save(self, path, true)
     }
 }
 

@@ -33,6 +33,8 @@ struct Recurrent {
     go_backwards: bool,
     /// Keras' `dropout`: the fraction of input features dropped in training.
     dropout: f64,
+    /// Keras' `recurrent_dropout`: the fraction of the state's units dropped in training.
+    recurrent_dropout: f64,
     name: Option<String>,
     kernel: Option<Weight>,
     recurrent_kernel: Option<Weight>,
@@ -56,6 +58,7 @@ impl Recurrent {
             return_sequences: false,
             go_backwards: false,
             dropout: 0.0,
+            recurrent_dropout: 0.0,
             name: None,
             kernel: None,
             recurrent_kernel: None,
@@ -70,23 +73,83 @@ impl Recurrent {
             return Ok(x.clone());
         }
         let (batch, _, features) = x.dims3()?;
-        // One mask per sample and feature, from the sample's own stream (`crate::random`).
-        let mask = ctx.random().dropout_mask(
-            0,
-            &[batch, 1, features],
-            self.dropout,
-            x.dtype(),
-            x.device(),
-        )?;
+        let mask = dropout_mask(INPUT_DRAW, self.dropout, (batch, 1, features), x, ctx)?;
         Ok(x.broadcast_mul(&mask)?)
     }
 
+    /// In training with `recurrent_dropout`, the masks Keras draws then (its
+    /// `implementation = 1`): for each of the `gates`, one mask per sequence on the input
+    /// features (with `dropout`; `[batch, 1, features]`) and one on the state's units
+    /// (`[batch, units]`), the same at every step. `None` otherwise: no recurrent dropout, and
+    /// the input dropout of [`Recurrent::input_dropout`], one mask for all gates.
+    fn gate_dropout(
+        &self,
+        x: &Tensor,
+        gates: usize,
+        ctx: &mut CallContext,
+    ) -> Result<Option<GateDropout>> {
+        if !ctx.training || self.recurrent_dropout == 0.0 || x.rank() != 3 {
+            return Ok(None);
+        }
+        let (batch, _, features) = x.dims3()?;
+        let input = match self.dropout {
+            0.0 => None,
+            rate => Some(
+                (0..gates)
+                    .map(|g| {
+                        dropout_mask(INPUT_DRAW + g as u32, rate, (batch, 1, features), x, ctx)
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
+        let state = (0..gates)
+            .map(|g| {
+                let draw = STATE_DRAW + g as u32;
+                dropout_mask(draw, self.recurrent_dropout, (batch, self.units), x, ctx)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(GateDropout { input, state }))
+    }
+
+    /// The input projected by the kernel (and bias), each gate's block from the input under
+    /// that gate's dropout mask when there are per-gate masks.
+    fn project(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        bias: Option<&Tensor>,
+        drop: Option<&GateDropout>,
+    ) -> Result<Tensor> {
+        let Some(masks) = drop.and_then(|d| d.input.as_ref()) else {
+            return dense_forward(x, kernel, bias, Activation::Linear);
+        };
+        let u = self.units;
+        let blocks = masks
+            .iter()
+            .enumerate()
+            .map(|(g, m)| {
+                let b = bias.map(|b| b.narrow(0, g * u, u)).transpose()?;
+                dense_forward(
+                    &x.broadcast_mul(m)?,
+                    &kernel.narrow(1, g * u, u)?,
+                    b.as_ref(),
+                    Activation::Linear,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&blocks, 2)?)
+    }
+
     fn output_shape(&self, layer: &str, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(invalid(format!(
-                "{layer}: dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+        for (what, rate) in [
+            ("dropout", self.dropout),
+            ("recurrent_dropout", self.recurrent_dropout),
+        ] {
+            if !(0.0..1.0).contains(&rate) {
+                return Err(invalid(format!(
+                    "{layer}: {what} must be in [0, 1), got {rate}"
+                )));
+            }
         }
         let shape = input_of_rank(layer, input_shapes, 2, "[steps, features]")?;
         if self.units == 0 {
@@ -153,7 +216,7 @@ impl Recurrent {
             "recurrent_constraint": null,
             "bias_constraint": null,
             "dropout": self.dropout,
-            "recurrent_dropout": 0.0,
+            "recurrent_dropout": self.recurrent_dropout,
             "return_sequences": self.return_sequences,
             "return_state": false,
             "go_backwards": self.go_backwards,
@@ -301,13 +364,67 @@ impl Recurrent {
     }
 }
 
+/// The per-gate dropout masks of one training call with `recurrent_dropout`
+/// ([`Recurrent::gate_dropout`]).
+struct GateDropout {
+    /// Per gate, the input features' mask `[batch, 1, features]` (with `dropout`).
+    input: Option<Vec<Tensor>>,
+    /// Per gate, the previous state's mask `[batch, units]`.
+    state: Vec<Tensor>,
+}
+
+impl GateDropout {
+    /// The previous state `h` as gate `g` reads it.
+    fn state(&self, h: &Tensor, g: usize) -> Result<Tensor> {
+        Ok(h.mul(&self.state[g])?)
+    }
+    /// `h` under each gate's mask times that gate's block of the recurrent kernel, joined:
+    /// what `h · recurrent` is without dropout, for the gates `0..gates`.
+    fn recurrent(
+        &self,
+        h: &Tensor,
+        recurrent: &Tensor,
+        units: usize,
+        gates: usize,
+    ) -> Result<Tensor> {
+        let blocks = (0..gates)
+            .map(|g| {
+                Ok(self
+                    .state(h, g)?
+                    .matmul(&recurrent.narrow(1, g * units, units)?)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&blocks, 1)?)
+    }
+}
+
+/// A dropout mask as Keras draws one (`backend.random.dropout` of ones): each entry
+/// `1 / (1 - rate)` with probability `1 - rate`, else 0, in `like`'s dtype and device, from each
+/// sample's own stream (`crate::random`) under the layer's draw number `draw`. The LSTM and GRU
+/// input and recurrent masks are all drawn here.
+fn dropout_mask(
+    draw: u32,
+    rate: f64,
+    shape: impl Into<candle_core::Shape>,
+    like: &Tensor,
+    ctx: &mut CallContext,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    ctx.random()
+        .dropout_mask(draw, shape.dims(), rate, like.dtype(), like.device())
+}
+
+/// The draw numbers of the masks: the input's (gate `g`'s is `INPUT_DRAW + g` with recurrent
+/// dropout), then the state's (`STATE_DRAW + g`), apart for any gate count Keras has.
+const INPUT_DRAW: u32 = 0;
+const STATE_DRAW: u32 = 16;
+
 macro_rules! recurrent_builders {
     ($ty:ident) => {
         impl $ty {
             /// The fraction of input features dropped in training (Keras' `dropout`, default
             /// 0): one mask per sequence and feature, the same at every step, the kept ones
-            /// scaled by `1 / (1 - dropout)`. Inference is unchanged. (Keras'
-            /// `recurrent_dropout` is not in kiln.)
+            /// scaled by `1 / (1 - dropout)`. Inference is unchanged.
             ///
             /// ```
             /// use kiln::prelude::*;
@@ -318,6 +435,24 @@ macro_rules! recurrent_builders {
             /// ```
             pub fn dropout(mut self, dropout: f64) -> Self {
                 self.rnn.dropout = dropout;
+                self
+            }
+            /// The fraction of the state's units dropped in training (Keras'
+            /// `recurrent_dropout`, default 0), as Keras 3 does: each gate reads the previous
+            /// state under its own mask, one per sequence and unit, the same at every step, the
+            /// kept units scaled by `1 / (1 - recurrent_dropout)` (and, with `dropout`, each
+            /// gate its own input mask too). Inference is unchanged. Training takes the plain
+            /// candle graph, not the fused CPU op, when this is set.
+            ///
+            /// ```
+            /// use kiln::prelude::*;
+            /// let x = Input::new([6, 2]);
+            #[doc = concat!("let y = ", stringify!($ty), "::new(3).recurrent_dropout(0.25).apply(&x)?;")]
+            /// assert_eq!(y.shape(), &[3]);
+            /// # Ok::<(), kiln::Error>(())
+            /// ```
+            pub fn recurrent_dropout(mut self, recurrent_dropout: f64) -> Self {
+                self.rnn.recurrent_dropout = recurrent_dropout;
                 self
             }
             /// The activation of the candidate state and of the output (default tanh).
@@ -500,7 +635,7 @@ impl Layer for Lstm {
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
         // Masks arrive through `call_with_masks`; called directly, every step counts.
-        self.call_masked(&self.rnn.input_dropout(&inputs[0], ctx)?, None)
+        self.call_dropped(&inputs[0], None, ctx)
     }
     fn call_with_masks(
         &self,
@@ -508,10 +643,7 @@ impl Layer for Lstm {
         masks: &[Option<Tensor>],
         ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.call_masked(
-            &self.rnn.input_dropout(&inputs[0], ctx)?,
-            masks.first().and_then(Option::as_ref),
-        )
+        self.call_dropped(&inputs[0], masks.first().and_then(Option::as_ref), ctx)
     }
     fn takes_mask(&self) -> bool {
         true
@@ -538,7 +670,26 @@ fn with_row(matrix: &Tensor, row: Option<&Tensor>) -> Result<Tensor> {
 }
 
 impl Lstm {
-    fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// The layer on `x` with its dropout: per-gate masks with `recurrent_dropout` in
+    /// training (the plain graph), else the input dropout and the fused op where it applies.
+    fn call_dropped(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        match self.rnn.gate_dropout(x, 4, ctx)? {
+            Some(drop) => self.call_masked(x, mask, Some(&drop)),
+            None => self.call_masked(&self.rnn.input_dropout(x, ctx)?, mask, None),
+        }
+    }
+
+    fn call_masked(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        drop: Option<&GateDropout>,
+    ) -> Result<Tensor> {
         let rnn = &self.rnn;
         let (x, mask) = rnn.oriented(x, mask)?;
         let (x, mask) = (&x, mask.as_ref());
@@ -548,7 +699,12 @@ impl Lstm {
         let bias = rnn.bias.as_ref().map(|b| b.var.as_tensor());
         let u = rnn.units;
         let params: Vec<&Tensor> = [kernel, recurrent].into_iter().chain(bias).collect();
-        if let Some(seq) = rnn.fused(x, &params, mask)? {
+        // The fused op takes no dropout masks.
+        let fused = match drop {
+            None => rnn.fused(x, &params, mask)?,
+            Some(_) => None,
+        };
+        if let Some(seq) = fused {
             let projection = Projection {
                 features: kernel.dim(0)?,
                 bias: bias.is_some(),
@@ -559,7 +715,7 @@ impl Lstm {
                 LstmOp::new(seq, projection),
             )?);
         }
-        let x_proj = dense_forward(x, kernel, bias, Activation::Linear)?;
+        let x_proj = rnn.project(x, kernel, bias, drop)?;
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         rnn.scan(
@@ -568,7 +724,11 @@ impl Lstm {
             vec![zeros.clone(), zeros],
             |x_t, states| {
                 let (h, c) = (&states[0], &states[1]);
-                let z = (x_t + h.matmul(recurrent)?)?;
+                let hr = match drop {
+                    None => h.matmul(recurrent)?,
+                    Some(d) => d.recurrent(h, recurrent, u, 4)?,
+                };
+                let z = (x_t + hr)?;
                 let i = gate.apply(&z.narrow(1, 0, u)?)?;
                 let f = gate.apply(&z.narrow(1, u, u)?)?;
                 let g = act.apply(&z.narrow(1, 2 * u, u)?)?;
@@ -661,7 +821,7 @@ impl Layer for Gru {
         self.rnn.weights()
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
-        self.call_masked(&self.rnn.input_dropout(&inputs[0], ctx)?, None)
+        self.call_dropped(&inputs[0], None, ctx)
     }
     fn call_with_masks(
         &self,
@@ -669,10 +829,7 @@ impl Layer for Gru {
         masks: &[Option<Tensor>],
         ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.call_masked(
-            &self.rnn.input_dropout(&inputs[0], ctx)?,
-            masks.first().and_then(Option::as_ref),
-        )
+        self.call_dropped(&inputs[0], masks.first().and_then(Option::as_ref), ctx)
     }
     fn takes_mask(&self) -> bool {
         true
@@ -690,7 +847,25 @@ impl Layer for Gru {
 }
 
 impl Gru {
-    fn call_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// As [`Lstm::call_dropped`], with the GRU's three gates.
+    fn call_dropped(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        ctx: &mut CallContext,
+    ) -> Result<Tensor> {
+        match self.rnn.gate_dropout(x, 3, ctx)? {
+            Some(drop) => self.call_masked(x, mask, Some(&drop)),
+            None => self.call_masked(&self.rnn.input_dropout(x, ctx)?, mask, None),
+        }
+    }
+
+    fn call_masked(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        drop: Option<&GateDropout>,
+    ) -> Result<Tensor> {
         let rnn = &self.rnn;
         let (x, mask) = rnn.oriented(x, mask)?;
         let (x, mask) = (&x, mask.as_ref());
@@ -710,7 +885,7 @@ impl Gru {
             .into_iter()
             .chain(rnn.bias.as_ref().map(|b| b.var.as_tensor()))
             .collect();
-        if self.reset_after {
+        if self.reset_after && drop.is_none() {
             if let Some(seq) = rnn.fused(x, &params, mask)? {
                 let projection = Projection {
                     features: kernel.dim(0)?,
@@ -727,14 +902,17 @@ impl Gru {
                 )?);
             }
         }
-        let x_proj = dense_forward(x, kernel, input_bias.as_ref(), Activation::Linear)?;
+        let x_proj = rnn.project(x, kernel, input_bias.as_ref(), drop)?;
         let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         let reset_after = self.reset_after;
         rnn.scan(&x_proj, masks.as_deref(), vec![zeros], |x_t, states| {
             let h = &states[0];
             let (z, hh) = if reset_after {
-                let mut inner = h.matmul(recurrent)?;
+                let mut inner = match drop {
+                    None => h.matmul(recurrent)?,
+                    Some(d) => d.recurrent(h, recurrent, u, 3)?,
+                };
                 if let Some(b) = &recurrent_bias {
                     inner = inner.broadcast_add(b)?;
                 }
@@ -744,10 +922,13 @@ impl Gru {
                     act.apply(&(x_t.narrow(1, 2 * u, u)? + (r * inner.narrow(1, 2 * u, u)?)?)?)?;
                 (z, hh)
             } else {
-                let inner = h.matmul(&recurrent.narrow(1, 0, 2 * u)?)?;
+                let (inner, h_candidate) = match drop {
+                    None => (h.matmul(&recurrent.narrow(1, 0, 2 * u)?)?, h.clone()),
+                    Some(d) => (d.recurrent(h, recurrent, u, 2)?, d.state(h, 2)?),
+                };
                 let z = gate.apply(&(x_t.narrow(1, 0, u)? + inner.narrow(1, 0, u)?)?)?;
                 let r = gate.apply(&(x_t.narrow(1, u, u)? + inner.narrow(1, u, u)?)?)?;
-                let candidate = (r * h)?.matmul(&recurrent.narrow(1, 2 * u, u)?)?;
+                let candidate = (r * h_candidate)?.matmul(&recurrent.narrow(1, 2 * u, u)?)?;
                 let hh = act.apply(&(x_t.narrow(1, 2 * u, u)? + candidate)?)?;
                 (z, hh)
             };
@@ -895,6 +1076,186 @@ mod tests {
             }
             let share = n_dropped as f64 / batch as f64;
             assert!((share - rate).abs() < 0.07, "dropped share {share}");
+        }
+    }
+
+    fn sigmoid(v: f64) -> f64 {
+        1.0 / (1.0 + (-v).exp())
+    }
+
+    /// Keras 3's LSTM and GRU cells with recurrent dropout (`implementation = 1`), written out
+    /// entry by entry: each gate `g` reads the input under `input[g]` and the previous state
+    /// under `state[g]`; the GRU mixes the unmasked previous state. The last state of each
+    /// sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn keras_cell_reference(
+        kind: &str,
+        x: &[Vec<Vec<f64>>],
+        k: &[Vec<f64>],
+        r: &[Vec<f64>],
+        bias: &[f64],
+        rec_bias: Option<&[f64]>,
+        input: &[Vec<Vec<f64>>],
+        state: &[Vec<Vec<f64>>],
+        u: usize,
+    ) -> Vec<Vec<f64>> {
+        let proj = |v: &[f64], w: &[Vec<f64>], col: usize| -> f64 {
+            v.iter().zip(w).map(|(a, row)| a * row[col]).sum()
+        };
+        let masked =
+            |v: &[f64], m: &[f64]| -> Vec<f64> { v.iter().zip(m).map(|(a, b)| a * b).collect() };
+        x.iter()
+            .enumerate()
+            .map(|(b, seq)| {
+                let (mut h, mut c) = (vec![0.0; u], vec![0.0; u]);
+                for x_t in seq {
+                    let xg = |g: usize, j: usize| {
+                        proj(&masked(x_t, &input[g][b]), k, g * u + j) + bias[g * u + j]
+                    };
+                    let hg = |g: usize, j: usize, h: &[f64]| {
+                        proj(&masked(h, &state[g][b]), r, g * u + j)
+                    };
+                    if kind == "lstm" {
+                        let mut next_h = vec![0.0; u];
+                        for j in 0..u {
+                            let z: Vec<f64> = (0..4).map(|g| xg(g, j) + hg(g, j, &h)).collect();
+                            c[j] = sigmoid(z[1]) * c[j] + sigmoid(z[0]) * z[2].tanh();
+                            next_h[j] = sigmoid(z[3]) * c[j].tanh();
+                        }
+                        h = next_h;
+                    } else if let Some(rb) = rec_bias {
+                        // reset_after
+                        let next: Vec<f64> = (0..u)
+                            .map(|j| {
+                                let rec = |g: usize| hg(g, j, &h) + rb[g * u + j];
+                                let z = sigmoid(xg(0, j) + rec(0));
+                                let rr = sigmoid(xg(1, j) + rec(1));
+                                let hh = (xg(2, j) + rr * rec(2)).tanh();
+                                z * h[j] + (1.0 - z) * hh
+                            })
+                            .collect();
+                        h = next;
+                    } else {
+                        let rr: Vec<f64> =
+                            (0..u).map(|j| sigmoid(xg(1, j) + hg(1, j, &h))).collect();
+                        let reset: Vec<f64> = h.iter().zip(&rr).map(|(a, b)| a * b).collect();
+                        let next: Vec<f64> = (0..u)
+                            .map(|j| {
+                                let z = sigmoid(xg(0, j) + hg(0, j, &h));
+                                let hh = (xg(2, j) + hg(2, j, &reset)).tanh();
+                                z * h[j] + (1.0 - z) * hh
+                            })
+                            .collect();
+                        h = next;
+                    }
+                }
+                h
+            })
+            .collect()
+    }
+
+    /// Recurrent dropout as Keras 3 applies it: the layer in training equals the cell written
+    /// out above with the masks it draws (per gate, one per sequence, the same at every step),
+    /// and in inference the cell with no masks.
+    #[test]
+    fn recurrent_dropout_is_keras_per_gate_masks_on_the_state() {
+        let (batch, steps, features, u) = (3, 4, 2, 3);
+        let (rate, rec_rate) = (0.3, 0.4);
+        let to3 = |t: &Tensor| t.to_vec3::<f64>().unwrap();
+        let to2 = |t: &Tensor| t.to_vec2::<f64>().unwrap();
+        for kind in ["lstm", "gru", "gru_before"] {
+            let gates = if kind == "lstm" { 4 } else { 3 };
+            let mut layer: Box<dyn Layer> = match kind {
+                "lstm" => Box::new(Lstm::new(u).dropout(rate).recurrent_dropout(rec_rate)),
+                "gru" => Box::new(Gru::new(u).dropout(rate).recurrent_dropout(rec_rate)),
+                _ => Box::new(
+                    Gru::new(u)
+                        .reset_after(false)
+                        .dropout(rate)
+                        .recurrent_dropout(rec_rate),
+                ),
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let mut ctx = BuildContext {
+                device: &Device::Cpu,
+                dtype: DType::F64,
+                rng: &mut rng,
+            };
+            layer
+                .build("rnn", &[vec![steps, features]], &mut ctx)
+                .unwrap();
+            for (i, w) in layer.weights().iter().enumerate() {
+                w.var
+                    .set(random(w.var.dims(), 20 + i as u64, DType::F64).as_tensor())
+                    .unwrap();
+            }
+            let weights = layer.weights();
+            let (k, r) = (
+                to2(weights[0].var.as_tensor()),
+                to2(weights[1].var.as_tensor()),
+            );
+            let b = weights[2].var.as_tensor();
+            let (bias, rec_bias) = match kind {
+                "gru" => (to2(b)[0].clone(), Some(to2(b)[1].clone())),
+                _ => (b.to_vec1::<f64>().unwrap(), None),
+            };
+            let x = random(&[batch, steps, features], 3, DType::F64);
+            let xs = to3(x.as_tensor());
+            // The masks the layer draws, in its order: the inputs' per gate, then the state's.
+            let streams = || crate::random::SampleStreams::new(9, 0);
+            let mut ctx = CallContext::new(true, streams());
+            let input: Vec<Vec<Vec<f64>>> = (0..gates)
+                .map(|g| {
+                    let draw = INPUT_DRAW + g as u32;
+                    let m = dropout_mask(draw, rate, (batch, 1, features), x.as_tensor(), &mut ctx);
+                    to3(&m.unwrap()).into_iter().map(|s| s[0].clone()).collect()
+                })
+                .collect();
+            let state: Vec<Vec<Vec<f64>>> = (0..gates)
+                .map(|g| {
+                    let draw = STATE_DRAW + g as u32;
+                    to2(&dropout_mask(draw, rec_rate, (batch, u), x.as_tensor(), &mut ctx).unwrap())
+                })
+                .collect();
+            assert!(state.iter().flatten().flatten().any(|v| *v == 0.0));
+            let run = |training: bool| {
+                let mut ctx = CallContext::new(training, streams());
+                to2(&layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap())
+            };
+            let want = keras_cell_reference(
+                kind,
+                &xs,
+                &k,
+                &r,
+                &bias,
+                rec_bias.as_deref(),
+                &input,
+                &state,
+                u,
+            );
+            let ones = |n: usize| vec![vec![vec![1.0; n]; batch]; gates];
+            let plain = keras_cell_reference(
+                kind,
+                &xs,
+                &k,
+                &r,
+                &bias,
+                rec_bias.as_deref(),
+                &ones(features),
+                &ones(u),
+                u,
+            );
+            for (got, want, what) in [
+                (run(true), want, "training"),
+                (run(false), plain, "inference"),
+            ] {
+                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                    assert!(
+                        (g - w).abs() < 1e-12,
+                        "{kind} {what}: {got:?} against {want:?}"
+                    );
+                }
+            }
         }
     }
 

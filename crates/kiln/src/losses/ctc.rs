@@ -73,6 +73,14 @@ impl Default for Ctc {
 loss_common!(Ctc);
 
 impl Loss for Ctc {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "CTC",
+            &self.name,
+            self.reduction,
+            serde_json::json!({}),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }

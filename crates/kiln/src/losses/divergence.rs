@@ -42,6 +42,14 @@ impl Default for KLDivergence {
 loss_common!(KLDivergence);
 
 impl Loss for KLDivergence {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "KLDivergence",
+            &self.name,
+            self.reduction,
+            serde_json::json!({}),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -94,6 +102,14 @@ impl Default for Poisson {
 loss_common!(Poisson);
 
 impl Loss for Poisson {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "Poisson",
+            &self.name,
+            self.reduction,
+            serde_json::json!({}),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -162,6 +178,14 @@ fn l2_normalize(x: &Tensor, axis: usize) -> Result<Tensor> {
 }
 
 impl Loss for CosineSimilarity {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "CosineSimilarity",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "axis": self.axis }),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -115,6 +115,14 @@ impl Default for Circle {
 loss_common!(Circle);
 
 impl Loss for Circle {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "Circle",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "gamma": self.gamma, "margin": self.margin, "remove_diagonal": self.remove_diagonal }),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -247,6 +255,14 @@ impl Default for CategoricalGeneralizedCrossEntropy {
 loss_common!(CategoricalGeneralizedCrossEntropy);
 
 impl Loss for CategoricalGeneralizedCrossEntropy {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "CategoricalGeneralizedCrossEntropy",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "q": self.q }),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }

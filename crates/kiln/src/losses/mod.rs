@@ -86,6 +86,21 @@ pub trait Loss: Send + Sync {
         Ok(())
     }
 
+    /// The loss as Keras 3 serializes it in a `compile_config` (`{"module", "class_name",
+    /// "config", "registered_name"}`), for [`crate::Model::save_keras`]. Every built-in loss
+    /// has one, with all its parameters; the default, `None`, is a loss Keras has no class for
+    /// (register it by name with [`register`] to export it as a Keras custom object).
+    ///
+    /// ```
+    /// use kiln::losses::{Huber, Loss};
+    /// let c = Huber::new().delta(0.5).keras_config().unwrap();
+    /// assert_eq!(c["class_name"], "Huber");
+    /// assert_eq!(c["config"]["delta"], 0.5);
+    /// ```
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// The per-sample values, weighted by `sample_weight`, masked by `mask` (and by the loss's
     /// own mask) and reduced with [`Loss::reduction`], exactly as Keras' `Loss.__call__`.
     fn reduced(
@@ -316,6 +331,15 @@ pub fn register(name: impl Into<String>, loss: impl Loss + 'static) {
     registry().insert(name.into(), Arc::new(loss));
 }
 
+/// The name `loss` is registered under ([`register`]), if it is a registered loss.
+pub(crate) fn registered_name_of(loss: &Arc<dyn Loss>) -> Option<String> {
+    let ptr = Arc::as_ptr(loss) as *const ();
+    registry()
+        .iter()
+        .find(|(_, l)| Arc::as_ptr(l) as *const () == ptr)
+        .map(|(n, _)| n.clone())
+}
+
 /// The Keras class name of a built-in loss, from its class name, snake-case name or alias.
 ///
 /// ```
@@ -366,6 +390,22 @@ pub fn keras_class_name(name: &str) -> Option<&'static str> {
         .find(|c| c.to_ascii_lowercase() == key)
 }
 
+/// A built-in loss as Keras serializes it: its class, with its name, reduction and parameters.
+pub(crate) fn keras_object(
+    class: &str,
+    name: &str,
+    reduction: Reduction,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let mut config = serde_json::json!({ "name": name, "reduction": reduction.as_str() });
+    if let (Some(c), serde_json::Value::Object(p)) = (config.as_object_mut(), params) {
+        c.extend(p);
+    }
+    serde_json::json!({
+        "module": "keras.losses", "class_name": class, "config": config, "registered_name": null,
+    })
+}
+
 /// Implements the builder methods every built-in loss shares: `name` and `reduction`.
 macro_rules! loss_common {
     ($ty:ty) => {
@@ -413,6 +453,10 @@ macro_rules! parameterless_loss {
             }
             fn reduction(&self) -> Reduction {
                 self.reduction
+            }
+            fn keras_config(&self) -> Option<serde_json::Value> {
+                let class = $crate::losses::keras_class_name($keras)?;
+                Some($crate::losses::keras_object(class, &self.name, self.reduction, serde_json::json!({})))
             }
             fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
                 let ($t, $p) = align(y_true, y_pred)?;

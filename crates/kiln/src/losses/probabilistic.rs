@@ -130,6 +130,14 @@ impl Default for BinaryCrossentropy {
 loss_common!(BinaryCrossentropy);
 
 impl Loss for BinaryCrossentropy {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "BinaryCrossentropy",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "from_logits": self.from_logits, "label_smoothing": self.label_smoothing, "axis": self.axis }),
+        ))
+    }
     fn logits_twin(&self) -> Option<(Activation, Arc<dyn Loss>)> {
         (!self.from_logits).then(|| {
             let twin: Arc<dyn Loss> = Arc::new(self.clone().from_logits(true));
@@ -232,6 +240,14 @@ impl Default for BinaryFocalCrossentropy {
 loss_common!(BinaryFocalCrossentropy);
 
 impl Loss for BinaryFocalCrossentropy {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "BinaryFocalCrossentropy",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "apply_class_balancing": self.apply_class_balancing, "alpha": self.alpha, "gamma": self.gamma, "from_logits": self.from_logits, "label_smoothing": self.label_smoothing, "axis": self.axis }),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -323,6 +339,14 @@ impl Default for CategoricalCrossentropy {
 loss_common!(CategoricalCrossentropy);
 
 impl Loss for CategoricalCrossentropy {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "CategoricalCrossentropy",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "from_logits": self.from_logits, "label_smoothing": self.label_smoothing, "axis": self.axis }),
+        ))
+    }
     fn logits_twin(&self) -> Option<(Activation, Arc<dyn Loss>)> {
         (!self.from_logits && self.axis == -1).then(|| {
             let twin: Arc<dyn Loss> = Arc::new(self.clone().from_logits(true));
@@ -438,6 +462,14 @@ impl Default for CategoricalFocalCrossentropy {
 loss_common!(CategoricalFocalCrossentropy);
 
 impl Loss for CategoricalFocalCrossentropy {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "CategoricalFocalCrossentropy",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "alpha": self.alpha, "gamma": self.gamma, "from_logits": self.from_logits, "label_smoothing": self.label_smoothing, "axis": self.axis }),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -551,6 +583,14 @@ impl Default for SparseCategoricalCrossentropy {
 loss_common!(SparseCategoricalCrossentropy);
 
 impl Loss for SparseCategoricalCrossentropy {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "SparseCategoricalCrossentropy",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "from_logits": self.from_logits, "ignore_class": self.ignore_class }),
+        ))
+    }
     fn logits_twin(&self) -> Option<(Activation, Arc<dyn Loss>)> {
         (!self.from_logits).then(|| {
             let twin: Arc<dyn Loss> = Arc::new(self.clone().from_logits(true));

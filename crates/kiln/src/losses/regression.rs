@@ -141,6 +141,14 @@ impl Default for Huber {
 loss_common!(Huber);
 
 impl Loss for Huber {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "Huber",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "delta": self.delta }),
+        ))
+    }
     fn name(&self) -> &str {
         &self.name
     }

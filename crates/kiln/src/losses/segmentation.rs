@@ -87,6 +87,14 @@ impl Default for Dice {
 loss_common!(Dice);
 
 impl Loss for Dice {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "Dice",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "axis": self.axis }),
+        ))
+    }
     fn whole_batch(&self) -> bool {
         self.axis.is_none()
     }
@@ -172,6 +180,14 @@ impl Default for Tversky {
 loss_common!(Tversky);
 
 impl Loss for Tversky {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "Tversky",
+            &self.name,
+            self.reduction,
+            serde_json::json!({ "alpha": self.alpha, "beta": self.beta, "axis": self.axis }),
+        ))
+    }
     fn whole_batch(&self) -> bool {
         self.axis.is_none()
     }

@@ -25,6 +25,11 @@ pub trait SampleMetric: Clone + Send + Sync + 'static {
     fn name(&self) -> &str;
     /// One value per sample (`[batch]`), or per sample and step (`[batch, steps]`).
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor>;
+    /// The Keras name of this metric with its parameters ([`Metric::keras_name`]); `None`
+    /// (the default) when a Keras name does not give them.
+    fn keras_name(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The weighted mean over the epoch of a [`SampleMetric`] (Keras' `MeanMetricWrapper`): each
@@ -73,6 +78,13 @@ impl<S: SampleMetric> MeanMetric<S> {
 impl<S: SampleMetric> Metric for MeanMetric<S> {
     fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(self.metric.name())
+    }
+    fn keras_name(&self) -> Option<String> {
+        // A name of your own is not a Keras name.
+        self.name
+            .is_none()
+            .then(|| self.metric.keras_name())
+            .flatten()
     }
     fn update(
         &mut self,
@@ -193,6 +205,16 @@ impl SampleMetric for Accuracy {
     fn name(&self) -> &str {
         &self.name
     }
+    fn keras_name(&self) -> Option<String> {
+        let default = match self.kind {
+            AccuracyKind::Auto => "accuracy",
+            AccuracyKind::Binary(0.5) => "binary_accuracy",
+            AccuracyKind::Binary(_) => return None,
+            AccuracyKind::Categorical => "categorical_accuracy",
+            AccuracyKind::Sparse => "sparse_categorical_accuracy",
+        };
+        (self.name == default).then(|| default.to_string())
+    }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         let kind = match self.kind {
             AccuracyKind::Auto => {
@@ -243,6 +265,9 @@ impl SampleMetric for MeanAbsoluteError {
     fn name(&self) -> &str {
         "mae"
     }
+    fn keras_name(&self) -> Option<String> {
+        Some("mae".into())
+    }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         use crate::losses::Loss;
         crate::losses::MeanAbsoluteError::new().per_sample(y_true, y_pred)
@@ -265,6 +290,9 @@ pub struct MeanSquaredError;
 impl SampleMetric for MeanSquaredError {
     fn name(&self) -> &str {
         "mse"
+    }
+    fn keras_name(&self) -> Option<String> {
+        Some("mse".into())
     }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         use crate::losses::Loss;

@@ -104,6 +104,20 @@ pub trait Metric: Send + Sync {
     fn state(&self) -> Option<Vec<f64>> {
         None
     }
+    /// The name Keras 3 resolves to this same metric in a `compile_config` (`"accuracy"`,
+    /// `"mae"`, …), for [`crate::Model::save_keras`]; `None` (the default) for a metric
+    /// whose configuration a Keras name does not give (parameters other than the defaults, a
+    /// name of your own), which `save_keras` refuses, naming it. A metric given to `compile`
+    /// by name is written by that name.
+    ///
+    /// ```
+    /// use kiln::metrics::{Accuracy, MeanMetric, Metric};
+    /// assert_eq!(MeanMetric::new(Accuracy::sparse()).keras_name().as_deref(), Some("sparse_categorical_accuracy"));
+    /// assert_eq!(MeanMetric::new(Accuracy::binary_threshold(0.7)).keras_name(), None);
+    /// ```
+    fn keras_name(&self) -> Option<String> {
+        None
+    }
     /// Replaces the state by one [`Metric::state`] gave (possibly summed over ranks).
     ///
     /// # Errors

@@ -248,6 +248,9 @@ pub(crate) struct OutputMetric {
     pub(crate) weighted: bool,
     /// `[<output>_]<name>`.
     pub(crate) log_name: String,
+    /// The Keras name it is exported under: the name it was given by, else
+    /// [`Metric::keras_name`].
+    pub(crate) keras_name: Option<String>,
 }
 
 /// The state `compile` leaves on the model.
@@ -411,6 +414,10 @@ impl Model {
         let mut metrics: Vec<OutputMetric> = Vec::new();
         for (target, spec, weighted) in config.metrics {
             let metric: Arc<dyn Metric> = Arc::from(spec.resolve()?);
+            let keras_name = match &spec {
+                MetricSpec::Named(n) => Some(n.clone()),
+                MetricSpec::Metric(_) => metric.keras_name(),
+            };
             let outputs: Vec<usize> = match &target {
                 Some(name) => vec![output_index(&names, name, "a metric")?],
                 None => (0..names.len()).collect(),
@@ -430,6 +437,7 @@ impl Model {
                     metric: metric.clone(),
                     weighted,
                     log_name,
+                    keras_name: keras_name.clone(),
                 });
             }
         }

@@ -598,6 +598,11 @@ impl Model {
     }
 
     /// The layers given an explicit mask ([`SharedLayer::apply_with_mask`]), by name.
+    /// The names of the terms added with [`Model::add_loss`].
+    pub(crate) fn added_term_names(&self) -> Vec<&str> {
+        self.added.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
     pub(crate) fn explicitly_masked_layers(&self) -> Vec<&str> {
         self.steps
             .iter()
@@ -802,7 +807,11 @@ impl Model {
         while start < data.len() {
             let len = batch_size.min(data.len() - start);
             let batch = data.slice(start, len)?;
-            for (i, y) in self.infer(&batch, piece, &mut random)?.into_iter().enumerate() {
+            for (i, y) in self
+                .infer(&batch, piece, &mut random)?
+                .into_iter()
+                .enumerate()
+            {
                 chunks[i].push(y);
             }
             start += len;

@@ -93,6 +93,20 @@ impl Adam {
 }
 
 impl Adam {
+    /// Keras' Adam or AdamW (the same update, weight decay set or not) with these settings.
+    fn keras_object(&self, class: &str, name: &str) -> serde_json::Value {
+        super::keras_object(
+            class,
+            name,
+            self.lr,
+            self.weight_decay,
+            self.clipping,
+            serde_json::json!({
+                "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
+                "amsgrad": false,
+            }),
+        )
+    }
     fn check(&self, name: &str) -> Result<()> {
         // β = 1 never updates the moment (and divides by 1 - βᵗ = 0).
         let decay = Bounds::closed_open(0.0, 1.0);
@@ -103,6 +117,9 @@ impl Adam {
 }
 
 impl Optimizer for Adam {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(self.keras_object("Adam", "adam"))
+    }
     fn name(&self) -> &str {
         "adam"
     }
@@ -235,6 +252,9 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(self.0.keras_object("AdamW", "adamw"))
+    }
     fn name(&self) -> &str {
         "adamw"
     }

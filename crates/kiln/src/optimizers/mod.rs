@@ -47,6 +47,20 @@ pub trait Optimizer: Send + Sync + std::fmt::Debug + CloneOptimizer {
     fn validate(&self) -> Result<()> {
         Ok(())
     }
+    /// The optimizer as Keras 3 serializes it in a `compile_config` (`{"module",
+    /// "class_name", "config", "registered_name"}`, with every hyperparameter and the current
+    /// learning rate), for [`crate::Model::save_keras`]; `None` (the default) for an optimizer
+    /// Keras has no class for, which `save_keras` refuses, naming it.
+    ///
+    /// ```
+    /// use kiln::optimizers::{Optimizer, Sgd};
+    /// let c = Sgd::new(0.1).momentum(0.9).keras_config().unwrap();
+    /// assert_eq!(c["class_name"], "SGD");
+    /// assert_eq!(c["config"]["momentum"], 0.9);
+    /// ```
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Applies one update with already clipped gradients; `t` is the 1-based step number.
     fn update(&mut self, params: &[Var], grads: &[Tensor], t: u64) -> Result<()>;
 
@@ -203,6 +217,33 @@ macro_rules! optimizer_common {
     };
 }
 pub(crate) use optimizer_common;
+
+/// An optimizer as Keras serializes it: the settings every Keras optimizer has (learning rate,
+/// weight decay, clipping; no EMA, loss scaling or gradient accumulation, which kiln lacks)
+/// and the class's own `params`.
+pub(crate) fn keras_object(
+    class: &str,
+    name: &str,
+    lr: f64,
+    weight_decay: Option<f64>,
+    clipping: Clipping,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "name": name, "learning_rate": lr, "weight_decay": weight_decay,
+        "clipnorm": clipping.clipnorm, "global_clipnorm": clipping.global_clipnorm,
+        "clipvalue": clipping.clipvalue, "use_ema": false, "ema_momentum": 0.99,
+        "ema_overwrite_frequency": null, "loss_scale_factor": null,
+        "gradient_accumulation_steps": null,
+    });
+    if let (Some(c), serde_json::Value::Object(p)) = (config.as_object_mut(), params) {
+        c.extend(p);
+    }
+    serde_json::json!({
+        "module": "keras.optimizers", "class_name": class, "config": config,
+        "registered_name": null,
+    })
+}
 
 fn check_lr(name: &str, lr: f64) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {

@@ -63,6 +63,19 @@ impl RmsProp {
 optimizer_common!(RmsProp);
 
 impl Optimizer for RmsProp {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "RMSprop",
+            "rmsprop",
+            self.lr,
+            None,
+            self.clipping,
+            serde_json::json!({
+                "rho": self.rho, "momentum": self.momentum, "epsilon": self.epsilon,
+                "centered": self.centered,
+            }),
+        ))
+    }
     fn name(&self) -> &str {
         "rmsprop"
     }

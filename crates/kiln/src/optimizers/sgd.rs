@@ -44,6 +44,16 @@ impl Sgd {
 optimizer_common!(Sgd);
 
 impl Optimizer for Sgd {
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_object(
+            "SGD",
+            "sgd",
+            self.lr,
+            None,
+            self.clipping,
+            serde_json::json!({ "momentum": self.momentum, "nesterov": self.nesterov }),
+        ))
+    }
     fn name(&self) -> &str {
         "sgd"
     }

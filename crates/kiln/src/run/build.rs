@@ -1,7 +1,7 @@
 //! Turning the `[model]`, `[compile]`, `[[added]]` and `[fit]` sections into a model, its
 //! compile configuration, its added terms and its fit options.
 
-use super::fields::{Fields, TableParams};
+use super::fields::{Fields, TableParams, Value};
 use crate::activations::Activation;
 use crate::adversarial::{Adversarial, PerturbationNorm};
 use crate::callbacks::{self, Schedule};
@@ -149,6 +149,86 @@ fn activation(f: &Fields) -> Result<Activation> {
     }
 }
 
+/// One axis of a layer's input as Keras counts it (the batch is axis 0; negative from the
+/// end), checked against the input's rank: the batch axis and axes past the rank are errors
+/// naming the key.
+fn feature_axis(l: &Fields, key: &str, v: &Value, inputs: &[&SymbolicTensor]) -> Result<isize> {
+    let rank = inputs.first().map_or(1, |x| x.shape().len() + 1) as i64;
+    let a = super::fields::integer(v.get_ref()).ok_or_else(|| {
+        l.value_error(
+            key,
+            v,
+            format!("expected an integer axis, got {}", v.get_ref().type_str()),
+        )
+    })?;
+    let resolved = if a < 0 { a + rank } else { a };
+    if !(1..rank).contains(&resolved) {
+        return Err(l.value_error(
+            key,
+            v,
+            format!(
+                "axis {a} is not a feature axis of an input of rank {rank} (counting the batch \
+                 as axis 0): use 1 to {} or -1 to -{}",
+                rank - 1,
+                rank - 1
+            ),
+        ));
+    }
+    Ok(a as isize)
+}
+
+/// LayerNormalization's `axes`: one axis or a list of distinct ones (default `-1`).
+fn feature_axes(l: &Fields, key: &str, inputs: &[&SymbolicTensor]) -> Result<Vec<isize>> {
+    let Some(v) = l.get(key) else {
+        return Ok(vec![-1]);
+    };
+    let items: Vec<&Value> = match v.get_ref().as_array() {
+        Some(a) if a.is_empty() => {
+            return Err(l.value_error(key, v, "expected one axis or a non-empty list of axes"))
+        }
+        Some(a) => a.iter().collect(),
+        None => vec![v],
+    };
+    let rank = inputs.first().map_or(1, |x| x.shape().len() + 1) as isize;
+    let mut axes: Vec<isize> = Vec::new();
+    for item in items {
+        let a = feature_axis(l, key, item, inputs)?;
+        let resolved = if a < 0 { a + rank } else { a };
+        if axes
+            .iter()
+            .any(|&b| (if b < 0 { b + rank } else { b }) == resolved)
+        {
+            return Err(l.value_error(key, item, format!("axis {a} is given twice")));
+        }
+        axes.push(a);
+    }
+    Ok(axes)
+}
+
+/// Conv1D/Conv2D `groups` (default 1): at least 1, dividing the filters and the input's
+/// channels (the last axis).
+fn conv_groups(l: &Fields, filters: usize, inputs: &[&SymbolicTensor]) -> Result<usize> {
+    let groups = l.usize_min_or("groups", 1, 1)?;
+    let channels = inputs.first().and_then(|x| x.shape().last().copied());
+    if let Some(v) = l.get("groups") {
+        if !filters.is_multiple_of(groups) {
+            return Err(l.value_error(
+                "groups",
+                v,
+                format!("{groups} groups do not divide the {filters} filters"),
+            ));
+        }
+        if let Some(c) = channels.filter(|c| !c.is_multiple_of(groups)) {
+            return Err(l.value_error(
+                "groups",
+                v,
+                format!("{groups} groups do not divide the input's {c} channels"),
+            ));
+        }
+    }
+    Ok(groups)
+}
+
 /// Builds the model of the `[model]` section; input shapes default to the data's. A
 /// `standardize` layer (from `[data] standardize = true`) is applied to the input first, and the
 /// layers see its output under the input's name.
@@ -270,14 +350,17 @@ pub(crate) fn model(
                         with_regularizers!(c, l).apply_many(&refs)
                     }};
                 }
+                let groups = conv_groups(l, filters, &refs)?;
                 if kind == "conv1d" {
                     common!(Conv1D::new(filters, kernel.0)
                         .strides(strides.0)
-                        .dilation_rate(dilation))
+                        .dilation_rate(dilation)
+                        .groups(groups))
                 } else {
                     common!(Conv2D::new(filters, kernel)
                         .strides(strides)
-                        .dilation_rate(dilation))
+                        .dilation_rate(dilation)
+                        .groups(groups))
                 }
             }
             "max_pooling1d" | "average_pooling1d" => {
@@ -329,6 +412,10 @@ pub(crate) fn model(
                 .with_name(name.clone())
                 .apply_many(&refs),
             "batch_normalization" => BatchNormalization::new()
+                .axis(match l.get("axis") {
+                    Some(v) => feature_axis(l, "axis", v, &refs)?,
+                    None => -1,
+                })
                 .momentum(l.f64_in_or("momentum", 0.99, Bounds::closed(0.0, 1.0))?)
                 .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
@@ -337,6 +424,7 @@ pub(crate) fn model(
                 .with_name(name.clone())
                 .apply_many(&refs),
             "layer_normalization" => LayerNormalization::new()
+                .axes(&feature_axes(l, "axes", &refs)?)
                 .epsilon(l.f64_in_or("epsilon", 1e-3, Bounds::positive())?)
                 .center(l.bool_or("center", true)?)
                 .scale(l.bool_or("scale", true)?)
@@ -364,6 +452,11 @@ pub(crate) fn model(
                 Lstm::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
                     .dropout(l.f64_in_or("dropout", 0.0, Bounds::closed_open(0.0, 1.0))?)
+                    .recurrent_dropout(l.f64_in_or(
+                        "recurrent_dropout",
+                        0.0,
+                        Bounds::closed_open(0.0, 1.0),
+                    )?)
                     .with_name(name.clone())
                     .apply_many(&refs)
             }
@@ -374,6 +467,11 @@ pub(crate) fn model(
                 Gru::new(units)
                     .return_sequences(l.bool_or("return_sequences", false)?)
                     .dropout(l.f64_in_or("dropout", 0.0, Bounds::closed_open(0.0, 1.0))?)
+                    .recurrent_dropout(l.f64_in_or(
+                        "recurrent_dropout",
+                        0.0,
+                        Bounds::closed_open(0.0, 1.0),
+                    )?)
                     .reset_after(l.bool_or("reset_after", true)?)
                     .with_name(name.clone())
                     .apply_many(&refs)
@@ -593,9 +691,10 @@ fn metrics(
 fn metric_items(f: &Fields, key: &str, v: &super::fields::Value<'_>) -> Result<Vec<MetricSpec>> {
     let one = |item: &super::fields::Value<'_>, what: String| -> Result<MetricSpec> {
         if let Some(name) = item.get_ref().as_str() {
-            let m = crate::metrics::config::metric_by_name(name)
+            crate::metrics::config::metric_by_name(name)
                 .map_err(|e| f.error_at(key, &item.span(), strip_kind(e)))?;
-            return Ok(MetricSpec::from(m));
+            // By name, so that a Keras export writes the name the run file gave.
+            return Ok(MetricSpec::Named(name.to_string()));
         }
         let Some(table) = item.get_ref().as_table() else {
             return Err(f.value_error(
