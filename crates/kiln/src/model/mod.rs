@@ -5,6 +5,7 @@ mod compile;
 pub(crate) mod contract;
 mod history;
 mod manual;
+mod nested;
 mod progress;
 mod sequential;
 mod summary;
@@ -16,6 +17,8 @@ pub(crate) use compile::not_compiled;
 pub use compile::{Compile, ProbabilityRule};
 pub use history::{History, Logs};
 pub use manual::BatchGradients;
+pub(crate) use nested::Application;
+use nested::{ModelScope, Nesting};
 pub use sequential::Sequential;
 pub use term_gradients::{TermGradient, TermGradients};
 pub use train::{Fit, SharedCallback};
@@ -82,6 +85,12 @@ pub struct Model {
     /// Per step, whether the next step is a ReLU layer that reads this step's output alone and
     /// that the step may apply itself ([`relu_fusions`]).
     relu_follows: Vec<bool>,
+    /// The model as a layer of others ([`Model::apply`]).
+    pub(crate) scope: Arc<ModelScope>,
+    /// The models applied in this one, by name.
+    pub(crate) nesting: Nesting,
+    /// Per layer id, what goes before its weights' names: `<model>/` for a nested model's.
+    weight_prefix: HashMap<usize, String>,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -122,6 +131,7 @@ impl std::fmt::Debug for Model {
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub struct ModelBuilder {
+    name: Option<String>,
     inputs: Vec<SymbolicTensor>,
     outputs: Vec<SymbolicTensor>,
     seed: u64,
@@ -130,6 +140,12 @@ pub struct ModelBuilder {
 }
 
 impl ModelBuilder {
+    /// The model's name (Keras' `name=`): what it is called where it is applied in another
+    /// model ([`Model::apply`]), before its layers' and weights' names there.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
     /// The seed weights are drawn from (default 0): the same seed gives the same model.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
@@ -176,6 +192,7 @@ impl Model {
         O: Borrow<SymbolicTensor>,
     {
         ModelBuilder {
+            name: None,
             inputs: inputs.iter().map(|t| t.borrow().clone()).collect(),
             outputs: outputs.iter().map(|t| t.borrow().clone()).collect(),
             seed: 0,
@@ -233,12 +250,47 @@ impl Model {
         // Given names are reserved up front so an automatic name never takes one.
         let given: HashSet<String> = order
             .iter()
-            .filter_map(|t| match &t.0.op {
-                NodeOp::Layer { layer, .. } => layer.lock().given_name().map(str::to_string),
-                NodeOp::Input { .. } => None,
+            .filter_map(|t| match (&t.0.op, t.0.within.first()) {
+                (_, Some(app)) => app.scope.given_name.clone(),
+                (NodeOp::Layer { layer, .. }, None) => {
+                    layer.lock().given_name().map(str::to_string)
+                }
+                (NodeOp::Input { .. }, None) => None,
             })
             .collect();
         let mut next_suffix: HashMap<&'static str, usize> = HashMap::new();
+        // Nested models take a name as a layer does; their layers, `<model>/<layer>`.
+        let mut scope_names: HashMap<usize, String> = HashMap::new();
+        let mut nested_models: Vec<(String, Arc<ModelScope>)> = Vec::new();
+        let mut weight_prefix: HashMap<usize, String> = HashMap::new();
+        let mut unique = |wanted: Option<&str>,
+                          kind: &'static str,
+                          taken: &mut HashSet<String>|
+         -> Result<String> {
+            match wanted {
+                Some(n) => {
+                    if !taken.insert(n.to_string()) {
+                        return Err(Error::Graph(format!(
+                            "two layers are named `{n}`: layer names must be unique in a model"
+                        )));
+                    }
+                    Ok(n.to_string())
+                }
+                None => loop {
+                    let k = next_suffix.entry(kind).or_insert(0);
+                    let candidate = if *k == 0 {
+                        kind.to_string()
+                    } else {
+                        format!("{kind}_{k}")
+                    };
+                    *k += 1;
+                    if !taken.contains(&candidate) && !given.contains(&candidate) {
+                        taken.insert(candidate.clone());
+                        break Ok(candidate);
+                    }
+                },
+            }
+        };
         for t in &order {
             let NodeOp::Layer { layer, .. } = &t.0.op else {
                 continue;
@@ -246,38 +298,48 @@ impl Model {
             if names.contains_key(&layer.id) {
                 continue;
             }
+            if let Some(app) = t.0.within.first() {
+                let scope = &app.scope;
+                let model = match scope_names.get(&scope.id) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = unique(scope.given_name.as_deref(), ModelScope::KIND, &mut taken)?;
+                        scope_names.insert(scope.id, n.clone());
+                        nested_models.push((n.clone(), scope.clone()));
+                        n
+                    }
+                };
+                let (inner, prefix) = &scope.names[&layer.id];
+                let name = format!("{model}/{inner}");
+                taken.insert(name.clone());
+                weight_prefix.insert(layer.id, format!("{model}/{prefix}"));
+                names.insert(layer.id, name.clone());
+                layers.push((name, layer.clone()));
+                continue;
+            }
             let guard = layer.lock();
-            let name = match guard.given_name() {
-                Some(n) => {
-                    if !taken.insert(n.to_string()) {
-                        return Err(Error::Graph(format!(
-                            "two layers are named `{n}`: layer names must be unique in a model"
-                        )));
-                    }
-                    n.to_string()
-                }
-                None => loop {
-                    let k = next_suffix.entry(guard.kind()).or_insert(0);
-                    let candidate = if *k == 0 {
-                        guard.kind().to_string()
-                    } else {
-                        format!("{}_{k}", guard.kind())
-                    };
-                    *k += 1;
-                    if !taken.contains(&candidate) && !given.contains(&candidate) {
-                        taken.insert(candidate.clone());
-                        break candidate;
-                    }
-                },
-            };
+            let name = unique(guard.given_name(), guard.kind(), &mut taken)?;
             drop(guard);
             names.insert(layer.id, name.clone());
             layers.push((name, layer.clone()));
         }
 
         // Keras' order (`model.layers`, hence `model.weights` and `get_weights`).
+        // A nested model is one layer there, its own layers in its own order.
         let rank = keras_layer_order(&b.outputs, &input_ids);
-        layers.sort_by_key(|(_, l)| rank.get(&l.id).copied().unwrap_or(usize::MAX));
+        let place = |l: &SharedLayer| -> (usize, usize) {
+            match nested_models
+                .iter()
+                .find(|(_, s)| s.names.contains_key(&l.id))
+            {
+                Some((_, s)) => (
+                    rank.get(&s.id).copied().unwrap_or(usize::MAX),
+                    s.layers.iter().position(|x| x.id == l.id).unwrap_or(0),
+                ),
+                None => (rank.get(&l.id).copied().unwrap_or(usize::MAX), 0),
+            }
+        };
+        layers.sort_by_key(|(_, l)| place(l));
 
         // Build every layer once, from the shapes of its first application.
         let mut rng = StdRng::seed_from_u64(b.seed);
@@ -289,8 +351,10 @@ impl Model {
                 continue;
             };
             let name = names[&layer.id].clone();
-            // A layer that already has weights belongs to another model too: share them.
-            if built.insert(layer.id) && layer.lock().weights().is_empty() {
+            // A layer that already has weights belongs to another model too: share them. A
+            // nested model's layers were built with it.
+            if built.insert(layer.id) && t.0.within.is_empty() && layer.lock().weights().is_empty()
+            {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.shape().to_vec()).collect();
                 let mut ctx = BuildContext {
                     device: &b.device,
@@ -349,7 +413,29 @@ impl Model {
         }
 
         let relu_follows = relu_fusions(&steps, &b.outputs);
+        let added = nested::nested_terms(&order, &scope_names);
+        let scope = Arc::new(ModelScope {
+            id: crate::graph::next_id(),
+            given_name: b.name,
+            input_names: input_names.clone(),
+            output_names: output_names.clone(),
+            inputs: b.inputs.clone(),
+            outputs: b.outputs.clone(),
+            names: layers
+                .iter()
+                .map(|(n, l)| {
+                    let prefix = weight_prefix.get(&l.id).cloned().unwrap_or_default();
+                    (l.id, (n.clone(), prefix))
+                })
+                .collect(),
+            layers: layers.iter().map(|(_, l)| l.clone()).collect(),
+        });
         Ok(Model {
+            scope,
+            nesting: Nesting {
+                models: nested_models,
+            },
+            weight_prefix,
             relu_follows,
             inputs: b.inputs,
             outputs: b.outputs,
@@ -359,7 +445,7 @@ impl Model {
             layers,
             device: b.device,
             dtype: b.dtype,
-            added: Vec::new(),
+            added,
             compiled: None,
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
@@ -436,10 +522,13 @@ impl Model {
             .iter()
             .flat_map(|(_, l)| {
                 let trainable = l.is_trainable();
-                l.lock()
-                    .weights()
-                    .into_iter()
-                    .map(move |w| w.frozen_unless(trainable))
+                let prefix = self.weight_prefix.get(&l.id).map(String::as_str);
+                l.lock().weights().into_iter().map(move |mut w| {
+                    if let Some(p) = prefix {
+                        w.name = format!("{p}{}", w.name);
+                    }
+                    w.frozen_unless(trainable)
+                })
             })
             .collect()
     }
@@ -482,6 +571,12 @@ impl Model {
     /// # Errors
     /// [`Error::Graph`] when the model has no layer of that name; the message lists them.
     pub fn set_trainable(&mut self, layer: &str, trainable: bool) -> Result<()> {
+        if let Some(scope) = self.nesting.find(layer) {
+            for l in &scope.layers {
+                l.set_trainable(trainable);
+            }
+            return Ok(());
+        }
         let (_, l) = self
             .layers
             .iter()
@@ -496,6 +591,9 @@ impl Model {
     /// # Errors
     /// [`Error::Graph`] when the model has no layer of that name.
     pub fn is_trainable(&self, layer: &str) -> Result<bool> {
+        if let Some(scope) = self.nesting.find(layer) {
+            return Ok(scope.layers.iter().all(SharedLayer::is_trainable));
+        }
         self.layers
             .iter()
             .find(|(n, _)| n == layer)
@@ -1016,34 +1114,52 @@ const META_LOSS_WEIGHTING: &str = "kiln.loss_weighting";
 
 /// Each layer's place in Keras' `model.layers` order: by depth from the outputs (deepest
 /// first), then by when a walk from the outputs first meets it, as Keras' functional graph
-/// (`keras.src.ops.function.map_graph`) sorts its operations. Keyed by layer id.
+/// (`keras.src.ops.function.map_graph`) sorts its operations. Keyed by layer id; a nested
+/// model is one operation there, keyed by its scope id, each application one node.
 fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> HashMap<usize, usize> {
+    /// A node of the coarse graph: its key, its operation's key and its parents.
+    struct Coarse {
+        node: usize,
+        op: usize,
+        parents: Vec<SymbolicTensor>,
+    }
+    fn coarse(t: &SymbolicTensor) -> Option<Coarse> {
+        if let Some(app) = t.0.within.first() {
+            return Some(Coarse {
+                node: app.id,
+                op: app.scope.id,
+                parents: app.inputs.clone(),
+            });
+        }
+        match &t.0.op {
+            NodeOp::Layer { layer, .. } => Some(Coarse {
+                node: t.id(),
+                op: layer.id,
+                parents: t.parents().into_iter().cloned().collect(),
+            }),
+            NodeOp::Input { .. } => None,
+        }
+    }
     struct Walk<'a> {
         inputs: &'a HashSet<usize>,
         first_seen: HashMap<usize, usize>,
         finished: HashSet<usize>,
-        post_order: Vec<SymbolicTensor>,
-    }
-    fn layer_id(t: &SymbolicTensor) -> Option<usize> {
-        match &t.0.op {
-            NodeOp::Layer { layer, .. } => Some(layer.id),
-            NodeOp::Input { .. } => None,
-        }
+        post_order: Vec<Coarse>,
     }
     fn walk(w: &mut Walk, t: &SymbolicTensor) {
-        let Some(layer) = layer_id(t) else {
+        let Some(c) = coarse(t) else {
             return;
         };
-        if w.inputs.contains(&t.id()) || w.finished.contains(&t.id()) {
+        if w.inputs.contains(&t.id()) || w.finished.contains(&c.node) {
             return;
         }
         let next = w.first_seen.len();
-        w.first_seen.entry(layer).or_insert(next);
-        for p in t.parents() {
+        w.first_seen.entry(c.op).or_insert(next);
+        for p in &c.parents {
             walk(w, p);
         }
-        w.finished.insert(t.id());
-        w.post_order.push(t.clone());
+        w.finished.insert(c.node);
+        w.post_order.push(c);
     }
     let mut w = Walk {
         inputs,
@@ -1055,19 +1171,20 @@ fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> Has
         walk(&mut w, o);
     }
     // A node's depth is one more than its deepest consumer's; a layer's, its deepest node's.
+    // Depths are kept per tensor id (a parent) and per node key.
+    let key = |t: &SymbolicTensor| coarse(t).map_or(t.id(), |c| c.node);
     let mut node_depth: HashMap<usize, usize> = HashMap::new();
     let mut layer_depth: HashMap<usize, usize> = HashMap::new();
-    for t in w.post_order.iter().rev() {
-        let layer = layer_id(t).expect("layer nodes only");
+    for c in w.post_order.iter().rev() {
         let depth = node_depth
-            .get(&t.id())
+            .get(&c.node)
             .copied()
             .unwrap_or(0)
-            .max(layer_depth.get(&layer).copied().unwrap_or(0));
-        layer_depth.insert(layer, depth);
-        node_depth.insert(t.id(), depth);
-        for p in t.parents() {
-            let d = node_depth.entry(p.id()).or_insert(0);
+            .max(layer_depth.get(&c.op).copied().unwrap_or(0));
+        layer_depth.insert(c.op, depth);
+        node_depth.insert(c.node, depth);
+        for p in &c.parents {
+            let d = node_depth.entry(key(p)).or_insert(0);
             *d = (*d).max(depth + 1);
         }
     }
