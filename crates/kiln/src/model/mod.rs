@@ -18,7 +18,8 @@ pub use compile::{Compile, ProbabilityRule};
 pub use history::{History, Logs};
 pub use manual::BatchGradients;
 pub(crate) use nested::Application;
-use nested::{ModelScope, Nesting};
+pub(crate) use nested::ModelScope;
+use nested::Nesting;
 pub use sequential::Sequential;
 pub use term_gradients::{TermGradient, TermGradients};
 pub use train::{Fit, SharedCallback};
@@ -414,12 +415,12 @@ impl Model {
 
         let relu_follows = relu_fusions(&steps, &b.outputs);
         let added = nested::nested_terms(&order, &scope_names);
+        let view = GraphView::new(&b.inputs, &input_names, &steps, &b.outputs, &scope_names);
         let scope = Arc::new(ModelScope {
+            view,
             id: crate::graph::next_id(),
             given_name: b.name,
-            input_names: input_names.clone(),
             output_names: output_names.clone(),
-            inputs: b.inputs.clone(),
             outputs: b.outputs.clone(),
             names: layers
                 .iter()
@@ -703,30 +704,9 @@ impl Model {
             .collect()
     }
 
-    /// The graph as a list, for export: the inputs (name, id, shape), every layer application
-    /// in execution order (layer name, the layer, input ids, output id, output shape), and the
-    /// output ids.
-    pub(crate) fn graph_view(&self) -> GraphView {
-        GraphView {
-            inputs: self
-                .inputs
-                .iter()
-                .zip(&self.input_names)
-                .map(|(t, n)| (n.clone(), t.id(), t.shape().to_vec()))
-                .collect(),
-            steps: self
-                .steps
-                .iter()
-                .map(|s| StepView {
-                    layer_name: s.layer_name.clone(),
-                    layer: s.layer.clone(),
-                    inputs: s.inputs.clone(),
-                    output: s.node.id(),
-                    shape: s.node.shape().to_vec(),
-                })
-                .collect(),
-            outputs: self.outputs.iter().map(|t| t.id()).collect(),
-        }
+    /// The graph as a list, for export: see [`GraphView`].
+    pub(crate) fn graph_view(&self) -> &GraphView {
+        &self.scope.view
     }
 
     /// Runs the graph on a batch.
@@ -1200,13 +1180,78 @@ pub(crate) struct GraphView {
     pub(crate) outputs: Vec<usize>,
 }
 
-/// One layer application of a [`GraphView`].
+/// One layer application of a [`GraphView`], or one application of a nested model.
 pub(crate) struct StepView {
     pub(crate) layer_name: String,
-    pub(crate) layer: SharedLayer,
+    pub(crate) op: StepOp,
     pub(crate) inputs: Vec<usize>,
-    pub(crate) output: usize,
-    pub(crate) shape: Vec<usize>,
+    /// The ids and sample shapes of its outputs (one for a layer).
+    pub(crate) outputs: Vec<(usize, Vec<usize>)>,
+}
+
+/// What a [`StepView`] applies.
+pub(crate) enum StepOp {
+    Layer(SharedLayer),
+    Nested(Arc<ModelScope>),
+}
+
+impl GraphView {
+    /// The graph of `steps`, each nested model's application one step, in an order where
+    /// every step comes after the steps that make its inputs.
+    fn new(
+        inputs: &[SymbolicTensor],
+        input_names: &[String],
+        steps: &[Step],
+        outputs: &[SymbolicTensor],
+        model_names: &HashMap<usize, String>,
+    ) -> GraphView {
+        let mut pending: Vec<StepView> = Vec::new();
+        let mut applications = HashSet::new();
+        for s in steps {
+            match s.node.0.within.first() {
+                None => pending.push(StepView {
+                    layer_name: s.layer_name.clone(),
+                    op: StepOp::Layer(s.layer.clone()),
+                    inputs: s.inputs.clone(),
+                    outputs: vec![(s.node.id(), s.node.shape().to_vec())],
+                }),
+                Some(app) if applications.insert(app.id) => pending.push(StepView {
+                    layer_name: model_names[&app.scope.id].clone(),
+                    op: StepOp::Nested(app.scope.clone()),
+                    inputs: app.inputs.iter().map(SymbolicTensor::id).collect(),
+                    outputs: app
+                        .output_ids()
+                        .into_iter()
+                        .zip(&app.scope.outputs)
+                        .map(|(id, o)| (id, o.shape().to_vec()))
+                        .collect(),
+                }),
+                Some(_) => {}
+            }
+        }
+        // Steps in execution order, except that an application may have to wait for an input
+        // made after its first layer ran: each step once all it reads is made.
+        let mut made: HashSet<usize> = inputs.iter().map(SymbolicTensor::id).collect();
+        let mut ordered = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            let ready = pending
+                .iter()
+                .position(|s| s.inputs.iter().all(|i| made.contains(i)))
+                .unwrap_or(0);
+            let step = pending.remove(ready);
+            made.extend(step.outputs.iter().map(|(id, _)| *id));
+            ordered.push(step);
+        }
+        GraphView {
+            inputs: inputs
+                .iter()
+                .zip(input_names)
+                .map(|(t, n)| (n.clone(), t.id(), t.shape().to_vec()))
+                .collect(),
+            steps: ordered,
+            outputs: outputs.iter().map(|t| t.id()).collect(),
+        }
+    }
 }
 
 /// The values of one forward pass: every tensor by node id, masks, and layer-added losses.

@@ -21,15 +21,15 @@ use std::sync::{Arc, OnceLock};
 pub(crate) struct ModelScope {
     pub(crate) id: usize,
     pub(crate) given_name: Option<String>,
-    pub(crate) input_names: Vec<String>,
     pub(crate) output_names: Vec<String>,
-    pub(crate) inputs: Vec<SymbolicTensor>,
     pub(crate) outputs: Vec<SymbolicTensor>,
     /// Per layer id: its name in this model and the prefix of its weights' names (empty for
     /// the model's own layers, `inner/` for those of a model nested in it).
     pub(crate) names: HashMap<usize, (String, String)>,
     /// Every layer, those of nested models included, in the model's layer order.
     pub(crate) layers: Vec<SharedLayer>,
+    /// The model's graph, each nested model one step, for export.
+    pub(crate) view: super::GraphView,
 }
 
 impl ModelScope {
