@@ -93,8 +93,8 @@ fn a_nested_model_computes_what_its_layers_built_flat_compute() {
 
     let xs = features(12, 5, 1);
     let (a, b) = (
-        nested.predict(&[xs.clone()], 5).unwrap(),
-        flat.predict(&[xs.clone()], 5).unwrap(),
+        nested.predict(std::slice::from_ref(&xs), 5).unwrap(),
+        flat.predict(std::slice::from_ref(&xs), 5).unwrap(),
     );
     close(&a[0], &b[0], 1e-6, "predict");
     // Not a trivial output: the head's values vary.
@@ -163,7 +163,7 @@ fn two_applications_share_one_weight_set() {
         close(g, f, 1e-6, name);
     }
 
-    let before = enc.predict(&[xa.clone()], 10).unwrap();
+    let before = enc.predict(std::slice::from_ref(&xa), 10).unwrap();
     let kernel = bits(&enc, "dense/kernel");
     siamese
         .fit(&data, Fit::new().epochs(1).batch_size(10).quiet())
@@ -326,8 +326,8 @@ fn masks_and_the_training_flag_reach_the_nested_layers() {
     )
     .unwrap();
     let (a, b) = (
-        nested.predict(&[tokens.clone()], 3).unwrap(),
-        flat.predict(&[tokens.clone()], 3).unwrap(),
+        nested.predict(std::slice::from_ref(&tokens), 3).unwrap(),
+        flat.predict(std::slice::from_ref(&tokens), 3).unwrap(),
     );
     close(&a[0], &b[0], 1e-6, "masked predict");
     // Unmasked, the padded rows would differ: the mask matters here.
@@ -343,7 +343,7 @@ fn masks_and_the_training_flag_reach_the_nested_layers() {
     let unmasked = reader.predict(&[vectors], 3).unwrap();
     assert!(to_vec(&unmasked[0])[3..] != to_vec(&a[0])[3..]);
 
-    let infer = nested.call(&[tokens.clone()], false).unwrap();
+    let infer = nested.call(std::slice::from_ref(&tokens), false).unwrap();
     close(&infer[0], &a[0], 1e-6, "inference call");
     let train = nested.call(&[tokens], true).unwrap();
     let zeros = to_vec(&train[0]).iter().filter(|v| **v == 0.0).count();
@@ -375,13 +375,13 @@ fn weights_and_checkpoints_of_a_nested_model_round_trip() {
     trained.save_weights(&file).unwrap();
     trained.save_checkpoint(&dir, "ckpt", 2, &history).unwrap();
     let xs = features(7, 5, 11);
-    let want = trained.predict(&[xs.clone()], 7).unwrap();
+    let want = trained.predict(std::slice::from_ref(&xs), 7).unwrap();
 
     let fresh = build(2);
-    assert!(to_vec(&fresh.predict(&[xs.clone()], 7).unwrap()[0]) != to_vec(&want[0]));
+    assert!(to_vec(&fresh.predict(std::slice::from_ref(&xs), 7).unwrap()[0]) != to_vec(&want[0]));
     fresh.load_weights(&file).unwrap();
     assert_eq!(
-        to_vec(&fresh.predict(&[xs.clone()], 7).unwrap()[0]),
+        to_vec(&fresh.predict(std::slice::from_ref(&xs), 7).unwrap()[0]),
         to_vec(&want[0])
     );
     let mut resumed = build(3);
@@ -428,7 +428,7 @@ fn models_nest_in_nested_models() {
     );
     let xs = features(4, 5, 6);
     assert_eq!(
-        to_vec(&outer.predict(&[xs.clone()], 4).unwrap()[0]),
+        to_vec(&outer.predict(std::slice::from_ref(&xs), 4).unwrap()[0]),
         to_vec(&middle.predict(&[xs], 4).unwrap()[0])
     );
     assert!(outer.summary().contains("middle (Functional)"));
