@@ -267,6 +267,13 @@ fn a_nested_models_added_terms_count_once_per_application() {
         Ok((t.get(&hidden)?.abs()?.mean_all()? * 0.1)?)
     })
     .unwrap();
+    // A term over a weight, found by its name in the nested model, and one over its output.
+    enc.add_loss("kernel_l1", |t| {
+        Ok((t.weight("dense/kernel")?.abs()?.sum_all()? * 0.01)?)
+    })
+    .unwrap();
+    enc.add_loss("out_mean", |t| Ok(t.output("dense")?.mean_all()?))
+        .unwrap();
 
     let (a, b) = (Input::named("a", [5]), Input::named("b", [5]));
     let (ea, eb) = (enc.apply(&a).unwrap(), enc.apply(&b).unwrap());
@@ -291,9 +298,22 @@ fn a_nested_models_added_terms_count_once_per_application() {
     assert!((got - sparsity).abs() < 1e-5, "{got} vs {sparsity}");
     let got = logs.get("activity_l2").unwrap() as f32;
     assert!((got - l2).abs() < 1e-5, "{got} vs {l2}");
+    let kernel: f32 = to_vec(enc.weight("dense/kernel").unwrap().var.as_tensor())
+        .iter()
+        .map(|v| v.abs())
+        .sum();
+    let got = logs.get("enc/kernel_l1").unwrap() as f32;
+    assert!(
+        (got - 2.0 * 0.01 * kernel).abs() < 1e-5,
+        "{got} vs {kernel}"
+    );
+    let means = (to_vec(&ha).iter().sum::<f32>() + to_vec(&hb).iter().sum::<f32>()) / 18.0;
+    let got = logs.get("enc/out_mean").unwrap() as f32;
+    assert!((got - means).abs() < 1e-5, "{got} vs {means}");
     let data_loss = logs.get("add_loss").unwrap() as f32;
     let total = logs.get("loss").unwrap() as f32;
-    assert!((total - (data_loss + sparsity + l2)).abs() < 1e-5);
+    let terms = data_loss + sparsity + l2 + 2.0 * 0.01 * kernel + means;
+    assert!((total - terms).abs() < 1e-4, "{total} vs {terms}");
 }
 
 /// A mask made outside the nested model reaches its LSTM, and the training flag its Dropout:
@@ -426,6 +446,8 @@ fn models_nest_in_nested_models() {
             "middle/dense/bias"
         ]
     );
+    // An output a nested model makes is named by the model, as Keras' `output_names`.
+    assert_eq!(outer.output_names(), ["middle"]);
     let xs = features(4, 5, 6);
     assert_eq!(
         to_vec(&outer.predict(std::slice::from_ref(&xs), 4).unwrap()[0]),

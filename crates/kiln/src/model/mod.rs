@@ -107,6 +107,15 @@ impl std::fmt::Debug for Model {
             .field("weights", &self.weights().len())
             .field("frozen_layers", &self.frozen_layers())
             .field(
+                "nested_models",
+                &self
+                    .nesting
+                    .models
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field(
                 "added_losses",
                 &self
                     .added
@@ -392,9 +401,13 @@ impl Model {
             .collect();
         let mut output_names = Vec::new();
         for out in &b.outputs {
-            let name = match &out.0.op {
-                NodeOp::Layer { layer, .. } => names[&layer.id].clone(),
-                NodeOp::Input { .. } => {
+            // As in Keras, an output a nested model makes is named by the model.
+            let name = match (&out.0.op, out.0.within.first()) {
+                (_, Some(app)) if app.output_ids().contains(&out.id()) => {
+                    scope_names[&app.scope.id].clone()
+                }
+                (NodeOp::Layer { layer, .. }, _) => names[&layer.id].clone(),
+                (NodeOp::Input { .. }, _) => {
                     let i = b
                         .inputs
                         .iter()

@@ -83,7 +83,8 @@ impl Model {
     /// or in several models, shares its weights, and training any of them trains them all.
     ///
     /// In the model that takes the result, the layers are named `<model>/<layer>` and their
-    /// weights `<model>/<layer>/<weight>`, as Keras' paths; the model is one row of its
+    /// weights `<model>/<layer>/<weight>`, as Keras' paths, and an output the model makes is
+    /// named by the model (Keras' `output_names`); the model is one row of its
     /// [`Model::summary`] and is frozen as a whole by [`Model::set_trainable`] with its name.
     /// Masks pass into it, the training flag reaches its Dropout and BatchNormalization layers,
     /// and its added terms (activity regularizers, [`Model::add_loss`]) count once per
