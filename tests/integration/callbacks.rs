@@ -146,7 +146,7 @@ fn schedules_and_plateaus_set_the_learning_rate() {
                 })),
         )
         .unwrap();
-    assert_eq!(h.get("lr").unwrap(), vec![0.1, 0.1, 0.05, 0.05]);
+    assert_eq!(h.get("learning_rate").unwrap(), vec![0.1, 0.1, 0.05, 0.05]);
 
     // A monitored value that never improves: the rate drops every `patience` epochs.
     struct Flat;
@@ -173,7 +173,10 @@ fn schedules_and_plateaus_set_the_learning_rate() {
                 .callback(ReduceLROnPlateau::new("flat").factor(0.5).patience(2)),
         )
         .unwrap();
-    assert_eq!(h.get("lr").unwrap(), vec![0.01, 0.01, 0.005, 0.005, 0.0025]);
+    assert_eq!(
+        h.get("learning_rate").unwrap(),
+        vec![0.01, 0.01, 0.005, 0.005, 0.0025]
+    );
     let cos = Schedule::Cosine {
         initial: 1.0,
         decay_epochs: 4,
@@ -324,4 +327,44 @@ fn early_stopping_restores_the_best_weights_when_training_runs_to_its_end() {
     let kept = best.lock().unwrap().clone();
     assert!(!kept.is_empty());
     assert_eq!(weights(&m), kept);
+}
+
+/// The learning-rate callbacks log under Keras 3's key, `learning_rate` (what
+/// tests/fixtures/keras/check_lr_history_key.py finds real Keras 3.15 writing into History and
+/// CSVLogger's columns), never `lr`.
+#[test]
+fn the_learning_rate_is_logged_as_keras_3_logs_it() {
+    let dir = temp_dir("lr-key");
+    let path = dir.join("log.csv");
+    let mut m = model(5);
+    m.set_learning_rate(0.01).unwrap();
+    let h = m
+        .fit(
+            &data(),
+            Fit::new()
+                .epochs(3)
+                .quiet()
+                .callback(Scripted(vec![1.0, 1.0, 1.0]))
+                .callback(ReduceLROnPlateau::new("score").factor(0.5).patience(1))
+                .callback(CsvLogger::new(&path)),
+        )
+        .unwrap();
+    assert_eq!(h.get("learning_rate").unwrap(), vec![0.01, 0.005, 0.0025]);
+    assert!(h.get("lr").is_none());
+    let text = std::fs::read_to_string(&path).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    assert!(header.contains(&"learning_rate"), "{header:?}");
+    assert!(!header.contains(&"lr"), "{header:?}");
+    let column = header.iter().position(|c| *c == "learning_rate").unwrap();
+    let last: f64 = text
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split(',')
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(last, 0.0025);
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -237,7 +237,7 @@ fn train_off_a_terminal_writes_one_plain_line_per_epoch() {
     for texts in [&loss, &metrics] {
         assert!(!texts
             .iter()
-            .any(|t| t.contains("epoch_time_s") || t == "lr"));
+            .any(|t| t.contains("epoch_time_s") || t == "learning_rate"));
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -466,3 +466,82 @@ fn normalization_axes_groups_and_recurrent_dropout_round_trip() {
         &[input(&[3, 5, 6], 11), input(&[3, 4, 4, 4], 12)],
     );
 }
+
+/// Models used as layers of a kiln model: an encoder applied twice (shared weights, a
+/// BatchNormalization inside), a frozen model of two inputs and two outputs, and a model nested
+/// in a nested model are written as Keras' Functional inside a Functional and come back with
+/// their nested weight names, frozen layers and predictions.
+#[test]
+fn nested_models_round_trip() {
+    let x = Input::named("features", [6]);
+    let h = Dense::new(5)
+        .activation(Activation::Relu)
+        .apply(&x)
+        .unwrap();
+    let h = BatchNormalization::new().apply(&h).unwrap();
+    let h = Dense::new(4)
+        .activation(Activation::Tanh)
+        .apply(&h)
+        .unwrap();
+    let encoder = Model::builder(&[x], &[h])
+        .name("encoder")
+        .seed(1)
+        .build()
+        .unwrap();
+    let (p, q) = (Input::named("p", [4]), Input::named("q", [4]));
+    let mix = Dense::new(3)
+        .with_name("mix")
+        .apply(&Concatenate::new().apply_many(&[&p, &q]).unwrap())
+        .unwrap();
+    let side = Dense::new(2).with_name("side").apply(&p).unwrap();
+    let pair = Model::builder(&[p, q], &[mix, side])
+        .name("pair")
+        .seed(2)
+        .build()
+        .unwrap();
+    pair.set_all_trainable(false);
+
+    let (a, b) = (Input::named("a", [6]), Input::named("b", [6]));
+    let (ea, eb) = (encoder.apply(&a).unwrap(), encoder.apply(&b).unwrap());
+    let outs = pair.apply_many(&[&ea, &eb]).unwrap();
+    let joined = Concatenate::new()
+        .apply_many(&[&outs[0], &outs[1]])
+        .unwrap();
+    let y = Dense::new(1).with_name("score").apply(&joined).unwrap();
+    let model = Model::builder(&[a, b], &[y, outs[0].clone()])
+        .seed(3)
+        .build()
+        .unwrap();
+    perturb(&model);
+    assert!(model
+        .weight("encoder/batch_normalization/moving_variance")
+        .is_ok());
+    assert!(!model.weight("pair/mix/kernel").unwrap().trainable());
+    round_trip(
+        "native_nested",
+        &model,
+        &[input(&[5, 6], 7), input(&[5, 6], 8)],
+    );
+
+    // A model nested in a nested model.
+    let x = Input::new([3]);
+    let inner = Model::builder(&[&x], &[&Dense::new(4).apply(&x).unwrap()])
+        .name("inner")
+        .build()
+        .unwrap();
+    let x = Input::new([3]);
+    let h = Dense::new(2)
+        .activation(Activation::Sigmoid)
+        .apply(&inner.apply(&x).unwrap())
+        .unwrap();
+    let middle = Model::builder(&[x], &[h]).name("middle").build().unwrap();
+    let x = Input::new([3]);
+    let y = Dense::new(1)
+        .with_name("out")
+        .apply(&middle.apply(&x).unwrap())
+        .unwrap();
+    let model = Model::new(&[x], &[y]).unwrap();
+    perturb(&model);
+    assert!(model.weight("middle/inner/dense/kernel").is_ok());
+    round_trip("native_nested_deep", &model, &[input(&[4, 3], 9)]);
+}

@@ -135,6 +135,41 @@ fn weights_keep_keras_layer_paths() {
     assert_eq!(model.weight("gru/bias").unwrap().var.dims(), &[2, 9]);
 }
 
+/// An imported nested model is a kiln model applied as a layer, as one built in Rust: its
+/// weights come in Keras' `model.weights` order (the nested model's at its place among the
+/// layers: `shared`, `encoder`, `score` for this file, as Keras 3.15 lists them), the summary
+/// shows it as one row with its 18 parameters (Keras' `count_params`), and it freezes by name.
+#[test]
+fn an_imported_nested_model_is_a_nested_kiln_model() {
+    let mut model = Model::from_keras(fixture("nested_shared.keras")).unwrap();
+    let names: Vec<String> = model.weights().into_iter().map(|w| w.name).collect();
+    assert_eq!(
+        names,
+        [
+            "shared/kernel",
+            "shared/bias",
+            "encoder/dense/kernel",
+            "encoder/dense/bias",
+            "score/kernel",
+            "score/bias"
+        ]
+    );
+    let table = model.summary();
+    let row = table.lines().find(|l| l.contains("encoder (")).unwrap();
+    assert!(
+        row.contains("encoder (Functional)") && row.contains(" 18 "),
+        "{table}"
+    );
+    assert!(table.contains("Total params: 55 "), "{table}");
+    model.set_trainable("encoder", false).unwrap();
+    let frozen: Vec<String> = model
+        .non_trainable_weights()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(frozen, ["encoder/dense/kernel", "encoder/dense/bias"]);
+}
+
 /// One `train_on_batch` in Keras and one fit step of the whole batch in kiln, from the same
 /// weights with the carried-over loss and optimizer, give the same weights.
 #[test]

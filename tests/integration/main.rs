@@ -22,6 +22,7 @@ mod masks;
 mod metrics;
 mod mpi;
 mod mutations;
+mod nested;
 mod normalization;
 mod probability_rule;
 mod relu_fusion;

@@ -86,7 +86,7 @@ fn train_writes_the_run_folder_and_resume_matches_an_unbroken_run() {
         "val_loss",
         "val_out_loss",
         "val_adversarial",
-        "lr",
+        "learning_rate",
     ] {
         assert_eq!(
             history[key].as_array().map(Vec::len),
@@ -356,7 +356,7 @@ fn resume_restores_the_callbacks_counters() {
     let read = |p: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join(p)).unwrap()).unwrap()
     };
-    let lrs: Vec<f64> = read("full/history.json")["lr"]
+    let lrs: Vec<f64> = read("full/history.json")["learning_rate"]
         .as_array()
         .unwrap()
         .iter()
@@ -364,8 +364,8 @@ fn resume_restores_the_callbacks_counters() {
         .collect();
     assert_eq!(lrs, vec![0.02, 0.02, 0.01, 0.01, 0.005, 0.005]);
     assert_eq!(
-        read("part/history.json")["lr"],
-        read("full/history.json")["lr"]
+        read("part/history.json")["learning_rate"],
+        read("full/history.json")["learning_rate"]
     );
     assert!(
         std::fs::read(dir.join("full/model.safetensors")).unwrap()

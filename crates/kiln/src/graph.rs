@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::layers::{CallContext, Layer};
+use crate::model::Application;
 use candle_core::{DType, Device, Tensor};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
-fn next_id() -> usize {
+pub(crate) fn next_id() -> usize {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
@@ -115,6 +116,17 @@ impl SharedLayer {
         inputs: &[&SymbolicTensor],
         masks: &[Option<&SymbolicTensor>],
     ) -> Result<SymbolicTensor> {
+        self.apply_within(inputs, masks, Vec::new())
+    }
+
+    /// [`SharedLayer::apply_many_with_masks`] for a layer of a nested model: `within` lists
+    /// the nested model applications the new node belongs to, outermost first.
+    pub(crate) fn apply_within(
+        &self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+        within: Vec<Arc<Application>>,
+    ) -> Result<SymbolicTensor> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let layer = self.lock();
         let who = layer.given_name().unwrap_or(layer.kind()).to_string();
@@ -177,6 +189,7 @@ impl SharedLayer {
                     Vec::new()
                 },
             },
+            within,
         })))
     }
 }
@@ -275,6 +288,9 @@ pub(crate) struct Node {
     /// The shape of the mask this tensor carries (batch axis left out), if it carries one.
     pub(crate) mask: Option<Vec<usize>>,
     pub(crate) op: NodeOp,
+    /// The nested model applications this node was made by, outermost first (empty for a
+    /// layer applied directly): see [`crate::Model::apply`].
+    pub(crate) within: Vec<Arc<Application>>,
 }
 
 /// A tensor in the functional graph: its shape (without the batch axis) and how it is made.
@@ -322,6 +338,7 @@ impl SymbolicTensor {
                 inputs: vec![self.clone()],
                 masks: Vec::new(),
             },
+            within: Vec::new(),
         })))
     }
 
@@ -393,6 +410,7 @@ impl Input {
             shape,
             mask: None,
             op: NodeOp::Input { name },
+            within: Vec::new(),
         }))
     }
 }

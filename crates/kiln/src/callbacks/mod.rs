@@ -35,7 +35,7 @@ pub trait Callback: Send {
         Ok(Control::Continue)
     }
     /// After each epoch, with its logs (validation included). A callback may add entries
-    /// (such as `lr`).
+    /// (such as `learning_rate`, as Keras 3's learning-rate callbacks do).
     fn on_epoch_end(
         &mut self,
         _epoch: usize,

@@ -71,7 +71,7 @@ impl Schedule {
     }
 }
 
-/// Sets the learning rate from a [`Schedule`] at the start of every epoch, and logs it as `lr`.
+/// Sets the learning rate from a [`Schedule`] at the start of every epoch, and logs it as `learning_rate` (Keras 3's key).
 pub struct LearningRateScheduler {
     schedule: Schedule,
 }
@@ -94,13 +94,14 @@ impl Callback for LearningRateScheduler {
         model: &mut Model,
     ) -> Result<Control> {
         if let Some(lr) = model.learning_rate() {
-            logs.set("lr", lr);
+            logs.set("learning_rate", lr);
         }
         Ok(Control::Continue)
     }
 }
 
-/// Multiplies the learning rate by `factor` when a monitored value stops improving.
+/// Multiplies the learning rate by `factor` when a monitored value stops improving, and logs it
+/// as `learning_rate` at every epoch end (Keras 3's key, in the history and the CSV log).
 ///
 /// ```
 /// let plateau = kiln::callbacks::ReduceLROnPlateau::new("val_loss").factor(0.5).patience(2);
@@ -216,7 +217,7 @@ impl Callback for ReduceLROnPlateau {
             }
         }
         if let Some(lr) = model.learning_rate() {
-            logs.set("lr", lr);
+            logs.set("learning_rate", lr);
         }
         Ok(Control::Continue)
     }

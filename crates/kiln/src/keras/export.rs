@@ -5,8 +5,8 @@ use super::graph::GroupNames;
 use super::h5::Tree;
 use crate::error::{Error, Result};
 use crate::layers::Weight;
-use crate::model::GraphView;
 use crate::model::Model;
+use crate::model::{GraphView, StepOp, StepView};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -56,12 +56,16 @@ pub(crate) fn save(model: &Model, path: &Path, compile: bool) -> Result<()> {
     super::archive::write(path, &config, metadata.to_string().as_bytes(), &weights)
 }
 
-fn keras_tensor(shape: &[usize], history: (&str, usize)) -> Value {
+/// Which Keras node makes a tensor: `(layer, node index, output index)`, Keras' `keras_history`.
+type History = (String, usize, usize);
+
+fn keras_tensor(shape: &[usize], history: &History) -> Value {
     let mut s = vec![Value::Null];
     s.extend(shape.iter().map(|&d| Value::from(d)));
     json!({
         "class_name": "__keras_tensor__",
-        "config": { "shape": s, "dtype": "float32", "keras_history": [history.0, history.1, 0] }
+        "config": { "shape": s, "dtype": "float32",
+                    "keras_history": [history.0, history.1, history.2] }
     })
 }
 
@@ -88,7 +92,9 @@ fn keras_operation_order(view: &GraphView) -> Vec<String> {
         maker.insert(*id, N::Input(i));
     }
     for (s, step) in view.steps.iter().enumerate() {
-        maker.insert(step.output, N::Step(s));
+        for (id, _) in &step.outputs {
+            maker.insert(*id, N::Step(s));
+        }
     }
     let op = |n: N| match n {
         N::Input(i) => view.inputs[i].0.clone(),
@@ -172,7 +178,7 @@ pub(crate) fn weight_groups(
     let inputs: Vec<&String> = view.inputs.iter().map(|(n, _, _)| n).collect();
     let mut groups = GroupNames::default();
     let mut out = Vec::new();
-    for name in keras_operation_order(&view) {
+    for name in keras_operation_order(view) {
         if inputs.contains(&&name) {
             groups.next("input_layer");
             continue;
@@ -182,7 +188,16 @@ pub(crate) fn weight_groups(
             .iter()
             .find(|s| s.layer_name == name)
             .ok_or_else(|| Error::Data(format!("{shown}: layer `{name}` is not in the graph")))?;
-        let layer = step.layer.lock();
+        let layer = match &step.op {
+            StepOp::Layer(layer) => layer.lock(),
+            StepOp::Nested(_) => {
+                return Err(Error::Data(format!(
+                    "{shown}: `{name}` is a model nested in this one; Keras weights files are \
+                     read onto models without nested models so far (build it flat, or save the \
+                     whole model as .keras and import it)"
+                )))
+            }
+        };
         let described = layer.keras_config();
         let kind = layer.kind();
         let weights = layer.weights();
@@ -226,14 +241,47 @@ pub(crate) fn weight_groups(
 /// A model built in kiln: a Functional config written from its graph, layer by layer, and the
 /// weights where Keras reads them.
 fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result<()> {
-    let view = model.graph_view();
-    let shown = path.display();
-    // Which tensor is which Keras output: (layer, node index); and every tensor's shape.
-    let mut made_by: HashMap<usize, (String, usize)> = HashMap::new();
+    let shown = path.display().to_string();
+    let mut tree = Tree::default();
+    let name = model.name().unwrap_or("kiln_model");
+    let mut config = functional(model.graph_view(), name, true, "", &mut tree, &shown)?;
+    // The Keras output names: the layers that make the outputs.
+    let keras_outputs: Vec<String> = config["config"]["output_layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|end| end[0].as_str().map(str::to_string))
+        .collect();
+    if let Some(cc) = compiled(&keras_outputs, &shown)? {
+        config["compile_config"] = cc;
+    }
+    let weights = tree.to_bytes()?;
+    let config = serde_json::to_vec(&config)
+        .map_err(|e| Error::Data(format!("{shown}: cannot write config.json: {e}")))?;
+    let metadata = json!({
+        "keras_version": "3.15.1",
+        "exported_by": concat!("kiln ", env!("CARGO_PKG_VERSION")),
+    });
+    super::archive::write(path, &config, metadata.to_string().as_bytes(), &weights)
+}
+
+/// The Keras `Functional` object of one graph (the whole model, or a model nested in it, as
+/// Keras 3 writes a Functional inside a Functional), its weights written into `tree` under
+/// `h5` (`""`, or `layers/functional/` for a nested one).
+fn functional(
+    view: &GraphView,
+    name: &str,
+    trainable: bool,
+    h5: &str,
+    tree: &mut Tree,
+    shown: &str,
+) -> Result<Value> {
+    // Which tensor is which Keras output; and every tensor's shape.
+    let mut made_by: HashMap<usize, History> = HashMap::new();
     let mut shapes: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut input_layers: HashMap<String, Value> = HashMap::new();
     for (name, id, shape) in &view.inputs {
-        made_by.insert(*id, (name.clone(), 0));
+        made_by.insert(*id, (name.clone(), 0, 0));
         shapes.insert(*id, shape.clone());
         input_layers.insert(
             name.clone(),
@@ -247,16 +295,13 @@ fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result
     }
     // Every layer with all its nodes, in the order kiln applies them.
     let mut nodes: HashMap<String, Vec<Value>> = HashMap::new();
-    let mut first: HashMap<String, &crate::model::StepView> = HashMap::new();
+    let mut first: HashMap<String, &StepView> = HashMap::new();
     let mut build_shapes: HashMap<String, Value> = HashMap::new();
     for step in &view.steps {
         let args: Vec<Value> = step
             .inputs
             .iter()
-            .map(|i| {
-                let (l, k) = made_by[i].clone();
-                keras_tensor(&shapes[i], (&l, k))
-            })
+            .map(|i| keras_tensor(&shapes[i], &made_by[i]))
             .collect();
         let entry = nodes.entry(step.layer_name.clone()).or_default();
         let k = entry.len();
@@ -265,9 +310,16 @@ fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result
         } else {
             Value::Array(args)
         };
-        entry.push(json!({ "args": [arg], "kwargs": {} }));
-        made_by.insert(step.output, (step.layer_name.clone(), k));
-        shapes.insert(step.output, step.shape.clone());
+        // Keras calls a nested model with its `mask` argument, and writes it.
+        let kwargs = match step.op {
+            StepOp::Layer(_) => json!({}),
+            StepOp::Nested(_) => json!({ "mask": null }),
+        };
+        entry.push(json!({ "args": [arg], "kwargs": kwargs }));
+        for (j, (id, shape)) in step.outputs.iter().enumerate() {
+            made_by.insert(*id, (step.layer_name.clone(), k, j));
+            shapes.insert(*id, shape.clone());
+        }
         if k == 0 {
             let input_shape = match step.inputs.as_slice() {
                 [one] => batch_shape(&shapes[one]),
@@ -277,22 +329,35 @@ fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result
             build_shapes.insert(step.layer_name.clone(), input_shape);
         }
     }
-    let placed: HashMap<String, (String, KerasWeights)> = weight_groups(model, &shown.to_string())?
-        .into_iter()
-        .map(|(name, path, weights)| (name, (path, weights)))
-        .collect();
-    let mut tree = Tree::default();
+    let mut groups = GroupNames::default();
     let mut layers = Vec::new();
-    for name in keras_operation_order(&view) {
+    for name in keras_operation_order(view) {
         if let Some(input) = input_layers.remove(&name) {
+            groups.next("input_layer");
             layers.push(input);
             continue;
         }
         let step = first[&name];
-        let layer = step.layer.lock();
-        let described = layer.keras_config();
-        let kind = layer.kind();
-        drop(layer);
+        let layer = match &step.op {
+            StepOp::Layer(layer) => layer,
+            StepOp::Nested(scope) => {
+                let group = groups.next("functional");
+                let trainable = scope.layers.iter().all(|l| l.is_trainable());
+                let inner = format!("{h5}layers/{group}/");
+                tree.group(&format!("{inner}vars")).set_name(&name);
+                let mut nested = functional(&scope.view, &name, trainable, &inner, tree, shown)?;
+                nested["name"] = name.clone().into();
+                nested["build_config"] = json!({ "input_shape": null });
+                nested["inbound_nodes"] = nodes.remove(&name).unwrap_or_default().into();
+                layers.push(nested);
+                continue;
+            }
+        };
+        let guard = layer.lock();
+        let described = guard.keras_config();
+        let kind = guard.kind();
+        let weights = guard.weights();
+        drop(guard);
         let (class, mut config) = described.ok_or_else(|| {
             Error::Data(format!(
                 "{shown}: layer `{name}` ({kind}) cannot be written as Keras: Keras has no layer \
@@ -301,18 +366,41 @@ fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result
             ))
         })?;
         config["name"] = name.clone().into();
-        config["trainable"] = step.layer.is_trainable().into();
+        config["trainable"] = layer.is_trainable().into();
         config["dtype"] = "float32".into();
-        let (path, ordered) = &placed[&name];
-        let vars = tree.group(path);
+        let snake = super::layers::snake_name(class).unwrap_or("layer");
+        let (order, in_cell) = super::layers::keras_weights(class);
+        let group = groups.next(snake);
+        let vars = tree.group(&if in_cell {
+            format!("{h5}layers/{group}/cell/vars")
+        } else {
+            format!("{h5}layers/{group}/vars")
+        });
         vars.set_name(&name);
-        for (i, (_, w)) in ordered.iter().enumerate() {
+        let mut written = 0;
+        for (i, w) in order
+            .iter()
+            .filter_map(|w| {
+                weights
+                    .iter()
+                    .find(|x| x.name.rsplit('/').next() == Some(*w))
+            })
+            .enumerate()
+        {
             let t = w.var.as_tensor();
             let values = t
                 .flatten_all()?
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec1::<f32>()?;
             vars.dataset(&i.to_string(), t.dims().to_vec(), values);
+            written += 1;
+        }
+        if written != weights.len() {
+            return Err(Error::Data(format!(
+                "{shown}: layer `{name}` ({class}) has weights {:?}, of which Keras' {class} \
+                 stores only {order:?}; nothing was written",
+                weights.iter().map(|w| w.name.as_str()).collect::<Vec<_>>()
+            )));
         }
         layers.push(json!({
             "module": "keras.layers", "class_name": class, "config": config,
@@ -324,29 +412,17 @@ fn save_native(model: &Model, path: &Path, compiled: &CompileConfigOf) -> Result
     let ends = |ids: Vec<usize>| -> Vec<Value> {
         ids.iter()
             .map(|i| {
-                let (l, k) = made_by[i].clone();
-                json!([l, k, 0])
+                let (l, k, j) = made_by[i].clone();
+                json!([l, k, j])
             })
             .collect()
     };
     let inputs = ends(view.inputs.iter().map(|(_, id, _)| *id).collect());
     let outputs = ends(view.outputs.clone());
-    let keras_outputs: Vec<String> = view.outputs.iter().map(|i| made_by[i].0.clone()).collect();
-    let mut config = json!({
+    Ok(json!({
         "module": "keras.src.models.functional", "class_name": "Functional",
-        "config": { "name": "kiln_model", "trainable": true, "layers": layers,
+        "config": { "name": name, "trainable": trainable, "layers": layers,
                     "input_layers": inputs, "output_layers": outputs },
         "registered_name": "Functional",
-    });
-    if let Some(cc) = compiled(&keras_outputs, &shown.to_string())? {
-        config["compile_config"] = cc;
-    }
-    let weights = tree.to_bytes()?;
-    let config = serde_json::to_vec(&config)
-        .map_err(|e| Error::Data(format!("{shown}: cannot write config.json: {e}")))?;
-    let metadata = json!({
-        "keras_version": "3.15.1",
-        "exported_by": concat!("kiln ", env!("CARGO_PKG_VERSION")),
-    });
-    super::archive::write(path, &config, metadata.to_string().as_bytes(), &weights)
+    }))
 }

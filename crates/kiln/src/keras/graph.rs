@@ -1,7 +1,7 @@
 //! Keras' model configs (Functional and Sequential, nested in each other) to kiln's functional
 //! graph: every layer made once and applied at each of its nodes, so shared layers and nested
-//! models applied twice share their weights; nested models' layers take the model's name as a
-//! prefix (`encoder/dense`).
+//! models applied twice share their weights; a nested model becomes a kiln model applied as a
+//! layer, whose layers the outer model names with its name (`encoder/dense`).
 
 use super::json::{error_at, short, Obj};
 use super::layers::{self, Made};
@@ -31,7 +31,7 @@ enum Built {
     Input,
     /// A kiln layer.
     Layer(SharedLayer),
-    /// A nested model.
+    /// A nested model: a kiln [`crate::Model`] applied as a layer ([`Graph::as_model`]).
     Nested(Rc<Graph>),
     /// A `NotEqual(x, value)` op (`keras.ops.not_equal`), under its kiln layer name: a mask
     /// for an explicit `mask=` argument (an `Embedding(mask_zero=True)`'s mask is one), made a
@@ -78,6 +78,8 @@ pub(crate) struct Graph {
     /// The shapes kiln computed for arguments that had none (a legacy file's nodes): the JSON
     /// path of each argument and its sample shape.
     filled: std::cell::RefCell<Vec<(String, Vec<usize>)>>,
+    /// The graph as a kiln model, once a model it is nested in applies it.
+    model: std::cell::OnceCell<crate::Model>,
 }
 
 /// What reading a config gathers besides the graph.
@@ -299,7 +301,7 @@ impl<'a> Reader<'a> {
             // An op, not a layer: no group in the weights file. Checked where it is used.
             cfg.ignore(&["name"]);
             cfg.finish("NotEqual")?;
-            return Ok((name.clone(), Built::Mask(format!("{prefix}{name}"))));
+            return Ok((name.clone(), Built::Mask(name.clone())));
         }
         if layers::snake_name(class).is_none() {
             return Err(l.error(
@@ -316,16 +318,17 @@ impl<'a> Reader<'a> {
         }
         // The input shapes Keras recorded: kiln's graph gives them.
         l.ignore(&["build_config"]);
-        let kiln_name = format!("{prefix}{name}");
+        // The layer takes its own name; inside a nested model, the outer model puts the
+        // model's name before it (`encoder/dense`), as the slot records.
         let Made {
             layer,
             weights,
             in_cell,
             snake,
-        } = layers::make(class, &cfg, &kiln_name)?;
+        } = layers::make(class, &cfg, &name)?;
         let group = format!("{h5}/{}", groups.next(snake));
         self.slots.push(LayerSlot {
-            kiln: kiln_name,
+            kiln: format!("{prefix}{name}"),
             vars: if in_cell {
                 format!("{group}/cell/vars")
             } else {
@@ -404,6 +407,7 @@ impl<'a> Reader<'a> {
             sequential: false,
             path: cfg.path.clone(),
             filled: Default::default(),
+            model: Default::default(),
         };
         if !trainable {
             graph.freeze();
@@ -566,6 +570,7 @@ impl<'a> Reader<'a> {
             sequential: true,
             path: cfg.path.clone(),
             filled: Default::default(),
+            model: Default::default(),
         };
         if !trainable {
             graph.freeze();
@@ -618,6 +623,22 @@ impl Graph {
         }
     }
 
+    /// The graph as a kiln model of its own, named as in Keras, built once: a model nested in
+    /// another is applied as a layer ([`crate::Model::apply_many`]), so its applications share
+    /// its weights and the outer model names them `<model>/<layer>/<weight>`.
+    fn as_model(&self, file: &str) -> Result<&crate::Model> {
+        if let Some(m) = self.model.get() {
+            return Ok(m);
+        }
+        let inputs = self.kiln_inputs();
+        let outputs = self.apply(file, &inputs)?;
+        let model = crate::Model::builder(&inputs, &outputs)
+            .name(self.name.clone())
+            .build()
+            .map_err(|e| error_at(file, &self.path, format!("model `{}`: {e}", self.name)))?;
+        Ok(self.model.get_or_init(|| model))
+    }
+
     /// Applies the model to kiln tensors, returning its outputs.
     pub(crate) fn apply(
         &self,
@@ -641,7 +662,10 @@ impl Graph {
                         .apply(&x)
                         .map_err(|err| at(format!("layer `{}`: {err}", e.name)))?,
                     Built::Nested(g) => {
-                        let mut out = g.apply(file, &[x])?;
+                        let mut out = g
+                            .as_model(file)?
+                            .apply_many(&[&x])
+                            .map_err(|err| at(format!("model `{}`: {err}", e.name)))?;
                         if out.len() != 1 {
                             return Err(at(format!(
                                 "model `{}` in a Sequential model has {} outputs",
@@ -754,7 +778,8 @@ impl Graph {
                             ));
                         }
                         Built::Nested(g) => {
-                            for (j, y) in g.apply(file, &xs)?.into_iter().enumerate() {
+                            let outs = g.as_model(file)?.apply_many(&refs).map_err(layer_error)?;
+                            for (j, y) in outs.into_iter().enumerate() {
                                 values.insert((e.name.clone(), k, j), y);
                             }
                         }

@@ -1,5 +1,6 @@
 //! Added losses (`add_loss`): terms computed from the network itself.
 
+use super::nested::Application;
 use super::{ForwardPass, Model};
 use crate::error::{Error, Result};
 use crate::graph::SymbolicTensor;
@@ -13,20 +14,73 @@ pub struct Tensors<'a> {
     pub(crate) inputs: &'a [Tensor],
     pub(crate) targets: &'a [Tensor],
     pub(crate) training: bool,
+    /// Set when the term is a nested model's, evaluated on one of its applications.
+    pub(crate) within: Option<Within<'a>>,
+}
+
+/// A nested model's application, as its added terms see the outer model's pass.
+pub(crate) struct Within<'a> {
+    app: &'a Application,
+    parent: &'a Tensors<'a>,
+    /// `<model>/`, before the nested model's weight names.
+    prefix: &'a str,
 }
 
 impl<'a> Tensors<'a> {
     /// The value of a symbolic tensor of the model (an input, an intermediate or an output).
     pub fn get(&self, t: &SymbolicTensor) -> Result<&'a Tensor> {
-        self.pass.values.get(&t.id()).ok_or_else(|| {
+        self.get_id(t.id()).ok_or_else(|| {
             Error::Graph(format!(
                 "{t:?} is not part of this model's graph, so add_loss cannot read it"
             ))
         })
     }
 
+    /// The value of the tensor with this id, seen from a nested model through its application.
+    fn get_id(&self, id: usize) -> Option<&'a Tensor> {
+        match &self.within {
+            None => self.pass.values.get(&id),
+            Some(w) => w.parent.get_id(*w.app.map.get()?.get(&id)?),
+        }
+    }
+
+    /// The view of a nested model's term on its application `app`, whose inputs are `inputs`.
+    pub(crate) fn within<'b>(
+        &'b self,
+        app: &'b Application,
+        prefix: &'b str,
+        inputs: &'b [Tensor],
+    ) -> Tensors<'b> {
+        Tensors {
+            model: self.model,
+            pass: self.pass,
+            inputs,
+            targets: &[],
+            training: self.training,
+            within: Some(Within {
+                app,
+                parent: self,
+                prefix,
+            }),
+        }
+    }
+
     /// The output named `name`.
     pub fn output(&self, name: &str) -> Result<&'a Tensor> {
+        if let Some(w) = &self.within {
+            let scope = &w.app.scope;
+            let i = scope
+                .output_names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| {
+                    Error::Graph(format!(
+                        "no output named `{name}`; outputs are {:?}",
+                        scope.output_names
+                    ))
+                })?;
+            return self.get(&scope.outputs[i]);
+        }
         let i = self
             .model
             .output_names
@@ -43,6 +97,9 @@ impl<'a> Tensors<'a> {
 
     /// The current value of the weight named `<layer>/<weight>`.
     pub fn weight(&self, name: &str) -> Result<Tensor> {
+        if let Some(w) = &self.within {
+            return w.parent.weight(&format!("{}{name}", w.prefix));
+        }
         Ok(self.model.weight(name)?.var.as_tensor().clone())
     }
 
@@ -51,7 +108,8 @@ impl<'a> Tensors<'a> {
         self.inputs
     }
 
-    /// The batch's targets, in output order (empty in `predict`).
+    /// The batch's targets, in output order (empty in `predict`, and for the terms of a model
+    /// applied inside another, whose targets are the outer model's).
     pub fn targets(&self) -> &'a [Tensor] {
         self.targets
     }

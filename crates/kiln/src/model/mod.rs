@@ -5,6 +5,7 @@ mod compile;
 pub(crate) mod contract;
 mod history;
 mod manual;
+mod nested;
 mod progress;
 mod sequential;
 mod summary;
@@ -16,6 +17,9 @@ pub(crate) use compile::not_compiled;
 pub use compile::{Compile, ProbabilityRule};
 pub use history::{History, Logs};
 pub use manual::BatchGradients;
+pub(crate) use nested::Application;
+pub(crate) use nested::ModelScope;
+use nested::Nesting;
 pub use sequential::Sequential;
 pub use term_gradients::{TermGradient, TermGradients};
 pub use train::{Fit, SharedCallback};
@@ -83,6 +87,12 @@ pub struct Model {
     /// Per step, whether the next step is a ReLU layer that reads this step's output alone and
     /// that the step may apply itself ([`relu_fusions`]).
     relu_follows: Vec<bool>,
+    /// The model as a layer of others ([`Model::apply`]).
+    pub(crate) scope: Arc<ModelScope>,
+    /// The models applied in this one, by name.
+    pub(crate) nesting: Nesting,
+    /// Per layer id, what goes before its weights' names: `<model>/` for a nested model's.
+    weight_prefix: HashMap<usize, String>,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -97,6 +107,15 @@ impl std::fmt::Debug for Model {
             .field("outputs", &self.output_names)
             .field("weights", &self.weights().len())
             .field("frozen_layers", &self.frozen_layers())
+            .field(
+                "nested_models",
+                &self
+                    .nesting
+                    .models
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .field(
                 "added_losses",
                 &self
@@ -123,6 +142,7 @@ impl std::fmt::Debug for Model {
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub struct ModelBuilder {
+    name: Option<String>,
     inputs: Vec<SymbolicTensor>,
     outputs: Vec<SymbolicTensor>,
     seed: u64,
@@ -131,6 +151,12 @@ pub struct ModelBuilder {
 }
 
 impl ModelBuilder {
+    /// The model's name (Keras' `name=`): what it is called where it is applied in another
+    /// model ([`Model::apply`]), before its layers' and weights' names there.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
     /// The seed weights are drawn from (default 0): the same seed gives the same model.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
@@ -177,6 +203,7 @@ impl Model {
         O: Borrow<SymbolicTensor>,
     {
         ModelBuilder {
+            name: None,
             inputs: inputs.iter().map(|t| t.borrow().clone()).collect(),
             outputs: outputs.iter().map(|t| t.borrow().clone()).collect(),
             seed: 0,
@@ -234,12 +261,47 @@ impl Model {
         // Given names are reserved up front so an automatic name never takes one.
         let given: HashSet<String> = order
             .iter()
-            .filter_map(|t| match &t.0.op {
-                NodeOp::Layer { layer, .. } => layer.lock().given_name().map(str::to_string),
-                NodeOp::Input { .. } => None,
+            .filter_map(|t| match (&t.0.op, t.0.within.first()) {
+                (_, Some(app)) => app.scope.given_name.clone(),
+                (NodeOp::Layer { layer, .. }, None) => {
+                    layer.lock().given_name().map(str::to_string)
+                }
+                (NodeOp::Input { .. }, None) => None,
             })
             .collect();
         let mut next_suffix: HashMap<&'static str, usize> = HashMap::new();
+        // Nested models take a name as a layer does; their layers, `<model>/<layer>`.
+        let mut scope_names: HashMap<usize, String> = HashMap::new();
+        let mut nested_models: Vec<(String, Arc<ModelScope>)> = Vec::new();
+        let mut weight_prefix: HashMap<usize, String> = HashMap::new();
+        let mut unique = |wanted: Option<&str>,
+                          kind: &'static str,
+                          taken: &mut HashSet<String>|
+         -> Result<String> {
+            match wanted {
+                Some(n) => {
+                    if !taken.insert(n.to_string()) {
+                        return Err(Error::Graph(format!(
+                            "two layers are named `{n}`: layer names must be unique in a model"
+                        )));
+                    }
+                    Ok(n.to_string())
+                }
+                None => loop {
+                    let k = next_suffix.entry(kind).or_insert(0);
+                    let candidate = if *k == 0 {
+                        kind.to_string()
+                    } else {
+                        format!("{kind}_{k}")
+                    };
+                    *k += 1;
+                    if !taken.contains(&candidate) && !given.contains(&candidate) {
+                        taken.insert(candidate.clone());
+                        break Ok(candidate);
+                    }
+                },
+            }
+        };
         for t in &order {
             let NodeOp::Layer { layer, .. } = &t.0.op else {
                 continue;
@@ -247,38 +309,48 @@ impl Model {
             if names.contains_key(&layer.id) {
                 continue;
             }
+            if let Some(app) = t.0.within.first() {
+                let scope = &app.scope;
+                let model = match scope_names.get(&scope.id) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = unique(scope.given_name.as_deref(), ModelScope::KIND, &mut taken)?;
+                        scope_names.insert(scope.id, n.clone());
+                        nested_models.push((n.clone(), scope.clone()));
+                        n
+                    }
+                };
+                let (inner, prefix) = &scope.names[&layer.id];
+                let name = format!("{model}/{inner}");
+                taken.insert(name.clone());
+                weight_prefix.insert(layer.id, format!("{model}/{prefix}"));
+                names.insert(layer.id, name.clone());
+                layers.push((name, layer.clone()));
+                continue;
+            }
             let guard = layer.lock();
-            let name = match guard.given_name() {
-                Some(n) => {
-                    if !taken.insert(n.to_string()) {
-                        return Err(Error::Graph(format!(
-                            "two layers are named `{n}`: layer names must be unique in a model"
-                        )));
-                    }
-                    n.to_string()
-                }
-                None => loop {
-                    let k = next_suffix.entry(guard.kind()).or_insert(0);
-                    let candidate = if *k == 0 {
-                        guard.kind().to_string()
-                    } else {
-                        format!("{}_{k}", guard.kind())
-                    };
-                    *k += 1;
-                    if !taken.contains(&candidate) && !given.contains(&candidate) {
-                        taken.insert(candidate.clone());
-                        break candidate;
-                    }
-                },
-            };
+            let name = unique(guard.given_name(), guard.kind(), &mut taken)?;
             drop(guard);
             names.insert(layer.id, name.clone());
             layers.push((name, layer.clone()));
         }
 
         // Keras' order (`model.layers`, hence `model.weights` and `get_weights`).
+        // A nested model is one layer there, its own layers in its own order.
         let rank = keras_layer_order(&b.outputs, &input_ids);
-        layers.sort_by_key(|(_, l)| rank.get(&l.id).copied().unwrap_or(usize::MAX));
+        let place = |l: &SharedLayer| -> (usize, usize) {
+            match nested_models
+                .iter()
+                .find(|(_, s)| s.names.contains_key(&l.id))
+            {
+                Some((_, s)) => (
+                    rank.get(&s.id).copied().unwrap_or(usize::MAX),
+                    s.layers.iter().position(|x| x.id == l.id).unwrap_or(0),
+                ),
+                None => (rank.get(&l.id).copied().unwrap_or(usize::MAX), 0),
+            }
+        };
+        layers.sort_by_key(|(_, l)| place(l));
 
         // Build every layer once, from the shapes of its first application.
         let mut rng = StdRng::seed_from_u64(b.seed);
@@ -290,8 +362,10 @@ impl Model {
                 continue;
             };
             let name = names[&layer.id].clone();
-            // A layer that already has weights belongs to another model too: share them.
-            if built.insert(layer.id) && layer.lock().weights().is_empty() {
+            // A layer that already has weights belongs to another model too: share them. A
+            // nested model's layers were built with it.
+            if built.insert(layer.id) && t.0.within.is_empty() && layer.lock().weights().is_empty()
+            {
                 let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.shape().to_vec()).collect();
                 let mut ctx = BuildContext {
                     device: &b.device,
@@ -328,9 +402,13 @@ impl Model {
             .collect();
         let mut output_names = Vec::new();
         for out in &b.outputs {
-            let name = match &out.0.op {
-                NodeOp::Layer { layer, .. } => names[&layer.id].clone(),
-                NodeOp::Input { .. } => {
+            // As in Keras, an output a nested model makes is named by the model.
+            let name = match (&out.0.op, out.0.within.first()) {
+                (_, Some(app)) if app.output_ids().contains(&out.id()) => {
+                    scope_names[&app.scope.id].clone()
+                }
+                (NodeOp::Layer { layer, .. }, _) => names[&layer.id].clone(),
+                (NodeOp::Input { .. }, _) => {
                     let i = b
                         .inputs
                         .iter()
@@ -350,7 +428,29 @@ impl Model {
         }
 
         let relu_follows = relu_fusions(&steps, &b.outputs);
+        let added = nested::nested_terms(&order, &scope_names);
+        let view = GraphView::new(&b.inputs, &input_names, &steps, &b.outputs, &scope_names);
+        let scope = Arc::new(ModelScope {
+            view,
+            id: crate::graph::next_id(),
+            given_name: b.name,
+            output_names: output_names.clone(),
+            outputs: b.outputs.clone(),
+            names: layers
+                .iter()
+                .map(|(n, l)| {
+                    let prefix = weight_prefix.get(&l.id).cloned().unwrap_or_default();
+                    (l.id, (n.clone(), prefix))
+                })
+                .collect(),
+            layers: layers.iter().map(|(_, l)| l.clone()).collect(),
+        });
         Ok(Model {
+            scope,
+            nesting: Nesting {
+                models: nested_models,
+            },
+            weight_prefix,
             relu_follows,
             inputs: b.inputs,
             outputs: b.outputs,
@@ -360,7 +460,7 @@ impl Model {
             layers,
             device: b.device,
             dtype: b.dtype,
-            added: Vec::new(),
+            added,
             compiled: None,
             callback_states: Vec::new(),
             callback_tensors: Vec::new(),
@@ -437,10 +537,13 @@ impl Model {
             .iter()
             .flat_map(|(_, l)| {
                 let trainable = l.is_trainable();
-                l.lock()
-                    .weights()
-                    .into_iter()
-                    .map(move |w| w.frozen_unless(trainable))
+                let prefix = self.weight_prefix.get(&l.id).map(String::as_str);
+                l.lock().weights().into_iter().map(move |mut w| {
+                    if let Some(p) = prefix {
+                        w.name = format!("{p}{}", w.name);
+                    }
+                    w.frozen_unless(trainable)
+                })
             })
             .collect()
     }
@@ -483,6 +586,12 @@ impl Model {
     /// # Errors
     /// [`Error::Graph`] when the model has no layer of that name; the message lists them.
     pub fn set_trainable(&mut self, layer: &str, trainable: bool) -> Result<()> {
+        if let Some(scope) = self.nesting.find(layer) {
+            for l in &scope.layers {
+                l.set_trainable(trainable);
+            }
+            return Ok(());
+        }
         let (_, l) = self
             .layers
             .iter()
@@ -497,6 +606,9 @@ impl Model {
     /// # Errors
     /// [`Error::Graph`] when the model has no layer of that name.
     pub fn is_trainable(&self, layer: &str) -> Result<bool> {
+        if let Some(scope) = self.nesting.find(layer) {
+            return Ok(scope.layers.iter().all(SharedLayer::is_trainable));
+        }
         self.layers
             .iter()
             .find(|(n, _)| n == layer)
@@ -611,30 +723,9 @@ impl Model {
             .collect()
     }
 
-    /// The graph as a list, for export: the inputs (name, id, shape), every layer application
-    /// in execution order (layer name, the layer, input ids, output id, output shape), and the
-    /// output ids.
-    pub(crate) fn graph_view(&self) -> GraphView {
-        GraphView {
-            inputs: self
-                .inputs
-                .iter()
-                .zip(&self.input_names)
-                .map(|(t, n)| (n.clone(), t.id(), t.shape().to_vec()))
-                .collect(),
-            steps: self
-                .steps
-                .iter()
-                .map(|s| StepView {
-                    layer_name: s.layer_name.clone(),
-                    layer: s.layer.clone(),
-                    inputs: s.inputs.clone(),
-                    output: s.node.id(),
-                    shape: s.node.shape().to_vec(),
-                })
-                .collect(),
-            outputs: self.outputs.iter().map(|t| t.id()).collect(),
-        }
+    /// The graph as a list, for export: see [`GraphView`].
+    pub(crate) fn graph_view(&self) -> &GraphView {
+        &self.scope.view
     }
 
     /// Runs the graph on a batch: one forward pass of the step whose randomness is `random`
@@ -1099,34 +1190,52 @@ const INFERENCE_PIECE_BYTES: usize = 2 << 20;
 
 /// Each layer's place in Keras' `model.layers` order: by depth from the outputs (deepest
 /// first), then by when a walk from the outputs first meets it, as Keras' functional graph
-/// (`keras.src.ops.function.map_graph`) sorts its operations. Keyed by layer id.
+/// (`keras.src.ops.function.map_graph`) sorts its operations. Keyed by layer id; a nested
+/// model is one operation there, keyed by its scope id, each application one node.
 fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> HashMap<usize, usize> {
+    /// A node of the coarse graph: its key, its operation's key and its parents.
+    struct Coarse {
+        node: usize,
+        op: usize,
+        parents: Vec<SymbolicTensor>,
+    }
+    fn coarse(t: &SymbolicTensor) -> Option<Coarse> {
+        if let Some(app) = t.0.within.first() {
+            return Some(Coarse {
+                node: app.id,
+                op: app.scope.id,
+                parents: app.inputs.clone(),
+            });
+        }
+        match &t.0.op {
+            NodeOp::Layer { layer, .. } => Some(Coarse {
+                node: t.id(),
+                op: layer.id,
+                parents: t.parents().into_iter().cloned().collect(),
+            }),
+            NodeOp::Input { .. } => None,
+        }
+    }
     struct Walk<'a> {
         inputs: &'a HashSet<usize>,
         first_seen: HashMap<usize, usize>,
         finished: HashSet<usize>,
-        post_order: Vec<SymbolicTensor>,
-    }
-    fn layer_id(t: &SymbolicTensor) -> Option<usize> {
-        match &t.0.op {
-            NodeOp::Layer { layer, .. } => Some(layer.id),
-            NodeOp::Input { .. } => None,
-        }
+        post_order: Vec<Coarse>,
     }
     fn walk(w: &mut Walk, t: &SymbolicTensor) {
-        let Some(layer) = layer_id(t) else {
+        let Some(c) = coarse(t) else {
             return;
         };
-        if w.inputs.contains(&t.id()) || w.finished.contains(&t.id()) {
+        if w.inputs.contains(&t.id()) || w.finished.contains(&c.node) {
             return;
         }
         let next = w.first_seen.len();
-        w.first_seen.entry(layer).or_insert(next);
-        for p in t.parents() {
+        w.first_seen.entry(c.op).or_insert(next);
+        for p in &c.parents {
             walk(w, p);
         }
-        w.finished.insert(t.id());
-        w.post_order.push(t.clone());
+        w.finished.insert(c.node);
+        w.post_order.push(c);
     }
     let mut w = Walk {
         inputs,
@@ -1138,19 +1247,20 @@ fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> Has
         walk(&mut w, o);
     }
     // A node's depth is one more than its deepest consumer's; a layer's, its deepest node's.
+    // Depths are kept per tensor id (a parent) and per node key.
+    let key = |t: &SymbolicTensor| coarse(t).map_or(t.id(), |c| c.node);
     let mut node_depth: HashMap<usize, usize> = HashMap::new();
     let mut layer_depth: HashMap<usize, usize> = HashMap::new();
-    for t in w.post_order.iter().rev() {
-        let layer = layer_id(t).expect("layer nodes only");
+    for c in w.post_order.iter().rev() {
         let depth = node_depth
-            .get(&t.id())
+            .get(&c.node)
             .copied()
             .unwrap_or(0)
-            .max(layer_depth.get(&layer).copied().unwrap_or(0));
-        layer_depth.insert(layer, depth);
-        node_depth.insert(t.id(), depth);
-        for p in t.parents() {
-            let d = node_depth.entry(p.id()).or_insert(0);
+            .max(layer_depth.get(&c.op).copied().unwrap_or(0));
+        layer_depth.insert(c.op, depth);
+        node_depth.insert(c.node, depth);
+        for p in &c.parents {
+            let d = node_depth.entry(key(p)).or_insert(0);
             *d = (*d).max(depth + 1);
         }
     }
@@ -1166,13 +1276,78 @@ pub(crate) struct GraphView {
     pub(crate) outputs: Vec<usize>,
 }
 
-/// One layer application of a [`GraphView`].
+/// One layer application of a [`GraphView`], or one application of a nested model.
 pub(crate) struct StepView {
     pub(crate) layer_name: String,
-    pub(crate) layer: SharedLayer,
+    pub(crate) op: StepOp,
     pub(crate) inputs: Vec<usize>,
-    pub(crate) output: usize,
-    pub(crate) shape: Vec<usize>,
+    /// The ids and sample shapes of its outputs (one for a layer).
+    pub(crate) outputs: Vec<(usize, Vec<usize>)>,
+}
+
+/// What a [`StepView`] applies.
+pub(crate) enum StepOp {
+    Layer(SharedLayer),
+    Nested(Arc<ModelScope>),
+}
+
+impl GraphView {
+    /// The graph of `steps`, each nested model's application one step, in an order where
+    /// every step comes after the steps that make its inputs.
+    fn new(
+        inputs: &[SymbolicTensor],
+        input_names: &[String],
+        steps: &[Step],
+        outputs: &[SymbolicTensor],
+        model_names: &HashMap<usize, String>,
+    ) -> GraphView {
+        let mut pending: Vec<StepView> = Vec::new();
+        let mut applications = HashSet::new();
+        for s in steps {
+            match s.node.0.within.first() {
+                None => pending.push(StepView {
+                    layer_name: s.layer_name.clone(),
+                    op: StepOp::Layer(s.layer.clone()),
+                    inputs: s.inputs.clone(),
+                    outputs: vec![(s.node.id(), s.node.shape().to_vec())],
+                }),
+                Some(app) if applications.insert(app.id) => pending.push(StepView {
+                    layer_name: model_names[&app.scope.id].clone(),
+                    op: StepOp::Nested(app.scope.clone()),
+                    inputs: app.inputs.iter().map(SymbolicTensor::id).collect(),
+                    outputs: app
+                        .output_ids()
+                        .into_iter()
+                        .zip(&app.scope.outputs)
+                        .map(|(id, o)| (id, o.shape().to_vec()))
+                        .collect(),
+                }),
+                Some(_) => {}
+            }
+        }
+        // Steps in execution order, except that an application may have to wait for an input
+        // made after its first layer ran: each step once all it reads is made.
+        let mut made: HashSet<usize> = inputs.iter().map(SymbolicTensor::id).collect();
+        let mut ordered = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            let ready = pending
+                .iter()
+                .position(|s| s.inputs.iter().all(|i| made.contains(i)))
+                .unwrap_or(0);
+            let step = pending.remove(ready);
+            made.extend(step.outputs.iter().map(|(id, _)| *id));
+            ordered.push(step);
+        }
+        GraphView {
+            inputs: inputs
+                .iter()
+                .zip(input_names)
+                .map(|(t, n)| (n.clone(), t.id(), t.shape().to_vec()))
+                .collect(),
+            steps: ordered,
+            outputs: outputs.iter().map(|t| t.id()).collect(),
+        }
+    }
 }
 
 /// The values of one forward pass: every tensor by node id, masks, and layer-added losses.

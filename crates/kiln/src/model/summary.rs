@@ -99,7 +99,56 @@ impl Model {
         let mut chain = self.inputs.len() == 1;
         let mut previous = self.inputs.first().map(|i| i.id());
         let mut seen = std::collections::HashSet::new();
+        // A nested model is one row, and each of its applications one node.
+        let mut applications = std::collections::HashSet::new();
         for step in &self.steps {
+            if let Some(app) = step.node.0.within.first() {
+                let name = self
+                    .nesting
+                    .models
+                    .iter()
+                    .find(|(_, s)| s.id == app.scope.id)
+                    .map_or("?", |(n, _)| n.as_str());
+                let outputs = app.output_ids();
+                for id in &outputs {
+                    names_of.insert(*id, name.to_string());
+                }
+                if !applications.insert(app.id) {
+                    continue;
+                }
+                if app.inputs.len() != 1 || Some(app.inputs[0].id()) != previous {
+                    chain = false;
+                }
+                previous = outputs.first().copied();
+                if !seen.insert(app.scope.id) {
+                    continue;
+                }
+                let params: usize = app
+                    .scope
+                    .layers
+                    .iter()
+                    .flat_map(|l| l.lock().weights())
+                    .map(|w| w.var.elem_count())
+                    .sum();
+                let shapes: Vec<String> = app
+                    .scope
+                    .outputs
+                    .iter()
+                    .map(|o| shape_text(o.shape()))
+                    .collect();
+                let connected: Vec<String> = app
+                    .inputs
+                    .iter()
+                    .map(|i| format!("{}[0][0]", names_of.get(&i.id()).map_or("?", |s| s)))
+                    .collect();
+                rows.push([
+                    format!("{name} (Functional)"),
+                    shapes.join(", "),
+                    grouped(params),
+                    connected.join(", "),
+                ]);
+                continue;
+            }
             names_of.insert(step.node.id(), step.layer_name.clone());
             if step.inputs.len() != 1 || Some(step.inputs[0]) != previous {
                 chain = false;

@@ -475,6 +475,7 @@ impl Model {
             inputs: &batch.inputs,
             targets: &batch.targets,
             training,
+            within: None,
         };
         for (name, loss) in self.added.iter().filter(|(_, l)| l.adversarial().is_none()) {
             let value = loss

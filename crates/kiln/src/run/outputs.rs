@@ -27,7 +27,7 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Series that are neither losses nor metrics: the learning rate and the epoch's duration.
 fn is_bookkeeping(name: &str) -> bool {
-    matches!(name, "lr" | "epoch_time_s")
+    matches!(name, "learning_rate" | "epoch_time_s")
 }
 
 /// Gradient diagnostics (`grad_norm/<term>`, `grad_cos/<a>/<b>`): plotted on their own.
@@ -115,7 +115,7 @@ const SIZE: (u32, u32) = (960, 540);
 /// the history (the compiled metrics' names, e.g. `accuracy`), and with gradient diagnostics
 /// `grad_norm.svg`/`.png` (each term's gradient norm, in the term's colour) and
 /// `grad_cos.svg`/`.png` (the cosine of every pair of terms). Both formats hold the same
-/// drawing, text included: the PNG's font ships with kiln. `lr` and `epoch_time_s` are not
+/// drawing, text included: the PNG's font ships with kiln. `learning_rate` and `epoch_time_s` are not
 /// plotted. Each file is written whole or not at all.
 ///
 /// ```
@@ -272,7 +272,7 @@ mod tests {
                     ("val_loss", wobble(decay(300, 1.0, 0.35), 0.04)),
                     ("val_l2", decay(300, 2e-3, 9e-4)),
                     ("val_fgsm", wobble(decay(300, 0.25, 0.08), 0.05)),
-                    ("lr", vec![1e-3; 300]),
+                    ("learning_rate", vec![1e-3; 300]),
                 ]),
                 vec![],
             ),
@@ -384,8 +384,9 @@ mod tests {
             );
             for key in history.series().keys() {
                 let base = crate::plot::term_of(key);
-                let in_loss =
-                    !metrics.iter().any(|m| m == base) && key != "lr" && key != "epoch_time_s";
+                let in_loss = !metrics.iter().any(|m| m == base)
+                    && key != "learning_rate"
+                    && key != "epoch_time_s";
                 let named = texts
                     .iter()
                     .any(|t| t == key || t.starts_with(&format!("{key} (")));
