@@ -8,7 +8,7 @@ mod manual;
 mod progress;
 mod sequential;
 mod summary;
-mod term_gradients;
+pub(crate) mod term_gradients;
 mod train;
 
 pub use added::{AddedLoss, Tensors};

@@ -8,6 +8,7 @@ use super::compile::not_compiled;
 use super::history::Accumulator;
 use super::Model;
 use crate::data::Dataset;
+use crate::distributed::StepShard;
 use crate::error::Result;
 use crate::gradients::Gradients;
 use candle_core::{DType, Tensor, Var};
@@ -81,58 +82,80 @@ impl TermGradients {
 
     /// Term `name`'s gradient over the shared weights, in f64, as one vector.
     fn flat(&self, name: &str) -> Result<Vec<f64>> {
-        let term = self.term(name).ok_or_else(|| {
-            crate::Error::InvalidArgument(format!(
-                "no term named `{name}`; the terms are {:?}",
-                self.terms.iter().map(|t| &t.name).collect::<Vec<_>>()
-            ))
-        })?;
-        flatten(&term.gradients, &self.shared, &self.total)
+        let t = self
+            .terms
+            .iter()
+            .position(|t| t.name == name)
+            .ok_or_else(|| {
+                crate::Error::InvalidArgument(format!(
+                    "no term named `{name}`; the terms are {:?}",
+                    self.terms.iter().map(|t| &t.name).collect::<Vec<_>>()
+                ))
+            })?;
+        let gradients: PerTerm = self.terms.iter().map(|t| t.gradients.clone()).collect();
+        flat(&gradients, t, &self.shared)
     }
 }
 
-/// One backward pass per term of `parts` (each with its graph) over `trainable`.
-pub(super) fn per_term(
-    parts: &[(String, Tensor)],
+/// Each term's gradient over each trainable weight, in the order of the terms and of the
+/// weights; `None` where the term does not depend on the weight.
+pub(crate) type PerTerm = Vec<Vec<Option<Tensor>>>;
+
+/// The one per-term gradient loop, for diagnostics and for the strategies that combine the
+/// terms' gradients (PCGrad, GradNorm): one backward pass per term (each with its graph, on
+/// the fused kernels' paths like the step's own pass) over `trainable`, detached. With a
+/// `shard`, each term's gradients are summed over the ranks (one all-reduce), so that they
+/// are the global batch's.
+pub(crate) fn per_term<'a>(
+    terms: impl IntoIterator<Item = &'a Tensor>,
     trainable: &[Var],
-) -> Result<Vec<(String, Vec<Option<Tensor>>)>> {
-    parts
-        .iter()
-        .map(|(name, term)| {
+    shard: Option<&StepShard>,
+) -> Result<PerTerm> {
+    let mut gradients: PerTerm = terms
+        .into_iter()
+        .map(|term| {
             let mut grads = Gradients::default();
             grads.backward(term)?;
-            let gradients = grads
+            Ok(grads
                 .take_each(trainable)?
                 .into_iter()
                 .map(|g| g.map(|g| g.detach()))
-                .collect();
-            Ok((name.clone(), gradients))
+                .collect())
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    if let Some(shard) = shard {
+        shard.all_reduce_term_gradients(&mut gradients)?;
+    }
+    Ok(gradients)
 }
 
 /// Which weights are shared among the terms: depended on by two terms or more, or by the
 /// only term.
-fn shared(terms: &[(String, Vec<Option<Tensor>>)], weights: usize) -> Vec<bool> {
-    let needed = if terms.len() == 1 { 1 } else { 2 };
+pub(crate) fn shared(gradients: &[Vec<Option<Tensor>>], weights: usize) -> Vec<bool> {
+    let needed = if gradients.len() == 1 { 1 } else { 2 };
     (0..weights)
-        .map(|i| terms.iter().filter(|(_, g)| g[i].is_some()).count() >= needed)
+        .map(|i| gradients.iter().filter(|g| g[i].is_some()).count() >= needed)
         .collect()
 }
 
-/// The gradients over the `shared` weights, in f64, concatenated (zeros where the term does
-/// not depend on a shared weight; `like` gives those weights' sizes).
-fn flatten(
-    gradients: &[Option<Tensor>],
-    shared: &[bool],
-    like: &[Option<Tensor>],
+/// Some term's gradient of weight `i` (for its shape), if any term has one.
+pub(crate) fn like(gradients: &[Vec<Option<Tensor>>], i: usize) -> Option<&Tensor> {
+    gradients.iter().find_map(|g| g[i].as_ref())
+}
+
+/// Term `term`'s gradients over the weights `keep` selects, in f64, concatenated (zeros
+/// where the term does not depend on a selected weight that another term does).
+pub(crate) fn flat(
+    gradients: &[Vec<Option<Tensor>>],
+    term: usize,
+    keep: &[bool],
 ) -> Result<Vec<f64>> {
     let mut flat = Vec::new();
-    for ((g, s), l) in gradients.iter().zip(shared).zip(like) {
-        if !s {
+    for (i, k) in keep.iter().enumerate() {
+        if !k {
             continue;
         }
-        match (g, l) {
+        match (&gradients[term][i], like(gradients, i)) {
             (Some(g), _) => flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
             (None, Some(l)) => flat.resize(flat.len() + l.elem_count(), 0.0),
             (None, None) => {}
@@ -142,7 +165,7 @@ fn flatten(
 }
 
 /// `a · b`, summed in eight lanes (a single running sum cannot be vectorized).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut lanes = [0.0; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = ca
@@ -174,35 +197,34 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Adds one batch's diagnostics to the epoch's means, weighted by its `samples`: the norm of
-/// every term's gradient over the shared weights, and the cosine of every pair, in term order.
+/// every term's gradient over the shared weights, and the cosine of every pair, in term order
+/// (`names`, the history's names of the terms of `gradients`), as `<prefix>grad_norm/<term>`
+/// and `<prefix>grad_cos/<a>/<b>`.
 pub(super) fn record_diagnostics(
     acc: &mut Accumulator,
-    terms: &[(String, Vec<Option<Tensor>>)],
+    prefix: &str,
+    names: &[&str],
+    gradients: &[Vec<Option<Tensor>>],
     samples: f64,
 ) -> Result<()> {
-    let Some((_, first)) = terms.first() else {
+    let Some(first) = gradients.first() else {
         return Ok(());
     };
-    let shared = shared(terms, first.len());
-    // A shared weight has a gradient in some term: its size comes from that one.
-    let like: Vec<Option<Tensor>> = (0..first.len())
-        .map(|i| terms.iter().find_map(|(_, g)| g[i].clone()))
-        .collect();
-    let flat: Vec<Vec<f64>> = terms
-        .iter()
-        .map(|(_, g)| flatten(g, &shared, &like))
+    let shared = shared(gradients, first.len());
+    let flat: Vec<Vec<f64>> = (0..gradients.len())
+        .map(|t| flat(gradients, t, &shared))
         .collect::<Result<_>>()?;
     let squares: Vec<f64> = flat.iter().map(|f| dot(f, f)).collect();
-    for ((name, _), square) in terms.iter().zip(&squares) {
+    for (name, square) in names.iter().zip(&squares) {
         acc.add_diagnostic(
-            &format!("grad_norm/{name}"),
+            &format!("{prefix}grad_norm/{name}"),
             square.sqrt() * samples,
             samples,
         );
     }
-    for (i, (a, _)) in terms.iter().enumerate() {
-        for (j, (b, _)) in terms.iter().enumerate().skip(i + 1) {
-            let key = format!("grad_cos/{a}/{b}");
+    for (i, a) in names.iter().enumerate() {
+        for (j, b) in names.iter().enumerate().skip(i + 1) {
+            let key = format!("{prefix}grad_cos/{a}/{b}");
             let cos = cosine_of(dot(&flat[i], &flat[j]), squares[i], squares[j]);
             acc.add_diagnostic(&key, cos * samples, samples);
         }
@@ -250,14 +272,15 @@ impl Model {
         crate::runtime::on_matmul_pool(|| {
             // A loss weighting strategy's state is read, not advanced.
             let step = self.step_gradients(compiled, &batch, &mut rng, false)?;
-            let per_term = per_term(&step.terms.parts, &step.trainable)?;
+            let parts = &step.terms.parts;
+            let per_term = per_term(parts.iter().map(|(_, t)| t), &step.trainable, None)?;
             let shared = shared(&per_term, step.trainable.len());
             let terms = per_term
                 .into_iter()
-                .zip(&step.terms.parts)
-                .map(|((name, gradients), (_, value))| {
+                .zip(parts)
+                .map(|(gradients, (name, value))| {
                     Ok(TermGradient {
-                        name,
+                        name: name.clone(),
                         value: value.to_dtype(DType::F64)?.to_scalar::<f64>()?,
                         gradients,
                     })

@@ -739,15 +739,23 @@ impl Model {
         let result = (|| -> Result<f64> {
             let step = self.step_gradients(&compiled, batch, rng, true)?;
             if diagnostics {
-                let mut terms =
-                    super::term_gradients::per_term(&step.terms.parts, &step.trainable)?;
-                let mut samples = batch.len();
+                let parts = &step.terms.parts;
                 // A rank's diagnostics are the global batch's (see `distributed`).
-                if let Some(shard) = &self.shard {
-                    shard.all_reduce_term_gradients(&mut terms)?;
-                    samples = shard.global_len();
-                }
-                super::term_gradients::record_diagnostics(acc, &terms, samples as f64)?;
+                let shard = self.shard.as_ref();
+                let gradients = super::term_gradients::per_term(
+                    parts.iter().map(|(_, t)| t),
+                    &step.trainable,
+                    shard,
+                )?;
+                let samples = shard.map_or(batch.len(), StepShard::global_len);
+                let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+                super::term_gradients::record_diagnostics(
+                    acc,
+                    "",
+                    &names,
+                    &gradients,
+                    samples as f64,
+                )?;
             }
             let StepGradients {
                 terms,
@@ -897,17 +905,8 @@ impl Model {
         rng: &mut StdRng,
         advance: bool,
     ) -> Result<Vec<Option<Tensor>>> {
-        let named: Vec<(String, Tensor)> = w
-            .terms
-            .iter()
-            .cloned()
-            .zip(terms.weighed.iter().cloned())
-            .collect();
-        let per_term: Vec<Vec<Option<Tensor>>> =
-            super::term_gradients::per_term(&named, trainable)?
-                .into_iter()
-                .map(|(_, g)| g)
-                .collect();
+        // (No shard: data-parallel training refuses a combining strategy, `step_gradients`.)
+        let per_term = super::term_gradients::per_term(&terms.weighed, trainable, None)?;
         let values: Vec<f64> = terms.weighed.iter().map(scalar).collect::<Result<_>>()?;
         let mut names: Vec<String> = self
             .weights()
