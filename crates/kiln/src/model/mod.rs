@@ -82,6 +82,8 @@ pub struct Model {
     /// Per step, whether the next step is a ReLU layer that reads this step's output alone and
     /// that the step may apply itself ([`relu_fusions`]).
     relu_follows: Vec<bool>,
+    /// Whether `train_on_batch` records gradient diagnostics ([`Model::set_gradient_diagnostics`]).
+    pub(crate) batch_diagnostics: bool,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -368,6 +370,7 @@ impl Model {
             thread_choice: Default::default(),
             shard: None,
             keras: None,
+            batch_diagnostics: false,
         })
     }
 

@@ -198,11 +198,10 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 
 /// Adds one batch's diagnostics to the epoch's means, weighted by its `samples`: the norm of
 /// every term's gradient over the shared weights, and the cosine of every pair, in term order
-/// (`names`, the history's names of the terms of `gradients`), as `<prefix>grad_norm/<term>`
-/// and `<prefix>grad_cos/<a>/<b>`.
+/// (`names`, the history's names of the terms of `gradients`), as `grad_norm/<term>` and
+/// `grad_cos/<a>/<b>` (the accumulator's logs add `val_` on validation data).
 pub(super) fn record_diagnostics(
     acc: &mut Accumulator,
-    prefix: &str,
     names: &[&str],
     gradients: &[Vec<Option<Tensor>>],
     samples: f64,
@@ -217,14 +216,14 @@ pub(super) fn record_diagnostics(
     let squares: Vec<f64> = flat.iter().map(|f| dot(f, f)).collect();
     for (name, square) in names.iter().zip(&squares) {
         acc.add_diagnostic(
-            &format!("{prefix}grad_norm/{name}"),
+            &format!("grad_norm/{name}"),
             square.sqrt() * samples,
             samples,
         );
     }
     for (i, a) in names.iter().enumerate() {
         for (j, b) in names.iter().enumerate().skip(i + 1) {
-            let key = format!("{prefix}grad_cos/{a}/{b}");
+            let key = format!("grad_cos/{a}/{b}");
             let cos = cosine_of(dot(&flat[i], &flat[j]), squares[i], squares[j]);
             acc.add_diagnostic(&key, cos * samples, samples);
         }
