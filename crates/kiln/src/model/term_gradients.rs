@@ -67,8 +67,8 @@ impl TermGradients {
     /// [`crate::Error::InvalidArgument`] naming the terms when there is no term `name`; a
     /// tensor error when a gradient cannot be read.
     pub fn norm(&self, name: &str) -> Result<f64> {
-        let flat = self.flat(name)?;
-        Ok(dot(&flat, &flat).sqrt())
+        let g = gram(&[self.gradients_of(name)?.clone()], &self.shared)?;
+        Ok(g[0][0].sqrt())
     }
 
     /// The cosine between the gradients of terms `a` and `b` over the shared weights; 0 when
@@ -77,23 +77,19 @@ impl TermGradients {
     /// # Errors
     /// As [`TermGradients::norm`].
     pub fn cosine(&self, a: &str, b: &str) -> Result<f64> {
-        Ok(cosine(&self.flat(a)?, &self.flat(b)?))
+        let pair = [self.gradients_of(a)?.clone(), self.gradients_of(b)?.clone()];
+        let g = gram(&pair, &self.shared)?;
+        Ok(cosine_of(g[0][1], g[0][0], g[1][1]))
     }
 
-    /// Term `name`'s gradient over the shared weights, in f64, as one vector.
-    fn flat(&self, name: &str) -> Result<Vec<f64>> {
-        let t = self
-            .terms
-            .iter()
-            .position(|t| t.name == name)
-            .ok_or_else(|| {
-                crate::Error::InvalidArgument(format!(
-                    "no term named `{name}`; the terms are {:?}",
-                    self.terms.iter().map(|t| &t.name).collect::<Vec<_>>()
-                ))
-            })?;
-        let gradients: PerTerm = self.terms.iter().map(|t| t.gradients.clone()).collect();
-        flat(&gradients, t, &self.shared)
+    /// Term `name`'s gradients.
+    fn gradients_of(&self, name: &str) -> Result<&Vec<Option<Tensor>>> {
+        self.term(name).map(|t| &t.gradients).ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "no term named `{name}`; the terms are {:?}",
+                self.terms.iter().map(|t| &t.name).collect::<Vec<_>>()
+            ))
+        })
     }
 }
 
@@ -192,8 +188,113 @@ fn cosine_of(ab: f64, aa: f64, bb: f64) -> f64 {
     }
 }
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    cosine_of(dot(a, b), dot(a, a), dot(b, b))
+/// How many elements of each gradient [`gram`] holds at once: with up to a few terms, the
+/// blocks of all of them stay in the core's L2 cache while every pair is multiplied.
+const BLOCK: usize = 4096;
+
+/// A gradient's elements as [`gram`] reads them: in place when a contiguous f32 or f64 CPU
+/// tensor, else copied once to f64.
+enum Elements<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    Owned(Vec<f64>),
+}
+
+impl Elements<'_> {
+    /// Elements `start..start + out.len()`, in f64.
+    fn fill(&self, start: usize, out: &mut [f64]) {
+        let end = start + out.len();
+        match self {
+            Elements::F32(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..end]) {
+                    *o = f64::from(*x);
+                }
+            }
+            Elements::F64(v) => out.copy_from_slice(&v[start..end]),
+            Elements::Owned(v) => out.copy_from_slice(&v[start..end]),
+        }
+    }
+}
+
+/// Whether `t`'s elements can be read in place.
+fn in_place(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && t.is_contiguous()
+}
+
+/// The Gram matrix of the terms' gradients over the `shared` weights: entry (i, j) is
+/// gᵢ · gⱼ in f64 (a term without a gradient of a weight counts as zeros there). Every norm
+/// and cosine of K terms comes from its K(K+1)/2 entries, and each gradient is read once,
+/// block by block, every pair multiplied while the block is in cache (not once per pair from
+/// memory, nor copied whole to f64 first).
+pub(crate) fn gram(gradients: &[Vec<Option<Tensor>>], shared: &[bool]) -> Result<Vec<Vec<f64>>> {
+    let k = gradients.len();
+    let mut gram = vec![vec![0.0; k]; k];
+    let mut blocks = vec![vec![0.0f64; BLOCK]; k];
+    for (w, _) in shared.iter().enumerate().filter(|(_, s)| **s) {
+        let present: Vec<(usize, &Tensor)> = gradients
+            .iter()
+            .enumerate()
+            .filter_map(|(t, g)| g[w].as_ref().map(|g| (t, g)))
+            .collect();
+        let Some(&(_, first)) = present.first() else {
+            continue;
+        };
+        let n = first.elem_count();
+        let copies: Vec<Option<Vec<f64>>> = present
+            .iter()
+            .map(|(_, g)| match in_place(g) {
+                true => Ok(None),
+                false => Ok(Some(
+                    g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let storages: Vec<_> = present
+            .iter()
+            .map(|(_, g)| g.storage_and_layout())
+            .collect();
+        let elements: Vec<Elements<'_>> = storages
+            .iter()
+            .zip(copies)
+            .map(|((storage, layout), copy)| {
+                if let Some(copy) = copy {
+                    return Ok(Elements::Owned(copy));
+                }
+                let candle_core::Storage::Cpu(cpu) = &**storage else {
+                    unreachable!("in_place checked the device");
+                };
+                let what = "a term's gradient";
+                Ok(match cpu {
+                    candle_core::CpuStorage::F32(v) => {
+                        Elements::F32(crate::cpu::contiguous(v, layout, what)?)
+                    }
+                    candle_core::CpuStorage::F64(v) => {
+                        Elements::F64(crate::cpu::contiguous(v, layout, what)?)
+                    }
+                    _ => unreachable!("in_place checked the dtype"),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut start = 0;
+        while start < n {
+            let len = BLOCK.min(n - start);
+            for (e, (t, _)) in elements.iter().zip(&present) {
+                e.fill(start, &mut blocks[*t][..len]);
+            }
+            for (a, (i, _)) in present.iter().enumerate() {
+                for (j, _) in &present[a..] {
+                    gram[*i][*j] += dot(&blocks[*i][..len], &blocks[*j][..len]);
+                }
+            }
+            start += len;
+        }
+    }
+    for i in 0..k {
+        for j in 0..i {
+            gram[i][j] = gram[j][i];
+        }
+    }
+    Ok(gram)
 }
 
 /// Adds one batch's diagnostics to the epoch's means, weighted by its `samples`: the norm of
@@ -209,11 +310,8 @@ pub(super) fn record_diagnostics(
     let Some(first) = gradients.first() else {
         return Ok(());
     };
-    let shared = shared(gradients, first.len());
-    let flat: Vec<Vec<f64>> = (0..gradients.len())
-        .map(|t| flat(gradients, t, &shared))
-        .collect::<Result<_>>()?;
-    let squares: Vec<f64> = flat.iter().map(|f| dot(f, f)).collect();
+    let gram = gram(gradients, &shared(gradients, first.len()))?;
+    let squares: Vec<f64> = (0..gradients.len()).map(|i| gram[i][i]).collect();
     for (name, square) in names.iter().zip(&squares) {
         acc.add_diagnostic(
             &format!("grad_norm/{name}"),
@@ -224,7 +322,7 @@ pub(super) fn record_diagnostics(
     for (i, a) in names.iter().enumerate() {
         for (j, b) in names.iter().enumerate().skip(i + 1) {
             let key = format!("grad_cos/{a}/{b}");
-            let cos = cosine_of(dot(&flat[i], &flat[j]), squares[i], squares[j]);
+            let cos = cosine_of(gram[i][j], squares[i], squares[j]);
             acc.add_diagnostic(&key, cos * samples, samples);
         }
     }
