@@ -289,9 +289,11 @@ pub(crate) fn gram(gradients: &[Vec<Option<Tensor>>], shared: &[bool]) -> Result
             start += len;
         }
     }
-    for i in 0..k {
-        for j in 0..i {
-            gram[i][j] = gram[j][i];
+    // Only the upper triangle was summed; the matrix is symmetric.
+    let upper = gram.clone();
+    for (i, row) in gram.iter_mut().enumerate() {
+        for (j, entry) in row.iter_mut().enumerate().take(i) {
+            *entry = upper[j][i];
         }
     }
     Ok(gram)

@@ -219,8 +219,9 @@ impl Fit {
     ///
     /// Cost: one more backward pass per term on every training step (no extra forward pass),
     /// only when on; measured in bench/README.md (`kiln-bench --workloads D1`: 2.2×, 3.1× and
-    /// 3.2× the step time with 2, 3 and 5 terms on a 784-512-512 trunk, on a loaded machine). What is learned does not change: the update still uses the total's own
-    /// gradient, so the weights are bit-identical with diagnostics on or off.
+    /// 3.2× the step time with 2, 3 and 5 terms on a 784-512-512 trunk, on a loaded machine).
+    /// What is learned does not change: the update still uses the total's own gradient, so
+    /// the weights are bit-identical with diagnostics on or off.
     ///
     /// Under a loss weighting strategy the norms and cosines are of the terms as compiled
     /// (an output's loss times its fixed `loss_weight`), *before* the strategy's weights: they
