@@ -762,7 +762,11 @@ fn pcgrad_adds_the_adversarial_term_unchanged() {
         .add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
         .unwrap();
     model
-        .compile(two_heads(Sgd::new(0.1), logits_bce(), Some(Box::new(PCGrad::new()))))
+        .compile(two_heads(
+            Sgd::new(0.1),
+            logits_bce(),
+            Some(Box::new(PCGrad::new())),
+        ))
         .unwrap();
     let g = model.term_gradients(&data).unwrap();
     assert!(g.cosine("a_loss", "b_loss").unwrap() < -1e-3);
