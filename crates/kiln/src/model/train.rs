@@ -218,8 +218,8 @@ impl Fit {
     /// epoch's training batches (see [`Model::term_gradients`] for which weights are shared).
     ///
     /// Cost: one more backward pass per term on every training step (no extra forward pass),
-    /// only when on; measured in bench/README.md (`kiln-bench --workloads D1`: 2.2×, 3.1× and
-    /// 3.2× the step time with 2, 3 and 5 terms on a 784-512-512 trunk, on a loaded machine).
+    /// only when on; measured in bench/README.md (`kiln-bench --workloads D1`: 2.1×, 2.9× and
+    /// 3.8× the step time with 2, 3 and 5 terms on a 784-512-512 trunk, as the passes predict).
     /// What is learned does not change: the update still uses the total's own gradient, so
     /// the weights are bit-identical with diagnostics on or off.
     ///
