@@ -16,7 +16,7 @@ struct Args {
     /// Workloads to run: W1, W2, W3 (batch × width grid), W4 (W1, run under load by run.sh),
     /// C1, C2 (convolutional), R1, R2 (recurrent), P1-C1, P1-W1 (predict, samples/s),
     /// T1-sigmoid, T1-logits, T1-softmax, T1-softmax-logits (tabular, probabilities or logits),
-    /// D1 (W2 with gradient diagnostics off and on, through `fit`).
+    /// D1 (gradient diagnostics off and on, interleaved, through `fit`: `--diagnostic-terms`).
     #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3")]
     workloads: Vec<String>,
     /// Timed steps per measurement (after 10 warm-up steps).
@@ -29,6 +29,12 @@ struct Args {
     /// Warm-up steps of C1, C2, R1, R2 (at most 1 predict of P1-*).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// D1: the numbers of terms (heads on one trunk) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "2,3,5")]
+    diagnostic_terms: Vec<usize>,
+    /// D1: interleaved rounds (off, on) per number of terms; medians over them.
+    #[arg(long, default_value_t = 7)]
+    diagnostic_rounds: usize,
 }
 
 /// Fixed synthetic data: 784 features in [0, 1), 10 classes, one-hot labels.
@@ -128,40 +134,98 @@ fn measure(
     Ok(())
 }
 
-/// D1: the cost of gradient diagnostics, on W2 (three terms: the focal loss, `l2`, the
-/// adversarial term) trained with `fit`, batch 128, diagnostics off and on in alternating
-/// rounds of `steps` steps; prints both rates and the ratio of step times (on / off).
-fn measure_diagnostics(steps: usize) -> kiln::Result<()> {
+/// D1's model: W2's trunk (784-512-512, ReLU) shared by `heads` Dense(10) heads, each with
+/// its own categorical crossentropy (from logits) on the same labels: `heads` terms, each of
+/// whose gradients reaches the whole trunk.
+fn heads_model(heads: usize) -> kiln::Result<Model> {
+    let x = Input::new([784]);
+    let h = Dense::new(512).activation(Activation::Relu).apply(&x)?;
+    let h = Dense::new(512).activation(Activation::Relu).apply(&h)?;
+    let outs: Vec<_> = (0..heads)
+        .map(|i| Dense::new(10).with_name(format!("head{i}")).apply(&h))
+        .collect::<kiln::Result<_>>()?;
+    let mut model = Model::builder(&[&x], &outs).build()?;
+    let mut compile = Compile::new(Adam::new(1e-3));
+    for i in 0..heads {
+        compile = compile.loss_for(
+            format!("head{i}"),
+            CategoricalCrossentropy::new().from_logits(true),
+        );
+    }
+    model.compile(compile)?;
+    Ok(model)
+}
+
+/// Counted passes: the step time with diagnostics on over off if time were proportional to
+/// the multiply-adds of the products (forward 2·m·k·n per layer, backward twice that but no
+/// dX for the first layer). Off: one forward and one backward of the total; on: besides, one
+/// backward per term, through the trunk and the term's own head.
+fn predicted_ratio(heads: usize) -> f64 {
+    let (trunk1, trunk2, head) = (784.0 * 512.0, 512.0 * 512.0, 512.0 * 10.0);
+    let k = heads as f64;
+    let forward = trunk1 + trunk2 + k * head;
+    let backward_total = trunk1 + 2.0 * (trunk2 + k * head);
+    let backward_term = trunk1 + 2.0 * (trunk2 + head);
+    let off = forward + backward_total;
+    (off + k * backward_term) / off
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// D1: the cost of gradient diagnostics. For each number of terms in `terms`, two models of
+/// [`heads_model`] (the same initial weights) trained through `fit` at batch 128, one with
+/// `gradient_diagnostics` off (A) and one on (B), in interleaved rounds A, B, A, B, … of
+/// `steps` steps each, so that a change of the machine's load falls on both alike. Prints, per
+/// number of terms, the median step time of each, their ratio (on / off), the median of the
+/// rounds' pairwise ratios, and the ratio counted passes predict.
+fn measure_diagnostics(steps: usize, rounds: usize, terms: &[usize]) -> kiln::Result<()> {
     let steps = steps.max(2);
     let data = batch(128 * steps, 1)?;
-    let mut rates = [Vec::new(), Vec::new()];
-    for round in 0..6 {
-        let on = round % 2 == 1;
-        let mut model = mlp(512, Some(0.01))?;
-        model.add_loss_term("adversarial", Adversarial::fgsm(0.05).multiplier(0.5))?;
-        model.compile(
-            Compile::new(Adam::new(1e-3)).loss(
-                CategoricalFocalCrossentropy::new()
-                    .gamma(2.0)
-                    .from_logits(true),
-            ),
-        )?;
+    for &k in terms {
+        let targets = vec![data.targets()[0].clone(); k];
+        let data = Dataset::multi(data.inputs().to_vec(), targets)?;
         let fit = Fit::new().batch_size(128).shuffle(false).quiet();
-        model.fit(&data.slice(0, 128 * 2)?, fit.clone())?; // warm-up
-        let start = Instant::now();
-        model.fit(&data, fit.gradient_diagnostics(on))?;
-        rates[usize::from(on)].push(steps as f64 / start.elapsed().as_secs_f64());
+        let mut models = [heads_model(k)?, heads_model(k)?];
+        for (on, model) in models.iter_mut().enumerate() {
+            // Warm-up: two steps each, in the mode it is timed in.
+            model.fit(
+                &data.slice(0, 128 * 2)?,
+                fit.clone().gradient_diagnostics(on == 1),
+            )?;
+        }
+        let mut ms = [Vec::new(), Vec::new()];
+        for _ in 0..rounds.max(1) {
+            for (on, model) in models.iter_mut().enumerate() {
+                let start = Instant::now();
+                model.fit(&data, fit.clone().gradient_diagnostics(on == 1))?;
+                ms[on].push(start.elapsed().as_secs_f64() * 1e3 / steps as f64);
+            }
+        }
+        let pairs: Vec<f64> = ms[1].iter().zip(&ms[0]).map(|(b, a)| b / a).collect();
+        let (off, on) = (median(&ms[0]), median(&ms[1]));
+        println!(
+            "{}",
+            serde_json::json!({
+                "engine": "kiln", "workload": "D1", "terms": k, "batch": 128, "width": 512,
+                "steps_per_round": steps, "rounds": rounds,
+                "ms_per_step_off": off, "ms_per_step_on": on,
+                "ms_per_step_diagnostics": on - off,
+                "step_time_ratio_on_off": on / off,
+                "median_pairwise_ratio": median(&pairs),
+                "predicted_ratio_by_passes": predicted_ratio(k),
+                "rounds_ms_off": ms[0], "rounds_ms_on": ms[1],
+            })
+        );
     }
-    let best = |r: &[f64]| r.iter().copied().fold(0.0, f64::max);
-    let (off, on) = (best(&rates[0]), best(&rates[1]));
-    println!(
-        "{}",
-        serde_json::json!({
-            "engine": "kiln", "workload": "D1", "batch": 128, "width": 512,
-            "steps_per_s_off": off, "steps_per_s_on": on, "step_time_ratio_on_off": off / on,
-            "rounds_off": rates[0], "rounds_on": rates[1],
-        })
-    );
     Ok(())
 }
 
@@ -417,7 +481,9 @@ fn main() -> kiln::Result<()> {
                 measure_predict("P1-W1", mlp(512, None)?, x, args.steps, warmup.min(1))?
             }
             t if t.starts_with("T1-") => measure_tabular(t, args.steps)?,
-            "D1" => measure_diagnostics(args.steps)?,
+            "D1" => {
+                measure_diagnostics(args.steps, args.diagnostic_rounds, &args.diagnostic_terms)?
+            }
             other => eprintln!("unknown workload {other}"),
         }
     }

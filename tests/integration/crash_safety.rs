@@ -470,9 +470,10 @@ fn every_file_of_a_run_folder_has_the_same_permissions() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// With gradient diagnostics on (an L2 penalty and FGSM beside the data loss: three terms),
-/// the history holds each term's gradient norm and every pair's cosine, the run folder their
-/// plots, the epoch line the norms only; a run killed at several of its file operations
+/// With gradient diagnostics on, on the training and the validation data (an L2 penalty and
+/// FGSM beside the data loss: three terms), the history holds each term's gradient norm and
+/// every pair's cosine with their `val_` twins, the run folder their plots (the validation
+/// ones dashed beside them), the epoch line the norms only; a run killed at several of its file operations
 /// resumes to the same files, diagnostics included, byte for byte. Diagnostics do not change
 /// what is learned: the weights are those of the same run with them off.
 #[test]
@@ -485,7 +486,7 @@ fn gradient_diagnostics_survive_kill_and_resume() {
     ) + "\n[[added]]\nkind = \"fgsm\"\nepsilon = 0.05\nmultiplier = 0.5\n";
     let on = with_terms.replace(
         "batch_size = 32",
-        "batch_size = 32\ngradient_diagnostics = true",
+        "batch_size = 32\ngradient_diagnostics = true\nvalidation_gradient_diagnostics = true",
     );
     std::fs::write(dir.join("run.toml"), &on).unwrap();
     std::fs::write(dir.join("off.toml"), &with_terms).unwrap();
@@ -509,7 +510,17 @@ fn gradient_diagnostics_survive_kill_and_resume() {
         "grad_cos/l2/adversarial",
     ] {
         assert!(keys.contains(&key), "history.json lacks {key}: {keys:?}");
+        let val = format!("val_{key}");
+        assert!(
+            keys.contains(&val.as_str()),
+            "history.json lacks {val}: {keys:?}"
+        );
     }
+    let val_norms = history["val_grad_norm/adversarial"].as_array().unwrap();
+    assert!(
+        val_norms.iter().all(|v| v.as_f64().unwrap() > 0.0),
+        "{val_norms:?}"
+    );
     let norms = history["grad_norm/out_loss"].as_array().unwrap();
     assert!(norms.iter().all(|v| v.as_f64().unwrap() > 0.0), "{norms:?}");
     let cosines = history["grad_cos/out_loss/adversarial"].as_array().unwrap();
@@ -530,9 +541,21 @@ fn gradient_diagnostics_survive_kill_and_resume() {
     ] {
         assert!(full.join(plot).exists(), "no {plot}");
     }
+    let svg = String::from_utf8(read(&full, "grad_norm.svg")).unwrap();
+    assert!(
+        svg.contains("val_grad_norm/l2"),
+        "no validation norm in grad_norm.svg"
+    );
+    let svg = String::from_utf8(read(&full, "grad_cos.svg")).unwrap();
+    assert!(
+        svg.contains("val_grad_cos/l2/adversarial"),
+        "no validation cosine in grad_cos.svg"
+    );
     let line = printed.lines().find(|l| l.starts_with("Epoch 1/")).unwrap();
     assert!(
-        line.contains("grad_norm/l2: ") && !line.contains("grad_cos"),
+        line.contains(" grad_norm/l2: ")
+            && line.contains("val_grad_norm/l2: ")
+            && !line.contains("grad_cos"),
         "{line}"
     );
     let (ok, _, err) = kiln(&["train", "off.toml", "--quiet", "--out", "off"], &dir);

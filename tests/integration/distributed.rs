@@ -564,36 +564,62 @@ fn keras_synchronized_batch_norm_imports_with_the_option() {
 /// loss weighting strategy over the three terms, and gradient diagnostics; 50 steps.
 fn weighted_run(strategy: &str, comm: Option<SharedCommunicator>) -> kiln::Result<Trained> {
     use kiln::loss_weighting::{DynamicWeightAverage, Famo, Strategy, Uncertainty};
-    let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
-    let label = digits.targets()[0].clone();
-    let big = label
-        .ge(5.0)?
-        .to_dtype(candle_core::DType::F32)?
-        .reshape(((), 1))?;
-    let data = Dataset::multi(digits.inputs().to_vec(), vec![label, big])?;
+    let data = digits_and_big()?;
     let x = Input::new([64]);
     let h = Dense::new(32)
         .activation(Activation::Relu)
         .kernel_regularizer(L2::new(1e-3))
         .apply(&x)?;
-    let digit = Dense::new(10).with_name("digit").apply(&h)?;
-    let big = Dense::new(1).with_name("big").apply(&h)?;
-    let mut model = Model::builder(&[x], &[digit, big]).seed(3).build()?;
+    let mut model = two_heads(&x, &h)?;
     let boxed: Box<dyn Strategy> = match strategy {
         "uncertainty" => Box::new(Uncertainty::new()),
         "dwa" => Box::new(DynamicWeightAverage::new()),
         _ => Box::new(Famo::new()),
     };
     model.compile(
-        Compile::new(Sgd::new(0.05).momentum(0.9))
-            .loss_for(
-                "digit",
-                SparseCategoricalCrossentropy::new().from_logits(true),
-            )
-            .loss_for("big", BinaryCrossentropy::new().from_logits(true))
+        two_head_losses()
             .loss_weighting_boxed(boxed)
             .weight_added_terms(true),
     )?;
+    fit_with_diagnostics(&mut model, &data, comm)
+}
+
+/// 240 digits with two targets: the digit, and whether it is 5 or more (`big`, one column).
+fn digits_and_big() -> kiln::Result<Dataset> {
+    let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
+    let label = digits.targets()[0].clone();
+    let big = label
+        .ge(5.0)?
+        .to_dtype(candle_core::DType::F32)?
+        .reshape(((), 1))?;
+    Dataset::multi(digits.inputs().to_vec(), vec![label, big])
+}
+
+/// The heads of [`digits_and_big`] on the trunk `h` of input `x`: `digit` (10 logits) and
+/// `big` (one logit), the model built from seed 3.
+fn two_heads(x: &SymbolicTensor, h: &SymbolicTensor) -> kiln::Result<Model> {
+    let digit = Dense::new(10).with_name("digit").apply(h)?;
+    let big = Dense::new(1).with_name("big").apply(h)?;
+    Model::builder(&[x], &[digit, big]).seed(3).build()
+}
+
+/// SGD with momentum over the two heads' crossentropies, from logits.
+fn two_head_losses() -> Compile {
+    Compile::new(Sgd::new(0.05).momentum(0.9))
+        .loss_for(
+            "digit",
+            SparseCategoricalCrossentropy::new().from_logits(true),
+        )
+        .loss_for("big", BinaryCrossentropy::new().from_logits(true))
+}
+
+/// 10 epochs of batches of 50 (seed 11) with gradient diagnostics, on the ranks of `comm` when
+/// given: 50 steps.
+fn fit_with_diagnostics(
+    model: &mut Model,
+    data: &Dataset,
+    comm: Option<SharedCommunicator>,
+) -> kiln::Result<Trained> {
     let mut fit = Fit::new()
         .epochs(10)
         .batch_size(50)
@@ -603,8 +629,8 @@ fn weighted_run(strategy: &str, comm: Option<SharedCommunicator>) -> kiln::Resul
     if let Some(c) = comm {
         fit = fit.distributed(c);
     }
-    let history = model.fit(&data, fit)?;
-    Ok((weights(&model), history))
+    let history = model.fit(data, fit)?;
+    Ok((weights(model), history))
 }
 
 /// With Uncertainty (its log-variances trained with the weights), DWA (weights from the
@@ -672,13 +698,7 @@ fn loss_weighting_and_gradient_diagnostics_match_one_process() {
 #[test]
 fn synchronized_batch_norm_with_an_attack_famo_and_diagnostics_matches_one_process() {
     let run = |comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
-        let digits = kiln::data::digits(&Device::Cpu)?.slice(0, 240)?;
-        let label = digits.targets()[0].clone();
-        let big = label
-            .ge(5.0)?
-            .to_dtype(candle_core::DType::F32)?
-            .reshape(((), 1))?;
-        let data = Dataset::multi(digits.inputs().to_vec(), vec![label, big])?;
+        let data = digits_and_big()?;
         let x = Input::new([64]);
         let h = Dense::new(32).apply(&x)?;
         let h = BatchNormalization::new()
@@ -686,30 +706,10 @@ fn synchronized_batch_norm_with_an_attack_famo_and_diagnostics_matches_one_proce
             .synchronized(true)
             .apply(&h)?;
         let h = kiln::layers::ActivationLayer::new(Activation::Relu).apply(&h)?;
-        let digit = Dense::new(10).with_name("digit").apply(&h)?;
-        let big = Dense::new(1).with_name("big").apply(&h)?;
-        let mut model = Model::builder(&[x], &[digit, big]).seed(3).build()?;
+        let mut model = two_heads(&x, &h)?;
         model.add_loss_term("fgsm", Adversarial::fgsm(0.05).multiplier(0.5))?;
-        model.compile(
-            Compile::new(Sgd::new(0.05).momentum(0.9))
-                .loss_for(
-                    "digit",
-                    SparseCategoricalCrossentropy::new().from_logits(true),
-                )
-                .loss_for("big", BinaryCrossentropy::new().from_logits(true))
-                .loss_weighting(kiln::loss_weighting::Famo::new()),
-        )?;
-        let mut fit = Fit::new()
-            .epochs(10)
-            .batch_size(50)
-            .seed(11)
-            .gradient_diagnostics(true)
-            .quiet();
-        if let Some(c) = comm {
-            fit = fit.distributed(c);
-        }
-        let history = model.fit(&data, fit)?;
-        Ok((weights(&model), history))
+        model.compile(two_head_losses().loss_weighting(kiln::loss_weighting::Famo::new()))?;
+        fit_with_diagnostics(&mut model, &data, comm)
     };
     let (alone, history) = run(None).unwrap();
     let keys: Vec<String> = history.epochs[0]

@@ -46,21 +46,39 @@ fn tensor(rows: Vec<Vec<f64>>) -> Tensor {
     .unwrap()
 }
 
-/// The reference problem's model in f64, from the reference's initial weights.
+/// The reference problem's model in f64, from the reference's initial weights: heads `a` and
+/// `b` on a shared tanh layer.
 pub(crate) fn reference_model(reference: &Value) -> Model {
+    reference_net(reference, 2)
+}
+
+/// The three-head problem of the reference (`*3` runs): a third head `c` and an L2 penalty on
+/// the shared kernel, in f64, from the reference's `initial3` weights.
+fn reference_model3(reference: &Value) -> Model {
+    reference_net(reference, 3)
+}
+
+/// The reference's network with `heads` heads (2: `initial`; 3: `c` and the L2 penalty,
+/// `initial3`), its weights set from the reference.
+fn reference_net(reference: &Value, heads: usize) -> Model {
     let x = Input::new([3]);
-    let h = Dense::new(4)
+    let mut shared = Dense::new(4)
         .activation(Activation::Tanh)
-        .with_name("shared")
-        .apply(&x)
-        .unwrap();
-    let a = Dense::new(1).with_name("a").apply(&h).unwrap();
-    let b = Dense::new(1).with_name("b").apply(&h).unwrap();
-    let model = Model::builder(&[x], &[a, b])
+        .with_name("shared");
+    if heads == 3 {
+        shared = shared.kernel_regularizer(L2::new(reference["l2"].as_f64().unwrap()));
+    }
+    let h = shared.apply(&x).unwrap();
+    let outputs: Vec<_> = ["a", "b", "c"][..heads]
+        .iter()
+        .map(|name| Dense::new(1).with_name(*name).apply(&h).unwrap())
+        .collect();
+    let model = Model::builder(&[x], &outputs)
         .dtype(DType::F64)
         .build()
         .unwrap();
-    for (name, value) in reference["initial"].as_object().unwrap() {
+    let initial = if heads == 3 { "initial3" } else { "initial" };
+    for (name, value) in reference[initial].as_object().unwrap() {
         let w = model.weight(name).unwrap();
         let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
             Some(_) => matrix(value).into_iter().flatten().collect(),
@@ -72,34 +90,25 @@ pub(crate) fn reference_model(reference: &Value) -> Model {
     model
 }
 
-/// The three-head problem of the reference (`*3` runs): a third head `c` and an L2 penalty on
-/// the shared kernel, in f64, from the reference's `initial3` weights.
-fn reference_model3(reference: &Value) -> Model {
-    let x = Input::new([3]);
-    let l2 = reference["l2"].as_f64().unwrap();
-    let h = Dense::new(4)
-        .activation(Activation::Tanh)
-        .with_name("shared")
-        .kernel_regularizer(L2::new(l2))
-        .apply(&x)
-        .unwrap();
-    let a = Dense::new(1).with_name("a").apply(&h).unwrap();
-    let b = Dense::new(1).with_name("b").apply(&h).unwrap();
-    let c = Dense::new(1).with_name("c").apply(&h).unwrap();
-    let model = Model::builder(&[x], &[a, b, c])
-        .dtype(DType::F64)
-        .build()
-        .unwrap();
-    for (name, value) in reference["initial3"].as_object().unwrap() {
-        let w = model.weight(name).unwrap();
-        let flat: Vec<f64> = match value.as_array().unwrap()[0].as_array() {
-            Some(_) => matrix(value).into_iter().flatten().collect(),
-            None => floats(value),
-        };
-        let t = Tensor::from_vec(flat, w.var.dims(), &Device::Cpu).unwrap();
-        w.var.set(&t).unwrap();
+/// The reference model's compile configuration: `a` by mean squared error, `b` by `b_loss`,
+/// and `strategy` over them when given.
+fn two_heads(
+    optimizer: impl kiln::optimizers::Optimizer + 'static,
+    b_loss: impl Into<kiln::losses::LossSpec>,
+    strategy: Option<Box<dyn Strategy>>,
+) -> Compile {
+    let compile = Compile::new(optimizer)
+        .loss_for("a", "mse")
+        .loss_for("b", b_loss);
+    match strategy {
+        Some(s) => compile.loss_weighting_boxed(s),
+        None => compile,
     }
-    model
+}
+
+/// The binary crossentropy from logits of the reference's head `b`.
+fn logits_bce() -> BinaryCrossentropy {
+    BinaryCrossentropy::new().from_logits(true)
 }
 
 fn reference_data3(reference: &Value) -> Dataset {
@@ -138,14 +147,9 @@ fn check_on(run: &str, strategy: Option<Box<dyn Strategy>>, heads: usize) {
         _ => (reference_model3(&reference), reference_data3(&reference)),
     };
     let lr = reference["learning_rate"].as_f64().unwrap();
-    let mut compile = Compile::new(Sgd::new(lr))
-        .loss_for("a", "mse")
-        .loss_for("b", BinaryCrossentropy::new().from_logits(true));
+    let mut compile = two_heads(Sgd::new(lr), logits_bce(), strategy);
     if heads == 3 {
         compile = compile.loss_for("c", "mse");
-    }
-    if let Some(s) = strategy {
-        compile = compile.loss_weighting_boxed(s);
     }
     model.compile(compile).unwrap();
     let names = ["a_loss", "b_loss", "c_loss"];
@@ -450,13 +454,8 @@ fn resume_is_bit_identical(strategy: impl Fn() -> Box<dyn Strategy>) {
     let data = reference_data(&reference);
     let compiled = || {
         let mut m = reference_model(&reference);
-        m.compile(
-            Compile::new(Adam::new(0.05))
-                .loss_for("a", "mse")
-                .loss_for("b", BinaryCrossentropy::new().from_logits(true))
-                .loss_weighting_boxed(strategy()),
-        )
-        .unwrap();
+        m.compile(two_heads(Adam::new(0.05), logits_bce(), Some(strategy())))
+            .unwrap();
         m
     };
     let fit = |from: usize, to: usize| {
@@ -532,13 +531,7 @@ fn gradient_strategies_refuse_what_they_cannot_do() {
     let data = reference_data(&reference);
     let fit_with = |s: Box<dyn Strategy>, fit: Fit| {
         let mut m = reference_model(&reference);
-        m.compile(
-            Compile::new(Sgd::new(0.1))
-                .loss_for("a", "mse")
-                .loss_for("b", "mse")
-                .loss_weighting_boxed(s),
-        )
-        .unwrap();
+        m.compile(two_heads(Sgd::new(0.1), "mse", Some(s))).unwrap();
         m.fit(&data, fit).map(|_| ()).unwrap_err().to_string()
     };
     let err = fit_with(Box::new(GradNorm::new().layer("trunk")), Fit::new().quiet());
@@ -569,12 +562,7 @@ fn a_checkpoint_of_another_strategy_is_refused() {
     let reference = reference();
     let data = reference_data(&reference);
     let mut m = reference_model(&reference);
-    let compile = |s: Box<dyn Strategy>| {
-        Compile::new(Sgd::new(0.1))
-            .loss_for("a", "mse")
-            .loss_for("b", "mse")
-            .loss_weighting_boxed(s)
-    };
+    let compile = |s: Box<dyn Strategy>| two_heads(Sgd::new(0.1), "mse", Some(s));
     m.compile(compile(Box::new(Famo::new()))).unwrap();
     let h = m.fit(&data, Fit::new().quiet()).unwrap();
     let dir = temp("other");
@@ -594,13 +582,8 @@ fn a_checkpoint_of_another_strategy_is_refused() {
 /// Compiles the reference model with `strategy`: the error's text if refused.
 fn compile_with(strategy: Box<dyn Strategy>) -> std::result::Result<(), String> {
     let mut m = reference_model(&reference());
-    m.compile(
-        Compile::new(Sgd::new(0.1))
-            .loss_for("a", "mse")
-            .loss_for("b", "mse")
-            .loss_weighting_boxed(strategy),
-    )
-    .map_err(|e| e.to_string())
+    m.compile(two_heads(Sgd::new(0.1), "mse", Some(strategy)))
+        .map_err(|e| e.to_string())
 }
 
 proptest::proptest! {
@@ -681,13 +664,8 @@ fn a_strategy_needs_two_terms_and_weight_added_terms_needs_a_strategy() {
 fn famo_refuses_gradient_accumulation() {
     let reference = reference();
     let mut m = reference_model(&reference);
-    m.compile(
-        Compile::new(Sgd::new(0.1))
-            .loss_for("a", "mse")
-            .loss_for("b", "mse")
-            .loss_weighting(Famo::new()),
-    )
-    .unwrap();
+    m.compile(two_heads(Sgd::new(0.1), "mse", Some(Box::new(Famo::new()))))
+        .unwrap();
     let err = m
         .fit(
             &reference_data(&reference),
@@ -712,13 +690,8 @@ fn diagnostics_under_a_strategy_are_of_the_unweighted_terms() {
     let data = reference_data(&reference);
     let fitted = |strategy: Option<Box<dyn Strategy>>| {
         let mut m = reference_model(&reference);
-        let mut c = Compile::new(Sgd::new(0.1))
-            .loss_for("a", "mse")
-            .loss_for("b", BinaryCrossentropy::new().from_logits(true));
-        if let Some(s) = strategy {
-            c = c.loss_weighting_boxed(s);
-        }
-        m.compile(c).unwrap();
+        m.compile(two_heads(Sgd::new(0.1), logits_bce(), strategy))
+            .unwrap();
         let g = m.term_gradients(&data).unwrap();
         let fit = Fit::new().batch_size(8).quiet().gradient_diagnostics(true);
         let h = m.fit(&data, fit).unwrap();
@@ -789,12 +762,11 @@ fn pcgrad_adds_the_adversarial_term_unchanged() {
         .add_loss_term("adversarial", Adversarial::fgsm(0.1).multiplier(0.5))
         .unwrap();
     model
-        .compile(
-            Compile::new(Sgd::new(0.1))
-                .loss_for("a", "mse")
-                .loss_for("b", BinaryCrossentropy::new().from_logits(true))
-                .loss_weighting(PCGrad::new()),
-        )
+        .compile(two_heads(
+            Sgd::new(0.1),
+            logits_bce(),
+            Some(Box::new(PCGrad::new())),
+        ))
         .unwrap();
     let g = model.term_gradients(&data).unwrap();
     assert!(g.cosine("a_loss", "b_loss").unwrap() < -1e-3);

@@ -6,6 +6,7 @@ mod callbacks;
 mod cli;
 mod crash_safety;
 mod data_files;
+mod diagnostics;
 mod distributed;
 mod examples;
 mod gradients;

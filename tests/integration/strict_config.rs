@@ -720,6 +720,13 @@ fn other_cases() -> Vec<Case> {
         ),
         (
             Slot::Fit,
+            "validation_gradient_diagnostics = {v}",
+            "validation_gradient_diagnostics",
+            Bool,
+            false,
+        ),
+        (
+            Slot::Fit,
             "class_weight = { \"0\" = {v}, \"1\" = 1.0, \"2\" = 1.0 }",
             "class_weight",
             NON_NEG,

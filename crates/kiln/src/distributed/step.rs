@@ -139,15 +139,15 @@ impl StepShard {
     /// gradient (K times the step's gradient for K terms; diagnostics are opt-in).
     pub(crate) fn all_reduce_term_gradients(
         &self,
-        terms: &mut [(String, Vec<Option<Tensor>>)],
+        terms: &mut [Vec<Option<Tensor>>],
     ) -> Result<()> {
         let mut buffer = Vec::new();
-        for g in terms.iter().flat_map(|(_, g)| g.iter().flatten()) {
+        for g in terms.iter().flat_map(|g| g.iter().flatten()) {
             buffer.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
         }
         self.comm.all_reduce_f64(&mut buffer)?;
         let mut at = 0;
-        for g in terms.iter_mut().flat_map(|(_, g)| g.iter_mut().flatten()) {
+        for g in terms.iter_mut().flat_map(|g| g.iter_mut().flatten()) {
             let n = g.elem_count();
             let summed = Tensor::from_slice(&buffer[at..at + n], g.dims(), g.device())?;
             *g = summed.to_dtype(g.dtype())?;

@@ -177,9 +177,7 @@ pub struct GradientStep<'a> {
 impl GradientStep<'_> {
     /// Which weights are shared: those at least two terms depend on.
     pub fn shared(&self) -> Vec<bool> {
-        (0..self.weights.len())
-            .map(|i| self.gradients.iter().filter(|g| g[i].is_some()).count() >= 2)
-            .collect()
+        crate::model::term_gradients::shared(self.gradients, self.weights.len())
     }
 
     /// Term `term`'s gradient over the weights `keep` selects, in f64, concatenated (zeros
@@ -188,25 +186,12 @@ impl GradientStep<'_> {
     /// # Errors
     /// When a gradient cannot be read.
     pub fn flat(&self, term: usize, keep: &[bool]) -> Result<Vec<f64>> {
-        let mut flat = Vec::new();
-        for (i, k) in keep.iter().enumerate() {
-            if !k {
-                continue;
-            }
-            match (&self.gradients[term][i], self.like(i)) {
-                (Some(g), _) => {
-                    flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
-                }
-                (None, Some(l)) => flat.resize(flat.len() + l.elem_count(), 0.0),
-                (None, None) => {}
-            }
-        }
-        Ok(flat)
+        crate::model::term_gradients::flat(self.gradients, term, keep)
     }
 
     /// Some term's gradient of weight `i` (for its shape), if any term has one.
     fn like(&self, i: usize) -> Option<&Tensor> {
-        self.gradients.iter().find_map(|g| g[i].as_ref())
+        crate::model::term_gradients::like(self.gradients, i)
     }
 
     /// The inverse of [`GradientStep::flat`]: `flat` cut into the selected weights' shapes
@@ -235,23 +220,7 @@ impl GradientStep<'_> {
     }
 }
 
-/// `a · b`, summed in eight lanes (as the gradient diagnostics sum).
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut lanes = [0.0; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *lane += x * y;
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
-}
+pub(crate) use crate::model::term_gradients::dot;
 
 /// Σ_i scale_i · gradients_i over each weight (`None` where no term has a gradient).
 pub(crate) fn scaled_sum(

@@ -9,7 +9,7 @@ mod nested;
 mod progress;
 mod sequential;
 mod summary;
-mod term_gradients;
+pub(crate) mod term_gradients;
 mod train;
 
 pub use added::{AddedLoss, Tensors};
@@ -93,6 +93,8 @@ pub struct Model {
     pub(crate) nesting: Nesting,
     /// Per layer id, what goes before its weights' names: `<model>/` for a nested model's.
     weight_prefix: HashMap<usize, String>,
+    /// Whether `train_on_batch` records gradient diagnostics ([`Model::set_gradient_diagnostics`]).
+    pub(crate) batch_diagnostics: bool,
 }
 
 /// A model prints its inputs, layers, outputs, weights count and whether it is compiled; see
@@ -469,6 +471,7 @@ impl Model {
             thread_choice: Default::default(),
             shard: None,
             keras: None,
+            batch_diagnostics: false,
         })
     }
 

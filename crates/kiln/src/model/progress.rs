@@ -77,13 +77,20 @@ pub(crate) fn format_duration(secs: f64) -> String {
 /// The values of an epoch line or of the bar: `loss: 0.1234 - l2: 1.2340e-04`, without
 /// `epoch_time_s` (the line shows the duration in its own place) and without the gradient
 /// cosines (one per pair of terms: too many for a line; the history and `grad_cos.png` have
-/// them). The gradient norms are shown.
+/// them). The gradient norms are shown, the validation ones too.
 pub(crate) fn format_logs(logs: &Logs) -> String {
     logs.iter()
-        .filter(|(k, _)| *k != "epoch_time_s" && !k.starts_with("grad_cos/"))
+        .filter(|(k, _)| *k != "epoch_time_s" && !is_cosine(k))
         .map(|(k, v)| format!("{k}: {}", format_value(v)))
         .collect::<Vec<_>>()
         .join(" - ")
+}
+
+/// A gradient cosine, on the training or the validation data.
+fn is_cosine(key: &str) -> bool {
+    key.strip_prefix("val_")
+        .unwrap_or(key)
+        .starts_with("grad_cos/")
 }
 
 /// Keras' estimate of one step's duration: the first step (compilation, warm-up) is left out

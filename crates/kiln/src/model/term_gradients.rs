@@ -8,6 +8,7 @@ use super::compile::not_compiled;
 use super::history::Accumulator;
 use super::Model;
 use crate::data::Dataset;
+use crate::distributed::StepShard;
 use crate::error::Result;
 use crate::gradients::Gradients;
 use candle_core::{DType, Tensor, Var};
@@ -64,8 +65,8 @@ impl TermGradients {
     /// [`crate::Error::InvalidArgument`] naming the terms when there is no term `name`; a
     /// tensor error when a gradient cannot be read.
     pub fn norm(&self, name: &str) -> Result<f64> {
-        let flat = self.flat(name)?;
-        Ok(dot(&flat, &flat).sqrt())
+        let g = gram(&[self.gradients_of(name)?.clone()], &self.shared)?;
+        Ok(g[0][0].sqrt())
     }
 
     /// The cosine between the gradients of terms `a` and `b` over the shared weights; 0 when
@@ -74,63 +75,81 @@ impl TermGradients {
     /// # Errors
     /// As [`TermGradients::norm`].
     pub fn cosine(&self, a: &str, b: &str) -> Result<f64> {
-        Ok(cosine(&self.flat(a)?, &self.flat(b)?))
+        let pair = [self.gradients_of(a)?.clone(), self.gradients_of(b)?.clone()];
+        let g = gram(&pair, &self.shared)?;
+        Ok(cosine_of(g[0][1], g[0][0], g[1][1]))
     }
 
-    /// Term `name`'s gradient over the shared weights, in f64, as one vector.
-    fn flat(&self, name: &str) -> Result<Vec<f64>> {
-        let term = self.term(name).ok_or_else(|| {
+    /// Term `name`'s gradients.
+    fn gradients_of(&self, name: &str) -> Result<&Vec<Option<Tensor>>> {
+        self.term(name).map(|t| &t.gradients).ok_or_else(|| {
             crate::Error::InvalidArgument(format!(
                 "no term named `{name}`; the terms are {:?}",
                 self.terms.iter().map(|t| &t.name).collect::<Vec<_>>()
             ))
-        })?;
-        flatten(&term.gradients, &self.shared, &self.total)
+        })
     }
 }
 
-/// One backward pass per term of `parts` (each with its graph) over `trainable`.
-pub(super) fn per_term(
-    parts: &[(String, Tensor)],
+/// Each term's gradient over each trainable weight, in the order of the terms and of the
+/// weights; `None` where the term does not depend on the weight.
+pub(crate) type PerTerm = Vec<Vec<Option<Tensor>>>;
+
+/// The one per-term gradient loop, for diagnostics and for the strategies that combine the
+/// terms' gradients (PCGrad, GradNorm): one backward pass per term (each with its graph, on
+/// the fused kernels' paths like the step's own pass) over `trainable`, detached. With a
+/// `shard`, each term's gradients are summed over the ranks (one all-reduce), so that they
+/// are the global batch's.
+pub(crate) fn per_term<'a>(
+    terms: impl IntoIterator<Item = &'a Tensor>,
     trainable: &[Var],
-) -> Result<Vec<(String, Vec<Option<Tensor>>)>> {
-    parts
-        .iter()
-        .map(|(name, term)| {
+    shard: Option<&StepShard>,
+) -> Result<PerTerm> {
+    let mut gradients: PerTerm = terms
+        .into_iter()
+        .map(|term| {
             let mut grads = Gradients::default();
             grads.backward(term)?;
-            let gradients = grads
+            Ok(grads
                 .take_each(trainable)?
                 .into_iter()
                 .map(|g| g.map(|g| g.detach()))
-                .collect();
-            Ok((name.clone(), gradients))
+                .collect())
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    if let Some(shard) = shard {
+        shard.all_reduce_term_gradients(&mut gradients)?;
+    }
+    Ok(gradients)
 }
 
 /// Which weights are shared among the terms: depended on by two terms or more, or by the
 /// only term.
-fn shared(terms: &[(String, Vec<Option<Tensor>>)], weights: usize) -> Vec<bool> {
-    let needed = if terms.len() == 1 { 1 } else { 2 };
+pub(crate) fn shared(gradients: &[Vec<Option<Tensor>>], weights: usize) -> Vec<bool> {
+    let needed = if gradients.len() == 1 { 1 } else { 2 };
     (0..weights)
-        .map(|i| terms.iter().filter(|(_, g)| g[i].is_some()).count() >= needed)
+        .map(|i| gradients.iter().filter(|g| g[i].is_some()).count() >= needed)
         .collect()
 }
 
-/// The gradients over the `shared` weights, in f64, concatenated (zeros where the term does
-/// not depend on a shared weight; `like` gives those weights' sizes).
-fn flatten(
-    gradients: &[Option<Tensor>],
-    shared: &[bool],
-    like: &[Option<Tensor>],
+/// Some term's gradient of weight `i` (for its shape), if any term has one.
+pub(crate) fn like(gradients: &[Vec<Option<Tensor>>], i: usize) -> Option<&Tensor> {
+    gradients.iter().find_map(|g| g[i].as_ref())
+}
+
+/// Term `term`'s gradients over the weights `keep` selects, in f64, concatenated (zeros
+/// where the term does not depend on a selected weight that another term does).
+pub(crate) fn flat(
+    gradients: &[Vec<Option<Tensor>>],
+    term: usize,
+    keep: &[bool],
 ) -> Result<Vec<f64>> {
     let mut flat = Vec::new();
-    for ((g, s), l) in gradients.iter().zip(shared).zip(like) {
-        if !s {
+    for (i, k) in keep.iter().enumerate() {
+        if !k {
             continue;
         }
-        match (g, l) {
+        match (&gradients[term][i], like(gradients, i)) {
             (Some(g), _) => flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
             (None, Some(l)) => flat.resize(flat.len() + l.elem_count(), 0.0),
             (None, None) => {}
@@ -140,7 +159,7 @@ fn flatten(
 }
 
 /// `a · b`, summed in eight lanes (a single running sum cannot be vectorized).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut lanes = [0.0; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = ca
@@ -167,41 +186,143 @@ fn cosine_of(ab: f64, aa: f64, bb: f64) -> f64 {
     }
 }
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    cosine_of(dot(a, b), dot(a, a), dot(b, b))
+/// How many elements of each gradient [`gram`] holds at once: with up to a few terms, the
+/// blocks of all of them stay in the core's L2 cache while every pair is multiplied.
+const BLOCK: usize = 4096;
+
+/// A gradient's elements as [`gram`] reads them: in place when a contiguous f32 or f64 CPU
+/// tensor, else copied once to f64.
+enum Elements<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    Owned(Vec<f64>),
+}
+
+impl Elements<'_> {
+    /// Elements `start..start + out.len()`, in f64.
+    fn fill(&self, start: usize, out: &mut [f64]) {
+        let end = start + out.len();
+        match self {
+            Elements::F32(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..end]) {
+                    *o = f64::from(*x);
+                }
+            }
+            Elements::F64(v) => out.copy_from_slice(&v[start..end]),
+            Elements::Owned(v) => out.copy_from_slice(&v[start..end]),
+        }
+    }
+}
+
+/// Whether `t`'s elements can be read in place.
+fn in_place(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && t.is_contiguous()
+}
+
+/// The Gram matrix of the terms' gradients over the `shared` weights: entry (i, j) is
+/// gᵢ · gⱼ in f64 (a term without a gradient of a weight counts as zeros there). Every norm
+/// and cosine of K terms comes from its K(K+1)/2 entries, and each gradient is read once,
+/// block by block, every pair multiplied while the block is in cache (not once per pair from
+/// memory, nor copied whole to f64 first).
+pub(crate) fn gram(gradients: &[Vec<Option<Tensor>>], shared: &[bool]) -> Result<Vec<Vec<f64>>> {
+    let k = gradients.len();
+    let mut gram = vec![vec![0.0; k]; k];
+    let mut blocks = vec![vec![0.0f64; BLOCK]; k];
+    for (w, _) in shared.iter().enumerate().filter(|(_, s)| **s) {
+        let present: Vec<(usize, &Tensor)> = gradients
+            .iter()
+            .enumerate()
+            .filter_map(|(t, g)| g[w].as_ref().map(|g| (t, g)))
+            .collect();
+        let Some(&(_, first)) = present.first() else {
+            continue;
+        };
+        let n = first.elem_count();
+        let copies: Vec<Option<Vec<f64>>> = present
+            .iter()
+            .map(|(_, g)| match in_place(g) {
+                true => Ok(None),
+                false => Ok(Some(
+                    g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let storages: Vec<_> = present
+            .iter()
+            .map(|(_, g)| g.storage_and_layout())
+            .collect();
+        let elements: Vec<Elements<'_>> = storages
+            .iter()
+            .zip(copies)
+            .map(|((storage, layout), copy)| {
+                if let Some(copy) = copy {
+                    return Ok(Elements::Owned(copy));
+                }
+                let candle_core::Storage::Cpu(cpu) = &**storage else {
+                    unreachable!("in_place checked the device");
+                };
+                let what = "a term's gradient";
+                Ok(match cpu {
+                    candle_core::CpuStorage::F32(v) => {
+                        Elements::F32(crate::cpu::contiguous(v, layout, what)?)
+                    }
+                    candle_core::CpuStorage::F64(v) => {
+                        Elements::F64(crate::cpu::contiguous(v, layout, what)?)
+                    }
+                    _ => unreachable!("in_place checked the dtype"),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut start = 0;
+        while start < n {
+            let len = BLOCK.min(n - start);
+            for (e, (t, _)) in elements.iter().zip(&present) {
+                e.fill(start, &mut blocks[*t][..len]);
+            }
+            for (a, (i, _)) in present.iter().enumerate() {
+                for (j, _) in &present[a..] {
+                    gram[*i][*j] += dot(&blocks[*i][..len], &blocks[*j][..len]);
+                }
+            }
+            start += len;
+        }
+    }
+    // Only the upper triangle was summed; the matrix is symmetric.
+    let upper = gram.clone();
+    for (i, row) in gram.iter_mut().enumerate() {
+        for (j, entry) in row.iter_mut().enumerate().take(i) {
+            *entry = upper[j][i];
+        }
+    }
+    Ok(gram)
 }
 
 /// Adds one batch's diagnostics to the epoch's means, weighted by its `samples`: the norm of
-/// every term's gradient over the shared weights, and the cosine of every pair, in term order.
+/// every term's gradient over the shared weights, and the cosine of every pair, in term order
+/// (`names`, the history's names of the terms of `gradients`), as `grad_norm/<term>` and
+/// `grad_cos/<a>/<b>` (the accumulator's logs add `val_` on validation data).
 pub(super) fn record_diagnostics(
     acc: &mut Accumulator,
-    terms: &[(String, Vec<Option<Tensor>>)],
+    names: &[&str],
+    gradients: &[Vec<Option<Tensor>>],
     samples: f64,
 ) -> Result<()> {
-    let Some((_, first)) = terms.first() else {
+    let Some(first) = gradients.first() else {
         return Ok(());
     };
-    let shared = shared(terms, first.len());
-    // A shared weight has a gradient in some term: its size comes from that one.
-    let like: Vec<Option<Tensor>> = (0..first.len())
-        .map(|i| terms.iter().find_map(|(_, g)| g[i].clone()))
-        .collect();
-    let flat: Vec<Vec<f64>> = terms
-        .iter()
-        .map(|(_, g)| flatten(g, &shared, &like))
-        .collect::<Result<_>>()?;
-    let squares: Vec<f64> = flat.iter().map(|f| dot(f, f)).collect();
-    for ((name, _), square) in terms.iter().zip(&squares) {
+    let gram = gram(gradients, &shared(gradients, first.len()))?;
+    let squares: Vec<f64> = (0..gradients.len()).map(|i| gram[i][i]).collect();
+    for (name, square) in names.iter().zip(&squares) {
         acc.add_diagnostic(
             &format!("grad_norm/{name}"),
             square.sqrt() * samples,
             samples,
         );
     }
-    for (i, (a, _)) in terms.iter().enumerate() {
-        for (j, (b, _)) in terms.iter().enumerate().skip(i + 1) {
+    for (i, a) in names.iter().enumerate() {
+        for (j, b) in names.iter().enumerate().skip(i + 1) {
             let key = format!("grad_cos/{a}/{b}");
-            let cos = cosine_of(dot(&flat[i], &flat[j]), squares[i], squares[j]);
+            let cos = cosine_of(gram[i][j], squares[i], squares[j]);
             acc.add_diagnostic(&key, cos * samples, samples);
         }
     }
@@ -249,14 +370,15 @@ impl Model {
         crate::runtime::on_matmul_pool(|| {
             // A loss weighting strategy's state is read, not advanced.
             let step = self.step_gradients(compiled, &batch, &mut random, false)?;
-            let per_term = per_term(&step.terms.parts, &step.trainable)?;
+            let parts = &step.terms.parts;
+            let per_term = per_term(parts.iter().map(|(_, t)| t), &step.trainable, None)?;
             let shared = shared(&per_term, step.trainable.len());
             let terms = per_term
                 .into_iter()
-                .zip(&step.terms.parts)
-                .map(|((name, gradients), (_, value))| {
+                .zip(parts)
+                .map(|(gradients, (name, value))| {
                     Ok(TermGradient {
-                        name,
+                        name: name.clone(),
                         value: value.to_dtype(DType::F64)?.to_scalar::<f64>()?,
                         gradients,
                     })

@@ -25,10 +25,10 @@ pub(crate) const PALETTE: [RGBColor; 11] = [
 ];
 
 /// The term a series belongs to: `val_l2` → `l2`, and a term's gradient norm to the term,
-/// so that it has the term's colour: `grad_norm/l2` → `l2`.
+/// so that it has the term's colour: `grad_norm/l2` and `val_grad_norm/l2` → `l2`.
 pub(crate) fn term_of(series: &str) -> &str {
-    let series = series.strip_prefix("grad_norm/").unwrap_or(series);
-    series.strip_prefix("val_").unwrap_or(series)
+    let series = series.strip_prefix("val_").unwrap_or(series);
+    series.strip_prefix("grad_norm/").unwrap_or(series)
 }
 
 /// FNV-1a: a hash that does not change between runs, versions or machines (unlike std's
@@ -87,6 +87,7 @@ mod tests {
         assert_eq!(term_of("val_l2"), "l2");
         assert_eq!(term_of("loss"), "loss");
         assert_eq!(term_of("grad_norm/digit_loss"), "digit_loss");
+        assert_eq!(term_of("val_grad_norm/digit_loss"), "digit_loss");
         assert_eq!(term_of("grad_cos/digit_loss/l2"), "grad_cos/digit_loss/l2");
     }
 

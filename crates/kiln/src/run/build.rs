@@ -1005,6 +1005,7 @@ pub(crate) fn fit(f: &Fields) -> Result<(Fit, Option<String>)> {
         .batch_size(f.usize_min_or("batch_size", 32, 1)?)
         .shuffle(f.bool_or("shuffle", true)?)
         .gradient_diagnostics(f.bool_or("gradient_diagnostics", false)?)
+        .validation_gradient_diagnostics(f.bool_or("validation_gradient_diagnostics", false)?)
         .validation_split(f.f64_in_or("validation_split", 0.0, Bounds::closed_open(0.0, 1.0))?);
     if let Some(t) = f.table("class_weight")? {
         let mut weights = Vec::new();

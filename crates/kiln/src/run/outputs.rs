@@ -30,9 +30,24 @@ fn is_bookkeeping(name: &str) -> bool {
     matches!(name, "learning_rate" | "epoch_time_s")
 }
 
-/// Gradient diagnostics (`grad_norm/<term>`, `grad_cos/<a>/<b>`): plotted on their own.
+/// Gradient diagnostics (`grad_norm/<term>`, `grad_cos/<a>/<b>`, and their `val_` twins):
+/// plotted on their own.
 fn is_diagnostic(name: &str) -> bool {
-    name.starts_with("grad_norm/") || name.starts_with("grad_cos/")
+    is_norm(name) || is_cosine(name)
+}
+
+/// A gradient norm, on the training or the validation data (drawn dashed, as `val_` series).
+fn is_norm(name: &str) -> bool {
+    name.strip_prefix("val_")
+        .unwrap_or(name)
+        .starts_with("grad_norm/")
+}
+
+/// A gradient cosine, on the training or the validation data.
+fn is_cosine(name: &str) -> bool {
+    name.strip_prefix("val_")
+        .unwrap_or(name)
+        .starts_with("grad_cos/")
 }
 
 /// The figures of a run: the loss terms, and the metrics when there are any.
@@ -82,7 +97,7 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
             },
         ));
     }
-    let norms = crate::plot::select(history, |n| n.starts_with("grad_norm/"));
+    let norms = crate::plot::select(history, is_norm);
     if !norms.is_empty() {
         out.push((
             "grad_norm",
@@ -93,7 +108,7 @@ fn figures(history: &History, metrics: &[String]) -> Vec<(&'static str, Figure)>
             },
         ));
     }
-    let cosines = crate::plot::select(history, |n| n.starts_with("grad_cos/"));
+    let cosines = crate::plot::select(history, is_cosine);
     if !cosines.is_empty() {
         out.push((
             "grad_cos",
@@ -114,7 +129,8 @@ const SIZE: (u32, u32) = (960, 540);
 /// and their `val_` twins), `metrics.svg` and `metrics.png` when `metrics` names series of
 /// the history (the compiled metrics' names, e.g. `accuracy`), and with gradient diagnostics
 /// `grad_norm.svg`/`.png` (each term's gradient norm, in the term's colour) and
-/// `grad_cos.svg`/`.png` (the cosine of every pair of terms). Both formats hold the same
+/// `grad_cos.svg`/`.png` (the cosine of every pair of terms), validation diagnostics dashed
+/// beside them. Both formats hold the same
 /// drawing, text included: the PNG's font ships with kiln. `learning_rate` and `epoch_time_s` are not
 /// plotted. Each file is written whole or not at all.
 ///
