@@ -174,3 +174,46 @@ fn hostile_weights_files_are_refused() {
         assert!(msg.contains("layers/dense/vars"), "{name}: {msg}");
     }
 }
+
+/// Weights files are read onto models without nested models so far: one with a nested model
+/// is refused by name, its weights untouched.
+#[test]
+fn a_model_with_a_nested_model_is_refused_by_name() {
+    let build = |seed: u64| {
+        let xi = Input::new([5]);
+        let h = Dense::new(3).apply(&xi).unwrap();
+        let encoder = Model::builder(&[xi], &[h])
+            .name("encoder")
+            .seed(seed)
+            .build()
+            .unwrap();
+        let x = Input::new([5]);
+        let y = encoder.apply(&x).unwrap();
+        let y = Dense::new(1).with_name("head").apply(&y).unwrap();
+        Model::builder(&[x], &[y]).seed(seed).build().unwrap()
+    };
+    let (a, b) = (build(1), build(2));
+    let archive = temp("nested.keras");
+    a.save_keras(&archive).unwrap();
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&archive).unwrap()).unwrap();
+    let mut h5 = Vec::new();
+    zip.by_name("model.weights.h5")
+        .unwrap()
+        .read_to_end(&mut h5)
+        .unwrap();
+    let weights = temp("nested.weights.h5");
+    std::fs::write(&weights, h5).unwrap();
+    let before: Vec<Vec<f32>> = b
+        .weights()
+        .iter()
+        .map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let err = b.load_keras_weights(&weights).unwrap_err().to_string();
+    assert!(err.contains("`encoder`") && err.contains("nested"), "{err}");
+    let after: Vec<Vec<f32>> = b
+        .weights()
+        .iter()
+        .map(|w| w.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert_eq!(before, after);
+}
