@@ -327,7 +327,14 @@ vectorized! {
     /// element for a grey image's one channel).
     ///
     /// `cols` is empty, with room for `count·k + COPY_LANES` elements.
-    fn gather_windows<T>(op: &Conv2dOp, d: &Dims, x: &[T], first: usize, count: usize, cols: &mut Vec<T>) {
+    fn gather_windows<T>(
+        op: &Conv2dOp,
+        d: &Dims,
+        x: &[T],
+        first: usize,
+        count: usize,
+        cols: &mut Vec<T>,
+    ) {
         let k = op.kernel[0] * op.kernel[1] * d.c;
         assert!(cols.is_empty() && cols.capacity() >= count * k + COPY_LANES);
         let (run, runs) = match op.dilation[1] {
@@ -340,19 +347,19 @@ vectorized! {
         let (mut i, mut j) = (rest / d.ow, rest % d.ow);
         // Each run is copied as whole registers: `span` elements read, `run` kept.
         let span = run.div_ceil(COPY_LANES) * COPY_LANES;
-        let last = ((op.kernel[0] - 1) * op.dilation[0] * d.w + (runs - 1) * op.dilation[1]) * d.c;
         let mut out = 0;
         for _ in 0..count {
             let base = ((b * d.h + i * op.strides[0]) * d.w + j * op.strides[1]) * d.c;
-            if base + last + span <= x.len() {
-                for p in 0..op.kernel[0] {
-                    for q in 0..runs {
-                        let at = base + (p * op.dilation[0] * d.w + q * op.dilation[1]) * d.c;
-                        // SAFETY: `at + span <= x.len()`, checked for the window's last run;
-                        // `out + span` is within the `count·k` elements and the `COPY_LANES`
-                        // more (the overrun is written over by the next run).
+            for p in 0..op.kernel[0] {
+                for q in 0..runs {
+                    let at = base + (p * op.dilation[0] * d.w + q * op.dilation[1]) * d.c;
+                    let dst = cols.as_mut_ptr().wrapping_add(out);
+                    if at + span <= x.len() {
+                        // SAFETY: `x` holds `span` elements from `at`; `out + span` is within
+                        // the `count·k` elements and the `COPY_LANES` more (the overrun is
+                        // written over by the next run).
                         unsafe {
-                            let (src, dst) = (x.as_ptr().add(at), cols.as_mut_ptr().add(out));
+                            let src = x.as_ptr().add(at);
                             if span == COPY_LANES {
                                 // One register, copied inline.
                                 std::ptr::copy_nonoverlapping(src, dst, COPY_LANES);
@@ -362,20 +369,14 @@ vectorized! {
                                 std::ptr::copy_nonoverlapping(src, dst, run);
                             }
                         }
-                        out += run;
-                    }
-                }
-            } else {
-                // The batch's last windows, whose registers would read past its end.
-                for p in 0..op.kernel[0] {
-                    for q in 0..runs {
-                        let at = base + (p * op.dilation[0] * d.w + q * op.dilation[1]) * d.c;
+                    } else {
+                        // The batch's last runs, whose registers would read past its end.
                         for (e, &v) in x[at..at + run].iter().enumerate() {
                             // SAFETY: `out + e` is within the `count·k` elements.
-                            unsafe { cols.as_mut_ptr().add(out + e).write(v) };
+                            unsafe { dst.add(e).write(v) };
                         }
-                        out += run;
                     }
+                    out += run;
                 }
             }
             j += 1;
@@ -510,7 +511,6 @@ impl MaxPool2dOp {
     /// Calls `f(out_offset, first_x_offset)` for every output position of one sample
     /// `[h, w, c]`: the output's `c` values start at `out_offset`, its window's first row of `c`
     /// values at `first_x_offset` (the window's other rows follow at `(p·w + q)·c`).
-    #[inline(always)]
     fn each_window(&self, dims: &[usize], mut f: impl FnMut(usize, usize)) {
         let (w, c) = (dims[2], dims[3]);
         let [_, oh, ow, _] = self.out_dims(dims).expect("checked by the caller");
@@ -608,34 +608,36 @@ vectorized! {
         let mut o = 0;
         for i in 0..oh {
             for j in 0..ow {
-            let first = (i * op.strides[0] * w + j * op.strides[1]) * c;
-            // Channels in groups of `COPY_LANES`, each group's best kept in a local array the
-            // compiler holds in a register; the channels past the last group one at a time.
-            let mut start = 0;
-            while start + COPY_LANES <= c {
-                let group = |at: usize| -> &[T; COPY_LANES] {
-                    xs[first + start + at..][..COPY_LANES].try_into().expect("a whole group")
-                };
-                let mut best = *group(0);
-                for &at in &rest {
-                    for (b, &x) in best.iter_mut().zip(group(at)) {
-                        *b = if x > *b { x } else { *b };
+                let first = (i * op.strides[0] * w + j * op.strides[1]) * c;
+                // Channels in groups of `COPY_LANES`, each group's best kept in a local array
+                // the compiler holds in a register; the channels past the last group one at a
+                // time.
+                let mut start = 0;
+                while start + COPY_LANES <= c {
+                    let group = |at: usize| -> &[T; COPY_LANES] {
+                        let lanes = &xs[first + start + at..][..COPY_LANES];
+                        lanes.try_into().expect("a whole group")
+                    };
+                    let mut best = *group(0);
+                    for &at in &rest {
+                        for (b, &x) in best.iter_mut().zip(group(at)) {
+                            *b = if x > *b { x } else { *b };
+                        }
                     }
+                    for (y, b) in ys[o + start..][..COPY_LANES].iter_mut().zip(best) {
+                        y.write(b);
+                    }
+                    start += COPY_LANES;
                 }
-                for (y, b) in ys[o + start..][..COPY_LANES].iter_mut().zip(best) {
-                    y.write(b);
+                for ch in start..c {
+                    let mut b = xs[first + ch];
+                    for &at in &rest {
+                        let x = xs[first + at + ch];
+                        b = if x > b { x } else { b };
+                    }
+                    ys[o + ch].write(b);
                 }
-                start += COPY_LANES;
-            }
-            for ch in start..c {
-                let mut b = xs[first + ch];
-                for &at in &rest {
-                    let x = xs[first + at + ch];
-                    b = if x > b { x } else { b };
-                }
-                ys[o + ch].write(b);
-            }
-            o += c;
+                o += c;
             }
         }
     }
