@@ -701,6 +701,9 @@ mod tests {
                     }),
                     [2, 6, 6, 19],
                 ),
+                // A small window (27 elements, computed straight from the input in f32 on
+                // AVX-512) over enough rows for two tiles, with 40 filters (a short register).
+                (Box::new(|| Conv2D::new(40, (3, 3))), [9, 30, 31, 3]),
                 // Above the threading threshold (32,768 elements): samples on several threads.
                 (
                     Box::new(|| Conv2D::new(8, (3, 3)).strides((2, 1))),

@@ -5,14 +5,16 @@
 //! `conv_transpose2d`, a direct loop. Here the windows of the (already padded) batch are
 //! gathered a tile of output rows at a time into a `[rows, kh·kw·in]` matrix, whose product
 //! with Keras' kernel `[kh, kw, in, out]` (as it is laid out, a `[kh·kw·in, out]` matrix) is the
-//! output, channels last. The bias is written first and the product accumulates onto it, and
-//! ReLU runs on the tile while it is in cache. One op instead of three also spares candle's
-//! backward two zero-filled gradients and two additions over the whole activation.
+//! output, channels last; the bias and ReLU run on the tile while it is in cache. For f32 on
+//! AVX-512 the forward pass skips the window matrix altogether ([`super::conv_direct`]). One
+//! op instead of three also spares candle's backward two zero-filled gradients and two
+//! additions over the whole activation.
 //!
 //! The backward pass, a tile of samples at a time: dZ = dY masked by ReLU', db = Σ dZ,
-//! dW = colsᵀ·dZ, and dX scatters dZ·Wᵀ back onto the windows, each only when wanted (the
+//! dW = colsᵀ·dZ (for a small window straight from the input too), and dX scatters dZ·Wᵀ back onto the windows, each only when wanted (the
 //! first layer's input needs none); dW and db go straight to the training step's gradients.
 
+use super::conv_direct::{self as direct, Geometry};
 use super::dense_kernel::{parameter_gradient, product, product_new, Element, Operand};
 use crate::cpu::{contiguous, for_each_chunk, vectorized, with_slice, written_in_chunks, Real};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -120,6 +122,9 @@ impl Conv2dOp {
         let k = self.kernel[0] * self.kernel[1] * d.c;
         let m = d.b * d.oh * d.ow;
         let tile = self.tile_rows(d);
+        if direct::available::<T>() {
+            return self.fwd_direct(x, kernel, bias, d, tile);
+        }
         // SAFETY: the product writes each tile's n×f elements (cols is n×k and the kernel k×f)
         // before the slice over them is formed.
         unsafe {
@@ -135,6 +140,61 @@ impl Conv2dOp {
                     1,
                 );
                 add_bias(std::slice::from_raw_parts_mut(ys, len), bias, self.relu);
+            })
+        }
+    }
+
+    /// What the direct kernels need of the geometry: where each output row's window starts,
+    /// and the offset of each window element from that start, in the kernel's row order.
+    fn direct_geometry(&self, d: &Dims) -> (Geometry, Vec<usize>) {
+        let geometry = Geometry {
+            h: d.h,
+            w: d.w,
+            c: d.c,
+            oh: d.oh,
+            ow: d.ow,
+            strides: self.strides,
+        };
+        let mut taps = Vec::with_capacity(self.kernel[0] * self.kernel[1] * d.c);
+        for p in 0..self.kernel[0] {
+            for q in 0..self.kernel[1] {
+                let at = (p * self.dilation[0] * d.w + q * self.dilation[1]) * d.c;
+                taps.extend(at..at + d.c);
+            }
+        }
+        (geometry, taps)
+    }
+
+    /// [`Conv2dOp::fwd`] for a small window, straight from the input ([`direct::rows`]);
+    /// `T` is f32 ([`direct::available`]).
+    fn fwd_direct<T: Element>(
+        &self,
+        x: &[T],
+        kernel: &[T],
+        bias: &[T],
+        d: &Dims,
+        tile: usize,
+    ) -> Vec<T> {
+        let f32s = |v| direct::as_f32(v).expect("the direct kernels run on f32");
+        let (geometry, taps) = self.direct_geometry(d);
+        let (kernel, bias) = direct::padded(f32s(kernel), f32s(bias), d.f);
+        let x = f32s(x);
+        // SAFETY: direct::rows writes every element of its chunk (f per output row), and T
+        // is f32.
+        unsafe {
+            written_in_chunks(d.b * d.oh * d.ow * d.f, tile * d.f, |t, ys: *mut T, len| {
+                let ys = std::slice::from_raw_parts_mut(ys.cast::<MaybeUninit<f32>>(), len);
+                direct::rows(
+                    &geometry,
+                    x,
+                    &taps,
+                    &kernel,
+                    &bias,
+                    self.relu,
+                    t * tile,
+                    d.f,
+                    ys,
+                );
             })
         }
     }
@@ -178,7 +238,26 @@ impl Conv2dOp {
                 part.bias = vec![0.0; d.f];
                 super::channels::add_rows(&mut part.bias, dz);
             }
-            if want.kernel {
+            if want.kernel && direct::gradient_available::<T>(k) {
+                let fp = direct::padded_filters(d.f);
+                let mut padded = vec![0.0f32; k * fp];
+                let (geometry, taps) = self.direct_geometry(d);
+                let f32s = |v| direct::as_f32(v).expect("the direct kernels run on f32");
+                direct::kernel_gradient(
+                    &geometry,
+                    f32s(xs),
+                    &taps,
+                    f32s(dz),
+                    first,
+                    d.f,
+                    &mut padded,
+                );
+                part.kernel = padded
+                    .chunks_exact(fp)
+                    .flat_map(|row| &row[..d.f])
+                    .map(|&v| <T as Real>::from_f64(v.into()))
+                    .collect();
+            } else if want.kernel {
                 let cols = self.im2col_rows(xs, d, first, m);
                 part.kernel = vec![T::default(); k * d.f];
                 // SAFETY: part is k×f = colsᵀ (k×m, read transposed) · dZ (m×f).

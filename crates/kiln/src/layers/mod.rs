@@ -5,6 +5,7 @@
 
 mod channels;
 mod conv;
+mod conv_direct;
 mod conv_kernel;
 mod core_layers;
 mod dense;
