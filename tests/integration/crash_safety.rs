@@ -620,7 +620,7 @@ fn resuming_a_finished_early_stopped_run_keeps_the_restored_best_weights() {
 }
 
 /// RUN with an L2 penalty beside the data loss, both weighed by `strategy` (a run-file value
-/// of `loss_weighting`), gradient diagnostics on, and `rows` rows over `epochs` epochs.
+/// of `loss_weighting`), and gradient diagnostics on the training and the validation data.
 fn weighted_run(strategy: &str) -> String {
     RUN.replace(
         "activation = \"relu\" }",
@@ -632,14 +632,14 @@ fn weighted_run(strategy: &str) -> String {
     )
     .replace(
         "batch_size = 32",
-        "batch_size = 32\ngradient_diagnostics = true",
+        "batch_size = 32\ngradient_diagnostics = true\nvalidation_gradient_diagnostics = true",
     )
 }
 
 /// Every loss weighting strategy, through the CLI: a `kiln train` killed with SIGKILL at
 /// moments spread over the run, and one stopped after several of its file operations, each
 /// `--resume`d, ends with the unbroken run's files byte for byte (weights, history with the
-/// weights and diagnostics, the strategy's state in model.safetensors).
+/// weights and the diagnostics of both data sets, the strategy's state in model.safetensors).
 #[test]
 fn loss_weighting_survives_kill_9_and_resume() {
     let dir = temp("weighting-kill");
@@ -658,7 +658,13 @@ fn loss_weighting_survives_kill_9_and_resume() {
         let full = dir.join(full);
         let history: serde_json::Value =
             serde_json::from_slice(&read(&full, "history.json")).unwrap();
-        for key in ["loss_weight/out_loss", "loss_weight/l2", "grad_norm/l2"] {
+        for key in [
+            "loss_weight/out_loss",
+            "loss_weight/l2",
+            "grad_norm/l2",
+            "grad_cos/out_loss/l2",
+            "val_grad_norm/out_loss",
+        ] {
             assert!(history.get(key).is_some(), "{strategy}: no {key}");
         }
         let mut interrupted = 0;

@@ -744,6 +744,90 @@ fn synchronized_batch_norm_with_an_attack_famo_and_diagnostics_matches_one_proce
     }
 }
 
+/// Validation gradient diagnostics under data parallel training: every rank evaluates the
+/// whole validation set itself, on weights that are one process's up to summation order, so
+/// N = 2 and 3 log one process's `val_grad_norm/*` and `val_grad_cos/*` (three terms: the two
+/// heads' losses and an FGSM term, with an L2 penalty as the fourth), every rank the same
+/// values, within the bound of the training logs (1e-4 relative); the validation gradients are
+/// not summed over the ranks (that would multiply each norm by N).
+#[test]
+fn validation_gradient_diagnostics_match_one_process() {
+    let run = |comm: Option<SharedCommunicator>| -> kiln::Result<Trained> {
+        let data = digits_and_big()?;
+        let x = Input::new([64]);
+        let h = Dense::new(32)
+            .activation(Activation::Relu)
+            .kernel_regularizer(L2::new(1e-3))
+            .apply(&x)?;
+        let mut model = two_heads(&x, &h)?;
+        model.add_loss_term("fgsm", Adversarial::fgsm(0.05).multiplier(0.5))?;
+        model.compile(two_head_losses())?;
+        // 192 training rows: batches of 50, 50, 50 and 42 (uneven shards at N = 3), 40 steps;
+        // the 48 validation rows evaluated whole on every rank.
+        let mut fit = Fit::new()
+            .epochs(10)
+            .batch_size(50)
+            .seed(11)
+            .validation_split(0.2)
+            .gradient_diagnostics(true)
+            .validation_gradient_diagnostics(true)
+            .quiet();
+        if let Some(c) = comm {
+            fit = fit.distributed(c);
+        }
+        let history = model.fit(&data, fit)?;
+        Ok((weights(&model), history))
+    };
+    let (alone, history) = run(None).unwrap();
+    let keys: Vec<String> = history.epochs[0]
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k.starts_with("val_grad_") || k.starts_with("grad_"))
+        .collect();
+    for key in [
+        "val_grad_norm/digit_loss",
+        "val_grad_norm/big_loss",
+        "val_grad_norm/l2",
+        "val_grad_norm/fgsm",
+        "val_grad_cos/digit_loss/big_loss",
+        "val_grad_cos/big_loss/fgsm",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "no {key}: {keys:?}");
+    }
+    for n in [2, 3] {
+        let ranks: Vec<Trained> = on_ranks(n, |c| run(Some(c)))
+            .into_iter()
+            .collect::<kiln::Result<_>>()
+            .unwrap();
+        for (r, (w, h)) in ranks.iter().enumerate() {
+            assert_eq!(w, &ranks[0].0, "N = {n}: rank {r} differs from rank 0");
+            assert_eq!(
+                h.without("epoch_time_s"),
+                ranks[0].1.without("epoch_time_s"),
+                "N = {n}: rank {r} logs differ from rank 0's"
+            );
+        }
+        let diff = max_difference(&ranks[0].0, &alone);
+        let (mut worst, mut worst_val) = (0f64, 0f64);
+        for (got, want) in ranks[0].1.epochs.iter().zip(&history.epochs) {
+            for key in &keys {
+                let (g, w) = (got.get(key).unwrap(), want.get(key).unwrap());
+                let off = (g - w).abs() / w.abs().max(1.0);
+                assert!(off <= 1e-4, "N = {n}: {key} {g} vs one process {w}");
+                worst = worst.max(off);
+                if key.starts_with("val_") {
+                    worst_val = worst_val.max(off);
+                }
+            }
+        }
+        eprintln!(
+            "validation gradient diagnostics: N = {n}: weights {diff:.3e}, largest val_grad_* \
+             difference {worst_val:.3e}, largest of all diagnostics {worst:.3e}"
+        );
+        assert!(diff <= SGD_BOUND, "N = {n}: {diff}");
+    }
+}
+
 /// PCGrad and GradNorm combine one batch's per-term gradients, which data-parallel ranks do
 /// not gather: every rank refuses, naming the strategy, instead of projecting shards.
 #[test]

@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
 /// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 18] = [
+const MODELS: [(&str, f64); 19] = [
     ("mlp_sequential.keras", 1e-5),
     ("functional_two_heads.keras", 1e-5),
     ("nested_shared.keras", 1e-5),
@@ -25,6 +25,7 @@ const MODELS: [(&str, f64); 18] = [
     ("recurrent_backwards.keras", 1e-4),
     ("nested_frozen.keras", 1e-5),
     ("explicit_masks.keras", 1e-4),
+    ("nested_mask.keras", 1e-4),
     ("norm_axes.keras", 1e-4),
     ("conv_groups.keras", 1e-4),
     ("recurrent_dropout.keras", 1e-4),

@@ -30,5 +30,6 @@ mod relu_fusion;
 mod run_data;
 mod run_files;
 mod strict_config;
+mod summary;
 mod support;
 mod training;

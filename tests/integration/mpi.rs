@@ -302,9 +302,11 @@ fn history_values(path: &Path) -> Vec<(String, Vec<f64>)> {
 }
 
 /// A run file's loss weighting (uncertainty, and FAMO with its after-update pass) over the
-/// data term and the L2 penalty, with gradient diagnostics: `mpirun -np 2` and `-np 3` write
-/// the weights and every logged value (term weights, gradient norms and cosines) of one
-/// process, within float summation order.
+/// data term and the L2 penalty, with gradient diagnostics on the training and the validation
+/// data: `mpirun -np 2` and `-np 3` write the weights and every logged value (term weights,
+/// gradient norms and cosines, their validation twins) of one process, within float summation
+/// order. Every rank evaluates the whole validation set itself, so its validation gradients
+/// are one process's, not summed over the ranks.
 #[test]
 fn mpirun_with_loss_weighting_and_diagnostics_matches_one_process() {
     if !mpi_available() {
@@ -319,7 +321,10 @@ fn mpirun_with_loss_weighting_and_diagnostics_matches_one_process() {
                     "metrics = [\"accuracy\"]\nloss_weighting = {{ type = \"{strategy}\", added_terms = true }}"
                 ),
             )
-            .replace("epochs = 6", "epochs = 6\ngradient_diagnostics = true");
+            .replace(
+                "epochs = 6",
+                "epochs = 6\ngradient_diagnostics = true\nvalidation_gradient_diagnostics = true",
+            );
         assert!(run.contains("loss_weighting") && run.contains("gradient_diagnostics"));
         let file = format!("{strategy}.toml");
         std::fs::write(dir.join(&file), run).unwrap();
@@ -331,6 +336,9 @@ fn mpirun_with_loss_weighting_and_diagnostics_matches_one_process() {
             "loss_weight/l2",
             "grad_norm/out_loss",
             "grad_cos/out_loss/l2",
+            "val_grad_norm/out_loss",
+            "val_grad_norm/l2",
+            "val_grad_cos/out_loss/l2",
         ] {
             assert!(want.iter().any(|(k, _)| k == key), "{strategy}: no {key}");
         }
@@ -350,17 +358,20 @@ fn mpirun_with_loss_weighting_and_diagnostics_matches_one_process() {
                 got.iter().map(|c| &c.0).collect::<Vec<_>>(),
                 want.iter().map(|c| &c.0).collect::<Vec<_>>()
             );
-            let mut worst = 0f64;
+            let (mut worst, mut worst_val) = (0f64, 0f64);
             for ((key, g), (_, w)) in got.iter().zip(&want) {
                 for (g, w) in g.iter().zip(w) {
                     let off = (g - w).abs() / w.abs().max(1.0);
                     assert!(off <= 1e-4, "{strategy}, np {np}: {key} {g} vs {w}");
                     worst = worst.max(off);
+                    if key.starts_with("val_grad_") {
+                        worst_val = worst_val.max(off);
+                    }
                 }
             }
             eprintln!(
                 "mpirun -np {np} {strategy}: largest weight difference {diff:.3e}, largest \
-                 log difference {worst:.3e}"
+                 log difference {worst:.3e} (val_grad_*: {worst_val:.3e})"
             );
             assert!(diff <= 1e-4, "{strategy}, np {np}: {diff}");
         }
@@ -419,26 +430,52 @@ fn checkpoint_untimed(path: &Path) -> (Vec<u8>, serde_json::Value) {
     (bytes[8 + n..].to_vec(), header)
 }
 
-/// `mpirun -np N` on a run file with a dropout layer, with rank `victim` killed by SIGKILL
-/// once the first checkpoint is written: the job ends on every rank within the bound, mpirun's
-/// message names the killed rank and the signal, and `--resume` from the last checkpoint with the same N writes byte for byte
-/// the files of a run never stopped (the weights, the plots, and the last checkpoint and the
-/// history but for their epoch times).
+/// `mpirun -np N` on a run file with a dropout layer, uncertainty loss weighting over the data
+/// term and the L2 penalty, and gradient diagnostics on the training and the validation data,
+/// with rank `victim` killed by SIGKILL once the first checkpoint is written: the job ends on
+/// every rank within the bound, mpirun's message names the killed rank and the signal, and
+/// `--resume` from the last checkpoint with the same N writes byte for byte the files of a run
+/// never stopped (the weights, the plots, and the last checkpoint and the history, with its
+/// `loss_weight/*`, `grad_norm/*`, `grad_cos/*` and `val_grad_*` columns, but for their epoch
+/// times).
 fn kill_and_resume(np: usize, victim: usize) {
     let dir = setup(&format!("killed-{np}-{victim}"));
     // With a dropout layer: the resumed steps draw the unbroken run's masks.
     let hidden = r#"kernel_regularizer = { l2 = 1e-4 } },"#;
-    let slow = RUN.replace("epochs = 6", "epochs = 40").replace(
-        hidden,
-        &format!("{hidden}\n  {{ type = \"dropout\", rate = 0.2 }},"),
-    );
-    assert!(slow.contains("dropout"));
+    let slow = RUN
+        .replace(
+            "epochs = 6",
+            "epochs = 40\ngradient_diagnostics = true\nvalidation_gradient_diagnostics = true",
+        )
+        .replace(
+            "metrics = [\"accuracy\"]",
+            "metrics = [\"accuracy\"]\nloss_weighting = { type = \"uncertainty\", added_terms = true }",
+        )
+        .replace(
+            hidden,
+            &format!("{hidden}\n  {{ type = \"dropout\", rate = 0.2 }},"),
+        );
+    assert!(slow.contains("dropout") && slow.contains("uncertainty"));
     std::fs::write(dir.join("run.toml"), &slow).unwrap();
     let full = run_bounded(
         mpirun(np, &["train", "run.toml", "--quiet", "--out", "full"], &dir),
         "the unbroken run",
     );
     assert!(full.status.success(), "{}", text(&full));
+    let logged = history_values(&dir.join("full/history.csv"));
+    for key in [
+        "loss_weight/out_loss",
+        "loss_weight/l2",
+        "grad_norm/out_loss",
+        "grad_cos/out_loss/l2",
+        "val_grad_norm/l2",
+    ] {
+        let values = logged.iter().find(|(k, _)| k == key);
+        assert!(
+            values.is_some_and(|(_, v)| v.len() == 40),
+            "np {np}: the history has no {key} for every epoch"
+        );
+    }
     let mut cmd = mpirun(np, &["train", "run.toml", "--quiet", "--out", "part"], &dir);
     let child = cmd
         .stdout(Stdio::piped())

@@ -116,15 +116,21 @@ impl SharedLayer {
         inputs: &[&SymbolicTensor],
         masks: &[Option<&SymbolicTensor>],
     ) -> Result<SymbolicTensor> {
-        self.apply_within(inputs, masks, Vec::new())
+        self.apply_within(inputs, masks, true, Vec::new())
     }
 
     /// [`SharedLayer::apply_many_with_masks`] for a layer of a nested model: `within` lists
-    /// the nested model applications the new node belongs to, outermost first.
+    /// the nested model applications the new node belongs to, outermost first. `from_user`
+    /// says the user gives these masks to this layer now, so it must read masks; otherwise
+    /// the layer is applied again as part of a nested model, with the explicit masks it was
+    /// given when that model was built (checked then) and the masks given to the model's
+    /// application for the inputs the layer reads, which any layer takes as the masks its
+    /// inputs carry (as Keras sets them on the nested model's inputs).
     pub(crate) fn apply_within(
         &self,
         inputs: &[&SymbolicTensor],
         masks: &[Option<&SymbolicTensor>],
+        from_user: bool,
         within: Vec<Arc<Application>>,
     ) -> Result<SymbolicTensor> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
@@ -137,7 +143,7 @@ impl SharedLayer {
             other => other,
         })?;
         let explicit = masks.iter().any(Option::is_some);
-        if explicit && !layer.takes_mask() {
+        if explicit && from_user && !layer.takes_mask() {
             return Err(Error::Graph(format!(
                 "layer `{who}` does not read a mask, so it cannot be given one (in Keras its call \
                  has no `mask` argument): give the mask to a layer that reads it (LSTM, GRU, \

@@ -766,19 +766,17 @@ impl Graph {
                                 .map_err(layer_error)?;
                             values.insert((e.name.clone(), k, 0), y);
                         }
-                        Built::Nested(_) if !node.mask.is_empty() => {
-                            return Err(error_at(
-                                file,
-                                &node.path,
-                                format!(
-                                    "model `{}` is given an explicit mask: kiln passes explicit \
-                                     masks to layers only, not into a nested model",
-                                    e.name
-                                ),
-                            ));
-                        }
                         Built::Nested(g) => {
-                            let outs = g.as_model(file)?.apply_many(&refs).map_err(layer_error)?;
+                            // Keras' Functional.call zips the masks with the inputs: one
+                            // missing is none, one too many is never read.
+                            let mut explicit = explicit;
+                            if !explicit.is_empty() {
+                                explicit.resize(refs.len(), None);
+                            }
+                            let outs = g
+                                .as_model(file)?
+                                .apply_many_with_masks(&refs, &explicit)
+                                .map_err(layer_error)?;
                             for (j, y) in outs.into_iter().enumerate() {
                                 values.insert((e.name.clone(), k, j), y);
                             }

@@ -211,8 +211,9 @@ pub fn save(model: &Model, path: impl AsRef<Path>, compile: bool) -> Result<()> 
     let masked = model.explicitly_masked_layers();
     if model.keras.is_none() && !masked.is_empty() {
         return Err(Error::Data(format!(
-            "layers {masked:?} are given explicit masks, which kiln does not export to Keras \
-             yet: the file would lose them"
+            "layers or nested models {masked:?} are given explicit masks, which kiln does not \
+             export to Keras yet: the file would lose them (export the model built without \
+             them, or build it in Keras)"
         )));
     }
     export::save(model, path.as_ref(), compile)

@@ -712,18 +712,32 @@ impl Model {
         Ok(())
     }
 
-    /// The layers given an explicit mask ([`SharedLayer::apply_with_mask`]), by name.
     /// The names of the terms added with [`Model::add_loss`].
     pub(crate) fn added_term_names(&self) -> Vec<&str> {
         self.added.iter().map(|(n, _)| n.as_str()).collect()
     }
 
+    /// The layers given an explicit mask ([`SharedLayer::apply_with_mask`]) and the nested
+    /// models applied with one ([`Model::apply_with_mask`]), by name, each once.
     pub(crate) fn explicitly_masked_layers(&self) -> Vec<&str> {
-        self.steps
-            .iter()
-            .filter(|s| s.masks.iter().any(Option::is_some))
-            .map(|s| s.layer_name.as_str())
-            .collect()
+        let mut names: Vec<&str> = Vec::new();
+        for step in &self.steps {
+            let app = step.node.0.within.first();
+            let name = match app {
+                Some(app) if app.masks.iter().any(Option::is_some) => self
+                    .nesting
+                    .models
+                    .iter()
+                    .find(|(_, s)| s.id == app.scope.id)
+                    .map_or(step.layer_name.as_str(), |(n, _)| n.as_str()),
+                _ if step.masks.iter().any(Option::is_some) => step.layer_name.as_str(),
+                _ => continue,
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// The graph as a list, for export: see [`GraphView`].

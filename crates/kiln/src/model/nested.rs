@@ -43,6 +43,9 @@ pub(crate) struct Application {
     pub(crate) id: usize,
     pub(crate) scope: Arc<ModelScope>,
     pub(crate) inputs: Vec<SymbolicTensor>,
+    /// The masks given to the application, one per input (`None`: the mask that input
+    /// carries); empty when none was given ([`Model::apply_many_with_masks`]).
+    pub(crate) masks: Vec<Option<SymbolicTensor>>,
     /// The new tensor id of each tensor id of the model.
     pub(crate) map: OnceLock<HashMap<usize, usize>>,
     /// The model's added terms when it was applied.
@@ -140,9 +143,85 @@ impl Model {
     /// # Errors
     /// [`Error::Graph`] when the count of tensors or a shape differs from the model's inputs
     /// (the message names the model, its inputs and the shapes given), when the model has an
-    /// adversarial term (it needs the outer model's data: add it there), or when a layer
-    /// cannot take the masks the tensors carry.
+    /// adversarial term (it perturbs its model's inputs along that model's compiled loss, which
+    /// a nested model has not: add the term to the outer model, which attacks the outer
+    /// inputs), or when a layer cannot take the masks the tensors carry.
     pub fn apply_many(&self, inputs: &[&SymbolicTensor]) -> Result<Vec<SymbolicTensor>> {
+        self.apply_many_with_masks(inputs, &[])
+    }
+
+    /// Applies the model to one tensor with an explicit mask, as Keras' `encoder(x, mask=m)`,
+    /// and returns its one output. See [`Model::apply_many_with_masks`].
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let steps = Input::new([6, 3]);
+    /// let h = Dense::new(4).apply(&steps)?;
+    /// let h = Lstm::new(2).return_sequences(true).apply(&h)?;
+    /// let reader = Model::builder(&[steps], &[h]).name("reader").build()?;
+    ///
+    /// let (x, keep) = (Input::named("x", [6, 3]), Input::named("keep", [6]));
+    /// let y = reader.apply_with_mask(&x, &keep)?; // the LSTM reads `keep` through the Dense
+    /// assert_eq!(y.mask().map(|m| m.shape().to_vec()), Some(vec![6])); // and its mask flows out
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Model::apply_many_with_masks`], and [`Error::Graph`] when the model has several
+    /// outputs (use [`Model::apply_many_with_masks`]).
+    pub fn apply_with_mask(
+        &self,
+        input: &SymbolicTensor,
+        mask: &SymbolicTensor,
+    ) -> Result<SymbolicTensor> {
+        let mut outputs = self.apply_many_with_masks(&[input], &[Some(mask)])?;
+        if outputs.len() != 1 {
+            return Err(Error::Graph(format!(
+                "model `{}` has {} outputs {:?}: apply it with apply_many_with_masks, which \
+                 returns them all",
+                self.shown_name(),
+                outputs.len(),
+                self.output_names
+            )));
+        }
+        Ok(outputs.remove(0))
+    }
+
+    /// Applies the model to several tensors with explicit masks, one per input (`None` keeps
+    /// the mask that input carries), as Keras' `model(inputs, mask=[…])`, and returns all its
+    /// outputs. As Keras' `Functional.call`, a mask given for an input is the mask that input
+    /// carries inside the model: every layer that reads the input sees it (a Dense passes it
+    /// on, an LSTM reads it), unless the layer was itself given an explicit mask when the model
+    /// was built. A mask a layer inside makes flows out with the output it reaches (an LSTM
+    /// with `return_sequences`), as it does from any layer. A mask is a tensor whose samples
+    /// have its input's shape without the last (feature) axis, as for
+    /// [`SharedLayer::apply_many_with_masks`]: a model [`Input`](crate::Input) the data fills
+    /// (nonzero = the step counts), another tensor's [`SymbolicTensor::mask`] or a
+    /// [`NotEqual`](crate::layers::NotEqual). An output that is one of the model's inputs,
+    /// passed through unchanged, is the tensor it was applied to, with that tensor's own mask.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let (a, b) = (Input::new([4, 2]), Input::new([4, 2]));
+    /// let pooled = GlobalAveragePooling1D::new().apply(&a)?;
+    /// let pair = Model::builder(&[&a, &b], &[&pooled, &b]).name("pair").build()?;
+    ///
+    /// let (x, z, keep) = (Input::new([4, 2]), Input::new([4, 2]), Input::new([4]));
+    /// let outs = pair.apply_many_with_masks(&[&x, &z], &[Some(&keep), None])?;
+    /// assert_eq!(outs[0].shape(), &[2]); // the mean over the steps `keep` keeps
+    /// assert!(pair.apply_many_with_masks(&[&x, &z], &[Some(&x), None]).is_err()); // shape [4, 2]
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Model::apply_many`], and [`Error::Graph`] when the count of masks differs from the
+    /// inputs' or a mask's shape is not its input's without the last axis (the message names
+    /// the model, the input and the shapes).
+    pub fn apply_many_with_masks(
+        &self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+    ) -> Result<Vec<SymbolicTensor>> {
         let who = self.shown_name();
         let expected: Vec<&[usize]> = self.inputs.iter().map(|t| t.shape()).collect();
         let given: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
@@ -156,16 +235,28 @@ impl Model {
                 inputs.len(),
             )));
         }
+        self.check_application_masks(inputs, masks)?;
         if let Some((name, _)) = self.added.iter().find(|(_, l)| l.adversarial().is_some()) {
             return Err(Error::Graph(format!(
-                "model `{who}` has the adversarial term `{name}`, which needs the data and \
-                 losses of the model it is applied in: add it to the outer model instead"
+                "model `{who}` has the adversarial term `{name}`, which perturbs the model's \
+                 inputs along the gradient of its compiled loss; applied inside another model it \
+                 has neither its own data nor a compiled loss. Build `{who}` without `{name}`, \
+                 apply it, build the outer model, then add the term there: \
+                 `outer.add_loss_term(\"{name}\", Adversarial::fgsm(epsilon))` (or pgd), which \
+                 perturbs the outer model's inputs along the gradient of the outer model's loss \
+                 (the [[added]] terms of a run file are the outer model's)"
             )));
         }
+        let masks: Vec<Option<SymbolicTensor>> = if masks.iter().any(Option::is_some) {
+            masks.iter().map(|m| m.cloned()).collect()
+        } else {
+            Vec::new()
+        };
         let app = Arc::new(Application {
             id: crate::graph::next_id(),
             scope: self.scope.clone(),
             inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+            masks: masks.clone(),
             map: OnceLock::new(),
             added: self.added.clone(),
         });
@@ -175,22 +266,39 @@ impl Model {
             .zip(inputs)
             .map(|(inner, outer)| (inner.id(), (*outer).clone()))
             .collect();
+        // The mask given for each of the model's inputs, by the input's id in the model.
+        let given_masks: HashMap<usize, &SymbolicTensor> = self
+            .inputs
+            .iter()
+            .zip(&masks)
+            .filter_map(|(inner, m)| Some((inner.id(), m.as_ref()?)))
+            .collect();
         for step in &self.steps {
             let node = &step.node;
             let NodeOp::Layer { inputs, masks, .. } = &node.0.op else {
                 continue;
             };
             let xs: Vec<&SymbolicTensor> = inputs.iter().map(|i| &made[&i.id()]).collect();
-            let ms: Vec<Option<&SymbolicTensor>> = masks
+            // The layer's own explicit masks first, then those given for the inputs it reads.
+            let ms: Vec<Option<&SymbolicTensor>> = inputs
                 .iter()
-                .map(|m| m.as_ref().map(|m| &made[&m.id()]))
+                .enumerate()
+                .map(|(k, input)| match masks.get(k).and_then(Option::as_ref) {
+                    Some(m) => Some(&made[&m.id()]),
+                    None => given_masks.get(&input.id()).copied(),
+                })
                 .collect();
+            let ms = if ms.iter().any(Option::is_some) {
+                ms
+            } else {
+                Vec::new()
+            };
             let within = std::iter::once(app.clone())
                 .chain(node.0.within.iter().cloned())
                 .collect();
             let y = step
                 .layer
-                .apply_within(&xs, &ms, within)
+                .apply_within(&xs, &ms, false, within)
                 .map_err(|e| e.within(format!("model `{who}`, layer `{}`", step.layer_name)))?;
             made.insert(node.id(), y);
         }
@@ -198,6 +306,39 @@ impl Model {
         let map = made.into_iter().map(|(k, v)| (k, v.id())).collect();
         app.map.set(map).ok();
         Ok(outputs)
+    }
+
+    /// Checks the masks given to an application: one per input (or none), each of its input's
+    /// shape without the feature axis.
+    fn check_application_masks(
+        &self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+    ) -> Result<()> {
+        let who = self.shown_name();
+        if !masks.is_empty() && masks.len() != inputs.len() {
+            return Err(Error::Graph(format!(
+                "model `{who}` takes {} input(s) {:?} but was given {} mask(s): give one mask \
+                 (or None) per input",
+                inputs.len(),
+                self.input_names,
+                masks.len()
+            )));
+        }
+        for ((x, m), name) in inputs.iter().zip(masks).zip(&self.input_names) {
+            let Some(m) = m else { continue };
+            let want = &x.shape()[..x.shape().len().saturating_sub(1)];
+            if m.shape() != want {
+                return Err(Error::Graph(format!(
+                    "model `{who}`: the mask given for input `{name}` has samples of shape {:?}, \
+                     but an input of shape {:?} takes a mask of shape {want:?} (the input's \
+                     shape without its feature axis)",
+                    m.shape(),
+                    x.shape()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The model's name, or Keras' default.

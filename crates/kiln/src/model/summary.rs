@@ -1,7 +1,8 @@
 //! `Model::summary`: the layers, their output shapes and parameter counts, as Keras prints them.
 
 use super::Model;
-use crate::graph::NodeOp;
+use crate::graph::SymbolicTensor;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 /// Keras' class name for a layer kind: `dense` → `Dense`, `max_pooling2d` → `MaxPooling2D`.
@@ -65,7 +66,8 @@ fn grouped(n: usize) -> String {
 impl Model {
     /// A table of the model, as Keras' `model.summary()` prints it: every layer with its type,
     /// output shape and parameter count (and, when the graph is not a plain chain, what each
-    /// layer is connected to), then the total, trainable and non-trainable parameter counts.
+    /// layer is connected to: every application's input tensors, as `<layer>[<node>][<tensor>]`),
+    /// then the total, trainable and non-trainable parameter counts. A nested model is one row.
     /// Frozen layers' weights count as non-trainable, as in Keras.
     ///
     /// ```
@@ -84,104 +86,7 @@ impl Model {
     /// # Ok::<(), kiln::Error>(())
     /// ```
     pub fn summary(&self) -> String {
-        // One row per input and per layer (its first application).
-        let mut rows: Vec<[String; 4]> = Vec::new();
-        let mut names_of: std::collections::HashMap<usize, String> = Default::default();
-        for (sym, name) in self.inputs.iter().zip(&self.input_names) {
-            names_of.insert(sym.id(), name.clone());
-            rows.push([
-                format!("{name} (InputLayer)"),
-                shape_text(sym.shape()),
-                "0".into(),
-                "-".into(),
-            ]);
-        }
-        let mut chain = self.inputs.len() == 1;
-        let mut previous = self.inputs.first().map(|i| i.id());
-        let mut seen = std::collections::HashSet::new();
-        // A nested model is one row, and each of its applications one node.
-        let mut applications = std::collections::HashSet::new();
-        for step in &self.steps {
-            if let Some(app) = step.node.0.within.first() {
-                let name = self
-                    .nesting
-                    .models
-                    .iter()
-                    .find(|(_, s)| s.id == app.scope.id)
-                    .map_or("?", |(n, _)| n.as_str());
-                let outputs = app.output_ids();
-                for id in &outputs {
-                    names_of.insert(*id, name.to_string());
-                }
-                if !applications.insert(app.id) {
-                    continue;
-                }
-                if app.inputs.len() != 1 || Some(app.inputs[0].id()) != previous {
-                    chain = false;
-                }
-                previous = outputs.first().copied();
-                if !seen.insert(app.scope.id) {
-                    continue;
-                }
-                let params: usize = app
-                    .scope
-                    .layers
-                    .iter()
-                    .flat_map(|l| l.lock().weights())
-                    .map(|w| w.var.elem_count())
-                    .sum();
-                let shapes: Vec<String> = app
-                    .scope
-                    .outputs
-                    .iter()
-                    .map(|o| shape_text(o.shape()))
-                    .collect();
-                let connected: Vec<String> = app
-                    .inputs
-                    .iter()
-                    .map(|i| format!("{}[0][0]", names_of.get(&i.id()).map_or("?", |s| s)))
-                    .collect();
-                rows.push([
-                    format!("{name} (Functional)"),
-                    shapes.join(", "),
-                    grouped(params),
-                    connected.join(", "),
-                ]);
-                continue;
-            }
-            names_of.insert(step.node.id(), step.layer_name.clone());
-            if step.inputs.len() != 1 || Some(step.inputs[0]) != previous {
-                chain = false;
-            }
-            previous = Some(step.node.id());
-            if !seen.insert(step.layer.id) {
-                continue;
-            }
-            let params: usize = step
-                .layer
-                .lock()
-                .weights()
-                .iter()
-                .map(|w| w.var.elem_count())
-                .sum();
-            let connected: Vec<String> = match &step.node.0.op {
-                NodeOp::Layer { inputs, .. } => inputs
-                    .iter()
-                    .map(|i| format!("{}[0][0]", names_of.get(&i.id()).map_or("?", |s| s)))
-                    .collect(),
-                NodeOp::Input { .. } => Vec::new(),
-            };
-            rows.push([
-                format!(
-                    "{} ({})",
-                    step.layer_name,
-                    class_name(step.layer.lock().kind())
-                ),
-                shape_text(step.node.shape()),
-                grouped(params),
-                connected.join(", "),
-            ]);
-        }
+        let (rows, chain) = self.summary_rows();
         let columns = if chain { 3 } else { 4 };
         let header = ["Layer (type)", "Output Shape", "Param #", "Connected to"];
         let widths: Vec<usize> = (0..columns)
@@ -242,6 +147,187 @@ impl Model {
             );
         }
         out
+    }
+}
+
+/// One row of the summary: a layer, or a nested model, and every application of it.
+struct Row {
+    /// `name (Class)`.
+    label: String,
+    /// The output shapes of its last application made, as Keras shows a shared layer's.
+    shape: String,
+    params: usize,
+    /// The tensors each application reads, by the application's node index.
+    reads: Vec<(usize, Vec<usize>)>,
+}
+
+impl Model {
+    /// The summary's rows (`[layer (type), output shape, params, connected to]`) and whether
+    /// the graph is a plain chain, as Keras' `print_summary` decides it: one input, and each
+    /// layer applied once, to one tensor, the previous layer's output.
+    ///
+    /// "Connected to" lists, as Keras does, every application's input tensors (explicit masks
+    /// included), each as `<layer>[<node>][<tensor>]`: the node is the application's place
+    /// among those of the same layer or nested model in this model, in the order they were
+    /// made (Keras counts the layer's applications in every model), and the tensor its output
+    /// index.
+    fn summary_rows(&self) -> (Vec<[String; 4]>, bool) {
+        // Every application in the graph: a layer's, or a nested model's as a whole.
+        struct Applied {
+            key: usize,
+            created: usize,
+            name: String,
+            class: String,
+            reads: Vec<usize>,
+            outputs: Vec<(usize, Vec<usize>)>,
+            params: usize,
+        }
+        let mut applied: Vec<Applied> = Vec::new();
+        let mut applications = HashSet::new();
+        for step in &self.steps {
+            match step.node.0.within.first() {
+                Some(app) => {
+                    if !applications.insert(app.id) {
+                        continue;
+                    }
+                    let name = self
+                        .nesting
+                        .models
+                        .iter()
+                        .find(|(_, s)| s.id == app.scope.id)
+                        .map_or("?", |(n, _)| n.as_str());
+                    let params = app
+                        .scope
+                        .layers
+                        .iter()
+                        .flat_map(|l| l.lock().weights())
+                        .map(|w| w.var.elem_count())
+                        .sum();
+                    applied.push(Applied {
+                        key: app.scope.id,
+                        created: app.id,
+                        name: name.to_string(),
+                        class: "Functional".into(),
+                        reads: app
+                            .inputs
+                            .iter()
+                            .chain(app.masks.iter().flatten())
+                            .map(SymbolicTensor::id)
+                            .collect(),
+                        outputs: app
+                            .output_ids()
+                            .into_iter()
+                            .zip(&app.scope.outputs)
+                            .map(|(id, o)| (id, o.shape().to_vec()))
+                            .collect(),
+                        params,
+                    });
+                }
+                None => {
+                    let layer = step.layer.lock();
+                    applied.push(Applied {
+                        key: step.layer.id,
+                        created: step.node.id(),
+                        name: step.layer_name.clone(),
+                        class: class_name(layer.kind()),
+                        reads: step
+                            .inputs
+                            .iter()
+                            .copied()
+                            .chain(step.masks.iter().flatten().copied())
+                            .collect(),
+                        outputs: vec![(step.node.id(), step.node.shape().to_vec())],
+                        params: layer.weights().iter().map(|w| w.var.elem_count()).sum(),
+                    });
+                }
+            }
+        }
+        // Each application's node index: its place among its layer's, by creation.
+        let mut created_of: HashMap<usize, Vec<usize>> = HashMap::new();
+        for a in &applied {
+            created_of.entry(a.key).or_default().push(a.created);
+        }
+        for list in created_of.values_mut() {
+            list.sort_unstable();
+        }
+        let node_of = |a: &Applied| created_of[&a.key].binary_search(&a.created).unwrap_or(0);
+        let mut history: HashMap<usize, String> = HashMap::new();
+        for (sym, name) in self.inputs.iter().zip(&self.input_names) {
+            history.insert(sym.id(), format!("{name}[0][0]"));
+        }
+        for a in &applied {
+            let node = node_of(a);
+            for (j, (id, _)) in a.outputs.iter().enumerate() {
+                history.insert(*id, format!("{}[{node}][{j}]", a.name));
+            }
+        }
+
+        let mut chain = self.inputs.len() == 1;
+        let mut previous = self.inputs.first().map(SymbolicTensor::id);
+        let mut rows: Vec<Row> = Vec::new();
+        let mut row_of: HashMap<usize, usize> = HashMap::new();
+        for a in &applied {
+            if a.reads.len() != 1 || Some(a.reads[0]) != previous || row_of.contains_key(&a.key) {
+                chain = false;
+            }
+            previous = a.outputs.first().map(|(id, _)| *id);
+            let shapes: Vec<String> = a.outputs.iter().map(|(_, s)| shape_text(s)).collect();
+            let shape = match shapes.as_slice() {
+                [one] => one.clone(),
+                many => format!("[{}]", many.join(", ")),
+            };
+            let reads = (node_of(a), a.reads.clone());
+            match row_of.get(&a.key) {
+                Some(&r) => {
+                    if rows[r].reads.iter().all(|(node, _)| *node < reads.0) {
+                        rows[r].shape = shape;
+                    }
+                    rows[r].reads.push(reads);
+                }
+                None => {
+                    row_of.insert(a.key, rows.len());
+                    rows.push(Row {
+                        label: format!("{} ({})", a.name, a.class),
+                        shape,
+                        params: a.params,
+                        reads: vec![reads],
+                    });
+                }
+            }
+        }
+        let inputs = self
+            .inputs
+            .iter()
+            .zip(&self.input_names)
+            .map(|(sym, name)| {
+                [
+                    format!("{name} (InputLayer)"),
+                    shape_text(sym.shape()),
+                    "0".into(),
+                    "-".into(),
+                ]
+            });
+        let layers = rows.into_iter().map(|mut r| {
+            // Keras lists the nodes in the order they were made.
+            r.reads.sort_by_key(|(node, _)| *node);
+            let connected: Vec<&str> = r
+                .reads
+                .iter()
+                .flat_map(|(_, ids)| ids)
+                .map(|id| history.get(id).map_or("?", String::as_str))
+                .collect();
+            [
+                r.label,
+                r.shape,
+                grouped(r.params),
+                if connected.is_empty() {
+                    "-".into()
+                } else {
+                    connected.join(", ")
+                },
+            ]
+        });
+        (inputs.chain(layers).collect(), chain)
     }
 }
 
