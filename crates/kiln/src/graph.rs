@@ -10,7 +10,7 @@ use crate::model::Application;
 use candle_core::{DType, Device, Tensor};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
@@ -34,7 +34,7 @@ pub(crate) fn next_id() -> usize {
 #[derive(Clone)]
 pub struct SharedLayer {
     pub(crate) id: usize,
-    pub(crate) layer: Arc<Mutex<Box<dyn Layer>>>,
+    pub(crate) layer: Arc<RwLock<Box<dyn Layer>>>,
     trainable: Arc<AtomicBool>,
 }
 
@@ -42,7 +42,7 @@ impl SharedLayer {
     pub(crate) fn new(layer: Box<dyn Layer>) -> Self {
         Self {
             id: next_id(),
-            layer: Arc::new(Mutex::new(layer)),
+            layer: Arc::new(RwLock::new(layer)),
             trainable: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -58,9 +58,16 @@ impl SharedLayer {
         self.trainable.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Box<dyn Layer>> {
+    /// The layer, to read or call: calls take `&self`, so the pieces of a `predict` batch
+    /// run the same layer on several threads at once.
+    pub(crate) fn lock(&self) -> RwLockReadGuard<'_, Box<dyn Layer>> {
         // A panic inside a layer cannot leave it half-updated in a way we rely on.
-        self.layer.lock().unwrap_or_else(|e| e.into_inner())
+        self.layer.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The layer, to build or change.
+    pub(crate) fn lock_mut(&self) -> RwLockWriteGuard<'_, Box<dyn Layer>> {
+        self.layer.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Applies the layer to one symbolic tensor.

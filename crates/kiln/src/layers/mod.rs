@@ -199,8 +199,9 @@ impl CallContext {
 /// A building block of a model.
 ///
 /// Implement it to write your own layer; the provided methods cover layers without weights
-/// or masks.
-pub trait Layer: Send {
+/// or masks. A layer is `Sync` because `predict` calls it on several threads at once, one
+/// piece of the batch each ([`Layer::samples_independent`]); `call` takes `&self`.
+pub trait Layer: Send + Sync {
     /// The kind, used for automatic names (`dense`, `dense_1`, …).
     fn kind(&self) -> &'static str;
     /// The name the user gave, if any.

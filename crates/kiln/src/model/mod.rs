@@ -375,7 +375,7 @@ impl Model {
                     rng: &mut rng,
                 };
                 crate::initializers::building_layer(Some(&name));
-                let result = layer.lock().build(&name, &shapes, &mut ctx);
+                let result = layer.lock_mut().build(&name, &shapes, &mut ctx);
                 crate::initializers::building_layer(None);
                 result?;
             }
