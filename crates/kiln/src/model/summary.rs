@@ -86,9 +86,16 @@ impl Model {
     pub fn summary(&self) -> String {
         // One row per input and per layer (its first application).
         let mut rows: Vec<[String; 4]> = Vec::new();
+        // Each tensor as Keras' "Connected to" column names it: `layer[node][output]`.
         let mut names_of: std::collections::HashMap<usize, String> = Default::default();
+        let mut applied: std::collections::HashMap<usize, usize> = Default::default();
+        let mut node_of = |key: usize| {
+            let n = applied.entry(key).or_insert(0);
+            *n += 1;
+            *n - 1
+        };
         for (sym, name) in self.inputs.iter().zip(&self.input_names) {
-            names_of.insert(sym.id(), name.clone());
+            names_of.insert(sym.id(), format!("{name}[0][0]"));
             rows.push([
                 format!("{name} (InputLayer)"),
                 shape_text(sym.shape()),
@@ -110,11 +117,12 @@ impl Model {
                     .find(|(_, s)| s.id == app.scope.id)
                     .map_or("?", |(n, _)| n.as_str());
                 let outputs = app.output_ids();
-                for id in &outputs {
-                    names_of.insert(*id, name.to_string());
-                }
                 if !applications.insert(app.id) {
                     continue;
+                }
+                let k = node_of(app.scope.id);
+                for (j, id) in outputs.iter().enumerate() {
+                    names_of.insert(*id, format!("{name}[{k}][{j}]"));
                 }
                 if app.inputs.len() != 1 || Some(app.inputs[0].id()) != previous {
                     chain = false;
@@ -139,7 +147,7 @@ impl Model {
                 let connected: Vec<String> = app
                     .inputs
                     .iter()
-                    .map(|i| format!("{}[0][0]", names_of.get(&i.id()).map_or("?", |s| s)))
+                    .map(|i| names_of.get(&i.id()).map_or("?", |s| s).to_string())
                     .collect();
                 rows.push([
                     format!("{name} (Functional)"),
@@ -149,7 +157,11 @@ impl Model {
                 ]);
                 continue;
             }
-            names_of.insert(step.node.id(), step.layer_name.clone());
+            let k = node_of(step.layer.id);
+            let ids = std::iter::once(step.node.id()).chain(step.node.others().iter().map(|o| o.0));
+            for (j, id) in ids.enumerate() {
+                names_of.insert(id, format!("{}[{k}][{j}]", step.layer_name));
+            }
             if step.inputs.len() != 1 || Some(step.inputs[0]) != previous {
                 chain = false;
             }
@@ -167,9 +179,20 @@ impl Model {
             let connected: Vec<String> = match &step.node.0.op {
                 NodeOp::Layer { inputs, .. } => inputs
                     .iter()
-                    .map(|i| format!("{}[0][0]", names_of.get(&i.id()).map_or("?", |s| s)))
+                    .map(|i| names_of.get(&i.id()).map_or("?", |s| s).to_string())
                     .collect(),
-                NodeOp::Input { .. } => Vec::new(),
+                NodeOp::Input { .. } | NodeOp::Output { .. } => Vec::new(),
+            };
+            // A layer of several outputs shows them all, as Keras: `[(None, 6), (None, 6)]`.
+            let shown = match step.node.others() {
+                [] => shape_text(step.node.shape()),
+                others => {
+                    let all: Vec<String> = std::iter::once(step.node.shape())
+                        .chain(others.iter().map(|(_, s)| s.as_slice()))
+                        .map(shape_text)
+                        .collect();
+                    format!("[{}]", all.join(", "))
+                }
             };
             rows.push([
                 format!(
@@ -177,7 +200,7 @@ impl Model {
                     step.layer_name,
                     class_name(step.layer.lock().kind())
                 ),
-                shape_text(step.node.shape()),
+                shown,
                 grouped(params),
                 connected.join(", "),
             ]);
