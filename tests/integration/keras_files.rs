@@ -403,6 +403,54 @@ fn refused_edit(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
     msg
 }
 
+/// What kiln cannot read of a file with recurrent states is an error naming its place: a
+/// stateful LSTM, initial_state given to a layer that is not recurrent or with one state too
+/// few, and a state read by an output index the layer does not have.
+#[test]
+fn recurrent_states_kiln_cannot_read_are_errors_naming_their_place() {
+    let refused = |tag: &str, edit: &dyn Fn(&mut Value)| -> String {
+        let path = edited("recurrent_states.keras", tag, edit);
+        let msg = match Model::from_keras(&path) {
+            Ok(_) => panic!("{tag}: imported"),
+            Err(e) => e.to_string(),
+        };
+        std::fs::remove_file(&path).unwrap();
+        msg
+    };
+    let msg = refused("stateful", &|v| {
+        v["config"]["layers"][4]["config"]["stateful"] = true.into();
+    });
+    assert!(
+        msg.contains("config.layers[4].config.stateful") && msg.contains("stateful = false"),
+        "{msg}"
+    );
+    let msg = refused("dense_initial", &|v| {
+        let states = v["config"]["layers"][5]["inbound_nodes"][0]["kwargs"].clone();
+        v["config"]["layers"][9]["inbound_nodes"][0]["kwargs"] = states;
+    });
+    assert!(
+        msg.contains("config.layers[9].inbound_nodes[0].kwargs.initial_state")
+            && msg.contains("layer `score` is given initial_state"),
+        "{msg}"
+    );
+    let msg = refused("one_state", &|v| {
+        let kwargs = &mut v["config"]["layers"][5]["inbound_nodes"][0]["kwargs"];
+        kwargs["initial_state"].as_array_mut().unwrap().pop();
+    });
+    assert!(
+        msg.contains("layer `decoder`") && msg.contains("2 tensor(s) [h, c]"),
+        "{msg}"
+    );
+    let msg = refused("bad_index", &|v| {
+        let kwargs = &mut v["config"]["layers"][5]["inbound_nodes"][0]["kwargs"];
+        kwargs["initial_state"][1]["config"]["keras_history"][2] = 3.into();
+    });
+    assert!(
+        msg.contains("layer `decoder` takes a tensor that no layer"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place() {
     let msg = refused_edit("option", |v| {

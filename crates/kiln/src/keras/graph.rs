@@ -52,6 +52,9 @@ struct Node {
     /// The tensors the layer reads, in kiln's order: the call's arguments, then the tensors of
     /// an `initial_state` keyword (a recurrent layer's initial states).
     args: Vec<Arg>,
+    /// How many of `args` came from `initial_state`, at the place of `initial_path`.
+    initial: usize,
+    initial_path: String,
     /// The masks Keras passes explicitly (`mask=` in the call), one per input (`None`: that
     /// input's own); empty when the call has none.
     mask: Vec<Option<Arg>>,
@@ -489,8 +492,10 @@ impl<'a> Reader<'a> {
         }
         // A recurrent layer's initial states (Keras' `initial_state=[h, c]`): kiln reads them
         // as the layer's inputs after the sequence.
+        let given = args.len();
+        let initial_path = kw.at("initial_state");
         if let Some(init) = kw.get("initial_state") {
-            let ipath = kw.at("initial_state");
+            let ipath = initial_path.clone();
             if !matches!(built, Built::Layer(_)) {
                 return Err(error_at(
                     self.file,
@@ -528,6 +533,8 @@ impl<'a> Reader<'a> {
             mask.resize_with(args.len(), || None);
         }
         Ok(Node {
+            initial: args.len() - given,
+            initial_path,
             args,
             mask,
             not_equal,
@@ -791,6 +798,19 @@ impl Graph {
                         error_at(file, &node.path, format!("layer `{}`: {err}", e.name))
                     };
                     match &e.built {
+                        Built::Layer(l)
+                            if node.initial > 0 && !matches!(l.lock().kind(), "lstm" | "gru") =>
+                        {
+                            return Err(error_at(
+                                file,
+                                &node.initial_path,
+                                format!(
+                                    "layer `{}` is given initial_state, which only a recurrent \
+                                     layer (LSTM, GRU) takes",
+                                    e.name
+                                ),
+                            ));
+                        }
                         Built::Layer(l) => {
                             // Every output, by its index in Keras' `keras_history`.
                             let ys = l
