@@ -445,6 +445,7 @@ impl Recurrent {
             units: self.units,
             mask,
             return_sequences: self.return_sequences,
+            final_cell: false,
         }))
     }
 
@@ -864,22 +865,35 @@ impl Lstm {
         let bias = rnn.bias.as_ref().map(|b| b.var.as_tensor());
         let u = rnn.units;
         let params: Vec<&Tensor> = [kernel, recurrent].into_iter().chain(bias).collect();
-        // The fused op takes no dropout masks, starts from zero states and returns no final
-        // cell state.
+        // The fused op takes no dropout masks and starts from zero states.
         let fused = match drop {
-            None if run.initial.is_empty() && !run.states => rnn.fused(x, &params, mask)?,
+            None if run.initial.is_empty() => rnn.fused(x, &params, mask)?,
             _ => None,
         };
-        if let Some(seq) = fused {
+        if let Some(mut seq) = fused {
             let projection = Projection {
                 features: kernel.dim(0)?,
                 bias: bias.is_some(),
             };
-            return Ok(vec![x.contiguous()?.apply_op3(
+            // With the states wanted, the op's output ends in the final cell state.
+            seq.final_cell = run.states;
+            let all = x.contiguous()?.apply_op3(
                 &with_row(kernel, bias)?,
                 &recurrent.contiguous()?,
                 LstmOp::new(seq, projection),
-            )?]);
+            )?;
+            if !run.states {
+                return Ok(vec![all]);
+            }
+            let steps = all.dim(1)? - 1;
+            let output = match rnn.return_sequences {
+                true => all.narrow(1, 0, steps)?,
+                false => all.get_on_dim(1, 0)?,
+            };
+            // A masked step repeats the previous output, so the last output is the final h.
+            let h = all.get_on_dim(1, steps - 1)?;
+            let c = all.get_on_dim(1, steps)?;
+            return Ok(rnn.outputs(output, vec![h, c]));
         }
         let initial = rnn.initial_states(&rnn.shown("LSTM"), x, run.initial, 2)?;
         let x_proj = rnn.project(x, kernel, bias, drop)?;
@@ -1497,6 +1511,9 @@ mod tests {
                         let mut lstm = Lstm::new(u).return_sequences(sequences);
                         compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
                         let mut lstm = Lstm::new(u).return_sequences(sequences).use_bias(false);
+                        compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
+                        // The fused LSTM's output ends in the final cell state.
+                        let mut lstm = Lstm::new(u).return_sequences(sequences).return_state(true);
                         compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
                         let mut gru = Gru::new(u).return_sequences(sequences);
                         compare(&mut gru, &x, mask.as_ref(), dtype, seed);
