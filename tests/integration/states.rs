@@ -376,3 +376,64 @@ fn wrong_uses_are_errors_that_say_what_to_do() {
     // A layer of one output returns one from apply_outputs.
     assert_eq!(Dense::new(2).apply_outputs(&[&h]).unwrap().len(), 1);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// For any sizes, options and tensors after the sequence, `apply_outputs` either gives the
+    /// outputs Keras gives (`[steps, units]` or `[units]`, then one `[units]` per state with
+    /// `return_state`), and the built model predicts tensors of those shapes, or, exactly when
+    /// the tensors after the sequence are not the layer's states (a count other than 0 or the
+    /// states', or a shape other than `[units]`), an error naming the layer.
+    #[test]
+    fn outputs_have_keras_shapes_or_the_states_given_are_refused(
+        lstm in proptest::bool::ANY,
+        units in 1usize..6,
+        steps in 1usize..5,
+        features in 1usize..4,
+        sequences in proptest::bool::ANY,
+        state in proptest::bool::ANY,
+        given in proptest::collection::vec(1usize..7, 0..4),
+    ) {
+        let x = Input::named("x", [steps, features]);
+        let extra: Vec<SymbolicTensor> =
+            given.iter().enumerate().map(|(i, &k)| Input::named(format!("s{i}"), [k])).collect();
+        let mut args = vec![&x];
+        args.extend(extra.iter());
+        let result = if lstm {
+            Lstm::new(units).return_sequences(sequences).return_state(state).apply_outputs(&args)
+        } else {
+            Gru::new(units).return_sequences(sequences).return_state(state).apply_outputs(&args)
+        };
+        let n_states = if lstm { 2 } else { 1 };
+        let fits = (given.is_empty() || given.len() == n_states) && given.iter().all(|&k| k == units);
+        match result {
+            Ok(outs) => {
+                proptest::prop_assert!(fits, "{given:?} accepted for {units} units");
+                let mut want = vec![if sequences { vec![steps, units] } else { vec![units] }];
+                if state {
+                    want.extend(std::iter::repeat_n(vec![units], n_states));
+                }
+                let got: Vec<Vec<usize>> = outs.iter().map(|t| t.shape().to_vec()).collect();
+                proptest::prop_assert_eq!(&got, &want);
+                let mut inputs = vec![x.clone()];
+                inputs.extend(extra.iter().cloned());
+                let model = Model::new(&inputs, &outs).unwrap();
+                let feed: Vec<Tensor> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| random(&[&[2][..], t.shape()].concat(), i as u64, DType::F32))
+                    .collect();
+                let ys = model.predict(&feed, 2).unwrap();
+                for (y, w) in ys.iter().zip(&want) {
+                    proptest::prop_assert_eq!(&y.dims()[1..], w.as_slice());
+                }
+            }
+            Err(e) => {
+                proptest::prop_assert!(!fits, "{given:?} refused: {e}");
+                let msg = e.to_string();
+                proptest::prop_assert!(msg.contains(if lstm { "LSTM" } else { "GRU" }), "{}", msg);
+            }
+        }
+    }
+}
