@@ -286,6 +286,58 @@ fn recurrent_layers_and_masks_round_trip() {
     round_trip("native_recurrent", &model, &[tok, s]);
 }
 
+/// An encoder–decoder of layers with several outputs: an LSTM encoder over masked tokens that
+/// returns its states, an LSTM decoder started from them (Keras' `initial_state`), a GRU that
+/// returns its sequence and its state, and a GRU started from that state; a state is a model
+/// output. Keras reads the states by their output index.
+#[test]
+fn recurrent_states_round_trip() {
+    let tokens = Input::named("tokens", [6]);
+    let seq = Input::named("seq", [4, 2]);
+    let e = Embedding::new(12, 4)
+        .mask_zero(true)
+        .with_name("emb")
+        .apply(&tokens)
+        .unwrap();
+    let enc = Lstm::new(5)
+        .return_state(true)
+        .with_name("encoder")
+        .apply_outputs(&[&e])
+        .unwrap();
+    let dec = Lstm::new(5)
+        .return_sequences(true)
+        .with_name("decoder")
+        .apply_outputs(&[&seq, &enc[1], &enc[2]])
+        .unwrap();
+    let top = Gru::new(3)
+        .return_sequences(true)
+        .return_state(true)
+        .with_name("top")
+        .apply_outputs(&[&dec[0]])
+        .unwrap();
+    let again = Gru::new(3)
+        .reset_after(false)
+        .with_name("again")
+        .apply_outputs(&[&seq, &top[1]])
+        .unwrap();
+    let y = Dense::new(2).with_name("out").apply(&top[0]).unwrap();
+    let model = Model::builder(&[&tokens, &seq], &[&y, &again[0], &enc[1]])
+        .seed(5)
+        .build()
+        .unwrap();
+    perturb(&model);
+    let tok = Tensor::new(
+        &[
+            [3f32, 5., 1., 0., 0., 0.],
+            [2., 2., 7., 9., 11., 1.],
+            [4., 0., 0., 0., 0., 0.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    round_trip("native_states", &model, &[tok, input(&[3, 4, 2], 10)]);
+}
+
 /// Two inputs and two outputs: Normalization adapted per feature and over two axes, Reshape,
 /// Permute, Add, Multiply, Concatenate on an inner axis, a Dense layer shared by two branches,
 /// Dropout, Activation and a frozen layer.

@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
 /// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 19] = [
+const MODELS: [(&str, f64); 21] = [
     ("mlp_sequential.keras", 1e-5),
     ("functional_two_heads.keras", 1e-5),
     ("nested_shared.keras", 1e-5),
@@ -30,6 +30,8 @@ const MODELS: [(&str, f64); 19] = [
     ("conv_groups.keras", 1e-4),
     ("recurrent_dropout.keras", 1e-4),
     ("recurrent_state_dropout.keras", 1e-4),
+    ("recurrent_states.keras", 1e-4),
+    ("recurrent_states_gru.keras", 1e-4),
     ("legacy2_sequential.h5", 1e-4),
     ("legacy2_functional.h5", 1e-4),
     ("legacy3_functional.h5", 1e-4),
@@ -400,6 +402,54 @@ fn refused_edit(tag: &str, edit: impl FnOnce(&mut Value)) -> String {
     };
     std::fs::remove_file(&path).unwrap();
     msg
+}
+
+/// What kiln cannot read of a file with recurrent states is an error naming its place: a
+/// stateful LSTM, initial_state given to a layer that is not recurrent or with one state too
+/// few, and a state read by an output index the layer does not have.
+#[test]
+fn recurrent_states_kiln_cannot_read_are_errors_naming_their_place() {
+    let refused = |tag: &str, edit: &dyn Fn(&mut Value)| -> String {
+        let path = edited("recurrent_states.keras", tag, edit);
+        let msg = match Model::from_keras(&path) {
+            Ok(_) => panic!("{tag}: imported"),
+            Err(e) => e.to_string(),
+        };
+        std::fs::remove_file(&path).unwrap();
+        msg
+    };
+    let msg = refused("stateful", &|v| {
+        v["config"]["layers"][4]["config"]["stateful"] = true.into();
+    });
+    assert!(
+        msg.contains("config.layers[4].config.stateful") && msg.contains("stateful = false"),
+        "{msg}"
+    );
+    let msg = refused("dense_initial", &|v| {
+        let states = v["config"]["layers"][5]["inbound_nodes"][0]["kwargs"].clone();
+        v["config"]["layers"][9]["inbound_nodes"][0]["kwargs"] = states;
+    });
+    assert!(
+        msg.contains("config.layers[9].inbound_nodes[0].kwargs.initial_state")
+            && msg.contains("layer `score` is given initial_state"),
+        "{msg}"
+    );
+    let msg = refused("one_state", &|v| {
+        let kwargs = &mut v["config"]["layers"][5]["inbound_nodes"][0]["kwargs"];
+        kwargs["initial_state"].as_array_mut().unwrap().pop();
+    });
+    assert!(
+        msg.contains("layer `decoder`") && msg.contains("2 tensor(s) [h, c]"),
+        "{msg}"
+    );
+    let msg = refused("bad_index", &|v| {
+        let kwargs = &mut v["config"]["layers"][5]["inbound_nodes"][0]["kwargs"];
+        kwargs["initial_state"][1]["config"]["keras_history"][2] = 3.into();
+    });
+    assert!(
+        msg.contains("layer `decoder` takes a tensor that no layer"),
+        "{msg}"
+    );
 }
 
 #[test]

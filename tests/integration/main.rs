@@ -29,6 +29,7 @@ mod probability_rule;
 mod relu_fusion;
 mod run_data;
 mod run_files;
+mod states;
 mod strict_config;
 mod summary;
 mod support;

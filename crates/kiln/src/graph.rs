@@ -123,6 +123,52 @@ impl SharedLayer {
         inputs: &[&SymbolicTensor],
         masks: &[Option<&SymbolicTensor>],
     ) -> Result<SymbolicTensor> {
+        let mut outputs = self.apply_within(inputs, masks, true, Vec::new())?;
+        if outputs.len() != 1 {
+            let layer = self.lock();
+            return Err(Error::Graph(format!(
+                "layer `{}` returns {} tensors (an LSTM or GRU with return_state returns its \
+                 output and its states): apply it with apply_outputs, which returns them all",
+                layer.given_name().unwrap_or(layer.kind()),
+                outputs.len()
+            )));
+        }
+        Ok(outputs.remove(0))
+    }
+
+    /// Applies a layer that returns several tensors (Keras' `out, h, c = lstm(x)` with
+    /// `return_state=True`) and returns them all, in the layer's order; for any other layer,
+    /// its one output. Recurrent layers read their initial states as the inputs after the
+    /// sequence (Keras' `initial_state=[h, c]`).
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([5, 3]);
+    /// let encoded = Lstm::new(4).return_state(true).shared().apply_outputs(&[&x])?;
+    /// let (h, c) = (&encoded[1], &encoded[2]);
+    /// assert_eq!((encoded[0].shape(), h.shape(), c.shape()), (&[4][..], &[4][..], &[4][..]));
+    /// let y = Input::new([7, 2]);
+    /// let decoded = Lstm::new(4).return_sequences(true).apply_outputs(&[&y, h, c])?;
+    /// assert_eq!(decoded[0].shape(), &[7, 4]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    pub fn apply_outputs(&self, inputs: &[&SymbolicTensor]) -> Result<Vec<SymbolicTensor>> {
+        self.apply_within(inputs, &[], true, Vec::new())
+    }
+
+    /// [`SharedLayer::apply_outputs`] with explicit masks, one per input (`None` keeps the mask
+    /// that input carries): see [`SharedLayer::apply_many_with_masks`].
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    pub fn apply_outputs_with_masks(
+        &self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+    ) -> Result<Vec<SymbolicTensor>> {
         self.apply_within(inputs, masks, true, Vec::new())
     }
 
@@ -139,16 +185,22 @@ impl SharedLayer {
         masks: &[Option<&SymbolicTensor>],
         from_user: bool,
         within: Vec<Arc<Application>>,
-    ) -> Result<SymbolicTensor> {
+    ) -> Result<Vec<SymbolicTensor>> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let layer = self.lock();
         let who = layer.given_name().unwrap_or(layer.kind()).to_string();
-        let shape = layer.output_shape(&shapes).map_err(|e| match e {
+        let out_shapes = layer.output_shapes(&shapes).map_err(|e| match e {
             Error::Graph(m) => {
                 Error::Graph(format!("{who} applied to inputs of shapes {shapes:?}: {m}"))
             }
             other => other,
         })?;
+        if out_shapes.is_empty() {
+            return Err(Error::Graph(format!(
+                "layer `{who}` declares no output (its output_shapes is empty): a layer returns \
+                 at least one tensor"
+            )));
+        }
         let explicit = masks.iter().any(Option::is_some);
         if explicit && from_user && !layer.takes_mask() {
             return Err(Error::Graph(format!(
@@ -186,11 +238,29 @@ impl SharedLayer {
                 None => seen.push(x.0.mask.clone()),
             }
         }
-        let mask = probe_mask(layer.as_ref(), &shapes, &seen)
+        let out_masks = probe_masks(layer.as_ref(), &shapes, &seen)
             .map_err(|e| Error::Graph(format!("layer `{who}`: computing its output mask: {e}")))?;
+        if out_masks.len() != out_shapes.len() {
+            return Err(Error::Graph(format!(
+                "layer `{who}` declares {} outputs but computes {} output masks: make \
+                 output_shapes and compute_output_masks agree",
+                out_shapes.len(),
+                out_masks.len()
+            )));
+        }
         drop(layer);
-        Ok(SymbolicTensor(Arc::new(Node {
-            id: next_id(),
+        // Every output's id is known up front: the first output's node runs the layer and
+        // says where the others go.
+        let ids: Vec<usize> = out_shapes.iter().map(|_| next_id()).collect();
+        let others = ids[1..]
+            .iter()
+            .zip(&out_shapes[1..])
+            .map(|(id, s)| (*id, s.clone()))
+            .collect();
+        let mut shapes_masks = out_shapes.into_iter().zip(out_masks);
+        let (shape, mask) = shapes_masks.next().expect("checked non-empty above");
+        let first = SymbolicTensor(Arc::new(Node {
+            id: ids[0],
             shape,
             mask,
             op: NodeOp::Layer {
@@ -201,21 +271,37 @@ impl SharedLayer {
                 } else {
                     Vec::new()
                 },
+                others,
             },
-            within,
-        })))
+            within: within.clone(),
+        }));
+        let mut outputs = vec![first.clone()];
+        for (index, ((shape, mask), id)) in shapes_masks.zip(&ids[1..]).enumerate() {
+            outputs.push(SymbolicTensor(Arc::new(Node {
+                id: *id,
+                shape,
+                mask,
+                op: NodeOp::Output {
+                    of: first.clone(),
+                    index: index + 1,
+                },
+                within: within.clone(),
+            })));
+        }
+        Ok(outputs)
     }
 }
 
-/// The shape of a layer's output mask, found by running its [`Layer::compute_mask`] on one
-/// sample of zeros with masks that keep everything: whether a mask exists and its shape depend
-/// on the shapes and on which inputs carry masks, never on the values, so one probe answers
-/// for every batch (as Keras computes masks on its symbolic tensors).
-fn probe_mask(
+/// The shapes of a layer's output masks, one per output, found by running its
+/// [`Layer::compute_output_masks`] on one sample of zeros with masks that keep everything:
+/// whether a mask exists and its shape depend on the shapes and on which inputs carry masks,
+/// never on the values, so one probe answers for every batch (as Keras computes masks on its
+/// symbolic tensors).
+fn probe_masks(
     layer: &dyn Layer,
     shapes: &[Vec<usize>],
     masks: &[Option<Vec<usize>>],
-) -> Result<Option<Vec<usize>>> {
+) -> Result<Vec<Option<Vec<usize>>>> {
     let dev = Device::Cpu;
     let batch = |s: &[usize]| [&[1usize][..], s].concat();
     let xs: Vec<Tensor> = shapes
@@ -231,8 +317,10 @@ fn probe_mask(
         })
         .collect::<std::result::Result<_, _>>()?;
     Ok(layer
-        .compute_mask(&xs, &ms)?
-        .map(|m| m.dims().get(1..).unwrap_or_default().to_vec()))
+        .compute_output_masks(&xs, &ms)?
+        .into_iter()
+        .map(|m| m.map(|m| m.dims().get(1..).unwrap_or_default().to_vec()))
+        .collect())
 }
 
 /// The mask a tensor carries, as a tensor of its own: what [`SymbolicTensor::mask`] gives.
@@ -292,6 +380,15 @@ pub(crate) enum NodeOp {
         /// The explicit masks, one per input (`None`: the mask that input carries); empty
         /// when none was given.
         masks: Vec<Option<SymbolicTensor>>,
+        /// The ids and sample shapes of the application's outputs after this, its first
+        /// (an LSTM's states with `return_state`); empty for a layer of one output.
+        others: Vec<(usize, Vec<usize>)>,
+    },
+    /// Output `index` (1 or more) of a layer application that returns several tensors: the
+    /// step that makes `of`, its first output, makes this one too.
+    Output {
+        of: SymbolicTensor,
+        index: usize,
     },
 }
 
@@ -350,6 +447,7 @@ impl SymbolicTensor {
                 layer,
                 inputs: vec![self.clone()],
                 masks: Vec::new(),
+                others: Vec::new(),
             },
             within: Vec::new(),
         })))
@@ -362,6 +460,16 @@ impl SymbolicTensor {
             NodeOp::Layer { inputs, masks, .. } => {
                 inputs.iter().chain(masks.iter().flatten()).collect()
             }
+            NodeOp::Output { of, .. } => vec![of],
+        }
+    }
+
+    /// The ids and sample shapes of the other outputs of the layer application whose first
+    /// output this tensor is (empty for a layer of one output).
+    pub(crate) fn others(&self) -> &[(usize, Vec<usize>)] {
+        match &self.0.op {
+            NodeOp::Layer { others, .. } => others,
+            NodeOp::Input { .. } | NodeOp::Output { .. } => &[],
         }
     }
 
@@ -369,7 +477,7 @@ impl SymbolicTensor {
     /// (empty when none was given).
     pub(crate) fn explicit_masks(&self) -> &[Option<SymbolicTensor>] {
         match &self.0.op {
-            NodeOp::Input { .. } => &[],
+            NodeOp::Input { .. } | NodeOp::Output { .. } => &[],
             NodeOp::Layer { masks, .. } => masks,
         }
     }
@@ -383,6 +491,7 @@ impl fmt::Debug for SymbolicTensor {
                 let l = layer.lock();
                 l.given_name().unwrap_or(l.kind()).to_string()
             }
+            NodeOp::Output { of, index } => format!("output {index} of #{}", of.id()),
         };
         write!(
             f,

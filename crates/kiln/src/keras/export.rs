@@ -305,15 +305,29 @@ fn functional(
             .collect();
         let entry = nodes.entry(step.layer_name.clone()).or_default();
         let k = entry.len();
+        // A recurrent layer's inputs after the sequence are its initial states, which Keras
+        // passes as the `initial_state` keyword.
+        let recurrent = match &step.op {
+            StepOp::Layer(l) => matches!(
+                l.lock().keras_config().map(|(class, _)| class),
+                Some("LSTM" | "GRU")
+            ),
+            StepOp::Nested(_) => false,
+        };
+        let (args, initial) = match recurrent && args.len() > 1 {
+            true => (args[..1].to_vec(), Some(Value::Array(args[1..].to_vec()))),
+            false => (args, None),
+        };
         let arg = if args.len() == 1 {
             args[0].clone()
         } else {
             Value::Array(args)
         };
         // Keras calls a nested model with its `mask` argument, and writes it.
-        let kwargs = match step.op {
-            StepOp::Layer(_) => json!({}),
-            StepOp::Nested(_) => json!({ "mask": null }),
+        let kwargs = match (&step.op, initial) {
+            (StepOp::Layer(_), None) => json!({}),
+            (StepOp::Layer(_), Some(states)) => json!({ "initial_state": states }),
+            (StepOp::Nested(_), _) => json!({ "mask": null }),
         };
         entry.push(json!({ "args": [arg], "kwargs": kwargs }));
         for (j, (id, shape)) in step.outputs.iter().enumerate() {
@@ -322,8 +336,15 @@ fn functional(
         }
         if k == 0 {
             let input_shape = match step.inputs.as_slice() {
-                [one] => batch_shape(&shapes[one]),
-                many => Value::Array(many.iter().map(|i| batch_shape(&shapes[i])).collect()),
+                [one] => json!({ "input_shape": batch_shape(&shapes[one]) }),
+                // Keras builds a recurrent layer given initial states from both shapes.
+                [sequence, states @ ..] if recurrent => json!({ "shapes_dict": {
+                    "sequences_shape": batch_shape(&shapes[sequence]),
+                    "initial_state_shape":
+                        states.iter().map(|i| batch_shape(&shapes[i])).collect::<Vec<_>>(),
+                }}),
+                many => json!({ "input_shape":
+                    many.iter().map(|i| batch_shape(&shapes[i])).collect::<Vec<_>>() }),
             };
             first.insert(step.layer_name.clone(), step);
             build_shapes.insert(step.layer_name.clone(), input_shape);
@@ -405,7 +426,7 @@ fn functional(
         layers.push(json!({
             "module": "keras.layers", "class_name": class, "config": config,
             "registered_name": null, "name": name,
-            "build_config": { "input_shape": build_shapes[&name] },
+            "build_config": build_shapes[&name],
             "inbound_nodes": nodes.remove(&name).unwrap_or_default(),
         }));
     }

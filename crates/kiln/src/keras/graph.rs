@@ -49,7 +49,12 @@ struct Arg {
 }
 
 struct Node {
+    /// The tensors the layer reads, in kiln's order: the call's arguments, then the tensors of
+    /// an `initial_state` keyword (a recurrent layer's initial states).
     args: Vec<Arg>,
+    /// How many of `args` came from `initial_state`, at the place of `initial_path`.
+    initial: usize,
+    initial_path: String,
     /// The masks Keras passes explicitly (`mask=` in the call), one per input (`None`: that
     /// input's own); empty when the call has none.
     mask: Vec<Option<Arg>>,
@@ -485,6 +490,34 @@ impl<'a> Reader<'a> {
                 t => mask.push(Some(tensor_arg(self.file, mpath, t, self.legacy)?)),
             }
         }
+        // A recurrent layer's initial states (Keras' `initial_state=[h, c]`): kiln reads them
+        // as the layer's inputs after the sequence.
+        let given = args.len();
+        let initial_path = kw.at("initial_state");
+        if let Some(init) = kw.get("initial_state") {
+            let ipath = initial_path.clone();
+            if !matches!(built, Built::Layer(_)) {
+                return Err(error_at(
+                    self.file,
+                    &ipath,
+                    "only a recurrent layer (LSTM, GRU) takes initial_state",
+                ));
+            }
+            match init {
+                Value::Null => {}
+                Value::Array(items) => {
+                    for (j, t) in items.iter().enumerate() {
+                        args.push(tensor_arg(
+                            self.file,
+                            format!("{ipath}[{j}]"),
+                            t,
+                            self.legacy,
+                        )?);
+                    }
+                }
+                t => args.push(tensor_arg(self.file, ipath, t, self.legacy)?),
+            }
+        }
         // Keras' fit and predict set the training flag of every call themselves.
         kw.expect(
             "training",
@@ -495,8 +528,13 @@ impl<'a> Reader<'a> {
         o.finish("a node")?;
         if mask.iter().all(Option::is_none) {
             mask.clear();
+        } else if mask.len() < args.len() {
+            // The masks name the call's arguments; the initial states after them carry none.
+            mask.resize_with(args.len(), || None);
         }
         Ok(Node {
+            initial: args.len() - given,
+            initial_path,
             args,
             mask,
             not_equal,
@@ -760,11 +798,27 @@ impl Graph {
                         error_at(file, &node.path, format!("layer `{}`: {err}", e.name))
                     };
                     match &e.built {
+                        Built::Layer(l)
+                            if node.initial > 0 && !matches!(l.lock().kind(), "lstm" | "gru") =>
+                        {
+                            return Err(error_at(
+                                file,
+                                &node.initial_path,
+                                format!(
+                                    "layer `{}` is given initial_state, which only a recurrent \
+                                     layer (LSTM, GRU) takes",
+                                    e.name
+                                ),
+                            ));
+                        }
                         Built::Layer(l) => {
-                            let y = l
-                                .apply_many_with_masks(&refs, &explicit)
+                            // Every output, by its index in Keras' `keras_history`.
+                            let ys = l
+                                .apply_outputs_with_masks(&refs, &explicit)
                                 .map_err(layer_error)?;
-                            values.insert((e.name.clone(), k, 0), y);
+                            for (j, y) in ys.into_iter().enumerate() {
+                                values.insert((e.name.clone(), k, j), y);
+                            }
                         }
                         Built::Nested(g) => {
                             // Keras' Functional.call zips the masks with the inputs: one

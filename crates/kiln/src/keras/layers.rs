@@ -514,9 +514,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         "LSTM" | "GRU" => {
             let use_bias = cfg.bool("use_bias")?;
             initializers_and_constraints(cfg, &["kernel", "recurrent", "bias"])?;
-            for key in ["return_state", "stateful"] {
-                cfg.expect(key, |v| v == &Value::Bool(false), &format!("{key} = false"))?;
-            }
+            cfg.expect("stateful", |v| v == &Value::Bool(false), "stateful = false")?;
+            let return_state = cfg.bool_or("return_state", false)?;
             let dropout = cfg.f64("dropout")?;
             let recurrent_dropout = cfg.f64("recurrent_dropout")?;
             let return_sequences = cfg.bool("return_sequences")?;
@@ -542,6 +541,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                         .recurrent_activation(rec)
                         .use_bias(use_bias)
                         .return_sequences(return_sequences)
+                        .return_state(return_state)
                         .go_backwards(go_backwards)
                         .with_name(name);
                     if let Some(r) = regularizer(cfg, "recurrent_regularizer")? {

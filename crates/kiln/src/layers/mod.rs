@@ -234,6 +234,32 @@ pub trait Layer: Send + Sync {
     ) -> Result<Tensor> {
         self.call(inputs, ctx)
     }
+    /// The sample shapes of every output, for a layer that returns several tensors (an LSTM
+    /// with `return_state` returns its output and its states); by default the one of
+    /// [`Layer::output_shape`]. Such a layer is applied with [`LayerExt::apply_outputs`] and
+    /// overrides [`Layer::call_outputs`] and [`Layer::compute_output_masks`] to match.
+    fn output_shapes(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        Ok(vec![self.output_shape(input_shapes)?])
+    }
+    /// Runs the layer on a batch and returns every output, in the order of
+    /// [`Layer::output_shapes`]; by default the one of [`Layer::call_with_masks`].
+    fn call_outputs(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        ctx: &mut CallContext,
+    ) -> Result<Vec<Tensor>> {
+        Ok(vec![self.call_with_masks(inputs, masks, ctx)?])
+    }
+    /// The mask of every output, in the order of [`Layer::output_shapes`]; by default the one
+    /// of [`Layer::compute_mask`].
+    fn compute_output_masks(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![self.compute_mask(inputs, masks)?])
+    }
     /// Whether the layer reads masks, so that it can be given one explicitly
     /// ([`crate::SharedLayer::apply_with_mask`]), as Keras layers whose `call` has a `mask`
     /// argument. Layers that override [`Layer::call_with_masks`] to read masks return `true`.
@@ -332,6 +358,33 @@ pub trait LayerExt: Layer + Sized + 'static {
         masks: &[Option<&SymbolicTensor>],
     ) -> Result<SymbolicTensor> {
         self.shared().apply_many_with_masks(inputs, masks)
+    }
+    /// Applies a layer that may return several tensors (an LSTM or GRU with `return_state`)
+    /// and returns them all: see [`SharedLayer::apply_outputs`].
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// let x = Input::new([5, 3]);
+    /// let outs = Gru::new(4).return_sequences(true).return_state(true).apply_outputs(&[&x])?;
+    /// assert_eq!((outs[0].shape(), outs[1].shape()), (&[5, 4][..], &[4][..]));
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    fn apply_outputs(self, inputs: &[&SymbolicTensor]) -> Result<Vec<SymbolicTensor>> {
+        self.shared().apply_outputs(inputs)
+    }
+    /// [`LayerExt::apply_outputs`] with explicit masks, one per input.
+    ///
+    /// # Errors
+    /// As [`SharedLayer::apply_many_with_masks`].
+    fn apply_outputs_with_masks(
+        self,
+        inputs: &[&SymbolicTensor],
+        masks: &[Option<&SymbolicTensor>],
+    ) -> Result<Vec<SymbolicTensor>> {
+        self.shared().apply_outputs_with_masks(inputs, masks)
     }
     /// Makes the layer shareable: apply the result several times to reuse the same weights.
     fn shared(self) -> SharedLayer {

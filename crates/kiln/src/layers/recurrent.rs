@@ -4,7 +4,9 @@
 //! `Embedding(mask_zero)` or `Masking`), the state carries over unchanged and the step's output is
 //! the previous output, exactly as Keras 3 does (`zero_output_for_mask=False`). With
 //! `return_sequences(true)` the output keeps the time axis and the mask flows on; otherwise the
-//! output is the last state and the mask stops here.
+//! output is the last state and the mask stops here. With `return_state(true)` the layer returns
+//! its final states after its output (`[output, h, c]` for LSTM, `[output, h]` for GRU, as
+//! Keras 3), and the inputs after the sequence are its initial states (Keras' `initial_state`).
 
 use super::dense::dense_forward;
 use super::recurrent_kernel::{GruOp, LstmOp, Projection, Sequence};
@@ -30,6 +32,8 @@ struct Recurrent {
     bias_regularizer: Option<SharedRegularizer>,
     activity_regularizer: Option<SharedRegularizer>,
     return_sequences: bool,
+    /// Keras' `return_state`: the final states are outputs too, after the output.
+    return_state: bool,
     go_backwards: bool,
     /// Keras' `dropout`: the fraction of input features dropped in training.
     dropout: f64,
@@ -56,6 +60,7 @@ impl Recurrent {
             bias_regularizer: None,
             activity_regularizer: None,
             return_sequences: false,
+            return_state: false,
             go_backwards: false,
             dropout: 0.0,
             recurrent_dropout: 0.0,
@@ -140,6 +145,117 @@ impl Recurrent {
         Ok(Tensor::cat(&blocks, 2)?)
     }
 
+    /// The shapes of the outputs (the output, then with `return_state` one `[units]` per
+    /// state), checking the sequence and the initial states that may follow it. `states`
+    /// names the layer's states in order (`h`, `c`).
+    fn output_shapes(
+        &self,
+        layer: &str,
+        input_shapes: &[Vec<usize>],
+        states: &[&str],
+    ) -> Result<Vec<Vec<usize>>> {
+        let (sequence, initial) = match input_shapes.split_first() {
+            Some(split) => split,
+            None => {
+                return Err(Error::Graph(format!(
+                    "{layer} takes a sequence, got no input"
+                )))
+            }
+        };
+        let output = self.output_shape(layer, std::slice::from_ref(sequence))?;
+        let u = self.units;
+        if !initial.is_empty() && initial.len() != states.len() {
+            return Err(Error::Graph(format!(
+                "{layer} takes a sequence and, as its initial state (Keras' initial_state), {} \
+                 tensor(s) [{}] of shape [{u}] (its units); got {} tensor(s) after the sequence",
+                states.len(),
+                states.join(", "),
+                initial.len()
+            )));
+        }
+        for (shape, name) in initial.iter().zip(states) {
+            if shape.as_slice() != [u] {
+                return Err(Error::Graph(format!(
+                    "{layer}: the initial state `{name}` has samples of shape {shape:?}, but the \
+                     layer's states have shape [{u}] (its units)"
+                )));
+            }
+        }
+        let mut shapes = vec![output];
+        if self.return_state {
+            shapes.extend(states.iter().map(|_| vec![u]));
+        }
+        Ok(shapes)
+    }
+
+    /// The layer's outputs as [`Layer::call_outputs`] returns them: `[output]`, or with
+    /// `return_state` `[output, states…]`, from the run's output and final states.
+    fn outputs(&self, output: Tensor, states: Vec<Tensor>) -> Vec<Tensor> {
+        let mut all = vec![output];
+        if self.return_state {
+            all.extend(states);
+        }
+        all
+    }
+
+    /// The output masks: the sequence's mask on the output with `return_sequences`, and none
+    /// on the states, as Keras' `RNN.compute_mask`.
+    fn output_masks(&self, masks: &[Option<Tensor>], states: usize) -> Vec<Option<Tensor>> {
+        let output = match self.return_sequences {
+            true => masks.first().cloned().flatten(),
+            false => None,
+        };
+        let states = if self.return_state { states } else { 0 };
+        std::iter::once(output)
+            .chain(std::iter::repeat_n(None, states))
+            .collect()
+    }
+
+    /// The initial states: zeros, or the ones given (checked against the batch and units).
+    fn initial_states(
+        &self,
+        layer: &str,
+        x: &Tensor,
+        given: &[Tensor],
+        count: usize,
+    ) -> Result<Vec<Tensor>> {
+        let batch = x.dim(0)?;
+        let u = self.units;
+        if given.is_empty() {
+            let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
+            return Ok(vec![zeros; count]);
+        }
+        if given.len() != count {
+            return Err(Error::Data(format!(
+                "layer `{layer}` takes {count} initial state(s), got {}",
+                given.len()
+            )));
+        }
+        given
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                if h.dims() != [batch, u] {
+                    return Err(Error::Data(format!(
+                        "layer `{layer}`: initial state {i} has shape {:?}, but the batch has \
+                         {batch} sequences and the layer {u} units: give [{batch}, {u}]",
+                        h.dims()
+                    )));
+                }
+                Ok(h.to_dtype(x.dtype())?)
+            })
+            .collect()
+    }
+
+    /// The layer's name in messages: its weights' name, once built.
+    fn shown(&self, class: &str) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.kernel.as_ref().map_or(class.to_string(), |k| {
+                k.name.trim_end_matches("/kernel").to_string()
+            })
+        })
+    }
+
     fn output_shape(&self, layer: &str, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
         for (what, rate) in [
             ("dropout", self.dropout),
@@ -218,7 +334,7 @@ impl Recurrent {
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "return_sequences": self.return_sequences,
-            "return_state": false,
+            "return_state": self.return_state,
             "go_backwards": self.go_backwards,
             "stateful": false,
             "unroll": false,
@@ -329,18 +445,19 @@ impl Recurrent {
             units: self.units,
             mask,
             return_sequences: self.return_sequences,
+            final_cell: false,
         }))
     }
 
     /// Runs `step` over the sequence, carrying the states where a step is masked, and returns
-    /// the sequence of outputs or the last one.
+    /// the sequence of outputs or the last one, with the final states.
     fn scan(
         &self,
         x_proj: &Tensor,
         masks: Option<&[Tensor]>,
         mut states: Vec<Tensor>,
         step: impl Fn(&Tensor, &[Tensor]) -> Result<Vec<Tensor>>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let steps = x_proj.dims()[1];
         let mut outputs = Vec::with_capacity(if self.return_sequences { steps } else { 0 });
         for t in 0..steps {
@@ -357,9 +474,9 @@ impl Recurrent {
             }
         }
         if self.return_sequences {
-            Ok(Tensor::stack(&outputs, 1)?)
+            Ok((Tensor::stack(&outputs, 1)?, states))
         } else {
-            Ok(states.swap_remove(0))
+            Ok((states[0].clone(), states))
         }
     }
 }
@@ -474,6 +591,28 @@ macro_rules! recurrent_builders {
             /// the last one (default false).
             pub fn return_sequences(mut self, return_sequences: bool) -> Self {
                 self.rnn.return_sequences = return_sequences;
+                self
+            }
+            /// Whether the layer returns its final states after its output (Keras'
+            /// `return_state`, default false): `[output, h, c]` for LSTM and `[output, h]` for
+            /// GRU, as Keras 3 orders them, with or without `return_sequences`. Apply it with
+            /// [`crate::LayerExt::apply_outputs`]; the states carry no mask. Its initial states
+            /// are the inputs after the sequence (Keras' `initial_state`), with or without this.
+            ///
+            /// ```
+            /// use kiln::prelude::*;
+            /// let x = Input::new([6, 2]);
+            #[doc = concat!("let outs = ", stringify!($ty), "::new(3).return_state(true).apply_outputs(&[&x])?;")]
+            /// assert!(outs.iter().all(|t| t.shape() == [3]));
+            /// let model = Model::new(&[&x], &outs)?;
+            /// let seq = Tensor::ones((2, 6, 2), DType::F32, &Device::Cpu)?;
+            /// let ys = model.predict(&[seq], 2)?;
+            /// // Without return_sequences the output is the last h.
+            /// assert_eq!(ys[0].to_vec2::<f32>()?, ys[1].to_vec2::<f32>()?);
+            /// # Ok::<(), kiln::Error>(())
+            /// ```
+            pub fn return_state(mut self, return_state: bool) -> Self {
+                self.rnn.return_state = return_state;
                 self
             }
             /// Whether the sequence is read from its last step to its first (default false), as
@@ -606,7 +745,10 @@ impl Layer for Lstm {
         self.rnn.name.as_deref()
     }
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
-        self.rnn.output_shape("LSTM", input_shapes)
+        Ok(self.output_shapes(input_shapes)?.swap_remove(0))
+    }
+    fn output_shapes(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        self.rnn.output_shapes("LSTM", input_shapes, &["h", "c"])
     }
     fn build(
         &mut self,
@@ -635,7 +777,7 @@ impl Layer for Lstm {
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
         // Masks arrive through `call_with_masks`; called directly, every step counts.
-        self.call_dropped(&inputs[0], None, ctx)
+        Ok(self.call_dropped(inputs, None, false, ctx)?.swap_remove(0))
     }
     fn call_with_masks(
         &self,
@@ -643,17 +785,30 @@ impl Layer for Lstm {
         masks: &[Option<Tensor>],
         ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.call_dropped(&inputs[0], masks.first().and_then(Option::as_ref), ctx)
+        let mask = masks.first().and_then(Option::as_ref);
+        Ok(self.call_dropped(inputs, mask, false, ctx)?.swap_remove(0))
+    }
+    fn call_outputs(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        ctx: &mut CallContext,
+    ) -> Result<Vec<Tensor>> {
+        let mask = masks.first().and_then(Option::as_ref);
+        self.call_dropped(inputs, mask, self.rnn.return_state, ctx)
     }
     fn takes_mask(&self) -> bool {
         true
     }
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
-        Ok(if self.rnn.return_sequences {
-            masks.first().cloned().flatten()
-        } else {
-            None
-        })
+        Ok(self.rnn.output_masks(masks, 0).swap_remove(0))
+    }
+    fn compute_output_masks(
+        &self,
+        _inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(self.rnn.output_masks(masks, 2))
     }
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
         self.rnn.activity_regularizer.as_ref()
@@ -670,17 +825,27 @@ fn with_row(matrix: &Tensor, row: Option<&Tensor>) -> Result<Tensor> {
 }
 
 impl Lstm {
-    /// The layer on `x` with its dropout: per-gate masks with `recurrent_dropout` in
-    /// training (the plain graph), else the input dropout and the fused op where it applies.
+    /// The layer on `inputs` (the sequence, then any initial states) with its dropout:
+    /// per-gate masks with `recurrent_dropout` in training (the plain graph), else the input
+    /// dropout and the fused op where it applies. Returns `[output]`, or `[output, h, c]` when
+    /// `states` and `return_state`.
     fn call_dropped(
         &self,
-        x: &Tensor,
+        inputs: &[Tensor],
         mask: Option<&Tensor>,
+        states: bool,
         ctx: &mut CallContext,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<Tensor>> {
+        let (x, initial) = inputs.split_first().ok_or_else(|| {
+            Error::Data(format!("layer `{}` got no input", self.rnn.shown("LSTM")))
+        })?;
+        let run = Run {
+            initial,
+            states: states && self.rnn.return_state,
+        };
         match self.rnn.gate_dropout(x, 4, ctx)? {
-            Some(drop) => self.call_masked(x, mask, Some(&drop)),
-            None => self.call_masked(&self.rnn.input_dropout(x, ctx)?, mask, None),
+            Some(drop) => self.call_masked(x, mask, Some(&drop), run),
+            None => self.call_masked(&self.rnn.input_dropout(x, ctx)?, mask, None, run),
         }
     }
 
@@ -689,56 +854,78 @@ impl Lstm {
         x: &Tensor,
         mask: Option<&Tensor>,
         drop: Option<&GateDropout>,
-    ) -> Result<Tensor> {
+        run: Run,
+    ) -> Result<Vec<Tensor>> {
         let rnn = &self.rnn;
         let (x, mask) = rnn.oriented(x, mask)?;
         let (x, mask) = (&x, mask.as_ref());
-        let (batch, _, masks) = rnn.prepare("LSTM", x, mask)?;
+        let (_, _, masks) = rnn.prepare("LSTM", x, mask)?;
         let kernel = built(&rnn.kernel, "LSTM")?.var.as_tensor();
         let recurrent = built(&rnn.recurrent_kernel, "LSTM")?.var.as_tensor();
         let bias = rnn.bias.as_ref().map(|b| b.var.as_tensor());
         let u = rnn.units;
         let params: Vec<&Tensor> = [kernel, recurrent].into_iter().chain(bias).collect();
-        // The fused op takes no dropout masks.
+        // The fused op takes no dropout masks and starts from zero states.
         let fused = match drop {
-            None => rnn.fused(x, &params, mask)?,
-            Some(_) => None,
+            None if run.initial.is_empty() => rnn.fused(x, &params, mask)?,
+            _ => None,
         };
-        if let Some(seq) = fused {
+        if let Some(mut seq) = fused {
             let projection = Projection {
                 features: kernel.dim(0)?,
                 bias: bias.is_some(),
             };
-            return Ok(x.contiguous()?.apply_op3(
+            // With the states wanted, the op's output ends in the final cell state.
+            seq.final_cell = run.states;
+            let all = x.contiguous()?.apply_op3(
                 &with_row(kernel, bias)?,
                 &recurrent.contiguous()?,
                 LstmOp::new(seq, projection),
-            )?);
+            )?;
+            if !run.states {
+                return Ok(vec![all]);
+            }
+            let steps = all.dim(1)? - 1;
+            let output = match rnn.return_sequences {
+                true => all.narrow(1, 0, steps)?,
+                false => all.get_on_dim(1, 0)?,
+            };
+            // A masked step repeats the previous output, so the last output is the final h.
+            let h = all.get_on_dim(1, steps - 1)?;
+            let c = all.get_on_dim(1, steps)?;
+            return Ok(rnn.outputs(output, vec![h, c]));
         }
+        let initial = rnn.initial_states(&rnn.shown("LSTM"), x, run.initial, 2)?;
         let x_proj = rnn.project(x, kernel, bias, drop)?;
-        let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
-        rnn.scan(
-            &x_proj,
-            masks.as_deref(),
-            vec![zeros.clone(), zeros],
-            |x_t, states| {
-                let (h, c) = (&states[0], &states[1]);
-                let hr = match drop {
-                    None => h.matmul(recurrent)?,
-                    Some(d) => d.recurrent(h, recurrent, u, 4)?,
-                };
-                let z = (x_t + hr)?;
-                let i = gate.apply(&z.narrow(1, 0, u)?)?;
-                let f = gate.apply(&z.narrow(1, u, u)?)?;
-                let g = act.apply(&z.narrow(1, 2 * u, u)?)?;
-                let o = gate.apply(&z.narrow(1, 3 * u, u)?)?;
-                let c = ((f * c)? + (i * g)?)?;
-                let h = (o * act.apply(&c)?)?;
-                Ok(vec![h, c])
-            },
-        )
+        let (output, states) = rnn.scan(&x_proj, masks.as_deref(), initial, |x_t, states| {
+            let (h, c) = (&states[0], &states[1]);
+            let hr = match drop {
+                None => h.matmul(recurrent)?,
+                Some(d) => d.recurrent(h, recurrent, u, 4)?,
+            };
+            let z = (x_t + hr)?;
+            let i = gate.apply(&z.narrow(1, 0, u)?)?;
+            let f = gate.apply(&z.narrow(1, u, u)?)?;
+            let g = act.apply(&z.narrow(1, 2 * u, u)?)?;
+            let o = gate.apply(&z.narrow(1, 3 * u, u)?)?;
+            let c = ((f * c)? + (i * g)?)?;
+            let h = (o * act.apply(&c)?)?;
+            Ok(vec![h, c])
+        })?;
+        Ok(match run.states {
+            true => rnn.outputs(output, states),
+            false => vec![output],
+        })
     }
+}
+
+/// What one call of a recurrent layer starts from and returns: the initial states given (none:
+/// zeros) and whether the final states are wanted.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    initial: &'a [Tensor],
+    states: bool,
 }
 
 /// Gated recurrent unit (Cho et al. 2014) with Keras 3's layout: kernel `[features, 3·units]`,
@@ -793,7 +980,10 @@ impl Layer for Gru {
         self.rnn.name.as_deref()
     }
     fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
-        self.rnn.output_shape("GRU", input_shapes)
+        Ok(self.output_shapes(input_shapes)?.swap_remove(0))
+    }
+    fn output_shapes(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        self.rnn.output_shapes("GRU", input_shapes, &["h"])
     }
     fn build(
         &mut self,
@@ -821,7 +1011,7 @@ impl Layer for Gru {
         self.rnn.weights()
     }
     fn call(&self, inputs: &[Tensor], ctx: &mut CallContext) -> Result<Tensor> {
-        self.call_dropped(&inputs[0], None, ctx)
+        Ok(self.call_dropped(inputs, None, false, ctx)?.swap_remove(0))
     }
     fn call_with_masks(
         &self,
@@ -829,17 +1019,30 @@ impl Layer for Gru {
         masks: &[Option<Tensor>],
         ctx: &mut CallContext,
     ) -> Result<Tensor> {
-        self.call_dropped(&inputs[0], masks.first().and_then(Option::as_ref), ctx)
+        let mask = masks.first().and_then(Option::as_ref);
+        Ok(self.call_dropped(inputs, mask, false, ctx)?.swap_remove(0))
+    }
+    fn call_outputs(
+        &self,
+        inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+        ctx: &mut CallContext,
+    ) -> Result<Vec<Tensor>> {
+        let mask = masks.first().and_then(Option::as_ref);
+        self.call_dropped(inputs, mask, self.rnn.return_state, ctx)
     }
     fn takes_mask(&self) -> bool {
         true
     }
     fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
-        Ok(if self.rnn.return_sequences {
-            masks.first().cloned().flatten()
-        } else {
-            None
-        })
+        Ok(self.rnn.output_masks(masks, 0).swap_remove(0))
+    }
+    fn compute_output_masks(
+        &self,
+        _inputs: &[Tensor],
+        masks: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(self.rnn.output_masks(masks, 1))
     }
     fn activity_regularizer(&self) -> Option<&SharedRegularizer> {
         self.rnn.activity_regularizer.as_ref()
@@ -847,16 +1050,24 @@ impl Layer for Gru {
 }
 
 impl Gru {
-    /// As [`Lstm::call_dropped`], with the GRU's three gates.
+    /// As [`Lstm::call_dropped`], with the GRU's three gates and one state.
     fn call_dropped(
         &self,
-        x: &Tensor,
+        inputs: &[Tensor],
         mask: Option<&Tensor>,
+        states: bool,
         ctx: &mut CallContext,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<Tensor>> {
+        let (x, initial) = inputs.split_first().ok_or_else(|| {
+            Error::Data(format!("layer `{}` got no input", self.rnn.shown("GRU")))
+        })?;
+        let run = Run {
+            initial,
+            states: states && self.rnn.return_state,
+        };
         match self.rnn.gate_dropout(x, 3, ctx)? {
-            Some(drop) => self.call_masked(x, mask, Some(&drop)),
-            None => self.call_masked(&self.rnn.input_dropout(x, ctx)?, mask, None),
+            Some(drop) => self.call_masked(x, mask, Some(&drop), run),
+            None => self.call_masked(&self.rnn.input_dropout(x, ctx)?, mask, None, run),
         }
     }
 
@@ -865,11 +1076,12 @@ impl Gru {
         x: &Tensor,
         mask: Option<&Tensor>,
         drop: Option<&GateDropout>,
-    ) -> Result<Tensor> {
+        run: Run,
+    ) -> Result<Vec<Tensor>> {
         let rnn = &self.rnn;
         let (x, mask) = rnn.oriented(x, mask)?;
         let (x, mask) = (&x, mask.as_ref());
-        let (batch, _, masks) = rnn.prepare("GRU", x, mask)?;
+        let (_, _, masks) = rnn.prepare("GRU", x, mask)?;
         let kernel = built(&rnn.kernel, "GRU")?.var.as_tensor();
         let recurrent = built(&rnn.recurrent_kernel, "GRU")?.var.as_tensor();
         let u = rnn.units;
@@ -885,7 +1097,8 @@ impl Gru {
             .into_iter()
             .chain(rnn.bias.as_ref().map(|b| b.var.as_tensor()))
             .collect();
-        if self.reset_after && drop.is_none() {
+        // The fused op starts from a zero state; its final state is its last output.
+        if self.reset_after && drop.is_none() && run.initial.is_empty() {
             if let Some(seq) = rnn.fused(x, &params, mask)? {
                 let projection = Projection {
                     features: kernel.dim(0)?,
@@ -895,18 +1108,28 @@ impl Gru {
                     Some(b) => b.clone(),
                     None => Tensor::zeros(3 * u, x.dtype(), x.device())?,
                 };
-                return Ok(x.contiguous()?.apply_op3(
+                let output = x.contiguous()?.apply_op3(
                     &with_row(kernel, input_bias.as_ref())?,
                     &with_row(recurrent, Some(&rb))?,
                     GruOp::new(seq, projection),
-                )?);
+                )?;
+                if !run.states {
+                    return Ok(vec![output]);
+                }
+                // A masked step repeats the previous output, so the last output is the final
+                // state even where the sequence ends in padding.
+                let h = match rnn.return_sequences {
+                    true => output.narrow(1, output.dim(1)? - 1, 1)?.squeeze(1)?,
+                    false => output.clone(),
+                };
+                return Ok(rnn.outputs(output, vec![h]));
             }
         }
+        let initial = rnn.initial_states(&rnn.shown("GRU"), x, run.initial, 1)?;
         let x_proj = rnn.project(x, kernel, input_bias.as_ref(), drop)?;
-        let zeros = Tensor::zeros((batch, u), x.dtype(), x.device())?;
         let (act, gate) = (rnn.activation, rnn.recurrent_activation);
         let reset_after = self.reset_after;
-        rnn.scan(&x_proj, masks.as_deref(), vec![zeros], |x_t, states| {
+        let (output, states) = rnn.scan(&x_proj, masks.as_deref(), initial, |x_t, states| {
             let h = &states[0];
             let (z, hh) = if reset_after {
                 let mut inner = match drop {
@@ -935,6 +1158,10 @@ impl Gru {
             // h = z · h_prev + (1 - z) · candidate
             let h = ((&z * h)? + (z.affine(-1.0, 1.0)? * hh)?)?;
             Ok(vec![h])
+        })?;
+        Ok(match run.states {
+            true => rnn.outputs(output, states),
+            false => vec![output],
         })
     }
 }
@@ -942,7 +1169,7 @@ impl Gru {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::util::fused_check::{max_diff, random, weighted_sum_grads};
+    use crate::layers::util::fused_check::{max_diff, random};
     use candle_core::{DType, Device};
     use rand::SeedableRng;
 
@@ -951,8 +1178,9 @@ mod tests {
         pub(super) static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
-    /// Runs `layer` on `x` (and `mask`) fused and plain: outputs and the gradients of
-    /// Σ out·w for the input and every weight agree.
+    /// Runs `layer` on `x` (and `mask`) fused and plain: every output (the states too, with
+    /// `return_state`) and the gradients of Σ out·w over them for the input and every weight
+    /// agree.
     fn compare(layer: &mut dyn Layer, x: &Var, mask: Option<&Tensor>, dtype: DType, seed: u64) {
         let dims = x.dims().to_vec();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -971,23 +1199,33 @@ mod tests {
             PLAIN.with(|p| p.set(plain));
             let mut ctx = CallContext::new(true, crate::random::SampleStreams::new(0, 0));
             let masks = [mask.cloned()];
-            let out = layer
-                .call_with_masks(&[x.as_tensor().clone()], &masks, &mut ctx)
+            let outs = layer
+                .call_outputs(&[x.as_tensor().clone()], &masks, &mut ctx)
                 .unwrap();
             PLAIN.with(|p| p.set(false));
-            out
+            outs
         };
         let (fused, plain) = (run(false), run(true));
-        assert_eq!(fused.dims(), plain.dims());
+        assert_eq!(fused.len(), plain.len());
         let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
-        assert!(
-            max_diff(&fused, &plain) < tol,
-            "{dims:?}: {}",
-            max_diff(&fused, &plain)
-        );
-        let w = random(fused.dims(), 7 + seed, dtype);
-        let gf = weighted_sum_grads(fused, w.as_tensor());
-        let gp = weighted_sum_grads(plain, w.as_tensor());
+        let weighted = |outs: &[Tensor]| -> Tensor {
+            let mut total: Option<Tensor> = None;
+            for (k, o) in outs.iter().enumerate() {
+                let w = random(o.dims(), 7 + seed + 100 * k as u64, dtype);
+                let term = (o * w.as_tensor()).unwrap().sum_all().unwrap();
+                total = Some(match total {
+                    Some(t) => (t + term).unwrap(),
+                    None => term,
+                });
+            }
+            total.unwrap()
+        };
+        for (f, p) in fused.iter().zip(&plain) {
+            assert_eq!(f.dims(), p.dims());
+            assert!(max_diff(f, p) < tol, "{dims:?}: {}", max_diff(f, p));
+        }
+        let gf = weighted(&fused).backward().unwrap();
+        let gp = weighted(&plain).backward().unwrap();
         let mut vars = vec![x.clone()];
         vars.extend(layer.weights().into_iter().map(|w| w.var));
         for v in &vars {
@@ -1274,9 +1512,15 @@ mod tests {
                         compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
                         let mut lstm = Lstm::new(u).return_sequences(sequences).use_bias(false);
                         compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
+                        // The fused LSTM's output ends in the final cell state.
+                        let mut lstm = Lstm::new(u).return_sequences(sequences).return_state(true);
+                        compare(&mut lstm, &x, mask.as_ref(), dtype, seed);
                         let mut gru = Gru::new(u).return_sequences(sequences);
                         compare(&mut gru, &x, mask.as_ref(), dtype, seed);
                         let mut gru = Gru::new(u).return_sequences(sequences).use_bias(false);
+                        compare(&mut gru, &x, mask.as_ref(), dtype, seed);
+                        // The fused GRU's final state is its last output.
+                        let mut gru = Gru::new(u).return_sequences(sequences).return_state(true);
                         compare(&mut gru, &x, mask.as_ref(), dtype, seed);
                     }
                 }

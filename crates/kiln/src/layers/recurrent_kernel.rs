@@ -6,7 +6,8 @@
 //! 107 ms R1 step). Here the forward pass runs the steps over the projection in place and keeps
 //! what the backward pass needs (every step's states and gates, time-major so each step's rows
 //! are adjacent) inside the op, not in its output: the output is the layer's own (the state
-//! sequence or the last state), so autograd never pads, zero-fills or adds a gradient the size
+//! sequence or the last state, and the LSTM's final cell state after it when the layer returns
+//! its states), so autograd never pads, zero-fills or adds a gradient the size
 //! of all the gates. The backward pass walks the steps back, one product with the recurrent
 //! kernel per step, and forms the recurrent kernel's gradient in one product over all steps.
 //! The gate nonlinearities run as vectorized polynomials on f32 ([`crate::cpu_math`]).
@@ -90,6 +91,9 @@ pub(crate) struct Sequence {
     pub(crate) mask: Option<Arc<Vec<bool>>>,
     /// The output is every step's state `[batch, steps, units]`, else the last `[batch, units]`.
     pub(crate) return_sequences: bool,
+    /// The LSTM's final cell state follows each sequence's output, as one more step: the
+    /// output is `[batch, steps + 1, units]` or `[batch, 2, units]` (the layer's `return_state`).
+    pub(crate) final_cell: bool,
 }
 
 impl Sequence {
@@ -98,11 +102,18 @@ impl Sequence {
     }
 
     fn output_shape(&self) -> Shape {
-        if self.return_sequences {
-            Shape::from((self.batch, self.steps, self.units))
-        } else {
-            Shape::from((self.batch, self.units))
+        match (self.return_sequences, self.final_cell) {
+            (true, _) => Shape::from((self.batch, self.out_steps(), self.units)),
+            (false, true) => Shape::from((self.batch, 2, self.units)),
+            (false, false) => Shape::from((self.batch, self.units)),
         }
+    }
+
+    /// The states each sequence's output holds: its steps (or the last), then the final cell
+    /// state with [`Sequence::final_cell`].
+    fn out_steps(&self) -> usize {
+        let states = if self.return_sequences { self.steps } else { 1 };
+        states + usize::from(self.final_cell)
     }
 
     /// Where the record of `row` at step `s` starts, for records `width` long. Records are
@@ -141,27 +152,41 @@ impl Sequence {
     }
 
     /// The layer's output: the states (the first `units` of each `width`-wide record of `saved`)
-    /// of every step, batch-major, or of the last step.
+    /// of every step, batch-major, or of the last step; with [`Sequence::final_cell`], each
+    /// sequence's last cell state (the record's next `units`) after them.
     fn output<T: Element>(&self, saved: &[T], width: usize) -> Vec<T> {
         let (b, t, u) = (self.batch, self.steps, self.units);
         let first = if self.return_sequences { 0 } else { t - 1 };
-        let mut out = Vec::with_capacity(b * (t - first) * u);
+        let mut out = Vec::with_capacity(b * self.out_steps() * u);
         for row in 0..b {
             for s in first..t {
                 out.extend_from_slice(&saved[self.record(row, s, width)..][..u]);
+            }
+            if self.final_cell {
+                out.extend_from_slice(&saved[self.record(row, t - 1, width) + u..][..u]);
             }
         }
         out
     }
 
+    /// The output's gradient for the final cell state of `row` ([`Sequence::final_cell`]), or
+    /// `zeros` without it.
+    fn cell_grad_at<'a, T>(&self, grad: &'a [T], zeros: &'a [T], row: usize) -> &'a [T] {
+        let (per, u) = (self.out_steps(), self.units);
+        match self.final_cell {
+            true => &grad[(row * per + per - 1) * u..][..u],
+            false => zeros,
+        }
+    }
+
     /// The output's gradient for the state of `row` at step `s`, or `zeros` where the output
     /// does not contain that state.
     fn grad_at<'a, T>(&self, grad: &'a [T], zeros: &'a [T], row: usize, s: usize) -> &'a [T] {
-        let (t, u) = (self.steps, self.units);
+        let (t, u, per) = (self.steps, self.units, self.out_steps());
         if self.return_sequences {
-            &grad[(row * t + s) * u..][..u]
+            &grad[(row * per + s) * u..][..u]
         } else if s == t - 1 {
-            &grad[row * u..][..u]
+            &grad[row * per * u..][..u]
         } else {
             zeros
         }
@@ -525,7 +550,10 @@ impl LstmOp {
             let n = dz.len() / (t * 4 * u);
             let records = &records[first * t * w..][..n * t * w];
             let mut dh = vec![T::default(); n * u];
-            let mut dc = vec![T::default(); n * u];
+            // The final cell state's own gradient, when it is an output, starts dc.
+            let mut dc: Vec<T> = (0..n)
+                .flat_map(|i| seq.cell_grad_at(gr, &zeros, first + i).iter().copied())
+                .collect();
             let mut carried = vec![T::default(); n * u];
             for s in (0..t).rev() {
                 let dzs = &mut dz[s * n * 4 * u..][..n * 4 * u];

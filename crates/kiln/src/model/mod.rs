@@ -268,7 +268,7 @@ impl Model {
                 (NodeOp::Layer { layer, .. }, None) => {
                     layer.lock().given_name().map(str::to_string)
                 }
-                (NodeOp::Input { .. }, None) => None,
+                (NodeOp::Input { .. } | NodeOp::Output { .. }, None) => None,
             })
             .collect();
         let mut next_suffix: HashMap<&'static str, usize> = HashMap::new();
@@ -410,6 +410,11 @@ impl Model {
                     scope_names[&app.scope.id].clone()
                 }
                 (NodeOp::Layer { layer, .. }, _) => names[&layer.id].clone(),
+                // A layer's later output (an LSTM's state) is named by the layer too.
+                (NodeOp::Output { of, .. }, _) => match &of.0.op {
+                    NodeOp::Layer { layer, .. } => names[&layer.id].clone(),
+                    _ => unreachable!("an output's source is a layer application"),
+                },
                 (NodeOp::Input { .. }, _) => {
                     let i = b
                         .inputs
@@ -802,26 +807,57 @@ impl Model {
             ctx.layer_trainable = step.layer.is_trainable();
             ctx.ranks = self.shard.as_ref().map(|s| s.communicator().clone());
             ctx.relu_follows = may_fuse && self.relu_follows[i];
-            let y = layer
-                .call_with_masks(&xs, &masks, &mut ctx)
-                .map_err(|e| match e {
-                    Error::Candle(c) => {
-                        Error::Graph(format!("layer `{}` failed: {c}", step.layer_name))
-                    }
-                    other => other,
-                })?;
+            let failed = |e| match e {
+                Error::Candle(c) => {
+                    Error::Graph(format!("layer `{}` failed: {c}", step.layer_name))
+                }
+                other => other,
+            };
+            let others = step.node.others();
+            let mut ys = if others.is_empty() {
+                vec![layer
+                    .call_with_masks(&xs, &masks, &mut ctx)
+                    .map_err(failed)?]
+            } else {
+                layer.call_outputs(&xs, &masks, &mut ctx).map_err(failed)?
+            };
+            if ys.len() != others.len() + 1 {
+                return Err(Error::Graph(format!(
+                    "layer `{}` returned {} tensors but declared {} outputs when it was applied: \
+                     make call_outputs and output_shapes agree",
+                    step.layer_name,
+                    ys.len(),
+                    others.len() + 1
+                )));
+            }
             let added = std::mem::take(&mut ctx.added);
-            if let Some(mask) = layer.compute_mask(&xs, &masks)? {
-                pass.masks.insert(step.node.id(), mask);
+            let ids: Vec<usize> = std::iter::once(step.node.id())
+                .chain(others.iter().map(|(id, _)| *id))
+                .collect();
+            let out_masks = if others.is_empty() {
+                vec![layer.compute_mask(&xs, &masks)?]
+            } else {
+                layer.compute_output_masks(&xs, &masks)?
+            };
+            for (id, mask) in ids.iter().zip(out_masks) {
+                if let Some(mask) = mask {
+                    pass.masks.insert(*id, mask);
+                }
             }
             if let Some(reg) = layer.activity_regularizer() {
-                // Keras 3 divides the activity penalty by the batch size.
-                let batch = y.dims().first().copied().unwrap_or(1).max(1);
-                let value = (reg.penalty(&y)? / batch as f64)?;
-                pass.layer_losses
-                    .push((format!("activity_{}", reg.name()), value));
+                // Keras 3 penalizes every output of the layer, each divided by the batch size.
+                for y in &ys {
+                    let batch = y.dims().first().copied().unwrap_or(1).max(1);
+                    let value = (reg.penalty(y)? / batch as f64)?;
+                    pass.layer_losses
+                        .push((format!("activity_{}", reg.name()), value));
+                }
             }
             pass.layer_losses.extend(added);
+            for (id, y) in ids[1..].iter().zip(ys.drain(1..)) {
+                pass.values.insert(*id, y);
+            }
+            let y = ys.remove(0);
             let mut node = step.node.id();
             if ctx.relu_applied {
                 // The output is the ReLU layer's, which keeps the mask; this step's own output
@@ -1230,6 +1266,8 @@ fn keras_layer_order(outputs: &[SymbolicTensor], inputs: &HashSet<usize>) -> Has
                 op: layer.id,
                 parents: t.parents().into_iter().cloned().collect(),
             }),
+            // A layer's later output belongs to the node of its first.
+            NodeOp::Output { of, .. } => coarse(of),
             NodeOp::Input { .. } => None,
         }
     }
@@ -1326,7 +1364,9 @@ impl GraphView {
                     layer_name: s.layer_name.clone(),
                     op: StepOp::Layer(s.layer.clone()),
                     inputs: s.inputs.clone(),
-                    outputs: vec![(s.node.id(), s.node.shape().to_vec())],
+                    outputs: std::iter::once((s.node.id(), s.node.shape().to_vec()))
+                        .chain(s.node.others().iter().cloned())
+                        .collect(),
                 }),
                 Some(app) if applications.insert(app.id) => pending.push(StepView {
                     layer_name: model_names[&app.scope.id].clone(),

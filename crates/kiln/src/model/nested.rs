@@ -296,11 +296,15 @@ impl Model {
             let within = std::iter::once(app.clone())
                 .chain(node.0.within.iter().cloned())
                 .collect();
-            let y = step
+            let ys = step
                 .layer
                 .apply_within(&xs, &ms, false, within)
                 .map_err(|e| e.within(format!("model `{who}`, layer `{}`", step.layer_name)))?;
-            made.insert(node.id(), y);
+            // The step's outputs in order: its node, then the others a multi-output layer makes.
+            let ids = std::iter::once(node.id()).chain(node.others().iter().map(|(id, _)| *id));
+            for (id, y) in ids.zip(ys) {
+                made.insert(id, y);
+            }
         }
         let outputs = self.outputs.iter().map(|o| made[&o.id()].clone()).collect();
         let map = made.into_iter().map(|(k, v)| (k, v.id())).collect();

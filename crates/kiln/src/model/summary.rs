@@ -236,7 +236,10 @@ impl Model {
                             .copied()
                             .chain(step.masks.iter().flatten().copied())
                             .collect(),
-                        outputs: vec![(step.node.id(), step.node.shape().to_vec())],
+                        // A layer of several outputs (an LSTM's states) shows them all.
+                        outputs: std::iter::once((step.node.id(), step.node.shape().to_vec()))
+                            .chain(step.node.others().iter().cloned())
+                            .collect(),
                         params: layer.weights().iter().map(|w| w.var.elem_count()).sum(),
                     });
                 }
