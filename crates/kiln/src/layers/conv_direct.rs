@@ -110,13 +110,65 @@ pub(super) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
         .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) })
 }
 
+/// `s` as f32, writable, when `T` is f32.
+fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: T is f32, checked.
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
+}
+
+/// `out = a · b` for `a` `[rows, k]` and `b` `[k, n]`, row-major, through the forward kernel
+/// (each row of `a` a window of `k` elements), when [`available`] for `T` and `n` is a
+/// multiple of 16 (so `b` needs no padded copy); `false`, with `out` untouched, otherwise.
+/// `gemm` would pack all of `a` first.
+pub(super) fn product<T: 'static>(
+    out: &mut [T],
+    a: &[T],
+    b: &[T],
+    (rows, k, n): (usize, usize, usize),
+) -> bool {
+    if !available::<T>() || n % LANES != 0 || k == 0 || rows == 0 {
+        return false;
+    }
+    let (Some(a), Some(b), Some(out)) = (as_f32(a), as_f32(b), as_f32_mut(out)) else {
+        return false;
+    };
+    let g = Geometry {
+        h: 1,
+        w: 1,
+        c: k,
+        oh: 1,
+        ow: 1,
+        strides: [1, 1],
+    };
+    let taps: Vec<usize> = (0..k).collect();
+    let zeros = vec![0.0; n];
+    // SAFETY: f32 and MaybeUninit<f32> have one layout, and the kernel writes only
+    // initialized values.
+    let out = unsafe {
+        std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), rows * n)
+    };
+    rows_kernel(
+        &g,
+        &a[..rows * k],
+        &taps,
+        &b[..k * n],
+        &zeros,
+        false,
+        0,
+        n,
+        out,
+    );
+    true
+}
+
 /// `f` filters rounded up to whole registers, as the kernels lay them out.
 pub(super) fn padded_filters(f: usize) -> usize {
     f.div_ceil(LANES) * LANES
 }
 
 /// The kernel `[k, f]` and bias `[f]` with the filters padded with zeros to whole registers,
-/// as [`rows`] reads them.
+/// as [`rows_kernel`] reads them.
 pub(super) fn padded(kernel: &[f32], bias: &[f32], f: usize) -> (Vec<f32>, Vec<f32>) {
     let fp = padded_filters(f);
     let mut k = vec![0.0; kernel.len() / f.max(1) * fp];
@@ -135,7 +187,7 @@ pub(super) fn padded(kernel: &[f32], bias: &[f32], f: usize) -> (Vec<f32>, Vec<f
 /// # Panics
 /// Unless [`available`]; when a window reaches past `x`, or the kernel does not fit the taps.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rows(
+pub(super) fn rows_kernel(
     g: &Geometry,
     x: &[f32],
     taps: &[usize],
@@ -203,11 +255,11 @@ mod avx512 {
         ((1u32 << lanes) - 1) as __mmask16
     }
 
-    /// See [`super::rows`]: the filters in groups of up to four registers, each group over
+    /// See [`super::rows_kernel`]: the filters in groups of up to four registers, each group over
     /// every row.
     ///
     /// # Safety
-    /// AVX-512F; the extents [`super::rows`] checks.
+    /// AVX-512F; the extents [`super::rows_kernel`] checks.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn rows(
@@ -250,7 +302,7 @@ mod avx512 {
         }
     }
 
-    /// The arguments of [`rows`], with the output as a pointer to `count` rows of `f`.
+    /// The arguments of [`rows_kernel`], with the output as a pointer to `count` rows of `f`.
     struct Rows<'a> {
         g: &'a Geometry,
         x: &'a [f32],
@@ -268,7 +320,7 @@ mod avx512 {
     /// `P·F` sums in registers; returns `F`.
     ///
     /// # Safety
-    /// AVX-512F; the extents [`super::rows`] checks, and `r0 + F` registers inside the
+    /// AVX-512F; the extents [`super::rows_kernel`] checks, and `r0 + F` registers inside the
     /// padded filters.
     #[target_feature(enable = "avx512f")]
     #[inline]

@@ -165,7 +165,7 @@ impl Conv2dOp {
         (geometry, taps)
     }
 
-    /// [`Conv2dOp::fwd`] for a small window, straight from the input ([`direct::rows`]);
+    /// [`Conv2dOp::fwd`] for a small window, straight from the input ([`direct::rows_kernel`]);
     /// `T` is f32 ([`direct::available`]).
     fn fwd_direct<T: Element>(
         &self,
@@ -184,7 +184,7 @@ impl Conv2dOp {
         unsafe {
             written_in_chunks(d.b * d.oh * d.ow * d.f, tile * d.f, |t, ys: *mut T, len| {
                 let ys = std::slice::from_raw_parts_mut(ys.cast::<MaybeUninit<f32>>(), len);
-                direct::rows(
+                direct::rows_kernel(
                     &geometry,
                     x,
                     &taps,

@@ -1243,6 +1243,9 @@ mod tests {
         (4, 9, 6, 17),
         // More rows than one block of the fused ops (32): two full blocks and a short one.
         (70, 4, 3, 6),
+        // Features in whole registers (16), whose input gradient the direct product forms
+        // in f32 on AVX-512, over a full block and a short one.
+        (40, 6, 16, 7),
     ];
 
     fn mask_for(batch: usize, steps: usize, dtype: DType) -> Tensor {

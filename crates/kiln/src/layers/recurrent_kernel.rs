@@ -378,12 +378,18 @@ impl Projection {
     ) {
         let (t, f) = (seq.steps, self.features);
         let n = dx.len() / (t * f);
-        let time_major = product_new(
-            (n * t, f, gates),
-            Operand::rows(d, gates),
-            Operand::transposed(wb, gates),
-            1,
-        );
+        // d · Wᵀ, with Wᵀ made row-major: the direct kernel reads d in place, where `gemm`
+        // packed all of it first (a tenth of R1's CPU time went to packing).
+        let mut time_major = vec![T::default(); n * t * f];
+        let kernel_t = crate::cpu::transpose(&wb[..f * gates], f, gates, 1);
+        if !super::conv_direct::product(&mut time_major, d, &kernel_t, (n * t, gates, f)) {
+            time_major = product_new(
+                (n * t, f, gates),
+                Operand::rows(d, gates),
+                Operand::transposed(wb, gates),
+                1,
+            );
+        }
         for s in 0..t {
             for i in 0..n {
                 dx[(i * t + s) * f..][..f].copy_from_slice(&time_major[(s * n + i) * f..][..f]);
