@@ -98,7 +98,7 @@ pub mod prelude {
         Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
         GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
         LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
-        NotEqual, Padding, Permute, Reshape,
+        NotEqual, Padding, Permute, ReduceAny, Reshape,
     };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,
