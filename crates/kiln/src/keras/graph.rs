@@ -7,7 +7,7 @@ use super::json::{error_at, short, Obj};
 use super::layers::{self, Made};
 use crate::error::Result;
 use crate::graph::{Input, SharedLayer, SymbolicTensor};
-use crate::layers::{LayerExt, NotEqual, ReduceAny};
+use crate::layers::{LayerExt, LogicalOr, NotEqual, ReduceAny};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -46,6 +46,8 @@ enum MaskOp {
     NotEqual,
     /// `keras.ops.any(mask, axis, keepdims)`: with `NotEqual`, a Masking layer's mask.
     Any { axis: isize, keepdims: bool },
+    /// `keras.ops.logical_or(a, b)`: the mask of an Add or Multiply of masked tensors.
+    Or,
 }
 
 /// One argument tensor of a node, with the shape Keras recorded for it.
@@ -333,6 +335,11 @@ impl<'a> Reader<'a> {
             };
             return Ok((name.clone(), Built::Mask(name.clone(), op)));
         }
+        if class == "LogicalOr" {
+            cfg.ignore(&["name"]);
+            cfg.finish("LogicalOr")?;
+            return Ok((name.clone(), Built::Mask(name.clone(), MaskOp::Or)));
+        }
         if layers::snake_name(class).is_none() {
             return Err(l.error(
                 "class_name",
@@ -454,6 +461,8 @@ impl<'a> Reader<'a> {
         let mut args = Vec::new();
         let mut not_equal = None;
         let is_not_equal = matches!(built, Built::Mask(_, MaskOp::NotEqual));
+        // `logical_or(a, b)` takes its tensors as two arguments.
+        let is_or = matches!(built, Built::Mask(_, MaskOp::Or));
         for (i, a) in args_v.iter().enumerate() {
             let apath = o.at(&format!("args[{i}]"));
             match a {
@@ -467,7 +476,7 @@ impl<'a> Reader<'a> {
                         )?);
                     }
                 }
-                Value::Object(_) if i == 0 => {
+                Value::Object(_) if i == 0 || (is_or && i == 1) => {
                     args.push(tensor_arg(self.file, apath, a, self.legacy)?)
                 }
                 v if is_not_equal && i == 1 && v.as_f64().is_some_and(f64::is_finite) => {
@@ -494,6 +503,9 @@ impl<'a> Reader<'a> {
         }
         if matches!(built, Built::Mask(_, MaskOp::Any { .. })) && args.len() != 1 {
             return Err(o.error("args", "kiln reads Any of one tensor"));
+        }
+        if matches!(built, Built::Mask(_, MaskOp::Or)) && args.len() != 2 {
+            return Err(o.error("args", "kiln reads LogicalOr of two tensors"));
         }
         let kw = o.obj("kwargs")?;
         let mut mask = Vec::new();
@@ -573,7 +585,7 @@ impl<'a> Reader<'a> {
             if matches!(built, Built::Mask(..)) {
                 return Err(l.error(
                     "class_name",
-                    "a mask op (NotEqual, Any) has no place in a Sequential model",
+                    "a mask op (NotEqual, Any, LogicalOr) has no place in a Sequential model",
                 ));
             }
             l.finish("a layer entry")?;
@@ -753,8 +765,8 @@ impl Graph {
                                 file,
                                 &a.path,
                                 format!(
-                                    "the mask `{}` is used as data: kiln reads NotEqual and Any \
-                                     only as masks (a layer's `mask=` argument)",
+                                    "the mask `{}` is used as data: kiln reads NotEqual, Any and \
+                                     LogicalOr only as masks (a layer's `mask=` argument)",
                                     a.r.0
                                 ),
                             ));
@@ -829,6 +841,9 @@ impl Graph {
                                 }
                                 MaskOp::Any { axis, keepdims } => ReduceAny::new(axis)
                                     .keepdims(keepdims)
+                                    .with_name(kiln_name.clone())
+                                    .apply_many(&refs),
+                                MaskOp::Or => LogicalOr::new()
                                     .with_name(kiln_name.clone())
                                     .apply_many(&refs),
                             }

@@ -1,5 +1,5 @@
-//! Layers that make masks: Embedding (with `mask_zero`), Masking, and NotEqual and ReduceAny
-//! (a mask as a tensor of its own, for an explicit mask).
+//! Layers that make masks: Embedding (with `mask_zero`), Masking, and NotEqual, ReduceAny and
+//! LogicalOr (a mask as a tensor of its own, for an explicit mask).
 
 use super::util::{built, make_weight, one_input};
 use super::{BuildContext, CallContext, Layer, Weight};
@@ -413,6 +413,74 @@ impl Layer for ReduceAny {
         } else {
             nonzero.max(a)?
         })
+    }
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Masks joined: 1 where any input is nonzero, else 0 (u8, the inputs' common shape), as
+/// `keras.ops.logical_or(a, b)`. Keras writes it into a model's config for the mask of an
+/// `Add` or `Multiply` of masked tensors that it passes to the next layer explicitly.
+///
+/// ```
+/// use kiln::candle::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let (a, b) = (Input::new([3]), Input::new([3]));
+/// let either = LogicalOr::new().apply_many(&[&a, &b])?;
+/// let model = Model::new(&[a, b], &[either])?;
+/// let x = Tensor::new(&[[1f32, 0., 0.]], &Device::Cpu)?;
+/// let y = Tensor::new(&[[0f32, 0., 2.]], &Device::Cpu)?;
+/// assert_eq!(model.predict(&[x, y], 1)?[0].to_vec2::<u8>()?, vec![vec![1, 0, 1]]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LogicalOr {
+    name: Option<String>,
+}
+
+impl LogicalOr {
+    /// Joins two or more masks of one shape.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The layer's name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for LogicalOr {
+    fn samples_independent(&self) -> bool {
+        true
+    }
+    fn kind(&self) -> &'static str {
+        "logical_or"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        match input_shapes {
+            [first, rest @ ..] if !rest.is_empty() && rest.iter().all(|s| s == first) => {
+                Ok(first.clone())
+            }
+            _ => Err(Error::Graph(format!(
+                "LogicalOr joins two or more masks of one shape, got shapes {input_shapes:?}"
+            ))),
+        }
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let mut out = inputs[0].ne(0f64)?;
+        for x in &inputs[1..] {
+            out = out.maximum(&x.ne(0f64)?)?;
+        }
+        Ok(out)
     }
     fn compute_mask(
         &self,
