@@ -296,7 +296,10 @@ fn options_kiln_lacks_are_refused_by_name_and_place() {
     });
     let result = Model::from_keras(&path);
     std::fs::remove_file(&path).unwrap();
-    let msg = result.err().expect("Adagrad was imported").to_string();
+    let Err(e) = result else {
+        panic!("Adagrad was imported")
+    };
+    let msg = e.to_string();
     assert!(
         msg.contains("compile_config.optimizer") && msg.contains("`Adagrad`"),
         "{msg}"
