@@ -52,14 +52,14 @@ fn case(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn flat(v: &Value, out: &mut Vec<f64>) {
+pub(super) fn flat(v: &Value, out: &mut Vec<f64>) {
     match v {
         Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
         x => out.push(x.as_f64().unwrap()),
     }
 }
 
-fn shape(v: &Value) -> Vec<usize> {
+pub(super) fn shape(v: &Value) -> Vec<usize> {
     let mut s = Vec::new();
     let mut v = v;
     while let Value::Array(a) = v {
@@ -69,14 +69,14 @@ fn shape(v: &Value) -> Vec<usize> {
     s
 }
 
-fn tensor(v: &Value) -> Tensor {
+pub(super) fn tensor(v: &Value) -> Tensor {
     let mut values = Vec::new();
     flat(v, &mut values);
     let values: Vec<f32> = values.into_iter().map(|x| x as f32).collect();
     Tensor::from_vec(values, shape(v), &Device::Cpu).unwrap()
 }
 
-fn values(t: &Tensor) -> Vec<f64> {
+pub(super) fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
         .unwrap()
         .to_dtype(candle_core::DType::F64)
@@ -85,7 +85,7 @@ fn values(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-fn assert_close(what: &str, want: &[f64], got: &[f64], rtol: f64) {
+pub(super) fn assert_close(what: &str, want: &[f64], got: &[f64], rtol: f64) {
     assert_eq!(want.len(), got.len(), "{what}: sizes differ");
     for (i, (w, g)) in want.iter().zip(got).enumerate() {
         let tol = rtol * w.abs().max(1.0) + 1e-6;
@@ -365,7 +365,7 @@ fn lambda_layers_are_refused() {
 }
 
 /// Rewrites a fixture's config.json through `edit`, into a temporary `.keras` file.
-fn edited(name: &str, tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+pub(super) fn edited(name: &str, tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let mut edit = Some(edit);
     use std::io::{Read, Write};
     let mut zip = zip::ZipArchive::new(std::fs::File::open(fixture(name)).unwrap()).unwrap();
@@ -487,10 +487,10 @@ fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place()
         "{msg}"
     );
     let msg = refused_edit("activation", |v| {
-        v["config"]["layers"][1]["config"]["activation"] = "selu".into();
+        v["config"]["layers"][1]["config"]["activation"] = "glu".into();
     });
     assert!(
-        msg.contains("config.layers[1].config.activation") && msg.contains("selu"),
+        msg.contains("config.layers[1].config.activation") && msg.contains("`glu`"),
         "{msg}"
     );
     let msg = refused_edit("class", |v| {

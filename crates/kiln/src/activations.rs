@@ -41,6 +41,30 @@ pub enum Activation {
     Elu,
     /// `max(x, 0.2·x)` (Keras' `leaky_relu` default slope).
     LeakyRelu,
+    /// Scaled ELU, `1.0507·elu(x, 1.6733)` (Klambauer et al. 2017's constants, as Keras).
+    Selu,
+    /// `x / (|x| + 1)`.
+    Softsign,
+    /// `clip(x/6 + 1/2, 0, 1)`, Keras 3's piecewise-linear sigmoid.
+    HardSigmoid,
+    /// `x·hard_sigmoid(x)`, also called hard swish.
+    HardSilu,
+    /// `clip(x, 0, 6)`.
+    Relu6,
+    /// `e^x`.
+    Exponential,
+    /// `x·tanh(softplus(x))`.
+    Mish,
+    /// `log σ(x) = -softplus(-x)`.
+    LogSigmoid,
+    /// `clip(x, -1, 1)`.
+    HardTanh,
+    /// `x - tanh(x)`.
+    TanhShrink,
+    /// `max(x, 0) + min(e^x - 1, 0)` (Keras' `celu` with `alpha = 1`).
+    Celu,
+    /// `(x + √(x² + 4)) / 2` (Keras' `squareplus` with `b = 4`).
+    Squareplus,
 }
 
 impl Activation {
@@ -61,6 +85,22 @@ impl Activation {
             Activation::Softplus => crate::losses::softplus(x)?,
             Activation::Elu => x.elu(1.0)?,
             Activation::LeakyRelu => x.maximum(&x.affine(0.2, 0.0)?)?,
+            Activation::Selu => x
+                .elu(1.673_263_242_354_377_3)?
+                .affine(1.050_700_987_355_480_5, 0.0)?,
+            Activation::Softsign => x.div(&x.abs()?.affine(1.0, 1.0)?)?,
+            Activation::HardSigmoid => hard_sigmoid(x)?,
+            Activation::HardSilu => x.mul(&hard_sigmoid(x)?)?,
+            Activation::Relu6 => x.clamp(0f32, 6f32)?,
+            Activation::Exponential => x.exp()?,
+            Activation::Mish => x.mul(&crate::losses::softplus(x)?.tanh()?)?,
+            Activation::LogSigmoid => crate::losses::softplus(&x.neg()?)?.neg()?,
+            Activation::HardTanh => x.clamp(-1f32, 1f32)?,
+            Activation::TanhShrink => x.sub(&x.tanh()?)?,
+            Activation::Celu => x.relu()?.add(&x.exp()?.affine(1.0, -1.0)?.minimum(0f32)?)?,
+            Activation::Squareplus => x
+                .add(&x.sqr()?.affine(1.0, 4.0)?.sqrt()?)?
+                .affine(0.5, 0.0)?,
         })
     }
 
@@ -78,6 +118,18 @@ impl Activation {
             Activation::Softplus => "softplus",
             Activation::Elu => "elu",
             Activation::LeakyRelu => "leaky_relu",
+            Activation::Selu => "selu",
+            Activation::Softsign => "softsign",
+            Activation::HardSigmoid => "hard_sigmoid",
+            Activation::HardSilu => "hard_silu",
+            Activation::Relu6 => "relu6",
+            Activation::Exponential => "exponential",
+            Activation::Mish => "mish",
+            Activation::LogSigmoid => "log_sigmoid",
+            Activation::HardTanh => "hard_tanh",
+            Activation::TanhShrink => "tanh_shrink",
+            Activation::Celu => "celu",
+            Activation::Squareplus => "squareplus",
         }
     }
 }
@@ -97,12 +149,31 @@ impl FromStr for Activation {
             "softplus" => Activation::Softplus,
             "elu" => Activation::Elu,
             "leaky_relu" => Activation::LeakyRelu,
+            "selu" => Activation::Selu,
+            "softsign" => Activation::Softsign,
+            "hard_sigmoid" => Activation::HardSigmoid,
+            "hard_silu" | "hard_swish" => Activation::HardSilu,
+            "relu6" => Activation::Relu6,
+            "exponential" => Activation::Exponential,
+            "mish" => Activation::Mish,
+            "log_sigmoid" => Activation::LogSigmoid,
+            "hard_tanh" => Activation::HardTanh,
+            "tanh_shrink" => Activation::TanhShrink,
+            "celu" => Activation::Celu,
+            "squareplus" => Activation::Squareplus,
             other => {
                 return Err(invalid(format!(
                     "unknown activation `{other}`: use linear, relu, sigmoid, tanh, softmax, \
-                     log_softmax, gelu, silu, softplus, elu or leaky_relu"
+                     log_softmax, gelu, silu, softplus, elu, leaky_relu, selu, softsign, \
+                     hard_sigmoid, hard_silu, relu6, exponential, mish, log_sigmoid, hard_tanh, \
+                     tanh_shrink, celu or squareplus"
                 )))
             }
         })
     }
+}
+
+/// Keras 3's hard sigmoid, `relu6(x + 3) / 6`.
+fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)
 }

@@ -97,8 +97,8 @@ pub mod prelude {
         ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
         Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
         GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
-        LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
-        NotEqual, Padding, Permute, Reshape,
+        LayerNormalization, LogicalOr, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply,
+        Normalization, NotEqual, Padding, Permute, ReduceAny, Reshape,
     };
     pub use crate::losses::{
         loss_fn, BinaryCrossentropy, BinaryFocalCrossentropy, CategoricalCrossentropy,

@@ -185,7 +185,8 @@ fn loss(cc: &Obj, v: &Value, at: &str) -> Result<LossSpec> {
         Value::Object(_) => {
             let o = Obj::new(v, at.to_string(), cc.file)?;
             let class = o.str("class_name")?.to_string();
-            o.ignore(&["module"]);
+            // One loss object given to several outputs is marked shared; losses hold no state.
+            o.ignore(&["module", "shared_object_id"]);
             let registered = o
                 .get("registered_name")
                 .and_then(Value::as_str)

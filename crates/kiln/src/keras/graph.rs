@@ -7,7 +7,7 @@ use super::json::{error_at, short, Obj};
 use super::layers::{self, Made};
 use crate::error::Result;
 use crate::graph::{Input, SharedLayer, SymbolicTensor};
-use crate::layers::{LayerExt, NotEqual};
+use crate::layers::{LayerExt, LogicalOr, NotEqual, ReduceAny};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -33,10 +33,21 @@ enum Built {
     Layer(SharedLayer),
     /// A nested model: a kiln [`crate::Model`] applied as a layer ([`Graph::as_model`]).
     Nested(Rc<Graph>),
-    /// A `NotEqual(x, value)` op (`keras.ops.not_equal`), under its kiln layer name: a mask
-    /// for an explicit `mask=` argument (an `Embedding(mask_zero=True)`'s mask is one), made a
-    /// kiln [`NotEqual`] layer. Used as data it is refused.
-    Mask(String),
+    /// A mask op under its kiln layer name: a mask for an explicit `mask=` argument (an
+    /// `Embedding(mask_zero=True)`'s mask is one), made a kiln [`NotEqual`] or [`ReduceAny`]
+    /// layer. Used as data it is refused.
+    Mask(String, MaskOp),
+}
+
+/// The ops Keras writes into a config to compute the masks it passes between layers.
+#[derive(Clone, Copy)]
+enum MaskOp {
+    /// `keras.ops.not_equal(x, value)`: an Embedding's `mask_zero` mask, or a user's.
+    NotEqual,
+    /// `keras.ops.any(mask, axis, keepdims)`: with `NotEqual`, a Masking layer's mask.
+    Any { axis: isize, keepdims: bool },
+    /// `keras.ops.logical_or(a, b)`: the mask of an Add or Multiply of masked tensors.
+    Or,
 }
 
 /// One argument tensor of a node, with the shape Keras recorded for it.
@@ -306,7 +317,33 @@ impl<'a> Reader<'a> {
             // An op, not a layer: no group in the weights file. Checked where it is used.
             cfg.ignore(&["name"]);
             cfg.finish("NotEqual")?;
-            return Ok((name.clone(), Built::Mask(name.clone())));
+            return Ok((name.clone(), Built::Mask(name.clone(), MaskOp::NotEqual)));
+        }
+        if class == "Any" {
+            cfg.ignore(&["name"]);
+            let axis = cfg.required("axis")?;
+            let axis = axis.as_i64().ok_or_else(|| {
+                cfg.error(
+                    "axis",
+                    format!(
+                        "{} is not supported: kiln reads Any over one axis (an integer), as \
+                         Keras writes a Masking layer's mask",
+                        short(axis)
+                    ),
+                )
+            })?;
+            let keepdims = cfg.bool_or("keepdims", false)?;
+            cfg.finish("Any")?;
+            let op = MaskOp::Any {
+                axis: axis as isize,
+                keepdims,
+            };
+            return Ok((name.clone(), Built::Mask(name.clone(), op)));
+        }
+        if class == "LogicalOr" {
+            cfg.ignore(&["name"]);
+            cfg.finish("LogicalOr")?;
+            return Ok((name.clone(), Built::Mask(name.clone(), MaskOp::Or)));
         }
         if layers::snake_name(class).is_none() {
             return Err(l.error(
@@ -428,7 +465,9 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| o.error("args", "expected a list"))?;
         let mut args = Vec::new();
         let mut not_equal = None;
-        let is_mask = matches!(built, Built::Mask(_));
+        let is_not_equal = matches!(built, Built::Mask(_, MaskOp::NotEqual));
+        // `logical_or(a, b)` takes its tensors as two arguments.
+        let is_or = matches!(built, Built::Mask(_, MaskOp::Or));
         for (i, a) in args_v.iter().enumerate() {
             let apath = o.at(&format!("args[{i}]"));
             match a {
@@ -442,10 +481,10 @@ impl<'a> Reader<'a> {
                         )?);
                     }
                 }
-                Value::Object(_) if i == 0 => {
+                Value::Object(_) if i == 0 || (is_or && i == 1) => {
                     args.push(tensor_arg(self.file, apath, a, self.legacy)?)
                 }
-                v if is_mask && i == 1 && v.as_f64().is_some_and(f64::is_finite) => {
+                v if is_not_equal && i == 1 && v.as_f64().is_some_and(f64::is_finite) => {
                     not_equal = v.as_f64();
                 }
                 v => {
@@ -460,12 +499,18 @@ impl<'a> Reader<'a> {
                 }
             }
         }
-        if is_mask && (args.len() != 1 || not_equal.is_none()) {
+        if is_not_equal && (args.len() != 1 || not_equal.is_none()) {
             return Err(o.error(
                 "args",
                 "kiln reads NotEqual as a mask of one tensor and a number: \
                  keras.ops.not_equal(tokens, 0)",
             ));
+        }
+        if matches!(built, Built::Mask(_, MaskOp::Any { .. })) && args.len() != 1 {
+            return Err(o.error("args", "kiln reads Any of one tensor"));
+        }
+        if matches!(built, Built::Mask(_, MaskOp::Or)) && args.len() != 2 {
+            return Err(o.error("args", "kiln reads LogicalOr of two tensors"));
         }
         let kw = o.obj("kwargs")?;
         let mut mask = Vec::new();
@@ -575,8 +620,11 @@ impl<'a> Reader<'a> {
                 continue;
             }
             let (lname, built) = self.member(&l, prefix, h5, &mut groups)?;
-            if matches!(built, Built::Mask(_)) {
-                return Err(l.error("class_name", "NotEqual has no place in a Sequential model"));
+            if matches!(built, Built::Mask(..)) {
+                return Err(l.error(
+                    "class_name",
+                    "a mask op (NotEqual, Any, LogicalOr) has no place in a Sequential model",
+                ));
             }
             l.finish("a layer entry")?;
             entries.push(Entry {
@@ -624,7 +672,7 @@ impl Graph {
             match &e.built {
                 Built::Layer(l) => l.set_trainable(false),
                 Built::Nested(g) => g.freeze(),
-                Built::Input | Built::Mask(_) => {}
+                Built::Input | Built::Mask(..) => {}
             }
         }
     }
@@ -713,7 +761,7 @@ impl Graph {
                         }
                         out.remove(0)
                     }
-                    Built::Input | Built::Mask(_) => {
+                    Built::Input | Built::Mask(..) => {
                         unreachable!("not kept in a Sequential model")
                     }
                 };
@@ -724,7 +772,7 @@ impl Graph {
         for (r, t) in self.inputs.iter().zip(inputs) {
             values.insert(r.clone(), t.clone());
         }
-        // The outputs of NotEqual nodes: masks, never data.
+        // The outputs of mask ops: masks, never data (but the input of another mask op).
         let mut masks: std::collections::HashSet<Ref> = Default::default();
         let mut done: Vec<Vec<bool>> = self
             .entries
@@ -750,13 +798,13 @@ impl Graph {
                     }
                     let mut xs = Vec::new();
                     for a in &node.args {
-                        if masks.contains(&a.r) {
+                        if masks.contains(&a.r) && !matches!(e.built, Built::Mask(..)) {
                             return Err(error_at(
                                 file,
                                 &a.path,
                                 format!(
-                                    "the mask `{}` is used as data: kiln reads NotEqual only as \
-                                     a mask (a layer's `mask=` argument)",
+                                    "the mask `{}` is used as data: kiln reads NotEqual, Any and \
+                                     LogicalOr only as masks (a layer's `mask=` argument)",
                                     a.r.0
                                 ),
                             ));
@@ -835,12 +883,23 @@ impl Graph {
                                 values.insert((e.name.clone(), k, j), y);
                             }
                         }
-                        Built::Mask(kiln_name) => {
-                            let value = node.not_equal.expect("checked when read");
-                            let y = NotEqual::new(value)
-                                .with_name(kiln_name.clone())
-                                .apply_many(&refs)
-                                .map_err(layer_error)?;
+                        Built::Mask(kiln_name, op) => {
+                            let y = match *op {
+                                MaskOp::NotEqual => {
+                                    let value = node.not_equal.expect("checked when read");
+                                    NotEqual::new(value)
+                                        .with_name(kiln_name.clone())
+                                        .apply_many(&refs)
+                                }
+                                MaskOp::Any { axis, keepdims } => ReduceAny::new(axis)
+                                    .keepdims(keepdims)
+                                    .with_name(kiln_name.clone())
+                                    .apply_many(&refs),
+                                MaskOp::Or => LogicalOr::new()
+                                    .with_name(kiln_name.clone())
+                                    .apply_many(&refs),
+                            }
+                            .map_err(layer_error)?;
                             masks.insert((e.name.clone(), k, 0));
                             values.insert((e.name.clone(), k, 0), y);
                         }

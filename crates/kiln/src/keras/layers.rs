@@ -141,7 +141,9 @@ fn regularizer(cfg: &Obj, key: &str) -> Result<Option<SharedRegularizer>> {
     }
     let o = Obj::new(v, cfg.at(key), cfg.file)?;
     let class = o.str("class_name")?;
-    o.ignore(&["module"]);
+    // Keras marks an object serialized at several places with `shared_object_id`; a
+    // regularizer holds no state, so a shared one penalizes each weight as a copy would.
+    o.ignore(&["module", "shared_object_id"]);
     o.expect(
         "registered_name",
         |r| r.is_null() || r.as_str() == Some(class),

@@ -207,9 +207,20 @@ impl Conv {
         let k = kernel.var.as_tensor();
         let bias = self.bias.as_ref().map(|b| b.var.as_tensor());
         if self.groups == 1 {
-            return self.convolve(x, k, bias, then_relu);
+            return self.convolve(x, k, bias, self.activation, then_relu);
         }
         // Each group: its channels, its filters (the kernel's last axis, in order), its bias.
+        // An activation over the channels (softmax) runs over all filters once the groups are
+        // joined, as in Keras; an elementwise one runs in each group's op.
+        let across = matches!(
+            self.activation,
+            Activation::Softmax | Activation::LogSoftmax
+        );
+        let inside = if across {
+            Activation::Linear
+        } else {
+            self.activation
+        };
         let out = self.filters / self.groups;
         let last = x.rank() - 1;
         let mut parts = Vec::with_capacity(self.groups);
@@ -217,18 +228,28 @@ impl Conv {
             let xg = x.narrow(last, g * per_group, per_group)?.contiguous()?;
             let kg = k.narrow(k.rank() - 1, g * out, out)?.contiguous()?;
             let bg = bias.map(|b| b.narrow(0, g * out, out)).transpose()?;
-            parts.push(self.convolve(&xg, &kg, bg.as_ref(), false)?.0);
+            parts.push(self.convolve(&xg, &kg, bg.as_ref(), inside, false)?.0);
         }
-        Ok((Tensor::cat(&parts, last)?, false))
+        let y = Tensor::cat(&parts, last)?;
+        Ok((
+            if across {
+                self.activation.apply(&y)?
+            } else {
+                y
+            },
+            false,
+        ))
     }
 
-    /// One convolution of `x` with the Keras-layout kernel `kernel` (one group's), with a
-    /// following layer's ReLU inside the op when `then_relu` and the layer is linear.
+    /// One convolution of `x` with the Keras-layout kernel `kernel` (one group's), then
+    /// `activation`, with a following layer's ReLU inside the op when `then_relu` and the
+    /// activation is linear.
     fn convolve(
         &self,
         x: &Tensor,
         kernel: &Tensor,
         bias: Option<&Tensor>,
+        activation: Activation,
         then_relu: bool,
     ) -> Result<(Tensor, bool)> {
         let layer = self.layer();
@@ -279,8 +300,8 @@ impl Conv {
         let fused = true;
         // ReLU and a linear activation run inside the op, others after it; a linear layer
         // followed by a ReLU layer may run that ReLU inside too.
-        let fold = then_relu && self.activation == Activation::Linear;
-        let relu = match self.activation {
+        let fold = then_relu && activation == Activation::Linear;
+        let relu = match activation {
             Activation::Relu => Some(true),
             Activation::Linear => Some(fold),
             _ => None,
@@ -298,7 +319,7 @@ impl Conv {
         };
         let (y, folded) = match direct {
             Some(y) if relu.is_some() => (y, fold),
-            Some(y) => (self.activation.apply(&y)?, false),
+            Some(y) => (activation.apply(&y)?, false),
             None => {
                 // The op skips the trailing positions no window reaches by itself; candle's
                 // strided backward passes line up only without them.
@@ -311,7 +332,7 @@ impl Conv {
                 if let Some(b) = bias {
                     y = super::channels::bias_add(&y, b)?;
                 }
-                (self.activation.apply(&y)?, false)
+                (activation.apply(&y)?, false)
             }
         };
         Ok((if rank == 1 { y.squeeze(1)? } else { y }, folded))
@@ -650,6 +671,48 @@ mod tests {
     }
 
     type MakeConv = Box<dyn Fn() -> Conv2D>;
+
+    /// A grouped convolution ending in softmax or log-softmax normalizes over all its filters,
+    /// as Keras does (found by a random Keras model: log-softmax per group was off by a
+    /// constant per group): its output is the linear grouped convolution's, then the
+    /// activation over the last axis.
+    #[test]
+    fn grouped_softmax_normalizes_over_every_filter() {
+        for act in [Activation::Softmax, Activation::LogSoftmax] {
+            let run = |activation: Activation| {
+                let mut layer = Conv1D::new(6, 2)
+                    .groups(2)
+                    .padding(Padding::Causal)
+                    .dilation_rate(2)
+                    .activation(activation);
+                let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+                let mut ctx = BuildContext {
+                    device: &Device::Cpu,
+                    dtype: DType::F64,
+                    rng: &mut rng,
+                };
+                layer.build("conv", &[vec![3, 4]], &mut ctx).unwrap();
+                for (i, w) in layer.weights().iter().enumerate() {
+                    w.var
+                        .set(random(w.var.dims(), 11 + i as u64, DType::F64).as_tensor())
+                        .unwrap();
+                }
+                let x = random(&[2, 3, 4], 5, DType::F64);
+                let mut ctx = CallContext::new(false, crate::random::SampleStreams::new(0, 0));
+                layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap()
+            };
+            let want = act.apply(&run(Activation::Linear)).unwrap();
+            assert!(max_diff(&run(act), &want) < 1e-12, "{act:?}");
+        }
+        let sums = Activation::Softmax
+            .apply(&Tensor::new(&[[1f64, 2., 3., 4.]], &Device::Cpu).unwrap())
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!((sums[0] - 1.0).abs() < 1e-12);
+    }
 
     /// The direct convolution equals candle's on odd shapes: batch 1, one channel, sizes not
     /// multiples of 16, strides, dilation, `same` and `valid` padding, Conv1D too, and a batch

@@ -1,5 +1,5 @@
-//! Layers that make masks: Embedding (with `mask_zero`), Masking, and NotEqual (a mask as a
-//! tensor of its own, for an explicit mask).
+//! Layers that make masks: Embedding (with `mask_zero`), Masking, and NotEqual, ReduceAny and
+//! LogicalOr (a mask as a tensor of its own, for an explicit mask).
 
 use super::util::{built, make_weight, one_input};
 use super::{BuildContext, CallContext, Layer, Weight};
@@ -311,6 +311,176 @@ impl Layer for NotEqual {
     }
     fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
         Ok(inputs[0].ne(self.value)?)
+    }
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A mask reduced along one axis: 1 where any entry along `axis` is nonzero, else 0 (u8), as
+/// `keras.ops.any(x, axis, keepdims)`. Keras writes `any(not_equal(x, value), axis=-1)` into a
+/// model's config for the mask of a `Masking` layer that it passes to the next layer
+/// explicitly, so that a Keras file's Masking → LSTM reads back exactly. Like Keras, `axis`
+/// counts the batch as axis 0 (negative from the end) and must not be the batch axis.
+///
+/// ```
+/// use kiln::candle::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let x = Input::new([3, 2]);
+/// let keep = ReduceAny::new(-1).apply(&NotEqual::new(0.0).apply(&x)?)?;
+/// assert_eq!(keep.shape(), &[3]);
+/// let model = Model::new(&[x], &[keep])?;
+/// let steps = Tensor::new(&[[[1f32, 0.], [0., 0.], [0., 2.]]], &Device::Cpu)?;
+/// assert_eq!(model.predict(&[steps], 1)?[0].to_vec2::<u8>()?, vec![vec![1, 0, 1]]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ReduceAny {
+    axis: isize,
+    keepdims: bool,
+    name: Option<String>,
+}
+
+impl ReduceAny {
+    /// Reduces along `axis` (Keras' counting: the batch is axis 0, negative from the end).
+    pub fn new(axis: isize) -> Self {
+        Self {
+            axis,
+            keepdims: false,
+            name: None,
+        }
+    }
+    /// Keeps the reduced axis with size 1 (Keras' `keepdims`; default false).
+    pub fn keepdims(mut self, keep: bool) -> Self {
+        self.keepdims = keep;
+        self
+    }
+    /// The layer's name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The reduced axis among the sample's `rank` axes (the batch not counted).
+    fn sample_axis(&self, rank: usize) -> Result<usize> {
+        let full = rank as isize + 1;
+        let a = if self.axis < 0 {
+            full + self.axis
+        } else {
+            self.axis
+        };
+        if a < 1 || a >= full {
+            return Err(invalid(format!(
+                "ReduceAny: axis {} is not a feature axis of a sample of rank {rank}: give one \
+                 of 1..={rank} or -1..=-{rank}",
+                self.axis
+            )));
+        }
+        Ok(a as usize - 1)
+    }
+}
+
+impl Layer for ReduceAny {
+    fn samples_independent(&self) -> bool {
+        true
+    }
+    fn kind(&self) -> &'static str {
+        "reduce_any"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        let mut shape = one_input("ReduceAny", input_shapes)?.clone();
+        let a = self.sample_axis(shape.len())?;
+        if self.keepdims {
+            shape[a] = 1;
+        } else {
+            shape.remove(a);
+        }
+        Ok(shape)
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let x = &inputs[0];
+        let a = self.sample_axis(x.rank() - 1)? + 1;
+        let nonzero = x.ne(0f64)?;
+        Ok(if self.keepdims {
+            nonzero.max_keepdim(a)?
+        } else {
+            nonzero.max(a)?
+        })
+    }
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Masks joined: 1 where any input is nonzero, else 0 (u8, the inputs' common shape), as
+/// `keras.ops.logical_or(a, b)`. Keras writes it into a model's config for the mask of an
+/// `Add` or `Multiply` of masked tensors that it passes to the next layer explicitly.
+///
+/// ```
+/// use kiln::candle::{Device, Tensor};
+/// use kiln::prelude::*;
+/// let (a, b) = (Input::new([3]), Input::new([3]));
+/// let either = LogicalOr::new().apply_many(&[&a, &b])?;
+/// let model = Model::new(&[a, b], &[either])?;
+/// let x = Tensor::new(&[[1f32, 0., 0.]], &Device::Cpu)?;
+/// let y = Tensor::new(&[[0f32, 0., 2.]], &Device::Cpu)?;
+/// assert_eq!(model.predict(&[x, y], 1)?[0].to_vec2::<u8>()?, vec![vec![1, 0, 1]]);
+/// # Ok::<(), kiln::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LogicalOr {
+    name: Option<String>,
+}
+
+impl LogicalOr {
+    /// Joins two or more masks of one shape.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The layer's name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+impl Layer for LogicalOr {
+    fn samples_independent(&self) -> bool {
+        true
+    }
+    fn kind(&self) -> &'static str {
+        "logical_or"
+    }
+    fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    fn output_shape(&self, input_shapes: &[Vec<usize>]) -> Result<Vec<usize>> {
+        match input_shapes {
+            [first, rest @ ..] if !rest.is_empty() && rest.iter().all(|s| s == first) => {
+                Ok(first.clone())
+            }
+            _ => Err(Error::Graph(format!(
+                "LogicalOr joins two or more masks of one shape, got shapes {input_shapes:?}"
+            ))),
+        }
+    }
+    fn call(&self, inputs: &[Tensor], _ctx: &mut CallContext) -> Result<Tensor> {
+        let mut out = inputs[0].ne(0f64)?;
+        for x in &inputs[1..] {
+            out = out.maximum(&x.ne(0f64)?)?;
+        }
+        Ok(out)
     }
     fn compute_mask(
         &self,

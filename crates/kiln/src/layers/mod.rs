@@ -24,7 +24,7 @@ mod util;
 pub use conv::{Conv1D, Conv2D, Size2};
 pub use core_layers::{ActivationLayer, Dropout, Flatten};
 pub use dense::{dense_forward, Dense};
-pub use embedding::{Embedding, Masking, NotEqual};
+pub use embedding::{Embedding, LogicalOr, Masking, NotEqual, ReduceAny};
 pub use merge::{Add, Concatenate, Multiply};
 pub use normalization::{BatchNormalization, LayerNormalization};
 pub use pooling::{

@@ -444,16 +444,33 @@ impl Global {
                 kept.broadcast_div(&m.sum_keepdim(1)?)?
             }
             (Reduce::Average, _) => x.mean_keepdim(axes.clone())?,
-            (Reduce::Max, _) => {
-                let mut y = x.clone();
-                for &a in &axes {
-                    y = y.max_keepdim(a)?;
-                }
-                y
-            }
+            (Reduce::Max, _) => max_splitting_ties(x, &axes)?,
         };
         Ok(if self.keepdims { y } else { y.flatten_from(1)? })
     }
+}
+
+/// The maximum over `axes` (kept, of size 1), whose gradient is shared equally by the entries
+/// that tie for it, as Keras' `ops.max` (JAX's and TensorFlow's reductions) shares it; candle's
+/// `max` gives each tied entry the whole gradient, so padding steps that repeat one embedding
+/// row would pass it on several times. The value is candle's maximum exactly: the gradient's
+/// path adds `x - x` (zero) weighted by the share of each tied entry.
+fn max_splitting_ties(x: &Tensor, axes: &[usize]) -> Result<Tensor> {
+    let mut max = x.detach();
+    for &a in axes {
+        max = max.max_keepdim(a)?;
+    }
+    let ties = x.detach().broadcast_eq(&max)?.to_dtype(x.dtype())?;
+    let mut count = ties.clone();
+    for &a in axes {
+        count = count.sum_keepdim(a)?;
+    }
+    let share = ties.broadcast_div(&count)?;
+    let mut path = x.sub(&x.detach())?.mul(&share)?;
+    for &a in axes {
+        path = path.sum_keepdim(a)?;
+    }
+    Ok(max.add(&path)?)
 }
 
 macro_rules! global_layer {
@@ -736,6 +753,24 @@ mod tests {
             }
             assert_eq!(dx, want_dx, "{pool:?} {strides:?}");
         }
+    }
+
+    /// Global max pooling gives the maximum, and entries that tie for it share its gradient
+    /// equally (JAX's `max`: 1/2 each for two ties, 1/3 for three), over one axis or two.
+    #[test]
+    fn global_max_shares_the_gradient_of_ties() {
+        let d = Device::Cpu;
+        let x = Var::new(&[[[1f32, 2.], [1., 0.], [0., 2.]]], &d).unwrap();
+        let y = max_splitting_ties(x.as_tensor(), &[1]).unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [1., 2.]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(g, [[[0.5, 0.5], [0.5, 0.], [0., 0.5]]]);
+        let img = Var::new(&[[[[3f32], [3.]], [[3.], [1.]]]], &d).unwrap();
+        let y = max_splitting_ties(img.as_tensor(), &[1, 2]).unwrap();
+        let g = (y * 6.0).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(img.as_tensor()).unwrap().flatten_all().unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [2., 2., 2., 0.]);
     }
 
     /// Every `(i, j, channel)` of an `oh × ow × c` output.

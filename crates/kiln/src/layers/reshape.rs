@@ -194,4 +194,13 @@ impl Layer for Permute {
         order.extend(self.dims.iter().copied());
         Ok(x.permute(order)?.contiguous()?)
     }
+    /// Keras' Permute does not support masking: the mask stops here, as after a Reshape (a
+    /// mask over the steps would not follow them to another axis).
+    fn compute_mask(
+        &self,
+        _inputs: &[Tensor],
+        _masks: &[Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }

@@ -1,9 +1,12 @@
 //! `l1·Σ|x| + l2·Σx²` as one CPU kernel with its own backward: one vectorized pass for the
-//! value, and one for the gradient `l1·sign(x) + 2·l2·x`, added in place to the gradient the
+//! value, and one for the gradient `l1·s(x) + 2·l2·x`, added in place to the gradient the
 //! training step already holds for `x` when `x` is a weight ([`crate::gradients`]). The tensor
 //! expression it replaces made five allocating passes plus candle's zero-filled accumulation.
 //!
-//! `sign(0) = 0`, as in Keras (TensorFlow's and JAX's `abs` have a zero gradient at zero).
+//! `s(x)` is the derivative JAX gives `|x|`: 1 for `x >= 0`, -1 below, so that a weight at
+//! exactly zero (a fresh bias) takes the step Keras 3 on JAX takes (checked on the random
+//! models of tests/fixtures/keras/make_keras_random.py), and the same as candle's own `abs`
+//! (the unfused path). TensorFlow's `abs` has a zero gradient at zero instead.
 
 use crate::cpu::{contiguous, in_parallel, vectorized, with_slice, Real};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
@@ -77,17 +80,11 @@ vectorized! {
 }
 
 vectorized! {
-    /// `target += l1·sign(x) + l2x2·x`.
+    /// `target += l1·s(x) + l2x2·x`, `s(x)` 1 at and above zero, -1 below.
     fn add_gradient<T>(target: &mut [T], x: &[T], l1: T, l2x2: T) {
         let zero = T::default();
         for (t, &v) in target.iter_mut().zip(x) {
-            let sign = if v > zero {
-                l1
-            } else if v < zero {
-                zero - l1
-            } else {
-                zero
-            };
+            let sign = if v < zero { zero - l1 } else { l1 };
             *t = *t + (sign + l2x2 * v);
         }
     }
@@ -119,7 +116,7 @@ fn value<T: Real>(x: &[T], l1: f64, l2: f64) -> T {
     T::from_f64(l1 * abs + l2 * squares)
 }
 
-/// `target += l1·sign(x) + 2·l2·x`, in place, on all matrix-product threads.
+/// `target += l1·s(x) + 2·l2·x`, in place, on all matrix-product threads.
 struct AddGradient {
     l1: f64,
     l2: f64,
@@ -195,7 +192,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Value and gradient equal the tensor expression's (away from zero, where the two agree),
-    /// and the gradient at exactly zero is the L2 part only, as in Keras.
+    /// and the gradient at exactly zero is `l1`, as JAX's (and candle's) `abs` gives it.
     #[test]
     fn fused_penalty_matches_the_tensor_expression() {
         let d = Device::Cpu;
@@ -236,7 +233,20 @@ mod tests {
             .unwrap();
         assert_eq!(
             g0.get(zero.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
-            vec![0.0, 0.0]
+            vec![0.5, 0.5]
+        );
+        // The unfused path (candle's `abs`) agrees.
+        let plain_zero = (zero.as_tensor().abs().unwrap().sum_all().unwrap() * 0.5)
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(
+            plain_zero
+                .get(zero.as_tensor())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![0.5, 0.5]
         );
     }
 }
