@@ -7,7 +7,9 @@
 //! it ran at about 150 (first layer) and 240 (second) GFLOP/s on one core, where the window
 //! matrix with `gemm` had run the first layer at 11. The kernel gradient of a small window
 //! sums, per block of window elements, over blocks of output rows; wider windows keep the
-//! window matrix and `gemm`, whose products are then long enough to pay.
+//! window matrix and `gemm`, whose products are then long enough to pay. A plain product whose
+//! left operand `gemm` would have to pack whole (the recurrent layers' input gradient) runs
+//! through the forward kernel too, each row of the left operand one window.
 //!
 //! The kernels are written with AVX-512 intrinsics, for f32: the same loops in plain Rust were
 //! vectorized across the positions (gathers and scatters) and ran 4× slower than `gemm`. Where
@@ -54,8 +56,8 @@ impl Geometry {
         ((b * self.h + i * self.strides[0]) * self.w + j * self.strides[1]) * self.c
     }
 
-    /// The window bases of output rows `first, first + 1, …`, stepped along: divisions per
-    /// row had cost a fifth of the forward kernel.
+    /// The window bases of output rows `first, first + 1, …`, stepped along: the divisions
+    /// of [`Geometry::base`] per row were among the forward kernel's hottest instructions.
     fn bases_from(&self, first: usize) -> impl Iterator<Item = usize> + '_ {
         let (b, rest) = (first / (self.oh * self.ow), first % (self.oh * self.ow));
         let (mut b, mut i, mut j) = (b, rest / self.ow, rest % self.ow);
@@ -143,10 +145,11 @@ pub(super) fn product<T: 'static>(
     };
     let taps: Vec<usize> = (0..k).collect();
     let zeros = vec![0.0; n];
+    let out = &mut out[..rows * n];
     // SAFETY: f32 and MaybeUninit<f32> have one layout, and the kernel writes only
     // initialized values.
     let out = unsafe {
-        std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), rows * n)
+        std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), out.len())
     };
     rows_kernel(
         &g,
