@@ -227,7 +227,7 @@ mod tests {
         let row_mask = Tensor::new(&[1f32, 0.], &dev).unwrap();
         let passed = |layer: &dyn Layer, x: &Tensor, m: &Tensor| {
             let out = layer
-                .compute_mask(&[x.clone()], &[Some(m.clone())])
+                .compute_mask(std::slice::from_ref(x), &[Some(m.clone())])
                 .unwrap();
             out.map(|o| {
                 o.to_vec2::<f32>()
