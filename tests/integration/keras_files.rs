@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
 /// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 21] = [
+const MODELS: [(&str, f64); 24] = [
     ("mlp_sequential.keras", 1e-5),
     ("functional_two_heads.keras", 1e-5),
     ("nested_shared.keras", 1e-5),
@@ -32,6 +32,9 @@ const MODELS: [(&str, f64); 21] = [
     ("recurrent_state_dropout.keras", 1e-4),
     ("recurrent_states.keras", 1e-4),
     ("recurrent_states_gru.keras", 1e-4),
+    ("recurrent_activations.keras", 1e-4),
+    ("noop_masks.keras", 1e-4),
+    ("pool_ties.keras", 1e-4),
     ("legacy2_sequential.h5", 1e-4),
     ("legacy2_functional.h5", 1e-4),
     ("legacy3_functional.h5", 1e-4),

@@ -411,7 +411,8 @@ fn masks_reach_the_loss_as_keras_computes_them() {
 #[test]
 fn layers_without_a_time_axis_or_mask_support_stop_the_mask() {
     // Keras drops the mask at LSTM(return_sequences=False), global pooling, convolutions,
-    // pooling, Reshape and Flatten: the loss then weighs every entry.
+    // pooling, Reshape and Flatten: the loss then weighs every entry. (A Reshape to the same
+    // shape keeps it on JAX, below; one that changes the shape, even and back, drops it.)
     let x = Tensor::new(
         &[
             [[1f32, 2.], [0., 0.], [0., 0.], [0., 0.]],
@@ -425,7 +426,9 @@ fn layers_without_a_time_axis_or_mask_support_stop_the_mask() {
         ("conv1d", |h| Conv1D::new(2, 1).apply(h)),
         ("max_pooling1d", |h| MaxPooling1D::new(1).apply(h)),
         ("average_pooling1d", |h| AveragePooling1D::new(1).apply(h)),
-        ("reshape", |h| Reshape::new([4, 2]).apply(h)),
+        ("reshape", |h| {
+            Reshape::new([4, 2]).apply(&Reshape::new([8, 1]).apply(h)?)
+        }),
     ];
     for (what, head) in heads {
         let input = Input::new([4, 2]);
@@ -437,6 +440,14 @@ fn layers_without_a_time_axis_or_mask_support_stop_the_mask() {
     // The same probe sees the mask when a layer keeps it.
     let input = Input::new([4, 2]);
     let y = Dense::new(2)
+        .apply(&Masking::new(0.0).apply(&input).unwrap())
+        .unwrap();
+    let mut model = Model::new(&[input], &[y]).unwrap();
+    let got = mask_reaching_the_loss(&mut model, vec![x.clone()], &[2, 4, 2]);
+    assert_eq!(got, 1.0 + 16.0 + 32.0);
+    // So does a Reshape to the input's own shape, as Keras 3 on JAX (the same array comes back).
+    let input = Input::new([4, 2]);
+    let y = Reshape::new([4, 2])
         .apply(&Masking::new(0.0).apply(&input).unwrap())
         .unwrap();
     let mut model = Model::new(&[input], &[y]).unwrap();

@@ -208,12 +208,14 @@ impl Layer for Flatten {
         let batch = x.dims()[0];
         Ok(x.reshape((batch, x.elem_count() / batch.max(1)))?)
     }
-    fn compute_mask(
-        &self,
-        _inputs: &[Tensor],
-        _masks: &[Option<Tensor>],
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
+    /// Keras' Flatten does not support masking, so the mask stops here, except on samples
+    /// that are flat already: Keras 3 on JAX then gets the input array back from `reshape`,
+    /// with the mask attached to it.
+    fn compute_mask(&self, inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        Ok(match inputs[0].rank() {
+            2 => masks.first().cloned().flatten(),
+            _ => None,
+        })
     }
 }
 

@@ -174,7 +174,8 @@ impl Pool {
             let (b, c) = (x.dims()[0], x.dims()[3]);
             let blocks = x.contiguous()?.reshape((b, oh, pool[0], ow, pool[1], c))?;
             match self.reduce {
-                Reduce::Max => blocks.max(4)?.max(2)?,
+                // Along the columns, then the rows: the first of the row-major window.
+                Reduce::Max => max_to_first(&max_to_first(&blocks, 4)?, 2)?,
                 Reduce::Average => blocks.mean(4)?.mean(2)?,
             }
         } else {
@@ -188,7 +189,7 @@ impl Pool {
             }
             let stacked = Tensor::stack(&views, 4)?;
             match self.reduce {
-                Reduce::Max => stacked.max(4)?,
+                Reduce::Max => max_to_first(&stacked, 4)?,
                 Reduce::Average => (stacked.sum(4)? / (pool[0] * pool[1]) as f64)?,
             }
         };
@@ -450,6 +451,29 @@ impl Global {
     }
 }
 
+/// The maximum of `x` over `dim`, whose gradient goes to the first entry that reaches it alone,
+/// as a window's in Keras 3 on JAX (and TensorFlow) and the fused CPU op: candle's `max` gives
+/// every tied entry the whole gradient, so a window of equal values passed it on several times.
+/// The value is that entry itself.
+fn max_to_first(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.detach().max_keepdim(dim)?;
+    let ties = x.detach().broadcast_eq(&max)?;
+    // Among the tied entries, the one with no tie before it (candle's cumsum is a product
+    // that wants its axis last and contiguous).
+    let last = x.rank() - 1;
+    let running = ties
+        .to_dtype(x.dtype())?
+        .transpose(dim, last)?
+        .contiguous()?
+        .cumsum(last)?;
+    let first = running.transpose(dim, last)?.eq(1.0)?.mul(&ties)?;
+    // Selected rather than multiplied: the padding's -inf times 0 would be NaN.
+    let picked = first.where_cond(x, &x.zeros_like()?)?.sum_keepdim(dim)?;
+    // A window of NaN ties with nothing: it keeps candle's maximum (and no gradient).
+    let found = first.max_keepdim(dim)?;
+    Ok(found.where_cond(&picked, &max)?.squeeze(dim)?)
+}
+
 /// The maximum over `axes` (kept, of size 1), whose gradient is shared equally by the entries
 /// that tie for it, as Keras' `ops.max` (JAX's and TensorFlow's reductions) shares it; candle's
 /// `max` gives each tied entry the whole gradient, so padding steps that repeat one embedding
@@ -707,13 +731,25 @@ mod tests {
         let v: Vec<f64> = (0..2 * h * w * c)
             .map(|_| values[rng.random_range(0..values.len())])
             .collect();
-        for (pool, strides) in [([2, 2], [2, 2]), ([3, 2], [1, 1]), ([2, 3], [1, 2])] {
+        let cases = [([2, 2], [2, 2]), ([3, 2], [1, 1]), ([2, 3], [1, 2])];
+        for ((pool, strides), plain) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+            // The plain graph's NaN is candle's maximum's: there, ties and zeros are checked.
+            let v: Vec<f64> = match plain {
+                true => v
+                    .iter()
+                    .map(|&e| if e.is_nan() { 1.5 } else { e })
+                    .collect(),
+                false => v.clone(),
+            };
             let x =
                 Var::from_tensor(&Tensor::from_vec(v.clone(), (2, h, w, c), &Device::Cpu).unwrap())
                     .unwrap();
             let layer = MaxPooling2D::new((pool[0], pool[1])).strides((strides[0], strides[1]));
             let mut ctx = CallContext::new(true, crate::random::SampleStreams::new(0, 0));
-            let y = layer.call(&[x.as_tensor().clone()], &mut ctx).unwrap();
+            PLAIN.with(|p| p.set(plain));
+            let y = layer.call(&[x.as_tensor().clone()], &mut ctx);
+            PLAIN.with(|p| p.set(false));
+            let y = y.unwrap();
             let (oh, ow) = (
                 (h - pool[0]) / strides[0] + 1,
                 (w - pool[1]) / strides[1] + 1,
@@ -747,11 +783,15 @@ mod tests {
                         }
                     }
                     let o = ((n * oh + i) * ow + j) * c + ch;
-                    assert_eq!(y[o].to_bits(), v[best].to_bits(), "{pool:?} output {o}");
+                    // The fused op keeps the sign of a zero; the plain graph's sum may not.
+                    match plain {
+                        false => assert_eq!(y[o].to_bits(), v[best].to_bits(), "{pool:?} {o}"),
+                        true => assert_eq!(y[o], v[best], "{pool:?} output {o}"),
+                    }
                     want_dx[best] += g[o];
                 }
             }
-            assert_eq!(dx, want_dx, "{pool:?} {strides:?}");
+            assert_eq!(dx, want_dx, "{pool:?} {strides:?} plain {plain}");
         }
     }
 

@@ -105,12 +105,15 @@ impl Layer for Reshape {
         shape.extend(self.resolve(&x.dims()[1..])?);
         Ok(x.reshape(shape)?)
     }
-    fn compute_mask(
-        &self,
-        _inputs: &[Tensor],
-        _masks: &[Option<Tensor>],
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
+    /// Keras' Reshape does not support masking, so the mask stops here, except where the
+    /// target is the input's own shape: Keras 3 on JAX then gets the input array back from
+    /// `reshape`, with the mask attached to it, and the layers after it see that mask.
+    fn compute_mask(&self, inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        let sample = &inputs[0].dims()[1..];
+        Ok(match self.resolve(sample)? == sample {
+            true => masks.first().cloned().flatten(),
+            false => None,
+        })
     }
 }
 
@@ -195,12 +198,68 @@ impl Layer for Permute {
         Ok(x.permute(order)?.contiguous()?)
     }
     /// Keras' Permute does not support masking: the mask stops here, as after a Reshape (a
-    /// mask over the steps would not follow them to another axis).
-    fn compute_mask(
-        &self,
-        _inputs: &[Tensor],
-        _masks: &[Option<Tensor>],
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
+    /// mask over the steps would not follow them to another axis). The identity order is the
+    /// exception: Keras 3 on JAX gets the input array back from `transpose`, with its mask.
+    fn compute_mask(&self, _inputs: &[Tensor], masks: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+        let identity = self.dims.iter().enumerate().all(|(i, &d)| d == i + 1);
+        Ok(match identity {
+            true => masks.first().cloned().flatten(),
+            false => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Flatten;
+    use candle_core::{DType, Device};
+
+    /// As Keras 3 on JAX: a Reshape to the input's own shape (spelled out or with -1), an
+    /// identity Permute and a Flatten of flat samples pass the mask on unchanged; any change of
+    /// shape or order stops it.
+    #[test]
+    fn only_layers_that_change_nothing_pass_the_mask_on() {
+        let dev = Device::Cpu;
+        let seq = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+        let flat = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 0.], [1., 0., 0.]], &dev).unwrap();
+        let row_mask = Tensor::new(&[1f32, 0.], &dev).unwrap();
+        let passed = |layer: &dyn Layer, x: &Tensor, m: &Tensor| {
+            let out = layer
+                .compute_mask(std::slice::from_ref(x), &[Some(m.clone())])
+                .unwrap();
+            out.map(|o| {
+                o.to_vec2::<f32>()
+                    .unwrap_or_else(|_| vec![o.to_vec1().unwrap()])
+            })
+        };
+        let kept = Some(mask.to_vec2::<f32>().unwrap());
+        for target in [vec![3, 4], vec![-1, 4], vec![3, -1]] {
+            assert_eq!(
+                passed(&Reshape::new(target.clone()), &seq, &mask),
+                kept,
+                "{target:?}"
+            );
+        }
+        for target in [vec![4, 3], vec![12], vec![-1, 2], vec![3, 2, 2]] {
+            assert_eq!(
+                passed(&Reshape::new(target.clone()), &seq, &mask),
+                None,
+                "{target:?}"
+            );
+        }
+        assert_eq!(passed(&Permute::new([1, 2]), &seq, &mask), kept);
+        assert_eq!(passed(&Permute::new([2, 1]), &seq, &mask), None);
+        assert_eq!(passed(&Flatten::new(), &seq, &mask), None);
+        assert_eq!(
+            passed(&Flatten::new(), &flat, &row_mask),
+            Some(vec![vec![1.0, 0.0]])
+        );
+        // No mask in, none out.
+        assert!(Reshape::new([3, 4])
+            .compute_mask(&[seq], &[None])
+            .unwrap()
+            .is_none());
     }
 }
