@@ -72,10 +72,7 @@ impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Linear => x.clone(),
-            Activation::Relu => match crate::layers::relu_kernel::relu(x)? {
-                Some(y) => y,
-                None => x.relu()?,
-            },
+            Activation::Relu => crate::layers::relu_kernel::relu_keras(x)?,
             Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
             Activation::Tanh => x.tanh()?,
             Activation::Softmax => crate::softmax::softmax_last(x)?,

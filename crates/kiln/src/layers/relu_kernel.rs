@@ -67,6 +67,23 @@ pub(crate) fn relu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     Ok(Some(x.apply_op1(ReluOp)?))
 }
 
+/// `max(x, 0)` for any tensor, with Keras' gradient (0 at exactly 0) on every path: the CPU op
+/// (a strided view made contiguous first), else `x · [x > 0]` with the mask a constant. candle's
+/// own `relu` gives a gradient of 1 at 0, which an LSTM's sliced gates met on zero-padded input.
+pub(crate) fn relu_keras(x: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = relu(x)? {
+        return Ok(y);
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.elem_count() > 0 {
+        if let Some(y) = relu(&x.contiguous()?)? {
+            return Ok(y);
+        }
+    }
+    let keep = x.gt(0.0)?.to_dtype(x.dtype())?;
+    // `+ 0` turns the `-0.0` of a negative times 0 into `0.0`, as `max` gives.
+    (x * keep)?.affine(1.0, 0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +114,28 @@ mod tests {
                 let expect = if v[i] > 0.0 { w[i] } else { 0.0 };
                 assert_eq!(g[i], expect, "element {i} of {n}: x = {}", v[i]);
             }
+        }
+        // A strided view and a dtype the op does not take (bf16) get the same values and the
+        // same gradient, 0 at exactly 0 (candle's `relu` gives 1 there).
+        let v = [0.0f32, -1.5, 2.0, 0.0, 3.0, -0.0];
+        let x = Var::from_vec(v.to_vec(), (2, 3), &Device::Cpu).unwrap();
+        for (view, dtype) in [(true, DType::F32), (false, DType::BF16)] {
+            let input = x.as_tensor().to_dtype(dtype).unwrap();
+            let input = if view { input.t().unwrap() } else { input };
+            let y = relu_keras(&input).unwrap();
+            let values = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            let values = values.to_vec1::<f32>().unwrap();
+            let order: Vec<usize> = if view {
+                vec![0, 3, 1, 4, 2, 5]
+            } else {
+                (0..6).collect()
+            };
+            let want: Vec<f32> = order.iter().map(|&i| v[i].max(0.0)).collect();
+            assert_eq!(values, want, "{dtype:?}, view {view}");
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+            let g = g.to_vec1::<f32>().unwrap();
+            assert_eq!(g, [0.0, 0.0, 1.0, 0.0, 1.0, 0.0], "{dtype:?}, view {view}");
         }
         let nan = Tensor::new(&[f64::NAN, -1.0, 2.0], &Device::Cpu).unwrap();
         let y = relu(&nan).unwrap().unwrap().to_vec1::<f64>().unwrap();
