@@ -1061,3 +1061,63 @@ fn get_weights_follow_keras_order_on_a_branching_graph() {
 fn values_of(model: &Model, name: &str) -> Vec<f64> {
     values(model.weight(name).unwrap().var.as_tensor())
 }
+
+/// Keras stores `model.weights.h5` uncompressed in the zip, so its HDF5 signature can sit at
+/// an offset where HDF5 allows a superblock (512, 1024, …): such a `.keras` file is still an
+/// archive, not a legacy `.h5` file (a real Keras file with its weights at byte 8192 was read
+/// as HDF5 and refused). Each offset is made by padding config.json with spaces.
+#[test]
+fn a_keras_archive_whose_weights_start_where_hdf5_could_is_still_an_archive() {
+    use std::io::{Read, Write};
+    let mut zip =
+        zip::ZipArchive::new(std::fs::File::open(fixture("mlp_sequential.keras")).unwrap())
+            .unwrap();
+    let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).unwrap();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        parts.push((f.name().unwrap().to_string(), bytes));
+    }
+    parts.sort_by_key(|(n, _)| n == "model.weights.h5");
+    let c = case("mlp_sequential");
+    let mut want = Vec::new();
+    flat(&c["predictions"][0], &mut want);
+    let dir = std::env::temp_dir().join(format!("kiln-zip-offset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |path: &Path, pad: usize| -> u64 {
+        let mut w = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (n, bytes) in &parts {
+            w.start_file(n.as_str(), stored).unwrap();
+            w.write_all(bytes).unwrap();
+            if n == "config.json" {
+                w.write_all(&vec![b' '; pad]).unwrap();
+            }
+        }
+        w.finish().unwrap();
+        let mut z = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+        let start = z.by_name("model.weights.h5").unwrap().data_start();
+        start.expect("a member's data offset")
+    };
+    let start = write(&dir.join("unpadded.keras"), 0);
+    // The superblock offsets HDF5 searches (powers of two from 512) past the other members.
+    let offsets: Vec<u64> = (9..20)
+        .map(|k| 1u64 << k)
+        .filter(|o| *o >= start)
+        .take(3)
+        .collect();
+    for offset in offsets {
+        let path = dir.join(format!("weights_at_{offset}.keras"));
+        assert_eq!(write(&path, (offset - start) as usize), offset);
+        let model = Model::from_keras(&path).unwrap_or_else(|e| panic!("offset {offset}: {e}"));
+        assert_close(
+            &format!("weights at {offset}"),
+            &want,
+            &values(&predictions(&model, &c)[0]),
+            1e-5,
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -434,7 +434,7 @@ fn summary(run: &Path) -> crate::Result<()> {
 fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
     let model = crate::Model::from_keras(source)?;
     // Told by content, as Model::from_keras tells them.
-    let copy = match hdf5_pure::is_hdf5(source).map_err(|e| crate::io::io_error(source, e))? {
+    let copy = match crate::keras::is_legacy_h5(source)? {
         true => "model.h5",
         false => "model.keras",
     };

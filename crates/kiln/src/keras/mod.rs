@@ -79,6 +79,23 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
     )
 }
 
+/// Whether `path` is a legacy Keras `.h5` file rather than a `.keras` archive, told by its
+/// content whatever its name. A zip archive (its first bytes `PK\x03\x04`) is a `.keras`
+/// file even when the HDF5 signature appears at an offset HDF5 allows for a superblock (512,
+/// 1024, … 8192): Keras stores `model.weights.h5` uncompressed, so it can start there.
+pub(crate) fn is_legacy_h5(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| crate::io::io_error(path, e))?;
+    let n = f
+        .read(&mut head)
+        .map_err(|e| crate::io::io_error(path, e))?;
+    if n == 4 && head == *b"PK\x03\x04" {
+        return Ok(false);
+    }
+    hdf5_pure::is_hdf5(path).map_err(|e| crate::io::io_error(path, e))
+}
+
 /// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
 /// and the file has one.
 ///
@@ -98,8 +115,7 @@ pub(crate) fn compile_config_of(model: &Model) -> Result<crate::model::Compile> 
 pub fn load(path: impl AsRef<Path>, compile: bool) -> Result<Model> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    // A legacy `.h5` file is told by its content (the HDF5 signature), whatever its name.
-    let is_h5 = hdf5_pure::is_hdf5(path).map_err(|e| crate::io::io_error(path, e))?;
+    let is_h5 = is_legacy_h5(path)?;
     let (mut config, keras_version, weights, file) = if is_h5 {
         let bytes = std::fs::read(path).map_err(|e| crate::io::io_error(path, e))?;
         let l = legacy::read(bytes, &shown)?;
