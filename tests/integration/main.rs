@@ -14,6 +14,7 @@ mod inference_pieces;
 mod keras_compile_export;
 mod keras_export;
 mod keras_files;
+mod keras_metrics;
 mod keras_random;
 mod keras_reference;
 mod keras_weights_only;

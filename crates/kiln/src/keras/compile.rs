@@ -160,18 +160,73 @@ fn number(cc: &Obj, v: &Value, key: &str) -> Result<f64> {
 fn metric(cc: &Obj, v: &Value, key: &str) -> Result<MetricSpec> {
     let name = match v {
         Value::String(s) => s.clone(),
-        Value::Object(m) if is_object_config(m) => {
-            let class = m.get("class_name").and_then(Value::as_str).unwrap_or("?");
-            return Err(cc.error(
-                key,
-                format!("metric object `{class}` is not supported: kiln imports the metrics it has by name (accuracy, binary_accuracy, categorical_accuracy, sparse_categorical_accuracy, mae, mse)"),
-            ));
-        }
+        Value::Object(m) if is_object_config(m) => return metric_object(cc, v, key),
         other => return Err(cc.error(key, format!("expected a metric name, got {}", short(other)))),
     };
     let spec = MetricSpec::Named(name.clone());
     spec.resolve().map_err(|e| cc.error(key, e))?;
     Ok(spec)
+}
+
+/// A serialized Keras metric (`{"class_name": "AUC", "config": {"name": "pr_auc", "curve":
+/// "PR", …}}`): the kiln metric of that class with every parameter, logged under its name.
+fn metric_object(cc: &Obj, v: &Value, key: &str) -> Result<MetricSpec> {
+    let o = Obj::new(v, key.to_string(), cc.file)?;
+    let class = o.str("class_name")?.to_string();
+    o.ignore(&["module", "shared_object_id"]);
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class.as_str()),
+        "built-in metrics",
+    )?;
+    let Some(kiln_name) = crate::metrics::config::metric_name_of_class(&class) else {
+        return Err(o.error(
+            "class_name",
+            format!(
+                "kiln has no metric `{class}`: kiln has {}",
+                crate::metrics::config::KERAS_METRIC_CLASSES.join(", ")
+            ),
+        ));
+    };
+    let cfg = o.obj("config")?;
+    let log_name = cfg.str("name")?.to_string();
+    match cfg.get("dtype") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(d)) if d == "float32" => {}
+        Some(other) => {
+            return Err(cfg.error(
+                "dtype",
+                format!(
+                    "{} is not supported: kiln's metrics compute in float32 and float64",
+                    short(other)
+                ),
+            ))
+        }
+    }
+    // Keras writes every parameter; a null one is its default, except R2Score's
+    // class_aggregation, where null means no aggregation.
+    let params: serde_json::Map<String, Value> = cfg
+        .rest()
+        .into_iter()
+        .filter(|(k, v)| {
+            !matches!(k.as_str(), "name" | "dtype") && (!v.is_null() || *k == "class_aggregation")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let params = Value::Object(params);
+    let place = format!("{}: {key}.config", cc.file);
+    let metric = crate::metrics::config::metric_from_config(
+        kiln_name,
+        &crate::losses::config::JsonParams::new(&params, place.clone()),
+    )
+    .map_err(|e| Error::Data(format!("{place}: {e}")))?;
+    let metric = if metric.name() == log_name {
+        metric
+    } else {
+        crate::metrics::renamed(metric, log_name)
+    };
+    o.finish("a metric")?;
+    Ok(MetricSpec::from(metric))
 }
 
 /// A loss: a name (built in or registered), or a serialized Keras loss.

@@ -95,14 +95,18 @@ pub(crate) fn compile_config(
         vec![Vec::new(); outputs.len()],
     ];
     for m in &c.metrics {
-        let name = m.keras_name.clone().ok_or_else(|| {
-            refuse(format!(
-                "metric `{}` has no Keras name with the same parameters (give it to compile by \
-                 a Keras name such as \"accuracy\" or \"mae\", or with its default parameters)",
-                m.log_name
-            ))
-        })?;
-        metrics[usize::from(m.weighted)][m.output].push(Value::String(name));
+        // By the name it was given, else as a Keras metric object with its parameters.
+        let value = match &m.keras_name {
+            Some(name) => Value::String(name.clone()),
+            None => m.metric.keras_config().ok_or_else(|| {
+                refuse(format!(
+                    "metric `{}` has no Keras equivalent (Keras has no metric class for it; \
+                     kiln exports its built-in metrics, by name or with their parameters)",
+                    m.log_name
+                ))
+            })?,
+        };
+        metrics[usize::from(m.weighted)][m.output].push(value);
     }
     let [plain, weighted] = metrics.map(|lists| {
         if lists.iter().all(Vec::is_empty) {

@@ -4,9 +4,9 @@
 //! key is an error naming it, through the same [`Params`] the losses use.
 
 use super::{
-    Accuracy, Auc, AucCurve, Average, ClassAggregation, F1Score, FBetaScore, MeanAbsoluteError,
-    MeanMetric, MeanSquaredError, Metric, Precision, R2Score, Recall, RootMeanSquaredError,
-    SummationMethod, TopKCategoricalAccuracy,
+    Accuracy, Auc, AucCurve, Average, ClassAggregation, F1Score, FBetaScore, LossMetric,
+    MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric, Precision, R2Score, Recall,
+    RootMeanSquaredError, SummationMethod, TopKCategoricalAccuracy,
 };
 use crate::error::{invalid, Result};
 use crate::losses::config::{Bounds, ParamValue, Params, Reader};
@@ -47,7 +47,96 @@ pub const METRICS: &[(&str, &[&str])] = &[
     ),
     ("f1_score", &["average", "threshold"]),
     ("f_beta_score", &["average", "beta", "threshold"]),
+    // Keras' loss functions as metrics (`LossMetric`).
+    ("mape", &[]),
+    ("mean_absolute_percentage_error", &[]),
+    ("msle", &[]),
+    ("mean_squared_logarithmic_error", &[]),
+    ("log_cosh_error", &[]),
+    ("logcosh", &[]),
+    ("hinge", &[]),
+    ("squared_hinge", &[]),
+    ("categorical_hinge", &[]),
+    ("kl_divergence", &[]),
+    ("poisson", &[]),
+    ("cosine_similarity", &["axis"]),
+    ("binary_crossentropy", &["from_logits", "label_smoothing"]),
+    (
+        "categorical_crossentropy",
+        &["from_logits", "label_smoothing", "axis"],
+    ),
+    ("sparse_categorical_crossentropy", &["from_logits", "axis"]),
 ];
+
+/// The Keras metric classes kiln has ([`metric_name_of_class`]).
+pub const KERAS_METRIC_CLASSES: &[&str] = &[
+    "BinaryAccuracy",
+    "CategoricalAccuracy",
+    "SparseCategoricalAccuracy",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "RootMeanSquaredError",
+    "R2Score",
+    "TopKCategoricalAccuracy",
+    "SparseTopKCategoricalAccuracy",
+    "Precision",
+    "Recall",
+    "AUC",
+    "F1Score",
+    "FBetaScore",
+    "MeanAbsolutePercentageError",
+    "MeanSquaredLogarithmicError",
+    "LogCoshError",
+    "Hinge",
+    "SquaredHinge",
+    "CategoricalHinge",
+    "KLDivergence",
+    "Poisson",
+    "CosineSimilarity",
+    "BinaryCrossentropy",
+    "CategoricalCrossentropy",
+    "SparseCategoricalCrossentropy",
+];
+
+/// The metric name [`metric_from_config`] takes for a Keras metric class (`AUC` → `auc`), for
+/// metric objects in a Keras `compile_config`; `None` for a class kiln does not have.
+///
+/// ```
+/// assert_eq!(kiln::metrics::config::metric_name_of_class("AUC"), Some("auc"));
+/// assert_eq!(kiln::metrics::config::metric_name_of_class("LogCoshError"), Some("log_cosh_error"));
+/// assert_eq!(kiln::metrics::config::metric_name_of_class("MeanIoU"), None);
+/// ```
+pub fn metric_name_of_class(class: &str) -> Option<&'static str> {
+    Some(match class {
+        "BinaryAccuracy" => "binary_accuracy",
+        "CategoricalAccuracy" => "categorical_accuracy",
+        "SparseCategoricalAccuracy" => "sparse_categorical_accuracy",
+        "MeanAbsoluteError" => "mean_absolute_error",
+        "MeanSquaredError" => "mean_squared_error",
+        "RootMeanSquaredError" => "root_mean_squared_error",
+        "R2Score" => "r2_score",
+        "TopKCategoricalAccuracy" => "top_k_categorical_accuracy",
+        "SparseTopKCategoricalAccuracy" => "sparse_top_k_categorical_accuracy",
+        "Precision" => "precision",
+        "Recall" => "recall",
+        "AUC" => "auc",
+        "F1Score" => "f1_score",
+        "FBetaScore" => "f_beta_score",
+        "MeanAbsolutePercentageError" => "mean_absolute_percentage_error",
+        "MeanSquaredLogarithmicError" => "mean_squared_logarithmic_error",
+        "LogCoshError" => "log_cosh_error",
+        "Hinge" => "hinge",
+        "SquaredHinge" => "squared_hinge",
+        "CategoricalHinge" => "categorical_hinge",
+        "KLDivergence" => "kl_divergence",
+        "Poisson" => "poisson",
+        "CosineSimilarity" => "cosine_similarity",
+        "BinaryCrossentropy" => "binary_crossentropy",
+        "CategoricalCrossentropy" => "categorical_crossentropy",
+        "SparseCategoricalCrossentropy" => "sparse_categorical_crossentropy",
+        _ => return None,
+    })
+}
 
 /// No parameters: a metric given by name alone.
 struct NoParams;
@@ -298,7 +387,32 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
                 Box::new(m)
             }
         }
-        _ => unreachable!("every name in METRICS is built above"),
+        "cosine_similarity" => {
+            let axis = r.axis()?;
+            mean(LossMetric::similarity(axis).with_name(name))
+        }
+        loss_name => {
+            let class = match loss_name {
+                "mape" | "mean_absolute_percentage_error" => "MeanAbsolutePercentageError",
+                "msle" | "mean_squared_logarithmic_error" => "MeanSquaredLogarithmicError",
+                "log_cosh_error" | "logcosh" => "LogCosh",
+                "hinge" => "Hinge",
+                "squared_hinge" => "SquaredHinge",
+                "categorical_hinge" => "CategoricalHinge",
+                "kl_divergence" => "KLDivergence",
+                "poisson" => "Poisson",
+                "binary_crossentropy" => "BinaryCrossentropy",
+                "categorical_crossentropy" => "CategoricalCrossentropy",
+                "sparse_categorical_crossentropy" => "SparseCategoricalCrossentropy",
+                _ => unreachable!("every name in METRICS is built above"),
+            };
+            let loss = crate::losses::config::loss_from_config(
+                class,
+                params,
+                crate::reduction::Reduction::default(),
+            )?;
+            mean(LossMetric::from_arc(loss).with_name(name))
+        }
     };
     Ok(m)
 }

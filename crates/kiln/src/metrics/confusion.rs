@@ -201,6 +201,18 @@ macro_rules! counting_metric {
             fn name(&self) -> &str {
                 &self.name
             }
+            fn keras_config(&self) -> Option<serde_json::Value> {
+                let thresholds = match self.given.as_deref() {
+                    None => serde_json::Value::Null,
+                    Some([t]) => (*t).into(),
+                    Some(ts) => ts.to_vec().into(),
+                };
+                Some(crate::metrics::keras_metric($keras, &self.name, serde_json::json!({
+                    "thresholds": thresholds,
+                    "top_k": self.counts.top_k,
+                    "class_id": self.counts.class_id,
+                })))
+            }
             fn update(
                 &mut self,
                 y_true: &Tensor,
@@ -499,6 +511,36 @@ impl Auc {
 impl Metric for Auc {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        let curve = match self.curve {
+            AucCurve::Roc => "ROC",
+            AucCurve::Pr => "PR",
+            AucCurve::PrGain => "PRGAIN",
+        };
+        let summation = match self.summation {
+            SummationMethod::Interpolation => "interpolation",
+            SummationMethod::Minoring => "minoring",
+            SummationMethod::Majoring => "majoring",
+        };
+        let num_labels = self
+            .label_weights
+            .as_ref()
+            .filter(|_| self.multi_label)
+            .map(Vec::len);
+        Some(super::keras_metric(
+            "AUC",
+            &self.name,
+            serde_json::json!({
+                "num_thresholds": self.num_thresholds,
+                "curve": curve,
+                "summation_method": summation,
+                "multi_label": self.multi_label,
+                "num_labels": num_labels,
+                "label_weights": self.label_weights,
+                "from_logits": self.from_logits,
+            }),
+        ))
     }
     fn update(
         &mut self,

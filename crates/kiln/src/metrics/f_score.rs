@@ -102,6 +102,23 @@ impl Metric for FBetaScore {
     fn name(&self) -> &str {
         &self.name
     }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        let average = match self.average {
+            Average::None => None,
+            Average::Micro => Some("micro"),
+            Average::Macro => Some("macro"),
+            Average::Weighted => Some("weighted"),
+        };
+        Some(super::keras_metric(
+            "FBetaScore",
+            &self.name,
+            serde_json::json!({
+                "average": average,
+                "beta": self.beta,
+                "threshold": self.threshold,
+            }),
+        ))
+    }
     fn update(
         &mut self,
         y_true: &Tensor,
@@ -258,6 +275,12 @@ impl Metric for F1Score {
     fn name(&self) -> &str {
         self.0.name()
     }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        let mut c = self.0.keras_config()?;
+        c["class_name"] = "F1Score".into();
+        c["config"].as_object_mut()?.remove("beta");
+        Some(c)
+    }
     fn update(
         &mut self,
         y_true: &Tensor,
@@ -279,6 +302,8 @@ impl Metric for F1Score {
         self.0.set_state(state)
     }
     fn fresh(&self) -> Box<dyn Metric> {
-        self.0.fresh()
+        let mut m = self.clone();
+        m.reset();
+        Box::new(m)
     }
 }

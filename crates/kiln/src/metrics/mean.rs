@@ -30,6 +30,11 @@ pub trait SampleMetric: Clone + Send + Sync + 'static {
     fn keras_name(&self) -> Option<String> {
         None
     }
+    /// The Keras metric object of this metric ([`Metric::keras_config`]), logged under
+    /// [`SampleMetric::name`]; `None` (the default) when Keras has no such class.
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The weighted mean over the epoch of a [`SampleMetric`] (Keras' `MeanMetricWrapper`): each
@@ -85,6 +90,12 @@ impl<S: SampleMetric> Metric for MeanMetric<S> {
             .is_none()
             .then(|| self.metric.keras_name())
             .flatten()
+    }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::with_keras_name(
+            self.metric.keras_config()?,
+            self.name(),
+        ))
     }
     fn update(
         &mut self,
@@ -215,6 +226,16 @@ impl SampleMetric for Accuracy {
         };
         (self.name == default).then(|| default.to_string())
     }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        let (class, params) = match self.kind {
+            // Keras' `"accuracy"` picks its form from the shapes; no class does.
+            AccuracyKind::Auto => return None,
+            AccuracyKind::Binary(t) => ("BinaryAccuracy", serde_json::json!({ "threshold": t })),
+            AccuracyKind::Categorical => ("CategoricalAccuracy", serde_json::json!({})),
+            AccuracyKind::Sparse => ("SparseCategoricalAccuracy", serde_json::json!({})),
+        };
+        Some(super::keras_metric(class, &self.name, params))
+    }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         let kind = match self.kind {
             AccuracyKind::Auto => {
@@ -268,6 +289,13 @@ impl SampleMetric for MeanAbsoluteError {
     fn keras_name(&self) -> Option<String> {
         Some("mae".into())
     }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_metric(
+            "MeanAbsoluteError",
+            "mae",
+            serde_json::json!({}),
+        ))
+    }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         use crate::losses::Loss;
         crate::losses::MeanAbsoluteError::new().per_sample(y_true, y_pred)
@@ -293,6 +321,13 @@ impl SampleMetric for MeanSquaredError {
     }
     fn keras_name(&self) -> Option<String> {
         Some("mse".into())
+    }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_metric(
+            "MeanSquaredError",
+            "mse",
+            serde_json::json!({}),
+        ))
     }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         use crate::losses::Loss;
@@ -352,6 +387,18 @@ impl TopKCategoricalAccuracy {
 impl SampleMetric for TopKCategoricalAccuracy {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        let class = if self.sparse {
+            "SparseTopKCategoricalAccuracy"
+        } else {
+            "TopKCategoricalAccuracy"
+        };
+        Some(super::keras_metric(
+            class,
+            &self.name,
+            serde_json::json!({ "k": self.k }),
+        ))
     }
     fn per_sample(&self, y_true: &Tensor, y_pred: &Tensor) -> Result<Tensor> {
         if self.k == 0 {

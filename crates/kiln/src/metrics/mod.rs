@@ -11,6 +11,7 @@
 //! | module | metrics |
 //! |---|---|
 //! | [`mean`] | [`Accuracy`] (binary, categorical, sparse), [`MeanAbsoluteError`], [`MeanSquaredError`], [`TopKCategoricalAccuracy`] (and sparse), [`metric_fn`] |
+//! | [`loss_metrics`] | [`LossMetric`]: a loss as a metric (`binary_crossentropy`, `mape`, `poisson`, cosine similarity, …) |
 //! | [`regression`] | [`RootMeanSquaredError`], [`R2Score`] |
 //! | [`confusion`] | [`Precision`], [`Recall`], [`Auc`] (ROC and PR) |
 //! | [`f_score`] | [`FBetaScore`], [`F1Score`] |
@@ -32,11 +33,13 @@
 pub mod config;
 pub mod confusion;
 pub mod f_score;
+pub mod loss_metrics;
 pub mod mean;
 pub mod regression;
 
 pub use confusion::{Auc, AucCurve, Precision, Recall, SummationMethod};
 pub use f_score::{Average, F1Score, FBetaScore};
+pub use loss_metrics::LossMetric;
 pub use mean::{
     metric_fn, Accuracy, MeanAbsoluteError, MeanMetric, MeanSquaredError, SampleMetric,
     TopKCategoricalAccuracy,
@@ -118,6 +121,21 @@ pub trait Metric: Send + Sync {
     fn keras_name(&self) -> Option<String> {
         None
     }
+    /// The metric as Keras 3 serializes a metric object in a `compile_config`
+    /// (`{"module": "keras.metrics", "class_name", "config": {"name", "dtype", …}}`, every
+    /// parameter included), for [`crate::Model::save_keras`] when no Keras name
+    /// ([`Metric::keras_name`]) gives it; `None` (the default) for a metric Keras has no class
+    /// for, which `save_keras` refuses, naming it.
+    ///
+    /// ```
+    /// use kiln::metrics::{Accuracy, MeanMetric, Metric};
+    /// let c = MeanMetric::new(Accuracy::binary_threshold(0.7)).keras_config().unwrap();
+    /// assert_eq!(c["class_name"], "BinaryAccuracy");
+    /// assert_eq!(c["config"]["threshold"], 0.7);
+    /// ```
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Replaces the state by one [`Metric::state`] gave (possibly summed over ranks).
     ///
     /// # Errors
@@ -130,6 +148,32 @@ pub trait Metric: Send + Sync {
             self.name()
         )))
     }
+}
+
+/// A Keras metric object: `class` with `params`, logged under `name`.
+pub(crate) fn keras_metric(
+    class: &str,
+    name: &str,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let mut config = serde_json::Map::new();
+    config.insert("name".into(), name.into());
+    config.insert("dtype".into(), "float32".into());
+    if let serde_json::Value::Object(p) = params {
+        config.extend(p);
+    }
+    serde_json::json!({
+        "module": "keras.metrics",
+        "class_name": class,
+        "config": config,
+        "registered_name": null,
+    })
+}
+
+/// `config` (a Keras metric object) logged under `name` instead.
+pub(crate) fn with_keras_name(mut config: serde_json::Value, name: &str) -> serde_json::Value {
+    config["config"]["name"] = name.into();
+    config
 }
 
 /// Copies `state` into `slots`, or says that its length is wrong.
@@ -326,6 +370,9 @@ struct Renamed {
 impl Metric for Renamed {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(with_keras_name(self.inner.keras_config()?, &self.name))
     }
     fn update(
         &mut self,

@@ -91,6 +91,13 @@ impl Metric for RootMeanSquaredError {
     fn name(&self) -> &str {
         &self.name
     }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        Some(super::keras_metric(
+            "RootMeanSquaredError",
+            &self.name,
+            serde_json::json!({}),
+        ))
+    }
     fn update(
         &mut self,
         y_true: &Tensor,
@@ -215,6 +222,21 @@ impl R2Score {
 impl Metric for R2Score {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn keras_config(&self) -> Option<serde_json::Value> {
+        let aggregation = match self.aggregation {
+            ClassAggregation::UniformAverage => Some("uniform_average"),
+            ClassAggregation::VarianceWeightedAverage => Some("variance_weighted_average"),
+            ClassAggregation::None => None,
+        };
+        Some(super::keras_metric(
+            "R2Score",
+            &self.name,
+            serde_json::json!({
+                "class_aggregation": aggregation,
+                "num_regressors": self.num_regressors,
+            }),
+        ))
     }
     fn update(
         &mut self,
