@@ -1,5 +1,6 @@
 //! Integration tests, one binary (one link) for all of them.
 
+mod activations;
 mod adversarial;
 mod api;
 mod callbacks;
