@@ -283,9 +283,12 @@ fn options_kiln_lacks_are_refused_by_name_and_place() {
         "rand_04.keras",
         "Conv1D",
         "data_format",
-        "channels_first".into(),
+        "channels_middle".into(),
     );
-    assert!(msg.contains("channels_last"), "{msg}");
+    assert!(
+        msg.contains("use \"channels_last\" or \"channels_first\""),
+        "{msg}"
+    );
     let msg = refused_option("rand_08.keras", "LSTM", "stateful", true.into());
     assert!(msg.contains("stateful = false"), "{msg}");
     let msg = refused_option("rand_00.keras", "Dense", "activation", "sparsemax".into());

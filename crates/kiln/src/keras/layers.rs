@@ -7,9 +7,9 @@ use crate::activations::Activation;
 use crate::error::{Error, Result};
 use crate::graph::SharedLayer;
 use crate::layers::{
-    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
-    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
-    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, ChannelsFirst,
+    Concatenate, Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
     Padding, Permute, Reshape,
 };
@@ -172,12 +172,30 @@ fn padding(cfg: &Obj) -> Result<Padding> {
     p.parse().map_err(|e| cfg.error("padding", format!("{e}")))
 }
 
-fn channels_last(cfg: &Obj) -> Result<()> {
-    cfg.expect(
-        "data_format",
-        |v| v.is_null() || v.as_str() == Some("channels_last"),
-        "channels_last data only",
-    )
+/// Whether the layer's `data_format` is `channels_first` (then kiln runs the channels-last
+/// layer inside [`ChannelsFirst`]); absent or null is Keras' default, channels_last.
+fn channels_first(cfg: &Obj) -> Result<bool> {
+    match cfg.get("data_format") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(f)) if f == "channels_last" => Ok(false),
+        Some(Value::String(f)) if f == "channels_first" => Ok(true),
+        Some(other) => Err(cfg.error(
+            "data_format",
+            format!(
+                "{} is not a data format: use \"channels_last\" or \"channels_first\"",
+                short(other)
+            ),
+        )),
+    }
+}
+
+/// The layer, inside [`ChannelsFirst`] when `first`.
+fn in_format<L: Layer + 'static>(layer: L, first: bool) -> SharedLayer {
+    if first {
+        ChannelsFirst::new(layer).shared()
+    } else {
+        layer.shared()
+    }
 }
 
 /// The axes of a normalization layer as Keras writes them: one integer or a list (Keras 2
@@ -298,7 +316,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             let n = if class == "Conv1D" { 1 } else { 2 };
             let use_bias = cfg.bool("use_bias")?;
             initializers_and_constraints(cfg, &["kernel", "bias"])?;
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let groups = cfg.positive("groups")?;
             let filters = cfg.positive("filters")?;
             let kernel = cfg.sizes("kernel_size", n)?;
@@ -315,7 +333,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     .activation(act)
                     .use_bias(use_bias)
                     .with_name(name);
-                regularized!(c, cfg, "kernel_regularizer").shared()
+                in_format(regularized!(c, cfg, "kernel_regularizer"), first)
             } else {
                 let c = Conv2D::new(filters, (kernel[0], kernel[1]))
                     .groups(groups)
@@ -325,7 +343,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     .activation(act)
                     .use_bias(use_bias)
                     .with_name(name);
-                regularized!(c, cfg, "kernel_regularizer").shared()
+                in_format(regularized!(c, cfg, "kernel_regularizer"), first)
             };
             Made {
                 layer,
@@ -339,7 +357,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             }
         }
         "MaxPooling1D" | "AveragePooling1D" => {
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let size = cfg.sizes("pool_size", 1)?[0];
             let strides = match cfg.get("strides") {
                 Some(Value::Null) | None => size,
@@ -347,21 +365,25 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             };
             let pad = padding(cfg)?;
             plain(if class == "MaxPooling1D" {
-                MaxPooling1D::new(size)
-                    .strides(strides)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    MaxPooling1D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             } else {
-                AveragePooling1D::new(size)
-                    .strides(strides)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    AveragePooling1D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             })
         }
         "MaxPooling2D" | "AveragePooling2D" => {
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let size = cfg.sizes("pool_size", 2)?;
             let strides = match cfg.get("strides") {
                 Some(Value::Null) | None => size.clone(),
@@ -370,42 +392,46 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             let pad = padding(cfg)?;
             let (s, st) = ((size[0], size[1]), (strides[0], strides[1]));
             plain(if class == "MaxPooling2D" {
-                MaxPooling2D::new(s)
-                    .strides(st)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    MaxPooling2D::new(s)
+                        .strides(st)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             } else {
-                AveragePooling2D::new(s)
-                    .strides(st)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    AveragePooling2D::new(s)
+                        .strides(st)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             })
         }
         "GlobalAveragePooling1D"
         | "GlobalAveragePooling2D"
         | "GlobalMaxPooling1D"
         | "GlobalMaxPooling2D" => {
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let keep = cfg.bool_or("keepdims", false)?;
             plain(match class {
-                "GlobalAveragePooling1D" => GlobalAveragePooling1D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
-                "GlobalAveragePooling2D" => GlobalAveragePooling2D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
-                "GlobalMaxPooling1D" => GlobalMaxPooling1D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
-                _ => GlobalMaxPooling2D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
+                "GlobalAveragePooling1D" => in_format(
+                    GlobalAveragePooling1D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
+                "GlobalAveragePooling2D" => in_format(
+                    GlobalAveragePooling2D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
+                "GlobalMaxPooling1D" => in_format(
+                    GlobalMaxPooling1D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
+                _ => in_format(
+                    GlobalMaxPooling2D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
             })
         }
         "BatchNormalization" => {
@@ -581,8 +607,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 .shared(),
         ),
         "Flatten" => {
-            channels_last(cfg)?;
-            plain(Flatten::new().with_name(name).shared())
+            let first = channels_first(cfg)?;
+            plain(in_format(Flatten::new().with_name(name), first))
         }
         "Reshape" => {
             let v = cfg.required("target_shape")?;

@@ -4,6 +4,7 @@
 //! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
 
 mod channels;
+mod channels_first;
 mod conv;
 mod conv_direct;
 mod conv_kernel;
@@ -21,6 +22,7 @@ pub(crate) mod relu_kernel;
 mod reshape;
 mod util;
 
+pub use channels_first::ChannelsFirst;
 pub use conv::{Conv1D, Conv2D, Size2};
 pub use core_layers::{ActivationLayer, Dropout, Flatten};
 pub use dense::{dense_forward, Dense};

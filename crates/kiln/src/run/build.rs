@@ -8,8 +8,8 @@ use crate::callbacks::{self, Schedule};
 use crate::error::Result;
 use crate::graph::{Input, SymbolicTensor};
 use crate::layers::{
-    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
-    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, ChannelsFirst,
+    Concatenate, Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
     GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
     Padding, Reshape,
@@ -122,6 +122,30 @@ fn size_pair(f: &Fields, key: &str) -> Result<Option<(usize, usize)>> {
         .filter(|n| *n > 0)
         .ok_or_else(bad)?;
     Ok(Some((a as usize, b as usize)))
+}
+
+/// Keras' `data_format`: `"channels_last"` (the default) or `"channels_first"`, which runs the
+/// layer inside [`ChannelsFirst`].
+fn channels_first(f: &Fields) -> Result<bool> {
+    match f.str("data_format")? {
+        None | Some("channels_last") => Ok(false),
+        Some("channels_first") => Ok(true),
+        Some(other) => Err(f.error(format!(
+            "`data_format = \"{other}\"` is not a data format: use \"channels_last\" or \"channels_first\""
+        ))),
+    }
+}
+
+/// Applies a layer, inside [`ChannelsFirst`] when the layer's `data_format` asks for it.
+macro_rules! in_format {
+    ($layer:expr, $first:expr, $refs:expr) => {{
+        let layer = $layer;
+        if $first {
+            ChannelsFirst::new(layer).apply_many($refs)
+        } else {
+            layer.apply_many($refs)
+        }
+    }};
 }
 
 fn padding(f: &Fields) -> Result<Padding> {
@@ -340,6 +364,7 @@ pub(crate) fn model(
                 let padding = padding(l)?;
                 let dilation = l.usize_min_or("dilation_rate", 1, 1)?;
                 let strides = size_pair(l, "strides")?.unwrap_or((1, 1));
+                let first = channels_first(l)?;
                 macro_rules! common {
                     ($c:expr) => {{
                         let c = $c
@@ -347,7 +372,7 @@ pub(crate) fn model(
                             .activation(activation(l)?)
                             .use_bias(l.bool_or("use_bias", true)?)
                             .with_name(name.clone());
-                        with_regularizers!(c, l).apply_many(&refs)
+                        in_format!(with_regularizers!(c, l), first, &refs)
                     }};
                 }
                 let groups = conv_groups(l, filters, &refs)?;
@@ -367,50 +392,72 @@ pub(crate) fn model(
                 let size = l.usize_min_or("pool_size", 2, 1)?;
                 let strides = l.usize_min_or("strides", size, 1)?;
                 let pad = padding(l)?;
+                let first = channels_first(l)?;
                 if kind == "max_pooling1d" {
-                    MaxPooling1D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        MaxPooling1D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 } else {
-                    AveragePooling1D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        AveragePooling1D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 }
             }
             "max_pooling2d" | "average_pooling2d" => {
                 let size = size_pair(l, "pool_size")?.unwrap_or((2, 2));
                 let strides = size_pair(l, "strides")?.unwrap_or(size);
                 let pad = padding(l)?;
+                let first = channels_first(l)?;
                 if kind == "max_pooling2d" {
-                    MaxPooling2D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        MaxPooling2D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 } else {
-                    AveragePooling2D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        AveragePooling2D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 }
             }
-            "global_average_pooling1d" => GlobalAveragePooling1D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
-            "global_average_pooling2d" => GlobalAveragePooling2D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
-            "global_max_pooling1d" => GlobalMaxPooling1D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
-            "global_max_pooling2d" => GlobalMaxPooling2D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
+            "global_average_pooling1d" => in_format!(
+                GlobalAveragePooling1D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
+            "global_average_pooling2d" => in_format!(
+                GlobalAveragePooling2D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
+            "global_max_pooling1d" => in_format!(
+                GlobalMaxPooling1D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
+            "global_max_pooling2d" => in_format!(
+                GlobalMaxPooling2D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
             "batch_normalization" => BatchNormalization::new()
                 .axis(match l.get("axis") {
                     Some(v) => feature_axis(l, "axis", v, &refs)?,
@@ -517,7 +564,11 @@ pub(crate) fn model(
             "activation" => ActivationLayer::new(activation(l)?)
                 .with_name(name.clone())
                 .apply_many(&refs),
-            "flatten" => Flatten::new().with_name(name.clone()).apply_many(&refs),
+            "flatten" => in_format!(
+                Flatten::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
             other => {
                 return Err(l.error(format!(
                     "unknown layer type `{other}`: use one of {LAYER_TYPES:?}"
