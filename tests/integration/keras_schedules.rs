@@ -116,6 +116,10 @@ fn schedules_survive_export_and_reimport() {
             let m = kiln::keras::load(&src, true).unwrap();
             let path = dir.join(format!("{name}.keras"));
             kiln::keras::save(&m, &path, true).unwrap();
+            if let Some(out) = std::env::var_os("KILN_EXPORT_DIR") {
+                std::fs::create_dir_all(&out).unwrap();
+                std::fs::copy(&path, Path::new(&out).join(format!("sched_{name}.keras"))).unwrap();
+            }
             let back = kiln::keras::load(&path, true).unwrap();
             assert_eq!(
                 back.learning_rate_schedule(),
@@ -227,7 +231,7 @@ loss = "mse"
 optimizer = { type = "adam", learning_rate = SCHEDULE }
 "#;
 
-fn run_file(schedule: &str) -> Result<Model, String> {
+fn run_file(schedule: &str) -> std::result::Result<Model, String> {
     let text = RUN.replace("SCHEDULE", schedule);
     let run = kiln::run::RunFile::from_text("sched.toml", &text, PathBuf::new())
         .map_err(|e| e.to_string())?;
@@ -325,7 +329,7 @@ fn unknown_keras_schedule_keys_and_classes_are_errors() {
             let mut f = zip.by_index(i).unwrap();
             let mut bytes = Vec::new();
             f.read_to_end(&mut bytes).unwrap();
-            let name = f.name().to_string();
+            let name = f.name().unwrap().to_string();
             if name == "config.json" {
                 let text = String::from_utf8(bytes).unwrap();
                 assert!(text.contains(edit.0), "{}", edit.0);
@@ -339,5 +343,242 @@ fn unknown_keras_schedule_keys_and_classes_are_errors() {
         out.finish().unwrap();
         let e = kiln::keras::load(&path, true).unwrap_err().to_string();
         assert!(e.contains(says) && e.contains("learning_rate"), "{e}");
+    }
+}
+
+/// A tensor from nested JSON lists.
+fn tensor(v: &Value) -> Tensor {
+    fn flat(v: &Value, out: &mut Vec<f32>, dims: &mut Vec<usize>, depth: usize) {
+        match v {
+            Value::Array(items) => {
+                if dims.len() == depth {
+                    dims.push(items.len());
+                }
+                for i in items {
+                    flat(i, out, dims, depth + 1);
+                }
+            }
+            x => out.push(x.as_f64().unwrap() as f32),
+        }
+    }
+    let (mut out, mut dims) = (Vec::new(), Vec::new());
+    flat(v, &mut out, &mut dims, 0);
+    Tensor::from_vec(out, dims, &Device::Cpu).unwrap()
+}
+
+fn constraint_batch(case: &Value) -> Dataset {
+    let c = &case["constraints"];
+    Dataset::multi(
+        vec![tensor(&c["img"]), tensor(&c["tokens"])],
+        vec![tensor(&c["y"])],
+    )
+    .unwrap()
+}
+
+/// constraints.keras: MaxNorm over three axes on a Conv2D kernel and NonNeg on its bias,
+/// MinMaxNorm/NonNeg on BatchNormalization's gamma/beta, MaxNorm(axis=1) on an Embedding,
+/// UnitNorm/MaxNorm/NonNeg on an LSTM's kernel/recurrent kernel/bias, MaxNorm(axis=1)/
+/// UnitNorm(axis=1)/MinMaxNorm on a GRU's, MaxNorm/NonNeg on a Dense; SGD with momentum and
+/// a large rate so that every constraint binds. 4 steps must reach Keras' weights.
+#[test]
+fn constraints_train_as_keras() {
+    let case = case();
+    let data = constraint_batch(&case);
+    let mut model = kiln::keras::load(fixture("constraints.keras"), true).unwrap();
+    let constrained = model
+        .weights()
+        .iter()
+        .filter(|w| w.constraint.is_some())
+        .count();
+    assert_eq!(constrained, 13);
+    for _ in 0..case["steps"].as_u64().unwrap() {
+        model.train_on_batch(&data).unwrap();
+    }
+    let d = worst_diff(&model, &case["constraints"]["weights"]);
+    eprintln!("constraints: worst weight difference vs Keras after 4 steps {d:e}");
+    assert!(d < 2e-5, "weights differ from Keras' by {d}");
+}
+
+#[test]
+fn constraints_survive_export_and_reimport() {
+    let case = case();
+    let data = constraint_batch(&case);
+    let src = fixture("constraints.keras");
+    let model = kiln::keras::load(&src, true).unwrap();
+    let path = crate::support::temp("keras_schedules", "constraints").join("c.keras");
+    kiln::keras::save(&model, &path, true).unwrap();
+    if let Some(out) = std::env::var_os("KILN_EXPORT_DIR") {
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::copy(&path, Path::new(&out).join("constraints.keras")).unwrap();
+    }
+    let mut back = kiln::keras::load(&path, true).unwrap();
+    for w in model.weights() {
+        assert_eq!(
+            back.weight(&w.name).unwrap().constraint,
+            w.constraint,
+            "{}",
+            w.name
+        );
+    }
+    for _ in 0..case["steps"].as_u64().unwrap() {
+        back.train_on_batch(&data).unwrap();
+    }
+    let d = worst_diff(&back, &case["constraints"]["weights"]);
+    assert!(d < 2e-5, "after export: {d}");
+    // Each layer's constraint is written as Keras wrote it.
+    let ours = zip_config(&path);
+    let keras = zip_config(&src);
+    let layer = |c: &Value, name: &str| -> Value {
+        c["config"]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["config"]["name"] == name)
+            .unwrap()["config"]
+            .clone()
+    };
+    for (name, keys) in [
+        ("conv", &["kernel_constraint", "bias_constraint"][..]),
+        ("bn", &["gamma_constraint", "beta_constraint"][..]),
+        ("emb", &["embeddings_constraint"][..]),
+        (
+            "lstm",
+            &[
+                "kernel_constraint",
+                "recurrent_constraint",
+                "bias_constraint",
+            ][..],
+        ),
+        (
+            "gru",
+            &[
+                "kernel_constraint",
+                "recurrent_constraint",
+                "bias_constraint",
+            ][..],
+        ),
+        ("out", &["kernel_constraint", "bias_constraint"][..]),
+    ] {
+        for k in keys {
+            let strip = |mut v: Value| {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("shared_object_id");
+                }
+                v
+            };
+            assert_eq!(
+                strip(layer(&ours, name)[*k].clone()),
+                strip(layer(&keras, name)[*k].clone()),
+                "{name}.{k}"
+            );
+        }
+    }
+}
+
+/// Weights of a Rust-built model with constraints after `fit`, on one process or on a rank.
+fn constrained_run(
+    comm: Option<kiln::distributed::SharedCommunicator>,
+) -> kiln::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    use kiln::constraints::Constraint;
+    let x = Input::new([3]);
+    let y = Dense::new(2)
+        .kernel_constraint(Constraint::max_norm(0.1))
+        .bias_constraint(Constraint::NonNeg)
+        .with_name("d")
+        .apply(&x)?;
+    let mut model = Model::builder(&[x], &[y]).seed(1).build()?;
+    model.compile(Compile::new(Sgd::new(1.0)).loss("mse"))?;
+    let xs = Tensor::new(
+        &[[1f32, 2., 3.], [-1., 0.5, 2.], [0., 1., -1.], [2., 2., 2.]],
+        &Device::Cpu,
+    )?;
+    let ys = Tensor::new(
+        &[[5f32, -5.], [4., -4.], [3., -3.], [6., -6.]],
+        &Device::Cpu,
+    )?;
+    let mut fit = Fit::new().epochs(3).batch_size(4).quiet();
+    if let Some(c) = comm {
+        fit = fit.distributed(c);
+    }
+    model.fit(&Dataset::new(xs, ys)?, fit)?;
+    let k = model.weight("d/kernel")?.var.as_tensor().to_vec2::<f32>()?;
+    let b = model.weight("d/bias")?.var.as_tensor().to_vec1::<f32>()?;
+    Ok((k, vec![b]))
+}
+
+/// A constraint on a model built in Rust holds after `fit`, on one process and on each of two
+/// data-parallel ranks alike: the trainer applies it in the one place every update goes
+/// through.
+#[test]
+fn builder_constraints_hold_after_fit_and_on_ranks() {
+    let (k, b) = constrained_run(None).unwrap();
+    for j in 0..2 {
+        let norm: f32 = k.iter().map(|r| r[j] * r[j]).sum::<f32>().sqrt();
+        assert!(norm <= 0.1 + 1e-6, "column {j} has norm {norm}");
+    }
+    assert!(b[0].iter().all(|v| *v >= 0.0), "{b:?}");
+    let ranks: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = kiln::distributed::LocalGroup::new(2)
+            .into_iter()
+            .map(|rank| s.spawn(move || constrained_run(Some(std::sync::Arc::new(rank)))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    for (r, (rk, rb)) in ranks.iter().enumerate() {
+        for (a, w) in rk.iter().flatten().zip(k.iter().flatten()) {
+            assert!((a - w).abs() < 1e-6, "rank {r}: kernel {rk:?} vs {k:?}");
+        }
+        for (a, w) in rb[0].iter().zip(&b[0]) {
+            assert!((a - w).abs() < 1e-6, "rank {r}: bias {rb:?} vs {b:?}");
+        }
+    }
+}
+
+const RUN_C: &str = r#"seed = 0
+[data]
+source = "blobs"
+samples = 40
+[model]
+layers = [{ type = "dense", name = "out", units = 1, kernel_constraint = CONSTRAINT }]
+[compile]
+loss = "mse"
+optimizer = "sgd"
+"#;
+
+#[test]
+fn run_file_constraints_are_built_and_strict() {
+    use kiln::constraints::Constraint;
+    let build = |c: &str| -> std::result::Result<Model, String> {
+        let text = RUN_C.replace("CONSTRAINT", c);
+        let run = kiln::run::RunFile::from_text("c.toml", &text, PathBuf::new())
+            .map_err(|e| e.to_string())?;
+        run.prepare(None, &Device::Cpu)
+            .map(|p| p.model)
+            .map_err(|e| e.to_string())
+    };
+    let m = build(r#"{ type = "max_norm", max_value = 2.0 }"#).unwrap();
+    assert_eq!(
+        m.weight("out/kernel").unwrap().constraint,
+        Some(Constraint::max_norm(2.0))
+    );
+    let m = build(
+        r#"{ type = "min_max_norm", min_value = 0.5, max_value = 1.5, rate = 0.5, axis = [0] }"#,
+    )
+    .unwrap();
+    assert_eq!(
+        m.weight("out/kernel").unwrap().constraint,
+        Some(Constraint::min_max_norm(0.5, 1.5).rate(0.5).axis([0]))
+    );
+    for (bad, says) in [
+        (r#"{ type = "max_norm", max = 2.0 }"#, "max"),
+        (r#"{ type = "max_norm", max_value = "2" }"#, "max_value"),
+        (r#"{ type = "unit_norm", axis = 0.5 }"#, "axis"),
+        (r#"{ type = "radial" }"#, "radial"),
+    ] {
+        let e = build(bad).expect_err(bad);
+        assert!(e.contains(says) && e.contains("c.toml"), "{bad}: {e}");
     }
 }

@@ -599,7 +599,7 @@ impl Model {
     ///     initial_learning_rate: 0.1, decay_steps: 100.0, alpha: 0.0,
     ///     warmup_target: None, warmup_steps: 0.0,
     /// };
-    /// model.compile(Compile::new(Sgd::new(0.1).with_schedule(s), "mse"))?;
+    /// model.compile(Compile::new(Sgd::new(0.1).with_schedule(s)).loss("mse"))?;
     /// assert_eq!(model.learning_rate_schedule().unwrap().class_name(), "CosineDecay");
     /// assert!(model.set_learning_rate(0.01).is_err());
     /// # Ok::<(), kiln::Error>(())

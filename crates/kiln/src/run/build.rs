@@ -121,6 +121,21 @@ macro_rules! with_regularizers {
     }};
 }
 
+/// Attaches the `kernel_constraint` and `bias_constraint` tables of a layer entry (Dense,
+/// Conv1D, Conv2D).
+macro_rules! with_constraints {
+    ($builder:expr, $fields:expr) => {{
+        let mut b = $builder;
+        if let Some(c) = $fields.table("kernel_constraint")? {
+            b = b.kernel_constraint(constraint(&c)?);
+        }
+        if let Some(c) = $fields.table("bias_constraint")? {
+            b = b.bias_constraint(constraint(&c)?);
+        }
+        b
+    }};
+}
+
 /// The layer types a run file can name.
 pub(crate) const LAYER_TYPES: [&str; 24] = [
     "dense",
@@ -379,14 +394,8 @@ pub(crate) fn model(
                     .activation(activation(l)?)
                     .use_bias(l.bool_or("use_bias", true)?)
                     .with_name(name.clone());
-                let mut d = with_regularizers!(d, l);
-                if let Some(c) = l.table("kernel_constraint")? {
-                    d = d.kernel_constraint(constraint(&c)?);
-                }
-                if let Some(c) = l.table("bias_constraint")? {
-                    d = d.bias_constraint(constraint(&c)?);
-                }
-                d.apply_many(&refs)
+                let d = with_regularizers!(d, l);
+                with_constraints!(d, l).apply_many(&refs)
             }
             "conv1d" | "conv2d" => {
                 let filters = l
@@ -404,7 +413,8 @@ pub(crate) fn model(
                             .activation(activation(l)?)
                             .use_bias(l.bool_or("use_bias", true)?)
                             .with_name(name.clone());
-                        with_regularizers!(c, l).apply_many(&refs)
+                        let c = with_regularizers!(c, l);
+                        with_constraints!(c, l).apply_many(&refs)
                     }};
                 }
                 let groups = conv_groups(l, filters, &refs)?;
