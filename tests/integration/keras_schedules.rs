@@ -475,10 +475,13 @@ fn constraints_survive_export_and_reimport() {
     }
 }
 
+/// A weight as rows of values.
+type Rows = Vec<Vec<f32>>;
+
 /// Weights of a Rust-built model with constraints after `fit`, on one process or on a rank.
 fn constrained_run(
     comm: Option<kiln::distributed::SharedCommunicator>,
-) -> kiln::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> kiln::Result<(Rows, Rows)> {
     use kiln::constraints::Constraint;
     let x = Input::new([3]);
     let y = Dense::new(2)
