@@ -18,6 +18,7 @@ mod keras_files;
 mod keras_metrics;
 mod keras_random;
 mod keras_reference;
+mod keras_schedules;
 mod keras_weights_only;
 mod layers;
 mod loaders_fuzz;

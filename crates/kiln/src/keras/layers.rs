@@ -157,14 +157,45 @@ fn regularizer(cfg: &Obj, key: &str) -> Result<Option<SharedRegularizer>> {
     Ok(Some(reg))
 }
 
-/// Initializers and constraints: initializers only say how Keras would draw weights that the
-/// file gives, so they are read past; a constraint changes training, and kiln has none.
-fn initializers_and_constraints(cfg: &Obj, prefixes: &[&str]) -> Result<()> {
-    for p in prefixes {
-        cfg.ignore(&[&format!("{p}_initializer")]);
-        cfg.expect_null(&format!("{p}_constraint"), "weight constraints")?;
+/// A layer builder with its kernel and bias constraints, those given.
+macro_rules! constrained {
+    ($b:expr, $kernel:expr, $bias:expr) => {{
+        let mut b = $b;
+        if let Some(c) = $kernel.clone() {
+            b = b.kernel_constraint(c);
+        }
+        if let Some(c) = $bias.clone() {
+            b = b.bias_constraint(c);
+        }
+        b
+    }};
+}
+
+/// A constraint option: `null`, or a built-in Keras constraint (MaxNorm, MinMaxNorm, NonNeg,
+/// UnitNorm) with its config.
+fn constraint(cfg: &Obj, key: &str) -> Result<Option<crate::constraints::Constraint>> {
+    let Some(v) = cfg.get(key) else {
+        return Ok(None);
+    };
+    if v.is_null() {
+        return Ok(None);
     }
-    Ok(())
+    let o = Obj::new(v, cfg.at(key), cfg.file)?;
+    let class = o.str("class_name")?;
+    o.ignore(&["module", "shared_object_id"]);
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class),
+        "built-in constraints (MaxNorm, MinMaxNorm, NonNeg, UnitNorm)",
+    )?;
+    let params = o.required("config")?;
+    let c = crate::constraints::Constraint::from_keras(
+        class,
+        params,
+        &format!("{}: {}", cfg.file, o.at("config")),
+    )?;
+    o.finish("a constraint")?;
+    Ok(Some(c))
 }
 
 fn padding(cfg: &Obj) -> Result<Padding> {
@@ -293,14 +324,22 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
     let made = match class {
         "Dense" => {
             let use_bias = cfg.bool("use_bias")?;
-            initializers_and_constraints(cfg, &["kernel", "bias"])?;
+            let kernel_c = constraint(cfg, "kernel_constraint")?;
+            let bias_c = constraint(cfg, "bias_constraint")?;
+            cfg.ignore(&["kernel_initializer", "bias_initializer"]);
             cfg.expect_null("quantization_config", "quantization")?;
             cfg.expect_null("lora_rank", "LoRA")?;
             cfg.ignore(&["lora_alpha"]);
-            let d = Dense::new(cfg.positive("units")?)
+            let mut d = Dense::new(cfg.positive("units")?)
                 .activation(activation(cfg, "activation")?)
                 .use_bias(use_bias)
                 .with_name(name);
+            if let Some(c) = kernel_c {
+                d = d.kernel_constraint(c);
+            }
+            if let Some(c) = bias_c {
+                d = d.bias_constraint(c);
+            }
             Made {
                 layer: regularized!(d, cfg, "kernel_regularizer").shared(),
                 weights: if use_bias {
@@ -315,7 +354,9 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         "Conv1D" | "Conv2D" => {
             let n = if class == "Conv1D" { 1 } else { 2 };
             let use_bias = cfg.bool("use_bias")?;
-            initializers_and_constraints(cfg, &["kernel", "bias"])?;
+            let kernel_c = constraint(cfg, "kernel_constraint")?;
+            let bias_c = constraint(cfg, "bias_constraint")?;
+            cfg.ignore(&["kernel_initializer", "bias_initializer"]);
             let first = channels_first(cfg)?;
             let groups = cfg.positive("groups")?;
             let filters = cfg.positive("filters")?;
@@ -333,6 +374,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     .activation(act)
                     .use_bias(use_bias)
                     .with_name(name);
+                let c = constrained!(c, kernel_c, bias_c);
                 in_format(regularized!(c, cfg, "kernel_regularizer"), first)
             } else {
                 let c = Conv2D::new(filters, (kernel[0], kernel[1]))
@@ -343,6 +385,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     .activation(act)
                     .use_bias(use_bias)
                     .with_name(name);
+                let c = constrained!(c, kernel_c, bias_c);
                 in_format(regularized!(c, cfg, "kernel_regularizer"), first)
             };
             Made {
@@ -444,7 +487,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     ))
                 }
             };
-            initializers_and_constraints(cfg, &["beta", "gamma"])?;
+            cfg.ignore(&["beta_initializer", "gamma_initializer"]);
             cfg.ignore(&[
                 "moving_mean_initializer",
                 "moving_variance_initializer",
@@ -467,6 +510,12 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             if let Some(r) = regularizer(cfg, "beta_regularizer")? {
                 b = b.beta_regularizer(r);
             }
+            if let Some(c) = constraint(cfg, "gamma_constraint")? {
+                b = b.gamma_constraint(c);
+            }
+            if let Some(c) = constraint(cfg, "beta_constraint")? {
+                b = b.beta_constraint(c);
+            }
             let mut weights = Vec::new();
             if scale {
                 weights.push("gamma");
@@ -484,7 +533,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         }
         "LayerNormalization" => {
             let axes = axes(cfg, "axis")?;
-            initializers_and_constraints(cfg, &["beta", "gamma"])?;
+            cfg.ignore(&["beta_initializer", "gamma_initializer"]);
             cfg.expect(
                 "rms_scaling",
                 |v| v == &Value::Bool(false),
@@ -503,6 +552,12 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             if let Some(r) = regularizer(cfg, "beta_regularizer")? {
                 l = l.beta_regularizer(r);
             }
+            if let Some(c) = constraint(cfg, "gamma_constraint")? {
+                l = l.gamma_constraint(c);
+            }
+            if let Some(c) = constraint(cfg, "beta_constraint")? {
+                l = l.beta_constraint(c);
+            }
             let mut weights = Vec::new();
             if scale {
                 weights.push("gamma");
@@ -518,7 +573,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             }
         }
         "Embedding" => {
-            initializers_and_constraints(cfg, &["embeddings"])?;
+            cfg.ignore(&["embeddings_initializer"]);
             cfg.expect_null("quantization_config", "quantization")?;
             cfg.expect_null("lora_rank", "LoRA")?;
             cfg.ignore(&["lora_alpha"]);
@@ -528,6 +583,9 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 .with_name(name);
             if let Some(r) = regularizer(cfg, "embeddings_regularizer")? {
                 e = e.embeddings_regularizer(r);
+            }
+            if let Some(c) = constraint(cfg, "embeddings_constraint")? {
+                e = e.embeddings_constraint(c);
             }
             if let Some(r) = regularizer(cfg, "activity_regularizer")? {
                 e = e.activity_regularizer(r);
@@ -541,7 +599,14 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         }
         "LSTM" | "GRU" => {
             let use_bias = cfg.bool("use_bias")?;
-            initializers_and_constraints(cfg, &["kernel", "recurrent", "bias"])?;
+            cfg.ignore(&[
+                "kernel_initializer",
+                "recurrent_initializer",
+                "bias_initializer",
+            ]);
+            let kernel_c = constraint(cfg, "kernel_constraint")?;
+            let recurrent_c = constraint(cfg, "recurrent_constraint")?;
+            let bias_c = constraint(cfg, "bias_constraint")?;
             cfg.expect("stateful", |v| v == &Value::Bool(false), "stateful = false")?;
             let return_state = cfg.bool_or("return_state", false)?;
             let dropout = cfg.f64("dropout")?;
@@ -575,6 +640,10 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     if let Some(r) = regularizer(cfg, "recurrent_regularizer")? {
                         l = l.recurrent_regularizer(r);
                     }
+                    if let Some(c) = recurrent_c.clone() {
+                        l = l.recurrent_constraint(c);
+                    }
+                    let l = constrained!(l, kernel_c, bias_c);
                     regularized!(l, cfg, "kernel_regularizer").shared()
                 }};
             }

@@ -67,6 +67,8 @@ pub struct Weight {
     pub var: Var,
     /// A penalty added to the total loss at every step (trainable weights only, as Keras).
     pub regularizer: Option<SharedRegularizer>,
+    /// A projection applied right after every optimizer update (Keras' `*_constraint`).
+    pub constraint: Option<crate::constraints::Constraint>,
     trainable: bool,
 }
 
@@ -78,8 +80,15 @@ impl Weight {
             name: name.into(),
             var,
             regularizer: None,
+            constraint: None,
             trainable,
         }
+    }
+
+    /// The same weight with a constraint, applied after every update.
+    pub fn with_constraint(mut self, constraint: Option<crate::constraints::Constraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// The same weight with a regularizer.

@@ -18,7 +18,7 @@ use crate::losses::config::Bounds;
 use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::{Compile, Fit, Model, Tensors};
-use crate::optimizers::{Adam, AdamW, Optimizer, RmsProp, Sgd};
+use crate::optimizers::{Adam, AdamW, LearningRateSchedule, Optimizer, RmsProp, Sgd};
 use crate::reduction::Reduction;
 use crate::regularizers::{self, OrthogonalMode, SharedRegularizer};
 use std::collections::HashMap;
@@ -53,6 +53,56 @@ fn regularizer(f: &Fields) -> Result<SharedRegularizer> {
     })
 }
 
+/// A weight constraint table: `{ type = "max_norm", max_value = 2.0, axis = 0 }`,
+/// `min_max_norm` (`min_value`, `max_value`, `rate`, `axis`), `non_neg`, `unit_norm` (`axis`);
+/// Keras' defaults for what is left out, unknown keys refused. `axis` is an integer or a list.
+fn constraint(f: &Fields) -> Result<crate::constraints::Constraint> {
+    use crate::constraints::{Axis, Constraint};
+    let kind = f.required_str("type")?;
+    let axis = || -> Result<Axis> {
+        let Some(v) = f.get("axis") else {
+            return Ok(Axis::One(0));
+        };
+        if let Some(i) = super::fields::integer(v.get_ref()) {
+            return Ok(Axis::One(i));
+        }
+        let items = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| f.value_error("axis", v, "expected an integer or a list of integers"))?;
+        items
+            .iter()
+            .map(|i| {
+                super::fields::integer(i.get_ref())
+                    .ok_or_else(|| f.value_error("axis", i, "expected an integer"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Axis::Many)
+    };
+    let c = match kind {
+        "max_norm" => Constraint::MaxNorm {
+            max_value: f.f64_or("max_value", 2.0)?,
+            axis: axis()?,
+        },
+        "min_max_norm" => Constraint::MinMaxNorm {
+            min_value: f.f64_or("min_value", 0.0)?,
+            max_value: f.f64_or("max_value", 1.0)?,
+            rate: f.f64_or("rate", 1.0)?,
+            axis: axis()?,
+        },
+        "non_neg" => Constraint::NonNeg,
+        "unit_norm" => Constraint::UnitNorm { axis: axis()? },
+        other => {
+            return Err(f.error(format!(
+                "unknown constraint `{other}`: use max_norm, min_max_norm, non_neg or unit_norm"
+            )))
+        }
+    };
+    f.finish()?;
+    c.validate().map_err(|e| f.error(e))?;
+    Ok(c)
+}
+
 /// Attaches the `kernel_regularizer`, `bias_regularizer` and `activity_regularizer` tables of a
 /// layer entry to a layer builder that has those three methods (Dense, Conv1D, Conv2D).
 macro_rules! with_regularizers {
@@ -66,6 +116,21 @@ macro_rules! with_regularizers {
         }
         if let Some(r) = $fields.table("activity_regularizer")? {
             b = b.activity_regularizer(regularizer(&r)?);
+        }
+        b
+    }};
+}
+
+/// Attaches the `kernel_constraint` and `bias_constraint` tables of a layer entry (Dense,
+/// Conv1D, Conv2D).
+macro_rules! with_constraints {
+    ($builder:expr, $fields:expr) => {{
+        let mut b = $builder;
+        if let Some(c) = $fields.table("kernel_constraint")? {
+            b = b.kernel_constraint(constraint(&c)?);
+        }
+        if let Some(c) = $fields.table("bias_constraint")? {
+            b = b.bias_constraint(constraint(&c)?);
         }
         b
     }};
@@ -353,7 +418,8 @@ pub(crate) fn model(
                     .activation(activation(l)?)
                     .use_bias(l.bool_or("use_bias", true)?)
                     .with_name(name.clone());
-                with_regularizers!(d, l).apply_many(&refs)
+                let d = with_regularizers!(d, l);
+                with_constraints!(d, l).apply_many(&refs)
             }
             "conv1d" | "conv2d" => {
                 let filters = l
@@ -372,7 +438,8 @@ pub(crate) fn model(
                             .activation(activation(l)?)
                             .use_bias(l.bool_or("use_bias", true)?)
                             .with_name(name.clone());
-                        in_format!(with_regularizers!(c, l), first, &refs)
+                        let c = with_regularizers!(c, l);
+                        in_format!(with_constraints!(c, l), first, &refs)
                     }};
                 }
                 let groups = conv_groups(l, filters, &refs)?;
@@ -607,7 +674,17 @@ pub(crate) fn model(
 
 fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
     let kind = f.str("type")?.unwrap_or("rmsprop");
-    let lr = f.f64_in("learning_rate", Bounds::positive())?;
+    // `learning_rate` is a number or a schedule table (`{ type = "exponential_decay", … }`).
+    let schedule = match f.get("learning_rate") {
+        Some(v) if v.get_ref().is_table() => Some(schedule(
+            &f.table("learning_rate")?.expect("a table, checked above"),
+        )?),
+        _ => None,
+    };
+    let lr = match &schedule {
+        Some(s) => Some(s.rate(0)),
+        None => f.f64_in("learning_rate", Bounds::positive())?,
+    };
     // Keras: the decay rates of the moment estimates lie in [0, 1).
     let unit = Bounds::closed_open(0.0, 1.0);
     macro_rules! clipped {
@@ -657,7 +734,90 @@ fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
         }
     };
     f.finish()?;
-    Ok(opt)
+    Ok(match schedule {
+        Some(s) => Box::new(crate::optimizers::Scheduled::new(opt, s)),
+        None => opt,
+    })
+}
+
+/// A learning-rate schedule table: `type` (Keras' class in snake case) and the class's
+/// parameters by Keras' names, the optional ones with Keras' defaults; unknown keys are errors.
+fn schedule(t: &Fields) -> Result<LearningRateSchedule> {
+    let kind = t.required_str("type")?;
+    let req = |k: &str| -> Result<f64> {
+        t.f64(k)?
+            .ok_or_else(|| t.error(format!("missing key `{k}` (a {kind} schedule needs it)")))
+    };
+    let steps = |k: &str| -> Result<f64> {
+        t.f64_in(k, Bounds::positive())?
+            .ok_or_else(|| t.error(format!("missing key `{k}` (a {kind} schedule needs it)")))
+    };
+    let numbers = |k: &str| -> Result<Vec<f64>> {
+        let v = t
+            .get(k)
+            .ok_or_else(|| t.error(format!("missing key `{k}` (a {kind} schedule needs it)")))?;
+        let items = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| t.value_error(k, v, "expected a list of numbers"))?;
+        items
+            .iter()
+            .map(|i| {
+                super::fields::number(i.get_ref())
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| t.value_error(k, i, "expected a finite number"))
+            })
+            .collect()
+    };
+    let s = match kind {
+        "exponential_decay" => LearningRateSchedule::ExponentialDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            decay_rate: req("decay_rate")?,
+            staircase: t.bool_or("staircase", false)?,
+        },
+        "piecewise_constant_decay" => LearningRateSchedule::PiecewiseConstantDecay {
+            boundaries: numbers("boundaries")?,
+            values: numbers("values")?,
+        },
+        "polynomial_decay" => LearningRateSchedule::PolynomialDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            end_learning_rate: t.f64_or("end_learning_rate", 0.0001)?,
+            power: t.f64_or("power", 1.0)?,
+            cycle: t.bool_or("cycle", false)?,
+        },
+        "inverse_time_decay" => LearningRateSchedule::InverseTimeDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            decay_rate: req("decay_rate")?,
+            staircase: t.bool_or("staircase", false)?,
+        },
+        "cosine_decay" => LearningRateSchedule::CosineDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            alpha: t.f64_or("alpha", 0.0)?,
+            warmup_target: t.f64("warmup_target")?,
+            warmup_steps: t.f64_in_or("warmup_steps", 0.0, Bounds::non_negative())?,
+        },
+        "cosine_decay_restarts" => LearningRateSchedule::CosineDecayRestarts {
+            initial_learning_rate: req("initial_learning_rate")?,
+            first_decay_steps: steps("first_decay_steps")?,
+            t_mul: t.f64_in_or("t_mul", 2.0, Bounds::positive())?,
+            m_mul: t.f64_or("m_mul", 1.0)?,
+            alpha: t.f64_or("alpha", 0.0)?,
+        },
+        other => {
+            return Err(t.error(format!(
+                "unknown learning rate schedule `{other}`: use exponential_decay, \
+                 piecewise_constant_decay, polynomial_decay, inverse_time_decay, cosine_decay or \
+                 cosine_decay_restarts"
+            )))
+        }
+    };
+    t.finish()?;
+    s.validate().map_err(|e| t.error(e))?;
+    Ok(s)
 }
 
 /// A loss from a string (`"mse"`) or a table (`{ type = "huber", delta = 0.5 }`).
