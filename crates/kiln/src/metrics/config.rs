@@ -215,7 +215,7 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
             mean(Accuracy::binary_threshold(t))
         }
         "categorical_accuracy" => mean(Accuracy::categorical()),
-        "exact_accuracy" => mean(Accuracy::exact()),
+        "exact_accuracy" => mean(Accuracy::exact().with_name(name)),
         "sparse_categorical_accuracy" => mean(Accuracy::sparse()),
         "mae" | "mean_absolute_error" => {
             Box::new(MeanMetric::new(MeanAbsoluteError).with_name(name))
