@@ -1123,3 +1123,27 @@ fn a_keras_archive_whose_weights_start_where_hdf5_could_is_still_an_archive() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A file saved after training holds Keras' optimizer state, which kiln does not import: `kiln
+/// import` says so, naming the step count; a file whose optimizer never stepped gets no note.
+#[test]
+fn import_says_when_the_file_holds_optimizer_state_it_does_not_read() {
+    let dir = crate::support::temp("keras_files", "optimizer_state");
+    let run = |file: &str| {
+        let (ok, text) = kiln(&[
+            "import",
+            fixture(file).to_str().unwrap(),
+            "--out",
+            dir.join(stem(file)).to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        text
+    };
+    let text = run("trained_adam.keras");
+    assert!(
+        text.contains("optimizer after 2 steps") && text.contains("starts the optimizer fresh"),
+        "{text}"
+    );
+    let text = run("cnn2d.keras");
+    assert!(!text.contains("note:"), "{text}");
+}

@@ -467,6 +467,16 @@ fn import(source: &Path, out: Option<PathBuf>) -> crate::Result<()> {
         },
         dir.display()
     );
+    let steps = crate::keras::saved_optimizer_steps(source)?;
+    if steps > 0 && model.is_compiled() {
+        println!(
+            "note: {} holds the state of Keras' optimizer after {steps} step{} (its step count \
+             and slots); kiln does not read it and starts the optimizer fresh, as after Keras' \
+             compile, so fine-tuning steps differ from Keras continuing from that state",
+            source.display(),
+            if steps == 1 { "" } else { "s" }
+        );
+    }
     Ok(())
 }
 

@@ -96,6 +96,28 @@ pub(crate) fn is_legacy_h5(path: &Path) -> Result<bool> {
     hdf5_pure::is_hdf5(path).map_err(|e| crate::io::io_error(path, e))
 }
 
+/// The steps Keras' optimizer had taken when a `.keras` archive was saved (its
+/// `optimizer/vars/0`, the iteration count; 0 when the file holds no optimizer state or is a
+/// legacy `.h5` file). Keras' `load_model` restores that state (the count and every slot), kiln's
+/// import starts the optimizer fresh, so `kiln import` says so when the count is not 0.
+pub(crate) fn saved_optimizer_steps(path: &Path) -> Result<u64> {
+    if is_legacy_h5(path)? {
+        return Ok(0);
+    }
+    let shown = path.display().to_string();
+    let archive = archive::read(path)?;
+    let weights = h5::WeightsFile::new(archive.weights, format!("{shown}: model.weights.h5"))?;
+    if !weights
+        .dataset_names("optimizer/vars")?
+        .iter()
+        .any(|n| n == "0")
+    {
+        return Ok(0);
+    }
+    let count = weights.read("optimizer/vars", "0", &[], "the optimizer's step count")?;
+    Ok(count.first().map_or(0, |&c| c.max(0.0) as u64))
+}
+
 /// Reads a `.keras` file; compiles the model with its `compile_config` when `compile` is true
 /// and the file has one.
 ///
