@@ -2,10 +2,12 @@
 
 mod adam;
 mod fused;
+mod more;
 mod rmsprop;
 mod sgd;
 
 pub use adam::{Adam, AdamW};
+pub use more::{Adadelta, Adagrad, Adamax, Lion, Nadam};
 pub use rmsprop::RmsProp;
 pub use sgd::Sgd;
 
@@ -194,7 +196,7 @@ impl Clipping {
     }
 }
 
-/// Clipping and learning-rate fields every optimizer shares, with their builder methods.
+/// Clipping and weight-decay fields every optimizer shares, with their builder methods.
 macro_rules! optimizer_common {
     ($ty:ty) => {
         impl $ty {
@@ -211,6 +213,12 @@ macro_rules! optimizer_common {
             /// Clip every gradient entry to `[-v, v]`.
             pub fn clipvalue(mut self, v: f64) -> Self {
                 self.clipping.clipvalue = Some(v);
+                self
+            }
+            /// Decoupled weight decay, as Keras' `weight_decay`: every trainable variable
+            /// shrinks by `var · wd · lr` before each update.
+            pub fn weight_decay(mut self, wd: f64) -> Self {
+                self.weight_decay = Some(wd);
                 self
             }
         }
@@ -319,6 +327,16 @@ impl Slots {
     /// Takes the state of `param` out, if it has one.
     pub(crate) fn remove(&mut self, param: &Var) -> Option<Tensor> {
         self.0.remove(&param.as_tensor().id())
+    }
+    /// The state of `param`, filled with `value` if it has none yet (Adagrad's accumulators).
+    pub(crate) fn get_filled(&mut self, param: &Var, value: f64) -> Result<Tensor> {
+        let id = param.as_tensor().id();
+        if let Some(t) = self.0.get(&id) {
+            return Ok(t.clone());
+        }
+        let filled = param.as_tensor().ones_like()?.affine(value, 0.0)?;
+        self.0.insert(id, filled.clone());
+        Ok(filled)
     }
     /// Stores the new state of `param`.
     pub(crate) fn set(&mut self, param: &Var, value: Tensor) {
