@@ -53,14 +53,14 @@ fn flat(v: &Value, out: &mut Vec<f64>) {
 
 /// optimizers.keras with its compile_config replaced by `compile_config`, at `path`.
 fn with_compile_config(compile_config: &Value, path: &Path) {
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(fixture("optimizers.keras")).unwrap())
-        .unwrap();
+    let mut zip =
+        zip::ZipArchive::new(std::fs::File::open(fixture("optimizers.keras")).unwrap()).unwrap();
     let mut out = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for i in 0..zip.len() {
         let mut f = zip.by_index(i).unwrap();
-        let name = f.name().to_string();
+        let name = f.name().unwrap().to_string();
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).unwrap();
         if name == "config.json" {
@@ -179,7 +179,11 @@ fn imported_optimizers_take_keras_steps_and_export_their_configuration() {
             &compile_config_of(&exported)["optimizer"],
         );
         let mut back = Model::from_keras(&exported).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(three_steps(&mut back, &data), after, "{name}: the re-imported export");
+        assert_eq!(
+            three_steps(&mut back, &data),
+            after,
+            "{name}: the re-imported export"
+        );
         if let Some(dir) = &export_dir {
             std::fs::create_dir_all(dir).unwrap();
             std::fs::copy(&exported, Path::new(dir).join(format!("{name}.keras"))).unwrap();
@@ -195,7 +199,10 @@ fn imported_optimizers_take_keras_steps_and_export_their_configuration() {
             .unwrap();
         }
     }
-    eprintln!("kiln vs Keras, worst relative weight difference after 3 steps:\n  {}", report.join("\n  "));
+    eprintln!(
+        "kiln vs Keras, worst relative weight difference after 3 steps:\n  {}",
+        report.join("\n  ")
+    );
 }
 
 /// Training 2 steps, a checkpoint, a fresh import restored from it and 1 more step gives the
@@ -205,7 +212,13 @@ fn imported_optimizers_take_keras_steps_and_export_their_configuration() {
 fn a_checkpoint_resumes_the_new_optimizers_exactly() {
     let all = cases();
     let data = batch(&all);
-    for name in ["nadam", "adadelta", "adagrad_clipvalue", "adam_amsgrad", "lion"] {
+    for name in [
+        "nadam",
+        "adadelta",
+        "adagrad_clipvalue",
+        "adam_amsgrad",
+        "lion",
+    ] {
         let path = temp(&format!("resume-{name}.keras"));
         with_compile_config(&all["cases"][name]["compile_config"], &path);
         let mut straight = Model::from_keras(&path).unwrap();
@@ -237,7 +250,9 @@ fn unsupported_optimizer_settings_are_refused_by_name() {
         edit(&mut cc);
         let path = temp(&format!("refuse-{}.keras", needle.replace(' ', "_")));
         with_compile_config(&cc, &path);
-        let err = Model::from_keras(&path).err().unwrap_or_else(|| panic!("{what}: accepted"));
+        let err = Model::from_keras(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: accepted"));
         let msg = err.to_string();
         assert!(msg.contains(needle), "{what}: {msg}");
     };
@@ -246,7 +261,11 @@ fn unsupported_optimizer_settings_are_refused_by_name() {
         "Ftrl",
         "does not implement Keras' `Ftrl`",
     );
-    refuse(&|cc| cc["optimizer"]["config"]["use_ema"] = true.into(), "EMA", "use_ema");
+    refuse(
+        &|cc| cc["optimizer"]["config"]["use_ema"] = true.into(),
+        "EMA",
+        "use_ema",
+    );
     refuse(
         &|cc| cc["optimizer"]["config"]["exclude_from_weight_decay"] = serde_json::json!(["bias"]),
         "exclusions",
