@@ -64,8 +64,7 @@ fn binary(labels: &[f32]) -> Tensor {
     Tensor::from_vec(labels.to_vec(), (labels.len(), 1), &Device::Cpu).unwrap()
 }
 
-/// Registers the custom loss once: registering a name again replaces the loss, and a model
-/// compiled with the replaced one no longer holds a registered loss.
+/// Registers the custom loss once (the tests of one binary share the registry).
 fn register_custom() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -536,4 +535,42 @@ batch_size = 10
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A program that registers its losses again (each time a component starts) replaces the
+/// registered value: a model compiled with the earlier one still exports it by name. A loss
+/// built separately under a registered name is refused, saying to compile with `by_name`.
+#[test]
+fn a_loss_registered_again_still_exports_by_its_name() {
+    let mae = |t: &Tensor, p: &Tensor| Ok((p - t)?.abs()?.mean(candle_core::D::Minus1)?);
+    kiln::losses::register("Custom>registered_twice", loss_fn("registered_twice", mae));
+    let x = Input::named("x", [3]);
+    let y = Dense::new(2).with_name("out").apply(&x).unwrap();
+    let mut m = Model::builder(&[x], &[y]).seed(1).build().unwrap();
+    m.compile(
+        Compile::new(Adam::new(1e-3))
+            .loss(kiln::losses::by_name("Custom>registered_twice").unwrap()),
+    )
+    .unwrap();
+    kiln::losses::register("Custom>registered_twice", loss_fn("registered_twice", mae));
+    let path = temp("registered_twice.keras");
+    m.save_keras(&path).unwrap();
+    let cc = compile_config_of(&path);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        cc["loss"],
+        json!({"module": "builtins", "class_name": "function",
+               "config": "Custom>registered_twice", "registered_name": "function"})
+    );
+
+    kiln::losses::register("separately_built", loss_fn("separately_built", mae));
+    let msg = refusal(
+        Compile::new(Adam::new(1e-3)).loss(loss_fn("separately_built", mae)),
+        false,
+    );
+    assert!(
+        msg.contains("not the value registered under `separately_built`")
+            && msg.contains("kiln::losses::by_name(\"separately_built\")"),
+        "{msg}"
+    );
 }

@@ -231,6 +231,64 @@ fn convolutions_normalization_and_pooling_1d_round_trip() {
     round_trip("native_conv1d", &model, &[input(&[4, 10, 3], 8)]);
 }
 
+/// Channels-first layers (`ChannelsFirst`, Keras' `data_format="channels_first"`): Conv2D,
+/// pooling, BatchNormalization over axis 1, global pooling with keepdims, Flatten, Conv1D.
+#[test]
+fn channels_first_layers_round_trip() {
+    use kiln::layers::ChannelsFirst;
+    let x = Input::named("img", [3, 7, 6]);
+    let h = ChannelsFirst::new(
+        Conv2D::new(4, (3, 2))
+            .padding(Padding::Same)
+            .activation(Activation::Relu)
+            .with_name("conv"),
+    )
+    .apply(&x)
+    .unwrap();
+    let h = ChannelsFirst::new(MaxPooling2D::new((2, 2)).with_name("mp"))
+        .apply(&h)
+        .unwrap();
+    let h = BatchNormalization::new()
+        .axis(1)
+        .with_name("bn")
+        .apply(&h)
+        .unwrap();
+    let a = ChannelsFirst::new(Flatten::new().with_name("flat"))
+        .apply(&h)
+        .unwrap();
+    let b = ChannelsFirst::new(
+        GlobalAveragePooling2D::new()
+            .keepdims(true)
+            .with_name("gap"),
+    )
+    .apply(&h)
+    .unwrap();
+    let b = Flatten::new().with_name("flat_gap").apply(&b).unwrap();
+    let s = Input::named("seq", [2, 8]);
+    let g = ChannelsFirst::new(Conv1D::new(3, 3).strides(2).with_name("conv1d"))
+        .apply(&s)
+        .unwrap();
+    let g = ChannelsFirst::new(GlobalMaxPooling1D::new().with_name("gmax"))
+        .apply(&g)
+        .unwrap();
+    let all = Concatenate::new()
+        .with_name("all")
+        .apply_many(&[&a, &b, &g])
+        .unwrap();
+    let y = Dense::new(2).with_name("out").apply(&all).unwrap();
+    let model = Model::builder(&[x, s], &[y]).seed(4).build().unwrap();
+    assert_eq!(
+        model.weight("conv/kernel").unwrap().var.dims(),
+        &[3, 2, 3, 4]
+    );
+    perturb(&model);
+    round_trip(
+        "native_channels_first",
+        &model,
+        &[input(&[4, 3, 7, 6], 11), input(&[4, 2, 8], 12)],
+    );
+}
+
 /// Embedding with mask_zero into LSTM and GRU (both reset_after), Masking into an LSTM, two
 /// inputs merged.
 #[test]

@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Every compiled fixture (a Keras 3 `.keras` file, or a legacy `.h5` whole-model file written
 /// by Keras 2 or Keras 3, make_keras_legacy.py) and the relative tolerance of its predictions.
-const MODELS: [(&str, f64); 24] = [
+const MODELS: [(&str, f64); 25] = [
     ("mlp_sequential.keras", 1e-5),
     ("functional_two_heads.keras", 1e-5),
     ("nested_shared.keras", 1e-5),
@@ -35,6 +35,7 @@ const MODELS: [(&str, f64); 24] = [
     ("recurrent_activations.keras", 1e-4),
     ("noop_masks.keras", 1e-4),
     ("pool_ties.keras", 1e-4),
+    ("channels_first.keras", 1e-4),
     ("legacy2_sequential.h5", 1e-4),
     ("legacy2_functional.h5", 1e-4),
     ("legacy3_functional.h5", 1e-4),
@@ -458,10 +459,11 @@ fn recurrent_states_kiln_cannot_read_are_errors_naming_their_place() {
 #[test]
 fn unknown_layers_options_activations_and_losses_are_errors_naming_their_place() {
     let msg = refused_edit("option", |v| {
-        v["config"]["layers"][1]["config"]["data_format"] = "channels_first".into();
+        v["config"]["layers"][1]["config"]["data_format"] = "channels_middle".into();
     });
     assert!(
-        msg.contains("config.layers[1].config.data_format") && msg.contains("channels_last"),
+        msg.contains("config.layers[1].config.data_format")
+            && msg.contains("\"channels_middle\" is not a data format"),
         "{msg}"
     );
     // A rate that is not a number.

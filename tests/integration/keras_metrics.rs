@@ -40,7 +40,9 @@ fn case() -> Value {
 fn evaluate(model: &Model, case: &Value) -> Logs {
     let x = tensor(&case["inputs"][0]);
     let t = &case["targets"];
-    let ys = ["prob", "cls", "sp", "reg"].map(|k| tensor(&t[k])).to_vec();
+    let ys = ["prob", "cls", "sp", "reg", "rel"]
+        .map(|k| tensor(&t[k]))
+        .to_vec();
     let data = Dataset::multi(vec![x], ys)
         .unwrap()
         .with_sample_weight(tensor(&case["sample_weight"]))

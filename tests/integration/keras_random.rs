@@ -273,19 +273,33 @@ fn options_kiln_lacks_are_refused_by_name_and_place() {
     assert!(msg.contains("rms_scaling = false"), "{msg}");
     let msg = refused_option("rand_00.keras", "BatchNormalization", "renorm", true.into());
     assert!(msg.contains("renorm = false"), "{msg}");
+    // Keras' four constraints are imported (keras_schedules.rs); a class kiln lacks, or an
+    // option a constraint does not have, is refused by name.
+    let radial = serde_json::json!({
+        "module": "keras.constraints", "class_name": "RadialConstraint",
+        "config": {}, "registered_name": null
+    });
+    let msg = refused_option("rand_00.keras", "Dense", "kernel_constraint", radial);
+    assert!(
+        msg.contains("kiln has no constraint `RadialConstraint`"),
+        "{msg}"
+    );
     let max_norm = serde_json::json!({
         "module": "keras.constraints", "class_name": "MaxNorm",
-        "config": {"max_value": 2.0, "axis": 0}, "registered_name": null
+        "config": {"max_value": 2.0, "axes": 0}, "registered_name": null
     });
     let msg = refused_option("rand_00.keras", "Dense", "kernel_constraint", max_norm);
-    assert!(msg.contains("weight constraints"), "{msg}");
+    assert!(msg.contains("unknown option `axes`"), "{msg}");
     let msg = refused_option(
         "rand_04.keras",
         "Conv1D",
         "data_format",
-        "channels_first".into(),
+        "channels_middle".into(),
     );
-    assert!(msg.contains("channels_last"), "{msg}");
+    assert!(
+        msg.contains("use \"channels_last\" or \"channels_first\""),
+        "{msg}"
+    );
     let msg = refused_option("rand_08.keras", "LSTM", "stateful", true.into());
     assert!(msg.contains("stateful = false"), "{msg}");
     let msg = refused_option("rand_00.keras", "Dense", "activation", "sparsemax".into());

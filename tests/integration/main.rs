@@ -1,5 +1,6 @@
 //! Integration tests, one binary (one link) for all of them.
 
+mod activations;
 mod adversarial;
 mod api;
 mod callbacks;
@@ -18,6 +19,7 @@ mod keras_metrics;
 mod keras_optimizers;
 mod keras_random;
 mod keras_reference;
+mod keras_schedules;
 mod keras_weights_only;
 mod layers;
 mod loaders_fuzz;

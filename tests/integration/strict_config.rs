@@ -1469,3 +1469,58 @@ loss = "mse"
     assert_eq!(layer("gru")["dropout"], 0.5);
     assert_eq!(layer("gru")["recurrent_dropout"], 0.125);
 }
+
+/// `data_format` on convolution, pooling and Flatten layers: `"channels_first"` reads the first
+/// axis of a sample as its channels (Keras' option), and anything but the two formats is an
+/// error naming the file, line and key.
+#[test]
+fn data_format_is_read_and_checked() {
+    let run = |format: &str| {
+        format!(
+            r#"seed = 0
+[data]
+source = "blobs"
+samples = 40
+features = 8
+[model]
+layers = [
+  {{ type = "reshape", target_shape = [2, 4] }},
+  {{ type = "conv1d", name = "conv", filters = 3, kernel_size = 2, data_format = {format} }},
+  {{ type = "max_pooling1d", pool_size = 1, data_format = {format} }},
+  {{ type = "flatten", data_format = {format} }},
+  {{ type = "dense", name = "out", units = 1 }},
+]
+[compile]
+optimizer = "sgd"
+loss = "mse"
+"#
+        )
+    };
+    let kernel = |format: &str| {
+        let prepared = RunFile::from_text("formats.toml", &run(format), PathBuf::new())
+            .and_then(|r| r.prepare(None, &Device::Cpu))
+            .unwrap();
+        let dims = prepared
+            .model
+            .weight("conv/kernel")
+            .unwrap()
+            .var
+            .dims()
+            .to_vec();
+        dims
+    };
+    // Channels last: 4 channels over 2 steps; channels first: 2 channels over 4 steps.
+    assert_eq!(kernel(r#""channels_last""#), [2, 4, 3]);
+    assert_eq!(kernel(r#""channels_first""#), [2, 2, 3]);
+    for bad in [r#""channels_middle""#, "1", "true"] {
+        let e = RunFile::from_text("formats.toml", &run(bad), PathBuf::new())
+            .and_then(|r| r.prepare(None, &Device::Cpu))
+            .err()
+            .unwrap_or_else(|| panic!("data_format = {bad} was accepted"))
+            .to_string();
+        assert!(
+            e.contains("formats.toml") && e.contains("line 9") && e.contains("data_format"),
+            "{bad}: {e}"
+        );
+    }
+}

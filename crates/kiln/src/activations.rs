@@ -81,20 +81,30 @@ impl Activation {
             Activation::Silu => x.silu()?,
             Activation::Softplus => crate::losses::softplus(x)?,
             Activation::Elu => x.elu(1.0)?,
-            Activation::LeakyRelu => x.maximum(&x.affine(0.2, 0.0)?)?,
+            Activation::LeakyRelu => x.mul(&above(x, 0.0, true)?.affine(0.8, 0.2)?)?,
             Activation::Selu => x
                 .elu(1.673_263_242_354_377_3)?
                 .affine(1.050_700_987_355_480_5, 0.0)?,
             Activation::Softsign => x.div(&x.abs()?.affine(1.0, 1.0)?)?,
             Activation::HardSigmoid => hard_sigmoid(x)?,
             Activation::HardSilu => x.mul(&hard_sigmoid(x)?)?,
-            Activation::Relu6 => x.clamp(0f32, 6f32)?,
+            Activation::Relu6 => relu6(x)?,
             Activation::Exponential => x.exp()?,
             Activation::Mish => x.mul(&crate::losses::softplus(x)?.tanh()?)?,
             Activation::LogSigmoid => crate::losses::softplus(&x.neg()?)?.neg()?,
-            Activation::HardTanh => x.clamp(-1f32, 1f32)?,
+            // Gradient 1 on [-1, 1], ends included, as JAX's `where(x > 1, 1, where(x < -1, -1, x))`.
+            Activation::HardTanh => x
+                .mul(&above(x, -1.0, true)?.mul(&above(&x.neg()?, -1.0, true)?)?)?
+                .add(&above(x, 1.0, false)?)?
+                .sub(&above(&x.neg()?, 1.0, false)?)?,
             Activation::TanhShrink => x.sub(&x.tanh()?)?,
-            Activation::Celu => x.relu()?.add(&x.exp()?.affine(1.0, -1.0)?.minimum(0f32)?)?,
+            // `where(x > 0, x, e^x - 1)`: gradient 1 at 0 (as JAX's), e^x only where x ≤ 0.
+            Activation::Celu => {
+                let positive = above(x, 0.0, false)?;
+                let rest = positive.affine(-1.0, 1.0)?;
+                x.mul(&positive)?
+                    .add(&x.mul(&rest)?.exp()?.affine(1.0, -1.0)?.mul(&rest)?)?
+            }
             Activation::Squareplus => x
                 .add(&x.sqr()?.affine(1.0, 4.0)?.sqrt()?)?
                 .affine(0.5, 0.0)?,
@@ -170,7 +180,22 @@ impl FromStr for Activation {
     }
 }
 
-/// Keras 3's hard sigmoid, `relu6(x + 3) / 6`.
+/// Keras 3's hard sigmoid, `relu6(x + 3) / 6`, with relu6's gradient (0 at both ends).
 fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok(x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)
+    Ok((relu6(&x.affine(1.0, 3.0)?)? / 6.0)?)
+}
+
+/// `min(max(x, 0), 6)` with JAX's gradient: 1 strictly between 0 and 6, 0 at both ends (candle's
+/// `clamp` splits a tie in half).
+fn relu6(x: &Tensor) -> Result<Tensor> {
+    let inside = above(x, 0.0, false)?.mul(&above(&x.neg()?, -6.0, false)?)?;
+    Ok(x.mul(&inside)?.add(&(above(x, 6.0, true)? * 6.0)?)?)
+}
+
+/// The constant mask `[x > at]` (`[x >= at]` when `inclusive`) in `x`'s dtype: a comparison
+/// carries no gradient, so `x · mask` is a piecewise function whose tie rule is chosen here
+/// rather than by how candle splits `maximum`/`minimum` ties (half to each side).
+fn above(x: &Tensor, at: f64, inclusive: bool) -> Result<Tensor> {
+    let mask = if inclusive { x.ge(at)? } else { x.gt(at)? };
+    Ok(mask.to_dtype(x.dtype())?)
 }

@@ -33,6 +33,7 @@ pub mod adversarial;
 pub mod callbacks;
 pub mod cli;
 pub mod conformance;
+pub mod constraints;
 mod cpu;
 mod cpu_math;
 pub mod data;

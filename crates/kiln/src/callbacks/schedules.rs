@@ -83,7 +83,22 @@ impl LearningRateScheduler {
     }
 }
 
+/// Refuses a callback that sets the learning rate of an optimizer that follows a schedule.
+fn refuse_scheduled(callback: &str, model: &Model) -> Result<()> {
+    match model.learning_rate_schedule() {
+        Some(s) => Err(crate::error::invalid(format!(
+            "{callback}: the optimizer's learning rate follows the schedule {}, which sets every \
+             step's rate; use the callback or the schedule, not both",
+            s.class_name()
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Callback for LearningRateScheduler {
+    fn on_train_begin(&mut self, model: &mut Model) -> Result<()> {
+        refuse_scheduled("LearningRateScheduler", model)
+    }
     fn on_epoch_begin(&mut self, epoch: usize, model: &mut Model) -> Result<()> {
         model.set_learning_rate(self.schedule.learning_rate(epoch))
     }
@@ -168,6 +183,9 @@ impl ReduceLROnPlateau {
 }
 
 impl Callback for ReduceLROnPlateau {
+    fn on_train_begin(&mut self, model: &mut Model) -> Result<()> {
+        refuse_scheduled("ReduceLROnPlateau", model)
+    }
     fn state(&self) -> Option<serde_json::Value> {
         Some(
             serde_json::json!({ "best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left }),

@@ -101,12 +101,21 @@ impl Communicator for MpiWorld {
         Ok(all)
     }
     fn fail(&self, error: &Error) {
-        eprintln!(
+        // One write, then a moment for mpirun to forward it: written piece by piece (as
+        // `eprintln!` does), mpirun's own abort banner landed inside the message.
+        let message = format!(
             "error: rank {} of {} failed: {error}\nkiln: ending the run on every rank \
-             (MPI_Abort)",
+             (MPI_Abort)\n",
             self.rank(),
             self.size()
         );
+        {
+            use std::io::Write;
+            let mut stderr = std::io::stderr().lock();
+            let _ = stderr.write_all(message.as_bytes());
+            let _ = stderr.flush();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
         self.world.abort(1)
     }
 }

@@ -8,7 +8,8 @@ use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::Compile;
 use crate::optimizers::{
-    Adadelta, Adagrad, Adam, AdamW, Adamax, Lion, Nadam, Optimizer, RmsProp, Sgd,
+    Adadelta, Adagrad, Adam, AdamW, Adamax, LearningRateSchedule, Lion, Nadam, Optimizer, RmsProp,
+    Scheduled, Sgd,
 };
 use crate::reduction::Reduction;
 use serde_json::Value;
@@ -386,9 +387,17 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
         "no gradient accumulation",
     )?;
     let lr_v = c.required("learning_rate")?;
-    let lr = lr_v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
-        c.error("learning_rate", format!("{} is not supported: kiln takes a positive number (a schedule becomes an lr_schedule callback)", short(lr_v)))
-    })?;
+    // A schedule object: the optimizer is built with the schedule's first rate, then wrapped.
+    let schedule = match lr_v {
+        Value::Object(_) => Some(schedule(&c.obj("learning_rate")?)?),
+        _ => None,
+    };
+    let lr = match &schedule {
+        Some(s) => s.rate(0),
+        None => lr_v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
+            c.error("learning_rate", format!("{} is not supported: kiln takes a positive number or a keras.optimizers.schedules object", short(lr_v)))
+        })?,
+    };
     let opt_num = |key: &str| -> Result<Option<f64>> {
         match c.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -512,7 +521,102 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
     };
     c.finish(&class)?;
     o.finish("an optimizer")?;
-    Ok(opt)
+    Ok(match schedule {
+        Some(s) => Box::new(Scheduled::new(opt, s)),
+        None => opt,
+    })
+}
+
+/// A `keras.optimizers.schedules` object (`{"module", "class_name", "config"}`), every key of
+/// its config read (Keras' defaults for the optional ones it may omit), unknown keys refused.
+pub(crate) fn schedule(o: &Obj) -> Result<LearningRateSchedule> {
+    o.ignore(&["module"]);
+    let class = o.str("class_name")?.to_string();
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class.as_str()),
+        "built-in learning rate schedules",
+    )?;
+    let c = o.obj("config")?;
+    c.ignore(&["name"]);
+    let num_or = |key: &str, default: f64| -> Result<f64> {
+        match c.get(key) {
+            None => Ok(default),
+            Some(_) => c.f64(key),
+        }
+    };
+    let numbers = |key: &str| -> Result<Vec<f64>> {
+        let v = c.required(key)?;
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_f64().filter(|x| x.is_finite()))
+                    .collect()
+            })
+            .ok_or_else(|| c.error(key, format!("expected a list of numbers, got {}", short(v))))
+    };
+    let s = match class.as_str() {
+        "ExponentialDecay" => LearningRateSchedule::ExponentialDecay {
+            initial_learning_rate: c.f64("initial_learning_rate")?,
+            decay_steps: c.f64("decay_steps")?,
+            decay_rate: c.f64("decay_rate")?,
+            staircase: c.bool_or("staircase", false)?,
+        },
+        "PiecewiseConstantDecay" => LearningRateSchedule::PiecewiseConstantDecay {
+            boundaries: numbers("boundaries")?,
+            values: numbers("values")?,
+        },
+        "PolynomialDecay" => LearningRateSchedule::PolynomialDecay {
+            initial_learning_rate: c.f64("initial_learning_rate")?,
+            decay_steps: c.f64("decay_steps")?,
+            end_learning_rate: num_or("end_learning_rate", 0.0001)?,
+            power: num_or("power", 1.0)?,
+            cycle: c.bool_or("cycle", false)?,
+        },
+        "InverseTimeDecay" => LearningRateSchedule::InverseTimeDecay {
+            initial_learning_rate: c.f64("initial_learning_rate")?,
+            decay_steps: c.f64("decay_steps")?,
+            decay_rate: c.f64("decay_rate")?,
+            staircase: c.bool_or("staircase", false)?,
+        },
+        "CosineDecay" => LearningRateSchedule::CosineDecay {
+            initial_learning_rate: c.f64("initial_learning_rate")?,
+            decay_steps: c.f64("decay_steps")?,
+            alpha: num_or("alpha", 0.0)?,
+            warmup_target: match c.get("warmup_target") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(c.f64("warmup_target")?),
+            },
+            warmup_steps: num_or("warmup_steps", 0.0)?,
+        },
+        "CosineDecayRestarts" => LearningRateSchedule::CosineDecayRestarts {
+            initial_learning_rate: c.f64("initial_learning_rate")?,
+            first_decay_steps: c.f64("first_decay_steps")?,
+            t_mul: num_or("t_mul", 2.0)?,
+            m_mul: num_or("m_mul", 1.0)?,
+            alpha: num_or("alpha", 0.0)?,
+        },
+        other => {
+            return Err(o.error(
+                "class_name",
+                format!(
+                    "kiln has no learning rate schedule `{other}`: use ExponentialDecay, \
+                     PiecewiseConstantDecay, PolynomialDecay, InverseTimeDecay, CosineDecay or \
+                     CosineDecayRestarts"
+                ),
+            ))
+        }
+    };
+    c.finish(&class)?;
+    o.finish("a learning rate schedule")?;
+    s.validate().map_err(|e| o.error_here(e))?;
+    Ok(s)
+}
+
+/// A schedule from its Keras JSON, for tests.
+#[cfg(test)]
+pub(crate) fn schedule_from_json(v: &Value) -> Result<LearningRateSchedule> {
+    schedule(&Obj::new(v, "learning_rate", "test")?)
 }
 
 /// The clipping options every kiln optimizer has, behind one object.

@@ -150,6 +150,15 @@ fn loss_object(loss: &Arc<dyn Loss>, output: &str) -> Result<Value> {
         }));
     }
     loss.keras_config().ok_or_else(|| {
+        if crate::losses::is_registered(loss.name()) {
+            return Error::Data(format!(
+                "the loss `{0}` of output `{output}` is not the value registered under `{0}` \
+                 (it was built separately, with the same name): compile with \
+                 kiln::losses::by_name(\"{0}\") so that the model holds the registered loss, \
+                 which is exported by its name",
+                loss.name()
+            ));
+        }
         Error::Data(format!(
             "the loss `{}` of output `{output}` has no Keras equivalent: register it with \
              kiln::losses::register(\"NAME\", …) to export it by that name (and register a \

@@ -7,9 +7,9 @@ use crate::activations::Activation;
 use crate::error::{Error, Result};
 use crate::graph::SharedLayer;
 use crate::layers::{
-    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
-    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
-    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, ChannelsFirst,
+    Concatenate, Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
     Padding, Permute, Reshape,
 };
@@ -157,14 +157,45 @@ fn regularizer(cfg: &Obj, key: &str) -> Result<Option<SharedRegularizer>> {
     Ok(Some(reg))
 }
 
-/// Initializers and constraints: initializers only say how Keras would draw weights that the
-/// file gives, so they are read past; a constraint changes training, and kiln has none.
-fn initializers_and_constraints(cfg: &Obj, prefixes: &[&str]) -> Result<()> {
-    for p in prefixes {
-        cfg.ignore(&[&format!("{p}_initializer")]);
-        cfg.expect_null(&format!("{p}_constraint"), "weight constraints")?;
+/// A layer builder with its kernel and bias constraints, those given.
+macro_rules! constrained {
+    ($b:expr, $kernel:expr, $bias:expr) => {{
+        let mut b = $b;
+        if let Some(c) = $kernel.clone() {
+            b = b.kernel_constraint(c);
+        }
+        if let Some(c) = $bias.clone() {
+            b = b.bias_constraint(c);
+        }
+        b
+    }};
+}
+
+/// A constraint option: `null`, or a built-in Keras constraint (MaxNorm, MinMaxNorm, NonNeg,
+/// UnitNorm) with its config.
+fn constraint(cfg: &Obj, key: &str) -> Result<Option<crate::constraints::Constraint>> {
+    let Some(v) = cfg.get(key) else {
+        return Ok(None);
+    };
+    if v.is_null() {
+        return Ok(None);
     }
-    Ok(())
+    let o = Obj::new(v, cfg.at(key), cfg.file)?;
+    let class = o.str("class_name")?;
+    o.ignore(&["module", "shared_object_id"]);
+    o.expect(
+        "registered_name",
+        |r| r.is_null() || r.as_str() == Some(class),
+        "built-in constraints (MaxNorm, MinMaxNorm, NonNeg, UnitNorm)",
+    )?;
+    let params = o.required("config")?;
+    let c = crate::constraints::Constraint::from_keras(
+        class,
+        params,
+        &format!("{}: {}", cfg.file, o.at("config")),
+    )?;
+    o.finish("a constraint")?;
+    Ok(Some(c))
 }
 
 fn padding(cfg: &Obj) -> Result<Padding> {
@@ -172,12 +203,30 @@ fn padding(cfg: &Obj) -> Result<Padding> {
     p.parse().map_err(|e| cfg.error("padding", format!("{e}")))
 }
 
-fn channels_last(cfg: &Obj) -> Result<()> {
-    cfg.expect(
-        "data_format",
-        |v| v.is_null() || v.as_str() == Some("channels_last"),
-        "channels_last data only",
-    )
+/// Whether the layer's `data_format` is `channels_first` (then kiln runs the channels-last
+/// layer inside [`ChannelsFirst`]); absent or null is Keras' default, channels_last.
+fn channels_first(cfg: &Obj) -> Result<bool> {
+    match cfg.get("data_format") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(f)) if f == "channels_last" => Ok(false),
+        Some(Value::String(f)) if f == "channels_first" => Ok(true),
+        Some(other) => Err(cfg.error(
+            "data_format",
+            format!(
+                "{} is not a data format: use \"channels_last\" or \"channels_first\"",
+                short(other)
+            ),
+        )),
+    }
+}
+
+/// The layer, inside [`ChannelsFirst`] when `first`.
+fn in_format<L: Layer + 'static>(layer: L, first: bool) -> SharedLayer {
+    if first {
+        ChannelsFirst::new(layer).shared()
+    } else {
+        layer.shared()
+    }
 }
 
 /// The axes of a normalization layer as Keras writes them: one integer or a list (Keras 2
@@ -275,14 +324,22 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
     let made = match class {
         "Dense" => {
             let use_bias = cfg.bool("use_bias")?;
-            initializers_and_constraints(cfg, &["kernel", "bias"])?;
+            let kernel_c = constraint(cfg, "kernel_constraint")?;
+            let bias_c = constraint(cfg, "bias_constraint")?;
+            cfg.ignore(&["kernel_initializer", "bias_initializer"]);
             cfg.expect_null("quantization_config", "quantization")?;
             cfg.expect_null("lora_rank", "LoRA")?;
             cfg.ignore(&["lora_alpha"]);
-            let d = Dense::new(cfg.positive("units")?)
+            let mut d = Dense::new(cfg.positive("units")?)
                 .activation(activation(cfg, "activation")?)
                 .use_bias(use_bias)
                 .with_name(name);
+            if let Some(c) = kernel_c {
+                d = d.kernel_constraint(c);
+            }
+            if let Some(c) = bias_c {
+                d = d.bias_constraint(c);
+            }
             Made {
                 layer: regularized!(d, cfg, "kernel_regularizer").shared(),
                 weights: if use_bias {
@@ -297,8 +354,10 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         "Conv1D" | "Conv2D" => {
             let n = if class == "Conv1D" { 1 } else { 2 };
             let use_bias = cfg.bool("use_bias")?;
-            initializers_and_constraints(cfg, &["kernel", "bias"])?;
-            channels_last(cfg)?;
+            let kernel_c = constraint(cfg, "kernel_constraint")?;
+            let bias_c = constraint(cfg, "bias_constraint")?;
+            cfg.ignore(&["kernel_initializer", "bias_initializer"]);
+            let first = channels_first(cfg)?;
             let groups = cfg.positive("groups")?;
             let filters = cfg.positive("filters")?;
             let kernel = cfg.sizes("kernel_size", n)?;
@@ -315,7 +374,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     .activation(act)
                     .use_bias(use_bias)
                     .with_name(name);
-                regularized!(c, cfg, "kernel_regularizer").shared()
+                let c = constrained!(c, kernel_c, bias_c);
+                in_format(regularized!(c, cfg, "kernel_regularizer"), first)
             } else {
                 let c = Conv2D::new(filters, (kernel[0], kernel[1]))
                     .groups(groups)
@@ -325,7 +385,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     .activation(act)
                     .use_bias(use_bias)
                     .with_name(name);
-                regularized!(c, cfg, "kernel_regularizer").shared()
+                let c = constrained!(c, kernel_c, bias_c);
+                in_format(regularized!(c, cfg, "kernel_regularizer"), first)
             };
             Made {
                 layer,
@@ -339,7 +400,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             }
         }
         "MaxPooling1D" | "AveragePooling1D" => {
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let size = cfg.sizes("pool_size", 1)?[0];
             let strides = match cfg.get("strides") {
                 Some(Value::Null) | None => size,
@@ -347,21 +408,25 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             };
             let pad = padding(cfg)?;
             plain(if class == "MaxPooling1D" {
-                MaxPooling1D::new(size)
-                    .strides(strides)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    MaxPooling1D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             } else {
-                AveragePooling1D::new(size)
-                    .strides(strides)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    AveragePooling1D::new(size)
+                        .strides(strides)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             })
         }
         "MaxPooling2D" | "AveragePooling2D" => {
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let size = cfg.sizes("pool_size", 2)?;
             let strides = match cfg.get("strides") {
                 Some(Value::Null) | None => size.clone(),
@@ -370,42 +435,46 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             let pad = padding(cfg)?;
             let (s, st) = ((size[0], size[1]), (strides[0], strides[1]));
             plain(if class == "MaxPooling2D" {
-                MaxPooling2D::new(s)
-                    .strides(st)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    MaxPooling2D::new(s)
+                        .strides(st)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             } else {
-                AveragePooling2D::new(s)
-                    .strides(st)
-                    .padding(pad)
-                    .with_name(name)
-                    .shared()
+                in_format(
+                    AveragePooling2D::new(s)
+                        .strides(st)
+                        .padding(pad)
+                        .with_name(name),
+                    first,
+                )
             })
         }
         "GlobalAveragePooling1D"
         | "GlobalAveragePooling2D"
         | "GlobalMaxPooling1D"
         | "GlobalMaxPooling2D" => {
-            channels_last(cfg)?;
+            let first = channels_first(cfg)?;
             let keep = cfg.bool_or("keepdims", false)?;
             plain(match class {
-                "GlobalAveragePooling1D" => GlobalAveragePooling1D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
-                "GlobalAveragePooling2D" => GlobalAveragePooling2D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
-                "GlobalMaxPooling1D" => GlobalMaxPooling1D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
-                _ => GlobalMaxPooling2D::new()
-                    .keepdims(keep)
-                    .with_name(name)
-                    .shared(),
+                "GlobalAveragePooling1D" => in_format(
+                    GlobalAveragePooling1D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
+                "GlobalAveragePooling2D" => in_format(
+                    GlobalAveragePooling2D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
+                "GlobalMaxPooling1D" => in_format(
+                    GlobalMaxPooling1D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
+                _ => in_format(
+                    GlobalMaxPooling2D::new().keepdims(keep).with_name(name),
+                    first,
+                ),
             })
         }
         "BatchNormalization" => {
@@ -418,7 +487,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     ))
                 }
             };
-            initializers_and_constraints(cfg, &["beta", "gamma"])?;
+            cfg.ignore(&["beta_initializer", "gamma_initializer"]);
             cfg.ignore(&[
                 "moving_mean_initializer",
                 "moving_variance_initializer",
@@ -441,6 +510,12 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             if let Some(r) = regularizer(cfg, "beta_regularizer")? {
                 b = b.beta_regularizer(r);
             }
+            if let Some(c) = constraint(cfg, "gamma_constraint")? {
+                b = b.gamma_constraint(c);
+            }
+            if let Some(c) = constraint(cfg, "beta_constraint")? {
+                b = b.beta_constraint(c);
+            }
             let mut weights = Vec::new();
             if scale {
                 weights.push("gamma");
@@ -458,7 +533,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         }
         "LayerNormalization" => {
             let axes = axes(cfg, "axis")?;
-            initializers_and_constraints(cfg, &["beta", "gamma"])?;
+            cfg.ignore(&["beta_initializer", "gamma_initializer"]);
             cfg.expect(
                 "rms_scaling",
                 |v| v == &Value::Bool(false),
@@ -477,6 +552,12 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             if let Some(r) = regularizer(cfg, "beta_regularizer")? {
                 l = l.beta_regularizer(r);
             }
+            if let Some(c) = constraint(cfg, "gamma_constraint")? {
+                l = l.gamma_constraint(c);
+            }
+            if let Some(c) = constraint(cfg, "beta_constraint")? {
+                l = l.beta_constraint(c);
+            }
             let mut weights = Vec::new();
             if scale {
                 weights.push("gamma");
@@ -492,7 +573,7 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
             }
         }
         "Embedding" => {
-            initializers_and_constraints(cfg, &["embeddings"])?;
+            cfg.ignore(&["embeddings_initializer"]);
             cfg.expect_null("quantization_config", "quantization")?;
             cfg.expect_null("lora_rank", "LoRA")?;
             cfg.ignore(&["lora_alpha"]);
@@ -502,6 +583,9 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 .with_name(name);
             if let Some(r) = regularizer(cfg, "embeddings_regularizer")? {
                 e = e.embeddings_regularizer(r);
+            }
+            if let Some(c) = constraint(cfg, "embeddings_constraint")? {
+                e = e.embeddings_constraint(c);
             }
             if let Some(r) = regularizer(cfg, "activity_regularizer")? {
                 e = e.activity_regularizer(r);
@@ -515,7 +599,14 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
         }
         "LSTM" | "GRU" => {
             let use_bias = cfg.bool("use_bias")?;
-            initializers_and_constraints(cfg, &["kernel", "recurrent", "bias"])?;
+            cfg.ignore(&[
+                "kernel_initializer",
+                "recurrent_initializer",
+                "bias_initializer",
+            ]);
+            let kernel_c = constraint(cfg, "kernel_constraint")?;
+            let recurrent_c = constraint(cfg, "recurrent_constraint")?;
+            let bias_c = constraint(cfg, "bias_constraint")?;
             cfg.expect("stateful", |v| v == &Value::Bool(false), "stateful = false")?;
             let return_state = cfg.bool_or("return_state", false)?;
             let dropout = cfg.f64("dropout")?;
@@ -549,6 +640,10 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                     if let Some(r) = regularizer(cfg, "recurrent_regularizer")? {
                         l = l.recurrent_regularizer(r);
                     }
+                    if let Some(c) = recurrent_c.clone() {
+                        l = l.recurrent_constraint(c);
+                    }
+                    let l = constrained!(l, kernel_c, bias_c);
                     regularized!(l, cfg, "kernel_regularizer").shared()
                 }};
             }
@@ -581,8 +676,8 @@ pub(crate) fn make(class: &str, cfg: &Obj, name: &str) -> Result<Made> {
                 .shared(),
         ),
         "Flatten" => {
-            channels_last(cfg)?;
-            plain(Flatten::new().with_name(name).shared())
+            let first = channels_first(cfg)?;
+            plain(in_format(Flatten::new().with_name(name), first))
         }
         "Reshape" => {
             let v = cfg.required("target_shape")?;

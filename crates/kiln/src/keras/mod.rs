@@ -13,7 +13,7 @@
 //! before anything is allocated; the zip is read with bounded decompression.
 
 mod archive;
-mod compile;
+pub(crate) mod compile;
 mod compile_out;
 mod export;
 mod graph;

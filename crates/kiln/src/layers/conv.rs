@@ -32,6 +32,8 @@ struct Conv {
     kernel_regularizer: Option<SharedRegularizer>,
     bias_regularizer: Option<SharedRegularizer>,
     activity_regularizer: Option<SharedRegularizer>,
+    kernel_constraint: Option<crate::constraints::Constraint>,
+    bias_constraint: Option<crate::constraints::Constraint>,
     name: Option<String>,
     kernel: Option<Weight>,
     bias: Option<Weight>,
@@ -54,6 +56,8 @@ impl Conv {
             kernel_regularizer: None,
             bias_regularizer: None,
             activity_regularizer: None,
+            kernel_constraint: None,
+            bias_constraint: None,
             name: None,
             kernel: None,
             bias: None,
@@ -78,8 +82,8 @@ impl Conv {
                 "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
                 "bias_regularizer": keras_object(&self.bias_regularizer)?,
                 "activity_regularizer": keras_object(&self.activity_regularizer)?,
-                "kernel_constraint": null,
-                "bias_constraint": null,
+                "kernel_constraint": self.kernel_constraint.as_ref().map(|c| c.keras_config()),
+                "bias_constraint": self.bias_constraint.as_ref().map(|c| c.keras_config()),
             }),
         ))
     }
@@ -157,25 +161,31 @@ impl Conv {
         let channels = *input_shapes[0].last().expect("checked by output_shape") / self.groups;
         let mut shape = self.kernel_size.clone();
         shape.extend([channels, self.filters]);
-        self.kernel = Some(make_weight(
-            name,
-            "kernel",
-            &shape,
-            self.kernel_initializer,
-            true,
-            self.kernel_regularizer.clone(),
-            ctx,
-        )?);
-        if self.use_bias {
-            self.bias = Some(make_weight(
+        self.kernel = Some(
+            make_weight(
                 name,
-                "bias",
-                &[self.filters],
-                self.bias_initializer,
+                "kernel",
+                &shape,
+                self.kernel_initializer,
                 true,
-                self.bias_regularizer.clone(),
+                self.kernel_regularizer.clone(),
                 ctx,
-            )?);
+            )?
+            .with_constraint(self.kernel_constraint.clone()),
+        );
+        if self.use_bias {
+            self.bias = Some(
+                make_weight(
+                    name,
+                    "bias",
+                    &[self.filters],
+                    self.bias_initializer,
+                    true,
+                    self.bias_regularizer.clone(),
+                    ctx,
+                )?
+                .with_constraint(self.bias_constraint.clone()),
+            );
         }
         Ok(())
     }
@@ -443,6 +453,17 @@ macro_rules! conv_builders {
             /// A penalty on the layer's output, added to the total loss.
             pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
                 self.conv.activity_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A projection of the kernel (`[kernel size…, in / groups, filters]`, as Keras)
+            /// after every update (Keras' `kernel_constraint`).
+            pub fn kernel_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+                self.conv.kernel_constraint = Some(c);
+                self
+            }
+            /// A projection of the bias after every update (Keras' `bias_constraint`).
+            pub fn bias_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+                self.conv.bias_constraint = Some(c);
                 self
             }
             /// The layer's name.

@@ -2,6 +2,7 @@
 
 use super::{BuildContext, CallContext, Layer, Weight};
 use crate::activations::Activation;
+use crate::constraints::Constraint;
 use crate::error::{invalid, Error, Result};
 use crate::initializers::Initializer;
 use crate::regularizers::{IntoRegularizer, SharedRegularizer};
@@ -29,6 +30,8 @@ pub struct Dense {
     kernel_regularizer: Option<SharedRegularizer>,
     bias_regularizer: Option<SharedRegularizer>,
     activity_regularizer: Option<SharedRegularizer>,
+    kernel_constraint: Option<Constraint>,
+    bias_constraint: Option<Constraint>,
     name: Option<String>,
     kernel: Option<Weight>,
     bias: Option<Weight>,
@@ -46,6 +49,8 @@ impl Dense {
             kernel_regularizer: None,
             bias_regularizer: None,
             activity_regularizer: None,
+            kernel_constraint: None,
+            bias_constraint: None,
             name: None,
             kernel: None,
             bias: None,
@@ -84,6 +89,28 @@ impl Dense {
     /// A penalty on the layer's output, added to the total loss.
     pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
         self.activity_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A projection of the kernel after every update (Keras' `kernel_constraint`), such as
+    /// [`Constraint::max_norm`] over axis 0: each unit's incoming weights (the kernel is
+    /// `[inputs, units]`, as in Keras).
+    ///
+    /// ```
+    /// use kiln::constraints::Constraint;
+    /// use kiln::prelude::*;
+    /// let x = Input::new([3]);
+    /// let y = Dense::new(4).kernel_constraint(Constraint::max_norm(2.0)).apply(&x)?;
+    /// let model = Model::new(&[x], &[y])?;
+    /// assert!(model.weight("dense/kernel")?.constraint.is_some());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn kernel_constraint(mut self, c: Constraint) -> Self {
+        self.kernel_constraint = Some(c);
+        self
+    }
+    /// A projection of the bias after every update (Keras' `bias_constraint`).
+    pub fn bias_constraint(mut self, c: Constraint) -> Self {
+        self.bias_constraint = Some(c);
         self
     }
     /// The layer's name; outputs are compiled and reported by it.
@@ -156,6 +183,8 @@ impl Layer for Dense {
                 "kernel_regularizer": keras_object(&self.kernel_regularizer)?,
                 "bias_regularizer": keras_object(&self.bias_regularizer)?,
                 "activity_regularizer": keras_object(&self.activity_regularizer)?,
+                "kernel_constraint": self.kernel_constraint.as_ref().map(Constraint::keras_config),
+                "bias_constraint": self.bias_constraint.as_ref().map(Constraint::keras_config),
             }),
         ))
     }
@@ -199,7 +228,8 @@ impl Layer for Dense {
         )?;
         self.kernel = Some(
             Weight::new(format!("{name}/kernel"), Var::from_tensor(&kernel)?, true)
-                .with_regularizer(self.kernel_regularizer.clone()),
+                .with_regularizer(self.kernel_regularizer.clone())
+                .with_constraint(self.kernel_constraint.clone()),
         );
         if self.use_bias {
             let bias = self
@@ -207,7 +237,8 @@ impl Layer for Dense {
                 .init(&[self.units], ctx.dtype, ctx.device, ctx.rng)?;
             self.bias = Some(
                 Weight::new(format!("{name}/bias"), Var::from_tensor(&bias)?, true)
-                    .with_regularizer(self.bias_regularizer.clone()),
+                    .with_regularizer(self.bias_regularizer.clone())
+                    .with_constraint(self.bias_constraint.clone()),
             );
         }
         Ok(())

@@ -35,6 +35,7 @@ pub struct Embedding {
     initializer: Initializer,
     regularizer: Option<SharedRegularizer>,
     activity_regularizer: Option<SharedRegularizer>,
+    constraint: Option<crate::constraints::Constraint>,
     name: Option<String>,
     embeddings: Option<Weight>,
 }
@@ -49,6 +50,7 @@ impl Embedding {
             initializer: Initializer::RandomUniform { limit: 0.05 },
             regularizer: None,
             activity_regularizer: None,
+            constraint: None,
             name: None,
             embeddings: None,
         }
@@ -66,6 +68,12 @@ impl Embedding {
     /// A penalty on the table, added to the total loss.
     pub fn embeddings_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
         self.regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A projection of the table (`[input_dim, output_dim]`) after every update (Keras'
+    /// `embeddings_constraint`); `axis = 1` bounds each token's vector.
+    pub fn embeddings_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+        self.constraint = Some(c);
         self
     }
     /// A penalty on the layer's output, added to the total loss.
@@ -101,7 +109,7 @@ impl Layer for Embedding {
                 "output_dim": self.output_dim,
                 "embeddings_regularizer": keras_object(&self.regularizer)?,
                 "activity_regularizer": keras_object(&self.activity_regularizer)?,
-                "embeddings_constraint": null,
+                "embeddings_constraint": self.constraint.as_ref().map(|c| c.keras_config()),
                 "mask_zero": self.mask_zero,
             }),
         ))
@@ -125,15 +133,18 @@ impl Layer for Embedding {
         Ok(out)
     }
     fn build(&mut self, name: &str, _: &[Vec<usize>], ctx: &mut BuildContext) -> Result<()> {
-        self.embeddings = Some(make_weight(
-            name,
-            "embeddings",
-            &[self.input_dim, self.output_dim],
-            self.initializer,
-            true,
-            self.regularizer.clone(),
-            ctx,
-        )?);
+        self.embeddings = Some(
+            make_weight(
+                name,
+                "embeddings",
+                &[self.input_dim, self.output_dim],
+                self.initializer,
+                true,
+                self.regularizer.clone(),
+                ctx,
+            )?
+            .with_constraint(self.constraint.clone()),
+        );
         Ok(())
     }
     fn weights(&self) -> Vec<Weight> {

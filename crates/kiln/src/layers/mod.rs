@@ -4,6 +4,7 @@
 //! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
 
 mod channels;
+mod channels_first;
 mod conv;
 mod conv_direct;
 mod conv_kernel;
@@ -21,6 +22,7 @@ pub(crate) mod relu_kernel;
 mod reshape;
 mod util;
 
+pub use channels_first::ChannelsFirst;
 pub use conv::{Conv1D, Conv2D, Size2};
 pub use core_layers::{ActivationLayer, Dropout, Flatten};
 pub use dense::{dense_forward, Dense};
@@ -65,6 +67,8 @@ pub struct Weight {
     pub var: Var,
     /// A penalty added to the total loss at every step (trainable weights only, as Keras).
     pub regularizer: Option<SharedRegularizer>,
+    /// A projection applied right after every optimizer update (Keras' `*_constraint`).
+    pub constraint: Option<crate::constraints::Constraint>,
     trainable: bool,
 }
 
@@ -76,8 +80,15 @@ impl Weight {
             name: name.into(),
             var,
             regularizer: None,
+            constraint: None,
             trainable,
         }
+    }
+
+    /// The same weight with a constraint, applied after every update.
+    pub fn with_constraint(mut self, constraint: Option<crate::constraints::Constraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// The same weight with a regularizer.

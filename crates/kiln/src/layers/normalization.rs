@@ -45,6 +45,8 @@ pub struct BatchNormalization {
     synchronized: bool,
     gamma_regularizer: Option<SharedRegularizer>,
     beta_regularizer: Option<SharedRegularizer>,
+    gamma_constraint: Option<crate::constraints::Constraint>,
+    beta_constraint: Option<crate::constraints::Constraint>,
     name: Option<String>,
     gamma: Option<Weight>,
     beta: Option<Weight>,
@@ -70,6 +72,8 @@ impl BatchNormalization {
             synchronized: false,
             gamma_regularizer: None,
             beta_regularizer: None,
+            gamma_constraint: None,
+            beta_constraint: None,
             name: None,
             gamma: None,
             beta: None,
@@ -143,6 +147,16 @@ impl BatchNormalization {
     /// A penalty on `beta`, added to the total loss.
     pub fn beta_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
         self.beta_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A projection of `gamma` after every update (Keras' `gamma_constraint`).
+    pub fn gamma_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+        self.gamma_constraint = Some(c);
+        self
+    }
+    /// A projection of `beta` after every update (Keras' `beta_constraint`).
+    pub fn beta_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+        self.beta_constraint = Some(c);
         self
     }
     /// The layer's name.
@@ -372,8 +386,8 @@ impl Layer for BatchNormalization {
                 "scale": self.scale,
                 "gamma_regularizer": keras_object(&self.gamma_regularizer)?,
                 "beta_regularizer": keras_object(&self.beta_regularizer)?,
-                "beta_constraint": null,
-                "gamma_constraint": null,
+                "beta_constraint": self.beta_constraint.as_ref().map(|c| c.keras_config()),
+                "gamma_constraint": self.gamma_constraint.as_ref().map(|c| c.keras_config()),
                 "synchronized": self.synchronized,
             }),
         ))
@@ -410,26 +424,32 @@ impl Layer for BatchNormalization {
         let axis = resolve_axis("BatchNormalization", self.axis, shape.len() + 1)?;
         let f = [shape[axis - 1]];
         if self.scale {
-            self.gamma = Some(make_weight(
-                name,
-                "gamma",
-                &f,
-                Initializer::Ones,
-                true,
-                self.gamma_regularizer.clone(),
-                ctx,
-            )?);
+            self.gamma = Some(
+                make_weight(
+                    name,
+                    "gamma",
+                    &f,
+                    Initializer::Ones,
+                    true,
+                    self.gamma_regularizer.clone(),
+                    ctx,
+                )?
+                .with_constraint(self.gamma_constraint.clone()),
+            );
         }
         if self.center {
-            self.beta = Some(make_weight(
-                name,
-                "beta",
-                &f,
-                Initializer::Zeros,
-                true,
-                self.beta_regularizer.clone(),
-                ctx,
-            )?);
+            self.beta = Some(
+                make_weight(
+                    name,
+                    "beta",
+                    &f,
+                    Initializer::Zeros,
+                    true,
+                    self.beta_regularizer.clone(),
+                    ctx,
+                )?
+                .with_constraint(self.beta_constraint.clone()),
+            );
         }
         self.moving_mean = Some(make_weight(
             name,
@@ -525,6 +545,8 @@ pub struct LayerNormalization {
     scale: bool,
     gamma_regularizer: Option<SharedRegularizer>,
     beta_regularizer: Option<SharedRegularizer>,
+    gamma_constraint: Option<crate::constraints::Constraint>,
+    beta_constraint: Option<crate::constraints::Constraint>,
     name: Option<String>,
     gamma: Option<Weight>,
     beta: Option<Weight>,
@@ -546,6 +568,8 @@ impl LayerNormalization {
             scale: true,
             gamma_regularizer: None,
             beta_regularizer: None,
+            gamma_constraint: None,
+            beta_constraint: None,
             name: None,
             gamma: None,
             beta: None,
@@ -590,6 +614,16 @@ impl LayerNormalization {
     /// A penalty on `beta`, added to the total loss.
     pub fn beta_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
         self.beta_regularizer = Some(reg.into_regularizer());
+        self
+    }
+    /// A projection of `gamma` after every update (Keras' `gamma_constraint`).
+    pub fn gamma_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+        self.gamma_constraint = Some(c);
+        self
+    }
+    /// A projection of `beta` after every update (Keras' `beta_constraint`).
+    pub fn beta_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+        self.beta_constraint = Some(c);
         self
     }
     /// The layer's name.
@@ -643,8 +677,8 @@ impl Layer for LayerNormalization {
                 "rms_scaling": false,
                 "gamma_regularizer": keras_object(&self.gamma_regularizer)?,
                 "beta_regularizer": keras_object(&self.beta_regularizer)?,
-                "beta_constraint": null,
-                "gamma_constraint": null,
+                "beta_constraint": self.beta_constraint.as_ref().map(|c| c.keras_config()),
+                "gamma_constraint": self.gamma_constraint.as_ref().map(|c| c.keras_config()),
             }),
         ))
     }
@@ -683,26 +717,32 @@ impl Layer for LayerNormalization {
             .map(|a| shape[a - 1])
             .collect();
         if self.scale {
-            self.gamma = Some(make_weight(
-                name,
-                "gamma",
-                &f,
-                Initializer::Ones,
-                true,
-                self.gamma_regularizer.clone(),
-                ctx,
-            )?);
+            self.gamma = Some(
+                make_weight(
+                    name,
+                    "gamma",
+                    &f,
+                    Initializer::Ones,
+                    true,
+                    self.gamma_regularizer.clone(),
+                    ctx,
+                )?
+                .with_constraint(self.gamma_constraint.clone()),
+            );
         }
         if self.center {
-            self.beta = Some(make_weight(
-                name,
-                "beta",
-                &f,
-                Initializer::Zeros,
-                true,
-                self.beta_regularizer.clone(),
-                ctx,
-            )?);
+            self.beta = Some(
+                make_weight(
+                    name,
+                    "beta",
+                    &f,
+                    Initializer::Zeros,
+                    true,
+                    self.beta_regularizer.clone(),
+                    ctx,
+                )?
+                .with_constraint(self.beta_constraint.clone()),
+            );
         }
         Ok(())
     }

@@ -31,6 +31,9 @@ struct Recurrent {
     recurrent_regularizer: Option<SharedRegularizer>,
     bias_regularizer: Option<SharedRegularizer>,
     activity_regularizer: Option<SharedRegularizer>,
+    kernel_constraint: Option<crate::constraints::Constraint>,
+    recurrent_constraint: Option<crate::constraints::Constraint>,
+    bias_constraint: Option<crate::constraints::Constraint>,
     return_sequences: bool,
     /// Keras' `return_state`: the final states are outputs too, after the output.
     return_state: bool,
@@ -59,6 +62,9 @@ impl Recurrent {
             recurrent_regularizer: None,
             bias_regularizer: None,
             activity_regularizer: None,
+            kernel_constraint: None,
+            recurrent_constraint: None,
+            bias_constraint: None,
             return_sequences: false,
             return_state: false,
             go_backwards: false,
@@ -295,24 +301,30 @@ impl Recurrent {
                 self.units
             ))
         })?;
-        self.kernel = Some(make_weight(
-            name,
-            "kernel",
-            &[features, width],
-            self.kernel_initializer,
-            true,
-            self.kernel_regularizer.clone(),
-            ctx,
-        )?);
-        self.recurrent_kernel = Some(make_weight(
-            name,
-            "recurrent_kernel",
-            &[self.units, width],
-            self.recurrent_initializer,
-            true,
-            self.recurrent_regularizer.clone(),
-            ctx,
-        )?);
+        self.kernel = Some(
+            make_weight(
+                name,
+                "kernel",
+                &[features, width],
+                self.kernel_initializer,
+                true,
+                self.kernel_regularizer.clone(),
+                ctx,
+            )?
+            .with_constraint(self.kernel_constraint.clone()),
+        );
+        self.recurrent_kernel = Some(
+            make_weight(
+                name,
+                "recurrent_kernel",
+                &[self.units, width],
+                self.recurrent_initializer,
+                true,
+                self.recurrent_regularizer.clone(),
+                ctx,
+            )?
+            .with_constraint(self.recurrent_constraint.clone()),
+        );
         Ok(())
     }
 
@@ -328,9 +340,9 @@ impl Recurrent {
             "recurrent_regularizer": keras_object(&self.recurrent_regularizer)?,
             "bias_regularizer": keras_object(&self.bias_regularizer)?,
             "activity_regularizer": keras_object(&self.activity_regularizer)?,
-            "kernel_constraint": null,
-            "recurrent_constraint": null,
-            "bias_constraint": null,
+            "kernel_constraint": self.kernel_constraint.as_ref().map(|c| c.keras_config()),
+            "recurrent_constraint": self.recurrent_constraint.as_ref().map(|c| c.keras_config()),
+            "bias_constraint": self.bias_constraint.as_ref().map(|c| c.keras_config()),
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "return_sequences": self.return_sequences,
@@ -344,7 +356,8 @@ impl Recurrent {
     fn bias_weight(&self, name: &str, value: Tensor) -> Result<Weight> {
         Ok(
             Weight::new(format!("{name}/bias"), Var::from_tensor(&value)?, true)
-                .with_regularizer(self.bias_regularizer.clone()),
+                .with_regularizer(self.bias_regularizer.clone())
+                .with_constraint(self.bias_constraint.clone()),
         )
     }
 
@@ -671,6 +684,23 @@ macro_rules! recurrent_builders {
             /// A penalty on the layer's output, added to the total loss.
             pub fn activity_regularizer(mut self, reg: impl IntoRegularizer) -> Self {
                 self.rnn.activity_regularizer = Some(reg.into_regularizer());
+                self
+            }
+            /// A projection of the input kernel (`[features, gates · units]`, as Keras) after
+            /// every update (Keras' `kernel_constraint`).
+            pub fn kernel_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+                self.rnn.kernel_constraint = Some(c);
+                self
+            }
+            /// A projection of the recurrent kernel after every update (Keras'
+            /// `recurrent_constraint`).
+            pub fn recurrent_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+                self.rnn.recurrent_constraint = Some(c);
+                self
+            }
+            /// A projection of the bias after every update (Keras' `bias_constraint`).
+            pub fn bias_constraint(mut self, c: crate::constraints::Constraint) -> Self {
+                self.rnn.bias_constraint = Some(c);
                 self
             }
             /// The layer's name.

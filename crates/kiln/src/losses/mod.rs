@@ -328,16 +328,34 @@ fn registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<String
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub fn register(name: impl Into<String>, loss: impl Loss + 'static) {
-    registry().insert(name.into(), Arc::new(loss));
+    let name = name.into();
+    let loss: Arc<dyn Loss> = Arc::new(loss);
+    ever_registered().push((name.clone(), loss.clone()));
+    registry().insert(name, loss);
 }
 
-/// The name `loss` is registered under ([`register`]), if it is a registered loss.
+/// Every registration ever made, replaced ones too: a model compiled with a loss that was
+/// registered again later (a program that registers at every start-up of a component) still
+/// exports it by its name. Holding the values also keeps their addresses from being reused.
+fn ever_registered() -> std::sync::MutexGuard<'static, Vec<(String, Arc<dyn Loss>)>> {
+    static EVER: std::sync::Mutex<Vec<(String, Arc<dyn Loss>)>> = std::sync::Mutex::new(Vec::new());
+    EVER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The name `loss` is registered under ([`register`]), if it is a registered loss: the value
+/// itself, as [`by_name`] returns it, now or under an earlier registration of that name.
 pub(crate) fn registered_name_of(loss: &Arc<dyn Loss>) -> Option<String> {
     let ptr = Arc::as_ptr(loss) as *const ();
-    registry()
+    ever_registered()
         .iter()
+        .rev()
         .find(|(_, l)| Arc::as_ptr(l) as *const () == ptr)
         .map(|(n, _)| n.clone())
+}
+
+/// Whether some loss is registered under `name` now.
+pub(crate) fn is_registered(name: &str) -> bool {
+    registry().contains_key(name)
 }
 
 /// The Keras class name of a built-in loss, from its class name, snake-case name or alias.

@@ -20,6 +20,7 @@ use crate::losses::config::{Bounds, ParamValue, Params, Reader};
 pub const METRICS: &[(&str, &[&str])] = &[
     ("accuracy", &[]),
     ("acc", &[]),
+    ("exact_accuracy", &[]),
     ("binary_accuracy", &["threshold"]),
     ("categorical_accuracy", &[]),
     ("sparse_categorical_accuracy", &[]),
@@ -70,6 +71,7 @@ pub const METRICS: &[(&str, &[&str])] = &[
 
 /// The Keras metric classes kiln has ([`metric_name_of_class`]).
 pub const KERAS_METRIC_CLASSES: &[&str] = &[
+    "Accuracy",
     "BinaryAccuracy",
     "CategoricalAccuracy",
     "SparseCategoricalAccuracy",
@@ -108,6 +110,7 @@ pub const KERAS_METRIC_CLASSES: &[&str] = &[
 /// ```
 pub fn metric_name_of_class(class: &str) -> Option<&'static str> {
     Some(match class {
+        "Accuracy" => "exact_accuracy",
         "BinaryAccuracy" => "binary_accuracy",
         "CategoricalAccuracy" => "categorical_accuracy",
         "SparseCategoricalAccuracy" => "sparse_categorical_accuracy",
@@ -212,6 +215,7 @@ pub fn metric_from_config(name: &str, params: &dyn Params) -> Result<Box<dyn Met
             mean(Accuracy::binary_threshold(t))
         }
         "categorical_accuracy" => mean(Accuracy::categorical()),
+        "exact_accuracy" => mean(Accuracy::exact()),
         "sparse_categorical_accuracy" => mean(Accuracy::sparse()),
         "mae" | "mean_absolute_error" => {
             Box::new(MeanMetric::new(MeanAbsoluteError).with_name(name))

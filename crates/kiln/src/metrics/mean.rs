@@ -144,6 +144,7 @@ enum AccuracyKind {
     Binary(f64),
     Categorical,
     Sparse,
+    Exact,
 }
 
 /// Accuracy in its binary, categorical and sparse forms.
@@ -192,6 +193,24 @@ impl Accuracy {
             name: "sparse_categorical_accuracy".into(),
         }
     }
+    /// Keras' `Accuracy` class: a prediction counts when it equals its label exactly, entry by
+    /// entry (for predictions that are class numbers or rounded values already; the
+    /// `"accuracy"` string is [`Accuracy::auto`]). Logged as `accuracy`.
+    ///
+    /// ```
+    /// use kiln::candle::{Device, Tensor};
+    /// use kiln::metrics::{Accuracy, SampleMetric};
+    /// let t = Tensor::new(&[[1f32], [2.], [3.]], &Device::Cpu)?;
+    /// let p = Tensor::new(&[[1f32], [2.5], [3.]], &Device::Cpu)?;
+    /// assert_eq!(Accuracy::exact().per_sample(&t, &p)?.flatten_all()?.to_vec1::<f32>()?, [1., 0., 1.]);
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn exact() -> Self {
+        Self {
+            kind: AccuracyKind::Exact,
+            name: "accuracy".into(),
+        }
+    }
     /// Overrides the name in logs.
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -223,6 +242,8 @@ impl SampleMetric for Accuracy {
             AccuracyKind::Binary(_) => return None,
             AccuracyKind::Categorical => "categorical_accuracy",
             AccuracyKind::Sparse => "sparse_categorical_accuracy",
+            // Keras' `"accuracy"` string is the automatic form; this one is its class.
+            AccuracyKind::Exact => return None,
         };
         (self.name == default).then(|| default.to_string())
     }
@@ -233,6 +254,7 @@ impl SampleMetric for Accuracy {
             AccuracyKind::Binary(t) => ("BinaryAccuracy", serde_json::json!({ "threshold": t })),
             AccuracyKind::Categorical => ("CategoricalAccuracy", serde_json::json!({})),
             AccuracyKind::Sparse => ("SparseCategoricalAccuracy", serde_json::json!({})),
+            AccuracyKind::Exact => ("Accuracy", serde_json::json!({})),
         };
         Some(super::keras_metric(class, &self.name, params))
     }
@@ -258,6 +280,10 @@ impl SampleMetric for Accuracy {
             }
             AccuracyKind::Categorical => {
                 matches(&y_true.argmax(D::Minus1)?, &y_pred.argmax(D::Minus1)?)?
+            }
+            AccuracyKind::Exact => {
+                let (t, p) = squeeze_or_expand_to_same_rank(&y_true.to_dtype(DType::F32)?, y_pred)?;
+                matches(&t, &p.to_dtype(DType::F32)?)?
             }
             AccuracyKind::Sparse | AccuracyKind::Auto => {
                 let t = sparse_labels(y_true, y_pred)?;

@@ -572,11 +572,40 @@ impl Model {
     /// Changes the optimizer's learning rate (for schedules and callbacks).
     ///
     /// # Errors
-    /// [`Error::State`] before `compile`.
+    /// [`Error::State`] before `compile`, and when the optimizer's rate follows a
+    /// [`crate::optimizers::LearningRateSchedule`] (as Keras refuses to set it then).
     pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
         let c = self.compiled.as_mut().ok_or_else(not_compiled)?;
+        if let Some(s) = c.optimizer.schedule() {
+            return Err(Error::State(format!(
+                "set_learning_rate({lr}): the optimizer `{}` follows the learning rate schedule \
+                 {}, which sets every step's rate: drop the schedule to set the rate by hand",
+                c.optimizer.name(),
+                s.class_name()
+            )));
+        }
         c.optimizer.set_learning_rate(lr);
         Ok(())
+    }
+
+    /// The learning-rate schedule the compiled optimizer follows, if any.
+    ///
+    /// ```
+    /// use kiln::prelude::*;
+    /// use kiln::optimizers::LearningRateSchedule;
+    /// let x = Input::new([2]);
+    /// let mut model = Model::new(&[x.clone()], &[Dense::new(1).apply(&x)?])?;
+    /// let s = LearningRateSchedule::CosineDecay {
+    ///     initial_learning_rate: 0.1, decay_steps: 100.0, alpha: 0.0,
+    ///     warmup_target: None, warmup_steps: 0.0,
+    /// };
+    /// model.compile(Compile::new(Sgd::new(0.1).with_schedule(s)).loss("mse"))?;
+    /// assert_eq!(model.learning_rate_schedule().unwrap().class_name(), "CosineDecay");
+    /// assert!(model.set_learning_rate(0.01).is_err());
+    /// # Ok::<(), kiln::Error>(())
+    /// ```
+    pub fn learning_rate_schedule(&self) -> Option<&crate::optimizers::LearningRateSchedule> {
+        self.compiled.as_ref().and_then(|c| c.optimizer.schedule())
     }
 }
 

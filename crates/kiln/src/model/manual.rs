@@ -203,6 +203,7 @@ impl Model {
             params.push(w.var.clone());
             grads.push(g.to_device(&self.device)?.to_dtype(self.dtype)?);
         }
+        let constraints = self.constraints_of(&params);
         let compiled = self.compiled.as_mut().ok_or_else(not_compiled)?;
         compiled.iterations += 1;
         crate::optimizers::apply_step(
@@ -210,6 +211,7 @@ impl Model {
             &params,
             grads,
             compiled.iterations,
+            &constraints,
         )
     }
 

@@ -640,6 +640,25 @@ impl Model {
         ))
     }
 
+    /// Each parameter's constraint, by the weight that owns it (the trainer applies them after
+    /// every update, in one place for every optimizer and for data-parallel training).
+    pub(crate) fn constraints_of(
+        &self,
+        params: &[candle_core::Var],
+    ) -> Vec<Option<crate::constraints::Constraint>> {
+        let weights = self.weights();
+        params
+            .iter()
+            .map(|p| {
+                let id = p.as_tensor().id();
+                weights
+                    .iter()
+                    .find(|w| w.var.as_tensor().id() == id)
+                    .and_then(|w| w.constraint.clone())
+            })
+            .collect()
+    }
+
     /// The weight named `<layer>/<weight>`, such as `dense/kernel`.
     ///
     /// # Errors

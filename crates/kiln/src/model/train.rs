@@ -1038,12 +1038,14 @@ impl Model {
             return scalar(terms.shown());
         }
         let (params, gradients): (Vec<Var>, Vec<Tensor>) = pending.into_iter().unzip();
+        let constraints = self.constraints_of(&params);
         compiled.iterations += 1;
         crate::optimizers::apply_step(
             compiled.optimizer.as_mut(),
             &params,
             gradients,
             compiled.iterations,
+            &constraints,
         )?;
         self.record(compiled, acc, terms, batch, pass)?;
         self.observe_terms(compiled, terms, batch, true)?;

@@ -4,11 +4,13 @@ mod adam;
 mod fused;
 mod more;
 mod rmsprop;
+mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamW};
 pub use more::{Adadelta, Adagrad, Adamax, Lion, Nadam};
 pub use rmsprop::RmsProp;
+pub use schedule::{LearningRateSchedule, Scheduled};
 pub use sgd::Sgd;
 
 use crate::error::{invalid, Result};
@@ -27,6 +29,29 @@ pub trait Optimizer: Send + Sync + std::fmt::Debug + CloneOptimizer {
     fn learning_rate(&self) -> f64;
     /// Changes the learning rate (schedules and callbacks use this).
     fn set_learning_rate(&mut self, lr: f64);
+    /// The learning-rate schedule the rate follows, if any ([`Optimizer::with_schedule`]): the
+    /// trainer then sets the rate of every iteration itself, and refuses callbacks or calls
+    /// that set it.
+    fn schedule(&self) -> Option<&LearningRateSchedule> {
+        None
+    }
+    /// This optimizer with its learning rate following `schedule` (Keras'
+    /// `learning_rate=keras.optimizers.schedules.…`), whatever rate it was built with.
+    ///
+    /// ```
+    /// use kiln::optimizers::{LearningRateSchedule, Optimizer, Sgd};
+    /// let opt = Sgd::new(0.1).momentum(0.9).with_schedule(LearningRateSchedule::PiecewiseConstantDecay {
+    ///     boundaries: vec![100.0], values: vec![0.1, 0.01],
+    /// });
+    /// assert_eq!(opt.learning_rate(), 0.1f32 as f64);
+    /// assert!(opt.schedule().is_some());
+    /// ```
+    fn with_schedule(self, schedule: LearningRateSchedule) -> Scheduled
+    where
+        Self: Sized + 'static,
+    {
+        Scheduled::new(Box::new(self), schedule)
+    }
     /// The gradient clipping applied before each update.
     fn clipping(&self) -> Clipping;
     /// Decoupled weight decay (`var -= var · wd · lr` before the update), if any.
@@ -262,13 +287,23 @@ fn check_lr(name: &str, lr: f64) -> Result<()> {
     Ok(())
 }
 
-/// Runs one optimizer step: clip, decay, update. Validates the settings first.
+/// Runs one optimizer step: clip, decay, update, then each weight's constraint (`constraints`
+/// lines up with `params`; as Keras, right after the update). Validates the settings first.
 pub(crate) fn apply_step(
     opt: &mut dyn Optimizer,
     params: &[Var],
     grads: Vec<Tensor>,
     t: u64,
+    constraints: &[Option<crate::constraints::Constraint>],
 ) -> Result<()> {
+    // A schedule gives the rate of this update (Keras: `schedule(iterations)` before the
+    // increment, so `t - 1`), which weight decay uses too.
+    let scheduled = opt
+        .schedule()
+        .map(|s| (s.rate(t.saturating_sub(1)), s.rate(t)));
+    if let Some((now, _)) = scheduled {
+        opt.set_learning_rate(now);
+    }
     validate(opt)?;
     // Gradients (and so the optimizer state made from them) must not keep the step's graph alive.
     let grads: Vec<Tensor> = grads.into_iter().map(|g| g.detach()).collect();
@@ -279,7 +314,17 @@ pub(crate) fn apply_step(
             p.set(&p.as_tensor().affine(1.0 - wd * lr, 0.0)?)?;
         }
     }
-    opt.update(params, &grads, t)
+    opt.update(params, &grads, t)?;
+    for (p, c) in params.iter().zip(constraints) {
+        if let Some(c) = c {
+            p.set(&c.apply(p.as_tensor())?)?;
+        }
+    }
+    // Afterwards the rate of the next update, as Keras' `optimizer.learning_rate` reads.
+    if let Some((_, next)) = scheduled {
+        opt.set_learning_rate(next);
+    }
+    Ok(())
 }
 
 /// Checks an optimizer's settings (compile calls this).
@@ -372,7 +417,14 @@ mod tests {
             Box::new(RmsProp::new(0.1).momentum(0.5).centered(true)),
         ];
         for opt in &mut opts {
-            apply_step(opt.as_mut(), std::slice::from_ref(&w), vec![g.clone()], 1).unwrap();
+            apply_step(
+                opt.as_mut(),
+                std::slice::from_ref(&w),
+                vec![g.clone()],
+                1,
+                &[],
+            )
+            .unwrap();
             let state = opt.state();
             assert!(!state.is_empty());
             assert!(

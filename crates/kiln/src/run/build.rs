@@ -8,8 +8,8 @@ use crate::callbacks::{self, Schedule};
 use crate::error::Result;
 use crate::graph::{Input, SymbolicTensor};
 use crate::layers::{
-    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
-    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, ChannelsFirst,
+    Concatenate, Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
     GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
     Padding, Reshape,
@@ -19,7 +19,8 @@ use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::{Compile, Fit, Model, Tensors};
 use crate::optimizers::{
-    Adadelta, Adagrad, Adam, AdamW, Adamax, Lion, Nadam, Optimizer, RmsProp, Sgd,
+    Adadelta, Adagrad, Adam, AdamW, Adamax, LearningRateSchedule, Lion, Nadam, Optimizer, RmsProp,
+    Sgd,
 };
 use crate::reduction::Reduction;
 use crate::regularizers::{self, OrthogonalMode, SharedRegularizer};
@@ -55,6 +56,56 @@ fn regularizer(f: &Fields) -> Result<SharedRegularizer> {
     })
 }
 
+/// A weight constraint table: `{ type = "max_norm", max_value = 2.0, axis = 0 }`,
+/// `min_max_norm` (`min_value`, `max_value`, `rate`, `axis`), `non_neg`, `unit_norm` (`axis`);
+/// Keras' defaults for what is left out, unknown keys refused. `axis` is an integer or a list.
+fn constraint(f: &Fields) -> Result<crate::constraints::Constraint> {
+    use crate::constraints::{Axis, Constraint};
+    let kind = f.required_str("type")?;
+    let axis = || -> Result<Axis> {
+        let Some(v) = f.get("axis") else {
+            return Ok(Axis::One(0));
+        };
+        if let Some(i) = super::fields::integer(v.get_ref()) {
+            return Ok(Axis::One(i));
+        }
+        let items = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| f.value_error("axis", v, "expected an integer or a list of integers"))?;
+        items
+            .iter()
+            .map(|i| {
+                super::fields::integer(i.get_ref())
+                    .ok_or_else(|| f.value_error("axis", i, "expected an integer"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Axis::Many)
+    };
+    let c = match kind {
+        "max_norm" => Constraint::MaxNorm {
+            max_value: f.f64_or("max_value", 2.0)?,
+            axis: axis()?,
+        },
+        "min_max_norm" => Constraint::MinMaxNorm {
+            min_value: f.f64_or("min_value", 0.0)?,
+            max_value: f.f64_or("max_value", 1.0)?,
+            rate: f.f64_or("rate", 1.0)?,
+            axis: axis()?,
+        },
+        "non_neg" => Constraint::NonNeg,
+        "unit_norm" => Constraint::UnitNorm { axis: axis()? },
+        other => {
+            return Err(f.error(format!(
+                "unknown constraint `{other}`: use max_norm, min_max_norm, non_neg or unit_norm"
+            )))
+        }
+    };
+    f.finish()?;
+    c.validate().map_err(|e| f.error(e))?;
+    Ok(c)
+}
+
 /// Attaches the `kernel_regularizer`, `bias_regularizer` and `activity_regularizer` tables of a
 /// layer entry to a layer builder that has those three methods (Dense, Conv1D, Conv2D).
 macro_rules! with_regularizers {
@@ -68,6 +119,21 @@ macro_rules! with_regularizers {
         }
         if let Some(r) = $fields.table("activity_regularizer")? {
             b = b.activity_regularizer(regularizer(&r)?);
+        }
+        b
+    }};
+}
+
+/// Attaches the `kernel_constraint` and `bias_constraint` tables of a layer entry (Dense,
+/// Conv1D, Conv2D).
+macro_rules! with_constraints {
+    ($builder:expr, $fields:expr) => {{
+        let mut b = $builder;
+        if let Some(c) = $fields.table("kernel_constraint")? {
+            b = b.kernel_constraint(constraint(&c)?);
+        }
+        if let Some(c) = $fields.table("bias_constraint")? {
+            b = b.bias_constraint(constraint(&c)?);
         }
         b
     }};
@@ -124,6 +190,30 @@ fn size_pair(f: &Fields, key: &str) -> Result<Option<(usize, usize)>> {
         .filter(|n| *n > 0)
         .ok_or_else(bad)?;
     Ok(Some((a as usize, b as usize)))
+}
+
+/// Keras' `data_format`: `"channels_last"` (the default) or `"channels_first"`, which runs the
+/// layer inside [`ChannelsFirst`].
+fn channels_first(f: &Fields) -> Result<bool> {
+    match f.str("data_format")? {
+        None | Some("channels_last") => Ok(false),
+        Some("channels_first") => Ok(true),
+        Some(other) => Err(f.error(format!(
+            "`data_format = \"{other}\"` is not a data format: use \"channels_last\" or \"channels_first\""
+        ))),
+    }
+}
+
+/// Applies a layer, inside [`ChannelsFirst`] when the layer's `data_format` asks for it.
+macro_rules! in_format {
+    ($layer:expr, $first:expr, $refs:expr) => {{
+        let layer = $layer;
+        if $first {
+            ChannelsFirst::new(layer).apply_many($refs)
+        } else {
+            layer.apply_many($refs)
+        }
+    }};
 }
 
 fn padding(f: &Fields) -> Result<Padding> {
@@ -331,7 +421,8 @@ pub(crate) fn model(
                     .activation(activation(l)?)
                     .use_bias(l.bool_or("use_bias", true)?)
                     .with_name(name.clone());
-                with_regularizers!(d, l).apply_many(&refs)
+                let d = with_regularizers!(d, l);
+                with_constraints!(d, l).apply_many(&refs)
             }
             "conv1d" | "conv2d" => {
                 let filters = l
@@ -342,6 +433,7 @@ pub(crate) fn model(
                 let padding = padding(l)?;
                 let dilation = l.usize_min_or("dilation_rate", 1, 1)?;
                 let strides = size_pair(l, "strides")?.unwrap_or((1, 1));
+                let first = channels_first(l)?;
                 macro_rules! common {
                     ($c:expr) => {{
                         let c = $c
@@ -349,7 +441,8 @@ pub(crate) fn model(
                             .activation(activation(l)?)
                             .use_bias(l.bool_or("use_bias", true)?)
                             .with_name(name.clone());
-                        with_regularizers!(c, l).apply_many(&refs)
+                        let c = with_regularizers!(c, l);
+                        in_format!(with_constraints!(c, l), first, &refs)
                     }};
                 }
                 let groups = conv_groups(l, filters, &refs)?;
@@ -369,50 +462,72 @@ pub(crate) fn model(
                 let size = l.usize_min_or("pool_size", 2, 1)?;
                 let strides = l.usize_min_or("strides", size, 1)?;
                 let pad = padding(l)?;
+                let first = channels_first(l)?;
                 if kind == "max_pooling1d" {
-                    MaxPooling1D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        MaxPooling1D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 } else {
-                    AveragePooling1D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        AveragePooling1D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 }
             }
             "max_pooling2d" | "average_pooling2d" => {
                 let size = size_pair(l, "pool_size")?.unwrap_or((2, 2));
                 let strides = size_pair(l, "strides")?.unwrap_or(size);
                 let pad = padding(l)?;
+                let first = channels_first(l)?;
                 if kind == "max_pooling2d" {
-                    MaxPooling2D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        MaxPooling2D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 } else {
-                    AveragePooling2D::new(size)
-                        .strides(strides)
-                        .padding(pad)
-                        .with_name(name.clone())
-                        .apply_many(&refs)
+                    in_format!(
+                        AveragePooling2D::new(size)
+                            .strides(strides)
+                            .padding(pad)
+                            .with_name(name.clone()),
+                        first,
+                        &refs
+                    )
                 }
             }
-            "global_average_pooling1d" => GlobalAveragePooling1D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
-            "global_average_pooling2d" => GlobalAveragePooling2D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
-            "global_max_pooling1d" => GlobalMaxPooling1D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
-            "global_max_pooling2d" => GlobalMaxPooling2D::new()
-                .with_name(name.clone())
-                .apply_many(&refs),
+            "global_average_pooling1d" => in_format!(
+                GlobalAveragePooling1D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
+            "global_average_pooling2d" => in_format!(
+                GlobalAveragePooling2D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
+            "global_max_pooling1d" => in_format!(
+                GlobalMaxPooling1D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
+            "global_max_pooling2d" => in_format!(
+                GlobalMaxPooling2D::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
             "batch_normalization" => BatchNormalization::new()
                 .axis(match l.get("axis") {
                     Some(v) => feature_axis(l, "axis", v, &refs)?,
@@ -519,7 +634,11 @@ pub(crate) fn model(
             "activation" => ActivationLayer::new(activation(l)?)
                 .with_name(name.clone())
                 .apply_many(&refs),
-            "flatten" => Flatten::new().with_name(name.clone()).apply_many(&refs),
+            "flatten" => in_format!(
+                Flatten::new().with_name(name.clone()),
+                channels_first(l)?,
+                &refs
+            ),
             other => {
                 return Err(l.error(format!(
                     "unknown layer type `{other}`: use one of {LAYER_TYPES:?}"
@@ -558,7 +677,17 @@ pub(crate) fn model(
 
 fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
     let kind = f.str("type")?.unwrap_or("rmsprop");
-    let lr = f.f64_in("learning_rate", Bounds::positive())?;
+    // `learning_rate` is a number or a schedule table (`{ type = "exponential_decay", … }`).
+    let schedule = match f.get("learning_rate") {
+        Some(v) if v.get_ref().is_table() => Some(schedule(
+            &f.table("learning_rate")?.expect("a table, checked above"),
+        )?),
+        _ => None,
+    };
+    let lr = match &schedule {
+        Some(s) => Some(s.rate(0)),
+        None => f.f64_in("learning_rate", Bounds::positive())?,
+    };
     // Keras: the decay rates of the moment estimates lie in [0, 1).
     let unit = Bounds::closed_open(0.0, 1.0);
     macro_rules! clipped {
@@ -668,7 +797,90 @@ fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
         }
     };
     f.finish()?;
-    Ok(opt)
+    Ok(match schedule {
+        Some(s) => Box::new(crate::optimizers::Scheduled::new(opt, s)),
+        None => opt,
+    })
+}
+
+/// A learning-rate schedule table: `type` (Keras' class in snake case) and the class's
+/// parameters by Keras' names, the optional ones with Keras' defaults; unknown keys are errors.
+fn schedule(t: &Fields) -> Result<LearningRateSchedule> {
+    let kind = t.required_str("type")?;
+    let req = |k: &str| -> Result<f64> {
+        t.f64(k)?
+            .ok_or_else(|| t.error(format!("missing key `{k}` (a {kind} schedule needs it)")))
+    };
+    let steps = |k: &str| -> Result<f64> {
+        t.f64_in(k, Bounds::positive())?
+            .ok_or_else(|| t.error(format!("missing key `{k}` (a {kind} schedule needs it)")))
+    };
+    let numbers = |k: &str| -> Result<Vec<f64>> {
+        let v = t
+            .get(k)
+            .ok_or_else(|| t.error(format!("missing key `{k}` (a {kind} schedule needs it)")))?;
+        let items = v
+            .get_ref()
+            .as_array()
+            .ok_or_else(|| t.value_error(k, v, "expected a list of numbers"))?;
+        items
+            .iter()
+            .map(|i| {
+                super::fields::number(i.get_ref())
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| t.value_error(k, i, "expected a finite number"))
+            })
+            .collect()
+    };
+    let s = match kind {
+        "exponential_decay" => LearningRateSchedule::ExponentialDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            decay_rate: req("decay_rate")?,
+            staircase: t.bool_or("staircase", false)?,
+        },
+        "piecewise_constant_decay" => LearningRateSchedule::PiecewiseConstantDecay {
+            boundaries: numbers("boundaries")?,
+            values: numbers("values")?,
+        },
+        "polynomial_decay" => LearningRateSchedule::PolynomialDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            end_learning_rate: t.f64_or("end_learning_rate", 0.0001)?,
+            power: t.f64_or("power", 1.0)?,
+            cycle: t.bool_or("cycle", false)?,
+        },
+        "inverse_time_decay" => LearningRateSchedule::InverseTimeDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            decay_rate: req("decay_rate")?,
+            staircase: t.bool_or("staircase", false)?,
+        },
+        "cosine_decay" => LearningRateSchedule::CosineDecay {
+            initial_learning_rate: req("initial_learning_rate")?,
+            decay_steps: steps("decay_steps")?,
+            alpha: t.f64_or("alpha", 0.0)?,
+            warmup_target: t.f64("warmup_target")?,
+            warmup_steps: t.f64_in_or("warmup_steps", 0.0, Bounds::non_negative())?,
+        },
+        "cosine_decay_restarts" => LearningRateSchedule::CosineDecayRestarts {
+            initial_learning_rate: req("initial_learning_rate")?,
+            first_decay_steps: steps("first_decay_steps")?,
+            t_mul: t.f64_in_or("t_mul", 2.0, Bounds::positive())?,
+            m_mul: t.f64_or("m_mul", 1.0)?,
+            alpha: t.f64_or("alpha", 0.0)?,
+        },
+        other => {
+            return Err(t.error(format!(
+                "unknown learning rate schedule `{other}`: use exponential_decay, \
+                 piecewise_constant_decay, polynomial_decay, inverse_time_decay, cosine_decay or \
+                 cosine_decay_restarts"
+            )))
+        }
+    };
+    t.finish()?;
+    s.validate().map_err(|e| t.error(e))?;
+    Ok(s)
 }
 
 /// A loss from a string (`"mse"`) or a table (`{ type = "huber", delta = 0.5 }`).

@@ -13,6 +13,11 @@
 //! ]
 //! [compile]
 //! optimizer = { type = "adam", learning_rate = 3e-3 }
+//! # or a Keras schedule of the optimizer's iterations (exponential_decay,
+//! # piecewise_constant_decay, polynomial_decay, inverse_time_decay, cosine_decay,
+//! # cosine_decay_restarts, with Keras' parameter names):
+//! # optimizer = { type = "adam", learning_rate = { type = "exponential_decay",
+//! #   initial_learning_rate = 0.1, decay_steps = 10, decay_rate = 0.5 } }
 //! loss = { type = "sparse_categorical_crossentropy", from_logits = true }
 //! metrics = ["accuracy", { name = "sparse_top_k_categorical_accuracy", k = 3 }]
 //! [[added]]
@@ -24,6 +29,10 @@
 //! validation_split = 0.1
 //! callbacks = [{ type = "early_stopping", monitor = "val_loss", patience = 3 }]
 //! ```
+//!
+//! Dense, Conv1D and Conv2D entries take `kernel_constraint` and `bias_constraint` tables
+//! (`{ type = "max_norm", max_value = 2.0, axis = 0 }`, `min_max_norm`, `non_neg`,
+//! `unit_norm`), applied after every update as Keras does.
 //!
 //! Unknown keys, wrong types and impossible values are errors naming the file, line and key.
 
