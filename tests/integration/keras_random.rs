@@ -305,17 +305,17 @@ fn options_kiln_lacks_are_refused_by_name_and_place() {
     let msg = refused_option("rand_00.keras", "Dense", "activation", "sparsemax".into());
     assert!(msg.contains("kiln has no activation `sparsemax`"), "{msg}");
     // An optimizer kiln lacks is named in compile_config.
-    let path = super::keras_files::edited("random/rand_00.keras", "random-adagrad", |v| {
-        v["compile_config"]["optimizer"]["class_name"] = "Adagrad".into();
+    let path = super::keras_files::edited("random/rand_00.keras", "random-ftrl", |v| {
+        v["compile_config"]["optimizer"]["class_name"] = "Ftrl".into();
     });
     let result = Model::from_keras(&path);
     std::fs::remove_file(&path).unwrap();
     let Err(e) = result else {
-        panic!("Adagrad was imported")
+        panic!("Ftrl was imported")
     };
     let msg = e.to_string();
     assert!(
-        msg.contains("compile_config.optimizer") && msg.contains("`Adagrad`"),
+        msg.contains("compile_config.optimizer") && msg.contains("`Ftrl`"),
         "{msg}"
     );
 }

@@ -16,6 +16,7 @@ mod keras_compile_export;
 mod keras_export;
 mod keras_files;
 mod keras_metrics;
+mod keras_optimizers;
 mod keras_random;
 mod keras_reference;
 mod keras_schedules;

@@ -98,6 +98,8 @@ const POS: Expect = Expect::Num(0.0, false, f64::INFINITY, false);
 const NON_NEG: Expect = Expect::Num(0.0, true, f64::INFINITY, false);
 const UNIT: Expect = Expect::Num(0.0, true, 1.0, true);
 const UNIT_OPEN: Expect = Expect::Num(0.0, true, 1.0, false);
+/// Lion's `beta_1`: Keras refuses 0 (SignSGD) and anything above 1.
+const LION_BETA_1: Expect = Expect::Num(0.0, false, 1.0, true);
 const FINITE: Expect = Expect::Num(f64::NEG_INFINITY, false, f64::INFINITY, false);
 
 impl Expect {
@@ -451,6 +453,139 @@ fn other_cases() -> Vec<Case> {
             r#"{ type = "adamw", beta_1 = {v} }"#,
             "beta_1",
             UNIT_OPEN,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "nadam", beta_1 = {v} }"#,
+            "beta_1",
+            UNIT_OPEN,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "nadam", beta_2 = {v} }"#,
+            "beta_2",
+            UNIT_OPEN,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "nadam", epsilon = {v} }"#,
+            "epsilon",
+            POS,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "nadam", weight_decay = {v} }"#,
+            "weight_decay",
+            NON_NEG,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adamax", beta_1 = {v} }"#,
+            "beta_1",
+            UNIT_OPEN,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adamax", beta_2 = {v} }"#,
+            "beta_2",
+            UNIT_OPEN,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adamax", epsilon = {v} }"#,
+            "epsilon",
+            POS,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adagrad", initial_accumulator_value = {v} }"#,
+            "initial_accumulator_value",
+            NON_NEG,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adagrad", epsilon = {v} }"#,
+            "epsilon",
+            POS,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adagrad", weight_decay = {v} }"#,
+            "weight_decay",
+            NON_NEG,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adadelta", rho = {v} }"#,
+            "rho",
+            UNIT,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adadelta", epsilon = {v} }"#,
+            "epsilon",
+            POS,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "lion", beta_1 = {v} }"#,
+            "beta_1",
+            LION_BETA_1,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "lion", beta_2 = {v} }"#,
+            "beta_2",
+            UNIT,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "lion", weight_decay = {v} }"#,
+            "weight_decay",
+            NON_NEG,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "sgd", weight_decay = {v} }"#,
+            "weight_decay",
+            NON_NEG,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "rmsprop", weight_decay = {v} }"#,
+            "weight_decay",
+            NON_NEG,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adam", amsgrad = {v} }"#,
+            "amsgrad",
+            Expect::Bool,
+            true,
+        ),
+        (
+            Slot::Opt,
+            r#"{ type = "adamw", amsgrad = {v} }"#,
+            "amsgrad",
+            Expect::Bool,
             true,
         ),
         (

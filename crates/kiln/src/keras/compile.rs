@@ -7,7 +7,10 @@ use crate::error::{Error, Result};
 use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::Compile;
-use crate::optimizers::{Adam, AdamW, LearningRateSchedule, Optimizer, RmsProp, Scheduled, Sgd};
+use crate::optimizers::{
+    Adadelta, Adagrad, Adam, AdamW, Adamax, LearningRateSchedule, Lion, Nadam, Optimizer, RmsProp,
+    Scheduled, Sgd,
+};
 use crate::reduction::Reduction;
 use serde_json::Value;
 
@@ -342,23 +345,25 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
     let (class, o) = match v {
         Value::String(s) => {
             // A name: Keras' defaults.
-            let class = match s.as_str() {
-                "sgd" => "SGD",
-                "adam" => "Adam",
-                "adamw" => "AdamW",
-                "rmsprop" => "RMSprop",
+            return Ok(match s.as_str() {
+                "sgd" => Box::new(Sgd::new(0.01)),
+                "adam" => Box::new(Adam::new(1e-3)),
+                "adamw" => Box::new(AdamW::new(1e-3)),
+                "rmsprop" => Box::new(RmsProp::new(1e-3)),
+                "nadam" => Box::new(Nadam::new(1e-3)),
+                "adamax" => Box::new(Adamax::new(1e-3)),
+                "adagrad" => Box::new(Adagrad::new(1e-3)),
+                "adadelta" => Box::new(Adadelta::new(1e-3)),
+                "lion" => Box::new(Lion::new(1e-3)),
                 other => {
                     return Err(cc.error(
                         "optimizer",
-                        format!("kiln has no optimizer `{other}`: use sgd, adam, adamw or rmsprop"),
+                        format!(
+                            "kiln has no optimizer `{other}`: use sgd, adam, adamw, rmsprop, \
+                             nadam, adamax, adagrad, adadelta or lion"
+                        ),
                     ))
                 }
-            };
-            return Ok(match class {
-                "SGD" => Box::new(Sgd::new(0.01)),
-                "Adam" => Box::new(Adam::new(1e-3)),
-                "AdamW" => Box::new(AdamW::new(1e-3)),
-                _ => Box::new(RmsProp::new(1e-3)),
             });
         }
         _ => {
@@ -415,59 +420,103 @@ fn optimizer(cc: &Obj) -> Result<Box<dyn Optimizer>> {
         }
         Ok(o.into_optimizer())
     };
-    let opt = match class.as_str() {
-        "SGD" => {
-            if opt_num("weight_decay")?.is_some_and(|w| w != 0.0) {
-                return Err(c.error("weight_decay", "SGD with weight decay is not supported by kiln: use AdamW, or add an L2 penalty"));
-            }
-            clip(Box::new(
-                Sgd::new(lr)
-                    .momentum(c.f64("momentum")?)
-                    .nesterov(c.bool("nesterov")?),
-            ))?
+    // Keras never writes exclusions (they are set by a method call), but a hand-edited file
+    // may: kiln decays every trainable variable, so it cannot honour one.
+    if c.get("exclude_from_weight_decay").is_some() {
+        return Err(c.error(
+            "exclude_from_weight_decay",
+            "kiln applies weight decay to every trainable variable and has no exclusion \
+             lists: remove the key (and the decay, or decay all variables)",
+        ));
+    }
+    let wd = opt_num("weight_decay")?;
+    let decayed = |o: Box<dyn DecayBuilder>| -> Box<dyn ClipBuilder> {
+        match wd {
+            Some(w) => o.weight_decay_boxed(w),
+            None => o.into_clip(),
         }
-        "Adam" => {
-            c.expect("amsgrad", |v| v == &Value::Bool(false), "amsgrad = false")?;
-            let mut a = Adam::new(lr)
+    };
+    let opt = match class.as_str() {
+        "SGD" => clip(decayed(Box::new(
+            Sgd::new(lr)
+                .momentum(c.f64("momentum")?)
+                .nesterov(c.bool("nesterov")?),
+        )))?,
+        "Adam" => clip(decayed(Box::new(
+            Adam::new(lr)
                 .beta_1(c.f64("beta_1")?)
                 .beta_2(c.f64("beta_2")?)
-                .epsilon(c.f64("epsilon")?);
-            if let Some(w) = opt_num("weight_decay")? {
-                a = a.weight_decay(w);
-            }
-            clip(Box::new(a))?
-        }
+                .epsilon(c.f64("epsilon")?)
+                .amsgrad(c.bool("amsgrad")?),
+        )))?,
         "AdamW" => {
-            c.expect("amsgrad", |v| v == &Value::Bool(false), "amsgrad = false")?;
-            let w = opt_num("weight_decay")?.unwrap_or(0.004);
+            // Keras' AdamW refuses `weight_decay=None`.
+            let w = match c.get("weight_decay") {
+                None => Some(0.004), // Keras' default, when a hand-written file leaves it out
+                Some(_) => wd,
+            };
+            let w = w.ok_or_else(|| {
+                c.error(
+                    "weight_decay",
+                    "AdamW needs a number (Keras refuses None): write the decay, e.g. 0.004",
+                )
+            })?;
             clip(Box::new(
                 AdamW::new(lr)
                     .weight_decay(w)
                     .beta_1(c.f64("beta_1")?)
                     .beta_2(c.f64("beta_2")?)
-                    .epsilon(c.f64("epsilon")?),
-            ))?
-        }
-        "RMSprop" => {
-            if opt_num("weight_decay")?.is_some_and(|w| w != 0.0) {
-                return Err(c.error(
-                    "weight_decay",
-                    "RMSprop with weight decay is not supported by kiln",
-                ));
-            }
-            clip(Box::new(
-                RmsProp::new(lr)
-                    .rho(c.f64("rho")?)
-                    .momentum(c.f64("momentum")?)
                     .epsilon(c.f64("epsilon")?)
-                    .centered(c.bool("centered")?),
+                    .amsgrad(c.bool("amsgrad")?),
             ))?
         }
+        "RMSprop" => clip(decayed(Box::new(
+            RmsProp::new(lr)
+                .rho(c.f64("rho")?)
+                .momentum(c.f64("momentum")?)
+                .epsilon(c.f64("epsilon")?)
+                .centered(c.bool("centered")?),
+        )))?,
+        "Nadam" => clip(decayed(Box::new(
+            Nadam::new(lr)
+                .beta_1(c.f64("beta_1")?)
+                .beta_2(c.f64("beta_2")?)
+                .epsilon(c.f64("epsilon")?),
+        )))?,
+        "Adamax" => clip(decayed(Box::new(
+            Adamax::new(lr)
+                .beta_1(c.f64("beta_1")?)
+                .beta_2(c.f64("beta_2")?)
+                .epsilon(c.f64("epsilon")?),
+        )))?,
+        "Adagrad" => clip(decayed(Box::new(
+            Adagrad::new(lr)
+                .initial_accumulator_value(c.f64("initial_accumulator_value")?)
+                .epsilon(c.f64("epsilon")?),
+        )))?,
+        "Adadelta" => clip(decayed(Box::new(
+            Adadelta::new(lr)
+                .rho(c.f64("rho")?)
+                .epsilon(c.f64("epsilon")?),
+        )))?,
+        "Lion" => clip(decayed(Box::new(
+            Lion::new(lr)
+                .beta_1(c.f64("beta_1")?)
+                .beta_2(c.f64("beta_2")?),
+        )))?,
         other => {
+            let note = if matches!(
+                other,
+                "Ftrl" | "Lamb" | "Adafactor" | "Muon" | "LossScaleOptimizer"
+            ) {
+                format!("kiln does not implement Keras' `{other}` yet")
+            } else {
+                format!("kiln has no optimizer `{other}`")
+            };
             return Err(o.error(
                 "class_name",
-                format!("kiln has no optimizer `{other}`: use SGD, Adam, AdamW or RMSprop"),
-            ))
+                format!("{note}: use {}", KERAS_OPTIMIZERS.join(", ")),
+            ));
         }
     };
     c.finish(&class)?;
@@ -588,4 +637,26 @@ macro_rules! clip_builder {
         }
     )*};
 }
-clip_builder!(Sgd, Adam, AdamW, RmsProp);
+clip_builder!(Sgd, Adam, AdamW, RmsProp, Nadam, Adamax, Adagrad, Adadelta, Lion);
+
+/// The Keras optimizer classes kiln imports and exports.
+const KERAS_OPTIMIZERS: &[&str] = &[
+    "SGD", "Adam", "AdamW", "RMSprop", "Nadam", "Adamax", "Adagrad", "Adadelta", "Lion",
+];
+
+/// Keras' `weight_decay`, which every optimizer but AdamW (always decayed) takes, behind one
+/// object.
+trait DecayBuilder {
+    fn weight_decay_boxed(self: Box<Self>, wd: f64) -> Box<dyn ClipBuilder>;
+    fn into_clip(self: Box<Self>) -> Box<dyn ClipBuilder>;
+}
+
+macro_rules! decay_builder {
+    ($($t:ty),*) => {$(
+        impl DecayBuilder for $t {
+            fn weight_decay_boxed(self: Box<Self>, wd: f64) -> Box<dyn ClipBuilder> { Box::new(self.weight_decay(wd)) }
+            fn into_clip(self: Box<Self>) -> Box<dyn ClipBuilder> { self }
+        }
+    )*};
+}
+decay_builder!(Sgd, Adam, RmsProp, Nadam, Adamax, Adagrad, Adadelta, Lion);

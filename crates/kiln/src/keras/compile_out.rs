@@ -30,7 +30,7 @@ pub(crate) fn compile_config(
     };
     let optimizer = c.optimizer.keras_config().ok_or_else(|| {
         refuse(format!(
-            "optimizer `{}` has no Keras equivalent (kiln exports SGD, Adam, AdamW and RMSprop)",
+            "optimizer `{}` has no Keras equivalent (kiln exports SGD, Adam, AdamW, RMSprop, Nadam, Adamax, Adagrad, Adadelta and Lion)",
             c.optimizer.name()
         ))
     })?;

@@ -19,10 +19,12 @@ pub struct Adam {
     beta_1: f64,
     beta_2: f64,
     epsilon: f64,
+    amsgrad: bool,
     weight_decay: Option<f64>,
     clipping: Clipping,
     m: Slots,
     v: Slots,
+    v_hat: Slots,
     /// The moments of parameters updated by the fused CPU kernel, with each parameter.
     fused: HashMap<TensorId, (Tensor, Moments)>,
 }
@@ -35,10 +37,12 @@ impl Adam {
             beta_1: 0.9,
             beta_2: 0.999,
             epsilon: 1e-7,
+            amsgrad: false,
             weight_decay: None,
             clipping: Clipping::default(),
             m: Slots::default(),
             v: Slots::default(),
+            v_hat: Slots::default(),
             fused: HashMap::new(),
         }
     }
@@ -57,9 +61,16 @@ impl Adam {
         self.epsilon = e;
         self
     }
-    /// Decoupled weight decay.
-    pub fn weight_decay(mut self, wd: f64) -> Self {
-        self.weight_decay = Some(wd);
+    /// AMSGrad, as Keras' `amsgrad=True`: the update divides by the running maximum of the
+    /// second moment (`v̂ = max(v̂, v)`), so steps never grow from a shrinking `v`.
+    ///
+    /// ```
+    /// use kiln::optimizers::{Adam, Optimizer};
+    /// let opt = Adam::new(1e-3).amsgrad(true);
+    /// assert_eq!(opt.keras_config().unwrap()["config"]["amsgrad"], true);
+    /// ```
+    pub fn amsgrad(mut self, on: bool) -> Self {
+        self.amsgrad = on;
         self
     }
 }
@@ -103,7 +114,7 @@ impl Adam {
             self.clipping,
             serde_json::json!({
                 "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
-                "amsgrad": false,
+                "amsgrad": self.amsgrad,
             }),
         )
     }
@@ -142,6 +153,7 @@ impl Optimizer for Adam {
         let mut out = Vec::new();
         self.m.export("m", &mut out);
         self.v.export("v", &mut out);
+        self.v_hat.export("velocity_hat", &mut out);
         for (id, (param, moments)) in &self.fused {
             // Copies of memory kiln owns: only a device error could fail them.
             if let Ok((m, v)) = moments.to_tensors(param) {
@@ -162,6 +174,7 @@ impl Optimizer for Adam {
         match slot {
             "m" => self.m.set(param, value),
             "v" => self.v.set(param, value),
+            "velocity_hat" => self.v_hat.set(param, value),
             other => {
                 return Err(crate::error::invalid(format!(
                     "{}: no optimizer state named `{other}`",
@@ -176,7 +189,13 @@ impl Optimizer for Adam {
         let alpha = self.lr * (1.0 - self.beta_2.powi(t)).sqrt() / (1.0 - self.beta_1.powi(t));
         let (beta_1, beta_2, epsilon) = (self.beta_1, self.beta_2, self.epsilon);
         for (p, g) in params.iter().zip(grads) {
-            if let Some(moments) = self.fused_moments(p, g)? {
+            // AMSGrad's third slot is not in the fused kernel.
+            let fused = if self.amsgrad {
+                None
+            } else {
+                self.fused_moments(p, g)?
+            };
+            if let Some(moments) = fused {
                 p.as_tensor().inplace_op2(
                     g,
                     &AdamUpdate {
@@ -196,9 +215,15 @@ impl Optimizer for Adam {
             let v = v
                 .affine(self.beta_2, 0.0)?
                 .add(&g.sqr()?.affine(1.0 - self.beta_2, 0.0)?)?;
-            let step = m
-                .div(&v.sqrt()?.affine(1.0, self.epsilon)?)?
-                .affine(alpha, 0.0)?;
+            let denominator = if self.amsgrad {
+                let v_hat = self.v_hat.get(p)?.maximum(&v)?;
+                let d = v_hat.sqrt()?.affine(1.0, self.epsilon)?;
+                self.v_hat.set(p, v_hat);
+                d
+            } else {
+                v.sqrt()?.affine(1.0, self.epsilon)?
+            };
+            let step = m.div(&denominator)?.affine(alpha, 0.0)?;
             p.set(&p.as_tensor().sub(&step)?)?;
             self.m.set(p, m);
             self.v.set(p, v);
@@ -236,6 +261,10 @@ impl AdamW {
     /// The constant added to `√v`.
     pub fn epsilon(self, e: f64) -> Self {
         Self(self.0.epsilon(e))
+    }
+    /// AMSGrad (Keras' `amsgrad=True`): divide by the running maximum of the second moment.
+    pub fn amsgrad(self, on: bool) -> Self {
+        Self(self.0.amsgrad(on))
     }
     /// Clip each gradient to at most this L2 norm.
     pub fn clipnorm(self, c: f64) -> Self {

@@ -2,11 +2,13 @@
 
 mod adam;
 mod fused;
+mod more;
 mod rmsprop;
 mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamW};
+pub use more::{Adadelta, Adagrad, Adamax, Lion, Nadam};
 pub use rmsprop::RmsProp;
 pub use schedule::{LearningRateSchedule, Scheduled};
 pub use sgd::Sgd;
@@ -219,7 +221,7 @@ impl Clipping {
     }
 }
 
-/// Clipping and learning-rate fields every optimizer shares, with their builder methods.
+/// Clipping and weight-decay fields every optimizer shares, with their builder methods.
 macro_rules! optimizer_common {
     ($ty:ty) => {
         impl $ty {
@@ -236,6 +238,12 @@ macro_rules! optimizer_common {
             /// Clip every gradient entry to `[-v, v]`.
             pub fn clipvalue(mut self, v: f64) -> Self {
                 self.clipping.clipvalue = Some(v);
+                self
+            }
+            /// Decoupled weight decay, as Keras' `weight_decay`: every trainable variable
+            /// shrinks by `var · wd · lr` before each update.
+            pub fn weight_decay(mut self, wd: f64) -> Self {
+                self.weight_decay = Some(wd);
                 self
             }
         }
@@ -364,6 +372,16 @@ impl Slots {
     /// Takes the state of `param` out, if it has one.
     pub(crate) fn remove(&mut self, param: &Var) -> Option<Tensor> {
         self.0.remove(&param.as_tensor().id())
+    }
+    /// The state of `param`, filled with `value` if it has none yet (Adagrad's accumulators).
+    pub(crate) fn get_filled(&mut self, param: &Var, value: f64) -> Result<Tensor> {
+        let id = param.as_tensor().id();
+        if let Some(t) = self.0.get(&id) {
+            return Ok(t.clone());
+        }
+        let filled = param.as_tensor().ones_like()?.affine(value, 0.0)?;
+        self.0.insert(id, filled.clone());
+        Ok(filled)
     }
     /// Stores the new state of `param`.
     pub(crate) fn set(&mut self, param: &Var, value: Tensor) {

@@ -18,6 +18,7 @@ pub struct RmsProp {
     momentum: f64,
     epsilon: f64,
     centered: bool,
+    weight_decay: Option<f64>,
     clipping: Clipping,
     velocity: Slots,
     average_gradient: Slots,
@@ -33,6 +34,7 @@ impl RmsProp {
             momentum: 0.0,
             epsilon: 1e-7,
             centered: false,
+            weight_decay: None,
             clipping: Clipping::default(),
             velocity: Slots::default(),
             average_gradient: Slots::default(),
@@ -68,7 +70,7 @@ impl Optimizer for RmsProp {
             "RMSprop",
             "rmsprop",
             self.lr,
-            None,
+            self.weight_decay,
             self.clipping,
             serde_json::json!({
                 "rho": self.rho, "momentum": self.momentum, "epsilon": self.epsilon,
@@ -99,6 +101,9 @@ impl Optimizer for RmsProp {
     }
     fn clipping(&self) -> Clipping {
         self.clipping
+    }
+    fn weight_decay(&self) -> Option<f64> {
+        self.weight_decay
     }
     fn state(&self) -> Vec<(String, TensorId, Tensor)> {
         let mut out = Vec::new();

@@ -15,6 +15,7 @@ pub struct Sgd {
     lr: f64,
     momentum: f64,
     nesterov: bool,
+    weight_decay: Option<f64>,
     clipping: Clipping,
     velocity: Slots,
 }
@@ -26,6 +27,7 @@ impl Sgd {
             lr,
             momentum: 0.0,
             nesterov: false,
+            weight_decay: None,
             clipping: Clipping::default(),
             velocity: Slots::default(),
         }
@@ -49,7 +51,7 @@ impl Optimizer for Sgd {
             "SGD",
             "sgd",
             self.lr,
-            None,
+            self.weight_decay,
             self.clipping,
             serde_json::json!({ "momentum": self.momentum, "nesterov": self.nesterov }),
         ))
@@ -70,6 +72,9 @@ impl Optimizer for Sgd {
     }
     fn clipping(&self) -> Clipping {
         self.clipping
+    }
+    fn weight_decay(&self) -> Option<f64> {
+        self.weight_decay
     }
     fn state(&self) -> Vec<(String, TensorId, Tensor)> {
         let mut out = Vec::new();

@@ -18,7 +18,10 @@ use crate::losses::config::Bounds;
 use crate::losses::LossSpec;
 use crate::metrics::MetricSpec;
 use crate::model::{Compile, Fit, Model, Tensors};
-use crate::optimizers::{Adam, AdamW, LearningRateSchedule, Optimizer, RmsProp, Sgd};
+use crate::optimizers::{
+    Adadelta, Adagrad, Adam, AdamW, Adamax, LearningRateSchedule, Lion, Nadam, Optimizer, RmsProp,
+    Sgd,
+};
 use crate::reduction::Reduction;
 use crate::regularizers::{self, OrthogonalMode, SharedRegularizer};
 use std::collections::HashMap;
@@ -702,34 +705,94 @@ fn optimizer(f: &Fields) -> Result<Box<dyn Optimizer>> {
             Box::new(o) as Box<dyn Optimizer>
         }};
     }
+    if f.get("exclude_from_weight_decay").is_some() {
+        return Err(f.error(
+            "`exclude_from_weight_decay` is not supported: kiln applies weight decay to every \
+             trainable variable; remove the key (and `weight_decay`, or decay all variables)",
+        ));
+    }
+    for refused in [
+        "use_ema",
+        "loss_scale_factor",
+        "gradient_accumulation_steps",
+    ] {
+        if f.get(refused).is_some() {
+            return Err(f.error(format!(
+                "`{refused}` is not supported: kiln has no EMA weights, loss scaling or \
+                 gradient accumulation; remove the key"
+            )));
+        }
+    }
+    // Keras' `weight_decay` (decoupled: `var -= var·wd·lr` before each update) on every
+    // optimizer; AdamW always has one.
+    let wd = if kind == "adamw" {
+        None
+    } else {
+        f.f64_in("weight_decay", Bounds::non_negative())?
+    };
+    macro_rules! decayed {
+        ($opt:expr) => {{
+            let o = $opt;
+            match wd {
+                Some(w) => clipped!(o.weight_decay(w)),
+                None => clipped!(o),
+            }
+        }};
+    }
     let opt = match kind {
-        "sgd" => clipped!(Sgd::new(lr.unwrap_or(0.01))
+        "sgd" => decayed!(Sgd::new(lr.unwrap_or(0.01))
             // Keras: "`momentum` must be a float between [0, 1]".
             .momentum(f.f64_in_or("momentum", 0.0, Bounds::closed(0.0, 1.0))?)
             .nesterov(f.bool_or("nesterov", false)?)),
-        "adam" => {
-            let mut a = Adam::new(lr.unwrap_or(1e-3))
-                .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
-                .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
-                .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?);
-            if let Some(wd) = f.f64_in("weight_decay", Bounds::non_negative())? {
-                a = a.weight_decay(wd);
-            }
-            clipped!(a)
-        }
+        "adam" => decayed!(Adam::new(lr.unwrap_or(1e-3))
+            .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
+            .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)
+            .amsgrad(f.bool_or("amsgrad", false)?)),
         "adamw" => clipped!(AdamW::new(lr.unwrap_or(1e-3))
             .weight_decay(f.f64_in_or("weight_decay", 0.004, Bounds::non_negative())?)
             .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
             .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
-            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)),
-        "rmsprop" => clipped!(RmsProp::new(lr.unwrap_or(1e-3))
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)
+            .amsgrad(f.bool_or("amsgrad", false)?)),
+        "rmsprop" => decayed!(RmsProp::new(lr.unwrap_or(1e-3))
             .rho(f.f64_in_or("rho", 0.9, unit)?)
             .momentum(f.f64_in_or("momentum", 0.0, unit)?)
             .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)
             .centered(f.bool_or("centered", false)?)),
+        "nadam" => decayed!(Nadam::new(lr.unwrap_or(1e-3))
+            .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
+            .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)),
+        "adamax" => decayed!(Adamax::new(lr.unwrap_or(1e-3))
+            .beta_1(f.f64_in_or("beta_1", 0.9, unit)?)
+            .beta_2(f.f64_in_or("beta_2", 0.999, unit)?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)),
+        "adagrad" => decayed!(Adagrad::new(lr.unwrap_or(1e-3))
+            .initial_accumulator_value(f.f64_in_or(
+                "initial_accumulator_value",
+                0.1,
+                Bounds::non_negative()
+            )?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)),
+        "adadelta" => decayed!(Adadelta::new(lr.unwrap_or(1e-3))
+            .rho(f.f64_in_or("rho", 0.95, Bounds::closed(0.0, 1.0))?)
+            .epsilon(f.f64_in_or("epsilon", 1e-7, Bounds::positive())?)),
+        "lion" => decayed!(Lion::new(lr.unwrap_or(1e-3))
+            // Keras: beta_1 in (0, 1]; 0 "degenerates to SignSGD".
+            .beta_1(f.f64_in_or(
+                "beta_1",
+                0.9,
+                Bounds {
+                    lo_inclusive: false,
+                    ..Bounds::closed(0.0, 1.0)
+                }
+            )?)
+            .beta_2(f.f64_in_or("beta_2", 0.99, Bounds::closed(0.0, 1.0))?)),
         other => {
             return Err(f.error(format!(
-                "unknown optimizer `{other}`: use sgd, adam, adamw or rmsprop"
+                "unknown optimizer `{other}`: use sgd, adam, adamw, rmsprop, nadam, adamax, \
+                 adagrad, adadelta or lion"
             )))
         }
     };
