@@ -520,14 +520,8 @@ mod tests {
         let w = Var::new(&[w0], &Device::Cpu).unwrap();
         for (i, g) in grads.iter().enumerate() {
             let g = Tensor::new(&[*g], &Device::Cpu).unwrap();
-            super::super::apply_step(
-                opt,
-                std::slice::from_ref(&w),
-                vec![g],
-                i as u64 + 1,
-                &[],
-            )
-            .unwrap();
+            super::super::apply_step(opt, std::slice::from_ref(&w), vec![g], i as u64 + 1, &[])
+                .unwrap();
         }
         w.as_tensor().to_vec1::<f32>().unwrap()[0]
     }

@@ -571,7 +571,9 @@ impl RunFile {
         let out = &options.out;
         if options.resume && !out.is_dir() {
             return Err(Error::State(format!(
-                "cannot resume from {}: no such run folder",
+                "cannot resume from {}: no such run folder (check the path; a run stopped \
+                 before it created its folder has nothing to resume: start it again without \
+                 --resume)",
                 out.display()
             )));
         }
