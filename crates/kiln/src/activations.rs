@@ -81,7 +81,7 @@ impl Activation {
             Activation::Silu => x.silu()?,
             Activation::Softplus => crate::losses::softplus(x)?,
             Activation::Elu => x.elu(1.0)?,
-            Activation::LeakyRelu => x.mul(&above(x, 0.0, true)?.affine(0.8, 0.2)?)?,
+            Activation::LeakyRelu => x.mul(&mask(x.ge(0.0)?, x)?.affine(0.8, 0.2)?)?,
             Activation::Selu => x
                 .elu(1.673_263_242_354_377_3)?
                 .affine(1.050_700_987_355_480_5, 0.0)?,
@@ -94,13 +94,13 @@ impl Activation {
             Activation::LogSigmoid => crate::losses::softplus(&x.neg()?)?.neg()?,
             // Gradient 1 on [-1, 1], ends included, as JAX's `where(x > 1, 1, where(x < -1, -1, x))`.
             Activation::HardTanh => x
-                .mul(&above(x, -1.0, true)?.mul(&above(&x.neg()?, -1.0, true)?)?)?
-                .add(&above(x, 1.0, false)?)?
-                .sub(&above(&x.neg()?, 1.0, false)?)?,
+                .mul(&mask(x.ge(-1.0)?, x)?.mul(&mask(x.le(1.0)?, x)?)?)?
+                .add(&mask(x.gt(1.0)?, x)?)?
+                .sub(&mask(x.lt(-1.0)?, x)?)?,
             Activation::TanhShrink => x.sub(&x.tanh()?)?,
             // `where(x > 0, x, e^x - 1)`: gradient 1 at 0 (as JAX's), e^x only where x ≤ 0.
             Activation::Celu => {
-                let positive = above(x, 0.0, false)?;
+                let positive = mask(x.gt(0.0)?, x)?;
                 let rest = positive.affine(-1.0, 1.0)?;
                 x.mul(&positive)?
                     .add(&x.mul(&rest)?.exp()?.affine(1.0, -1.0)?.mul(&rest)?)?
@@ -188,14 +188,13 @@ fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
 /// `min(max(x, 0), 6)` with JAX's gradient: 1 strictly between 0 and 6, 0 at both ends (candle's
 /// `clamp` splits a tie in half).
 fn relu6(x: &Tensor) -> Result<Tensor> {
-    let inside = above(x, 0.0, false)?.mul(&above(&x.neg()?, -6.0, false)?)?;
-    Ok(x.mul(&inside)?.add(&(above(x, 6.0, true)? * 6.0)?)?)
+    let inside = mask(x.gt(0.0)?, x)?.mul(&mask(x.lt(6.0)?, x)?)?;
+    Ok(x.mul(&inside)?.add(&(mask(x.ge(6.0)?, x)? * 6.0)?)?)
 }
 
-/// The constant mask `[x > at]` (`[x >= at]` when `inclusive`) in `x`'s dtype: a comparison
-/// carries no gradient, so `x · mask` is a piecewise function whose tie rule is chosen here
-/// rather than by how candle splits `maximum`/`minimum` ties (half to each side).
-fn above(x: &Tensor, at: f64, inclusive: bool) -> Result<Tensor> {
-    let mask = if inclusive { x.ge(at)? } else { x.gt(at)? };
-    Ok(mask.to_dtype(x.dtype())?)
+/// A comparison of `x` (`x.ge(0.0)?`) as a 0/1 tensor of `x`'s dtype. A comparison carries no
+/// gradient, so `x · mask` is a piecewise function whose tie rule is the comparison's, rather
+/// than how candle splits `maximum`/`minimum` ties (half to each side).
+fn mask(comparison: Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(comparison.to_dtype(x.dtype())?)
 }

@@ -6,10 +6,11 @@ use super::json::{short, Obj};
 use crate::activations::Activation;
 use crate::error::{Error, Result};
 use crate::graph::SharedLayer;
+use crate::layers::channels_first::in_format;
 use crate::layers::{
-    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, ChannelsFirst,
-    Concatenate, Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
-    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, Layer, LayerExt,
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
+    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
     Padding, Permute, Reshape,
 };
@@ -204,7 +205,7 @@ fn padding(cfg: &Obj) -> Result<Padding> {
 }
 
 /// Whether the layer's `data_format` is `channels_first` (then kiln runs the channels-last
-/// layer inside [`ChannelsFirst`]); absent or null is Keras' default, channels_last.
+/// layer inside [`crate::layers::ChannelsFirst`]); absent or null is Keras' default, channels_last.
 fn channels_first(cfg: &Obj) -> Result<bool> {
     match cfg.get("data_format") {
         None | Some(Value::Null) => Ok(false),
@@ -217,15 +218,6 @@ fn channels_first(cfg: &Obj) -> Result<bool> {
                 short(other)
             ),
         )),
-    }
-}
-
-/// The layer, inside [`ChannelsFirst`] when `first`.
-fn in_format<L: Layer + 'static>(layer: L, first: bool) -> SharedLayer {
-    if first {
-        ChannelsFirst::new(layer).shared()
-    } else {
-        layer.shared()
     }
 }
 

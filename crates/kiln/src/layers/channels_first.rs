@@ -6,8 +6,9 @@
 //! out. One wrapper serves every such layer (convolutions, pooling, global pooling, Flatten)
 //! instead of a second code path in each.
 
-use super::{BuildContext, CallContext, Layer, Weight};
+use super::{BuildContext, CallContext, Layer, LayerExt, Weight};
 use crate::error::{Error, Result};
+use crate::graph::SharedLayer;
 use crate::regularizers::SharedRegularizer;
 use candle_core::Tensor;
 
@@ -48,6 +49,16 @@ impl ChannelsFirst {
             )));
         }
         Ok(shape[1..].iter().chain(&shape[..1]).copied().collect())
+    }
+}
+
+/// The layer, inside [`ChannelsFirst`] when `first` (Keras' `data_format="channels_first"`),
+/// for the Keras importer and the run-file builder alike.
+pub(crate) fn in_format<L: Layer + 'static>(layer: L, first: bool) -> SharedLayer {
+    if first {
+        ChannelsFirst::new(layer).shared()
+    } else {
+        layer.shared()
     }
 }
 

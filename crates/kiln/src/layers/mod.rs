@@ -4,7 +4,7 @@
 //! ([`LayerExt::apply`]). Its weights are created when the model is built, from the model's seed.
 
 mod channels;
-mod channels_first;
+pub(crate) mod channels_first;
 mod conv;
 mod conv_direct;
 mod conv_kernel;

@@ -271,8 +271,8 @@ impl From<Arc<dyn Loss>> for LossSpec {
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
-    if let Some(custom) = registry().get(name) {
-        return Ok(custom.clone());
+    if let Some(custom) = registered(name) {
+        return Ok(custom);
     }
     let key = name.to_ascii_lowercase().replace('_', "");
     Ok(match key.as_str() {
@@ -309,13 +309,6 @@ pub fn by_name(name: &str) -> Result<Arc<dyn Loss>> {
     })
 }
 
-fn registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, Arc<dyn Loss>>> {
-    static REGISTRY: std::sync::LazyLock<
-        std::sync::Mutex<std::collections::HashMap<String, Arc<dyn Loss>>>,
-    > = std::sync::LazyLock::new(Default::default);
-    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Registers a custom loss under a name, so run files and saved models can use it by that name.
 /// A saved model whose custom loss is not registered fails to load with an error naming it.
 ///
@@ -328,18 +321,25 @@ fn registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<String
 /// # Ok::<(), kiln::Error>(())
 /// ```
 pub fn register(name: impl Into<String>, loss: impl Loss + 'static) {
-    let name = name.into();
-    let loss: Arc<dyn Loss> = Arc::new(loss);
-    ever_registered().push((name.clone(), loss.clone()));
-    registry().insert(name, loss);
+    ever_registered().push((name.into(), Arc::new(loss)));
 }
 
-/// Every registration ever made, replaced ones too: a model compiled with a loss that was
-/// registered again later (a program that registers at every start-up of a component) still
-/// exports it by its name. Holding the values also keeps their addresses from being reused.
+/// Every registration ever made, in order; the latest of a name is the one it stands for. The
+/// replaced ones stay: a model compiled with a loss that was registered again later (a program
+/// that registers at every start-up of a component) still exports it by its name, and holding
+/// the values keeps their addresses from being reused.
 fn ever_registered() -> std::sync::MutexGuard<'static, Vec<(String, Arc<dyn Loss>)>> {
     static EVER: std::sync::Mutex<Vec<(String, Arc<dyn Loss>)>> = std::sync::Mutex::new(Vec::new());
     EVER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The loss registered under `name` now (its latest registration).
+fn registered(name: &str) -> Option<Arc<dyn Loss>> {
+    ever_registered()
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, l)| l.clone())
 }
 
 /// The name `loss` is registered under ([`register`]), if it is a registered loss: the value
@@ -355,7 +355,7 @@ pub(crate) fn registered_name_of(loss: &Arc<dyn Loss>) -> Option<String> {
 
 /// Whether some loss is registered under `name` now.
 pub(crate) fn is_registered(name: &str) -> bool {
-    registry().contains_key(name)
+    registered(name).is_some()
 }
 
 /// The Keras class name of a built-in loss, from its class name, snake-case name or alias.

@@ -7,9 +7,10 @@ use crate::adversarial::{Adversarial, PerturbationNorm};
 use crate::callbacks::{self, Schedule};
 use crate::error::Result;
 use crate::graph::{Input, SymbolicTensor};
+use crate::layers::channels_first::in_format;
 use crate::layers::{
-    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, ChannelsFirst,
-    Concatenate, Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
+    ActivationLayer, Add, AveragePooling1D, AveragePooling2D, BatchNormalization, Concatenate,
+    Conv1D, Conv2D, Dense, Dropout, Embedding, Flatten, GlobalAveragePooling1D,
     GlobalAveragePooling2D, GlobalMaxPooling1D, GlobalMaxPooling2D, Gru, LayerExt,
     LayerNormalization, Lstm, Masking, MaxPooling1D, MaxPooling2D, Multiply, Normalization,
     Padding, Reshape,
@@ -193,7 +194,7 @@ fn size_pair(f: &Fields, key: &str) -> Result<Option<(usize, usize)>> {
 }
 
 /// Keras' `data_format`: `"channels_last"` (the default) or `"channels_first"`, which runs the
-/// layer inside [`ChannelsFirst`].
+/// layer inside [`crate::layers::ChannelsFirst`].
 fn channels_first(f: &Fields) -> Result<bool> {
     match f.str("data_format")? {
         None | Some("channels_last") => Ok(false),
@@ -202,18 +203,6 @@ fn channels_first(f: &Fields) -> Result<bool> {
             "`data_format = \"{other}\"` is not a data format: use \"channels_last\" or \"channels_first\""
         ))),
     }
-}
-
-/// Applies a layer, inside [`ChannelsFirst`] when the layer's `data_format` asks for it.
-macro_rules! in_format {
-    ($layer:expr, $first:expr, $refs:expr) => {{
-        let layer = $layer;
-        if $first {
-            ChannelsFirst::new(layer).apply_many($refs)
-        } else {
-            layer.apply_many($refs)
-        }
-    }};
 }
 
 fn padding(f: &Fields) -> Result<Padding> {
@@ -442,7 +431,7 @@ pub(crate) fn model(
                             .use_bias(l.bool_or("use_bias", true)?)
                             .with_name(name.clone());
                         let c = with_regularizers!(c, l);
-                        in_format!(with_constraints!(c, l), first, &refs)
+                        in_format(with_constraints!(c, l), first).apply_many(&refs)
                     }};
                 }
                 let groups = conv_groups(l, filters, &refs)?;
@@ -464,23 +453,23 @@ pub(crate) fn model(
                 let pad = padding(l)?;
                 let first = channels_first(l)?;
                 if kind == "max_pooling1d" {
-                    in_format!(
+                    in_format(
                         MaxPooling1D::new(size)
                             .strides(strides)
                             .padding(pad)
                             .with_name(name.clone()),
                         first,
-                        &refs
                     )
+                    .apply_many(&refs)
                 } else {
-                    in_format!(
+                    in_format(
                         AveragePooling1D::new(size)
                             .strides(strides)
                             .padding(pad)
                             .with_name(name.clone()),
                         first,
-                        &refs
                     )
+                    .apply_many(&refs)
                 }
             }
             "max_pooling2d" | "average_pooling2d" => {
@@ -489,45 +478,45 @@ pub(crate) fn model(
                 let pad = padding(l)?;
                 let first = channels_first(l)?;
                 if kind == "max_pooling2d" {
-                    in_format!(
+                    in_format(
                         MaxPooling2D::new(size)
                             .strides(strides)
                             .padding(pad)
                             .with_name(name.clone()),
                         first,
-                        &refs
                     )
+                    .apply_many(&refs)
                 } else {
-                    in_format!(
+                    in_format(
                         AveragePooling2D::new(size)
                             .strides(strides)
                             .padding(pad)
                             .with_name(name.clone()),
                         first,
-                        &refs
                     )
+                    .apply_many(&refs)
                 }
             }
-            "global_average_pooling1d" => in_format!(
+            "global_average_pooling1d" => in_format(
                 GlobalAveragePooling1D::new().with_name(name.clone()),
                 channels_first(l)?,
-                &refs
-            ),
-            "global_average_pooling2d" => in_format!(
+            )
+            .apply_many(&refs),
+            "global_average_pooling2d" => in_format(
                 GlobalAveragePooling2D::new().with_name(name.clone()),
                 channels_first(l)?,
-                &refs
-            ),
-            "global_max_pooling1d" => in_format!(
+            )
+            .apply_many(&refs),
+            "global_max_pooling1d" => in_format(
                 GlobalMaxPooling1D::new().with_name(name.clone()),
                 channels_first(l)?,
-                &refs
-            ),
-            "global_max_pooling2d" => in_format!(
+            )
+            .apply_many(&refs),
+            "global_max_pooling2d" => in_format(
                 GlobalMaxPooling2D::new().with_name(name.clone()),
                 channels_first(l)?,
-                &refs
-            ),
+            )
+            .apply_many(&refs),
             "batch_normalization" => BatchNormalization::new()
                 .axis(match l.get("axis") {
                     Some(v) => feature_axis(l, "axis", v, &refs)?,
@@ -634,11 +623,8 @@ pub(crate) fn model(
             "activation" => ActivationLayer::new(activation(l)?)
                 .with_name(name.clone())
                 .apply_many(&refs),
-            "flatten" => in_format!(
-                Flatten::new().with_name(name.clone()),
-                channels_first(l)?,
-                &refs
-            ),
+            "flatten" => in_format(Flatten::new().with_name(name.clone()), channels_first(l)?)
+                .apply_many(&refs),
             other => {
                 return Err(l.error(format!(
                     "unknown layer type `{other}`: use one of {LAYER_TYPES:?}"
